@@ -1,0 +1,466 @@
+//! Reading `flotilla.toml`: syntax, types and cross-field rules, every
+//! problem collected at once with its key and position.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use toml::de::{DeTable, DeValue};
+
+use super::Config;
+
+/// One thing wrong with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The dotted key, e.g. `agents.worker.replicas.min`.
+    pub key: String,
+    /// What is wrong and what would be valid.
+    pub message: String,
+    /// 1-based line, where the file gives one.
+    pub line: Option<usize>,
+    /// 1-based column, where the file gives one.
+    pub column: Option<usize>,
+}
+
+impl Problem {
+    pub(crate) fn new(key: String, message: String) -> Self {
+        Self {
+            key,
+            message,
+            line: None,
+            column: None,
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let (Some(line), Some(column)) = (self.line, self.column) {
+            write!(f, "line {line}, column {column}: ")?;
+        }
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// The configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file was read but has problems.
+    #[error("{}", render(source_name, problems))]
+    Invalid {
+        /// The file's name, for messages.
+        source_name: String,
+        /// Every problem found.
+        problems: Vec<Problem>,
+    },
+}
+
+impl ConfigError {
+    /// Every problem found (empty for a read error).
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            Self::Read { .. } => &[],
+            Self::Invalid { problems, .. } => problems,
+        }
+    }
+}
+
+fn render(source_name: &str, problems: &[Problem]) -> String {
+    let count = problems.len();
+    let noun = if count == 1 { "problem" } else { "problems" };
+    let mut out = format!("{source_name} has {count} {noun}:");
+    for problem in problems {
+        out.push_str("\n  ");
+        out.push_str(&problem.to_string());
+    }
+    out
+}
+
+/// Reads and validates the configuration at `path`.
+///
+/// # Errors
+/// [`ConfigError::Read`] if the file cannot be read, [`ConfigError::Invalid`]
+/// with every problem found otherwise.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let base_dir = absolute
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    parse(&text, &path.display().to_string(), base_dir)
+}
+
+/// Parses and validates configuration text. `source_name` names it in
+/// messages; relative paths resolve against `base_dir`.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] with every problem found.
+pub fn parse(text: &str, source_name: &str, base_dir: PathBuf) -> Result<Config, ConfigError> {
+    let invalid = |problems| ConfigError::Invalid {
+        source_name: source_name.to_string(),
+        problems,
+    };
+    let lines = LineIndex::new(text);
+    let (document, syntax_errors) = DeTable::parse_recoverable(text);
+    if !syntax_errors.is_empty() {
+        let problems = syntax_errors
+            .iter()
+            .map(|error| {
+                let mut problem = Problem::new(String::new(), error.message().trim().to_string());
+                if let Some(span) = error.span() {
+                    (problem.line, problem.column) = lines.position(span.start);
+                }
+                problem
+            })
+            .collect();
+        return Err(invalid(problems));
+    }
+    let root: toml::Table = match toml::from_str(text) {
+        Ok(root) => root,
+        Err(error) => {
+            let mut problem = Problem::new(String::new(), error.message().trim().to_string());
+            if let Some(span) = error.span() {
+                (problem.line, problem.column) = lines.position(span.start);
+            }
+            return Err(invalid(vec![problem]));
+        }
+    };
+
+    let mut problems = Vec::new();
+    let mut config = Config {
+        base_dir,
+        ..Config::default()
+    };
+    for (key, value) in root {
+        match key.as_str() {
+            "store" => {
+                if let Some(store) = collect(value, "store", &mut problems) {
+                    config.store = store;
+                }
+            }
+            "daemon" => {
+                if let Some(daemon) = collect(value, "daemon", &mut problems) {
+                    config.daemon = daemon;
+                }
+            }
+            "agents" => match value {
+                toml::Value::Table(agents) => {
+                    for (name, agent) in agents {
+                        let prefix = format!("agents.{name}");
+                        if let Some(agent) = collect(agent, &prefix, &mut problems) {
+                            config.agents.insert(name, agent);
+                        }
+                    }
+                }
+                other => problems.push(Problem::new(
+                    "agents".into(),
+                    format!(
+                        "expected a table of agents like [agents.worker], found {}",
+                        other.type_str()
+                    ),
+                )),
+            },
+            _ => problems.push(Problem::new(
+                key.clone(),
+                format!("unknown section `{key}`; valid sections: store, daemon, agents"),
+            )),
+        }
+    }
+    problems.extend(config.validate());
+    if problems.is_empty() {
+        return Ok(config);
+    }
+    for problem in &mut problems {
+        if let Some(offset) = locate(document.get_ref(), &problem.key) {
+            (problem.line, problem.column) = lines.position(offset);
+        }
+    }
+    problems.sort_by_key(|problem| (problem.line.unwrap_or(usize::MAX), problem.key.clone()));
+    Err(invalid(problems))
+}
+
+/// Most distinct errors reported for one section before giving up on it.
+const MAX_PROBLEMS_PER_SECTION: usize = 64;
+
+/// Deserializes `value` as `T`, collecting every field error: after each
+/// error, the offending key is removed (so its default applies) and the
+/// section is read again, until it reads or an error cannot be attributed
+/// to a key.
+fn collect<T: DeserializeOwned>(
+    mut value: toml::Value,
+    prefix: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<T> {
+    for _ in 0..MAX_PROBLEMS_PER_SECTION {
+        match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+            Ok(parsed) => return Some(parsed),
+            Err(error) => {
+                let path = error.path().to_string();
+                let key = if path == "." || path.is_empty() {
+                    prefix.to_string()
+                } else {
+                    format!("{prefix}.{path}")
+                };
+                let message = error.inner().message().trim().to_string();
+                let removed = remove_path(&mut value, &path);
+                problems.push(Problem::new(key, message));
+                if !removed {
+                    return None;
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Splits a serde path like `retry.backoff[1]` into segments.
+fn segments(path: &str) -> Vec<String> {
+    path.split('.')
+        .flat_map(|part| {
+            let mut out = Vec::new();
+            let mut rest = part;
+            if let Some(open) = rest.find('[') {
+                out.push(rest[..open].to_string());
+                rest = &rest[open..];
+                while let Some(close) = rest.find(']') {
+                    out.push(rest[..=close].to_string());
+                    rest = &rest[close + 1..];
+                }
+            } else {
+                out.push(rest.to_string());
+            }
+            out
+        })
+        .filter(|segment| !segment.is_empty() && segment != "?")
+        .collect()
+}
+
+/// Removes the value at `path`; a list element removes its whole list.
+fn remove_path(value: &mut toml::Value, path: &str) -> bool {
+    let segments: Vec<String> = segments(path)
+        .into_iter()
+        .take_while(|segment| !segment.starts_with('['))
+        .collect();
+    let Some((last, parents)) = segments.split_last() else {
+        return false;
+    };
+    let mut current = value;
+    for segment in parents {
+        match current.get_mut(segment.as_str()) {
+            Some(next) => current = next,
+            None => return false,
+        }
+    }
+    match current.as_table_mut() {
+        Some(table) => table.remove(last.as_str()).is_some(),
+        None => false,
+    }
+}
+
+/// Byte offset of the key at dotted path `key` (deepest part that exists).
+fn locate(root: &DeTable<'_>, key: &str) -> Option<usize> {
+    let mut table = root;
+    let mut found = None;
+    for segment in segments(key) {
+        if segment.starts_with('[') {
+            break;
+        }
+        let (name, value) = table
+            .iter()
+            .find(|(name, _)| name.get_ref().as_ref() == segment.as_str())?;
+        found = Some(name.span().start);
+        match value.get_ref() {
+            DeValue::Table(inner) => table = inner,
+            _ => break,
+        }
+    }
+    found
+}
+
+/// Converts byte offsets to 1-based line and column.
+struct LineIndex {
+    starts: Vec<usize>,
+}
+
+impl LineIndex {
+    fn new(text: &str) -> Self {
+        let mut starts = vec![0];
+        starts.extend(text.match_indices('\n').map(|(index, _)| index + 1));
+        Self { starts }
+    }
+
+    fn position(&self, offset: usize) -> (Option<usize>, Option<usize>) {
+        let line = self.starts.partition_point(|start| *start <= offset);
+        let column = offset - self.starts[line - 1] + 1;
+        (Some(line), Some(column))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Backoff, Mode};
+
+    fn parse_ok(text: &str) -> Config {
+        parse(text, "test.toml", PathBuf::from("/base")).unwrap()
+    }
+
+    fn problems(text: &str) -> Vec<Problem> {
+        parse(text, "test.toml", PathBuf::from("/base"))
+            .unwrap_err()
+            .problems()
+            .to_vec()
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = parse_ok("[agents.worker]\ncommand = [\"python3\", \"agent.py\"]\n");
+        let worker = config.agent("worker").unwrap();
+        assert_eq!(worker.mode, Mode::Persistent);
+        assert_eq!(worker.replicas.min, 1);
+        assert_eq!(worker.retry.max_deliver.get(), 5);
+        assert_eq!(config.store_path(), PathBuf::from("/base/flotilla.db"));
+    }
+
+    #[test]
+    fn backoff_takes_a_list_or_a_table() {
+        let config = parse_ok(
+            r#"
+            [agents.a]
+            command = ["a"]
+            retry = { backoff = ["1s", "5s"] }
+            [agents.b]
+            command = ["b"]
+            retry = { backoff = { initial = "2s", max = "1m" } }
+            "#,
+        );
+        assert!(
+            matches!(&config.agents["a"].retry.backoff, Backoff::List(list) if list.len() == 2)
+        );
+        assert!(
+            matches!(&config.agents["b"].retry.backoff, Backoff::Exponential(e) if e.initial.get().as_secs() == 2)
+        );
+    }
+
+    #[test]
+    fn reports_every_problem_with_key_value_and_position() {
+        let found = problems(
+            r#"[store]
+dedup_window = "forever"
+
+[agents.worker]
+command = ["x"]
+mode = "fast"
+replicas = { min = 0 }
+comand = ["typo"]
+
+[agents.other]
+command = ["y"]
+timeouts = { progress_timeout = "5 parsecs" }
+retry = { max_deliver = 0 }
+"#,
+        );
+        let text: Vec<String> = found.iter().map(ToString::to_string).collect();
+        let all = text.join("\n");
+        assert!(
+            all.contains("store.dedup_window") && all.contains("\"forever\""),
+            "{all}"
+        );
+        assert!(
+            all.contains("agents.worker.mode") && all.contains("fast") && all.contains("oneshot"),
+            "{all}"
+        );
+        assert!(
+            all.contains("agents.worker.comand") || all.contains("unknown field `comand`"),
+            "{all}"
+        );
+        assert!(
+            all.contains("agents.worker.replicas.min") && all.contains("1 to 1024"),
+            "{all}"
+        );
+        assert!(
+            all.contains("agents.other.timeouts.progress_timeout") && all.contains("parsecs"),
+            "{all}"
+        );
+        assert!(all.contains("agents.other.retry.max_deliver"), "{all}");
+        let mode = found
+            .iter()
+            .find(|p| p.key == "agents.worker.mode")
+            .unwrap();
+        assert_eq!((mode.line, mode.column), (Some(6), Some(1)), "{all}");
+        assert!(found.len() >= 6, "{all}");
+    }
+
+    #[test]
+    fn syntax_errors_have_positions() {
+        let found = problems("[agents.worker\ncommand = 1\n");
+        assert!(!found.is_empty());
+        assert_eq!(found[0].line, Some(1));
+    }
+
+    #[test]
+    fn unknown_section_and_bad_agent_name() {
+        let found = problems("[stroe]\npath = \"x\"\n[agents.\"bad name\"]\ncommand = [\"x\"]\n");
+        let all: Vec<String> = found.iter().map(ToString::to_string).collect();
+        assert!(
+            all.iter().any(|p| p.contains("unknown section `stroe`")),
+            "{all:?}"
+        );
+        assert!(
+            all.iter().any(|p| p.contains("invalid agent name")),
+            "{all:?}"
+        );
+    }
+
+    #[test]
+    fn cross_field_rules() {
+        let found = problems(
+            r#"
+            [store]
+            dedup_window = "10d"
+            retention = "1d"
+            [agents.a]
+            command = []
+            mode = "oneshot"
+            concurrency = 4
+            replicas = { min = 3, max = 2 }
+            restart = { initial_backoff = "10s", max_backoff = "1s" }
+            retry = { backoff = { multiplier = 0.5, jitter = 2.0 } }
+            "#,
+        );
+        let keys: Vec<&str> = found.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "store.retention",
+            "agents.a.command",
+            "agents.a.concurrency",
+            "agents.a.replicas.max",
+            "agents.a.restart.max_backoff",
+            "agents.a.retry.backoff.multiplier",
+            "agents.a.retry.backoff.jitter",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn schema_describes_agents() {
+        let schema = Config::schema().to_string();
+        assert!(schema.contains("progress_timeout") && schema.contains("max_deliver"));
+    }
+}

@@ -1,0 +1,587 @@
+//! The fleet's configuration (`flotilla.toml`): its types, defaults, loading
+//! and validation.
+//!
+//! Loading never stops at the first mistake: every problem is collected,
+//! each naming its key, the bad value and what would be valid, with the line
+//! and column where the file gives them. This module only reads; it never
+//! starts anything.
+
+mod load;
+pub mod units;
+
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use load::{ConfigError, Problem, load, parse};
+pub use units::{ByteSize, HumanDuration};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The embedded task store.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Daemon-wide settings.
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+    /// The fleet: one table per agent, keyed by the agent's name
+    /// (letters, digits, `-` and `_`, at most 64 characters).
+    #[serde(default)]
+    pub agents: BTreeMap<String, AgentConfig>,
+    /// Directory that relative paths are resolved against (the config file's
+    /// directory). Not part of the file.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub base_dir: PathBuf,
+}
+
+impl Config {
+    /// The agent named `name`.
+    pub fn agent(&self, name: &str) -> Option<&AgentConfig> {
+        self.agents.get(name)
+    }
+
+    /// The store file's absolute path.
+    pub fn store_path(&self) -> PathBuf {
+        self.resolve(&self.store.path)
+    }
+
+    /// `path` resolved against the config file's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+
+    /// The names of all agents, comma-separated, for error messages.
+    pub fn agent_names(&self) -> String {
+        if self.agents.is_empty() {
+            return "(none configured)".into();
+        }
+        self.agents.keys().cloned().collect::<Vec<_>>().join(", ")
+    }
+
+    /// The JSON Schema of the configuration file.
+    pub fn schema() -> serde_json::Value {
+        serde_json::to_value(schemars::schema_for!(Config)).expect("schema serializes")
+    }
+}
+
+/// `[store]`: where and how tasks are kept.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// The SQLite database file, relative to the config file's directory.
+    pub path: PathBuf,
+    /// A task id submitted again within this window of the first submission
+    /// is deduplicated (stored once). A task that is still queued or running
+    /// is always deduplicated.
+    pub dedup_window: HumanDuration,
+    /// Completed tasks older than this are deleted. Dead-lettered tasks are
+    /// kept until replayed or purged. Must be at least `dedup_window`.
+    pub retention: HumanDuration,
+    /// Largest payload accepted at submit.
+    pub max_payload_bytes: ByteSize,
+    /// Largest result stored for a task; a larger result fails the attempt.
+    pub max_result_bytes: ByteSize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("flotilla.db"),
+            dedup_window: HumanDuration::secs(24 * 3600),
+            retention: HumanDuration::secs(7 * 24 * 3600),
+            max_payload_bytes: ByteSize::mib(1),
+            max_result_bytes: ByteSize::mib(1),
+        }
+    }
+}
+
+/// `[daemon]`: settings of the `flotilla up` process.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// On SIGTERM/SIGINT, how long in-flight tasks may run to completion
+    /// before they are released back to the queue and replicas are stopped.
+    pub shutdown_grace: HumanDuration,
+    /// How often the daemon writes its status snapshot (read by
+    /// `flotilla status`).
+    pub status_interval: HumanDuration,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_grace: HumanDuration::secs(30),
+            status_interval: HumanDuration::secs(1),
+        }
+    }
+}
+
+/// How an agent's processes take tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Long-lived replicas speaking JSON Lines on stdin/stdout.
+    #[default]
+    Persistent,
+    /// One process per task: task JSON on stdin, result on stdout.
+    Oneshot,
+}
+
+/// `[agents.NAME]`: one agent of the fleet.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The program and its arguments (argv). In oneshot mode, `{payload.x}`,
+    /// `{task.id}`, `{task.attempt}` and `{task.agent}` are replaced per task.
+    pub command: Vec<String>,
+    /// `persistent` (default) or `oneshot`.
+    #[serde(default)]
+    pub mode: Mode,
+    /// How many replicas run.
+    #[serde(default)]
+    pub replicas: Replicas,
+    /// Tasks one persistent replica works on at once (default 1). Oneshot
+    /// agents run one task per process.
+    #[serde(default = "one")]
+    pub concurrency: NonZeroU32,
+    /// The only variables the agent sees besides PATH, HOME, LANG and
+    /// flotilla's own FLOTILLA_*. `${NAME}` copies NAME from the daemon's
+    /// environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory, relative to the config file's directory (default:
+    /// that directory).
+    #[serde(default)]
+    pub workdir: Option<PathBuf>,
+    /// Restart policy for crashed replicas.
+    #[serde(default)]
+    pub restart: RestartConfig,
+    /// Time limits.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Retry policy for failed attempts.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// A replica whose process group's resident memory exceeds this is
+    /// killed and restarted; its task is retried.
+    #[serde(default)]
+    pub memory_limit: Option<ByteSize>,
+    /// Longest line accepted from the agent; longer lines are discarded and
+    /// counted as malformed.
+    #[serde(default = "default_max_line")]
+    pub max_line_bytes: ByteSize,
+    /// Oneshot only: exit codes that mean "do not retry" (the task is
+    /// dead-lettered at once). Other non-zero codes are retried.
+    #[serde(default)]
+    pub fatal_exit_codes: Vec<i32>,
+}
+
+fn one() -> NonZeroU32 {
+    NonZeroU32::MIN
+}
+
+fn default_max_line() -> ByteSize {
+    ByteSize::mib(1)
+}
+
+/// `replicas = { min, max }`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Replicas {
+    /// Replicas started with the daemon and kept running (1 to 1024).
+    #[serde(default = "one_u32")]
+    pub min: u32,
+    /// Upper bound for scaling (default: `min`).
+    #[serde(default)]
+    pub max: Option<u32>,
+}
+
+fn one_u32() -> u32 {
+    1
+}
+
+impl Default for Replicas {
+    fn default() -> Self {
+        Self { min: 1, max: None }
+    }
+}
+
+impl Replicas {
+    /// The upper bound, `min` when not given.
+    pub fn max(&self) -> u32 {
+        self.max.unwrap_or(self.min)
+    }
+}
+
+/// `[agents.NAME.restart]`: restarts with exponential backoff and an
+/// intensity limit.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestartConfig {
+    /// Delay before the first restart; doubled after each crash.
+    pub initial_backoff: HumanDuration,
+    /// Cap of the restart delay.
+    pub max_backoff: HumanDuration,
+    /// A replica that ran this long without crashing starts again from
+    /// `initial_backoff`.
+    pub reset_after: HumanDuration,
+    /// More restarts than this within `window`, across the agent's replicas,
+    /// marks the agent `failed`: it is no longer restarted and its tasks stay
+    /// queued.
+    pub max_restarts: u32,
+    /// The window of `max_restarts`.
+    pub window: HumanDuration,
+}
+
+impl Default for RestartConfig {
+    fn default() -> Self {
+        Self {
+            initial_backoff: HumanDuration::millis(100),
+            max_backoff: HumanDuration::secs(30),
+            reset_after: HumanDuration::secs(60),
+            max_restarts: 20,
+            window: HumanDuration::secs(60),
+        }
+    }
+}
+
+/// `[agents.NAME.timeouts]`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// An attempt running longer than this is killed and retried.
+    pub max_duration: HumanDuration,
+    /// An attempt without a progress message (or, in oneshot mode, an output
+    /// line) for this long is killed and retried.
+    pub progress_timeout: HumanDuration,
+    /// A persistent replica must print `ready` within this time of starting.
+    pub startup: HumanDuration,
+    /// Between SIGTERM and SIGKILL of a replica's process group.
+    pub stop_grace: HumanDuration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            max_duration: HumanDuration::secs(30 * 60),
+            progress_timeout: HumanDuration::secs(5 * 60),
+            startup: HumanDuration::secs(30),
+            stop_grace: HumanDuration::secs(10),
+        }
+    }
+}
+
+/// `[agents.NAME.retry]`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Deliveries before a task is dead-lettered (1 = never retried).
+    pub max_deliver: NonZeroU32,
+    /// Delay before each retry.
+    pub backoff: Backoff,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_deliver: NonZeroU32::new(5).expect("5 is not zero"),
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// Retry delays: an explicit list (`["1s", "10s", "1m"]`, the last repeated)
+/// or exponential (`{ initial = "1s", max = "5m", multiplier = 2.0,
+/// jitter = 0.2 }`).
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Backoff {
+    /// The n-th retry waits the n-th delay; past the end, the last one.
+    List(Vec<HumanDuration>),
+    /// `initial * multiplier^(n-1)`, capped at `max`, randomized by ±jitter.
+    Exponential(ExponentialBackoff),
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::Exponential(ExponentialBackoff::default())
+    }
+}
+
+/// Parameters of exponential backoff.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExponentialBackoff {
+    /// First delay.
+    pub initial: HumanDuration,
+    /// Largest delay.
+    pub max: HumanDuration,
+    /// Growth factor per retry (at least 1.0).
+    pub multiplier: f64,
+    /// Random spread as a fraction of the delay, 0.0 to 1.0.
+    pub jitter: f64,
+}
+
+impl Default for ExponentialBackoff {
+    fn default() -> Self {
+        Self {
+            initial: HumanDuration::secs(1),
+            max: HumanDuration::secs(300),
+            multiplier: 2.0,
+            jitter: 0.2,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Backoff {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Backoff;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a list of durations like [\"1s\", \"10s\", \"1m\"] or a table { initial = \"1s\", max = \"5m\", multiplier = 2.0, jitter = 0.2 }",
+                )
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Backoff, A::Error> {
+                Vec::deserialize(SeqAccessDeserializer::new(seq)).map(Backoff::List)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Backoff, A::Error> {
+                ExponentialBackoff::deserialize(MapAccessDeserializer::new(map))
+                    .map(Backoff::Exponential)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// Largest `replicas.max`.
+pub const MAX_REPLICAS: u32 = 1024;
+/// Largest `concurrency`.
+pub const MAX_CONCURRENCY: u32 = 256;
+/// Largest `retry.max_deliver`.
+pub const MAX_DELIVER: u32 = 1000;
+
+/// Whether `name` is a valid agent name.
+pub fn valid_agent_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl Config {
+    /// Cross-field rules that types cannot express. Returns every problem.
+    pub(crate) fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut problem = |key: String, message: String| problems.push(Problem::new(key, message));
+        let store = &self.store;
+        if store.retention < store.dedup_window {
+            problem(
+                "store.retention".into(),
+                format!(
+                    "{} is shorter than store.dedup_window = {}; it must be at least as long",
+                    store.retention, store.dedup_window
+                ),
+            );
+        }
+        for (key, size) in [
+            ("store.max_payload_bytes", store.max_payload_bytes),
+            ("store.max_result_bytes", store.max_result_bytes),
+        ] {
+            if size.bytes() < 64 || size > ByteSize::mib(64) {
+                problem(
+                    key.into(),
+                    format!("{size} is out of range; valid: 64B to 64MiB"),
+                );
+            }
+        }
+        if self.daemon.status_interval.get().is_zero() {
+            problem(
+                "daemon.status_interval".into(),
+                "0s is not valid; it must be positive, e.g. \"1s\"".into(),
+            );
+        }
+        for (name, agent) in &self.agents {
+            if !valid_agent_name(name) {
+                problem(
+                    format!("agents.{name}"),
+                    format!("invalid agent name {name:?}: use 1 to 64 letters, digits, '-' or '_'"),
+                );
+            }
+            agent.validate(&format!("agents.{name}"), &mut problem);
+        }
+        problems
+    }
+}
+
+impl AgentConfig {
+    fn validate(&self, key: &str, problem: &mut impl FnMut(String, String)) {
+        if self.command.is_empty() || self.command[0].trim().is_empty() {
+            problem(
+                format!("{key}.command"),
+                "the command is empty; give the program and its arguments, e.g. [\"python3\", \"agent.py\"]".into(),
+            );
+        }
+        let replicas = self.replicas;
+        if replicas.min == 0 || replicas.min > MAX_REPLICAS {
+            problem(
+                format!("{key}.replicas.min"),
+                format!(
+                    "{} is out of range; valid: 1 to {MAX_REPLICAS}",
+                    replicas.min
+                ),
+            );
+        }
+        if replicas.max() < replicas.min || replicas.max() > MAX_REPLICAS {
+            problem(
+                format!("{key}.replicas.max"),
+                format!(
+                    "{} is out of range; valid: replicas.min ({}) to {MAX_REPLICAS}",
+                    replicas.max(),
+                    replicas.min
+                ),
+            );
+        }
+        if self.concurrency.get() > MAX_CONCURRENCY {
+            problem(
+                format!("{key}.concurrency"),
+                format!(
+                    "{} is out of range; valid: 1 to {MAX_CONCURRENCY}",
+                    self.concurrency
+                ),
+            );
+        }
+        if self.mode == Mode::Oneshot && self.concurrency.get() != 1 {
+            problem(
+                format!("{key}.concurrency"),
+                format!(
+                    "{} is not valid for a oneshot agent, which runs one task per process; raise replicas instead",
+                    self.concurrency
+                ),
+            );
+        }
+        if self.mode == Mode::Persistent && !self.fatal_exit_codes.is_empty() {
+            problem(
+                format!("{key}.fatal_exit_codes"),
+                "only oneshot agents have exit codes per task; a persistent agent reports an error with \"retryable\": false".into(),
+            );
+        }
+        for name in self.env.keys() {
+            if name.is_empty() || name.contains('=') || name.contains('\0') {
+                problem(
+                    format!("{key}.env"),
+                    format!(
+                        "invalid variable name {name:?}: it must be non-empty without '=' or NUL"
+                    ),
+                );
+            }
+        }
+        let timeouts = &self.timeouts;
+        for (field, value) in [
+            ("max_duration", timeouts.max_duration),
+            ("progress_timeout", timeouts.progress_timeout),
+            ("startup", timeouts.startup),
+        ] {
+            if value.get() < std::time::Duration::from_millis(10) {
+                problem(
+                    format!("{key}.timeouts.{field}"),
+                    format!("{value} is too short; valid: 10ms or more"),
+                );
+            }
+        }
+        let restart = &self.restart;
+        if restart.max_backoff < restart.initial_backoff {
+            problem(
+                format!("{key}.restart.max_backoff"),
+                format!(
+                    "{} is shorter than restart.initial_backoff = {}",
+                    restart.max_backoff, restart.initial_backoff
+                ),
+            );
+        }
+        if restart.window.get().is_zero() {
+            problem(
+                format!("{key}.restart.window"),
+                "0s is not valid; it must be positive, e.g. \"60s\"".into(),
+            );
+        }
+        if self.retry.max_deliver.get() > MAX_DELIVER {
+            problem(
+                format!("{key}.retry.max_deliver"),
+                format!(
+                    "{} is out of range; valid: 1 to {MAX_DELIVER}",
+                    self.retry.max_deliver
+                ),
+            );
+        }
+        match &self.retry.backoff {
+            Backoff::List(delays) if delays.is_empty() => problem(
+                format!("{key}.retry.backoff"),
+                "the list is empty; give at least one delay, e.g. [\"1s\", \"10s\"]".into(),
+            ),
+            Backoff::List(_) => {}
+            Backoff::Exponential(exponential) => {
+                if !(exponential.multiplier >= 1.0 && exponential.multiplier <= 100.0) {
+                    problem(
+                        format!("{key}.retry.backoff.multiplier"),
+                        format!(
+                            "{} is out of range; valid: 1.0 to 100.0",
+                            exponential.multiplier
+                        ),
+                    );
+                }
+                if !(0.0..=1.0).contains(&exponential.jitter) {
+                    problem(
+                        format!("{key}.retry.backoff.jitter"),
+                        format!("{} is out of range; valid: 0.0 to 1.0", exponential.jitter),
+                    );
+                }
+                if exponential.max < exponential.initial {
+                    problem(
+                        format!("{key}.retry.backoff.max"),
+                        format!(
+                            "{} is shorter than retry.backoff.initial = {}",
+                            exponential.max, exponential.initial
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(limit) = self.memory_limit
+            && limit < ByteSize::mib(1)
+        {
+            problem(
+                format!("{key}.memory_limit"),
+                format!("{limit} is too small; valid: 1MiB or more"),
+            );
+        }
+        let line = self.max_line_bytes;
+        if line < ByteSize(1024) || line > ByteSize::mib(64) {
+            problem(
+                format!("{key}.max_line_bytes"),
+                format!("{line} is out of range; valid: 1KiB to 64MiB"),
+            );
+        }
+    }
+
+    /// The agent's working directory, resolved.
+    pub fn workdir(&self, config: &Config) -> PathBuf {
+        match &self.workdir {
+            Some(dir) => config.resolve(dir),
+            None => config.base_dir.clone(),
+        }
+    }
+}

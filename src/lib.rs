@@ -1,0 +1,14 @@
+//! flotilla keeps fleets of AI agents working when parts of them fail.
+//!
+//! The daemon (`flotilla up`) starts the agents of `flotilla.toml`, feeds
+//! them tasks from a durable queue, watches them and restarts them; every
+//! task ends completed or dead-lettered with its reason, or is still queued.
+//! See `DESIGN.md`-level docs in `docs/` and the README.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod clock;
+pub mod config;
+pub mod protocol;
+pub mod queue;

@@ -1,0 +1,275 @@
+//! The agent protocol: the JSON Lines messages exchanged with persistent
+//! agents over stdio, and their parsing with size limits.
+//!
+//! This module owns the wire format only. It never talks to processes or the
+//! queue; the dispatcher does that. `docs/protocol.md` documents it for agent
+//! authors and `flotilla protocol schema` prints its JSON Schema.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The protocol version this build speaks. An agent may announce the version
+/// it speaks in its `ready` message; any other version is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A message from flotilla to a persistent agent (one JSON object per line on
+/// the agent's stdin).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToAgent {
+    /// Work to do. Answer with `progress` (optional, repeated), then exactly
+    /// one `result` or `error` carrying the same `id`.
+    Task(TaskMessage),
+    /// Stop working on task `id`: its result is no longer wanted. The agent
+    /// should abandon it and stay ready for the next task.
+    Cancel {
+        /// The task to abandon.
+        id: String,
+    },
+    /// The replica is being stopped: finish or abandon the current task and
+    /// exit within `grace_ms`, after which the process group is killed.
+    Shutdown {
+        /// Milliseconds before the process group receives SIGKILL.
+        grace_ms: u64,
+    },
+}
+
+/// The `task` message.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+pub struct TaskMessage {
+    /// The task id; echo it in every `progress`, `result` and `error`.
+    pub id: String,
+    /// Delivery attempt, starting at 1. Above 1 means an earlier attempt
+    /// crashed, timed out or failed with a retryable error.
+    pub attempt: u32,
+    /// The agent this task was submitted to.
+    pub agent: String,
+    /// The payload given at submit time, unchanged.
+    pub payload: Value,
+    /// The checkpoint of the last `progress` of an earlier attempt, if any:
+    /// resume from it instead of starting over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Value>,
+    /// Unix time in milliseconds after which the attempt is killed
+    /// (`timeouts.max_duration`).
+    pub deadline_ms: u64,
+    /// Milliseconds without a `progress` message after which the attempt is
+    /// killed (`timeouts.progress_timeout`).
+    pub progress_timeout_ms: u64,
+}
+
+/// A message from a persistent agent to flotilla (one JSON object per line
+/// on the agent's stdout; stderr is free-form and logged).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromAgent {
+    /// The agent started and takes tasks. Must be the first message.
+    Ready {
+        /// Protocol version the agent speaks (default 1).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        protocol: Option<u32>,
+    },
+    /// The agent is alive. Does not count as progress on a task.
+    Heartbeat {},
+    /// The agent made progress on task `id`: resets the progress watchdog and
+    /// extends the lease.
+    Progress {
+        /// The task this progress belongs to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        /// Free-form description of the step, for humans.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        step: Option<String>,
+        /// State to resume from if this attempt fails; handed to the next
+        /// attempt as `checkpoint`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        checkpoint: Option<Value>,
+        /// How full the agent's model context window is, 0 to 100.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        context_window_usage_pct: Option<f64>,
+    },
+    /// Task `id` succeeded with `output`.
+    Result {
+        /// The task this result belongs to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        /// The result, stored with the task.
+        #[serde(default)]
+        output: Value,
+        /// Changes the agent made, with the commands that undo them
+        /// (used by validation gates and rollback).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        changes: Option<Value>,
+    },
+    /// Task `id` failed.
+    Error {
+        /// The task this error belongs to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        /// What went wrong, for humans and the dead-letter record.
+        message: String,
+        /// Whether another attempt may succeed (default true). `false` sends
+        /// the task straight to the dead-letter queue.
+        #[serde(default = "default_true")]
+        retryable: bool,
+        /// Wait at least this long before the next attempt (for example a
+        /// rate limit's Retry-After).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+    },
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Why a line from an agent was rejected.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum LineError {
+    /// The line is not a JSON object of a known message type.
+    #[error("malformed message: {reason}; line starts with {excerpt:?}")]
+    Malformed {
+        /// The parser's explanation.
+        reason: String,
+        /// The first bytes of the line.
+        excerpt: String,
+    },
+    /// The line is longer than the agent's `max_line_bytes`.
+    #[error("line longer than max_line_bytes = {max_line_bytes}")]
+    TooLong {
+        /// The configured limit.
+        max_line_bytes: usize,
+    },
+}
+
+/// How many characters of a bad line are kept for logs and status.
+pub const EXCERPT_CHARS: usize = 120;
+
+/// Parses one line of agent output.
+///
+/// # Errors
+/// [`LineError::Malformed`] if the line is not one JSON object of a known
+/// message type with valid fields.
+pub fn parse_line(line: &str) -> Result<FromAgent, LineError> {
+    serde_json::from_str::<FromAgent>(line.trim_end_matches('\r')).map_err(|error| {
+        LineError::Malformed {
+            reason: error.to_string(),
+            excerpt: excerpt(line),
+        }
+    })
+}
+
+/// The first [`EXCERPT_CHARS`] characters of `text`, for logs.
+pub fn excerpt(text: &str) -> String {
+    let mut out: String = text.chars().take(EXCERPT_CHARS).collect();
+    if out.len() < text.len() {
+        out.push('…');
+    }
+    out
+}
+
+/// Serializes a message as one line, newline included.
+pub fn encode(message: &ToAgent) -> String {
+    let mut line = serde_json::to_string(message).expect("protocol messages always serialize");
+    line.push('\n');
+    line
+}
+
+/// The JSON Schema of both message directions, for agent authors.
+pub fn schema() -> Value {
+    let to_agent = schemars::schema_for!(ToAgent);
+    let from_agent = schemars::schema_for!(FromAgent);
+    serde_json::json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "flotilla agent protocol v1",
+        "description": "One JSON object per line. `to_agent` arrives on the agent's stdin; `from_agent` is written to its stdout.",
+        "$defs": {
+            "to_agent": to_agent,
+            "from_agent": from_agent,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_every_agent_message() {
+        assert_eq!(
+            parse_line(r#"{"type":"ready"}"#),
+            Ok(FromAgent::Ready { protocol: None })
+        );
+        assert_eq!(
+            parse_line(r#"{"type":"heartbeat"}"#),
+            Ok(FromAgent::Heartbeat {})
+        );
+        let progress =
+            parse_line(r#"{"type":"progress","id":"t1","step":"x","checkpoint":{"n":3}}"#);
+        assert!(matches!(
+            progress,
+            Ok(FromAgent::Progress {
+                checkpoint: Some(_),
+                ..
+            })
+        ));
+        assert_eq!(
+            parse_line(r#"{"type":"result","id":"t1","output":{"ok":true}}"#),
+            Ok(FromAgent::Result {
+                id: Some("t1".into()),
+                output: json!({"ok": true}),
+                changes: None
+            })
+        );
+        assert_eq!(
+            parse_line(r#"{"type":"error","id":"t1","message":"boom"}"#),
+            Ok(FromAgent::Error {
+                id: Some("t1".into()),
+                message: "boom".into(),
+                retryable: true,
+                retry_after_ms: None
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_bad_lines_with_an_excerpt() {
+        for line in [
+            "not json",
+            "{}",
+            r#"{"type":"dance"}"#,
+            r#"{"type":"error"}"#,
+            r#"{"type":"progress","checkpoint":"#,
+            "[1,2]",
+        ] {
+            match parse_line(line) {
+                Err(LineError::Malformed { excerpt, .. }) => assert!(line.starts_with(&excerpt)),
+                other => panic!("{line:?} parsed as {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn excerpt_is_bounded() {
+        let long = "x".repeat(10_000);
+        assert_eq!(excerpt(&long).chars().count(), EXCERPT_CHARS + 1);
+    }
+
+    #[test]
+    fn task_message_round_trips() {
+        let message = ToAgent::Task(TaskMessage {
+            id: "t".into(),
+            attempt: 2,
+            agent: "a".into(),
+            payload: json!({"x": 1}),
+            checkpoint: Some(json!(5)),
+            deadline_ms: 10,
+            progress_timeout_ms: 20,
+        });
+        let line = encode(&message);
+        assert!(line.ends_with('\n'));
+        assert_eq!(serde_json::from_str::<ToAgent>(&line).unwrap(), message);
+    }
+}

@@ -1,0 +1,633 @@
+//! The queue conformance suite: the behaviour every [`TaskQueue`] backend
+//! must show, written once against the trait and run against each backend
+//! (`tests/queue_sqlite.rs`, and the JetStream backend's tests).
+//!
+//! Each check takes a fresh, empty queue whose limits are
+//! [`CONFORMANCE_MAX_PAYLOAD`] for payloads and results, and panics with a
+//! message on the first broken promise. Timing uses real time with short
+//! waits so that backends with server-side timers can run it too.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::{
+    AckOutcome, AttemptEnd, AttemptOutcome, LeaseKey, LeaseRequest, ListFilter, NewTask, Priority,
+    QueueError, Selection, TaskQueue, TaskState,
+};
+
+/// Payload and result limit the suite expects its queues to be opened with.
+pub const CONFORMANCE_MAX_PAYLOAD: usize = 64 * 1024;
+
+const AGENT: &str = "conformance";
+
+fn task(id: &str, priority: Priority, payload: Value) -> NewTask {
+    NewTask {
+        id: id.to_string(),
+        agent: AGENT.to_string(),
+        priority,
+        payload,
+    }
+}
+
+fn request(max: usize) -> LeaseRequest {
+    LeaseRequest {
+        agent: AGENT.to_string(),
+        max,
+        lease_for: Duration::from_secs(30),
+        owner: "conformance".into(),
+        max_deliver: 5,
+    }
+}
+
+fn end(outcome: AttemptOutcome) -> AttemptEnd {
+    AttemptEnd::new(outcome, Some("conformance/0".into()), "conformance")
+}
+
+async fn state_of<Q: TaskQueue + ?Sized>(queue: &Q, id: &str) -> TaskState {
+    queue.get(id).await.unwrap().expect("task exists").state
+}
+
+/// Runs every check, each on a queue from `make`.
+pub async fn run_all<Q, F, Fut>(make: F)
+where
+    Q: TaskQueue,
+    F: Fn() -> Fut,
+    Fut: Future<Output = Q>,
+{
+    submit_lease_ack(&make().await).await;
+    dedup_by_id(&make().await).await;
+    priority_then_fifo(&make().await).await;
+    nak_delays_and_checkpoint_survives(&make().await).await;
+    stale_outcomes_are_refused(&make().await).await;
+    expired_leases_return_and_exhaust(&make().await).await;
+    term_replay_purge(&make().await).await;
+    release_does_not_charge(&make().await).await;
+    progress_extends_lease(&make().await).await;
+    requeue_running_after_crash(&make().await).await;
+    lease_wait_wakes_on_submit(Arc::new(make().await)).await;
+    bad_input_is_rejected_whole(&make().await).await;
+    dropped_lease_is_released(&make().await).await;
+    concurrent_leases_never_share(Arc::new(make().await)).await;
+    counts_per_agent(&make().await).await;
+}
+
+/// Submit, lease, ack: the result and a one-attempt history are kept.
+pub async fn submit_lease_ack<Q: TaskQueue>(queue: &Q) {
+    let receipts = queue
+        .submit(vec![task("a1", Priority::Normal, json!({"n": 1}))])
+        .await
+        .unwrap();
+    assert_eq!(receipts.len(), 1);
+    assert!(!receipts[0].duplicate);
+    assert_eq!(state_of(queue, "a1").await, TaskState::Queued);
+    let mut leases = queue.lease(&request(10), Duration::ZERO).await.unwrap();
+    assert_eq!(leases.len(), 1, "one task leased");
+    let lease = &mut leases[0];
+    assert_eq!(lease.key.task_id, "a1");
+    assert_eq!(lease.key.attempt, 1);
+    assert_eq!(lease.payload, json!({"n": 1}));
+    assert_eq!(state_of(queue, "a1").await, TaskState::Running);
+    let outcome = queue
+        .ack(
+            &lease.key,
+            &json!({"ok": true}),
+            end(AttemptOutcome::Completed),
+        )
+        .await
+        .unwrap();
+    lease.settle();
+    assert_eq!(outcome, AckOutcome::Completed);
+    let record = queue.get("a1").await.unwrap().unwrap();
+    assert_eq!(record.state, TaskState::Completed);
+    assert_eq!(record.result, Some(json!({"ok": true})));
+    assert_eq!(record.history.len(), 1);
+    assert_eq!(record.history[0].outcome, Some(AttemptOutcome::Completed));
+    assert!(
+        queue
+            .lease(&request(10), Duration::ZERO)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// The same id twice stores one task, whatever the second payload.
+pub async fn dedup_by_id<Q: TaskQueue>(queue: &Q) {
+    queue
+        .submit(vec![task("d1", Priority::Normal, json!(1))])
+        .await
+        .unwrap();
+    let again = queue
+        .submit(vec![
+            task("d1", Priority::High, json!(2)),
+            task("d2", Priority::Normal, json!(3)),
+            task("d2", Priority::Normal, json!(4)),
+        ])
+        .await
+        .unwrap();
+    assert!(again[0].duplicate && !again[1].duplicate && again[2].duplicate);
+    assert_eq!(queue.get("d1").await.unwrap().unwrap().payload, json!(1));
+    let mut leases = queue.lease(&request(10), Duration::ZERO).await.unwrap();
+    assert_eq!(leases.len(), 2, "two distinct tasks");
+    for lease in &mut leases {
+        queue
+            .ack(&lease.key, &json!(null), end(AttemptOutcome::Completed))
+            .await
+            .unwrap();
+        lease.settle();
+    }
+    // Completed within the window: still a duplicate.
+    let late = queue
+        .submit(vec![task("d1", Priority::Normal, json!(5))])
+        .await
+        .unwrap();
+    assert!(late[0].duplicate);
+    assert_eq!(late[0].state, TaskState::Completed);
+}
+
+/// Higher priority first, first-in first-out within a priority.
+pub async fn priority_then_fifo<Q: TaskQueue>(queue: &Q) {
+    let order = [
+        ("p-low", Priority::Low),
+        ("p-normal-1", Priority::Normal),
+        ("p-critical", Priority::Critical),
+        ("p-normal-2", Priority::Normal),
+        ("p-high", Priority::High),
+    ];
+    for (id, priority) in order {
+        queue
+            .submit(vec![task(id, priority, json!(id))])
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    for _ in 0..order.len() {
+        let mut leases = queue.lease(&request(1), Duration::ZERO).await.unwrap();
+        assert_eq!(leases.len(), 1);
+        seen.push(leases[0].key.task_id.clone());
+        queue
+            .ack(&leases[0].key, &json!(null), end(AttemptOutcome::Completed))
+            .await
+            .unwrap();
+        leases[0].settle();
+    }
+    assert_eq!(
+        seen,
+        ["p-critical", "p-high", "p-normal-1", "p-normal-2", "p-low"]
+    );
+}
+
+/// A nak with a delay hides the task for that long; the checkpoint of the
+/// failed attempt reaches the next one.
+pub async fn nak_delays_and_checkpoint_survives<Q: TaskQueue>(queue: &Q) {
+    queue
+        .submit(vec![task("n1", Priority::Normal, json!({}))])
+        .await
+        .unwrap();
+    let mut first = queue.lease(&request(1), Duration::ZERO).await.unwrap();
+    let key = first[0].key.clone();
+    queue
+        .progress(&key, Duration::from_secs(30), Some(&json!({"step": 3})))
+        .await
+        .unwrap();
+    queue
+        .nak(&key, Duration::from_millis(400), end(AttemptOutcome::Error))
+        .await
+        .unwrap();
+    first[0].settle();
+    assert_eq!(state_of(queue, "n1").await, TaskState::Queued);
+    let started = std::time::Instant::now();
+    assert!(
+        queue
+            .lease(&request(1), Duration::ZERO)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a delayed task is not leased before its delay"
+    );
+    let mut second = queue
+        .lease(&request(1), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(second.len(), 1, "the delayed task comes back");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "after about its delay"
+    );
+    assert_eq!(second[0].key.attempt, 2);
+    assert_eq!(second[0].checkpoint, Some(json!({"step": 3})));
+    queue
+        .ack(&second[0].key, &json!(1), end(AttemptOutcome::Completed))
+        .await
+        .unwrap();
+    second[0].settle();
+    let record = queue.get("n1").await.unwrap().unwrap();
+    let outcomes: Vec<_> = record.history.iter().map(|a| a.outcome).collect();
+    assert_eq!(
+        outcomes,
+        [Some(AttemptOutcome::Error), Some(AttemptOutcome::Completed)]
+    );
+}
+
+/// An outcome for an older delivery changes nothing; a repeated ack of the
+/// completing delivery is accepted once.
+pub async fn stale_outcomes_are_refused<Q: TaskQueue>(queue: &Q) {
+    queue
+        .submit(vec![task("s1", Priority::Normal, json!({}))])
+        .await
+        .unwrap();
+    let mut first = queue.lease(&request(1), Duration::ZERO).await.unwrap();
+    let old = first[0].key.clone();
+    queue
+        .nak(&old, Duration::ZERO, end(AttemptOutcome::Crashed))
+        .await
+        .unwrap();
+    first[0].settle();
+    let mut second = queue.lease(&request(1), Duration::ZERO).await.unwrap();
+    let new = second[0].key.clone();
+    assert_eq!(new.attempt, 2);
+    let stale = queue
+        .ack(&old, &json!("late"), end(AttemptOutcome::Completed))
+        .await;
+    assert!(
+        matches!(stale, Err(QueueError::StaleLease { .. })),
+        "{stale:?}"
+    );
+    let stale_nak = queue
+        .nak(&old, Duration::ZERO, end(AttemptOutcome::Error))
+        .await;
+    assert!(matches!(stale_nak, Err(QueueError::StaleLease { .. })));
+    assert_eq!(
+        queue
+            .ack(&new, &json!("fresh"), end(AttemptOutcome::Completed))
+            .await
+            .unwrap(),
+        AckOutcome::Completed
+    );
+    second[0].settle();
+    assert_eq!(
+        queue
+            .ack(&new, &json!("again"), end(AttemptOutcome::Completed))
+            .await
+            .unwrap(),
+        AckOutcome::AlreadyCompleted
+    );
+    let record = queue.get("s1").await.unwrap().unwrap();
+    assert_eq!(record.result, Some(json!("fresh")));
+    let completions = record
+        .history
+        .iter()
+        .filter(|a| a.outcome == Some(AttemptOutcome::Completed))
+        .count();
+    assert_eq!(completions, 1, "completed once");
+    let missing = queue
+        .ack(
+            &LeaseKey {
+                task_id: "nope".into(),
+                attempt: 1,
+            },
+            &json!(1),
+            end(AttemptOutcome::Completed),
+        )
+        .await;
+    assert!(matches!(missing, Err(QueueError::NotFound { .. })));
+}
+
+/// An expired lease returns the task; once `max_deliver` attempts are used
+/// the task is dead-lettered with a reason instead of leased.
+pub async fn expired_leases_return_and_exhaust<Q: TaskQueue>(queue: &Q) {
+    queue
+        .submit(vec![task("e1", Priority::Normal, json!({}))])
+        .await
+        .unwrap();
+    let mut short = request(1);
+    short.lease_for = Duration::from_millis(100);
+    short.max_deliver = 2;
+    for attempt in 1..=2 {
+        let mut leases = queue.lease(&short, Duration::ZERO).await.unwrap();
+        assert_eq!(leases.len(), 1, "attempt {attempt} leased");
+        assert_eq!(leases[0].key.attempt, attempt);
+        leases[0].settle();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(queue.expire_leases().await.unwrap(), 1);
+        assert_eq!(state_of(queue, "e1").await, TaskState::Queued);
+    }
+    assert!(
+        queue
+            .lease(&short, Duration::ZERO)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let record = queue.get("e1").await.unwrap().unwrap();
+    assert_eq!(record.state, TaskState::DeadLettered);
+    let reason = record.reason.unwrap();
+    assert!(
+        reason.contains("max_deliver = 2") && reason.contains("lease_expired"),
+        "{reason}"
+    );
+    assert_eq!(record.history.len(), 2);
+}
+
+/// Term dead-letters with a reason; replay brings the task back with a
+/// fresh budget; purge deletes.
+pub async fn term_replay_purge<Q: TaskQueue>(queue: &Q) {
+    queue
+        .submit(vec![
+            task("t1", Priority::Normal, json!(1)),
+            task("t2", Priority::Normal, json!(2)),
+        ])
+        .await
+        .unwrap();
+    let mut leases = queue.lease(&request(2), Duration::ZERO).await.unwrap();
+    for lease in &mut leases {
+        queue
+            .term(
+                &lease.key,
+                "bad input: no field x",
+                end(AttemptOutcome::Error),
+            )
+            .await
+            .unwrap();
+        lease.settle();
+    }
+    let dead = queue
+        .list(&ListFilter {
+            state: Some(TaskState::DeadLettered),
+            agent: None,
+            limit: 100,
+        })
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 2);
+    assert_eq!(dead[0].reason.as_deref(), Some("bad input: no field x"));
+    let wrong = queue
+        .replay(&Selection::Ids(vec!["t1".into(), "nope".into()]))
+        .await;
+    assert!(
+        matches!(wrong, Err(QueueError::NotFound { .. })),
+        "{wrong:?}"
+    );
+    assert_eq!(
+        state_of(queue, "t1").await,
+        TaskState::DeadLettered,
+        "nothing half-applied"
+    );
+    assert_eq!(
+        queue
+            .replay(&Selection::Ids(vec!["t1".into()]))
+            .await
+            .unwrap(),
+        1
+    );
+    let record = queue.get("t1").await.unwrap().unwrap();
+    assert_eq!(
+        (record.state, record.replays, record.reason),
+        (TaskState::Queued, 1, None)
+    );
+    let mut again = queue.lease(&request(1), Duration::ZERO).await.unwrap();
+    assert_eq!(again[0].key.attempt, 2, "history continues after a replay");
+    assert_eq!(again[0].charged, 1, "the attempt budget starts afresh");
+    let not_dead = queue.purge(&Selection::Ids(vec!["t1".into()])).await;
+    assert!(
+        matches!(not_dead, Err(QueueError::WrongState { .. })),
+        "{not_dead:?}"
+    );
+    queue
+        .ack(&again[0].key, &json!(1), end(AttemptOutcome::Completed))
+        .await
+        .unwrap();
+    again[0].settle();
+    assert_eq!(queue.purge(&Selection::All).await.unwrap(), 1);
+    assert!(queue.get("t2").await.unwrap().is_none());
+    assert!(queue.get("t1").await.unwrap().is_some());
+}
+
+/// A released task is not charged an attempt.
+pub async fn release_does_not_charge<Q: TaskQueue>(queue: &Q) {
+    queue
+        .submit(vec![task("r1", Priority::Normal, json!({}))])
+        .await
+        .unwrap();
+    let mut once = request(1);
+    once.max_deliver = 1;
+    for _ in 0..3 {
+        let mut leases = queue.lease(&once, Duration::ZERO).await.unwrap();
+        assert_eq!(leases.len(), 1, "released tasks stay leasable");
+        queue
+            .release(&leases[0].key, end(AttemptOutcome::Released))
+            .await
+            .unwrap();
+        leases[0].settle();
+    }
+    let record = queue.get("r1").await.unwrap().unwrap();
+    assert_eq!(
+        (record.state, record.charged_attempts, record.attempts),
+        (TaskState::Queued, 0, 3)
+    );
+}
+
+/// Progress moves the lease deadline.
+pub async fn progress_extends_lease<Q: TaskQueue>(queue: &Q) {
+    queue
+        .submit(vec![task("g1", Priority::Normal, json!({}))])
+        .await
+        .unwrap();
+    let mut short = request(1);
+    short.lease_for = Duration::from_millis(300);
+    let mut leases = queue.lease(&short, Duration::ZERO).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    queue
+        .progress(&leases[0].key, Duration::from_secs(10), None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        queue.expire_leases().await.unwrap(),
+        0,
+        "progress extended the lease"
+    );
+    assert_eq!(state_of(queue, "g1").await, TaskState::Running);
+    queue
+        .ack(&leases[0].key, &json!(1), end(AttemptOutcome::Completed))
+        .await
+        .unwrap();
+    leases[0].settle();
+}
+
+/// After a daemon crash every running task goes back to the queue.
+pub async fn requeue_running_after_crash<Q: TaskQueue>(queue: &Q) {
+    let tasks = (0..3)
+        .map(|n| task(&format!("c{n}"), Priority::Normal, json!(n)))
+        .collect();
+    queue.submit(tasks).await.unwrap();
+    let mut leases = queue.lease(&request(3), Duration::ZERO).await.unwrap();
+    assert_eq!(leases.len(), 3);
+    for lease in &mut leases {
+        lease.settle();
+    }
+    assert_eq!(queue.requeue_running().await.unwrap(), 3);
+    for n in 0..3 {
+        let record = queue.get(&format!("c{n}")).await.unwrap().unwrap();
+        assert_eq!(record.state, TaskState::Queued);
+        assert_eq!(
+            record.history[0].outcome,
+            Some(AttemptOutcome::DaemonRestart)
+        );
+    }
+}
+
+/// A waiting lease returns soon after a task is submitted.
+pub async fn lease_wait_wakes_on_submit<Q: TaskQueue>(queue: Arc<Q>) {
+    let waiter = {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let leases = queue
+                .lease(&request(1), Duration::from_secs(10))
+                .await
+                .unwrap();
+            (leases, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    queue
+        .submit(vec![task("w1", Priority::Normal, json!({}))])
+        .await
+        .unwrap();
+    let (mut leases, waited) = waiter.await.unwrap();
+    assert_eq!(leases.len(), 1);
+    assert!(
+        waited < Duration::from_secs(5),
+        "woken by the submit, not the timeout"
+    );
+    leases[0].settle();
+}
+
+/// An oversized payload or a bad id rejects the whole batch.
+pub async fn bad_input_is_rejected_whole<Q: TaskQueue>(queue: &Q) {
+    let big = Value::String("x".repeat(CONFORMANCE_MAX_PAYLOAD + 1));
+    let result = queue
+        .submit(vec![
+            task("ok1", Priority::Normal, json!(1)),
+            task("big", Priority::Normal, big),
+        ])
+        .await;
+    match result {
+        Err(QueueError::Invalid(message)) => {
+            assert!(message.contains("max_payload_bytes"), "{message}")
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    let bad_id = queue
+        .submit(vec![task("has space", Priority::Normal, json!(1))])
+        .await;
+    assert!(matches!(bad_id, Err(QueueError::Invalid(_))));
+    assert!(
+        queue.get("ok1").await.unwrap().is_none(),
+        "nothing half-applied"
+    );
+    queue
+        .submit(vec![task("big-result", Priority::Normal, json!(1))])
+        .await
+        .unwrap();
+    let mut leases = queue.lease(&request(1), Duration::ZERO).await.unwrap();
+    let big_result = Value::String("y".repeat(CONFORMANCE_MAX_PAYLOAD + 1));
+    let refused = queue
+        .ack(&leases[0].key, &big_result, end(AttemptOutcome::Completed))
+        .await;
+    assert!(
+        matches!(refused, Err(QueueError::Invalid(_))),
+        "{refused:?}"
+    );
+    assert_eq!(state_of(queue, "big-result").await, TaskState::Running);
+    queue
+        .term(
+            &leases[0].key,
+            "result too large",
+            end(AttemptOutcome::Rejected),
+        )
+        .await
+        .unwrap();
+    leases[0].settle();
+}
+
+/// A lease dropped without an outcome goes back to the queue uncharged.
+pub async fn dropped_lease_is_released<Q: TaskQueue>(queue: &Q) {
+    queue
+        .submit(vec![task("x1", Priority::Normal, json!({}))])
+        .await
+        .unwrap();
+    let leases = queue.lease(&request(1), Duration::ZERO).await.unwrap();
+    assert_eq!(leases.len(), 1);
+    drop(leases);
+    for _ in 0..100 {
+        if state_of(queue, "x1").await == TaskState::Queued {
+            let record = queue.get("x1").await.unwrap().unwrap();
+            assert_eq!(record.charged_attempts, 0);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("a dropped lease was not released");
+}
+
+/// Many concurrent leasers: every task is handed out and completed exactly
+/// once.
+pub async fn concurrent_leases_never_share<Q: TaskQueue>(queue: Arc<Q>) {
+    const TASKS: usize = 300;
+    let tasks = (0..TASKS)
+        .map(|n| task(&format!("m{n}"), Priority::Normal, json!(n)))
+        .collect();
+    queue.submit(tasks).await.unwrap();
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let queue = queue.clone();
+        workers.push(tokio::spawn(async move {
+            let mut done = Vec::new();
+            loop {
+                let mut leases = queue.lease(&request(2), Duration::ZERO).await.unwrap();
+                if leases.is_empty() {
+                    return done;
+                }
+                for lease in &mut leases {
+                    let outcome = queue
+                        .ack(&lease.key, &json!("ok"), end(AttemptOutcome::Completed))
+                        .await
+                        .unwrap();
+                    assert_eq!(outcome, AckOutcome::Completed);
+                    lease.settle();
+                    done.push(lease.key.task_id.clone());
+                }
+            }
+        }));
+    }
+    let mut seen = HashSet::new();
+    for worker in workers {
+        for id in worker.await.unwrap() {
+            assert!(seen.insert(id.clone()), "{id} handed out twice");
+        }
+    }
+    assert_eq!(seen.len(), TASKS);
+}
+
+/// Counts are kept per agent and state.
+pub async fn counts_per_agent<Q: TaskQueue>(queue: &Q) {
+    let mut other = task("k2", Priority::Normal, json!(1));
+    other.agent = "other".into();
+    queue
+        .submit(vec![task("k1", Priority::Normal, json!(1)), other])
+        .await
+        .unwrap();
+    let mut leases = queue.lease(&request(1), Duration::ZERO).await.unwrap();
+    let counts = queue.counts().await.unwrap();
+    let mine = &counts.iter().find(|(agent, _)| agent == AGENT).unwrap().1;
+    assert_eq!((mine.queued, mine.running), (0, 1));
+    let theirs = &counts.iter().find(|(agent, _)| agent == "other").unwrap().1;
+    assert_eq!(theirs.queued, 1);
+    leases[0].settle();
+}

@@ -1,0 +1,670 @@
+//! The durable task queue: the [`TaskQueue`] trait every backend implements,
+//! and the types that cross it.
+//!
+//! A queue owns task state and its transitions (queued → running →
+//! completed | dead-lettered, and back to queued on retry). It never decides
+//! policy: the dispatcher chooses between ack, nak, progress and term; the
+//! queue applies them atomically and durably, fenced by the attempt number
+//! so that a stale replica can never complete a task twice.
+
+pub mod conformance;
+pub mod sqlite;
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::clock::UnixMillis;
+
+/// Longest task id accepted.
+pub const MAX_TASK_ID_BYTES: usize = 128;
+/// Most tasks in one submit call.
+pub const MAX_SUBMIT_BATCH: usize = 100_000;
+/// Longest reason or detail text kept with an attempt or dead letter.
+pub const MAX_REASON_BYTES: usize = 4096;
+
+/// Task priority; higher priorities are leased first, FIFO within one.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Leased before everything else.
+    Critical,
+    /// Before normal.
+    High,
+    /// The default.
+    #[default]
+    Normal,
+    /// After everything else.
+    Low,
+}
+
+impl Priority {
+    /// Rank in lease order, 0 first.
+    pub fn rank(self) -> i64 {
+        match self {
+            Self::Critical => 0,
+            Self::High => 1,
+            Self::Normal => 2,
+            Self::Low => 3,
+        }
+    }
+
+    /// The priority of rank `rank`.
+    pub fn from_rank(rank: i64) -> Self {
+        match rank {
+            0 => Self::Critical,
+            1 => Self::High,
+            2 => Self::Normal,
+            _ => Self::Low,
+        }
+    }
+
+    /// Its name in config, JSON and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Critical => "critical",
+            Self::High => "high",
+            Self::Normal => "normal",
+            Self::Low => "low",
+        }
+    }
+}
+
+/// Where a task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Waiting to be leased (possibly delayed for a retry).
+    Queued,
+    /// Leased to a replica.
+    Running,
+    /// Finished with a result. Terminal.
+    Completed,
+    /// Given up on, with a reason and its attempt history. Terminal until
+    /// replayed.
+    DeadLettered,
+}
+
+impl TaskState {
+    /// Every state, in display order.
+    pub const ALL: [Self; 4] = [
+        Self::Queued,
+        Self::Running,
+        Self::Completed,
+        Self::DeadLettered,
+    ];
+
+    /// Its name in JSON and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::DeadLettered => "dead_lettered",
+        }
+    }
+
+    /// Whether no further transition happens without a human.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::DeadLettered)
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TaskState {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|state| state.as_str() == text)
+            .ok_or_else(|| {
+                format!(
+                    "unknown task state {text:?}; valid: queued, running, completed, dead_lettered"
+                )
+            })
+    }
+}
+
+/// A task to submit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTask {
+    /// Idempotency key; see [`validate_task_id`].
+    pub id: String,
+    /// The agent that runs it.
+    pub agent: String,
+    /// Lease order.
+    pub priority: Priority,
+    /// Opaque JSON handed to the agent.
+    pub payload: Value,
+}
+
+/// What happened to one submitted task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SubmitReceipt {
+    /// The task id.
+    pub id: String,
+    /// True when the id was already known: nothing new was stored.
+    pub duplicate: bool,
+    /// The task's state after the submit.
+    pub state: TaskState,
+}
+
+/// Identifies one delivery of a task. Every outcome names the delivery it
+/// settles; an outcome for an older delivery is refused as stale.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LeaseKey {
+    /// The task id.
+    pub task_id: String,
+    /// The delivery number (1 for the first).
+    pub attempt: u32,
+}
+
+impl fmt::Display for LeaseKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#{}", self.task_id, self.attempt)
+    }
+}
+
+/// A task handed to the dispatcher until it is settled (ack, nak, release or
+/// term). Dropping an unsettled lease releases it back to the queue.
+#[derive(Debug)]
+pub struct Lease {
+    /// Which delivery this is.
+    pub key: LeaseKey,
+    /// The agent.
+    pub agent: String,
+    /// The priority it was submitted with.
+    pub priority: Priority,
+    /// The payload.
+    pub payload: Value,
+    /// The checkpoint left by the last progress of an earlier attempt.
+    pub checkpoint: Option<Value>,
+    /// Attempts counted against `max_deliver`, this one included.
+    pub charged: u32,
+    /// Releases the lease if it is dropped unsettled.
+    pub guard: LeaseGuard,
+}
+
+impl Lease {
+    /// Marks the lease settled: dropping it no longer releases it.
+    pub fn settle(&mut self) {
+        self.guard.disarm();
+    }
+}
+
+/// Releases a lease on drop unless disarmed: a lease lost by a bug, a panic
+/// or a cancelled future goes back to the queue instead of waiting for its
+/// deadline.
+pub struct LeaseGuard {
+    key: Option<LeaseKey>,
+    returns: mpsc::UnboundedSender<LeaseKey>,
+}
+
+impl LeaseGuard {
+    /// A guard that sends `key` to `returns` when dropped armed.
+    pub fn new(key: LeaseKey, returns: mpsc::UnboundedSender<LeaseKey>) -> Self {
+        Self {
+            key: Some(key),
+            returns,
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.key = None;
+    }
+}
+
+impl fmt::Debug for LeaseGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LeaseGuard")
+            .field("armed", &self.key.is_some())
+            .finish()
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            // The receiver is gone only when the queue is shut down, and
+            // then the daemon requeues running tasks on its next start.
+            let _ = self.returns.send(key);
+        }
+    }
+}
+
+/// A request for up to `max` tasks of one agent.
+#[derive(Debug, Clone)]
+pub struct LeaseRequest {
+    /// The agent.
+    pub agent: String,
+    /// Most tasks to lease (1 or more).
+    pub max: usize,
+    /// The lease lasts this long unless extended by progress.
+    pub lease_for: Duration,
+    /// Who holds the lease (daemon instance), for status.
+    pub owner: String,
+    /// A task already charged this many attempts is dead-lettered instead
+    /// of leased (its last lease expired or its daemon died).
+    pub max_deliver: u32,
+}
+
+/// Why an attempt ended, as kept in the task's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    /// The agent returned a result.
+    Completed,
+    /// The agent reported an error.
+    Error,
+    /// The replica exited or was killed while working on it.
+    Crashed,
+    /// No progress within `progress_timeout`.
+    ProgressTimeout,
+    /// Ran past `max_duration`.
+    MaxDuration,
+    /// The replica exceeded its memory limit.
+    MemoryLimit,
+    /// The result was unusable (too large, or the task could not be started).
+    Rejected,
+    /// The lease expired without news from the daemon.
+    LeaseExpired,
+    /// The daemon stopped or died while the task ran.
+    DaemonRestart,
+    /// Handed back without fault (shutdown); not counted against
+    /// `max_deliver`.
+    Released,
+}
+
+impl AttemptOutcome {
+    /// Its name in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::Error => "error",
+            Self::Crashed => "crashed",
+            Self::ProgressTimeout => "progress_timeout",
+            Self::MaxDuration => "max_duration",
+            Self::MemoryLimit => "memory_limit",
+            Self::Rejected => "rejected",
+            Self::LeaseExpired => "lease_expired",
+            Self::DaemonRestart => "daemon_restart",
+            Self::Released => "released",
+        }
+    }
+
+    /// Parses [`Self::as_str`].
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            Self::Completed,
+            Self::Error,
+            Self::Crashed,
+            Self::ProgressTimeout,
+            Self::MaxDuration,
+            Self::MemoryLimit,
+            Self::Rejected,
+            Self::LeaseExpired,
+            Self::DaemonRestart,
+            Self::Released,
+        ]
+        .into_iter()
+        .find(|outcome| outcome.as_str() == text)
+    }
+}
+
+/// How an attempt ended, recorded with the outcome verb.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptEnd {
+    /// Why it ended.
+    pub outcome: AttemptOutcome,
+    /// Which replica ran it, e.g. `worker/2`.
+    pub replica: Option<String>,
+    /// Details (error message, exit status).
+    pub detail: Option<String>,
+}
+
+impl AttemptEnd {
+    /// An attempt end with a detail.
+    pub fn new(
+        outcome: AttemptOutcome,
+        replica: Option<String>,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            outcome,
+            replica,
+            detail: Some(detail.into()),
+        }
+    }
+}
+
+/// One attempt in a task's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Attempt {
+    /// Delivery number, from 1.
+    pub number: u32,
+    /// When it was leased.
+    pub started_ms: UnixMillis,
+    /// When it ended, if it did.
+    pub ended_ms: Option<UnixMillis>,
+    /// Which replica ran it.
+    pub replica: Option<String>,
+    /// Why it ended.
+    pub outcome: Option<AttemptOutcome>,
+    /// Error message, exit status or other detail.
+    pub detail: Option<String>,
+}
+
+/// Everything known about a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TaskRecord {
+    /// Id.
+    pub id: String,
+    /// Agent.
+    pub agent: String,
+    /// Priority.
+    pub priority: Priority,
+    /// State.
+    pub state: TaskState,
+    /// Payload.
+    pub payload: Value,
+    /// Deliveries so far.
+    pub attempts: u32,
+    /// Attempts counted against `max_deliver` (released ones are not).
+    pub charged_attempts: u32,
+    /// Times replayed from the dead-letter queue.
+    pub replays: u32,
+    /// Latest checkpoint.
+    pub checkpoint: Option<Value>,
+    /// The result, when completed.
+    pub result: Option<Value>,
+    /// Why it was dead-lettered.
+    pub reason: Option<String>,
+    /// When a queued task becomes leasable (retry delay).
+    pub visible_ms: UnixMillis,
+    /// When the current lease ends, while running.
+    pub lease_deadline_ms: Option<UnixMillis>,
+    /// Submit time.
+    pub created_ms: UnixMillis,
+    /// Last change.
+    pub updated_ms: UnixMillis,
+    /// When it reached a terminal state.
+    pub finished_ms: Option<UnixMillis>,
+    /// Attempt history, oldest first (empty in listings).
+    pub history: Vec<Attempt>,
+}
+
+/// Filter for [`TaskQueue::list`].
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only this state.
+    pub state: Option<TaskState>,
+    /// Only this agent.
+    pub agent: Option<String>,
+    /// Most rows returned (newest first).
+    pub limit: usize,
+}
+
+/// Task counts of one agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct StateCounts {
+    /// Ready or waiting for a retry delay.
+    pub queued: u64,
+    /// Leased.
+    pub running: u64,
+    /// Completed.
+    pub completed: u64,
+    /// Dead-lettered.
+    pub dead_lettered: u64,
+}
+
+impl StateCounts {
+    /// Adds `count` to `state`.
+    pub fn add(&mut self, state: TaskState, count: u64) {
+        match state {
+            TaskState::Queued => self.queued += count,
+            TaskState::Running => self.running += count,
+            TaskState::Completed => self.completed += count,
+            TaskState::DeadLettered => self.dead_lettered += count,
+        }
+    }
+
+    /// All tasks.
+    pub fn total(&self) -> u64 {
+        self.queued + self.running + self.completed + self.dead_lettered
+    }
+}
+
+/// Which dead letters an operation applies to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Selection {
+    /// These ids (each must be dead-lettered).
+    Ids(Vec<String>),
+    /// Every dead letter.
+    All,
+}
+
+/// Result of an ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// This ack completed the task.
+    Completed,
+    /// The task was already completed by this same delivery; nothing changed.
+    AlreadyCompleted,
+}
+
+/// Queue errors. Tests match on the variant.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The outcome names a delivery that no longer owns the task.
+    #[error("task {key} no longer holds the lease (the task is {state}); the outcome was ignored")]
+    StaleLease {
+        /// The stale delivery.
+        key: LeaseKey,
+        /// The task's state now.
+        state: TaskState,
+    },
+    /// No such task.
+    #[error("no task with id {id:?}")]
+    NotFound {
+        /// The id.
+        id: String,
+    },
+    /// The operation needs the task in another state.
+    #[error("task {id:?} is {state}, not {expected}")]
+    WrongState {
+        /// The id.
+        id: String,
+        /// Its state.
+        state: TaskState,
+        /// The state the operation needs.
+        expected: TaskState,
+    },
+    /// Bad input: nothing was applied.
+    #[error("{0}")]
+    Invalid(String),
+    /// The storage failed; the operation was not applied.
+    #[error("store error: {0}")]
+    Storage(String),
+    /// The queue is shut down.
+    #[error("the queue is closed")]
+    Closed,
+}
+
+/// Checks a task id: 1 to [`MAX_TASK_ID_BYTES`] bytes of letters, digits and
+/// `-_.:@/`.
+///
+/// # Errors
+/// [`QueueError::Invalid`] naming the id and the rule.
+pub fn validate_task_id(id: &str) -> Result<(), QueueError> {
+    let valid = !id.is_empty()
+        && id.len() <= MAX_TASK_ID_BYTES
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@/".contains(&b));
+    if valid {
+        Ok(())
+    } else {
+        Err(QueueError::Invalid(format!(
+            "invalid task id {:?}: use 1 to {MAX_TASK_ID_BYTES} letters, digits or any of - _ . : @ /",
+            crate::protocol::excerpt(id)
+        )))
+    }
+}
+
+/// A new random, time-ordered task id.
+pub fn new_task_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Cuts `text` to at most [`MAX_REASON_BYTES`] on a character boundary.
+pub fn bound_reason(text: &str) -> String {
+    if text.len() <= MAX_REASON_BYTES {
+        return text.to_string();
+    }
+    let mut end = MAX_REASON_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// The durable queue. Every method is atomic: it applies completely or not
+/// at all, and a returned `Ok` means the change is on disk.
+///
+/// # Cancel safety
+/// Dropping a returned future may or may not apply the operation; leases
+/// taken by a dropped [`TaskQueue::lease`] future are released through
+/// their guards.
+#[async_trait]
+pub trait TaskQueue: Send + Sync + 'static {
+    /// Stores tasks, all or none. A known id is not stored again (see
+    /// `store.dedup_window`).
+    async fn submit(&self, tasks: Vec<NewTask>) -> Result<Vec<SubmitReceipt>, QueueError>;
+
+    /// Leases up to `request.max` ready tasks, highest priority first,
+    /// waiting up to `wait` for one to be ready. Returns an empty list when
+    /// none became ready in time.
+    async fn lease(&self, request: &LeaseRequest, wait: Duration)
+    -> Result<Vec<Lease>, QueueError>;
+
+    /// Completes the task with `result`.
+    async fn ack(
+        &self,
+        key: &LeaseKey,
+        result: &Value,
+        end: AttemptEnd,
+    ) -> Result<AckOutcome, QueueError>;
+
+    /// Returns the task to the queue, leasable after `delay`; the attempt
+    /// counts against `max_deliver`.
+    async fn nak(&self, key: &LeaseKey, delay: Duration, end: AttemptEnd)
+    -> Result<(), QueueError>;
+
+    /// Returns the task to the queue at once without charging the attempt.
+    async fn release(&self, key: &LeaseKey, end: AttemptEnd) -> Result<(), QueueError>;
+
+    /// Extends the lease by `extend` from now and stores `checkpoint` if
+    /// given.
+    async fn progress(
+        &self,
+        key: &LeaseKey,
+        extend: Duration,
+        checkpoint: Option<&Value>,
+    ) -> Result<(), QueueError>;
+
+    /// Dead-letters the task with `reason`.
+    async fn term(&self, key: &LeaseKey, reason: &str, end: AttemptEnd) -> Result<(), QueueError>;
+
+    /// Returns every running task to the queue (after the daemon that held
+    /// them died), recording `DaemonRestart`. Returns how many.
+    async fn requeue_running(&self) -> Result<u64, QueueError>;
+
+    /// Returns running tasks whose lease deadline passed to the queue.
+    async fn expire_leases(&self) -> Result<u64, QueueError>;
+
+    /// The task with `id` and its history.
+    async fn get(&self, id: &str) -> Result<Option<TaskRecord>, QueueError>;
+
+    /// Tasks matching `filter`, newest first, without history.
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, QueueError>;
+
+    /// Task counts per agent.
+    async fn counts(&self) -> Result<Vec<(String, StateCounts)>, QueueError>;
+
+    /// Puts dead letters back in the queue with a fresh attempt budget.
+    /// Returns how many.
+    async fn replay(&self, selection: &Selection) -> Result<u64, QueueError>;
+
+    /// Deletes dead letters. Returns how many.
+    async fn purge(&self, selection: &Selection) -> Result<u64, QueueError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids_are_checked() {
+        assert!(validate_task_id("build-42:retry/1").is_ok());
+        assert!(validate_task_id(&new_task_id()).is_ok());
+        for bad in ["", "has space", "semi;colon", &"x".repeat(129)] {
+            assert!(
+                matches!(validate_task_id(bad), Err(QueueError::Invalid(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn states_and_outcomes_round_trip() {
+        for state in TaskState::ALL {
+            assert_eq!(state.as_str().parse::<TaskState>().unwrap(), state);
+        }
+        assert!(
+            "done"
+                .parse::<TaskState>()
+                .unwrap_err()
+                .contains("dead_lettered")
+        );
+        for rank in 0..4 {
+            assert_eq!(Priority::from_rank(rank).rank(), rank);
+        }
+        assert_eq!(
+            AttemptOutcome::parse("progress_timeout"),
+            Some(AttemptOutcome::ProgressTimeout)
+        );
+    }
+
+    #[test]
+    fn reasons_are_bounded_on_char_boundaries() {
+        let long = "é".repeat(MAX_REASON_BYTES);
+        let bounded = bound_reason(&long);
+        assert!(bounded.len() <= MAX_REASON_BYTES + '…'.len_utf8());
+    }
+}

@@ -1,0 +1,1405 @@
+//! The embedded queue backend: SQLite (bundled) in WAL mode with
+//! `synchronous=FULL`, one writer thread with group commit.
+//!
+//! Every write (submit, lease, ack, nak, progress, term, …) is a job sent to
+//! the writer thread, which runs as many queued jobs as it can in one
+//! `BEGIN IMMEDIATE` transaction, each inside its own savepoint, commits
+//! (one fsync for the whole group) and only then answers. Reads use their
+//! own connection. Other processes (the CLI submitting while the daemon
+//! runs) write through their own writer; SQLite's lock serializes them and a
+//! counter in `meta` tells the daemon to look for new work.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{
+    AckOutcome, Attempt, AttemptEnd, AttemptOutcome, Lease, LeaseGuard, LeaseKey, LeaseRequest,
+    ListFilter, NewTask, Priority, QueueError, Selection, StateCounts, SubmitReceipt, TaskQueue,
+    TaskRecord, TaskState, bound_reason, validate_task_id,
+};
+use crate::clock::{SharedClock, UnixMillis};
+
+/// Schema version kept in `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+/// Most jobs committed in one transaction.
+const MAX_GROUP: usize = 1024;
+/// Jobs waiting for the writer; senders wait when it is full.
+const JOB_QUEUE_CAPACITY: usize = 4096;
+/// How often the daemon looks for tasks submitted by other processes.
+const EXTERNAL_POLL: Duration = Duration::from_millis(10);
+/// Longest wait for SQLite's lock held by another process.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most completed tasks deleted by one prune.
+const PRUNE_BATCH: i64 = 10_000;
+
+// Internal states. `Queued` is split in two so that the claim query's
+// partial index holds only tasks that can be leased now.
+const READY: i64 = 1;
+const DELAYED: i64 = 2;
+const RUNNING: i64 = 3;
+const COMPLETED: i64 = 4;
+const DEAD: i64 = 5;
+
+fn state_of(code: i64) -> TaskState {
+    match code {
+        READY | DELAYED => TaskState::Queued,
+        RUNNING => TaskState::Running,
+        COMPLETED => TaskState::Completed,
+        _ => TaskState::DeadLettered,
+    }
+}
+
+fn codes_of(state: TaskState) -> &'static [i64] {
+    match state {
+        TaskState::Queued => &[READY, DELAYED],
+        TaskState::Running => &[RUNNING],
+        TaskState::Completed => &[COMPLETED],
+        TaskState::DeadLettered => &[DEAD],
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    agent TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    state INTEGER NOT NULL,
+    payload TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    charged INTEGER NOT NULL DEFAULT 0,
+    replays INTEGER NOT NULL DEFAULT 0,
+    visible_at INTEGER NOT NULL,
+    lease_deadline INTEGER,
+    lease_owner TEXT,
+    checkpoint TEXT,
+    result TEXT,
+    reason TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    finished_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (agent, priority, seq) WHERE state = 1;
+CREATE INDEX IF NOT EXISTS tasks_delayed ON tasks (agent, visible_at) WHERE state = 2;
+CREATE INDEX IF NOT EXISTS tasks_running ON tasks (lease_deadline) WHERE state = 3;
+CREATE INDEX IF NOT EXISTS tasks_completed ON tasks (finished_at) WHERE state = 4;
+CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, agent);
+CREATE TABLE IF NOT EXISTS attempts (
+    task_seq INTEGER NOT NULL,
+    number INTEGER NOT NULL,
+    started_at INTEGER NOT NULL,
+    ended_at INTEGER,
+    replica TEXT,
+    outcome TEXT,
+    detail TEXT,
+    PRIMARY KEY (task_seq, number)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS status (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+";
+
+/// Who opens the store: the daemon leases and watches for outside submits;
+/// a client (the CLI) tells the daemon about its submits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `flotilla up`.
+    Daemon,
+    /// Any other command.
+    Client,
+}
+
+/// Limits and windows of the store.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// A known id is deduplicated within this long of its first submit.
+    pub dedup_window: Duration,
+    /// Completed tasks older than this are pruned.
+    pub retention: Duration,
+    /// Largest payload, serialized.
+    pub max_payload_bytes: usize,
+    /// Largest result, serialized.
+    pub max_result_bytes: usize,
+    /// Who opens the store.
+    pub role: Role,
+}
+
+impl Settings {
+    /// Settings from the `[store]` config.
+    pub fn from_config(store: &crate::config::StoreConfig, role: Role) -> Self {
+        Self {
+            dedup_window: store.dedup_window.get(),
+            retention: store.retention.get(),
+            max_payload_bytes: store.max_payload_bytes.as_usize(),
+            max_result_bytes: store.max_result_bytes.as_usize(),
+            role,
+        }
+    }
+}
+
+fn storage(error: rusqlite::Error) -> QueueError {
+    QueueError::Storage(error.to_string())
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn to_sql_ms(value: UnixMillis) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// What a job sees inside the group transaction.
+struct Context<'a> {
+    conn: &'a Connection,
+    now: UnixMillis,
+    settings: &'a Settings,
+    woken: HashSet<String>,
+    external_submit: bool,
+}
+
+impl Context<'_> {
+    fn now_sql(&self) -> i64 {
+        to_sql_ms(self.now)
+    }
+
+    /// Runs `operation` in a savepoint: all of it or none of it.
+    fn atomically<T>(
+        &mut self,
+        operation: impl FnOnce(&mut Self) -> Result<T, QueueError>,
+    ) -> Result<T, QueueError> {
+        self.conn.execute_batch("SAVEPOINT job").map_err(storage)?;
+        match operation(self) {
+            Ok(value) => {
+                self.conn.execute_batch("RELEASE job").map_err(storage)?;
+                Ok(value)
+            }
+            Err(error) => {
+                self.conn
+                    .execute_batch("ROLLBACK TO job; RELEASE job")
+                    .map_err(storage)?;
+                Err(error)
+            }
+        }
+    }
+}
+
+type Deliver = Box<dyn FnOnce(Result<(), String>) + Send>;
+/// A job runs inside the group transaction (`Some`), or is told that the
+/// transaction could not start (`None`); either way it yields how to answer.
+type Job = Box<dyn for<'a, 'b> FnOnce(Option<&'a mut Context<'b>>) -> Deliver + Send>;
+
+/// Sends jobs to the writer thread.
+#[derive(Clone)]
+struct Writer {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Writer {
+    async fn call<T: Send + 'static>(
+        &self,
+        operation: impl FnOnce(&mut Context<'_>) -> Result<T, QueueError> + Send + 'static,
+    ) -> Result<T, QueueError> {
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Box::new(move |context| {
+            let result = match context {
+                Some(context) => context.atomically(operation),
+                None => Err(QueueError::Storage(
+                    "the store transaction could not start".into(),
+                )),
+            };
+            Box::new(move |commit: Result<(), String>| {
+                let _ = reply.send(commit.map_err(QueueError::Storage).and(result));
+            })
+        });
+        self.jobs.send(job).await.map_err(|_| QueueError::Closed)?;
+        answer.await.map_err(|_| QueueError::Closed)?
+    }
+}
+
+/// Wakes lease waiters per agent.
+#[derive(Default)]
+struct Wakers {
+    agents: Mutex<HashMap<String, watch::Sender<u64>>>,
+}
+
+impl Wakers {
+    fn subscribe(&self, agent: &str) -> watch::Receiver<u64> {
+        let mut agents = self.agents.lock().expect("wakers lock");
+        agents
+            .entry(agent.to_string())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    fn wake<'a>(&self, agents: impl IntoIterator<Item = &'a String>) {
+        let map = self.agents.lock().expect("wakers lock");
+        for agent in agents {
+            if let Some(sender) = map.get(agent) {
+                sender.send_modify(|count| *count += 1);
+            }
+        }
+    }
+
+    fn wake_all(&self) {
+        let map = self.agents.lock().expect("wakers lock");
+        for sender in map.values() {
+            sender.send_modify(|count| *count += 1);
+        }
+    }
+}
+
+/// The SQLite queue. Open it inside a tokio runtime.
+pub struct SqliteQueue {
+    writer: Writer,
+    reader: Arc<Mutex<Connection>>,
+    wakers: Arc<Wakers>,
+    returns: mpsc::UnboundedSender<LeaseKey>,
+    settings: Settings,
+    clock: SharedClock,
+    store_id: String,
+    path: PathBuf,
+    stop_poller: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for SqliteQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteQueue")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn open_connection(path: &Path) -> Result<Connection, QueueError> {
+    let conn = Connection::open(path).map_err(|error| {
+        QueueError::Storage(format!("cannot open store {}: {error}", path.display()))
+    })?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(storage)?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(storage)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(QueueError::Storage(format!(
+            "store {} refused WAL mode (got {mode}); put it on a local filesystem",
+            path.display()
+        )));
+    }
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(storage)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection, path: &Path) -> Result<String, QueueError> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(storage)?;
+    if version > SCHEMA_VERSION {
+        return Err(QueueError::Storage(format!(
+            "store {} has schema version {version}, newer than this flotilla's {SCHEMA_VERSION}; upgrade flotilla",
+            path.display()
+        )));
+    }
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(storage)?;
+    let setup = (|| {
+        conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?1)",
+            [uuid::Uuid::now_v7().simple().to_string()],
+        )?;
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('external_seq', '0')",
+            [],
+        )?;
+        conn.query_row("SELECT value FROM meta WHERE key = 'store_id'", [], |row| {
+            row.get::<_, String>(0)
+        })
+    })();
+    match setup {
+        Ok(store_id) => {
+            conn.execute_batch("COMMIT").map_err(storage)?;
+            Ok(store_id)
+        }
+        Err(error) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(storage(error))
+        }
+    }
+}
+
+impl SqliteQueue {
+    /// Opens (creating if needed) the store at `path`.
+    ///
+    /// # Errors
+    /// [`QueueError::Storage`] if the file cannot be opened, is not a
+    /// flotilla store of a known version, or refuses WAL mode.
+    pub fn open(path: &Path, settings: Settings, clock: SharedClock) -> Result<Self, QueueError> {
+        if let Some(parent) = path.parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent).map_err(|error| {
+                QueueError::Storage(format!("cannot create {}: {error}", parent.display()))
+            })?;
+        }
+        let writer_conn = open_connection(path)?;
+        let store_id = migrate(&writer_conn, path)?;
+        let reader = open_connection(path)?;
+        let wakers = Arc::new(Wakers::default());
+        let (jobs_tx, jobs_rx) = mpsc::channel(JOB_QUEUE_CAPACITY);
+        {
+            let settings = settings.clone();
+            let clock = clock.clone();
+            let wakers = wakers.clone();
+            std::thread::Builder::new()
+                .name("flotilla-store-writer".into())
+                .spawn(move || writer_loop(&writer_conn, jobs_rx, &settings, &clock, &wakers))
+                .map_err(|error| QueueError::Storage(format!("cannot start writer: {error}")))?;
+        }
+        let writer = Writer { jobs: jobs_tx };
+        let (returns, mut returned) = mpsc::unbounded_channel::<LeaseKey>();
+        {
+            let writer = writer.clone();
+            tokio::spawn(async move {
+                while let Some(key) = returned.recv().await {
+                    let end = AttemptEnd::new(
+                        AttemptOutcome::Released,
+                        None,
+                        "lease dropped without an outcome",
+                    );
+                    let _ = writer
+                        .call(move |context| release(context, &key, &end))
+                        .await;
+                }
+            });
+        }
+        let stop_poller = Arc::new(AtomicBool::new(false));
+        if settings.role == Role::Daemon {
+            let poll_conn = open_connection(path)?;
+            let wakers = Arc::downgrade(&wakers);
+            let stop = stop_poller.clone();
+            std::thread::Builder::new()
+                .name("flotilla-store-poller".into())
+                .spawn(move || poll_external(&poll_conn, &wakers, &stop))
+                .map_err(|error| QueueError::Storage(format!("cannot start poller: {error}")))?;
+        }
+        Ok(Self {
+            writer,
+            reader: Arc::new(Mutex::new(reader)),
+            wakers,
+            returns,
+            settings,
+            clock,
+            store_id,
+            path: path.to_path_buf(),
+            stop_poller,
+        })
+    }
+
+    /// The store's permanent random id (marks the agents it spawned).
+    pub fn store_id(&self) -> &str {
+        &self.store_id
+    }
+
+    /// The store file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Saves a status snapshot under `key`.
+    ///
+    /// # Errors
+    /// [`QueueError::Storage`] if it cannot be written.
+    pub async fn put_status(&self, key: &str, value: &Value) -> Result<(), QueueError> {
+        let key = key.to_string();
+        let text = value.to_string();
+        self.writer
+            .call(move |context| {
+                context
+                    .conn
+                    .prepare_cached(
+                        "INSERT INTO status (key, value, updated_at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (key) DO UPDATE SET value = ?2, updated_at = ?3",
+                    )
+                    .and_then(|mut statement| {
+                        statement.execute(params![key, text, context.now_sql()])
+                    })
+                    .map_err(storage)?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// The status snapshot under `key` and when it was written.
+    ///
+    /// # Errors
+    /// [`QueueError::Storage`] if it cannot be read.
+    pub async fn get_status(&self, key: &str) -> Result<Option<(Value, UnixMillis)>, QueueError> {
+        let key = key.to_string();
+        self.read(move |conn| {
+            let row: Option<(String, i64)> = conn
+                .query_row(
+                    "SELECT value, updated_at FROM status WHERE key = ?1",
+                    [key],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+                .optional()
+                .map_err(storage)?;
+            Ok(row.map(|(text, at)| {
+                (
+                    serde_json::from_str(&text).unwrap_or(Value::Null),
+                    u64::try_from(at).unwrap_or(0),
+                )
+            }))
+        })
+        .await
+    }
+
+    /// Deletes completed tasks older than the retention. Returns how many.
+    ///
+    /// # Errors
+    /// [`QueueError::Storage`] if the store fails.
+    pub async fn prune(&self) -> Result<u64, QueueError> {
+        let retention = to_sql_ms(millis(self.settings.retention));
+        self.writer
+            .call(move |context| {
+                let cutoff = context.now_sql().saturating_sub(retention);
+                let conn = context.conn;
+                conn.execute(
+                    "DELETE FROM attempts WHERE task_seq IN (
+                        SELECT seq FROM tasks WHERE state = 4 AND finished_at < ?1 LIMIT ?2)",
+                    params![cutoff, PRUNE_BATCH],
+                )
+                .map_err(storage)?;
+                let deleted = conn
+                    .execute(
+                        "DELETE FROM tasks WHERE seq IN (
+                            SELECT seq FROM tasks WHERE state = 4 AND finished_at < ?1 LIMIT ?2)",
+                        params![cutoff, PRUNE_BATCH],
+                    )
+                    .map_err(storage)?;
+                Ok(deleted as u64)
+            })
+            .await
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        operation: impl FnOnce(&Connection) -> Result<T, QueueError> + Send + 'static,
+    ) -> Result<T, QueueError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().expect("reader lock");
+            operation(&conn)
+        })
+        .await
+        .map_err(|error| QueueError::Storage(format!("reader failed: {error}")))?
+    }
+
+    fn check_result_size(&self, result: &Value) -> Result<String, QueueError> {
+        let text = result.to_string();
+        if text.len() > self.settings.max_result_bytes {
+            return Err(QueueError::Invalid(format!(
+                "result of {} bytes exceeds store.max_result_bytes = {}",
+                text.len(),
+                self.settings.max_result_bytes
+            )));
+        }
+        Ok(text)
+    }
+}
+
+impl Drop for SqliteQueue {
+    fn drop(&mut self) {
+        self.stop_poller.store(true, Ordering::Relaxed);
+    }
+}
+
+fn writer_loop(
+    conn: &Connection,
+    mut jobs: mpsc::Receiver<Job>,
+    settings: &Settings,
+    clock: &SharedClock,
+    wakers: &Wakers,
+) {
+    let mut group = Vec::with_capacity(MAX_GROUP);
+    while let Some(first) = jobs.blocking_recv() {
+        group.push(first);
+        while group.len() < MAX_GROUP {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut context = Context {
+            conn,
+            now: clock.now_ms(),
+            settings,
+            woken: HashSet::new(),
+            external_submit: false,
+        };
+        if let Err(error) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let message = format!("the store transaction could not start: {error}");
+            tracing::error!(%message);
+            for job in group.drain(..) {
+                job(None)(Err(message.clone()));
+            }
+            continue;
+        }
+        let delivers: Vec<Deliver> = group.drain(..).map(|job| job(Some(&mut context))).collect();
+        if context.external_submit && settings.role == Role::Client {
+            let bumped = conn.execute(
+                "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'external_seq'",
+                [],
+            );
+            if let Err(error) = bumped {
+                tracing::warn!(%error, "could not signal the daemon about new tasks");
+            }
+        }
+        let commit = conn
+            .execute_batch("COMMIT")
+            .map_err(|error| error.to_string());
+        if commit.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        let committed = commit.is_ok();
+        for deliver in delivers {
+            deliver(commit.clone());
+        }
+        if committed {
+            wakers.wake(context.woken.iter());
+        }
+    }
+}
+
+fn poll_external(conn: &Connection, wakers: &Weak<Wakers>, stop: &AtomicBool) {
+    let read = |conn: &Connection| -> Option<i64> {
+        conn.query_row(
+            "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'external_seq'",
+            [],
+            |row| row.get(0),
+        )
+        .ok()
+    };
+    let mut last = read(conn);
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(EXTERNAL_POLL);
+        let Some(wakers) = wakers.upgrade() else {
+            return;
+        };
+        let seen = read(conn);
+        if seen != last {
+            last = seen;
+            wakers.wake_all();
+        }
+    }
+}
+
+const RECORD_COLUMNS: &str = "id, agent, priority, state, payload, attempt, charged, replays,
+    checkpoint, result, reason, visible_at, lease_deadline, created_at, updated_at, finished_at, seq";
+
+fn parse_json(text: Option<String>) -> Option<Value> {
+    text.map(|text| serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+fn as_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn as_u32(value: i64) -> u32 {
+    u32::try_from(value).unwrap_or(u32::MAX)
+}
+
+fn record_from_row(row: &Row<'_>) -> rusqlite::Result<(TaskRecord, i64)> {
+    let record = TaskRecord {
+        id: row.get(0)?,
+        agent: row.get(1)?,
+        priority: Priority::from_rank(row.get(2)?),
+        state: state_of(row.get(3)?),
+        payload: parse_json(Some(row.get(4)?)).unwrap_or(Value::Null),
+        attempts: as_u32(row.get(5)?),
+        charged_attempts: as_u32(row.get(6)?),
+        replays: as_u32(row.get(7)?),
+        checkpoint: parse_json(row.get(8)?),
+        result: parse_json(row.get(9)?),
+        reason: row.get(10)?,
+        visible_ms: as_u64(row.get(11)?),
+        lease_deadline_ms: row.get::<_, Option<i64>>(12)?.map(as_u64),
+        created_ms: as_u64(row.get(13)?),
+        updated_ms: as_u64(row.get(14)?),
+        finished_ms: row.get::<_, Option<i64>>(15)?.map(as_u64),
+        history: Vec::new(),
+    };
+    Ok((record, row.get(16)?))
+}
+
+fn history(conn: &Connection, seq: i64) -> Result<Vec<Attempt>, QueueError> {
+    let mut statement = conn
+        .prepare_cached(
+            "SELECT number, started_at, ended_at, replica, outcome, detail
+             FROM attempts WHERE task_seq = ?1 ORDER BY number",
+        )
+        .map_err(storage)?;
+    let rows = statement
+        .query_map([seq], |row| {
+            Ok(Attempt {
+                number: as_u32(row.get(0)?),
+                started_ms: as_u64(row.get(1)?),
+                ended_ms: row.get::<_, Option<i64>>(2)?.map(as_u64),
+                replica: row.get(3)?,
+                outcome: row
+                    .get::<_, Option<String>>(4)?
+                    .and_then(|text| AttemptOutcome::parse(&text)),
+                detail: row.get(5)?,
+            })
+        })
+        .map_err(storage)?;
+    rows.collect::<Result<_, _>>().map_err(storage)
+}
+
+/// The task's `(seq, state code, attempt)`.
+fn lookup(conn: &Connection, id: &str) -> Result<Option<(i64, i64, u32)>, QueueError> {
+    conn.prepare_cached("SELECT seq, state, attempt FROM tasks WHERE id = ?1")
+        .map_err(storage)?
+        .query_row([id], |row| {
+            Ok((row.get(0)?, row.get(1)?, as_u32(row.get(2)?)))
+        })
+        .optional()
+        .map_err(storage)
+}
+
+/// Checks that `key` holds the lease; returns the task's seq.
+fn leased_seq(context: &Context<'_>, key: &LeaseKey) -> Result<i64, QueueError> {
+    match lookup(context.conn, &key.task_id)? {
+        None => Err(QueueError::NotFound {
+            id: key.task_id.clone(),
+        }),
+        Some((seq, RUNNING, attempt)) if attempt == key.attempt => Ok(seq),
+        Some((_, state, _)) => Err(QueueError::StaleLease {
+            key: key.clone(),
+            state: state_of(state),
+        }),
+    }
+}
+
+fn end_attempt(
+    context: &Context<'_>,
+    seq: i64,
+    number: u32,
+    end: &AttemptEnd,
+) -> Result<(), QueueError> {
+    context
+        .conn
+        .prepare_cached(
+            "UPDATE attempts SET ended_at = ?3, replica = COALESCE(?4, replica), outcome = ?5, detail = ?6
+             WHERE task_seq = ?1 AND number = ?2",
+        )
+        .map_err(storage)?
+        .execute(params![
+            seq,
+            number,
+            context.now_sql(),
+            end.replica,
+            end.outcome.as_str(),
+            end.detail.as_deref().map(bound_reason),
+        ])
+        .map_err(storage)?;
+    Ok(())
+}
+
+struct Prepared {
+    id: String,
+    agent: String,
+    priority: i64,
+    payload: String,
+}
+
+fn submit(context: &mut Context<'_>, tasks: &[Prepared]) -> Result<Vec<SubmitReceipt>, QueueError> {
+    let window = to_sql_ms(millis(context.settings.dedup_window));
+    let now = context.now_sql();
+    let mut receipts = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let existing: Option<(i64, i64, i64)> = context
+            .conn
+            .prepare_cached("SELECT seq, state, created_at FROM tasks WHERE id = ?1")
+            .map_err(storage)?
+            .query_row([&task.id], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
+            .optional()
+            .map_err(storage)?;
+        if let Some((seq, state, created_at)) = existing {
+            let live = !state_of(state).is_terminal();
+            if live || created_at.saturating_add(window) > now {
+                receipts.push(SubmitReceipt {
+                    id: task.id.clone(),
+                    duplicate: true,
+                    state: state_of(state),
+                });
+                continue;
+            }
+            // Outside the window and finished: the id may be used again.
+            context
+                .conn
+                .execute("DELETE FROM attempts WHERE task_seq = ?1", [seq])
+                .map_err(storage)?;
+            context
+                .conn
+                .execute("DELETE FROM tasks WHERE seq = ?1", [seq])
+                .map_err(storage)?;
+        }
+        context
+            .conn
+            .prepare_cached(
+                "INSERT INTO tasks (id, agent, priority, state, payload, visible_at, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, 1, ?4, ?5, ?5, ?5)",
+            )
+            .map_err(storage)?
+            .execute(params![task.id, task.agent, task.priority, task.payload, now])
+            .map_err(storage)?;
+        context.woken.insert(task.agent.clone());
+        context.external_submit = true;
+        receipts.push(SubmitReceipt {
+            id: task.id.clone(),
+            duplicate: false,
+            state: TaskState::Queued,
+        });
+    }
+    Ok(receipts)
+}
+
+struct Claimed {
+    key: LeaseKey,
+    priority: Priority,
+    payload: Value,
+    checkpoint: Option<Value>,
+    charged: u32,
+}
+
+fn lease(context: &mut Context<'_>, request: &LeaseRequest) -> Result<Vec<Claimed>, QueueError> {
+    let conn = context.conn;
+    let now = context.now_sql();
+    conn.prepare_cached(
+        "UPDATE tasks SET state = 1 WHERE agent = ?1 AND state = 2 AND visible_at <= ?2",
+    )
+    .map_err(storage)?
+    .execute(params![request.agent, now])
+    .map_err(storage)?;
+    let deadline = now.saturating_add(to_sql_ms(millis(request.lease_for)));
+    let mut claimed = Vec::new();
+    // Tasks past their attempt budget are dead-lettered and skipped; the
+    // bound keeps one call from scanning forever.
+    for _round in 0..8 {
+        let want = request.max - claimed.len();
+        let rows: Vec<(i64, String, i64, String, Option<String>, u32, u32)> = conn
+            .prepare_cached(
+                "SELECT seq, id, priority, payload, checkpoint, attempt, charged FROM tasks
+                 WHERE agent = ?1 AND state = 1 ORDER BY priority, seq LIMIT ?2",
+            )
+            .map_err(storage)?
+            .query_map(params![request.agent, want as i64], |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                    as_u32(row.get(5)?),
+                    as_u32(row.get(6)?),
+                ))
+            })
+            .map_err(storage)?
+            .collect::<Result<_, _>>()
+            .map_err(storage)?;
+        if rows.is_empty() {
+            break;
+        }
+        for (seq, id, priority, payload, checkpoint, attempt, charged) in rows {
+            if charged >= request.max_deliver {
+                exhaust(context, seq, request.max_deliver)?;
+                continue;
+            }
+            let number = attempt + 1;
+            conn.prepare_cached(
+                "UPDATE tasks SET state = 3, attempt = ?2, charged = charged + 1,
+                 lease_deadline = ?3, lease_owner = ?4, updated_at = ?5 WHERE seq = ?1",
+            )
+            .map_err(storage)?
+            .execute(params![seq, number, deadline, request.owner, now])
+            .map_err(storage)?;
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO attempts (task_seq, number, started_at) VALUES (?1, ?2, ?3)",
+            )
+            .map_err(storage)?
+            .execute(params![seq, number, now])
+            .map_err(storage)?;
+            claimed.push(Claimed {
+                key: LeaseKey {
+                    task_id: id,
+                    attempt: number,
+                },
+                priority: Priority::from_rank(priority),
+                payload: serde_json::from_str(&payload).unwrap_or(Value::Null),
+                checkpoint: parse_json(checkpoint),
+                charged: charged + 1,
+            });
+        }
+        if claimed.len() >= request.max {
+            break;
+        }
+    }
+    Ok(claimed)
+}
+
+/// Dead-letters a task whose attempts are used up, naming its last outcome.
+fn exhaust(context: &Context<'_>, seq: i64, max_deliver: u32) -> Result<(), QueueError> {
+    let last: Option<(Option<String>, Option<String>)> = context
+        .conn
+        .query_row(
+            "SELECT outcome, detail FROM attempts WHERE task_seq = ?1 ORDER BY number DESC LIMIT 1",
+            [seq],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()
+        .map_err(storage)?;
+    let last = match last {
+        Some((Some(outcome), Some(detail))) => format!("; last attempt: {outcome}: {detail}"),
+        Some((Some(outcome), None)) => format!("; last attempt: {outcome}"),
+        _ => String::new(),
+    };
+    let reason = bound_reason(&format!(
+        "attempts exhausted (retry.max_deliver = {max_deliver}){last}"
+    ));
+    dead_letter(context, seq, &reason)
+}
+
+fn dead_letter(context: &Context<'_>, seq: i64, reason: &str) -> Result<(), QueueError> {
+    context
+        .conn
+        .prepare_cached(
+            "UPDATE tasks SET state = 5, reason = ?2, lease_deadline = NULL, lease_owner = NULL,
+             updated_at = ?3, finished_at = ?3 WHERE seq = ?1",
+        )
+        .map_err(storage)?
+        .execute(params![seq, reason, context.now_sql()])
+        .map_err(storage)?;
+    Ok(())
+}
+
+fn ack(
+    context: &mut Context<'_>,
+    key: &LeaseKey,
+    result: &str,
+    end: &AttemptEnd,
+) -> Result<AckOutcome, QueueError> {
+    let seq = match leased_seq(context, key) {
+        Ok(seq) => seq,
+        Err(QueueError::StaleLease {
+            state: TaskState::Completed,
+            ..
+        }) => {
+            // Idempotent completion: a repeated ack of the completing
+            // delivery changes nothing.
+            let (_, _, attempt) = lookup(context.conn, &key.task_id)?.expect("task exists");
+            if attempt == key.attempt {
+                return Ok(AckOutcome::AlreadyCompleted);
+            }
+            return Err(QueueError::StaleLease {
+                key: key.clone(),
+                state: TaskState::Completed,
+            });
+        }
+        Err(error) => return Err(error),
+    };
+    context
+        .conn
+        .prepare_cached(
+            "UPDATE tasks SET state = 4, result = ?2, lease_deadline = NULL, updated_at = ?3,
+             finished_at = ?3 WHERE seq = ?1",
+        )
+        .map_err(storage)?
+        .execute(params![seq, result, context.now_sql()])
+        .map_err(storage)?;
+    end_attempt(context, seq, key.attempt, end)?;
+    Ok(AckOutcome::Completed)
+}
+
+fn nak(
+    context: &mut Context<'_>,
+    key: &LeaseKey,
+    delay: Duration,
+    end: &AttemptEnd,
+    refund: bool,
+) -> Result<(), QueueError> {
+    let seq = leased_seq(context, key)?;
+    let delay_ms = to_sql_ms(millis(delay));
+    let state = if delay_ms == 0 { READY } else { DELAYED };
+    context
+        .conn
+        .prepare_cached(
+            "UPDATE tasks SET state = ?2, visible_at = ?3, lease_deadline = NULL, lease_owner = NULL,
+             charged = charged - ?4, updated_at = ?5 WHERE seq = ?1",
+        )
+        .map_err(storage)?
+        .execute(params![
+            seq,
+            state,
+            context.now_sql().saturating_add(delay_ms),
+            i64::from(refund),
+            context.now_sql()
+        ])
+        .map_err(storage)?;
+    end_attempt(context, seq, key.attempt, end)?;
+    if state == READY {
+        let agent: String = context
+            .conn
+            .query_row("SELECT agent FROM tasks WHERE seq = ?1", [seq], |row| {
+                row.get(0)
+            })
+            .map_err(storage)?;
+        context.woken.insert(agent);
+    }
+    Ok(())
+}
+
+fn release(context: &mut Context<'_>, key: &LeaseKey, end: &AttemptEnd) -> Result<(), QueueError> {
+    nak(context, key, Duration::ZERO, end, true)
+}
+
+fn requeue(
+    context: &mut Context<'_>,
+    seqs: &[(i64, u32, String)],
+    outcome: AttemptOutcome,
+    detail: &str,
+) -> Result<u64, QueueError> {
+    let end = AttemptEnd::new(outcome, None, detail);
+    for (seq, attempt, agent) in seqs {
+        context
+            .conn
+            .prepare_cached(
+                "UPDATE tasks SET state = 1, visible_at = ?2, lease_deadline = NULL, lease_owner = NULL,
+                 updated_at = ?2 WHERE seq = ?1",
+            )
+            .map_err(storage)?
+            .execute(params![seq, context.now_sql()])
+            .map_err(storage)?;
+        end_attempt(context, *seq, *attempt, &end)?;
+        context.woken.insert(agent.clone());
+    }
+    Ok(seqs.len() as u64)
+}
+
+fn running(
+    context: &Context<'_>,
+    expired_only: bool,
+) -> Result<Vec<(i64, u32, String)>, QueueError> {
+    let sql = if expired_only {
+        "SELECT seq, attempt, agent FROM tasks WHERE state = 3 AND lease_deadline <= ?1"
+    } else {
+        "SELECT seq, attempt, agent FROM tasks WHERE state = 3 AND ?1 = ?1"
+    };
+    context
+        .conn
+        .prepare_cached(sql)
+        .map_err(storage)?
+        .query_map([context.now_sql()], |row| {
+            Ok((row.get(0)?, as_u32(row.get(1)?), row.get(2)?))
+        })
+        .map_err(storage)?
+        .collect::<Result<_, _>>()
+        .map_err(storage)
+}
+
+/// The seqs of the selected dead letters; every named id must be one.
+fn dead_letters(
+    context: &Context<'_>,
+    selection: &Selection,
+) -> Result<Vec<(i64, String)>, QueueError> {
+    match selection {
+        Selection::All => context
+            .conn
+            .prepare_cached("SELECT seq, agent FROM tasks WHERE state = 5")
+            .map_err(storage)?
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .map_err(storage)?
+            .collect::<Result<_, _>>()
+            .map_err(storage),
+        Selection::Ids(ids) => {
+            let mut found = Vec::with_capacity(ids.len());
+            for id in ids {
+                match lookup(context.conn, id)? {
+                    None => return Err(QueueError::NotFound { id: id.clone() }),
+                    Some((seq, DEAD, _)) => {
+                        let agent: String = context
+                            .conn
+                            .query_row("SELECT agent FROM tasks WHERE seq = ?1", [seq], |row| {
+                                row.get(0)
+                            })
+                            .map_err(storage)?;
+                        found.push((seq, agent));
+                    }
+                    Some((_, state, _)) => {
+                        return Err(QueueError::WrongState {
+                            id: id.clone(),
+                            state: state_of(state),
+                            expected: TaskState::DeadLettered,
+                        });
+                    }
+                }
+            }
+            Ok(found)
+        }
+    }
+}
+
+#[async_trait]
+impl TaskQueue for SqliteQueue {
+    async fn submit(&self, tasks: Vec<NewTask>) -> Result<Vec<SubmitReceipt>, QueueError> {
+        if tasks.len() > super::MAX_SUBMIT_BATCH {
+            return Err(QueueError::Invalid(format!(
+                "{} tasks in one submit; at most {} are accepted at once",
+                tasks.len(),
+                super::MAX_SUBMIT_BATCH
+            )));
+        }
+        let mut prepared = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            validate_task_id(&task.id)?;
+            if !crate::config::valid_agent_name(&task.agent) {
+                return Err(QueueError::Invalid(format!(
+                    "task {}: invalid agent name {:?}",
+                    task.id, task.agent
+                )));
+            }
+            let payload = task.payload.to_string();
+            if payload.len() > self.settings.max_payload_bytes {
+                return Err(QueueError::Invalid(format!(
+                    "task {}: payload of {} bytes exceeds store.max_payload_bytes = {}",
+                    task.id,
+                    payload.len(),
+                    self.settings.max_payload_bytes
+                )));
+            }
+            prepared.push(Prepared {
+                id: task.id,
+                agent: task.agent,
+                priority: task.priority.rank(),
+                payload,
+            });
+        }
+        self.writer
+            .call(move |context| submit(context, &prepared))
+            .await
+    }
+
+    async fn lease(
+        &self,
+        request: &LeaseRequest,
+        wait: Duration,
+    ) -> Result<Vec<Lease>, QueueError> {
+        if request.max == 0 {
+            return Ok(Vec::new());
+        }
+        let mut woken = self.wakers.subscribe(&request.agent);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            woken.borrow_and_update();
+            let owned = request.clone();
+            let (claimed, next_visible) = self
+                .writer
+                .call(move |context| {
+                    let claimed = lease(context, &owned)?;
+                    let next: Option<i64> = if claimed.is_empty() {
+                        context
+                            .conn
+                            .prepare_cached(
+                                "SELECT min(visible_at) FROM tasks WHERE agent = ?1 AND state = 2",
+                            )
+                            .map_err(storage)?
+                            .query_row([&owned.agent], |row| row.get(0))
+                            .map_err(storage)?
+                    } else {
+                        None
+                    };
+                    Ok((claimed, next))
+                })
+                .await?;
+            if !claimed.is_empty() {
+                return Ok(claimed
+                    .into_iter()
+                    .map(|claim| Lease {
+                        guard: LeaseGuard::new(claim.key.clone(), self.returns.clone()),
+                        key: claim.key,
+                        agent: request.agent.clone(),
+                        priority: claim.priority,
+                        payload: claim.payload,
+                        checkpoint: claim.checkpoint,
+                        charged: claim.charged,
+                    })
+                    .collect());
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(Vec::new());
+            }
+            let mut wake_at = deadline;
+            if let Some(visible) = next_visible {
+                let in_ms = as_u64(visible).saturating_sub(self.clock.now_ms());
+                wake_at = wake_at.min(now + Duration::from_millis(in_ms.max(1)));
+            }
+            tokio::select! {
+                changed = woken.changed() => {
+                    if changed.is_err() {
+                        return Err(QueueError::Closed);
+                    }
+                }
+                () = tokio::time::sleep_until(wake_at) => {}
+            }
+        }
+    }
+
+    async fn ack(
+        &self,
+        key: &LeaseKey,
+        result: &Value,
+        end: AttemptEnd,
+    ) -> Result<AckOutcome, QueueError> {
+        let text = self.check_result_size(result)?;
+        let key = key.clone();
+        self.writer
+            .call(move |context| ack(context, &key, &text, &end))
+            .await
+    }
+
+    async fn nak(
+        &self,
+        key: &LeaseKey,
+        delay: Duration,
+        end: AttemptEnd,
+    ) -> Result<(), QueueError> {
+        let key = key.clone();
+        self.writer
+            .call(move |context| nak(context, &key, delay, &end, false))
+            .await
+    }
+
+    async fn release(&self, key: &LeaseKey, end: AttemptEnd) -> Result<(), QueueError> {
+        let key = key.clone();
+        self.writer
+            .call(move |context| release(context, &key, &end))
+            .await
+    }
+
+    async fn progress(
+        &self,
+        key: &LeaseKey,
+        extend: Duration,
+        checkpoint: Option<&Value>,
+    ) -> Result<(), QueueError> {
+        let key = key.clone();
+        let checkpoint = checkpoint.map(Value::to_string);
+        if let Some(text) = &checkpoint
+            && text.len() > self.settings.max_result_bytes
+        {
+            return Err(QueueError::Invalid(format!(
+                "checkpoint of {} bytes exceeds store.max_result_bytes = {}",
+                text.len(),
+                self.settings.max_result_bytes
+            )));
+        }
+        let extend_ms = to_sql_ms(millis(extend));
+        self.writer
+            .call(move |context| {
+                let seq = leased_seq(context, &key)?;
+                context
+                    .conn
+                    .prepare_cached(
+                        "UPDATE tasks SET lease_deadline = ?2, checkpoint = COALESCE(?3, checkpoint),
+                         updated_at = ?4 WHERE seq = ?1",
+                    )
+                    .map_err(storage)?
+                    .execute(params![
+                        seq,
+                        context.now_sql().saturating_add(extend_ms),
+                        checkpoint,
+                        context.now_sql()
+                    ])
+                    .map_err(storage)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn term(&self, key: &LeaseKey, reason: &str, end: AttemptEnd) -> Result<(), QueueError> {
+        let key = key.clone();
+        let reason = bound_reason(reason);
+        self.writer
+            .call(move |context| {
+                let seq = leased_seq(context, &key)?;
+                dead_letter(context, seq, &reason)?;
+                end_attempt(context, seq, key.attempt, &end)
+            })
+            .await
+    }
+
+    async fn requeue_running(&self) -> Result<u64, QueueError> {
+        self.writer
+            .call(|context| {
+                let seqs = running(context, false)?;
+                requeue(
+                    context,
+                    &seqs,
+                    AttemptOutcome::DaemonRestart,
+                    "the daemon holding the lease stopped",
+                )
+            })
+            .await
+    }
+
+    async fn expire_leases(&self) -> Result<u64, QueueError> {
+        self.writer
+            .call(|context| {
+                let seqs = running(context, true)?;
+                requeue(
+                    context,
+                    &seqs,
+                    AttemptOutcome::LeaseExpired,
+                    "the lease deadline passed",
+                )
+            })
+            .await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<TaskRecord>, QueueError> {
+        let id = id.to_string();
+        self.read(move |conn| {
+            let found = conn
+                .query_row(
+                    &format!("SELECT {RECORD_COLUMNS} FROM tasks WHERE id = ?1"),
+                    [&id],
+                    record_from_row,
+                )
+                .optional()
+                .map_err(storage)?;
+            match found {
+                None => Ok(None),
+                Some((mut record, seq)) => {
+                    record.history = history(conn, seq)?;
+                    Ok(Some(record))
+                }
+            }
+        })
+        .await
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, QueueError> {
+        let filter = filter.clone();
+        self.read(move |conn| {
+            let (low, high) = match filter.state {
+                None => (READY, DEAD),
+                Some(state) => {
+                    let codes = codes_of(state);
+                    (codes[0], codes[codes.len() - 1])
+                }
+            };
+            let limit = i64::try_from(filter.limit.max(1)).unwrap_or(i64::MAX);
+            let mut statement = conn
+                .prepare(&format!(
+                    "SELECT {RECORD_COLUMNS} FROM tasks WHERE state BETWEEN ?1 AND ?2
+                     AND (?3 IS NULL OR agent = ?3) ORDER BY seq DESC LIMIT ?4"
+                ))
+                .map_err(storage)?;
+            let rows = statement
+                .query_map(params![low, high, filter.agent, limit], record_from_row)
+                .map_err(storage)?;
+            rows.map(|row| row.map(|(record, _)| record))
+                .collect::<Result<_, _>>()
+                .map_err(storage)
+        })
+        .await
+    }
+
+    async fn counts(&self) -> Result<Vec<(String, StateCounts)>, QueueError> {
+        self.read(|conn| {
+            let mut statement = conn
+                .prepare("SELECT agent, state, count(*) FROM tasks GROUP BY agent, state")
+                .map_err(storage)?;
+            let rows = statement
+                .query_map([], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, i64>(1)?,
+                        row.get::<_, i64>(2)?,
+                    ))
+                })
+                .map_err(storage)?;
+            let mut counts: Vec<(String, StateCounts)> = Vec::new();
+            for row in rows {
+                let (agent, state, count) = row.map_err(storage)?;
+                if counts.last().is_none_or(|(last, _)| *last != agent) {
+                    counts.push((agent.clone(), StateCounts::default()));
+                }
+                let entry = &mut counts.last_mut().expect("pushed above").1;
+                entry.add(state_of(state), as_u64(count));
+            }
+            Ok(counts)
+        })
+        .await
+    }
+
+    async fn replay(&self, selection: &Selection) -> Result<u64, QueueError> {
+        let selection = selection.clone();
+        self.writer
+            .call(move |context| {
+                let found = dead_letters(context, &selection)?;
+                for (seq, agent) in &found {
+                    context
+                        .conn
+                        .prepare_cached(
+                            "UPDATE tasks SET state = 1, charged = 0, replays = replays + 1, reason = NULL,
+                             visible_at = ?2, updated_at = ?2, finished_at = NULL WHERE seq = ?1",
+                        )
+                        .map_err(storage)?
+                        .execute(params![seq, context.now_sql()])
+                        .map_err(storage)?;
+                    context.woken.insert(agent.clone());
+                    context.external_submit = true;
+                }
+                Ok(found.len() as u64)
+            })
+            .await
+    }
+
+    async fn purge(&self, selection: &Selection) -> Result<u64, QueueError> {
+        let selection = selection.clone();
+        self.writer
+            .call(move |context| {
+                let found = dead_letters(context, &selection)?;
+                for (seq, _) in &found {
+                    context
+                        .conn
+                        .execute("DELETE FROM attempts WHERE task_seq = ?1", [seq])
+                        .map_err(storage)?;
+                    context
+                        .conn
+                        .execute("DELETE FROM tasks WHERE seq = ?1", [seq])
+                        .map_err(storage)?;
+                }
+                Ok(found.len() as u64)
+            })
+            .await
+    }
+}
