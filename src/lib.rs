@@ -8,7 +8,17 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod dispatch;
+pub mod example_agent;
+pub mod lines;
 pub mod protocol;
 pub mod queue;
+pub mod retry;
+pub mod status;
+pub mod supervisor;
+pub mod template;

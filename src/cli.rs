@@ -1,0 +1,909 @@
+//! The command line: parses arguments, loads the config, opens the store and
+//! runs one command. Data goes to stdout, logs and messages to stderr.
+//!
+//! Exit codes: 0 success; 1 the operation failed (store, daemon, lost
+//! tasks in the demo); 2 bad usage, config or input.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+use crate::clock::{self, UnixMillis};
+use crate::config::{self, Config};
+use crate::queue::sqlite::{Role, Settings, SqliteQueue};
+use crate::queue::{
+    ListFilter, NewTask, Priority, QueueError, Selection, StateCounts, TaskQueue, TaskRecord,
+    TaskState, new_task_id, validate_task_id,
+};
+use crate::status::{AgentState, AgentStatus, DaemonSnapshot, SNAPSHOT_KEY};
+
+/// Most lines read from one `submit --file`.
+const MAX_FILE_TASKS: usize = crate::queue::MAX_SUBMIT_BATCH;
+
+/// flotilla keeps a fleet of AI agents working when parts of it fail.
+#[derive(Debug, Parser)]
+#[command(name = "flotilla", version, about, long_about = None)]
+pub struct Cli {
+    /// The fleet's config file.
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "FLOTILLA_CONFIG",
+        default_value = "flotilla.toml"
+    )]
+    pub config: PathBuf,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the fleet (the daemon) in the foreground until SIGTERM or Ctrl-C.
+    Up,
+    /// Queue tasks for an agent (works while the daemon is down).
+    Submit(SubmitArgs),
+    /// Show agents, replicas, queue depth and task counts.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect tasks.
+    #[command(subcommand)]
+    Tasks(TasksCommand),
+    /// Inspect, replay or purge dead-lettered tasks.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Check the config or print its JSON Schema.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// The agent protocol.
+    #[command(subcommand)]
+    Protocol(ProtocolCommand),
+    /// Run the built-in example agent (speaks the protocol on stdio).
+    ExampleAgent(crate::example_agent::Options),
+    /// Run a demo fleet with failures in a temporary directory and report.
+    Demo(crate::demo::Options),
+}
+
+/// `submit`.
+#[derive(Debug, clap::Args)]
+pub struct SubmitArgs {
+    /// The agent that runs the tasks.
+    #[arg(long)]
+    pub agent: String,
+    /// Task id (idempotency key); generated when absent.
+    #[arg(long, conflicts_with = "file")]
+    pub id: Option<String>,
+    /// Priority.
+    #[arg(long, value_enum, default_value_t = Priority::Normal)]
+    pub priority: Priority,
+    /// The payload, a JSON value.
+    #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+    pub payload: Option<String>,
+    /// JSON Lines file of tasks (`-` for stdin): one payload, or one
+    /// `{"id", "payload", "priority"}` object, per line.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Print receipts as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `tasks`.
+#[derive(Debug, Subcommand)]
+pub enum TasksCommand {
+    /// List tasks, newest first.
+    List {
+        /// Only tasks in this state: queued, running, completed, dead_lettered.
+        #[arg(long)]
+        state: Option<TaskState>,
+        /// Only this agent's tasks.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Most tasks shown.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one task with its attempts.
+    Show {
+        /// Task id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `dlq`.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters with their reasons.
+    List {
+        /// Most shown.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters back in the queue with a fresh attempt budget.
+    Replay {
+        /// Task ids.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete dead letters: the given ids, or all of them.
+    Purge {
+        /// Task ids (all dead letters when none are given).
+        ids: Vec<String>,
+    },
+}
+
+/// `config`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the config and print the fleet it defines.
+    Check,
+    /// Print the config's JSON Schema.
+    Schema,
+}
+
+/// `protocol`.
+#[derive(Debug, Subcommand)]
+pub enum ProtocolCommand {
+    /// Print the JSON Schema of the agent protocol's messages.
+    Schema,
+}
+
+/// An error with its exit code.
+#[derive(Debug)]
+pub struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn usage(message: impl Into<String>) -> Self {
+        Self {
+            code: 2,
+            message: message.into(),
+        }
+    }
+
+    fn failed(message: impl Into<String>) -> Self {
+        Self {
+            code: 1,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<QueueError> for Failure {
+    fn from(error: QueueError) -> Self {
+        match error {
+            QueueError::Invalid(_)
+            | QueueError::NotFound { .. }
+            | QueueError::WrongState { .. } => Self::usage(error.to_string()),
+            other => Self::failed(other.to_string()),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Self::failed(format!("{error:#}"))
+    }
+}
+
+impl From<config::ConfigError> for Failure {
+    fn from(error: config::ConfigError) -> Self {
+        Self::usage(error.to_string())
+    }
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::ExampleAgent(options) = &cli.command {
+        // A child process of the daemon: no runtime, no logging setup.
+        if let Err(message) = options.validate() {
+            eprintln!("flotilla example-agent: {message}");
+            return ExitCode::from(2);
+        }
+        return match crate::example_agent::run(options) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::from(1),
+        };
+    }
+    // The demo draws a progress bar; its fleet's warnings would tear it.
+    init_logging(if matches!(cli.command, Command::Demo(_)) {
+        "error"
+    } else {
+        "info"
+    });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("flotilla: cannot start the async runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(failure) => {
+            eprintln!("flotilla: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, Failure> {
+    match cli.command {
+        Command::Config(ConfigCommand::Schema) => {
+            print_json(&Config::schema());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Protocol(ProtocolCommand::Schema) => {
+            print_json(&crate::protocol::schema());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(options) => crate::demo::run(&options).await.map_err(Failure::from),
+        Command::ExampleAgent(_) => unreachable!("handled before the runtime starts"),
+        command => {
+            let config = load_config(&cli.config)?;
+            run_with_config(command, config).await
+        }
+    }
+}
+
+fn load_config(path: &Path) -> Result<Config, Failure> {
+    match config::load(path) {
+        Ok(config) => Ok(config),
+        Err(config::ConfigError::Read { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Err(Failure::usage(format!(
+                "config file {} not found; pass -c/--config PATH or set FLOTILLA_CONFIG (see `flotilla config schema` and docs/configuration.md)",
+                path.display()
+            )))
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+fn open_store(config: &Config) -> Result<SqliteQueue, Failure> {
+    let settings = Settings::from_config(&config.store, Role::Client);
+    Ok(SqliteQueue::open(
+        &config.store_path(),
+        settings,
+        clock::system(),
+    )?)
+}
+
+async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, Failure> {
+    match command {
+        Command::Up => up(config).await,
+        Command::Config(ConfigCommand::Check) => {
+            println!(
+                "{}: valid; store {}; agents: {}",
+                "config",
+                config.store_path().display(),
+                config.agent_names()
+            );
+            let problems: Vec<String> = config
+                .agents
+                .iter()
+                .flat_map(|(name, agent)| crate::dispatch::check_agent(name, agent))
+                .collect();
+            if problems.is_empty() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Err(Failure::usage(format!(
+                    "the fleet could not start:\n  {}",
+                    problems.join("\n  ")
+                )))
+            }
+        }
+        Command::Submit(args) => submit(&config, args).await,
+        Command::Status { json } => status(&config, json).await,
+        Command::Tasks(TasksCommand::List {
+            state,
+            agent,
+            limit,
+            json,
+        }) => {
+            let queue = open_store(&config)?;
+            let tasks = queue
+                .list(&ListFilter {
+                    state,
+                    agent,
+                    limit,
+                })
+                .await?;
+            print_tasks(&tasks, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tasks(TasksCommand::Show { id, json }) => {
+            let queue = open_store(&config)?;
+            let Some(task) = queue.get(&id).await? else {
+                return Err(Failure::usage(format!("no task with id {id:?}")));
+            };
+            if json {
+                print_json(&serde_json::to_value(&task).expect("record serializes"));
+            } else {
+                print_task(&task);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq(DlqCommand::List { limit, json }) => {
+            let queue = open_store(&config)?;
+            let tasks = queue
+                .list(&ListFilter {
+                    state: Some(TaskState::DeadLettered),
+                    agent: None,
+                    limit,
+                })
+                .await?;
+            print_tasks(&tasks, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq(DlqCommand::Replay { ids, all }) => {
+            let queue = open_store(&config)?;
+            let selection = if all {
+                Selection::All
+            } else {
+                Selection::Ids(ids)
+            };
+            let count = queue.replay(&selection).await?;
+            eprintln!("replayed {count} dead-lettered task(s)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq(DlqCommand::Purge { ids }) => {
+            let queue = open_store(&config)?;
+            let selection = if ids.is_empty() {
+                Selection::All
+            } else {
+                Selection::Ids(ids)
+            };
+            let count = queue.purge(&selection).await?;
+            eprintln!("purged {count} dead-lettered task(s)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCommand::Schema)
+        | Command::Protocol(_)
+        | Command::ExampleAgent(_)
+        | Command::Demo(_) => unreachable!("handled without a config"),
+    }
+}
+
+async fn up(config: Config) -> Result<ExitCode, Failure> {
+    if config.agents.is_empty() {
+        return Err(Failure::usage(format!(
+            "{} defines no agents; add an [agents.NAME] table with a command",
+            "the config"
+        )));
+    }
+    let daemon = crate::daemon::Daemon::start(config, clock::system()).await?;
+    shutdown_signal().await;
+    daemon.stop().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        _ = interrupt.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// Parses one line of a `submit --file` input.
+fn parse_task_line(line: &str, agent: &str) -> Result<NewTask, String> {
+    let value: Value = serde_json::from_str(line).map_err(|error| format!("not JSON: {error}"))?;
+    let envelope = match &value {
+        Value::Object(map)
+            if map.contains_key("payload")
+                && map
+                    .keys()
+                    .all(|key| ["id", "payload", "priority"].contains(&key.as_str())) =>
+        {
+            Some(map)
+        }
+        _ => None,
+    };
+    let Some(map) = envelope else {
+        return Ok(NewTask {
+            id: new_task_id(),
+            agent: agent.to_string(),
+            priority: Priority::Normal,
+            payload: value,
+        });
+    };
+    let id = match map.get("id") {
+        None | Some(Value::Null) => new_task_id(),
+        Some(Value::String(id)) => {
+            validate_task_id(id).map_err(|error| error.to_string())?;
+            id.clone()
+        }
+        Some(other) => return Err(format!("\"id\" must be a string, found {other}")),
+    };
+    let priority = match map.get("priority") {
+        None | Some(Value::Null) => Priority::Normal,
+        Some(Value::String(text)) => {
+            serde_json::from_value(Value::String(text.clone())).map_err(|_| {
+                format!("unknown priority {text:?}; valid: critical, high, normal, low")
+            })?
+        }
+        Some(other) => return Err(format!("\"priority\" must be a string, found {other}")),
+    };
+    Ok(NewTask {
+        id,
+        agent: agent.to_string(),
+        priority,
+        payload: map["payload"].clone(),
+    })
+}
+
+fn read_task_file(path: &Path, agent: &str) -> Result<Vec<NewTask>, Failure> {
+    let reader: Box<dyn BufRead> = if path == Path::new("-") {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        let file = std::fs::File::open(path)
+            .map_err(|error| Failure::usage(format!("cannot read {}: {error}", path.display())))?;
+        Box::new(std::io::BufReader::new(file))
+    };
+    let mut tasks = Vec::new();
+    let mut problems = Vec::new();
+    for (number, line) in reader.lines().enumerate() {
+        let line = line.map_err(|error| {
+            Failure::usage(format!(
+                "cannot read {} line {}: {error}",
+                path.display(),
+                number + 1
+            ))
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        if tasks.len() + problems.len() >= MAX_FILE_TASKS {
+            return Err(Failure::usage(format!(
+                "{} has more than {MAX_FILE_TASKS} tasks; split it into several submits",
+                path.display()
+            )));
+        }
+        match parse_task_line(&line, agent) {
+            Ok(task) => tasks.push(task),
+            Err(problem) => problems.push(format!("line {}: {problem}", number + 1)),
+        }
+    }
+    if !problems.is_empty() {
+        let shown: Vec<&String> = problems.iter().take(20).collect();
+        let more = problems.len().saturating_sub(shown.len());
+        let mut message = format!(
+            "{} has {} bad line(s); nothing was submitted:\n  {}",
+            path.display(),
+            problems.len(),
+            shown
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("\n  ")
+        );
+        if more > 0 {
+            message.push_str(&format!("\n  … and {more} more"));
+        }
+        return Err(Failure::usage(message));
+    }
+    Ok(tasks)
+}
+
+async fn submit(config: &Config, args: SubmitArgs) -> Result<ExitCode, Failure> {
+    if config.agent(&args.agent).is_none() {
+        return Err(Failure::usage(format!(
+            "unknown agent {:?}; configured agents: {}",
+            args.agent,
+            config.agent_names()
+        )));
+    }
+    let tasks = match (&args.payload, &args.file) {
+        (Some(payload), None) => {
+            let payload: Value = serde_json::from_str(payload).map_err(|error| {
+                Failure::usage(format!("--payload is not valid JSON ({error}); e.g. --payload '{{\"prompt\": \"hello\"}}'"))
+            })?;
+            let id = args.id.clone().unwrap_or_else(new_task_id);
+            validate_task_id(&id)?;
+            vec![NewTask {
+                id,
+                agent: args.agent.clone(),
+                priority: args.priority,
+                payload,
+            }]
+        }
+        (None, Some(path)) => read_task_file(path, &args.agent)?,
+        _ => return Err(Failure::usage("give either --payload JSON or --file PATH")),
+    };
+    if tasks.is_empty() {
+        return Err(Failure::usage("no tasks to submit: the file is empty"));
+    }
+    let queue = open_store(config)?;
+    let receipts = queue.submit(tasks).await?;
+    let duplicates = receipts.iter().filter(|receipt| receipt.duplicate).count();
+    if args.json {
+        print_json(&serde_json::to_value(&receipts).expect("receipts serialize"));
+    } else {
+        for receipt in &receipts {
+            if receipt.duplicate {
+                println!("{}\tduplicate ({})", receipt.id, receipt.state);
+            } else {
+                println!("{}", receipt.id);
+            }
+        }
+    }
+    eprintln!(
+        "submitted {} task(s) to {}{}",
+        receipts.len() - duplicates,
+        args.agent,
+        if duplicates > 0 {
+            format!(", {duplicates} duplicate(s) ignored")
+        } else {
+            String::new()
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `status` shows.
+#[derive(Debug, serde::Serialize)]
+struct StatusReport {
+    daemon: DaemonState,
+    store: String,
+    queue_depth: u64,
+    tasks: StateCounts,
+    agents: Vec<AgentStatus>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct DaemonState {
+    running: bool,
+    pid: Option<u32>,
+    started_ms: Option<UnixMillis>,
+    last_seen_ms: Option<UnixMillis>,
+}
+
+async fn status(config: &Config, json: bool) -> Result<ExitCode, Failure> {
+    let queue = open_store(config)?;
+    let counts: BTreeMap<String, StateCounts> = queue.counts().await?.into_iter().collect();
+    let snapshot = queue.get_status(SNAPSHOT_KEY).await?;
+    let now = clock::system().now_ms();
+    let fresh_within = u64::try_from(
+        (config.daemon.status_interval.get() * 3 + Duration::from_secs(2)).as_millis(),
+    )
+    .unwrap_or(u64::MAX);
+    let snapshot: Option<(DaemonSnapshot, UnixMillis)> = snapshot.and_then(|(value, at)| {
+        serde_json::from_value(value)
+            .ok()
+            .map(|snapshot| (snapshot, at))
+    });
+    let running = snapshot
+        .as_ref()
+        .is_some_and(|(snapshot, at)| snapshot.running && now.saturating_sub(*at) <= fresh_within);
+    let mut agents: Vec<AgentStatus> = Vec::new();
+    for (name, agent) in &config.agents {
+        let live = snapshot
+            .as_ref()
+            .filter(|_| running)
+            .and_then(|(snapshot, _)| snapshot.agents.iter().find(|a| &a.name == name).cloned());
+        let mut status = live.unwrap_or_else(|| {
+            let mut stopped = AgentStatus::new(name, agent.mode, agent.replicas.min);
+            stopped.state = AgentState::Stopped;
+            stopped
+        });
+        status.tasks = counts.get(name).cloned().unwrap_or_default();
+        agents.push(status);
+    }
+    let mut total = StateCounts::default();
+    for counts in counts.values() {
+        total.add(TaskState::Queued, counts.queued);
+        total.add(TaskState::Running, counts.running);
+        total.add(TaskState::Completed, counts.completed);
+        total.add(TaskState::DeadLettered, counts.dead_lettered);
+    }
+    let report = StatusReport {
+        daemon: DaemonState {
+            running,
+            pid: snapshot.as_ref().map(|(s, _)| s.pid),
+            started_ms: snapshot.as_ref().map(|(s, _)| s.started_ms),
+            last_seen_ms: snapshot.as_ref().map(|(_, at)| *at),
+        },
+        store: config.store_path().display().to_string(),
+        queue_depth: total.queued,
+        tasks: total,
+        agents,
+    };
+    if json {
+        print_json(&serde_json::to_value(&report).expect("report serializes"));
+    } else {
+        print_status(&report, now);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ago(now: UnixMillis, then: UnixMillis) -> String {
+    let seconds = now.saturating_sub(then) / 1000;
+    humantime::format_duration(Duration::from_secs(seconds)).to_string()
+}
+
+fn print_status(report: &StatusReport, now: UnixMillis) {
+    let daemon = &report.daemon;
+    match (
+        daemon.running,
+        daemon.pid,
+        daemon.started_ms,
+        daemon.last_seen_ms,
+    ) {
+        (true, Some(pid), Some(started), _) => {
+            println!("daemon: running (pid {pid}, up {})", ago(now, started))
+        }
+        (false, _, _, Some(seen)) => {
+            println!("daemon: not running (last seen {} ago)", ago(now, seen))
+        }
+        _ => println!("daemon: not running"),
+    }
+    println!("store:  {}", report.store);
+    let t = &report.tasks;
+    println!(
+        "tasks:  {} queued, {} running, {} completed, {} dead-lettered",
+        t.queued, t.running, t.completed, t.dead_lettered
+    );
+    println!();
+    println!(
+        "{:<20} {:<9} {:>8} {:>7} {:>8} {:>10} {:>6} {:>9} {:>10}",
+        "AGENT",
+        "STATE",
+        "REPLICAS",
+        "QUEUED",
+        "RUNNING",
+        "COMPLETED",
+        "DEAD",
+        "RESTARTS",
+        "MALFORMED"
+    );
+    for agent in &report.agents {
+        let up = agent
+            .replicas
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r.state,
+                    crate::status::ReplicaState::Idle | crate::status::ReplicaState::Busy
+                )
+            })
+            .count();
+        println!(
+            "{:<20} {:<9} {:>8} {:>7} {:>8} {:>10} {:>6} {:>9} {:>10}",
+            agent.name,
+            json_name(&agent.state),
+            format!("{up}/{}", agent.replicas.len()),
+            agent.tasks.queued,
+            agent.tasks.running,
+            agent.tasks.completed,
+            agent.tasks.dead_lettered,
+            agent.restarts,
+            agent.malformed_lines,
+        );
+        if let Some(failure) = &agent.failure {
+            println!("  failed: {failure}");
+        }
+        if let Some(malformed) = &agent.last_malformed {
+            println!("  last malformed line: {malformed}");
+        }
+        if daemon.running {
+            for replica in &agent.replicas {
+                let mut line = format!(
+                    "  {}/{:<3} {:<8}",
+                    agent.name,
+                    replica.index,
+                    json_name(&replica.state)
+                );
+                if let Some(pid) = replica.pid {
+                    line.push_str(&format!(" pid {pid}"));
+                }
+                if !replica.tasks.is_empty() {
+                    line.push_str(&format!(" task {}", replica.tasks.join(",")));
+                }
+                if let Some(progress) = replica.last_progress_ms {
+                    line.push_str(&format!(" progress {} ago", ago(now, progress)));
+                }
+                if let Some(rss) = replica.rss_bytes {
+                    line.push_str(&format!(" rss {}", config::ByteSize(rss)));
+                }
+                if replica.restarts > 0 {
+                    line.push_str(&format!(" restarts {}", replica.restarts));
+                }
+                if let Some(exit) = &replica.last_exit {
+                    line.push_str(&format!(" (last exit: {exit})"));
+                }
+                println!("{line}");
+            }
+        }
+    }
+}
+
+fn json_name<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(Value::String(text)) => text,
+        _ => String::from("?"),
+    }
+}
+
+fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON serializes")
+    );
+}
+
+fn time(ms: UnixMillis) -> String {
+    let time = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+fn print_tasks(tasks: &[TaskRecord], json: bool) {
+    if json {
+        print_json(&serde_json::to_value(tasks).expect("records serialize"));
+        return;
+    }
+    println!(
+        "{:<38} {:<16} {:<14} {:<8} {:>8}  {}",
+        "ID", "AGENT", "STATE", "PRIORITY", "ATTEMPTS", "REASON"
+    );
+    for task in tasks {
+        println!(
+            "{:<38} {:<16} {:<14} {:<8} {:>8}  {}",
+            task.id,
+            task.agent,
+            task.state.as_str(),
+            task.priority.as_str(),
+            task.attempts,
+            task.reason
+                .as_deref()
+                .map(crate::protocol::excerpt)
+                .unwrap_or_default()
+        );
+    }
+}
+
+fn print_task(task: &TaskRecord) {
+    println!("id:         {}", task.id);
+    println!("agent:      {}", task.agent);
+    println!("state:      {}", task.state);
+    println!("priority:   {}", task.priority.as_str());
+    println!(
+        "attempts:   {} ({} counted against max_deliver, {} replays)",
+        task.attempts, task.charged_attempts, task.replays
+    );
+    println!("created:    {}", time(task.created_ms));
+    if let Some(finished) = task.finished_ms {
+        println!("finished:   {}", time(finished));
+    }
+    if let Some(reason) = &task.reason {
+        println!("reason:     {reason}");
+    }
+    if let Some(result) = &task.result {
+        println!("result:     {result}");
+    }
+    if let Some(checkpoint) = &task.checkpoint {
+        println!("checkpoint: {checkpoint}");
+    }
+    println!("payload:    {}", task.payload);
+    if !task.history.is_empty() {
+        println!("history:");
+        for attempt in &task.history {
+            let took = attempt
+                .ended_ms
+                .map(|end| format!("{}ms", end.saturating_sub(attempt.started_ms)))
+                .unwrap_or_else(|| "running".into());
+            println!(
+                "  #{:<3} {:<17} {:<16} {} ({took}) {}",
+                attempt.number,
+                attempt.outcome.map(|o| o.as_str()).unwrap_or("-"),
+                attempt.replica.as_deref().unwrap_or("-"),
+                time(attempt.started_ms),
+                attempt.detail.as_deref().unwrap_or("")
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn task_lines_are_payloads_or_envelopes() {
+        let plain = parse_task_line(r#"{"prompt": "x"}"#, "a").unwrap();
+        assert_eq!(plain.payload, json!({"prompt": "x"}));
+        let envelope = parse_task_line(
+            r#"{"id": "t-1", "payload": {"p": 1}, "priority": "high"}"#,
+            "a",
+        )
+        .unwrap();
+        assert_eq!(
+            (envelope.id.as_str(), envelope.priority),
+            ("t-1", Priority::High)
+        );
+        assert_eq!(envelope.payload, json!({"p": 1}));
+        // An object with other keys besides payload is a payload itself.
+        let other = parse_task_line(r#"{"payload": 1, "extra": 2}"#, "a").unwrap();
+        assert_eq!(other.payload, json!({"payload": 1, "extra": 2}));
+        assert!(
+            parse_task_line(r#"{"payload": 1, "priority": "urgent"}"#, "a")
+                .unwrap_err()
+                .contains("valid: critical")
+        );
+        assert!(
+            parse_task_line("{nope", "a")
+                .unwrap_err()
+                .contains("not JSON")
+        );
+        assert!(parse_task_line(r#"{"id": "bad id", "payload": 1}"#, "a").is_err());
+    }
+
+    #[test]
+    fn the_command_line_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "flotilla",
+            "submit",
+            "--agent",
+            "a",
+            "--priority",
+            "critical",
+            "--payload",
+            "{}",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Submit(SubmitArgs {
+                priority: Priority::Critical,
+                ..
+            })
+        ));
+        assert!(Cli::try_parse_from(["flotilla", "dlq", "replay"]).is_err());
+        assert!(Cli::try_parse_from(["flotilla", "dlq", "purge"]).is_ok());
+    }
+}

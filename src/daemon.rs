@@ -1,0 +1,300 @@
+//! The daemon (`flotilla up`): takes the store's lock, cleans up after a
+//! predecessor that died, starts every agent, runs the housekeeping loops
+//! (lease reaper, pruning, memory sampling, status snapshots) and shuts the
+//! fleet down gracefully.
+//!
+//! It owns the lifecycle only; task handling lives in the dispatcher.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::clock::{SharedClock, UnixMillis};
+use crate::config::Config;
+use crate::dispatch::{self, AgentRuntime, MemoryMap, Wiring};
+use crate::queue::TaskQueue;
+use crate::queue::sqlite::{Role, Settings, SqliteQueue};
+use crate::status::{AgentState, DaemonSnapshot, SNAPSHOT_KEY};
+use crate::supervisor::process;
+
+/// How often expired leases are returned to the queue.
+const REAP_INTERVAL: Duration = Duration::from_secs(1);
+/// How often completed tasks past their retention are pruned.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
+/// How often resident memory is sampled.
+const MEMORY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A running daemon.
+pub struct Daemon {
+    config: Config,
+    queue: Arc<SqliteQueue>,
+    agents: Vec<Arc<AgentRuntime>>,
+    replicas: Vec<JoinHandle<()>>,
+    housekeeping: Vec<JoinHandle<()>>,
+    shutdown: watch::Sender<bool>,
+    started_ms: UnixMillis,
+    _lock: File,
+}
+
+/// The lock file beside the store.
+pub fn lock_path(store: &Path) -> PathBuf {
+    let mut name = store.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+fn take_lock(store: &Path) -> anyhow::Result<File> {
+    let path = lock_path(store);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            bail!(
+                "another flotilla daemon (pid {}) is running on store {}; stop it first or use another [store] path",
+                holder.trim(),
+                store.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(error)) => {
+            return Err(error).with_context(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    file.set_len(0)?;
+    write!(file, "{}", std::process::id())?;
+    file.flush()?;
+    Ok(file)
+}
+
+impl Daemon {
+    /// Starts the fleet of `config`.
+    ///
+    /// # Errors
+    /// When an agent cannot be started (a `${VAR}` is missing), another
+    /// daemon holds the store, or the store cannot be opened.
+    pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Self> {
+        let problems: Vec<String> = config
+            .agents
+            .iter()
+            .flat_map(|(name, agent)| dispatch::check_agent(name, agent))
+            .collect();
+        if !problems.is_empty() {
+            bail!("cannot start the fleet:\n  {}", problems.join("\n  "));
+        }
+        let store = config.store_path();
+        let lock = take_lock(&store)?;
+        let settings = Settings::from_config(&config.store, Role::Daemon);
+        let queue = Arc::new(SqliteQueue::open(&store, settings, clock.clone())?);
+        let orphans = process::kill_orphans(queue.store_id());
+        if !orphans.is_empty() {
+            tracing::warn!(count = orphans.len(), pids = ?orphans, "killed agent processes left behind by a daemon that died");
+        }
+        let requeued = queue.requeue_running().await?;
+        if requeued > 0 {
+            tracing::warn!(
+                count = requeued,
+                "returned tasks that were running when the previous daemon stopped to the queue"
+            );
+        }
+        process::become_subreaper();
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (memory_tx, memory) = watch::channel::<MemoryMap>(Arc::default());
+        let mut housekeeping = vec![
+            tokio::spawn(sample_memory(memory_tx, shutdown_rx.clone())),
+            tokio::spawn(reap_leases(queue.clone(), shutdown_rx.clone())),
+        ];
+        let wiring = Wiring {
+            queue: queue.clone() as Arc<dyn TaskQueue>,
+            clock: clock.clone(),
+            instance: queue.store_id().to_string(),
+            owner: format!("daemon-{}", std::process::id()),
+            memory,
+        };
+        let mut agents = Vec::new();
+        let mut replicas = Vec::new();
+        for name in config.agents.keys() {
+            let (agent, handles) = AgentRuntime::start(name, &config, &wiring, &shutdown_rx);
+            agents.push(agent);
+            replicas.extend(handles);
+        }
+        let started_ms = clock.now_ms();
+        tracing::info!(store = %store.display(), agents = agents.len(), "fleet started");
+        let daemon_status = StatusWriter {
+            queue: queue.clone(),
+            agents: agents.clone(),
+            clock,
+            started_ms,
+        };
+        housekeeping.push(tokio::spawn(
+            daemon_status.run(config.daemon.status_interval.get(), shutdown_rx),
+        ));
+        Ok(Self {
+            config,
+            queue,
+            agents,
+            replicas,
+            housekeeping,
+            shutdown,
+            started_ms,
+            _lock: lock,
+        })
+    }
+
+    /// The queue.
+    pub fn queue(&self) -> &Arc<SqliteQueue> {
+        &self.queue
+    }
+
+    /// The agents.
+    pub fn agents(&self) -> &[Arc<AgentRuntime>] {
+        &self.agents
+    }
+
+    /// When the daemon started.
+    pub fn started_ms(&self) -> UnixMillis {
+        self.started_ms
+    }
+
+    /// Stops the fleet: no new leases, in-flight tasks finish within
+    /// `daemon.shutdown_grace`, the rest are released, replicas stopped.
+    pub async fn stop(self) {
+        tracing::info!(grace = %self.config.daemon.shutdown_grace, "shutting down");
+        for agent in &self.agents {
+            agent.set_stopping();
+        }
+        let _ = self.shutdown.send(true);
+        let longest_stop = self
+            .config
+            .agents
+            .values()
+            .map(|agent| agent.timeouts.stop_grace.get())
+            .max()
+            .unwrap_or_default();
+        let limit =
+            self.config.daemon.shutdown_grace.get() + longest_stop * 2 + Duration::from_secs(10);
+        let waited =
+            tokio::time::timeout(limit, futures_util::future::join_all(self.replicas)).await;
+        if waited.is_err() {
+            tracing::error!(
+                ?limit,
+                "replicas did not stop in time; their tasks return to the queue on the next start"
+            );
+        }
+        for task in self.housekeeping {
+            let _ = task.await;
+        }
+        let snapshot = snapshot(
+            &self.agents,
+            self.started_ms,
+            crate::clock::system().now_ms(),
+            false,
+        );
+        if let Err(error) = self.queue.put_status(SNAPSHOT_KEY, &snapshot).await {
+            tracing::warn!(%error, "could not write the final status");
+        }
+        tracing::info!("stopped");
+    }
+}
+
+fn snapshot(
+    agents: &[Arc<AgentRuntime>],
+    started_ms: UnixMillis,
+    now: UnixMillis,
+    running: bool,
+) -> serde_json::Value {
+    let mut statuses: Vec<_> = agents.iter().map(|agent| agent.status()).collect();
+    if !running {
+        for status in &mut statuses {
+            if status.state != AgentState::Failed {
+                status.state = AgentState::Stopped;
+            }
+        }
+    }
+    let snapshot = DaemonSnapshot {
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started_ms,
+        taken_ms: now,
+        running,
+        agents: statuses,
+    };
+    serde_json::to_value(snapshot).expect("snapshot serializes")
+}
+
+struct StatusWriter {
+    queue: Arc<SqliteQueue>,
+    agents: Vec<Arc<AgentRuntime>>,
+    clock: SharedClock,
+    started_ms: UnixMillis,
+}
+
+impl StatusWriter {
+    async fn run(self, every: Duration, mut shutdown: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_prune = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = ticker.tick() => {}
+            }
+            let snapshot = snapshot(&self.agents, self.started_ms, self.clock.now_ms(), true);
+            if let Err(error) = self.queue.put_status(SNAPSHOT_KEY, &snapshot).await {
+                tracing::warn!(%error, "could not write the status snapshot");
+            }
+            if last_prune.elapsed() >= PRUNE_INTERVAL {
+                last_prune = tokio::time::Instant::now();
+                match self.queue.prune().await {
+                    Ok(0) => {}
+                    Ok(count) => {
+                        tracing::info!(count, "pruned completed tasks past store.retention")
+                    }
+                    Err(error) => tracing::warn!(%error, "pruning failed"),
+                }
+            }
+        }
+    }
+}
+
+async fn reap_leases(queue: Arc<SqliteQueue>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            () = tokio::time::sleep(REAP_INTERVAL) => {}
+        }
+        match queue.expire_leases().await {
+            Ok(0) => {}
+            Ok(count) => tracing::warn!(count, "leases expired; tasks returned to the queue"),
+            Err(error) => tracing::warn!(%error, "could not expire leases"),
+        }
+    }
+}
+
+async fn sample_memory(memory: watch::Sender<MemoryMap>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            () = tokio::time::sleep(MEMORY_INTERVAL) => {}
+        }
+        if let Ok(sample) = tokio::task::spawn_blocking(process::rss_by_group).await {
+            let _ = memory.send(Arc::new(sample));
+        }
+    }
+}

@@ -1,0 +1,601 @@
+//! The dispatcher: per agent, a leaser that takes tasks from the queue only
+//! for idle replicas, and the replica loops that hand tasks to agent
+//! processes, watch progress and time, and turn what happens into queue
+//! outcomes (ack, nak with backoff, release, term).
+//!
+//! Each agent is its own bulkhead: its own leaser, replicas and bounded
+//! channels, so one agent's backlog or failures never take capacity from
+//! another. The dispatcher never blocks on an agent: every wait on a
+//! process is bounded by a timeout.
+
+mod oneshot;
+mod persistent;
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::SeedableRng as _;
+use rand::rngs::SmallRng;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::clock::SharedClock;
+use crate::config::{AgentConfig, Config, Mode};
+use crate::protocol::LineError;
+use crate::queue::{AttemptEnd, AttemptOutcome, Lease, LeaseRequest, QueueError, TaskQueue};
+use crate::status::{AgentState, AgentStatus, ReplicaState, ReplicaStatus};
+use crate::supervisor::policy::{Intensity, Streak, Verdict};
+use crate::supervisor::process::{INSTANCE_ENV, PASSED_THROUGH, SpawnSpec};
+use crate::template::{TaskContext, Template, TemplateError};
+
+/// Longest a lease call waits for work before the leaser looks again.
+const LEASE_WAIT: Duration = Duration::from_secs(1);
+/// Extra lease time beyond the progress timeout, so that only a dead daemon
+/// lets a lease expire.
+const LEASE_MARGIN: Duration = Duration::from_secs(30);
+/// Longest wait for a write to an agent's stdin.
+const STDIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Memory of every process group, refreshed by the daemon's sampler.
+pub type MemoryMap = Arc<HashMap<u32, u64>>;
+
+/// Everything a replica of one agent needs, shared by its leaser and
+/// replicas.
+pub struct AgentRuntime {
+    /// The agent's name.
+    pub name: String,
+    /// Its configuration.
+    pub config: AgentConfig,
+    queue: Arc<dyn TaskQueue>,
+    clock: SharedClock,
+    status: Mutex<AgentStatus>,
+    intensity: Mutex<Intensity>,
+    slots: mpsc::Sender<SlotRequest>,
+    argv: Vec<Template>,
+    env: Vec<(String, Template)>,
+    base_env: Vec<(String, String)>,
+    workdir: PathBuf,
+    owner: String,
+    memory: watch::Receiver<MemoryMap>,
+    rng: Mutex<SmallRng>,
+    shutdown_grace: Duration,
+}
+
+/// A replica asking the leaser for one task.
+struct SlotRequest {
+    reply: tokio::sync::oneshot::Sender<Lease>,
+}
+
+/// Shared inputs for building agent runtimes.
+pub struct Wiring {
+    /// The queue.
+    pub queue: Arc<dyn TaskQueue>,
+    /// The clock.
+    pub clock: SharedClock,
+    /// The store's id, marking spawned processes (orphan detection).
+    pub instance: String,
+    /// Lease owner name (the daemon).
+    pub owner: String,
+    /// Memory samples.
+    pub memory: watch::Receiver<MemoryMap>,
+}
+
+/// Problems that keep an agent from starting (missing `${VAR}`, bad
+/// placeholders).
+pub fn check_agent(name: &str, agent: &AgentConfig) -> Vec<String> {
+    let mut problems = Vec::new();
+    let env_lookup = |var: &str| std::env::var(var).ok();
+    let mut check = |key: String, text: &str| match Template::parse(text) {
+        Err(error) => problems.push(format!("agents.{name}.{key}: {error}")),
+        Ok(template) => {
+            if template.needs_task() && agent.mode == Mode::Persistent {
+                problems.push(format!(
+                    "agents.{name}.{key}: {text:?} uses task placeholders, which only oneshot agents have; a persistent agent gets the task on stdin"
+                ));
+            }
+            let fake = serde_json::Value::Null;
+            let context = TaskContext {
+                id: "",
+                attempt: 1,
+                agent: name,
+                payload: &fake,
+            };
+            if let Err(TemplateError::MissingEnv(var)) =
+                template.render(&env_lookup, Some(&context))
+            {
+                problems.push(format!(
+                    "agents.{name}.{key}: ${{{var}}} is not set in the daemon's environment"
+                ));
+            }
+        }
+    };
+    for (index, arg) in agent.command.iter().enumerate() {
+        check(format!("command[{index}]"), arg);
+    }
+    for (var, value) in &agent.env {
+        check(format!("env.{var}"), value);
+    }
+    problems
+}
+
+impl AgentRuntime {
+    /// Builds the runtime of agent `name` and spawns its leaser and
+    /// replicas; returns the runtime and the replicas' join handles.
+    ///
+    /// # Panics
+    /// If the agent's templates do not parse; call [`check_agent`] first.
+    pub fn start(
+        name: &str,
+        config: &Config,
+        wiring: &Wiring,
+        shutdown: &watch::Receiver<bool>,
+    ) -> (Arc<Self>, Vec<tokio::task::JoinHandle<()>>) {
+        let agent = config.agents[name].clone();
+        let replicas = agent.replicas.min;
+        let (slots, requests) = mpsc::channel(agent.replicas.max() as usize + 8);
+        let mut base_env: Vec<(String, String)> = PASSED_THROUGH
+            .iter()
+            .filter_map(|var| {
+                std::env::var(var)
+                    .ok()
+                    .map(|value| (var.to_string(), value))
+            })
+            .collect();
+        base_env.push(("FLOTILLA_AGENT".into(), name.to_string()));
+        base_env.push((INSTANCE_ENV.into(), wiring.instance.clone()));
+        let runtime = Arc::new(Self {
+            name: name.to_string(),
+            argv: agent
+                .command
+                .iter()
+                .map(|arg| Template::parse(arg).expect("checked by check_agent"))
+                .collect(),
+            env: agent
+                .env
+                .iter()
+                .map(|(var, value)| {
+                    (
+                        var.clone(),
+                        Template::parse(value).expect("checked by check_agent"),
+                    )
+                })
+                .collect(),
+            base_env,
+            workdir: agent.workdir(config),
+            status: Mutex::new(AgentStatus::new(name, agent.mode, replicas)),
+            intensity: Mutex::new(Intensity::new(&agent.restart)),
+            config: agent,
+            queue: wiring.queue.clone(),
+            clock: wiring.clock.clone(),
+            slots,
+            owner: wiring.owner.clone(),
+            memory: wiring.memory.clone(),
+            rng: Mutex::new(SmallRng::from_os_rng()),
+            shutdown_grace: config.daemon.shutdown_grace.get(),
+        });
+        let mut handles = vec![tokio::spawn(leaser(
+            runtime.clone(),
+            requests,
+            shutdown.clone(),
+        ))];
+        for index in 0..replicas {
+            handles.push(tokio::spawn(run_replica(
+                runtime.clone(),
+                index,
+                shutdown.clone(),
+            )));
+        }
+        (runtime, handles)
+    }
+
+    /// A copy of the agent's status.
+    pub fn status(&self) -> AgentStatus {
+        self.status.lock().expect("status lock").clone()
+    }
+
+    fn is_failed(&self) -> bool {
+        self.status.lock().expect("status lock").state == AgentState::Failed
+    }
+
+    fn update_replica(&self, index: u32, update: impl FnOnce(&mut ReplicaStatus)) {
+        let mut status = self.status.lock().expect("status lock");
+        if let Some(replica) = status.replicas.iter_mut().find(|r| r.index == index) {
+            update(replica);
+        }
+    }
+
+    /// Marks the agent as shutting down (for status).
+    pub fn set_stopping(&self) {
+        let mut status = self.status.lock().expect("status lock");
+        if status.state != AgentState::Failed {
+            status.state = AgentState::Stopping;
+        }
+    }
+
+    fn replica_name(&self, index: u32) -> String {
+        format!("{}/{index}", self.name)
+    }
+
+    fn record_malformed(&self, index: u32, error: &LineError) {
+        let mut status = self.status.lock().expect("status lock");
+        status.malformed_lines += 1;
+        status.last_malformed = Some(format!("replica {index}: {error}"));
+        // Logged at most once per hundred to keep a babbling agent from
+        // flooding the log.
+        if status.malformed_lines % 100 == 1 {
+            tracing::warn!(agent = %self.name, replica = index, %error, count = status.malformed_lines, "malformed line from agent");
+        }
+    }
+
+    fn record_stale(&self, index: u32, what: &str) {
+        let mut status = self.status.lock().expect("status lock");
+        status.stale_messages += 1;
+        tracing::debug!(agent = %self.name, replica = index, what, "message for a task the replica does not hold");
+    }
+
+    fn lease_for(&self) -> Duration {
+        self.config.timeouts.progress_timeout.get() + LEASE_MARGIN
+    }
+
+    /// The process spec for replica `index`, for `task` in oneshot mode.
+    fn spawn_spec(
+        &self,
+        index: u32,
+        task: Option<&TaskContext<'_>>,
+    ) -> Result<SpawnSpec, TemplateError> {
+        let lookup = |var: &str| std::env::var(var).ok();
+        let argv = self
+            .argv
+            .iter()
+            .map(|arg| arg.render(&lookup, task))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut env = self.base_env.clone();
+        env.push(("FLOTILLA_REPLICA".into(), index.to_string()));
+        for (var, value) in &self.env {
+            let value = value.render(&lookup, task)?;
+            env.retain(|(existing, _)| existing != var);
+            env.push((var.clone(), value));
+        }
+        Ok(SpawnSpec {
+            argv,
+            env,
+            workdir: self.workdir.clone(),
+        })
+    }
+
+    /// Settles a failed attempt: dead letter when not retryable or out of
+    /// attempts, otherwise back to the queue after the retry delay (at once
+    /// for `immediate`).
+    async fn fail_attempt(&self, mut lease: Lease, failure: Failure, replica: &str) {
+        let Failure {
+            outcome,
+            detail,
+            retryable,
+            immediate,
+            retry_after,
+        } = failure;
+        let end = AttemptEnd::new(outcome, Some(replica.to_string()), detail.clone());
+        let max_deliver = self.config.retry.max_deliver.get();
+        let result = if !retryable {
+            let reason = format!("{} (not retryable): {detail}", outcome.as_str());
+            self.queue.term(&lease.key, &reason, end).await
+        } else if lease.charged >= max_deliver {
+            let reason = format!(
+                "attempts exhausted (retry.max_deliver = {max_deliver}); last attempt: {}: {detail}",
+                outcome.as_str()
+            );
+            self.queue.term(&lease.key, &reason, end).await
+        } else {
+            let delay = if immediate {
+                Duration::ZERO
+            } else {
+                let mut rng = self.rng.lock().expect("rng lock");
+                crate::retry::delay(
+                    &self.config.retry.backoff,
+                    lease.charged,
+                    retry_after,
+                    &mut *rng,
+                )
+            };
+            self.queue.nak(&lease.key, delay, end).await
+        };
+        self.settle(&mut lease, result.map(|_| ()));
+    }
+
+    /// Marks `lease` settled unless the outcome could not be stored, in
+    /// which case dropping it releases the task.
+    fn settle(&self, lease: &mut Lease, result: Result<(), QueueError>) {
+        match result {
+            Ok(()) => lease.settle(),
+            Err(QueueError::StaleLease { .. } | QueueError::NotFound { .. }) => {
+                tracing::warn!(agent = %self.name, task = %lease.key, "outcome for a task this replica no longer holds was ignored");
+                lease.settle();
+            }
+            Err(error) => {
+                tracing::error!(agent = %self.name, task = %lease.key, %error, "could not store an outcome; the task will be released");
+            }
+        }
+    }
+
+    /// Gives a lease back without charging an attempt.
+    async fn release(&self, mut lease: Lease, replica: &str, detail: &str) {
+        let end = AttemptEnd::new(AttemptOutcome::Released, Some(replica.to_string()), detail);
+        let result = self.queue.release(&lease.key, end).await;
+        self.settle(&mut lease, result);
+    }
+
+    /// Extends the lease on progress when due, storing `checkpoint`.
+    async fn progress(
+        &self,
+        tracked: &mut Tracked,
+        checkpoint: Option<&serde_json::Value>,
+    ) -> Result<(), QueueError> {
+        let now = Instant::now();
+        tracked.last_progress = now;
+        if checkpoint.is_none() && now < tracked.renew_at {
+            return Ok(());
+        }
+        let lease_for = self.lease_for();
+        match self
+            .queue
+            .progress(&tracked.lease.key, lease_for, checkpoint)
+            .await
+        {
+            Ok(()) => {
+                tracked.renew_at = now + lease_for / 2;
+                Ok(())
+            }
+            Err(QueueError::Invalid(message)) => {
+                tracing::warn!(agent = %self.name, task = %tracked.lease.key, %message, "checkpoint not stored");
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
+    }
+}
+
+/// How an attempt failed.
+struct Failure {
+    outcome: AttemptOutcome,
+    detail: String,
+    retryable: bool,
+    immediate: bool,
+    retry_after: Option<Duration>,
+}
+
+impl Failure {
+    fn new(outcome: AttemptOutcome, detail: impl Into<String>) -> Self {
+        Self {
+            outcome,
+            detail: detail.into(),
+            retryable: true,
+            immediate: false,
+            retry_after: None,
+        }
+    }
+}
+
+/// A task in flight with its timers.
+struct Tracked {
+    lease: Lease,
+    last_progress: Instant,
+    deadline: Instant,
+    renew_at: Instant,
+}
+
+impl Tracked {
+    fn new(lease: Lease, agent: &AgentRuntime) -> Self {
+        let now = Instant::now();
+        Self {
+            lease,
+            last_progress: now,
+            deadline: now + agent.config.timeouts.max_duration.get(),
+            renew_at: now + agent.lease_for() / 2,
+        }
+    }
+
+    /// When this task's next timeout falls.
+    fn next_timeout(&self, agent: &AgentRuntime) -> Instant {
+        self.deadline
+            .min(self.last_progress + agent.config.timeouts.progress_timeout.get())
+    }
+
+    /// The timeout that has passed, if any.
+    fn expired(&self, agent: &AgentRuntime, now: Instant) -> Option<Failure> {
+        let timeouts = &agent.config.timeouts;
+        if now >= self.deadline {
+            return Some(Failure::new(
+                AttemptOutcome::MaxDuration,
+                format!("ran past timeouts.max_duration = {}", timeouts.max_duration),
+            ));
+        }
+        if now >= self.last_progress + timeouts.progress_timeout.get() {
+            return Some(Failure::new(
+                AttemptOutcome::ProgressTimeout,
+                format!(
+                    "no progress for timeouts.progress_timeout = {}",
+                    timeouts.progress_timeout
+                ),
+            ));
+        }
+        None
+    }
+}
+
+/// Leases tasks for idle replicas, as many as are waiting, one agent only.
+async fn leaser(
+    agent: Arc<AgentRuntime>,
+    mut requests: mpsc::Receiver<SlotRequest>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut pending: VecDeque<SlotRequest> = VecDeque::new();
+    let mut failures = 0u32;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        if pending.is_empty() {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return,
+                request = requests.recv() => match request {
+                    Some(request) => pending.push_back(request),
+                    None => return,
+                },
+            }
+        }
+        while let Ok(request) = requests.try_recv() {
+            pending.push_back(request);
+        }
+        pending.retain(|request| !request.reply.is_closed());
+        if pending.is_empty() {
+            continue;
+        }
+        let request = LeaseRequest {
+            agent: agent.name.clone(),
+            max: pending.len(),
+            lease_for: agent.lease_for(),
+            owner: agent.owner.clone(),
+            max_deliver: agent.config.retry.max_deliver.get(),
+        };
+        // Cancelling the lease future is safe: leases it took are released
+        // by their guards.
+        let leased = tokio::select! {
+            biased;
+            _ = shutdown.changed() => return,
+            leased = agent.queue.lease(&request, LEASE_WAIT) => leased,
+        };
+        match leased {
+            Ok(leases) => {
+                failures = 0;
+                for lease in leases {
+                    hand_out(&mut pending, lease);
+                }
+            }
+            Err(error) => {
+                failures = failures.saturating_add(1);
+                let pause = Duration::from_millis(100 * 2u64.pow(failures.min(6)))
+                    .min(Duration::from_secs(5));
+                tracing::error!(agent = %agent.name, %error, ?pause, "leasing failed; retrying");
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
+/// Gives `lease` to the first waiting replica still listening; with none
+/// left, dropping it releases the task.
+fn hand_out(pending: &mut VecDeque<SlotRequest>, mut lease: Lease) {
+    while let Some(request) = pending.pop_front() {
+        match request.reply.send(lease) {
+            Ok(()) => return,
+            Err(back) => lease = back,
+        }
+    }
+}
+
+/// How one process of a replica ended.
+enum Exit {
+    /// The daemon is shutting down; do not restart.
+    Shutdown,
+    /// It crashed, was killed or could not start; restart after a delay.
+    Crashed(String),
+}
+
+/// One replica slot: runs processes and restarts them with backoff until
+/// shutdown or until the agent's restart intensity is exceeded.
+async fn run_replica(agent: Arc<AgentRuntime>, index: u32, mut shutdown: watch::Receiver<bool>) {
+    let mut streak = Streak::default();
+    loop {
+        if agent.is_failed() || *shutdown.borrow() {
+            break;
+        }
+        let started = Instant::now();
+        let exit = match agent.config.mode {
+            Mode::Persistent => persistent::run(&agent, index, &mut shutdown).await,
+            Mode::Oneshot => oneshot::run(&agent, index, &mut shutdown).await,
+        };
+        let reason = match exit {
+            Exit::Shutdown => break,
+            Exit::Crashed(reason) => reason,
+        };
+        agent.update_replica(index, |replica| {
+            replica.state = ReplicaState::Backoff;
+            replica.pid = None;
+            replica.tasks.clear();
+            replica.last_exit = Some(reason.clone());
+        });
+        if *shutdown.borrow() {
+            break;
+        }
+        let delay = streak.crashed(&agent.config.restart, started.elapsed());
+        let verdict = agent
+            .intensity
+            .lock()
+            .expect("intensity lock")
+            .record(agent.clock.now_ms());
+        if let Verdict::GiveUp { restarts } = verdict {
+            let failure = format!(
+                "{restarts} restarts within restart.window = {} (restart.max_restarts = {}); last: {reason}",
+                agent.config.restart.window, agent.config.restart.max_restarts
+            );
+            tracing::error!(agent = %agent.name, %failure, "agent failed: no more restarts; its tasks stay queued");
+            let mut status = agent.status.lock().expect("status lock");
+            status.state = AgentState::Failed;
+            status.failure = Some(failure);
+            break;
+        }
+        tracing::warn!(agent = %agent.name, replica = index, %reason, ?delay, "replica exited; restarting");
+        {
+            let mut status = agent.status.lock().expect("status lock");
+            status.restarts += 1;
+            if let Some(replica) = status.replicas.iter_mut().find(|r| r.index == index) {
+                replica.restarts += 1;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+    agent.update_replica(index, |replica| {
+        replica.state = ReplicaState::Stopped;
+        replica.pid = None;
+        replica.tasks.clear();
+    });
+}
+
+/// The next memory sample, if it shows `pgid` over the agent's limit.
+fn over_memory(
+    agent: &AgentRuntime,
+    memory: &watch::Receiver<MemoryMap>,
+    pgid: u32,
+    index: u32,
+) -> Option<Failure> {
+    let rss = memory.borrow().get(&pgid).copied();
+    agent.update_replica(index, |replica| replica.rss_bytes = rss);
+    let limit = agent.config.memory_limit?;
+    let rss = rss?;
+    (rss > limit.bytes()).then(|| {
+        Failure::new(
+            AttemptOutcome::MemoryLimit,
+            format!("resident memory {rss} bytes exceeded memory_limit = {limit}"),
+        )
+    })
+}
+
+/// Logs an agent's stderr line by line (bounded lines) until it closes.
+fn log_stderr(agent: &AgentRuntime, index: u32, stderr: tokio::process::ChildStderr) {
+    let name = agent.name.clone();
+    let max = agent.config.max_line_bytes.as_usize();
+    tokio::spawn(async move {
+        let mut lines = crate::lines::LineReader::new(tokio::io::BufReader::new(stderr), max);
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let crate::lines::Line::Text(text) = line {
+                tracing::info!(agent = %name, replica = index, "stderr: {}", crate::protocol::excerpt(&text));
+            }
+        }
+    });
+}

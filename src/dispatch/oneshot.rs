@@ -1,0 +1,308 @@
+//! A oneshot replica slot: one process per task. The task JSON goes to
+//! stdin, every output line counts as progress, exit 0 with stdout is the
+//! result.
+
+use serde_json::Value;
+use std::collections::VecDeque;
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+use super::persistent::describe;
+use super::{AgentRuntime, Exit, Failure, SlotRequest, Tracked, over_memory};
+use crate::lines::{Line, LineReader};
+use crate::protocol::{self, TaskMessage, ToAgent};
+use crate::queue::{AttemptEnd, AttemptOutcome, Lease, QueueError};
+use crate::status::ReplicaState;
+use crate::supervisor::process;
+use crate::template::TaskContext;
+
+/// Bytes of stderr kept for the failure report.
+const STDERR_TAIL_BYTES: usize = 2048;
+
+/// Runs tasks one process at a time until shutdown; returns a crash when a
+/// process cannot be started (so the slot backs off like a crashed replica).
+pub(super) async fn run(
+    agent: &AgentRuntime,
+    index: u32,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Exit {
+    let name = agent.replica_name(index);
+    loop {
+        agent.update_replica(index, |replica| {
+            replica.state = ReplicaState::Idle;
+            replica.pid = None;
+            replica.tasks.clear();
+        });
+        let (reply, receiver) = oneshot::channel();
+        if agent.slots.send(SlotRequest { reply }).await.is_err() {
+            return Exit::Shutdown;
+        }
+        let lease = tokio::select! {
+            _ = shutdown.changed() => return Exit::Shutdown,
+            lease = receiver => match lease {
+                Ok(lease) => lease,
+                Err(_) => return Exit::Shutdown,
+            },
+        };
+        if let Some(reason) = run_task(agent, index, &name, lease, shutdown).await {
+            return reason;
+        }
+        if *shutdown.borrow() {
+            return Exit::Shutdown;
+        }
+    }
+}
+
+/// What the process produced.
+struct Output {
+    stdout: Vec<u8>,
+    stderr_tail: VecDeque<String>,
+    stderr_bytes: usize,
+}
+
+impl Output {
+    fn push_stderr(&mut self, line: String) {
+        self.stderr_bytes += line.len();
+        self.stderr_tail.push_back(line);
+        while self.stderr_bytes > STDERR_TAIL_BYTES && self.stderr_tail.len() > 1 {
+            let dropped = self.stderr_tail.pop_front().expect("len > 1");
+            self.stderr_bytes -= dropped.len();
+        }
+    }
+
+    fn stderr(&self) -> String {
+        let text: Vec<&str> = self.stderr_tail.iter().map(String::as_str).collect();
+        text.join("\n")
+    }
+}
+
+/// Runs one task in its own process. Returns an exit for the slot when the
+/// process could not be started, `None` otherwise.
+async fn run_task(
+    agent: &AgentRuntime,
+    index: u32,
+    name: &str,
+    lease: Lease,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Exit> {
+    let context = TaskContext {
+        id: &lease.key.task_id,
+        attempt: lease.key.attempt,
+        agent: &agent.name,
+        payload: &lease.payload,
+    };
+    let spec = match agent.spawn_spec(index, Some(&context)) {
+        Ok(spec) => spec,
+        Err(error) => {
+            let failure = Failure {
+                retryable: false,
+                ..Failure::new(
+                    AttemptOutcome::Rejected,
+                    format!("cannot build the command: {error}"),
+                )
+            };
+            agent.fail_attempt(lease, failure, name).await;
+            return None;
+        }
+    };
+    let program = spec.argv.first().cloned().unwrap_or_default();
+    let mut child = match process::spawn(spec).await {
+        Ok(child) => child,
+        Err(error) => {
+            let reason = format!("cannot start {program:?}: {error}");
+            agent.release(lease, name, &reason).await;
+            return Some(Exit::Crashed(reason));
+        }
+    };
+    let pgid = child.id().unwrap_or(0);
+    let now_ms = agent.clock.now_ms();
+    agent.update_replica(index, |replica| {
+        replica.state = ReplicaState::Busy;
+        replica.pid = Some(pgid);
+        replica.started_ms = Some(now_ms);
+        replica.tasks = vec![lease.key.task_id.clone()];
+    });
+    let timeouts = &agent.config.timeouts;
+    let message = ToAgent::Task(TaskMessage {
+        id: lease.key.task_id.clone(),
+        attempt: lease.key.attempt,
+        agent: agent.name.clone(),
+        payload: lease.payload.clone(),
+        checkpoint: lease.checkpoint.clone(),
+        deadline_ms: now_ms
+            + u64::try_from(timeouts.max_duration.get().as_millis()).unwrap_or(u64::MAX),
+        progress_timeout_ms: u64::try_from(timeouts.progress_timeout.get().as_millis())
+            .unwrap_or(u64::MAX),
+    });
+    // Written from its own task: a large payload must not block the loop
+    // when the program never reads stdin.
+    if let Some(mut stdin) = child.stdin.take() {
+        let line = protocol::encode(&message);
+        tokio::spawn(async move {
+            let _ = stdin.write_all(line.as_bytes()).await;
+        });
+    }
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        process::finish(&mut child, pgid).await;
+        agent
+            .release(lease, name, "the process's pipes were not available")
+            .await;
+        return Some(Exit::Crashed(
+            "the process's pipes were not available".into(),
+        ));
+    };
+    let max_result = agent.config.max_line_bytes.as_usize().max(1);
+    let mut out_lines = LineReader::new(BufReader::new(stdout), max_result);
+    let mut err_lines = LineReader::new(
+        BufReader::new(stderr),
+        agent.config.max_line_bytes.as_usize(),
+    );
+    let mut output = Output {
+        stdout: Vec::new(),
+        stderr_tail: VecDeque::new(),
+        stderr_bytes: 0,
+    };
+    let mut tracked = Tracked::new(lease, agent);
+    let mut memory = agent.memory.clone();
+    let (mut out_open, mut err_open) = (true, true);
+    let mut draining: Option<Instant> = None;
+    let status = loop {
+        let timer = tracked.next_timeout(agent);
+        let timer = draining.map_or(timer, |deadline| timer.min(deadline));
+        tokio::select! {
+            line = out_lines.next_line(), if out_open => match line {
+                Ok(Some(Line::Text(text))) => {
+                    if output.stdout.len() + text.len() + 1 > max_result {
+                        { kill_for(agent, name, &mut child, pgid, tracked, too_long(max_result)).await; return None; }
+                    }
+                    if !output.stdout.is_empty() {
+                        output.stdout.push(b'\n');
+                    }
+                    output.stdout.extend_from_slice(text.as_bytes());
+                    progressed(agent, index, &mut tracked).await;
+                }
+                Ok(Some(_)) => { kill_for(agent, name, &mut child, pgid, tracked, too_long(max_result)).await; return None; }
+                Ok(None) | Err(_) => out_open = false,
+            },
+            line = err_lines.next_line(), if err_open => match line {
+                Ok(Some(Line::Text(text))) => {
+                    tracing::info!(agent = %agent.name, replica = index, "stderr: {}", protocol::excerpt(&text));
+                    output.push_stderr(text);
+                    progressed(agent, index, &mut tracked).await;
+                }
+                Ok(Some(_)) => progressed(agent, index, &mut tracked).await,
+                Ok(None) | Err(_) => err_open = false,
+            },
+            status = child.wait(), if !out_open && !err_open => break status.ok(),
+            changed = shutdown.changed(), if draining.is_none() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    draining = Some(Instant::now() + agent.shutdown_grace);
+                }
+            }
+            () = tokio::time::sleep_until(timer) => {
+                if let Some(deadline) = draining && Instant::now() >= deadline {
+                    process::stop(&mut child, pgid, agent.config.timeouts.stop_grace.get()).await;
+                    agent.release(tracked.lease, name, "the daemon shut down before the task finished").await;
+                    return Some(Exit::Shutdown);
+                }
+                if let Some(failure) = tracked.expired(agent, Instant::now()) {
+                    { kill_for(agent, name, &mut child, pgid, tracked, failure).await; return None; }
+                }
+            }
+            changed = memory.changed() => {
+                if changed.is_ok() && let Some(failure) = over_memory(agent, &memory, pgid, index) {
+                    { kill_for(agent, name, &mut child, pgid, tracked, failure).await; return None; }
+                }
+            }
+        }
+    };
+    process::finish(&mut child, pgid).await;
+    settle_exit(agent, name, tracked.lease, status, &output).await;
+    None
+}
+
+fn too_long(max: usize) -> Failure {
+    Failure {
+        retryable: false,
+        ..Failure::new(
+            AttemptOutcome::Rejected,
+            format!(
+                "stdout exceeded {max} bytes (max_line_bytes); a oneshot result must fit in it"
+            ),
+        )
+    }
+}
+
+async fn progressed(agent: &AgentRuntime, index: u32, tracked: &mut Tracked) {
+    let now = agent.clock.now_ms();
+    agent.update_replica(index, |replica| replica.last_progress_ms = Some(now));
+    if let Err(error) = agent.progress(tracked, None).await {
+        tracing::warn!(agent = %agent.name, task = %tracked.lease.key, %error, "could not extend the lease");
+    }
+}
+
+async fn kill_for(
+    agent: &AgentRuntime,
+    name: &str,
+    child: &mut tokio::process::Child,
+    pgid: u32,
+    tracked: Tracked,
+    failure: Failure,
+) {
+    tracing::warn!(agent = %agent.name, replica = %name, outcome = failure.outcome.as_str(), detail = %failure.detail, "killing oneshot process");
+    process::stop(child, pgid, agent.config.timeouts.stop_grace.get()).await;
+    // A killed process is not a broken slot: the next task starts at once.
+    agent.fail_attempt(tracked.lease, failure, name).await;
+}
+
+/// Turns the exit status into an outcome.
+async fn settle_exit(
+    agent: &AgentRuntime,
+    name: &str,
+    mut lease: Lease,
+    status: Option<std::process::ExitStatus>,
+    output: &Output,
+) {
+    let code = status.and_then(|status| status.code());
+    if code == Some(0) {
+        let text = String::from_utf8_lossy(&output.stdout);
+        let result = serde_json::from_str::<Value>(text.trim())
+            .unwrap_or_else(|_| Value::String(text.into_owned()));
+        let end = AttemptEnd {
+            outcome: AttemptOutcome::Completed,
+            replica: Some(name.to_string()),
+            detail: None,
+        };
+        match agent.queue.ack(&lease.key, &result, end).await {
+            Ok(_) => lease.settle(),
+            Err(QueueError::Invalid(message)) => {
+                let failure = Failure {
+                    retryable: false,
+                    ..Failure::new(AttemptOutcome::Rejected, message)
+                };
+                agent.fail_attempt(lease, failure, name).await;
+            }
+            Err(error) => agent.settle(&mut lease, Err(error)),
+        }
+        return;
+    }
+    let stderr = output.stderr();
+    let mut detail = describe(status);
+    if !stderr.is_empty() {
+        detail = format!("{detail}; stderr: {stderr}");
+    }
+    let fatal = code.is_some_and(|code| agent.config.fatal_exit_codes.contains(&code));
+    let failure = Failure {
+        retryable: !fatal,
+        ..Failure::new(
+            if code.is_some() {
+                AttemptOutcome::Error
+            } else {
+                AttemptOutcome::Crashed
+            },
+            detail,
+        )
+    };
+    agent.fail_attempt(lease, failure, name).await;
+}

@@ -1,0 +1,477 @@
+//! One process of a persistent replica: spawn, wait for `ready`, exchange
+//! JSON Lines, enforce timeouts and the memory limit, and settle every task
+//! in flight when the process ends.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin};
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+use super::{
+    AgentRuntime, Exit, Failure, STDIN_TIMEOUT, SlotRequest, Tracked, log_stderr, over_memory,
+};
+use crate::lines::{Line, LineReader};
+use crate::protocol::{self, FromAgent, LineError, PROTOCOL_VERSION, TaskMessage, ToAgent};
+use crate::queue::{AttemptEnd, AttemptOutcome, Lease, QueueError};
+use crate::status::ReplicaState;
+use crate::supervisor::process;
+
+/// Far enough to mean "no timer".
+const IDLE_TICK: Duration = Duration::from_secs(3600);
+
+struct Replica<'a> {
+    agent: &'a AgentRuntime,
+    index: u32,
+    name: String,
+    child: Child,
+    pgid: u32,
+    stdin: Option<ChildStdin>,
+    lines: LineReader<BufReader<tokio::process::ChildStdout>>,
+    in_flight: HashMap<String, Tracked>,
+}
+
+/// Runs one process of replica `index` until it exits or the daemon shuts
+/// down.
+pub(super) async fn run(
+    agent: &AgentRuntime,
+    index: u32,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Exit {
+    let spec = match agent.spawn_spec(index, None) {
+        Ok(spec) => spec,
+        Err(error) => return Exit::Crashed(format!("cannot build the command: {error}")),
+    };
+    let program = spec.argv.first().cloned().unwrap_or_default();
+    agent.update_replica(index, |replica| {
+        replica.state = ReplicaState::Starting;
+        replica.started_ms = Some(agent.clock.now_ms());
+    });
+    let mut child = match process::spawn(spec).await {
+        Ok(child) => child,
+        Err(error) => return Exit::Crashed(format!("cannot start {program:?}: {error}")),
+    };
+    let pgid = child.id().unwrap_or(0);
+    let (Some(stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        process::finish(&mut child, pgid).await;
+        return Exit::Crashed("the agent's stdio pipes were not available".into());
+    };
+    log_stderr(agent, index, stderr);
+    agent.update_replica(index, |replica| replica.pid = Some(pgid));
+    let mut replica = Replica {
+        agent,
+        index,
+        name: agent.replica_name(index),
+        child,
+        pgid,
+        stdin: Some(stdin),
+        lines: LineReader::new(
+            BufReader::new(stdout),
+            agent.config.max_line_bytes.as_usize(),
+        ),
+        in_flight: HashMap::new(),
+    };
+    if let Err(reason) = replica.wait_ready(shutdown).await {
+        replica.stop().await;
+        return reason;
+    }
+    agent.update_replica(index, |replica| replica.state = ReplicaState::Idle);
+    replica.serve(shutdown).await
+}
+
+impl Replica<'_> {
+    /// Waits for the `ready` message within `timeouts.startup`.
+    async fn wait_ready(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Exit> {
+        let startup = self.agent.config.timeouts.startup;
+        let deadline = Instant::now() + startup.get();
+        loop {
+            let line = tokio::select! {
+                _ = shutdown.changed() => return Err(Exit::Shutdown),
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(Exit::Crashed(format!("no ready message within timeouts.startup = {startup}")));
+                }
+                line = self.lines.next_line() => line,
+            };
+            match line {
+                Ok(Some(Line::Text(text))) => match protocol::parse_line(&text) {
+                    Ok(FromAgent::Ready { protocol }) => {
+                        let version = protocol.unwrap_or(PROTOCOL_VERSION);
+                        if version != PROTOCOL_VERSION {
+                            return Err(Exit::Crashed(format!(
+                                "the agent speaks protocol {version}; this flotilla speaks {PROTOCOL_VERSION}"
+                            )));
+                        }
+                        self.seen();
+                        return Ok(());
+                    }
+                    Ok(FromAgent::Heartbeat {}) => self.seen(),
+                    Ok(_) => self.agent.record_stale(self.index, "message before ready"),
+                    Err(error) => self.agent.record_malformed(self.index, &error),
+                },
+                Ok(Some(other)) => self.malformed_line(&other),
+                Ok(None) | Err(_) => {
+                    let status = process::finish(&mut self.child, self.pgid).await;
+                    return Err(Exit::Crashed(format!(
+                        "exited before ready ({})",
+                        describe(status)
+                    )));
+                }
+            }
+        }
+    }
+
+    fn seen(&self) {
+        let now = self.agent.clock.now_ms();
+        self.agent
+            .update_replica(self.index, |replica| replica.last_seen_ms = Some(now));
+    }
+
+    fn malformed_line(&self, line: &Line) {
+        let error = match line {
+            Line::TooLong => LineError::TooLong {
+                max_line_bytes: self.agent.config.max_line_bytes.as_usize(),
+            },
+            _ => LineError::Malformed {
+                reason: "not UTF-8".into(),
+                excerpt: String::new(),
+            },
+        };
+        self.agent.record_malformed(self.index, &error);
+    }
+
+    fn publish_tasks(&self) {
+        let tasks: Vec<String> = self.in_flight.keys().cloned().collect();
+        let state = if tasks.is_empty() {
+            ReplicaState::Idle
+        } else {
+            ReplicaState::Busy
+        };
+        self.agent.update_replica(self.index, |replica| {
+            replica.tasks = tasks;
+            replica.state = state;
+        });
+    }
+
+    /// The main loop: ask for tasks while there is room, hand them over,
+    /// read messages, enforce timeouts.
+    async fn serve(mut self, shutdown: &mut watch::Receiver<bool>) -> Exit {
+        let concurrency = self.agent.config.concurrency.get() as usize;
+        let mut memory = self.agent.memory.clone();
+        let mut slot: Option<oneshot::Receiver<Lease>> = None;
+        let mut draining: Option<Instant> = None;
+        loop {
+            if draining.is_none() && slot.is_none() && self.in_flight.len() < concurrency {
+                let (reply, receiver) = oneshot::channel();
+                if self.agent.slots.try_send(SlotRequest { reply }).is_ok() {
+                    slot = Some(receiver);
+                }
+            }
+            if let Some(deadline) = draining
+                && (self.in_flight.is_empty() || Instant::now() >= deadline)
+            {
+                return self.shut_down().await;
+            }
+            let timer = self
+                .in_flight
+                .values()
+                .map(|tracked| tracked.next_timeout(self.agent))
+                .min()
+                .unwrap_or_else(|| Instant::now() + IDLE_TICK);
+            let timer = draining.map_or(timer, |deadline| timer.min(deadline));
+            tokio::select! {
+                biased;
+                changed = shutdown.changed(), if draining.is_none() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        // Stop taking tasks; a lease already handed to the
+                        // slot is released by its guard.
+                        slot = None;
+                        draining = Some(Instant::now() + self.agent.shutdown_grace);
+                        self.agent.update_replica(self.index, |replica| replica.state = ReplicaState::Stopping);
+                    }
+                }
+                line = self.lines.next_line() => match line {
+                    Ok(Some(Line::Text(text))) => self.handle_line(&text).await,
+                    Ok(Some(other)) => self.malformed_line(&other),
+                    Ok(None) | Err(_) => return self.crashed().await,
+                },
+                lease = async { slot.as_mut().expect("guarded by is_some").await }, if slot.is_some() => {
+                    slot = None;
+                    if let Ok(lease) = lease
+                        && let Err(failure) = self.start_task(lease).await
+                    {
+                        return self.kill_for(None, failure).await;
+                    }
+                }
+                () = tokio::time::sleep_until(timer) => {
+                    let now = Instant::now();
+                    let expired = self
+                        .in_flight
+                        .iter()
+                        .find_map(|(id, tracked)| tracked.expired(self.agent, now).map(|failure| (id.clone(), failure)));
+                    if let Some((id, failure)) = expired {
+                        return self.kill_for(Some(id), failure).await;
+                    }
+                }
+                changed = memory.changed() => {
+                    if changed.is_ok()
+                        && let Some(failure) = over_memory(self.agent, &memory, self.pgid, self.index)
+                    {
+                        let culprit = self.in_flight.keys().next().cloned();
+                        return self.kill_for(culprit, failure).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends `lease` to the agent; a replica that cannot take it is broken.
+    async fn start_task(&mut self, lease: Lease) -> Result<(), Failure> {
+        let timeouts = &self.agent.config.timeouts;
+        let deadline_ms = self.agent.clock.now_ms()
+            + u64::try_from(timeouts.max_duration.get().as_millis()).unwrap_or(u64::MAX);
+        let message = ToAgent::Task(TaskMessage {
+            id: lease.key.task_id.clone(),
+            attempt: lease.key.attempt,
+            agent: self.agent.name.clone(),
+            payload: lease.payload.clone(),
+            checkpoint: lease.checkpoint.clone(),
+            deadline_ms,
+            progress_timeout_ms: u64::try_from(timeouts.progress_timeout.get().as_millis())
+                .unwrap_or(u64::MAX),
+        });
+        let id = lease.key.task_id.clone();
+        self.in_flight.insert(id, Tracked::new(lease, self.agent));
+        self.publish_tasks();
+        if let Err(error) = self.send(&message).await {
+            let reason = format!("could not write to the agent's stdin: {error}");
+            return Err(Failure::new(AttemptOutcome::Crashed, reason));
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, message: &ToAgent) -> std::io::Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("stdin is closed"))?;
+        let line = protocol::encode(message);
+        match tokio::time::timeout(STDIN_TIMEOUT, async {
+            stdin.write_all(line.as_bytes()).await?;
+            stdin.flush().await
+        })
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(std::io::Error::other(format!(
+                "the agent read nothing for {}s",
+                STDIN_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// The task a message is about: its id, or the only task in flight.
+    fn task_for(&self, id: Option<&str>) -> Option<String> {
+        match id {
+            Some(id) => self.in_flight.contains_key(id).then(|| id.to_string()),
+            None if self.in_flight.len() == 1 => self.in_flight.keys().next().cloned(),
+            None => None,
+        }
+    }
+
+    async fn handle_line(&mut self, text: &str) {
+        let message = match protocol::parse_line(text) {
+            Ok(message) => message,
+            Err(error) => {
+                self.agent.record_malformed(self.index, &error);
+                return;
+            }
+        };
+        self.seen();
+        match message {
+            FromAgent::Ready { .. } | FromAgent::Heartbeat {} => {}
+            FromAgent::Progress {
+                id,
+                checkpoint,
+                context_window_usage_pct,
+                ..
+            } => {
+                let Some(id) = self.task_for(id.as_deref()) else {
+                    self.agent.record_stale(self.index, "progress");
+                    return;
+                };
+                let now = self.agent.clock.now_ms();
+                self.agent.update_replica(self.index, |replica| {
+                    replica.last_progress_ms = Some(now);
+                    if context_window_usage_pct.is_some() {
+                        replica.context_window_usage_pct = context_window_usage_pct;
+                    }
+                });
+                let tracked = self.in_flight.get_mut(&id).expect("task_for found it");
+                if let Err(error) = self.agent.progress(tracked, checkpoint.as_ref()).await {
+                    self.lost_lease(&id, &error);
+                }
+            }
+            FromAgent::Result { id, output, .. } => {
+                let Some(id) = self.task_for(id.as_deref()) else {
+                    self.agent.record_stale(self.index, "result");
+                    return;
+                };
+                let mut tracked = self.in_flight.remove(&id).expect("task_for found it");
+                self.publish_tasks();
+                let end = AttemptEnd {
+                    outcome: AttemptOutcome::Completed,
+                    replica: Some(self.name.clone()),
+                    detail: None,
+                };
+                match self.agent.queue.ack(&tracked.lease.key, &output, end).await {
+                    Ok(_) => tracked.lease.settle(),
+                    Err(QueueError::Invalid(message)) => {
+                        let failure = Failure {
+                            retryable: false,
+                            ..Failure::new(AttemptOutcome::Rejected, message)
+                        };
+                        self.agent
+                            .fail_attempt(tracked.lease, failure, &self.name)
+                            .await;
+                    }
+                    Err(error) => self.agent.settle(&mut tracked.lease, Err(error)),
+                }
+            }
+            FromAgent::Error {
+                id,
+                message,
+                retryable,
+                retry_after_ms,
+            } => {
+                let Some(id) = self.task_for(id.as_deref()) else {
+                    self.agent.record_stale(self.index, "error");
+                    return;
+                };
+                let tracked = self.in_flight.remove(&id).expect("task_for found it");
+                self.publish_tasks();
+                let failure = Failure {
+                    retryable,
+                    retry_after: retry_after_ms.map(Duration::from_millis),
+                    ..Failure::new(AttemptOutcome::Error, message)
+                };
+                self.agent
+                    .fail_attempt(tracked.lease, failure, &self.name)
+                    .await;
+            }
+        }
+    }
+
+    /// The queue says this replica no longer holds task `id`.
+    fn lost_lease(&mut self, id: &str, error: &QueueError) {
+        if let Some(mut tracked) = self.in_flight.remove(id) {
+            tracing::warn!(agent = %self.agent.name, task = %tracked.lease.key, %error, "lease lost; abandoning the task");
+            tracked.lease.settle();
+            self.publish_tasks();
+        }
+    }
+
+    /// The process exited (or closed stdout): settle its tasks at once so
+    /// other replicas take them, and report the exit.
+    async fn crashed(mut self) -> Exit {
+        let status = process::finish(&mut self.child, self.pgid).await;
+        let reason = format!("replica exited ({})", describe(status));
+        for (_, tracked) in self.in_flight.drain() {
+            let failure = Failure {
+                immediate: true,
+                ..Failure::new(AttemptOutcome::Crashed, reason.clone())
+            };
+            self.agent
+                .fail_attempt(tracked.lease, failure, &self.name)
+                .await;
+        }
+        Exit::Crashed(reason)
+    }
+
+    /// Stops the process because of `failure` (of task `culprit`, if any);
+    /// the culprit is retried per policy, other tasks are released.
+    async fn kill_for(mut self, culprit: Option<String>, failure: Failure) -> Exit {
+        let reason = format!("killed: {}: {}", failure.outcome.as_str(), failure.detail);
+        tracing::warn!(agent = %self.agent.name, replica = self.index, %reason, "stopping replica");
+        self.agent
+            .update_replica(self.index, |replica| replica.state = ReplicaState::Stopping);
+        self.stop().await;
+        let mut failure = Some(failure);
+        for (id, tracked) in self.in_flight.drain() {
+            if Some(&id) == culprit.as_ref()
+                && let Some(failure) = failure.take()
+            {
+                self.agent
+                    .fail_attempt(tracked.lease, failure, &self.name)
+                    .await;
+            } else {
+                self.agent
+                    .release(
+                        tracked.lease,
+                        &self.name,
+                        "the replica was killed because of another task",
+                    )
+                    .await;
+            }
+        }
+        Exit::Crashed(reason)
+    }
+
+    /// Graceful end: release what is still running, ask the agent to exit,
+    /// then stop the group.
+    async fn shut_down(mut self) -> Exit {
+        for (_, tracked) in self.in_flight.drain() {
+            self.agent
+                .release(
+                    tracked.lease,
+                    &self.name,
+                    "the daemon shut down before the task finished",
+                )
+                .await;
+        }
+        let grace = self.agent.config.timeouts.stop_grace.get();
+        let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        let _ = self.send(&ToAgent::Shutdown { grace_ms }).await;
+        self.stdin = None;
+        if tokio::time::timeout(grace, self.child.wait())
+            .await
+            .is_err()
+        {
+            process::stop(&mut self.child, self.pgid, grace).await;
+        } else {
+            process::finish(&mut self.child, self.pgid).await;
+        }
+        Exit::Shutdown
+    }
+
+    async fn stop(&mut self) {
+        self.stdin = None;
+        process::stop(
+            &mut self.child,
+            self.pgid,
+            self.agent.config.timeouts.stop_grace.get(),
+        )
+        .await;
+    }
+}
+
+/// An exit status in words.
+pub(super) fn describe(status: Option<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        None => "exit status unknown".into(),
+        Some(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => format!("exit code {code}"),
+            (None, Some(signal)) => {
+                let name = nix::sys::signal::Signal::try_from(signal)
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_else(|_| signal.to_string());
+                format!("killed by {name}")
+            }
+            (None, None) => "exit status unknown".into(),
+        },
+    }
+}

@@ -1,0 +1,155 @@
+//! The fleet's observable state: what the daemon publishes about its agents
+//! and replicas, and what `flotilla status` shows.
+//!
+//! These are plain data types. The dispatcher fills them; the daemon writes
+//! them to the store as a snapshot; the CLI reads and renders them.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::UnixMillis;
+use crate::config::Mode;
+use crate::queue::StateCounts;
+
+/// The state of an agent as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    /// Replicas are running or being restarted.
+    Running,
+    /// Restarted too often within `restart.window`: no longer restarted;
+    /// its tasks stay queued until the daemon restarts.
+    Failed,
+    /// Shutting down.
+    Stopping,
+    /// Not running (the daemon is down or stopped it).
+    Stopped,
+}
+
+/// The state of one replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaState {
+    /// Spawned, waiting for `ready`.
+    Starting,
+    /// Ready, waiting for a task.
+    Idle,
+    /// Working on a task.
+    Busy,
+    /// Crashed; waiting for the restart delay.
+    Backoff,
+    /// Being stopped.
+    Stopping,
+    /// Not running.
+    Stopped,
+}
+
+/// One replica.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ReplicaStatus {
+    /// Index within the agent, from 0.
+    pub index: u32,
+    /// State.
+    pub state: ReplicaState,
+    /// Process id (and process group id) while running.
+    pub pid: Option<u32>,
+    /// Tasks in flight.
+    pub tasks: Vec<String>,
+    /// Times this replica was restarted.
+    pub restarts: u32,
+    /// When the current process started.
+    pub started_ms: Option<UnixMillis>,
+    /// Last progress message of a task.
+    pub last_progress_ms: Option<UnixMillis>,
+    /// Last heartbeat or other sign of life.
+    pub last_seen_ms: Option<UnixMillis>,
+    /// Why the last process ended.
+    pub last_exit: Option<String>,
+    /// Resident memory of its process group.
+    pub rss_bytes: Option<u64>,
+    /// Context window usage last reported by the agent.
+    pub context_window_usage_pct: Option<f64>,
+}
+
+impl ReplicaStatus {
+    /// A replica that has not started.
+    pub fn new(index: u32) -> Self {
+        Self {
+            index,
+            state: ReplicaState::Stopped,
+            pid: None,
+            tasks: Vec::new(),
+            restarts: 0,
+            started_ms: None,
+            last_progress_ms: None,
+            last_seen_ms: None,
+            last_exit: None,
+            rss_bytes: None,
+            context_window_usage_pct: None,
+        }
+    }
+}
+
+/// One agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AgentStatus {
+    /// Name.
+    pub name: String,
+    /// Mode.
+    pub mode: Mode,
+    /// State.
+    pub state: AgentState,
+    /// Why it failed, when it did.
+    pub failure: Option<String>,
+    /// Replicas.
+    pub replicas: Vec<ReplicaStatus>,
+    /// Restarts of all its replicas since the daemon started.
+    pub restarts: u64,
+    /// Lines from the agent that were not valid protocol messages.
+    pub malformed_lines: u64,
+    /// The last malformed line (an excerpt) and why.
+    pub last_malformed: Option<String>,
+    /// Messages naming a task the replica does not hold.
+    pub stale_messages: u64,
+    /// Task counts (filled in by `status` from the store).
+    #[serde(default)]
+    pub tasks: StateCounts,
+}
+
+impl AgentStatus {
+    /// A new agent with `replicas` stopped replicas.
+    pub fn new(name: &str, mode: Mode, replicas: u32) -> Self {
+        Self {
+            name: name.to_string(),
+            mode,
+            state: AgentState::Running,
+            failure: None,
+            replicas: (0..replicas).map(ReplicaStatus::new).collect(),
+            restarts: 0,
+            malformed_lines: 0,
+            last_malformed: None,
+            stale_messages: 0,
+            tasks: StateCounts::default(),
+        }
+    }
+}
+
+/// The daemon's snapshot, written to the store every `status_interval`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DaemonSnapshot {
+    /// Process id.
+    pub pid: u32,
+    /// flotilla version.
+    pub version: String,
+    /// When it started.
+    pub started_ms: UnixMillis,
+    /// When this snapshot was taken.
+    pub taken_ms: UnixMillis,
+    /// False in the last snapshot of a daemon that stopped cleanly.
+    pub running: bool,
+    /// Its agents.
+    pub agents: Vec<AgentStatus>,
+}
+
+/// Key of the daemon snapshot in the store's status table.
+pub const SNAPSHOT_KEY: &str = "daemon";
