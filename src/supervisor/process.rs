@@ -283,7 +283,8 @@ mod tests {
 
     #[tokio::test]
     async fn spawns_in_own_group_with_clean_env_and_stops_the_group() {
-        // SAFETY of the test: the secret is set in this test process only.
+        // As in the daemon: orphaned grandchildren come back to be reaped.
+        become_subreaper();
         let spec = SpawnSpec {
             argv: vec![
                 "sh".into(),

@@ -1,0 +1,215 @@
+//! The command line as users run it: config errors, submitting while the
+//! daemon is down, bad input, listings and schemas.
+
+mod support;
+
+use support::*;
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn a_bad_config_lists_every_problem_and_exits_2() {
+    let fleet = Fleet::new(
+        r#"
+[agents.worker]
+command = ["x"]
+mode = "fast"
+replicas = { min = 0 }
+timeouts = { progress_timeout = "soon" }
+"#,
+    );
+    let output = fleet.cli(&["status"]);
+    assert_eq!(output.status.code(), Some(2));
+    let message = stderr(&output);
+    assert!(message.contains("3 problems"), "{message}");
+    assert!(
+        message.contains("agents.worker.mode") && message.contains("`fast`"),
+        "{message}"
+    );
+    assert!(
+        message.contains("agents.worker.timeouts.progress_timeout") && message.contains("\"soon\""),
+        "{message}"
+    );
+    assert!(message.contains("agents.worker.replicas.min"), "{message}");
+    assert!(message.contains("line "), "positions are given: {message}");
+}
+
+#[test]
+fn a_missing_config_says_how_to_give_one() {
+    let output = std::process::Command::new(flotilla_bin())
+        .args(["-c", "/nonexistent/flotilla.toml", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("FLOTILLA_CONFIG"));
+}
+
+#[test]
+fn submit_while_the_daemon_is_down_then_list_and_show() {
+    let fleet = Fleet::new("[agents.worker]\ncommand = [\"true\"]\n");
+    let output = fleet.cli(&[
+        "submit",
+        "--agent",
+        "worker",
+        "--id",
+        "first",
+        "--priority",
+        "high",
+        "--payload",
+        r#"{"prompt": "hi"}"#,
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stdout(&output).trim(), "first");
+    let again = fleet.cli(&[
+        "submit",
+        "--agent",
+        "worker",
+        "--id",
+        "first",
+        "--payload",
+        "{}",
+    ]);
+    assert!(again.status.success());
+    assert!(stdout(&again).contains("duplicate"));
+    let file =
+        "{\"id\": \"f1\", \"payload\": 1, \"priority\": \"low\"}\n\n[1, 2]\n\"plain string\"\n";
+    let from_stdin = fleet.cli_with_stdin(
+        &["submit", "--agent", "worker", "--file", "-", "--json"],
+        Some(file),
+    );
+    assert!(from_stdin.status.success(), "{}", stderr(&from_stdin));
+    let receipts: serde_json::Value = serde_json::from_slice(&from_stdin.stdout).unwrap();
+    assert_eq!(receipts.as_array().unwrap().len(), 3);
+
+    let listed = fleet.cli(&["tasks", "list", "--state", "queued", "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 4);
+    let shown = fleet.cli(&["tasks", "show", "first", "--json"]);
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["state"], "queued");
+    assert_eq!(shown["priority"], "high");
+    assert_eq!(shown["payload"]["prompt"], "hi");
+    let text = fleet.cli(&["tasks", "show", "first"]);
+    assert!(stdout(&text).contains("state:      queued"));
+
+    let status = fleet.cli(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["daemon"]["running"], false);
+    assert_eq!(status["queue_depth"], 4);
+    assert_eq!(status["agents"][0]["state"], "stopped");
+    let text = fleet.cli(&["status"]);
+    assert!(
+        stdout(&text).contains("daemon: not running"),
+        "{}",
+        stdout(&text)
+    );
+}
+
+#[test]
+fn bad_input_is_refused_whole_with_a_clear_message() {
+    let fleet = Fleet::new("[agents.worker]\ncommand = [\"true\"]\n");
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["submit", "--agent", "nobody", "--payload", "{}"],
+            "unknown agent \"nobody\"; configured agents: worker",
+        ),
+        (
+            &["submit", "--agent", "worker", "--payload", "{not json"],
+            "--payload is not valid JSON",
+        ),
+        (
+            &[
+                "submit",
+                "--agent",
+                "worker",
+                "--id",
+                "has space",
+                "--payload",
+                "{}",
+            ],
+            "invalid task id",
+        ),
+        (&["tasks", "show", "nope"], "no task with id \"nope\""),
+    ];
+    for (args, expected) in cases {
+        let output = fleet.cli(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(
+            stderr(&output).contains(expected),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
+    let file =
+        "{\"id\": \"ok\", \"payload\": 1}\n{broken\n{\"payload\": 1, \"priority\": \"urgent\"}\n";
+    let output = fleet.cli_with_stdin(&["submit", "--agent", "worker", "--file", "-"], Some(file));
+    assert_eq!(output.status.code(), Some(2));
+    let message = stderr(&output);
+    assert!(
+        message.contains("2 bad line(s); nothing was submitted"),
+        "{message}"
+    );
+    assert!(
+        message.contains("line 2: not JSON") && message.contains("line 3: unknown priority"),
+        "{message}"
+    );
+    let big = format!("{{\"blob\": \"{}\"}}", "x".repeat(2 * 1024 * 1024));
+    std::fs::write(fleet.path("big.json"), format!("{big}\n")).unwrap();
+    let output = fleet.cli(&[
+        "submit",
+        "--agent",
+        "worker",
+        "--file",
+        fleet.path("big.json").to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("exceeds store.max_payload_bytes"),
+        "{}",
+        stderr(&output)
+    );
+    let listed = fleet.cli(&["tasks", "list", "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert!(
+        listed.as_array().unwrap().is_empty(),
+        "nothing half-applied"
+    );
+}
+
+#[test]
+fn schemas_are_json() {
+    let fleet = Fleet::new("");
+    for args in [["config", "schema"], ["protocol", "schema"]] {
+        let output = fleet.cli(&args);
+        assert!(output.status.success());
+        let schema: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert!(schema.is_object());
+    }
+}
+
+#[test]
+fn dlq_replay_and_purge_need_dead_letters() {
+    let fleet = Fleet::new("[agents.worker]\ncommand = [\"true\"]\n");
+    assert!(
+        fleet
+            .cli(&["submit", "--agent", "worker", "--id", "q", "--payload", "1"])
+            .status
+            .success()
+    );
+    let replay = fleet.cli(&["dlq", "replay", "q"]);
+    assert_eq!(replay.status.code(), Some(2));
+    assert!(
+        stderr(&replay).contains("is queued, not dead_lettered"),
+        "{}",
+        stderr(&replay)
+    );
+    let purge = fleet.cli(&["dlq", "purge"]);
+    assert!(purge.status.success());
+    assert!(stderr(&purge).contains("purged 0"));
+}

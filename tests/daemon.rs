@@ -1,0 +1,213 @@
+//! The daemon as a real process: `kill -9` mid-run and restart, graceful
+//! shutdown, a second daemon on the same store, and no orphaned agents.
+
+mod support;
+
+use std::time::Duration;
+
+use flotilla::queue::{AttemptOutcome, TaskQueue, TaskState};
+use nix::sys::signal::Signal;
+use support::*;
+
+fn write_tasks(fleet: &Fleet, count: usize, prefix: &str) -> Vec<String> {
+    let ids: Vec<String> = (0..count).map(|n| format!("{prefix}-{n:05}")).collect();
+    let lines: Vec<String> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| format!(r#"{{"id": "{id}", "payload": {{"n": {n}}}}}"#))
+        .collect();
+    std::fs::write(fleet.path("tasks.jsonl"), lines.join("\n")).unwrap();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_daemon_mid_run_loses_nothing_and_leaves_no_orphans() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.worker]
+command = {}
+replicas = {{ min = 3 }}
+timeouts = {{ progress_timeout = "2s", stop_grace = "1s" }}
+retry = {{ max_deliver = 10, backoff = ["10ms"] }}
+restart = {{ initial_backoff = "10ms", max_backoff = "100ms", max_restarts = 10000 }}
+"#,
+        // A shell wrapper gives every agent a grandchild too: the orphan
+        // sweep must find both.
+        toml_array(&[
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "sleep 600 & exec {} example-agent --work-ms 20 --crash-rate 0.1 --seed 5",
+                flotilla_bin()
+            ),
+        ])
+    ));
+    // Submitted while the daemon is down: the tasks wait in the queue.
+    let ids = write_tasks(&fleet, 400, "crash");
+    let submitted = fleet.cli(&[
+        "submit",
+        "--agent",
+        "worker",
+        "--file",
+        fleet.path("tasks.jsonl").to_str().unwrap(),
+    ]);
+    assert!(
+        submitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submitted.stderr)
+    );
+    let client = fleet.client();
+    let instance = client.store_id().to_string();
+
+    for round in 0..2 {
+        let mut daemon = fleet.spawn_daemon();
+        let target = 100 * (round + 1);
+        wait_until(Duration::from_secs(60), "some tasks to finish", || async {
+            finished(&client).await >= target
+        })
+        .await;
+        let running = client.counts().await.unwrap()[0].1.running;
+        signal(&daemon, Signal::SIGKILL);
+        wait_exit(&mut daemon, Duration::from_secs(5));
+        assert!(
+            running > 0 || round > 0,
+            "the daemon was killed while tasks ran"
+        );
+        // PDEATHSIG takes the agents down with the daemon; their shell's
+        // background sleep is left for the next daemon's sweep.
+        wait_until(
+            Duration::from_secs(5),
+            "agents to die with the daemon",
+            || async {
+                processes_of(&instance).iter().all(|pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| c.starts_with("sleep"))
+                })
+            },
+        )
+        .await;
+    }
+
+    let mut daemon = fleet.spawn_daemon();
+    wait_until(Duration::from_secs(120), "every task to finish", || async {
+        finished(&client).await >= 400
+    })
+    .await;
+    // The restarted daemon swept the orphaned grandchildren: every `sleep`
+    // left belongs to an agent of the live daemon.
+    let live = daemon.id();
+    let orphans: Vec<u32> = processes_of(&instance)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.starts_with("sleep"))
+        })
+        .filter(|pid| parent_of(parent_of(*pid)) != live)
+        .collect();
+    assert!(
+        orphans.is_empty(),
+        "orphans of killed daemons left: {orphans:?}"
+    );
+    signal(&daemon, Signal::SIGTERM);
+    let status = wait_exit(&mut daemon, Duration::from_secs(30));
+    assert!(status.success(), "clean shutdown: {status:?}");
+    assert!(
+        processes_of(&instance).is_empty(),
+        "no agent outlives the daemon"
+    );
+
+    let records = records(&client, &ids).await;
+    let mut restarted = 0;
+    for task in &records {
+        assert!(task.state.is_terminal(), "{} is {}", task.id, task.state);
+        assert!(completions(task) <= 1, "{} completed twice", task.id);
+        restarted += task
+            .history
+            .iter()
+            .filter(|attempt| attempt.outcome == Some(AttemptOutcome::DaemonRestart))
+            .count();
+    }
+    assert!(restarted > 0, "tasks interrupted by kill -9 were recovered");
+    let completed = records
+        .iter()
+        .filter(|t| t.state == TaskState::Completed)
+        .count();
+    assert!(completed >= 390, "{completed} of 400 completed");
+}
+
+fn parent_of(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command: state, ppid, ...
+    stat.rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_releases_unfinished_tasks_without_charging_them() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.slow]
+command = {}
+replicas = {{ min = 2 }}
+timeouts = {{ progress_timeout = "60s", stop_grace = "1s" }}
+"#,
+        example_agent(&["--work-ms", "30000"])
+    ));
+    std::fs::write(
+        &fleet.config_path,
+        std::fs::read_to_string(&fleet.config_path)
+            .unwrap()
+            .replace("shutdown_grace = \"2s\"", "shutdown_grace = \"300ms\""),
+    )
+    .unwrap();
+    let ids = write_tasks(&fleet, 3, "slow");
+    assert!(
+        fleet
+            .cli(&[
+                "submit",
+                "--agent",
+                "slow",
+                "--file",
+                fleet.path("tasks.jsonl").to_str().unwrap()
+            ])
+            .status
+            .success()
+    );
+    let client = fleet.client();
+    let instance = client.store_id().to_string();
+    let mut daemon = fleet.spawn_daemon();
+    wait_until(Duration::from_secs(20), "two tasks to run", || async {
+        client.counts().await.unwrap()[0].1.running == 2
+    })
+    .await;
+    // A second daemon on the same store is refused.
+    let second = fleet.cli(&["up"]);
+    assert_eq!(second.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&second.stderr).contains("another flotilla daemon"));
+
+    signal(&daemon, Signal::SIGTERM);
+    let status = wait_exit(&mut daemon, Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    assert!(processes_of(&instance).is_empty(), "replicas stopped");
+    for task in records(&client, &ids).await {
+        assert_eq!(task.state, TaskState::Queued, "{task:?}");
+        assert_eq!(
+            task.charged_attempts, 0,
+            "a shutdown is not the task's fault"
+        );
+        assert!(
+            task.history
+                .iter()
+                .all(|a| a.outcome == Some(AttemptOutcome::Released))
+        );
+    }
+    let shown = fleet.cli(&["status", "--json"]);
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["daemon"]["running"], false);
+    assert_eq!(shown["queue_depth"], 3);
+}

@@ -1,0 +1,522 @@
+//! The fleet with real agent processes: crashes, hangs, errors, bad output,
+//! restarts, timeouts and limits, on the embedded queue.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use flotilla::example_agent::{self, Fate};
+use flotilla::queue::{AttemptOutcome, NewTask, Priority, TaskQueue, TaskState};
+use flotilla::status::AgentState;
+use serde_json::json;
+use support::*;
+
+fn tasks(agent: &str, count: usize, prefix: &str) -> (Vec<NewTask>, Vec<String>) {
+    let ids: Vec<String> = (0..count).map(|n| format!("{prefix}-{n:05}")).collect();
+    let tasks = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| NewTask {
+            id: id.clone(),
+            agent: agent.to_string(),
+            priority: Priority::Normal,
+            payload: json!({"n": n}),
+        })
+        .collect();
+    (tasks, ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_tasks_through_crashes_and_hangs_none_lost_none_twice() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.worker]
+command = {}
+replicas = {{ min = 4 }}
+timeouts = {{ progress_timeout = "400ms", max_duration = "20s", stop_grace = "1s" }}
+retry = {{ max_deliver = 12, backoff = ["5ms", "20ms", "50ms"] }}
+restart = {{ initial_backoff = "5ms", max_backoff = "50ms", max_restarts = 100000, window = "60s" }}
+"#,
+        example_agent(&[
+            "--work-ms",
+            "2",
+            "--crash-rate",
+            "0.2",
+            "--hang-rate",
+            "0.05",
+            "--seed",
+            "11"
+        ])
+    ));
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let (batch, ids) = tasks("worker", 1000, "load");
+    queue.submit(batch).await.unwrap();
+    wait_until(Duration::from_secs(240), "1000 tasks to finish", || async {
+        finished(queue.as_ref()).await >= 1000
+    })
+    .await;
+    let restarts = daemon.agents()[0].status().restarts;
+    daemon.stop().await;
+
+    let records = records(queue.as_ref(), &ids).await;
+    let mut outcomes = HashSet::new();
+    for task in &records {
+        assert!(task.state.is_terminal(), "{} is {}", task.id, task.state);
+        assert!(completions(task) <= 1, "{} completed twice", task.id);
+        if task.state == TaskState::Completed {
+            assert_eq!(completions(task), 1);
+            assert_eq!(task.result.as_ref().unwrap()["echo"], task.payload);
+        }
+        outcomes.extend(task.history.iter().filter_map(|a| a.outcome));
+    }
+    assert!(
+        outcomes.contains(&AttemptOutcome::Crashed),
+        "crashes happened"
+    );
+    assert!(
+        outcomes.contains(&AttemptOutcome::ProgressTimeout),
+        "hangs were caught"
+    );
+    assert!(restarts > 50, "replicas were restarted ({restarts})");
+    let counts = queue.counts().await.unwrap();
+    assert_eq!(counts[0].1.total(), 1000, "nothing extra, nothing missing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_retryable_errors_and_exhausted_attempts_are_dead_lettered_with_reasons() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.fatal]
+command = {}
+retry = {{ max_deliver = 5, backoff = ["10ms"] }}
+
+[agents.flaky]
+command = {}
+retry = {{ max_deliver = 3, backoff = ["10ms"] }}
+"#,
+        example_agent(&["--work-ms", "0", "--fatal-rate", "1.0"]),
+        example_agent(&["--work-ms", "0", "--error-rate", "1.0"]),
+    ));
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let (fatal, fatal_ids) = tasks("fatal", 3, "fatal");
+    let (flaky, flaky_ids) = tasks("flaky", 2, "flaky");
+    queue.submit(fatal).await.unwrap();
+    queue.submit(flaky).await.unwrap();
+    wait_until(Duration::from_secs(30), "5 dead letters", || async {
+        finished(queue.as_ref()).await >= 5
+    })
+    .await;
+    daemon.stop().await;
+    for task in records(queue.as_ref(), &fatal_ids).await {
+        assert_eq!(task.state, TaskState::DeadLettered);
+        assert_eq!(
+            task.reason.as_deref(),
+            Some("error (not retryable): simulated fatal error")
+        );
+        assert_eq!(task.history.len(), 1, "not retried");
+        assert_eq!(task.history[0].outcome, Some(AttemptOutcome::Error));
+        assert_eq!(task.history[0].replica.as_deref(), Some("fatal/0"));
+    }
+    for task in records(queue.as_ref(), &flaky_ids).await {
+        assert_eq!(task.state, TaskState::DeadLettered);
+        let reason = task.reason.unwrap();
+        assert!(
+            reason.starts_with("attempts exhausted (retry.max_deliver = 3)"),
+            "{reason}"
+        );
+        assert!(reason.contains("simulated retryable error"), "{reason}");
+        assert_eq!(task.history.len(), 3);
+    }
+    // The dead-letter list shows them; replay gives them a fresh budget.
+    let listed = fleet.cli(&["dlq", "list", "--json"]);
+    assert!(listed.status.success());
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 5);
+}
+
+/// Ids whose example-agent fates are: crash on attempt 1, succeed on 2.
+fn crash_then_succeed(options: &example_agent::Options, count: usize) -> Vec<String> {
+    (0..)
+        .map(|n| format!("resume-{n}"))
+        .filter(|id| {
+            example_agent::fate(options, id, 1) == Fate::Crash
+                && example_agent::fate(options, id, 2) == Fate::Succeed
+        })
+        .take(count)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_replica_releases_its_task_at_once_with_its_checkpoint() {
+    let options = example_agent::Options {
+        work_ms: 40,
+        crash_rate: 0.5,
+        hang_rate: 0.0,
+        error_rate: 0.0,
+        fatal_rate: 0.0,
+        bad_output_rate: 0.0,
+        seed: 3,
+    };
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.worker]
+command = {}
+replicas = {{ min = 2 }}
+timeouts = {{ progress_timeout = "60s" }}
+retry = {{ max_deliver = 3, backoff = ["30s"] }}
+"#,
+        example_agent(&["--work-ms", "40", "--crash-rate", "0.5", "--seed", "3"])
+    ));
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let ids = crash_then_succeed(&options, 3);
+    let batch = ids
+        .iter()
+        .map(|id| NewTask {
+            id: id.clone(),
+            agent: "worker".into(),
+            priority: Priority::Normal,
+            payload: json!({}),
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    queue.submit(batch).await.unwrap();
+    // With a 60 s progress timeout and a 30 s retry backoff, only an
+    // immediate release lets these finish quickly.
+    wait_until(
+        Duration::from_secs(15),
+        "crashed tasks to complete",
+        || async { finished(queue.as_ref()).await >= 3 },
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(15));
+    daemon.stop().await;
+    for task in records(queue.as_ref(), &ids).await {
+        assert_eq!(task.state, TaskState::Completed, "{task:?}");
+        let outcomes: Vec<_> = task.history.iter().map(|a| a.outcome).collect();
+        assert_eq!(
+            outcomes,
+            [
+                Some(AttemptOutcome::Crashed),
+                Some(AttemptOutcome::Completed)
+            ]
+        );
+        assert!(
+            task.history[0]
+                .detail
+                .as_deref()
+                .unwrap()
+                .contains("exit code 70")
+        );
+        assert_eq!(
+            task.result.unwrap()["resumed_from"],
+            json!({"step": 1}),
+            "checkpoint handed over"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_output_is_counted_and_the_fleet_goes_on() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.babbler]
+command = {}
+max_line_bytes = "1KiB"
+"#,
+        example_agent(&["--work-ms", "0", "--bad-output-rate", "1.0"])
+    ));
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let (batch, ids) = tasks("babbler", 20, "babble");
+    queue.submit(batch).await.unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "babbling tasks to finish",
+        || async { finished(queue.as_ref()).await >= 20 },
+    )
+    .await;
+    let status = daemon.agents()[0].status();
+    assert!(status.malformed_lines >= 20, "{status:?}");
+    assert!(
+        status
+            .last_malformed
+            .as_deref()
+            .unwrap()
+            .contains("this is not a protocol message")
+    );
+    assert_eq!(status.restarts, 0, "bad lines do not crash anything");
+    // The status command shows it from the daemon's snapshot.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let shown = fleet.cli(&["status", "--json"]);
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert!(shown["daemon"]["running"].as_bool().unwrap());
+    assert!(shown["agents"][0]["malformed_lines"].as_u64().unwrap() >= 20);
+    daemon.stop().await;
+    for task in records(queue.as_ref(), &ids).await {
+        assert_eq!(task.state, TaskState::Completed);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_keeps_crashing_is_failed_and_its_tasks_stay_queued() {
+    let fleet = Fleet::new(
+        r#"
+[agents.broken]
+command = ["sh", "-c", "echo starting >&2; exit 1"]
+replicas = { min = 2 }
+restart = { initial_backoff = "10ms", max_backoff = "20ms", max_restarts = 5, window = "60s" }
+"#,
+    );
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let (batch, ids) = tasks("broken", 2, "stuck");
+    queue.submit(batch).await.unwrap();
+    let agent = daemon.agents()[0].clone();
+    wait_until(Duration::from_secs(20), "the agent to be failed", || {
+        let agent = agent.clone();
+        async move { agent.status().state == AgentState::Failed }
+    })
+    .await;
+    let status = agent.status();
+    let failure = status.failure.unwrap();
+    assert!(
+        failure.contains("restart.max_restarts = 5") && failure.contains("exited before ready"),
+        "{failure}"
+    );
+    daemon.stop().await;
+    for task in records(queue.as_ref(), &ids).await {
+        assert_eq!(task.state, TaskState::Queued, "never started, still queued");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_over_its_memory_limit_is_killed_and_its_task_retried() {
+    let agent = r#"
+import json, sys
+print(json.dumps({"type": "ready"}), flush=True)
+for line in sys.stdin:
+    task = json.loads(line)
+    if task["attempt"] == 1:
+        hog = bytearray(300 * 1024 * 1024)
+        for i in range(0, len(hog), 4096):
+            hog[i] = 1
+        import time
+        while True:
+            print(json.dumps({"type": "progress", "id": task["id"]}), flush=True)
+            time.sleep(0.2)
+    print(json.dumps({"type": "result", "id": task["id"], "output": "small"}), flush=True)
+"#;
+    let fleet = Fleet::new("");
+    std::fs::write(fleet.path("hog.py"), agent).unwrap();
+    std::fs::write(
+        &fleet.config_path,
+        r#"
+[store]
+path = "fleet.db"
+[agents.hog]
+command = ["python3", "hog.py"]
+memory_limit = "100MiB"
+retry = { backoff = ["10ms"] }
+"#,
+    )
+    .unwrap();
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let (batch, ids) = tasks("hog", 1, "hog");
+    queue.submit(batch).await.unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the hog task to finish",
+        || async { finished(queue.as_ref()).await >= 1 },
+    )
+    .await;
+    daemon.stop().await;
+    let task = &records(queue.as_ref(), &ids).await[0];
+    assert_eq!(task.state, TaskState::Completed);
+    assert_eq!(task.history[0].outcome, Some(AttemptOutcome::MemoryLimit));
+    assert!(
+        task.history[0]
+            .detail
+            .as_deref()
+            .unwrap()
+            .contains("memory_limit = 100MiB")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_duration_kills_an_agent_that_keeps_reporting_progress() {
+    let agent = r#"
+import json, sys, time
+print(json.dumps({"type": "ready"}), flush=True)
+for line in sys.stdin:
+    task = json.loads(line)
+    while True:
+        print(json.dumps({"type": "progress", "id": task["id"], "step": "spinning"}), flush=True)
+        time.sleep(0.05)
+"#;
+    let fleet = Fleet::new("");
+    std::fs::write(fleet.path("spin.py"), agent).unwrap();
+    std::fs::write(
+        &fleet.config_path,
+        r#"
+[store]
+path = "fleet.db"
+[agents.spin]
+command = ["python3", "spin.py"]
+timeouts = { max_duration = "500ms", progress_timeout = "10s", stop_grace = "1s" }
+retry = { max_deliver = 2, backoff = ["10ms"] }
+"#,
+    )
+    .unwrap();
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let (batch, ids) = tasks("spin", 1, "spin");
+    queue.submit(batch).await.unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the spinning task to be dead-lettered",
+        || async { finished(queue.as_ref()).await >= 1 },
+    )
+    .await;
+    daemon.stop().await;
+    let task = &records(queue.as_ref(), &ids).await[0];
+    assert_eq!(task.state, TaskState::DeadLettered);
+    assert!(
+        task.reason.as_deref().unwrap().contains("max_duration"),
+        "{:?}",
+        task.reason
+    );
+    assert!(
+        task.history
+            .iter()
+            .all(|a| a.outcome == Some(AttemptOutcome::MaxDuration))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_agents_in_python_and_shell_work() {
+    let root = repo_root();
+    let python = root.join("examples/agents/python_agent.py");
+    let shell = root.join("examples/agents/oneshot.sh");
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.python]
+command = ["python3", {python:?}]
+
+[agents.words]
+mode = "oneshot"
+command = ["sh", {shell:?}, "{{payload.text}}"]
+replicas = {{ min = 2 }}
+fatal_exit_codes = [3]
+"#,
+        python = python.display().to_string(),
+        shell = shell.display().to_string(),
+    ));
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let submit = |id: &str, agent: &str, payload: serde_json::Value| NewTask {
+        id: id.into(),
+        agent: agent.into(),
+        priority: Priority::Normal,
+        payload,
+    };
+    queue
+        .submit(vec![
+            submit("py-ok", "python", json!({"text": "fleet", "steps": 3})),
+            submit("py-bad", "python", json!({"steps": 1})),
+            submit("sh-ok", "words", json!({"text": "three little words"})),
+            submit("sh-empty", "words", json!({"text": ""})),
+            submit("sh-missing", "words", json!({"other": 1})),
+        ])
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "example tasks to finish",
+        || async { finished(queue.as_ref()).await >= 5 },
+    )
+    .await;
+    daemon.stop().await;
+    let get = |id: &'static str| {
+        let queue = queue.clone();
+        async move { queue.get(id).await.unwrap().unwrap() }
+    };
+    let py_ok = get("py-ok").await;
+    assert_eq!(py_ok.state, TaskState::Completed, "{py_ok:?}");
+    assert_eq!(py_ok.result.as_ref().unwrap()["upper"], "FLEET");
+    let py_bad = get("py-bad").await;
+    assert_eq!(py_bad.state, TaskState::DeadLettered);
+    assert!(py_bad.reason.unwrap().contains("text"));
+    let sh_ok = get("sh-ok").await;
+    assert_eq!(sh_ok.state, TaskState::Completed, "{sh_ok:?}");
+    assert_eq!(sh_ok.result.unwrap()["words"], 3);
+    let sh_empty = get("sh-empty").await;
+    assert_eq!(sh_empty.state, TaskState::DeadLettered);
+    assert!(sh_empty.reason.unwrap().contains("exit code 3"));
+    let sh_missing = get("sh-missing").await;
+    assert_eq!(sh_missing.state, TaskState::DeadLettered);
+    assert!(
+        sh_missing
+            .reason
+            .unwrap()
+            .contains("the payload has no field payload.text")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oneshot_hang_is_killed_and_output_lines_count_as_progress() {
+    let fleet = Fleet::new(
+        r#"
+[agents.slow]
+mode = "oneshot"
+command = ["sh", "-c", "for i in 1 2 3 4 5 6; do echo tick; sleep 0.1; done; echo '{{\"done\": true}}'"]
+timeouts = { progress_timeout = "400ms" }
+
+[agents.silent]
+mode = "oneshot"
+command = ["sh", "-c", "sleep 30"]
+timeouts = { progress_timeout = "300ms", stop_grace = "1s" }
+retry = { max_deliver = 1 }
+"#,
+    );
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let (slow, slow_ids) = tasks("slow", 1, "slow");
+    let (silent, silent_ids) = tasks("silent", 1, "silent");
+    queue.submit(slow).await.unwrap();
+    queue.submit(silent).await.unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "both oneshot tasks to finish",
+        || async { finished(queue.as_ref()).await >= 2 },
+    )
+    .await;
+    let instance = queue.store_id().to_string();
+    daemon.stop().await;
+    let slow = &records(queue.as_ref(), &slow_ids).await[0];
+    assert_eq!(slow.state, TaskState::Completed, "{slow:?}");
+    // Six ticks over 600 ms against a 400 ms progress timeout: each line
+    // counted as progress. stdout is the result; not JSON as a whole here.
+    assert!(
+        slow.result
+            .as_ref()
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .ends_with("{\"done\": true}")
+    );
+    let silent = &records(queue.as_ref(), &silent_ids).await[0];
+    assert_eq!(silent.state, TaskState::DeadLettered);
+    assert_eq!(
+        silent.history[0].outcome,
+        Some(AttemptOutcome::ProgressTimeout)
+    );
+    assert!(
+        processes_of(&instance).is_empty(),
+        "the killed sleep is gone"
+    );
+}

@@ -1,0 +1,229 @@
+//! Shared helpers of the integration tests: temporary fleets with real
+//! agent processes, the daemon in-process or as a real `flotilla up`
+//! process, and polling with bounded waits.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla::clock;
+use flotilla::config::{self, Config};
+use flotilla::daemon::Daemon;
+use flotilla::queue::sqlite::{Role, Settings, SqliteQueue};
+use flotilla::queue::{TaskQueue, TaskRecord};
+
+/// The flotilla binary built for these tests.
+pub fn flotilla_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_flotilla")
+}
+
+/// The repository root (for example agents).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A TOML array running the built-in example agent with `args`.
+pub fn example_agent(args: &[&str]) -> String {
+    let mut argv = vec![flotilla_bin().to_string(), "example-agent".to_string()];
+    argv.extend(args.iter().map(|arg| arg.to_string()));
+    toml_array(&argv)
+}
+
+/// A TOML array of strings.
+pub fn toml_array(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|item| format!("{item:?}")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// A fleet in a temporary directory.
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+impl Fleet {
+    /// Writes `agents` (TOML `[agents.*]` tables) after a default store
+    /// section.
+    pub fn new(agents: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config_path = dir.path().join("flotilla.toml");
+        let text = format!(
+            "[store]\npath = \"fleet.db\"\n\n[daemon]\nshutdown_grace = \"2s\"\nstatus_interval = \"200ms\"\n\n{agents}"
+        );
+        std::fs::write(&config_path, text).expect("config written");
+        Self { dir, config_path }
+    }
+
+    pub fn config(&self) -> Config {
+        config::load(&self.config_path).expect("valid config")
+    }
+
+    /// The daemon in this process.
+    pub async fn start(&self) -> Daemon {
+        Daemon::start(self.config(), clock::system())
+            .await
+            .expect("daemon starts")
+    }
+
+    /// A client connection to the store (like the CLI's).
+    pub fn client(&self) -> SqliteQueue {
+        let config = self.config();
+        SqliteQueue::open(
+            &config.store_path(),
+            Settings::from_config(&config.store, Role::Client),
+            clock::system(),
+        )
+        .expect("store opens")
+    }
+
+    /// `flotilla up` as a real process.
+    pub fn spawn_daemon(&self) -> Child {
+        Command::new(flotilla_bin())
+            .args(["-c", self.config_path.to_str().unwrap(), "up"])
+            .env("FLOTILLA_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("daemon spawns")
+    }
+
+    /// Runs the CLI with `args` against this fleet.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_with_stdin(args, None)
+    }
+
+    pub fn cli_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut command = Command::new(flotilla_bin());
+        command
+            .args(["-c", self.config_path.to_str().unwrap()])
+            .args(args)
+            .env("FLOTILLA_LOG", "warn")
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("cli spawns");
+        if let Some(text) = stdin {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+        }
+        child.wait_with_output().expect("cli runs")
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// Polls `check` every 50 ms until it returns true or `limit` passes.
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
+/// Number of tasks in a terminal state.
+pub async fn finished(queue: &dyn TaskQueue) -> u64 {
+    queue
+        .counts()
+        .await
+        .unwrap()
+        .iter()
+        .map(|(_, c)| c.completed + c.dead_lettered)
+        .sum()
+}
+
+/// Every task by id, failing on a lost one.
+pub async fn records(queue: &dyn TaskQueue, ids: &[String]) -> Vec<TaskRecord> {
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        out.push(
+            queue
+                .get(id)
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("task {id} was lost")),
+        );
+    }
+    out
+}
+
+/// Completions recorded in a task's history.
+pub fn completions(task: &TaskRecord) -> usize {
+    task.history
+        .iter()
+        .filter(|attempt| attempt.outcome == Some(flotilla::queue::AttemptOutcome::Completed))
+        .count()
+}
+
+/// Pids of processes spawned for the store `instance` (see
+/// `FLOTILLA_INSTANCE`).
+pub fn processes_of(instance: &str) -> Vec<u32> {
+    let marker = format!("FLOTILLA_INSTANCE={instance}");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Zombies have an empty environ; they are not running agents.
+        if let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ"))
+            && environ.split(|b| *b == 0).any(|e| e == marker.as_bytes())
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// The store id of the store at `path`.
+pub fn store_id(queue: &SqliteQueue) -> String {
+    queue.store_id().to_string()
+}
+
+/// Sends `signal` to `child`.
+pub fn signal(child: &Child, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+}
+
+/// Waits for `child` to exit, up to `limit`.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "process did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn exists(path: &Path) -> bool {
+    path.exists()
+}
