@@ -313,8 +313,7 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
         Command::Up => up(config).await,
         Command::Config(ConfigCommand::Check) => {
             println!(
-                "{}: valid; store {}; agents: {}",
-                "config",
+                "config: valid; store {}; agents: {}",
                 config.store_path().display(),
                 config.agent_names()
             );
@@ -785,8 +784,8 @@ fn print_tasks(tasks: &[TaskRecord], json: bool) {
         return;
     }
     println!(
-        "{:<38} {:<16} {:<14} {:<8} {:>8}  {}",
-        "ID", "AGENT", "STATE", "PRIORITY", "ATTEMPTS", "REASON"
+        "{:<38} {:<16} {:<14} {:<8} {:>8}  REASON",
+        "ID", "AGENT", "STATE", "PRIORITY", "ATTEMPTS"
     );
     for task in tasks {
         println!(

@@ -197,6 +197,10 @@ impl Daemon {
                 "replicas did not stop in time; their tasks return to the queue on the next start"
             );
         }
+        for agent in &self.agents {
+            agent.flush_outcomes().await;
+        }
+        self.queue.flush_released().await;
         for task in self.housekeeping {
             let _ = task.await;
         }

@@ -3,7 +3,7 @@
 //! resilience report whose "lost" figure is counted task by task.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -84,7 +84,7 @@ pub async fn run(options: &Options) -> anyhow::Result<ExitCode> {
     result
 }
 
-async fn run_in(dir: &PathBuf, seed: u64, options: &Options) -> anyhow::Result<ExitCode> {
+async fn run_in(dir: &Path, seed: u64, options: &Options) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("cannot find the flotilla executable")?;
     let config_path = dir.join("flotilla.toml");
     std::fs::write(&config_path, demo_config(&exe.display().to_string(), seed))?;

@@ -176,18 +176,19 @@ pub fn encode(message: &ToAgent) -> String {
     line
 }
 
-/// The JSON Schema of both message directions, for agent authors.
+/// The JSON Schema of both message directions, for agent authors:
+/// `#/$defs/ToAgent` (stdin) and `#/$defs/FromAgent` (stdout).
 pub fn schema() -> Value {
-    let to_agent = schemars::schema_for!(ToAgent);
-    let from_agent = schemars::schema_for!(FromAgent);
+    let mut generator = schemars::generate::SchemaSettings::draft2020_12().into_generator();
+    let to_agent = generator.subschema_for::<ToAgent>();
+    let from_agent = generator.subschema_for::<FromAgent>();
+    let definitions = generator.take_definitions(true);
     serde_json::json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "flotilla agent protocol v1",
-        "description": "One JSON object per line. `to_agent` arrives on the agent's stdin; `from_agent` is written to its stdout.",
-        "$defs": {
-            "to_agent": to_agent,
-            "from_agent": from_agent,
-        }
+        "title": format!("flotilla agent protocol v{PROTOCOL_VERSION}"),
+        "description": "One JSON object per line. ToAgent arrives on the agent's stdin; FromAgent is written to its stdout.",
+        "anyOf": [to_agent, from_agent],
+        "$defs": definitions,
     })
 }
 
@@ -255,6 +256,21 @@ mod tests {
     fn excerpt_is_bounded() {
         let long = "x".repeat(10_000);
         assert_eq!(excerpt(&long).chars().count(), EXCERPT_CHARS + 1);
+    }
+
+    #[test]
+    fn schema_references_resolve() {
+        let schema = schema();
+        let text = schema.to_string();
+        for reference in text.split("\"$ref\":\"#/$defs/").skip(1) {
+            let name = &reference[..reference.find('"').unwrap()];
+            assert!(
+                schema["$defs"].get(name).is_some(),
+                "dangling $ref to {name}"
+            );
+        }
+        assert!(schema["$defs"]["FromAgent"].is_object());
+        assert!(schema["$defs"]["ToAgent"].is_object());
     }
 
     #[test]

@@ -37,6 +37,11 @@ const LEASE_WAIT: Duration = Duration::from_secs(1);
 const LEASE_MARGIN: Duration = Duration::from_secs(30);
 /// Longest wait for a write to an agent's stdin.
 const STDIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Completions being stored at once per agent; a replica waits for a permit
+/// before taking its next task, so pending writes stay bounded.
+const OUTCOME_PERMITS: u32 = 256;
+/// Longest a task leased ahead waits in memory before it is handed back.
+const PREFETCH_TTL: Duration = Duration::from_secs(2);
 
 /// Memory of every process group, refreshed by the daemon's sampler.
 pub type MemoryMap = Arc<HashMap<u32, u64>>;
@@ -61,6 +66,7 @@ pub struct AgentRuntime {
     memory: watch::Receiver<MemoryMap>,
     rng: Mutex<SmallRng>,
     shutdown_grace: Duration,
+    outcomes: Arc<tokio::sync::Semaphore>,
 }
 
 /// A replica asking the leaser for one task.
@@ -174,6 +180,7 @@ impl AgentRuntime {
             memory: wiring.memory.clone(),
             rng: Mutex::new(SmallRng::from_os_rng()),
             shutdown_grace: config.daemon.shutdown_grace.get(),
+            outcomes: Arc::new(tokio::sync::Semaphore::new(OUTCOME_PERMITS as usize)),
         });
         let mut handles = vec![tokio::spawn(leaser(
             runtime.clone(),
@@ -263,6 +270,48 @@ impl AgentRuntime {
             env,
             workdir: self.workdir.clone(),
         })
+    }
+
+    /// Stores a completion without holding up the replica: the write joins
+    /// the next group commit while the replica takes its next task. Waits
+    /// only when [`OUTCOME_PERMITS`] writes are already pending.
+    async fn complete(
+        self: &Arc<Self>,
+        mut lease: Lease,
+        output: serde_json::Value,
+        replica: String,
+    ) {
+        let permit = self
+            .outcomes
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the outcome semaphore is never closed");
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let end = AttemptEnd {
+                outcome: AttemptOutcome::Completed,
+                replica: Some(replica.clone()),
+                detail: None,
+            };
+            match agent.queue.ack(&lease.key, &output, end).await {
+                Ok(_) => lease.settle(),
+                Err(QueueError::Invalid(message)) => {
+                    let failure = Failure {
+                        retryable: false,
+                        ..Failure::new(AttemptOutcome::Rejected, message)
+                    };
+                    agent.fail_attempt(lease, failure, &replica).await;
+                }
+                Err(error) => agent.settle(&mut lease, Err(error)),
+            }
+        });
+    }
+
+    /// Waits until every completion handed to [`Self::complete`] is stored.
+    pub async fn flush_outcomes(&self) {
+        let _all = self.outcomes.acquire_many(OUTCOME_PERMITS).await;
     }
 
     /// Settles a failed attempt: dead letter when not retryable or out of
@@ -424,54 +473,125 @@ impl Tracked {
     }
 }
 
-/// Leases tasks for idle replicas, as many as are waiting, one agent only.
+/// How many tasks an agent finished per second recently: the leaser leases
+/// that many ahead, so a slow agent never holds tasks it cannot start soon.
+#[derive(Debug)]
+struct Rate {
+    window_start: Instant,
+    current: u32,
+    previous: u32,
+}
+
+impl Rate {
+    fn new() -> Self {
+        Self {
+            window_start: Instant::now(),
+            current: 0,
+            previous: 0,
+        }
+    }
+
+    fn roll(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.window_start);
+        if elapsed >= Duration::from_secs(2) {
+            self.previous = 0;
+            self.current = 0;
+            self.window_start = now;
+        } else if elapsed >= Duration::from_secs(1) {
+            self.previous = self.current;
+            self.current = 0;
+            self.window_start += Duration::from_secs(1);
+        }
+    }
+
+    fn record(&mut self) {
+        self.roll(Instant::now());
+        self.current = self.current.saturating_add(1);
+    }
+
+    fn per_second(&mut self) -> u32 {
+        self.roll(Instant::now());
+        self.previous.max(self.current)
+    }
+}
+
+/// Leases tasks for idle replicas of one agent: as many as are waiting,
+/// plus up to `prefetch` ahead (at most what the agent finished in the last
+/// second), held for at most [`PREFETCH_TTL`].
 async fn leaser(
     agent: Arc<AgentRuntime>,
     mut requests: mpsc::Receiver<SlotRequest>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut pending: VecDeque<SlotRequest> = VecDeque::new();
+    let mut ahead: VecDeque<(Lease, Instant)> = VecDeque::new();
+    let mut rate = Rate::new();
     let mut failures = 0u32;
     loop {
-        if *shutdown.borrow() {
-            return;
-        }
-        if pending.is_empty() {
-            tokio::select! {
-                biased;
-                _ = shutdown.changed() => return,
-                request = requests.recv() => match request {
-                    Some(request) => pending.push_back(request),
-                    None => return,
-                },
-            }
-        }
         while let Ok(request) = requests.try_recv() {
             pending.push_back(request);
         }
         pending.retain(|request| !request.reply.is_closed());
+        // Serve from the leases taken ahead first.
+        while !pending.is_empty() {
+            let Some((lease, leased_at)) = ahead.pop_front() else {
+                break;
+            };
+            match hand_out(&mut pending, lease) {
+                None => rate.record(),
+                Some(lease) => ahead.push_front((lease, leased_at)),
+            }
+        }
+        let now = Instant::now();
+        while ahead
+            .front()
+            .is_some_and(|(_, at)| now.saturating_duration_since(*at) >= PREFETCH_TTL)
+        {
+            let (lease, _) = ahead.pop_front().expect("checked");
+            agent
+                .release(lease, "leaser", "leased ahead but not started in time")
+                .await;
+        }
+        if *shutdown.borrow() {
+            break;
+        }
         if pending.is_empty() {
+            let expiry = ahead.front().map(|(_, at)| *at + PREFETCH_TTL);
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => {}
+                request = requests.recv() => match request {
+                    Some(request) => pending.push_back(request),
+                    None => break,
+                },
+                () = tokio::time::sleep_until(expiry.unwrap_or(now + LEASE_WAIT)), if expiry.is_some() => {}
+            }
             continue;
         }
+        let extra = rate.per_second().min(agent.config.prefetch) as usize;
         let request = LeaseRequest {
             agent: agent.name.clone(),
-            max: pending.len(),
+            max: pending.len() + extra,
             lease_for: agent.lease_for(),
             owner: agent.owner.clone(),
             max_deliver: agent.config.retry.max_deliver.get(),
         };
         // Cancelling the lease future is safe: leases it took are released
-        // by their guards.
+        // by their guards (and the daemon flushes those before it exits).
         let leased = tokio::select! {
             biased;
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => continue,
             leased = agent.queue.lease(&request, LEASE_WAIT) => leased,
         };
         match leased {
             Ok(leases) => {
                 failures = 0;
+                let now = Instant::now();
                 for lease in leases {
-                    hand_out(&mut pending, lease);
+                    match hand_out(&mut pending, lease) {
+                        None => rate.record(),
+                        Some(lease) => ahead.push_back((lease, now)),
+                    }
                 }
             }
             Err(error) => {
@@ -483,17 +603,21 @@ async fn leaser(
             }
         }
     }
+    for (lease, _) in ahead {
+        agent.release(lease, "leaser", "the daemon shut down").await;
+    }
 }
 
-/// Gives `lease` to the first waiting replica still listening; with none
-/// left, dropping it releases the task.
-fn hand_out(pending: &mut VecDeque<SlotRequest>, mut lease: Lease) {
+/// Gives `lease` to the first waiting replica still listening; returns it
+/// when none is left.
+fn hand_out(pending: &mut VecDeque<SlotRequest>, mut lease: Lease) -> Option<Lease> {
     while let Some(request) = pending.pop_front() {
         match request.reply.send(lease) {
-            Ok(()) => return,
+            Ok(()) => return None,
             Err(back) => lease = back,
         }
     }
+    Some(lease)
 }
 
 /// How one process of a replica ended.

@@ -3,6 +3,7 @@
 //! in flight when the process ends.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, BufReader};
@@ -15,7 +16,7 @@ use super::{
 };
 use crate::lines::{Line, LineReader};
 use crate::protocol::{self, FromAgent, LineError, PROTOCOL_VERSION, TaskMessage, ToAgent};
-use crate::queue::{AttemptEnd, AttemptOutcome, Lease, QueueError};
+use crate::queue::{AttemptOutcome, Lease, QueueError};
 use crate::status::ReplicaState;
 use crate::supervisor::process;
 
@@ -23,7 +24,7 @@ use crate::supervisor::process;
 const IDLE_TICK: Duration = Duration::from_secs(3600);
 
 struct Replica<'a> {
-    agent: &'a AgentRuntime,
+    agent: &'a Arc<AgentRuntime>,
     index: u32,
     name: String,
     child: Child,
@@ -36,7 +37,7 @@ struct Replica<'a> {
 /// Runs one process of replica `index` until it exits or the daemon shuts
 /// down.
 pub(super) async fn run(
-    agent: &AgentRuntime,
+    agent: &Arc<AgentRuntime>,
     index: u32,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Exit {
@@ -186,9 +187,14 @@ impl Replica<'_> {
                 biased;
                 changed = shutdown.changed(), if draining.is_none() => {
                     if changed.is_err() || *shutdown.borrow() {
-                        // Stop taking tasks; a lease already handed to the
-                        // slot is released by its guard.
-                        slot = None;
+                        // Stop taking tasks, and hand back a lease that
+                        // reached the slot meanwhile.
+                        if let Some(mut receiver) = slot.take() {
+                            receiver.close();
+                            if let Ok(lease) = receiver.try_recv() {
+                                self.agent.release(lease, &self.name, "the daemon shut down").await;
+                            }
+                        }
                         draining = Some(Instant::now() + self.agent.shutdown_grace);
                         self.agent.update_replica(self.index, |replica| replica.state = ReplicaState::Stopping);
                     }
@@ -320,26 +326,11 @@ impl Replica<'_> {
                     self.agent.record_stale(self.index, "result");
                     return;
                 };
-                let mut tracked = self.in_flight.remove(&id).expect("task_for found it");
+                let tracked = self.in_flight.remove(&id).expect("task_for found it");
                 self.publish_tasks();
-                let end = AttemptEnd {
-                    outcome: AttemptOutcome::Completed,
-                    replica: Some(self.name.clone()),
-                    detail: None,
-                };
-                match self.agent.queue.ack(&tracked.lease.key, &output, end).await {
-                    Ok(_) => tracked.lease.settle(),
-                    Err(QueueError::Invalid(message)) => {
-                        let failure = Failure {
-                            retryable: false,
-                            ..Failure::new(AttemptOutcome::Rejected, message)
-                        };
-                        self.agent
-                            .fail_attempt(tracked.lease, failure, &self.name)
-                            .await;
-                    }
-                    Err(error) => self.agent.settle(&mut tracked.lease, Err(error)),
-                }
+                self.agent
+                    .complete(tracked.lease, output, self.name.clone())
+                    .await;
             }
             FromAgent::Error {
                 id,

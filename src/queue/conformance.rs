@@ -565,6 +565,12 @@ pub async fn dropped_lease_is_released<Q: TaskQueue>(queue: &Q) {
     let leases = queue.lease(&request(1), Duration::ZERO).await.unwrap();
     assert_eq!(leases.len(), 1);
     drop(leases);
+    queue.flush_released().await;
+    assert_eq!(
+        state_of(queue, "x1").await,
+        TaskState::Queued,
+        "released by the flush"
+    );
     for _ in 0..100 {
         if state_of(queue, "x1").await == TaskState::Queued {
             let record = queue.get("x1").await.unwrap().unwrap();

@@ -218,17 +218,26 @@ impl Lease {
     }
 }
 
+/// What lease guards tell their backend.
+#[derive(Debug)]
+pub enum Returned {
+    /// This lease was dropped unsettled: release it.
+    Lease(LeaseKey),
+    /// Answer once every lease returned before this one is released.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
 /// Releases a lease on drop unless disarmed: a lease lost by a bug, a panic
 /// or a cancelled future goes back to the queue instead of waiting for its
 /// deadline.
 pub struct LeaseGuard {
     key: Option<LeaseKey>,
-    returns: mpsc::UnboundedSender<LeaseKey>,
+    returns: mpsc::UnboundedSender<Returned>,
 }
 
 impl LeaseGuard {
     /// A guard that sends `key` to `returns` when dropped armed.
-    pub fn new(key: LeaseKey, returns: mpsc::UnboundedSender<LeaseKey>) -> Self {
+    pub fn new(key: LeaseKey, returns: mpsc::UnboundedSender<Returned>) -> Self {
         Self {
             key: Some(key),
             returns,
@@ -253,7 +262,7 @@ impl Drop for LeaseGuard {
         if let Some(key) = self.key.take() {
             // The receiver is gone only when the queue is shut down, and
             // then the daemon requeues running tasks on its next start.
-            let _ = self.returns.send(key);
+            let _ = self.returns.send(Returned::Lease(key));
         }
     }
 }
@@ -623,6 +632,9 @@ pub trait TaskQueue: Send + Sync + 'static {
 
     /// Deletes dead letters. Returns how many.
     async fn purge(&self, selection: &Selection) -> Result<u64, QueueError>;
+
+    /// Waits until every lease dropped unsettled so far has been released.
+    async fn flush_released(&self);
 }
 
 #[cfg(test)]

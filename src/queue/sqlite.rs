@@ -22,8 +22,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     AckOutcome, Attempt, AttemptEnd, AttemptOutcome, Lease, LeaseGuard, LeaseKey, LeaseRequest,
-    ListFilter, NewTask, Priority, QueueError, Selection, StateCounts, SubmitReceipt, TaskQueue,
-    TaskRecord, TaskState, bound_reason, validate_task_id,
+    ListFilter, NewTask, Priority, QueueError, Returned, Selection, StateCounts, SubmitReceipt,
+    TaskQueue, TaskRecord, TaskState, bound_reason, validate_task_id,
 };
 use crate::clock::{SharedClock, UnixMillis};
 
@@ -268,7 +268,7 @@ pub struct SqliteQueue {
     writer: Writer,
     reader: Arc<Mutex<Connection>>,
     wakers: Arc<Wakers>,
-    returns: mpsc::UnboundedSender<LeaseKey>,
+    returns: mpsc::UnboundedSender<Returned>,
     settings: Settings,
     clock: SharedClock,
     store_id: String,
@@ -370,19 +370,26 @@ impl SqliteQueue {
                 .map_err(|error| QueueError::Storage(format!("cannot start writer: {error}")))?;
         }
         let writer = Writer { jobs: jobs_tx };
-        let (returns, mut returned) = mpsc::unbounded_channel::<LeaseKey>();
+        let (returns, mut returned) = mpsc::unbounded_channel::<Returned>();
         {
             let writer = writer.clone();
             tokio::spawn(async move {
-                while let Some(key) = returned.recv().await {
-                    let end = AttemptEnd::new(
-                        AttemptOutcome::Released,
-                        None,
-                        "lease dropped without an outcome",
-                    );
-                    let _ = writer
-                        .call(move |context| release(context, &key, &end))
-                        .await;
+                while let Some(message) = returned.recv().await {
+                    match message {
+                        Returned::Lease(key) => {
+                            let end = AttemptEnd::new(
+                                AttemptOutcome::Released,
+                                None,
+                                "lease dropped without an outcome",
+                            );
+                            let _ = writer
+                                .call(move |context| release(context, &key, &end))
+                                .await;
+                        }
+                        Returned::Barrier(done) => {
+                            let _ = done.send(());
+                        }
+                    }
                 }
             });
         }
@@ -781,6 +788,17 @@ fn submit(context: &mut Context<'_>, tasks: &[Prepared]) -> Result<Vec<SubmitRec
     Ok(receipts)
 }
 
+/// A ready row as the claim query returns it.
+struct ReadyRow {
+    seq: i64,
+    id: String,
+    priority: i64,
+    payload: String,
+    checkpoint: Option<String>,
+    attempt: u32,
+    charged: u32,
+}
+
 struct Claimed {
     key: LeaseKey,
     priority: Priority,
@@ -804,22 +822,22 @@ fn lease(context: &mut Context<'_>, request: &LeaseRequest) -> Result<Vec<Claime
     // bound keeps one call from scanning forever.
     for _round in 0..8 {
         let want = request.max - claimed.len();
-        let rows: Vec<(i64, String, i64, String, Option<String>, u32, u32)> = conn
+        let rows: Vec<ReadyRow> = conn
             .prepare_cached(
                 "SELECT seq, id, priority, payload, checkpoint, attempt, charged FROM tasks
                  WHERE agent = ?1 AND state = 1 ORDER BY priority, seq LIMIT ?2",
             )
             .map_err(storage)?
             .query_map(params![request.agent, want as i64], |row| {
-                Ok((
-                    row.get(0)?,
-                    row.get(1)?,
-                    row.get(2)?,
-                    row.get(3)?,
-                    row.get(4)?,
-                    as_u32(row.get(5)?),
-                    as_u32(row.get(6)?),
-                ))
+                Ok(ReadyRow {
+                    seq: row.get(0)?,
+                    id: row.get(1)?,
+                    priority: row.get(2)?,
+                    payload: row.get(3)?,
+                    checkpoint: row.get(4)?,
+                    attempt: as_u32(row.get(5)?),
+                    charged: as_u32(row.get(6)?),
+                })
             })
             .map_err(storage)?
             .collect::<Result<_, _>>()
@@ -827,7 +845,16 @@ fn lease(context: &mut Context<'_>, request: &LeaseRequest) -> Result<Vec<Claime
         if rows.is_empty() {
             break;
         }
-        for (seq, id, priority, payload, checkpoint, attempt, charged) in rows {
+        for ReadyRow {
+            seq,
+            id,
+            priority,
+            payload,
+            checkpoint,
+            attempt,
+            charged,
+        } in rows
+        {
             if charged >= request.max_deliver {
                 exhaust(context, seq, request.max_deliver)?;
                 continue;
@@ -1381,6 +1408,13 @@ impl TaskQueue for SqliteQueue {
                 Ok(found.len() as u64)
             })
             .await
+    }
+
+    async fn flush_released(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.returns.send(Returned::Barrier(done)).is_ok() {
+            let _ = wait.await;
+        }
     }
 
     async fn purge(&self, selection: &Selection) -> Result<u64, QueueError> {

@@ -1,0 +1,275 @@
+//! Benchmarks of flotilla on this machine, written up in BENCHMARKS.md.
+//!
+//! `cargo build --release && target/release/flotilla-bench` runs every
+//! scenario; each figure is the median of several runs with min and max.
+//! Scenarios:
+//! - `throughput`: tasks/s through N persistent no-op replicas (the
+//!   built-in example agent with `--work-ms 0`) on the embedded queue with
+//!   fsync'd group commits, for a pre-loaded queue.
+//! - `recovery`: time from `kill -9` of the replica working on a task to
+//!   the task starting on another replica.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use flotilla::clock;
+use flotilla::config;
+use flotilla::daemon::Daemon;
+use flotilla::queue::{NewTask, Priority, TaskQueue, TaskState};
+
+#[derive(Debug, Parser)]
+#[command(about = "Benchmarks of flotilla (see BENCHMARKS.md)")]
+struct Args {
+    /// Which scenario: throughput, recovery or all.
+    #[arg(long, default_value = "all")]
+    scenario: String,
+    /// Runs per figure (the median is reported with min and max).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Tasks per throughput run.
+    #[arg(long, default_value_t = 50_000)]
+    tasks: usize,
+    /// Replicas for the throughput runs (comma-separated).
+    #[arg(long, default_value = "4")]
+    replicas: String,
+    /// Kills per recovery run.
+    #[arg(long, default_value_t = 200)]
+    kills: usize,
+    /// Working directory for stores (a temporary one by default).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+fn flotilla_exe() -> anyhow::Result<PathBuf> {
+    let own = std::env::current_exe()?;
+    let exe = own.with_file_name("flotilla");
+    if !exe.exists() {
+        bail!(
+            "{} not found; build it first (cargo build --release)",
+            exe.display()
+        );
+    }
+    Ok(exe)
+}
+
+fn write_config(dir: &Path, agent: &str) -> anyhow::Result<config::Config> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("flotilla.toml");
+    std::fs::write(&path, format!("[store]\npath = \"bench.db\"\n\n{agent}"))?;
+    Ok(config::load(&path)?)
+}
+
+fn summary(values: &mut [f64]) -> (f64, f64, f64) {
+    values.sort_by(|a, b| a.total_cmp(b));
+    let median = values[values.len() / 2];
+    (median, values[0], values[values.len() - 1])
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+async fn throughput_run(dir: &Path, replicas: u32, tasks: usize) -> anyhow::Result<f64> {
+    let _ = std::fs::remove_dir_all(dir);
+    let exe = flotilla_exe()?;
+    let config = write_config(
+        dir,
+        &format!(
+            "[agents.noop]\ncommand = [{:?}, \"example-agent\", \"--work-ms\", \"0\"]\nreplicas = {{ min = {replicas} }}\n",
+            exe.display().to_string()
+        ),
+    )?;
+    // Pre-load the queue through a client, as `flotilla submit` would.
+    {
+        let queue = flotilla::queue::sqlite::SqliteQueue::open(
+            &config.store_path(),
+            flotilla::queue::sqlite::Settings::from_config(
+                &config.store,
+                flotilla::queue::sqlite::Role::Client,
+            ),
+            clock::system(),
+        )?;
+        for chunk in (0..tasks).collect::<Vec<_>>().chunks(10_000) {
+            let batch = chunk
+                .iter()
+                .map(|n| NewTask {
+                    id: format!("t{n}"),
+                    agent: "noop".into(),
+                    priority: Priority::Normal,
+                    payload: serde_json::json!({"n": n}),
+                })
+                .collect();
+            queue.submit(batch).await?;
+        }
+    }
+    let daemon = Daemon::start(config, clock::system()).await?;
+    let queue = daemon.queue().clone();
+    // Wait for the replicas to be ready so that start-up is not measured.
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(600);
+    loop {
+        let done: u64 = queue.counts().await?.iter().map(|(_, c)| c.completed).sum();
+        if done as usize >= tasks {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("throughput run did not finish in 10 minutes ({done} done)");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    daemon.stop().await;
+    Ok(tasks as f64 / elapsed)
+}
+
+async fn recovery_run(dir: &Path, kills: usize) -> anyhow::Result<Vec<f64>> {
+    let _ = std::fs::remove_dir_all(dir);
+    let exe = flotilla_exe()?;
+    let config = write_config(
+        dir,
+        &format!(
+            r#"[agents.busy]
+command = [{:?}, "example-agent", "--work-ms", "3600000"]
+replicas = {{ min = 3 }}
+timeouts = {{ progress_timeout = "2h", max_duration = "2h" }}
+retry = {{ max_deliver = 1000 }}
+restart = {{ initial_backoff = "10ms", max_backoff = "10ms", max_restarts = 100000 }}
+"#,
+            exe.display().to_string()
+        ),
+    )?;
+    let daemon = Daemon::start(config, clock::system()).await?;
+    let queue = daemon.queue().clone();
+    queue
+        .submit(vec![NewTask {
+            id: "moving".into(),
+            agent: "busy".into(),
+            priority: Priority::Normal,
+            payload: serde_json::json!({}),
+        }])
+        .await?;
+    let agent = daemon.agents()[0].clone();
+    let mut latencies = Vec::with_capacity(kills);
+    for kill in 0..kills {
+        let attempt = kill as u32 + 1;
+        // Wait until the task runs as this attempt, and every replica is up.
+        let holder = loop {
+            let task = queue.get("moving").await?.context("task exists")?;
+            let status = agent.status();
+            let ready = status
+                .replicas
+                .iter()
+                .filter(|r| {
+                    matches!(
+                        r.state,
+                        flotilla::status::ReplicaState::Idle | flotilla::status::ReplicaState::Busy
+                    )
+                })
+                .count();
+            let holder = status
+                .replicas
+                .iter()
+                .find(|r| r.tasks.iter().any(|t| t == "moving"))
+                .and_then(|r| r.pid);
+            if let Some(holder) = holder
+                && task.state == TaskState::Running
+                && task.attempts == attempt
+                && ready == 3
+            {
+                break holder;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        // Let the replica get into its work.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let killed_at = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64() * 1000.0;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(holder as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        let restarted_ms = loop {
+            let task = queue.get("moving").await?.context("task exists")?;
+            if let Some(next) = task.history.iter().find(|a| a.number == attempt + 1) {
+                break next.started_ms as f64;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        // started_ms has millisecond resolution: the figure is ±1 ms.
+        latencies.push((restarted_ms - killed_at).max(0.0));
+    }
+    daemon.stop().await;
+    Ok(latencies)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let base = match &args.dir {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("flotilla-bench-{}", std::process::id())),
+    };
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!(
+        "flotilla-bench: {cores} cores, {} runs per figure, store under {}",
+        args.runs,
+        base.display()
+    );
+    if args.scenario == "all" || args.scenario == "throughput" {
+        for replicas in args.replicas.split(',') {
+            let replicas: u32 = replicas
+                .trim()
+                .parse()
+                .context("--replicas takes numbers")?;
+            let mut rates = Vec::new();
+            for run in 0..args.runs {
+                let rate = throughput_run(
+                    &base.join(format!("throughput-{replicas}-{run}")),
+                    replicas,
+                    args.tasks,
+                )
+                .await?;
+                println!(
+                    "  throughput run {run}: {replicas} replicas, {} tasks: {rate:.0} tasks/s",
+                    args.tasks
+                );
+                rates.push(rate);
+            }
+            let (median, min, max) = summary(&mut rates);
+            println!(
+                "throughput, {replicas} persistent no-op replicas, embedded queue (synchronous=FULL): median {median:.0} tasks/s (min {min:.0}, max {max:.0})"
+            );
+        }
+    }
+    if args.scenario == "all" || args.scenario == "recovery" {
+        let mut p50s = Vec::new();
+        let mut p99s = Vec::new();
+        let mut all = Vec::new();
+        for run in 0..args.runs {
+            let mut latencies =
+                recovery_run(&base.join(format!("recovery-{run}")), args.kills).await?;
+            latencies.sort_by(|a, b| a.total_cmp(b));
+            let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+            println!(
+                "  recovery run {run}: {} kills: p50 {p50:.1} ms, p99 {p99:.1} ms, max {:.1} ms",
+                latencies.len(),
+                latencies[latencies.len() - 1]
+            );
+            p50s.push(p50);
+            p99s.push(p99);
+            all.extend(latencies);
+        }
+        let (p50, p50_min, p50_max) = summary(&mut p50s);
+        let (p99, p99_min, p99_max) = summary(&mut p99s);
+        println!(
+            "recovery, kill -9 of a busy replica to its task starting on another: p50 median {p50:.1} ms (min {p50_min:.1}, max {p50_max:.1}); p99 median {p99:.1} ms (min {p99_min:.1}, max {p99_max:.1}); {} kills",
+            all.len()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&base);
+    Ok(())
+}
