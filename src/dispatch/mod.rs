@@ -515,9 +515,14 @@ impl Rate {
     }
 }
 
+type LeaseFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Lease>, QueueError>> + Send>>;
+
 /// Leases tasks for idle replicas of one agent: as many as are waiting,
 /// plus up to `prefetch` ahead (at most what the agent finished in the last
-/// second), held for at most [`PREFETCH_TTL`].
+/// second), held for at most [`PREFETCH_TTL`]. The next batch is leased
+/// while the current one is handed out, so replicas do not wait for the
+/// store's commit.
 async fn leaser(
     agent: Arc<AgentRuntime>,
     mut requests: mpsc::Receiver<SlotRequest>,
@@ -527,12 +532,13 @@ async fn leaser(
     let mut ahead: VecDeque<(Lease, Instant)> = VecDeque::new();
     let mut rate = Rate::new();
     let mut failures = 0u32;
+    let mut leasing: Option<LeaseFuture> = None;
+    let mut retry_at: Option<Instant> = None;
     loop {
         while let Ok(request) = requests.try_recv() {
             pending.push_back(request);
         }
         pending.retain(|request| !request.reply.is_closed());
-        // Serve from the leases taken ahead first.
         while !pending.is_empty() {
             let Some((lease, leased_at)) = ahead.pop_front() else {
                 break;
@@ -555,54 +561,64 @@ async fn leaser(
         if *shutdown.borrow() {
             break;
         }
-        if pending.is_empty() {
-            let expiry = ahead.front().map(|(_, at)| *at + PREFETCH_TTL);
-            tokio::select! {
-                biased;
-                _ = shutdown.changed() => {}
-                request = requests.recv() => match request {
-                    Some(request) => pending.push_back(request),
-                    None => break,
-                },
-                () = tokio::time::sleep_until(expiry.unwrap_or(now + LEASE_WAIT)), if expiry.is_some() => {}
-            }
-            continue;
+        let target = rate.per_second().min(agent.config.prefetch) as usize;
+        let starved = !pending.is_empty();
+        let low = ahead.len() < target.div_ceil(2);
+        if leasing.is_none() && (starved || low) && retry_at.is_none_or(|at| now >= at) {
+            let request = LeaseRequest {
+                agent: agent.name.clone(),
+                max: (pending.len() + target).saturating_sub(ahead.len()).max(1),
+                lease_for: agent.lease_for(),
+                owner: agent.owner.clone(),
+                max_deliver: agent.config.retry.max_deliver.get(),
+            };
+            // Wait for work only when a replica is waiting for it.
+            let wait = if starved { LEASE_WAIT } else { Duration::ZERO };
+            let queue = agent.queue.clone();
+            leasing = Some(Box::pin(async move { queue.lease(&request, wait).await }));
         }
-        let extra = rate.per_second().min(agent.config.prefetch) as usize;
-        let request = LeaseRequest {
-            agent: agent.name.clone(),
-            max: pending.len() + extra,
-            lease_for: agent.lease_for(),
-            owner: agent.owner.clone(),
-            max_deliver: agent.config.retry.max_deliver.get(),
-        };
-        // Cancelling the lease future is safe: leases it took are released
-        // by their guards (and the daemon flushes those before it exits).
-        let leased = tokio::select! {
+        let expiry = ahead.front().map(|(_, at)| *at + PREFETCH_TTL);
+        let wake = [expiry, retry_at].into_iter().flatten().min();
+        // Dropping an unfinished lease future at shutdown is safe: leases it
+        // took are released by their guards, which the daemon flushes.
+        tokio::select! {
             biased;
-            _ = shutdown.changed() => continue,
-            leased = agent.queue.lease(&request, LEASE_WAIT) => leased,
-        };
-        match leased {
-            Ok(leases) => {
-                failures = 0;
-                let now = Instant::now();
-                for lease in leases {
-                    match hand_out(&mut pending, lease) {
-                        None => rate.record(),
-                        Some(lease) => ahead.push_back((lease, now)),
+            _ = shutdown.changed() => {}
+            leased = async { leasing.as_mut().expect("guarded").await }, if leasing.is_some() => {
+                leasing = None;
+                match leased {
+                    Ok(leases) => {
+                        failures = 0;
+                        retry_at = None;
+                        let now = Instant::now();
+                        for lease in leases {
+                            match hand_out(&mut pending, lease) {
+                                None => rate.record(),
+                                Some(lease) => ahead.push_back((lease, now)),
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        failures = failures.saturating_add(1);
+                        let pause = Duration::from_millis(100 * 2u64.pow(failures.min(6)))
+                            .min(Duration::from_secs(5));
+                        tracing::error!(agent = %agent.name, %error, ?pause, "leasing failed; retrying");
+                        retry_at = Some(Instant::now() + pause);
                     }
                 }
             }
-            Err(error) => {
-                failures = failures.saturating_add(1);
-                let pause = Duration::from_millis(100 * 2u64.pow(failures.min(6)))
-                    .min(Duration::from_secs(5));
-                tracing::error!(agent = %agent.name, %error, ?pause, "leasing failed; retrying");
-                tokio::time::sleep(pause).await;
+            request = requests.recv() => match request {
+                Some(request) => pending.push_back(request),
+                None => break,
+            },
+            () = tokio::time::sleep_until(wake.unwrap_or(now + LEASE_WAIT)), if wake.is_some() => {
+                if retry_at.is_some_and(|at| Instant::now() >= at) {
+                    retry_at = None;
+                }
             }
         }
     }
+    drop(leasing);
     for (lease, _) in ahead {
         agent.release(lease, "leaser", "the daemon shut down").await;
     }

@@ -90,7 +90,13 @@ pub async fn submit_lease_ack<Q: TaskQueue>(queue: &Q) {
     assert_eq!(lease.key.task_id, "a1");
     assert_eq!(lease.key.attempt, 1);
     assert_eq!(lease.payload, json!({"n": 1}));
-    assert_eq!(state_of(queue, "a1").await, TaskState::Running);
+    let running = queue.get("a1").await.unwrap().unwrap();
+    assert_eq!(running.state, TaskState::Running);
+    assert_eq!(running.history.len(), 1, "the running attempt shows");
+    assert_eq!(
+        (running.history[0].number, running.history[0].outcome),
+        (1, None)
+    );
     let outcome = queue
         .ack(
             &lease.key,

@@ -84,6 +84,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     visible_at INTEGER NOT NULL,
     lease_deadline INTEGER,
     lease_owner TEXT,
+    leased_at INTEGER,
     checkpoint TEXT,
     result TEXT,
     reason TEXT,
@@ -711,8 +712,8 @@ fn end_attempt(
     context
         .conn
         .prepare_cached(
-            "UPDATE attempts SET ended_at = ?3, replica = COALESCE(?4, replica), outcome = ?5, detail = ?6
-             WHERE task_seq = ?1 AND number = ?2",
+            "INSERT OR REPLACE INTO attempts (task_seq, number, started_at, ended_at, replica, outcome, detail)
+             SELECT ?1, ?2, COALESCE(leased_at, ?3), ?3, ?4, ?5, ?6 FROM tasks WHERE seq = ?1",
         )
         .map_err(storage)?
         .execute(params![
@@ -862,16 +863,10 @@ fn lease(context: &mut Context<'_>, request: &LeaseRequest) -> Result<Vec<Claime
             let number = attempt + 1;
             conn.prepare_cached(
                 "UPDATE tasks SET state = 3, attempt = ?2, charged = charged + 1,
-                 lease_deadline = ?3, lease_owner = ?4, updated_at = ?5 WHERE seq = ?1",
+                 lease_deadline = ?3, lease_owner = ?4, updated_at = ?5, leased_at = ?5 WHERE seq = ?1",
             )
             .map_err(storage)?
             .execute(params![seq, number, deadline, request.owner, now])
-            .map_err(storage)?;
-            conn.prepare_cached(
-                "INSERT OR REPLACE INTO attempts (task_seq, number, started_at) VALUES (?1, ?2, ?3)",
-            )
-            .map_err(storage)?
-            .execute(params![seq, number, now])
             .map_err(storage)?;
             claimed.push(Claimed {
                 key: LeaseKey {
@@ -932,34 +927,36 @@ fn ack(
     result: &str,
     end: &AttemptEnd,
 ) -> Result<AckOutcome, QueueError> {
-    let seq = match leased_seq(context, key) {
-        Ok(seq) => seq,
-        Err(QueueError::StaleLease {
-            state: TaskState::Completed,
-            ..
-        }) => {
-            // Idempotent completion: a repeated ack of the completing
-            // delivery changes nothing.
-            let (_, _, attempt) = lookup(context.conn, &key.task_id)?.expect("task exists");
-            if attempt == key.attempt {
-                return Ok(AckOutcome::AlreadyCompleted);
-            }
-            return Err(QueueError::StaleLease {
-                key: key.clone(),
-                state: TaskState::Completed,
-            });
-        }
-        Err(error) => return Err(error),
-    };
-    context
+    // One statement in the common case; the lookup only explains a miss.
+    let updated: Option<i64> = context
         .conn
         .prepare_cached(
-            "UPDATE tasks SET state = 4, result = ?2, lease_deadline = NULL, updated_at = ?3,
-             finished_at = ?3 WHERE seq = ?1",
+            "UPDATE tasks SET state = 4, result = ?3, lease_deadline = NULL, updated_at = ?4,
+             finished_at = ?4 WHERE id = ?1 AND state = 3 AND attempt = ?2 RETURNING seq",
         )
         .map_err(storage)?
-        .execute(params![seq, result, context.now_sql()])
+        .query_row(
+            params![key.task_id, key.attempt, result, context.now_sql()],
+            |row| row.get(0),
+        )
+        .optional()
         .map_err(storage)?;
+    let Some(seq) = updated else {
+        return match lookup(context.conn, &key.task_id)? {
+            None => Err(QueueError::NotFound {
+                id: key.task_id.clone(),
+            }),
+            // Idempotent completion: a repeated ack of the completing
+            // delivery changes nothing.
+            Some((_, COMPLETED, attempt)) if attempt == key.attempt => {
+                Ok(AckOutcome::AlreadyCompleted)
+            }
+            Some((_, state, _)) => Err(QueueError::StaleLease {
+                key: key.clone(),
+                state: state_of(state),
+            }),
+        };
+    };
     end_attempt(context, seq, key.attempt, end)?;
     Ok(AckOutcome::Completed)
 }
@@ -1325,6 +1322,22 @@ impl TaskQueue for SqliteQueue {
                 None => Ok(None),
                 Some((mut record, seq)) => {
                     record.history = history(conn, seq)?;
+                    if record.state == TaskState::Running {
+                        // The running attempt is written when it ends.
+                        let leased_at: Option<i64> = conn
+                            .query_row("SELECT leased_at FROM tasks WHERE seq = ?1", [seq], |row| {
+                                row.get(0)
+                            })
+                            .map_err(storage)?;
+                        record.history.push(Attempt {
+                            number: record.attempts,
+                            started_ms: leased_at.map_or(record.updated_ms, as_u64),
+                            ended_ms: None,
+                            replica: None,
+                            outcome: None,
+                            detail: None,
+                        });
+                    }
                     Ok(Some(record))
                 }
             }
