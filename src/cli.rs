@@ -230,6 +230,9 @@ pub fn main() -> ExitCode {
             Err(_) => ExitCode::from(1),
         };
     }
+    if !matches!(cli.command, Command::Up | Command::Demo(_)) {
+        restore_sigpipe();
+    }
     // The demo draws a progress bar; its fleet's warnings would tear it.
     init_logging(if matches!(cli.command, Command::Demo(_)) {
         "error"
@@ -255,12 +258,24 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Lets a command whose output is piped into `head` end quietly, like other
+/// Unix tools, instead of failing on EPIPE. Only for commands that print
+/// data: the daemon must see EPIPE from a dead agent's stdin as an error.
+#[allow(unsafe_code)]
+fn restore_sigpipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: called at start-up before any thread is spawned; SIG_DFL
+    // installs no handler code.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }
@@ -312,24 +327,19 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
     match command {
         Command::Up => up(config).await,
         Command::Config(ConfigCommand::Check) => {
+            let problems = crate::dispatch::check_fleet(&config);
+            if !problems.is_empty() {
+                return Err(Failure::usage(format!(
+                    "the fleet cannot start:\n  {}",
+                    problems.join("\n  ")
+                )));
+            }
             println!(
                 "config: valid; store {}; agents: {}",
                 config.store_path().display(),
                 config.agent_names()
             );
-            let problems: Vec<String> = config
-                .agents
-                .iter()
-                .flat_map(|(name, agent)| crate::dispatch::check_agent(name, agent))
-                .collect();
-            if problems.is_empty() {
-                Ok(ExitCode::SUCCESS)
-            } else {
-                Err(Failure::usage(format!(
-                    "the fleet could not start:\n  {}",
-                    problems.join("\n  ")
-                )))
-            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Submit(args) => submit(&config, args).await,
         Command::Status { json } => status(&config, json).await,
@@ -410,9 +420,16 @@ async fn up(config: Config) -> Result<ExitCode, Failure> {
             "the config"
         )));
     }
+    let problems = crate::dispatch::check_fleet(&config);
+    if !problems.is_empty() {
+        return Err(Failure::usage(format!(
+            "the fleet cannot start:\n  {}",
+            problems.join("\n  ")
+        )));
+    }
     let daemon = crate::daemon::Daemon::start(config, clock::system()).await?;
     shutdown_signal().await;
-    daemon.stop().await;
+    daemon.stop_unless(shutdown_signal()).await;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::clock::{SharedClock, UnixMillis};
 use crate::config::Config;
-use crate::dispatch::{self, AgentRuntime, MemoryMap, Wiring};
+use crate::dispatch::{self, AgentRuntime, MemoryMap, Phase, Wiring};
 use crate::queue::TaskQueue;
 use crate::queue::sqlite::{Role, Settings, SqliteQueue};
 use crate::status::{AgentState, DaemonSnapshot, SNAPSHOT_KEY};
@@ -37,7 +37,8 @@ pub struct Daemon {
     agents: Vec<Arc<AgentRuntime>>,
     replicas: Vec<JoinHandle<()>>,
     housekeeping: Vec<JoinHandle<()>>,
-    shutdown: watch::Sender<bool>,
+    shutdown: watch::Sender<Phase>,
+    housekeeping_stop: watch::Sender<bool>,
     started_ms: UnixMillis,
     _lock: File,
 }
@@ -89,11 +90,7 @@ impl Daemon {
     /// When an agent cannot be started (a `${VAR}` is missing), another
     /// daemon holds the store, or the store cannot be opened.
     pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Self> {
-        let problems: Vec<String> = config
-            .agents
-            .iter()
-            .flat_map(|(name, agent)| dispatch::check_agent(name, agent))
-            .collect();
+        let problems = dispatch::check_fleet(&config);
         if !problems.is_empty() {
             bail!("cannot start the fleet:\n  {}", problems.join("\n  "));
         }
@@ -114,11 +111,14 @@ impl Daemon {
         }
         process::become_subreaper();
 
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (shutdown, shutdown_rx) = watch::channel(Phase::Running);
+        // Housekeeping (memory limits, lease reaper, status) runs until the
+        // replicas have stopped, so a shutdown in progress stays visible.
+        let (housekeeping_stop, stop_rx) = watch::channel(false);
         let (memory_tx, memory) = watch::channel::<MemoryMap>(Arc::default());
         let mut housekeeping = vec![
-            tokio::spawn(sample_memory(memory_tx, shutdown_rx.clone())),
-            tokio::spawn(reap_leases(queue.clone(), shutdown_rx.clone())),
+            tokio::spawn(sample_memory(memory_tx, stop_rx.clone())),
+            tokio::spawn(reap_leases(queue.clone(), stop_rx.clone())),
         ];
         let wiring = Wiring {
             queue: queue.clone() as Arc<dyn TaskQueue>,
@@ -143,7 +143,7 @@ impl Daemon {
             started_ms,
         };
         housekeeping.push(tokio::spawn(
-            daemon_status.run(config.daemon.status_interval.get(), shutdown_rx),
+            daemon_status.run(config.daemon.status_interval.get(), stop_rx),
         ));
         Ok(Self {
             config,
@@ -152,6 +152,7 @@ impl Daemon {
             replicas,
             housekeeping,
             shutdown,
+            housekeeping_stop,
             started_ms,
             _lock: lock,
         })
@@ -175,11 +176,17 @@ impl Daemon {
     /// Stops the fleet: no new leases, in-flight tasks finish within
     /// `daemon.shutdown_grace`, the rest are released, replicas stopped.
     pub async fn stop(self) {
-        tracing::info!(grace = %self.config.daemon.shutdown_grace, "shutting down");
+        self.stop_unless(std::future::pending()).await;
+    }
+
+    /// [`Self::stop`], cutting the grace period short when `hurry` resolves
+    /// (a second SIGTERM or Ctrl-C): running tasks are released at once.
+    pub async fn stop_unless(self, hurry: impl std::future::Future<Output = ()>) {
+        tracing::info!(grace = %self.config.daemon.shutdown_grace, "shutting down; send the signal again to release running tasks at once");
         for agent in &self.agents {
             agent.set_stopping();
         }
-        let _ = self.shutdown.send(true);
+        let _ = self.shutdown.send(Phase::Draining);
         let longest_stop = self
             .config
             .agents
@@ -189,9 +196,25 @@ impl Daemon {
             .unwrap_or_default();
         let limit =
             self.config.daemon.shutdown_grace.get() + longest_stop * 2 + Duration::from_secs(10);
-        let waited =
-            tokio::time::timeout(limit, futures_util::future::join_all(self.replicas)).await;
-        if waited.is_err() {
+        let replicas = futures_util::future::join_all(self.replicas);
+        tokio::pin!(replicas);
+        let hurried = async {
+            tokio::select! {
+                _ = &mut replicas => true,
+                () = hurry => false,
+            }
+        };
+        let finished = tokio::time::timeout(limit, hurried).await;
+        let finished = match finished {
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::warn!("second signal: releasing running tasks now");
+                let _ = self.shutdown.send(Phase::Hurry);
+                tokio::time::timeout(limit, &mut replicas).await.is_ok()
+            }
+            Err(_) => false,
+        };
+        if !finished {
             tracing::error!(
                 ?limit,
                 "replicas did not stop in time; their tasks return to the queue on the next start"
@@ -201,6 +224,7 @@ impl Daemon {
             agent.flush_outcomes().await;
         }
         self.queue.flush_released().await;
+        let _ = self.housekeeping_stop.send(true);
         for task in self.housekeeping {
             let _ = task.await;
         }

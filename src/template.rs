@@ -4,8 +4,9 @@
 //!
 //! Rendering is a single pass: inserted text is never scanned again, so a
 //! payload cannot smuggle in `${SECRET}` and a secret containing braces is
-//! kept as it is. `{{` and `}}` are literal braces; `$$` is a literal `$`
-//! before `{`.
+//! kept as it is. `{{` and `}}` are literal braces; `$${NAME}` is passed on
+//! literally as `${NAME}` (for a shell to expand); any other `$` is left
+//! alone.
 
 use serde_json::Value;
 
@@ -75,9 +76,13 @@ impl Template {
         let mut chars = text.char_indices().peekable();
         while let Some((index, c)) = chars.next() {
             match c {
-                '$' if chars.peek().map(|(_, next)| *next) == Some('$') => {
+                '$' if text[index..].starts_with("$${") => {
                     chars.next();
-                    literal.push('$');
+                    chars.next();
+                    let name = take_until_close(&mut chars, text, index)?;
+                    literal.push_str("${");
+                    literal.push_str(&name);
+                    literal.push('}');
                 }
                 '$' if chars.peek().map(|(_, next)| *next) == Some('{') => {
                     chars.next();
@@ -115,6 +120,14 @@ impl Template {
         }
         push_text(&mut pieces, &mut literal);
         Ok(Self { pieces })
+    }
+
+    /// The daemon variables it reads (`${NAME}`).
+    pub fn variables(&self) -> impl Iterator<Item = &str> {
+        self.pieces.iter().filter_map(|piece| match piece {
+            Piece::Env(name) => Some(name.as_str()),
+            _ => None,
+        })
     }
 
     /// Whether the template uses task placeholders.
@@ -247,11 +260,11 @@ mod tests {
             payload: &payload,
         };
         let env = |name: &str| (name == "KEY").then(|| "s{e}cret".to_string());
-        let rendered = Template::parse("{payload.prompt}|{payload.n}|{payload.deep.list.1}|{task.id}#{task.attempt}@{task.agent}|${KEY}|{{x}}|$$")
+        let rendered = Template::parse("{payload.prompt}|{payload.n}|{payload.deep.list.1}|{task.id}#{task.attempt}@{task.agent}|${KEY}|{{x}}|$${HOME}|$$|$X")
             .unwrap()
             .render(&env, Some(&task))
             .unwrap();
-        assert_eq!(rendered, "fix it|3|b|t1#2@coder|s{e}cret|{x}|$");
+        assert_eq!(rendered, "fix it|3|b|t1#2@coder|s{e}cret|{x}|${HOME}|$$|$X");
     }
 
     #[test]

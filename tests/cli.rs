@@ -183,13 +183,22 @@ fn bad_input_is_refused_whole_with_a_clear_message() {
 }
 
 #[test]
-fn schemas_are_json() {
+fn the_schemas_in_docs_match_the_binary() {
     let fleet = Fleet::new("");
-    for args in [["config", "schema"], ["protocol", "schema"]] {
+    for (args, file) in [
+        (["config", "schema"], "docs/config.schema.json"),
+        (["protocol", "schema"], "docs/protocol.schema.json"),
+    ] {
         let output = fleet.cli(&args);
         assert!(output.status.success());
         let schema: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
         assert!(schema.is_object());
+        let stored = std::fs::read_to_string(repo_root().join(file)).unwrap();
+        assert!(
+            stored == stdout(&output),
+            "{file} is stale: regenerate it with `flotilla {} > {file}`",
+            args.join(" ")
+        );
     }
 }
 

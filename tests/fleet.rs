@@ -520,3 +520,64 @@ retry = { max_deliver = 1 }
         "the killed sleep is gone"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grandchildren_that_exit_while_their_agent_runs_are_reaped() {
+    let agent = r#"
+import json, os, sys
+print(json.dumps({"type": "ready"}), flush=True)
+for line in sys.stdin:
+    task = json.loads(line)
+    os.system("sleep 0.05 &")
+    print(json.dumps({"type": "result", "id": task["id"], "output": os.getpid()}), flush=True)
+"#;
+    let fleet = Fleet::new("");
+    std::fs::write(fleet.path("spawner.py"), agent).unwrap();
+    std::fs::write(
+        &fleet.config_path,
+        "[store]\npath = \"fleet.db\"\n[agents.spawner]\ncommand = [\"python3\", \"spawner.py\"]\n",
+    )
+    .unwrap();
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let (batch, _) = tasks("spawner", 5, "spawn");
+    queue.submit(batch).await.unwrap();
+    wait_until(Duration::from_secs(20), "the tasks to finish", || async {
+        finished(queue.as_ref()).await >= 5
+    })
+    .await;
+    // The sleeps were orphaned (their shell exited) and came to the daemon,
+    // a child subreaper; the memory sampler reaps them within a second or so.
+    let own = std::process::id();
+    wait_until(
+        Duration::from_secs(5),
+        "orphaned zombies to be reaped",
+        || async move { zombies_of(own).is_empty() },
+    )
+    .await;
+    daemon.stop().await;
+}
+
+fn zombies_of(parent: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+        })
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let fields: Vec<&str> = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            fields.first() == Some(&"Z")
+                && fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent)
+        })
+        .collect()
+}

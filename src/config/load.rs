@@ -143,6 +143,7 @@ pub fn parse(text: &str, source_name: &str, base_dir: PathBuf) -> Result<Config,
     };
 
     let mut problems = Vec::new();
+    let mut mistyped = Vec::new();
     let mut config = Config {
         base_dir,
         ..Config::default()
@@ -163,7 +164,14 @@ pub fn parse(text: &str, source_name: &str, base_dir: PathBuf) -> Result<Config,
                 toml::Value::Table(agents) => {
                     for (name, agent) in agents {
                         let prefix = format!("agents.{name}");
+                        let before = problems.len();
                         if let Some(agent) = collect(agent, &prefix, &mut problems) {
+                            let mode_key = format!("{prefix}.mode");
+                            if problems[before..].iter().any(|p| p.key == mode_key) {
+                                // The rules that depend on the mode would
+                                // judge the default standing in for it.
+                                mistyped.push(name.clone());
+                            }
                             config.agents.insert(name, agent);
                         }
                     }
@@ -182,7 +190,7 @@ pub fn parse(text: &str, source_name: &str, base_dir: PathBuf) -> Result<Config,
             )),
         }
     }
-    problems.extend(config.validate());
+    problems.extend(config.validate(&mistyped));
     if problems.is_empty() {
         return Ok(config);
     }
@@ -456,6 +464,15 @@ retry = { max_deliver = 0 }
         ] {
             assert!(keys.contains(&key), "{key} missing from {keys:?}");
         }
+    }
+
+    #[test]
+    fn a_bad_mode_does_not_cause_knock_on_errors() {
+        let found = problems(
+            "[agents.a]\ncommand = [\"x\"]\nmode = \"oneshott\"\nfatal_exit_codes = [3]\n",
+        );
+        let keys: Vec<&str> = found.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["agents.a.mode"]);
     }
 
     #[test]

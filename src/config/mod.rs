@@ -396,8 +396,10 @@ pub fn valid_agent_name(name: &str) -> bool {
 }
 
 impl Config {
-    /// Cross-field rules that types cannot express. Returns every problem.
-    pub(crate) fn validate(&self) -> Vec<Problem> {
+    /// Cross-field rules that types cannot express. Agents in
+    /// `unknown_mode` had an invalid `mode`: rules that depend on it are
+    /// skipped. Returns every problem.
+    pub(crate) fn validate(&self, unknown_mode: &[String]) -> Vec<Problem> {
         let mut problems = Vec::new();
         let mut problem = |key: String, message: String| problems.push(Problem::new(key, message));
         let store = &self.store;
@@ -434,14 +436,15 @@ impl Config {
                     format!("invalid agent name {name:?}: use 1 to 64 letters, digits, '-' or '_'"),
                 );
             }
-            agent.validate(&format!("agents.{name}"), &mut problem);
+            let mode_known = !unknown_mode.contains(name);
+            agent.validate(&format!("agents.{name}"), mode_known, &mut problem);
         }
         problems
     }
 }
 
 impl AgentConfig {
-    fn validate(&self, key: &str, problem: &mut impl FnMut(String, String)) {
+    fn validate(&self, key: &str, mode_known: bool, problem: &mut impl FnMut(String, String)) {
         if self.command.is_empty() || self.command[0].trim().is_empty() {
             problem(
                 format!("{key}.command"),
@@ -477,7 +480,7 @@ impl AgentConfig {
                 ),
             );
         }
-        if self.mode == Mode::Oneshot && self.concurrency.get() != 1 {
+        if mode_known && self.mode == Mode::Oneshot && self.concurrency.get() != 1 {
             problem(
                 format!("{key}.concurrency"),
                 format!(
@@ -495,7 +498,7 @@ impl AgentConfig {
                 ),
             );
         }
-        if self.mode == Mode::Persistent && !self.fatal_exit_codes.is_empty() {
+        if mode_known && self.mode == Mode::Persistent && !self.fatal_exit_codes.is_empty() {
             problem(
                 format!("{key}.fatal_exit_codes"),
                 "only oneshot agents have exit codes per task; a persistent agent reports an error with \"retryable\": false".into(),

@@ -79,7 +79,7 @@ impl JsonSchema for HumanDuration {
         json_schema!({
             "type": "string",
             "description": "A duration: a number and a unit (ms, s, m, h, d), e.g. \"250ms\", \"30s\", \"1h 30m\".",
-            "pattern": "^\\s*[0-9]+\\s*[a-zA-Z]+(\\s*[0-9]+\\s*[a-zA-Z]+)*\\s*$",
+            "pattern": "^\\s*([0-9]+(\\.[0-9]+)?\\s*(nsec|ns|usec|us|µs|msec|ms|seconds|second|secs|sec|s|minutes|minute|mins|min|m|hours|hour|hrs|hr|h|days|day|d|weeks|week|w|months|month|M|years|year|y)\\s*)+$",
             "examples": ["250ms", "30s", "5m", "1h 30m"]
         })
     }
@@ -158,13 +158,26 @@ impl FromStr for ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The unit that writes the size with the smallest whole number.
         let bytes = self.0;
-        for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-            if bytes >= size && bytes.is_multiple_of(size) {
-                return write!(f, "{}{unit}", bytes / size);
-            }
+        let units: [(&str, u64); 8] = [
+            ("TiB", 1 << 40),
+            ("TB", 1_000_000_000_000),
+            ("GiB", 1 << 30),
+            ("GB", 1_000_000_000),
+            ("MiB", 1 << 20),
+            ("MB", 1_000_000),
+            ("KiB", 1 << 10),
+            ("KB", 1_000),
+        ];
+        let best = units
+            .iter()
+            .filter(|(_, size)| bytes >= *size && bytes.is_multiple_of(*size))
+            .min_by_key(|(_, size)| bytes / size);
+        match best {
+            Some((unit, size)) => write!(f, "{}{unit}", bytes / size),
+            None => write!(f, "{bytes}B"),
         }
-        write!(f, "{bytes}B")
     }
 }
 
@@ -229,6 +242,10 @@ mod tests {
             "1h 30m".parse::<HumanDuration>().unwrap(),
             HumanDuration::secs(5400)
         );
+        assert_eq!(
+            "1.5h".parse::<HumanDuration>().unwrap(),
+            HumanDuration::secs(5400)
+        );
         let error = "5 parsecs".parse::<HumanDuration>().unwrap_err();
         assert!(
             error.contains("\"5 parsecs\"") && error.contains("30s"),
@@ -246,5 +263,8 @@ mod tests {
             assert!(error.contains("512MiB"), "{error}");
         }
         assert_eq!(ByteSize::mib(3).to_string(), "3MiB");
+        assert_eq!("1 TB".parse::<ByteSize>().unwrap().to_string(), "1TB");
+        assert_eq!(ByteSize(1000).to_string(), "1KB");
+        assert_eq!(ByteSize(1001).to_string(), "1001B");
     }
 }

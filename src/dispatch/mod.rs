@@ -43,6 +43,25 @@ const OUTCOME_PERMITS: u32 = 256;
 /// Longest a task leased ahead waits in memory before it is handed back.
 const PREFETCH_TTL: Duration = Duration::from_secs(2);
 
+/// Where the daemon is in its life; replicas and leasers watch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Taking and running tasks.
+    Running,
+    /// Shutting down: no new tasks; running ones may finish within
+    /// `daemon.shutdown_grace`.
+    Draining,
+    /// Shutting down at once (a second signal): release running tasks now.
+    Hurry,
+}
+
+impl Phase {
+    /// Whether shutdown has begun.
+    pub fn stopping(self) -> bool {
+        self != Self::Running
+    }
+}
+
 /// Memory of every process group, refreshed by the daemon's sampler.
 pub type MemoryMap = Arc<HashMap<u32, u64>>;
 
@@ -90,9 +109,8 @@ pub struct Wiring {
 
 /// Problems that keep an agent from starting (missing `${VAR}`, bad
 /// placeholders).
-pub fn check_agent(name: &str, agent: &AgentConfig) -> Vec<String> {
+pub fn check_agent(name: &str, agent: &AgentConfig, config: &Config) -> Vec<String> {
     let mut problems = Vec::new();
-    let env_lookup = |var: &str| std::env::var(var).ok();
     let mut check = |key: String, text: &str| match Template::parse(text) {
         Err(error) => problems.push(format!("agents.{name}.{key}: {error}")),
         Ok(template) => {
@@ -101,19 +119,12 @@ pub fn check_agent(name: &str, agent: &AgentConfig) -> Vec<String> {
                     "agents.{name}.{key}: {text:?} uses task placeholders, which only oneshot agents have; a persistent agent gets the task on stdin"
                 ));
             }
-            let fake = serde_json::Value::Null;
-            let context = TaskContext {
-                id: "",
-                attempt: 1,
-                agent: name,
-                payload: &fake,
-            };
-            if let Err(TemplateError::MissingEnv(var)) =
-                template.render(&env_lookup, Some(&context))
-            {
-                problems.push(format!(
-                    "agents.{name}.{key}: ${{{var}}} is not set in the daemon's environment"
-                ));
+            for var in template.variables() {
+                if std::env::var_os(var).is_none() {
+                    problems.push(format!(
+                        "agents.{name}.{key}: ${{{var}}} is not set in the daemon's environment (write $${{{var}}} to pass it to the program literally)"
+                    ));
+                }
             }
         }
     };
@@ -123,7 +134,23 @@ pub fn check_agent(name: &str, agent: &AgentConfig) -> Vec<String> {
     for (var, value) in &agent.env {
         check(format!("env.{var}"), value);
     }
+    let workdir = agent.workdir(config);
+    if !workdir.is_dir() {
+        problems.push(format!(
+            "agents.{name}.workdir: {} is not a directory",
+            workdir.display()
+        ));
+    }
     problems
+}
+
+/// [`check_agent`] for every agent of `config`.
+pub fn check_fleet(config: &Config) -> Vec<String> {
+    config
+        .agents
+        .iter()
+        .flat_map(|(name, agent)| check_agent(name, agent, config))
+        .collect()
 }
 
 impl AgentRuntime {
@@ -136,7 +163,7 @@ impl AgentRuntime {
         name: &str,
         config: &Config,
         wiring: &Wiring,
-        shutdown: &watch::Receiver<bool>,
+        shutdown: &watch::Receiver<Phase>,
     ) -> (Arc<Self>, Vec<tokio::task::JoinHandle<()>>) {
         let agent = config.agents[name].clone();
         let replicas = agent.replicas.min;
@@ -526,7 +553,7 @@ type LeaseFuture =
 async fn leaser(
     agent: Arc<AgentRuntime>,
     mut requests: mpsc::Receiver<SlotRequest>,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<Phase>,
 ) {
     let mut pending: VecDeque<SlotRequest> = VecDeque::new();
     let mut ahead: VecDeque<(Lease, Instant)> = VecDeque::new();
@@ -558,7 +585,7 @@ async fn leaser(
                 .release(lease, "leaser", "leased ahead but not started in time")
                 .await;
         }
-        if *shutdown.borrow() {
+        if shutdown.borrow().stopping() {
             break;
         }
         let target = rate.per_second().min(agent.config.prefetch) as usize;
@@ -640,16 +667,20 @@ fn hand_out(pending: &mut VecDeque<SlotRequest>, mut lease: Lease) -> Option<Lea
 enum Exit {
     /// The daemon is shutting down; do not restart.
     Shutdown,
-    /// It crashed, was killed or could not start; restart after a delay.
+    /// It crashed or could not start; restart after a delay, within the
+    /// restart intensity.
     Crashed(String),
+    /// The daemon killed it because of a task (timeout, memory limit);
+    /// restart at once.
+    Killed(String),
 }
 
 /// One replica slot: runs processes and restarts them with backoff until
 /// shutdown or until the agent's restart intensity is exceeded.
-async fn run_replica(agent: Arc<AgentRuntime>, index: u32, mut shutdown: watch::Receiver<bool>) {
+async fn run_replica(agent: Arc<AgentRuntime>, index: u32, mut shutdown: watch::Receiver<Phase>) {
     let mut streak = Streak::default();
     loop {
-        if agent.is_failed() || *shutdown.borrow() {
+        if agent.is_failed() || shutdown.borrow().stopping() {
             break;
         }
         let started = Instant::now();
@@ -657,36 +688,45 @@ async fn run_replica(agent: Arc<AgentRuntime>, index: u32, mut shutdown: watch::
             Mode::Persistent => persistent::run(&agent, index, &mut shutdown).await,
             Mode::Oneshot => oneshot::run(&agent, index, &mut shutdown).await,
         };
-        let reason = match exit {
+        let (reason, crashed) = match exit {
             Exit::Shutdown => break,
-            Exit::Crashed(reason) => reason,
+            Exit::Crashed(reason) => (reason, true),
+            Exit::Killed(reason) => (reason, false),
         };
         agent.update_replica(index, |replica| {
             replica.state = ReplicaState::Backoff;
             replica.pid = None;
+            replica.rss_bytes = None;
             replica.tasks.clear();
             replica.last_exit = Some(reason.clone());
         });
-        if *shutdown.borrow() {
+        if shutdown.borrow().stopping() {
             break;
         }
-        let delay = streak.crashed(&agent.config.restart, started.elapsed());
-        let verdict = agent
-            .intensity
-            .lock()
-            .expect("intensity lock")
-            .record(agent.clock.now_ms());
-        if let Verdict::GiveUp { restarts } = verdict {
-            let failure = format!(
-                "{restarts} restarts within restart.window = {} (restart.max_restarts = {}); last: {reason}",
-                agent.config.restart.window, agent.config.restart.max_restarts
-            );
-            tracing::error!(agent = %agent.name, %failure, "agent failed: no more restarts; its tasks stay queued");
-            let mut status = agent.status.lock().expect("status lock");
-            status.state = AgentState::Failed;
-            status.failure = Some(failure);
-            break;
-        }
+        // A replica the daemon killed because of one task (timeout, memory)
+        // is not crashing: it restarts at once and does not count towards
+        // the restart intensity.
+        let delay = if crashed {
+            let verdict = agent
+                .intensity
+                .lock()
+                .expect("intensity lock")
+                .record(agent.clock.now_ms());
+            if let Verdict::GiveUp { restarts } = verdict {
+                let failure = format!(
+                    "{restarts} restarts within restart.window = {} (restart.max_restarts = {}); last: {reason}",
+                    agent.config.restart.window, agent.config.restart.max_restarts
+                );
+                tracing::error!(agent = %agent.name, %failure, "agent failed: no more restarts; its tasks stay queued");
+                let mut status = agent.status.lock().expect("status lock");
+                status.state = AgentState::Failed;
+                status.failure = Some(failure);
+                break;
+            }
+            streak.crashed(&agent.config.restart, started.elapsed())
+        } else {
+            Duration::ZERO
+        };
         tracing::warn!(agent = %agent.name, replica = index, %reason, ?delay, "replica exited; restarting");
         {
             let mut status = agent.status.lock().expect("status lock");
@@ -703,6 +743,7 @@ async fn run_replica(agent: Arc<AgentRuntime>, index: u32, mut shutdown: watch::
     agent.update_replica(index, |replica| {
         replica.state = ReplicaState::Stopped;
         replica.pid = None;
+        replica.rss_bytes = None;
         replica.tasks.clear();
     });
 }

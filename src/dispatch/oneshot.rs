@@ -9,7 +9,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use super::persistent::describe;
-use super::{AgentRuntime, Exit, Failure, SlotRequest, Tracked, over_memory};
+use super::{AgentRuntime, Exit, Failure, Phase, SlotRequest, Tracked, over_memory};
 use crate::lines::{Line, LineReader};
 use crate::protocol::{self, TaskMessage, ToAgent};
 use crate::queue::{AttemptEnd, AttemptOutcome, Lease, QueueError};
@@ -25,13 +25,14 @@ const STDERR_TAIL_BYTES: usize = 2048;
 pub(super) async fn run(
     agent: &AgentRuntime,
     index: u32,
-    shutdown: &mut watch::Receiver<bool>,
+    shutdown: &mut watch::Receiver<Phase>,
 ) -> Exit {
     let name = agent.replica_name(index);
     loop {
         agent.update_replica(index, |replica| {
             replica.state = ReplicaState::Idle;
             replica.pid = None;
+            replica.rss_bytes = None;
             replica.tasks.clear();
         });
         let (reply, receiver) = oneshot::channel();
@@ -48,7 +49,7 @@ pub(super) async fn run(
         if let Some(reason) = run_task(agent, index, &name, lease, shutdown).await {
             return reason;
         }
-        if *shutdown.borrow() {
+        if shutdown.borrow().stopping() {
             return Exit::Shutdown;
         }
     }
@@ -84,7 +85,7 @@ async fn run_task(
     index: u32,
     name: &str,
     lease: Lease,
-    shutdown: &mut watch::Receiver<bool>,
+    shutdown: &mut watch::Receiver<Phase>,
 ) -> Option<Exit> {
     let context = TaskContext {
         id: &lease.key.task_id,
@@ -167,6 +168,7 @@ async fn run_task(
     let mut memory = agent.memory.clone();
     let (mut out_open, mut err_open) = (true, true);
     let mut draining: Option<Instant> = None;
+    let mut shutdown_closed = false;
     let status = loop {
         let timer = tracked.next_timeout(agent);
         let timer = draining.map_or(timer, |deadline| timer.min(deadline));
@@ -195,9 +197,14 @@ async fn run_task(
                 Ok(None) | Err(_) => err_open = false,
             },
             status = child.wait(), if !out_open && !err_open => break status.ok(),
-            changed = shutdown.changed(), if draining.is_none() => {
-                if changed.is_err() || *shutdown.borrow() {
+            changed = shutdown.changed(), if !shutdown_closed => {
+                shutdown_closed = changed.is_err();
+                let phase = if shutdown_closed { Phase::Hurry } else { *shutdown.borrow() };
+                if phase.stopping() && draining.is_none() {
                     draining = Some(Instant::now() + agent.shutdown_grace);
+                }
+                if phase == Phase::Hurry {
+                    draining = Some(Instant::now());
                 }
             }
             () = tokio::time::sleep_until(timer) => {

@@ -12,7 +12,8 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use super::{
-    AgentRuntime, Exit, Failure, STDIN_TIMEOUT, SlotRequest, Tracked, log_stderr, over_memory,
+    AgentRuntime, Exit, Failure, Phase, STDIN_TIMEOUT, SlotRequest, Tracked, log_stderr,
+    over_memory,
 };
 use crate::lines::{Line, LineReader};
 use crate::protocol::{self, FromAgent, LineError, PROTOCOL_VERSION, TaskMessage, ToAgent};
@@ -39,7 +40,7 @@ struct Replica<'a> {
 pub(super) async fn run(
     agent: &Arc<AgentRuntime>,
     index: u32,
-    shutdown: &mut watch::Receiver<bool>,
+    shutdown: &mut watch::Receiver<Phase>,
 ) -> Exit {
     let spec = match agent.spawn_spec(index, None) {
         Ok(spec) => spec,
@@ -86,7 +87,7 @@ pub(super) async fn run(
 
 impl Replica<'_> {
     /// Waits for the `ready` message within `timeouts.startup`.
-    async fn wait_ready(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Exit> {
+    async fn wait_ready(&mut self, shutdown: &mut watch::Receiver<Phase>) -> Result<(), Exit> {
         let startup = self.agent.config.timeouts.startup;
         let deadline = Instant::now() + startup.get();
         loop {
@@ -159,11 +160,12 @@ impl Replica<'_> {
 
     /// The main loop: ask for tasks while there is room, hand them over,
     /// read messages, enforce timeouts.
-    async fn serve(mut self, shutdown: &mut watch::Receiver<bool>) -> Exit {
+    async fn serve(mut self, shutdown: &mut watch::Receiver<Phase>) -> Exit {
         let concurrency = self.agent.config.concurrency.get() as usize;
         let mut memory = self.agent.memory.clone();
         let mut slot: Option<oneshot::Receiver<Lease>> = None;
         let mut draining: Option<Instant> = None;
+        let mut shutdown_closed = false;
         loop {
             if draining.is_none() && slot.is_none() && self.in_flight.len() < concurrency {
                 let (reply, receiver) = oneshot::channel();
@@ -185,8 +187,10 @@ impl Replica<'_> {
             let timer = draining.map_or(timer, |deadline| timer.min(deadline));
             tokio::select! {
                 biased;
-                changed = shutdown.changed(), if draining.is_none() => {
-                    if changed.is_err() || *shutdown.borrow() {
+                changed = shutdown.changed(), if !shutdown_closed => {
+                    shutdown_closed = changed.is_err();
+                    let phase = if shutdown_closed { Phase::Hurry } else { *shutdown.borrow() };
+                    if phase.stopping() && draining.is_none() {
                         // Stop taking tasks, and hand back a lease that
                         // reached the slot meanwhile.
                         if let Some(mut receiver) = slot.take() {
@@ -197,6 +201,9 @@ impl Replica<'_> {
                         }
                         draining = Some(Instant::now() + self.agent.shutdown_grace);
                         self.agent.update_replica(self.index, |replica| replica.state = ReplicaState::Stopping);
+                    }
+                    if phase == Phase::Hurry {
+                        draining = Some(Instant::now());
                     }
                 }
                 line = self.lines.next_line() => match line {
@@ -383,7 +390,8 @@ impl Replica<'_> {
     }
 
     /// Stops the process because of `failure` (of task `culprit`, if any);
-    /// the culprit is retried per policy, other tasks are released.
+    /// the culprit is retried per policy, other tasks are released. Without
+    /// a culprit the replica itself is broken: that counts as a crash.
     async fn kill_for(mut self, culprit: Option<String>, failure: Failure) -> Exit {
         let reason = format!("killed: {}: {}", failure.outcome.as_str(), failure.detail);
         tracing::warn!(agent = %self.agent.name, replica = self.index, %reason, "stopping replica");
@@ -408,7 +416,11 @@ impl Replica<'_> {
                     .await;
             }
         }
-        Exit::Crashed(reason)
+        if culprit.is_some() {
+            Exit::Killed(reason)
+        } else {
+            Exit::Crashed(reason)
+        }
     }
 
     /// Graceful end: release what is still running, ask the agent to exit,

@@ -627,19 +627,70 @@ pub async fn concurrent_leases_never_share<Q: TaskQueue>(queue: Arc<Q>) {
     assert_eq!(seen.len(), TASKS);
 }
 
-/// Counts are kept per agent and state.
+/// Counts are kept per agent and state, whatever the mix.
 pub async fn counts_per_agent<Q: TaskQueue>(queue: &Q) {
-    let mut other = task("k2", Priority::Normal, json!(1));
-    other.agent = "other".into();
+    let for_agent = |id: &str, agent: &str| NewTask {
+        id: id.into(),
+        agent: agent.into(),
+        priority: Priority::Normal,
+        payload: json!(1),
+    };
     queue
-        .submit(vec![task("k1", Priority::Normal, json!(1)), other])
+        .submit(vec![
+            task("k1", Priority::Normal, json!(1)),
+            task("k2", Priority::Normal, json!(1)),
+            task("k3", Priority::Normal, json!(1)),
+            for_agent("o1", "other"),
+            for_agent("o2", "other"),
+            for_agent("z1", "zeta"),
+        ])
         .await
         .unwrap();
-    let mut leases = queue.lease(&request(1), Duration::ZERO).await.unwrap();
+    // conformance: one completed, one dead, one running.
+    let mut leases = queue.lease(&request(3), Duration::ZERO).await.unwrap();
+    queue
+        .ack(&leases[0].key, &json!(1), end(AttemptOutcome::Completed))
+        .await
+        .unwrap();
+    queue
+        .term(&leases[1].key, "no", end(AttemptOutcome::Error))
+        .await
+        .unwrap();
+    // other: one completed, one queued.
+    let mut other = request(1);
+    other.agent = "other".into();
+    let mut theirs = queue.lease(&other, Duration::ZERO).await.unwrap();
+    queue
+        .ack(&theirs[0].key, &json!(1), end(AttemptOutcome::Completed))
+        .await
+        .unwrap();
     let counts = queue.counts().await.unwrap();
-    let mine = &counts.iter().find(|(agent, _)| agent == AGENT).unwrap().1;
-    assert_eq!((mine.queued, mine.running), (0, 1));
-    let theirs = &counts.iter().find(|(agent, _)| agent == "other").unwrap().1;
-    assert_eq!(theirs.queued, 1);
-    leases[0].settle();
+    let of = |agent: &str| {
+        counts
+            .iter()
+            .filter(|(name, _)| name == agent)
+            .map(|(_, counts)| counts.clone())
+            .collect::<Vec<_>>()
+    };
+    let mine = of(AGENT);
+    assert_eq!(mine.len(), 1, "one entry per agent: {counts:?}");
+    assert_eq!(
+        (
+            mine[0].queued,
+            mine[0].running,
+            mine[0].completed,
+            mine[0].dead_lettered
+        ),
+        (0, 1, 1, 1)
+    );
+    let theirs_counts = of("other");
+    assert_eq!(theirs_counts.len(), 1, "{counts:?}");
+    assert_eq!(
+        (theirs_counts[0].queued, theirs_counts[0].completed),
+        (1, 1)
+    );
+    assert_eq!(of("zeta")[0].queued, 1);
+    for lease in leases.iter_mut().chain(theirs.iter_mut()) {
+        lease.settle();
+    }
 }

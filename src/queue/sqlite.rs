@@ -750,8 +750,11 @@ fn submit(context: &mut Context<'_>, tasks: &[Prepared]) -> Result<Vec<SubmitRec
             .optional()
             .map_err(storage)?;
         if let Some((seq, state, created_at)) = existing {
-            let live = !state_of(state).is_terminal();
-            if live || created_at.saturating_add(window) > now {
+            // Only a completed task outside the window gives its id up: a
+            // live task or a dead letter (kept until replayed or purged)
+            // is never replaced.
+            let replaceable = state == COMPLETED && created_at.saturating_add(window) <= now;
+            if !replaceable {
                 receipts.push(SubmitReceipt {
                     id: task.id.clone(),
                     duplicate: true,
@@ -1386,16 +1389,17 @@ impl TaskQueue for SqliteQueue {
                     ))
                 })
                 .map_err(storage)?;
-            let mut counts: Vec<(String, StateCounts)> = Vec::new();
+            // SQLite may return the groups in any order (it walks the
+            // state index): sum them per agent.
+            let mut counts: std::collections::BTreeMap<String, StateCounts> = Default::default();
             for row in rows {
                 let (agent, state, count) = row.map_err(storage)?;
-                if counts.last().is_none_or(|(last, _)| *last != agent) {
-                    counts.push((agent.clone(), StateCounts::default()));
-                }
-                let entry = &mut counts.last_mut().expect("pushed above").1;
-                entry.add(state_of(state), as_u64(count));
+                counts
+                    .entry(agent)
+                    .or_default()
+                    .add(state_of(state), as_u64(count));
             }
-            Ok(counts)
+            Ok(counts.into_iter().collect())
         })
         .await
     }
@@ -1448,5 +1452,109 @@ impl TaskQueue for SqliteQueue {
                 Ok(found.len() as u64)
             })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use serde_json::json;
+
+    fn settings() -> Settings {
+        Settings {
+            dedup_window: Duration::from_secs(60),
+            retention: Duration::from_secs(3600),
+            max_payload_bytes: 1 << 16,
+            max_result_bytes: 1 << 16,
+            role: Role::Client,
+        }
+    }
+
+    fn task(id: &str, payload: Value) -> NewTask {
+        NewTask {
+            id: id.into(),
+            agent: "a".into(),
+            priority: Priority::Normal,
+            payload,
+        }
+    }
+
+    fn end() -> AttemptEnd {
+        AttemptEnd::new(AttemptOutcome::Completed, None, "test")
+    }
+
+    #[tokio::test]
+    async fn an_id_is_reusable_after_the_window_only_once_completed() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(1_000_000);
+        let queue = SqliteQueue::open(&dir.path().join("q.db"), settings(), clock.clone()).unwrap();
+        queue
+            .submit(vec![task("done", json!(1)), task("dead", json!(1))])
+            .await
+            .unwrap();
+        let request = LeaseRequest {
+            agent: "a".into(),
+            max: 2,
+            lease_for: Duration::from_secs(30),
+            owner: "test".into(),
+            max_deliver: 3,
+        };
+        let mut leases = queue.lease(&request, Duration::ZERO).await.unwrap();
+        leases.sort_by(|a, b| a.key.task_id.cmp(&b.key.task_id));
+        queue.term(&leases[0].key, "bad", end()).await.unwrap();
+        queue
+            .ack(&leases[1].key, &json!("ok"), end())
+            .await
+            .unwrap();
+        for lease in &mut leases {
+            lease.settle();
+        }
+        clock.advance(30_000);
+        let within = queue.submit(vec![task("done", json!(2))]).await.unwrap();
+        assert!(within[0].duplicate, "inside the window");
+        clock.advance(31_000);
+        let after = queue
+            .submit(vec![task("done", json!(3)), task("dead", json!(3))])
+            .await
+            .unwrap();
+        assert!(
+            !after[0].duplicate,
+            "a completed id is free after the window"
+        );
+        assert!(
+            after[1].duplicate,
+            "a dead letter is kept until replayed or purged"
+        );
+        assert_eq!(queue.get("done").await.unwrap().unwrap().payload, json!(3));
+        assert_eq!(
+            queue.get("dead").await.unwrap().unwrap().state,
+            TaskState::DeadLettered
+        );
+    }
+
+    #[tokio::test]
+    async fn prune_deletes_completed_tasks_past_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(1_000_000);
+        let queue = SqliteQueue::open(&dir.path().join("q.db"), settings(), clock.clone()).unwrap();
+        queue.submit(vec![task("old", json!(1))]).await.unwrap();
+        let request = LeaseRequest {
+            agent: "a".into(),
+            max: 1,
+            lease_for: Duration::from_secs(30),
+            owner: "test".into(),
+            max_deliver: 3,
+        };
+        let mut leases = queue.lease(&request, Duration::ZERO).await.unwrap();
+        queue
+            .ack(&leases[0].key, &json!("ok"), end())
+            .await
+            .unwrap();
+        leases[0].settle();
+        assert_eq!(queue.prune().await.unwrap(), 0, "not yet");
+        clock.advance(3_600_001);
+        assert_eq!(queue.prune().await.unwrap(), 1);
+        assert!(queue.get("old").await.unwrap().is_none());
     }
 }

@@ -44,6 +44,18 @@ struct SpawnRequest {
     reply: oneshot::Sender<io::Result<Child>>,
 }
 
+/// Pids of the agent processes this daemon spawned and has not reaped yet.
+/// Their exit status belongs to their `Child`; any other zombie child of
+/// the daemon is an orphaned grandchild and is reaped by the sampler.
+static CHILDREN: std::sync::Mutex<Option<std::collections::HashSet<u32>>> =
+    std::sync::Mutex::new(None);
+
+fn children() -> std::sync::MutexGuard<'static, Option<std::collections::HashSet<u32>>> {
+    CHILDREN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Children are spawned from one long-lived thread: `PR_SET_PDEATHSIG` fires
 /// when the spawning *thread* exits, so it must live as long as the daemon.
 static SPAWNER: OnceLock<std_mpsc::Sender<SpawnRequest>> = OnceLock::new();
@@ -100,7 +112,11 @@ fn spawn_now(spec: &SpawnSpec) -> io::Result<Child> {
         .process_group(0)
         .kill_on_drop(true);
     set_parent_death_signal(&mut command);
-    command.spawn()
+    let child = command.spawn()?;
+    if let Some(pid) = child.id() {
+        children().get_or_insert_default().insert(pid);
+    }
+    Ok(child)
 }
 
 #[allow(unsafe_code)]
@@ -183,6 +199,9 @@ pub async fn finish(child: &mut Child, pgid: u32) -> Option<std::process::ExitSt
             None
         }
     };
+    if status.is_some() {
+        children().get_or_insert_default().remove(&pgid);
+    }
     // Killed grandchildren take a moment to exit; reap them as they do.
     for _ in 0..100 {
         if !reap_group(pgid) {
@@ -247,8 +266,12 @@ fn group_of(pid: u32) -> Option<u32> {
     stat_fields(pid)?.get(2)?.parse().ok()
 }
 
-/// Resident memory in bytes per process group, over all processes.
+/// Resident memory in bytes per process group, over all processes. Reaps,
+/// on the way, zombies re-parented to this process (an agent's children
+/// that exited while the agent runs on).
 pub fn rss_by_group() -> HashMap<u32, u64> {
+    let own = std::process::id();
+    let mut orphans = Vec::new();
     let page = 4096u64;
     let mut groups = HashMap::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -266,6 +289,12 @@ pub fn rss_by_group() -> HashMap<u32, u64> {
             continue;
         };
         // After the command: state(0) ppid(1) pgrp(2) ... rss(21), in pages.
+        if fields.first().is_some_and(|state| state == "Z")
+            && fields.get(1).and_then(|f| f.parse::<u32>().ok()) == Some(own)
+        {
+            orphans.push(pid);
+            continue;
+        }
         let (Some(pgid), Some(rss)) = (
             fields.get(2).and_then(|f| f.parse::<u32>().ok()),
             fields.get(21).and_then(|f| f.parse::<u64>().ok()),
@@ -273,6 +302,15 @@ pub fn rss_by_group() -> HashMap<u32, u64> {
             continue;
         };
         *groups.entry(pgid).or_insert(0) += rss * page;
+    }
+    let known = children();
+    for pid in orphans {
+        if known.as_ref().is_some_and(|known| known.contains(&pid)) {
+            continue;
+        }
+        if let Ok(raw) = i32::try_from(pid) {
+            let _ = nix::sys::wait::waitpid(Pid::from_raw(raw), Some(WaitPidFlag::WNOHANG));
+        }
     }
     groups
 }
