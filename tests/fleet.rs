@@ -34,6 +34,8 @@ async fn a_thousand_tasks_through_crashes_and_hangs_none_lost_none_twice() {
 [agents.worker]
 command = {}
 replicas = {{ min = 4 }}
+# Leasing ahead must not lose or duplicate anything either.
+prefetch = 16
 timeouts = {{ progress_timeout = "400ms", max_duration = "20s", stop_grace = "1s" }}
 retry = {{ max_deliver = 12, backoff = ["5ms", "20ms", "50ms"] }}
 restart = {{ initial_backoff = "5ms", max_backoff = "50ms", max_restarts = 100000, window = "60s" }}

@@ -8,6 +8,8 @@
 //!   fsync'd group commits, for a pre-loaded queue.
 //! - `recovery`: time from `kill -9` of the replica working on a task to
 //!   the task starting on another replica.
+//! - `start`: time from a submit by another process (as `flotilla submit`)
+//!   to the task starting on an idle fleet.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -34,6 +36,12 @@ struct Args {
     /// Replicas for the throughput runs (comma-separated).
     #[arg(long, default_value = "4")]
     replicas: String,
+    /// `prefetch` values for the throughput runs (comma-separated).
+    #[arg(long, default_value = "0,64")]
+    prefetch: String,
+    /// Submits per start-latency run.
+    #[arg(long, default_value_t = 100)]
+    starts: usize,
     /// Kills per recovery run.
     #[arg(long, default_value_t = 200)]
     kills: usize,
@@ -72,13 +80,18 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[index.min(sorted.len() - 1)]
 }
 
-async fn throughput_run(dir: &Path, replicas: u32, tasks: usize) -> anyhow::Result<f64> {
+async fn throughput_run(
+    dir: &Path,
+    replicas: u32,
+    prefetch: u32,
+    tasks: usize,
+) -> anyhow::Result<f64> {
     let _ = std::fs::remove_dir_all(dir);
     let exe = flotilla_exe()?;
     let config = write_config(
         dir,
         &format!(
-            "[agents.noop]\ncommand = [{:?}, \"example-agent\", \"--work-ms\", \"0\"]\nreplicas = {{ min = {replicas} }}\n",
+            "[agents.noop]\ncommand = [{:?}, \"example-agent\", \"--work-ms\", \"0\"]\nreplicas = {{ min = {replicas} }}\nprefetch = {prefetch}\n",
             exe.display().to_string()
         ),
     )?;
@@ -204,6 +217,54 @@ restart = {{ initial_backoff = "10ms", max_backoff = "10ms", max_restarts = 1000
     Ok(latencies)
 }
 
+async fn start_run(dir: &Path, starts: usize) -> anyhow::Result<Vec<f64>> {
+    let _ = std::fs::remove_dir_all(dir);
+    let exe = flotilla_exe()?;
+    let config = write_config(
+        dir,
+        &format!(
+            "[agents.idle]\ncommand = [{:?}, \"example-agent\", \"--work-ms\", \"0\"]\nreplicas = {{ min = 2 }}\n",
+            exe.display().to_string()
+        ),
+    )?;
+    let client = flotilla::queue::sqlite::SqliteQueue::open(
+        &config.store_path(),
+        flotilla::queue::sqlite::Settings::from_config(
+            &config.store,
+            flotilla::queue::sqlite::Role::Client,
+        ),
+        clock::system(),
+    )?;
+    let daemon = Daemon::start(config, clock::system()).await?;
+    // Let the replicas start and the fleet go idle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut latencies = Vec::with_capacity(starts);
+    for n in 0..starts {
+        let id = format!("start-{n}");
+        let submitted = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64() * 1000.0;
+        client
+            .submit(vec![NewTask {
+                id: id.clone(),
+                agent: "idle".into(),
+                priority: Priority::Normal,
+                payload: serde_json::json!({}),
+            }])
+            .await?;
+        let started = loop {
+            let task = client.get(&id).await?.context("task exists")?;
+            if task.state == TaskState::Completed {
+                break task.history[0].started_ms as f64;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        latencies.push((started - submitted).max(0.0));
+        // Idle again before the next one.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    daemon.stop().await;
+    Ok(latencies)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -225,24 +286,26 @@ async fn main() -> anyhow::Result<()> {
                 .trim()
                 .parse()
                 .context("--replicas takes numbers")?;
-            let mut rates = Vec::new();
-            for run in 0..args.runs {
-                let rate = throughput_run(
-                    &base.join(format!("throughput-{replicas}-{run}")),
-                    replicas,
-                    args.tasks,
-                )
-                .await?;
+            for prefetch in args.prefetch.split(',') {
+                let prefetch: u32 = prefetch
+                    .trim()
+                    .parse()
+                    .context("--prefetch takes numbers")?;
+                let mut rates = Vec::new();
+                for run in 0..args.runs {
+                    let dir = base.join(format!("throughput-{replicas}-{prefetch}-{run}"));
+                    let rate = throughput_run(&dir, replicas, prefetch, args.tasks).await?;
+                    println!(
+                        "  throughput run {run}: {replicas} replicas, prefetch {prefetch}, {} tasks: {rate:.0} tasks/s",
+                        args.tasks
+                    );
+                    rates.push(rate);
+                }
+                let (median, min, max) = summary(&mut rates);
                 println!(
-                    "  throughput run {run}: {replicas} replicas, {} tasks: {rate:.0} tasks/s",
-                    args.tasks
+                    "throughput, {replicas} persistent no-op replicas, prefetch {prefetch}, embedded queue (synchronous=FULL): median {median:.0} tasks/s (min {min:.0}, max {max:.0})"
                 );
-                rates.push(rate);
             }
-            let (median, min, max) = summary(&mut rates);
-            println!(
-                "throughput, {replicas} persistent no-op replicas, embedded queue (synchronous=FULL): median {median:.0} tasks/s (min {min:.0}, max {max:.0})"
-            );
         }
     }
     if args.scenario == "all" || args.scenario == "recovery" {
@@ -268,6 +331,27 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "recovery, kill -9 of a busy replica to its task starting on another: p50 median {p50:.1} ms (min {p50_min:.1}, max {p50_max:.1}); p99 median {p99:.1} ms (min {p99_min:.1}, max {p99_max:.1}); {} kills",
             all.len()
+        );
+    }
+    if args.scenario == "all" || args.scenario == "start" {
+        let mut p50s = Vec::new();
+        let mut p99s = Vec::new();
+        for run in 0..args.runs {
+            let mut latencies = start_run(&base.join(format!("start-{run}")), args.starts).await?;
+            latencies.sort_by(|a, b| a.total_cmp(b));
+            let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+            println!(
+                "  start run {run}: {} submits: p50 {p50:.1} ms, p99 {p99:.1} ms, max {:.1} ms",
+                latencies.len(),
+                latencies[latencies.len() - 1]
+            );
+            p50s.push(p50);
+            p99s.push(p99);
+        }
+        let (p50, p50_min, p50_max) = summary(&mut p50s);
+        let (p99, p99_min, p99_max) = summary(&mut p99s);
+        println!(
+            "start, submit by another process to the task starting on an idle fleet: p50 median {p50:.1} ms (min {p50_min:.1}, max {p50_max:.1}); p99 median {p99:.1} ms (min {p99_min:.1}, max {p99_max:.1})"
         );
     }
     let _ = std::fs::remove_dir_all(&base);

@@ -184,17 +184,15 @@ pub struct AgentConfig {
     /// dead-lettered at once). Other non-zero codes are retried.
     #[serde(default)]
     pub fatal_exit_codes: Vec<i32>,
-    /// Most tasks leased ahead of idle replicas, so that a busy agent takes
-    /// tasks from the store in batches (0 to 1024). The dispatcher only
-    /// leases ahead as many as the agent finished in the last second, and
-    /// hands back any that waited 2 s. 0 keeps strict priority order at
-    /// the cost of one store round trip per task.
-    #[serde(default = "default_prefetch")]
+    /// Most tasks leased ahead of idle replicas (0 to 1024, default 0: a
+    /// task is leased only for an idle replica). With a value above 0 a
+    /// busy agent takes tasks from the store in batches: the dispatcher
+    /// leases ahead at most as many as the agent finished in the last
+    /// second, holds them at most 2 s (they show as running) and hands them
+    /// back on shutdown. Worth it for agents that finish many short tasks
+    /// per second; a critical task may then wait behind the batch.
+    #[serde(default)]
     pub prefetch: u32,
-}
-
-fn default_prefetch() -> u32 {
-    64
 }
 
 fn one() -> NonZeroU32 {

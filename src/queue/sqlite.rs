@@ -202,7 +202,18 @@ impl Context<'_> {
 type Deliver = Box<dyn FnOnce(Result<(), String>) + Send>;
 /// A job runs inside the group transaction (`Some`), or is told that the
 /// transaction could not start (`None`); either way it yields how to answer.
-type Job = Box<dyn for<'a, 'b> FnOnce(Option<&'a mut Context<'b>>) -> Deliver + Send>;
+type Run = Box<dyn for<'a, 'b> FnOnce(Option<&'a mut Context<'b>>) -> Deliver + Send>;
+
+/// A write for the writer thread.
+struct Job {
+    /// Whether its answer must wait for fsync. Leases, lease extensions and
+    /// status snapshots need not: if one is lost in a power cut the task is
+    /// simply still queued (or its lease expires), which at-least-once
+    /// delivery allows. The next durable commit makes them durable too,
+    /// since the WAL is synced in order.
+    durable: bool,
+    run: Run,
+}
 
 /// Sends jobs to the writer thread.
 #[derive(Clone)]
@@ -211,12 +222,30 @@ struct Writer {
 }
 
 impl Writer {
+    /// Runs `operation` and answers once it is on disk (fsync'd).
     async fn call<T: Send + 'static>(
         &self,
         operation: impl FnOnce(&mut Context<'_>) -> Result<T, QueueError> + Send + 'static,
     ) -> Result<T, QueueError> {
+        self.send(true, operation).await
+    }
+
+    /// Runs `operation` and answers once it is committed, without waiting
+    /// for fsync (see [`Job::durable`]).
+    async fn call_fast<T: Send + 'static>(
+        &self,
+        operation: impl FnOnce(&mut Context<'_>) -> Result<T, QueueError> + Send + 'static,
+    ) -> Result<T, QueueError> {
+        self.send(false, operation).await
+    }
+
+    async fn send<T: Send + 'static>(
+        &self,
+        durable: bool,
+        operation: impl FnOnce(&mut Context<'_>) -> Result<T, QueueError> + Send + 'static,
+    ) -> Result<T, QueueError> {
         let (reply, answer) = oneshot::channel();
-        let job: Job = Box::new(move |context| {
+        let run: Run = Box::new(move |context| {
             let result = match context {
                 Some(context) => context.atomically(operation),
                 None => Err(QueueError::Storage(
@@ -227,7 +256,10 @@ impl Writer {
                 let _ = reply.send(commit.map_err(QueueError::Storage).and(result));
             })
         });
-        self.jobs.send(job).await.map_err(|_| QueueError::Closed)?;
+        self.jobs
+            .send(Job { durable, run })
+            .await
+            .map_err(|_| QueueError::Closed)?;
         answer.await.map_err(|_| QueueError::Closed)?
     }
 }
@@ -435,7 +467,7 @@ impl SqliteQueue {
         let key = key.to_string();
         let text = value.to_string();
         self.writer
-            .call(move |context| {
+            .call_fast(move |context| {
                 context
                     .conn
                     .prepare_cached(
@@ -543,7 +575,14 @@ fn writer_loop(
     clock: &SharedClock,
     wakers: &Wakers,
 ) {
-    let mut group = Vec::with_capacity(MAX_GROUP);
+    let mut group: Vec<Job> = Vec::with_capacity(MAX_GROUP);
+    let mut writer = GroupWriter {
+        conn,
+        settings,
+        clock,
+        wakers,
+        synced: true,
+    };
     while let Some(first) = jobs.blocking_recv() {
         group.push(first);
         while group.len() < MAX_GROUP {
@@ -552,23 +591,72 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
+        // Jobs that need no fsync (leases, mostly) are committed and
+        // answered first, so that they never wait behind the fsync of the
+        // durable ones.
+        let (durable, fast): (Vec<Job>, Vec<Job>) = group.drain(..).partition(|job| job.durable);
+        if !fast.is_empty() {
+            writer.commit(fast, false);
+        }
+        if !durable.is_empty() {
+            writer.commit(durable, true);
+        }
+    }
+}
+
+/// Commits groups of jobs on the writer's connection.
+struct GroupWriter<'a> {
+    conn: &'a Connection,
+    settings: &'a Settings,
+    clock: &'a SharedClock,
+    wakers: &'a Wakers,
+    /// Whether the connection is at synchronous=FULL.
+    synced: bool,
+}
+
+impl GroupWriter<'_> {
+    fn fail(group: Vec<Job>, message: &str) {
+        tracing::error!(%message);
+        for job in group {
+            (job.run)(None)(Err(message.to_string()));
+        }
+    }
+
+    /// Runs `group` in one transaction; with `durable`, the commit is
+    /// fsync'd (synchronous=FULL) before anyone is answered.
+    fn commit(&mut self, group: Vec<Job>, durable: bool) {
+        let conn = self.conn;
+        if durable != self.synced {
+            let mode = if durable { "FULL" } else { "NORMAL" };
+            match conn.pragma_update(None, "synchronous", mode) {
+                Ok(()) => self.synced = durable,
+                // Never answer a durable job without fsync.
+                Err(error) if durable => {
+                    return Self::fail(group, &format!("cannot make the commit durable: {error}"));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not relax synchronous; committing with fsync");
+                }
+            }
+        }
         let mut context = Context {
             conn,
-            now: clock.now_ms(),
-            settings,
+            now: self.clock.now_ms(),
+            settings: self.settings,
             woken: HashSet::new(),
             external_submit: false,
         };
         if let Err(error) = conn.execute_batch("BEGIN IMMEDIATE") {
-            let message = format!("the store transaction could not start: {error}");
-            tracing::error!(%message);
-            for job in group.drain(..) {
-                job(None)(Err(message.clone()));
-            }
-            continue;
+            return Self::fail(
+                group,
+                &format!("the store transaction could not start: {error}"),
+            );
         }
-        let delivers: Vec<Deliver> = group.drain(..).map(|job| job(Some(&mut context))).collect();
-        if context.external_submit && settings.role == Role::Client {
+        let delivers: Vec<Deliver> = group
+            .into_iter()
+            .map(|job| (job.run)(Some(&mut context)))
+            .collect();
+        if context.external_submit && self.settings.role == Role::Client {
             let bumped = conn.execute(
                 "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'external_seq'",
                 [],
@@ -588,7 +676,7 @@ fn writer_loop(
             deliver(commit.clone());
         }
         if committed {
-            wakers.wake(context.woken.iter());
+            self.wakers.wake(context.woken.iter());
         }
     }
 }
@@ -1147,7 +1235,7 @@ impl TaskQueue for SqliteQueue {
             let owned = request.clone();
             let (claimed, next_visible) = self
                 .writer
-                .call(move |context| {
+                .call_fast(move |context| {
                     let claimed = lease(context, &owned)?;
                     let next: Option<i64> = if claimed.is_empty() {
                         context
@@ -1248,8 +1336,10 @@ impl TaskQueue for SqliteQueue {
             )));
         }
         let extend_ms = to_sql_ms(millis(extend));
+        // A checkpoint is kept durably; a bare extension need not be.
+        let durable = checkpoint.is_some();
         self.writer
-            .call(move |context| {
+            .send(durable, move |context| {
                 let seq = leased_seq(context, &key)?;
                 context
                     .conn
@@ -1298,7 +1388,7 @@ impl TaskQueue for SqliteQueue {
 
     async fn expire_leases(&self) -> Result<u64, QueueError> {
         self.writer
-            .call(|context| {
+            .call_fast(|context| {
                 let seqs = running(context, true)?;
                 requeue(
                     context,
