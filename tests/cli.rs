@@ -222,3 +222,13 @@ fn dlq_replay_and_purge_need_dead_letters() {
     assert!(purge.status.success());
     assert!(stderr(&purge).contains("purged 0"));
 }
+
+#[test]
+fn the_documented_example_configs_load() {
+    for file in ["examples/claude-code.toml"] {
+        let path = repo_root().join(file);
+        if let Err(error) = flotilla::config::load(&path) {
+            panic!("{file} does not load: {error}");
+        }
+    }
+}

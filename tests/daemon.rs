@@ -211,3 +211,83 @@ timeouts = {{ progress_timeout = "60s", stop_grace = "1s" }}
     assert_eq!(shown["daemon"]["running"], false);
     assert_eq!(shown["queue_depth"], 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_see_only_their_declared_environment() {
+    let fleet = Fleet::new(
+        r#"
+[agents.env]
+mode = "oneshot"
+command = ["sh", "-c", "env"]
+env = { DECLARED = "yes", PASSED = "${FLOTILLA_TEST_PASSED}" }
+"#,
+    );
+    assert!(
+        fleet
+            .cli(&[
+                "submit",
+                "--agent",
+                "env",
+                "--id",
+                "env-1",
+                "--payload",
+                "{}"
+            ])
+            .status
+            .success()
+    );
+    let client = fleet.client();
+    let mut daemon = std::process::Command::new(flotilla_bin())
+        .args(["-c", fleet.config_path.to_str().unwrap(), "up"])
+        .env("FLOTILLA_LOG", "warn")
+        .env("DAEMON_SECRET", "hunter2")
+        .env("FLOTILLA_TEST_PASSED", "explicitly")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "the env task to finish",
+        || async { finished(&client).await >= 1 },
+    )
+    .await;
+    signal(&daemon, Signal::SIGTERM);
+    wait_exit(&mut daemon, Duration::from_secs(20));
+    let task = client.get("env-1").await.unwrap().unwrap();
+    let output = task.result.unwrap().as_str().unwrap().to_string();
+    let names: Vec<&str> = output
+        .lines()
+        .filter_map(|line| line.split('=').next())
+        .collect();
+    assert!(
+        !output.contains("hunter2"),
+        "a daemon secret leaked: {output}"
+    );
+    assert!(
+        output.contains("DECLARED=yes") && output.contains("PASSED=explicitly"),
+        "{output}"
+    );
+    assert!(
+        names.contains(&"PATH") && names.contains(&"FLOTILLA_AGENT"),
+        "{output}"
+    );
+    for name in &names {
+        assert!(
+            [
+                "DECLARED",
+                "PASSED",
+                "PATH",
+                "HOME",
+                "LANG",
+                "PWD",
+                "SHLVL",
+                "_",
+                "FLOTILLA_AGENT",
+                "FLOTILLA_REPLICA",
+                "FLOTILLA_INSTANCE"
+            ]
+            .contains(name),
+            "unexpected variable {name} reached the agent: {output}"
+        );
+    }
+}

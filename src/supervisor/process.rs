@@ -327,7 +327,7 @@ mod tests {
             argv: vec![
                 "sh".into(),
                 "-c".into(),
-                "echo \"$ONLY:${SECRET_SHOULD_NOT_LEAK:-none}\"; sleep 30 & sleep 30".into(),
+                "echo \"$ONLY:${HOME:-none}\"; sleep 30 & sleep 30".into(),
             ],
             env: vec![
                 ("PATH".into(), std::env::var("PATH").unwrap_or_default()),
@@ -344,7 +344,7 @@ mod tests {
         let mut buffer = [0u8; 64];
         let read = stdout.read(&mut buffer).await.unwrap();
         line.push_str(std::str::from_utf8(&buffer[..read]).unwrap());
-        assert_eq!(line.trim(), "visible:none");
+        assert_eq!(line.trim(), "visible:none", "only the given environment");
         assert!(rss_by_group().get(&pid).copied().unwrap_or(0) > 0);
         let status = stop(&mut child, pid, Duration::from_secs(2)).await;
         assert!(status.is_some());
