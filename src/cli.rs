@@ -22,6 +22,8 @@ use crate::queue::{
 };
 use crate::status::{AgentState, AgentStatus, DaemonSnapshot, SNAPSHOT_KEY};
 
+const NO_AGENTS: &str = "the config defines no agents; add an [agents.NAME] table with a command";
+
 /// Most lines read from one `submit --file`.
 const MAX_FILE_TASKS: usize = crate::queue::MAX_SUBMIT_BATCH;
 
@@ -327,7 +329,10 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
     match command {
         Command::Up => up(config).await,
         Command::Config(ConfigCommand::Check) => {
-            let problems = crate::dispatch::check_fleet(&config);
+            let mut problems = crate::dispatch::check_fleet(&config);
+            if config.agents.is_empty() {
+                problems.push(NO_AGENTS.to_string());
+            }
             if !problems.is_empty() {
                 return Err(Failure::usage(format!(
                     "the fleet cannot start:\n  {}",
@@ -415,10 +420,7 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
 
 async fn up(config: Config) -> Result<ExitCode, Failure> {
     if config.agents.is_empty() {
-        return Err(Failure::usage(format!(
-            "{} defines no agents; add an [agents.NAME] table with a command",
-            "the config"
-        )));
+        return Err(Failure::usage(NO_AGENTS));
     }
     let problems = crate::dispatch::check_fleet(&config);
     if !problems.is_empty() {

@@ -11,8 +11,9 @@ pub enum Line {
     Text(String),
     /// A line longer than the limit; its bytes were discarded.
     TooLong,
-    /// A line that is not UTF-8.
-    NotUtf8,
+    /// A line that is not UTF-8, decoded lossily (invalid bytes become
+    /// U+FFFD).
+    NotUtf8(String),
 }
 
 /// A line reader with a length limit. Cancel safe: dropping a pending
@@ -89,7 +90,7 @@ fn to_line(mut bytes: Vec<u8>) -> Line {
     }
     match String::from_utf8(bytes) {
         Ok(text) => Line::Text(text),
-        Err(_) => Line::NotUtf8,
+        Err(error) => Line::NotUtf8(String::from_utf8_lossy(error.as_bytes()).into_owned()),
     }
 }
 
@@ -116,7 +117,7 @@ mod tests {
                 Line::Text("short".into()),
                 Line::TooLong,
                 Line::Text("ok".into()),
-                Line::NotUtf8,
+                Line::NotUtf8("\u{fffd}\u{fffd}".into()),
                 Line::Text("last".into()),
             ]
         );

@@ -27,10 +27,11 @@ pub enum ToAgent {
         /// The task to abandon.
         id: String,
     },
-    /// The replica is being stopped: finish or abandon the current task and
-    /// exit within `grace_ms`, after which the process group is killed.
+    /// The replica is being stopped (its tasks were already handed back):
+    /// exit within `grace_ms`. After that the process group gets SIGTERM,
+    /// and SIGKILL another `grace_ms` later.
     Shutdown {
-        /// Milliseconds before the process group receives SIGKILL.
+        /// Milliseconds before the process group receives SIGTERM.
         grace_ms: u64,
     },
 }

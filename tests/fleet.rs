@@ -483,18 +483,33 @@ mode = "oneshot"
 command = ["sh", "-c", "sleep 30"]
 timeouts = { progress_timeout = "300ms", stop_grace = "1s" }
 retry = { max_deliver = 1 }
+
+[agents.binary]
+mode = "oneshot"
+command = ["sh", "-c", "printf 'a\\377b\\n'"]
+
+[agents.suicidal]
+mode = "oneshot"
+command = ["sh", "-c", "kill -9 $$"]
+retry = { max_deliver = 2, backoff = ["60s"] }
 "#,
     );
     let daemon = fleet.start().await;
     let queue = daemon.queue().clone();
     let (slow, slow_ids) = tasks("slow", 1, "slow");
     let (silent, silent_ids) = tasks("silent", 1, "silent");
+    let (binary, binary_ids) = tasks("binary", 1, "binary");
+    let (suicidal, suicidal_ids) = tasks("suicidal", 1, "suicidal");
     queue.submit(slow).await.unwrap();
     queue.submit(silent).await.unwrap();
+    queue.submit(binary).await.unwrap();
+    queue.submit(suicidal).await.unwrap();
+    // The suicidal task has a 60 s backoff: only an immediate retry of a
+    // process killed by a signal finishes it in time.
     wait_until(
         Duration::from_secs(30),
-        "both oneshot tasks to finish",
-        || async { finished(queue.as_ref()).await >= 2 },
+        "the oneshot tasks to finish",
+        || async { finished(queue.as_ref()).await >= 4 },
     )
     .await;
     let instance = queue.store_id().to_string();
@@ -520,6 +535,31 @@ retry = { max_deliver = 1 }
     assert!(
         processes_of(&instance).is_empty(),
         "the killed sleep is gone"
+    );
+    let binary = &records(queue.as_ref(), &binary_ids).await[0];
+    assert_eq!(binary.state, TaskState::Completed, "{binary:?}");
+    assert_eq!(
+        binary.result.as_ref().unwrap(),
+        "a\u{fffd}b",
+        "non-UTF-8 output is kept, lossily"
+    );
+    let suicidal = &records(queue.as_ref(), &suicidal_ids).await[0];
+    assert_eq!(suicidal.state, TaskState::DeadLettered);
+    assert!(
+        suicidal
+            .history
+            .iter()
+            .all(|a| a.outcome == Some(AttemptOutcome::Crashed)),
+        "{suicidal:?}"
+    );
+    assert!(
+        suicidal
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("killed by SIGKILL"),
+        "{:?}",
+        suicidal.reason
     );
 }
 

@@ -187,7 +187,7 @@ pub struct AgentConfig {
     /// Most tasks leased ahead of idle replicas (0 to 1024, default 0: a
     /// task is leased only for an idle replica). With a value above 0 a
     /// busy agent takes tasks from the store in batches: the dispatcher
-    /// leases ahead at most as many as the agent finished in the last
+    /// leases ahead at most as many as the agent's replicas took in the last
     /// second, holds them at most 2 s (they show as running) and hands them
     /// back on shutdown. Worth it for agents that finish many short tasks
     /// per second; a critical task may then wait behind the batch.

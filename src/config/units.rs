@@ -133,7 +133,7 @@ impl FromStr for ByteSize {
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let invalid = || {
             format!(
-                "invalid size {text:?}: expected a whole number of bytes or a number with a unit (B, KB, KiB, MB, MiB, GB, GiB), like \"512MiB\""
+                "invalid size {text:?}: expected a whole number of bytes or a number with a unit (B, KB, KiB, MB, MiB, GB, GiB, TB, TiB), like \"512MiB\""
             )
         };
         let trimmed = text.trim();
@@ -218,10 +218,10 @@ impl JsonSchema for ByteSize {
 
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
         json_schema!({
-            "description": "A size: whole bytes, or a number with a unit (B, KB, KiB, MB, MiB, GB, GiB).",
+            "description": "A size: whole bytes, or a number with a unit (B, KB, KiB, MB, MiB, GB, GiB, TB, TiB).",
             "oneOf": [
                 {"type": "integer", "minimum": 0},
-                {"type": "string", "pattern": "^\\s*[0-9]+\\s*([kKmMgGtT][iI]?)?[bB]?\\s*$"}
+                {"type": "string", "pattern": "^\\s*[0-9]+\\s*([bB]|[kKmMgG]|[kKmMgGtT][bB]|[kKmMgGtT][iI][bB])?\\s*$"}
             ],
             "examples": ["64KiB", "512MiB", 1048576]
         })

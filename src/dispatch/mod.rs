@@ -500,8 +500,9 @@ impl Tracked {
     }
 }
 
-/// How many tasks an agent finished per second recently: the leaser leases
-/// that many ahead, so a slow agent never holds tasks it cannot start soon.
+/// How many tasks an agent took per second recently (leases handed to its
+/// replicas): the leaser leases at most that many ahead, so a slow agent
+/// never holds tasks it cannot start soon.
 #[derive(Debug)]
 struct Rate {
     window_start: Instant,
@@ -546,7 +547,7 @@ type LeaseFuture =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Lease>, QueueError>> + Send>>;
 
 /// Leases tasks for idle replicas of one agent: as many as are waiting,
-/// plus up to `prefetch` ahead (at most what the agent finished in the last
+/// plus up to `prefetch` ahead (at most what its replicas took in the last
 /// second), held for at most [`PREFETCH_TTL`]. The next batch is leased
 /// while the current one is handed out, so replicas do not wait for the
 /// store's commit.

@@ -174,7 +174,7 @@ async fn run_task(
         let timer = draining.map_or(timer, |deadline| timer.min(deadline));
         tokio::select! {
             line = out_lines.next_line(), if out_open => match line {
-                Ok(Some(Line::Text(text))) => {
+                Ok(Some(Line::Text(text) | Line::NotUtf8(text))) => {
                     if output.stdout.len() + text.len() + 1 > max_result {
                         { kill_for(agent, name, &mut child, pgid, tracked, too_long(max_result)).await; return None; }
                     }
@@ -184,7 +184,7 @@ async fn run_task(
                     output.stdout.extend_from_slice(text.as_bytes());
                     progressed(agent, index, &mut tracked).await;
                 }
-                Ok(Some(_)) => { kill_for(agent, name, &mut child, pgid, tracked, too_long(max_result)).await; return None; }
+                Ok(Some(Line::TooLong)) => { kill_for(agent, name, &mut child, pgid, tracked, too_long(max_result)).await; return None; }
                 Ok(None) | Err(_) => out_open = false,
             },
             line = err_lines.next_line(), if err_open => match line {
@@ -300,8 +300,11 @@ async fn settle_exit(
         detail = format!("{detail}; stderr: {stderr}");
     }
     let fatal = code.is_some_and(|code| agent.config.fatal_exit_codes.contains(&code));
+    // Killed by a signal not sent by flotilla (say the OOM killer) is a
+    // crash: retried at once, like a persistent replica's task.
     let failure = Failure {
         retryable: !fatal,
+        immediate: code.is_none(),
         ..Failure::new(
             if code.is_some() {
                 AttemptOutcome::Error

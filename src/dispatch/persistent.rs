@@ -50,6 +50,9 @@ pub(super) async fn run(
     agent.update_replica(index, |replica| {
         replica.state = ReplicaState::Starting;
         replica.started_ms = Some(agent.clock.now_ms());
+        replica.last_progress_ms = None;
+        replica.last_seen_ms = None;
+        replica.context_window_usage_pct = None;
     });
     let mut child = match process::spawn(spec).await {
         Ok(child) => child,
@@ -134,12 +137,12 @@ impl Replica<'_> {
 
     fn malformed_line(&self, line: &Line) {
         let error = match line {
-            Line::TooLong => LineError::TooLong {
-                max_line_bytes: self.agent.config.max_line_bytes.as_usize(),
-            },
-            _ => LineError::Malformed {
+            Line::NotUtf8(text) => LineError::Malformed {
                 reason: "not UTF-8".into(),
-                excerpt: String::new(),
+                excerpt: protocol::excerpt(text),
+            },
+            _ => LineError::TooLong {
+                max_line_bytes: self.agent.config.max_line_bytes.as_usize(),
             },
         };
         self.agent.record_malformed(self.index, &error);
