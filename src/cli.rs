@@ -764,7 +764,7 @@ fn print_status(report: &StatusReport, now: UnixMillis) {
                     line.push_str(&format!(" progress {} ago", ago(now, progress)));
                 }
                 if let Some(rss) = replica.rss_bytes {
-                    line.push_str(&format!(" rss {}", config::ByteSize(rss)));
+                    line.push_str(&format!(" rss {}", approximate_size(rss)));
                 }
                 if replica.restarts > 0 {
                     line.push_str(&format!(" restarts {}", replica.restarts));
@@ -776,6 +776,17 @@ fn print_status(report: &StatusReport, now: UnixMillis) {
             }
         }
     }
+}
+
+/// A size for humans, to one decimal: `13.6MiB`.
+fn approximate_size(bytes: u64) -> String {
+    let units = [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    for (unit, size) in units {
+        if bytes >= size {
+            return format!("{:.1}{unit}", bytes as f64 / size as f64);
+        }
+    }
+    format!("{bytes}B")
 }
 
 fn json_name<T: serde::Serialize>(value: &T) -> String {

@@ -225,10 +225,21 @@ fn dlq_replay_and_purge_need_dead_letters() {
 
 #[test]
 fn the_documented_example_configs_load() {
-    for file in ["examples/claude-code.toml"] {
+    for file in ["examples/claude-code.toml", "examples/fleet.toml"] {
         let path = repo_root().join(file);
         if let Err(error) = flotilla::config::load(&path) {
             panic!("{file} does not load: {error}");
         }
     }
+    // The runnable one passes the start-up checks too.
+    let output = std::process::Command::new(flotilla_bin())
+        .args([
+            "-c",
+            repo_root().join("examples/fleet.toml").to_str().unwrap(),
+            "config",
+            "check",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
 }
