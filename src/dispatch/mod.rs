@@ -543,8 +543,13 @@ impl Rate {
     }
 }
 
-type LeaseFuture =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Lease>, QueueError>> + Send>>;
+/// A lease call in flight, with how many tasks it asked for.
+type LeaseFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (usize, Result<Vec<Lease>, QueueError>)> + Send>,
+>;
+
+/// Lease calls one leaser keeps in flight at most.
+const LEASES_IN_FLIGHT: usize = 4;
 
 /// Leases tasks for idle replicas of one agent: as many as are waiting,
 /// plus up to `prefetch` ahead (at most what its replicas took in the last
@@ -560,7 +565,10 @@ async fn leaser(
     let mut ahead: VecDeque<(Lease, Instant)> = VecDeque::new();
     let mut rate = Rate::new();
     let mut failures = 0u32;
-    let mut leasing: Option<LeaseFuture> = None;
+    // Several lease calls may be in flight: requests that arrive while one
+    // is pending get their own call, which joins the next group commit.
+    let mut leasing: futures_util::stream::FuturesUnordered<LeaseFuture> = Default::default();
+    let mut asked = 0usize;
     let mut retry_at: Option<Instant> = None;
     loop {
         while let Ok(request) = requests.try_recv() {
@@ -590,12 +598,19 @@ async fn leaser(
             break;
         }
         let target = rate.per_second().min(agent.config.prefetch) as usize;
-        let starved = !pending.is_empty();
-        let low = ahead.len() < target.div_ceil(2);
-        if leasing.is_none() && (starved || low) && retry_at.is_none_or(|at| now >= at) {
+        let starved = pending.len() > asked;
+        let low = ahead.len() + asked < target.div_ceil(2);
+        let wanted = pending.len() + target;
+        let have = ahead.len() + asked;
+        if (starved || low)
+            && wanted > have
+            && leasing.len() < LEASES_IN_FLIGHT
+            && retry_at.is_none_or(|at| now >= at)
+        {
+            let max = wanted - have;
             let request = LeaseRequest {
                 agent: agent.name.clone(),
-                max: (pending.len() + target).saturating_sub(ahead.len()).max(1),
+                max,
                 lease_for: agent.lease_for(),
                 owner: agent.owner.clone(),
                 max_deliver: agent.config.retry.max_deliver.get(),
@@ -603,7 +618,10 @@ async fn leaser(
             // Wait for work only when a replica is waiting for it.
             let wait = if starved { LEASE_WAIT } else { Duration::ZERO };
             let queue = agent.queue.clone();
-            leasing = Some(Box::pin(async move { queue.lease(&request, wait).await }));
+            asked += max;
+            leasing.push(Box::pin(
+                async move { (max, queue.lease(&request, wait).await) },
+            ));
         }
         let expiry = ahead.front().map(|(_, at)| *at + PREFETCH_TTL);
         let wake = [expiry, retry_at].into_iter().flatten().min();
@@ -612,8 +630,8 @@ async fn leaser(
         tokio::select! {
             biased;
             _ = shutdown.changed() => {}
-            leased = async { leasing.as_mut().expect("guarded").await }, if leasing.is_some() => {
-                leasing = None;
+            Some((max, leased)) = futures_util::StreamExt::next(&mut leasing), if !leasing.is_empty() => {
+                asked -= max;
                 match leased {
                     Ok(leases) => {
                         failures = 0;

@@ -1,13 +1,19 @@
-//! The embedded queue backend: SQLite (bundled) in WAL mode with
-//! `synchronous=FULL`, one writer thread with group commit.
+//! The embedded queue backend: SQLite (bundled) in WAL mode, one writer
+//! thread with group commit, and a sync thread that fsyncs the WAL.
 //!
 //! Every write (submit, lease, ack, nak, progress, term, …) is a job sent to
 //! the writer thread, which runs as many queued jobs as it can in one
-//! `BEGIN IMMEDIATE` transaction, each inside its own savepoint, commits
-//! (one fsync for the whole group) and only then answers. Reads use their
-//! own connection. Other processes (the CLI submitting while the daemon
-//! runs) write through their own writer; SQLite's lock serializes them and a
-//! counter in `meta` tells the daemon to look for new work.
+//! `BEGIN IMMEDIATE` transaction, each inside its own savepoint, and
+//! commits. Jobs that must be durable (submits, outcomes, checkpoints) are
+//! answered by the sync thread only after an fsync of the WAL that covers
+//! their commit: one fsync serves every commit made meanwhile, and the
+//! writer goes on committing while the disk syncs (pipelined group commit;
+//! SQLite's `synchronous=FULL` would hold the write lock during the fsync).
+//! Leases and lease extensions are answered at commit: losing one in a
+//! power cut only leaves the task queued. Reads use their own connection.
+//! Other processes (the CLI submitting while the daemon runs) write through
+//! their own writer; SQLite's lock serializes them and a counter in `meta`
+//! tells the daemon to look for new work.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -209,8 +215,8 @@ struct Job {
     /// Whether its answer must wait for fsync. Leases, lease extensions and
     /// status snapshots need not: if one is lost in a power cut the task is
     /// simply still queued (or its lease expires), which at-least-once
-    /// delivery allows. The next durable commit makes them durable too,
-    /// since the WAL is synced in order.
+    /// delivery allows. The next fsync makes them durable too, since the
+    /// WAL is written in order.
     durable: bool,
     run: Run,
 }
@@ -390,6 +396,24 @@ impl SqliteQueue {
         }
         let writer_conn = open_connection(path)?;
         let store_id = migrate(&writer_conn, path)?;
+        // The writer commits without fsync; the sync thread fsyncs the WAL
+        // before durable jobs are answered (see `sync_loop`).
+        writer_conn
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(storage)?;
+        let (syncer, sync_batches) =
+            std::sync::mpsc::sync_channel::<Vec<Deliver>>(JOB_QUEUE_CAPACITY);
+        {
+            let mut wal = path.as_os_str().to_owned();
+            wal.push("-wal");
+            let wal = PathBuf::from(wal);
+            std::thread::Builder::new()
+                .name("flotilla-store-sync".into())
+                .spawn(move || sync_loop(&wal, &sync_batches))
+                .map_err(|error| {
+                    QueueError::Storage(format!("cannot start the sync thread: {error}"))
+                })?;
+        }
         let reader = open_connection(path)?;
         let wakers = Arc::new(Wakers::default());
         let (jobs_tx, jobs_rx) = mpsc::channel(JOB_QUEUE_CAPACITY);
@@ -399,7 +423,9 @@ impl SqliteQueue {
             let wakers = wakers.clone();
             std::thread::Builder::new()
                 .name("flotilla-store-writer".into())
-                .spawn(move || writer_loop(&writer_conn, jobs_rx, &settings, &clock, &wakers))
+                .spawn(move || {
+                    writer_loop(&writer_conn, jobs_rx, &settings, &clock, &wakers, &syncer)
+                })
                 .map_err(|error| QueueError::Storage(format!("cannot start writer: {error}")))?;
         }
         let writer = Writer { jobs: jobs_tx };
@@ -574,15 +600,9 @@ fn writer_loop(
     settings: &Settings,
     clock: &SharedClock,
     wakers: &Wakers,
+    syncer: &std::sync::mpsc::SyncSender<Vec<Deliver>>,
 ) {
     let mut group: Vec<Job> = Vec::with_capacity(MAX_GROUP);
-    let mut writer = GroupWriter {
-        conn,
-        settings,
-        clock,
-        wakers,
-        synced: true,
-    };
     while let Some(first) = jobs.blocking_recv() {
         group.push(first);
         while group.len() < MAX_GROUP {
@@ -591,94 +611,134 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        // Jobs that need no fsync (leases, mostly) are committed and
-        // answered first, so that they never wait behind the fsync of the
-        // durable ones.
-        let (durable, fast): (Vec<Job>, Vec<Job>) = group.drain(..).partition(|job| job.durable);
-        if !fast.is_empty() {
-            writer.commit(fast, false);
-        }
-        if !durable.is_empty() {
-            writer.commit(durable, true);
-        }
-    }
-}
-
-/// Commits groups of jobs on the writer's connection.
-struct GroupWriter<'a> {
-    conn: &'a Connection,
-    settings: &'a Settings,
-    clock: &'a SharedClock,
-    wakers: &'a Wakers,
-    /// Whether the connection is at synchronous=FULL.
-    synced: bool,
-}
-
-impl GroupWriter<'_> {
-    fn fail(group: Vec<Job>, message: &str) {
-        tracing::error!(%message);
-        for job in group {
-            (job.run)(None)(Err(message.to_string()));
-        }
-    }
-
-    /// Runs `group` in one transaction; with `durable`, the commit is
-    /// fsync'd (synchronous=FULL) before anyone is answered.
-    fn commit(&mut self, group: Vec<Job>, durable: bool) {
-        let conn = self.conn;
-        if durable != self.synced {
-            let mode = if durable { "FULL" } else { "NORMAL" };
-            match conn.pragma_update(None, "synchronous", mode) {
-                Ok(()) => self.synced = durable,
-                // Never answer a durable job without fsync.
-                Err(error) if durable => {
-                    return Self::fail(group, &format!("cannot make the commit durable: {error}"));
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "could not relax synchronous; committing with fsync");
-                }
-            }
-        }
-        let mut context = Context {
+        commit_group(
             conn,
-            now: self.clock.now_ms(),
-            settings: self.settings,
-            woken: HashSet::new(),
-            external_submit: false,
-        };
-        if let Err(error) = conn.execute_batch("BEGIN IMMEDIATE") {
-            return Self::fail(
-                group,
-                &format!("the store transaction could not start: {error}"),
-            );
-        }
-        let delivers: Vec<Deliver> = group
-            .into_iter()
-            .map(|job| (job.run)(Some(&mut context)))
-            .collect();
-        if context.external_submit && self.settings.role == Role::Client {
-            let bumped = conn.execute(
-                "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'external_seq'",
-                [],
-            );
-            if let Err(error) = bumped {
-                tracing::warn!(%error, "could not signal the daemon about new tasks");
-            }
-        }
-        let commit = conn
-            .execute_batch("COMMIT")
-            .map_err(|error| error.to_string());
-        if commit.is_err() {
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        let committed = commit.is_ok();
-        for deliver in delivers {
-            deliver(commit.clone());
-        }
-        if committed {
-            self.wakers.wake(context.woken.iter());
+            settings,
+            clock,
+            wakers,
+            syncer,
+            std::mem::take(&mut group),
+        );
+    }
+}
+
+fn fail_group(group: Vec<Job>, message: &str) {
+    tracing::error!(%message);
+    for job in group {
+        (job.run)(None)(Err(message.to_string()));
+    }
+}
+
+/// Runs `group` in one transaction and commits it without waiting for
+/// fsync; answers the jobs that need no fsync at once and hands the others
+/// to the sync thread, which answers them after the WAL is fsync'd.
+fn commit_group(
+    conn: &Connection,
+    settings: &Settings,
+    clock: &SharedClock,
+    wakers: &Wakers,
+    syncer: &std::sync::mpsc::SyncSender<Vec<Deliver>>,
+    group: Vec<Job>,
+) {
+    let mut context = Context {
+        conn,
+        now: clock.now_ms(),
+        settings,
+        woken: HashSet::new(),
+        external_submit: false,
+    };
+    if let Err(error) = conn.execute_batch("BEGIN IMMEDIATE") {
+        return fail_group(
+            group,
+            &format!("the store transaction could not start: {error}"),
+        );
+    }
+    let mut fast = Vec::new();
+    let mut durable = Vec::new();
+    for job in group {
+        let deliver = (job.run)(Some(&mut context));
+        if job.durable {
+            durable.push(deliver);
+        } else {
+            fast.push(deliver);
         }
     }
+    if context.external_submit && settings.role == Role::Client {
+        let bumped = conn.execute(
+            "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'external_seq'",
+            [],
+        );
+        if let Err(error) = bumped {
+            tracing::warn!(%error, "could not signal the daemon about new tasks");
+        }
+    }
+    let commit = conn
+        .execute_batch("COMMIT")
+        .map_err(|error| error.to_string());
+    if commit.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    for deliver in fast {
+        deliver(commit.clone());
+    }
+    match &commit {
+        Ok(()) => {
+            wakers.wake(context.woken.iter());
+            if !durable.is_empty()
+                && let Err(std::sync::mpsc::SendError(durable)) = syncer.send(durable)
+            {
+                for deliver in durable {
+                    deliver(Err("the store's sync thread is gone".into()));
+                }
+            }
+        }
+        Err(_) => {
+            for deliver in durable {
+                deliver(commit.clone());
+            }
+        }
+    }
+}
+
+/// The sync thread: fsyncs the WAL once for every batch of commits that
+/// arrived meanwhile, then answers their durable jobs. Commits are written
+/// to the WAL in order, so one fsync makes every earlier commit durable;
+/// data already checkpointed into the database file was synced by the
+/// checkpoint (SQLite syncs both sides of a checkpoint at
+/// synchronous=NORMAL).
+fn sync_loop(wal: &Path, batches: &std::sync::mpsc::Receiver<Vec<Deliver>>) {
+    let mut handle: Option<(std::fs::File, u64)> = None;
+    while let Ok(first) = batches.recv() {
+        let mut ready = vec![first];
+        while let Ok(more) = batches.try_recv() {
+            ready.push(more);
+        }
+        let result = sync_wal(wal, &mut handle).map_err(|error| {
+            let message = format!("cannot fsync {}: {error}", wal.display());
+            tracing::error!(%message);
+            message
+        });
+        for deliver in ready.into_iter().flatten() {
+            deliver(result.clone());
+        }
+    }
+}
+
+/// fsyncs the WAL file at `wal`, reopening it if SQLite replaced it.
+fn sync_wal(wal: &Path, handle: &mut Option<(std::fs::File, u64)>) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let inode = match std::fs::metadata(wal) {
+        Ok(metadata) => metadata.ino(),
+        // No WAL: everything was checkpointed into the database file, and
+        // synced by the checkpoint.
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(error),
+    };
+    if handle.as_ref().is_none_or(|(_, known)| *known != inode) {
+        *handle = Some((std::fs::File::open(wal)?, inode));
+    }
+    let (file, _) = handle.as_ref().expect("opened above");
+    file.sync_data()
 }
 
 fn poll_external(conn: &Connection, wakers: &Weak<Wakers>, stop: &AtomicBool) {
@@ -1572,6 +1632,28 @@ mod tests {
 
     fn end() -> AttemptEnd {
         AttemptEnd::new(AttemptOutcome::Completed, None, "test")
+    }
+
+    #[test]
+    fn the_wal_is_reopened_when_replaced_and_a_missing_one_needs_no_sync() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("q.db-wal");
+        let mut handle = None;
+        sync_wal(&wal, &mut handle).unwrap();
+        assert!(handle.is_none(), "nothing to sync without a WAL");
+        std::fs::write(&wal, b"frames").unwrap();
+        sync_wal(&wal, &mut handle).unwrap();
+        std::fs::remove_file(&wal).unwrap();
+        std::fs::write(dir.path().join("other"), b"keep the inode busy").unwrap();
+        std::fs::write(&wal, b"new frames").unwrap();
+        sync_wal(&wal, &mut handle).unwrap();
+        let second = handle.as_ref().unwrap().1;
+        assert_eq!(
+            second,
+            std::fs::metadata(&wal).unwrap().ino(),
+            "the new WAL is synced"
+        );
     }
 
     #[tokio::test]
