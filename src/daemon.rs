@@ -98,7 +98,16 @@ impl Daemon {
         let lock = take_lock(&store)?;
         let settings = Settings::from_config(&config.store, Role::Daemon);
         let queue = Arc::new(SqliteQueue::open(&store, settings, clock.clone())?);
-        let orphans = process::kill_orphans(queue.store_id());
+        // Agents carry the store's id and path: a copy of the store file
+        // (same id, other path) never sweeps the original fleet's agents.
+        let instance = format!(
+            "{}@{}",
+            queue.store_id(),
+            std::fs::canonicalize(&store)
+                .unwrap_or_else(|_| store.clone())
+                .display()
+        );
+        let orphans = process::kill_orphans(&instance);
         if !orphans.is_empty() {
             tracing::warn!(count = orphans.len(), pids = ?orphans, "killed agent processes left behind by a daemon that died");
         }
@@ -123,7 +132,7 @@ impl Daemon {
         let wiring = Wiring {
             queue: queue.clone() as Arc<dyn TaskQueue>,
             clock: clock.clone(),
-            instance: queue.store_id().to_string(),
+            instance,
             owner: format!("daemon-{}", std::process::id()),
             memory,
         };
@@ -223,7 +232,14 @@ impl Daemon {
         for agent in &self.agents {
             agent.flush_outcomes().await;
         }
-        self.queue.flush_released().await;
+        if tokio::time::timeout(Duration::from_secs(30), self.queue.flush_released())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "some dropped leases were not released in 30 s; they return to the queue on the next start"
+            );
+        }
         let _ = self.housekeeping_stop.send(true);
         for task in self.housekeeping {
             let _ = task.await;

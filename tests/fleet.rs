@@ -623,3 +623,53 @@ fn zombies_of(parent: u32) -> Vec<u32> {
         })
         .collect()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_too_big_for_argv_is_dead_lettered_not_retried_forever() {
+    let fleet = Fleet::new(
+        r#"
+[agents.echo]
+mode = "oneshot"
+command = ["echo", "{payload.text}"]
+restart = { max_restarts = 2 }
+"#,
+    );
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    // One argument over Linux's 128 KiB limit: the task cannot start.
+    let big = NewTask {
+        id: "big".into(),
+        agent: "echo".into(),
+        priority: Priority::Normal,
+        payload: json!({"text": "x".repeat(200 * 1024)}),
+    };
+    let small = NewTask {
+        id: "small".into(),
+        agent: "echo".into(),
+        priority: Priority::Normal,
+        payload: json!({"text": "fine"}),
+    };
+    queue.submit(vec![big, small]).await.unwrap();
+    wait_until(Duration::from_secs(20), "both tasks to finish", || async {
+        finished(queue.as_ref()).await >= 2
+    })
+    .await;
+    let agent = daemon.agents()[0].status();
+    daemon.stop().await;
+    let big = queue.get("big").await.unwrap().unwrap();
+    assert_eq!(big.state, TaskState::DeadLettered);
+    assert!(
+        big.reason.as_deref().unwrap().contains("cannot start"),
+        "{:?}",
+        big.reason
+    );
+    assert_eq!(
+        queue.get("small").await.unwrap().unwrap().state,
+        TaskState::Completed
+    );
+    assert_eq!(
+        agent.state,
+        AgentState::Running,
+        "the agent is not blamed: {agent:?}"
+    );
+}

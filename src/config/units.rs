@@ -9,6 +9,10 @@ use std::time::Duration;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// Longest duration accepted anywhere in the config, so that deadlines
+/// computed from it never overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
+
 /// A duration written as text: `"250ms"`, `"30s"`, `"5m"`, `"1h 30m"`, `"7d"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct HumanDuration(pub Duration);
@@ -34,11 +38,17 @@ impl FromStr for HumanDuration {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        humantime::parse_duration(text.trim()).map(Self).map_err(|error| {
+        let duration = humantime::parse_duration(text.trim()).map_err(|error| {
             format!(
                 "invalid duration {text:?} ({error}): expected a number with a unit, like \"250ms\", \"30s\", \"5m\", \"1h\" or \"7d\""
             )
-        })
+        })?;
+        if duration > MAX_DURATION {
+            return Err(format!(
+                "duration {text:?} is too long; at most 3650d (ten years)"
+            ));
+        }
+        Ok(Self(duration))
     }
 }
 
@@ -245,6 +255,12 @@ mod tests {
         assert_eq!(
             "1.5h".parse::<HumanDuration>().unwrap(),
             HumanDuration::secs(5400)
+        );
+        assert!(
+            "20000d"
+                .parse::<HumanDuration>()
+                .unwrap_err()
+                .contains("too long")
         );
         let error = "5 parsecs".parse::<HumanDuration>().unwrap_err();
         assert!(

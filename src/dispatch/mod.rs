@@ -32,8 +32,8 @@ use crate::template::{TaskContext, Template, TemplateError};
 
 /// Longest a lease call waits for work before the leaser looks again.
 const LEASE_WAIT: Duration = Duration::from_secs(1);
-/// Extra lease time beyond the progress timeout, so that only a dead daemon
-/// lets a lease expire.
+/// Extra lease time beyond what the progress watchdog allows, so that only
+/// a dead daemon lets a lease expire.
 const LEASE_MARGIN: Duration = Duration::from_secs(30);
 /// Longest wait for a write to an agent's stdin.
 const STDIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -269,8 +269,14 @@ impl AgentRuntime {
         tracing::debug!(agent = %self.name, replica = index, what, "message for a task the replica does not hold");
     }
 
+    /// When a lease taken or extended at `from` should be extended.
+    fn renew_at(&self, from: Instant) -> Instant {
+        from + renew_after(self.config.timeouts.progress_timeout.get())
+    }
+
+    /// How long a lease lasts.
     fn lease_for(&self) -> Duration {
-        self.config.timeouts.progress_timeout.get() + LEASE_MARGIN
+        lease_duration(self.config.timeouts.progress_timeout.get())
     }
 
     /// The process spec for replica `index`, for `task` in oneshot mode.
@@ -302,12 +308,7 @@ impl AgentRuntime {
     /// Stores a completion without holding up the replica: the write joins
     /// the next group commit while the replica takes its next task. Waits
     /// only when [`OUTCOME_PERMITS`] writes are already pending.
-    async fn complete(
-        self: &Arc<Self>,
-        mut lease: Lease,
-        output: serde_json::Value,
-        replica: String,
-    ) {
+    async fn complete(self: &Arc<Self>, lease: Lease, output: serde_json::Value, replica: String) {
         let permit = self
             .outcomes
             .clone()
@@ -317,23 +318,29 @@ impl AgentRuntime {
         let agent = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let end = AttemptEnd {
-                outcome: AttemptOutcome::Completed,
-                replica: Some(replica.clone()),
-                detail: None,
-            };
-            match agent.queue.ack(&lease.key, &output, end).await {
-                Ok(_) => lease.settle(),
-                Err(QueueError::Invalid(message)) => {
-                    let failure = Failure {
-                        retryable: false,
-                        ..Failure::new(AttemptOutcome::Rejected, message)
-                    };
-                    agent.fail_attempt(lease, failure, &replica).await;
-                }
-                Err(error) => agent.settle(&mut lease, Err(error)),
-            }
+            agent.store_result(lease, &output, &replica).await;
         });
+    }
+
+    /// Completes the task with `output`; a result the store refuses (too
+    /// large) dead-letters the task with the reason.
+    async fn store_result(&self, mut lease: Lease, output: &serde_json::Value, replica: &str) {
+        let end = AttemptEnd {
+            outcome: AttemptOutcome::Completed,
+            replica: Some(replica.to_string()),
+            detail: None,
+        };
+        match self.queue.ack(&lease.key, output, end).await {
+            Ok(_) => lease.settle(),
+            Err(QueueError::Invalid(message)) => {
+                let failure = Failure {
+                    retryable: false,
+                    ..Failure::new(AttemptOutcome::Rejected, message)
+                };
+                self.fail_attempt(lease, failure, replica).await;
+            }
+            Err(error) => self.settle(&mut lease, Err(error)),
+        }
     }
 
     /// Waits until every completion handed to [`Self::complete`] is stored.
@@ -420,16 +427,40 @@ impl AgentRuntime {
             .await
         {
             Ok(()) => {
-                tracked.renew_at = now + lease_for / 2;
+                tracked.renew_at = self.renew_at(now);
                 Ok(())
             }
             Err(QueueError::Invalid(message)) => {
                 tracing::warn!(agent = %self.name, task = %tracked.lease.key, %message, "checkpoint not stored");
                 Ok(())
             }
-            Err(error) => Err(error),
+            // Only the queue saying the lease is gone ends the attempt; a
+            // passing store error is retried with the next progress.
+            Err(error @ (QueueError::StaleLease { .. } | QueueError::NotFound { .. })) => {
+                Err(error)
+            }
+            Err(error) => {
+                tracing::warn!(agent = %self.name, task = %tracked.lease.key, %error, "could not extend the lease; trying again with the next progress");
+                Ok(())
+            }
         }
     }
+}
+
+/// A lease lasts twice the progress timeout plus a margin, and is extended
+/// on a progress message once less than one progress timeout plus the
+/// margin is left. Since the watchdog wants a progress message at least
+/// every progress timeout, the lease always outlives the attempt while the
+/// daemon lives.
+fn lease_duration(progress_timeout: Duration) -> Duration {
+    progress_timeout
+        .saturating_mul(2)
+        .saturating_add(LEASE_MARGIN)
+}
+
+/// How long after taking or extending a lease the next progress extends it.
+fn renew_after(progress_timeout: Duration) -> Duration {
+    progress_timeout
 }
 
 /// How an attempt failed.
@@ -468,7 +499,7 @@ impl Tracked {
             lease,
             last_progress: now,
             deadline: now + agent.config.timeouts.max_duration.get(),
-            renew_at: now + agent.lease_for() / 2,
+            renew_at: agent.renew_at(now),
         }
     }
 
@@ -625,11 +656,16 @@ async fn leaser(
         }
         let expiry = ahead.front().map(|(_, at)| *at + PREFETCH_TTL);
         let wake = [expiry, retry_at].into_iter().flatten().min();
-        // Dropping an unfinished lease future at shutdown is safe: leases it
-        // took are released by their guards, which the daemon flushes.
+        // Lease calls are never dropped mid-way: at shutdown they are awaited
+        // and what they took is released (see the end of this function).
         tokio::select! {
             biased;
-            _ = shutdown.changed() => {}
+            changed = shutdown.changed() => {
+                // The daemon is gone without a goodbye: stop too.
+                if changed.is_err() {
+                    break;
+                }
+            }
             Some((max, leased)) = futures_util::StreamExt::next(&mut leasing), if !leasing.is_empty() => {
                 asked -= max;
                 match leased {
@@ -664,7 +700,13 @@ async fn leaser(
             }
         }
     }
-    drop(leasing);
+    // Lease calls still in flight may already have taken tasks: let them
+    // finish (each waits at most LEASE_WAIT) and hand their tasks back.
+    while let Some((_, leased)) = futures_util::StreamExt::next(&mut leasing).await {
+        if let Ok(leases) = leased {
+            ahead.extend(leases.into_iter().map(|lease| (lease, Instant::now())));
+        }
+    }
     for (lease, _) in ahead {
         agent.release(lease, "leaser", "the daemon shut down").await;
     }
@@ -798,4 +840,43 @@ fn log_stderr(agent: &AgentRuntime, index: u32, stderr: tokio::process::ChildStd
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Property: whatever the gaps between progress messages, as long as
+    /// each is shorter than the progress timeout (or the watchdog kills the
+    /// attempt), the lease never expires before the attempt ends.
+    #[test]
+    fn the_lease_outlives_the_progress_watchdog() {
+        for timeout_s in [1u64, 10, 45, 300, 3600] {
+            let timeout = Duration::from_secs(timeout_s);
+            for seed in 0..200u64 {
+                let mut rng = SmallRng::seed_from_u64(seed);
+                let mut now = Duration::ZERO;
+                let mut deadline = lease_duration(timeout);
+                let mut renew = renew_after(timeout);
+                for _ in 0..100 {
+                    // The next progress comes before the watchdog fires…
+                    let gap = Duration::from_millis(rand::Rng::random_range(
+                        &mut rng,
+                        0..timeout_s * 1000,
+                    ));
+                    now += gap;
+                    assert!(
+                        now < deadline,
+                        "progress at {now:?} after the lease ended at {deadline:?}"
+                    );
+                    if now >= renew {
+                        deadline = now + lease_duration(timeout);
+                        renew = now + renew_after(timeout);
+                    }
+                }
+                // …and the watchdog kills at most one timeout after the last.
+                assert!(now + timeout < deadline);
+            }
+        }
+    }
 }

@@ -12,7 +12,7 @@ use super::persistent::describe;
 use super::{AgentRuntime, Exit, Failure, Phase, SlotRequest, Tracked, over_memory};
 use crate::lines::{Line, LineReader};
 use crate::protocol::{self, TaskMessage, ToAgent};
-use crate::queue::{AttemptEnd, AttemptOutcome, Lease, QueueError};
+use crate::queue::{AttemptOutcome, Lease};
 use crate::status::ReplicaState;
 use crate::supervisor::process;
 use crate::template::TaskContext;
@@ -110,6 +110,24 @@ async fn run_task(
     let program = spec.argv.first().cloned().unwrap_or_default();
     let mut child = match process::spawn(spec).await {
         Ok(child) => child,
+        // Arguments too long, or with a NUL byte, come from this task's
+        // payload: the task cannot run, the agent is fine.
+        Err(error)
+            if error.kind() == std::io::ErrorKind::InvalidInput
+                || error.raw_os_error() == Some(nix::libc::E2BIG) =>
+        {
+            let failure = Failure {
+                retryable: false,
+                ..Failure::new(
+                    AttemptOutcome::Rejected,
+                    format!("cannot start {program:?} with this task's arguments: {error}"),
+                )
+            };
+            agent.fail_attempt(lease, failure, name).await;
+            return None;
+        }
+        // Anything else (missing program, no permission) is the agent's
+        // problem: the task goes back uncharged and the slot backs off.
         Err(error) => {
             let reason = format!("cannot start {program:?}: {error}");
             agent.release(lease, name, &reason).await;
@@ -169,6 +187,7 @@ async fn run_task(
     let (mut out_open, mut err_open) = (true, true);
     let mut draining: Option<Instant> = None;
     let mut shutdown_closed = false;
+    let mut memory_closed = false;
     let status = loop {
         let timer = tracked.next_timeout(agent);
         let timer = draining.map_or(timer, |deadline| timer.min(deadline));
@@ -217,8 +236,9 @@ async fn run_task(
                     { kill_for(agent, name, &mut child, pgid, tracked, failure).await; return None; }
                 }
             }
-            changed = memory.changed() => {
-                if changed.is_ok() && let Some(failure) = over_memory(agent, &memory, pgid, index) {
+            changed = memory.changed(), if !memory_closed => {
+                memory_closed = changed.is_err();
+                if let Some(failure) = over_memory(agent, &memory, pgid, index) {
                     { kill_for(agent, name, &mut child, pgid, tracked, failure).await; return None; }
                 }
             }
@@ -267,7 +287,7 @@ async fn kill_for(
 async fn settle_exit(
     agent: &AgentRuntime,
     name: &str,
-    mut lease: Lease,
+    lease: Lease,
     status: Option<std::process::ExitStatus>,
     output: &Output,
 ) {
@@ -276,22 +296,7 @@ async fn settle_exit(
         let text = String::from_utf8_lossy(&output.stdout);
         let result = serde_json::from_str::<Value>(text.trim())
             .unwrap_or_else(|_| Value::String(text.into_owned()));
-        let end = AttemptEnd {
-            outcome: AttemptOutcome::Completed,
-            replica: Some(name.to_string()),
-            detail: None,
-        };
-        match agent.queue.ack(&lease.key, &result, end).await {
-            Ok(_) => lease.settle(),
-            Err(QueueError::Invalid(message)) => {
-                let failure = Failure {
-                    retryable: false,
-                    ..Failure::new(AttemptOutcome::Rejected, message)
-                };
-                agent.fail_attempt(lease, failure, name).await;
-            }
-            Err(error) => agent.settle(&mut lease, Err(error)),
-        }
+        agent.store_result(lease, &result, name).await;
         return;
     }
     let stderr = output.stderr();

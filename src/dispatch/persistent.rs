@@ -169,6 +169,7 @@ impl Replica<'_> {
         let mut slot: Option<oneshot::Receiver<Lease>> = None;
         let mut draining: Option<Instant> = None;
         let mut shutdown_closed = false;
+        let mut memory_closed = false;
         loop {
             if draining.is_none() && slot.is_none() && self.in_flight.len() < concurrency {
                 let (reply, receiver) = oneshot::channel();
@@ -217,9 +218,9 @@ impl Replica<'_> {
                 lease = async { slot.as_mut().expect("guarded by is_some").await }, if slot.is_some() => {
                     slot = None;
                     if let Ok(lease) = lease
-                        && let Err(failure) = self.start_task(lease).await
+                        && let Err((id, failure)) = self.start_task(lease).await
                     {
-                        return self.kill_for(None, failure).await;
+                        return self.kill_for(Some(id), failure, true).await;
                     }
                 }
                 () = tokio::time::sleep_until(timer) => {
@@ -229,15 +230,16 @@ impl Replica<'_> {
                         .iter()
                         .find_map(|(id, tracked)| tracked.expired(self.agent, now).map(|failure| (id.clone(), failure)));
                     if let Some((id, failure)) = expired {
-                        return self.kill_for(Some(id), failure).await;
+                        return self.kill_for(Some(id), failure, false).await;
                     }
                 }
-                changed = memory.changed() => {
-                    if changed.is_ok()
-                        && let Some(failure) = over_memory(self.agent, &memory, self.pgid, self.index)
-                    {
+                changed = memory.changed(), if !memory_closed => {
+                    memory_closed = changed.is_err();
+                    if let Some(failure) = over_memory(self.agent, &memory, self.pgid, self.index) {
+                        // Over the limit while idle: the agent itself leaks.
                         let culprit = self.in_flight.keys().next().cloned();
-                        return self.kill_for(culprit, failure).await;
+                        let crash = culprit.is_none();
+                        return self.kill_for(culprit, failure, crash).await;
                     }
                 }
             }
@@ -245,7 +247,7 @@ impl Replica<'_> {
     }
 
     /// Sends `lease` to the agent; a replica that cannot take it is broken.
-    async fn start_task(&mut self, lease: Lease) -> Result<(), Failure> {
+    async fn start_task(&mut self, lease: Lease) -> Result<(), (String, Failure)> {
         let timeouts = &self.agent.config.timeouts;
         let deadline_ms = self.agent.clock.now_ms()
             + u64::try_from(timeouts.max_duration.get().as_millis()).unwrap_or(u64::MAX);
@@ -260,11 +262,18 @@ impl Replica<'_> {
                 .unwrap_or(u64::MAX),
         });
         let id = lease.key.task_id.clone();
+        let id_for_error = id.clone();
         self.in_flight.insert(id, Tracked::new(lease, self.agent));
         self.publish_tasks();
         if let Err(error) = self.send(&message).await {
             let reason = format!("could not write to the agent's stdin: {error}");
-            return Err(Failure::new(AttemptOutcome::Crashed, reason));
+            // Charged to the task: a payload that kills the agent as it is
+            // read must end in the dead-letter queue, not loop forever.
+            let failure = Failure {
+                immediate: true,
+                ..Failure::new(AttemptOutcome::Crashed, reason)
+            };
+            return Err((id_for_error, failure));
         }
         Ok(())
     }
@@ -393,9 +402,10 @@ impl Replica<'_> {
     }
 
     /// Stops the process because of `failure` (of task `culprit`, if any);
-    /// the culprit is retried per policy, other tasks are released. Without
-    /// a culprit the replica itself is broken: that counts as a crash.
-    async fn kill_for(mut self, culprit: Option<String>, failure: Failure) -> Exit {
+    /// the culprit is retried per policy, other tasks are released. `crash`
+    /// says whether the replica itself is broken (counted towards the
+    /// restart intensity) rather than killed for a task's behaviour.
+    async fn kill_for(mut self, culprit: Option<String>, failure: Failure, crash: bool) -> Exit {
         let reason = format!("killed: {}: {}", failure.outcome.as_str(), failure.detail);
         tracing::warn!(agent = %self.agent.name, replica = self.index, %reason, "stopping replica");
         self.agent
@@ -419,10 +429,10 @@ impl Replica<'_> {
                     .await;
             }
         }
-        if culprit.is_some() {
-            Exit::Killed(reason)
-        } else {
+        if crash {
             Exit::Crashed(reason)
+        } else {
+            Exit::Killed(reason)
         }
     }
 

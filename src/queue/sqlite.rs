@@ -43,6 +43,9 @@ const JOB_QUEUE_CAPACITY: usize = 4096;
 const EXTERNAL_POLL: Duration = Duration::from_millis(10);
 /// Longest wait for SQLite's lock held by another process.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Why writes are refused after an fsync failed.
+const POISONED: &str = "an earlier fsync of the store failed, so later writes cannot be trusted to be durable; writes are refused until the daemon restarts";
+
 /// Most completed tasks deleted by one prune.
 const PRUNE_BATCH: i64 = 10_000;
 
@@ -250,6 +253,20 @@ impl Writer {
         durable: bool,
         operation: impl FnOnce(&mut Context<'_>) -> Result<T, QueueError> + Send + 'static,
     ) -> Result<T, QueueError> {
+        self.send_then(durable, operation, |value| value).await
+    }
+
+    /// Like [`Self::send`], turning the result with `then` on the writer
+    /// thread once it is committed (and, if durable, synced). Leases get
+    /// their guards there: if the caller is gone by then, dropping the
+    /// answer releases them; if the commit failed, there is nothing to
+    /// release and no guard is made.
+    async fn send_then<T: Send + 'static, U: Send + 'static>(
+        &self,
+        durable: bool,
+        operation: impl FnOnce(&mut Context<'_>) -> Result<T, QueueError> + Send + 'static,
+        then: impl FnOnce(T) -> U + Send + 'static,
+    ) -> Result<U, QueueError> {
         let (reply, answer) = oneshot::channel();
         let run: Run = Box::new(move |context| {
             let result = match context {
@@ -259,7 +276,8 @@ impl Writer {
                 )),
             };
             Box::new(move |commit: Result<(), String>| {
-                let _ = reply.send(commit.map_err(QueueError::Storage).and(result));
+                let answer = commit.map_err(QueueError::Storage).and(result).map(then);
+                let _ = reply.send(answer);
             })
         });
         self.jobs
@@ -401,6 +419,7 @@ impl SqliteQueue {
         writer_conn
             .pragma_update(None, "synchronous", "NORMAL")
             .map_err(storage)?;
+        let poisoned = Arc::new(AtomicBool::new(false));
         let (syncer, sync_batches) =
             std::sync::mpsc::sync_channel::<Vec<Deliver>>(JOB_QUEUE_CAPACITY);
         {
@@ -409,7 +428,10 @@ impl SqliteQueue {
             let wal = PathBuf::from(wal);
             std::thread::Builder::new()
                 .name("flotilla-store-sync".into())
-                .spawn(move || sync_loop(&wal, &sync_batches))
+                .spawn({
+                    let poisoned = poisoned.clone();
+                    move || sync_loop(&wal, &sync_batches, &poisoned)
+                })
                 .map_err(|error| {
                     QueueError::Storage(format!("cannot start the sync thread: {error}"))
                 })?;
@@ -424,7 +446,15 @@ impl SqliteQueue {
             std::thread::Builder::new()
                 .name("flotilla-store-writer".into())
                 .spawn(move || {
-                    writer_loop(&writer_conn, jobs_rx, &settings, &clock, &wakers, &syncer)
+                    writer_loop(
+                        &writer_conn,
+                        jobs_rx,
+                        &settings,
+                        &clock,
+                        &wakers,
+                        &syncer,
+                        &poisoned,
+                    )
                 })
                 .map_err(|error| QueueError::Storage(format!("cannot start writer: {error}")))?;
         }
@@ -601,6 +631,7 @@ fn writer_loop(
     clock: &SharedClock,
     wakers: &Wakers,
     syncer: &std::sync::mpsc::SyncSender<Vec<Deliver>>,
+    poisoned: &AtomicBool,
 ) {
     let mut group: Vec<Job> = Vec::with_capacity(MAX_GROUP);
     while let Some(first) = jobs.blocking_recv() {
@@ -610,6 +641,10 @@ fn writer_loop(
                 Ok(job) => group.push(job),
                 Err(_) => break,
             }
+        }
+        if poisoned.load(Ordering::SeqCst) {
+            fail_group(std::mem::take(&mut group), POISONED);
+            continue;
         }
         commit_group(
             conn,
@@ -647,7 +682,20 @@ fn commit_group(
         woken: HashSet::new(),
         external_submit: false,
     };
-    if let Err(error) = conn.execute_batch("BEGIN IMMEDIATE") {
+    // busy_timeout already waits 10 s for another process's lock; a client
+    // submitting a huge batch may hold it longer, so try a few times.
+    let mut began = conn.execute_batch("BEGIN IMMEDIATE");
+    for _ in 0..2 {
+        match &began {
+            Err(rusqlite::Error::SqliteFailure(error, _))
+                if error.code == rusqlite::ErrorCode::DatabaseBusy =>
+            {
+                began = conn.execute_batch("BEGIN IMMEDIATE");
+            }
+            _ => break,
+        }
+    }
+    if let Err(error) = began {
         return fail_group(
             group,
             &format!("the store transaction could not start: {error}"),
@@ -655,13 +703,33 @@ fn commit_group(
     }
     let mut fast = Vec::new();
     let mut durable = Vec::new();
-    for job in group {
+    let mut jobs = group.into_iter();
+    let mut lost_transaction = false;
+    for job in jobs.by_ref() {
         let deliver = (job.run)(Some(&mut context));
         if job.durable {
             durable.push(deliver);
         } else {
             fast.push(deliver);
         }
+        // SQLite rolls the whole transaction back by itself on some errors
+        // (disk full, I/O): then nothing of this group may be reported
+        // done, and later jobs must not run outside a transaction.
+        if conn.is_autocommit() {
+            lost_transaction = true;
+            break;
+        }
+    }
+    if lost_transaction {
+        let message = "the store rolled the transaction back (disk full or I/O error?)".to_string();
+        tracing::error!(%message);
+        for job in jobs {
+            (job.run)(None)(Err(message.clone()));
+        }
+        for deliver in fast.into_iter().chain(durable) {
+            deliver(Err(message.clone()));
+        }
+        return;
     }
     if context.external_submit && settings.role == Role::Client {
         let bumped = conn.execute(
@@ -706,18 +774,25 @@ fn commit_group(
 /// data already checkpointed into the database file was synced by the
 /// checkpoint (SQLite syncs both sides of a checkpoint at
 /// synchronous=NORMAL).
-fn sync_loop(wal: &Path, batches: &std::sync::mpsc::Receiver<Vec<Deliver>>) {
+fn sync_loop(wal: &Path, batches: &std::sync::mpsc::Receiver<Vec<Deliver>>, poisoned: &AtomicBool) {
     let mut handle: Option<(std::fs::File, u64)> = None;
     while let Ok(first) = batches.recv() {
         let mut ready = vec![first];
         while let Ok(more) = batches.try_recv() {
             ready.push(more);
         }
-        let result = sync_wal(wal, &mut handle).map_err(|error| {
-            let message = format!("cannot fsync {}: {error}", wal.display());
-            tracing::error!(%message);
-            message
-        });
+        // After a failed fsync the kernel may have dropped dirty pages and a
+        // later fsync may "succeed": never trust the file again (fail-stop).
+        let result = if poisoned.load(Ordering::SeqCst) {
+            Err(POISONED.to_string())
+        } else {
+            sync_wal(wal, &mut handle).map_err(|error| {
+                poisoned.store(true, Ordering::SeqCst);
+                let message = format!("cannot fsync {}: {error}; {POISONED}", wal.display());
+                tracing::error!(%message);
+                message
+            })
+        };
         for deliver in ready.into_iter().flatten() {
             deliver(result.clone());
         }
@@ -736,6 +811,10 @@ fn sync_wal(wal: &Path, handle: &mut Option<(std::fs::File, u64)>) -> std::io::R
     };
     if handle.as_ref().is_none_or(|(_, known)| *known != inode) {
         *handle = Some((std::fs::File::open(wal)?, inode));
+        // A new WAL file: its directory entry must be durable too.
+        if let Some(directory) = wal.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            std::fs::File::open(directory)?.sync_all()?;
+        }
     }
     let (file, _) = handle.as_ref().expect("opened above");
     file.sync_data()
@@ -1293,38 +1372,47 @@ impl TaskQueue for SqliteQueue {
         loop {
             woken.borrow_and_update();
             let owned = request.clone();
-            let (claimed, next_visible) = self
+            let returns = self.returns.clone();
+            let agent = request.agent.clone();
+            let (leases, next_visible) = self
                 .writer
-                .call_fast(move |context| {
-                    let claimed = lease(context, &owned)?;
-                    let next: Option<i64> = if claimed.is_empty() {
-                        context
-                            .conn
-                            .prepare_cached(
-                                "SELECT min(visible_at) FROM tasks WHERE agent = ?1 AND state = 2",
-                            )
-                            .map_err(storage)?
-                            .query_row([&owned.agent], |row| row.get(0))
-                            .map_err(storage)?
-                    } else {
-                        None
-                    };
-                    Ok((claimed, next))
-                })
+                .send_then(
+                    false,
+                    move |context| {
+                        let claimed = lease(context, &owned)?;
+                        let next: Option<i64> = if claimed.is_empty() {
+                            context
+                                .conn
+                                .prepare_cached(
+                                    "SELECT min(visible_at) FROM tasks WHERE agent = ?1 AND state = 2",
+                                )
+                                .map_err(storage)?
+                                .query_row([&owned.agent], |row| row.get(0))
+                                .map_err(storage)?
+                        } else {
+                            None
+                        };
+                        Ok((claimed, next))
+                    },
+                    move |(claimed, next): (Vec<Claimed>, Option<i64>)| {
+                        let leases: Vec<Lease> = claimed
+                            .into_iter()
+                            .map(|claim| Lease {
+                                guard: LeaseGuard::new(claim.key.clone(), returns.clone()),
+                                key: claim.key,
+                                agent: agent.clone(),
+                                priority: claim.priority,
+                                payload: claim.payload,
+                                checkpoint: claim.checkpoint,
+                                charged: claim.charged,
+                            })
+                            .collect();
+                        (leases, next)
+                    },
+                )
                 .await?;
-            if !claimed.is_empty() {
-                return Ok(claimed
-                    .into_iter()
-                    .map(|claim| Lease {
-                        guard: LeaseGuard::new(claim.key.clone(), self.returns.clone()),
-                        key: claim.key,
-                        agent: request.agent.clone(),
-                        priority: claim.priority,
-                        payload: claim.payload,
-                        checkpoint: claim.checkpoint,
-                        charged: claim.charged,
-                    })
-                    .collect());
+            if !leases.is_empty() {
+                return Ok(leases);
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {

@@ -112,9 +112,12 @@ fn spawn_now(spec: &SpawnSpec) -> io::Result<Child> {
         .process_group(0)
         .kill_on_drop(true);
     set_parent_death_signal(&mut command);
+    // Registered under the lock the zombie reaper takes, so that it never
+    // mistakes a child that exits at once for an orphan.
+    let mut known = children();
     let child = command.spawn()?;
     if let Some(pid) = child.id() {
-        children().get_or_insert_default().insert(pid);
+        known.get_or_insert_default().insert(pid);
     }
     Ok(child)
 }
@@ -219,17 +222,7 @@ pub fn kill_orphans(instance: &str) -> Vec<u32> {
     let marker = format!("{INSTANCE_ENV}={instance}");
     let own = std::process::id();
     let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|name| name.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in pids() {
         if pid == own {
             continue;
         }
@@ -243,15 +236,48 @@ pub fn kill_orphans(instance: &str) -> Vec<u32> {
             found.push(pid);
         }
     }
-    for pid in &found {
+    // Read the groups before killing anything: once a process is reaped its
+    // pid, and so what `group_of` says, may belong to someone else. Never
+    // signal our own group.
+    let own_group = group_of(own);
+    let groups: Vec<Option<u32>> = found.iter().map(|pid| group_of(*pid)).collect();
+    for (pid, group) in found.iter().zip(groups) {
         if let Ok(raw) = i32::try_from(*pid) {
             let _ = nix::sys::signal::kill(Pid::from_raw(raw), Signal::SIGKILL);
-            if let Some(pgid) = group_of(*pid) {
-                signal_group(pgid, Signal::SIGKILL);
-            }
+        }
+        if let Some(group) = group
+            && Some(group) != own_group
+        {
+            signal_group(group, Signal::SIGKILL);
         }
     }
     found
+}
+
+/// The kernel's page size (RSS in /proc is counted in pages).
+fn page_size() -> u64 {
+    static PAGE: OnceLock<u64> = OnceLock::new();
+    *PAGE.get_or_init(|| {
+        nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .and_then(|size| u64::try_from(size).ok())
+            .unwrap_or(4096)
+    })
+}
+
+/// Every process id in /proc.
+fn pids() -> impl Iterator<Item = u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.parse().ok())
+        })
 }
 
 fn stat_fields(pid: u32) -> Option<Vec<String>> {
@@ -272,19 +298,9 @@ fn group_of(pid: u32) -> Option<u32> {
 pub fn rss_by_group() -> HashMap<u32, u64> {
     let own = std::process::id();
     let mut orphans = Vec::new();
-    let page = 4096u64;
+    let page = page_size();
     let mut groups = HashMap::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return groups;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|name| name.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in pids() {
         let Some(fields) = stat_fields(pid) else {
             continue;
         };

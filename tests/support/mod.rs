@@ -179,7 +179,8 @@ pub fn completions(task: &TaskRecord) -> usize {
 /// Pids of processes spawned for the store `instance` (see
 /// `FLOTILLA_INSTANCE`).
 pub fn processes_of(instance: &str) -> Vec<u32> {
-    let marker = format!("FLOTILLA_INSTANCE={instance}");
+    // The marker is the store id, '@', and the store's path.
+    let marker = format!("FLOTILLA_INSTANCE={instance}@");
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = entry
@@ -191,7 +192,9 @@ pub fn processes_of(instance: &str) -> Vec<u32> {
         };
         // Zombies have an empty environ; they are not running agents.
         if let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ"))
-            && environ.split(|b| *b == 0).any(|e| e == marker.as_bytes())
+            && environ
+                .split(|b| *b == 0)
+                .any(|e| e.starts_with(marker.as_bytes()))
         {
             found.push(pid);
         }
