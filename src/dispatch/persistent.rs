@@ -148,6 +148,17 @@ impl Replica<'_> {
         self.agent.record_malformed(self.index, &error);
     }
 
+    /// The process is gone: status must not show its pid or tasks while
+    /// they are settled (they may already run elsewhere).
+    fn gone(&self) {
+        self.agent.update_replica(self.index, |replica| {
+            replica.state = ReplicaState::Backoff;
+            replica.pid = None;
+            replica.rss_bytes = None;
+            replica.tasks.clear();
+        });
+    }
+
     fn publish_tasks(&self) {
         let tasks: Vec<String> = self.in_flight.keys().cloned().collect();
         let state = if tasks.is_empty() {
@@ -388,6 +399,7 @@ impl Replica<'_> {
     /// other replicas take them, and report the exit.
     async fn crashed(mut self) -> Exit {
         let status = process::finish(&mut self.child, self.pgid).await;
+        self.gone();
         let reason = format!("replica exited ({})", describe(status));
         for (_, tracked) in self.in_flight.drain() {
             let failure = Failure {
@@ -411,6 +423,7 @@ impl Replica<'_> {
         self.agent
             .update_replica(self.index, |replica| replica.state = ReplicaState::Stopping);
         self.stop().await;
+        self.gone();
         let mut failure = Some(failure);
         for (id, tracked) in self.in_flight.drain() {
             if Some(&id) == culprit.as_ref()

@@ -192,10 +192,16 @@ impl Context<'_> {
         &mut self,
         operation: impl FnOnce(&mut Self) -> Result<T, QueueError>,
     ) -> Result<T, QueueError> {
-        self.conn.execute_batch("SAVEPOINT job").map_err(storage)?;
+        // Cached statements: a savepoint per job must not cost a parse.
+        let run = |sql: &str| {
+            self.conn
+                .prepare_cached(sql)
+                .and_then(|mut statement| statement.execute([]))
+        };
+        run("SAVEPOINT job").map_err(storage)?;
         match operation(self) {
             Ok(value) => {
-                self.conn.execute_batch("RELEASE job").map_err(storage)?;
+                run("RELEASE job").map_err(storage)?;
                 Ok(value)
             }
             Err(error) => {
