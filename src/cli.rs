@@ -430,9 +430,15 @@ async fn up(config: Config) -> Result<ExitCode, Failure> {
         )));
     }
     let daemon = crate::daemon::Daemon::start(config, clock::system()).await?;
-    shutdown_signal().await;
+    let failure = tokio::select! {
+        () = shutdown_signal() => None,
+        reason = daemon.failed() => Some(reason),
+    };
     daemon.stop_unless(shutdown_signal()).await;
-    Ok(ExitCode::SUCCESS)
+    match failure {
+        None => Ok(ExitCode::SUCCESS),
+        Some(reason) => Err(Failure::failed(reason)),
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

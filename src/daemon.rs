@@ -40,6 +40,7 @@ pub struct Daemon {
     shutdown: watch::Sender<Phase>,
     housekeeping_stop: watch::Sender<bool>,
     started_ms: UnixMillis,
+    fatal: watch::Receiver<Option<String>>,
     _lock: File,
 }
 
@@ -145,11 +146,13 @@ impl Daemon {
         }
         let started_ms = clock.now_ms();
         tracing::info!(store = %store.display(), agents = agents.len(), "fleet started");
+        let (fatal_tx, fatal) = watch::channel(None);
         let daemon_status = StatusWriter {
             queue: queue.clone(),
             agents: agents.clone(),
             clock,
             started_ms,
+            fatal: fatal_tx,
         };
         housekeeping.push(tokio::spawn(
             daemon_status.run(config.daemon.status_interval.get(), stop_rx),
@@ -163,6 +166,7 @@ impl Daemon {
             shutdown,
             housekeeping_stop,
             started_ms,
+            fatal,
             _lock: lock,
         })
     }
@@ -180,6 +184,21 @@ impl Daemon {
     /// When the daemon started.
     pub fn started_ms(&self) -> UnixMillis {
         self.started_ms
+    }
+
+    /// Resolves when the daemon cannot go on (the store failed an fsync
+    /// and refuses writes), with the reason: stop it and let the service
+    /// manager start it again.
+    pub async fn failed(&self) -> String {
+        let mut fatal = self.fatal.clone();
+        loop {
+            if let Some(reason) = fatal.borrow_and_update().clone() {
+                return reason;
+            }
+            if fatal.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// Stops the fleet: no new leases, in-flight tasks finish within
@@ -287,6 +306,7 @@ struct StatusWriter {
     agents: Vec<Arc<AgentRuntime>>,
     clock: SharedClock,
     started_ms: UnixMillis,
+    fatal: watch::Sender<Option<String>>,
 }
 
 impl StatusWriter {
@@ -298,6 +318,14 @@ impl StatusWriter {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = ticker.tick() => {}
+            }
+            if self.queue.is_poisoned() && self.fatal.borrow().is_none() {
+                let reason = format!(
+                    "the store {} failed to fsync and refuses writes; the daemon must restart",
+                    self.queue.path().display()
+                );
+                tracing::error!(%reason);
+                let _ = self.fatal.send(Some(reason));
             }
             let snapshot = snapshot(&self.agents, self.started_ms, self.clock.now_ms(), true);
             if let Err(error) = self.queue.put_status(SNAPSHOT_KEY, &snapshot).await {

@@ -177,10 +177,13 @@ restart = {{ initial_backoff = "10ms", max_backoff = "10ms", max_restarts = 1000
         .await?;
     let agent = daemon.agents()[0].clone();
     let mut latencies = Vec::with_capacity(kills);
-    let mut attempt = 1u32;
     while latencies.len() < kills {
-        // Wait until the task runs as this attempt, and every replica is up.
-        let holder = loop {
+        // Wait until the task runs and every replica is up.
+        let give_up = Instant::now() + Duration::from_secs(30);
+        let (holder, attempt) = loop {
+            if Instant::now() > give_up {
+                bail!("the task did not settle on a replica within 30 s");
+            }
             let task = queue.get("moving").await?.context("task exists")?;
             let status = agent.status();
             let ready = status
@@ -200,10 +203,9 @@ restart = {{ initial_backoff = "10ms", max_backoff = "10ms", max_restarts = 1000
                 .and_then(|r| r.pid);
             if let Some(holder) = holder
                 && task.state == TaskState::Running
-                && task.attempts == attempt
                 && ready == 3
             {
-                break holder;
+                break (holder, task.attempts);
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
@@ -219,7 +221,11 @@ restart = {{ initial_backoff = "10ms", max_backoff = "10ms", max_restarts = 1000
         {
             continue;
         }
+        let give_up = Instant::now() + Duration::from_secs(30);
         let restarted_ms = loop {
+            if Instant::now() > give_up {
+                bail!("the killed replica's task did not start again within 30 s");
+            }
             let task = queue.get("moving").await?.context("task exists")?;
             if let Some(next) = task.history.iter().find(|a| a.number == attempt + 1) {
                 break next.started_ms as f64;
@@ -228,7 +234,6 @@ restart = {{ initial_backoff = "10ms", max_backoff = "10ms", max_restarts = 1000
         };
         // started_ms has millisecond resolution: the figure is ±1 ms.
         latencies.push((restarted_ms - killed_at).max(0.0));
-        attempt += 1;
     }
     daemon.stop().await;
     Ok(latencies)

@@ -229,9 +229,9 @@ impl Replica<'_> {
                 lease = async { slot.as_mut().expect("guarded by is_some").await }, if slot.is_some() => {
                     slot = None;
                     if let Ok(lease) = lease
-                        && let Err((id, failure)) = self.start_task(lease).await
+                        && let Err((culprit, failure)) = self.start_task(lease).await
                     {
-                        return self.kill_for(Some(id), failure, true).await;
+                        return self.kill_for(culprit, failure, true).await;
                     }
                 }
                 () = tokio::time::sleep_until(timer) => {
@@ -258,7 +258,7 @@ impl Replica<'_> {
     }
 
     /// Sends `lease` to the agent; a replica that cannot take it is broken.
-    async fn start_task(&mut self, lease: Lease) -> Result<(), (String, Failure)> {
+    async fn start_task(&mut self, lease: Lease) -> Result<(), (Option<String>, Failure)> {
         let timeouts = &self.agent.config.timeouts;
         let deadline_ms = self.agent.clock.now_ms()
             + u64::try_from(timeouts.max_duration.get().as_millis()).unwrap_or(u64::MAX);
@@ -278,13 +278,17 @@ impl Replica<'_> {
         self.publish_tasks();
         if let Err(error) = self.send(&message).await {
             let reason = format!("could not write to the agent's stdin: {error}");
-            // Charged to the task: a payload that kills the agent as it is
-            // read must end in the dead-letter queue, not loop forever.
+            // The agent closed its stdin while the task was written: charge
+            // the task, so that a payload that kills the agent as it is read
+            // ends in the dead-letter queue instead of looping forever. An
+            // agent that merely stopped reading (timeout) is broken on its
+            // own: the task goes back uncharged.
+            let culprit = (error.kind() == std::io::ErrorKind::BrokenPipe).then_some(id_for_error);
             let failure = Failure {
                 immediate: true,
                 ..Failure::new(AttemptOutcome::Crashed, reason)
             };
-            return Err((id_for_error, failure));
+            return Err((culprit, failure));
         }
         Ok(())
     }

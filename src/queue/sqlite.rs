@@ -262,8 +262,9 @@ impl Writer {
         self.send_then(durable, operation, |value| value).await
     }
 
-    /// Like [`Self::send`], turning the result with `then` on the writer
-    /// thread once it is committed (and, if durable, synced). Leases get
+    /// Like [`Self::send`], turning the result with `then` once it is
+    /// committed (on the writer thread; for a durable job, on the sync
+    /// thread once synced). Leases get
     /// their guards there: if the caller is gone by then, dropping the
     /// answer releases them; if the commit failed, there is nothing to
     /// release and no guard is made.
@@ -337,6 +338,7 @@ pub struct SqliteQueue {
     store_id: String,
     path: PathBuf,
     stop_poller: Arc<AtomicBool>,
+    poisoned: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for SqliteQueue {
@@ -352,6 +354,8 @@ fn open_connection(path: &Path) -> Result<Connection, QueueError> {
         QueueError::Storage(format!("cannot open store {}: {error}", path.display()))
     })?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(storage)?;
+    // Every statement the writer runs stays prepared (rusqlite keeps 16).
+    conn.set_prepared_statement_cache_capacity(64);
     let mode: String = conn
         .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
         .map_err(storage)?;
@@ -426,6 +430,7 @@ impl SqliteQueue {
             .pragma_update(None, "synchronous", "NORMAL")
             .map_err(storage)?;
         let poisoned = Arc::new(AtomicBool::new(false));
+        let poisoned_flag = poisoned.clone();
         let (syncer, sync_batches) =
             std::sync::mpsc::sync_channel::<Vec<Deliver>>(JOB_QUEUE_CAPACITY);
         {
@@ -508,12 +513,18 @@ impl SqliteQueue {
             store_id,
             path: path.to_path_buf(),
             stop_poller,
+            poisoned: poisoned_flag,
         })
     }
 
     /// The store's permanent random id (marks the agents it spawned).
     pub fn store_id(&self) -> &str {
         &self.store_id
+    }
+
+    /// Whether an fsync failed: the store refuses writes until restarted.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::SeqCst)
     }
 
     /// The store file.
@@ -1748,6 +1759,29 @@ mod tests {
             std::fs::metadata(&wal).unwrap().ino(),
             "the new WAL is synced"
         );
+    }
+
+    #[test]
+    fn after_a_failed_fsync_every_durable_answer_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        // A WAL path under a regular file: stat fails with ENOTDIR.
+        std::fs::write(dir.path().join("file"), b"").unwrap();
+        let wal = dir.path().join("file").join("q.db-wal");
+        let poisoned = AtomicBool::new(false);
+        let (batches_tx, batches) = std::sync::mpsc::sync_channel::<Vec<Deliver>>(4);
+        let (answers_tx, answers) = std::sync::mpsc::channel::<Result<(), String>>();
+        for _ in 0..2 {
+            let answers_tx = answers_tx.clone();
+            let deliver: Deliver = Box::new(move |result| answers_tx.send(result).unwrap());
+            batches_tx.send(vec![deliver]).unwrap();
+        }
+        drop(batches_tx);
+        sync_loop(&wal, &batches, &poisoned);
+        assert!(poisoned.load(Ordering::SeqCst));
+        for answer in answers.try_iter() {
+            let message = answer.unwrap_err();
+            assert!(message.contains("writes are refused"), "{message}");
+        }
     }
 
     #[tokio::test]
