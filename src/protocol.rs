@@ -161,9 +161,17 @@ pub fn parse_line(line: &str) -> Result<FromAgent, LineError> {
     })
 }
 
+/// How many characters of an agent's stderr line are logged.
+pub const STDERR_LOG_CHARS: usize = 2000;
+
 /// The first [`EXCERPT_CHARS`] characters of `text`, for logs.
 pub fn excerpt(text: &str) -> String {
-    let mut out: String = text.chars().take(EXCERPT_CHARS).collect();
+    truncate(text, EXCERPT_CHARS)
+}
+
+/// The first `chars` characters of `text`, with `…` when cut.
+pub fn truncate(text: &str, chars: usize) -> String {
+    let mut out: String = text.chars().take(chars).collect();
     if out.len() < text.len() {
         out.push('…');
     }

@@ -836,7 +836,7 @@ fn log_stderr(agent: &AgentRuntime, index: u32, stderr: tokio::process::ChildStd
         let mut lines = crate::lines::LineReader::new(tokio::io::BufReader::new(stderr), max);
         while let Ok(Some(line)) = lines.next_line().await {
             if let crate::lines::Line::Text(text) = line {
-                tracing::info!(agent = %name, replica = index, "stderr: {}", crate::protocol::excerpt(&text));
+                tracing::info!(agent = %name, replica = index, "stderr: {}", crate::protocol::truncate(&text, crate::protocol::STDERR_LOG_CHARS));
             }
         }
     });

@@ -208,7 +208,7 @@ async fn run_task(
             },
             line = err_lines.next_line(), if err_open => match line {
                 Ok(Some(Line::Text(text))) => {
-                    tracing::info!(agent = %agent.name, replica = index, "stderr: {}", protocol::excerpt(&text));
+                    tracing::info!(agent = %agent.name, replica = index, "stderr: {}", protocol::truncate(&text, protocol::STDERR_LOG_CHARS));
                     output.push_stderr(text);
                     progressed(agent, index, &mut tracked).await;
                 }
