@@ -354,16 +354,16 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
             limit,
             json,
         }) => {
-            let queue = open_store(&config)?;
-            let tasks = queue
-                .list(&ListFilter {
+            list(
+                &config,
+                ListFilter {
                     state,
                     agent,
                     limit,
-                })
-                .await?;
-            print_tasks(&tasks, json);
-            Ok(ExitCode::SUCCESS)
+                },
+                json,
+            )
+            .await
         }
         Command::Tasks(TasksCommand::Show { id, json }) => {
             let queue = open_store(&config)?;
@@ -378,16 +378,12 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
             Ok(ExitCode::SUCCESS)
         }
         Command::Dlq(DlqCommand::List { limit, json }) => {
-            let queue = open_store(&config)?;
-            let tasks = queue
-                .list(&ListFilter {
-                    state: Some(TaskState::DeadLettered),
-                    agent: None,
-                    limit,
-                })
-                .await?;
-            print_tasks(&tasks, json);
-            Ok(ExitCode::SUCCESS)
+            let filter = ListFilter {
+                state: Some(TaskState::DeadLettered),
+                agent: None,
+                limit,
+            };
+            list(&config, filter, json).await
         }
         Command::Dlq(DlqCommand::Replay { ids, all }) => {
             let queue = open_store(&config)?;
@@ -416,6 +412,12 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
         | Command::ExampleAgent(_)
         | Command::Demo(_) => unreachable!("handled without a config"),
     }
+}
+
+async fn list(config: &Config, filter: ListFilter, json: bool) -> Result<ExitCode, Failure> {
+    let tasks = open_store(config)?.list(&filter).await?;
+    print_tasks(&tasks, json);
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn up(config: Config) -> Result<ExitCode, Failure> {

@@ -72,6 +72,14 @@ pub struct ReplicaStatus {
 }
 
 impl ReplicaStatus {
+    /// Its process is gone: enter `state` without a pid, memory or tasks.
+    pub fn without_process(&mut self, state: ReplicaState) {
+        self.state = state;
+        self.pid = None;
+        self.rss_bytes = None;
+        self.tasks.clear();
+    }
+
     /// A replica that has not started.
     pub fn new(index: u32) -> Self {
         Self {

@@ -62,6 +62,31 @@ fn flotilla_exe() -> anyhow::Result<PathBuf> {
     Ok(exe)
 }
 
+/// A store connection from outside the daemon, as `flotilla submit` opens.
+fn client(
+    config: &config::Config,
+) -> Result<flotilla::queue::sqlite::SqliteQueue, flotilla::queue::QueueError> {
+    use flotilla::queue::sqlite::{Role, Settings, SqliteQueue};
+    SqliteQueue::open(
+        &config.store_path(),
+        Settings::from_config(&config.store, Role::Client),
+        clock::system(),
+    )
+}
+
+/// A fresh directory with a config of one agent of no-op example agents;
+/// `extra` adds keys to the agent's table.
+fn noop_fleet(dir: &Path, agent: &str, extra: &str) -> anyhow::Result<config::Config> {
+    let _ = std::fs::remove_dir_all(dir);
+    let exe = flotilla_exe()?.display().to_string();
+    write_config(
+        dir,
+        &format!(
+            "[agents.{agent}]\ncommand = [{exe:?}, \"example-agent\", \"--work-ms\", \"0\"]\n{extra}\n"
+        ),
+    )
+}
+
 fn write_config(dir: &Path, agent: &str) -> anyhow::Result<config::Config> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join("flotilla.toml");
@@ -86,25 +111,17 @@ async fn throughput_run(
     prefetch: u32,
     tasks: usize,
 ) -> anyhow::Result<f64> {
-    let _ = std::fs::remove_dir_all(dir);
-    let exe = flotilla_exe()?;
-    let config = write_config(
+    let config = noop_fleet(
         dir,
+        "noop",
         &format!(
-            "[agents.noop]\ncommand = [{:?}, \"example-agent\", \"--work-ms\", \"0\"]\nreplicas = {{ min = {replicas} }}\nprefetch = {prefetch}\n",
-            exe.display().to_string()
+            "replicas = {{ min = {replicas} }}
+prefetch = {prefetch}"
         ),
     )?;
     // Pre-load the queue through a client, as `flotilla submit` would.
     {
-        let queue = flotilla::queue::sqlite::SqliteQueue::open(
-            &config.store_path(),
-            flotilla::queue::sqlite::Settings::from_config(
-                &config.store,
-                flotilla::queue::sqlite::Role::Client,
-            ),
-            clock::system(),
-        )?;
+        let queue = client(&config)?;
         for chunk in (0..tasks).collect::<Vec<_>>().chunks(10_000) {
             let batch = chunk
                 .iter()
@@ -240,23 +257,8 @@ restart = {{ initial_backoff = "10ms", max_backoff = "10ms", max_restarts = 1000
 }
 
 async fn start_run(dir: &Path, starts: usize) -> anyhow::Result<Vec<f64>> {
-    let _ = std::fs::remove_dir_all(dir);
-    let exe = flotilla_exe()?;
-    let config = write_config(
-        dir,
-        &format!(
-            "[agents.idle]\ncommand = [{:?}, \"example-agent\", \"--work-ms\", \"0\"]\nreplicas = {{ min = 2 }}\n",
-            exe.display().to_string()
-        ),
-    )?;
-    let client = flotilla::queue::sqlite::SqliteQueue::open(
-        &config.store_path(),
-        flotilla::queue::sqlite::Settings::from_config(
-            &config.store,
-            flotilla::queue::sqlite::Role::Client,
-        ),
-        clock::system(),
-    )?;
+    let config = noop_fleet(dir, "idle", "replicas = { min = 2 }")?;
+    let client = client(&config)?;
     let daemon = Daemon::start(config, clock::system()).await?;
     // Let the replicas start and the fleet go idle.
     tokio::time::sleep(Duration::from_millis(500)).await;

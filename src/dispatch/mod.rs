@@ -333,11 +333,8 @@ impl AgentRuntime {
         match self.queue.ack(&lease.key, output, end).await {
             Ok(_) => lease.settle(),
             Err(QueueError::Invalid(message)) => {
-                let failure = Failure {
-                    retryable: false,
-                    ..Failure::new(AttemptOutcome::Rejected, message)
-                };
-                self.fail_attempt(lease, failure, replica).await;
+                self.fail_attempt(lease, Failure::rejected(message), replica)
+                    .await;
             }
             Err(error) => self.settle(&mut lease, Err(error)),
         }
@@ -346,6 +343,24 @@ impl AgentRuntime {
     /// Waits until every completion handed to [`Self::complete`] is stored.
     pub async fn flush_outcomes(&self) {
         let _all = self.outcomes.acquire_many(OUTCOME_PERMITS).await;
+    }
+
+    /// The `task` message for `lease`, its deadline counted from now.
+    fn task_message(&self, lease: &Lease) -> crate::protocol::ToAgent {
+        let timeouts = &self.config.timeouts;
+        let millis = |duration: Duration| u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+        crate::protocol::ToAgent::Task(crate::protocol::TaskMessage {
+            id: lease.key.task_id.clone(),
+            attempt: lease.key.attempt,
+            agent: self.name.clone(),
+            payload: lease.payload.clone(),
+            checkpoint: lease.checkpoint.clone(),
+            deadline_ms: self
+                .clock
+                .now_ms()
+                .saturating_add(millis(timeouts.max_duration.get())),
+            progress_timeout_ms: millis(timeouts.progress_timeout.get()),
+        })
     }
 
     /// Settles a failed attempt: dead letter when not retryable or out of
@@ -473,6 +488,15 @@ struct Failure {
 }
 
 impl Failure {
+    /// The task itself cannot succeed (bad arguments, result too large):
+    /// dead-lettered at once.
+    fn rejected(detail: impl Into<String>) -> Self {
+        Self {
+            retryable: false,
+            ..Self::new(AttemptOutcome::Rejected, detail)
+        }
+    }
+
     fn new(outcome: AttemptOutcome, detail: impl Into<String>) -> Self {
         Self {
             outcome,
@@ -755,10 +779,7 @@ async fn run_replica(agent: Arc<AgentRuntime>, index: u32, mut shutdown: watch::
             Exit::Killed(reason) => (reason, false),
         };
         agent.update_replica(index, |replica| {
-            replica.state = ReplicaState::Backoff;
-            replica.pid = None;
-            replica.rss_bytes = None;
-            replica.tasks.clear();
+            replica.without_process(ReplicaState::Backoff);
             replica.last_exit = Some(reason.clone());
         });
         if shutdown.borrow().stopping() {
@@ -802,10 +823,7 @@ async fn run_replica(agent: Arc<AgentRuntime>, index: u32, mut shutdown: watch::
         }
     }
     agent.update_replica(index, |replica| {
-        replica.state = ReplicaState::Stopped;
-        replica.pid = None;
-        replica.rss_bytes = None;
-        replica.tasks.clear();
+        replica.without_process(ReplicaState::Stopped)
     });
 }
 

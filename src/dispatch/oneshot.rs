@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::persistent::describe;
 use super::{AgentRuntime, Exit, Failure, Phase, SlotRequest, Tracked, over_memory};
 use crate::lines::{Line, LineReader};
-use crate::protocol::{self, TaskMessage, ToAgent};
+use crate::protocol;
 use crate::queue::{AttemptOutcome, Lease};
 use crate::status::ReplicaState;
 use crate::supervisor::process;
@@ -29,12 +29,7 @@ pub(super) async fn run(
 ) -> Exit {
     let name = agent.replica_name(index);
     loop {
-        agent.update_replica(index, |replica| {
-            replica.state = ReplicaState::Idle;
-            replica.pid = None;
-            replica.rss_bytes = None;
-            replica.tasks.clear();
-        });
+        agent.update_replica(index, |replica| replica.without_process(ReplicaState::Idle));
         let (reply, receiver) = oneshot::channel();
         if agent.slots.send(SlotRequest { reply }).await.is_err() {
             return Exit::Shutdown;
@@ -96,14 +91,13 @@ async fn run_task(
     let spec = match agent.spawn_spec(index, Some(&context)) {
         Ok(spec) => spec,
         Err(error) => {
-            let failure = Failure {
-                retryable: false,
-                ..Failure::new(
-                    AttemptOutcome::Rejected,
-                    format!("cannot build the command: {error}"),
+            agent
+                .fail_attempt(
+                    lease,
+                    Failure::rejected(format!("cannot build the command: {error}")),
+                    name,
                 )
-            };
-            agent.fail_attempt(lease, failure, name).await;
+                .await;
             return None;
         }
     };
@@ -116,14 +110,15 @@ async fn run_task(
             if error.kind() == std::io::ErrorKind::InvalidInput
                 || error.raw_os_error() == Some(nix::libc::E2BIG) =>
         {
-            let failure = Failure {
-                retryable: false,
-                ..Failure::new(
-                    AttemptOutcome::Rejected,
-                    format!("cannot start {program:?} with this task's arguments: {error}"),
+            agent
+                .fail_attempt(
+                    lease,
+                    Failure::rejected(format!(
+                        "cannot start {program:?} with this task's arguments: {error}"
+                    )),
+                    name,
                 )
-            };
-            agent.fail_attempt(lease, failure, name).await;
+                .await;
             return None;
         }
         // Anything else (missing program, no permission) is the agent's
@@ -142,18 +137,7 @@ async fn run_task(
         replica.started_ms = Some(now_ms);
         replica.tasks = vec![lease.key.task_id.clone()];
     });
-    let timeouts = &agent.config.timeouts;
-    let message = ToAgent::Task(TaskMessage {
-        id: lease.key.task_id.clone(),
-        attempt: lease.key.attempt,
-        agent: agent.name.clone(),
-        payload: lease.payload.clone(),
-        checkpoint: lease.checkpoint.clone(),
-        deadline_ms: now_ms
-            + u64::try_from(timeouts.max_duration.get().as_millis()).unwrap_or(u64::MAX),
-        progress_timeout_ms: u64::try_from(timeouts.progress_timeout.get().as_millis())
-            .unwrap_or(u64::MAX),
-    });
+    let message = agent.task_message(&lease);
     // Written from its own task: a large payload must not block the loop
     // when the program never reads stdin.
     if let Some(mut stdin) = child.stdin.take() {
@@ -250,15 +234,9 @@ async fn run_task(
 }
 
 fn too_long(max: usize) -> Failure {
-    Failure {
-        retryable: false,
-        ..Failure::new(
-            AttemptOutcome::Rejected,
-            format!(
-                "stdout exceeded {max} bytes (max_line_bytes); a oneshot result must fit in it"
-            ),
-        )
-    }
+    Failure::rejected(format!(
+        "stdout exceeded {max} bytes (max_line_bytes); a oneshot result must fit in it"
+    ))
 }
 
 async fn progressed(agent: &AgentRuntime, index: u32, tracked: &mut Tracked) {

@@ -16,7 +16,7 @@ use super::{
     over_memory,
 };
 use crate::lines::{Line, LineReader};
-use crate::protocol::{self, FromAgent, LineError, PROTOCOL_VERSION, TaskMessage, ToAgent};
+use crate::protocol::{self, FromAgent, LineError, PROTOCOL_VERSION, ToAgent};
 use crate::queue::{AttemptOutcome, Lease, QueueError};
 use crate::status::ReplicaState;
 use crate::supervisor::process;
@@ -152,10 +152,7 @@ impl Replica<'_> {
     /// they are settled (they may already run elsewhere).
     fn gone(&self) {
         self.agent.update_replica(self.index, |replica| {
-            replica.state = ReplicaState::Backoff;
-            replica.pid = None;
-            replica.rss_bytes = None;
-            replica.tasks.clear();
+            replica.without_process(ReplicaState::Backoff)
         });
     }
 
@@ -259,19 +256,7 @@ impl Replica<'_> {
 
     /// Sends `lease` to the agent; a replica that cannot take it is broken.
     async fn start_task(&mut self, lease: Lease) -> Result<(), (Option<String>, Failure)> {
-        let timeouts = &self.agent.config.timeouts;
-        let deadline_ms = self.agent.clock.now_ms()
-            + u64::try_from(timeouts.max_duration.get().as_millis()).unwrap_or(u64::MAX);
-        let message = ToAgent::Task(TaskMessage {
-            id: lease.key.task_id.clone(),
-            attempt: lease.key.attempt,
-            agent: self.agent.name.clone(),
-            payload: lease.payload.clone(),
-            checkpoint: lease.checkpoint.clone(),
-            deadline_ms,
-            progress_timeout_ms: u64::try_from(timeouts.progress_timeout.get().as_millis())
-                .unwrap_or(u64::MAX),
-        });
+        let message = self.agent.task_message(&lease);
         let id = lease.key.task_id.clone();
         let id_for_error = id.clone();
         self.in_flight.insert(id, Tracked::new(lease, self.agent));
@@ -322,6 +307,18 @@ impl Replica<'_> {
         }
     }
 
+    /// Removes the task an answer is about from the tasks in flight; an
+    /// answer about a task this replica does not hold is counted as stale.
+    fn take_task(&mut self, id: Option<&str>, what: &str) -> Option<Tracked> {
+        let Some(id) = self.task_for(id) else {
+            self.agent.record_stale(self.index, what);
+            return None;
+        };
+        let tracked = self.in_flight.remove(&id);
+        self.publish_tasks();
+        tracked
+    }
+
     async fn handle_line(&mut self, text: &str) {
         let message = match protocol::parse_line(text) {
             Ok(message) => message,
@@ -356,12 +353,9 @@ impl Replica<'_> {
                 }
             }
             FromAgent::Result { id, output, .. } => {
-                let Some(id) = self.task_for(id.as_deref()) else {
-                    self.agent.record_stale(self.index, "result");
+                let Some(tracked) = self.take_task(id.as_deref(), "result") else {
                     return;
                 };
-                let tracked = self.in_flight.remove(&id).expect("task_for found it");
-                self.publish_tasks();
                 self.agent
                     .complete(tracked.lease, output, self.name.clone())
                     .await;
@@ -372,12 +366,9 @@ impl Replica<'_> {
                 retryable,
                 retry_after_ms,
             } => {
-                let Some(id) = self.task_for(id.as_deref()) else {
-                    self.agent.record_stale(self.index, "error");
+                let Some(tracked) = self.take_task(id.as_deref(), "error") else {
                     return;
                 };
-                let tracked = self.in_flight.remove(&id).expect("task_for found it");
-                self.publish_tasks();
                 let failure = Failure {
                     retryable,
                     retry_after: retry_after_ms.map(Duration::from_millis),

@@ -1273,20 +1273,15 @@ fn requeue(
     Ok(seqs.len() as u64)
 }
 
-fn running(
-    context: &Context<'_>,
-    expired_only: bool,
-) -> Result<Vec<(i64, u32, String)>, QueueError> {
-    let sql = if expired_only {
-        "SELECT seq, attempt, agent FROM tasks WHERE state = 3 AND lease_deadline <= ?1"
-    } else {
-        "SELECT seq, attempt, agent FROM tasks WHERE state = 3 AND ?1 = ?1"
-    };
+/// Running tasks whose lease ends by `until` (all of them for `i64::MAX`).
+fn running(context: &Context<'_>, until: i64) -> Result<Vec<(i64, u32, String)>, QueueError> {
     context
         .conn
-        .prepare_cached(sql)
+        .prepare_cached(
+            "SELECT seq, attempt, agent FROM tasks WHERE state = 3 AND lease_deadline <= ?1",
+        )
         .map_err(storage)?
-        .query_map([context.now_sql()], |row| {
+        .query_map([until], |row| {
             Ok((row.get(0)?, as_u32(row.get(1)?), row.get(2)?))
         })
         .map_err(storage)?
@@ -1540,7 +1535,7 @@ impl TaskQueue for SqliteQueue {
     async fn requeue_running(&self) -> Result<u64, QueueError> {
         self.writer
             .call(|context| {
-                let seqs = running(context, false)?;
+                let seqs = running(context, i64::MAX)?;
                 requeue(
                     context,
                     &seqs,
@@ -1554,7 +1549,7 @@ impl TaskQueue for SqliteQueue {
     async fn expire_leases(&self) -> Result<u64, QueueError> {
         self.writer
             .call_fast(|context| {
-                let seqs = running(context, true)?;
+                let seqs = running(context, context.now_sql())?;
                 requeue(
                     context,
                     &seqs,
