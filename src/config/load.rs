@@ -160,6 +160,11 @@ pub fn parse(text: &str, source_name: &str, base_dir: PathBuf) -> Result<Config,
                     config.daemon = daemon;
                 }
             }
+            "broker" => {
+                if let Some(broker) = collect(value, "broker", &mut problems) {
+                    config.broker = Some(broker);
+                }
+            }
             "agents" => match value {
                 toml::Value::Table(agents) => {
                     for (name, agent) in agents {
@@ -186,7 +191,7 @@ pub fn parse(text: &str, source_name: &str, base_dir: PathBuf) -> Result<Config,
             },
             _ => problems.push(Problem::new(
                 key.clone(),
-                format!("unknown section `{key}`; valid sections: store, daemon, agents"),
+                format!("unknown section `{key}`; valid sections: store, broker, daemon, agents"),
             )),
         }
     }

@@ -23,9 +23,13 @@ pub use units::{ByteSize, HumanDuration};
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// The embedded task store.
+    /// The embedded task store (and the task limits on both backends).
     #[serde(default)]
     pub store: StoreConfig,
+    /// A NATS JetStream broker: when present, tasks live there instead of
+    /// the embedded store and many daemons can share one fleet.
+    #[serde(default)]
+    pub broker: Option<BrokerConfig>,
     /// Daemon-wide settings.
     #[serde(default)]
     pub daemon: DaemonConfig,
@@ -115,6 +119,12 @@ pub struct DaemonConfig {
     /// How often the daemon writes its status snapshot (read by
     /// `flotilla status`).
     pub status_interval: HumanDuration,
+    /// This daemon's name in the fleet (letters, digits, `-`, `_`), unique
+    /// among the daemons sharing a broker. Default: the host name.
+    pub name: Option<String>,
+    /// Run only these agents (default: all). Daemons on other machines run
+    /// the rest; tasks of agents no daemon runs stay queued.
+    pub agents: Option<Vec<String>>,
 }
 
 impl Default for DaemonConfig {
@@ -122,8 +132,109 @@ impl Default for DaemonConfig {
         Self {
             shutdown_grace: HumanDuration::secs(30),
             status_interval: HumanDuration::secs(1),
+            name: None,
+            agents: None,
         }
     }
+}
+
+/// `[broker]`: the NATS JetStream backend.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// Server URL, or several separated by commas, e.g.
+    /// `"nats://10.0.0.1:4222,nats://10.0.0.2:4222"`.
+    pub url: String,
+    /// Prefix of every stream, bucket and subject flotilla uses, so that
+    /// several fleets can share one NATS account (lower-case letters,
+    /// digits, `-`, `_`).
+    pub namespace: String,
+    /// Copies of each stream and bucket kept by the cluster: 1, or 3 on a
+    /// cluster of at least three servers.
+    pub replicas: u32,
+    /// How long the broker waits for an acknowledgement before it hands a
+    /// task to another daemon. Kept alive while the agent makes progress,
+    /// so it bounds how long a dead daemon's tasks wait, not how long a
+    /// task may run.
+    pub ack_wait: HumanDuration,
+    /// The broker remembers message ids this long, so that a submit retried
+    /// after a timeout is stored once. Longer ids are deduplicated through
+    /// the task records (`store.dedup_window`).
+    pub duplicate_window: HumanDuration,
+    /// How long a daemon's entry in the fleet table outlives its last
+    /// heartbeat: `status` drops daemons not heard from for this long.
+    pub fleet_ttl: HumanDuration,
+    /// Timeout of one connection attempt.
+    pub connect_timeout: HumanDuration,
+    /// Timeout of one request to the broker (a publish is then retried
+    /// with the same message id).
+    pub request_timeout: HumanDuration,
+    /// Longest pause between reconnect attempts (reconnects never stop).
+    pub reconnect_max_delay: HumanDuration,
+    /// User name (with `password`).
+    pub user: Option<String>,
+    /// Password; prefer the `FLOTILLA_BROKER_PASSWORD` environment variable.
+    pub password: Option<String>,
+    /// Token; prefer the `FLOTILLA_BROKER_TOKEN` environment variable.
+    pub token: Option<String>,
+    /// A `.creds` file (JWT and NKey seed), relative to the config file.
+    pub creds_file: Option<PathBuf>,
+    /// A file holding an NKey seed, relative to the config file.
+    pub nkey_file: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the server with.
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), with `tls_key`, for mutual TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// Refuse to connect without TLS.
+    pub tls_required: bool,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            namespace: "flotilla".into(),
+            replicas: 1,
+            ack_wait: HumanDuration::secs(30),
+            duplicate_window: HumanDuration::secs(120),
+            fleet_ttl: HumanDuration::secs(15),
+            connect_timeout: HumanDuration::secs(5),
+            request_timeout: HumanDuration::secs(5),
+            reconnect_max_delay: HumanDuration::secs(5),
+            user: None,
+            password: None,
+            token: None,
+            creds_file: None,
+            nkey_file: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_required: false,
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// The server URLs.
+    pub fn urls(&self) -> Vec<String> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(String::from)
+            .collect()
+    }
+}
+
+/// Whether `name` is a valid daemon name or namespace.
+pub fn valid_token(name: &str, max: usize) -> bool {
+    !name.is_empty()
+        && name.len() <= max
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// How an agent's processes take tasks.
@@ -421,6 +532,28 @@ impl Config {
                 );
             }
         }
+        if let Some(name) = &self.daemon.name
+            && !valid_token(name, 64)
+        {
+            problem(
+                "daemon.name".into(),
+                format!("invalid daemon name {name:?}: use 1 to 64 letters, digits, '-' or '_'"),
+            );
+        }
+        for name in self.daemon.agents.iter().flatten() {
+            if !self.agents.contains_key(name) {
+                problem(
+                    "daemon.agents".into(),
+                    format!(
+                        "unknown agent {name:?}; configured agents: {}",
+                        self.agent_names()
+                    ),
+                );
+            }
+        }
+        if let Some(broker) = &self.broker {
+            broker.validate(self.daemon.status_interval, &mut problem);
+        }
         if self.daemon.status_interval.get().is_zero() {
             problem(
                 "daemon.status_interval".into(),
@@ -438,6 +571,100 @@ impl Config {
             agent.validate(&format!("agents.{name}"), mode_known, &mut problem);
         }
         problems
+    }
+}
+
+impl BrokerConfig {
+    fn validate(&self, status_interval: HumanDuration, problem: &mut impl FnMut(String, String)) {
+        let urls = self.urls();
+        if urls.is_empty() {
+            problem(
+                "broker.url".into(),
+                "no server URL given; e.g. \"nats://127.0.0.1:4222\"".into(),
+            );
+        }
+        for url in &urls {
+            if url.parse::<async_nats::ServerAddr>().is_err() {
+                problem(
+                    "broker.url".into(),
+                    format!("{url:?} is not a server URL; e.g. \"nats://127.0.0.1:4222\" or \"tls://nats.example.com:4222\""),
+                );
+            }
+        }
+        let namespace_ok = valid_token(&self.namespace, 32)
+            && !self.namespace.bytes().any(|b| b.is_ascii_uppercase());
+        if !namespace_ok {
+            problem(
+                "broker.namespace".into(),
+                format!(
+                    "invalid namespace {:?}: use 1 to 32 lower-case letters, digits, '-' or '_'",
+                    self.namespace
+                ),
+            );
+        }
+        if !matches!(self.replicas, 1 | 3 | 5) {
+            problem(
+                "broker.replicas".into(),
+                format!("{} is not valid; valid: 1, 3 or 5", self.replicas),
+            );
+        }
+        let ack_wait = self.ack_wait.get();
+        if ack_wait < std::time::Duration::from_secs(1) || ack_wait > std::time::Duration::from_secs(600) {
+            problem(
+                "broker.ack_wait".into(),
+                format!("{} is out of range; valid: 1s to 10m (30s or less is best)", self.ack_wait),
+            );
+        }
+        if self.duplicate_window.get() < std::time::Duration::from_secs(1) {
+            problem(
+                "broker.duplicate_window".into(),
+                format!("{} is too short; valid: 1s or more, e.g. \"2m\"", self.duplicate_window),
+            );
+        }
+        if self.fleet_ttl.get() < status_interval.get() * 2 {
+            problem(
+                "broker.fleet_ttl".into(),
+                format!(
+                    "{} is shorter than twice daemon.status_interval = {}; live daemons would flicker out of the fleet",
+                    self.fleet_ttl, status_interval
+                ),
+            );
+        }
+        for (key, value) in [
+            ("broker.connect_timeout", self.connect_timeout),
+            ("broker.request_timeout", self.request_timeout),
+            ("broker.reconnect_max_delay", self.reconnect_max_delay),
+        ] {
+            if value.get().is_zero() {
+                problem(key.into(), "0s is not valid; it must be positive, e.g. \"5s\"".into());
+            }
+        }
+        if self.user.is_some() != self.password.is_some()
+            && std::env::var_os("FLOTILLA_BROKER_PASSWORD").is_none()
+        {
+            problem(
+                "broker.user".into(),
+                "user and password go together; give both (the password may come from FLOTILLA_BROKER_PASSWORD)".into(),
+            );
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            problem(
+                "broker.tls_cert".into(),
+                "tls_cert and tls_key go together; give both for mutual TLS".into(),
+            );
+        }
+        let methods = [
+            self.user.is_some(),
+            self.token.is_some(),
+            self.creds_file.is_some(),
+            self.nkey_file.is_some(),
+        ];
+        if methods.into_iter().filter(|set| *set).count() > 1 {
+            problem(
+                "broker".into(),
+                "give one of user/password, token, creds_file or nkey_file, not several".into(),
+            );
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 //! so that a stale replica can never complete a task twice.
 
 pub mod conformance;
+pub mod jetstream;
 pub mod sqlite;
 
 use std::fmt;
@@ -561,6 +562,19 @@ pub fn bound_reason(text: &str) -> String {
         end -= 1;
     }
     format!("{}…", &text[..end])
+}
+
+/// The reason given to a task dead-lettered because its attempts are used
+/// up, naming its last attempt's outcome and detail.
+pub fn exhausted_reason(max_deliver: u32, last: Option<(&str, Option<&str>)>) -> String {
+    let last = match last {
+        Some((outcome, Some(detail))) => format!("; last attempt: {outcome}: {detail}"),
+        Some((outcome, None)) => format!("; last attempt: {outcome}"),
+        None => String::new(),
+    };
+    bound_reason(&format!(
+        "attempts exhausted (retry.max_deliver = {max_deliver}){last}"
+    ))
 }
 
 /// The durable queue. Every method is atomic: it applies completely or not

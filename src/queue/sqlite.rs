@@ -27,7 +27,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    AckOutcome, Attempt, AttemptEnd, AttemptOutcome, Lease, LeaseGuard, LeaseKey, LeaseRequest,
+    AckOutcome, Attempt, exhausted_reason, AttemptEnd, AttemptOutcome, Lease, LeaseGuard, LeaseKey, LeaseRequest,
     ListFilter, NewTask, Priority, QueueError, Returned, Selection, StateCounts, SubmitReceipt,
     TaskQueue, TaskRecord, TaskState, bound_reason, validate_task_id,
 };
@@ -1144,14 +1144,12 @@ fn exhaust(context: &Context<'_>, seq: i64, max_deliver: u32) -> Result<(), Queu
         )
         .optional()
         .map_err(storage)?;
-    let last = match last {
-        Some((Some(outcome), Some(detail))) => format!("; last attempt: {outcome}: {detail}"),
-        Some((Some(outcome), None)) => format!("; last attempt: {outcome}"),
-        _ => String::new(),
-    };
-    let reason = bound_reason(&format!(
-        "attempts exhausted (retry.max_deliver = {max_deliver}){last}"
-    ));
+    let last = last.and_then(|(outcome, detail)| outcome.map(|outcome| (outcome, detail)));
+    let reason = exhausted_reason(
+        max_deliver,
+        last.as_ref()
+            .map(|(outcome, detail)| (outcome.as_str(), detail.as_deref())),
+    );
     dead_letter(context, seq, &reason)
 }
 

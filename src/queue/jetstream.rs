@@ -1,0 +1,1731 @@
+//! The NATS JetStream backend: one fleet shared by any number of daemons on
+//! any number of machines.
+//!
+//! # Layout (for namespace `flotilla`)
+//!
+//! - Stream `FLOTILLA_TASKS` (work-queue retention, file storage), subjects
+//!   `flotilla.tasks.<agent>.<rank>`: one message per queued task, its body
+//!   the task envelope, its `Nats-Msg-Id` the task id. One durable pull
+//!   consumer per agent and priority (`<agent>-<rank>`), shared by every
+//!   daemon, with explicit acks: leasing asks the consumers in priority
+//!   order.
+//! - Bucket `FLOTILLA_RECORDS`: the task record (state, attempt history,
+//!   checkpoint, result) under `t.<id>`. Every transition is a
+//!   compare-and-set on the record's revision, so a stale delivery can never
+//!   settle a task: this is the fence the SQLite backend gets from its
+//!   transactions.
+//! - Stream `FLOTILLA_DLQ`, subjects `flotilla.dlq.<agent>.<id>`: a copy of
+//!   every dead letter (task, reason, history), written before `+TERM`.
+//! - Bucket `FLOTILLA_FLEET` (TTL): each daemon's status snapshot.
+//!
+//! # Order of writes
+//!
+//! The record changes first, the message follows (`+ACK`, `-NAK`, `+TERM`).
+//! A daemon that dies between the two leaves a message whose record already
+//! says what happened: whoever receives it next applies the record's verdict
+//! (acks a completed task's leftover message, re-sends a dead letter, delays
+//! a task naked with a delay). A message whose delivery no record knows (the
+//! record says running, but the broker redelivered it because its holder
+//! stopped extending it) ends the old attempt as `lease_expired`.
+//!
+//! While a task is held, a keeper sends `+WPI` every third of `ack_wait`
+//! until the lease deadline, which agent progress extends: `ack_wait` stays
+//! short and still covers long tasks, and a dead daemon's tasks come back
+//! within `ack_wait`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+
+use super::{
+    AckOutcome, Attempt, AttemptEnd, AttemptOutcome, Lease, LeaseGuard, LeaseKey, LeaseRequest,
+    ListFilter, NewTask, Priority, QueueError, Returned, Selection, StateCounts, SubmitReceipt,
+    TaskQueue, TaskRecord, TaskState, bound_reason, exhausted_reason, validate_task_id,
+};
+use crate::clock::{SharedClock, UnixMillis};
+use crate::config::BrokerConfig;
+
+/// Attempts kept in a record's history (older ones are dropped; the
+/// attempt count stays exact).
+pub const MAX_HISTORY: usize = 16;
+/// Bytes of a record besides its payload, result and checkpoint (history
+/// and fields), kept free of the server's `max_payload`.
+const RECORD_RESERVE: usize = 128 * 1024;
+/// Most record writes retried after a conflict before giving up.
+const CAS_TRIES: usize = 32;
+/// Most tasks of one submit call published at once.
+const SUBMIT_CONCURRENCY: usize = 256;
+/// How often a waiting lease looks again without a wake-up (tasks whose
+/// retry delay ended, or redelivered by the broker).
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// Times a publish that timed out is sent again with the same id.
+const PUBLISH_TRIES: u32 = 5;
+
+/// 62 random bits (from a fresh UUIDv7).
+fn random_u64() -> u64 {
+    uuid::Uuid::now_v7().as_u128() as u64
+}
+
+fn storage(what: &str, error: impl std::fmt::Display) -> QueueError {
+    QueueError::Storage(format!("{what}: {error}"))
+}
+
+/// What the backend needs besides the broker settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// A known id is deduplicated within this long of its first submit.
+    pub dedup_window: Duration,
+    /// Completed tasks older than this are pruned.
+    pub retention: Duration,
+    /// Largest payload, serialized (lowered to fit the server's limit).
+    pub max_payload_bytes: usize,
+    /// Largest result or checkpoint, serialized (lowered likewise).
+    pub max_result_bytes: usize,
+    /// This daemon's name: running tasks it owned before a restart are
+    /// returned by [`TaskQueue::requeue_running`].
+    pub owner: String,
+}
+
+/// Connection counters, shown in `status`.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    connected: AtomicBool,
+    disconnects: AtomicU64,
+    reconnects: AtomicU64,
+    last_event: Mutex<Option<String>>,
+}
+
+/// The broker connection as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct BrokerStatus {
+    /// The configured server URLs.
+    pub url: String,
+    /// Connected right now.
+    pub connected: bool,
+    /// Connections lost since start.
+    pub disconnects: u64,
+    /// Connections re-established since start.
+    pub reconnects: u64,
+    /// The last connection event.
+    pub last_event: Option<String>,
+}
+
+/// Connects to the broker of `config`: reconnects forever with capped,
+/// jittered backoff, logs and counts connection events.
+///
+/// # Errors
+/// [`QueueError::Storage`] naming the server when the first connection
+/// fails, or when a credentials file cannot be read.
+pub async fn connect(
+    config: &BrokerConfig,
+    base_dir: &std::path::Path,
+    name: &str,
+    stats: Arc<ConnectionStats>,
+) -> Result<async_nats::Client, QueueError> {
+    let resolve = |path: &std::path::Path| {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            base_dir.join(path)
+        }
+    };
+    let max_delay = config.reconnect_max_delay.get();
+    let events = stats.clone();
+    let mut options = async_nats::ConnectOptions::new()
+        .name(format!("flotilla {name}"))
+        .max_reconnects(None)
+        .connection_timeout(config.connect_timeout.get())
+        .request_timeout(Some(config.request_timeout.get()))
+        .reconnect_delay_callback(move |attempts| {
+            let base = Duration::from_millis(50)
+                .saturating_mul(2u32.saturating_pow(attempts.min(16) as u32))
+                .min(max_delay);
+            base + Duration::from_millis(random_u64() % (base.as_millis() as u64 / 4 + 1))
+        })
+        .event_callback(move |event| {
+            let stats = events.clone();
+            async move { stats.record(&event) }
+        });
+    let password = config
+        .password
+        .clone()
+        .or_else(|| std::env::var("FLOTILLA_BROKER_PASSWORD").ok());
+    let token = config
+        .token
+        .clone()
+        .or_else(|| std::env::var("FLOTILLA_BROKER_TOKEN").ok());
+    if let Some(user) = &config.user {
+        options = options.user_and_password(user.clone(), password.unwrap_or_default());
+    } else if let Some(token) = token {
+        options = options.token(token);
+    } else if let Some(creds) = &config.creds_file {
+        let path = resolve(creds);
+        options = options.credentials_file(&path).await.map_err(|error| {
+            storage(
+                &format!("cannot read broker.creds_file {}", path.display()),
+                error,
+            )
+        })?;
+    } else if let Some(nkey) = &config.nkey_file {
+        let path = resolve(nkey);
+        let seed = std::fs::read_to_string(&path).map_err(|error| {
+            storage(
+                &format!("cannot read broker.nkey_file {}", path.display()),
+                error,
+            )
+        })?;
+        options = options.nkey(seed.trim().to_string());
+    }
+    if let Some(ca) = &config.tls_ca {
+        options = options.add_root_certificates(resolve(ca));
+    }
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        options = options.add_client_certificate(resolve(cert), resolve(key));
+    }
+    if config.tls_required {
+        options = options.require_tls(true);
+    }
+    let addresses = config
+        .urls()
+        .iter()
+        .map(|url| url.parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| storage("invalid broker.url", error))?;
+    let client = options
+        .connect(addresses)
+        .await
+        .map_err(|error| storage(&format!("cannot connect to {}", config.url), error))?;
+    stats.connected.store(true, Ordering::Relaxed);
+    Ok(client)
+}
+
+impl ConnectionStats {
+    fn record(&self, event: &async_nats::Event) {
+        use async_nats::Event;
+        match event {
+            Event::Connected => {
+                if !self.connected.swap(true, Ordering::Relaxed) {
+                    self.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::info!("broker connection re-established");
+            }
+            Event::Disconnected => {
+                if self.connected.swap(false, Ordering::Relaxed) {
+                    self.disconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::warn!("broker connection lost; reconnecting (publishes are buffered)");
+            }
+            Event::SlowConsumer(_) | Event::LameDuckMode | Event::Draining | Event::Closed => {
+                tracing::warn!(%event, "broker connection event");
+            }
+            Event::ServerError(_) | Event::ClientError(_) => {
+                tracing::warn!(%event, "broker connection error");
+            }
+        }
+        *self.last_event.lock().expect("not poisoned") = Some(event.to_string());
+    }
+
+    /// The connection as `status` shows it.
+    pub fn status(&self, url: &str) -> BrokerStatus {
+        BrokerStatus {
+            url: url.to_string(),
+            connected: self.connected.load(Ordering::Relaxed),
+            disconnects: self.disconnects.load(Ordering::Relaxed),
+            reconnects: self.reconnects.load(Ordering::Relaxed),
+            last_event: self.last_event.lock().expect("not poisoned").clone(),
+        }
+    }
+}
+
+/// What a task message carries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Envelope {
+    id: String,
+    agent: String,
+    priority: Priority,
+    generation: u32,
+    created_ms: UnixMillis,
+    payload: Value,
+}
+
+/// A task record as stored: the public record plus what the backend needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    #[serde(flatten)]
+    task: TaskRecord,
+    /// Bumped each time the task is published again (replay, resubmit).
+    generation: u32,
+    /// The daemon holding the current delivery.
+    owner: Option<String>,
+    /// Where the current delivery is settled (`+ACK`, `-NAK`, ...).
+    reply: Option<String>,
+    /// Random id of the write that produced this revision, to tell whether
+    /// a write whose reply timed out was applied.
+    write: u64,
+}
+
+impl Record {
+    fn from_envelope(envelope: &Envelope, now: UnixMillis) -> Self {
+        Self {
+            task: TaskRecord {
+                id: envelope.id.clone(),
+                agent: envelope.agent.clone(),
+                priority: envelope.priority,
+                state: TaskState::Queued,
+                payload: envelope.payload.clone(),
+                attempts: 0,
+                charged_attempts: 0,
+                replays: 0,
+                checkpoint: None,
+                result: None,
+                reason: None,
+                visible_ms: envelope.created_ms,
+                lease_deadline_ms: None,
+                created_ms: envelope.created_ms,
+                updated_ms: now,
+                finished_ms: None,
+                history: Vec::new(),
+            },
+            generation: envelope.generation,
+            owner: None,
+            reply: None,
+            write: 0,
+        }
+    }
+
+    fn envelope(&self) -> Envelope {
+        Envelope {
+            id: self.task.id.clone(),
+            agent: self.task.agent.clone(),
+            priority: self.task.priority,
+            generation: self.generation,
+            created_ms: self.task.created_ms,
+            payload: self.task.payload.clone(),
+        }
+    }
+
+    /// Ends attempt `number` with `end`.
+    fn end_attempt(&mut self, number: u32, end: &AttemptEnd, now: UnixMillis) {
+        if let Some(attempt) = self.task.history.iter_mut().find(|a| a.number == number) {
+            attempt.ended_ms = Some(now);
+            attempt.outcome = Some(end.outcome);
+            attempt.detail = end.detail.as_deref().map(bound_reason);
+            if end.replica.is_some() {
+                attempt.replica.clone_from(&end.replica);
+            }
+        }
+    }
+
+    /// Back to the queue, leasable at `visible_ms`.
+    fn requeue(&mut self, visible_ms: UnixMillis) {
+        self.task.state = TaskState::Queued;
+        self.task.visible_ms = visible_ms;
+        self.task.lease_deadline_ms = None;
+        self.owner = None;
+        self.reply = None;
+    }
+
+    fn finish(&mut self, state: TaskState, now: UnixMillis) {
+        self.task.state = state;
+        self.task.lease_deadline_ms = None;
+        self.task.finished_ms = Some(now);
+        self.owner = None;
+        self.reply = None;
+    }
+
+    fn holds(&self, key: &LeaseKey) -> bool {
+        self.task.state == TaskState::Running && self.task.attempts == key.attempt
+    }
+
+    fn stale(&self, key: &LeaseKey) -> QueueError {
+        QueueError::StaleLease {
+            key: key.clone(),
+            state: self.task.state,
+        }
+    }
+}
+
+/// A lease this process holds.
+#[derive(Debug)]
+struct Held {
+    reply: String,
+    deadline_ms: UnixMillis,
+}
+
+/// Stream, bucket and subject names of one namespace.
+#[derive(Debug, Clone)]
+struct Names {
+    namespace: String,
+    tasks_stream: String,
+    dlq_stream: String,
+    records_bucket: String,
+    fleet_bucket: String,
+}
+
+impl Names {
+    fn new(namespace: &str) -> Self {
+        let upper = namespace.to_ascii_uppercase();
+        Self {
+            namespace: namespace.to_string(),
+            tasks_stream: format!("{upper}_TASKS"),
+            dlq_stream: format!("{upper}_DLQ"),
+            records_bucket: format!("{upper}_RECORDS"),
+            fleet_bucket: format!("{upper}_FLEET"),
+        }
+    }
+
+    fn task_subject(&self, agent: &str, priority: Priority) -> String {
+        format!("{}.tasks.{agent}.{}", self.namespace, priority.rank())
+    }
+
+    fn dlq_subject(&self, agent: &str, id: &str) -> String {
+        format!("{}.dlq.{agent}.{}", self.namespace, escape(id))
+    }
+
+    fn wake_subject(&self, agent: &str) -> String {
+        format!("{}.ready.{agent}", self.namespace)
+    }
+}
+
+/// A task id as a key or subject token: `.`, `:` and `@` are not allowed
+/// there, so they (and the escape `=`) become `=XX`.
+fn escape(id: &str) -> String {
+    let mut out = String::with_capacity(id.len());
+    for c in id.chars() {
+        match c {
+            '.' | ':' | '@' | '=' => out.push_str(&format!("={:02X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn record_key(id: &str) -> String {
+    format!("t.{}", escape(id))
+}
+
+fn msg_id(id: &str, generation: u32) -> String {
+    if generation == 0 {
+        id.to_string()
+    } else {
+        format!("{id}#{generation}")
+    }
+}
+
+struct Inner {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    names: Names,
+    tasks: stream::Stream,
+    dlq: stream::Stream,
+    records: kv::Store,
+    fleet: kv::Store,
+    settings: Settings,
+    ack_wait: Duration,
+    clock: SharedClock,
+    consumers: tokio::sync::Mutex<HashMap<(String, i64), consumer::PullConsumer>>,
+    held: Mutex<HashMap<LeaseKey, Held>>,
+    wake: Mutex<HashMap<String, Arc<Notify>>>,
+    stats: Arc<ConnectionStats>,
+    url: String,
+    returns: mpsc::UnboundedSender<Returned>,
+}
+
+/// The JetStream queue. Cheap to share behind an `Arc`.
+pub struct JetStreamQueue {
+    inner: Arc<Inner>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl Drop for JetStreamQueue {
+    fn drop(&mut self) {
+        for task in &self.background {
+            task.abort();
+        }
+    }
+}
+
+impl JetStreamQueue {
+    /// Opens (creating where missing) the streams and buckets of
+    /// `config.namespace` on a connected client.
+    ///
+    /// # Errors
+    /// [`QueueError::Storage`] when the broker has no JetStream, refuses a
+    /// stream, or an existing stream's settings conflict.
+    pub async fn open(
+        client: async_nats::Client,
+        stats: Arc<ConnectionStats>,
+        config: &BrokerConfig,
+        mut settings: Settings,
+        clock: SharedClock,
+    ) -> Result<Self, QueueError> {
+        let names = Names::new(&config.namespace);
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(config.request_timeout.get());
+        let replicas = config.replicas as usize;
+        let duplicate_window = config.duplicate_window.get();
+        let server_max = usize::try_from(client.server_info().max_payload).unwrap_or(usize::MAX);
+        let fits = server_max.saturating_sub(RECORD_RESERVE) / 2;
+        for (key, limit) in [
+            ("store.max_payload_bytes", &mut settings.max_payload_bytes),
+            ("store.max_result_bytes", &mut settings.max_result_bytes),
+        ] {
+            if *limit > fits {
+                tracing::warn!(
+                    "{key} = {} does not fit the broker's max_payload = {server_max} (a record holds a payload and a result); using {fits}. Raise max_payload in nats-server.conf to allow more.",
+                    *limit
+                );
+                *limit = fits;
+            }
+        }
+        let tasks = js
+            .get_or_create_stream(stream::Config {
+                name: names.tasks_stream.clone(),
+                description: Some("flotilla: queued and running tasks".into()),
+                subjects: vec![format!("{}.tasks.>", names.namespace)],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                discard: stream::DiscardPolicy::New,
+                num_replicas: replicas,
+                duplicate_window,
+                ..Default::default()
+            })
+            .await
+            .map_err(|error| storage(&format!("cannot open stream {}", names.tasks_stream), error))?;
+        let dlq = js
+            .get_or_create_stream(stream::Config {
+                name: names.dlq_stream.clone(),
+                description: Some("flotilla: dead letters (task, reason, history)".into()),
+                subjects: vec![format!("{}.dlq.>", names.namespace)],
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                duplicate_window,
+                ..Default::default()
+            })
+            .await
+            .map_err(|error| storage(&format!("cannot open stream {}", names.dlq_stream), error))?;
+        let records = bucket(
+            &js,
+            kv::Config {
+                bucket: names.records_bucket.clone(),
+                description: "flotilla: task records".into(),
+                history: 1,
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let fleet = bucket(
+            &js,
+            kv::Config {
+                bucket: names.fleet_bucket.clone(),
+                description: "flotilla: daemons and their replicas".into(),
+                history: 1,
+                max_age: config.fleet_ttl.get(),
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let (returns, returned) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            returns,
+            client: client.clone(),
+            js,
+            names,
+            tasks,
+            dlq,
+            records,
+            fleet,
+            settings,
+            ack_wait: config.ack_wait.get(),
+            clock,
+            consumers: tokio::sync::Mutex::default(),
+            held: Mutex::default(),
+            wake: Mutex::default(),
+            stats,
+            url: config.url.clone(),
+        });
+        let wakes = client
+            .subscribe(format!("{}.ready.>", inner.names.namespace))
+            .await
+            .map_err(|error| storage("cannot subscribe to wake-ups", error))?;
+        let background = vec![
+            tokio::spawn(keep_alive(Arc::downgrade(&inner))),
+            tokio::spawn(release_returned(Arc::downgrade(&inner), returned)),
+            tokio::spawn(listen_for_wakes(Arc::downgrade(&inner), wakes)),
+        ];
+        Ok(Self { inner, background })
+    }
+
+    /// The broker connection as `status` shows it.
+    pub fn broker_status(&self) -> BrokerStatus {
+        self.inner.stats.status(&self.inner.url)
+    }
+
+    /// The payload limit in force (the configured one, lowered to fit the
+    /// broker).
+    pub fn max_payload_bytes(&self) -> usize {
+        self.inner.settings.max_payload_bytes
+    }
+
+    /// Stores `value` as this daemon's entry in the fleet table.
+    ///
+    /// # Errors
+    /// [`QueueError::Storage`] if the broker refuses it.
+    pub async fn put_fleet(&self, name: &str, value: &Value) -> Result<(), QueueError> {
+        self.inner
+            .fleet
+            .put(escape(name), Bytes::from(value.to_string()))
+            .await
+            .map_err(|error| storage("cannot write the fleet table", error))?;
+        Ok(())
+    }
+
+    /// Every daemon entry still in the fleet table (entries expire after
+    /// `broker.fleet_ttl`), by name.
+    ///
+    /// # Errors
+    /// [`QueueError::Storage`] if the broker cannot be read.
+    pub async fn fleet(&self) -> Result<BTreeMap<String, Value>, QueueError> {
+        let entries = scan(&self.inner.client, &self.inner.fleet, ">").await?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|(key, bytes, _)| {
+                serde_json::from_slice(&bytes)
+                    .ok()
+                    .map(|value| (key, value))
+            })
+            .collect())
+    }
+
+    /// The fleet entry of daemon `name`.
+    ///
+    /// # Errors
+    /// [`QueueError::Storage`] if the broker cannot be read.
+    pub async fn fleet_entry(&self, name: &str) -> Result<Option<Value>, QueueError> {
+        let bytes = self
+            .inner
+            .fleet
+            .get(escape(name))
+            .await
+            .map_err(|error| storage("cannot read the fleet table", error))?;
+        Ok(bytes.and_then(|bytes| serde_json::from_slice(&bytes).ok()))
+    }
+
+    /// Deletes completed tasks older than the retention. Returns how many.
+    ///
+    /// # Errors
+    /// [`QueueError::Storage`] if the broker fails.
+    pub async fn prune(&self) -> Result<u64, QueueError> {
+        let cutoff = self
+            .inner
+            .clock
+            .now_ms()
+            .saturating_sub(u64::try_from(self.inner.settings.retention.as_millis()).unwrap_or(0));
+        let mut deleted = 0;
+        for (record, revision) in self.inner.all_records().await? {
+            if record.task.state == TaskState::Completed
+                && record.task.finished_ms.is_some_and(|at| at < cutoff)
+                && self
+                    .inner
+                    .records
+                    .purge_expect_revision(record_key(&record.task.id), Some(revision))
+                    .await
+                    .is_ok()
+            {
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+}
+
+async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, QueueError> {
+    match js.get_key_value(&config.bucket).await {
+        Ok(store) => Ok(store),
+        Err(_) => {
+            let name = config.bucket.clone();
+            match js.create_key_value(config).await {
+                Ok(store) => Ok(store),
+                // Another daemon created it meanwhile.
+                Err(error) => js
+                    .get_key_value(&name)
+                    .await
+                    .map_err(|_| storage(&format!("cannot open bucket {name}"), error)),
+            }
+        }
+    }
+}
+
+/// The latest value of every key of `store` matching `filter` (`>` for
+/// all), deleted keys left out.
+async fn scan(
+    client: &async_nats::Client,
+    store: &kv::Store,
+    filter: &str,
+) -> Result<Vec<(String, Bytes, u64)>, QueueError> {
+    let prefix = store.prefix.clone();
+    let consumer = store
+        .stream
+        .create_consumer(consumer::push::OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            filter_subject: format!("{prefix}{filter}"),
+            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+            replay_policy: consumer::ReplayPolicy::Instant,
+            ..Default::default()
+        })
+        .await
+        .map_err(|error| storage("cannot scan the bucket", error))?;
+    let mut out = Vec::new();
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|error| storage("cannot scan the bucket", error))?;
+    let timeout = Duration::from_secs(30);
+    loop {
+        let message = match tokio::time::timeout(timeout, messages.next()).await {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(error))) => return Err(storage("bucket scan failed", error)),
+            Ok(None) => break,
+            Err(_) => return Err(storage("bucket scan", "timed out")),
+        };
+        let (pending, revision) = message
+            .info()
+            .map(|info| (info.pending, info.stream_sequence))
+            .unwrap_or((0, 0));
+        let deleted = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get("KV-Operation"))
+            .is_some();
+        if !deleted && let Some(key) = message.subject.strip_prefix(prefix.as_str()) {
+            out.push((key.to_string(), message.payload.clone(), revision));
+        }
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// What a record update decided.
+enum Change<T> {
+    /// Write the record, then answer `T`.
+    Write(T),
+    /// Answer `T` without writing.
+    Keep(T),
+}
+
+impl Inner {
+    fn now(&self) -> UnixMillis {
+        self.clock.now_ms()
+    }
+
+    fn notify(&self, agent: &str) -> Arc<Notify> {
+        self.wake
+            .lock()
+            .expect("not poisoned")
+            .entry(agent.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Tells every daemon that `agent` has a task ready.
+    async fn ring(&self, agent: &str) {
+        let _ = self
+            .client
+            .publish(self.names.wake_subject(agent), Bytes::new())
+            .await;
+    }
+
+    async fn settle_message(&self, reply: &str, verb: Bytes) {
+        if let Err(error) = self.client.publish(reply.to_string(), verb).await {
+            // Lost with the connection: the broker redelivers the message
+            // after ack_wait and its record decides what happens.
+            tracing::warn!(%error, "could not settle a task message");
+        }
+    }
+
+    async fn entry(&self, id: &str) -> Result<Option<(Record, u64)>, QueueError> {
+        let entry = self
+            .records
+            .entry(record_key(id))
+            .await
+            .map_err(|error| storage("cannot read a task record", error))?;
+        match entry {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                let record = serde_json::from_slice(&entry.value)
+                    .map_err(|error| storage(&format!("task record {id:?} is corrupt"), error))?;
+                Ok(Some((record, entry.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Writes `record` over `revision` (0: create). Returns the new
+    /// revision, or `None` if someone else wrote first.
+    async fn write(&self, record: &mut Record, revision: u64) -> Result<Option<u64>, QueueError> {
+        record.write = random_u64();
+        record.task.updated_ms = self.now();
+        if record.task.history.len() > MAX_HISTORY {
+            let excess = record.task.history.len() - MAX_HISTORY;
+            record.task.history.drain(..excess);
+        }
+        let key = record_key(&record.task.id);
+        let bytes = Bytes::from(serde_json::to_vec(record).expect("record serializes"));
+        let written = if revision == 0 {
+            self.records
+                .create(&key, bytes)
+                .await
+                .map_err(|error| match error.kind() {
+                    kv::CreateErrorKind::AlreadyExists => None,
+                    _ => Some(error.to_string()),
+                })
+        } else {
+            self.records
+                .update(&key, bytes, revision)
+                .await
+                .map_err(|error| match error.kind() {
+                    kv::UpdateErrorKind::WrongLastRevision => None,
+                    _ => Some(error.to_string()),
+                })
+        };
+        match written {
+            Ok(revision) => Ok(Some(revision)),
+            Err(None) => Ok(None),
+            Err(Some(error)) => {
+                // The reply may have been lost after the write applied:
+                // the record says whether it did.
+                match self.entry(&record.task.id).await {
+                    Ok(Some((stored, revision))) if stored.write == record.write => {
+                        Ok(Some(revision))
+                    }
+                    Ok(_) => Err(storage("cannot write a task record", error)),
+                    Err(read) => Err(storage(
+                        "cannot write a task record",
+                        format!("{error}; and then: {read}"),
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Reads the record of `id`, lets `decide` change it, and writes it
+    /// back if the record did not change meanwhile (else starts over).
+    async fn update<T>(
+        &self,
+        id: &str,
+        mut decide: impl FnMut(&mut Record) -> Result<Change<T>, QueueError>,
+    ) -> Result<T, QueueError> {
+        for _ in 0..CAS_TRIES {
+            let Some((mut record, revision)) = self.entry(id).await? else {
+                return Err(QueueError::NotFound { id: id.to_string() });
+            };
+            match decide(&mut record)? {
+                Change::Keep(answer) => return Ok(answer),
+                Change::Write(answer) => {
+                    if self.write(&mut record, revision).await?.is_some() {
+                        return Ok(answer);
+                    }
+                }
+            }
+        }
+        Err(storage(
+            &format!("task {id:?}"),
+            "the record kept changing under this write; try again",
+        ))
+    }
+
+    async fn consumer(
+        &self,
+        agent: &str,
+        priority: Priority,
+    ) -> Result<consumer::PullConsumer, QueueError> {
+        let rank = priority.rank();
+        let mut consumers = self.consumers.lock().await;
+        if let Some(consumer) = consumers.get(&(agent.to_string(), rank)) {
+            return Ok(consumer.clone());
+        }
+        let name = format!("{agent}-{rank}");
+        let consumer = self
+            .tasks
+            .get_or_create_consumer(
+                &name,
+                consumer::pull::Config {
+                    durable_name: Some(name.clone()),
+                    description: Some(format!("flotilla: {} tasks of {agent}", priority.as_str())),
+                    filter_subject: self.names.task_subject(agent, priority),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: self.ack_wait,
+                    max_deliver: -1,
+                    max_ack_pending: 100_000,
+                    deliver_policy: consumer::DeliverPolicy::All,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|error| storage(&format!("cannot open consumer {name}"), error))?;
+        consumers.insert((agent.to_string(), rank), consumer.clone());
+        Ok(consumer)
+    }
+
+    /// Publishes `envelope`, retrying a timed-out publish with the same
+    /// message id. Returns whether the broker had seen the id already.
+    async fn publish(&self, envelope: &Envelope) -> Result<bool, QueueError> {
+        let subject = self
+            .names
+            .task_subject(&envelope.agent, envelope.priority);
+        let body = Bytes::from(serde_json::to_vec(envelope).expect("envelope serializes"));
+        let id = msg_id(&envelope.id, envelope.generation);
+        let mut retried = false;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", id.as_str());
+            let sent = match self
+                .js
+                .publish_with_headers(subject.clone(), headers, body.clone())
+                .await
+            {
+                Ok(ack) => ack.await,
+                Err(error) => Err(error),
+            };
+            match sent {
+                // A duplicate after our own timed-out try is our message.
+                Ok(ack) => return Ok(ack.duplicate && !retried),
+                Err(error) => {
+                    use jetstream::context::PublishErrorKind as Kind;
+                    let passing = matches!(
+                        error.kind(),
+                        Kind::TimedOut | Kind::BrokenPipe | Kind::Other
+                    );
+                    if !passing || tries >= PUBLISH_TRIES {
+                        return Err(match error.kind() {
+                            Kind::MaxPayloadExceeded => QueueError::Invalid(format!(
+                                "task {:?} is larger than the broker's max_payload",
+                                envelope.id
+                            )),
+                            _ => storage(&format!("cannot publish task {:?}", envelope.id), error),
+                        });
+                    }
+                    tracing::warn!(task = %envelope.id, %error, "publish failed; retrying with the same message id");
+                    retried = true;
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(tries))).await;
+                }
+            }
+        }
+    }
+
+    /// Submits one validated task.
+    async fn submit_one(&self, task: NewTask) -> Result<SubmitReceipt, QueueError> {
+        let now = self.now();
+        let window = u64::try_from(self.settings.dedup_window.as_millis()).unwrap_or(u64::MAX);
+        let existing = self.entry(&task.id).await?;
+        let generation = match &existing {
+            Some((record, _)) => {
+                let live = matches!(record.task.state, TaskState::Queued | TaskState::Running);
+                if live || now.saturating_sub(record.task.created_ms) < window {
+                    return Ok(SubmitReceipt {
+                        id: task.id,
+                        duplicate: true,
+                        state: record.task.state,
+                    });
+                }
+                record.generation + 1
+            }
+            None => 0,
+        };
+        let envelope = Envelope {
+            id: task.id.clone(),
+            agent: task.agent.clone(),
+            priority: task.priority,
+            generation,
+            created_ms: now,
+            payload: task.payload,
+        };
+        let duplicate = self.publish(&envelope).await?;
+        let mut record = Record::from_envelope(&envelope, now);
+        if let Some((old, _)) = &existing {
+            record.task.attempts = old.task.attempts;
+            record.task.history.clone_from(&old.task.history);
+        }
+        let revision = existing.map_or(0, |(_, revision)| revision);
+        // Losing this race is fine: a consumer (or another submitter)
+        // wrote the record from the same message.
+        self.write(&mut record, revision).await?;
+        Ok(SubmitReceipt {
+            id: task.id,
+            duplicate,
+            state: TaskState::Queued,
+        })
+    }
+
+    /// Takes up to `request.max` messages, highest priority first.
+    async fn take(self: &Arc<Self>, request: &LeaseRequest) -> Result<Vec<Lease>, QueueError> {
+        let mut leases = Vec::new();
+        for rank in 0..4 {
+            if leases.len() >= request.max {
+                break;
+            }
+            let priority = Priority::from_rank(rank);
+            let consumer = self.consumer(&request.agent, priority).await?;
+            let mut batch = consumer
+                .fetch()
+                .max_messages(request.max - leases.len())
+                .messages()
+                .await
+                .map_err(|error| storage("cannot fetch tasks", error))?;
+            let mut messages = Vec::new();
+            while let Some(message) = batch.next().await {
+                match message {
+                    Ok(message) => messages.push(message),
+                    Err(error) => {
+                        // The messages taken so far are ours; the others
+                        // come again.
+                        tracing::warn!(%error, "task fetch ended early");
+                        break;
+                    }
+                }
+            }
+            let claims = messages
+                .into_iter()
+                .map(|message| self.claim(message, request));
+            for claimed in futures_util::future::join_all(claims).await {
+                if let Some(lease) = claimed? {
+                    leases.push(lease);
+                }
+            }
+        }
+        Ok(leases)
+    }
+
+    /// Turns one delivered message into a lease, or settles it when its
+    /// record says it needs no more work.
+    async fn claim(
+        self: &Arc<Self>,
+        message: jetstream::Message,
+        request: &LeaseRequest,
+    ) -> Result<Option<Lease>, QueueError> {
+        let Some(reply) = message.reply.as_ref().map(ToString::to_string) else {
+            return Ok(None);
+        };
+        let envelope: Envelope = match serde_json::from_slice(&message.payload) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                tracing::error!(subject = %message.subject, %error, "dropping a task message that is not a flotilla task");
+                self.settle_message(&reply, Bytes::from_static(b"+TERM")).await;
+                return Ok(None);
+            }
+        };
+        for _ in 0..CAS_TRIES {
+            let now = self.now();
+            let (mut record, revision) = match self.entry(&envelope.id).await? {
+                Some(found) => found,
+                None => (Record::from_envelope(&envelope, now), 0),
+            };
+            if record.generation > envelope.generation {
+                // A message of an earlier life of this task.
+                self.settle_message(&reply, Bytes::from_static(b"+ACK")).await;
+                return Ok(None);
+            }
+            if record.generation < envelope.generation {
+                // Republished (replay or resubmit) before its record said
+                // so: the message is the newer truth.
+                let dead = record.task.state == TaskState::DeadLettered;
+                record.generation = envelope.generation;
+                record.task.payload = envelope.payload.clone();
+                record.task.priority = envelope.priority;
+                record.task.charged_attempts = 0;
+                record.task.reason = None;
+                record.task.result = None;
+                record.task.finished_ms = None;
+                record.task.replays += u32::from(dead);
+                record.requeue(now);
+            }
+            match record.task.state {
+                TaskState::Completed => {
+                    self.settle_message(&reply, Bytes::from_static(b"+ACK")).await;
+                    return Ok(None);
+                }
+                TaskState::DeadLettered => {
+                    self.send_dead_letter(&record).await?;
+                    self.settle_message(&reply, Bytes::from_static(b"+TERM")).await;
+                    return Ok(None);
+                }
+                TaskState::Running => {
+                    // The broker gave the task out again: its holder
+                    // stopped extending it (died or lost the broker).
+                    let attempt = record.task.attempts;
+                    let end = AttemptEnd::new(
+                        AttemptOutcome::LeaseExpired,
+                        None,
+                        format!(
+                            "not extended within broker.ack_wait by {}",
+                            record.owner.as_deref().unwrap_or("its daemon")
+                        ),
+                    );
+                    record.end_attempt(attempt, &end, now);
+                    record.requeue(now);
+                    self.held
+                        .lock()
+                        .expect("not poisoned")
+                        .remove(&LeaseKey {
+                            task_id: record.task.id.clone(),
+                            attempt,
+                        });
+                }
+                TaskState::Queued => {
+                    if record.task.visible_ms > now + 50 {
+                        // Naked with a delay whose -NAK was lost.
+                        let delay = Duration::from_millis(record.task.visible_ms - now);
+                        self.settle_message(&reply, nak(delay)).await;
+                        return Ok(None);
+                    }
+                }
+            }
+            if record.task.charged_attempts >= request.max_deliver {
+                let last = record.task.history.last().and_then(|attempt| {
+                    attempt
+                        .outcome
+                        .map(|outcome| (outcome.as_str(), attempt.detail.as_deref()))
+                });
+                let reason = exhausted_reason(request.max_deliver, last);
+                record.task.reason = Some(reason);
+                record.finish(TaskState::DeadLettered, now);
+                if self.write(&mut record, revision).await?.is_none() {
+                    continue;
+                }
+                self.send_dead_letter(&record).await?;
+                self.settle_message(&reply, Bytes::from_static(b"+TERM")).await;
+                return Ok(None);
+            }
+            let number = record.task.attempts + 1;
+            let deadline_ms =
+                now + u64::try_from(request.lease_for.as_millis()).unwrap_or(u64::MAX / 2);
+            record.task.attempts = number;
+            record.task.charged_attempts += 1;
+            record.task.state = TaskState::Running;
+            record.task.lease_deadline_ms = Some(deadline_ms);
+            record.owner = Some(request.owner.clone());
+            record.reply = Some(reply.clone());
+            record.task.history.push(Attempt {
+                number,
+                started_ms: now,
+                ended_ms: None,
+                replica: None,
+                outcome: None,
+                detail: None,
+            });
+            if self.write(&mut record, revision).await?.is_none() {
+                continue;
+            }
+            let key = LeaseKey {
+                task_id: record.task.id.clone(),
+                attempt: number,
+            };
+            self.held.lock().expect("not poisoned").insert(
+                key.clone(),
+                Held {
+                    reply,
+                    deadline_ms,
+                },
+            );
+            return Ok(Some(Lease {
+                guard: LeaseGuard::new(key.clone(), self.returns.clone()),
+                key,
+                agent: record.task.agent,
+                priority: record.task.priority,
+                payload: record.task.payload,
+                checkpoint: record.task.checkpoint,
+                charged: record.task.charged_attempts,
+            }));
+        }
+        // The record kept changing: leave the message to come again.
+        self.settle_message(&reply, Bytes::from_static(b"-NAK")).await;
+        Ok(None)
+    }
+
+    /// Writes the dead letter of `record` to the DLQ stream (idempotent per
+    /// replay).
+    async fn send_dead_letter(&self, record: &Record) -> Result<(), QueueError> {
+        let mut headers = async_nats::HeaderMap::new();
+        let id = format!("{}#dlq{}", record.task.id, record.task.replays);
+        headers.insert("Nats-Msg-Id", id.as_str());
+        let body = serde_json::to_vec(&record.task).expect("record serializes");
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let sent = match self
+                .js
+                .publish_with_headers(
+                    self.names.dlq_subject(&record.task.agent, &record.task.id),
+                    headers.clone(),
+                    Bytes::from(body.clone()),
+                )
+                .await
+            {
+                Ok(ack) => ack.await.map(|_| ()),
+                Err(error) => Err(error),
+            };
+            match sent {
+                Ok(()) => return Ok(()),
+                Err(error) if tries >= PUBLISH_TRIES => {
+                    return Err(storage("cannot write the dead letter", error));
+                }
+                Err(error) => {
+                    tracing::warn!(task = %record.task.id, %error, "dead letter publish failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(tries))).await;
+                }
+            }
+        }
+    }
+
+    /// Takes `key` out of the held leases; its reply subject, from the
+    /// table or else the record.
+    fn unhold(&self, key: &LeaseKey) -> Option<Held> {
+        self.held.lock().expect("not poisoned").remove(key)
+    }
+
+    /// Back to the queue after `delay`, charged or not.
+    async fn requeue(
+        &self,
+        key: &LeaseKey,
+        delay: Duration,
+        end: &AttemptEnd,
+        refund: bool,
+    ) -> Result<(), QueueError> {
+        let mut reply = None;
+        let mut agent = String::new();
+        self.update(&key.task_id, |record| {
+            if !record.holds(key) {
+                return Err(record.stale(key));
+            }
+            let now = self.now();
+            reply.clone_from(&record.reply);
+            agent.clone_from(&record.task.agent);
+            record.end_attempt(key.attempt, end, now);
+            if refund {
+                record.task.charged_attempts = record.task.charged_attempts.saturating_sub(1);
+            }
+            record.requeue(now + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX / 2));
+            Ok(Change::Write(()))
+        })
+        .await?;
+        let held = self.unhold(key);
+        if let Some(reply) = held.map(|held| held.reply).or(reply) {
+            self.settle_message(&reply, nak(delay)).await;
+        }
+        if delay.is_zero() {
+            self.ring(&agent).await;
+        } else {
+            let client = self.client.clone();
+            let subject = self.names.wake_subject(&agent);
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = client.publish(subject, Bytes::new()).await;
+            });
+        }
+        Ok(())
+    }
+
+    async fn all_records(&self) -> Result<Vec<(Record, u64)>, QueueError> {
+        let mut out = Vec::new();
+        for (_, bytes, revision) in scan(&self.client, &self.records, "t.>").await? {
+            if let Ok(record) = serde_json::from_slice::<Record>(&bytes) {
+                out.push((record, revision));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Checks that every id of `selection` is a dead letter; returns their
+    /// records (all dead letters for [`Selection::All`]).
+    async fn dead_letters(&self, selection: &Selection) -> Result<Vec<Record>, QueueError> {
+        match selection {
+            Selection::All => Ok(self
+                .all_records()
+                .await?
+                .into_iter()
+                .map(|(record, _)| record)
+                .filter(|record| record.task.state == TaskState::DeadLettered)
+                .collect()),
+            Selection::Ids(ids) => {
+                let mut records = Vec::new();
+                for id in ids {
+                    let Some((record, _)) = self.entry(id).await? else {
+                        return Err(QueueError::NotFound { id: id.clone() });
+                    };
+                    if record.task.state != TaskState::DeadLettered {
+                        return Err(QueueError::WrongState {
+                            id: id.clone(),
+                            state: record.task.state,
+                            expected: TaskState::DeadLettered,
+                        });
+                    }
+                    records.push(record);
+                }
+                Ok(records)
+            }
+        }
+    }
+
+    async fn purge_dead_letter(&self, record: &Record) -> Result<(), QueueError> {
+        self.dlq
+            .purge()
+            .filter(self.names.dlq_subject(&record.task.agent, &record.task.id))
+            .await
+            .map_err(|error| storage("cannot purge the dead letter", error))?;
+        Ok(())
+    }
+}
+
+/// `-NAK`, with a delay when there is one (a zero delay goes through the
+/// broker's timer and is much slower than a plain NAK).
+fn nak(delay: Duration) -> Bytes {
+    if delay.is_zero() {
+        Bytes::from_static(b"-NAK")
+    } else {
+        Bytes::from(format!("-NAK {{\"delay\":{}}}", delay.as_nanos()))
+    }
+}
+
+/// Sends `+WPI` for every held lease whose deadline is ahead, every third
+/// of `ack_wait`.
+async fn keep_alive(inner: std::sync::Weak<Inner>) {
+    let every = match inner.upgrade() {
+        Some(inner) => (inner.ack_wait / 3).max(Duration::from_millis(100)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let now = inner.now();
+        let replies: Vec<String> = inner
+            .held
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .filter(|held| held.deadline_ms > now)
+            .map(|held| held.reply.clone())
+            .collect();
+        for reply in replies {
+            inner
+                .settle_message(&reply, Bytes::from_static(b"+WPI"))
+                .await;
+        }
+    }
+}
+
+async fn release_returned(
+    inner: std::sync::Weak<Inner>,
+    mut returned: mpsc::UnboundedReceiver<Returned>,
+) {
+    while let Some(item) = returned.recv().await {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        match item {
+            Returned::Lease(key) => {
+                let end = AttemptEnd::new(
+                    AttemptOutcome::Released,
+                    None,
+                    "the lease was dropped without an outcome",
+                );
+                if let Err(error) = inner.requeue(&key, Duration::ZERO, &end, true).await {
+                    tracing::debug!(task = %key, %error, "a dropped lease was already settled");
+                }
+            }
+            Returned::Barrier(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+async fn listen_for_wakes(inner: std::sync::Weak<Inner>, mut wakes: async_nats::Subscriber) {
+    while let Some(message) = wakes.next().await {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        if let Some(agent) = message.subject.rsplit('.').next() {
+            inner.notify(agent).notify_waiters();
+        }
+    }
+}
+
+#[async_trait]
+impl TaskQueue for JetStreamQueue {
+    async fn submit(&self, tasks: Vec<NewTask>) -> Result<Vec<SubmitReceipt>, QueueError> {
+        let limit = self.inner.settings.max_payload_bytes;
+        for task in &tasks {
+            validate_task_id(&task.id)?;
+            if !crate::config::valid_agent_name(&task.agent) {
+                return Err(QueueError::Invalid(format!(
+                    "invalid agent name {:?}: use 1 to 64 letters, digits, '-' or '_'",
+                    task.agent
+                )));
+            }
+            let size = task.payload.to_string().len();
+            if size > limit {
+                return Err(QueueError::Invalid(format!(
+                    "task {:?}: payload of {size} bytes exceeds store.max_payload_bytes = {limit} (with a broker, at most half its max_payload)",
+                    task.id
+                )));
+            }
+        }
+        // A repeated id within the batch is a duplicate of its first copy.
+        let mut seen = HashSet::new();
+        let mut agents = HashSet::new();
+        let jobs: Vec<Result<NewTask, String>> = tasks
+            .into_iter()
+            .map(|task| {
+                if seen.insert(task.id.clone()) {
+                    agents.insert(task.agent.clone());
+                    Ok(task)
+                } else {
+                    Err(task.id)
+                }
+            })
+            .collect();
+        let inner = &self.inner;
+        let done: Vec<Result<SubmitReceipt, QueueError>> =
+            futures_util::stream::iter(jobs.into_iter().map(|job| async move {
+                match job {
+                    Ok(task) => inner.submit_one(task).await,
+                    Err(id) => Ok(SubmitReceipt {
+                        id,
+                        duplicate: true,
+                        state: TaskState::Queued,
+                    }),
+                }
+            }))
+            .buffered(SUBMIT_CONCURRENCY)
+            .collect()
+            .await;
+        for agent in &agents {
+            inner.ring(agent).await;
+        }
+        // On a failure, tasks published before it stay: submitting the
+        // same batch again stores each id once.
+        done.into_iter().collect()
+    }
+
+    async fn lease(
+        &self,
+        request: &LeaseRequest,
+        wait: Duration,
+    ) -> Result<Vec<Lease>, QueueError> {
+        let started = tokio::time::Instant::now();
+        let notify = self.inner.notify(&request.agent);
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let leases = self.inner.take(request).await?;
+            let left = wait.saturating_sub(started.elapsed());
+            if !leases.is_empty() || left.is_zero() {
+                return Ok(leases);
+            }
+            tokio::select! {
+                () = notified => {}
+                () = tokio::time::sleep(left.min(POLL_INTERVAL)) => {}
+            }
+        }
+    }
+
+    async fn ack(
+        &self,
+        key: &LeaseKey,
+        result: &Value,
+        end: AttemptEnd,
+    ) -> Result<AckOutcome, QueueError> {
+        let size = result.to_string().len();
+        let limit = self.inner.settings.max_result_bytes;
+        if size > limit {
+            return Err(QueueError::Invalid(format!(
+                "result of {size} bytes exceeds store.max_result_bytes = {limit}"
+            )));
+        }
+        let mut reply = None;
+        let outcome = self
+            .inner
+            .update(&key.task_id, |record| {
+                if record.task.state == TaskState::Completed && record.task.attempts == key.attempt
+                {
+                    return Ok(Change::Keep(AckOutcome::AlreadyCompleted));
+                }
+                if !record.holds(key) {
+                    return Err(record.stale(key));
+                }
+                let now = self.inner.now();
+                reply.clone_from(&record.reply);
+                record.end_attempt(key.attempt, &end, now);
+                record.task.result = Some(result.clone());
+                record.task.checkpoint = None;
+                record.finish(TaskState::Completed, now);
+                Ok(Change::Write(AckOutcome::Completed))
+            })
+            .await?;
+        let held = self.inner.unhold(key);
+        if outcome == AckOutcome::Completed
+            && let Some(reply) = held.map(|held| held.reply).or(reply)
+        {
+            self.inner
+                .settle_message(&reply, Bytes::from_static(b"+ACK"))
+                .await;
+        }
+        Ok(outcome)
+    }
+
+    async fn nak(
+        &self,
+        key: &LeaseKey,
+        delay: Duration,
+        end: AttemptEnd,
+    ) -> Result<(), QueueError> {
+        self.inner.requeue(key, delay, &end, false).await
+    }
+
+    async fn release(&self, key: &LeaseKey, end: AttemptEnd) -> Result<(), QueueError> {
+        self.inner.requeue(key, Duration::ZERO, &end, true).await
+    }
+
+    async fn progress(
+        &self,
+        key: &LeaseKey,
+        extend: Duration,
+        checkpoint: Option<&Value>,
+    ) -> Result<(), QueueError> {
+        if let Some(checkpoint) = checkpoint {
+            let size = checkpoint.to_string().len();
+            let limit = self.inner.settings.max_result_bytes;
+            if size > limit {
+                return Err(QueueError::Invalid(format!(
+                    "checkpoint of {size} bytes exceeds store.max_result_bytes = {limit}"
+                )));
+            }
+        }
+        let deadline_ms =
+            self.inner.now() + u64::try_from(extend.as_millis()).unwrap_or(u64::MAX / 2);
+        let mut reply = None;
+        self.inner
+            .update(&key.task_id, |record| {
+                if !record.holds(key) {
+                    return Err(record.stale(key));
+                }
+                reply.clone_from(&record.reply);
+                record.task.lease_deadline_ms = Some(deadline_ms);
+                if let Some(checkpoint) = checkpoint {
+                    record.task.checkpoint = Some(checkpoint.clone());
+                }
+                Ok(Change::Write(()))
+            })
+            .await?;
+        let reply = {
+            let mut held = self.inner.held.lock().expect("not poisoned");
+            match held.get_mut(key) {
+                Some(held) => {
+                    held.deadline_ms = deadline_ms;
+                    Some(held.reply.clone())
+                }
+                None => reply,
+            }
+        };
+        if let Some(reply) = reply {
+            self.inner
+                .settle_message(&reply, Bytes::from_static(b"+WPI"))
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn term(&self, key: &LeaseKey, reason: &str, end: AttemptEnd) -> Result<(), QueueError> {
+        let mut reply = None;
+        let mut dead = None;
+        self.inner
+            .update(&key.task_id, |record| {
+                if !record.holds(key) {
+                    return Err(record.stale(key));
+                }
+                let now = self.inner.now();
+                reply.clone_from(&record.reply);
+                record.end_attempt(key.attempt, &end, now);
+                record.task.reason = Some(bound_reason(reason));
+                record.finish(TaskState::DeadLettered, now);
+                dead = Some(record.clone());
+                Ok(Change::Write(()))
+            })
+            .await?;
+        if let Some(record) = &dead {
+            self.inner.send_dead_letter(record).await?;
+        }
+        let held = self.inner.unhold(key);
+        if let Some(reply) = held.map(|held| held.reply).or(reply) {
+            self.inner
+                .settle_message(&reply, Bytes::from_static(b"+TERM"))
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn requeue_running(&self) -> Result<u64, QueueError> {
+        let owner = self.inner.settings.owner.clone();
+        let mut count = 0;
+        for (record, _) in self.inner.all_records().await? {
+            if record.task.state != TaskState::Running || record.owner.as_deref() != Some(&owner)
+            {
+                continue;
+            }
+            let key = LeaseKey {
+                task_id: record.task.id.clone(),
+                attempt: record.task.attempts,
+            };
+            let end = AttemptEnd::new(
+                AttemptOutcome::DaemonRestart,
+                None,
+                format!("daemon {owner} restarted while the task ran"),
+            );
+            match self.inner.requeue(&key, Duration::ZERO, &end, false).await {
+                Ok(()) => count += 1,
+                Err(QueueError::StaleLease { .. } | QueueError::NotFound { .. }) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(count)
+    }
+
+    async fn expire_leases(&self) -> Result<u64, QueueError> {
+        let now = self.inner.now();
+        let expired: Vec<LeaseKey> = self
+            .inner
+            .held
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .filter(|(_, held)| held.deadline_ms <= now)
+            .map(|(key, _)| key.clone())
+            .collect();
+        let mut count = 0;
+        for key in expired {
+            let end = AttemptEnd::new(
+                AttemptOutcome::LeaseExpired,
+                None,
+                "the lease expired without progress",
+            );
+            match self.inner.requeue(&key, Duration::ZERO, &end, false).await {
+                Ok(()) => count += 1,
+                Err(QueueError::StaleLease { .. } | QueueError::NotFound { .. }) => {
+                    self.inner.unhold(&key);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(count)
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<TaskRecord>, QueueError> {
+        Ok(self.inner.entry(id).await?.map(|(record, _)| record.task))
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, QueueError> {
+        let mut tasks: Vec<TaskRecord> = self
+            .inner
+            .all_records()
+            .await?
+            .into_iter()
+            .map(|(record, _)| record.task)
+            .filter(|task| filter.state.is_none_or(|state| task.state == state))
+            .filter(|task| filter.agent.as_ref().is_none_or(|agent| &task.agent == agent))
+            .collect();
+        tasks.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
+        tasks.truncate(filter.limit);
+        for task in &mut tasks {
+            task.history.clear();
+        }
+        Ok(tasks)
+    }
+
+    async fn counts(&self) -> Result<Vec<(String, StateCounts)>, QueueError> {
+        let mut counts: BTreeMap<String, StateCounts> = BTreeMap::new();
+        for (record, _) in self.inner.all_records().await? {
+            counts
+                .entry(record.task.agent.clone())
+                .or_default()
+                .add(record.task.state, 1);
+        }
+        Ok(counts.into_iter().collect())
+    }
+
+    async fn replay(&self, selection: &Selection) -> Result<u64, QueueError> {
+        let records = self.inner.dead_letters(selection).await?;
+        let mut count = 0;
+        for record in records {
+            let mut envelope = record.envelope();
+            envelope.generation += 1;
+            self.inner.publish(&envelope).await?;
+            let generation = envelope.generation;
+            let now = self.inner.now();
+            self.inner
+                .update(&record.task.id, |record| {
+                    if record.generation >= generation {
+                        // A daemon took the new message already.
+                        return Ok(Change::Keep(()));
+                    }
+                    record.generation = generation;
+                    record.task.charged_attempts = 0;
+                    record.task.replays += 1;
+                    record.task.reason = None;
+                    record.task.finished_ms = None;
+                    record.requeue(now);
+                    Ok(Change::Write(()))
+                })
+                .await?;
+            self.inner.purge_dead_letter(&record).await?;
+            self.inner.ring(&record.task.agent).await;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    async fn purge(&self, selection: &Selection) -> Result<u64, QueueError> {
+        let records = self.inner.dead_letters(selection).await?;
+        let mut count = 0;
+        for record in records {
+            self.inner
+                .records
+                .purge(record_key(&record.task.id))
+                .await
+                .map_err(|error| storage("cannot delete a task record", error))?;
+            self.inner.purge_dead_letter(&record).await?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    async fn flush_released(&self) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if self.inner.returns.send(Returned::Barrier(done)).is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
