@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -15,12 +16,14 @@ use serde_json::Value;
 
 use crate::clock::{self, UnixMillis};
 use crate::config::{self, Config};
-use crate::queue::sqlite::{Role, Settings, SqliteQueue};
+use crate::queue::jetstream::BrokerStatus;
+use crate::queue::sqlite::Role;
+use crate::store::Store;
 use crate::queue::{
     ListFilter, NewTask, Priority, QueueError, Selection, StateCounts, TaskQueue, TaskRecord,
     TaskState, new_task_id, validate_task_id,
 };
-use crate::status::{AgentState, AgentStatus, DaemonSnapshot, SNAPSHOT_KEY};
+use crate::status::{AgentState, AgentStatus, DaemonSnapshot};
 
 const NO_AGENTS: &str = "the config defines no agents; add an [agents.NAME] table with a command";
 
@@ -45,11 +48,23 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Options of `up`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct UpArgs {
+    /// This daemon's name in the fleet (overrides `[daemon] name`; default
+    /// the host name). Daemons sharing a broker need distinct names.
+    #[arg(long, env = "FLOTILLA_DAEMON_NAME")]
+    pub name: Option<String>,
+    /// Run only these agents, comma-separated (overrides `[daemon] agents`).
+    #[arg(long, value_delimiter = ',')]
+    pub agents: Option<Vec<String>>,
+}
+
 /// Commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the fleet (the daemon) in the foreground until SIGTERM or Ctrl-C.
-    Up,
+    Up(UpArgs),
     /// Queue tasks for an agent (works while the daemon is down).
     Submit(SubmitArgs),
     /// Show agents, replicas, queue depth and task counts.
@@ -232,14 +247,15 @@ pub fn main() -> ExitCode {
             Err(_) => ExitCode::from(1),
         };
     }
-    if !matches!(cli.command, Command::Up | Command::Demo(_)) {
+    if !matches!(cli.command, Command::Up(_) | Command::Demo(_)) {
         restore_sigpipe();
     }
     // The demo draws a progress bar; its fleet's warnings would tear it.
-    init_logging(if matches!(cli.command, Command::Demo(_)) {
-        "error"
-    } else {
-        "info"
+    // async-nats narrates every connection at info; its warnings matter.
+    init_logging(match cli.command {
+        Command::Demo(_) => "error",
+        Command::Up(_) => "info,async_nats=warn",
+        _ => "warn,async_nats=error",
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -316,18 +332,18 @@ fn load_config(path: &Path) -> Result<Config, Failure> {
     }
 }
 
-fn open_store(config: &Config) -> Result<SqliteQueue, Failure> {
-    let settings = Settings::from_config(&config.store, Role::Client);
-    Ok(SqliteQueue::open(
-        &config.store_path(),
-        settings,
-        clock::system(),
-    )?)
+async fn open_store(config: &Config) -> Result<Store, Failure> {
+    let owner = format!("cli-{}-{}", crate::store::host_name(), std::process::id());
+    Ok(Store::open(config, Role::Client, clock::system(), &owner).await?)
+}
+
+async fn open_queue(config: &Config) -> Result<Arc<dyn TaskQueue>, Failure> {
+    Ok(open_store(config).await?.queue())
 }
 
 async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, Failure> {
     match command {
-        Command::Up => up(config).await,
+        Command::Up(args) => up(config, args).await,
         Command::Config(ConfigCommand::Check) => {
             let mut problems = crate::dispatch::check_fleet(&config);
             if config.agents.is_empty() {
@@ -340,8 +356,9 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
                 )));
             }
             println!(
-                "config: valid; store {}; agents: {}",
-                config.store_path().display(),
+                "config: valid; {} {}; agents: {}",
+                if config.broker.is_some() { "broker" } else { "store" },
+                Store::describe(&config),
                 config.agent_names()
             );
             Ok(ExitCode::SUCCESS)
@@ -366,7 +383,7 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
             .await
         }
         Command::Tasks(TasksCommand::Show { id, json }) => {
-            let queue = open_store(&config)?;
+            let queue = open_queue(&config).await?;
             let Some(task) = queue.get(&id).await? else {
                 return Err(Failure::usage(format!("no task with id {id:?}")));
             };
@@ -386,7 +403,7 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
             list(&config, filter, json).await
         }
         Command::Dlq(DlqCommand::Replay { ids, all }) => {
-            let queue = open_store(&config)?;
+            let queue = open_queue(&config).await?;
             let selection = if all {
                 Selection::All
             } else {
@@ -397,7 +414,7 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
             Ok(ExitCode::SUCCESS)
         }
         Command::Dlq(DlqCommand::Purge { ids }) => {
-            let queue = open_store(&config)?;
+            let queue = open_queue(&config).await?;
             let selection = if ids.is_empty() {
                 Selection::All
             } else {
@@ -415,12 +432,29 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
 }
 
 async fn list(config: &Config, filter: ListFilter, json: bool) -> Result<ExitCode, Failure> {
-    let tasks = open_store(config)?.list(&filter).await?;
+    let tasks = open_queue(config).await?.list(&filter).await?;
     print_tasks(&tasks, json);
     Ok(ExitCode::SUCCESS)
 }
 
-async fn up(config: Config) -> Result<ExitCode, Failure> {
+async fn up(mut config: Config, args: UpArgs) -> Result<ExitCode, Failure> {
+    if let Some(name) = args.name {
+        if !config::valid_token(&name, 64) {
+            return Err(Failure::usage(format!(
+                "invalid --name {name:?}: use 1 to 64 letters, digits, '-' or '_'"
+            )));
+        }
+        config.daemon.name = Some(name);
+    }
+    if let Some(agents) = args.agents {
+        if let Some(unknown) = agents.iter().find(|name| !config.agents.contains_key(*name)) {
+            return Err(Failure::usage(format!(
+                "--agents names unknown agent {unknown:?}; configured agents: {}",
+                config.agent_names()
+            )));
+        }
+        config.daemon.agents = Some(agents);
+    }
     if config.agents.is_empty() {
         return Err(Failure::usage(NO_AGENTS));
     }
@@ -582,7 +616,7 @@ async fn submit(config: &Config, args: SubmitArgs) -> Result<ExitCode, Failure> 
     if tasks.is_empty() {
         return Err(Failure::usage("no tasks to submit: the file is empty"));
     }
-    let queue = open_store(config)?;
+    let queue = open_queue(config).await?;
     let receipts = queue.submit(tasks).await?;
     let duplicates = receipts.iter().filter(|receipt| receipt.duplicate).count();
     if args.json {
@@ -612,45 +646,89 @@ async fn submit(config: &Config, args: SubmitArgs) -> Result<ExitCode, Failure> 
 /// What `status` shows.
 #[derive(Debug, serde::Serialize)]
 struct StatusReport {
+    /// A live daemon (the first), else the one seen last.
     daemon: DaemonState,
+    /// Every daemon known: the store's one, or each daemon sharing the
+    /// broker (dead ones drop out after `broker.fleet_ttl`).
+    daemons: Vec<DaemonState>,
     store: String,
     queue_depth: u64,
     tasks: StateCounts,
     agents: Vec<AgentStatus>,
 }
 
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 struct DaemonState {
+    name: Option<String>,
+    host: Option<String>,
     running: bool,
     pid: Option<u32>,
     started_ms: Option<UnixMillis>,
     last_seen_ms: Option<UnixMillis>,
+    broker: Option<BrokerStatus>,
 }
 
 async fn status(config: &Config, json: bool) -> Result<ExitCode, Failure> {
-    let queue = open_store(config)?;
-    let counts: BTreeMap<String, StateCounts> = queue.counts().await?.into_iter().collect();
-    let snapshot = queue.get_status(SNAPSHOT_KEY).await?;
+    let store = open_store(config).await?;
+    let counts: BTreeMap<String, StateCounts> =
+        store.queue().counts().await?.into_iter().collect();
+    let mut snapshots = store.snapshots().await?;
+    snapshots.sort_by(|a, b| a.name.cmp(&b.name));
     let now = clock::system().now_ms();
     let fresh_within = u64::try_from(
         (config.daemon.status_interval.get() * 3 + Duration::from_secs(2)).as_millis(),
     )
     .unwrap_or(u64::MAX);
-    let snapshot: Option<(DaemonSnapshot, UnixMillis)> = snapshot.and_then(|(value, at)| {
-        serde_json::from_value(value)
-            .ok()
-            .map(|snapshot| (snapshot, at))
-    });
-    let running = snapshot
-        .as_ref()
-        .is_some_and(|(snapshot, at)| snapshot.running && now.saturating_sub(*at) <= fresh_within);
+    let daemons: Vec<DaemonState> = snapshots
+        .iter()
+        .map(|snapshot| DaemonState {
+            name: Some(snapshot.name.clone()).filter(|name| !name.is_empty()),
+            host: Some(snapshot.host.clone()).filter(|host| !host.is_empty()),
+            running: crate::store::is_fresh(snapshot, now, fresh_within),
+            pid: Some(snapshot.pid),
+            started_ms: Some(snapshot.started_ms),
+            last_seen_ms: Some(snapshot.taken_ms),
+            broker: snapshot.broker.clone(),
+        })
+        .collect();
+    let live: Vec<&DaemonSnapshot> = snapshots
+        .iter()
+        .filter(|snapshot| crate::store::is_fresh(snapshot, now, fresh_within))
+        .collect();
+    let several = snapshots.len() > 1;
     let mut agents: Vec<AgentStatus> = Vec::new();
     for (name, agent) in &config.agents {
-        let live = snapshot
-            .as_ref()
-            .filter(|_| running)
-            .and_then(|(snapshot, _)| snapshot.agents.iter().find(|a| &a.name == name).cloned());
-        let mut status = live.unwrap_or_else(|| {
+        let mut merged: Option<AgentStatus> = None;
+        for snapshot in &live {
+            let Some(mut status) = snapshot.agents.iter().find(|a| &a.name == name).cloned()
+            else {
+                continue;
+            };
+            if several {
+                for replica in &mut status.replicas {
+                    replica.daemon = Some(snapshot.name.clone());
+                }
+            }
+            match &mut merged {
+                None => merged = Some(status),
+                Some(merged) => {
+                    if status.state == AgentState::Running {
+                        merged.state = AgentState::Running;
+                    }
+                    merged.replicas.extend(status.replicas);
+                    merged.restarts += status.restarts;
+                    merged.malformed_lines += status.malformed_lines;
+                    merged.stale_messages += status.stale_messages;
+                    if merged.failure.is_none() {
+                        merged.failure = status.failure;
+                    }
+                    if merged.last_malformed.is_none() {
+                        merged.last_malformed = status.last_malformed;
+                    }
+                }
+            }
+        }
+        let mut status = merged.unwrap_or_else(|| {
             let mut stopped = AgentStatus::new(name, agent.mode, agent.replicas.min);
             stopped.state = AgentState::Stopped;
             stopped
@@ -665,14 +743,16 @@ async fn status(config: &Config, json: bool) -> Result<ExitCode, Failure> {
         total.add(TaskState::Completed, counts.completed);
         total.add(TaskState::DeadLettered, counts.dead_lettered);
     }
+    let daemon = daemons
+        .iter()
+        .find(|daemon| daemon.running)
+        .or_else(|| daemons.iter().max_by_key(|daemon| daemon.last_seen_ms))
+        .cloned()
+        .unwrap_or_default();
     let report = StatusReport {
-        daemon: DaemonState {
-            running,
-            pid: snapshot.as_ref().map(|(s, _)| s.pid),
-            started_ms: snapshot.as_ref().map(|(s, _)| s.started_ms),
-            last_seen_ms: snapshot.as_ref().map(|(_, at)| *at),
-        },
-        store: config.store_path().display().to_string(),
+        daemon,
+        daemons,
+        store: Store::describe(config),
         queue_depth: total.queued,
         tasks: total,
         agents,
@@ -691,20 +771,32 @@ fn ago(now: UnixMillis, then: UnixMillis) -> String {
 }
 
 fn print_status(report: &StatusReport, now: UnixMillis) {
-    let daemon = &report.daemon;
-    match (
-        daemon.running,
-        daemon.pid,
-        daemon.started_ms,
-        daemon.last_seen_ms,
-    ) {
-        (true, Some(pid), Some(started), _) => {
-            println!("daemon: running (pid {pid}, up {})", ago(now, started))
+    if report.daemons.is_empty() {
+        println!("daemon: not running");
+    }
+    for daemon in &report.daemons {
+        let name = match (&daemon.name, &daemon.host, report.daemons.len() > 1) {
+            (Some(name), Some(host), true) => format!(" {name} on {host}"),
+            _ => String::new(),
+        };
+        let mut line = match (daemon.running, daemon.pid, daemon.started_ms, daemon.last_seen_ms) {
+            (true, Some(pid), Some(started), _) => {
+                format!("daemon{name}: running (pid {pid}, up {})", ago(now, started))
+            }
+            (false, _, _, Some(seen)) => {
+                format!("daemon{name}: not running (last seen {} ago)", ago(now, seen))
+            }
+            _ => format!("daemon{name}: not running"),
+        };
+        if let Some(broker) = daemon.broker.as_ref().filter(|_| daemon.running) {
+            line.push_str(&format!(
+                "; broker {} ({} disconnects, {} reconnects)",
+                if broker.connected { "connected" } else { "DISCONNECTED" },
+                broker.disconnects,
+                broker.reconnects
+            ));
         }
-        (false, _, _, Some(seen)) => {
-            println!("daemon: not running (last seen {} ago)", ago(now, seen))
-        }
-        _ => println!("daemon: not running"),
+        println!("{line}");
     }
     println!("store:  {}", report.store);
     let t = &report.tasks;
@@ -754,7 +846,7 @@ fn print_status(report: &StatusReport, now: UnixMillis) {
         if let Some(malformed) = &agent.last_malformed {
             println!("  last malformed line: {malformed}");
         }
-        if daemon.running {
+        if report.daemons.iter().any(|daemon| daemon.running) {
             for replica in &agent.replicas {
                 let mut line = format!(
                     "  {}/{:<3} {:<8}",
@@ -762,6 +854,9 @@ fn print_status(report: &StatusReport, now: UnixMillis) {
                     replica.index,
                     json_name(&replica.state)
                 );
+                if let Some(daemon) = &replica.daemon {
+                    line.push_str(&format!(" on {daemon}"));
+                }
                 if let Some(pid) = replica.pid {
                     line.push_str(&format!(" pid {pid}"));
                 }

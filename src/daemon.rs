@@ -19,8 +19,9 @@ use crate::clock::{SharedClock, UnixMillis};
 use crate::config::Config;
 use crate::dispatch::{self, AgentRuntime, MemoryMap, Phase, Wiring};
 use crate::queue::TaskQueue;
-use crate::queue::sqlite::{Role, Settings, SqliteQueue};
-use crate::status::{AgentState, DaemonSnapshot, SNAPSHOT_KEY};
+use crate::queue::sqlite::Role;
+use crate::status::{AgentState, DaemonSnapshot};
+use crate::store::{self, Store};
 use crate::supervisor::process;
 
 /// How often expired leases are returned to the queue.
@@ -33,7 +34,9 @@ const MEMORY_INTERVAL: Duration = Duration::from_secs(1);
 /// A running daemon.
 pub struct Daemon {
     config: Config,
-    queue: Arc<SqliteQueue>,
+    identity: Identity,
+    store: Store,
+    queue: Arc<dyn TaskQueue>,
     agents: Vec<Arc<AgentRuntime>>,
     replicas: Vec<JoinHandle<()>>,
     housekeeping: Vec<JoinHandle<()>>,
@@ -41,7 +44,14 @@ pub struct Daemon {
     housekeeping_stop: watch::Sender<bool>,
     started_ms: UnixMillis,
     fatal: watch::Receiver<Option<String>>,
-    _lock: File,
+    _lock: Option<File>,
+}
+
+/// Who a daemon is, as its snapshots say.
+#[derive(Debug, Clone)]
+struct Identity {
+    name: String,
+    host: String,
 }
 
 /// The lock file beside the store.
@@ -90,24 +100,58 @@ impl Daemon {
     /// # Errors
     /// When an agent cannot be started (a `${VAR}` is missing), another
     /// daemon holds the store, or the store cannot be opened.
-    pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Self> {
+    pub async fn start(mut config: Config, clock: SharedClock) -> anyhow::Result<Self> {
+        if let Some(selected) = config.daemon.agents.clone() {
+            config.agents.retain(|name, _| selected.contains(name));
+            if config.agents.is_empty() {
+                bail!("daemon.agents selects no agent; nothing to run");
+            }
+        }
         let problems = dispatch::check_fleet(&config);
         if !problems.is_empty() {
             bail!("cannot start the fleet:\n  {}", problems.join("\n  "));
         }
-        let store = config.store_path();
-        let lock = take_lock(&store)?;
-        let settings = Settings::from_config(&config.store, Role::Daemon);
-        let queue = Arc::new(SqliteQueue::open(&store, settings, clock.clone())?);
-        // Agents carry the store's id and path: a copy of the store file
-        // (same id, other path) never sweeps the original fleet's agents.
-        let instance = format!(
-            "{}@{}",
-            queue.store_id(),
-            std::fs::canonicalize(&store)
-                .unwrap_or_else(|_| store.clone())
-                .display()
-        );
+        let identity = Identity {
+            name: store::daemon_name(&config),
+            host: store::host_name(),
+        };
+        let (lock, store, instance) = match &config.broker {
+            None => {
+                let path = config.store_path();
+                let lock = take_lock(&path)?;
+                let store = Store::open(&config, Role::Daemon, clock.clone(), &identity.name).await?;
+                let Store::Embedded(queue) = &store else {
+                    unreachable!("no broker configured")
+                };
+                // Agents carry the store's id and path: a copy of the store
+                // file (same id, other path) never sweeps the original
+                // fleet's agents.
+                let instance = format!(
+                    "{}@{}",
+                    queue.store_id(),
+                    std::fs::canonicalize(&path)
+                        .unwrap_or_else(|_| path.clone())
+                        .display()
+                );
+                (Some(lock), store, instance)
+            }
+            Some(broker) => {
+                let store = Store::open(&config, Role::Daemon, clock.clone(), &identity.name)
+                    .await
+                    .context("cannot open the broker")?;
+                refuse_namesake(&store, &identity, &config, clock.now_ms()).await?;
+                // Unique per broker, namespace and daemon name: a daemon of
+                // another fleet on this machine is never swept.
+                let instance = format!(
+                    "nats:{}@{}#{}",
+                    broker.namespace,
+                    broker.urls().join(","),
+                    identity.name
+                );
+                (None, store, instance)
+            }
+        };
+        let queue = store.queue();
         let orphans = process::kill_orphans(&instance);
         if !orphans.is_empty() {
             tracing::warn!(count = orphans.len(), pids = ?orphans, "killed agent processes left behind by a daemon that died");
@@ -131,10 +175,10 @@ impl Daemon {
             tokio::spawn(reap_leases(queue.clone(), stop_rx.clone())),
         ];
         let wiring = Wiring {
-            queue: queue.clone() as Arc<dyn TaskQueue>,
+            queue: queue.clone(),
             clock: clock.clone(),
             instance,
-            owner: format!("daemon-{}", std::process::id()),
+            owner: identity.name.clone(),
             memory,
         };
         let mut agents = Vec::new();
@@ -145,10 +189,11 @@ impl Daemon {
             replicas.extend(handles);
         }
         let started_ms = clock.now_ms();
-        tracing::info!(store = %store.display(), agents = agents.len(), "fleet started");
+        tracing::info!(store = %Store::describe(&config), daemon = %identity.name, agents = agents.len(), "fleet started");
         let (fatal_tx, fatal) = watch::channel(None);
         let daemon_status = StatusWriter {
-            queue: queue.clone(),
+            store: store.clone(),
+            identity: identity.clone(),
             agents: agents.clone(),
             clock,
             started_ms,
@@ -159,6 +204,8 @@ impl Daemon {
         ));
         Ok(Self {
             config,
+            identity,
+            store,
             queue,
             agents,
             replicas,
@@ -172,8 +219,18 @@ impl Daemon {
     }
 
     /// The queue.
-    pub fn queue(&self) -> &Arc<SqliteQueue> {
+    pub fn queue(&self) -> &Arc<dyn TaskQueue> {
         &self.queue
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// This daemon's name in the fleet.
+    pub fn name(&self) -> &str {
+        &self.identity.name
     }
 
     /// The agents.
@@ -264,24 +321,64 @@ impl Daemon {
             let _ = task.await;
         }
         let snapshot = snapshot(
+            &self.identity,
+            &self.store,
             &self.agents,
             self.started_ms,
             crate::clock::system().now_ms(),
             false,
         );
-        if let Err(error) = self.queue.put_status(SNAPSHOT_KEY, &snapshot).await {
+        if let Err(error) = self.store.put_snapshot(&snapshot).await {
             tracing::warn!(%error, "could not write the final status");
         }
         tracing::info!("stopped");
     }
 }
 
+/// Refuses to start when a live daemon of the same name shares the broker:
+/// both would claim each other's running tasks after a restart.
+async fn refuse_namesake(
+    store: &Store,
+    identity: &Identity,
+    config: &Config,
+    now: UnixMillis,
+) -> anyhow::Result<()> {
+    let Some(other) = store.snapshot_of(&identity.name).await? else {
+        return Ok(());
+    };
+    let fresh_within =
+        u64::try_from((config.daemon.status_interval.get() * 3).as_millis()).unwrap_or(u64::MAX)
+            + 2000;
+    if !store::is_fresh(&other, now, fresh_within) {
+        return Ok(());
+    }
+    // The same machine can tell a dead predecessor from a live namesake.
+    let alive = other.host != identity.host
+        || (other.pid != std::process::id()
+            && nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(other.pid).unwrap_or(0)),
+                None,
+            )
+            .is_ok());
+    if alive {
+        bail!(
+            "a daemon named {:?} (pid {} on {}) is already running on this broker; give this one another name with --name or [daemon] name",
+            identity.name,
+            other.pid,
+            other.host
+        );
+    }
+    Ok(())
+}
+
 fn snapshot(
+    identity: &Identity,
+    store: &Store,
     agents: &[Arc<AgentRuntime>],
     started_ms: UnixMillis,
     now: UnixMillis,
     running: bool,
-) -> serde_json::Value {
+) -> DaemonSnapshot {
     let mut statuses: Vec<_> = agents.iter().map(|agent| agent.status()).collect();
     if !running {
         for status in &mut statuses {
@@ -290,19 +387,22 @@ fn snapshot(
             }
         }
     }
-    let snapshot = DaemonSnapshot {
+    DaemonSnapshot {
+        name: identity.name.clone(),
+        host: identity.host.clone(),
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         started_ms,
         taken_ms: now,
         running,
         agents: statuses,
-    };
-    serde_json::to_value(snapshot).expect("snapshot serializes")
+        broker: store.broker_status(),
+    }
 }
 
 struct StatusWriter {
-    queue: Arc<SqliteQueue>,
+    store: Store,
+    identity: Identity,
     agents: Vec<Arc<AgentRuntime>>,
     clock: SharedClock,
     started_ms: UnixMillis,
@@ -319,21 +419,26 @@ impl StatusWriter {
                 _ = shutdown.changed() => return,
                 _ = ticker.tick() => {}
             }
-            if self.queue.is_poisoned() && self.fatal.borrow().is_none() {
-                let reason = format!(
-                    "the store {} failed to fsync and refuses writes; the daemon must restart",
-                    self.queue.path().display()
-                );
+            if let Some(reason) = self.store.fatal()
+                && self.fatal.borrow().is_none()
+            {
                 tracing::error!(%reason);
                 let _ = self.fatal.send(Some(reason));
             }
-            let snapshot = snapshot(&self.agents, self.started_ms, self.clock.now_ms(), true);
-            if let Err(error) = self.queue.put_status(SNAPSHOT_KEY, &snapshot).await {
+            let snapshot = snapshot(
+                &self.identity,
+                &self.store,
+                &self.agents,
+                self.started_ms,
+                self.clock.now_ms(),
+                true,
+            );
+            if let Err(error) = self.store.put_snapshot(&snapshot).await {
                 tracing::warn!(%error, "could not write the status snapshot");
             }
             if last_prune.elapsed() >= PRUNE_INTERVAL {
                 last_prune = tokio::time::Instant::now();
-                match self.queue.prune().await {
+                match self.store.prune().await {
                     Ok(0) => {}
                     Ok(count) => {
                         tracing::info!(count, "pruned completed tasks past store.retention")
@@ -345,7 +450,7 @@ impl StatusWriter {
     }
 }
 
-async fn reap_leases(queue: Arc<SqliteQueue>, mut shutdown: watch::Receiver<bool>) {
+async fn reap_leases(queue: Arc<dyn TaskQueue>, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,

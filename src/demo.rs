@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::clock;
 use crate::daemon::Daemon;
-use crate::queue::{AttemptOutcome, NewTask, Priority, TaskQueue, TaskState};
+use crate::queue::{AttemptOutcome, NewTask, Priority, TaskState};
 
 /// Options of the demo.
 #[derive(Debug, Clone, clap::Args)]

@@ -20,5 +20,6 @@ pub mod protocol;
 pub mod queue;
 pub mod retry;
 pub mod status;
+pub mod store;
 pub mod supervisor;
 pub mod template;

@@ -49,6 +49,10 @@ pub enum ReplicaState {
 pub struct ReplicaStatus {
     /// Index within the agent, from 0.
     pub index: u32,
+    /// The daemon running it (filled in by `status` when a broker is
+    /// shared by several daemons).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daemon: Option<String>,
     /// State.
     pub state: ReplicaState,
     /// Process id (and process group id) while running.
@@ -84,6 +88,7 @@ impl ReplicaStatus {
     pub fn new(index: u32) -> Self {
         Self {
             index,
+            daemon: None,
             state: ReplicaState::Stopped,
             pid: None,
             tasks: Vec::new(),
@@ -145,6 +150,12 @@ impl AgentStatus {
 /// The daemon's snapshot, written to the store every `status_interval`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct DaemonSnapshot {
+    /// The daemon's name in the fleet.
+    #[serde(default)]
+    pub name: String,
+    /// The machine it runs on.
+    #[serde(default)]
+    pub host: String,
     /// Process id.
     pub pid: u32,
     /// flotilla version.
@@ -157,6 +168,9 @@ pub struct DaemonSnapshot {
     pub running: bool,
     /// Its agents.
     pub agents: Vec<AgentStatus>,
+    /// Its broker connection, when it uses one.
+    #[serde(default)]
+    pub broker: Option<crate::queue::jetstream::BrokerStatus>,
 }
 
 /// Key of the daemon snapshot in the store's status table.

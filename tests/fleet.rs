@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use flotilla::example_agent::{self, Fate};
-use flotilla::queue::{AttemptOutcome, NewTask, Priority, TaskQueue, TaskState};
+use flotilla::queue::{AttemptOutcome, NewTask, Priority, TaskState};
 use flotilla::status::AgentState;
 use serde_json::json;
 use support::*;
@@ -512,7 +512,10 @@ retry = { max_deliver = 2, backoff = ["60s"] }
         || async { finished(queue.as_ref()).await >= 4 },
     )
     .await;
-    let instance = queue.store_id().to_string();
+    let flotilla::store::Store::Embedded(store) = daemon.store() else {
+        panic!("the embedded store")
+    };
+    let instance = store.store_id().to_string();
     daemon.stop().await;
     let slow = &records(queue.as_ref(), &slow_ids).await[0];
     assert_eq!(slow.state, TaskState::Completed, "{slow:?}");

@@ -135,8 +135,8 @@ prefetch = {prefetch}"
             queue.submit(batch).await?;
         }
     }
+    let store = config.store_path();
     let daemon = Daemon::start(config, clock::system()).await?;
-    let store = daemon.queue().path().to_path_buf();
     let watcher = rusqlite::Connection::open(&store)?;
     let started_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
     let deadline = Instant::now() + Duration::from_secs(600);

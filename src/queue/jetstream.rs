@@ -99,6 +99,7 @@ pub struct Settings {
 /// Connection counters, shown in `status`.
 #[derive(Debug, Default)]
 pub struct ConnectionStats {
+    ever_connected: AtomicBool,
     connected: AtomicBool,
     disconnects: AtomicU64,
     reconnects: AtomicU64,
@@ -206,6 +207,7 @@ pub async fn connect(
         .await
         .map_err(|error| storage(&format!("cannot connect to {}", config.url), error))?;
     stats.connected.store(true, Ordering::Relaxed);
+    stats.ever_connected.store(true, Ordering::Relaxed);
     Ok(client)
 }
 
@@ -214,10 +216,11 @@ impl ConnectionStats {
         use async_nats::Event;
         match event {
             Event::Connected => {
-                if !self.connected.swap(true, Ordering::Relaxed) {
+                self.connected.store(true, Ordering::Relaxed);
+                if self.ever_connected.swap(true, Ordering::Relaxed) {
                     self.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!("broker connection re-established");
                 }
-                tracing::info!("broker connection re-established");
             }
             Event::Disconnected => {
                 if self.connected.swap(false, Ordering::Relaxed) {
@@ -225,7 +228,8 @@ impl ConnectionStats {
                 }
                 tracing::warn!("broker connection lost; reconnecting (publishes are buffered)");
             }
-            Event::SlowConsumer(_) | Event::LameDuckMode | Event::Draining | Event::Closed => {
+            Event::Closed => tracing::debug!("broker connection closed"),
+            Event::SlowConsumer(_) | Event::LameDuckMode | Event::Draining => {
                 tracing::warn!(%event, "broker connection event");
             }
             Event::ServerError(_) | Event::ClientError(_) => {
@@ -481,7 +485,7 @@ impl JetStreamQueue {
             ("store.max_result_bytes", &mut settings.max_result_bytes),
         ] {
             if *limit > fits {
-                tracing::warn!(
+                tracing::info!(
                     "{key} = {} does not fit the broker's max_payload = {server_max} (a record holds a payload and a result); using {fits}. Raise max_payload in nats-server.conf to allow more.",
                     *limit
                 );

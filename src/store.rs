@@ -1,0 +1,185 @@
+//! Where tasks and fleet state live: the embedded SQLite store (the
+//! default) or a NATS JetStream broker (`[broker]`). The daemon and the CLI
+//! go through [`Store`]; task operations through its [`TaskQueue`].
+
+use std::sync::Arc;
+
+use crate::clock::{SharedClock, UnixMillis};
+use crate::config::Config;
+use crate::queue::jetstream::{self, BrokerStatus, ConnectionStats, JetStreamQueue};
+use crate::queue::sqlite::{Role, SqliteQueue};
+use crate::queue::{QueueError, TaskQueue};
+use crate::status::{DaemonSnapshot, SNAPSHOT_KEY};
+
+/// An open store.
+#[derive(Clone)]
+pub enum Store {
+    /// The embedded SQLite file.
+    Embedded(Arc<SqliteQueue>),
+    /// A JetStream broker shared by many daemons.
+    Broker(Arc<JetStreamQueue>),
+}
+
+/// This machine's name, as a daemon name (letters, digits, `-`, `_`).
+pub fn host_name() -> String {
+    let raw = nix::unistd::gethostname()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .unwrap_or_default();
+    let name: String = raw
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+        .take(64)
+        .collect();
+    if name.is_empty() { "flotilla".into() } else { name }
+}
+
+/// The daemon's name in the fleet: `[daemon] name`, else the host name.
+pub fn daemon_name(config: &Config) -> String {
+    config.daemon.name.clone().unwrap_or_else(host_name)
+}
+
+impl Store {
+    /// Opens the store of `config`: the broker when `[broker]` is set,
+    /// else the embedded file. `owner` names the daemon (or client).
+    ///
+    /// # Errors
+    /// When the file cannot be opened or the broker reached.
+    pub async fn open(
+        config: &Config,
+        role: Role,
+        clock: SharedClock,
+        owner: &str,
+    ) -> Result<Self, QueueError> {
+        match &config.broker {
+            None => {
+                let settings = crate::queue::sqlite::Settings::from_config(&config.store, role);
+                Ok(Self::Embedded(Arc::new(SqliteQueue::open(
+                    &config.store_path(),
+                    settings,
+                    clock,
+                )?)))
+            }
+            Some(broker) => {
+                let stats = Arc::new(ConnectionStats::default());
+                let client =
+                    jetstream::connect(broker, &config.base_dir, owner, stats.clone()).await?;
+                let settings = jetstream::Settings {
+                    dedup_window: config.store.dedup_window.get(),
+                    retention: config.store.retention.get(),
+                    max_payload_bytes: config.store.max_payload_bytes.as_usize(),
+                    max_result_bytes: config.store.max_result_bytes.as_usize(),
+                    owner: owner.to_string(),
+                };
+                let queue = JetStreamQueue::open(client, stats, broker, settings, clock).await?;
+                Ok(Self::Broker(Arc::new(queue)))
+            }
+        }
+    }
+
+    /// The task queue.
+    pub fn queue(&self) -> Arc<dyn TaskQueue> {
+        match self {
+            Self::Embedded(queue) => queue.clone(),
+            Self::Broker(queue) => queue.clone(),
+        }
+    }
+
+    /// Where the tasks are, for humans: the file or the broker URL.
+    pub fn describe(config: &Config) -> String {
+        match &config.broker {
+            None => config.store_path().display().to_string(),
+            Some(broker) => format!("{} (namespace {})", broker.url, broker.namespace),
+        }
+    }
+
+    /// The broker connection, when there is a broker.
+    pub fn broker_status(&self) -> Option<BrokerStatus> {
+        match self {
+            Self::Embedded(_) => None,
+            Self::Broker(queue) => Some(queue.broker_status()),
+        }
+    }
+
+    /// Why the store cannot go on, if it cannot (a failed fsync).
+    pub fn fatal(&self) -> Option<String> {
+        match self {
+            Self::Embedded(queue) if queue.is_poisoned() => Some(format!(
+                "the store {} failed to fsync and refuses writes; the daemon must restart",
+                queue.path().display()
+            )),
+            _ => None,
+        }
+    }
+
+    /// Stores the snapshot of daemon `snapshot.name`.
+    ///
+    /// # Errors
+    /// When the store refuses the write.
+    pub async fn put_snapshot(&self, snapshot: &DaemonSnapshot) -> Result<(), QueueError> {
+        let value = serde_json::to_value(snapshot).expect("snapshot serializes");
+        match self {
+            Self::Embedded(queue) => queue.put_status(SNAPSHOT_KEY, &value).await,
+            Self::Broker(queue) => queue.put_fleet(&snapshot.name, &value).await,
+        }
+    }
+
+    /// The snapshots of every daemon known: the one of the embedded store,
+    /// or each daemon in the broker's fleet table (dead ones expire).
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub async fn snapshots(&self) -> Result<Vec<DaemonSnapshot>, QueueError> {
+        match self {
+            Self::Embedded(queue) => Ok(queue
+                .get_status(SNAPSHOT_KEY)
+                .await?
+                .and_then(|(value, _)| serde_json::from_value(value).ok())
+                .into_iter()
+                .collect()),
+            Self::Broker(queue) => Ok(queue
+                .fleet()
+                .await?
+                .into_values()
+                .filter_map(|value| serde_json::from_value(value).ok())
+                .collect()),
+        }
+    }
+
+    /// The snapshot of daemon `name`, if the store has one.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub async fn snapshot_of(&self, name: &str) -> Result<Option<DaemonSnapshot>, QueueError> {
+        match self {
+            Self::Embedded(_) => Ok(self
+                .snapshots()
+                .await?
+                .into_iter()
+                .find(|snapshot| snapshot.name == name)),
+            Self::Broker(queue) => Ok(queue
+                .fleet_entry(name)
+                .await?
+                .and_then(|value| serde_json::from_value(value).ok())),
+        }
+    }
+
+    /// Deletes completed tasks past the retention. Returns how many.
+    ///
+    /// # Errors
+    /// When the store fails.
+    pub async fn prune(&self) -> Result<u64, QueueError> {
+        match self {
+            Self::Embedded(queue) => queue.prune().await,
+            Self::Broker(queue) => queue.prune().await,
+        }
+    }
+}
+
+/// Whether a snapshot taken at `taken_ms` still describes a live daemon.
+pub fn is_fresh(snapshot: &DaemonSnapshot, now: UnixMillis, fresh_within: UnixMillis) -> bool {
+    snapshot.running && now.saturating_sub(snapshot.taken_ms) <= fresh_within
+}
