@@ -18,12 +18,12 @@ use crate::clock::{self, UnixMillis};
 use crate::config::{self, Config};
 use crate::queue::jetstream::BrokerStatus;
 use crate::queue::sqlite::Role;
-use crate::store::Store;
 use crate::queue::{
     ListFilter, NewTask, Priority, QueueError, Selection, StateCounts, TaskQueue, TaskRecord,
     TaskState, new_task_id, validate_task_id,
 };
 use crate::status::{AgentState, AgentStatus, DaemonSnapshot};
+use crate::store::Store;
 
 const NO_AGENTS: &str = "the config defines no agents; add an [agents.NAME] table with a command";
 
@@ -357,7 +357,11 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
             }
             println!(
                 "config: valid; {} {}; agents: {}",
-                if config.broker.is_some() { "broker" } else { "store" },
+                if config.broker.is_some() {
+                    "broker"
+                } else {
+                    "store"
+                },
                 Store::describe(&config),
                 config.agent_names()
             );
@@ -447,7 +451,10 @@ async fn up(mut config: Config, args: UpArgs) -> Result<ExitCode, Failure> {
         config.daemon.name = Some(name);
     }
     if let Some(agents) = args.agents {
-        if let Some(unknown) = agents.iter().find(|name| !config.agents.contains_key(*name)) {
+        if let Some(unknown) = agents
+            .iter()
+            .find(|name| !config.agents.contains_key(*name))
+        {
             return Err(Failure::usage(format!(
                 "--agents names unknown agent {unknown:?}; configured agents: {}",
                 config.agent_names()
@@ -670,8 +677,7 @@ struct DaemonState {
 
 async fn status(config: &Config, json: bool) -> Result<ExitCode, Failure> {
     let store = open_store(config).await?;
-    let counts: BTreeMap<String, StateCounts> =
-        store.queue().counts().await?.into_iter().collect();
+    let counts: BTreeMap<String, StateCounts> = store.queue().counts().await?.into_iter().collect();
     let mut snapshots = store.snapshots().await?;
     snapshots.sort_by(|a, b| a.name.cmp(&b.name));
     let now = clock::system().now_ms();
@@ -700,8 +706,7 @@ async fn status(config: &Config, json: bool) -> Result<ExitCode, Failure> {
     for (name, agent) in &config.agents {
         let mut merged: Option<AgentStatus> = None;
         for snapshot in &live {
-            let Some(mut status) = snapshot.agents.iter().find(|a| &a.name == name).cloned()
-            else {
+            let Some(mut status) = snapshot.agents.iter().find(|a| &a.name == name).cloned() else {
                 continue;
             };
             if several {
@@ -779,19 +784,34 @@ fn print_status(report: &StatusReport, now: UnixMillis) {
             (Some(name), Some(host), true) => format!(" {name} on {host}"),
             _ => String::new(),
         };
-        let mut line = match (daemon.running, daemon.pid, daemon.started_ms, daemon.last_seen_ms) {
+        let mut line = match (
+            daemon.running,
+            daemon.pid,
+            daemon.started_ms,
+            daemon.last_seen_ms,
+        ) {
             (true, Some(pid), Some(started), _) => {
-                format!("daemon{name}: running (pid {pid}, up {})", ago(now, started))
+                format!(
+                    "daemon{name}: running (pid {pid}, up {})",
+                    ago(now, started)
+                )
             }
             (false, _, _, Some(seen)) => {
-                format!("daemon{name}: not running (last seen {} ago)", ago(now, seen))
+                format!(
+                    "daemon{name}: not running (last seen {} ago)",
+                    ago(now, seen)
+                )
             }
             _ => format!("daemon{name}: not running"),
         };
         if let Some(broker) = daemon.broker.as_ref().filter(|_| daemon.running) {
             line.push_str(&format!(
                 "; broker {} ({} disconnects, {} reconnects)",
-                if broker.connected { "connected" } else { "DISCONNECTED" },
+                if broker.connected {
+                    "connected"
+                } else {
+                    "DISCONNECTED"
+                },
                 broker.disconnects,
                 broker.reconnects
             ));

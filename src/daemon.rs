@@ -119,7 +119,8 @@ impl Daemon {
             None => {
                 let path = config.store_path();
                 let lock = take_lock(&path)?;
-                let store = Store::open(&config, Role::Daemon, clock.clone(), &identity.name).await?;
+                let store =
+                    Store::open(&config, Role::Daemon, clock.clone(), &identity.name).await?;
                 let Store::Embedded(queue) = &store else {
                     unreachable!("no broker configured")
                 };
@@ -346,20 +347,16 @@ async fn refuse_namesake(
     let Some(other) = store.snapshot_of(&identity.name).await? else {
         return Ok(());
     };
-    let fresh_within =
-        u64::try_from((config.daemon.status_interval.get() * 3).as_millis()).unwrap_or(u64::MAX)
-            + 2000;
+    let fresh_within = u64::try_from((config.daemon.status_interval.get() * 3).as_millis())
+        .unwrap_or(u64::MAX)
+        + 2000;
     if !store::is_fresh(&other, now, fresh_within) {
         return Ok(());
     }
-    // The same machine can tell a dead predecessor from a live namesake.
+    // The same machine can tell a dead predecessor (gone, or a zombie
+    // not yet reaped) from a live namesake.
     let alive = other.host != identity.host
-        || (other.pid != std::process::id()
-            && nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(i32::try_from(other.pid).unwrap_or(0)),
-                None,
-            )
-            .is_ok());
+        || (other.pid != std::process::id() && process_alive(other.pid));
     if alive {
         bail!(
             "a daemon named {:?} (pid {} on {}) is already running on this broker; give this one another name with --name or [daemon] name",
@@ -369,6 +366,17 @@ async fn refuse_namesake(
         );
     }
     Ok(())
+}
+
+/// Whether `pid` is a live (not zombie) process.
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesized command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
 }
 
 fn snapshot(

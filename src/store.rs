@@ -31,10 +31,20 @@ pub fn host_name() -> String {
         .next()
         .unwrap_or_default()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(64)
         .collect();
-    if name.is_empty() { "flotilla".into() } else { name }
+    if name.is_empty() {
+        "flotilla".into()
+    } else {
+        name
+    }
 }
 
 /// The daemon's name in the fleet: `[daemon] name`, else the host name.

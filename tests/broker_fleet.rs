@@ -43,7 +43,13 @@ retry = {{ max_deliver = 20, backoff = ["20ms"] }}
 
 fn spawn_named(fleet: &Fleet, name: &str) -> Child {
     std::process::Command::new(flotilla_bin())
-        .args(["-c", fleet.config_path.to_str().unwrap(), "up", "--name", name])
+        .args([
+            "-c",
+            fleet.config_path.to_str().unwrap(),
+            "up",
+            "--name",
+            name,
+        ])
         .env("FLOTILLA_LOG", "warn")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -76,10 +82,15 @@ async fn submit_all(fleet: &Fleet, prefix: &str) -> Vec<String> {
 }
 
 async fn client(fleet: &Fleet) -> std::sync::Arc<dyn TaskQueue> {
-    Store::open(&fleet.config(), Role::Client, clock::system(), "test-client")
-        .await
-        .expect("broker reachable")
-        .queue()
+    Store::open(
+        &fleet.config(),
+        Role::Client,
+        clock::system(),
+        "test-client",
+    )
+    .await
+    .expect("broker reachable")
+    .queue()
 }
 
 /// Waits until at least `count` tasks finished, polling the broker gently
@@ -115,9 +126,11 @@ async fn check_all_completed_once(queue: &dyn TaskQueue, ids: &[String]) {
     );
 }
 
+/// A graceful stop is prompt, whatever the broker went through.
 fn stop(mut daemon: Child) {
     signal(&daemon, Signal::SIGTERM);
-    wait_exit(&mut daemon, Duration::from_secs(20));
+    let status = wait_exit(&mut daemon, Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,14 +158,24 @@ async fn two_daemons_share_the_work_and_survive_a_kill_9() {
     assert_eq!(status["agents"][0]["replicas"].as_array().unwrap().len(), 8);
     signal(&a, Signal::SIGKILL);
     wait_exit(&mut a, Duration::from_secs(5));
-    wait_finished(queue.as_ref(), TASKS as u64, Duration::from_secs(120), "all tasks").await;
+    wait_finished(
+        queue.as_ref(),
+        TASKS as u64,
+        Duration::from_secs(120),
+        "all tasks",
+    )
+    .await;
     check_all_completed_once(queue.as_ref(), &ids).await;
     // The dead daemon drops out of the fleet after broker.fleet_ttl.
-    wait_until(Duration::from_secs(15), "daemon a to leave the fleet", || async {
-        let shown = fleet.cli(&["status", "--json"]);
-        let status: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
-        status["daemons"].as_array().unwrap().len() == 1
-    })
+    wait_until(
+        Duration::from_secs(15),
+        "daemon a to leave the fleet",
+        || async {
+            let shown = fleet.cli(&["status", "--json"]);
+            let status: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+            status["daemons"].as_array().unwrap().len() == 1
+        },
+    )
     .await;
     stop(b);
 }
@@ -173,12 +196,21 @@ async fn the_fleet_resumes_after_nats_server_is_killed_and_restarted() {
     server.kill();
     tokio::time::sleep(Duration::from_secs(2)).await;
     server.restart();
-    wait_finished(queue.as_ref(), TASKS as u64, Duration::from_secs(120), "all tasks").await;
+    wait_finished(
+        queue.as_ref(),
+        TASKS as u64,
+        Duration::from_secs(120),
+        "all tasks",
+    )
+    .await;
     check_all_completed_once(queue.as_ref(), &ids).await;
     let shown = fleet.cli(&["status", "--json"]);
     let status: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
     for daemon in status["daemons"].as_array().unwrap() {
-        assert!(daemon["broker"]["reconnects"].as_u64().unwrap() >= 1, "{daemon}");
+        assert!(
+            daemon["broker"]["reconnects"].as_u64().unwrap() >= 1,
+            "{daemon}"
+        );
         assert_eq!(daemon["broker"]["connected"], true, "{daemon}");
     }
     stop(a);
@@ -201,7 +233,11 @@ async fn a_three_node_cluster_loses_a_node_and_no_task() {
             ids = submit_all(&fleet, "cluster").await;
             break;
         }
-        assert!(attempt < 39, "the cluster never became ready: {}", String::from_utf8_lossy(&probe.stderr));
+        assert!(
+            attempt < 39,
+            "the cluster never became ready: {}",
+            String::from_utf8_lossy(&probe.stderr)
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let queue = client(&fleet).await;
@@ -209,7 +245,13 @@ async fn a_three_node_cluster_loses_a_node_and_no_task() {
     let b = spawn_named(&fleet, "b");
     wait_finished(queue.as_ref(), 400, Duration::from_secs(60), "400 tasks").await;
     nodes[0].kill();
-    wait_finished(queue.as_ref(), TASKS as u64, Duration::from_secs(180), "all tasks").await;
+    wait_finished(
+        queue.as_ref(),
+        TASKS as u64,
+        Duration::from_secs(180),
+        "all tasks",
+    )
+    .await;
     check_all_completed_once(queue.as_ref(), &ids).await;
     stop(a);
     stop(b);

@@ -8,15 +8,25 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use flotilla::clock;
-use flotilla::config::BrokerConfig;
+use flotilla::config::{BrokerConfig, HumanDuration};
 use flotilla::queue::conformance::{self, CONFORMANCE_MAX_PAYLOAD};
 use flotilla::queue::jetstream::{self, ConnectionStats, JetStreamQueue, Settings};
+use flotilla::queue::{
+    AttemptEnd, AttemptOutcome, LeaseRequest, NewTask, Priority, QueueError, Selection, TaskQueue,
+    TaskState,
+};
+use serde_json::json;
 use support::nats::NatsServer;
 
 async fn open(url: &str, namespace: &str) -> JetStreamQueue {
+    open_as(url, namespace, "conformance", Duration::from_secs(30)).await
+}
+
+async fn open_as(url: &str, namespace: &str, owner: &str, ack_wait: Duration) -> JetStreamQueue {
     let config = BrokerConfig {
         url: url.to_string(),
         namespace: namespace.to_string(),
+        ack_wait: HumanDuration::millis(ack_wait.as_millis() as u64),
         ..BrokerConfig::default()
     };
     let stats = Arc::new(ConnectionStats::default());
@@ -28,7 +38,7 @@ async fn open(url: &str, namespace: &str) -> JetStreamQueue {
         retention: Duration::from_secs(7200),
         max_payload_bytes: CONFORMANCE_MAX_PAYLOAD,
         max_result_bytes: CONFORMANCE_MAX_PAYLOAD,
-        owner: "conformance".into(),
+        owner: owner.into(),
     };
     JetStreamQueue::open(client, stats, &config, settings, clock::system())
         .await
@@ -48,4 +58,121 @@ async fn jetstream_backend_conforms() {
         async move { open(&url, &namespace).await }
     })
     .await;
+}
+
+fn task(id: &str) -> NewTask {
+    NewTask {
+        id: id.into(),
+        agent: "worker".into(),
+        priority: Priority::Normal,
+        payload: json!({"id": id}),
+    }
+}
+
+fn request(owner: &str, lease_for: Duration) -> LeaseRequest {
+    LeaseRequest {
+        agent: "worker".into(),
+        max: 1,
+        lease_for,
+        owner: owner.into(),
+        max_deliver: 5,
+    }
+}
+
+fn end(outcome: AttemptOutcome) -> AttemptEnd {
+    AttemptEnd::new(outcome, Some("worker/0".into()), "test")
+}
+
+/// Two daemons on one stream: when the holder stops extending its lease
+/// (it died, or its lease ran out), the broker hands the task to the other
+/// after ack_wait, the first attempt ends as lease_expired, and the late
+/// holder can no longer settle it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_moves_to_another_daemon_when_its_holder_stops_extending() {
+    let Some(server) = NatsServer::start("a_task_moves_to_another_daemon") else {
+        return;
+    };
+    let ack_wait = Duration::from_secs(1);
+    let a = open_as(&server.url, "move", "a", ack_wait).await;
+    let b = open_as(&server.url, "move", "b", ack_wait).await;
+    a.submit(vec![task("m1")]).await.unwrap();
+    let mut held = a
+        .lease(&request("a", Duration::from_millis(200)), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 1);
+    held[0].settle();
+    let started = std::time::Instant::now();
+    let mut moved = b
+        .lease(
+            &request("b", Duration::from_secs(30)),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(moved.len(), 1, "redelivered to the other daemon");
+    assert_eq!(moved[0].key.attempt, 2);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "within about ack_wait"
+    );
+    let late = a
+        .ack(&held[0].key, &json!("late"), end(AttemptOutcome::Completed))
+        .await;
+    assert!(
+        matches!(late, Err(QueueError::StaleLease { .. })),
+        "{late:?}"
+    );
+    b.ack(&moved[0].key, &json!("ok"), end(AttemptOutcome::Completed))
+        .await
+        .unwrap();
+    moved[0].settle();
+    let record = b.get("m1").await.unwrap().unwrap();
+    assert_eq!(record.state, TaskState::Completed);
+    assert_eq!(record.result, Some(json!("ok")));
+    assert_eq!(
+        record.history[0].outcome,
+        Some(AttemptOutcome::LeaseExpired)
+    );
+    assert_eq!(record.history[1].outcome, Some(AttemptOutcome::Completed));
+}
+
+/// A purged dead letter's id can be used again at once: the broker's
+/// message-id window does not swallow the new task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_id_can_be_submitted_again() {
+    let Some(server) = NatsServer::start("a_purged_id_can_be_submitted_again") else {
+        return;
+    };
+    let queue = open(&server.url, "purge").await;
+    queue.submit(vec![task("p1")]).await.unwrap();
+    let mut leases = queue
+        .lease(
+            &request("conformance", Duration::from_secs(30)),
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    queue
+        .term(&leases[0].key, "bad", end(AttemptOutcome::Error))
+        .await
+        .unwrap();
+    leases[0].settle();
+    assert_eq!(queue.purge(&Selection::All).await.unwrap(), 1);
+    assert!(queue.get("p1").await.unwrap().is_none());
+    let again = queue.submit(vec![task("p1")]).await.unwrap();
+    assert!(!again[0].duplicate, "{again:?}");
+    let mut leases = queue
+        .lease(
+            &request("conformance", Duration::from_secs(30)),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(leases.len(), 1, "the new task is leasable");
+    queue
+        .ack(&leases[0].key, &json!(1), end(AttemptOutcome::Completed))
+        .await
+        .unwrap();
+    leases[0].settle();
 }

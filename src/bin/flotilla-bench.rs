@@ -10,6 +10,11 @@
 //!   the task starting on another replica.
 //! - `start`: time from a submit by another process (as `flotilla submit`)
 //!   to the task starting on an idle fleet.
+//! - `jetstream`: on a nats-server the harness starts (free port, temporary
+//!   store; `--nats-server` or `.tools/bin/nats-server`), alternating in
+//!   one run: the raw JetStream baseline (publish with awaited PubAcks +
+//!   pull consumer + ack), and flotilla end to end (a client submitting
+//!   while 4 persistent no-op replicas work); then crash-to-redispatch.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -48,6 +53,12 @@ struct Args {
     /// Working directory for stores (a temporary one by default).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// nats-server binary for the `jetstream` scenario.
+    #[arg(long, default_value = ".tools/bin/nats-server")]
+    nats_server: PathBuf,
+    /// Tasks per JetStream throughput run.
+    #[arg(long, default_value_t = 20_000)]
+    jetstream_tasks: usize,
 }
 
 fn flotilla_exe() -> anyhow::Result<PathBuf> {
@@ -92,6 +103,196 @@ fn write_config(dir: &Path, agent: &str) -> anyhow::Result<config::Config> {
     let path = dir.join("flotilla.toml");
     std::fs::write(&path, format!("[store]\npath = \"bench.db\"\n\n{agent}"))?;
     Ok(config::load(&path)?)
+}
+
+/// A nats-server for the run, killed on drop.
+struct NatsServer {
+    child: std::process::Child,
+    url: String,
+    store: PathBuf,
+}
+
+impl NatsServer {
+    fn start(binary: &Path) -> anyhow::Result<Self> {
+        let store =
+            std::env::temp_dir().join(format!("flotilla-bench-nats-{}", std::process::id()));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = std::process::Command::new(binary)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(&store)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "cannot start {} (run scripts/install-nats-server.sh)",
+                    binary.display()
+                )
+            })?;
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if started.elapsed() > Duration::from_secs(10) {
+                bail!("nats-server did not listen on {port}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+            store,
+        })
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+/// The `[broker]` section of a fleet on `url` in its own namespace.
+fn broker_section(url: &str, namespace: &str) -> String {
+    format!("[broker]\nurl = \"{url}\"\nnamespace = \"{namespace}\"\n\n")
+}
+
+/// Raw JetStream: publish `tasks` messages with ids and awaited PubAcks
+/// (256 in flight) while a pull consumer acks them; tasks/s from the first
+/// publish to the last ack.
+async fn raw_jetstream_run(url: &str, run: usize, tasks: usize) -> anyhow::Result<f64> {
+    use async_nats::jetstream::{self, consumer, stream};
+    use futures_util::StreamExt as _;
+    let client = async_nats::connect(url).await?;
+    let js = jetstream::new(client);
+    let name = format!("RAW{run}");
+    let stream = js
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("raw{run}.>")],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let consumer: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("raw".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
+    let started = Instant::now();
+    let consume = tokio::spawn(async move {
+        let mut messages = consumer.messages().await?;
+        let mut acked = 0;
+        while acked < tasks {
+            let message = messages.next().await.context("stream ended")??;
+            message
+                .ack()
+                .await
+                .map_err(|error| anyhow::anyhow!("{error}"))?;
+            acked += 1;
+        }
+        anyhow::Ok(Instant::now())
+    });
+    let payload = bytes::Bytes::from(serde_json::to_vec(&serde_json::json!({"n": 0}))?);
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    for n in 0..tasks {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("t{n}").as_str());
+        pending.push(std::future::IntoFuture::into_future(
+            js.publish_with_headers(format!("raw{run}.noop"), headers, payload.clone())
+                .await?,
+        ));
+        if pending.len() >= 256 {
+            pending.next().await.context("pending")??;
+        }
+    }
+    while let Some(ack) = pending.next().await {
+        ack?;
+    }
+    let finished = consume.await??;
+    Ok(tasks as f64 / finished.duration_since(started).as_secs_f64())
+}
+
+/// flotilla end to end on JetStream: a client submits `tasks` tasks (in
+/// batches of 1,000) while 4 persistent no-op replicas work; tasks/s from
+/// the first submit to the last completion.
+async fn jetstream_throughput_run(
+    dir: &Path,
+    url: &str,
+    run: usize,
+    tasks: usize,
+) -> anyhow::Result<f64> {
+    use flotilla::queue::sqlite::Role;
+    use flotilla::store::Store;
+    let _ = std::fs::remove_dir_all(dir);
+    let exe = flotilla_exe()?.display().to_string();
+    let namespace = format!("bench{run}");
+    let config = write_config(
+        dir,
+        &format!(
+            "{}[agents.noop]\ncommand = [{exe:?}, \"example-agent\", \"--work-ms\", \"0\"]\nreplicas = {{ min = 4 }}\nprefetch = 64\n",
+            broker_section(url, &namespace)
+        ),
+    )?;
+    let daemon = Daemon::start(config.clone(), clock::system()).await?;
+    let store = Store::open(&config, Role::Client, clock::system(), "bench").await?;
+    let queue = store.queue();
+    let started_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
+    for chunk in (0..tasks).collect::<Vec<_>>().chunks(1_000) {
+        let batch = chunk
+            .iter()
+            .map(|n| NewTask {
+                id: format!("t{n}"),
+                agent: "noop".into(),
+                priority: Priority::Normal,
+                payload: serde_json::json!({"n": n}),
+            })
+            .collect();
+        queue.submit(batch).await?;
+    }
+    let submitted_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
+    println!(
+        "    submitted {tasks} tasks in {} ms",
+        submitted_ms - started_ms
+    );
+    // The work-queue stream is empty once every task was acked.
+    let client = async_nats::connect(url).await?;
+    let js = async_nats::jetstream::new(client);
+    let mut tasks_stream = js
+        .get_stream(format!("{}_TASKS", namespace.to_uppercase()))
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if tasks_stream.info().await?.state.messages == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("JetStream throughput run did not finish in 10 minutes");
+        }
+    }
+    daemon.stop().await;
+    let records = queue
+        .list(&flotilla::queue::ListFilter {
+            state: Some(TaskState::Completed),
+            agent: None,
+            limit: usize::MAX,
+        })
+        .await?;
+    if records.len() != tasks {
+        bail!("{} of {tasks} tasks completed", records.len());
+    }
+    let finished_ms = records
+        .iter()
+        .filter_map(|task| task.finished_ms)
+        .max()
+        .context("finished")?;
+    Ok(tasks as f64 / ((finished_ms - started_ms).max(1) as f64 / 1000.0))
 }
 
 fn summary(values: &mut [f64]) -> (f64, f64, f64) {
@@ -166,13 +367,13 @@ prefetch = {prefetch}"
     Ok(tasks as f64 / elapsed)
 }
 
-async fn recovery_run(dir: &Path, kills: usize) -> anyhow::Result<Vec<f64>> {
+async fn recovery_run(dir: &Path, kills: usize, broker: &str) -> anyhow::Result<Vec<f64>> {
     let _ = std::fs::remove_dir_all(dir);
     let exe = flotilla_exe()?;
     let config = write_config(
         dir,
         &format!(
-            r#"[agents.busy]
+            r#"{broker}[agents.busy]
 command = [{:?}, "example-agent", "--work-ms", "3600000"]
 replicas = {{ min = 3 }}
 timeouts = {{ progress_timeout = "2h", max_duration = "2h" }}
@@ -338,7 +539,7 @@ async fn main() -> anyhow::Result<()> {
         let mut all = Vec::new();
         for run in 0..args.runs {
             let mut latencies =
-                recovery_run(&base.join(format!("recovery-{run}")), args.kills).await?;
+                recovery_run(&base.join(format!("recovery-{run}")), args.kills, "").await?;
             latencies.sort_by(|a, b| a.total_cmp(b));
             let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
             println!(
@@ -378,6 +579,64 @@ async fn main() -> anyhow::Result<()> {
             "start, submit by another process to the task starting on an idle fleet: p50 median {p50:.1} ms (min {p50_min:.1}, max {p50_max:.1}); p99 median {p99:.1} ms (min {p99_min:.1}, max {p99_max:.1})"
         );
     }
+    if args.scenario == "all" || args.scenario == "jetstream" {
+        jetstream_scenario(&args, &base).await?;
+    }
     let _ = std::fs::remove_dir_all(&base);
+    Ok(())
+}
+
+async fn jetstream_scenario(args: &Args, base: &Path) -> anyhow::Result<()> {
+    let server = NatsServer::start(&args.nats_server)?;
+    let (mut raw, mut flotilla, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..args.runs {
+        let baseline = raw_jetstream_run(&server.url, run, args.jetstream_tasks).await?;
+        let ours = jetstream_throughput_run(
+            &base.join(format!("jetstream-{run}")),
+            &server.url,
+            run,
+            args.jetstream_tasks,
+        )
+        .await?;
+        println!(
+            "  jetstream run {run}: raw {baseline:.0} tasks/s, flotilla {ours:.0} tasks/s, ratio {:.2}",
+            ours / baseline
+        );
+        raw.push(baseline);
+        flotilla.push(ours);
+        ratios.push(ours / baseline);
+    }
+    let (raw_median, raw_min, raw_max) = summary(&mut raw);
+    let (median, min, max) = summary(&mut flotilla);
+    let (ratio, ratio_min, ratio_max) = summary(&mut ratios);
+    println!(
+        "jetstream throughput, {} tasks: raw baseline median {raw_median:.0} tasks/s (min {raw_min:.0}, max {raw_max:.0}); flotilla, 4 persistent no-op replicas, prefetch 64: median {median:.0} tasks/s (min {min:.0}, max {max:.0}); ratio median {ratio:.2} (min {ratio_min:.2}, max {ratio_max:.2})",
+        args.jetstream_tasks
+    );
+    let mut p50s = Vec::new();
+    let mut p99s = Vec::new();
+    for run in 0..args.runs {
+        let broker = broker_section(&server.url, &format!("recovery{run}"));
+        let mut latencies = recovery_run(
+            &base.join(format!("js-recovery-{run}")),
+            args.kills,
+            &broker,
+        )
+        .await?;
+        latencies.sort_by(|a, b| a.total_cmp(b));
+        let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+        println!(
+            "  jetstream recovery run {run}: {} kills: p50 {p50:.1} ms, p99 {p99:.1} ms, max {:.1} ms",
+            latencies.len(),
+            latencies[latencies.len() - 1]
+        );
+        p50s.push(p50);
+        p99s.push(p99);
+    }
+    let (p50, p50_min, p50_max) = summary(&mut p50s);
+    let (p99, p99_min, p99_max) = summary(&mut p99s);
+    println!(
+        "jetstream recovery, kill -9 of a busy replica to its task starting on another: p50 median {p50:.1} ms (min {p50_min:.1}, max {p50_max:.1}); p99 median {p99:.1} ms (min {p99_min:.1}, max {p99_max:.1})"
+    );
     Ok(())
 }

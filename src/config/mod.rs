@@ -587,7 +587,9 @@ impl BrokerConfig {
             if url.parse::<async_nats::ServerAddr>().is_err() {
                 problem(
                     "broker.url".into(),
-                    format!("{url:?} is not a server URL; e.g. \"nats://127.0.0.1:4222\" or \"tls://nats.example.com:4222\""),
+                    format!(
+                        "{url:?} is not a server URL; e.g. \"nats://127.0.0.1:4222\" or \"tls://nats.example.com:4222\""
+                    ),
                 );
             }
         }
@@ -609,16 +611,37 @@ impl BrokerConfig {
             );
         }
         let ack_wait = self.ack_wait.get();
-        if ack_wait < std::time::Duration::from_secs(1) || ack_wait > std::time::Duration::from_secs(600) {
+        if ack_wait < std::time::Duration::from_secs(1)
+            || ack_wait > std::time::Duration::from_secs(600)
+        {
             problem(
                 "broker.ack_wait".into(),
-                format!("{} is out of range; valid: 1s to 10m (30s or less is best)", self.ack_wait),
+                format!(
+                    "{} is out of range; valid: 1s to 10m (30s or less is best)",
+                    self.ack_wait
+                ),
             );
         }
         if self.duplicate_window.get() < std::time::Duration::from_secs(1) {
             problem(
                 "broker.duplicate_window".into(),
-                format!("{} is too short; valid: 1s or more, e.g. \"2m\"", self.duplicate_window),
+                format!(
+                    "{} is too short; valid: 1s or more, e.g. \"2m\"",
+                    self.duplicate_window
+                ),
+            );
+        }
+        // A submit retries a timed-out publish up to 5 times with the same
+        // message id: the broker must remember the id that long.
+        let retry_span = self.request_timeout.get() * 6 + std::time::Duration::from_secs(2);
+        if self.duplicate_window.get() < retry_span {
+            problem(
+                "broker.duplicate_window".into(),
+                format!(
+                    "{} is shorter than a publish's retries (6 x broker.request_timeout + 2s = {}); a retried submit could be stored twice",
+                    self.duplicate_window,
+                    humantime::format_duration(retry_span)
+                ),
             );
         }
         if self.fleet_ttl.get() < status_interval.get() * 2 {
@@ -636,7 +659,10 @@ impl BrokerConfig {
             ("broker.reconnect_max_delay", self.reconnect_max_delay),
         ] {
             if value.get().is_zero() {
-                problem(key.into(), "0s is not valid; it must be positive, e.g. \"5s\"".into());
+                problem(
+                    key.into(),
+                    "0s is not valid; it must be positive, e.g. \"5s\"".into(),
+                );
             }
         }
         if self.user.is_some() != self.password.is_some()

@@ -99,7 +99,8 @@ pub struct Settings {
 /// Connection counters, shown in `status`.
 #[derive(Debug, Default)]
 pub struct ConnectionStats {
-    ever_connected: AtomicBool,
+    /// A disconnect was seen and no connect since.
+    lost: AtomicBool,
     connected: AtomicBool,
     disconnects: AtomicU64,
     reconnects: AtomicU64,
@@ -165,9 +166,10 @@ pub async fn connect(
         .token
         .clone()
         .or_else(|| std::env::var("FLOTILLA_BROKER_TOKEN").ok());
+    // What the file names wins; the environment only fills in secrets.
     if let Some(user) = &config.user {
         options = options.user_and_password(user.clone(), password.unwrap_or_default());
-    } else if let Some(token) = token {
+    } else if let Some(token) = config.token.clone() {
         options = options.token(token);
     } else if let Some(creds) = &config.creds_file {
         let path = resolve(creds);
@@ -186,6 +188,8 @@ pub async fn connect(
             )
         })?;
         options = options.nkey(seed.trim().to_string());
+    } else if let Some(token) = token {
+        options = options.token(token);
     }
     if let Some(ca) = &config.tls_ca {
         options = options.add_root_certificates(resolve(ca));
@@ -207,7 +211,6 @@ pub async fn connect(
         .await
         .map_err(|error| storage(&format!("cannot connect to {}", config.url), error))?;
     stats.connected.store(true, Ordering::Relaxed);
-    stats.ever_connected.store(true, Ordering::Relaxed);
     Ok(client)
 }
 
@@ -217,13 +220,14 @@ impl ConnectionStats {
         match event {
             Event::Connected => {
                 self.connected.store(true, Ordering::Relaxed);
-                if self.ever_connected.swap(true, Ordering::Relaxed) {
+                if self.lost.swap(false, Ordering::Relaxed) {
                     self.reconnects.fetch_add(1, Ordering::Relaxed);
                     tracing::info!("broker connection re-established");
                 }
             }
             Event::Disconnected => {
-                if self.connected.swap(false, Ordering::Relaxed) {
+                self.connected.store(false, Ordering::Relaxed);
+                if !self.lost.swap(true, Ordering::Relaxed) {
                     self.disconnects.fetch_add(1, Ordering::Relaxed);
                 }
                 tracing::warn!("broker connection lost; reconnecting (publishes are buffered)");
@@ -231,6 +235,11 @@ impl ConnectionStats {
             Event::Closed => tracing::debug!("broker connection closed"),
             Event::SlowConsumer(_) | Event::LameDuckMode | Event::Draining => {
                 tracing::warn!(%event, "broker connection event");
+            }
+            // Each failed reconnect attempt reports an error: the lost
+            // connection was logged once already.
+            Event::ClientError(_) if self.lost.load(Ordering::Relaxed) => {
+                tracing::debug!(%event, "broker reconnect attempt failed");
             }
             Event::ServerError(_) | Event::ClientError(_) => {
                 tracing::warn!(%event, "broker connection error");
@@ -364,6 +373,9 @@ impl Record {
 struct Held {
     reply: String,
     deadline_ms: UnixMillis,
+    /// The record as this process last wrote it, and its revision: an
+    /// outcome tries its compare-and-set on it before reading the record.
+    cached: Option<(Record, u64)>,
 }
 
 /// Stream, bucket and subject names of one namespace.
@@ -435,7 +447,10 @@ struct Inner {
     records: kv::Store,
     fleet: kv::Store,
     settings: Settings,
-    ack_wait: Duration,
+    /// The shortest `ack_wait` of the consumers in use (an existing
+    /// consumer keeps the value it was created with).
+    ack_wait: Mutex<Duration>,
+    request_timeout: Duration,
     clock: SharedClock,
     consumers: tokio::sync::Mutex<HashMap<(String, i64), consumer::PullConsumer>>,
     held: Mutex<HashMap<LeaseKey, Held>>,
@@ -478,7 +493,7 @@ impl JetStreamQueue {
         js.set_timeout(config.request_timeout.get());
         let replicas = config.replicas as usize;
         let duplicate_window = config.duplicate_window.get();
-        let server_max = usize::try_from(client.server_info().max_payload).unwrap_or(usize::MAX);
+        let server_max = client.server_info().max_payload;
         let fits = server_max.saturating_sub(RECORD_RESERVE) / 2;
         for (key, limit) in [
             ("store.max_payload_bytes", &mut settings.max_payload_bytes),
@@ -505,7 +520,9 @@ impl JetStreamQueue {
                 ..Default::default()
             })
             .await
-            .map_err(|error| storage(&format!("cannot open stream {}", names.tasks_stream), error))?;
+            .map_err(|error| {
+                storage(&format!("cannot open stream {}", names.tasks_stream), error)
+            })?;
         let dlq = js
             .get_or_create_stream(stream::Config {
                 name: names.dlq_stream.clone(),
@@ -555,7 +572,8 @@ impl JetStreamQueue {
             records,
             fleet,
             settings,
-            ack_wait: config.ack_wait.get(),
+            ack_wait: Mutex::new(config.ack_wait.get()),
+            request_timeout: config.request_timeout.get(),
             clock,
             consumers: tokio::sync::Mutex::default(),
             held: Mutex::default(),
@@ -635,11 +653,10 @@ impl JetStreamQueue {
     /// # Errors
     /// [`QueueError::Storage`] if the broker fails.
     pub async fn prune(&self) -> Result<u64, QueueError> {
-        let cutoff = self
-            .inner
-            .clock
-            .now_ms()
-            .saturating_sub(u64::try_from(self.inner.settings.retention.as_millis()).unwrap_or(0));
+        let cutoff =
+            self.inner.clock.now_ms().saturating_sub(
+                u64::try_from(self.inner.settings.retention.as_millis()).unwrap_or(0),
+            );
         let mut deleted = 0;
         for (record, revision) in self.inner.all_records().await? {
             if record.task.state == TaskState::Completed
@@ -836,16 +853,35 @@ impl Inner {
     async fn update<T>(
         &self,
         id: &str,
+        lease: Option<&LeaseKey>,
         mut decide: impl FnMut(&mut Record) -> Result<Change<T>, QueueError>,
     ) -> Result<T, QueueError> {
+        // Our own last write of a lease we hold saves a read; if anyone
+        // wrote since, the compare-and-set fails and the record is read.
+        let mut cached = lease.and_then(|key| {
+            self.held
+                .lock()
+                .expect("not poisoned")
+                .get_mut(key)
+                .and_then(|held| held.cached.take())
+        });
         for _ in 0..CAS_TRIES {
-            let Some((mut record, revision)) = self.entry(id).await? else {
-                return Err(QueueError::NotFound { id: id.to_string() });
+            let (mut record, revision) = match cached.take() {
+                Some(found) => found,
+                None => match self.entry(id).await? {
+                    Some(found) => found,
+                    None => return Err(QueueError::NotFound { id: id.to_string() }),
+                },
             };
             match decide(&mut record)? {
                 Change::Keep(answer) => return Ok(answer),
                 Change::Write(answer) => {
-                    if self.write(&mut record, revision).await?.is_some() {
+                    if let Some(revision) = self.write(&mut record, revision).await? {
+                        if let Some(key) = lease
+                            && let Some(held) = self.held.lock().expect("not poisoned").get_mut(key)
+                        {
+                            held.cached = Some((record, revision));
+                        }
                         return Ok(answer);
                     }
                 }
@@ -868,6 +904,7 @@ impl Inner {
             return Ok(consumer.clone());
         }
         let name = format!("{agent}-{rank}");
+        let ack_wait = *self.ack_wait.lock().expect("not poisoned");
         let consumer = self
             .tasks
             .get_or_create_consumer(
@@ -877,7 +914,7 @@ impl Inner {
                     description: Some(format!("flotilla: {} tasks of {agent}", priority.as_str())),
                     filter_subject: self.names.task_subject(agent, priority),
                     ack_policy: consumer::AckPolicy::Explicit,
-                    ack_wait: self.ack_wait,
+                    ack_wait,
                     max_deliver: -1,
                     max_ack_pending: 100_000,
                     deliver_policy: consumer::DeliverPolicy::All,
@@ -886,24 +923,33 @@ impl Inner {
             )
             .await
             .map_err(|error| storage(&format!("cannot open consumer {name}"), error))?;
+        let actual = consumer.cached_info().config.ack_wait;
+        let mut ack_wait = self.ack_wait.lock().expect("not poisoned");
+        if actual != *ack_wait && !actual.is_zero() {
+            tracing::warn!(
+                consumer = %name,
+                configured = ?*ack_wait,
+                ?actual,
+                "the consumer was created with another broker.ack_wait; keeping tasks alive for the shorter one"
+            );
+            *ack_wait = (*ack_wait).min(actual);
+        }
+        drop(ack_wait);
         consumers.insert((agent.to_string(), rank), consumer.clone());
         Ok(consumer)
     }
 
     /// Publishes `envelope`, retrying a timed-out publish with the same
     /// message id. Returns whether the broker had seen the id already.
-    async fn publish(&self, envelope: &Envelope) -> Result<bool, QueueError> {
-        let subject = self
-            .names
-            .task_subject(&envelope.agent, envelope.priority);
+    async fn publish(&self, envelope: &Envelope, id: &str) -> Result<bool, QueueError> {
+        let subject = self.names.task_subject(&envelope.agent, envelope.priority);
         let body = Bytes::from(serde_json::to_vec(envelope).expect("envelope serializes"));
-        let id = msg_id(&envelope.id, envelope.generation);
         let mut retried = false;
         let mut tries = 0;
         loop {
             tries += 1;
             let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", id.as_str());
+            headers.insert("Nats-Msg-Id", id);
             let sent = match self
                 .js
                 .publish_with_headers(subject.clone(), headers, body.clone())
@@ -942,7 +988,27 @@ impl Inner {
     async fn submit_one(&self, task: NewTask) -> Result<SubmitReceipt, QueueError> {
         let now = self.now();
         let window = u64::try_from(self.settings.dedup_window.as_millis()).unwrap_or(u64::MAX);
-        let existing = self.entry(&task.id).await?;
+        let entry = self
+            .records
+            .entry(record_key(&task.id))
+            .await
+            .map_err(|error| storage("cannot read a task record", error))?;
+        // A deleted record (purged dead letter, pruned task) leaves a
+        // marker: its revision makes the new message id unique, so the
+        // broker's dedup window does not swallow the new task.
+        let marker = entry
+            .as_ref()
+            .filter(|entry| entry.operation != kv::Operation::Put)
+            .map(|entry| entry.revision);
+        let existing: Option<(Record, u64)> = match entry {
+            Some(entry) if entry.operation == kv::Operation::Put => Some((
+                serde_json::from_slice(&entry.value).map_err(|error| {
+                    storage(&format!("task record {:?} is corrupt", task.id), error)
+                })?,
+                entry.revision,
+            )),
+            _ => None,
+        };
         let generation = match &existing {
             Some((record, _)) => {
                 let live = matches!(record.task.state, TaskState::Queued | TaskState::Running);
@@ -965,13 +1031,13 @@ impl Inner {
             created_ms: now,
             payload: task.payload,
         };
-        let duplicate = self.publish(&envelope).await?;
+        let id = match marker {
+            Some(revision) => format!("{}#d{revision}", task.id),
+            None => msg_id(&task.id, generation),
+        };
+        let duplicate = self.publish(&envelope, &id).await?;
         let mut record = Record::from_envelope(&envelope, now);
-        if let Some((old, _)) = &existing {
-            record.task.attempts = old.task.attempts;
-            record.task.history.clone_from(&old.task.history);
-        }
-        let revision = existing.map_or(0, |(_, revision)| revision);
+        let revision = existing.map_or(marker.unwrap_or(0), |(_, revision)| revision);
         // Losing this race is fine: a consumer (or another submitter)
         // wrote the record from the same message.
         self.write(&mut record, revision).await?;
@@ -985,6 +1051,15 @@ impl Inner {
     /// Takes up to `request.max` messages, highest priority first.
     async fn take(self: &Arc<Self>, request: &LeaseRequest) -> Result<Vec<Lease>, QueueError> {
         let mut leases = Vec::new();
+        self.take_into(request, &mut leases).await?;
+        Ok(leases)
+    }
+
+    async fn take_into(
+        self: &Arc<Self>,
+        request: &LeaseRequest,
+        leases: &mut Vec<Lease>,
+    ) -> Result<(), QueueError> {
         for rank in 0..4 {
             if leases.len() >= request.max {
                 break;
@@ -997,14 +1072,21 @@ impl Inner {
                 .messages()
                 .await
                 .map_err(|error| storage("cannot fetch tasks", error))?;
+            // A pull request lost with the connection never ends: bound
+            // it. Messages taken so far are ours; others come again after
+            // ack_wait.
+            let deadline = tokio::time::Instant::now() + self.request_timeout;
             let mut messages = Vec::new();
-            while let Some(message) = batch.next().await {
-                match message {
-                    Ok(message) => messages.push(message),
-                    Err(error) => {
-                        // The messages taken so far are ours; the others
-                        // come again.
+            loop {
+                match tokio::time::timeout_at(deadline, batch.next()).await {
+                    Ok(Some(Ok(message))) => messages.push(message),
+                    Ok(None) => break,
+                    Ok(Some(Err(error))) => {
                         tracing::warn!(%error, "task fetch ended early");
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::warn!("task fetch got no answer in broker.request_timeout");
                         break;
                     }
                 }
@@ -1018,7 +1100,7 @@ impl Inner {
                 }
             }
         }
-        Ok(leases)
+        Ok(())
     }
 
     /// Turns one delivered message into a lease, or settles it when its
@@ -1035,7 +1117,8 @@ impl Inner {
             Ok(envelope) => envelope,
             Err(error) => {
                 tracing::error!(subject = %message.subject, %error, "dropping a task message that is not a flotilla task");
-                self.settle_message(&reply, Bytes::from_static(b"+TERM")).await;
+                self.settle_message(&reply, Bytes::from_static(b"+TERM"))
+                    .await;
                 return Ok(None);
             }
         };
@@ -1047,7 +1130,8 @@ impl Inner {
             };
             if record.generation > envelope.generation {
                 // A message of an earlier life of this task.
-                self.settle_message(&reply, Bytes::from_static(b"+ACK")).await;
+                self.settle_message(&reply, Bytes::from_static(b"+ACK"))
+                    .await;
                 return Ok(None);
             }
             if record.generation < envelope.generation {
@@ -1066,12 +1150,14 @@ impl Inner {
             }
             match record.task.state {
                 TaskState::Completed => {
-                    self.settle_message(&reply, Bytes::from_static(b"+ACK")).await;
+                    self.settle_message(&reply, Bytes::from_static(b"+ACK"))
+                        .await;
                     return Ok(None);
                 }
                 TaskState::DeadLettered => {
                     self.send_dead_letter(&record).await?;
-                    self.settle_message(&reply, Bytes::from_static(b"+TERM")).await;
+                    self.settle_message(&reply, Bytes::from_static(b"+TERM"))
+                        .await;
                     return Ok(None);
                 }
                 TaskState::Running => {
@@ -1088,13 +1174,10 @@ impl Inner {
                     );
                     record.end_attempt(attempt, &end, now);
                     record.requeue(now);
-                    self.held
-                        .lock()
-                        .expect("not poisoned")
-                        .remove(&LeaseKey {
-                            task_id: record.task.id.clone(),
-                            attempt,
-                        });
+                    self.held.lock().expect("not poisoned").remove(&LeaseKey {
+                        task_id: record.task.id.clone(),
+                        attempt,
+                    });
                 }
                 TaskState::Queued => {
                     if record.task.visible_ms > now + 50 {
@@ -1118,7 +1201,8 @@ impl Inner {
                     continue;
                 }
                 self.send_dead_letter(&record).await?;
-                self.settle_message(&reply, Bytes::from_static(b"+TERM")).await;
+                self.settle_message(&reply, Bytes::from_static(b"+TERM"))
+                    .await;
                 return Ok(None);
             }
             let number = record.task.attempts + 1;
@@ -1138,9 +1222,9 @@ impl Inner {
                 outcome: None,
                 detail: None,
             });
-            if self.write(&mut record, revision).await?.is_none() {
+            let Some(revision) = self.write(&mut record, revision).await? else {
                 continue;
-            }
+            };
             let key = LeaseKey {
                 task_id: record.task.id.clone(),
                 attempt: number,
@@ -1150,6 +1234,7 @@ impl Inner {
                 Held {
                     reply,
                     deadline_ms,
+                    cached: Some((record.clone(), revision)),
                 },
             );
             return Ok(Some(Lease {
@@ -1163,7 +1248,8 @@ impl Inner {
             }));
         }
         // The record kept changing: leave the message to come again.
-        self.settle_message(&reply, Bytes::from_static(b"-NAK")).await;
+        self.settle_message(&reply, Bytes::from_static(b"-NAK"))
+            .await;
         Ok(None)
     }
 
@@ -1218,7 +1304,7 @@ impl Inner {
     ) -> Result<(), QueueError> {
         let mut reply = None;
         let mut agent = String::new();
-        self.update(&key.task_id, |record| {
+        self.update(&key.task_id, Some(key), |record| {
             if !record.holds(key) {
                 return Err(record.stale(key));
             }
@@ -1314,11 +1400,13 @@ fn nak(delay: Duration) -> Bytes {
 /// Sends `+WPI` for every held lease whose deadline is ahead, every third
 /// of `ack_wait`.
 async fn keep_alive(inner: std::sync::Weak<Inner>) {
-    let every = match inner.upgrade() {
-        Some(inner) => (inner.ack_wait / 3).max(Duration::from_millis(100)),
-        None => return,
-    };
     loop {
+        let every = match inner.upgrade() {
+            Some(inner) => {
+                (*inner.ack_wait.lock().expect("not poisoned") / 3).max(Duration::from_millis(100))
+            }
+            None => return,
+        };
         tokio::time::sleep(every).await;
         let Some(inner) = inner.upgrade() else {
             return;
@@ -1355,8 +1443,17 @@ async fn release_returned(
                     None,
                     "the lease was dropped without an outcome",
                 );
-                if let Err(error) = inner.requeue(&key, Duration::ZERO, &end, true).await {
-                    tracing::debug!(task = %key, %error, "a dropped lease was already settled");
+                match inner.requeue(&key, Duration::ZERO, &end, true).await {
+                    Ok(()) => {}
+                    Err(error @ (QueueError::StaleLease { .. } | QueueError::NotFound { .. })) => {
+                        tracing::debug!(task = %key, %error, "a dropped lease was already settled");
+                    }
+                    Err(error) => {
+                        // No more keep-alives: the broker hands the task
+                        // out again after ack_wait.
+                        inner.unhold(&key);
+                        tracing::warn!(task = %key, %error, "could not release a dropped lease; it returns after broker.ack_wait");
+                    }
                 }
             }
             Returned::Barrier(done) => {
@@ -1473,7 +1570,7 @@ impl TaskQueue for JetStreamQueue {
         let mut reply = None;
         let outcome = self
             .inner
-            .update(&key.task_id, |record| {
+            .update(&key.task_id, Some(key), |record| {
                 if record.task.state == TaskState::Completed && record.task.attempts == key.attempt
                 {
                     return Ok(Change::Keep(AckOutcome::AlreadyCompleted));
@@ -1533,7 +1630,7 @@ impl TaskQueue for JetStreamQueue {
             self.inner.now() + u64::try_from(extend.as_millis()).unwrap_or(u64::MAX / 2);
         let mut reply = None;
         self.inner
-            .update(&key.task_id, |record| {
+            .update(&key.task_id, Some(key), |record| {
                 if !record.holds(key) {
                     return Err(record.stale(key));
                 }
@@ -1567,7 +1664,7 @@ impl TaskQueue for JetStreamQueue {
         let mut reply = None;
         let mut dead = None;
         self.inner
-            .update(&key.task_id, |record| {
+            .update(&key.task_id, Some(key), |record| {
                 if !record.holds(key) {
                     return Err(record.stale(key));
                 }
@@ -1596,8 +1693,7 @@ impl TaskQueue for JetStreamQueue {
         let owner = self.inner.settings.owner.clone();
         let mut count = 0;
         for (record, _) in self.inner.all_records().await? {
-            if record.task.state != TaskState::Running || record.owner.as_deref() != Some(&owner)
-            {
+            if record.task.state != TaskState::Running || record.owner.as_deref() != Some(&owner) {
                 continue;
             }
             let key = LeaseKey {
@@ -1659,7 +1755,12 @@ impl TaskQueue for JetStreamQueue {
             .into_iter()
             .map(|(record, _)| record.task)
             .filter(|task| filter.state.is_none_or(|state| task.state == state))
-            .filter(|task| filter.agent.as_ref().is_none_or(|agent| &task.agent == agent))
+            .filter(|task| {
+                filter
+                    .agent
+                    .as_ref()
+                    .is_none_or(|agent| &task.agent == agent)
+            })
             .collect();
         tasks.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
         tasks.truncate(filter.limit);
@@ -1686,11 +1787,13 @@ impl TaskQueue for JetStreamQueue {
         for record in records {
             let mut envelope = record.envelope();
             envelope.generation += 1;
-            self.inner.publish(&envelope).await?;
+            self.inner
+                .publish(&envelope, &msg_id(&envelope.id, envelope.generation))
+                .await?;
             let generation = envelope.generation;
             let now = self.inner.now();
             self.inner
-                .update(&record.task.id, |record| {
+                .update(&record.task.id, None, |record| {
                     if record.generation >= generation {
                         // A daemon took the new message already.
                         return Ok(Change::Keep(()));

@@ -27,9 +27,9 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    AckOutcome, Attempt, exhausted_reason, AttemptEnd, AttemptOutcome, Lease, LeaseGuard, LeaseKey, LeaseRequest,
+    AckOutcome, Attempt, AttemptEnd, AttemptOutcome, Lease, LeaseGuard, LeaseKey, LeaseRequest,
     ListFilter, NewTask, Priority, QueueError, Returned, Selection, StateCounts, SubmitReceipt,
-    TaskQueue, TaskRecord, TaskState, bound_reason, validate_task_id,
+    TaskQueue, TaskRecord, TaskState, bound_reason, exhausted_reason, validate_task_id,
 };
 use crate::clock::{SharedClock, UnixMillis};
 
