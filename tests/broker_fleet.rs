@@ -41,21 +41,42 @@ retry = {{ max_deliver = 20, backoff = ["20ms"] }}
     ))
 }
 
-fn spawn_named(fleet: &Fleet, name: &str) -> Child {
-    std::process::Command::new(flotilla_bin())
-        .args([
-            "-c",
-            fleet.config_path.to_str().unwrap(),
-            "up",
-            "--name",
-            name,
-        ])
-        .env("FLOTILLA_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .expect("daemon spawns")
+/// A daemon process, killed if the test ends without stopping it (a
+/// failed assertion must not leave daemons behind).
+struct Running(Option<Child>);
+
+impl Running {
+    fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("running")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn spawn_named(fleet: &Fleet, name: &str) -> Running {
+    Running(Some(
+        std::process::Command::new(flotilla_bin())
+            .args([
+                "-c",
+                fleet.config_path.to_str().unwrap(),
+                "up",
+                "--name",
+                name,
+            ])
+            .env("FLOTILLA_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("daemon spawns"),
+    ))
 }
 
 async fn submit_all(fleet: &Fleet, prefix: &str) -> Vec<String> {
@@ -127,9 +148,10 @@ async fn check_all_completed_once(queue: &dyn TaskQueue, ids: &[String]) {
 }
 
 /// A graceful stop is prompt, whatever the broker went through.
-fn stop(mut daemon: Child) {
-    signal(&daemon, Signal::SIGTERM);
-    let status = wait_exit(&mut daemon, Duration::from_secs(10));
+fn stop(mut daemon: Running) {
+    signal(daemon.child(), Signal::SIGTERM);
+    let status = wait_exit(daemon.child(), Duration::from_secs(10));
+    daemon.0 = None;
     assert!(status.success(), "{status:?}");
 }
 
@@ -156,8 +178,8 @@ async fn two_daemons_share_the_work_and_survive_a_kill_9() {
         .collect();
     assert_eq!(names, ["a", "b"], "{status}");
     assert_eq!(status["agents"][0]["replicas"].as_array().unwrap().len(), 8);
-    signal(&a, Signal::SIGKILL);
-    wait_exit(&mut a, Duration::from_secs(5));
+    signal(a.child(), Signal::SIGKILL);
+    wait_exit(a.child(), Duration::from_secs(5));
     wait_finished(
         queue.as_ref(),
         TASKS as u64,

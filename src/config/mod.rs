@@ -631,7 +631,7 @@ impl BrokerConfig {
                 ),
             );
         }
-        // A submit retries a timed-out publish up to 5 times with the same
+        // A submit tries a timed-out publish up to 5 times in all with the same
         // message id: the broker must remember the id that long.
         let retry_span = self.request_timeout.get() * 6 + std::time::Duration::from_secs(2);
         if self.duplicate_window.get() < retry_span {
