@@ -278,3 +278,136 @@ async fn a_three_node_cluster_loses_a_node_and_no_task() {
     stop(a);
     stop(b);
 }
+
+/// A daemon runs only the agents it is given; another daemon runs the
+/// rest, and `status` shows which daemon runs which replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemons_can_split_the_agents_between_them() {
+    let Some(server) = NatsServer::start("daemons_can_split_the_agents_between_them") else {
+        return;
+    };
+    let fleet = Fleet::new(&format!(
+        r#"
+[broker]
+url = "{}"
+
+[agents.alpha]
+command = {agent}
+
+[agents.beta]
+command = {agent}
+"#,
+        server.url,
+        agent = example_agent(&["--work-ms", "1"])
+    ));
+    for agent in ["alpha", "beta"] {
+        let id = format!("{agent}-1");
+        let submitted = fleet.cli(&["submit", "--agent", agent, "--id", &id, "--payload", "{}"]);
+        assert!(
+            submitted.status.success(),
+            "{}",
+            String::from_utf8_lossy(&submitted.stderr)
+        );
+    }
+    let queue = client(&fleet).await;
+    let a = std::process::Command::new(flotilla_bin())
+        .args([
+            "-c",
+            fleet.config_path.to_str().unwrap(),
+            "up",
+            "--name",
+            "a",
+            "--agents",
+            "alpha",
+        ])
+        .env("FLOTILLA_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map(|child| Running(Some(child)))
+        .unwrap();
+    wait_finished(queue.as_ref(), 1, Duration::from_secs(30), "alpha's task").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let beta = queue.get("beta-1").await.unwrap().unwrap();
+    assert_eq!(beta.state, TaskState::Queued, "no daemon runs beta yet");
+    let b = spawn_named(&fleet, "b");
+    // `b` runs every agent: both daemons now serve alpha, only b serves beta.
+    wait_finished(queue.as_ref(), 2, Duration::from_secs(30), "beta's task").await;
+    let shown = fleet.cli(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let daemons_of = |agent: &str| -> Vec<String> {
+        let agent = status["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == agent)
+            .unwrap();
+        let mut names: Vec<String> = agent["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["daemon"].as_str().unwrap().to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(daemons_of("alpha"), ["a", "b"], "{status}");
+    assert_eq!(daemons_of("beta"), ["b"], "{status}");
+    stop(a);
+    stop(b);
+}
+
+/// Token and user/password auth, and a clear error for a wrong secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_connection_authenticates() {
+    let Some(token_server) =
+        NatsServer::start_with("the_broker_connection_authenticates", &["--auth", "s3cret"])
+    else {
+        return;
+    };
+    let Some(user_server) = NatsServer::start_with(
+        "the_broker_connection_authenticates",
+        &["--user", "fleet", "--pass", "hunter2"],
+    ) else {
+        return;
+    };
+    let cases = [
+        (
+            format!("url = \"{}\"\ntoken = \"s3cret\"", token_server.url),
+            true,
+        ),
+        (
+            format!("url = \"{}\"\ntoken = \"wrong\"", token_server.url),
+            false,
+        ),
+        (
+            format!(
+                "url = \"{}\"\nuser = \"fleet\"\npassword = \"hunter2\"",
+                user_server.url
+            ),
+            true,
+        ),
+        (
+            format!(
+                "url = \"{}\"\nuser = \"fleet\"\npassword = \"nope\"",
+                user_server.url
+            ),
+            false,
+        ),
+    ];
+    for (broker, ok) in cases {
+        let fleet = Fleet::new(&format!(
+            "[broker]\n{broker}\nconnect_timeout = \"2s\"\n\n[agents.worker]\ncommand = [\"true\"]\n"
+        ));
+        let shown = fleet.cli(&["status"]);
+        let stderr = String::from_utf8_lossy(&shown.stderr);
+        assert_eq!(shown.status.success(), ok, "{broker}: {stderr}");
+        if !ok {
+            assert!(stderr.contains("cannot connect to"), "{stderr}");
+            assert!(
+                !stderr.contains("nope") && !stderr.contains("wrong"),
+                "no secret in errors: {stderr}"
+            );
+        }
+    }
+}

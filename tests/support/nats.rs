@@ -72,10 +72,15 @@ impl NatsServer {
     /// Under `CI=true` without a nats-server, or when the server does not
     /// come up within 10 s.
     pub fn start(test: &str) -> Option<Self> {
+        Self::start_with(test, &[])
+    }
+
+    /// [`Self::start`] with extra command-line arguments (e.g. auth).
+    pub fn start_with(test: &str, extra: &[&str]) -> Option<Self> {
         let binary = binary_for(test)?;
         let store = tempfile::tempdir().expect("temp store dir");
         let port = free_port();
-        let args = vec![
+        let mut args = vec![
             "-a".to_string(),
             "127.0.0.1".into(),
             "-p".into(),
@@ -84,6 +89,7 @@ impl NatsServer {
             "-sd".into(),
             store.path().display().to_string(),
         ];
+        args.extend(extra.iter().map(ToString::to_string));
         Some(Self::spawn(binary, args, port, store))
     }
 
