@@ -411,3 +411,142 @@ async fn the_broker_connection_authenticates() {
         }
     }
 }
+
+/// Runs openssl with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let output = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        output.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Mutual TLS: the server verifies the client's certificate, flotilla
+/// verifies the server's against the given CA; without a client
+/// certificate the connection is refused with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_connection_speaks_mutual_tls() {
+    let test = "the_broker_connection_speaks_mutual_tls";
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        let message = format!("{test}: openssl not found (it makes the test certificates)");
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{message}; CI=true requires it"
+        );
+        eprintln!("\n!!! SKIPPED {message}\n");
+        return;
+    }
+    let certs = tempfile::tempdir().unwrap();
+    let dir = certs.path();
+    let days = ["-days", "2"];
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-subj",
+            "/CN=flotilla test CA",
+            days[0],
+            days[1],
+        ],
+    );
+    // Extensions make version 3 certificates, the only kind rustls takes.
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName = IP:127.0.0.1\nextendedKeyUsage = serverAuth\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage = clientAuth\n").unwrap();
+    for name in ["server", "client"] {
+        let key = format!("{name}.key");
+        let csr = format!("{name}.csr");
+        let pem = format!("{name}.pem");
+        let subject = format!("/CN={name}");
+        openssl(
+            dir,
+            &[
+                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj",
+                &subject,
+            ],
+        );
+        let mut sign = vec![
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            days[0],
+            days[1],
+        ];
+        let ext = format!("{name}.ext");
+        sign.extend(["-extfile", &ext]);
+        openssl(dir, &sign);
+    }
+    let path = |name: &str| dir.join(name).display().to_string();
+    let Some(server) = NatsServer::start_with(
+        test,
+        &[
+            "--tlsverify",
+            "--tlscert",
+            &path("server.pem"),
+            "--tlskey",
+            &path("server.key"),
+            "--tlscacert",
+            &path("ca.pem"),
+        ],
+    ) else {
+        return;
+    };
+    let url = server.url.replace("nats://", "tls://");
+    let with_cert = format!(
+        "url = \"{url}\"\ntls_ca = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntls_required = true",
+        path("ca.pem"),
+        path("client.pem"),
+        path("client.key")
+    );
+    let without_cert = format!(
+        "url = \"{url}\"\ntls_ca = \"{}\"\ntls_required = true",
+        path("ca.pem")
+    );
+    for (broker, ok) in [(with_cert, true), (without_cert, false)] {
+        let fleet = Fleet::new(&format!(
+            "[broker]\n{broker}\nconnect_timeout = \"2s\"\n\n[agents.worker]\ncommand = [\"true\"]\n"
+        ));
+        let submitted = fleet.cli(&[
+            "submit",
+            "--agent",
+            "worker",
+            "--id",
+            "tls-1",
+            "--payload",
+            "{}",
+        ]);
+        let stderr = String::from_utf8_lossy(&submitted.stderr);
+        assert_eq!(submitted.status.success(), ok, "{broker}: {stderr}");
+        if !ok {
+            assert!(stderr.contains("cannot connect to"), "{stderr}");
+        }
+    }
+}
