@@ -472,6 +472,60 @@ retry = { max_deliver = 0 }
     }
 
     #[test]
+    fn broker_section_and_its_rules() {
+        let config = parse_ok(
+            "[broker]\nurl = \"nats://10.0.0.1:4222, nats://10.0.0.2:4222\"\nreplicas = 3\n\n[agents.a]\ncommand = [\"a\"]\n",
+        );
+        let broker = config.broker.unwrap();
+        assert_eq!(
+            broker.urls(),
+            ["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"]
+        );
+        assert_eq!(
+            (broker.replicas, broker.namespace.as_str()),
+            (3, "flotilla")
+        );
+        assert!(parse_ok("[agents.a]\ncommand = [\"a\"]\n").broker.is_none());
+
+        let found = problems(
+            r#"
+            [daemon]
+            name = "bad name"
+            agents = ["a", "ghost"]
+
+            [broker]
+            url = ""
+            namespace = "Fleet"
+            replicas = 2
+            request_timeout = "30s"
+            duplicate_window = "1m"
+            token = "t"
+            creds_file = "x.creds"
+            tls_cert = "c.pem"
+
+            [agents.a]
+            command = ["a"]
+            "#,
+        );
+        let all: Vec<String> = found.iter().map(ToString::to_string).collect();
+        for expected in [
+            "daemon.name",
+            "unknown agent \"ghost\"",
+            "broker.url",
+            "broker.namespace",
+            "broker.replicas",
+            "broker.duplicate_window",
+            "not several",
+            "tls_cert and tls_key",
+        ] {
+            assert!(
+                all.iter().any(|p| p.contains(expected)),
+                "{expected} missing from {all:#?}"
+            );
+        }
+    }
+
+    #[test]
     fn a_bad_mode_does_not_cause_knock_on_errors() {
         let found = problems(
             "[agents.a]\ncommand = [\"x\"]\nmode = \"oneshott\"\nfatal_exit_codes = [3]\n",

@@ -1836,3 +1836,74 @@ impl TaskQueue for JetStreamQueue {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_become_keys_and_subject_tokens() {
+        assert_eq!(escape("build-42/retry_1"), "build-42/retry_1");
+        assert_eq!(escape("a.b:c@d=e"), "a=2Eb=3Ac=40d=3De");
+        // Distinct ids stay distinct, and no token is empty.
+        assert_ne!(escape("a.b"), escape("a=2Eb"));
+        assert_eq!(record_key("x..y"), "t.x=2E=2Ey");
+        assert_eq!(msg_id("t1", 0), "t1");
+        assert_eq!(msg_id("t1", 2), "t1#2");
+    }
+
+    #[test]
+    fn naks_carry_their_delay_in_nanoseconds() {
+        assert_eq!(&nak(Duration::ZERO)[..], b"-NAK");
+        assert_eq!(
+            &nak(Duration::from_millis(1500))[..],
+            br#"-NAK {"delay":1500000000}"#
+        );
+    }
+
+    #[test]
+    fn attempts_end_by_number_and_requeue_clears_the_holder() {
+        let envelope = Envelope {
+            id: "t".into(),
+            agent: "a".into(),
+            priority: Priority::High,
+            generation: 0,
+            created_ms: 5,
+            payload: serde_json::json!({"x": 1}),
+        };
+        let mut record = Record::from_envelope(&envelope, 10);
+        record.task.attempts = 1;
+        record.task.state = TaskState::Running;
+        record.owner = Some("d".into());
+        record.reply = Some("$JS.ACK.x".into());
+        record.task.history.push(Attempt {
+            number: 1,
+            started_ms: 10,
+            ended_ms: None,
+            replica: None,
+            outcome: None,
+            detail: None,
+        });
+        let key = LeaseKey {
+            task_id: "t".into(),
+            attempt: 1,
+        };
+        assert!(record.holds(&key));
+        record.end_attempt(
+            1,
+            &AttemptEnd::new(AttemptOutcome::Error, Some("a/0".into()), "boom"),
+            20,
+        );
+        record.requeue(30);
+        assert!(!record.holds(&key));
+        assert_eq!(record.task.history[0].outcome, Some(AttemptOutcome::Error));
+        assert_eq!(record.task.history[0].replica.as_deref(), Some("a/0"));
+        assert_eq!((record.owner.as_ref(), record.reply.as_ref()), (None, None));
+        assert_eq!(record.envelope().priority, Priority::High);
+        // The stored form round-trips with the public record flattened in.
+        let stored = serde_json::to_value(&record).unwrap();
+        assert_eq!(stored["id"], "t");
+        let back: Record = serde_json::from_value(stored).unwrap();
+        assert_eq!(back.task, record.task);
+    }
+}
