@@ -141,6 +141,12 @@ impl Daemon {
                     .await
                     .context("cannot open the broker")?;
                 refuse_namesake(&store, &identity, &config, clock.now_ms()).await?;
+                // The server's fsync setting cannot be read by a client.
+                if broker.replicas == 1 {
+                    tracing::warn!(
+                        "broker.replicas = 1: nats-server acknowledges writes before it fsyncs them (every 2 minutes unless `sync_interval: always`), so a power loss of the broker machine can lose acknowledged tasks; use 3 replicas on a cluster, see \"Durability on a broker\" in docs/operations.md"
+                    );
+                }
                 // Unique per broker, namespace and daemon name: a daemon of
                 // another fleet on this machine is never swept.
                 let instance = format!(

@@ -160,6 +160,28 @@ async fn a_purged_id_can_be_submitted_again() {
     leases[0].settle();
     assert_eq!(queue.purge(&Selection::All).await.unwrap(), 1);
     assert!(queue.get("p1").await.unwrap().is_none());
+    // A message of the purged life left behind (say its +TERM was lost)
+    // does not bring the task back.
+    let client = async_nats::connect(&server.url).await.unwrap();
+    let leftover = json!({
+        "id": "p1", "agent": "worker", "priority": "normal", "life": 0,
+        "generation": 0, "created_ms": 1, "payload": {"stale": true}
+    });
+    async_nats::jetstream::new(client)
+        .publish("purge.tasks.worker.2", leftover.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let none = queue
+        .lease(
+            &request("conformance", Duration::from_secs(30)),
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "the purged task stays purged");
+    assert!(queue.get("p1").await.unwrap().is_none());
     let again = queue.submit(vec![task("p1")]).await.unwrap();
     assert!(!again[0].duplicate, "{again:?}");
     let mut leases = queue
@@ -170,6 +192,7 @@ async fn a_purged_id_can_be_submitted_again() {
         .await
         .unwrap();
     assert_eq!(leases.len(), 1, "the new task is leasable");
+    assert_eq!(leases[0].payload, json!({"id": "p1"}), "the new payload");
     queue
         .ack(&leases[0].key, &json!(1), end(AttemptOutcome::Completed))
         .await

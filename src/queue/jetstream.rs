@@ -266,6 +266,10 @@ struct Envelope {
     id: String,
     agent: String,
     priority: Priority,
+    /// The revision of the delete marker this life of the id began on (0
+    /// for the first life); a purged task's messages are of older lives.
+    #[serde(default)]
+    life: u64,
     generation: u32,
     created_ms: UnixMillis,
     payload: Value,
@@ -276,8 +280,15 @@ struct Envelope {
 struct Record {
     #[serde(flatten)]
     task: TaskRecord,
+    /// See [`Envelope::life`].
+    #[serde(default)]
+    life: u64,
     /// Bumped each time the task is published again (replay, resubmit).
     generation: u32,
+    /// The delay of the last retry, bounding how long a message seen
+    /// early (its `-NAK` lost) is held back again.
+    #[serde(default)]
+    retry_delay_ms: u64,
     /// The daemon holding the current delivery.
     owner: Option<String>,
     /// Where the current delivery is settled (`+ACK`, `-NAK`, ...).
@@ -309,11 +320,18 @@ impl Record {
                 finished_ms: None,
                 history: Vec::new(),
             },
+            life: envelope.life,
             generation: envelope.generation,
+            retry_delay_ms: 0,
             owner: None,
             reply: None,
             write: 0,
         }
+    }
+
+    /// Which publication of the task this record follows, in order.
+    fn version(&self) -> (u64, u32) {
+        (self.life, self.generation)
     }
 
     fn envelope(&self) -> Envelope {
@@ -321,6 +339,7 @@ impl Record {
             id: self.task.id.clone(),
             agent: self.task.agent.clone(),
             priority: self.task.priority,
+            life: self.life,
             generation: self.generation,
             created_ms: self.task.created_ms,
             payload: self.task.payload.clone(),
@@ -430,12 +449,25 @@ fn record_key(id: &str) -> String {
     format!("t.{}", escape(id))
 }
 
-fn msg_id(id: &str, generation: u32) -> String {
-    if generation == 0 {
-        id.to_string()
-    } else {
-        format!("{id}#{generation}")
+/// The message id of a publication: unique per life and generation, so the
+/// broker's dedup window never swallows a new publication of an old id.
+fn msg_id(id: &str, life: u64, generation: u32) -> String {
+    match (life, generation) {
+        (0, 0) => id.to_string(),
+        (0, generation) => format!("{id}#{generation}"),
+        (life, 0) => format!("{id}#d{life}"),
+        (life, generation) => format!("{id}#d{life}#{generation}"),
     }
+}
+
+/// What the records bucket holds for a task id.
+enum Lookup {
+    /// A record, at this revision.
+    Record(Box<Record>, u64),
+    /// A delete marker (purged or pruned) at this revision.
+    Marker(u64),
+    /// Nothing ever.
+    Absent,
 }
 
 struct Inner {
@@ -711,9 +743,10 @@ async fn scan(
         })
         .await
         .map_err(|error| storage("cannot scan the bucket", error))?;
-    let mut out = Vec::new();
+    // Keys written during the scan come again: keep each key's latest.
+    let mut latest: BTreeMap<String, (Bytes, u64)> = BTreeMap::new();
     if consumer.cached_info().num_pending == 0 {
-        return Ok(out);
+        return Ok(Vec::new());
     }
     let mut messages = consumer
         .messages()
@@ -736,14 +769,29 @@ async fn scan(
             .as_ref()
             .and_then(|headers| headers.get("KV-Operation"))
             .is_some();
-        if !deleted && let Some(key) = message.subject.strip_prefix(prefix.as_str()) {
-            out.push((key.to_string(), message.payload.clone(), revision));
+        if let Some(key) = message.subject.strip_prefix(prefix.as_str()) {
+            if deleted {
+                latest.remove(key);
+            } else if latest.get(key).is_none_or(|(_, seen)| *seen < revision) {
+                latest.insert(key.to_string(), (message.payload.clone(), revision));
+            }
         }
         if pending == 0 {
             break;
         }
     }
-    Ok(out)
+    Ok(latest
+        .into_iter()
+        .map(|(key, (bytes, revision))| (key, bytes, revision))
+        .collect())
+}
+
+/// Why a publish failed.
+enum PublishFailure {
+    /// Larger than the broker's `max_payload`.
+    TooLarge,
+    /// Anything else, after the retries.
+    Failed(String),
 }
 
 /// What a record update decided.
@@ -770,33 +818,57 @@ impl Inner {
 
     /// Tells every daemon that `agent` has a task ready.
     async fn ring(&self, agent: &str) {
-        let _ = self
+        let publish = self
             .client
-            .publish(self.names.wake_subject(agent), Bytes::new())
-            .await;
+            .publish(self.names.wake_subject(agent), Bytes::new());
+        let _ = tokio::time::timeout(self.request_timeout, publish).await;
     }
 
     async fn settle_message(&self, reply: &str, verb: Bytes) {
-        if let Err(error) = self.client.publish(reply.to_string(), verb).await {
+        let publish = self.client.publish(reply.to_string(), verb);
+        match tokio::time::timeout(self.request_timeout, publish).await {
+            Ok(Ok(())) => {}
             // Lost with the connection: the broker redelivers the message
             // after ack_wait and its record decides what happens.
-            tracing::warn!(%error, "could not settle a task message");
+            Ok(Err(error)) => tracing::warn!(%error, "could not settle a task message"),
+            Err(_) => tracing::warn!("could not settle a task message: the connection is down"),
         }
     }
 
-    async fn entry(&self, id: &str) -> Result<Option<(Record, u64)>, QueueError> {
+    async fn lookup(&self, id: &str) -> Result<Lookup, QueueError> {
         let entry = self
-            .records
-            .entry(record_key(id))
-            .await
-            .map_err(|error| storage("cannot read a task record", error))?;
+            .bounded("read a task record", self.records.entry(record_key(id)))
+            .await?;
         match entry {
             Some(entry) if entry.operation == kv::Operation::Put => {
                 let record = serde_json::from_slice(&entry.value)
                     .map_err(|error| storage(&format!("task record {id:?} is corrupt"), error))?;
-                Ok(Some((record, entry.revision)))
+                Ok(Lookup::Record(Box::new(record), entry.revision))
             }
-            _ => Ok(None),
+            Some(entry) => Ok(Lookup::Marker(entry.revision)),
+            None => Ok(Lookup::Absent),
+        }
+    }
+
+    async fn entry(&self, id: &str) -> Result<Option<(Record, u64)>, QueueError> {
+        match self.lookup(id).await? {
+            Lookup::Record(record, revision) => Ok(Some((*record, revision))),
+            Lookup::Marker(_) | Lookup::Absent => Ok(None),
+        }
+    }
+
+    /// Awaits a broker call for at most `broker.request_timeout`: while the
+    /// connection is down, the client's queue fills and a call could
+    /// otherwise wait as long as the outage.
+    async fn bounded<T, E: std::fmt::Display>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, QueueError> {
+        match tokio::time::timeout(self.request_timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(storage(&format!("cannot {what}"), error)),
+            Err(_) => Err(storage(&format!("cannot {what}"), "timed out")),
         }
     }
 
@@ -811,37 +883,47 @@ impl Inner {
         }
         let key = record_key(&record.task.id);
         let bytes = Bytes::from(serde_json::to_vec(record).expect("record serializes"));
-        let written = if revision == 0 {
-            self.records
-                .create(&key, bytes)
-                .await
-                .map_err(|error| match error.kind() {
-                    kv::CreateErrorKind::AlreadyExists => None,
-                    _ => Some(error.to_string()),
-                })
-        } else {
-            self.records
-                .update(&key, bytes, revision)
-                .await
-                .map_err(|error| match error.kind() {
-                    kv::UpdateErrorKind::WrongLastRevision => None,
-                    _ => Some(error.to_string()),
-                })
+        let call = async {
+            if revision == 0 {
+                self.records
+                    .create(&key, bytes)
+                    .await
+                    .map_err(|error| match error.kind() {
+                        kv::CreateErrorKind::AlreadyExists => None,
+                        _ => Some(error.to_string()),
+                    })
+            } else {
+                self.records
+                    .update(&key, bytes, revision)
+                    .await
+                    .map_err(|error| match error.kind() {
+                        kv::UpdateErrorKind::WrongLastRevision => None,
+                        _ => Some(error.to_string()),
+                    })
+            }
+        };
+        let written = match tokio::time::timeout(self.request_timeout, call).await {
+            Ok(written) => written,
+            Err(_) => Err(Some("timed out".to_string())),
         };
         match written {
             Ok(revision) => Ok(Some(revision)),
-            Err(None) => Ok(None),
-            Err(Some(error)) => {
-                // The reply may have been lost after the write applied:
-                // the record says whether it did.
+            Err(error) => {
+                // A conflict may be our own write, applied under a reply
+                // that was lost (the client then retries and finds it), and
+                // a failure may have applied too: the record says which.
                 match self.entry(&record.task.id).await {
                     Ok(Some((stored, revision))) if stored.write == record.write => {
                         Ok(Some(revision))
                     }
-                    Ok(_) => Err(storage("cannot write a task record", error)),
+                    Ok(_) if error.is_none() => Ok(None),
+                    Ok(_) => Err(storage(
+                        "cannot write a task record",
+                        error.unwrap_or_default(),
+                    )),
                     Err(read) => Err(storage(
                         "cannot write a task record",
-                        format!("{error}; and then: {read}"),
+                        format!("{}; and then: {read}", error.unwrap_or_default()),
                     )),
                 }
             }
@@ -870,10 +952,26 @@ impl Inner {
                 Some(found) => found,
                 None => match self.entry(id).await? {
                     Some(found) => found,
-                    None => return Err(QueueError::NotFound { id: id.to_string() }),
+                    None => {
+                        if let Some(key) = lease {
+                            self.unhold(key);
+                        }
+                        return Err(QueueError::NotFound { id: id.to_string() });
+                    }
                 },
             };
-            match decide(&mut record)? {
+            let decided = match decide(&mut record) {
+                Ok(decided) => decided,
+                Err(error) => {
+                    // The lease is gone: stop keeping its message alive,
+                    // which now belongs to another delivery.
+                    if let Some(key) = lease {
+                        self.unhold(key);
+                    }
+                    return Err(error);
+                }
+            };
+            match decided {
                 Change::Keep(answer) => return Ok(answer),
                 Change::Write(answer) => {
                     if let Some(revision) = self.write(&mut record, revision).await? {
@@ -944,43 +1042,70 @@ impl Inner {
     async fn publish(&self, envelope: &Envelope, id: &str) -> Result<bool, QueueError> {
         let subject = self.names.task_subject(&envelope.agent, envelope.priority);
         let body = Bytes::from(serde_json::to_vec(envelope).expect("envelope serializes"));
+        self.publish_with_id(subject, id, body)
+            .await
+            .map_err(|failure| match failure {
+                PublishFailure::TooLarge => QueueError::Invalid(format!(
+                    "task {:?} is larger than the broker's max_payload",
+                    envelope.id
+                )),
+                PublishFailure::Failed(error) => {
+                    storage(&format!("cannot publish task {:?}", envelope.id), error)
+                }
+            })
+    }
+
+    /// Publishes `body` to a stream under message id `id`. A try that timed
+    /// out or lost the connection is made again with the same id (the
+    /// broker stores it once), up to [`PUBLISH_TRIES`] tries in all, each
+    /// bounded by `broker.request_timeout`. Returns whether the broker
+    /// already had the id from another publisher.
+    async fn publish_with_id(
+        &self,
+        subject: String,
+        id: &str,
+        body: Bytes,
+    ) -> Result<bool, PublishFailure> {
+        use jetstream::context::PublishErrorKind as Kind;
         let mut retried = false;
         let mut tries = 0;
         loop {
             tries += 1;
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", id);
-            let sent = match self
-                .js
-                .publish_with_headers(subject.clone(), headers, body.clone())
-                .await
-            {
-                Ok(ack) => ack.await,
-                Err(error) => Err(error),
+            let attempt = async {
+                match self
+                    .js
+                    .publish_with_headers(subject.clone(), headers, body.clone())
+                    .await
+                {
+                    Ok(ack) => ack.await,
+                    Err(error) => Err(error),
+                }
             };
-            match sent {
+            let error = match tokio::time::timeout(self.request_timeout, attempt).await {
                 // A duplicate after our own timed-out try is our message.
-                Ok(ack) => return Ok(ack.duplicate && !retried),
-                Err(error) => {
-                    use jetstream::context::PublishErrorKind as Kind;
-                    let passing = matches!(
+                Ok(Ok(ack)) => return Ok(ack.duplicate && !retried),
+                Ok(Err(error)) if error.kind() == Kind::MaxPayloadExceeded => {
+                    return Err(PublishFailure::TooLarge);
+                }
+                Ok(Err(error))
+                    if !matches!(
                         error.kind(),
                         Kind::TimedOut | Kind::BrokenPipe | Kind::Other
-                    );
-                    if !passing || tries >= PUBLISH_TRIES {
-                        return Err(match error.kind() {
-                            Kind::MaxPayloadExceeded => QueueError::Invalid(format!(
-                                "task {:?} is larger than the broker's max_payload",
-                                envelope.id
-                            )),
-                            _ => storage(&format!("cannot publish task {:?}", envelope.id), error),
-                        });
-                    }
-                    tracing::warn!(task = %envelope.id, %error, "publish failed; retrying with the same message id");
-                    retried = true;
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(tries))).await;
+                    ) =>
+                {
+                    return Err(PublishFailure::Failed(error.to_string()));
                 }
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => "timed out".to_string(),
+            };
+            if tries >= PUBLISH_TRIES {
+                return Err(PublishFailure::Failed(error));
             }
+            tracing::warn!(%subject, %error, "publish failed; retrying with the same message id");
+            retried = true;
+            tokio::time::sleep(Duration::from_millis(100 * u64::from(tries))).await;
         }
     }
 
@@ -988,56 +1113,49 @@ impl Inner {
     async fn submit_one(&self, task: NewTask) -> Result<SubmitReceipt, QueueError> {
         let now = self.now();
         let window = u64::try_from(self.settings.dedup_window.as_millis()).unwrap_or(u64::MAX);
-        let entry = self
-            .records
-            .entry(record_key(&task.id))
-            .await
-            .map_err(|error| storage("cannot read a task record", error))?;
-        // A deleted record (purged dead letter, pruned task) leaves a
-        // marker: its revision makes the new message id unique, so the
-        // broker's dedup window does not swallow the new task.
-        let marker = entry
-            .as_ref()
-            .filter(|entry| entry.operation != kv::Operation::Put)
-            .map(|entry| entry.revision);
-        let existing: Option<(Record, u64)> = match entry {
-            Some(entry) if entry.operation == kv::Operation::Put => Some((
-                serde_json::from_slice(&entry.value).map_err(|error| {
-                    storage(&format!("task record {:?} is corrupt", task.id), error)
-                })?,
-                entry.revision,
-            )),
-            _ => None,
-        };
-        let generation = match &existing {
-            Some((record, _)) => {
-                let live = matches!(record.task.state, TaskState::Queued | TaskState::Running);
-                if live || now.saturating_sub(record.task.created_ms) < window {
+        // (life, generation, attempts so far, revision to write over)
+        let (life, generation, attempts, revision) = match self.lookup(&task.id).await? {
+            Lookup::Record(record, revision) => {
+                // Queued, running and dead-lettered tasks are always
+                // duplicates (a dead letter waits for replay or purge);
+                // a completed one within the window.
+                let kept = record.task.state != TaskState::Completed
+                    || now.saturating_sub(record.task.created_ms) < window;
+                if kept {
                     return Ok(SubmitReceipt {
                         id: task.id,
                         duplicate: true,
                         state: record.task.state,
                     });
                 }
-                record.generation + 1
+                // Attempt numbers go on rising, so that a holder of an
+                // attempt of the earlier run can never settle this one.
+                (
+                    record.life,
+                    record.generation + 1,
+                    record.task.attempts,
+                    revision,
+                )
             }
-            None => 0,
+            // A deleted record (purged dead letter, pruned task) leaves a
+            // marker: a new life starts there, with its own message ids.
+            Lookup::Marker(marker) => (marker, 0, 0, marker),
+            Lookup::Absent => (0, 0, 0, 0),
         };
         let envelope = Envelope {
             id: task.id.clone(),
             agent: task.agent.clone(),
             priority: task.priority,
+            life,
             generation,
             created_ms: now,
             payload: task.payload,
         };
-        let id = match marker {
-            Some(revision) => format!("{}#d{revision}", task.id),
-            None => msg_id(&task.id, generation),
-        };
-        let duplicate = self.publish(&envelope, &id).await?;
+        let duplicate = self
+            .publish(&envelope, &msg_id(&task.id, life, generation))
+            .await?;
         let mut record = Record::from_envelope(&envelope, now);
-        let revision = existing.map_or(marker.unwrap_or(0), |(_, revision)| revision);
+        record.task.attempts = attempts;
         // Losing this race is fine: a consumer (or another submitter)
         // wrote the record from the same message.
         self.write(&mut record, revision).await?;
@@ -1060,18 +1178,22 @@ impl Inner {
         request: &LeaseRequest,
         leases: &mut Vec<Lease>,
     ) -> Result<(), QueueError> {
+        let mut failure = None;
         for rank in 0..4 {
             if leases.len() >= request.max {
                 break;
             }
             let priority = Priority::from_rank(rank);
             let consumer = self.consumer(&request.agent, priority).await?;
-            let mut batch = consumer
-                .fetch()
-                .max_messages(request.max - leases.len())
-                .messages()
-                .await
-                .map_err(|error| storage("cannot fetch tasks", error))?;
+            let mut batch = self
+                .bounded(
+                    "fetch tasks",
+                    consumer
+                        .fetch()
+                        .max_messages(request.max - leases.len())
+                        .messages(),
+                )
+                .await?;
             // A pull request lost with the connection never ends: bound
             // it. Messages taken so far are ours; others come again after
             // ack_wait.
@@ -1094,13 +1216,27 @@ impl Inner {
             let claims = messages
                 .into_iter()
                 .map(|message| self.claim(message, request));
+            // One failed claim does not throw away the others: its message
+            // comes again after ack_wait.
             for claimed in futures_util::future::join_all(claims).await {
-                if let Some(lease) = claimed? {
-                    leases.push(lease);
+                match claimed {
+                    Ok(Some(lease)) => leases.push(lease),
+                    Ok(None) => {}
+                    Err(error) if leases.is_empty() && failure.is_none() => {
+                        failure = Some(error);
+                    }
+                    Err(error) => tracing::warn!(%error, "could not claim a task"),
                 }
             }
         }
-        Ok(())
+        match failure {
+            Some(error) if leases.is_empty() => Err(error),
+            Some(error) => {
+                tracing::warn!(%error, "could not claim a task");
+                Ok(())
+            }
+            None => Ok(()),
+        }
     }
 
     /// Turns one delivered message into a lease, or settles it when its
@@ -1124,20 +1260,35 @@ impl Inner {
         };
         for _ in 0..CAS_TRIES {
             let now = self.now();
-            let (mut record, revision) = match self.entry(&envelope.id).await? {
-                Some(found) => found,
-                None => (Record::from_envelope(&envelope, now), 0),
+            let (mut record, revision) = match self.lookup(&envelope.id).await? {
+                Lookup::Record(record, revision) => (*record, revision),
+                // The record of a purged task is a marker: its messages are
+                // of older lives and must not bring it back.
+                Lookup::Marker(marker) if envelope.life < marker => {
+                    self.settle_message(&reply, Bytes::from_static(b"+ACK"))
+                        .await;
+                    return Ok(None);
+                }
+                // Its submitter died before writing the record.
+                Lookup::Marker(marker) => (Record::from_envelope(&envelope, now), marker),
+                Lookup::Absent => (Record::from_envelope(&envelope, now), 0),
             };
-            if record.generation > envelope.generation {
-                // A message of an earlier life of this task.
+            if record.version() > (envelope.life, envelope.generation) {
+                // A message of an earlier publication of this task.
                 self.settle_message(&reply, Bytes::from_static(b"+ACK"))
                     .await;
                 return Ok(None);
             }
-            if record.generation < envelope.generation {
-                // Republished (replay or resubmit) before its record said
-                // so: the message is the newer truth.
+            if record.version() < (envelope.life, envelope.generation) {
+                // Republished (replay, or resubmit of a completed task)
+                // before its record said so: the message is the newer
+                // truth. A resubmitted task starts without the old run's
+                // checkpoint.
                 let dead = record.task.state == TaskState::DeadLettered;
+                if !dead {
+                    record.task.checkpoint = None;
+                }
+                record.life = envelope.life;
                 record.generation = envelope.generation;
                 record.task.payload = envelope.payload.clone();
                 record.task.priority = envelope.priority;
@@ -1180,10 +1331,14 @@ impl Inner {
                     });
                 }
                 TaskState::Queued => {
-                    if record.task.visible_ms > now + 50 {
-                        // Naked with a delay whose -NAK was lost.
-                        let delay = Duration::from_millis(record.task.visible_ms - now);
-                        self.settle_message(&reply, nak(delay)).await;
+                    // Naked with a delay whose -NAK was lost: hold it back
+                    // for the rest of the delay, never longer than the
+                    // delay itself (clocks of daemons may disagree).
+                    let early = record.task.visible_ms.saturating_sub(now);
+                    let delay = early.min(record.retry_delay_ms);
+                    if record.task.attempts > 0 && delay > 50 {
+                        self.settle_message(&reply, nak(Duration::from_millis(delay)))
+                            .await;
                         return Ok(None);
                     }
                 }
@@ -1256,36 +1411,22 @@ impl Inner {
     /// Writes the dead letter of `record` to the DLQ stream (idempotent per
     /// replay).
     async fn send_dead_letter(&self, record: &Record) -> Result<(), QueueError> {
-        let mut headers = async_nats::HeaderMap::new();
-        let id = format!("{}#dlq{}", record.task.id, record.task.replays);
-        headers.insert("Nats-Msg-Id", id.as_str());
-        let body = serde_json::to_vec(&record.task).expect("record serializes");
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            let sent = match self
-                .js
-                .publish_with_headers(
-                    self.names.dlq_subject(&record.task.agent, &record.task.id),
-                    headers.clone(),
-                    Bytes::from(body.clone()),
-                )
-                .await
-            {
-                Ok(ack) => ack.await.map(|_| ()),
-                Err(error) => Err(error),
-            };
-            match sent {
-                Ok(()) => return Ok(()),
-                Err(error) if tries >= PUBLISH_TRIES => {
-                    return Err(storage("cannot write the dead letter", error));
-                }
-                Err(error) => {
-                    tracing::warn!(task = %record.task.id, %error, "dead letter publish failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(tries))).await;
-                }
-            }
-        }
+        let id = format!(
+            "{}#dlq{}.{}",
+            record.task.id, record.life, record.task.replays
+        );
+        let body = Bytes::from(serde_json::to_vec(&record.task).expect("record serializes"));
+        self.publish_with_id(
+            self.names.dlq_subject(&record.task.agent, &record.task.id),
+            &id,
+            body,
+        )
+        .await
+        .map(|_| ())
+        .map_err(|failure| match failure {
+            PublishFailure::TooLarge => storage("cannot write the dead letter", "too large"),
+            PublishFailure::Failed(error) => storage("cannot write the dead letter", error),
+        })
     }
 
     /// Takes `key` out of the held leases; its reply subject, from the
@@ -1315,7 +1456,9 @@ impl Inner {
             if refund {
                 record.task.charged_attempts = record.task.charged_attempts.saturating_sub(1);
             }
-            record.requeue(now + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX / 2));
+            let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX / 2);
+            record.retry_delay_ms = delay_ms;
+            record.requeue(now + delay_ms);
             Ok(Change::Write(()))
         })
         .await?;
@@ -1348,19 +1491,18 @@ impl Inner {
 
     /// Checks that every id of `selection` is a dead letter; returns their
     /// records (all dead letters for [`Selection::All`]).
-    async fn dead_letters(&self, selection: &Selection) -> Result<Vec<Record>, QueueError> {
+    async fn dead_letters(&self, selection: &Selection) -> Result<Vec<(Record, u64)>, QueueError> {
         match selection {
             Selection::All => Ok(self
                 .all_records()
                 .await?
                 .into_iter()
-                .map(|(record, _)| record)
-                .filter(|record| record.task.state == TaskState::DeadLettered)
+                .filter(|(record, _)| record.task.state == TaskState::DeadLettered)
                 .collect()),
             Selection::Ids(ids) => {
                 let mut records = Vec::new();
                 for id in ids {
-                    let Some((record, _)) = self.entry(id).await? else {
+                    let Some((record, revision)) = self.entry(id).await? else {
                         return Err(QueueError::NotFound { id: id.clone() });
                     };
                     if record.task.state != TaskState::DeadLettered {
@@ -1370,7 +1512,7 @@ impl Inner {
                             expected: TaskState::DeadLettered,
                         });
                     }
-                    records.push(record);
+                    records.push((record, revision));
                 }
                 Ok(records)
             }
@@ -1587,10 +1729,10 @@ impl TaskQueue for JetStreamQueue {
                 Ok(Change::Write(AckOutcome::Completed))
             })
             .await?;
+        // A repeated ack settles the message too, in case the first +ACK
+        // was lost.
         let held = self.inner.unhold(key);
-        if outcome == AckOutcome::Completed
-            && let Some(reply) = held.map(|held| held.reply).or(reply)
-        {
+        if let Some(reply) = held.map(|held| held.reply).or(reply) {
             self.inner
                 .settle_message(&reply, Bytes::from_static(b"+ACK"))
                 .await;
@@ -1677,14 +1819,24 @@ impl TaskQueue for JetStreamQueue {
                 Ok(Change::Write(()))
             })
             .await?;
-        if let Some(record) = &dead {
-            self.inner.send_dead_letter(record).await?;
-        }
         let held = self.inner.unhold(key);
-        if let Some(reply) = held.map(|held| held.reply).or(reply) {
-            self.inner
-                .settle_message(&reply, Bytes::from_static(b"+TERM"))
-                .await;
+        let copied = match &dead {
+            Some(record) => self.inner.send_dead_letter(record).await,
+            None => Ok(()),
+        };
+        match copied {
+            Ok(()) => {
+                if let Some(reply) = held.map(|held| held.reply).or(reply) {
+                    self.inner
+                        .settle_message(&reply, Bytes::from_static(b"+TERM"))
+                        .await;
+                }
+            }
+            // The record says dead-lettered: whoever receives the message
+            // next (after ack_wait) writes the copy and terms it.
+            Err(error) => {
+                tracing::warn!(task = %key, %error, "dead letter recorded; its copy in the DLQ stream follows on redelivery")
+            }
         }
         Ok(())
     }
@@ -1784,17 +1936,20 @@ impl TaskQueue for JetStreamQueue {
     async fn replay(&self, selection: &Selection) -> Result<u64, QueueError> {
         let records = self.inner.dead_letters(selection).await?;
         let mut count = 0;
-        for record in records {
+        for (record, _) in records {
             let mut envelope = record.envelope();
             envelope.generation += 1;
             self.inner
-                .publish(&envelope, &msg_id(&envelope.id, envelope.generation))
+                .publish(
+                    &envelope,
+                    &msg_id(&envelope.id, envelope.life, envelope.generation),
+                )
                 .await?;
-            let generation = envelope.generation;
+            let (envelope_life, generation) = (envelope.life, envelope.generation);
             let now = self.inner.now();
             self.inner
                 .update(&record.task.id, None, |record| {
-                    if record.generation >= generation {
+                    if record.version() >= (envelope_life, generation) {
                         // A daemon took the new message already.
                         return Ok(Change::Keep(()));
                     }
@@ -1817,12 +1972,28 @@ impl TaskQueue for JetStreamQueue {
     async fn purge(&self, selection: &Selection) -> Result<u64, QueueError> {
         let records = self.inner.dead_letters(selection).await?;
         let mut count = 0;
-        for record in records {
-            self.inner
-                .records
-                .purge(record_key(&record.task.id))
-                .await
-                .map_err(|error| storage("cannot delete a task record", error))?;
+        for (record, revision) in records {
+            // Only the dead letter that was checked: a task replayed
+            // meanwhile is left alone.
+            let purged = self
+                .inner
+                .bounded(
+                    "delete a task record",
+                    self.inner
+                        .records
+                        .purge_expect_revision(record_key(&record.task.id), Some(revision)),
+                )
+                .await;
+            match purged {
+                Ok(()) => {}
+                Err(error) => {
+                    if matches!(self.inner.entry(&record.task.id).await, Ok(Some((now, _))) if now.task.state != TaskState::DeadLettered)
+                    {
+                        continue;
+                    }
+                    return Err(error);
+                }
+            }
             self.inner.purge_dead_letter(&record).await?;
             count += 1;
         }
@@ -1848,8 +2019,11 @@ mod tests {
         // Distinct ids stay distinct, and no token is empty.
         assert_ne!(escape("a.b"), escape("a=2Eb"));
         assert_eq!(record_key("x..y"), "t.x=2E=2Ey");
-        assert_eq!(msg_id("t1", 0), "t1");
-        assert_eq!(msg_id("t1", 2), "t1#2");
+        // Every publication of an id has its own message id.
+        assert_eq!(msg_id("t1", 0, 0), "t1");
+        assert_eq!(msg_id("t1", 0, 2), "t1#2");
+        assert_eq!(msg_id("t1", 7, 0), "t1#d7");
+        assert_eq!(msg_id("t1", 7, 2), "t1#d7#2");
     }
 
     #[test]
@@ -1867,6 +2041,7 @@ mod tests {
             id: "t".into(),
             agent: "a".into(),
             priority: Priority::High,
+            life: 0,
             generation: 0,
             created_ms: 5,
             payload: serde_json::json!({"x": 1}),
