@@ -154,6 +154,29 @@ impl Drop for NatsServer {
     }
 }
 
+/// CPU seconds (user + system) used so far by process `pid` (`self` for
+/// this one), from /proc.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesized command: utime and stime are the
+    // 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|field| field.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    (ticks(11) + ticks(12)) / per_second
+}
+
 /// The `[broker]` section of a fleet on `url` in its own namespace.
 fn broker_section(url: &str, namespace: &str) -> String {
     format!("[broker]\nurl = \"{url}\"\nnamespace = \"{namespace}\"\n\n")
@@ -588,9 +611,13 @@ async fn main() -> anyhow::Result<()> {
 
 async fn jetstream_scenario(args: &Args, base: &Path) -> anyhow::Result<()> {
     let server = NatsServer::start(&args.nats_server)?;
+    let server_pid = server.child.id().to_string();
     let (mut raw, mut flotilla, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let per_task = |before: f64, after: f64| (after - before) * 1e6 / args.jetstream_tasks as f64;
     for run in 0..args.runs {
+        let (server_cpu, own_cpu) = (cpu_seconds(&server_pid), cpu_seconds("self"));
         let baseline = raw_jetstream_run(&server.url, run, args.jetstream_tasks).await?;
+        let (server_mid, own_mid) = (cpu_seconds(&server_pid), cpu_seconds("self"));
         let ours = jetstream_throughput_run(
             &base.join(format!("jetstream-{run}")),
             &server.url,
@@ -598,9 +625,14 @@ async fn jetstream_scenario(args: &Args, base: &Path) -> anyhow::Result<()> {
             args.jetstream_tasks,
         )
         .await?;
+        let (server_end, own_end) = (cpu_seconds(&server_pid), cpu_seconds("self"));
         println!(
-            "  jetstream run {run}: raw {baseline:.0} tasks/s, flotilla {ours:.0} tasks/s, ratio {:.2}",
-            ours / baseline
+            "  jetstream run {run}: raw {baseline:.0} tasks/s, flotilla {ours:.0} tasks/s, ratio {:.2}; CPU per task: nats-server {:.0} µs raw, {:.0} µs flotilla; client/daemon process {:.0} µs raw, {:.0} µs flotilla (agents not counted)",
+            ours / baseline,
+            per_task(server_cpu, server_mid),
+            per_task(server_mid, server_end),
+            per_task(own_cpu, own_mid),
+            per_task(own_mid, own_end),
         );
         raw.push(baseline);
         flotilla.push(ours);
