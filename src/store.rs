@@ -78,10 +78,7 @@ impl Store {
                 let client =
                     jetstream::connect(broker, &config.base_dir, owner, stats.clone()).await?;
                 let settings = jetstream::Settings {
-                    dedup_window: config.store.dedup_window.get(),
-                    retention: config.store.retention.get(),
-                    max_payload_bytes: config.store.max_payload_bytes.as_usize(),
-                    max_result_bytes: config.store.max_result_bytes.as_usize(),
+                    limits: crate::queue::Limits::from_config(&config.store),
                     owner: owner.to_string(),
                 };
                 let queue = JetStreamQueue::open(client, stats, broker, settings, clock).await?;

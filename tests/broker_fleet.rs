@@ -79,29 +79,6 @@ fn spawn_named(fleet: &Fleet, name: &str) -> Running {
     ))
 }
 
-async fn submit_all(fleet: &Fleet, prefix: &str) -> Vec<String> {
-    let ids: Vec<String> = (0..TASKS).map(|n| format!("{prefix}-{n:05}")).collect();
-    let lines: Vec<String> = ids
-        .iter()
-        .enumerate()
-        .map(|(n, id)| format!(r#"{{"id": "{id}", "payload": {{"n": {n}}}}}"#))
-        .collect();
-    std::fs::write(fleet.path("tasks.jsonl"), lines.join("\n")).unwrap();
-    let submitted = fleet.cli(&[
-        "submit",
-        "--agent",
-        "worker",
-        "--file",
-        fleet.path("tasks.jsonl").to_str().unwrap(),
-    ]);
-    assert!(
-        submitted.status.success(),
-        "{}",
-        String::from_utf8_lossy(&submitted.stderr)
-    );
-    ids
-}
-
 async fn client(fleet: &Fleet) -> std::sync::Arc<dyn TaskQueue> {
     Store::open(
         &fleet.config(),
@@ -155,48 +132,68 @@ fn stop(mut daemon: Running) {
     assert!(status.success(), "{status:?}");
 }
 
+fn status_json(fleet: &Fleet) -> serde_json::Value {
+    let shown = fleet.cli(&["status", "--json"]);
+    serde_json::from_slice(&shown.stdout).unwrap_or_else(|error| {
+        panic!(
+            "status --json: {error}: {}",
+            String::from_utf8_lossy(&shown.stderr)
+        )
+    })
+}
+
+/// The scenario every fault test shares: 2,000 tasks, daemons `a` and `b`,
+/// `fault` applied once 400 are done (it may kill `a`), then every task
+/// must complete exactly once. Returns the daemons to stop.
+async fn two_daemons_through(
+    fleet: &Fleet,
+    prefix: &str,
+    fault: impl AsyncFnOnce(&mut Running),
+) -> (Running, Running) {
+    let ids = fleet.submit_numbered("worker", TASKS, prefix);
+    let queue = client(fleet).await;
+    let mut a = spawn_named(fleet, "a");
+    let b = spawn_named(fleet, "b");
+    wait_finished(queue.as_ref(), 400, Duration::from_secs(60), "400 tasks").await;
+    fault(&mut a).await;
+    wait_finished(
+        queue.as_ref(),
+        TASKS as u64,
+        Duration::from_secs(180),
+        "all tasks",
+    )
+    .await;
+    check_all_completed_once(queue.as_ref(), &ids).await;
+    (a, b)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_daemons_share_the_work_and_survive_a_kill_9() {
     let Some(server) = NatsServer::start("two_daemons_share_the_work_and_survive_a_kill_9") else {
         return;
     };
     let fleet = broker_fleet(&server.url, 1);
-    let ids = submit_all(&fleet, "kill").await;
-    let queue = client(&fleet).await;
-    let mut a = spawn_named(&fleet, "a");
-    let b = spawn_named(&fleet, "b");
-    wait_finished(queue.as_ref(), 400, Duration::from_secs(60), "400 tasks").await;
-    // Both daemons are in the fleet table, with their replicas.
-    let shown = fleet.cli(&["status", "--json"]);
-    let status: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
-    let names: Vec<&str> = status["daemons"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|d| d["running"] == true)
-        .map(|d| d["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["a", "b"], "{status}");
-    assert_eq!(status["agents"][0]["replicas"].as_array().unwrap().len(), 8);
-    signal(a.child(), Signal::SIGKILL);
-    wait_exit(a.child(), Duration::from_secs(5));
-    wait_finished(
-        queue.as_ref(),
-        TASKS as u64,
-        Duration::from_secs(120),
-        "all tasks",
-    )
+    let (_, b) = two_daemons_through(&fleet, "kill", async |a: &mut Running| {
+        // Both daemons are in the fleet table, with their replicas.
+        let status = status_json(&fleet);
+        let names: Vec<&str> = status["daemons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["running"] == true)
+            .map(|d| d["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["a", "b"], "{status}");
+        assert_eq!(status["agents"][0]["replicas"].as_array().unwrap().len(), 8);
+        signal(a.child(), Signal::SIGKILL);
+        wait_exit(a.child(), Duration::from_secs(5));
+    })
     .await;
-    check_all_completed_once(queue.as_ref(), &ids).await;
     // The dead daemon drops out of the fleet after broker.fleet_ttl.
     wait_until(
         Duration::from_secs(15),
         "daemon a to leave the fleet",
-        || async {
-            let shown = fleet.cli(&["status", "--json"]);
-            let status: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
-            status["daemons"].as_array().unwrap().len() == 1
-        },
+        || async { status_json(&fleet)["daemons"].as_array().unwrap().len() == 1 },
     )
     .await;
     stop(b);
@@ -210,25 +207,13 @@ async fn the_fleet_resumes_after_nats_server_is_killed_and_restarted() {
         return;
     };
     let fleet = broker_fleet(&server.url, 1);
-    let ids = submit_all(&fleet, "restart").await;
-    let queue = client(&fleet).await;
-    let a = spawn_named(&fleet, "a");
-    let b = spawn_named(&fleet, "b");
-    wait_finished(queue.as_ref(), 400, Duration::from_secs(60), "400 tasks").await;
-    server.kill();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    server.restart();
-    wait_finished(
-        queue.as_ref(),
-        TASKS as u64,
-        Duration::from_secs(120),
-        "all tasks",
-    )
+    let (a, b) = two_daemons_through(&fleet, "restart", async |_: &mut Running| {
+        server.kill();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        server.restart();
+    })
     .await;
-    check_all_completed_once(queue.as_ref(), &ids).await;
-    let shown = fleet.cli(&["status", "--json"]);
-    let status: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
-    for daemon in status["daemons"].as_array().unwrap() {
+    for daemon in status_json(&fleet)["daemons"].as_array().unwrap() {
         assert!(
             daemon["broker"]["reconnects"].as_u64().unwrap() >= 1,
             "{daemon}"
@@ -248,33 +233,24 @@ async fn a_three_node_cluster_loses_a_node_and_no_task() {
     let urls: Vec<String> = nodes.iter().map(|node| node.url.clone()).collect();
     let fleet = broker_fleet(&urls.join(","), 3);
     // The cluster elects its meta leader before it accepts streams.
-    let mut ids = Vec::new();
-    for attempt in 0..40 {
+    let mut attempt = 0;
+    loop {
         let probe = fleet.cli(&["status", "--json"]);
         if probe.status.success() {
-            ids = submit_all(&fleet, "cluster").await;
             break;
         }
+        attempt += 1;
         assert!(
-            attempt < 39,
+            attempt < 40,
             "the cluster never became ready: {}",
             String::from_utf8_lossy(&probe.stderr)
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let queue = client(&fleet).await;
-    let a = spawn_named(&fleet, "a");
-    let b = spawn_named(&fleet, "b");
-    wait_finished(queue.as_ref(), 400, Duration::from_secs(60), "400 tasks").await;
-    nodes[0].kill();
-    wait_finished(
-        queue.as_ref(),
-        TASKS as u64,
-        Duration::from_secs(180),
-        "all tasks",
-    )
+    let (a, b) = two_daemons_through(&fleet, "cluster", async |_: &mut Running| {
+        nodes[0].kill();
+    })
     .await;
-    check_all_completed_once(queue.as_ref(), &ids).await;
     stop(a);
     stop(b);
 }
@@ -333,8 +309,7 @@ command = {agent}
     let b = spawn_named(&fleet, "b");
     // `b` runs every agent: both daemons now serve alpha, only b serves beta.
     wait_finished(queue.as_ref(), 2, Duration::from_secs(30), "beta's task").await;
-    let shown = fleet.cli(&["status", "--json"]);
-    let status: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let status = status_json(&fleet);
     let daemons_of = |agent: &str| -> Vec<String> {
         let agent = status["agents"]
             .as_array()

@@ -9,17 +9,6 @@ use flotilla::queue::{AttemptOutcome, TaskQueue, TaskState};
 use nix::sys::signal::Signal;
 use support::*;
 
-fn write_tasks(fleet: &Fleet, count: usize, prefix: &str) -> Vec<String> {
-    let ids: Vec<String> = (0..count).map(|n| format!("{prefix}-{n:05}")).collect();
-    let lines: Vec<String> = ids
-        .iter()
-        .enumerate()
-        .map(|(n, id)| format!(r#"{{"id": "{id}", "payload": {{"n": {n}}}}}"#))
-        .collect();
-    std::fs::write(fleet.path("tasks.jsonl"), lines.join("\n")).unwrap();
-    ids
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_daemon_mid_run_loses_nothing_and_leaves_no_orphans() {
     let fleet = Fleet::new(&format!(
@@ -43,19 +32,7 @@ restart = {{ initial_backoff = "10ms", max_backoff = "100ms", max_restarts = 100
         ])
     ));
     // Submitted while the daemon is down: the tasks wait in the queue.
-    let ids = write_tasks(&fleet, 400, "crash");
-    let submitted = fleet.cli(&[
-        "submit",
-        "--agent",
-        "worker",
-        "--file",
-        fleet.path("tasks.jsonl").to_str().unwrap(),
-    ]);
-    assert!(
-        submitted.status.success(),
-        "{}",
-        String::from_utf8_lossy(&submitted.stderr)
-    );
+    let ids = fleet.submit_numbered("worker", 400, "crash");
     let client = fleet.client();
     let instance = client.store_id().to_string();
 
@@ -165,19 +142,7 @@ timeouts = {{ progress_timeout = "60s", stop_grace = "1s" }}
             .replace("shutdown_grace = \"2s\"", "shutdown_grace = \"300ms\""),
     )
     .unwrap();
-    let ids = write_tasks(&fleet, 3, "slow");
-    assert!(
-        fleet
-            .cli(&[
-                "submit",
-                "--agent",
-                "slow",
-                "--file",
-                fleet.path("tasks.jsonl").to_str().unwrap()
-            ])
-            .status
-            .success()
-    );
+    let ids = fleet.submit_numbered("slow", 3, "slow");
     let client = fleet.client();
     let instance = client.store_id().to_string();
     let mut daemon = fleet.spawn_daemon();

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use flotilla::clock;
 use flotilla::config::{BrokerConfig, HumanDuration};
-use flotilla::queue::conformance::{self, CONFORMANCE_MAX_PAYLOAD};
+use flotilla::queue::conformance;
 use flotilla::queue::jetstream::{self, ConnectionStats, JetStreamQueue, Settings};
 use flotilla::queue::{
     AttemptEnd, AttemptOutcome, LeaseRequest, NewTask, Priority, QueueError, Selection, TaskQueue,
@@ -34,10 +34,7 @@ async fn open_as(url: &str, namespace: &str, owner: &str, ack_wait: Duration) ->
         .await
         .unwrap();
     let settings = Settings {
-        dedup_window: Duration::from_secs(3600),
-        retention: Duration::from_secs(7200),
-        max_payload_bytes: CONFORMANCE_MAX_PAYLOAD,
-        max_result_bytes: CONFORMANCE_MAX_PAYLOAD,
+        limits: conformance::limits(),
         owner: owner.into(),
     };
     JetStreamQueue::open(client, stats, &config, settings, clock::system())

@@ -1,9 +1,8 @@
 //! The queue conformance suite against the embedded SQLite backend.
 
 use flotilla::clock;
-use flotilla::queue::conformance::{self, CONFORMANCE_MAX_PAYLOAD};
+use flotilla::queue::conformance;
 use flotilla::queue::sqlite::{Role, Settings, SqliteQueue};
-use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_backend_conforms() {
@@ -14,10 +13,7 @@ async fn sqlite_backend_conforms() {
         let path = dir.path().join(format!("queue-{n}.db"));
         async move {
             let settings = Settings {
-                dedup_window: Duration::from_secs(3600),
-                retention: Duration::from_secs(7200),
-                max_payload_bytes: CONFORMANCE_MAX_PAYLOAD,
-                max_result_bytes: CONFORMANCE_MAX_PAYLOAD,
+                limits: conformance::limits(),
                 role: Role::Daemon,
             };
             SqliteQueue::open(&path, settings, clock::system()).unwrap()

@@ -324,6 +324,41 @@ fn summary(values: &mut [f64]) -> (f64, f64, f64) {
     (median, values[0], values[values.len() - 1])
 }
 
+/// p50 and p99 of each run of a latency scenario, reported as medians
+/// with min and max.
+#[derive(Default)]
+struct Latencies {
+    p50s: Vec<f64>,
+    p99s: Vec<f64>,
+    samples: usize,
+}
+
+impl Latencies {
+    /// Records one run's `latencies` (ms) and prints its line.
+    fn run(&mut self, label: &str, what: &str, mut latencies: Vec<f64>) {
+        latencies.sort_by(|a, b| a.total_cmp(b));
+        let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+        println!(
+            "  {label}: {} {what}: p50 {p50:.1} ms, p99 {p99:.1} ms, max {:.1} ms",
+            latencies.len(),
+            latencies[latencies.len() - 1]
+        );
+        self.p50s.push(p50);
+        self.p99s.push(p99);
+        self.samples += latencies.len();
+    }
+
+    /// Prints the summary line of the scenario.
+    fn report(mut self, label: &str, what: &str) {
+        let (p50, p50_min, p50_max) = summary(&mut self.p50s);
+        let (p99, p99_min, p99_max) = summary(&mut self.p99s);
+        println!(
+            "{label}: p50 median {p50:.1} ms (min {p50_min:.1}, max {p50_max:.1}); p99 median {p99:.1} ms (min {p99_min:.1}, max {p99_max:.1}); {} {what}",
+            self.samples
+        );
+    }
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[index.min(sorted.len() - 1)]
@@ -557,49 +592,27 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     if args.scenario == "all" || args.scenario == "recovery" {
-        let mut p50s = Vec::new();
-        let mut p99s = Vec::new();
-        let mut all = Vec::new();
+        let mut latencies = Latencies::default();
         for run in 0..args.runs {
-            let mut latencies =
-                recovery_run(&base.join(format!("recovery-{run}")), args.kills, "").await?;
-            latencies.sort_by(|a, b| a.total_cmp(b));
-            let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
-            println!(
-                "  recovery run {run}: {} kills: p50 {p50:.1} ms, p99 {p99:.1} ms, max {:.1} ms",
-                latencies.len(),
-                latencies[latencies.len() - 1]
-            );
-            p50s.push(p50);
-            p99s.push(p99);
-            all.extend(latencies);
+            let dir = base.join(format!("recovery-{run}"));
+            let run_latencies = recovery_run(&dir, args.kills, "").await?;
+            latencies.run(&format!("recovery run {run}"), "kills", run_latencies);
         }
-        let (p50, p50_min, p50_max) = summary(&mut p50s);
-        let (p99, p99_min, p99_max) = summary(&mut p99s);
-        println!(
-            "recovery, kill -9 of a busy replica to its task starting on another: p50 median {p50:.1} ms (min {p50_min:.1}, max {p50_max:.1}); p99 median {p99:.1} ms (min {p99_min:.1}, max {p99_max:.1}); {} kills",
-            all.len()
+        latencies.report(
+            "recovery, kill -9 of a busy replica to its task starting on another",
+            "kills",
         );
     }
     if args.scenario == "all" || args.scenario == "start" {
-        let mut p50s = Vec::new();
-        let mut p99s = Vec::new();
+        let mut latencies = Latencies::default();
         for run in 0..args.runs {
-            let mut latencies = start_run(&base.join(format!("start-{run}")), args.starts).await?;
-            latencies.sort_by(|a, b| a.total_cmp(b));
-            let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
-            println!(
-                "  start run {run}: {} submits: p50 {p50:.1} ms, p99 {p99:.1} ms, max {:.1} ms",
-                latencies.len(),
-                latencies[latencies.len() - 1]
-            );
-            p50s.push(p50);
-            p99s.push(p99);
+            let dir = base.join(format!("start-{run}"));
+            let run_latencies = start_run(&dir, args.starts).await?;
+            latencies.run(&format!("start run {run}"), "submits", run_latencies);
         }
-        let (p50, p50_min, p50_max) = summary(&mut p50s);
-        let (p99, p99_min, p99_max) = summary(&mut p99s);
-        println!(
-            "start, submit by another process to the task starting on an idle fleet: p50 median {p50:.1} ms (min {p50_min:.1}, max {p50_max:.1}); p99 median {p99:.1} ms (min {p99_min:.1}, max {p99_max:.1})"
+        latencies.report(
+            "start, submit by another process to the task starting on an idle fleet",
+            "submits",
         );
     }
     if args.scenario == "all" || args.scenario == "jetstream" {
@@ -645,30 +658,20 @@ async fn jetstream_scenario(args: &Args, base: &Path) -> anyhow::Result<()> {
         "jetstream throughput, {} tasks: raw baseline median {raw_median:.0} tasks/s (min {raw_min:.0}, max {raw_max:.0}); flotilla, 4 persistent no-op replicas, prefetch 64: median {median:.0} tasks/s (min {min:.0}, max {max:.0}); ratio median {ratio:.2} (min {ratio_min:.2}, max {ratio_max:.2})",
         args.jetstream_tasks
     );
-    let mut p50s = Vec::new();
-    let mut p99s = Vec::new();
+    let mut latencies = Latencies::default();
     for run in 0..args.runs {
         let broker = broker_section(&server.url, &format!("recovery{run}"));
-        let mut latencies = recovery_run(
-            &base.join(format!("js-recovery-{run}")),
-            args.kills,
-            &broker,
-        )
-        .await?;
-        latencies.sort_by(|a, b| a.total_cmp(b));
-        let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
-        println!(
-            "  jetstream recovery run {run}: {} kills: p50 {p50:.1} ms, p99 {p99:.1} ms, max {:.1} ms",
-            latencies.len(),
-            latencies[latencies.len() - 1]
+        let dir = base.join(format!("js-recovery-{run}"));
+        let run_latencies = recovery_run(&dir, args.kills, &broker).await?;
+        latencies.run(
+            &format!("jetstream recovery run {run}"),
+            "kills",
+            run_latencies,
         );
-        p50s.push(p50);
-        p99s.push(p99);
     }
-    let (p50, p50_min, p50_max) = summary(&mut p50s);
-    let (p99, p99_min, p99_max) = summary(&mut p99s);
-    println!(
-        "jetstream recovery, kill -9 of a busy replica to its task starting on another: p50 median {p50:.1} ms (min {p50_min:.1}, max {p50_max:.1}); p99 median {p99:.1} ms (min {p99_min:.1}, max {p99_max:.1})"
+    latencies.report(
+        "jetstream recovery, kill -9 of a busy replica to its task starting on another",
+        "kills",
     );
     Ok(())
 }

@@ -22,6 +22,16 @@ use super::{
 /// Payload and result limit the suite expects its queues to be opened with.
 pub const CONFORMANCE_MAX_PAYLOAD: usize = 64 * 1024;
 
+/// The limits the suite expects its queues to be opened with.
+pub fn limits() -> super::Limits {
+    super::Limits {
+        dedup_window: Duration::from_secs(3600),
+        retention: Duration::from_secs(7200),
+        max_payload_bytes: CONFORMANCE_MAX_PAYLOAD,
+        max_result_bytes: CONFORMANCE_MAX_PAYLOAD,
+    }
+}
+
 const AGENT: &str = "conformance";
 
 fn task(id: &str, priority: Priority, payload: Value) -> NewTask {

@@ -49,8 +49,9 @@ use tokio::task::JoinHandle;
 
 use super::{
     AckOutcome, Attempt, AttemptEnd, AttemptOutcome, Lease, LeaseGuard, LeaseKey, LeaseRequest,
-    ListFilter, NewTask, Priority, QueueError, Returned, Selection, StateCounts, SubmitReceipt,
-    TaskQueue, TaskRecord, TaskState, bound_reason, exhausted_reason, validate_task_id,
+    Limits, ListFilter, NewTask, Priority, QueueError, Returned, Selection, StateCounts,
+    SubmitReceipt, TaskQueue, TaskRecord, TaskState, bound_reason, exhausted_reason,
+    validate_task_id,
 };
 use crate::clock::{SharedClock, UnixMillis};
 use crate::config::BrokerConfig;
@@ -83,14 +84,9 @@ fn storage(what: &str, error: impl std::fmt::Display) -> QueueError {
 /// What the backend needs besides the broker settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// A known id is deduplicated within this long of its first submit.
-    pub dedup_window: Duration,
-    /// Completed tasks older than this are pruned.
-    pub retention: Duration,
-    /// Largest payload, serialized (lowered to fit the server's limit).
-    pub max_payload_bytes: usize,
-    /// Largest result or checkpoint, serialized (lowered likewise).
-    pub max_result_bytes: usize,
+    /// Limits and windows; the payload and result limits are lowered to
+    /// fit the server's `max_payload`.
+    pub limits: Limits,
     /// This daemon's name: running tasks it owned before a restart are
     /// returned by [`TaskQueue::requeue_running`].
     pub owner: String,
@@ -528,8 +524,14 @@ impl JetStreamQueue {
         let server_max = client.server_info().max_payload;
         let fits = server_max.saturating_sub(RECORD_RESERVE) / 2;
         for (key, limit) in [
-            ("store.max_payload_bytes", &mut settings.max_payload_bytes),
-            ("store.max_result_bytes", &mut settings.max_result_bytes),
+            (
+                "store.max_payload_bytes",
+                &mut settings.limits.max_payload_bytes,
+            ),
+            (
+                "store.max_result_bytes",
+                &mut settings.limits.max_result_bytes,
+            ),
         ] {
             if *limit > fits {
                 tracing::info!(
@@ -633,7 +635,7 @@ impl JetStreamQueue {
     /// The payload limit in force (the configured one, lowered to fit the
     /// broker).
     pub fn max_payload_bytes(&self) -> usize {
-        self.inner.settings.max_payload_bytes
+        self.inner.settings.limits.max_payload_bytes
     }
 
     /// Stores `value` as this daemon's entry in the fleet table.
@@ -685,10 +687,9 @@ impl JetStreamQueue {
     /// # Errors
     /// [`QueueError::Storage`] if the broker fails.
     pub async fn prune(&self) -> Result<u64, QueueError> {
-        let cutoff =
-            self.inner.clock.now_ms().saturating_sub(
-                u64::try_from(self.inner.settings.retention.as_millis()).unwrap_or(0),
-            );
+        let cutoff = self.inner.clock.now_ms().saturating_sub(
+            u64::try_from(self.inner.settings.limits.retention.as_millis()).unwrap_or(0),
+        );
         let mut deleted = 0;
         for (record, revision) in self.inner.all_records().await? {
             if record.task.state == TaskState::Completed
@@ -1112,7 +1113,8 @@ impl Inner {
     /// Submits one validated task.
     async fn submit_one(&self, task: NewTask) -> Result<SubmitReceipt, QueueError> {
         let now = self.now();
-        let window = u64::try_from(self.settings.dedup_window.as_millis()).unwrap_or(u64::MAX);
+        let window =
+            u64::try_from(self.settings.limits.dedup_window.as_millis()).unwrap_or(u64::MAX);
         // (life, generation, attempts so far, revision to write over)
         let (life, generation, attempts, revision) = match self.lookup(&task.id).await? {
             Lookup::Record(record, revision) => {
@@ -1619,7 +1621,7 @@ async fn listen_for_wakes(inner: std::sync::Weak<Inner>, mut wakes: async_nats::
 #[async_trait]
 impl TaskQueue for JetStreamQueue {
     async fn submit(&self, tasks: Vec<NewTask>) -> Result<Vec<SubmitReceipt>, QueueError> {
-        let limit = self.inner.settings.max_payload_bytes;
+        let limit = self.inner.settings.limits.max_payload_bytes;
         for task in &tasks {
             validate_task_id(&task.id)?;
             if !crate::config::valid_agent_name(&task.agent) {
@@ -1703,7 +1705,7 @@ impl TaskQueue for JetStreamQueue {
         end: AttemptEnd,
     ) -> Result<AckOutcome, QueueError> {
         let size = result.to_string().len();
-        let limit = self.inner.settings.max_result_bytes;
+        let limit = self.inner.settings.limits.max_result_bytes;
         if size > limit {
             return Err(QueueError::Invalid(format!(
                 "result of {size} bytes exceeds store.max_result_bytes = {limit}"
@@ -1761,7 +1763,7 @@ impl TaskQueue for JetStreamQueue {
     ) -> Result<(), QueueError> {
         if let Some(checkpoint) = checkpoint {
             let size = checkpoint.to_string().len();
-            let limit = self.inner.settings.max_result_bytes;
+            let limit = self.inner.settings.limits.max_result_bytes;
             if size > limit {
                 return Err(QueueError::Invalid(format!(
                     "checkpoint of {size} bytes exceeds store.max_result_bytes = {limit}"

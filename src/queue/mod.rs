@@ -526,6 +526,32 @@ pub enum QueueError {
     Closed,
 }
 
+/// The limits and windows of a store, whatever the backend (from
+/// `[store]`).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// A known id is deduplicated within this long of its first submit.
+    pub dedup_window: Duration,
+    /// Completed tasks older than this are pruned.
+    pub retention: Duration,
+    /// Largest payload, serialized.
+    pub max_payload_bytes: usize,
+    /// Largest result or checkpoint, serialized.
+    pub max_result_bytes: usize,
+}
+
+impl Limits {
+    /// The limits of the `[store]` config.
+    pub fn from_config(store: &crate::config::StoreConfig) -> Self {
+        Self {
+            dedup_window: store.dedup_window.get(),
+            retention: store.retention.get(),
+            max_payload_bytes: store.max_payload_bytes.as_usize(),
+            max_result_bytes: store.max_result_bytes.as_usize(),
+        }
+    }
+}
+
 /// Checks a task id: 1 to [`MAX_TASK_ID_BYTES`] bytes of letters, digits and
 /// `-_.:@/`.
 ///

@@ -28,8 +28,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     AckOutcome, Attempt, AttemptEnd, AttemptOutcome, Lease, LeaseGuard, LeaseKey, LeaseRequest,
-    ListFilter, NewTask, Priority, QueueError, Returned, Selection, StateCounts, SubmitReceipt,
-    TaskQueue, TaskRecord, TaskState, bound_reason, exhausted_reason, validate_task_id,
+    Limits, ListFilter, NewTask, Priority, QueueError, Returned, Selection, StateCounts,
+    SubmitReceipt, TaskQueue, TaskRecord, TaskState, bound_reason, exhausted_reason,
+    validate_task_id,
 };
 use crate::clock::{SharedClock, UnixMillis};
 
@@ -133,17 +134,11 @@ pub enum Role {
     Client,
 }
 
-/// Limits and windows of the store.
+/// Limits and windows of the store, and who opens it.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// A known id is deduplicated within this long of its first submit.
-    pub dedup_window: Duration,
-    /// Completed tasks older than this are pruned.
-    pub retention: Duration,
-    /// Largest payload, serialized.
-    pub max_payload_bytes: usize,
-    /// Largest result, serialized.
-    pub max_result_bytes: usize,
+    /// Limits and windows.
+    pub limits: Limits,
     /// Who opens the store.
     pub role: Role,
 }
@@ -152,10 +147,7 @@ impl Settings {
     /// Settings from the `[store]` config.
     pub fn from_config(store: &crate::config::StoreConfig, role: Role) -> Self {
         Self {
-            dedup_window: store.dedup_window.get(),
-            retention: store.retention.get(),
-            max_payload_bytes: store.max_payload_bytes.as_usize(),
-            max_result_bytes: store.max_result_bytes.as_usize(),
+            limits: Limits::from_config(store),
             role,
         }
     }
@@ -586,7 +578,7 @@ impl SqliteQueue {
     /// # Errors
     /// [`QueueError::Storage`] if the store fails.
     pub async fn prune(&self) -> Result<u64, QueueError> {
-        let retention = to_sql_ms(millis(self.settings.retention));
+        let retention = to_sql_ms(millis(self.settings.limits.retention));
         self.writer
             .call(move |context| {
                 let cutoff = context.now_sql().saturating_sub(retention);
@@ -624,11 +616,11 @@ impl SqliteQueue {
 
     fn check_result_size(&self, result: &Value) -> Result<String, QueueError> {
         let text = result.to_string();
-        if text.len() > self.settings.max_result_bytes {
+        if text.len() > self.settings.limits.max_result_bytes {
             return Err(QueueError::Invalid(format!(
                 "result of {} bytes exceeds store.max_result_bytes = {}",
                 text.len(),
-                self.settings.max_result_bytes
+                self.settings.limits.max_result_bytes
             )));
         }
         Ok(text)
@@ -980,7 +972,7 @@ struct Prepared {
 }
 
 fn submit(context: &mut Context<'_>, tasks: &[Prepared]) -> Result<Vec<SubmitReceipt>, QueueError> {
-    let window = to_sql_ms(millis(context.settings.dedup_window));
+    let window = to_sql_ms(millis(context.settings.limits.dedup_window));
     let now = context.now_sql();
     let mut receipts = Vec::with_capacity(tasks.len());
     for task in tasks {
@@ -1349,12 +1341,12 @@ impl TaskQueue for SqliteQueue {
                 )));
             }
             let payload = task.payload.to_string();
-            if payload.len() > self.settings.max_payload_bytes {
+            if payload.len() > self.settings.limits.max_payload_bytes {
                 return Err(QueueError::Invalid(format!(
                     "task {}: payload of {} bytes exceeds store.max_payload_bytes = {}",
                     task.id,
                     payload.len(),
-                    self.settings.max_payload_bytes
+                    self.settings.limits.max_payload_bytes
                 )));
             }
             prepared.push(Prepared {
@@ -1485,12 +1477,12 @@ impl TaskQueue for SqliteQueue {
         let key = key.clone();
         let checkpoint = checkpoint.map(Value::to_string);
         if let Some(text) = &checkpoint
-            && text.len() > self.settings.max_result_bytes
+            && text.len() > self.settings.limits.max_result_bytes
         {
             return Err(QueueError::Invalid(format!(
                 "checkpoint of {} bytes exceeds store.max_result_bytes = {}",
                 text.len(),
-                self.settings.max_result_bytes
+                self.settings.limits.max_result_bytes
             )));
         }
         let extend_ms = to_sql_ms(millis(extend));
@@ -1711,10 +1703,12 @@ mod tests {
 
     fn settings() -> Settings {
         Settings {
-            dedup_window: Duration::from_secs(60),
-            retention: Duration::from_secs(3600),
-            max_payload_bytes: 1 << 16,
-            max_result_bytes: 1 << 16,
+            limits: Limits {
+                dedup_window: Duration::from_secs(60),
+                retention: Duration::from_secs(3600),
+                max_payload_bytes: 1 << 16,
+                max_result_bytes: 1 << 16,
+            },
             role: Role::Client,
         }
     }

@@ -126,6 +126,27 @@ impl Fleet {
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+
+    /// Submits `count` tasks with ids `PREFIX-00000`... and payloads
+    /// `{"n": N}` to `agent` through `flotilla submit --file`, as a user
+    /// would; returns their ids.
+    pub fn submit_numbered(&self, agent: &str, count: usize, prefix: &str) -> Vec<String> {
+        let ids: Vec<String> = (0..count).map(|n| format!("{prefix}-{n:05}")).collect();
+        let lines: Vec<String> = ids
+            .iter()
+            .enumerate()
+            .map(|(n, id)| format!(r#"{{"id": "{id}", "payload": {{"n": {n}}}}}"#))
+            .collect();
+        let file = self.path(&format!("{prefix}.jsonl"));
+        std::fs::write(&file, lines.join("\n")).unwrap();
+        let submitted = self.cli(&["submit", "--agent", agent, "--file", file.to_str().unwrap()]);
+        assert!(
+            submitted.status.success(),
+            "{}",
+            String::from_utf8_lossy(&submitted.stderr)
+        );
+        ids
+    }
 }
 
 /// Polls `check` every 50 ms until it returns true or `limit` passes.
