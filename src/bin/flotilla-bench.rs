@@ -154,6 +154,23 @@ impl Drop for NatsServer {
     }
 }
 
+/// Submits `tasks` tasks `t0`, `t1`, ... for agent `noop`, `batch` per call.
+async fn submit_noop(queue: &dyn TaskQueue, tasks: usize, batch: usize) -> anyhow::Result<()> {
+    for chunk in (0..tasks).collect::<Vec<_>>().chunks(batch) {
+        let batch = chunk
+            .iter()
+            .map(|n| NewTask {
+                id: format!("t{n}"),
+                agent: "noop".into(),
+                priority: Priority::Normal,
+                payload: serde_json::json!({"n": n}),
+            })
+            .collect();
+        queue.submit(batch).await?;
+    }
+    Ok(())
+}
+
 /// CPU seconds (user + system) used so far by process `pid` (`self` for
 /// this one), from /proc.
 fn cpu_seconds(pid: &str) -> f64 {
@@ -266,18 +283,7 @@ async fn jetstream_throughput_run(
     let store = Store::open(&config, Role::Client, clock::system(), "bench").await?;
     let queue = store.queue();
     let started_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
-    for chunk in (0..tasks).collect::<Vec<_>>().chunks(1_000) {
-        let batch = chunk
-            .iter()
-            .map(|n| NewTask {
-                id: format!("t{n}"),
-                agent: "noop".into(),
-                priority: Priority::Normal,
-                payload: serde_json::json!({"n": n}),
-            })
-            .collect();
-        queue.submit(batch).await?;
-    }
+    submit_noop(queue.as_ref(), tasks, 1_000).await?;
     let submitted_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
     println!(
         "    submitted {tasks} tasks in {} ms",
@@ -380,19 +386,7 @@ prefetch = {prefetch}"
     )?;
     // Pre-load the queue through a client, as `flotilla submit` would.
     {
-        let queue = client(&config)?;
-        for chunk in (0..tasks).collect::<Vec<_>>().chunks(10_000) {
-            let batch = chunk
-                .iter()
-                .map(|n| NewTask {
-                    id: format!("t{n}"),
-                    agent: "noop".into(),
-                    priority: Priority::Normal,
-                    payload: serde_json::json!({"n": n}),
-                })
-                .collect();
-            queue.submit(batch).await?;
-        }
+        submit_noop(&client(&config)?, tasks, 10_000).await?;
     }
     let store = config.store_path();
     let daemon = Daemon::start(config, clock::system()).await?;

@@ -1582,11 +1582,7 @@ async fn release_returned(
         };
         match item {
             Returned::Lease(key) => {
-                let end = AttemptEnd::new(
-                    AttemptOutcome::Released,
-                    None,
-                    "the lease was dropped without an outcome",
-                );
+                let end = AttemptEnd::dropped();
                 match inner.requeue(&key, Duration::ZERO, &end, true).await {
                     Ok(()) => {}
                     Err(error @ (QueueError::StaleLease { .. } | QueueError::NotFound { .. })) => {

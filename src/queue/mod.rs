@@ -373,6 +373,18 @@ impl AttemptEnd {
     }
 }
 
+impl AttemptEnd {
+    /// The end of an attempt whose lease was dropped without an outcome
+    /// (released through its [`LeaseGuard`]).
+    pub fn dropped() -> Self {
+        Self::new(
+            AttemptOutcome::Released,
+            None,
+            "the lease was dropped without an outcome",
+        )
+    }
+}
+
 /// One attempt in a task's history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Attempt {

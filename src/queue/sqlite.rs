@@ -469,11 +469,7 @@ impl SqliteQueue {
                 while let Some(message) = returned.recv().await {
                     match message {
                         Returned::Lease(key) => {
-                            let end = AttemptEnd::new(
-                                AttemptOutcome::Released,
-                                None,
-                                "lease dropped without an outcome",
-                            );
+                            let end = AttemptEnd::dropped();
                             let _ = writer
                                 .call(move |context| release(context, &key, &end))
                                 .await;
