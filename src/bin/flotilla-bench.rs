@@ -202,16 +202,39 @@ fn broker_section(url: &str, namespace: &str) -> String {
 /// Raw JetStream: publish `tasks` messages with ids and awaited PubAcks
 /// (256 in flight) while a pull consumer acks them; tasks/s from the first
 /// publish to the last ack.
-async fn raw_jetstream_run(url: &str, run: usize, tasks: usize) -> anyhow::Result<f64> {
-    use async_nats::jetstream::{self, consumer, stream};
+///
+/// With `record`, the consumer also creates, reads and updates (compare-
+/// and-set) a key-value record per task before its ack, 256 tasks in
+/// flight: about what a record per task with one transition costs.
+async fn raw_jetstream_run(
+    url: &str,
+    run: usize,
+    tasks: usize,
+    record: bool,
+) -> anyhow::Result<f64> {
+    use async_nats::jetstream::{self, consumer, kv, stream};
     use futures_util::StreamExt as _;
     let client = async_nats::connect(url).await?;
     let js = jetstream::new(client);
-    let name = format!("RAW{run}");
+    let name = format!("RAW{run}{}", if record { "R" } else { "" });
+    let records = if record {
+        Some(
+            js.create_key_value(kv::Config {
+                bucket: format!("{name}_RECORDS"),
+                history: 1,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await?,
+        )
+    } else {
+        None
+    };
+    let subject_prefix = name.to_lowercase();
     let stream = js
         .create_stream(stream::Config {
             name: name.clone(),
-            subjects: vec![format!("raw{run}.>")],
+            subjects: vec![format!("{subject_prefix}.>")],
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             ..Default::default()
@@ -226,15 +249,42 @@ async fn raw_jetstream_run(url: &str, run: usize, tasks: usize) -> anyhow::Resul
         .await?;
     let started = Instant::now();
     let consume = tokio::spawn(async move {
-        let mut messages = consumer.messages().await?;
+        let messages = consumer.messages().await?;
+        let settled = messages
+            .take(tasks)
+            .map(|message| {
+                let records = records.clone();
+                async move {
+                    let message = message.map_err(|error| anyhow::anyhow!("{error}"))?;
+                    if let Some(records) = records {
+                        let key = format!(
+                            "t.{}",
+                            message
+                                .info()
+                                .map_err(|error| anyhow::anyhow!("{error}"))?
+                                .stream_sequence
+                        );
+                        let revision = records.create(&key, message.payload.clone()).await?;
+                        records.entry(&key).await?;
+                        records
+                            .update(&key, message.payload.clone(), revision)
+                            .await?;
+                    }
+                    message
+                        .ack()
+                        .await
+                        .map_err(|error| anyhow::anyhow!("{error}"))
+                }
+            })
+            .buffer_unordered(256);
+        tokio::pin!(settled);
         let mut acked = 0;
-        while acked < tasks {
-            let message = messages.next().await.context("stream ended")??;
-            message
-                .ack()
-                .await
-                .map_err(|error| anyhow::anyhow!("{error}"))?;
+        while let Some(result) = settled.next().await {
+            result?;
             acked += 1;
+        }
+        if acked < tasks {
+            bail!("the stream ended after {acked} of {tasks} tasks");
         }
         anyhow::Ok(Instant::now())
     });
@@ -244,7 +294,7 @@ async fn raw_jetstream_run(url: &str, run: usize, tasks: usize) -> anyhow::Resul
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", format!("t{n}").as_str());
         pending.push(std::future::IntoFuture::into_future(
-            js.publish_with_headers(format!("raw{run}.noop"), headers, payload.clone())
+            js.publish_with_headers(format!("{subject_prefix}.noop"), headers, payload.clone())
                 .await?,
         ));
         if pending.len() >= 256 {
@@ -620,10 +670,11 @@ async fn jetstream_scenario(args: &Args, base: &Path) -> anyhow::Result<()> {
     let server = NatsServer::start(&args.nats_server)?;
     let server_pid = server.child.id().to_string();
     let (mut raw, mut flotilla, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let mut recorded = Vec::new();
     let per_task = |before: f64, after: f64| (after - before) * 1e6 / args.jetstream_tasks as f64;
     for run in 0..args.runs {
         let (server_cpu, own_cpu) = (cpu_seconds(&server_pid), cpu_seconds("self"));
-        let baseline = raw_jetstream_run(&server.url, run, args.jetstream_tasks).await?;
+        let baseline = raw_jetstream_run(&server.url, run, args.jetstream_tasks, false).await?;
         let (server_mid, own_mid) = (cpu_seconds(&server_pid), cpu_seconds("self"));
         let ours = jetstream_throughput_run(
             &base.join(format!("jetstream-{run}")),
@@ -633,6 +684,15 @@ async fn jetstream_scenario(args: &Args, base: &Path) -> anyhow::Result<()> {
         )
         .await?;
         let (server_end, own_end) = (cpu_seconds(&server_pid), cpu_seconds("self"));
+        let with_record = raw_jetstream_run(&server.url, run, args.jetstream_tasks, true).await?;
+        let (server_last, own_last) = (cpu_seconds(&server_pid), cpu_seconds("self"));
+        println!(
+            "  jetstream run {run}: raw with a key-value record per task (create, read, update) {with_record:.0} tasks/s, ratio {:.2}; CPU per task: nats-server {:.0} µs, client {:.0} µs",
+            with_record / baseline,
+            per_task(server_end, server_last),
+            per_task(own_end, own_last),
+        );
+        recorded.push(with_record / baseline);
         println!(
             "  jetstream run {run}: raw {baseline:.0} tasks/s, flotilla {ours:.0} tasks/s, ratio {:.2}; CPU per task: nats-server {:.0} µs raw, {:.0} µs flotilla; client/daemon process {:.0} µs raw, {:.0} µs flotilla (agents not counted)",
             ours / baseline,
@@ -648,6 +708,10 @@ async fn jetstream_scenario(args: &Args, base: &Path) -> anyhow::Result<()> {
     let (raw_median, raw_min, raw_max) = summary(&mut raw);
     let (median, min, max) = summary(&mut flotilla);
     let (ratio, ratio_min, ratio_max) = summary(&mut ratios);
+    let (record_ratio, record_min, record_max) = summary(&mut recorded);
+    println!(
+        "jetstream raw with a key-value record per task (create, read, update): ratio to the baseline median {record_ratio:.2} (min {record_min:.2}, max {record_max:.2})"
+    );
     println!(
         "jetstream throughput, {} tasks: raw baseline median {raw_median:.0} tasks/s (min {raw_min:.0}, max {raw_max:.0}); flotilla, 4 persistent no-op replicas, prefetch 64: median {median:.0} tasks/s (min {min:.0}, max {max:.0}); ratio median {ratio:.2} (min {ratio_min:.2}, max {ratio_max:.2})",
         args.jetstream_tasks
