@@ -15,6 +15,9 @@
 //!   one run: the raw JetStream baseline (publish with awaited PubAcks +
 //!   pull consumer + ack), and flotilla end to end (a client submitting
 //!   while 4 persistent no-op replicas work); then crash-to-redispatch.
+//!   `BENCH_NATS_EXTRA` adds arguments to that nats-server, e.g.
+//!   `--profile 6061` to take a pprof CPU profile from
+//!   `http://127.0.0.1:6061/debug/pprof/profile?seconds=5`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -122,6 +125,7 @@ impl NatsServer {
         let child = std::process::Command::new(binary)
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(&store)
+            .args(std::env::var("BENCH_NATS_EXTRA").ok().iter().flat_map(|extra| extra.split_whitespace()))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
