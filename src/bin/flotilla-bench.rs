@@ -125,7 +125,12 @@ impl NatsServer {
         let child = std::process::Command::new(binary)
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(&store)
-            .args(std::env::var("BENCH_NATS_EXTRA").ok().iter().flat_map(|extra| extra.split_whitespace()))
+            .args(
+                std::env::var("BENCH_NATS_EXTRA")
+                    .ok()
+                    .iter()
+                    .flat_map(|extra| extra.split_whitespace()),
+            )
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
