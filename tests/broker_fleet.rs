@@ -62,7 +62,7 @@ impl Drop for Running {
 
 fn spawn_named(fleet: &Fleet, name: &str) -> Running {
     Running(Some(
-        std::process::Command::new(flotilla_bin())
+        die_with_parent(&mut std::process::Command::new(flotilla_bin()))
             .args([
                 "-c",
                 fleet.config_path.to_str().unwrap(),
@@ -286,7 +286,7 @@ command = {agent}
         );
     }
     let queue = client(&fleet).await;
-    let a = std::process::Command::new(flotilla_bin())
+    let a = die_with_parent(&mut std::process::Command::new(flotilla_bin()))
         .args([
             "-c",
             fleet.config_path.to_str().unwrap(),

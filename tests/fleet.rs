@@ -12,21 +12,6 @@ use flotilla::status::AgentState;
 use serde_json::json;
 use support::*;
 
-fn tasks(agent: &str, count: usize, prefix: &str) -> (Vec<NewTask>, Vec<String>) {
-    let ids: Vec<String> = (0..count).map(|n| format!("{prefix}-{n:05}")).collect();
-    let tasks = ids
-        .iter()
-        .enumerate()
-        .map(|(n, id)| NewTask {
-            id: id.clone(),
-            agent: agent.to_string(),
-            priority: Priority::Normal,
-            payload: json!({"n": n}),
-        })
-        .collect();
-    (tasks, ids)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_tasks_through_crashes_and_hangs_none_lost_none_twice() {
     let fleet = Fleet::new(&format!(
@@ -53,7 +38,7 @@ restart = {{ initial_backoff = "5ms", max_backoff = "50ms", max_restarts = 10000
     ));
     let daemon = fleet.start().await;
     let queue = daemon.queue().clone();
-    let (batch, ids) = tasks("worker", 1000, "load");
+    let (batch, ids) = numbered_tasks("worker", 1000, "load");
     queue.submit(batch).await.unwrap();
     wait_until(Duration::from_secs(240), "1000 tasks to finish", || async {
         finished(queue.as_ref()).await >= 1000
@@ -103,8 +88,8 @@ retry = {{ max_deliver = 3, backoff = ["10ms"] }}
     ));
     let daemon = fleet.start().await;
     let queue = daemon.queue().clone();
-    let (fatal, fatal_ids) = tasks("fatal", 3, "fatal");
-    let (flaky, flaky_ids) = tasks("flaky", 2, "flaky");
+    let (fatal, fatal_ids) = numbered_tasks("fatal", 3, "fatal");
+    let (flaky, flaky_ids) = numbered_tasks("flaky", 2, "flaky");
     queue.submit(fatal).await.unwrap();
     queue.submit(flaky).await.unwrap();
     wait_until(Duration::from_secs(30), "5 dead letters", || async {
@@ -233,7 +218,7 @@ max_line_bytes = "1KiB"
     ));
     let daemon = fleet.start().await;
     let queue = daemon.queue().clone();
-    let (batch, ids) = tasks("babbler", 20, "babble");
+    let (batch, ids) = numbered_tasks("babbler", 20, "babble");
     queue.submit(batch).await.unwrap();
     wait_until(
         Duration::from_secs(30),
@@ -275,7 +260,7 @@ restart = { initial_backoff = "10ms", max_backoff = "20ms", max_restarts = 5, wi
     );
     let daemon = fleet.start().await;
     let queue = daemon.queue().clone();
-    let (batch, ids) = tasks("broken", 2, "stuck");
+    let (batch, ids) = numbered_tasks("broken", 2, "stuck");
     queue.submit(batch).await.unwrap();
     let agent = daemon.agents()[0].clone();
     wait_until(Duration::from_secs(20), "the agent to be failed", || {
@@ -328,7 +313,7 @@ retry = { backoff = ["10ms"] }
     .unwrap();
     let daemon = fleet.start().await;
     let queue = daemon.queue().clone();
-    let (batch, ids) = tasks("hog", 1, "hog");
+    let (batch, ids) = numbered_tasks("hog", 1, "hog");
     queue.submit(batch).await.unwrap();
     wait_until(
         Duration::from_secs(30),
@@ -376,7 +361,7 @@ retry = { max_deliver = 2, backoff = ["10ms"] }
     .unwrap();
     let daemon = fleet.start().await;
     let queue = daemon.queue().clone();
-    let (batch, ids) = tasks("spin", 1, "spin");
+    let (batch, ids) = numbered_tasks("spin", 1, "spin");
     queue.submit(batch).await.unwrap();
     wait_until(
         Duration::from_secs(30),
@@ -496,10 +481,10 @@ retry = { max_deliver = 2, backoff = ["60s"] }
     );
     let daemon = fleet.start().await;
     let queue = daemon.queue().clone();
-    let (slow, slow_ids) = tasks("slow", 1, "slow");
-    let (silent, silent_ids) = tasks("silent", 1, "silent");
-    let (binary, binary_ids) = tasks("binary", 1, "binary");
-    let (suicidal, suicidal_ids) = tasks("suicidal", 1, "suicidal");
+    let (slow, slow_ids) = numbered_tasks("slow", 1, "slow");
+    let (silent, silent_ids) = numbered_tasks("silent", 1, "silent");
+    let (binary, binary_ids) = numbered_tasks("binary", 1, "binary");
+    let (suicidal, suicidal_ids) = numbered_tasks("suicidal", 1, "suicidal");
     queue.submit(slow).await.unwrap();
     queue.submit(silent).await.unwrap();
     queue.submit(binary).await.unwrap();
@@ -585,7 +570,7 @@ for line in sys.stdin:
     .unwrap();
     let daemon = fleet.start().await;
     let queue = daemon.queue().clone();
-    let (batch, _) = tasks("spawner", 5, "spawn");
+    let (batch, _) = numbered_tasks("spawner", 5, "spawn");
     queue.submit(batch).await.unwrap();
     wait_until(Duration::from_secs(20), "the tasks to finish", || async {
         finished(queue.as_ref()).await >= 5

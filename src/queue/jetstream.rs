@@ -51,7 +51,6 @@ use super::{
     AckOutcome, Attempt, AttemptEnd, AttemptOutcome, Lease, LeaseGuard, LeaseKey, LeaseRequest,
     Limits, ListFilter, NewTask, Priority, QueueError, Returned, Selection, StateCounts,
     SubmitReceipt, TaskQueue, TaskRecord, TaskState, bound_reason, exhausted_reason,
-    validate_task_id,
 };
 use crate::clock::{SharedClock, UnixMillis};
 use crate::config::BrokerConfig;
@@ -384,6 +383,26 @@ impl Record {
     }
 }
 
+/// What scans of all records keep of each: enough to count, filter,
+/// sort and pick, without payloads, results or history.
+#[derive(Debug, Deserialize)]
+struct Summary {
+    task: TaskSummary,
+    #[serde(default)]
+    owner: Option<String>,
+}
+
+/// The part of a [`TaskRecord`] a [`Summary`] keeps.
+#[derive(Debug, Deserialize)]
+struct TaskSummary {
+    id: String,
+    agent: String,
+    state: TaskState,
+    attempts: u32,
+    created_ms: UnixMillis,
+    finished_ms: Option<UnixMillis>,
+}
+
 /// A lease this process holds.
 #[derive(Debug)]
 struct Held {
@@ -542,35 +561,33 @@ impl JetStreamQueue {
                 *limit = fits;
             }
         }
-        let tasks = js
-            .get_or_create_stream(stream::Config {
+        let tasks = open_stream(
+            &js,
+            stream::Config {
                 name: names.tasks_stream.clone(),
                 description: Some("flotilla: queued and running tasks".into()),
                 subjects: vec![format!("{}.tasks.>", names.namespace)],
                 retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
                 discard: stream::DiscardPolicy::New,
                 num_replicas: replicas,
                 duplicate_window,
                 ..Default::default()
-            })
-            .await
-            .map_err(|error| {
-                storage(&format!("cannot open stream {}", names.tasks_stream), error)
-            })?;
-        let dlq = js
-            .get_or_create_stream(stream::Config {
+            },
+        )
+        .await?;
+        let dlq = open_stream(
+            &js,
+            stream::Config {
                 name: names.dlq_stream.clone(),
                 description: Some("flotilla: dead letters (task, reason, history)".into()),
                 subjects: vec![format!("{}.dlq.>", names.namespace)],
                 retention: stream::RetentionPolicy::Limits,
-                storage: stream::StorageType::File,
                 num_replicas: replicas,
                 duplicate_window,
                 ..Default::default()
-            })
-            .await
-            .map_err(|error| storage(&format!("cannot open stream {}", names.dlq_stream), error))?;
+            },
+        )
+        .await?;
         let records = bucket(
             &js,
             kv::Config {
@@ -658,14 +675,10 @@ impl JetStreamQueue {
     /// # Errors
     /// [`QueueError::Storage`] if the broker cannot be read.
     pub async fn fleet(&self) -> Result<BTreeMap<String, Value>, QueueError> {
-        let entries = scan(&self.inner.client, &self.inner.fleet, ">").await?;
+        let entries = scan::<Value>(&self.inner.client, &self.inner.fleet, ">").await?;
         Ok(entries
             .into_iter()
-            .filter_map(|(key, bytes, _)| {
-                serde_json::from_slice(&bytes)
-                    .ok()
-                    .map(|value| (key, value))
-            })
+            .map(|(key, value, _)| (key, value))
             .collect())
     }
 
@@ -692,13 +705,13 @@ impl JetStreamQueue {
             u64::try_from(self.inner.settings.limits.retention.as_millis()).unwrap_or(0),
         );
         let mut deleted = 0;
-        for (record, revision) in self.inner.all_records().await? {
-            if record.task.state == TaskState::Completed
-                && record.task.finished_ms.is_some_and(|at| at < cutoff)
+        for (summary, revision) in self.inner.summaries().await? {
+            if summary.task.state == TaskState::Completed
+                && summary.task.finished_ms.is_some_and(|at| at < cutoff)
                 && self
                     .inner
                     .records
-                    .purge_expect_revision(record_key(&record.task.id), Some(revision))
+                    .purge_expect_revision(record_key(&summary.task.id), Some(revision))
                     .await
                     .is_ok()
             {
@@ -707,6 +720,20 @@ impl JetStreamQueue {
         }
         Ok(deleted)
     }
+}
+
+/// Opens the stream of `config` on file storage, creating it if missing.
+async fn open_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<stream::Stream, QueueError> {
+    let name = config.name.clone();
+    js.get_or_create_stream(stream::Config {
+        storage: stream::StorageType::File,
+        ..config
+    })
+    .await
+    .map_err(|error| storage(&format!("cannot open stream {name}"), error))
 }
 
 async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, QueueError> {
@@ -727,12 +754,14 @@ async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store
 }
 
 /// The latest value of every key of `store` matching `filter` (`>` for
-/// all), deleted keys left out.
-async fn scan(
+/// all), deleted keys left out, each parsed as `T` (values that do not
+/// parse are skipped). Only the `T`s are kept, so a small `T` keeps the
+/// scan of a large bucket small.
+async fn scan<T: serde::de::DeserializeOwned>(
     client: &async_nats::Client,
     store: &kv::Store,
     filter: &str,
-) -> Result<Vec<(String, Bytes, u64)>, QueueError> {
+) -> Result<Vec<(String, T, u64)>, QueueError> {
     let prefix = store.prefix.clone();
     let consumer = store
         .stream
@@ -746,7 +775,7 @@ async fn scan(
         .await
         .map_err(|error| storage("cannot scan the bucket", error))?;
     // Keys written during the scan come again: keep each key's latest.
-    let mut latest: BTreeMap<String, (Bytes, u64)> = BTreeMap::new();
+    let mut latest: BTreeMap<String, (T, u64)> = BTreeMap::new();
     if consumer.cached_info().num_pending == 0 {
         return Ok(Vec::new());
     }
@@ -774,8 +803,10 @@ async fn scan(
         if let Some(key) = message.subject.strip_prefix(prefix.as_str()) {
             if deleted {
                 latest.remove(key);
-            } else if latest.get(key).is_none_or(|(_, seen)| *seen < revision) {
-                latest.insert(key.to_string(), (message.payload.clone(), revision));
+            } else if latest.get(key).is_none_or(|(_, seen)| *seen < revision)
+                && let Ok(value) = serde_json::from_slice::<T>(&message.payload)
+            {
+                latest.insert(key.to_string(), (value, revision));
             }
         }
         if pending == 0 {
@@ -784,7 +815,7 @@ async fn scan(
     }
     Ok(latest
         .into_iter()
-        .map(|(key, (bytes, revision))| (key, bytes, revision))
+        .map(|(key, (value, revision))| (key, value, revision))
         .collect())
 }
 
@@ -1482,26 +1513,31 @@ impl Inner {
         Ok(())
     }
 
-    async fn all_records(&self) -> Result<Vec<(Record, u64)>, QueueError> {
-        let mut out = Vec::new();
-        for (_, bytes, revision) in scan(&self.client, &self.records, "t.>").await? {
-            if let Ok(record) = serde_json::from_slice::<Record>(&bytes) {
-                out.push((record, revision));
-            }
-        }
-        Ok(out)
+    /// A summary of every task record, with its revision.
+    async fn summaries(&self) -> Result<Vec<(Summary, u64)>, QueueError> {
+        Ok(scan::<Summary>(&self.client, &self.records, "t.>")
+            .await?
+            .into_iter()
+            .map(|(_, summary, revision)| (summary, revision))
+            .collect())
     }
 
     /// Checks that every id of `selection` is a dead letter; returns their
     /// records (all dead letters for [`Selection::All`]).
     async fn dead_letters(&self, selection: &Selection) -> Result<Vec<(Record, u64)>, QueueError> {
         match selection {
-            Selection::All => Ok(self
-                .all_records()
-                .await?
-                .into_iter()
-                .filter(|(record, _)| record.task.state == TaskState::DeadLettered)
-                .collect()),
+            Selection::All => {
+                let mut records = Vec::new();
+                for (summary, _) in self.summaries().await? {
+                    if summary.task.state == TaskState::DeadLettered
+                        && let Some((record, revision)) = self.entry(&summary.task.id).await?
+                        && record.task.state == TaskState::DeadLettered
+                    {
+                        records.push((record, revision));
+                    }
+                }
+                Ok(records)
+            }
             Selection::Ids(ids) => {
                 let mut records = Vec::new();
                 for id in ids {
@@ -1609,8 +1645,15 @@ async fn listen_for_wakes(inner: std::sync::Weak<Inner>, mut wakes: async_nats::
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        if let Some(agent) = message.subject.rsplit('.').next() {
-            inner.notify(agent).notify_waiters();
+        // Only agents someone leases here have an entry: a subject from
+        // the wire never grows the map.
+        let woken = message
+            .subject
+            .rsplit('.')
+            .next()
+            .and_then(|agent| inner.wake.lock().expect("not poisoned").get(agent).cloned());
+        if let Some(notify) = woken {
+            notify.notify_waiters();
         }
     }
 }
@@ -1618,22 +1661,8 @@ async fn listen_for_wakes(inner: std::sync::Weak<Inner>, mut wakes: async_nats::
 #[async_trait]
 impl TaskQueue for JetStreamQueue {
     async fn submit(&self, tasks: Vec<NewTask>) -> Result<Vec<SubmitReceipt>, QueueError> {
-        let limit = self.inner.settings.limits.max_payload_bytes;
         for task in &tasks {
-            validate_task_id(&task.id)?;
-            if !crate::config::valid_agent_name(&task.agent) {
-                return Err(QueueError::Invalid(format!(
-                    "invalid agent name {:?}: use 1 to 64 letters, digits, '-' or '_'",
-                    task.agent
-                )));
-            }
-            let size = task.payload.to_string().len();
-            if size > limit {
-                return Err(QueueError::Invalid(format!(
-                    "task {:?}: payload of {size} bytes exceeds store.max_payload_bytes = {limit} (with a broker, at most half its max_payload)",
-                    task.id
-                )));
-            }
+            self.inner.settings.limits.check_task(task)?;
         }
         // A repeated id within the batch is a duplicate of its first copy.
         let mut seen = HashSet::new();
@@ -1701,13 +1730,7 @@ impl TaskQueue for JetStreamQueue {
         result: &Value,
         end: AttemptEnd,
     ) -> Result<AckOutcome, QueueError> {
-        let size = result.to_string().len();
-        let limit = self.inner.settings.limits.max_result_bytes;
-        if size > limit {
-            return Err(QueueError::Invalid(format!(
-                "result of {size} bytes exceeds store.max_result_bytes = {limit}"
-            )));
-        }
+        self.inner.settings.limits.check_result("result", result)?;
         let mut reply = None;
         let outcome = self
             .inner
@@ -1759,13 +1782,10 @@ impl TaskQueue for JetStreamQueue {
         checkpoint: Option<&Value>,
     ) -> Result<(), QueueError> {
         if let Some(checkpoint) = checkpoint {
-            let size = checkpoint.to_string().len();
-            let limit = self.inner.settings.limits.max_result_bytes;
-            if size > limit {
-                return Err(QueueError::Invalid(format!(
-                    "checkpoint of {size} bytes exceeds store.max_result_bytes = {limit}"
-                )));
-            }
+            self.inner
+                .settings
+                .limits
+                .check_result("checkpoint", checkpoint)?;
         }
         let deadline_ms =
             self.inner.now() + u64::try_from(extend.as_millis()).unwrap_or(u64::MAX / 2);
@@ -1843,13 +1863,14 @@ impl TaskQueue for JetStreamQueue {
     async fn requeue_running(&self) -> Result<u64, QueueError> {
         let owner = self.inner.settings.owner.clone();
         let mut count = 0;
-        for (record, _) in self.inner.all_records().await? {
-            if record.task.state != TaskState::Running || record.owner.as_deref() != Some(&owner) {
+        for (summary, _) in self.inner.summaries().await? {
+            if summary.task.state != TaskState::Running || summary.owner.as_deref() != Some(&owner)
+            {
                 continue;
             }
             let key = LeaseKey {
-                task_id: record.task.id.clone(),
-                attempt: record.task.attempts,
+                task_id: summary.task.id,
+                attempt: summary.task.attempts,
             };
             let end = AttemptEnd::new(
                 AttemptOutcome::DaemonRestart,
@@ -1899,12 +1920,13 @@ impl TaskQueue for JetStreamQueue {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, QueueError> {
-        let mut tasks: Vec<TaskRecord> = self
+        // Pick from the summaries, then read only the records shown.
+        let mut picked: Vec<TaskSummary> = self
             .inner
-            .all_records()
+            .summaries()
             .await?
             .into_iter()
-            .map(|(record, _)| record.task)
+            .map(|(summary, _)| summary.task)
             .filter(|task| filter.state.is_none_or(|state| task.state == state))
             .filter(|task| {
                 filter
@@ -1913,21 +1935,27 @@ impl TaskQueue for JetStreamQueue {
                     .is_none_or(|agent| &task.agent == agent)
             })
             .collect();
-        tasks.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
-        tasks.truncate(filter.limit);
-        for task in &mut tasks {
-            task.history.clear();
+        picked.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
+        picked.truncate(filter.limit);
+        let mut tasks = Vec::with_capacity(picked.len());
+        for summary in picked {
+            // A task deleted since the scan is left out.
+            if let Some((record, _)) = self.inner.entry(&summary.id).await? {
+                let mut task = record.task;
+                task.history.clear();
+                tasks.push(task);
+            }
         }
         Ok(tasks)
     }
 
     async fn counts(&self) -> Result<Vec<(String, StateCounts)>, QueueError> {
         let mut counts: BTreeMap<String, StateCounts> = BTreeMap::new();
-        for (record, _) in self.inner.all_records().await? {
+        for (summary, _) in self.inner.summaries().await? {
             counts
-                .entry(record.task.agent.clone())
+                .entry(summary.task.agent)
                 .or_default()
-                .add(record.task.state, 1);
+                .add(summary.task.state, 1);
         }
         Ok(counts.into_iter().collect())
     }

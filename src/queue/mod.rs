@@ -562,6 +562,48 @@ impl Limits {
             max_result_bytes: store.max_result_bytes.as_usize(),
         }
     }
+
+    /// Checks a task to submit (id, agent name, payload size); returns its
+    /// payload serialized.
+    ///
+    /// # Errors
+    /// [`QueueError::Invalid`] naming the task and what is wrong.
+    pub fn check_task(&self, task: &NewTask) -> Result<String, QueueError> {
+        validate_task_id(&task.id)?;
+        if !crate::config::valid_agent_name(&task.agent) {
+            return Err(QueueError::Invalid(format!(
+                "task {}: invalid agent name {:?}: use 1 to 64 letters, digits, '-' or '_'",
+                task.id, task.agent
+            )));
+        }
+        let payload = task.payload.to_string();
+        if payload.len() > self.max_payload_bytes {
+            return Err(QueueError::Invalid(format!(
+                "task {}: payload of {} bytes exceeds store.max_payload_bytes = {}",
+                task.id,
+                payload.len(),
+                self.max_payload_bytes
+            )));
+        }
+        Ok(payload)
+    }
+
+    /// Checks a result or checkpoint (`what`) against `max_result_bytes`;
+    /// returns it serialized.
+    ///
+    /// # Errors
+    /// [`QueueError::Invalid`] naming its size and the limit.
+    pub fn check_result(&self, what: &str, value: &Value) -> Result<String, QueueError> {
+        let text = value.to_string();
+        if text.len() > self.max_result_bytes {
+            return Err(QueueError::Invalid(format!(
+                "{what} of {} bytes exceeds store.max_result_bytes = {}",
+                text.len(),
+                self.max_result_bytes
+            )));
+        }
+        Ok(text)
+    }
 }
 
 /// Checks a task id: 1 to [`MAX_TASK_ID_BYTES`] bytes of letters, digits and

@@ -30,7 +30,6 @@ use super::{
     AckOutcome, Attempt, AttemptEnd, AttemptOutcome, Lease, LeaseGuard, LeaseKey, LeaseRequest,
     Limits, ListFilter, NewTask, Priority, QueueError, Returned, Selection, StateCounts,
     SubmitReceipt, TaskQueue, TaskRecord, TaskState, bound_reason, exhausted_reason,
-    validate_task_id,
 };
 use crate::clock::{SharedClock, UnixMillis};
 
@@ -608,18 +607,6 @@ impl SqliteQueue {
         })
         .await
         .map_err(|error| QueueError::Storage(format!("reader failed: {error}")))?
-    }
-
-    fn check_result_size(&self, result: &Value) -> Result<String, QueueError> {
-        let text = result.to_string();
-        if text.len() > self.settings.limits.max_result_bytes {
-            return Err(QueueError::Invalid(format!(
-                "result of {} bytes exceeds store.max_result_bytes = {}",
-                text.len(),
-                self.settings.limits.max_result_bytes
-            )));
-        }
-        Ok(text)
     }
 }
 
@@ -1329,22 +1316,7 @@ impl TaskQueue for SqliteQueue {
         }
         let mut prepared = Vec::with_capacity(tasks.len());
         for task in tasks {
-            validate_task_id(&task.id)?;
-            if !crate::config::valid_agent_name(&task.agent) {
-                return Err(QueueError::Invalid(format!(
-                    "task {}: invalid agent name {:?}",
-                    task.id, task.agent
-                )));
-            }
-            let payload = task.payload.to_string();
-            if payload.len() > self.settings.limits.max_payload_bytes {
-                return Err(QueueError::Invalid(format!(
-                    "task {}: payload of {} bytes exceeds store.max_payload_bytes = {}",
-                    task.id,
-                    payload.len(),
-                    self.settings.limits.max_payload_bytes
-                )));
-            }
+            let payload = self.settings.limits.check_task(&task)?;
             prepared.push(Prepared {
                 id: task.id,
                 agent: task.agent,
@@ -1438,7 +1410,7 @@ impl TaskQueue for SqliteQueue {
         result: &Value,
         end: AttemptEnd,
     ) -> Result<AckOutcome, QueueError> {
-        let text = self.check_result_size(result)?;
+        let text = self.settings.limits.check_result("result", result)?;
         let key = key.clone();
         self.writer
             .call(move |context| ack(context, &key, &text, &end))
@@ -1471,16 +1443,9 @@ impl TaskQueue for SqliteQueue {
         checkpoint: Option<&Value>,
     ) -> Result<(), QueueError> {
         let key = key.clone();
-        let checkpoint = checkpoint.map(Value::to_string);
-        if let Some(text) = &checkpoint
-            && text.len() > self.settings.limits.max_result_bytes
-        {
-            return Err(QueueError::Invalid(format!(
-                "checkpoint of {} bytes exceeds store.max_result_bytes = {}",
-                text.len(),
-                self.settings.limits.max_result_bytes
-            )));
-        }
+        let checkpoint = checkpoint
+            .map(|checkpoint| self.settings.limits.check_result("checkpoint", checkpoint))
+            .transpose()?;
         let extend_ms = to_sql_ms(millis(extend));
         // A checkpoint is kept durably; a bare extension need not be.
         let durable = checkpoint.is_some();

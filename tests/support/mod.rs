@@ -14,7 +14,8 @@ use flotilla::clock;
 use flotilla::config::{self, Config};
 use flotilla::daemon::Daemon;
 use flotilla::queue::sqlite::{Role, Settings, SqliteQueue};
-use flotilla::queue::{TaskQueue, TaskRecord};
+use flotilla::queue::{NewTask, Priority, TaskQueue, TaskRecord};
+use serde_json::json;
 
 /// The flotilla binary built for these tests.
 pub fn flotilla_bin() -> &'static str {
@@ -37,6 +38,23 @@ pub fn example_agent(args: &[&str]) -> String {
 pub fn toml_array(items: &[String]) -> String {
     let quoted: Vec<String> = items.iter().map(|item| format!("{item:?}")).collect();
     format!("[{}]", quoted.join(", "))
+}
+
+/// Makes the process `command` starts die with the thread that starts it
+/// (SIGKILL), so that a test binary killed mid-run (a timeout, a closed
+/// pipe) leaves no daemon or server behind. Tests start processes from the
+/// test's own thread, which outlives them.
+pub fn die_with_parent(command: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the closure only makes one
+    // async-signal-safe system call.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+    command
 }
 
 /// A fleet in a temporary directory.
@@ -82,7 +100,7 @@ impl Fleet {
 
     /// `flotilla up` as a real process.
     pub fn spawn_daemon(&self) -> Child {
-        Command::new(flotilla_bin())
+        die_with_parent(&mut Command::new(flotilla_bin()))
             .args(["-c", self.config_path.to_str().unwrap(), "up"])
             .env("FLOTILLA_LOG", "warn")
             .stdin(Stdio::null())
@@ -131,11 +149,10 @@ impl Fleet {
     /// `{"n": N}` to `agent` through `flotilla submit --file`, as a user
     /// would; returns their ids.
     pub fn submit_numbered(&self, agent: &str, count: usize, prefix: &str) -> Vec<String> {
-        let ids: Vec<String> = (0..count).map(|n| format!("{prefix}-{n:05}")).collect();
-        let lines: Vec<String> = ids
+        let (tasks, ids) = numbered_tasks(agent, count, prefix);
+        let lines: Vec<String> = tasks
             .iter()
-            .enumerate()
-            .map(|(n, id)| format!(r#"{{"id": "{id}", "payload": {{"n": {n}}}}}"#))
+            .map(|task| json!({"id": task.id, "payload": task.payload}).to_string())
             .collect();
         let file = self.path(&format!("{prefix}.jsonl"));
         std::fs::write(&file, lines.join("\n")).unwrap();
@@ -163,6 +180,23 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("timed out after {limit:?} waiting for {what}");
+}
+
+/// `count` tasks for `agent` with ids `PREFIX-00000`... and payloads
+/// `{"n": N}`, and their ids.
+pub fn numbered_tasks(agent: &str, count: usize, prefix: &str) -> (Vec<NewTask>, Vec<String>) {
+    let ids: Vec<String> = (0..count).map(|n| format!("{prefix}-{n:05}")).collect();
+    let tasks = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| NewTask {
+            id: id.clone(),
+            agent: agent.to_string(),
+            priority: Priority::Normal,
+            payload: json!({"n": n}),
+        })
+        .collect();
+    (tasks, ids)
 }
 
 /// Number of tasks in a terminal state.

@@ -152,7 +152,7 @@ impl NatsServer {
     /// When it does not listen within 10 s.
     pub fn restart(&mut self) {
         self.kill();
-        let child = Command::new(&self.binary)
+        let child = super::die_with_parent(&mut Command::new(&self.binary))
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
