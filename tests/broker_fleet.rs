@@ -232,18 +232,34 @@ async fn a_three_node_cluster_loses_a_node_and_no_task() {
     };
     let urls: Vec<String> = nodes.iter().map(|node| node.url.clone()).collect();
     let fleet = broker_fleet(&urls.join(","), 3);
-    // The cluster elects its meta leader before it accepts streams.
-    let mut attempt = 0;
+    // The cluster elects its meta leader and learns its peers before it
+    // places replicated streams; on a loaded machine that takes a while.
+    let logs = |nodes: &[NatsServer]| {
+        nodes
+            .iter()
+            .map(NatsServer::log_tail)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let started = std::time::Instant::now();
+    while !nodes.iter().all(NatsServer::healthy) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the cluster never became healthy\n{}",
+            logs(&nodes)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     loop {
         let probe = fleet.cli(&["status", "--json"]);
         if probe.status.success() {
             break;
         }
-        attempt += 1;
         assert!(
-            attempt < 40,
-            "the cluster never became ready: {}",
-            String::from_utf8_lossy(&probe.stderr)
+            started.elapsed() < Duration::from_secs(90),
+            "the cluster never accepted flotilla's streams: {}\n{}",
+            String::from_utf8_lossy(&probe.stderr),
+            logs(&nodes)
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

@@ -6,8 +6,9 @@
 //! PATH. Without one, tests skip loudly, except under `CI=true`, where
 //! they fail.
 
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,9 @@ pub struct NatsServer {
     args: Vec<String>,
     /// Its client port on 127.0.0.1.
     pub port: u16,
+    /// Its monitoring port on 127.0.0.1, when it has one.
+    monitor: Option<u16>,
+    log: PathBuf,
     /// `nats://127.0.0.1:PORT`.
     pub url: String,
     _store: tempfile::TempDir,
@@ -38,11 +42,24 @@ fn find_binary() -> Option<PathBuf> {
     })
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free loopback port")
+/// `count` distinct free loopback ports (all held until all are found, so
+/// none repeats; another process may still take one before the server
+/// binds it, which `restart` then reports).
+fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("a free loopback port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|listener| listener.local_addr().expect("a bound port").port())
+        .collect()
+}
+
+/// The last `lines` lines of the file at `path`, for failure messages.
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// The nats-server binary, or `None` (after saying so loudly) when none is
@@ -79,9 +96,12 @@ impl NatsServer {
     pub fn start_with(test: &str, extra: &[&str]) -> Option<Self> {
         let binary = binary_for(test)?;
         let store = tempfile::tempdir().expect("temp store dir");
-        let port = free_port();
+        let port = free_ports(1)[0];
+        let log = store.path().join("nats.log");
         let mut args = vec![
-            "-a".to_string(),
+            "-l".to_string(),
+            log.display().to_string(),
+            "-a".into(),
             "127.0.0.1".into(),
             "-p".into(),
             port.to_string(),
@@ -90,26 +110,30 @@ impl NatsServer {
             store.path().display().to_string(),
         ];
         args.extend(extra.iter().map(ToString::to_string));
-        Some(Self::spawn(binary, args, port, store))
+        Some(Self::spawn(binary, args, port, None, log, store))
     }
 
     /// Starts `count` servers on loopback, routed into one JetStream
     /// cluster, or `None` like [`Self::start`].
     pub fn cluster(test: &str, count: usize) -> Option<Vec<Self>> {
         let binary = binary_for(test)?;
-        let ports: Vec<(u16, u16)> = (0..count).map(|_| (free_port(), free_port())).collect();
+        let ports = free_ports(3 * count);
+        let ports: Vec<&[u16]> = ports.chunks(3).collect();
         let routes: Vec<String> = ports
             .iter()
-            .map(|(_, cluster)| format!("nats://127.0.0.1:{cluster}"))
+            .map(|node| format!("nats://127.0.0.1:{}", node[1]))
             .collect();
         let servers = ports
             .iter()
             .enumerate()
-            .map(|(index, (port, cluster))| {
+            .map(|(index, node)| {
+                let [port, cluster, monitor] = [node[0], node[1], node[2]];
                 let store = tempfile::tempdir().expect("temp store dir");
                 let config = store.path().join("nats.conf");
+                let log = store.path().join("nats.log");
                 let text = format!(
-                    "server_name: n{index}\nlisten: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\" }}\ncluster {{\n  name: flotilla\n  listen: \"127.0.0.1:{cluster}\"\n  routes: [{}]\n}}\n",
+                    "server_name: n{index}\nlisten: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor}\"\nlog_file: \"{}\"\njetstream {{ store_dir: \"{}\" }}\ncluster {{\n  name: flotilla\n  listen: \"127.0.0.1:{cluster}\"\n  routes: [{}]\n}}\n",
+                    log.display(),
                     store.path().join("js").display(),
                     routes
                         .iter()
@@ -119,23 +143,55 @@ impl NatsServer {
                 );
                 std::fs::write(&config, text).expect("config written");
                 let args = vec!["-c".to_string(), config.display().to_string()];
-                Self::spawn(binary.clone(), args, *port, store)
+                Self::spawn(binary.clone(), args, port, Some(monitor), log, store)
             })
             .collect();
         Some(servers)
     }
 
-    fn spawn(binary: PathBuf, args: Vec<String>, port: u16, store: tempfile::TempDir) -> Self {
+    fn spawn(
+        binary: PathBuf,
+        args: Vec<String>,
+        port: u16,
+        monitor: Option<u16>,
+        log: PathBuf,
+        store: tempfile::TempDir,
+    ) -> Self {
         let mut server = Self {
             child: None,
             binary,
             args,
             port,
+            monitor,
+            log,
             url: format!("nats://127.0.0.1:{port}"),
             _store: store,
         };
         server.restart();
         server
+    }
+
+    /// The last lines of the server's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        format!("--- {} log:\n{}", self.url, tail(&self.log, 30))
+    }
+
+    /// Whether the server's `/healthz` answers 200: in a cluster, JetStream
+    /// knows its meta leader and is current with it. `false` for a server
+    /// without a monitoring port.
+    pub fn healthy(&self) -> bool {
+        let Some(monitor) = self.monitor else {
+            return false;
+        };
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", monitor)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let request = "GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+        let mut response = String::new();
+        stream.write_all(request.as_bytes()).is_ok()
+            && stream.read_to_string(&mut response).is_ok()
+            && response.starts_with("HTTP/1.0 200")
     }
 
     /// Kills the server with SIGKILL (its store stays).
@@ -161,11 +217,28 @@ impl NatsServer {
             .unwrap_or_else(|error| panic!("cannot start {}: {error}", self.binary.display()));
         self.child = Some(child);
         let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        loop {
+            // A server that could not bind a port exits; another process
+            // may then be the one listening on it.
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten())
+            {
+                panic!(
+                    "nats-server on {} exited with {status}\n{}",
+                    self.port,
+                    self.log_tail()
+                );
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                break;
+            }
             assert!(
                 started.elapsed() < Duration::from_secs(10),
-                "nats-server did not listen on {}",
-                self.port
+                "nats-server did not listen on {}\n{}",
+                self.port,
+                self.log_tail()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
