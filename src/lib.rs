@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod breaker;
 pub mod cli;
 pub mod clock;
 pub mod config;

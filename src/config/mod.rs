@@ -304,6 +304,110 @@ pub struct AgentConfig {
     /// per second; a critical task may then wait behind the batch.
     #[serde(default)]
     pub prefetch: u32,
+    /// The circuit breaker in front of the agent.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+    /// While the agent is unavailable (its breaker open, or failed after
+    /// too many restarts): the agents that take its tasks instead, in
+    /// order; the first available one gets each task. Checked for unknown
+    /// agents and cycles.
+    #[serde(default)]
+    pub fallback: Vec<String>,
+    /// What happens to the agent's tasks while it is unavailable and no
+    /// agent of `fallback` is available.
+    #[serde(default)]
+    pub fallback_policy: FallbackPolicy,
+}
+
+/// `[agents.NAME.breaker]`: when to stop sending an agent work, and when
+/// to try again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    /// Whether the breaker is in use (default true).
+    pub enabled: bool,
+    /// Opens after this many failures in a row (1 to 10000).
+    pub failure_threshold: u32,
+    /// Opens when more than this fraction of the calls within `window`
+    /// failed (above 0.0, up to 1.0), once at least `min_calls` were seen.
+    pub failure_rate: f64,
+    /// The sliding window of `failure_rate` (1s to 24h).
+    pub window: HumanDuration,
+    /// Calls within `window` needed before `failure_rate` is judged (1 to
+    /// 100000).
+    pub min_calls: u32,
+    /// How long it stays open before probe tasks are sent (1ms to 7d).
+    pub recovery_timeout: HumanDuration,
+    /// Tasks sent while half-open (1 to 100); the others wait. All must
+    /// succeed to close it; one failure opens it again.
+    pub half_open_probes: u32,
+    /// What counts as a failure: any of `crash` (the replica exited or
+    /// exceeded its memory limit), `timeout` (progress timeout or
+    /// max_duration), `error` (the agent reported an error), `validation`
+    /// (the result was rejected).
+    pub failures: Vec<FailureKind>,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            failure_threshold: 5,
+            failure_rate: 0.5,
+            window: HumanDuration::secs(60),
+            min_calls: 20,
+            recovery_timeout: HumanDuration::secs(30),
+            half_open_probes: 1,
+            failures: vec![
+                FailureKind::Crash,
+                FailureKind::Timeout,
+                FailureKind::Error,
+                FailureKind::Validation,
+            ],
+        }
+    }
+}
+
+/// A kind of failed attempt a breaker may count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The replica exited or exceeded its memory limit.
+    Crash,
+    /// No progress within `progress_timeout`, or past `max_duration`.
+    Timeout,
+    /// The agent reported an error.
+    Error,
+    /// The result was rejected (unusable, or failed validation).
+    Validation,
+}
+
+/// What happens to an unavailable agent's tasks when no fallback agent is
+/// available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FallbackPolicy {
+    /// They stay queued, using up no attempt, until the breaker lets
+    /// probes through.
+    #[default]
+    QueueForRetry,
+    /// They move to the state `escalated` for a human to resolve
+    /// (`flotilla escalations`).
+    EscalateToHuman,
+    /// They complete without running, with a result marked
+    /// `proceeded_with_warning`: for gates that must not block.
+    ProceedWithWarning,
+}
+
+impl FallbackPolicy {
+    /// Its name in config and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::QueueForRetry => "queue_for_retry",
+            Self::EscalateToHuman => "escalate_to_human",
+            Self::ProceedWithWarning => "proceed_with_warning",
+        }
+    }
 }
 
 fn one() -> NonZeroU32 {
@@ -570,7 +674,83 @@ impl Config {
             let mode_known = !unknown_mode.contains(name);
             agent.validate(&format!("agents.{name}"), mode_known, &mut problem);
         }
+        self.validate_fallbacks(&mut problem);
         problems
+    }
+
+    /// Fallback chains name configured agents and never lead back to where
+    /// they started.
+    fn validate_fallbacks(&self, problem: &mut impl FnMut(String, String)) {
+        for (name, agent) in &self.agents {
+            let key = format!("agents.{name}.fallback");
+            for (index, target) in agent.fallback.iter().enumerate() {
+                if target == name {
+                    problem(
+                        format!("{key}[{index}]"),
+                        format!("{name:?} cannot fall back to itself"),
+                    );
+                } else if !self.agents.contains_key(target) {
+                    problem(
+                        format!("{key}[{index}]"),
+                        format!(
+                            "unknown agent {target:?}; configured agents: {}",
+                            self.agent_names()
+                        ),
+                    );
+                } else if agent.fallback[..index].contains(target) {
+                    problem(
+                        format!("{key}[{index}]"),
+                        format!("{target:?} is listed twice"),
+                    );
+                }
+            }
+        }
+        // A cycle through other agents: depth-first from each agent, over
+        // known agents only (unknown ones were reported above). Each cycle
+        // is reported once, at its alphabetically first agent.
+        for start in self.agents.keys() {
+            let mut path = vec![start.clone()];
+            if let Some(cycle) = self.fallback_cycle(start, &mut path)
+                && cycle.iter().min() == Some(start)
+                && cycle.len() > 2
+            {
+                problem(
+                    format!("agents.{start}.fallback"),
+                    format!(
+                        "fallback chains form a cycle: {}; a task could be handed around forever",
+                        cycle.join(" → ")
+                    ),
+                );
+            }
+        }
+    }
+
+    /// The first cycle back to `path[0]` reachable from the last agent of
+    /// `path`, as the list of agents ending with `path[0]` again.
+    fn fallback_cycle(&self, start: &str, path: &mut Vec<String>) -> Option<Vec<String>> {
+        let last = path.last().expect("path starts with the start").clone();
+        for next in self
+            .agents
+            .get(&last)
+            .map(|a| &a.fallback)
+            .into_iter()
+            .flatten()
+        {
+            if next == start {
+                let mut cycle = path.clone();
+                cycle.push(next.clone());
+                return Some(cycle);
+            }
+            if path.contains(next) || !self.agents.contains_key(next) {
+                continue;
+            }
+            path.push(next.clone());
+            if let Some(cycle) = self.fallback_cycle(start, path) {
+                return Some(cycle);
+            }
+            path.pop();
+        }
+        None
     }
 }
 
@@ -694,8 +874,65 @@ impl BrokerConfig {
     }
 }
 
+impl BreakerConfig {
+    fn validate(&self, key: &str, problem: &mut impl FnMut(String, String)) {
+        let mut range = |field: &str, value: String, ok: bool, valid: &str| {
+            if !ok {
+                problem(
+                    format!("{key}.{field}"),
+                    format!("{value} is out of range; valid: {valid}"),
+                );
+            }
+        };
+        range(
+            "failure_threshold",
+            self.failure_threshold.to_string(),
+            (1..=10_000).contains(&self.failure_threshold),
+            "1 to 10000",
+        );
+        range(
+            "failure_rate",
+            self.failure_rate.to_string(),
+            self.failure_rate > 0.0 && self.failure_rate <= 1.0,
+            "above 0.0, up to 1.0 (a fraction, e.g. 0.5)",
+        );
+        range(
+            "window",
+            self.window.to_string(),
+            self.window >= HumanDuration::secs(1) && self.window <= HumanDuration::secs(86_400),
+            "1s to 24h",
+        );
+        range(
+            "min_calls",
+            self.min_calls.to_string(),
+            (1..=100_000).contains(&self.min_calls),
+            "1 to 100000",
+        );
+        range(
+            "recovery_timeout",
+            self.recovery_timeout.to_string(),
+            self.recovery_timeout >= HumanDuration::millis(1)
+                && self.recovery_timeout <= HumanDuration::secs(7 * 86_400),
+            "1ms to 7d",
+        );
+        range(
+            "half_open_probes",
+            self.half_open_probes.to_string(),
+            (1..=100).contains(&self.half_open_probes),
+            "1 to 100",
+        );
+        if self.enabled && self.failures.is_empty() {
+            problem(
+                format!("{key}.failures"),
+                "is empty, so the breaker could never open; list some of crash, timeout, error, validation, or set enabled = false".into(),
+            );
+        }
+    }
+}
+
 impl AgentConfig {
     fn validate(&self, key: &str, mode_known: bool, problem: &mut impl FnMut(String, String)) {
+        self.breaker.validate(&format!("{key}.breaker"), problem);
         if self.command.is_empty() || self.command[0].trim().is_empty() {
             problem(
                 format!("{key}.command"),

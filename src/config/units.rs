@@ -32,6 +32,11 @@ impl HumanDuration {
     pub const fn get(self) -> Duration {
         self.0
     }
+
+    /// In whole milliseconds (saturating).
+    pub fn as_millis(self) -> u64 {
+        u64::try_from(self.0.as_millis()).unwrap_or(u64::MAX)
+    }
 }
 
 impl FromStr for HumanDuration {

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use super::{
     AckOutcome, AttemptEnd, AttemptOutcome, LeaseKey, LeaseRequest, ListFilter, NewTask, Priority,
-    QueueError, Selection, TaskQueue, TaskState,
+    QueueError, Resolution, Selection, TaskQueue, TaskState,
 };
 
 /// Payload and result limit the suite expects its queues to be opened with.
@@ -83,6 +83,168 @@ where
     dropped_lease_is_released(&make().await).await;
     concurrent_leases_never_share(Arc::new(make().await)).await;
     counts_per_agent(&make().await).await;
+    reroute_hands_a_task_to_another_agent(&make().await).await;
+    escalations_wait_for_a_human(&make().await).await;
+}
+
+/// A rerouted task is queued for the other agent, its attempt not charged;
+/// the first agent sees it no more.
+pub async fn reroute_hands_a_task_to_another_agent<Q: TaskQueue>(queue: &Q) {
+    queue
+        .submit(vec![task("rr1", Priority::High, json!({"n": 1}))])
+        .await
+        .unwrap();
+    let mut leases = queue.lease(&request(1), Duration::ZERO).await.unwrap();
+    queue
+        .reroute(&leases[0].key, "fallback", end(AttemptOutcome::Rerouted))
+        .await
+        .unwrap();
+    leases[0].settle();
+    let record = queue.get("rr1").await.unwrap().unwrap();
+    assert_eq!(
+        (record.agent.as_str(), record.state, record.charged_attempts),
+        ("fallback", TaskState::Queued, 0)
+    );
+    assert_eq!(record.history[0].outcome, Some(AttemptOutcome::Rerouted));
+    assert!(
+        queue
+            .lease(&request(1), Duration::ZERO)
+            .await
+            .unwrap()
+            .is_empty(),
+        "the first agent no longer gets it"
+    );
+    let mut other = request(1);
+    other.agent = "fallback".into();
+    let mut leases = queue.lease(&other, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(leases.len(), 1, "the fallback agent gets it");
+    assert_eq!(
+        (
+            leases[0].key.attempt,
+            leases[0].priority,
+            &leases[0].payload
+        ),
+        (2, Priority::High, &json!({"n": 1}))
+    );
+    queue
+        .ack(
+            &leases[0].key,
+            &json!("done"),
+            end(AttemptOutcome::Completed),
+        )
+        .await
+        .unwrap();
+    leases[0].settle();
+    assert_eq!(state_of(queue, "rr1").await, TaskState::Completed);
+    // A stale lease cannot reroute.
+    let stale = LeaseKey {
+        task_id: "rr1".into(),
+        attempt: 1,
+    };
+    assert!(matches!(
+        queue
+            .reroute(&stale, "fallback", end(AttemptOutcome::Rerouted))
+            .await,
+        Err(QueueError::StaleLease { .. })
+    ));
+}
+
+/// An escalated task is terminal until a human resolves it: retried,
+/// completed with a given result, or dropped to the dead letters.
+pub async fn escalations_wait_for_a_human<Q: TaskQueue>(queue: &Q) {
+    let ids = ["e1", "e2", "e3"];
+    queue
+        .submit(
+            ids.iter()
+                .map(|id| task(id, Priority::Normal, json!({})))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let mut leases = queue.lease(&request(3), Duration::ZERO).await.unwrap();
+    assert_eq!(leases.len(), 3);
+    for lease in &mut leases {
+        queue
+            .escalate(&lease.key, "breaker open", end(AttemptOutcome::Escalated))
+            .await
+            .unwrap();
+        lease.settle();
+    }
+    let record = queue.get("e1").await.unwrap().unwrap();
+    assert_eq!(record.state, TaskState::Escalated);
+    assert_eq!(record.reason.as_deref(), Some("breaker open"));
+    assert!(record.state.is_terminal());
+    let listed = queue
+        .list(&ListFilter {
+            state: Some(TaskState::Escalated),
+            agent: None,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 3);
+    let counts = queue.counts().await.unwrap();
+    assert_eq!(counts[0].1.escalated, 3);
+    assert!(
+        queue
+            .lease(&request(3), Duration::ZERO)
+            .await
+            .unwrap()
+            .is_empty(),
+        "escalated tasks are not leased"
+    );
+    // Not escalated: refused, nothing changed.
+    queue
+        .submit(vec![task("e4", Priority::Normal, json!({}))])
+        .await
+        .unwrap();
+    assert!(matches!(
+        queue.resolve("e4", &Resolution::Retry).await,
+        Err(QueueError::WrongState { .. })
+    ));
+    assert!(matches!(
+        queue.resolve("nope", &Resolution::Retry).await,
+        Err(QueueError::NotFound { .. })
+    ));
+    queue
+        .resolve("e2", &Resolution::Complete(json!({"by": "human"})))
+        .await
+        .unwrap();
+    let done = queue.get("e2").await.unwrap().unwrap();
+    assert_eq!(
+        (done.state, done.result),
+        (TaskState::Completed, Some(json!({"by": "human"})))
+    );
+    queue.resolve("e3", &Resolution::Drop).await.unwrap();
+    let dropped = queue.get("e3").await.unwrap().unwrap();
+    assert_eq!(dropped.state, TaskState::DeadLettered);
+    assert!(
+        dropped.reason.as_deref().unwrap().contains("breaker open"),
+        "{dropped:?}"
+    );
+    queue.resolve("e1", &Resolution::Retry).await.unwrap();
+    assert!(matches!(
+        queue.resolve("e1", &Resolution::Retry).await,
+        Err(QueueError::WrongState { .. })
+    ));
+    let mut leases = queue
+        .lease(&request(3), Duration::from_secs(2))
+        .await
+        .unwrap();
+    let ids: HashSet<String> = leases.iter().map(|l| l.key.task_id.clone()).collect();
+    assert!(ids.contains("e1"), "retried task is leased again: {ids:?}");
+    for lease in &mut leases {
+        queue
+            .ack(&lease.key, &json!(1), end(AttemptOutcome::Completed))
+            .await
+            .unwrap();
+        lease.settle();
+    }
+    let record = queue.get("e1").await.unwrap().unwrap();
+    assert_eq!(
+        (record.state, record.charged_attempts),
+        (TaskState::Completed, 1)
+    );
 }
 
 /// Submit, lease, ack: the result and a one-attempt history are kept.

@@ -49,8 +49,8 @@ use tokio::task::JoinHandle;
 
 use super::{
     AckOutcome, Attempt, AttemptEnd, AttemptOutcome, Lease, LeaseGuard, LeaseKey, LeaseRequest,
-    Limits, ListFilter, NewTask, Priority, QueueError, Returned, Selection, StateCounts,
-    SubmitReceipt, TaskQueue, TaskRecord, TaskState, bound_reason, exhausted_reason,
+    Limits, ListFilter, NewTask, Priority, QueueError, Resolution, Returned, Selection,
+    StateCounts, SubmitReceipt, TaskQueue, TaskRecord, TaskState, bound_reason, exhausted_reason,
 };
 use crate::clock::{SharedClock, UnixMillis};
 use crate::config::BrokerConfig;
@@ -268,6 +268,10 @@ struct Envelope {
     generation: u32,
     created_ms: UnixMillis,
     payload: Value,
+    /// Set on the message that hands a running task to a fallback agent:
+    /// the agent it came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rerouted_from: Option<String>,
 }
 
 /// A task record as stored: the public record plus what the backend needs.
@@ -339,6 +343,7 @@ impl Record {
             generation: self.generation,
             created_ms: self.task.created_ms,
             payload: self.task.payload.clone(),
+            rerouted_from: None,
         }
     }
 
@@ -1184,6 +1189,7 @@ impl Inner {
             generation,
             created_ms: now,
             payload: task.payload,
+            rerouted_from: None,
         };
         let duplicate = self
             .publish(&envelope, &msg_id(&task.id, life, generation))
@@ -1313,7 +1319,23 @@ impl Inner {
                     .await;
                 return Ok(None);
             }
-            if record.version() < (envelope.life, envelope.generation) {
+            if record.version() < (envelope.life, envelope.generation)
+                && envelope.rerouted_from.is_some()
+            {
+                // Handed to a fallback agent by a daemon that did not
+                // get to write the record.
+                if record.task.state.is_terminal() {
+                    // It ended meanwhile; the hand-over is moot.
+                    self.settle_message(&reply, Bytes::from_static(b"+ACK"))
+                        .await;
+                    return Ok(None);
+                }
+                record.generation = envelope.generation;
+                record.task.agent.clone_from(&envelope.agent);
+                if record.task.state == TaskState::Queued {
+                    record.requeue(now);
+                }
+            } else if record.version() < (envelope.life, envelope.generation) {
                 // Republished (replay, or resubmit of a completed task)
                 // before its record said so: the message is the newer
                 // truth. A resubmitted task starts without the old run's
@@ -1341,6 +1363,12 @@ impl Inner {
                 }
                 TaskState::DeadLettered => {
                     self.send_dead_letter(&record).await?;
+                    self.settle_message(&reply, Bytes::from_static(b"+TERM"))
+                        .await;
+                    return Ok(None);
+                }
+                // Waits for a human; `resolve --retry` publishes it again.
+                TaskState::Escalated => {
                     self.settle_message(&reply, Bytes::from_static(b"+TERM"))
                         .await;
                     return Ok(None);
@@ -1860,6 +1888,185 @@ impl TaskQueue for JetStreamQueue {
         Ok(())
     }
 
+    async fn reroute(
+        &self,
+        key: &LeaseKey,
+        agent: &str,
+        end: AttemptEnd,
+    ) -> Result<(), QueueError> {
+        let inner = &self.inner;
+        // The message for the new agent goes first: if this daemon dies
+        // before the record says so, the message still carries the task
+        // (see `claim`), and the old one is dropped as outdated.
+        let cached = inner
+            .held
+            .lock()
+            .expect("not poisoned")
+            .get(key)
+            .and_then(|held| held.cached.clone());
+        let (record, _) = match cached {
+            Some(found) => found,
+            None => inner
+                .entry(&key.task_id)
+                .await?
+                .ok_or_else(|| QueueError::NotFound {
+                    id: key.task_id.clone(),
+                })?,
+        };
+        if !record.holds(key) {
+            inner.unhold(key);
+            return Err(record.stale(key));
+        }
+        let mut envelope = record.envelope();
+        envelope.agent = agent.to_string();
+        envelope.generation += 1;
+        envelope.rerouted_from = Some(record.task.agent.clone());
+        let version = (envelope.life, envelope.generation);
+        inner
+            .publish(
+                &envelope,
+                &msg_id(&envelope.id, envelope.life, envelope.generation),
+            )
+            .await?;
+        let mut reply = None;
+        inner
+            .update(&key.task_id, Some(key), |record| {
+                if !record.holds(key) {
+                    return Err(record.stale(key));
+                }
+                let now = inner.now();
+                reply.clone_from(&record.reply);
+                record.end_attempt(key.attempt, &end, now);
+                record.task.charged_attempts = record.task.charged_attempts.saturating_sub(1);
+                record.task.agent = agent.to_string();
+                (record.life, record.generation) = version;
+                record.requeue(now);
+                Ok(Change::Write(()))
+            })
+            .await?;
+        let held = inner.unhold(key);
+        if let Some(reply) = held.map(|held| held.reply).or(reply) {
+            inner
+                .settle_message(&reply, Bytes::from_static(b"+ACK"))
+                .await;
+        }
+        inner.ring(agent).await;
+        Ok(())
+    }
+
+    async fn escalate(
+        &self,
+        key: &LeaseKey,
+        reason: &str,
+        end: AttemptEnd,
+    ) -> Result<(), QueueError> {
+        let mut reply = None;
+        self.inner
+            .update(&key.task_id, Some(key), |record| {
+                if !record.holds(key) {
+                    return Err(record.stale(key));
+                }
+                let now = self.inner.now();
+                reply.clone_from(&record.reply);
+                record.end_attempt(key.attempt, &end, now);
+                record.task.charged_attempts = record.task.charged_attempts.saturating_sub(1);
+                record.task.reason = Some(bound_reason(reason));
+                record.finish(TaskState::Escalated, now);
+                Ok(Change::Write(()))
+            })
+            .await?;
+        let held = self.inner.unhold(key);
+        if let Some(reply) = held.map(|held| held.reply).or(reply) {
+            self.inner
+                .settle_message(&reply, Bytes::from_static(b"+TERM"))
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn resolve(&self, id: &str, resolution: &Resolution) -> Result<(), QueueError> {
+        let inner = &self.inner;
+        if let Resolution::Complete(result) = resolution {
+            inner.settings.limits.check_result("result", result)?;
+        }
+        let (record, _) = inner
+            .entry(id)
+            .await?
+            .ok_or_else(|| QueueError::NotFound { id: id.to_string() })?;
+        let escalated = |record: &Record| {
+            if record.task.state == TaskState::Escalated {
+                Ok(())
+            } else {
+                Err(QueueError::WrongState {
+                    id: id.to_string(),
+                    state: record.task.state,
+                    expected: TaskState::Escalated,
+                })
+            }
+        };
+        escalated(&record)?;
+        match resolution {
+            Resolution::Retry => {
+                let mut envelope = record.envelope();
+                envelope.generation += 1;
+                let version = (envelope.life, envelope.generation);
+                inner
+                    .publish(
+                        &envelope,
+                        &msg_id(&envelope.id, envelope.life, envelope.generation),
+                    )
+                    .await?;
+                inner
+                    .update(id, None, |record| {
+                        if record.version() >= version {
+                            // A daemon took the new message already.
+                            return Ok(Change::Keep(()));
+                        }
+                        escalated(record)?;
+                        record.generation = version.1;
+                        record.task.charged_attempts = 0;
+                        record.task.reason = None;
+                        record.task.finished_ms = None;
+                        record.requeue(inner.now());
+                        Ok(Change::Write(()))
+                    })
+                    .await?;
+                inner.ring(&record.task.agent).await;
+            }
+            Resolution::Complete(result) => {
+                inner
+                    .update(id, None, |record| {
+                        escalated(record)?;
+                        record.task.result = Some(result.clone());
+                        record.task.checkpoint = None;
+                        record.finish(TaskState::Completed, inner.now());
+                        Ok(Change::Write(()))
+                    })
+                    .await?;
+            }
+            Resolution::Drop => {
+                let mut dead = None;
+                inner
+                    .update(id, None, |record| {
+                        escalated(record)?;
+                        let reason = format!(
+                            "dropped by a human after escalation: {}",
+                            record.task.reason.as_deref().unwrap_or_default()
+                        );
+                        record.task.reason = Some(bound_reason(&reason));
+                        record.finish(TaskState::DeadLettered, inner.now());
+                        dead = Some(record.clone());
+                        Ok(Change::Write(()))
+                    })
+                    .await?;
+                if let Some(record) = dead {
+                    inner.send_dead_letter(&record).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn requeue_running(&self) -> Result<u64, QueueError> {
         let owner = self.inner.settings.owner.clone();
         let mut count = 0;
@@ -2072,6 +2279,7 @@ mod tests {
             generation: 0,
             created_ms: 5,
             payload: serde_json::json!({"x": 1}),
+            rerouted_from: None,
         };
         let mut record = Record::from_envelope(&envelope, 10);
         record.task.attempts = 1;

@@ -104,15 +104,19 @@ pub enum TaskState {
     /// Given up on, with a reason and its attempt history. Terminal until
     /// replayed.
     DeadLettered,
+    /// Handed to a human (its agent was unavailable and its fallback
+    /// policy is `escalate_to_human`). Terminal until resolved.
+    Escalated,
 }
 
 impl TaskState {
     /// Every state, in display order.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::Queued,
         Self::Running,
         Self::Completed,
         Self::DeadLettered,
+        Self::Escalated,
     ];
 
     /// Its name in JSON and the CLI.
@@ -122,12 +126,13 @@ impl TaskState {
             Self::Running => "running",
             Self::Completed => "completed",
             Self::DeadLettered => "dead_lettered",
+            Self::Escalated => "escalated",
         }
     }
 
     /// Whether no further transition happens without a human.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Completed | Self::DeadLettered)
+        matches!(self, Self::Completed | Self::DeadLettered | Self::Escalated)
     }
 }
 
@@ -146,7 +151,7 @@ impl FromStr for TaskState {
             .find(|state| state.as_str() == text)
             .ok_or_else(|| {
                 format!(
-                    "unknown task state {text:?}; valid: queued, running, completed, dead_lettered"
+                    "unknown task state {text:?}; valid: queued, running, completed, dead_lettered, escalated"
                 )
             })
     }
@@ -309,6 +314,14 @@ pub enum AttemptOutcome {
     /// Handed back without fault (shutdown); not counted against
     /// `max_deliver`.
     Released,
+    /// Handed to a fallback agent while its own was unavailable; not
+    /// counted against `max_deliver`.
+    Rerouted,
+    /// Completed without running, marked `proceeded_with_warning`, while
+    /// its agent was unavailable.
+    ProceededWithWarning,
+    /// Handed to a human while its agent was unavailable.
+    Escalated,
 }
 
 impl AttemptOutcome {
@@ -325,6 +338,9 @@ impl AttemptOutcome {
             Self::LeaseExpired => "lease_expired",
             Self::DaemonRestart => "daemon_restart",
             Self::Released => "released",
+            Self::Rerouted => "rerouted",
+            Self::ProceededWithWarning => "proceeded_with_warning",
+            Self::Escalated => "escalated",
         }
     }
 
@@ -341,6 +357,9 @@ impl AttemptOutcome {
             Self::LeaseExpired,
             Self::DaemonRestart,
             Self::Released,
+            Self::Rerouted,
+            Self::ProceededWithWarning,
+            Self::Escalated,
         ]
         .into_iter()
         .find(|outcome| outcome.as_str() == text)
@@ -463,6 +482,9 @@ pub struct StateCounts {
     pub completed: u64,
     /// Dead-lettered.
     pub dead_lettered: u64,
+    /// Escalated to a human.
+    #[serde(default)]
+    pub escalated: u64,
 }
 
 impl StateCounts {
@@ -473,12 +495,13 @@ impl StateCounts {
             TaskState::Running => self.running += count,
             TaskState::Completed => self.completed += count,
             TaskState::DeadLettered => self.dead_lettered += count,
+            TaskState::Escalated => self.escalated += count,
         }
     }
 
     /// All tasks.
     pub fn total(&self) -> u64 {
-        self.queued + self.running + self.completed + self.dead_lettered
+        self.queued + self.running + self.completed + self.dead_lettered + self.escalated
     }
 }
 
@@ -489,6 +512,17 @@ pub enum Selection {
     Ids(Vec<String>),
     /// Every dead letter.
     All,
+}
+
+/// How a human resolves an escalated task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resolution {
+    /// Back to the queue with a fresh attempt budget.
+    Retry,
+    /// Completed with this result.
+    Complete(Value),
+    /// Given up: dead-lettered with the escalation's reason.
+    Drop,
 }
 
 /// Result of an ack.
@@ -703,6 +737,23 @@ pub trait TaskQueue: Send + Sync + 'static {
 
     /// Dead-letters the task with `reason`.
     async fn term(&self, key: &LeaseKey, reason: &str, end: AttemptEnd) -> Result<(), QueueError>;
+
+    /// Hands the task to `agent` (its own agent is unavailable): queued
+    /// for `agent` at once, the attempt not charged.
+    async fn reroute(&self, key: &LeaseKey, agent: &str, end: AttemptEnd)
+    -> Result<(), QueueError>;
+
+    /// Moves the task to `escalated` with `reason`, for a human.
+    async fn escalate(
+        &self,
+        key: &LeaseKey,
+        reason: &str,
+        end: AttemptEnd,
+    ) -> Result<(), QueueError>;
+
+    /// Resolves the escalated task `id` (see [`Resolution`]); fails with
+    /// `WrongState` when it is not escalated.
+    async fn resolve(&self, id: &str, resolution: &Resolution) -> Result<(), QueueError>;
 
     /// Returns every running task to the queue (after the daemon that held
     /// them died), recording `DaemonRestart`. Returns how many.

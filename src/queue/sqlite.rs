@@ -28,8 +28,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     AckOutcome, Attempt, AttemptEnd, AttemptOutcome, Lease, LeaseGuard, LeaseKey, LeaseRequest,
-    Limits, ListFilter, NewTask, Priority, QueueError, Returned, Selection, StateCounts,
-    SubmitReceipt, TaskQueue, TaskRecord, TaskState, bound_reason, exhausted_reason,
+    Limits, ListFilter, NewTask, Priority, QueueError, Resolution, Returned, Selection,
+    StateCounts, SubmitReceipt, TaskQueue, TaskRecord, TaskState, bound_reason, exhausted_reason,
 };
 use crate::clock::{SharedClock, UnixMillis};
 
@@ -56,12 +56,14 @@ const DELAYED: i64 = 2;
 const RUNNING: i64 = 3;
 const COMPLETED: i64 = 4;
 const DEAD: i64 = 5;
+const ESCALATED: i64 = 6;
 
 fn state_of(code: i64) -> TaskState {
     match code {
         READY | DELAYED => TaskState::Queued,
         RUNNING => TaskState::Running,
         COMPLETED => TaskState::Completed,
+        ESCALATED => TaskState::Escalated,
         _ => TaskState::DeadLettered,
     }
 }
@@ -72,6 +74,7 @@ fn codes_of(state: TaskState) -> &'static [i64] {
         TaskState::Running => &[RUNNING],
         TaskState::Completed => &[COMPLETED],
         TaskState::DeadLettered => &[DEAD],
+        TaskState::Escalated => &[ESCALATED],
     }
 }
 
@@ -1479,6 +1482,124 @@ impl TaskQueue for SqliteQueue {
                 let seq = leased_seq(context, &key)?;
                 dead_letter(context, seq, &reason)?;
                 end_attempt(context, seq, key.attempt, &end)
+            })
+            .await
+    }
+
+    async fn reroute(
+        &self,
+        key: &LeaseKey,
+        agent: &str,
+        end: AttemptEnd,
+    ) -> Result<(), QueueError> {
+        let key = key.clone();
+        let agent = agent.to_string();
+        self.writer
+            .call(move |context| {
+                let seq = leased_seq(context, &key)?;
+                end_attempt(context, seq, key.attempt, &end)?;
+                let now = context.now_sql();
+                context
+                    .conn
+                    .prepare_cached(
+                        "UPDATE tasks SET agent = ?2, state = 1, visible_at = ?3, lease_deadline = NULL,
+                         lease_owner = NULL, charged = charged - 1, updated_at = ?3 WHERE seq = ?1",
+                    )
+                    .map_err(storage)?
+                    .execute(params![seq, agent, now])
+                    .map_err(storage)?;
+                context.woken.insert(agent);
+                Ok(())
+            })
+            .await
+    }
+
+    async fn escalate(
+        &self,
+        key: &LeaseKey,
+        reason: &str,
+        end: AttemptEnd,
+    ) -> Result<(), QueueError> {
+        let key = key.clone();
+        let reason = bound_reason(reason);
+        self.writer
+            .call(move |context| {
+                let seq = leased_seq(context, &key)?;
+                end_attempt(context, seq, key.attempt, &end)?;
+                context
+                    .conn
+                    .prepare_cached(
+                        "UPDATE tasks SET state = ?2, reason = ?3, lease_deadline = NULL, lease_owner = NULL,
+                         charged = charged - 1, updated_at = ?4, finished_at = ?4 WHERE seq = ?1",
+                    )
+                    .map_err(storage)?
+                    .execute(params![seq, ESCALATED, reason, context.now_sql()])
+                    .map_err(storage)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn resolve(&self, id: &str, resolution: &Resolution) -> Result<(), QueueError> {
+        let result = match resolution {
+            Resolution::Complete(result) => {
+                Some(self.settings.limits.check_result("result", result)?)
+            }
+            Resolution::Retry | Resolution::Drop => None,
+        };
+        let id = id.to_string();
+        let resolution = resolution.clone();
+        self.writer
+            .call(move |context| {
+                let Some((seq, state, _)) = lookup(context.conn, &id)? else {
+                    return Err(QueueError::NotFound { id });
+                };
+                if state != ESCALATED {
+                    return Err(QueueError::WrongState {
+                        id,
+                        state: state_of(state),
+                        expected: TaskState::Escalated,
+                    });
+                }
+                let now = context.now_sql();
+                match resolution {
+                    Resolution::Retry => {
+                        let agent: String = context
+                            .conn
+                            .prepare_cached(
+                                "UPDATE tasks SET state = 1, charged = 0, reason = NULL, visible_at = ?2,
+                                 updated_at = ?2, finished_at = NULL WHERE seq = ?1 RETURNING agent",
+                            )
+                            .map_err(storage)?
+                            .query_row(params![seq, now], |row| row.get(0))
+                            .map_err(storage)?;
+                        context.woken.insert(agent);
+                        context.external_submit = true;
+                    }
+                    Resolution::Complete(_) => {
+                        context
+                            .conn
+                            .prepare_cached(
+                                "UPDATE tasks SET state = 4, result = ?2, checkpoint = NULL,
+                                 updated_at = ?3, finished_at = ?3 WHERE seq = ?1",
+                            )
+                            .map_err(storage)?
+                            .execute(params![seq, result, now])
+                            .map_err(storage)?;
+                    }
+                    Resolution::Drop => {
+                        context
+                            .conn
+                            .prepare_cached(
+                                "UPDATE tasks SET state = 5, reason = 'dropped by a human after escalation: ' || COALESCE(reason, ''),
+                                 updated_at = ?2, finished_at = ?2 WHERE seq = ?1",
+                            )
+                            .map_err(storage)?
+                            .execute(params![seq, now])
+                            .map_err(storage)?;
+                    }
+                }
+                Ok(())
             })
             .await
     }
