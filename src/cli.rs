@@ -14,13 +14,14 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
+use crate::breaker::BreakerState;
 use crate::clock::{self, UnixMillis};
 use crate::config::{self, Config};
 use crate::queue::jetstream::BrokerStatus;
 use crate::queue::sqlite::Role;
 use crate::queue::{
-    ListFilter, NewTask, Priority, QueueError, Selection, StateCounts, TaskQueue, TaskRecord,
-    TaskState, new_task_id, validate_task_id,
+    ListFilter, NewTask, Priority, QueueError, Resolution, Selection, StateCounts, TaskQueue,
+    TaskRecord, TaskState, new_task_id, validate_task_id,
 };
 use crate::status::{AgentState, AgentStatus, DaemonSnapshot};
 use crate::store::Store;
@@ -79,6 +80,10 @@ pub enum Command {
     /// Inspect, replay or purge dead-lettered tasks.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Tasks handed to a human while their agent was unavailable: list,
+    /// show, resolve.
+    #[command(subcommand)]
+    Escalations(EscalationsCommand),
     /// Check the config or print its JSON Schema.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -120,7 +125,8 @@ pub struct SubmitArgs {
 pub enum TasksCommand {
     /// List tasks, newest first.
     List {
-        /// Only tasks in this state: queued, running, completed, dead_lettered.
+        /// Only tasks in this state: queued, running, completed, dead_lettered,
+        /// escalated.
         #[arg(long)]
         state: Option<TaskState>,
         /// Only this agent's tasks.
@@ -168,6 +174,46 @@ pub enum DlqCommand {
     Purge {
         /// Task ids (all dead letters when none are given).
         ids: Vec<String>,
+    },
+}
+
+/// `escalations`.
+#[derive(Debug, Subcommand)]
+pub enum EscalationsCommand {
+    /// List escalated tasks, newest first, with their reasons.
+    List {
+        /// Only this agent's tasks.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Most shown.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one escalated task with its attempts.
+    Show {
+        /// Task id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resolve an escalated task: exactly one of --retry, --complete,
+    /// --drop.
+    Resolve {
+        /// Task id.
+        id: String,
+        /// Queue it again with a fresh attempt budget.
+        #[arg(long, group = "resolution")]
+        retry: bool,
+        /// Complete it with this result (a JSON value).
+        #[arg(long, value_name = "JSON", group = "resolution")]
+        complete: Option<String>,
+        /// Give it up: it becomes a dead letter (replayable later).
+        #[arg(long, group = "resolution")]
+        drop: bool,
     },
 }
 
@@ -428,10 +474,75 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
             eprintln!("purged {count} dead-lettered task(s)");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Escalations(command) => escalations(&config, command).await,
         Command::Config(ConfigCommand::Schema)
         | Command::Protocol(_)
         | Command::ExampleAgent(_)
         | Command::Demo(_) => unreachable!("handled without a config"),
+    }
+}
+
+async fn escalations(config: &Config, command: EscalationsCommand) -> Result<ExitCode, Failure> {
+    match command {
+        EscalationsCommand::List { agent, limit, json } => {
+            let filter = ListFilter {
+                state: Some(TaskState::Escalated),
+                agent,
+                limit,
+            };
+            list(config, filter, json).await
+        }
+        EscalationsCommand::Show { id, json } => {
+            let queue = open_queue(config).await?;
+            let task = match queue.get(&id).await? {
+                Some(task) if task.state == TaskState::Escalated => task,
+                Some(task) => {
+                    return Err(Failure::usage(format!(
+                        "task {id:?} is {}, not escalated; see `flotilla tasks show {id}`",
+                        task.state
+                    )));
+                }
+                None => return Err(Failure::usage(format!("no task with id {id:?}"))),
+            };
+            if json {
+                print_json(&serde_json::to_value(&task).expect("record serializes"));
+            } else {
+                print_task(&task);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        EscalationsCommand::Resolve {
+            id,
+            retry,
+            complete,
+            drop,
+        } => {
+            let resolution = match (retry, complete, drop) {
+                (true, None, false) => Resolution::Retry,
+                (false, Some(result), false) => {
+                    let result: Value = serde_json::from_str(&result).map_err(|error| {
+                        Failure::usage(format!(
+                            "--complete is not valid JSON ({error}); e.g. --complete '{{\"approved\": true}}'"
+                        ))
+                    })?;
+                    Resolution::Complete(result)
+                }
+                (false, None, true) => Resolution::Drop,
+                _ => {
+                    return Err(Failure::usage(
+                        "give exactly one of --retry, --complete JSON or --drop",
+                    ));
+                }
+            };
+            open_queue(config).await?.resolve(&id, &resolution).await?;
+            let done = match resolution {
+                Resolution::Retry => "queued again",
+                Resolution::Complete(_) => "completed",
+                Resolution::Drop => "dropped to the dead letters",
+            };
+            eprintln!("task {id}: {done}");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -724,6 +835,22 @@ async fn status(config: &Config, json: bool) -> Result<ExitCode, Failure> {
                     merged.restarts += status.restarts;
                     merged.malformed_lines += status.malformed_lines;
                     merged.stale_messages += status.stale_messages;
+                    merged.diverted.rerouted += status.diverted.rerouted;
+                    merged.diverted.escalated += status.diverted.escalated;
+                    merged.diverted.proceeded_with_warning +=
+                        status.diverted.proceeded_with_warning;
+                    // Each daemon has its own breaker: show the one that
+                    // lets least through.
+                    let rank = |state: Option<BreakerState>| match state {
+                        Some(BreakerState::Open) => 2,
+                        Some(BreakerState::HalfOpen) => 1,
+                        _ => 0,
+                    };
+                    let opened = merged.breaker.times_opened + status.breaker.times_opened;
+                    if rank(status.breaker.state) > rank(merged.breaker.state) {
+                        merged.breaker = status.breaker;
+                    }
+                    merged.breaker.times_opened = opened;
                     if merged.failure.is_none() {
                         merged.failure = status.failure;
                     }
@@ -747,6 +874,7 @@ async fn status(config: &Config, json: bool) -> Result<ExitCode, Failure> {
         total.add(TaskState::Running, counts.running);
         total.add(TaskState::Completed, counts.completed);
         total.add(TaskState::DeadLettered, counts.dead_lettered);
+        total.add(TaskState::Escalated, counts.escalated);
     }
     let daemon = daemons
         .iter()
@@ -821,14 +949,15 @@ fn print_status(report: &StatusReport, now: UnixMillis) {
     println!("store:  {}", report.store);
     let t = &report.tasks;
     println!(
-        "tasks:  {} queued, {} running, {} completed, {} dead-lettered",
-        t.queued, t.running, t.completed, t.dead_lettered
+        "tasks:  {} queued, {} running, {} completed, {} dead-lettered, {} escalated",
+        t.queued, t.running, t.completed, t.dead_lettered, t.escalated
     );
     println!();
     println!(
-        "{:<20} {:<9} {:>8} {:>7} {:>8} {:>10} {:>6} {:>9} {:>10}",
+        "{:<20} {:<9} {:<9} {:>8} {:>7} {:>8} {:>10} {:>6} {:>9} {:>10}",
         "AGENT",
         "STATE",
+        "BREAKER",
         "REPLICAS",
         "QUEUED",
         "RUNNING",
@@ -849,9 +978,10 @@ fn print_status(report: &StatusReport, now: UnixMillis) {
             })
             .count();
         println!(
-            "{:<20} {:<9} {:>8} {:>7} {:>8} {:>10} {:>6} {:>9} {:>10}",
+            "{:<20} {:<9} {:<9} {:>8} {:>7} {:>8} {:>10} {:>6} {:>9} {:>10}",
             agent.name,
             json_name(&agent.state),
+            agent.breaker.state.map_or("off", BreakerState::as_str),
             format!("{up}/{}", agent.replicas.len()),
             agent.tasks.queued,
             agent.tasks.running,
@@ -862,6 +992,32 @@ fn print_status(report: &StatusReport, now: UnixMillis) {
         );
         if let Some(failure) = &agent.failure {
             println!("  failed: {failure}");
+        }
+        if let Some(transition) = &agent.breaker.last_transition
+            && agent.breaker.state != Some(BreakerState::Closed)
+        {
+            let mut line = format!(
+                "  breaker {} {} ago: {}",
+                transition.to,
+                ago(now, transition.at_ms),
+                transition.reason
+            );
+            if let Some(until) = agent.breaker.open_until_ms {
+                line.push_str(&format!(
+                    "; probes in {}",
+                    humantime::format_duration(Duration::from_secs(
+                        until.saturating_sub(now).div_ceil(1000)
+                    ))
+                ));
+            }
+            println!("{line}");
+        }
+        let diverted = &agent.diverted;
+        if *diverted != crate::status::Diverted::default() {
+            println!(
+                "  while unavailable: {} rerouted, {} escalated, {} proceeded with warning",
+                diverted.rerouted, diverted.escalated, diverted.proceeded_with_warning
+            );
         }
         if let Some(malformed) = &agent.last_malformed {
             println!("  last malformed line: {malformed}");

@@ -187,6 +187,7 @@ impl Daemon {
             instance,
             owner: identity.name.clone(),
             memory,
+            availability: Arc::default(),
         };
         let mut agents = Vec::new();
         let mut replicas = Vec::new();

@@ -7,6 +7,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::breaker::{BreakerState, Transition};
 use crate::clock::UnixMillis;
 use crate::config::Mode;
 use crate::queue::StateCounts;
@@ -127,6 +128,40 @@ pub struct AgentStatus {
     /// Task counts (filled in by `status` from the store).
     #[serde(default)]
     pub tasks: StateCounts,
+    /// Its circuit breaker.
+    #[serde(default)]
+    pub breaker: BreakerStatus,
+    /// What happened to its tasks while it was unavailable, since the
+    /// daemon started.
+    #[serde(default)]
+    pub diverted: Diverted,
+}
+
+/// An agent's circuit breaker, as shown by `status`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+pub struct BreakerStatus {
+    /// Whether the breaker is in use.
+    pub enabled: bool,
+    /// Its state.
+    pub state: Option<BreakerState>,
+    /// When an open breaker lets its first probe through.
+    pub open_until_ms: Option<UnixMillis>,
+    /// Times it opened since the daemon started.
+    pub times_opened: u64,
+    /// Its last transition.
+    pub last_transition: Option<Transition>,
+}
+
+/// Counts of tasks handled by an agent's fallback while it was
+/// unavailable.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub struct Diverted {
+    /// Handed to a fallback agent.
+    pub rerouted: u64,
+    /// Escalated to a human.
+    pub escalated: u64,
+    /// Completed without running, marked `proceeded_with_warning`.
+    pub proceeded_with_warning: u64,
 }
 
 impl AgentStatus {
@@ -143,6 +178,8 @@ impl AgentStatus {
             last_malformed: None,
             stale_messages: 0,
             tasks: StateCounts::default(),
+            breaker: BreakerStatus::default(),
+            diverted: Diverted::default(),
         }
     }
 }

@@ -541,3 +541,105 @@ async fn the_broker_connection_speaks_mutual_tls() {
         }
     }
 }
+
+/// Breakers and fallbacks on the broker: a failing agent's tasks go to its
+/// fallback agent through the task stream, and escalated tasks wait in the
+/// records bucket for a human.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallbacks_and_escalations_work_on_the_broker() {
+    let Some(server) = NatsServer::start("fallbacks_and_escalations_work_on_the_broker") else {
+        return;
+    };
+    let failing = toml_array(&["sh".into(), "-c".into(), "exit 3".into()]);
+    let fleet = Fleet::new(&format!(
+        r#"
+[broker]
+url = "{}"
+
+[agents.specialist]
+command = {failing}
+mode = "oneshot"
+retry = {{ max_deliver = 10, backoff = ["10ms"] }}
+breaker = {{ failure_threshold = 2, recovery_timeout = "1h" }}
+fallback = ["manager"]
+
+[agents.manager]
+command = {}
+mode = "oneshot"
+
+[agents.gate]
+command = {failing}
+mode = "oneshot"
+retry = {{ max_deliver = 10, backoff = ["10ms"] }}
+breaker = {{ failure_threshold = 1, recovery_timeout = "1h" }}
+fallback_policy = "escalate_to_human"
+"#,
+        server.url,
+        toml_array(&["sh".into(), "-c".into(), "echo managed".into()]),
+    ));
+    let queue = client(&fleet).await;
+    let (specialist, specialist_ids) = numbered_tasks("specialist", 6, "spec");
+    let (gate, gate_ids) = numbered_tasks("gate", 2, "gate");
+    queue.submit(specialist).await.unwrap();
+    queue.submit(gate).await.unwrap();
+    let daemon = spawn_named(&fleet, "a");
+    wait_until(
+        Duration::from_secs(30),
+        "rerouted and escalated tasks",
+        || {
+            let queue = queue.clone();
+            let ids: Vec<String> = specialist_ids.iter().chain(&gate_ids).cloned().collect();
+            async move {
+                let Ok(tasks) = try_records(queue.as_ref(), &ids).await else {
+                    return false;
+                };
+                tasks.iter().all(|task| match task.agent.as_str() {
+                    "gate" => task.state == TaskState::Escalated,
+                    _ => task.state == TaskState::Completed,
+                })
+            }
+        },
+    )
+    .await;
+    for task in records(queue.as_ref(), &specialist_ids).await {
+        assert_eq!(task.agent, "manager", "{task:?}");
+        assert_eq!(task.result, Some(serde_json::json!("managed")));
+    }
+    let resolved = fleet.cli(&["escalations", "resolve", &gate_ids[0], "--complete", "1"]);
+    assert!(resolved.status.success(), "{resolved:?}");
+    let resolved = fleet.cli(&["escalations", "resolve", &gate_ids[1], "--drop"]);
+    assert!(resolved.status.success(), "{resolved:?}");
+    let gates = records(queue.as_ref(), &gate_ids).await;
+    assert_eq!(
+        (gates[0].state, gates[0].result.clone()),
+        (TaskState::Completed, Some(serde_json::json!(1)))
+    );
+    assert_eq!(gates[1].state, TaskState::DeadLettered);
+    let status = status_json(&fleet);
+    let breaker = |name: &str| {
+        status["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == name)
+            .unwrap()["breaker"]["state"]
+            .clone()
+    };
+    assert_eq!(breaker("specialist"), "open", "{status}");
+    assert_eq!(breaker("manager"), "closed", "{status}");
+    stop(daemon);
+}
+
+/// Every task by id, or the first error (the broker may be busy).
+async fn try_records(
+    queue: &dyn TaskQueue,
+    ids: &[String],
+) -> Result<Vec<flotilla::queue::TaskRecord>, flotilla::queue::QueueError> {
+    let mut out = Vec::new();
+    for id in ids {
+        if let Some(task) = queue.get(id).await? {
+            out.push(task);
+        }
+    }
+    Ok(out)
+}

@@ -24,6 +24,9 @@ prefetch = 16
 timeouts = {{ progress_timeout = "400ms", max_duration = "20s", stop_grace = "1s" }}
 retry = {{ max_deliver = 12, backoff = ["5ms", "20ms", "50ms"] }}
 restart = {{ initial_backoff = "5ms", max_backoff = "50ms", max_restarts = 100000, window = "60s" }}
+# Runs of failures open the breaker now and then: short recovery, so the
+# test also shows that opening and probing lose and double nothing.
+breaker = {{ recovery_timeout = "100ms" }}
 "#,
         example_agent(&[
             "--work-ms",
@@ -44,7 +47,9 @@ restart = {{ initial_backoff = "5ms", max_backoff = "50ms", max_restarts = 10000
         finished(queue.as_ref()).await >= 1000
     })
     .await;
-    let restarts = daemon.agents()[0].status().restarts;
+    let status = daemon.agents()[0].status();
+    let restarts = status.restarts;
+    eprintln!("breaker opened {} times", status.breaker.times_opened);
     daemon.stop().await;
 
     let records = records(queue.as_ref(), &ids).await;
@@ -82,6 +87,9 @@ retry = {{ max_deliver = 5, backoff = ["10ms"] }}
 [agents.flaky]
 command = {}
 retry = {{ max_deliver = 3, backoff = ["10ms"] }}
+# Every attempt fails: with its breaker on, the sixth would wait for a
+# probe instead of exhausting the retries this test is about.
+breaker = {{ enabled = false }}
 "#,
         example_agent(&["--work-ms", "0", "--fatal-rate", "1.0"]),
         example_agent(&["--work-ms", "0", "--error-rate", "1.0"]),

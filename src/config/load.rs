@@ -539,4 +539,53 @@ retry = { max_deliver = 0 }
         let schema = Config::schema().to_string();
         assert!(schema.contains("progress_timeout") && schema.contains("max_deliver"));
     }
+
+    #[test]
+    fn fallback_chains_and_breakers_are_checked() {
+        let found = problems(
+            r#"
+[agents.a]
+command = ["a"]
+fallback = ["b", "ghost", "a"]
+breaker = { failure_threshold = 0, failure_rate = 1.5, half_open_probes = 0, recovery_timeout = "0s", failures = [] }
+
+[agents.b]
+command = ["b"]
+fallback = ["c"]
+
+[agents.c]
+command = ["c"]
+fallback = ["a", "c"]
+fallback_policy = "escalate_to_human"
+"#,
+        );
+        let all: Vec<String> = found.iter().map(ToString::to_string).collect();
+        for expected in [
+            "agents.a.fallback[1]: unknown agent \"ghost\"; configured agents: a, b, c",
+            "agents.a.fallback[2]: \"a\" cannot fall back to itself",
+            "agents.c.fallback[1]: \"c\" cannot fall back to itself",
+            "agents.a.fallback: fallback chains form a cycle: a → b → c → a",
+            "agents.a.breaker.failure_threshold: 0 is out of range; valid: 1 to 10000",
+            "agents.a.breaker.failure_rate: 1.5 is out of range",
+            "agents.a.breaker.half_open_probes: 0 is out of range; valid: 1 to 100",
+            "agents.a.breaker.recovery_timeout: 0s is out of range; valid: 1ms to 7d",
+            "agents.a.breaker.failures: is empty",
+        ] {
+            assert!(
+                all.iter().any(|p| p.contains(expected)),
+                "{expected} missing from {all:#?}"
+            );
+        }
+        // One cycle, reported once.
+        assert_eq!(all.iter().filter(|p| p.contains("cycle")).count(), 1);
+        let bad_policy = problems("[agents.a]\ncommand = [\"a\"]\nfallback_policy = \"panic\"\n");
+        assert_eq!(
+            bad_policy[0].key, "agents.a.fallback_policy",
+            "{bad_policy:?}"
+        );
+        assert!(
+            bad_policy[0].message.contains("queue_for_retry"),
+            "{bad_policy:?}"
+        );
+    }
 }

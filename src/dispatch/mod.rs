@@ -8,8 +8,12 @@
 //! another. The dispatcher never blocks on an agent: every wait on a
 //! process is bounded by a timeout.
 
+mod gate;
 mod oneshot;
 mod persistent;
+
+pub use gate::Availability;
+use gate::{Calls, DIVERT_BATCH, DIVERT_WAIT, Handed};
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -86,11 +90,16 @@ pub struct AgentRuntime {
     rng: Mutex<SmallRng>,
     shutdown_grace: Duration,
     outcomes: Arc<tokio::sync::Semaphore>,
+    breaker: Mutex<crate::breaker::Breaker>,
+    calls: Mutex<Calls>,
+    availability: Arc<Availability>,
+    /// Wakes the leaser when the breaker lets more through.
+    gate_changed: tokio::sync::Notify,
 }
 
 /// A replica asking the leaser for one task.
 struct SlotRequest {
-    reply: tokio::sync::oneshot::Sender<Lease>,
+    reply: tokio::sync::oneshot::Sender<Handed>,
 }
 
 /// Shared inputs for building agent runtimes.
@@ -105,6 +114,8 @@ pub struct Wiring {
     pub owner: String,
     /// Memory samples.
     pub memory: watch::Receiver<MemoryMap>,
+    /// Which agents are unavailable, shared by all agents of the daemon.
+    pub availability: Arc<Availability>,
 }
 
 /// Problems that keep an agent from starting (missing `${VAR}`, bad
@@ -199,6 +210,7 @@ impl AgentRuntime {
             workdir: agent.workdir(config),
             status: Mutex::new(AgentStatus::new(name, agent.mode, replicas)),
             intensity: Mutex::new(Intensity::new(&agent.restart)),
+            breaker: Mutex::new(crate::breaker::Breaker::new(agent.breaker.clone())),
             config: agent,
             queue: wiring.queue.clone(),
             clock: wiring.clock.clone(),
@@ -208,7 +220,11 @@ impl AgentRuntime {
             rng: Mutex::new(SmallRng::from_os_rng()),
             shutdown_grace: config.daemon.shutdown_grace.get(),
             outcomes: Arc::new(tokio::sync::Semaphore::new(OUTCOME_PERMITS as usize)),
+            calls: Mutex::new(Calls::default()),
+            availability: wiring.availability.clone(),
+            gate_changed: tokio::sync::Notify::new(),
         });
+        runtime.refresh_breaker_status(runtime.clock.now_ms());
         let mut handles = vec![tokio::spawn(leaser(
             runtime.clone(),
             requests,
@@ -226,6 +242,7 @@ impl AgentRuntime {
 
     /// A copy of the agent's status.
     pub fn status(&self) -> AgentStatus {
+        self.refresh_breaker_status(self.clock.now_ms());
         self.status.lock().expect("status lock").clone()
     }
 
@@ -331,7 +348,10 @@ impl AgentRuntime {
             detail: None,
         };
         match self.queue.ack(&lease.key, output, end).await {
-            Ok(_) => lease.settle(),
+            Ok(_) => {
+                self.finish_call(&lease.key, AttemptOutcome::Completed);
+                lease.settle();
+            }
             Err(QueueError::Invalid(message)) => {
                 self.fail_attempt(lease, Failure::rejected(message), replica)
                     .await;
@@ -374,6 +394,14 @@ impl AgentRuntime {
             immediate,
             retry_after,
         } = failure;
+        // A task that cannot succeed (not retryable) says nothing about
+        // the agent's health: a bad payload must not open the breaker.
+        let verdict = if retryable {
+            crate::breaker::Verdict::of(outcome, &self.config.breaker)
+        } else {
+            crate::breaker::Verdict::Neutral
+        };
+        self.finish_call_as(&lease.key, verdict);
         let end = AttemptEnd::new(outcome, Some(replica.to_string()), detail.clone());
         let max_deliver = self.config.retry.max_deliver.get();
         let result = if !retryable {
@@ -405,6 +433,9 @@ impl AgentRuntime {
     /// Marks `lease` settled unless the outcome could not be stored, in
     /// which case dropping it releases the task.
     fn settle(&self, lease: &mut Lease, result: Result<(), QueueError>) {
+        // Whatever happened, the breaker stops waiting for this call (a
+        // no-op when its outcome was recorded already).
+        self.finish_call(&lease.key, AttemptOutcome::Released);
         match result {
             Ok(()) => lease.settle(),
             Err(QueueError::StaleLease { .. } | QueueError::NotFound { .. }) => {
@@ -419,6 +450,7 @@ impl AgentRuntime {
 
     /// Gives a lease back without charging an attempt.
     async fn release(&self, mut lease: Lease, replica: &str, detail: &str) {
+        self.finish_call(&lease.key, AttemptOutcome::Released);
         let end = AttemptEnd::new(AttemptOutcome::Released, Some(replica.to_string()), detail);
         let result = self.queue.release(&lease.key, end).await;
         self.settle(&mut lease, result);
@@ -634,11 +666,11 @@ async fn leaser(
             let Some((lease, leased_at)) = ahead.pop_front() else {
                 break;
             };
-            match hand_out(&mut pending, lease) {
-                None => rate.record(),
-                Some(lease) => ahead.push_front((lease, leased_at)),
+            if let Some(lease) = agent.hand_out_gated(&mut pending, lease, &mut rate).await {
+                ahead.push_front((lease, leased_at));
             }
         }
+        let mode = agent.mode(agent.clock.now_ms());
         let now = Instant::now();
         while ahead
             .front()
@@ -652,16 +684,39 @@ async fn leaser(
         if shutdown.borrow().stopping() {
             break;
         }
-        let target = rate.per_second().min(agent.config.prefetch) as usize;
+        // What to lease now: for waiting replicas and ahead as usual; only
+        // probes while half-open; batches to divert while unavailable;
+        // nothing while its tasks wait for the breaker.
+        let (target, limit, diverting, hold_until) = match &mode {
+            gate::Mode::Normal => (
+                rate.per_second().min(agent.config.prefetch) as usize,
+                usize::MAX,
+                false,
+                None,
+            ),
+            gate::Mode::Probing(capacity) => (0, *capacity as usize, false, None),
+            gate::Mode::Diverting(_) => (0, 0, true, None),
+            gate::Mode::Holding(until) => (0, 0, false, Some(*until)),
+        };
         let starved = pending.len() > asked;
         let low = ahead.len() + asked < target.div_ceil(2);
-        let wanted = pending.len() + target;
+        let wanted = (pending.len() + target).min(limit);
         let have = ahead.len() + asked;
-        if (starved || low)
-            && wanted > have
-            && leasing.len() < LEASES_IN_FLIGHT
-            && retry_at.is_none_or(|at| now >= at)
-        {
+        let may_lease = leasing.len() < LEASES_IN_FLIGHT && retry_at.is_none_or(|at| now >= at);
+        if diverting && leasing.is_empty() && may_lease {
+            let request = LeaseRequest {
+                agent: agent.name.clone(),
+                max: DIVERT_BATCH,
+                lease_for: agent.lease_for(),
+                owner: agent.owner.clone(),
+                max_deliver: agent.config.retry.max_deliver.get(),
+            };
+            let queue = agent.queue.clone();
+            asked += DIVERT_BATCH;
+            leasing.push(Box::pin(async move {
+                (DIVERT_BATCH, queue.lease(&request, DIVERT_WAIT).await)
+            }));
+        } else if (starved || low) && wanted > have && may_lease {
             let max = wanted - have;
             let request = LeaseRequest {
                 agent: agent.name.clone(),
@@ -679,7 +734,10 @@ async fn leaser(
             ));
         }
         let expiry = ahead.front().map(|(_, at)| *at + PREFETCH_TTL);
-        let wake = [expiry, retry_at].into_iter().flatten().min();
+        let hold = hold_until.map(|until| {
+            now + Duration::from_millis(until.saturating_sub(agent.clock.now_ms()).max(10))
+        });
+        let wake = [expiry, retry_at, hold].into_iter().flatten().min();
         // Lease calls are never dropped mid-way: at shutdown they are awaited
         // and what they took is released (see the end of this function).
         tokio::select! {
@@ -698,9 +756,12 @@ async fn leaser(
                         retry_at = None;
                         let now = Instant::now();
                         for lease in leases {
-                            match hand_out(&mut pending, lease) {
-                                None => rate.record(),
-                                Some(lease) => ahead.push_back((lease, now)),
+                            if let gate::Mode::Diverting(why) = agent.mode(agent.clock.now_ms()) {
+                                agent.divert(lease, &why).await;
+                            } else if let Some(lease) =
+                                agent.hand_out_gated(&mut pending, lease, &mut rate).await
+                            {
+                                ahead.push_back((lease, now));
                             }
                         }
                     }
@@ -717,6 +778,7 @@ async fn leaser(
                 Some(request) => pending.push_back(request),
                 None => break,
             },
+            () = agent.gate_changed.notified() => {}
             () = tokio::time::sleep_until(wake.unwrap_or(now + LEASE_WAIT)), if wake.is_some() => {
                 if retry_at.is_some_and(|at| Instant::now() >= at) {
                     retry_at = None;
@@ -736,9 +798,45 @@ async fn leaser(
     }
 }
 
+impl AgentRuntime {
+    /// Gives `lease` to a waiting replica if the breaker admits it; a task
+    /// the breaker turns away goes to the fallback (breaker open) or back
+    /// to the queue (half-open, probes out). Returns the lease when no
+    /// replica is waiting.
+    async fn hand_out_gated(
+        self: &Arc<Self>,
+        pending: &mut VecDeque<SlotRequest>,
+        lease: Lease,
+        rate: &mut Rate,
+    ) -> Option<Lease> {
+        if !self.admit(&lease.key) {
+            match self.mode(self.clock.now_ms()) {
+                gate::Mode::Diverting(why) => self.divert(lease, &why).await,
+                _ => {
+                    self.release(lease, "leaser", "waiting for the circuit breaker's probes")
+                        .await;
+                }
+            }
+            return None;
+        }
+        let key = lease.key.clone();
+        match hand_out(pending, Handed::new(lease, Arc::downgrade(self))) {
+            None => {
+                rate.record();
+                None
+            }
+            Some(handed) => {
+                // Nobody took it: it was not sent, so it is no call.
+                self.finish_call(&key, AttemptOutcome::Released);
+                Some(handed.take())
+            }
+        }
+    }
+}
+
 /// Gives `lease` to the first waiting replica still listening; returns it
 /// when none is left.
-fn hand_out(pending: &mut VecDeque<SlotRequest>, mut lease: Lease) -> Option<Lease> {
+fn hand_out(pending: &mut VecDeque<SlotRequest>, mut lease: Handed) -> Option<Handed> {
     while let Some(request) = pending.pop_front() {
         match request.reply.send(lease) {
             Ok(()) => return None,
@@ -799,10 +897,13 @@ async fn run_replica(agent: Arc<AgentRuntime>, index: u32, mut shutdown: watch::
                     "{restarts} restarts within restart.window = {} (restart.max_restarts = {}); last: {reason}",
                     agent.config.restart.window, agent.config.restart.max_restarts
                 );
-                tracing::error!(agent = %agent.name, %failure, "agent failed: no more restarts; its tasks stay queued");
-                let mut status = agent.status.lock().expect("status lock");
-                status.state = AgentState::Failed;
-                status.failure = Some(failure);
+                tracing::error!(agent = %agent.name, %failure, "agent failed: no more restarts; its tasks go to its fallback, else stay queued");
+                {
+                    let mut status = agent.status.lock().expect("status lock");
+                    status.state = AgentState::Failed;
+                    status.failure = Some(failure);
+                }
+                agent.refresh_breaker_status(agent.clock.now_ms());
                 break;
             }
             streak.crashed(&agent.config.restart, started.elapsed())

@@ -37,7 +37,7 @@ pub(super) async fn run(
         let lease = tokio::select! {
             _ = shutdown.changed() => return Exit::Shutdown,
             lease = receiver => match lease {
-                Ok(lease) => lease,
+                Ok(handed) => handed.take(),
                 Err(_) => return Exit::Shutdown,
             },
         };

@@ -174,7 +174,7 @@ impl Replica<'_> {
     async fn serve(mut self, shutdown: &mut watch::Receiver<Phase>) -> Exit {
         let concurrency = self.agent.config.concurrency.get() as usize;
         let mut memory = self.agent.memory.clone();
-        let mut slot: Option<oneshot::Receiver<Lease>> = None;
+        let mut slot: Option<oneshot::Receiver<super::Handed>> = None;
         let mut draining: Option<Instant> = None;
         let mut shutdown_closed = false;
         let mut memory_closed = false;
@@ -207,8 +207,8 @@ impl Replica<'_> {
                         // reached the slot meanwhile.
                         if let Some(mut receiver) = slot.take() {
                             receiver.close();
-                            if let Ok(lease) = receiver.try_recv() {
-                                self.agent.release(lease, &self.name, "the daemon shut down").await;
+                            if let Ok(handed) = receiver.try_recv() {
+                                self.agent.release(handed.take(), &self.name, "the daemon shut down").await;
                             }
                         }
                         draining = Some(Instant::now() + self.agent.shutdown_grace);
@@ -225,8 +225,8 @@ impl Replica<'_> {
                 },
                 lease = async { slot.as_mut().expect("guarded by is_some").await }, if slot.is_some() => {
                     slot = None;
-                    if let Ok(lease) = lease
-                        && let Err((culprit, failure)) = self.start_task(lease).await
+                    if let Ok(handed) = lease
+                        && let Err((culprit, failure)) = self.start_task(handed.take()).await
                     {
                         return self.kill_for(culprit, failure, true).await;
                     }
@@ -385,6 +385,8 @@ impl Replica<'_> {
     fn lost_lease(&mut self, id: &str, error: &QueueError) {
         if let Some(mut tracked) = self.in_flight.remove(id) {
             tracing::warn!(agent = %self.agent.name, task = %tracked.lease.key, %error, "lease lost; abandoning the task");
+            self.agent
+                .finish_call(&tracked.lease.key, AttemptOutcome::Released);
             tracked.lease.settle();
             self.publish_tasks();
         }

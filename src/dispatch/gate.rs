@@ -1,0 +1,326 @@
+//! The gate in front of each agent: its circuit breaker decides whether a
+//! leased task may go to a replica, and while the agent is unavailable
+//! (breaker open, or failed after too many restarts) its fallback sends
+//! the agent's tasks elsewhere: to the first available agent of its
+//! `fallback` chain, else per its `fallback_policy`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, Weak};
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::{AgentRuntime, LEASE_MARGIN};
+use crate::breaker::{BreakerState, Call, Transition, Verdict};
+use crate::clock::UnixMillis;
+use crate::config::FallbackPolicy;
+use crate::queue::{AttemptEnd, AttemptOutcome, Lease, LeaseKey};
+use crate::status::AgentState;
+
+/// Which agents of this daemon are unavailable; fallback chains skip them.
+/// Agents this daemon does not run count as available (another daemon
+/// runs them).
+#[derive(Debug, Default)]
+pub struct Availability {
+    unavailable: Mutex<HashSet<String>>,
+}
+
+impl Availability {
+    /// Whether `agent` may take tasks for others.
+    pub fn is_available(&self, agent: &str) -> bool {
+        !self
+            .unavailable
+            .lock()
+            .expect("availability lock")
+            .contains(agent)
+    }
+
+    fn set(&self, agent: &str, available: bool) {
+        let mut unavailable = self.unavailable.lock().expect("availability lock");
+        if available {
+            unavailable.remove(agent);
+        } else {
+            unavailable.insert(agent.to_string());
+        }
+    }
+}
+
+/// What the leaser of an agent does now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// Lease for replicas (and ahead) as usual.
+    Normal,
+    /// Half-open: lease at most this many probes, only for waiting
+    /// replicas.
+    Probing(u32),
+    /// Unavailable: lease tasks to hand them to the fallback, for this
+    /// reason.
+    Diverting(String),
+    /// Unavailable, and its tasks stay queued: lease nothing until
+    /// about this time (Unix ms).
+    Holding(UnixMillis),
+}
+
+/// Calls admitted by an agent's breaker, by lease, with when.
+#[derive(Debug, Default)]
+pub(super) struct Calls {
+    open: HashMap<LeaseKey, (Call, UnixMillis)>,
+    swept_ms: UnixMillis,
+}
+
+/// How often calls that never reported back are looked for.
+const SWEEP_EVERY_MS: UnixMillis = 1_000;
+
+/// A lease on its way from the leaser to a replica. If the replica is
+/// gone before it takes it out (it crashed, or the daemon is stopping),
+/// dropping this tells the breaker the call never happened; the lease
+/// itself goes back to the queue through its guard.
+pub(super) struct Handed {
+    lease: Option<Lease>,
+    agent: Weak<AgentRuntime>,
+}
+
+impl Handed {
+    pub(super) fn new(lease: Lease, agent: Weak<AgentRuntime>) -> Self {
+        Self {
+            lease: Some(lease),
+            agent,
+        }
+    }
+
+    /// The lease, now the replica's to settle.
+    pub(super) fn take(mut self) -> Lease {
+        self.lease.take().expect("a handed lease is taken once")
+    }
+}
+
+impl Drop for Handed {
+    fn drop(&mut self) {
+        if let Some(lease) = &self.lease
+            && let Some(agent) = self.agent.upgrade()
+        {
+            agent.finish_call(&lease.key, AttemptOutcome::Released);
+        }
+    }
+}
+
+impl AgentRuntime {
+    /// What the leaser should do at `now`.
+    pub(super) fn mode(&self, now: UnixMillis) -> Mode {
+        let failed = self.is_failed();
+        let (state, open_until) = {
+            let breaker = self.breaker.lock().expect("breaker lock");
+            (breaker.state(now), breaker.open_until())
+        };
+        self.sweep_lost_calls(now);
+        let why = if failed {
+            let status = self.status.lock().expect("status lock");
+            format!(
+                "agent {} failed ({})",
+                self.name,
+                status.failure.as_deref().unwrap_or("too many restarts")
+            )
+        } else {
+            match state {
+                BreakerState::Closed => return Mode::Normal,
+                BreakerState::HalfOpen => {
+                    let capacity = self.breaker.lock().expect("breaker lock").capacity(now);
+                    return Mode::Probing(capacity);
+                }
+                BreakerState::Open => format!("the circuit breaker of agent {} is open", self.name),
+            }
+        };
+        let fallback_available = self
+            .config
+            .fallback
+            .iter()
+            .any(|agent| self.availability.is_available(agent));
+        if fallback_available || self.config.fallback_policy != FallbackPolicy::QueueForRetry {
+            return Mode::Diverting(why);
+        }
+        // Queued for retry: look again when probes may go, and at least
+        // every second (a fallback agent may become available).
+        let recheck = now + 1_000;
+        Mode::Holding(open_until.map_or(recheck, |until| until.min(recheck)))
+    }
+
+    /// Asks the breaker to let `key` through; false when it may not go to
+    /// a replica now.
+    pub(super) fn admit(&self, key: &LeaseKey) -> bool {
+        if !self.config.breaker.enabled {
+            return true;
+        }
+        let now = self.clock.now_ms();
+        let (call, transition) = self.breaker.lock().expect("breaker lock").admit(now);
+        if let Some(transition) = transition {
+            self.transitioned(&transition, now);
+        }
+        let Some(call) = call else {
+            return false;
+        };
+        self.calls
+            .lock()
+            .expect("calls lock")
+            .open
+            .insert(key.clone(), (call, now));
+        true
+    }
+
+    /// Tells the breaker how the attempt `key` ended.
+    pub(super) fn finish_call(&self, key: &LeaseKey, outcome: AttemptOutcome) {
+        self.finish_call_as(key, Verdict::of(outcome, &self.config.breaker));
+    }
+
+    /// Tells the breaker how the attempt `key` ended, as a verdict.
+    pub(super) fn finish_call_as(&self, key: &LeaseKey, verdict: Verdict) {
+        let Some((call, _)) = self.calls.lock().expect("calls lock").open.remove(key) else {
+            return;
+        };
+        let now = self.clock.now_ms();
+        let transition = self
+            .breaker
+            .lock()
+            .expect("breaker lock")
+            .record(call, verdict, now);
+        if let Some(transition) = transition {
+            self.transitioned(&transition, now);
+        }
+        if call.is_probe() {
+            // A probe slot is free, or the breaker moved: the leaser may
+            // be waiting for exactly this.
+            self.gate_changed.notify_one();
+        }
+    }
+
+    /// A call whose attempt never reported back (its lease vanished
+    /// without an outcome) is forgotten once its attempt is surely over,
+    /// so that neither a probe slot nor memory stays taken. Looks at most
+    /// once a second.
+    fn sweep_lost_calls(&self, now: UnixMillis) {
+        let over = self.config.timeouts.max_duration.get() + LEASE_MARGIN * 2;
+        let over = u64::try_from(over.as_millis()).unwrap_or(u64::MAX);
+        let lost: Vec<LeaseKey> = {
+            let mut calls = self.calls.lock().expect("calls lock");
+            if now.saturating_sub(calls.swept_ms) < SWEEP_EVERY_MS {
+                return;
+            }
+            calls.swept_ms = now;
+            calls
+                .open
+                .iter()
+                .filter(|(_, (_, at))| now.saturating_sub(*at) > over)
+                .map(|(key, _)| key.clone())
+                .collect()
+        };
+        for key in lost {
+            tracing::warn!(agent = %self.name, task = %key, "a task's attempt never reported back to the circuit breaker; forgetting it");
+            self.finish_call(&key, AttemptOutcome::Released);
+        }
+    }
+
+    /// Logs a breaker transition and shows it in status.
+    pub(super) fn transitioned(&self, transition: &Transition, now: UnixMillis) {
+        match transition.to {
+            BreakerState::Open => {
+                tracing::warn!(agent = %self.name, from = %transition.from, reason = %transition.reason, recovery_timeout = %self.config.breaker.recovery_timeout, "circuit breaker opened");
+            }
+            BreakerState::HalfOpen | BreakerState::Closed => {
+                tracing::info!(agent = %self.name, from = %transition.from, to = %transition.to, reason = %transition.reason, "circuit breaker changed");
+            }
+        }
+        self.refresh_breaker_status(now);
+    }
+
+    /// Copies the breaker's state into the agent's status, and its
+    /// availability into the fleet's.
+    pub(super) fn refresh_breaker_status(&self, now: UnixMillis) {
+        let (state, open_until, opened, last) = {
+            let breaker = self.breaker.lock().expect("breaker lock");
+            (
+                breaker.state(now),
+                breaker.open_until(),
+                breaker.times_opened(),
+                breaker.last_transition().cloned(),
+            )
+        };
+        let enabled = self.config.breaker.enabled;
+        let failed = {
+            let mut status = self.status.lock().expect("status lock");
+            status.breaker.enabled = enabled;
+            status.breaker.state = enabled.then_some(state);
+            status.breaker.open_until_ms = open_until;
+            status.breaker.times_opened = opened;
+            status.breaker.last_transition = last;
+            status.state == AgentState::Failed
+        };
+        let available = !failed && (!enabled || state == BreakerState::Closed);
+        self.availability.set(&self.name, available);
+    }
+
+    /// Sends a task of this unavailable agent elsewhere: to the first
+    /// available agent of its fallback chain, else per its fallback
+    /// policy. `why` says why the agent is unavailable.
+    pub(super) async fn divert(&self, mut lease: Lease, why: &str) {
+        let key = lease.key.clone();
+        let target = self
+            .config
+            .fallback
+            .iter()
+            .find(|agent| self.availability.is_available(agent));
+        let result = if let Some(target) = target {
+            let end = AttemptEnd::new(
+                AttemptOutcome::Rerouted,
+                None,
+                format!("{why}; handed to fallback agent {target}"),
+            );
+            let result = self.queue.reroute(&key, target, end).await;
+            if result.is_ok() {
+                tracing::info!(agent = %self.name, task = %key, to = %target, "task handed to a fallback agent");
+                self.status.lock().expect("status lock").diverted.rerouted += 1;
+            }
+            result
+        } else {
+            let policy = self.config.fallback_policy;
+            let reason = format!("{why}; fallback_policy = {}", policy.as_str());
+            match policy {
+                FallbackPolicy::QueueForRetry => {
+                    let end = AttemptEnd::new(AttemptOutcome::Released, None, &reason);
+                    self.queue.release(&key, end).await
+                }
+                FallbackPolicy::EscalateToHuman => {
+                    let end = AttemptEnd::new(AttemptOutcome::Escalated, None, &reason);
+                    let result = self.queue.escalate(&key, &reason, end).await;
+                    if result.is_ok() {
+                        tracing::warn!(agent = %self.name, task = %key, %reason, "task escalated to a human");
+                        self.status.lock().expect("status lock").diverted.escalated += 1;
+                    }
+                    result
+                }
+                FallbackPolicy::ProceedWithWarning => {
+                    let end = AttemptEnd::new(AttemptOutcome::ProceededWithWarning, None, &reason);
+                    let result = json!({
+                        "proceeded_with_warning": true,
+                        "agent": self.name,
+                        "reason": why,
+                    });
+                    let acked = self.queue.ack(&key, &result, end).await;
+                    if acked.is_ok() {
+                        tracing::warn!(agent = %self.name, task = %key, %reason, "task completed without running: proceeded with warning");
+                        self.status
+                            .lock()
+                            .expect("status lock")
+                            .diverted
+                            .proceeded_with_warning += 1;
+                    }
+                    acked.map(|_| ())
+                }
+            }
+        };
+        self.settle(&mut lease, result);
+    }
+}
+
+/// How long the leaser of an unavailable agent waits for tasks to divert.
+pub(super) const DIVERT_WAIT: Duration = Duration::from_secs(1);
+/// Most tasks leased at once to divert.
+pub(super) const DIVERT_BATCH: usize = 64;

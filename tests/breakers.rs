@@ -1,0 +1,405 @@
+//! Circuit breakers and fallback policies with real agent processes on the
+//! embedded queue: a failing agent's breaker opens, its tasks go to the
+//! fallback, probes test it, and it takes its tasks back once it recovers;
+//! every fallback policy end to end.
+
+mod support;
+
+use std::time::Duration;
+
+use flotilla::breaker::BreakerState;
+use flotilla::dispatch::AgentRuntime;
+use flotilla::queue::{AttemptOutcome, ListFilter, TaskQueue, TaskState};
+use serde_json::{Value, json};
+use support::*;
+
+/// A oneshot agent that fails (exit 3) while the file `NAME.broken`
+/// exists in the fleet's directory, and otherwise answers `{"by": NAME}`.
+fn switchable(name: &str) -> String {
+    toml_array(&[
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "if [ -e {name}.broken ]; then echo {name} is broken >&2; exit 3; fi; echo '{{{{\"by\": \"{name}\"}}}}'"
+        ),
+    ])
+}
+
+fn set_broken(fleet: &Fleet, name: &str, broken: bool) {
+    let path = fleet.path(&format!("{name}.broken"));
+    if broken {
+        std::fs::write(path, "").unwrap();
+    } else {
+        std::fs::remove_file(path).unwrap();
+    }
+}
+
+fn agent<'a>(daemon: &'a flotilla::daemon::Daemon, name: &str) -> &'a AgentRuntime {
+    daemon
+        .agents()
+        .iter()
+        .find(|agent| agent.name == name)
+        .expect("agent runs")
+}
+
+async fn state_of(queue: &dyn TaskQueue, id: &str) -> TaskState {
+    queue.get(id).await.unwrap().expect("task exists").state
+}
+
+async fn all_in(queue: &dyn TaskQueue, ids: &[String], state: TaskState) -> bool {
+    for id in ids {
+        if state_of(queue, id).await != state {
+            return false;
+        }
+    }
+    true
+}
+
+/// Attempts run by `agent`'s replicas that ended with `outcome`.
+async fn attempts_by(
+    queue: &dyn TaskQueue,
+    ids: &[String],
+    agent: &str,
+    outcome: AttemptOutcome,
+) -> usize {
+    let prefix = format!("{agent}/");
+    records(queue, ids)
+        .await
+        .iter()
+        .flat_map(|task| task.history.clone())
+        .filter(|attempt| {
+            attempt.outcome == Some(outcome)
+                && attempt
+                    .replica
+                    .as_deref()
+                    .is_some_and(|replica| replica.starts_with(&prefix))
+        })
+        .count()
+}
+
+/// Submits one task to `agent` every 50 ms (as a steady flow of work
+/// would) until `done`, collecting their ids.
+async fn feed_until(
+    queue: &dyn TaskQueue,
+    agent: &str,
+    ids: &mut Vec<String>,
+    mut done: impl FnMut() -> bool,
+) {
+    let started = std::time::Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "timed out feeding {agent}"
+        );
+        let (task, new) = numbered_tasks(agent, 1, &format!("fed{}", ids.len()));
+        queue.submit(task).await.unwrap();
+        ids.extend(new);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_agent_sends_its_tasks_to_its_fallback_until_a_probe_succeeds() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.specialist]
+command = {}
+mode = "oneshot"
+fallback = ["manager"]
+retry = {{ max_deliver = 20, backoff = ["10ms"] }}
+breaker = {{ failure_threshold = 3, recovery_timeout = "700ms" }}
+
+[agents.manager]
+command = {}
+mode = "oneshot"
+"#,
+        switchable("specialist"),
+        switchable("manager"),
+    ));
+    set_broken(&fleet, "specialist", true);
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+
+    // Three tasks fail on the specialist and open its breaker; they and
+    // the tasks after them are handed to the manager.
+    let (first, first_ids) = numbered_tasks("specialist", 3, "first");
+    queue.submit(first).await.unwrap();
+    wait_until(Duration::from_secs(20), "the breaker to open", || async {
+        agent(&daemon, "specialist").status().breaker.times_opened >= 1
+    })
+    .await;
+    let (more, more_ids) = numbered_tasks("specialist", 10, "more");
+    queue.submit(more).await.unwrap();
+    let all: Vec<String> = first_ids.iter().chain(&more_ids).cloned().collect();
+    wait_until(Duration::from_secs(20), "the manager to do them", || {
+        let queue = queue.clone();
+        let all = all.clone();
+        async move { all_in(queue.as_ref(), &all, TaskState::Completed).await }
+    })
+    .await;
+    for task in records(queue.as_ref(), &all).await {
+        assert_eq!(task.result, Some(json!({"by": "manager"})), "{task:?}");
+        assert_eq!(task.agent, "manager");
+        let rerouted = task
+            .history
+            .iter()
+            .find(|a| a.outcome == Some(AttemptOutcome::Rerouted))
+            .expect("a rerouted attempt");
+        assert!(
+            rerouted.detail.as_deref().unwrap().contains(
+                "circuit breaker of agent specialist is open; handed to fallback agent manager"
+            ),
+            "{rerouted:?}"
+        );
+    }
+    // While it stays broken, each recovery timeout lets exactly one probe
+    // through, which fails and opens the breaker again; the tasks that
+    // keep coming meanwhile go to the manager.
+    let mut probe_ids = Vec::new();
+    feed_until(queue.as_ref(), "specialist", &mut probe_ids, || {
+        agent(&daemon, "specialist").status().breaker.times_opened >= 3
+    })
+    .await;
+    let status = agent(&daemon, "specialist").status();
+    assert!(status.diverted.rerouted >= 13, "{:?}", status.diverted);
+    let transition = status.breaker.last_transition.expect("transitions");
+    assert_eq!(transition.to, BreakerState::Open, "{transition:?}");
+
+    // Repaired: the next probe succeeds, the breaker closes, and the
+    // specialist does its own tasks again.
+    set_broken(&fleet, "specialist", false);
+    feed_until(queue.as_ref(), "specialist", &mut probe_ids, || {
+        agent(&daemon, "specialist").status().breaker.state == Some(BreakerState::Closed)
+    })
+    .await;
+    let (after, after_ids) = numbered_tasks("specialist", 5, "after");
+    queue.submit(after).await.unwrap();
+    wait_until(Duration::from_secs(20), "the specialist's tasks", || {
+        let queue = queue.clone();
+        let ids = after_ids.clone();
+        async move { all_in(queue.as_ref(), &ids, TaskState::Completed).await }
+    })
+    .await;
+    for task in records(queue.as_ref(), &after_ids).await {
+        assert_eq!(task.result, Some(json!({"by": "specialist"})), "{task:?}");
+    }
+    let opened = agent(&daemon, "specialist").status().breaker.times_opened;
+    wait_until(Duration::from_secs(20), "the fed tasks to finish", || {
+        let queue = queue.clone();
+        let ids = probe_ids.clone();
+        async move { all_in(queue.as_ref(), &ids, TaskState::Completed).await }
+    })
+    .await;
+    daemon.stop().await;
+    // Three failures opened it; every later opening was one failed probe.
+    let everything: Vec<String> = all.iter().chain(&probe_ids).cloned().collect();
+    let failed = attempts_by(
+        queue.as_ref(),
+        &everything,
+        "specialist",
+        AttemptOutcome::Error,
+    )
+    .await;
+    assert_eq!(failed as u64, 3 + (opened - 1), "{opened} openings");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_for_retry_keeps_tasks_queued_without_using_attempts() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.flaky]
+command = {}
+mode = "oneshot"
+replicas = {{ min = 2 }}
+retry = {{ max_deliver = 4, backoff = ["10ms"] }}
+breaker = {{ failure_threshold = 2, recovery_timeout = "1500ms" }}
+"#,
+        switchable("flaky"),
+    ));
+    set_broken(&fleet, "flaky", true);
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let (tasks, ids) = numbered_tasks("flaky", 6, "held");
+    queue.submit(tasks).await.unwrap();
+    wait_until(Duration::from_secs(20), "the breaker to open", || async {
+        agent(&daemon, "flaky").status().breaker.times_opened >= 1
+    })
+    .await;
+    // Without the breaker, six tasks at 10 ms per retry would have used
+    // all 24 attempts and been dead-lettered by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held = records(queue.as_ref(), &ids).await;
+    let charged: u32 = held.iter().map(|task| task.charged_attempts).sum();
+    assert!(
+        held.iter().all(|task| !task.state.is_terminal()),
+        "{held:#?}"
+    );
+    assert!(
+        charged <= 4,
+        "two failures and at most two probes: {charged}"
+    );
+    set_broken(&fleet, "flaky", false);
+    wait_until(Duration::from_secs(20), "all to complete", || {
+        let queue = queue.clone();
+        let ids = ids.clone();
+        async move { all_in(queue.as_ref(), &ids, TaskState::Completed).await }
+    })
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proceed_with_warning_completes_tasks_without_running_them() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.linter]
+command = {}
+mode = "oneshot"
+retry = {{ max_deliver = 5, backoff = ["10ms"] }}
+breaker = {{ failure_threshold = 1, recovery_timeout = "1h" }}
+fallback_policy = "proceed_with_warning"
+"#,
+        switchable("linter"),
+    ));
+    set_broken(&fleet, "linter", true);
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let (tasks, ids) = numbered_tasks("linter", 4, "gate");
+    queue.submit(tasks).await.unwrap();
+    wait_until(Duration::from_secs(20), "all to complete", || {
+        let queue = queue.clone();
+        let ids = ids.clone();
+        async move { all_in(queue.as_ref(), &ids, TaskState::Completed).await }
+    })
+    .await;
+    let status = agent(&daemon, "linter").status();
+    daemon.stop().await;
+    for task in records(queue.as_ref(), &ids).await {
+        let result = task.result.clone().unwrap();
+        assert_eq!(result["proceeded_with_warning"], true, "{task:?}");
+        assert_eq!(result["agent"], "linter");
+        assert_eq!(
+            task.history.last().unwrap().outcome,
+            Some(AttemptOutcome::ProceededWithWarning)
+        );
+    }
+    assert_eq!(status.diverted.proceeded_with_warning, 4);
+    assert_eq!(status.breaker.state, Some(BreakerState::Open));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escalated_tasks_wait_for_a_human_who_retries_completes_or_drops_them() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.deployer]
+command = {}
+mode = "oneshot"
+retry = {{ max_deliver = 5, backoff = ["10ms"] }}
+breaker = {{ failure_threshold = 1, recovery_timeout = "1s" }}
+fallback_policy = "escalate_to_human"
+"#,
+        switchable("deployer"),
+    ));
+    set_broken(&fleet, "deployer", true);
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let (tasks, ids) = numbered_tasks("deployer", 3, "deploy");
+    queue.submit(tasks).await.unwrap();
+    wait_until(Duration::from_secs(20), "all to be escalated", || {
+        let queue = queue.clone();
+        let ids = ids.clone();
+        async move { all_in(queue.as_ref(), &ids, TaskState::Escalated).await }
+    })
+    .await;
+    assert_eq!(agent(&daemon, "deployer").status().diverted.escalated, 3);
+
+    let listed = fleet.cli(&["escalations", "list", "--json"]);
+    assert!(listed.status.success(), "{listed:?}");
+    let listed: Vec<Value> = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    let shown = fleet.cli(&["escalations", "show", &ids[0]]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("escalated") && shown.contains("escalate_to_human"),
+        "{shown}"
+    );
+
+    // A task that is not escalated cannot be resolved.
+    queue
+        .submit(numbered_tasks("nobody", 1, "other").0)
+        .await
+        .unwrap();
+    let refused = fleet.cli(&["escalations", "resolve", "other-00000", "--retry"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("is queued, not escalated"),
+        "{refused:?}"
+    );
+    let ambiguous = fleet.cli(&["escalations", "resolve", &ids[0], "--retry", "--drop"]);
+    assert!(!ambiguous.status.success());
+
+    // Repaired; once the breaker lets a probe through, the retried task
+    // is that probe (retried while it is open, it would be escalated
+    // again).
+    set_broken(&fleet, "deployer", false);
+    wait_until(
+        Duration::from_secs(20),
+        "the breaker to half-open",
+        || async {
+            agent(&daemon, "deployer").status().breaker.state == Some(BreakerState::HalfOpen)
+        },
+    )
+    .await;
+    let resolved = fleet.cli(&["escalations", "resolve", &ids[0], "--retry"]);
+    assert!(resolved.status.success(), "{resolved:?}");
+    let resolved = fleet.cli(&[
+        "escalations",
+        "resolve",
+        &ids[1],
+        "--complete",
+        r#"{"deployed_by": "a human"}"#,
+    ]);
+    assert!(resolved.status.success(), "{resolved:?}");
+    let resolved = fleet.cli(&["escalations", "resolve", &ids[2], "--drop"]);
+    assert!(resolved.status.success(), "{resolved:?}");
+
+    wait_until(
+        Duration::from_secs(20),
+        "the retried task to complete",
+        || {
+            let queue = queue.clone();
+            let id = ids[0].clone();
+            async move { state_of(queue.as_ref(), &id).await == TaskState::Completed }
+        },
+    )
+    .await;
+    daemon.stop().await;
+    let tasks = records(queue.as_ref(), &ids).await;
+    assert_eq!(tasks[0].result, Some(json!({"by": "deployer"})));
+    assert_eq!(
+        (tasks[1].state, tasks[1].result.clone()),
+        (
+            TaskState::Completed,
+            Some(json!({"deployed_by": "a human"}))
+        )
+    );
+    assert_eq!(tasks[2].state, TaskState::DeadLettered);
+    assert!(
+        tasks[2]
+            .reason
+            .as_deref()
+            .unwrap()
+            .starts_with("dropped by a human after escalation"),
+        "{:?}",
+        tasks[2].reason
+    );
+    let left = queue
+        .list(&ListFilter {
+            state: Some(TaskState::Escalated),
+            agent: None,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
+}
