@@ -17,6 +17,7 @@ use serde_json::Value;
 use crate::breaker::BreakerState;
 use crate::clock::{self, UnixMillis};
 use crate::config::{self, Config};
+use crate::degrade::{DegradationStatus, Forced, Level};
 use crate::queue::jetstream::BrokerStatus;
 use crate::queue::sqlite::Role;
 use crate::queue::{
@@ -84,6 +85,9 @@ pub enum Command {
     /// show, resolve.
     #[command(subcommand)]
     Escalations(EscalationsCommand),
+    /// Force the fleet's degradation level for a while, or clear it.
+    #[command(subcommand)]
+    Degrade(DegradeCommand),
     /// Check the config or print its JSON Schema.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -215,6 +219,22 @@ pub enum EscalationsCommand {
         #[arg(long, group = "resolution")]
         drop: bool,
     },
+}
+
+/// `degrade`.
+#[derive(Debug, Subcommand)]
+pub enum DegradeCommand {
+    /// Force LEVEL (0 nominal, 1 reduced, 2 essential, 3 emergency, or
+    /// the name) on every daemon of the fleet, in place of the triggers.
+    Set {
+        /// The level: 0-3 or nominal, reduced, essential, emergency.
+        level: String,
+        /// How long (at most 7d), e.g. 30m.
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: String,
+    },
+    /// End a forced level: the triggers decide again.
+    Clear,
 }
 
 /// `config`.
@@ -475,6 +495,7 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
             Ok(ExitCode::SUCCESS)
         }
         Command::Escalations(command) => escalations(&config, command).await,
+        Command::Degrade(command) => degrade(&config, command).await,
         Command::Config(ConfigCommand::Schema)
         | Command::Protocol(_)
         | Command::ExampleAgent(_)
@@ -544,6 +565,52 @@ async fn escalations(config: &Config, command: EscalationsCommand) -> Result<Exi
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn degrade(config: &Config, command: DegradeCommand) -> Result<ExitCode, Failure> {
+    let store = open_store(config).await?;
+    match command {
+        DegradeCommand::Set { level, duration } => {
+            let parsed = level
+                .parse::<u8>()
+                .ok()
+                .and_then(Level::from_number)
+                .or_else(|| Level::ALL.into_iter().find(|l| l.as_str() == level));
+            let Some(level) = parsed else {
+                return Err(Failure::usage(format!(
+                    "unknown level {level:?}; valid: 0 (nominal), 1 (reduced), 2 (essential), 3 (emergency)"
+                )));
+            };
+            let duration: config::HumanDuration = duration
+                .parse()
+                .map_err(|error| Failure::usage(format!("--for {duration:?}: {error}")))?;
+            if duration.get().is_zero() || duration > config::HumanDuration::secs(7 * 86_400) {
+                return Err(Failure::usage(format!(
+                    "--for {duration} is out of range; valid: more than 0s, up to 7d"
+                )));
+            }
+            let until_ms = clock::system()
+                .now_ms()
+                .saturating_add(duration.as_millis());
+            let forced = Forced { level, until_ms };
+            store
+                .put_control(
+                    crate::daemon::FORCED_LEVEL_KEY,
+                    &serde_json::to_value(forced).expect("serializes"),
+                )
+                .await?;
+            eprintln!(
+                "degradation level forced to {level} for {duration}; running daemons apply it within degradation.check_interval"
+            );
+        }
+        DegradeCommand::Clear => {
+            store
+                .put_control(crate::daemon::FORCED_LEVEL_KEY, &Value::Null)
+                .await?;
+            eprintln!("forced degradation level cleared; the triggers decide again");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn list(config: &Config, filter: ListFilter, json: bool) -> Result<ExitCode, Failure> {
@@ -772,6 +839,8 @@ struct StatusReport {
     store: String,
     queue_depth: u64,
     tasks: StateCounts,
+    /// The highest degradation level among the running daemons.
+    degradation: DegradationStatus,
     agents: Vec<AgentStatus>,
 }
 
@@ -876,6 +945,11 @@ async fn status(config: &Config, json: bool) -> Result<ExitCode, Failure> {
         total.add(TaskState::DeadLettered, counts.dead_lettered);
         total.add(TaskState::Escalated, counts.escalated);
     }
+    let degradation = live
+        .iter()
+        .map(|snapshot| snapshot.degradation.clone())
+        .max_by_key(|degradation| degradation.level)
+        .unwrap_or_default();
     let daemon = daemons
         .iter()
         .find(|daemon| daemon.running)
@@ -888,6 +962,7 @@ async fn status(config: &Config, json: bool) -> Result<ExitCode, Failure> {
         store: Store::describe(config),
         queue_depth: total.queued,
         tasks: total,
+        degradation,
         agents,
     };
     if json {
@@ -947,6 +1022,23 @@ fn print_status(report: &StatusReport, now: UnixMillis) {
         println!("{line}");
     }
     println!("store:  {}", report.store);
+    let degradation = &report.degradation;
+    if degradation.level != Level::Nominal || degradation.forced.is_some() {
+        let mut line = format!(
+            "DEGRADED: level {} for {}",
+            degradation.level,
+            ago(now, degradation.since_ms)
+        );
+        if let Some(reason) = &degradation.reason {
+            line.push_str(&format!(": {reason}"));
+        }
+        match degradation.level {
+            Level::Essential => line.push_str("; only high and critical tasks run"),
+            Level::Emergency => line.push_str("; only critical tasks run"),
+            _ => {}
+        }
+        println!("{line}");
+    }
     let t = &report.tasks;
     println!(
         "tasks:  {} queued, {} running, {} completed, {} dead-lettered, {} escalated",

@@ -15,12 +15,14 @@ use anyhow::{Context as _, bail};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::breaker::BreakerState;
 use crate::clock::{SharedClock, UnixMillis};
 use crate::config::Config;
+use crate::degrade::{AgentView, Degrader, Forced, Observation};
 use crate::dispatch::{self, AgentRuntime, MemoryMap, Phase, Wiring};
 use crate::queue::TaskQueue;
 use crate::queue::sqlite::Role;
-use crate::status::{AgentState, DaemonSnapshot};
+use crate::status::{AgentState, DaemonSnapshot, ReplicaState};
 use crate::store::{self, Store};
 use crate::supervisor::process;
 
@@ -181,13 +183,14 @@ impl Daemon {
             tokio::spawn(sample_memory(memory_tx, stop_rx.clone())),
             tokio::spawn(reap_leases(queue.clone(), stop_rx.clone())),
         ];
+        let availability: Arc<dispatch::Availability> = Arc::default();
         let wiring = Wiring {
             queue: queue.clone(),
             clock: clock.clone(),
             instance,
             owner: identity.name.clone(),
             memory,
-            availability: Arc::default(),
+            availability: availability.clone(),
         };
         let mut agents = Vec::new();
         let mut replicas = Vec::new();
@@ -203,13 +206,30 @@ impl Daemon {
             store: store.clone(),
             identity: identity.clone(),
             agents: agents.clone(),
-            clock,
+            clock: clock.clone(),
             started_ms,
             fatal: fatal_tx,
         };
         housekeeping.push(tokio::spawn(
-            daemon_status.run(config.daemon.status_interval.get(), stop_rx),
+            daemon_status.run(config.daemon.status_interval.get(), stop_rx.clone()),
         ));
+        let uses_broker_nodes = [
+            &config.degradation.reduced,
+            &config.degradation.essential,
+            &config.degradation.emergency,
+        ]
+        .iter()
+        .flat_map(|level| &level.triggers)
+        .any(|trigger| matches!(trigger, crate::config::Trigger::BrokerNodesBelow { .. }));
+        let degrade = DegradeLoop {
+            config: config.degradation.clone(),
+            store: store.clone(),
+            agents: agents.clone(),
+            availability,
+            clock: clock.clone(),
+            uses_broker_nodes,
+        };
+        housekeeping.push(tokio::spawn(degrade.run(stop_rx)));
         Ok(Self {
             config,
             identity,
@@ -412,6 +432,93 @@ fn snapshot(
         running,
         agents: statuses,
         broker: store.broker_status(),
+        degradation: agents
+            .first()
+            .map(|agent| agent.availability().degradation())
+            .unwrap_or_default(),
+    }
+}
+
+/// The key of the operator's forced degradation level in the store.
+pub const FORCED_LEVEL_KEY: &str = "degrade";
+
+/// Evaluates the degradation triggers every `degradation.check_interval`
+/// and publishes the level to the agents' leasers.
+struct DegradeLoop {
+    config: crate::config::DegradationConfig,
+    store: Store,
+    agents: Vec<Arc<AgentRuntime>>,
+    availability: Arc<dispatch::Availability>,
+    clock: SharedClock,
+    uses_broker_nodes: bool,
+}
+
+impl DegradeLoop {
+    async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut degrader = Degrader::new(self.config.clone(), self.clock.now_ms());
+        let mut ticker = tokio::time::interval(self.config.check_interval.get());
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut nodes = None;
+        let mut nodes_at: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = ticker.tick() => {}
+            }
+            // Asking the cluster costs a request: at most every 5 s.
+            if self.uses_broker_nodes
+                && nodes_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(5))
+            {
+                nodes_at = Some(tokio::time::Instant::now());
+                nodes = self.store.broker_nodes().await;
+            }
+            let observation = Observation {
+                agents: self
+                    .agents
+                    .iter()
+                    .map(|agent| {
+                        let status = agent.status();
+                        AgentView {
+                            name: status.name.clone(),
+                            critical: agent.config.critical,
+                            breaker_open: status
+                                .breaker
+                                .state
+                                .is_some_and(|state| state != BreakerState::Closed),
+                            failed: status.state == AgentState::Failed,
+                            ready: status
+                                .replicas
+                                .iter()
+                                .filter(|replica| {
+                                    matches!(replica.state, ReplicaState::Idle | ReplicaState::Busy)
+                                })
+                                .count() as u32,
+                            replicas: status.replicas.len() as u32,
+                        }
+                    })
+                    .collect(),
+                broker_connected: self.store.broker_status().map(|broker| broker.connected),
+                broker_nodes: nodes,
+            };
+            // A store that cannot be read keeps the last forced level.
+            let forced = match self.store.get_control(FORCED_LEVEL_KEY).await {
+                Ok(value) => value.and_then(|value| serde_json::from_value::<Forced>(value).ok()),
+                Err(_) => degrader.status().forced,
+            };
+            let now = self.clock.now_ms();
+            let change = degrader.check(&observation, forced, now);
+            self.availability.set_degradation(degrader.status());
+            if let Some(change) = change {
+                if change.to > change.from {
+                    tracing::warn!(from = %change.from, to = %change.to, reason = %change.reason, "degradation level raised");
+                } else {
+                    tracing::info!(from = %change.from, to = %change.to, reason = %change.reason, "degradation level lowered");
+                }
+                for agent in &self.agents {
+                    agent.wake_leaser();
+                }
+            }
+        }
     }
 }
 

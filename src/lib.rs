@@ -13,6 +13,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod degrade;
 pub mod demo;
 pub mod dispatch;
 pub mod example_agent;

@@ -208,6 +208,9 @@ pub struct DaemonSnapshot {
     /// Its broker connection, when it uses one.
     #[serde(default)]
     pub broker: Option<crate::queue::jetstream::BrokerStatus>,
+    /// Its degradation level.
+    #[serde(default)]
+    pub degradation: crate::degrade::DegradationStatus,
 }
 
 /// Key of the daemon snapshot in the store's status table.

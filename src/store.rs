@@ -174,6 +174,46 @@ impl Store {
         }
     }
 
+    /// Stores an operator's setting under `key`, seen by every daemon of
+    /// the fleet; `null` clears it.
+    ///
+    /// # Errors
+    /// When the store refuses the write.
+    pub async fn put_control(
+        &self,
+        key: &str,
+        value: &serde_json::Value,
+    ) -> Result<(), QueueError> {
+        match self {
+            Self::Embedded(queue) => queue.put_status(&format!("control.{key}"), value).await,
+            Self::Broker(queue) => queue.put_control(key, value).await,
+        }
+    }
+
+    /// The operator's setting under `key`, if any.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub async fn get_control(&self, key: &str) -> Result<Option<serde_json::Value>, QueueError> {
+        match self {
+            Self::Embedded(queue) => Ok(queue
+                .get_status(&format!("control.{key}"))
+                .await?
+                .map(|(value, _)| value)
+                .filter(|value| !value.is_null())),
+            Self::Broker(queue) => queue.get_control(key).await,
+        }
+    }
+
+    /// Nodes of the broker cluster that are current for the task stream
+    /// (`None` without a broker, or when the broker cannot be asked).
+    pub async fn broker_nodes(&self) -> Option<u32> {
+        match self {
+            Self::Embedded(_) => None,
+            Self::Broker(queue) => queue.current_nodes().await.ok(),
+        }
+    }
+
     /// Deletes completed tasks past the retention. Returns how many.
     ///
     /// # Errors

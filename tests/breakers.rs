@@ -1,15 +1,17 @@
-//! Circuit breakers and fallback policies with real agent processes on the
-//! embedded queue: a failing agent's breaker opens, its tasks go to the
-//! fallback, probes test it, and it takes its tasks back once it recovers;
-//! every fallback policy end to end.
+//! Circuit breakers, fallback policies and degradation levels with real
+//! agent processes on the embedded queue: a failing agent's breaker opens,
+//! its tasks go to the fallback, probes test it, and it takes its tasks
+//! back once it recovers; every fallback policy end to end; a degradation
+//! level holds back less urgent tasks until it drops.
 
 mod support;
 
 use std::time::Duration;
 
 use flotilla::breaker::BreakerState;
+use flotilla::degrade::Level;
 use flotilla::dispatch::AgentRuntime;
-use flotilla::queue::{AttemptOutcome, ListFilter, TaskQueue, TaskState};
+use flotilla::queue::{AttemptOutcome, ListFilter, NewTask, Priority, TaskQueue, TaskState};
 use serde_json::{Value, json};
 use support::*;
 
@@ -402,4 +404,131 @@ fallback_policy = "escalate_to_human"
         .await
         .unwrap();
     assert!(left.is_empty(), "{left:?}");
+}
+
+fn task(agent: &str, id: &str, priority: Priority) -> NewTask {
+    NewTask {
+        id: id.into(),
+        agent: agent.into(),
+        priority,
+        payload: json!({}),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn level_2_holds_back_normal_tasks_until_the_level_drops() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.worker]
+command = {}
+mode = "oneshot"
+
+[agents.flaky]
+command = {}
+mode = "oneshot"
+retry = {{ max_deliver = 20, backoff = ["10ms"] }}
+breaker = {{ failure_threshold = 1, recovery_timeout = "500ms" }}
+
+[degradation]
+check_interval = "100ms"
+min_dwell = "1s"
+essential = {{ triggers = [{{ when = "breaker_open", agent = "flaky" }}] }}
+"#,
+        switchable("worker"),
+        switchable("flaky"),
+    ));
+    set_broken(&fleet, "flaky", true);
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let level = || agent(&daemon, "worker").availability().level();
+    // flaky fails, its breaker opens, and the fleet goes to level 2.
+    queue
+        .submit(vec![task("flaky", "flaky-1", Priority::High)])
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(20), "level 2", || async {
+        level() == Level::Essential
+    })
+    .await;
+    wait_until(
+        Duration::from_secs(20),
+        "status to show level 2",
+        || async {
+            let status = fleet.cli(&["status"]);
+            let status = String::from_utf8_lossy(&status.stdout);
+            status.contains("DEGRADED: level 2 (essential)")
+                && status.contains("the circuit breaker of flaky is open")
+                && status.contains("only high and critical tasks run")
+        },
+    )
+    .await;
+    queue
+        .submit(vec![
+            task("worker", "normal-1", Priority::Normal),
+            task("worker", "low-1", Priority::Low),
+            task("worker", "high-1", Priority::High),
+            task("worker", "critical-1", Priority::Critical),
+        ])
+        .await
+        .unwrap();
+    let urgent: Vec<String> = vec!["high-1".into(), "critical-1".into()];
+    wait_until(Duration::from_secs(20), "urgent tasks to run", || {
+        let queue = queue.clone();
+        let ids = urgent.clone();
+        async move { all_in(queue.as_ref(), &ids, TaskState::Completed).await }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let held: Vec<String> = vec!["normal-1".into(), "low-1".into()];
+    assert!(
+        all_in(queue.as_ref(), &held, TaskState::Queued).await,
+        "held back at level 2"
+    );
+    // flaky recovers: its (high) task is the probe, the breaker closes, and
+    // after min_dwell the level drops and the held tasks run.
+    set_broken(&fleet, "flaky", false);
+    wait_until(Duration::from_secs(20), "the held tasks to run", || {
+        let queue = queue.clone();
+        let ids = held.clone();
+        async move { all_in(queue.as_ref(), &ids, TaskState::Completed).await }
+    })
+    .await;
+    assert_eq!(level(), Level::Nominal);
+
+    // An operator forces level 3: only critical tasks run until cleared.
+    let forced = fleet.cli(&["degrade", "set", "3", "--for", "10m"]);
+    assert!(forced.status.success(), "{forced:?}");
+    wait_until(Duration::from_secs(20), "level 3", || async {
+        level() == Level::Emergency
+    })
+    .await;
+    queue
+        .submit(vec![
+            task("worker", "high-2", Priority::High),
+            task("worker", "critical-2", Priority::Critical),
+        ])
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the critical task", || {
+        let queue = queue.clone();
+        async move { state_of(queue.as_ref(), "critical-2").await == TaskState::Completed }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(state_of(queue.as_ref(), "high-2").await, TaskState::Queued);
+    let bad = fleet.cli(&["degrade", "set", "9", "--for", "1m"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("valid: 0 (nominal)"),
+        "{bad:?}"
+    );
+    let cleared = fleet.cli(&["degrade", "clear"]);
+    assert!(cleared.status.success(), "{cleared:?}");
+    wait_until(Duration::from_secs(20), "high-2 after the clear", || {
+        let queue = queue.clone();
+        async move { state_of(queue.as_ref(), "high-2").await == TaskState::Completed }
+    })
+    .await;
+    assert_eq!(level(), Level::Nominal);
+    daemon.stop().await;
 }

@@ -73,6 +73,7 @@ fn request(owner: &str, lease_for: Duration) -> LeaseRequest {
         lease_for,
         owner: owner.into(),
         max_deliver: 5,
+        lowest: Priority::Low,
     }
 }
 

@@ -165,6 +165,11 @@ pub fn parse(text: &str, source_name: &str, base_dir: PathBuf) -> Result<Config,
                     config.broker = Some(broker);
                 }
             }
+            "degradation" => {
+                if let Some(degradation) = collect(value, "degradation", &mut problems) {
+                    config.degradation = degradation;
+                }
+            }
             "agents" => match value {
                 toml::Value::Table(agents) => {
                     for (name, agent) in agents {
@@ -191,7 +196,7 @@ pub fn parse(text: &str, source_name: &str, base_dir: PathBuf) -> Result<Config,
             },
             _ => problems.push(Problem::new(
                 key.clone(),
-                format!("unknown section `{key}`; valid sections: store, broker, daemon, agents"),
+                format!("unknown section `{key}`; valid sections: store, broker, daemon, agents, degradation"),
             )),
         }
     }

@@ -37,6 +37,10 @@ pub struct Config {
     /// (letters, digits, `-` and `_`, at most 64 characters).
     #[serde(default)]
     pub agents: BTreeMap<String, AgentConfig>,
+    /// Degradation levels: when the fleet gives up less urgent work to keep
+    /// the urgent work going.
+    #[serde(default)]
+    pub degradation: DegradationConfig,
     /// Directory that relative paths are resolved against (the config file's
     /// directory). Not part of the file.
     #[serde(skip)]
@@ -317,6 +321,89 @@ pub struct AgentConfig {
     /// agent of `fallback` is available.
     #[serde(default)]
     pub fallback_policy: FallbackPolicy,
+    /// Whether the fleet cannot do without this agent: the degradation
+    /// trigger `critical_agent_unavailable` watches critical agents.
+    #[serde(default)]
+    pub critical: bool,
+}
+
+/// `[degradation]`: levels 1 (reduced), 2 (essential) and 3 (emergency),
+/// each entered when one of its triggers holds. Level 0 is nominal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct DegradationConfig {
+    /// How often the triggers are evaluated (100ms to 1m).
+    pub check_interval: HumanDuration,
+    /// A level is left only after its triggers have been clear for this
+    /// long, and never sooner than this after it was entered (0s to 1h).
+    /// Entering a higher level is immediate.
+    pub min_dwell: HumanDuration,
+    /// Level 1: unavailable agents' tasks go to their fallback agents.
+    pub reduced: LevelConfig,
+    /// Level 2: only `high` and `critical` tasks are dispatched.
+    pub essential: LevelConfig,
+    /// Level 3: only `critical` tasks are dispatched; humans are alerted.
+    pub emergency: LevelConfig,
+}
+
+impl Default for DegradationConfig {
+    fn default() -> Self {
+        Self {
+            check_interval: HumanDuration::secs(1),
+            min_dwell: HumanDuration::secs(60),
+            reduced: LevelConfig::default(),
+            essential: LevelConfig::default(),
+            emergency: LevelConfig::default(),
+        }
+    }
+}
+
+/// One degradation level: entered when any of its triggers holds.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct LevelConfig {
+    /// Conditions, any of which puts the fleet at this level (or higher).
+    pub triggers: Vec<Trigger>,
+}
+
+/// A condition on the fleet, written `{ when = "KIND", ... }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "when", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Trigger {
+    /// The circuit breaker of `agent` is not closed.
+    BreakerOpen {
+        /// The agent.
+        agent: String,
+    },
+    /// `agent` has had no ready replica for `for`.
+    AgentUnresponsive {
+        /// The agent.
+        agent: String,
+        /// How long.
+        #[serde(rename = "for")]
+        duration: HumanDuration,
+    },
+    /// At least `at_least` agents are unavailable (breaker not closed,
+    /// failed, or no ready replica for 10 s).
+    AgentsUnavailable {
+        /// How many.
+        at_least: u32,
+    },
+    /// The broker connection is down.
+    BrokerUnreachable,
+    /// The broker cluster has fewer than `nodes` nodes current.
+    BrokerNodesBelow {
+        /// How many.
+        nodes: u32,
+    },
+    /// More than the fraction `above` of the daemon's replicas are not
+    /// ready (starting, restarting or stopped).
+    ReplicasFailing {
+        /// The fraction, 0.0 to 1.0.
+        above: f64,
+    },
+    /// An agent with `critical = true` is unavailable.
+    CriticalAgentUnavailable,
 }
 
 /// `[agents.NAME.breaker]`: when to stop sending an agent work, and when
@@ -675,7 +762,110 @@ impl Config {
             agent.validate(&format!("agents.{name}"), mode_known, &mut problem);
         }
         self.validate_fallbacks(&mut problem);
+        self.validate_degradation(&mut problem);
         problems
+    }
+
+    fn validate_degradation(&self, problem: &mut impl FnMut(String, String)) {
+        let degradation = &self.degradation;
+        if degradation.check_interval < HumanDuration::millis(100)
+            || degradation.check_interval > HumanDuration::secs(60)
+        {
+            problem(
+                "degradation.check_interval".into(),
+                format!(
+                    "{} is out of range; valid: 100ms to 1m",
+                    degradation.check_interval
+                ),
+            );
+        }
+        if degradation.min_dwell > HumanDuration::secs(3600) {
+            problem(
+                "degradation.min_dwell".into(),
+                format!("{} is out of range; valid: 0s to 1h", degradation.min_dwell),
+            );
+        }
+        for (level, config) in [
+            ("reduced", &degradation.reduced),
+            ("essential", &degradation.essential),
+            ("emergency", &degradation.emergency),
+        ] {
+            for (index, trigger) in config.triggers.iter().enumerate() {
+                let key = format!("degradation.{level}.triggers[{index}]");
+                let agent = match trigger {
+                    Trigger::BreakerOpen { agent } | Trigger::AgentUnresponsive { agent, .. } => {
+                        Some(agent)
+                    }
+                    _ => None,
+                };
+                if let Some(agent) = agent
+                    && !self.agents.contains_key(agent)
+                {
+                    problem(
+                        format!("{key}.agent"),
+                        format!(
+                            "unknown agent {agent:?}; configured agents: {}",
+                            self.agent_names()
+                        ),
+                    );
+                }
+                match trigger {
+                    Trigger::AgentsUnavailable { at_least: 0 } => problem(
+                        format!("{key}.at_least"),
+                        "0 is out of range; valid: 1 or more".into(),
+                    ),
+                    Trigger::BrokerNodesBelow { nodes } if *nodes < 2 || *nodes > 5 => problem(
+                        format!("{key}.nodes"),
+                        format!("{nodes} is out of range; valid: 2 to 5"),
+                    ),
+                    Trigger::BrokerNodesBelow { nodes }
+                        if self
+                            .broker
+                            .as_ref()
+                            .is_some_and(|broker| broker.replicas < *nodes) =>
+                    {
+                        problem(
+                            format!("{key}.nodes"),
+                            format!(
+                                "{nodes} is more than broker.replicas = {}, the most nodes the task stream has, so this trigger would always hold",
+                                self.broker.as_ref().map_or(0, |broker| broker.replicas)
+                            ),
+                        );
+                    }
+                    Trigger::ReplicasFailing { above } if !(0.0..1.0).contains(above) => {
+                        problem(
+                            format!("{key}.above"),
+                            format!(
+                                "{above} is out of range; valid: 0.0 up to (not including) 1.0"
+                            ),
+                        );
+                    }
+                    Trigger::AgentUnresponsive { duration, .. } if duration.get().is_zero() => {
+                        problem(
+                            format!("{key}.for"),
+                            "0s is not valid; give how long, e.g. \"30s\"".into(),
+                        );
+                    }
+                    Trigger::BrokerUnreachable | Trigger::BrokerNodesBelow { .. }
+                        if self.broker.is_none() =>
+                    {
+                        problem(
+                            key.clone(),
+                            "a broker trigger needs a [broker]; the embedded store has no broker to lose".into(),
+                        );
+                    }
+                    Trigger::CriticalAgentUnavailable
+                        if !self.agents.values().any(|agent| agent.critical) =>
+                    {
+                        problem(
+                            key.clone(),
+                            "no agent has critical = true, so this trigger could never hold".into(),
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }
     }
 
     /// Fallback chains name configured agents and never lead back to where

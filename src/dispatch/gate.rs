@@ -14,15 +14,19 @@ use super::{AgentRuntime, LEASE_MARGIN};
 use crate::breaker::{BreakerState, Call, Transition, Verdict};
 use crate::clock::UnixMillis;
 use crate::config::FallbackPolicy;
+use crate::degrade::{DegradationStatus, Level};
 use crate::queue::{AttemptEnd, AttemptOutcome, Lease, LeaseKey};
 use crate::status::AgentState;
 
-/// Which agents of this daemon are unavailable; fallback chains skip them.
-/// Agents this daemon does not run count as available (another daemon
-/// runs them).
+/// Which agents of this daemon are unavailable (fallback chains skip
+/// them), and the fleet's degradation level. Agents this daemon does not
+/// run count as available (another daemon runs them).
 #[derive(Debug, Default)]
 pub struct Availability {
+    /// Breaker not closed, or failed.
     unavailable: Mutex<HashSet<String>>,
+    /// The degrader's view, level included.
+    degradation: Mutex<DegradationStatus>,
 }
 
 impl Availability {
@@ -33,6 +37,39 @@ impl Availability {
             .lock()
             .expect("availability lock")
             .contains(agent)
+            && !self
+                .degradation
+                .lock()
+                .expect("degradation lock")
+                .unavailable
+                .iter()
+                .any(|name| name == agent)
+    }
+
+    /// The degradation level.
+    pub fn level(&self) -> Level {
+        self.degradation.lock().expect("degradation lock").level
+    }
+
+    /// The degrader's view.
+    pub fn degradation(&self) -> DegradationStatus {
+        self.degradation.lock().expect("degradation lock").clone()
+    }
+
+    /// Publishes the degrader's view.
+    pub fn set_degradation(&self, status: DegradationStatus) {
+        *self.degradation.lock().expect("degradation lock") = status;
+    }
+
+    /// Whether the degrader counts `agent` unavailable (including having
+    /// had no ready replica for a while).
+    fn degraded(&self, agent: &str) -> bool {
+        self.degradation
+            .lock()
+            .expect("degradation lock")
+            .unavailable
+            .iter()
+            .any(|name| name == agent)
     }
 
     fn set(&self, agent: &str, available: bool) {
@@ -122,7 +159,24 @@ impl AgentRuntime {
             )
         } else {
             match state {
-                BreakerState::Closed => return Mode::Normal,
+                BreakerState::Closed => {
+                    let level = self.availability.level();
+                    let fallback_available = self
+                        .config
+                        .fallback
+                        .iter()
+                        .any(|agent| self.availability.is_available(agent));
+                    if level.reroutes_unready()
+                        && fallback_available
+                        && self.availability.degraded(&self.name)
+                    {
+                        return Mode::Diverting(format!(
+                            "agent {} has no ready replica, and degradation level {level} sends its tasks to its fallback",
+                            self.name
+                        ));
+                    }
+                    return Mode::Normal;
+                }
                 BreakerState::HalfOpen => {
                     let capacity = self.breaker.lock().expect("breaker lock").capacity(now);
                     return Mode::Probing(capacity);

@@ -710,6 +710,7 @@ async fn leaser(
                 lease_for: agent.lease_for(),
                 owner: agent.owner.clone(),
                 max_deliver: agent.config.retry.max_deliver.get(),
+                lowest: agent.lowest_priority(),
             };
             let queue = agent.queue.clone();
             asked += DIVERT_BATCH;
@@ -724,6 +725,7 @@ async fn leaser(
                 lease_for: agent.lease_for(),
                 owner: agent.owner.clone(),
                 max_deliver: agent.config.retry.max_deliver.get(),
+                lowest: agent.lowest_priority(),
             };
             // Wait for work only when a replica is waiting for it.
             let wait = if starved { LEASE_WAIT } else { Duration::ZERO };
@@ -756,7 +758,10 @@ async fn leaser(
                         retry_at = None;
                         let now = Instant::now();
                         for lease in leases {
-                            if let gate::Mode::Diverting(why) = agent.mode(agent.clock.now_ms()) {
+                            if lease.priority > agent.lowest_priority() {
+                                // The level rose while the lease call ran.
+                                agent.release(lease, "leaser", "held back by the degradation level").await;
+                            } else if let gate::Mode::Diverting(why) = agent.mode(agent.clock.now_ms()) {
                                 agent.divert(lease, &why).await;
                             } else if let Some(lease) =
                                 agent.hand_out_gated(&mut pending, lease, &mut rate).await
@@ -799,6 +804,21 @@ async fn leaser(
 }
 
 impl AgentRuntime {
+    /// The least urgent priority the degradation level lets through.
+    fn lowest_priority(&self) -> crate::queue::Priority {
+        self.availability.level().lowest_priority()
+    }
+
+    /// The fleet's availability and degradation state this agent shares.
+    pub fn availability(&self) -> &Availability {
+        &self.availability
+    }
+
+    /// Wakes the leaser: the breaker or the degradation level changed.
+    pub fn wake_leaser(&self) {
+        self.gate_changed.notify_one();
+    }
+
     /// Gives `lease` to a waiting replica if the breaker admits it; a task
     /// the breaker turns away goes to the fallback (breaker open) or back
     /// to the queue (half-open, probes out). Returns the lease when no
@@ -809,6 +829,21 @@ impl AgentRuntime {
         lease: Lease,
         rate: &mut Rate,
     ) -> Option<Lease> {
+        let lowest = self.lowest_priority();
+        if lease.priority > lowest {
+            // Leased before the degradation level rose.
+            let level = self.availability.level();
+            self.release(
+                lease,
+                "leaser",
+                &format!(
+                    "held back: degradation level {level} dispatches only {} and more urgent",
+                    lowest.as_str()
+                ),
+            )
+            .await;
+            return None;
+        }
         if !self.admit(&lease.key) {
             match self.mode(self.clock.now_ms()) {
                 gate::Mode::Diverting(why) => self.divert(lease, &why).await,

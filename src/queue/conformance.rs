@@ -50,6 +50,7 @@ fn request(max: usize) -> LeaseRequest {
         lease_for: Duration::from_secs(30),
         owner: "conformance".into(),
         max_deliver: 5,
+        lowest: Priority::Low,
     }
 }
 
@@ -341,6 +342,19 @@ pub async fn priority_then_fifo<Q: TaskQueue>(queue: &Q) {
             .submit(vec![task(id, priority, json!(id))])
             .await
             .unwrap();
+    }
+    // Degradation: only `high` and more urgent.
+    let mut urgent = request(10);
+    urgent.lowest = Priority::High;
+    let mut leases = queue.lease(&urgent, Duration::ZERO).await.unwrap();
+    let ids: Vec<&str> = leases.iter().map(|l| l.key.task_id.as_str()).collect();
+    assert_eq!(ids, ["p-critical", "p-high"], "only urgent tasks leased");
+    for lease in &mut leases {
+        queue
+            .release(&lease.key, end(AttemptOutcome::Released))
+            .await
+            .unwrap();
+        lease.settle();
     }
     let mut seen = Vec::new();
     for _ in 0..order.len() {

@@ -687,6 +687,60 @@ impl JetStreamQueue {
             .collect())
     }
 
+    /// Stores an operator's setting under `key` (e.g. a forced degradation
+    /// level), shared by every daemon; `null` clears it.
+    ///
+    /// # Errors
+    /// [`QueueError::Storage`] if the broker refuses it.
+    pub async fn put_control(&self, key: &str, value: &Value) -> Result<(), QueueError> {
+        self.inner
+            .records
+            .put(format!("c.{}", escape(key)), Bytes::from(value.to_string()))
+            .await
+            .map_err(|error| storage("cannot write an operator setting", error))?;
+        Ok(())
+    }
+
+    /// The operator's setting under `key`, if any.
+    ///
+    /// # Errors
+    /// [`QueueError::Storage`] if the broker cannot be read.
+    pub async fn get_control(&self, key: &str) -> Result<Option<Value>, QueueError> {
+        let bytes = self
+            .inner
+            .bounded(
+                "read an operator setting",
+                self.inner.records.get(format!("c.{}", escape(key))),
+            )
+            .await?;
+        Ok(bytes
+            .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+            .filter(|value| !value.is_null()))
+    }
+
+    /// How many nodes of the task stream's replica group are current (the
+    /// leader and the followers that are neither offline nor behind).
+    ///
+    /// # Errors
+    /// [`QueueError::Storage`] if the broker cannot be asked.
+    pub async fn current_nodes(&self) -> Result<u32, QueueError> {
+        let info = self
+            .inner
+            .bounded(
+                "read the task stream's cluster",
+                self.inner.tasks.get_info(),
+            )
+            .await?;
+        Ok(info.cluster.map_or(1, |cluster| {
+            u32::from(cluster.leader.is_some())
+                + cluster
+                    .replicas
+                    .iter()
+                    .filter(|peer| peer.current && !peer.offline)
+                    .count() as u32
+        }))
+    }
+
     /// The fleet entry of daemon `name`.
     ///
     /// # Errors
@@ -1219,7 +1273,7 @@ impl Inner {
         leases: &mut Vec<Lease>,
     ) -> Result<(), QueueError> {
         let mut failure = None;
-        for rank in 0..4 {
+        for rank in 0..=request.lowest.rank() {
             if leases.len() >= request.max {
                 break;
             }

@@ -287,6 +287,9 @@ pub struct LeaseRequest {
     /// A task already charged this many attempts is dead-lettered instead
     /// of leased (its last lease expired or its daemon died).
     pub max_deliver: u32,
+    /// Only tasks of this priority or more urgent are leased (`Low` for
+    /// all): degradation levels hold the others back.
+    pub lowest: Priority,
 }
 
 /// Why an attempt ended, as kept in the task's history.

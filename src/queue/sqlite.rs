@@ -1051,20 +1051,23 @@ fn lease(context: &mut Context<'_>, request: &LeaseRequest) -> Result<Vec<Claime
         let rows: Vec<ReadyRow> = conn
             .prepare_cached(
                 "SELECT seq, id, priority, payload, checkpoint, attempt, charged FROM tasks
-                 WHERE agent = ?1 AND state = 1 ORDER BY priority, seq LIMIT ?2",
+                 WHERE agent = ?1 AND state = 1 AND priority <= ?3 ORDER BY priority, seq LIMIT ?2",
             )
             .map_err(storage)?
-            .query_map(params![request.agent, want as i64], |row| {
-                Ok(ReadyRow {
-                    seq: row.get(0)?,
-                    id: row.get(1)?,
-                    priority: row.get(2)?,
-                    payload: row.get(3)?,
-                    checkpoint: row.get(4)?,
-                    attempt: as_u32(row.get(5)?),
-                    charged: as_u32(row.get(6)?),
-                })
-            })
+            .query_map(
+                params![request.agent, want as i64, request.lowest.rank()],
+                |row| {
+                    Ok(ReadyRow {
+                        seq: row.get(0)?,
+                        id: row.get(1)?,
+                        priority: row.get(2)?,
+                        payload: row.get(3)?,
+                        checkpoint: row.get(4)?,
+                        attempt: as_u32(row.get(5)?),
+                        charged: as_u32(row.get(6)?),
+                    })
+                },
+            )
             .map_err(storage)?
             .collect::<Result<_, _>>()
             .map_err(storage)?;
@@ -1868,6 +1871,7 @@ mod tests {
             lease_for: Duration::from_secs(30),
             owner: "test".into(),
             max_deliver: 3,
+            lowest: Priority::Low,
         };
         let mut leases = queue.lease(&request, Duration::ZERO).await.unwrap();
         leases.sort_by(|a, b| a.key.task_id.cmp(&b.key.task_id));
@@ -1914,6 +1918,7 @@ mod tests {
             lease_for: Duration::from_secs(30),
             owner: "test".into(),
             max_deliver: 3,
+            lowest: Priority::Low,
         };
         let mut leases = queue.lease(&request, Duration::ZERO).await.unwrap();
         queue
