@@ -184,6 +184,8 @@ impl Daemon {
             tokio::spawn(reap_leases(queue.clone(), stop_rx.clone())),
         ];
         let availability: Arc<dispatch::Availability> = Arc::default();
+        let notifier =
+            crate::notify::Notifier::start(&config.notify, &identity.name, &config.base_dir);
         let wiring = Wiring {
             queue: queue.clone(),
             clock: clock.clone(),
@@ -191,6 +193,7 @@ impl Daemon {
             owner: identity.name.clone(),
             memory,
             availability: availability.clone(),
+            notifier: notifier.clone(),
         };
         let mut agents = Vec::new();
         let mut replicas = Vec::new();
@@ -228,6 +231,7 @@ impl Daemon {
             availability,
             clock: clock.clone(),
             uses_broker_nodes,
+            notifier,
         };
         housekeeping.push(tokio::spawn(degrade.run(stop_rx)));
         Ok(Self {
@@ -451,6 +455,7 @@ struct DegradeLoop {
     availability: Arc<dispatch::Availability>,
     clock: SharedClock,
     uses_broker_nodes: bool,
+    notifier: crate::notify::Notifier,
 }
 
 impl DegradeLoop {
@@ -514,6 +519,28 @@ impl DegradeLoop {
                 } else {
                     tracing::info!(from = %change.from, to = %change.to, reason = %change.reason, "degradation level lowered");
                 }
+                let what = match change.to {
+                    crate::degrade::Level::Nominal => "everything runs again".to_string(),
+                    crate::degrade::Level::Reduced => {
+                        "unavailable agents' tasks go to their fallback agents".to_string()
+                    }
+                    level => format!(
+                        "only {} and more urgent tasks run",
+                        level.lowest_priority().as_str()
+                    ),
+                };
+                self.notifier.send(
+                    crate::notify::Event::new(
+                        crate::notify::EventKind::LevelChanged,
+                        now,
+                        change.to == crate::degrade::Level::Emergency,
+                        format!(
+                            "degradation level {} → {}: {}; {what}",
+                            change.from, change.to, change.reason
+                        ),
+                    )
+                    .level(change.to.number()),
+                );
                 for agent in &self.agents {
                     agent.wake_leaser();
                 }

@@ -18,6 +18,7 @@ pub mod demo;
 pub mod dispatch;
 pub mod example_agent;
 pub mod lines;
+pub mod notify;
 pub mod protocol;
 pub mod queue;
 pub mod retry;

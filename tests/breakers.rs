@@ -532,3 +532,132 @@ essential = {{ triggers = [{{ when = "breaker_open", agent = "flaky" }}] }}
     assert_eq!(level(), Level::Nominal);
     daemon.stop().await;
 }
+
+/// A webhook endpoint on loopback that records each JSON body, answering
+/// 500 to the first request and 200 to the rest.
+fn webhook() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = bodies.clone();
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().enumerate() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = value.trim().parse().unwrap();
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            let status = if n == 0 {
+                "500 Internal Server Error"
+            } else {
+                seen.lock()
+                    .unwrap()
+                    .push(serde_json::from_slice(&body).unwrap());
+                "200 OK"
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            );
+        }
+    });
+    (url, bodies)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_escalation_and_level_events_reach_webhooks_and_commands() {
+    let (url, received) = webhook();
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.gate]
+command = {}
+mode = "oneshot"
+breaker = {{ failure_threshold = 1, recovery_timeout = "1h" }}
+fallback_policy = "escalate_to_human"
+retry = {{ backoff = ["10ms"] }}
+
+[degradation]
+check_interval = "100ms"
+reduced = {{ triggers = [{{ when = "breaker_open", agent = "gate" }}] }}
+
+[[notify]]
+kind = "webhook"
+url = "{url}"
+timeout = "2s"
+retries = 2
+
+[[notify]]
+kind = "command"
+command = ["sh", "-c", "cat >> escalations.jsonl"]
+events = ["escalation"]
+"#,
+        switchable("gate"),
+    ));
+    set_broken(&fleet, "gate", true);
+    let daemon = fleet.start().await;
+    daemon
+        .queue()
+        .submit(vec![task("gate", "deploy-1", Priority::High)])
+        .await
+        .unwrap();
+    let kinds = || -> Vec<String> {
+        received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|event| event["event"].as_str().unwrap().to_string())
+            .collect()
+    };
+    wait_until(
+        Duration::from_secs(20),
+        "three events at the webhook",
+        || async {
+            let kinds = kinds();
+            ["breaker_opened", "escalation", "level_changed"]
+                .iter()
+                .all(|kind| kinds.iter().any(|k| k == kind))
+        },
+    )
+    .await;
+    let events = received.lock().unwrap().clone();
+    let escalation = events.iter().find(|e| e["event"] == "escalation").unwrap();
+    assert_eq!(escalation["task"], "deploy-1");
+    assert_eq!(escalation["agent"], "gate");
+    assert_eq!(escalation["urgent"], true);
+    assert!(
+        escalation["text"]
+            .as_str()
+            .unwrap()
+            .contains("flotilla escalations resolve deploy-1"),
+        "{escalation}"
+    );
+    let level = events
+        .iter()
+        .find(|e| e["event"] == "level_changed")
+        .unwrap();
+    assert_eq!(level["level"], 1, "{level}");
+    // The command sink only wants escalations.
+    let path = fleet.path("escalations.jsonl");
+    wait_until(Duration::from_secs(10), "the command sink", || async {
+        std::fs::read_to_string(&path).is_ok_and(|text| !text.is_empty())
+    })
+    .await;
+    let lines: Vec<Value> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["event"], "escalation");
+    daemon.stop().await;
+}

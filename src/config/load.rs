@@ -165,6 +165,11 @@ pub fn parse(text: &str, source_name: &str, base_dir: PathBuf) -> Result<Config,
                     config.broker = Some(broker);
                 }
             }
+            "notify" => {
+                if let Some(notify) = collect(value, "notify", &mut problems) {
+                    config.notify = notify;
+                }
+            }
             "degradation" => {
                 if let Some(degradation) = collect(value, "degradation", &mut problems) {
                     config.degradation = degradation;
@@ -196,7 +201,7 @@ pub fn parse(text: &str, source_name: &str, base_dir: PathBuf) -> Result<Config,
             },
             _ => problems.push(Problem::new(
                 key.clone(),
-                format!("unknown section `{key}`; valid sections: store, broker, daemon, agents, degradation"),
+                format!("unknown section `{key}`; valid sections: store, broker, daemon, agents, degradation, notify"),
             )),
         }
     }
@@ -591,6 +596,64 @@ fallback_policy = "escalate_to_human"
         assert!(
             bad_policy[0].message.contains("queue_for_retry"),
             "{bad_policy:?}"
+        );
+    }
+
+    #[test]
+    fn notify_sinks_and_degradation_triggers_are_checked() {
+        let found = problems(
+            r#"
+[agents.a]
+command = ["a"]
+
+[degradation]
+check_interval = "10ms"
+reduced = { triggers = [{ when = "breaker_open", agent = "ghost" }, { when = "agents_unavailable", at_least = 0 }] }
+essential = { triggers = [{ when = "broker_unreachable" }, { when = "critical_agent_unavailable" }] }
+emergency = { triggers = [{ when = "replicas_failing", above = 1.5 }] }
+
+[[notify]]
+kind = "webhook"
+url = "ftp://secret@example"
+
+[[notify]]
+kind = "command"
+timeout = "1h"
+
+[[notify]]
+kind = "log"
+events = []
+"#,
+        );
+        let all: Vec<String> = found.iter().map(ToString::to_string).collect();
+        for expected in [
+            "degradation.check_interval: 10ms is out of range; valid: 100ms to 1m",
+            "degradation.reduced.triggers[0].agent: unknown agent \"ghost\"",
+            "degradation.reduced.triggers[1].at_least: 0 is out of range",
+            "degradation.essential.triggers[0]: a broker trigger needs a [broker]",
+            "degradation.essential.triggers[1]: no agent has critical = true",
+            "degradation.emergency.triggers[0].above: 1.5 is out of range",
+            "notify[0].url: must start with http:// or https://",
+            "notify[1].command: a command sink needs a command",
+            "notify[1].timeout: 1h is out of range; valid: 100ms to 5m",
+            "notify[2].events: is empty",
+        ] {
+            assert!(
+                all.iter().any(|p| p.contains(expected)),
+                "{expected} missing from {all:#?}"
+            );
+        }
+        assert!(
+            !all.iter().any(|p| p.contains("secret")),
+            "no URL echoed: {all:#?}"
+        );
+        let unknown = problems(
+            "[agents.a]\ncommand = [\"a\"]\n[degradation]\nreduced = { triggers = [{ when = \"sunspots\" }] }\n",
+        );
+        assert!(
+            unknown[0].key.starts_with("degradation.reduced.triggers")
+                && unknown[0].message.contains("breaker_open"),
+            "{unknown:?}"
         );
     }
 }

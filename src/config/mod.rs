@@ -41,6 +41,9 @@ pub struct Config {
     /// the urgent work going.
     #[serde(default)]
     pub degradation: DegradationConfig,
+    /// Where events for humans go (`[[notify]]`, any number).
+    #[serde(default)]
+    pub notify: Vec<NotifyConfig>,
     /// Directory that relative paths are resolved against (the config file's
     /// directory). Not part of the file.
     #[serde(skip)]
@@ -325,6 +328,50 @@ pub struct AgentConfig {
     /// trigger `critical_agent_unavailable` watches critical agents.
     #[serde(default)]
     pub critical: bool,
+}
+
+/// `[[notify]]`: one sink of events for humans.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// `log`, `webhook` or `command`.
+    pub kind: SinkKind,
+    /// Webhook only: the URL events are POSTed to (http or https).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Command only: the program and its arguments; the event arrives as
+    /// one JSON line on its stdin.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Longest one delivery may take (100ms to 5m, default 5s).
+    #[serde(default = "default_notify_timeout")]
+    pub timeout: HumanDuration,
+    /// Further attempts after a failed delivery (0 to 10, default 3).
+    #[serde(default = "default_notify_retries")]
+    pub retries: u32,
+    /// Only these events (default: all).
+    #[serde(default)]
+    pub events: Option<Vec<crate::notify::EventKind>>,
+}
+
+fn default_notify_timeout() -> HumanDuration {
+    HumanDuration::secs(5)
+}
+
+fn default_notify_retries() -> u32 {
+    3
+}
+
+/// Where a `[[notify]]` sink sends events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    /// The daemon's log, at WARN.
+    Log,
+    /// An HTTP POST of the event JSON (Slack-compatible `text` field).
+    Webhook,
+    /// A program run with the event JSON on stdin.
+    Command,
 }
 
 /// `[degradation]`: levels 1 (reduced), 2 (essential) and 3 (emergency),
@@ -763,6 +810,9 @@ impl Config {
         }
         self.validate_fallbacks(&mut problem);
         self.validate_degradation(&mut problem);
+        for (index, sink) in self.notify.iter().enumerate() {
+            sink.validate(&format!("notify[{index}]"), &mut problem);
+        }
         problems
     }
 
@@ -1059,6 +1109,57 @@ impl BrokerConfig {
             problem(
                 "broker".into(),
                 "give one of user/password, token, creds_file or nkey_file, not several".into(),
+            );
+        }
+    }
+}
+
+impl NotifyConfig {
+    fn validate(&self, key: &str, problem: &mut impl FnMut(String, String)) {
+        match (self.kind, &self.url, self.command.is_empty()) {
+            (SinkKind::Webhook, None, _) => problem(
+                format!("{key}.url"),
+                "a webhook needs a url, e.g. \"https://hooks.slack.com/services/...\"".into(),
+            ),
+            (SinkKind::Webhook, Some(url), _)
+                if !(url.starts_with("http://") || url.starts_with("https://")) =>
+            {
+                // Not the URL itself: it may carry a secret.
+                problem(
+                    format!("{key}.url"),
+                    "must start with http:// or https://".into(),
+                );
+            }
+            (SinkKind::Command, _, true) => problem(
+                format!("{key}.command"),
+                "a command sink needs a command, e.g. [\"/usr/local/bin/page\", \"--team\", \"agents\"]".into(),
+            ),
+            (SinkKind::Log | SinkKind::Command, Some(_), _) => problem(
+                format!("{key}.url"),
+                "only a webhook has a url".into(),
+            ),
+            (SinkKind::Log | SinkKind::Webhook, _, false) => problem(
+                format!("{key}.command"),
+                "only a command sink has a command".into(),
+            ),
+            _ => {}
+        }
+        if self.timeout < HumanDuration::millis(100) || self.timeout > HumanDuration::secs(300) {
+            problem(
+                format!("{key}.timeout"),
+                format!("{} is out of range; valid: 100ms to 5m", self.timeout),
+            );
+        }
+        if self.retries > 10 {
+            problem(
+                format!("{key}.retries"),
+                format!("{} is out of range; valid: 0 to 10", self.retries),
+            );
+        }
+        if self.events.as_ref().is_some_and(Vec::is_empty) {
+            problem(
+                format!("{key}.events"),
+                "is empty, so nothing would be sent; leave it out for all events".into(),
             );
         }
     }

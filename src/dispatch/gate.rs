@@ -15,6 +15,7 @@ use crate::breaker::{BreakerState, Call, Transition, Verdict};
 use crate::clock::UnixMillis;
 use crate::config::FallbackPolicy;
 use crate::degrade::{DegradationStatus, Level};
+use crate::notify::{Event, EventKind};
 use crate::queue::{AttemptEnd, AttemptOutcome, Lease, LeaseKey};
 use crate::status::AgentState;
 
@@ -272,8 +273,25 @@ impl AgentRuntime {
         }
     }
 
-    /// Logs a breaker transition and shows it in status.
+    /// Logs a breaker transition, shows it in status and tells humans.
     pub(super) fn transitioned(&self, transition: &Transition, now: UnixMillis) {
+        let (kind, what) = match transition.to {
+            BreakerState::Open => (EventKind::BreakerOpened, "opened"),
+            BreakerState::HalfOpen => (EventKind::BreakerHalfOpen, "is half-open"),
+            BreakerState::Closed => (EventKind::BreakerClosed, "closed"),
+        };
+        self.notifier.send(
+            Event::new(
+                kind,
+                now,
+                false,
+                format!(
+                    "circuit breaker of agent {} {what}: {}",
+                    self.name, transition.reason
+                ),
+            )
+            .agent(&self.name),
+        );
         match transition.to {
             BreakerState::Open => {
                 tracing::warn!(agent = %self.name, from = %transition.from, reason = %transition.reason, recovery_timeout = %self.config.breaker.recovery_timeout, "circuit breaker opened");
@@ -346,6 +364,19 @@ impl AgentRuntime {
                     let result = self.queue.escalate(&key, &reason, end).await;
                     if result.is_ok() {
                         tracing::warn!(agent = %self.name, task = %key, %reason, "task escalated to a human");
+                        self.notifier.send(
+                            Event::new(
+                                EventKind::Escalation,
+                                self.clock.now_ms(),
+                                true,
+                                format!(
+                                    "task {} of agent {} needs a human: {reason}; resolve with `flotilla escalations resolve {} --retry|--complete JSON|--drop`",
+                                    key.task_id, self.name, key.task_id
+                                ),
+                            )
+                            .agent(&self.name)
+                            .task(&key.task_id),
+                        );
                         self.status.lock().expect("status lock").diverted.escalated += 1;
                     }
                     result

@@ -95,6 +95,7 @@ pub struct AgentRuntime {
     availability: Arc<Availability>,
     /// Wakes the leaser when the breaker lets more through.
     gate_changed: tokio::sync::Notify,
+    notifier: crate::notify::Notifier,
 }
 
 /// A replica asking the leaser for one task.
@@ -116,6 +117,8 @@ pub struct Wiring {
     pub memory: watch::Receiver<MemoryMap>,
     /// Which agents are unavailable, shared by all agents of the daemon.
     pub availability: Arc<Availability>,
+    /// Where events for humans go.
+    pub notifier: crate::notify::Notifier,
 }
 
 /// Problems that keep an agent from starting (missing `${VAR}`, bad
@@ -223,6 +226,7 @@ impl AgentRuntime {
             calls: Mutex::new(Calls::default()),
             availability: wiring.availability.clone(),
             gate_changed: tokio::sync::Notify::new(),
+            notifier: wiring.notifier.clone(),
         });
         runtime.refresh_breaker_status(runtime.clock.now_ms());
         let mut handles = vec![tokio::spawn(leaser(
@@ -936,8 +940,20 @@ async fn run_replica(agent: Arc<AgentRuntime>, index: u32, mut shutdown: watch::
                 {
                     let mut status = agent.status.lock().expect("status lock");
                     status.state = AgentState::Failed;
-                    status.failure = Some(failure);
+                    status.failure = Some(failure.clone());
                 }
+                agent.notifier.send(
+                    crate::notify::Event::new(
+                        crate::notify::EventKind::AgentFailed,
+                        agent.clock.now_ms(),
+                        true,
+                        format!(
+                            "agent {} failed and is no longer restarted: {failure}",
+                            agent.name
+                        ),
+                    )
+                    .agent(&agent.name),
+                );
                 agent.refresh_breaker_status(agent.clock.now_ms());
                 break;
             }

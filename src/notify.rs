@@ -1,0 +1,318 @@
+//! Telling humans: events (breaker transitions, escalations, level
+//! changes, failed agents) delivered to the sinks of `[[notify]]`: the log,
+//! a webhook (JSON POST with a Slack-compatible `text`), or a command (the
+//! event JSON on its stdin).
+//!
+//! Delivery never holds up the fleet: events go into a bounded queue per
+//! sink, each sink has its own task, and every attempt is bounded by the
+//! sink's timeout, with a bounded number of retries. When a sink's queue is
+//! full (its endpoint is down), new events for it are dropped and counted.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt as _;
+use tokio::sync::mpsc;
+
+use crate::clock::UnixMillis;
+use crate::config::{NotifyConfig, SinkKind};
+
+/// Events waiting per sink; more are dropped.
+const SINK_QUEUE: usize = 1024;
+/// Longest stdout/stderr kept from a notification command (discarded).
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A circuit breaker opened.
+    BreakerOpened,
+    /// A circuit breaker let probes through.
+    BreakerHalfOpen,
+    /// A circuit breaker closed again.
+    BreakerClosed,
+    /// A task was handed to a human.
+    Escalation,
+    /// The degradation level changed.
+    LevelChanged,
+    /// An agent restarted too often and was given up on.
+    AgentFailed,
+}
+
+impl EventKind {
+    /// Its name in config and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BreakerOpened => "breaker_opened",
+            Self::BreakerHalfOpen => "breaker_half_open",
+            Self::BreakerClosed => "breaker_closed",
+            Self::Escalation => "escalation",
+            Self::LevelChanged => "level_changed",
+            Self::AgentFailed => "agent_failed",
+        }
+    }
+}
+
+/// One event, as sinks receive it (JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Event {
+    /// What happened.
+    pub event: EventKind,
+    /// When.
+    pub at_ms: UnixMillis,
+    /// The daemon that saw it.
+    pub daemon: String,
+    /// The agent concerned, if one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// The task concerned, if one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// The degradation level after the event, for level changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<u8>,
+    /// Whether a human should act now (escalations, level 3, failed
+    /// agents).
+    pub urgent: bool,
+    /// One line for humans; Slack and compatible webhooks show it.
+    pub text: String,
+}
+
+/// Sends events to the configured sinks.
+#[derive(Debug, Clone, Default)]
+pub struct Notifier {
+    sinks: Vec<SinkHandle>,
+    daemon: String,
+}
+
+#[derive(Debug, Clone)]
+struct SinkHandle {
+    events: Option<Vec<EventKind>>,
+    queue: mpsc::Sender<Event>,
+    stats: Arc<SinkStats>,
+}
+
+/// Counts of one sink, for status and tests.
+#[derive(Debug, Default)]
+pub struct SinkStats {
+    /// Events delivered.
+    pub delivered: AtomicU64,
+    /// Events given up on after the retries.
+    pub failed: AtomicU64,
+    /// Events dropped because the sink's queue was full.
+    pub dropped: AtomicU64,
+}
+
+impl Notifier {
+    /// Starts one delivery task per sink of `config`; commands run in
+    /// `workdir` (the config file's directory). Without sinks, events are
+    /// only logged by their source.
+    pub fn start(config: &[NotifyConfig], daemon: &str, workdir: &Path) -> Self {
+        let sinks = config
+            .iter()
+            .map(|sink| {
+                let (queue, events) = mpsc::channel(SINK_QUEUE);
+                let stats = Arc::new(SinkStats::default());
+                tokio::spawn(deliver(
+                    sink.clone(),
+                    workdir.to_path_buf(),
+                    events,
+                    stats.clone(),
+                ));
+                SinkHandle {
+                    events: sink.events.clone(),
+                    queue,
+                    stats,
+                }
+            })
+            .collect();
+        Self {
+            sinks,
+            daemon: daemon.to_string(),
+        }
+    }
+
+    /// A notifier without sinks.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Queues `event` for every sink that wants it; never waits.
+    pub fn send(&self, mut event: Event) {
+        event.daemon.clone_from(&self.daemon);
+        for sink in &self.sinks {
+            if sink
+                .events
+                .as_ref()
+                .is_some_and(|wanted| !wanted.contains(&event.event))
+            {
+                continue;
+            }
+            if sink.queue.try_send(event.clone()).is_err() {
+                let dropped = sink.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if dropped.is_power_of_two() {
+                    tracing::warn!(
+                        dropped,
+                        "a notification sink is not keeping up; events dropped"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The counts of each sink, in config order.
+    pub fn stats(&self) -> Vec<Arc<SinkStats>> {
+        self.sinks.iter().map(|sink| sink.stats.clone()).collect()
+    }
+}
+
+impl Event {
+    /// An event at `at_ms` (the daemon's name is filled in when sent).
+    pub fn new(event: EventKind, at_ms: UnixMillis, urgent: bool, text: String) -> Self {
+        Self {
+            event,
+            at_ms,
+            daemon: String::new(),
+            agent: None,
+            task: None,
+            level: None,
+            urgent,
+            text,
+        }
+    }
+
+    /// With the agent concerned.
+    pub fn agent(mut self, agent: &str) -> Self {
+        self.agent = Some(agent.to_string());
+        self
+    }
+
+    /// With the task concerned.
+    pub fn task(mut self, task: &str) -> Self {
+        self.task = Some(task.to_string());
+        self
+    }
+
+    /// With the level after a change.
+    pub fn level(mut self, level: u8) -> Self {
+        self.level = Some(level);
+        self
+    }
+}
+
+/// Delivers the events of one sink, one at a time, with bounded retries.
+async fn deliver(
+    sink: NotifyConfig,
+    workdir: PathBuf,
+    mut events: mpsc::Receiver<Event>,
+    stats: Arc<SinkStats>,
+) {
+    let client = match sink.kind {
+        SinkKind::Webhook => reqwest::Client::builder()
+            .timeout(sink.timeout.get())
+            .connect_timeout(sink.timeout.get())
+            .build()
+            .ok(),
+        _ => None,
+    };
+    while let Some(event) = events.recv().await {
+        let mut attempt = 0;
+        loop {
+            let result = match sink.kind {
+                SinkKind::Log => {
+                    tracing::warn!(event = event.event.as_str(), agent = ?event.agent, task = ?event.task, urgent = event.urgent, "notification: {}", event.text);
+                    Ok(())
+                }
+                SinkKind::Webhook => match &client {
+                    Some(client) => post(client, &sink, &event).await,
+                    None => Err("the HTTP client could not be built".to_string()),
+                },
+                SinkKind::Command => run(&sink, &workdir, &event).await,
+            };
+            match result {
+                Ok(()) => {
+                    stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                Err(error) if attempt < sink.retries => {
+                    attempt += 1;
+                    let pause = Duration::from_millis(250 * 2u64.pow(attempt.min(6)));
+                    tracing::warn!(kind = ?sink.kind, %error, attempt, ?pause, "notification failed; retrying");
+                    tokio::time::sleep(pause).await;
+                }
+                Err(error) => {
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(kind = ?sink.kind, %error, event = event.event.as_str(), "notification failed; giving up on it");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn post(client: &reqwest::Client, sink: &NotifyConfig, event: &Event) -> Result<(), String> {
+    let url = sink.url.as_deref().unwrap_or_default();
+    let body = serde_json::to_vec(event).expect("events serialize");
+    let response = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        // The URL may carry a secret (Slack's do): never log it.
+        .map_err(|error| format!("POST to the webhook failed: {}", error.without_url()))?;
+    let status = response.status();
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("the webhook answered {status}"))
+    }
+}
+
+async fn run(sink: &NotifyConfig, workdir: &Path, event: &Event) -> Result<(), String> {
+    let Some((program, args)) = sink.command.split_first() else {
+        return Err("empty command".into());
+    };
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .current_dir(workdir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|error| format!("cannot start {program}: {error}"))?;
+    let mut line = serde_json::to_vec(event).expect("events serialize");
+    line.push(b'\n');
+    let mut stdin = child.stdin.take().expect("piped");
+    let ran = tokio::time::timeout(sink.timeout.get(), async {
+        // A command that does not read its stdin is its own business.
+        let _ = stdin.write_all(&line).await;
+        drop(stdin);
+        let mut stderr = Vec::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            use tokio::io::AsyncReadExt as _;
+            let _ = (&mut pipe)
+                .take(MAX_RESPONSE_BYTES as u64)
+                .read_to_end(&mut stderr)
+                .await;
+        }
+        (child.wait().await, stderr)
+    })
+    .await;
+    match ran {
+        Err(_) => Err(format!("{program} did not finish within {}", sink.timeout)),
+        Ok((Err(error), _)) => Err(format!("{program}: {error}")),
+        Ok((Ok(status), _)) if status.success() => Ok(()),
+        Ok((Ok(status), stderr)) => Err(format!(
+            "{program} exited with {status}: {}",
+            String::from_utf8_lossy(&stderr).trim()
+        )),
+    }
+}
