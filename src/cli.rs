@@ -1073,7 +1073,11 @@ fn print_status(report: &StatusReport, now: UnixMillis) {
             "{:<20} {:<9} {:<9} {:>8} {:>7} {:>8} {:>10} {:>6} {:>9} {:>10}",
             agent.name,
             json_name(&agent.state),
-            agent.breaker.state.map_or("off", BreakerState::as_str),
+            match (agent.breaker.state, agent.state) {
+                (Some(state), _) => state.as_str(),
+                (None, AgentState::Stopped) => "-",
+                (None, _) => "off",
+            },
             format!("{up}/{}", agent.replicas.len()),
             agent.tasks.queued,
             agent.tasks.running,

@@ -661,3 +661,50 @@ events = ["escalation"]
     assert_eq!(lines[0]["event"], "escalation");
     daemon.stop().await;
 }
+
+/// examples/org.toml runs as documented: the flaky backend's breaker opens,
+/// its tasks go to the CTO, and the fleet drops to level 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_organisation_runs() {
+    let text = std::fs::read_to_string(repo_root().join("examples/org.toml"))
+        .unwrap()
+        .replace(
+            r#"["flotilla", "example-agent""#,
+            &format!(r#"["{}", "example-agent""#, flotilla_bin()),
+        );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("org.toml");
+    std::fs::write(&path, text).unwrap();
+    let config = flotilla::config::load(&path).unwrap();
+    let daemon = flotilla::daemon::Daemon::start(config, flotilla::clock::system())
+        .await
+        .unwrap();
+    let queue = daemon.queue().clone();
+    let (tasks, ids) = numbered_tasks("backend", 20, "ticket");
+    queue.submit(tasks).await.unwrap();
+    wait_until(Duration::from_secs(60), "the tickets to finish", || {
+        let queue = queue.clone();
+        let ids = ids.clone();
+        async move {
+            records(queue.as_ref(), &ids)
+                .await
+                .iter()
+                .all(|task| task.state.is_terminal())
+        }
+    })
+    .await;
+    let tickets = records(queue.as_ref(), &ids).await;
+    let by_cto = tickets.iter().filter(|task| task.agent == "cto").count();
+    assert!(by_cto > 0, "the CTO took some of the backend's tickets");
+    assert!(
+        tickets
+            .iter()
+            .filter(|task| task.state == TaskState::Completed)
+            .count()
+            >= 15,
+        "{tickets:#?}"
+    );
+    assert!(agent(&daemon, "backend").status().breaker.times_opened >= 1);
+    assert!(agent(&daemon, "backend").availability().level() >= Level::Reduced);
+    daemon.stop().await;
+}

@@ -225,7 +225,11 @@ fn dlq_replay_and_purge_need_dead_letters() {
 
 #[test]
 fn the_documented_example_configs_load() {
-    for file in ["examples/claude-code.toml", "examples/fleet.toml"] {
+    for file in [
+        "examples/claude-code.toml",
+        "examples/fleet.toml",
+        "examples/org.toml",
+    ] {
         let path = repo_root().join(file);
         if let Err(error) = flotilla::config::load(&path) {
             panic!("{file} does not load: {error}");
