@@ -708,3 +708,55 @@ async fn the_example_organisation_runs() {
     assert!(agent(&daemon, "backend").availability().level() >= Level::Reduced);
     daemon.stop().await;
 }
+
+/// Bulkheads: an agent with a deep backlog of slow tasks and an agent that
+/// crashes on every task take nothing from a third agent, whose tasks run
+/// at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agents_backlog_or_failure_takes_no_capacity_from_another() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.slow]
+command = {}
+replicas = {{ min = 2 }}
+
+[agents.crashy]
+command = {}
+replicas = {{ min = 2 }}
+restart = {{ initial_backoff = "5ms", max_backoff = "20ms", max_restarts = 100000 }}
+breaker = {{ enabled = false }}
+retry = {{ max_deliver = 1000, backoff = ["1ms"] }}
+
+[agents.fast]
+command = {}
+"#,
+        example_agent(&["--work-ms", "60000"]),
+        example_agent(&["--work-ms", "1", "--crash-rate", "1.0"]),
+        example_agent(&["--work-ms", "1"]),
+    ));
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    queue
+        .submit(numbered_tasks("slow", 500, "slow").0)
+        .await
+        .unwrap();
+    queue
+        .submit(numbered_tasks("crashy", 500, "crashy").0)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (fast, ids) = numbered_tasks("fast", 20, "fast");
+    queue.submit(fast).await.unwrap();
+    // Without bulkheads they would wait a minute behind the slow backlog.
+    wait_until(Duration::from_secs(20), "the fast agent's tasks", || {
+        let queue = queue.clone();
+        let ids = ids.clone();
+        async move { all_in(queue.as_ref(), &ids, TaskState::Completed).await }
+    })
+    .await;
+    assert!(
+        agent(&daemon, "crashy").status().restarts > 10,
+        "the crashy agent kept crashing meanwhile"
+    );
+    daemon.stop().await;
+}

@@ -761,12 +761,19 @@ async fn leaser(
                         failures = 0;
                         retry_at = None;
                         let now = Instant::now();
+                        // Once per batch: the gate rarely changes within one.
+                        let lowest = agent.lowest_priority();
+                        let mode = if leases.is_empty() {
+                            gate::Mode::Normal
+                        } else {
+                            agent.mode(agent.clock.now_ms())
+                        };
                         for lease in leases {
-                            if lease.priority > agent.lowest_priority() {
+                            if lease.priority > lowest {
                                 // The level rose while the lease call ran.
                                 agent.release(lease, "leaser", "held back by the degradation level").await;
-                            } else if let gate::Mode::Diverting(why) = agent.mode(agent.clock.now_ms()) {
-                                agent.divert(lease, &why).await;
+                            } else if let gate::Mode::Diverting(why) = &mode {
+                                agent.divert(lease, why).await;
                             } else if let Some(lease) =
                                 agent.hand_out_gated(&mut pending, lease, &mut rate).await
                             {
