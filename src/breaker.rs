@@ -523,6 +523,35 @@ mod tests {
     }
 
     #[test]
+    fn racing_callers_get_exactly_the_configured_probes() {
+        use std::sync::{Arc, Barrier, Mutex};
+        for probes in [1u32, 2, 5] {
+            let breaker = Arc::new(Mutex::new(Breaker::new(BreakerConfig {
+                half_open_probes: probes,
+                ..config()
+            })));
+            for now in 0..3 {
+                fail(&mut breaker.lock().unwrap(), now);
+            }
+            let start = Arc::new(Barrier::new(16));
+            let callers: Vec<_> = (0..16)
+                .map(|_| {
+                    let breaker = breaker.clone();
+                    let start = start.clone();
+                    std::thread::spawn(move || {
+                        start.wait();
+                        (0..10)
+                            .filter(|_| breaker.lock().unwrap().admit(40_000).0.is_some())
+                            .count()
+                    })
+                })
+                .collect();
+            let admitted: usize = callers.into_iter().map(|c| c.join().unwrap()).sum();
+            assert_eq!(admitted, probes as usize);
+        }
+    }
+
+    #[test]
     fn a_failed_probe_reopens_it_and_restarts_the_timer() {
         let mut breaker = Breaker::new(config());
         for now in 0..3 {
