@@ -232,6 +232,11 @@ impl Daemon {
             clock: clock.clone(),
             uses_broker_nodes,
             notifier,
+            name: identity.name.clone(),
+            fresh_within: u64::try_from(
+                (config.daemon.status_interval.get() * 3 + Duration::from_secs(2)).as_millis(),
+            )
+            .unwrap_or(u64::MAX),
         };
         housekeeping.push(tokio::spawn(degrade.run(stop_rx)));
         Ok(Self {
@@ -456,15 +461,44 @@ struct DegradeLoop {
     clock: SharedClock,
     uses_broker_nodes: bool,
     notifier: crate::notify::Notifier,
+    /// This daemon's name, and how fresh another daemon's snapshot must be
+    /// to count (broker only).
+    name: String,
+    fresh_within: UnixMillis,
 }
 
 impl DegradeLoop {
+    /// Agents that a live daemon other than this one runs with a closed (or
+    /// disabled) breaker and a ready replica.
+    fn healthy_elsewhere(&self, snapshots: &[DaemonSnapshot]) -> std::collections::HashSet<String> {
+        let now = self.clock.now_ms();
+        snapshots
+            .iter()
+            .filter(|snapshot| {
+                snapshot.name != self.name && store::is_fresh(snapshot, now, self.fresh_within)
+            })
+            .flat_map(|snapshot| &snapshot.agents)
+            .filter(|agent| {
+                agent.state == AgentState::Running
+                    && agent
+                        .breaker
+                        .state
+                        .is_none_or(|state| state == BreakerState::Closed)
+                    && agent.replicas.iter().any(|replica| {
+                        matches!(replica.state, ReplicaState::Idle | ReplicaState::Busy)
+                    })
+            })
+            .map(|agent| agent.name.clone())
+            .collect()
+    }
+
     async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut degrader = Degrader::new(self.config.clone(), self.clock.now_ms());
         let mut ticker = tokio::time::interval(self.config.check_interval.get());
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut nodes = None;
         let mut nodes_at: Option<tokio::time::Instant> = None;
+        let mut peers_at: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -476,6 +510,18 @@ impl DegradeLoop {
             {
                 nodes_at = Some(tokio::time::Instant::now());
                 nodes = self.store.broker_nodes().await;
+            }
+            // On a broker, which agents other daemons run healthily: an
+            // agent unavailable here leaves its tasks to them instead of
+            // diverting the shared queue. Read every 5 s.
+            if matches!(self.store, Store::Broker(_))
+                && peers_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(5))
+            {
+                peers_at = Some(tokio::time::Instant::now());
+                if let Ok(snapshots) = self.store.snapshots().await {
+                    self.availability
+                        .set_available_elsewhere(self.healthy_elsewhere(&snapshots));
+                }
             }
             let observation = Observation {
                 agents: self

@@ -57,6 +57,17 @@ async fn all_in(queue: &dyn TaskQueue, ids: &[String], state: TaskState) -> bool
     true
 }
 
+/// Waits until every task of `ids` is in `state`.
+async fn wait_all(
+    queue: &dyn TaskQueue,
+    ids: &[String],
+    state: TaskState,
+    limit: Duration,
+    what: &str,
+) {
+    wait_until(limit, what, || all_in(queue, ids, state)).await;
+}
+
 /// Attempts run by `agent`'s replicas that ended with `outcome`.
 async fn attempts_by(
     queue: &dyn TaskQueue,
@@ -133,11 +144,13 @@ mode = "oneshot"
     let (more, more_ids) = numbered_tasks("specialist", 10, "more");
     queue.submit(more).await.unwrap();
     let all: Vec<String> = first_ids.iter().chain(&more_ids).cloned().collect();
-    wait_until(Duration::from_secs(20), "the manager to do them", || {
-        let queue = queue.clone();
-        let all = all.clone();
-        async move { all_in(queue.as_ref(), &all, TaskState::Completed).await }
-    })
+    wait_all(
+        queue.as_ref(),
+        &all,
+        TaskState::Completed,
+        Duration::from_secs(20),
+        "the manager to do them",
+    )
     .await;
     for task in records(queue.as_ref(), &all).await {
         assert_eq!(task.result, Some(json!({"by": "manager"})), "{task:?}");
@@ -176,21 +189,25 @@ mode = "oneshot"
     .await;
     let (after, after_ids) = numbered_tasks("specialist", 5, "after");
     queue.submit(after).await.unwrap();
-    wait_until(Duration::from_secs(20), "the specialist's tasks", || {
-        let queue = queue.clone();
-        let ids = after_ids.clone();
-        async move { all_in(queue.as_ref(), &ids, TaskState::Completed).await }
-    })
+    wait_all(
+        queue.as_ref(),
+        &after_ids,
+        TaskState::Completed,
+        Duration::from_secs(20),
+        "the specialist's tasks",
+    )
     .await;
     for task in records(queue.as_ref(), &after_ids).await {
         assert_eq!(task.result, Some(json!({"by": "specialist"})), "{task:?}");
     }
     let opened = agent(&daemon, "specialist").status().breaker.times_opened;
-    wait_until(Duration::from_secs(20), "the fed tasks to finish", || {
-        let queue = queue.clone();
-        let ids = probe_ids.clone();
-        async move { all_in(queue.as_ref(), &ids, TaskState::Completed).await }
-    })
+    wait_all(
+        queue.as_ref(),
+        &probe_ids,
+        TaskState::Completed,
+        Duration::from_secs(20),
+        "the fed tasks to finish",
+    )
     .await;
     daemon.stop().await;
     // Three failures opened it; every later opening was one failed probe.
@@ -241,11 +258,13 @@ breaker = {{ failure_threshold = 2, recovery_timeout = "1500ms" }}
         "two failures and at most two probes: {charged}"
     );
     set_broken(&fleet, "flaky", false);
-    wait_until(Duration::from_secs(20), "all to complete", || {
-        let queue = queue.clone();
-        let ids = ids.clone();
-        async move { all_in(queue.as_ref(), &ids, TaskState::Completed).await }
-    })
+    wait_all(
+        queue.as_ref(),
+        &ids,
+        TaskState::Completed,
+        Duration::from_secs(20),
+        "all to complete",
+    )
     .await;
     daemon.stop().await;
 }
@@ -268,11 +287,13 @@ fallback_policy = "proceed_with_warning"
     let queue = daemon.queue().clone();
     let (tasks, ids) = numbered_tasks("linter", 4, "gate");
     queue.submit(tasks).await.unwrap();
-    wait_until(Duration::from_secs(20), "all to complete", || {
-        let queue = queue.clone();
-        let ids = ids.clone();
-        async move { all_in(queue.as_ref(), &ids, TaskState::Completed).await }
-    })
+    wait_all(
+        queue.as_ref(),
+        &ids,
+        TaskState::Completed,
+        Duration::from_secs(20),
+        "all to complete",
+    )
     .await;
     let status = agent(&daemon, "linter").status();
     daemon.stop().await;
@@ -307,11 +328,13 @@ fallback_policy = "escalate_to_human"
     let queue = daemon.queue().clone();
     let (tasks, ids) = numbered_tasks("deployer", 3, "deploy");
     queue.submit(tasks).await.unwrap();
-    wait_until(Duration::from_secs(20), "all to be escalated", || {
-        let queue = queue.clone();
-        let ids = ids.clone();
-        async move { all_in(queue.as_ref(), &ids, TaskState::Escalated).await }
-    })
+    wait_all(
+        queue.as_ref(),
+        &ids,
+        TaskState::Escalated,
+        Duration::from_secs(20),
+        "all to be escalated",
+    )
     .await;
     assert_eq!(agent(&daemon, "deployer").status().diverted.escalated, 3);
 
@@ -443,7 +466,7 @@ essential = {{ triggers = [{{ when = "breaker_open", agent = "flaky" }}] }}
     let level = || agent(&daemon, "worker").availability().level();
     // flaky fails, its breaker opens, and the fleet goes to level 2.
     queue
-        .submit(vec![task("flaky", "flaky-1", Priority::High)])
+        .submit(vec![task("flaky", "flaky-1", Priority::Normal)])
         .await
         .unwrap();
     wait_until(Duration::from_secs(20), "level 2", || async {
@@ -472,11 +495,13 @@ essential = {{ triggers = [{{ when = "breaker_open", agent = "flaky" }}] }}
         .await
         .unwrap();
     let urgent: Vec<String> = vec!["high-1".into(), "critical-1".into()];
-    wait_until(Duration::from_secs(20), "urgent tasks to run", || {
-        let queue = queue.clone();
-        let ids = urgent.clone();
-        async move { all_in(queue.as_ref(), &ids, TaskState::Completed).await }
-    })
+    wait_all(
+        queue.as_ref(),
+        &urgent,
+        TaskState::Completed,
+        Duration::from_secs(20),
+        "urgent tasks to run",
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     let held: Vec<String> = vec!["normal-1".into(), "low-1".into()];
@@ -484,14 +509,17 @@ essential = {{ triggers = [{{ when = "breaker_open", agent = "flaky" }}] }}
         all_in(queue.as_ref(), &held, TaskState::Queued).await,
         "held back at level 2"
     );
-    // flaky recovers: its (high) task is the probe, the breaker closes, and
-    // after min_dwell the level drops and the held tasks run.
+    // flaky recovers: its task is the probe (a normal one: probes go at
+    // any level), the breaker closes, and after min_dwell the level drops
+    // and the held tasks run.
     set_broken(&fleet, "flaky", false);
-    wait_until(Duration::from_secs(20), "the held tasks to run", || {
-        let queue = queue.clone();
-        let ids = held.clone();
-        async move { all_in(queue.as_ref(), &ids, TaskState::Completed).await }
-    })
+    wait_all(
+        queue.as_ref(),
+        &held,
+        TaskState::Completed,
+        Duration::from_secs(20),
+        "the held tasks to run",
+    )
     .await;
     assert_eq!(level(), Level::Nominal);
 
@@ -748,11 +776,13 @@ command = {}
     let (fast, ids) = numbered_tasks("fast", 20, "fast");
     queue.submit(fast).await.unwrap();
     // Without bulkheads they would wait a minute behind the slow backlog.
-    wait_until(Duration::from_secs(20), "the fast agent's tasks", || {
-        let queue = queue.clone();
-        let ids = ids.clone();
-        async move { all_in(queue.as_ref(), &ids, TaskState::Completed).await }
-    })
+    wait_all(
+        queue.as_ref(),
+        &ids,
+        TaskState::Completed,
+        Duration::from_secs(20),
+        "the fast agent's tasks",
+    )
     .await;
     assert!(
         agent(&daemon, "crashy").status().restarts > 10,

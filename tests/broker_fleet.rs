@@ -643,3 +643,64 @@ async fn try_records(
     }
     Ok(out)
 }
+
+/// A daemon on which an agent is broken (say its binary is missing on that
+/// machine) leaves the agent's tasks to a daemon where it works, instead
+/// of diverting the shared queue to its fallback policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_with_a_broken_agent_leaves_its_tasks_to_a_healthy_daemon() {
+    let Some(server) =
+        NatsServer::start("a_daemon_with_a_broken_agent_leaves_its_tasks_to_a_healthy_daemon")
+    else {
+        return;
+    };
+    // Fails on the daemon named `bad` only.
+    let worker = toml_array(&[
+        "sh".into(),
+        "-c".into(),
+        r#"case "$FLOTILLA_INSTANCE" in *#bad) exit 3 ;; esac; echo ran"#.into(),
+    ]);
+    let fleet = Fleet::new(&format!(
+        r#"
+[broker]
+url = "{}"
+
+[agents.worker]
+command = {worker}
+mode = "oneshot"
+retry = {{ max_deliver = 50, backoff = ["10ms"] }}
+breaker = {{ failure_threshold = 1, recovery_timeout = "1h" }}
+fallback_policy = "proceed_with_warning"
+"#,
+        server.url,
+    ));
+    let queue = client(&fleet).await;
+    let good = spawn_named(&fleet, "good");
+    wait_until(
+        Duration::from_secs(30),
+        "the good daemon's snapshot",
+        || async {
+            status_json(&fleet)["daemons"]
+                .as_array()
+                .is_some_and(|daemons| {
+                    daemons
+                        .iter()
+                        .any(|d| d["name"] == "good" && d["running"] == true)
+                })
+        },
+    )
+    .await;
+    let bad = spawn_named(&fleet, "bad");
+    let (tasks, ids) = numbered_tasks("worker", 40, "job");
+    queue.submit(tasks).await.unwrap();
+    wait_finished(queue.as_ref(), 40, Duration::from_secs(60), "all jobs").await;
+    for task in records(queue.as_ref(), &ids).await {
+        assert_eq!(
+            task.result,
+            Some(serde_json::json!("ran")),
+            "a job completed without running: {task:?}"
+        );
+    }
+    stop(bad);
+    stop(good);
+}

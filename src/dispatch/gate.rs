@@ -28,6 +28,8 @@ pub struct Availability {
     unavailable: Mutex<HashSet<String>>,
     /// The degrader's view, level included.
     degradation: Mutex<DegradationStatus>,
+    /// Agents that another live daemon of the fleet runs healthily.
+    elsewhere: Mutex<HashSet<String>>,
 }
 
 impl Availability {
@@ -60,6 +62,19 @@ impl Availability {
     /// Publishes the degrader's view.
     pub fn set_degradation(&self, status: DegradationStatus) {
         *self.degradation.lock().expect("degradation lock") = status;
+    }
+
+    /// Records which agents other live daemons run healthily (breaker
+    /// closed or off, a ready replica).
+    pub fn set_available_elsewhere(&self, agents: HashSet<String>) {
+        *self.elsewhere.lock().expect("elsewhere lock") = agents;
+    }
+
+    fn available_elsewhere(&self, agent: &str) -> bool {
+        self.elsewhere
+            .lock()
+            .expect("elsewhere lock")
+            .contains(agent)
     }
 
     /// Whether the degrader counts `agent` unavailable (including having
@@ -185,6 +200,12 @@ impl AgentRuntime {
                 BreakerState::Open => format!("the circuit breaker of agent {} is open", self.name),
             }
         };
+        let recheck = now + 1_000;
+        if self.availability.available_elsewhere(&self.name) {
+            // Another daemon runs this agent healthily: leave its tasks
+            // to that daemon rather than diverting the shared queue.
+            return Mode::Holding(recheck);
+        }
         let fallback_available = self
             .config
             .fallback
@@ -195,7 +216,6 @@ impl AgentRuntime {
         }
         // Queued for retry: look again when probes may go, and at least
         // every second (a fallback agent may become available).
-        let recheck = now + 1_000;
         Mode::Holding(open_until.map_or(recheck, |until| until.min(recheck)))
     }
 
@@ -325,7 +345,11 @@ impl AgentRuntime {
             status.breaker.last_transition = last;
             status.state == AgentState::Failed
         };
-        let available = !failed && (!enabled || state == BreakerState::Closed);
+        // An open breaker whose recovery timeout has passed reads
+        // half-open: the agent may take a rerouted task, which becomes its
+        // probe (an agent used only as a fallback would never recover
+        // otherwise).
+        let available = !failed && (!enabled || state != BreakerState::Open);
         self.availability.set(&self.name, available);
     }
 

@@ -698,7 +698,14 @@ async fn leaser(
                 false,
                 None,
             ),
-            gate::Mode::Probing(capacity) => (0, *capacity as usize, false, None),
+            // With no probe slot free, look again in a second (lost calls
+            // are swept there).
+            gate::Mode::Probing(capacity) => (
+                0,
+                *capacity as usize,
+                false,
+                (*capacity == 0).then(|| agent.clock.now_ms() + 1_000),
+            ),
             gate::Mode::Diverting(_) => (0, 0, true, None),
             gate::Mode::Holding(until) => (0, 0, false, Some(*until)),
         };
@@ -729,7 +736,12 @@ async fn leaser(
                 lease_for: agent.lease_for(),
                 owner: agent.owner.clone(),
                 max_deliver: agent.config.retry.max_deliver.get(),
-                lowest: agent.lowest_priority(),
+                // Probes are taken whatever their priority.
+                lowest: if matches!(mode, gate::Mode::Probing(_)) {
+                    crate::queue::Priority::Low
+                } else {
+                    agent.lowest_priority()
+                },
             };
             // Wait for work only when a replica is waiting for it.
             let wait = if starved { LEASE_WAIT } else { Duration::ZERO };
@@ -769,7 +781,7 @@ async fn leaser(
                             agent.mode(agent.clock.now_ms())
                         };
                         for lease in leases {
-                            if lease.priority > lowest {
+                            if lease.priority > lowest && !matches!(mode, gate::Mode::Probing(_)) {
                                 // The level rose while the lease call ran.
                                 agent.release(lease, "leaser", "held back by the degradation level").await;
                             } else if let gate::Mode::Diverting(why) = &mode {
@@ -825,6 +837,18 @@ impl AgentRuntime {
         &self.availability
     }
 
+    /// Whether the breaker is half-open now (the next admitted task is a
+    /// probe).
+    fn probing(&self) -> bool {
+        self.config.breaker.enabled
+            && self
+                .breaker
+                .lock()
+                .expect("breaker lock")
+                .state(self.clock.now_ms())
+                == crate::breaker::BreakerState::HalfOpen
+    }
+
     /// Wakes the leaser: the breaker or the degradation level changed.
     pub fn wake_leaser(&self) {
         self.gate_changed.notify_one();
@@ -841,7 +865,9 @@ impl AgentRuntime {
         rate: &mut Rate,
     ) -> Option<Lease> {
         let lowest = self.lowest_priority();
-        if lease.priority > lowest {
+        // A probe goes whatever its priority: at level 2 or 3 an agent
+        // whose tasks are all `normal` could otherwise never recover.
+        if lease.priority > lowest && !self.probing() {
             // Leased before the degradation level rose.
             let level = self.availability.level();
             self.release(

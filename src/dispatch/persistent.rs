@@ -398,7 +398,13 @@ impl Replica<'_> {
         let status = process::finish(&mut self.child, self.pgid).await;
         self.gone();
         let reason = format!("replica exited ({})", describe(status));
-        for (_, tracked) in self.in_flight.drain() {
+        for (n, (_, tracked)) in self.in_flight.drain().enumerate() {
+            // One exit is one failure for the breaker, however many tasks
+            // the replica held.
+            if n > 0 {
+                self.agent
+                    .finish_call_as(&tracked.lease.key, crate::breaker::Verdict::Neutral);
+            }
             let failure = Failure {
                 immediate: true,
                 ..Failure::new(AttemptOutcome::Crashed, reason.clone())

@@ -269,9 +269,18 @@ struct Envelope {
     created_ms: UnixMillis,
     payload: Value,
     /// Set on the message that hands a running task to a fallback agent:
-    /// the agent it came from.
+    /// the agent it came from…
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rerouted_from: Option<String>,
+    /// …and the attempt that was handing it over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rerouted_attempt: Option<u32>,
+    /// Set on a message that brings a finished task back (dead-letter
+    /// replay, escalation retry): the state the record must still be in
+    /// for the message to count. Otherwise the republish lost a race (the
+    /// task was resolved another way) and the message is dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expects: Option<TaskState>,
 }
 
 /// A task record as stored: the public record plus what the backend needs.
@@ -344,6 +353,8 @@ impl Record {
             created_ms: self.task.created_ms,
             payload: self.task.payload.clone(),
             rerouted_from: None,
+            rerouted_attempt: None,
+            expects: None,
         }
     }
 
@@ -1244,6 +1255,8 @@ impl Inner {
             created_ms: now,
             payload: task.payload,
             rerouted_from: None,
+            rerouted_attempt: None,
+            expects: None,
         };
         let duplicate = self
             .publish(&envelope, &msg_id(&task.id, life, generation))
@@ -1373,23 +1386,54 @@ impl Inner {
                     .await;
                 return Ok(None);
             }
-            if record.version() < (envelope.life, envelope.generation)
-                && envelope.rerouted_from.is_some()
+            let newer = record.version() < (envelope.life, envelope.generation);
+            if newer
+                && let Some(expected) = envelope.expects
+                && record.task.state != expected
             {
-                // Handed to a fallback agent by a daemon that did not
-                // get to write the record.
-                if record.task.state.is_terminal() {
-                    // It ended meanwhile; the hand-over is moot.
-                    self.settle_message(&reply, Bytes::from_static(b"+ACK"))
-                        .await;
-                    return Ok(None);
+                // A republish that lost to another resolution of the task.
+                self.settle_message(&reply, Bytes::from_static(b"+ACK"))
+                    .await;
+                return Ok(None);
+            }
+            if newer && let Some(from) = &envelope.rerouted_from {
+                // Handed to a fallback agent by a daemon that has not
+                // written the record yet (or died first): apply the
+                // hand-over here, if the attempt handing it over still
+                // holds the task.
+                match record.task.state {
+                    TaskState::Running
+                        if Some(record.task.attempts) == envelope.rerouted_attempt =>
+                    {
+                        let attempt = record.task.attempts;
+                        let end = AttemptEnd::new(
+                            AttemptOutcome::Rerouted,
+                            None,
+                            format!(
+                                "{from} is unavailable; handed to fallback agent {}",
+                                envelope.agent
+                            ),
+                        );
+                        record.end_attempt(attempt, &end, now);
+                        record.task.charged_attempts =
+                            record.task.charged_attempts.saturating_sub(1);
+                        // The old message is done with.
+                        if let Some(old) = record.reply.clone() {
+                            self.settle_message(&old, Bytes::from_static(b"+ACK")).await;
+                        }
+                    }
+                    TaskState::Queued => {}
+                    // It ended, or another delivery holds it: moot.
+                    _ => {
+                        self.settle_message(&reply, Bytes::from_static(b"+ACK"))
+                            .await;
+                        return Ok(None);
+                    }
                 }
                 record.generation = envelope.generation;
                 record.task.agent.clone_from(&envelope.agent);
-                if record.task.state == TaskState::Queued {
-                    record.requeue(now);
-                }
-            } else if record.version() < (envelope.life, envelope.generation) {
+                record.requeue(now);
+            } else if newer {
                 // Republished (replay, or resubmit of a completed task)
                 // before its record said so: the message is the newer
                 // truth. A resubmitted task starts without the old run's
@@ -1545,10 +1589,37 @@ impl Inner {
         })
     }
 
+    /// Publishes `envelope` as the task's next generation. A message id
+    /// already used (by a message that was published but whose record
+    /// change lost a race) is skipped: the generation goes on rising until
+    /// the broker stores the message as new.
+    async fn publish_next(&self, envelope: &mut Envelope) -> Result<(), QueueError> {
+        for _ in 0..8 {
+            envelope.generation += 1;
+            let id = msg_id(&envelope.id, envelope.life, envelope.generation);
+            if !self.publish(envelope, &id).await? {
+                return Ok(());
+            }
+        }
+        Err(storage(
+            &format!("task {:?}", envelope.id),
+            "eight message ids in a row were already used",
+        ))
+    }
+
     /// Takes `key` out of the held leases; its reply subject, from the
     /// table or else the record.
     fn unhold(&self, key: &LeaseKey) -> Option<Held> {
         self.held.lock().expect("not poisoned").remove(key)
+    }
+
+    /// Stops holding `key` and settles its message with `verb`, at the
+    /// reply subject held, else the one the record gave (`reply`).
+    async fn settle_held(&self, key: &LeaseKey, reply: Option<String>, verb: Bytes) {
+        let held = self.unhold(key);
+        if let Some(reply) = held.map(|held| held.reply).or(reply) {
+            self.settle_message(&reply, verb).await;
+        }
     }
 
     /// Back to the queue after `delay`, charged or not.
@@ -1578,10 +1649,7 @@ impl Inner {
             Ok(Change::Write(()))
         })
         .await?;
-        let held = self.unhold(key);
-        if let Some(reply) = held.map(|held| held.reply).or(reply) {
-            self.settle_message(&reply, nak(delay)).await;
-        }
+        self.settle_held(key, reply, nak(delay)).await;
         if delay.is_zero() {
             self.ring(&agent).await;
         } else {
@@ -1835,12 +1903,9 @@ impl TaskQueue for JetStreamQueue {
             .await?;
         // A repeated ack settles the message too, in case the first +ACK
         // was lost.
-        let held = self.inner.unhold(key);
-        if let Some(reply) = held.map(|held| held.reply).or(reply) {
-            self.inner
-                .settle_message(&reply, Bytes::from_static(b"+ACK"))
-                .await;
-        }
+        self.inner
+            .settle_held(key, reply, Bytes::from_static(b"+ACK"))
+            .await;
         Ok(outcome)
     }
 
@@ -1973,18 +2038,18 @@ impl TaskQueue for JetStreamQueue {
         }
         let mut envelope = record.envelope();
         envelope.agent = agent.to_string();
-        envelope.generation += 1;
         envelope.rerouted_from = Some(record.task.agent.clone());
+        envelope.rerouted_attempt = Some(key.attempt);
+        inner.publish_next(&mut envelope).await?;
         let version = (envelope.life, envelope.generation);
-        inner
-            .publish(
-                &envelope,
-                &msg_id(&envelope.id, envelope.life, envelope.generation),
-            )
-            .await?;
-        let mut reply = None;
+        let mut reply = record.reply.clone();
         inner
             .update(&key.task_id, Some(key), |record| {
+                if record.version() >= version && record.task.agent == agent {
+                    // The fallback agent's daemon took the new message and
+                    // applied the hand-over first.
+                    return Ok(Change::Keep(()));
+                }
                 if !record.holds(key) {
                     return Err(record.stale(key));
                 }
@@ -1998,12 +2063,9 @@ impl TaskQueue for JetStreamQueue {
                 Ok(Change::Write(()))
             })
             .await?;
-        let held = inner.unhold(key);
-        if let Some(reply) = held.map(|held| held.reply).or(reply) {
-            inner
-                .settle_message(&reply, Bytes::from_static(b"+ACK"))
-                .await;
-        }
+        inner
+            .settle_held(key, reply, Bytes::from_static(b"+ACK"))
+            .await;
         inner.ring(agent).await;
         Ok(())
     }
@@ -2029,12 +2091,9 @@ impl TaskQueue for JetStreamQueue {
                 Ok(Change::Write(()))
             })
             .await?;
-        let held = self.inner.unhold(key);
-        if let Some(reply) = held.map(|held| held.reply).or(reply) {
-            self.inner
-                .settle_message(&reply, Bytes::from_static(b"+TERM"))
-                .await;
-        }
+        self.inner
+            .settle_held(key, reply, Bytes::from_static(b"+TERM"))
+            .await;
         Ok(())
     }
 
@@ -2062,14 +2121,9 @@ impl TaskQueue for JetStreamQueue {
         match resolution {
             Resolution::Retry => {
                 let mut envelope = record.envelope();
-                envelope.generation += 1;
+                envelope.expects = Some(TaskState::Escalated);
+                inner.publish_next(&mut envelope).await?;
                 let version = (envelope.life, envelope.generation);
-                inner
-                    .publish(
-                        &envelope,
-                        &msg_id(&envelope.id, envelope.life, envelope.generation),
-                    )
-                    .await?;
                 inner
                     .update(id, None, |record| {
                         if record.version() >= version {
@@ -2226,13 +2280,8 @@ impl TaskQueue for JetStreamQueue {
         let mut count = 0;
         for (record, _) in records {
             let mut envelope = record.envelope();
-            envelope.generation += 1;
-            self.inner
-                .publish(
-                    &envelope,
-                    &msg_id(&envelope.id, envelope.life, envelope.generation),
-                )
-                .await?;
+            envelope.expects = Some(TaskState::DeadLettered);
+            self.inner.publish_next(&mut envelope).await?;
             let (envelope_life, generation) = (envelope.life, envelope.generation);
             let now = self.inner.now();
             self.inner
@@ -2334,6 +2383,8 @@ mod tests {
             created_ms: 5,
             payload: serde_json::json!({"x": 1}),
             rerouted_from: None,
+            rerouted_attempt: None,
+            expects: None,
         };
         let mut record = Record::from_envelope(&envelope, 10);
         record.task.attempts = 1;
