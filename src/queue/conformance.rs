@@ -97,6 +97,14 @@ pub async fn reroute_hands_a_task_to_another_agent<Q: TaskQueue>(queue: &Q) {
         .unwrap();
     let mut leases = queue.lease(&request(1), Duration::ZERO).await.unwrap();
     queue
+        .progress(
+            &leases[0].key,
+            Duration::from_secs(30),
+            Some(&json!({"step": 3})),
+        )
+        .await
+        .unwrap();
+    queue
         .reroute(&leases[0].key, "fallback", end(AttemptOutcome::Rerouted))
         .await
         .unwrap();
@@ -105,6 +113,10 @@ pub async fn reroute_hands_a_task_to_another_agent<Q: TaskQueue>(queue: &Q) {
     assert_eq!(
         (record.agent.as_str(), record.state, record.charged_attempts),
         ("fallback", TaskState::Queued, 0)
+    );
+    assert_eq!(
+        record.checkpoint, None,
+        "another agent's checkpoint is dropped"
     );
     assert_eq!(record.history[0].outcome, Some(AttemptOutcome::Rerouted));
     assert!(

@@ -1432,6 +1432,7 @@ impl Inner {
                 }
                 record.generation = envelope.generation;
                 record.task.agent.clone_from(&envelope.agent);
+                record.task.checkpoint = None;
                 record.requeue(now);
             } else if newer {
                 // Republished (replay, or resubmit of a completed task)
@@ -2058,6 +2059,8 @@ impl TaskQueue for JetStreamQueue {
                 record.end_attempt(key.attempt, &end, now);
                 record.task.charged_attempts = record.task.charged_attempts.saturating_sub(1);
                 record.task.agent = agent.to_string();
+                // Another agent's checkpoint means nothing to this one.
+                record.task.checkpoint = None;
                 (record.life, record.generation) = version;
                 record.requeue(now);
                 Ok(Change::Write(()))

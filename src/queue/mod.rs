@@ -742,7 +742,8 @@ pub trait TaskQueue: Send + Sync + 'static {
     async fn term(&self, key: &LeaseKey, reason: &str, end: AttemptEnd) -> Result<(), QueueError>;
 
     /// Hands the task to `agent` (its own agent is unavailable): queued
-    /// for `agent` at once, the attempt not charged.
+    /// for `agent` at once, the attempt not charged, its checkpoint
+    /// dropped (another agent's checkpoint means nothing to `agent`).
     async fn reroute(&self, key: &LeaseKey, agent: &str, end: AttemptEnd)
     -> Result<(), QueueError>;
 

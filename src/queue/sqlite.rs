@@ -1506,7 +1506,8 @@ impl TaskQueue for SqliteQueue {
                     .conn
                     .prepare_cached(
                         "UPDATE tasks SET agent = ?2, state = 1, visible_at = ?3, lease_deadline = NULL,
-                         lease_owner = NULL, charged = charged - 1, updated_at = ?3 WHERE seq = ?1",
+                         lease_owner = NULL, charged = charged - 1, checkpoint = NULL, updated_at = ?3
+                         WHERE seq = ?1",
                     )
                     .map_err(storage)?
                     .execute(params![seq, agent, now])
