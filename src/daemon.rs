@@ -523,6 +523,7 @@ impl DegradeLoop {
                         .set_available_elsewhere(self.healthy_elsewhere(&snapshots));
                 }
             }
+            let now = self.clock.now_ms();
             let observation = Observation {
                 agents: self
                     .agents
@@ -544,6 +545,25 @@ impl DegradeLoop {
                                     matches!(replica.state, ReplicaState::Idle | ReplicaState::Busy)
                                 })
                                 .count() as u32,
+                            failing: status
+                                .replicas
+                                .iter()
+                                .filter(|replica| match replica.state {
+                                    ReplicaState::Backoff => true,
+                                    // Not yet started is not failing; stopped
+                                    // after running (the agent failed) is.
+                                    ReplicaState::Stopped => {
+                                        replica.started_ms.is_some() || replica.restarts > 0
+                                    }
+                                    ReplicaState::Starting => {
+                                        replica.started_ms.is_some_and(|at| {
+                                            now.saturating_sub(at)
+                                                >= crate::degrade::UNREADY_GRACE_MS
+                                        })
+                                    }
+                                    _ => false,
+                                })
+                                .count() as u32,
                             replicas: status.replicas.len() as u32,
                         }
                     })
@@ -556,7 +576,6 @@ impl DegradeLoop {
                 Ok(value) => value.and_then(|value| serde_json::from_value::<Forced>(value).ok()),
                 Err(_) => degrader.status().forced,
             };
-            let now = self.clock.now_ms();
             let change = degrader.check(&observation, forced, now);
             self.availability.set_degradation(degrader.status());
             if let Some(change) = change {

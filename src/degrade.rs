@@ -120,6 +120,10 @@ pub struct AgentView {
     pub failed: bool,
     /// Replicas ready (idle or busy).
     pub ready: u32,
+    /// Replicas failing: restarting after a crash, stopped, or starting
+    /// for longer than [`UNREADY_GRACE_MS`] (a replica that is just
+    /// starting, as all are when the daemon starts, is not failing).
+    pub failing: u32,
     /// Replicas configured.
     pub replicas: u32,
 }
@@ -383,13 +387,12 @@ impl Degrader {
                 }),
             Trigger::ReplicasFailing { above } => {
                 let total: u32 = observation.agents.iter().map(|agent| agent.replicas).sum();
-                let ready: u32 = observation.agents.iter().map(|agent| agent.ready).sum();
-                let failing = f64::from(total - ready.min(total)) / f64::from(total.max(1));
-                (total > 0 && failing > *above).then(|| {
+                let failing: u32 = observation.agents.iter().map(|agent| agent.failing).sum();
+                let fraction = f64::from(failing.min(total)) / f64::from(total.max(1));
+                (total > 0 && fraction > *above).then(|| {
                     format!(
-                        "{} of {total} replicas are not ready ({:.0}% > {:.0}%)",
-                        total - ready.min(total),
-                        failing * 100.0,
+                        "{failing} of {total} replicas are failing ({:.0}% > {:.0}%)",
+                        fraction * 100.0,
                         above * 100.0
                     )
                 })
@@ -415,6 +418,7 @@ mod tests {
             breaker_open: false,
             failed: false,
             ready,
+            failing: 2 - ready,
             replicas: 2,
         }
     }
@@ -546,6 +550,7 @@ mod tests {
         let mut degrader = Degrader::new(DegradationConfig::default(), 0);
         let mut observation = fleet(false, false);
         observation.agents[1].ready = 0;
+        observation.agents[1].failing = 2;
         observation.agents[1].critical = true;
         degrader.check(&observation, None, 0);
         let holds = |degrader: &Degrader, trigger: Trigger, observation: &Observation, now| {

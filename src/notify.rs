@@ -226,7 +226,14 @@ async fn deliver(
         loop {
             let result = match sink.kind {
                 SinkKind::Log => {
-                    tracing::warn!(event = event.event.as_str(), agent = ?event.agent, task = ?event.task, urgent = event.urgent, "notification: {}", event.text);
+                    tracing::warn!(
+                        event = event.event.as_str(),
+                        agent = event.agent.as_deref().unwrap_or("-"),
+                        task = event.task.as_deref().unwrap_or("-"),
+                        urgent = event.urgent,
+                        "notification: {}",
+                        event.text
+                    );
                     Ok(())
                 }
                 SinkKind::Webhook => match &client {

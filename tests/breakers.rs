@@ -708,6 +708,10 @@ async fn the_example_organisation_runs() {
         .await
         .unwrap();
     let queue = daemon.queue().clone();
+    // Replicas that are just starting are not failing: the example's
+    // `replicas_failing` trigger must not degrade the fleet at start.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(agent(&daemon, "ceo").availability().level(), Level::Nominal);
     let (tasks, ids) = numbered_tasks("backend", 20, "ticket");
     queue.submit(tasks).await.unwrap();
     wait_until(Duration::from_secs(60), "the tickets to finish", || {

@@ -443,8 +443,9 @@ pub enum Trigger {
         /// How many.
         nodes: u32,
     },
-    /// More than the fraction `above` of the daemon's replicas are not
-    /// ready (starting, restarting or stopped).
+    /// More than the fraction `above` of the daemon's replicas are failing
+    /// (restarting after a crash, stopped after running, or starting for
+    /// 10 s or more).
     ReplicasFailing {
         /// The fraction, 0.0 to 1.0.
         above: f64,
