@@ -853,6 +853,7 @@ struct DaemonState {
     started_ms: Option<UnixMillis>,
     last_seen_ms: Option<UnixMillis>,
     broker: Option<BrokerStatus>,
+    http: Option<String>,
 }
 
 async fn status(config: &Config, json: bool) -> Result<ExitCode, Failure> {
@@ -875,6 +876,7 @@ async fn status(config: &Config, json: bool) -> Result<ExitCode, Failure> {
             started_ms: Some(snapshot.started_ms),
             last_seen_ms: Some(snapshot.taken_ms),
             broker: snapshot.broker.clone(),
+            http: snapshot.http.clone(),
         })
         .collect();
     let live: Vec<&DaemonSnapshot> = snapshots
@@ -1007,6 +1009,9 @@ fn print_status(report: &StatusReport, now: UnixMillis) {
             }
             _ => format!("daemon{name}: not running"),
         };
+        if let Some(http) = daemon.http.as_ref().filter(|_| daemon.running) {
+            line.push_str(&format!("; http {http}"));
+        }
         if let Some(broker) = daemon.broker.as_ref().filter(|_| daemon.running) {
             line.push_str(&format!(
                 "; broker {} ({} disconnects, {} reconnects)",

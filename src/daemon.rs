@@ -54,6 +54,8 @@ pub struct Daemon {
 struct Identity {
     name: String,
     host: String,
+    /// Where its HTTP server listens, if it has one.
+    http: Option<std::net::SocketAddr>,
 }
 
 /// The lock file beside the store.
@@ -113,9 +115,18 @@ impl Daemon {
         if !problems.is_empty() {
             bail!("cannot start the fleet:\n  {}", problems.join("\n  "));
         }
+        // The HTTP port is taken first: a port in use stops the daemon
+        // before it touches the store or starts an agent.
+        let listener = match config.http.address() {
+            Some(address) => Some(crate::health::bind(address).await?),
+            None => None,
+        };
         let identity = Identity {
             name: store::daemon_name(&config),
             host: store::host_name(),
+            http: listener
+                .as_ref()
+                .and_then(|listener| listener.local_addr().ok()),
         };
         let (lock, store, instance) = match &config.broker {
             None => {
@@ -204,6 +215,19 @@ impl Daemon {
         }
         let started_ms = clock.now_ms();
         tracing::info!(store = %Store::describe(&config), daemon = %identity.name, agents = agents.len(), "fleet started");
+        if let Some(listener) = listener {
+            let health = crate::health::Health {
+                agents: agents.clone(),
+                store: store.clone(),
+                clock: clock.clone(),
+            };
+            tracing::info!(address = ?identity.http, "HTTP server listening (/health/live, /health/ready, /health/progress)");
+            housekeeping.push(tokio::spawn(crate::health::serve(
+                listener,
+                health,
+                stop_rx.clone(),
+            )));
+        }
         let (fatal_tx, fatal) = watch::channel(None);
         let daemon_status = StatusWriter {
             store: store.clone(),
@@ -263,6 +287,11 @@ impl Daemon {
     /// The store.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Where the HTTP server listens (`None` with `[http] listen = "off"`).
+    pub fn http_address(&self) -> Option<std::net::SocketAddr> {
+        self.identity.http
     }
 
     /// This daemon's name in the fleet.
@@ -441,6 +470,7 @@ fn snapshot(
         running,
         agents: statuses,
         broker: store.broker_status(),
+        http: identity.http.map(|address| address.to_string()),
         degradation: agents
             .first()
             .map(|agent| agent.availability().degradation())

@@ -45,6 +45,9 @@ path = "demo.db"
 [daemon]
 shutdown_grace = "5s"
 
+[http]
+listen = "127.0.0.1:0"
+
 [agents.coder]
 command = {coder}
 replicas = {{ min = 4 }}

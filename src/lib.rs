@@ -17,6 +17,7 @@ pub mod degrade;
 pub mod demo;
 pub mod dispatch;
 pub mod example_agent;
+pub mod health;
 pub mod lines;
 pub mod notify;
 pub mod protocol;

@@ -211,6 +211,9 @@ pub struct DaemonSnapshot {
     /// Its degradation level.
     #[serde(default)]
     pub degradation: crate::degrade::DegradationStatus,
+    /// Where its HTTP server listens.
+    #[serde(default)]
+    pub http: Option<String>,
 }
 
 /// Key of the daemon snapshot in the store's status table.

@@ -699,7 +699,8 @@ async fn the_example_organisation_runs() {
         .replace(
             r#"["flotilla", "example-agent""#,
             &format!(r#"["{}", "example-agent""#, flotilla_bin()),
-        );
+        )
+        + "\n[http]\nlisten = \"127.0.0.1:0\"\n";
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("org.toml");
     std::fs::write(&path, text).unwrap();

@@ -312,6 +312,8 @@ for line in sys.stdin:
         r#"
 [store]
 path = "fleet.db"
+[http]
+listen = "127.0.0.1:0"
 [agents.hog]
 command = ["python3", "hog.py"]
 memory_limit = "100MiB"
@@ -360,6 +362,8 @@ for line in sys.stdin:
         r#"
 [store]
 path = "fleet.db"
+[http]
+listen = "127.0.0.1:0"
 [agents.spin]
 command = ["python3", "spin.py"]
 timeouts = { max_duration = "500ms", progress_timeout = "10s", stop_grace = "1s" }
@@ -573,7 +577,7 @@ for line in sys.stdin:
     std::fs::write(fleet.path("spawner.py"), agent).unwrap();
     std::fs::write(
         &fleet.config_path,
-        "[store]\npath = \"fleet.db\"\n[agents.spawner]\ncommand = [\"python3\", \"spawner.py\"]\n",
+        "[store]\npath = \"fleet.db\"\n[http]\nlisten = \"127.0.0.1:0\"\n[agents.spawner]\ncommand = [\"python3\", \"spawner.py\"]\n",
     )
     .unwrap();
     let daemon = fleet.start().await;

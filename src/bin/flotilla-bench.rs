@@ -104,7 +104,10 @@ fn noop_fleet(dir: &Path, agent: &str, extra: &str) -> anyhow::Result<config::Co
 fn write_config(dir: &Path, agent: &str) -> anyhow::Result<config::Config> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join("flotilla.toml");
-    std::fs::write(&path, format!("[store]\npath = \"bench.db\"\n\n{agent}"))?;
+    std::fs::write(
+        &path,
+        format!("[store]\npath = \"bench.db\"\n\n[http]\nlisten = \"off\"\n\n{agent}"),
+    )?;
     Ok(config::load(&path)?)
 }
 

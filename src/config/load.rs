@@ -165,6 +165,11 @@ pub fn parse(text: &str, source_name: &str, base_dir: PathBuf) -> Result<Config,
                     config.broker = Some(broker);
                 }
             }
+            "http" => {
+                if let Some(http) = collect(value, "http", &mut problems) {
+                    config.http = http;
+                }
+            }
             "notify" => {
                 if let Some(notify) = collect(value, "notify", &mut problems) {
                     config.notify = notify;
@@ -201,7 +206,7 @@ pub fn parse(text: &str, source_name: &str, base_dir: PathBuf) -> Result<Config,
             },
             _ => problems.push(Problem::new(
                 key.clone(),
-                format!("unknown section `{key}`; valid sections: store, broker, daemon, agents, degradation, notify"),
+                format!("unknown section `{key}`; valid sections: store, broker, daemon, agents, degradation, notify, http"),
             )),
         }
     }

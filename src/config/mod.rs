@@ -44,6 +44,9 @@ pub struct Config {
     /// Where events for humans go (`[[notify]]`, any number).
     #[serde(default)]
     pub notify: Vec<NotifyConfig>,
+    /// The daemon's HTTP server: health endpoints.
+    #[serde(default)]
+    pub http: HttpConfig,
     /// Directory that relative paths are resolved against (the config file's
     /// directory). Not part of the file.
     #[serde(skip)]
@@ -328,6 +331,78 @@ pub struct AgentConfig {
     /// trigger `critical_agent_unavailable` watches critical agents.
     #[serde(default)]
     pub critical: bool,
+}
+
+/// `[http]`: the daemon's HTTP server (health endpoints).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `IP:PORT` to listen on (`127.0.0.1:9750` by default; port 0 picks a
+    /// free one), or `off`. A non-loopback address needs a token.
+    pub listen: String,
+    /// Bearer token for mutating endpoints; prefer `token_file` or the
+    /// `FLOTILLA_HTTP_TOKEN` environment variable.
+    pub token: Option<String>,
+    /// A file holding the token (relative to the config's directory).
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9750".into(),
+            token: None,
+            token_file: None,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The address to listen on, `None` for `off`.
+    pub fn address(&self) -> Option<std::net::SocketAddr> {
+        if self.listen == "off" {
+            return None;
+        }
+        self.listen.parse().ok()
+    }
+
+    /// Whether a token is configured (in the file, a token file, or the
+    /// environment).
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+            || self.token_file.is_some()
+            || std::env::var_os("FLOTILLA_HTTP_TOKEN").is_some_and(|token| !token.is_empty())
+    }
+
+    fn validate(&self, problem: &mut impl FnMut(String, String)) {
+        if self.listen == "off" {
+            return;
+        }
+        let Ok(address) = self.listen.parse::<std::net::SocketAddr>() else {
+            problem(
+                "http.listen".into(),
+                format!(
+                    "{:?} is not IP:PORT; e.g. \"127.0.0.1:9750\", \"0.0.0.0:9750\", or \"off\"",
+                    self.listen
+                ),
+            );
+            return;
+        };
+        if !address.ip().is_loopback() && !self.has_token() {
+            problem(
+                "http.listen".into(),
+                format!(
+                    "{address} is reachable from other machines, so the API needs a token: set http.token_file (or http.token, or FLOTILLA_HTTP_TOKEN), or listen on 127.0.0.1"
+                ),
+            );
+        }
+        if self.token.as_deref().is_some_and(str::is_empty) {
+            problem(
+                "http.token".into(),
+                "is empty; give a long random string, or leave it out".into(),
+            );
+        }
+    }
 }
 
 /// `[[notify]]`: one sink of events for humans.
@@ -814,6 +889,7 @@ impl Config {
         for (index, sink) in self.notify.iter().enumerate() {
             sink.validate(&format!("notify[{index}]"), &mut problem);
         }
+        self.http.validate(&mut problem);
         problems
     }
 

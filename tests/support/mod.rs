@@ -70,7 +70,7 @@ impl Fleet {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("flotilla.toml");
         let text = format!(
-            "[store]\npath = \"fleet.db\"\n\n[daemon]\nshutdown_grace = \"2s\"\nstatus_interval = \"200ms\"\n\n{agents}"
+            "[store]\npath = \"fleet.db\"\n\n[daemon]\nshutdown_grace = \"2s\"\nstatus_interval = \"200ms\"\n\n[http]\nlisten = \"127.0.0.1:0\"\n\n{agents}"
         );
         std::fs::write(&config_path, text).expect("config written");
         Self { dir, config_path }

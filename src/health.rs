@@ -1,0 +1,227 @@
+//! The daemon's HTTP server: health endpoints for Kubernetes probes, load
+//! balancers and humans.
+//!
+//! - `GET /health/live`: 200 while the process and its event loop answer.
+//! - `GET /health/ready`: each check with its result; 503 when a required
+//!   check fails (the broker connection). Agents' replicas are reported.
+//! - `GET /health/progress`: 503 naming the agents with a task that made no
+//!   progress for half its `progress_timeout` (the watchdog kills it at the
+//!   full timeout).
+//!
+//! The server binds `[http] listen` (loopback by default) before the
+//! agents start, so a port in use stops the daemon at once with a clear
+//! error. Every handler only reads in-memory state: none waits on the
+//! store or an agent.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json};
+use axum::routing::get;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::clock::SharedClock;
+use crate::dispatch::AgentRuntime;
+use crate::status::ReplicaState;
+use crate::store::Store;
+
+/// What the handlers read.
+#[derive(Clone)]
+pub struct Health {
+    /// The daemon's agents.
+    pub agents: Vec<Arc<AgentRuntime>>,
+    /// The store (for the broker connection).
+    pub store: Store,
+    /// The clock.
+    pub clock: SharedClock,
+}
+
+/// One readiness check.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// What was checked, e.g. `broker` or `agent:coder`.
+    pub name: String,
+    /// Whether it passed.
+    pub ok: bool,
+    /// Whether a failure makes the daemon not ready.
+    pub required: bool,
+    /// What was seen.
+    pub detail: String,
+}
+
+/// The answer of `/health/ready`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Readiness {
+    /// `ready` or `not_ready`.
+    pub status: &'static str,
+    /// Every check.
+    pub checks: Vec<Check>,
+}
+
+/// An agent whose task makes no progress.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stuck {
+    /// The agent.
+    pub agent: String,
+    /// The replica, e.g. `coder/1`.
+    pub replica: String,
+    /// Its tasks.
+    pub tasks: Vec<String>,
+    /// Milliseconds since its last progress.
+    pub silent_ms: u64,
+    /// The threshold it passed.
+    pub threshold_ms: u64,
+}
+
+/// The answer of `/health/progress`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    /// `ok` or `stuck`.
+    pub status: &'static str,
+    /// The agents with a stuck replica, by name.
+    pub stuck_agents: Vec<String>,
+    /// Each stuck replica.
+    pub stuck: Vec<Stuck>,
+}
+
+impl Health {
+    /// The readiness checks now.
+    pub fn readiness(&self) -> Readiness {
+        let mut checks = Vec::new();
+        if let Some(broker) = self.store.broker_status() {
+            checks.push(Check {
+                name: "broker".into(),
+                ok: broker.connected,
+                required: true,
+                detail: if broker.connected {
+                    format!("connected to {}", broker.url)
+                } else {
+                    format!(
+                        "not connected ({} disconnects); last event: {}",
+                        broker.disconnects,
+                        broker.last_event.as_deref().unwrap_or("none")
+                    )
+                },
+            });
+        }
+        for agent in &self.agents {
+            let status = agent.status();
+            let ready = status
+                .replicas
+                .iter()
+                .filter(|replica| matches!(replica.state, ReplicaState::Idle | ReplicaState::Busy))
+                .count();
+            checks.push(Check {
+                name: format!("agent:{}", status.name),
+                ok: ready > 0,
+                required: false,
+                detail: format!("{ready} of {} replicas ready", status.replicas.len()),
+            });
+        }
+        let ready = checks.iter().all(|check| check.ok || !check.required);
+        Readiness {
+            status: if ready { "ready" } else { "not_ready" },
+            checks,
+        }
+    }
+
+    /// The replicas whose task made no progress for half their agent's
+    /// `progress_timeout`.
+    pub fn progress(&self) -> Progress {
+        let now = self.clock.now_ms();
+        let mut stuck = Vec::new();
+        for agent in &self.agents {
+            let threshold = agent.config.timeouts.progress_timeout.as_millis() / 2;
+            let status = agent.status();
+            for replica in &status.replicas {
+                if replica.state != ReplicaState::Busy || replica.tasks.is_empty() {
+                    continue;
+                }
+                let Some(last) = replica.last_progress_ms.or(replica.started_ms) else {
+                    continue;
+                };
+                let silent = now.saturating_sub(last);
+                if silent >= threshold {
+                    stuck.push(Stuck {
+                        agent: status.name.clone(),
+                        replica: format!("{}/{}", status.name, replica.index),
+                        tasks: replica.tasks.clone(),
+                        silent_ms: silent,
+                        threshold_ms: threshold,
+                    });
+                }
+            }
+        }
+        let mut stuck_agents: Vec<String> = stuck.iter().map(|s| s.agent.clone()).collect();
+        stuck_agents.dedup();
+        Progress {
+            status: if stuck.is_empty() { "ok" } else { "stuck" },
+            stuck_agents,
+            stuck,
+        }
+    }
+}
+
+async fn live() -> impl IntoResponse {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn ready(State(health): State<Health>) -> impl IntoResponse {
+    let readiness = health.readiness();
+    let code = if readiness.status == "ready" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(readiness))
+}
+
+async fn progress(State(health): State<Health>) -> impl IntoResponse {
+    let progress = health.progress();
+    let code = if progress.stuck.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(progress))
+}
+
+/// The routes.
+pub fn router(health: Health) -> Router {
+    Router::new()
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .route("/health/progress", get(progress))
+        .with_state(health)
+}
+
+/// Binds `address`.
+///
+/// # Errors
+/// When the address cannot be bound (in use, not ours), with the key to
+/// change.
+pub async fn bind(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(address).await.map_err(|error| {
+        anyhow::anyhow!(
+            "cannot listen on http.listen = {address}: {error}; choose another address in [http] listen (port 0 picks a free one), or set it to \"off\""
+        )
+    })
+}
+
+/// Serves `health` on `listener` until `stop` changes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    health: Health,
+    mut stop: watch::Receiver<bool>,
+) {
+    let server = axum::serve(listener, router(health)).with_graceful_shutdown(async move {
+        let _ = stop.changed().await;
+    });
+    if let Err(error) = server.await {
+        tracing::error!(%error, "the HTTP server stopped");
+    }
+}

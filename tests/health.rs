@@ -1,0 +1,178 @@
+//! The daemon's health endpoints, against a running daemon: live, ready
+//! (with the broker lost and back), progress naming a stuck agent, and the
+//! bind rules (a non-loopback address needs a token, a port in use stops
+//! the daemon at start).
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::nats::NatsServer;
+use support::*;
+
+async fn get(address: std::net::SocketAddr, path: &str) -> (u16, Value) {
+    let response = reqwest::get(format!("http://{address}{path}"))
+        .await
+        .expect("the daemon answers");
+    let status = response.status().as_u16();
+    let body = response.bytes().await.expect("a body");
+    (status, serde_json::from_slice(&body).expect("a JSON body"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_ready_and_progress_naming_a_stuck_agent() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.steady]
+command = {}
+
+[agents.stuck]
+command = {}
+timeouts = {{ progress_timeout = "3s" }}
+retry = {{ max_deliver = 1 }}
+breaker = {{ enabled = false }}
+"#,
+        example_agent(&["--work-ms", "1"]),
+        example_agent(&["--hang-rate", "1.0"]),
+    ));
+    let daemon = fleet.start().await;
+    let address = daemon.http_address().expect("listening");
+    assert!(address.ip().is_loopback());
+    assert_eq!(get(address, "/health/live").await.0, 200);
+    wait_until(Duration::from_secs(20), "ready replicas", || async {
+        let (status, body) = get(address, "/health/ready").await;
+        status == 200
+            && body["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|check| check["ok"] == true)
+    })
+    .await;
+    let (status, body) = get(address, "/health/progress").await;
+    assert_eq!((status, &body["status"]), (200, &Value::from("ok")));
+    // A task that hangs: after half its progress timeout the endpoint
+    // names the agent; once the watchdog killed it (and, at max_deliver
+    // = 1, dead-lettered it), it is healthy again.
+    daemon
+        .queue()
+        .submit(numbered_tasks("stuck", 1, "hang").0)
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "progress to name the agent",
+        || async {
+            let (status, body) = get(address, "/health/progress").await;
+            status == 503 && body["stuck_agents"] == serde_json::json!(["stuck"])
+        },
+    )
+    .await;
+    let (_, body) = get(address, "/health/progress").await;
+    assert_eq!(body["stuck"][0]["tasks"], serde_json::json!(["hang-00000"]));
+    assert_eq!(body["stuck"][0]["threshold_ms"], 1500);
+    wait_until(Duration::from_secs(20), "progress to recover", || async {
+        get(address, "/health/progress").await.0 == 200
+    })
+    .await;
+    // The CLI shows where the daemon listens.
+    wait_until(
+        Duration::from_secs(10),
+        "status to show the address",
+        || async {
+            let status = fleet.cli(&["status"]);
+            String::from_utf8_lossy(&status.stdout).contains(&format!("http {address}"))
+        },
+    )
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_turns_503_while_the_broker_is_unreachable() {
+    let Some(mut server) = NatsServer::start("ready_turns_503_while_the_broker_is_unreachable")
+    else {
+        return;
+    };
+    let fleet = Fleet::new(&format!(
+        r#"
+[broker]
+url = "{}"
+reconnect_max_delay = "200ms"
+
+[agents.worker]
+command = {}
+"#,
+        server.url,
+        example_agent(&["--work-ms", "1"]),
+    ));
+    let daemon = fleet.start().await;
+    let address = daemon.http_address().expect("listening");
+    wait_until(Duration::from_secs(20), "ready", || async {
+        get(address, "/health/ready").await.0 == 200
+    })
+    .await;
+    server.kill();
+    wait_until(Duration::from_secs(20), "not ready", || async {
+        let (status, body) = get(address, "/health/ready").await;
+        status == 503
+            && body["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|check| check["name"] == "broker" && check["ok"] == false)
+    })
+    .await;
+    // Live all along: the process answers.
+    assert_eq!(get(address, "/health/live").await.0, 200);
+    server.restart();
+    wait_until(Duration::from_secs(30), "ready again", || async {
+        get(address, "/health/ready").await.0 == 200
+    })
+    .await;
+    daemon.stop().await;
+}
+
+#[test]
+fn a_non_loopback_address_needs_a_token_and_a_busy_port_stops_the_start() {
+    let fleet = Fleet::new("[agents.worker]\ncommand = [\"true\"]\n");
+    let text = std::fs::read_to_string(&fleet.config_path).unwrap();
+    std::fs::write(
+        &fleet.config_path,
+        text.replace("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:0\""),
+    )
+    .unwrap();
+    let refused = fleet.cli(&["up"]);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("http.listen") && stderr.contains("needs a token"),
+        "{stderr}"
+    );
+    // With a token it is accepted.
+    let checked = std::process::Command::new(flotilla_bin())
+        .args(["-c", fleet.config_path.to_str().unwrap(), "config", "check"])
+        .env("FLOTILLA_HTTP_TOKEN", "a-long-random-token")
+        .output()
+        .unwrap();
+    assert!(checked.status.success(), "{checked:?}");
+
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    std::fs::write(
+        &fleet.config_path,
+        text.replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{port}\""),
+        ),
+    )
+    .unwrap();
+    let stopped = fleet.cli(&["up"]);
+    assert!(!stopped.status.success());
+    let stderr = String::from_utf8_lossy(&stopped.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on http.listen = 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+}
