@@ -195,6 +195,7 @@ impl Daemon {
             tokio::spawn(reap_leases(queue.clone(), stop_rx.clone())),
         ];
         let availability: Arc<dispatch::Availability> = Arc::default();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
         let notifier =
             crate::notify::Notifier::start(&config.notify, &identity.name, &config.base_dir);
         let wiring = Wiring {
@@ -205,6 +206,7 @@ impl Daemon {
             memory,
             availability: availability.clone(),
             notifier: notifier.clone(),
+            metrics: metrics.clone(),
         };
         let mut agents = Vec::new();
         let mut replicas = Vec::new();
@@ -220,6 +222,7 @@ impl Daemon {
                 agents: agents.clone(),
                 store: store.clone(),
                 clock: clock.clone(),
+                metrics: metrics.clone(),
             };
             tracing::info!(address = ?identity.http, "HTTP server listening (/health/live, /health/ready, /health/progress)");
             housekeeping.push(tokio::spawn(crate::health::serve(
@@ -256,6 +259,7 @@ impl Daemon {
             clock: clock.clone(),
             uses_broker_nodes,
             notifier,
+            metrics,
             name: identity.name.clone(),
             fresh_within: u64::try_from(
                 (config.daemon.status_interval.get() * 3 + Duration::from_secs(2)).as_millis(),
@@ -491,6 +495,7 @@ struct DegradeLoop {
     clock: SharedClock,
     uses_broker_nodes: bool,
     notifier: crate::notify::Notifier,
+    metrics: Arc<crate::metrics::Metrics>,
     /// This daemon's name, and how fresh another daemon's snapshot must be
     /// to count (broker only).
     name: String,
@@ -529,6 +534,7 @@ impl DegradeLoop {
         let mut nodes = None;
         let mut nodes_at: Option<tokio::time::Instant> = None;
         let mut peers_at: Option<tokio::time::Instant> = None;
+        let mut depth_at: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -540,6 +546,20 @@ impl DegradeLoop {
             {
                 nodes_at = Some(tokio::time::Instant::now());
                 nodes = self.store.broker_nodes().await;
+            }
+            // The queue depth for metrics: every 5 s, every 30 s on a broker
+            // (where counting reads every record).
+            let every = if matches!(self.store, Store::Broker(_)) {
+                30
+            } else {
+                5
+            };
+            if depth_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(every)) {
+                depth_at = Some(tokio::time::Instant::now());
+                if let Ok(counts) = self.store.queue().counts().await {
+                    self.metrics
+                        .set_queue_depth(counts.iter().map(|(_, counts)| counts.queued).sum());
+                }
             }
             // On a broker, which agents other daemons run healthily: an
             // agent unavailable here leaves its tasks to them instead of

@@ -1,5 +1,5 @@
 //! The daemon's HTTP server: health endpoints for Kubernetes probes, load
-//! balancers and humans.
+//! balancers and humans, and Prometheus metrics.
 //!
 //! - `GET /health/live`: 200 while the process and its event loop answer.
 //! - `GET /health/ready`: each check with its result; 503 when a required
@@ -7,6 +7,7 @@
 //! - `GET /health/progress`: 503 naming the agents with a task that made no
 //!   progress for half its `progress_timeout` (the watchdog kills it at the
 //!   full timeout).
+//! - `GET /metrics`: Prometheus metrics (see [`crate::metrics`]).
 //!
 //! The server binds `[http] listen` (loopback by default) before the
 //! agents start, so a port in use stops the daemon at once with a clear
@@ -38,6 +39,8 @@ pub struct Health {
     pub store: Store,
     /// The clock.
     pub clock: SharedClock,
+    /// The metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// One readiness check.
@@ -166,6 +169,38 @@ impl Health {
     }
 }
 
+async fn metrics(State(health): State<Health>) -> impl IntoResponse {
+    let agents: Vec<_> = health
+        .agents
+        .iter()
+        .map(|agent| {
+            let status = agent.status();
+            let available = agent.availability().is_available(&status.name)
+                && status
+                    .replicas
+                    .iter()
+                    .any(|r| matches!(r.state, ReplicaState::Idle | ReplicaState::Busy));
+            (status, available)
+        })
+        .collect();
+    let level = health
+        .agents
+        .first()
+        .map_or(0, |agent| agent.availability().level().number());
+    let broker = health
+        .store
+        .broker_status()
+        .map(|broker| (broker.connected, broker.disconnects, broker.reconnects));
+    health.metrics.set_state(&agents, level, broker);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+        )],
+        health.metrics.encode(),
+    )
+}
+
 async fn live() -> impl IntoResponse {
     Json(serde_json::json!({"status": "ok"}))
 }
@@ -196,6 +231,7 @@ pub fn router(health: Health) -> Router {
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/health/progress", get(progress))
+        .route("/metrics", get(metrics))
         .with_state(health)
 }
 

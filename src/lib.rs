@@ -19,6 +19,7 @@ pub mod dispatch;
 pub mod example_agent;
 pub mod health;
 pub mod lines;
+pub mod metrics;
 pub mod notify;
 pub mod protocol;
 pub mod queue;

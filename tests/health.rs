@@ -176,3 +176,114 @@ fn a_non_loopback_address_needs_a_token_and_a_busy_port_stops_the_start() {
         "{stderr}"
     );
 }
+
+/// The value of the sample `series` (name and labels, as exported).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map(|value| value.trim().parse().unwrap())
+}
+
+async fn scrape(address: std::net::SocketAddr) -> String {
+    let response = reqwest::get(format!("http://{address}/metrics"))
+        .await
+        .expect("the daemon answers");
+    assert_eq!(response.status().as_u16(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    response.text().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_as_tasks_complete_fail_and_retry() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.good]
+command = {}
+
+[agents.flaky]
+command = {}
+retry = {{ max_deliver = 3, backoff = ["10ms"] }}
+breaker = {{ enabled = false }}
+"#,
+        example_agent(&["--work-ms", "1"]),
+        example_agent(&["--work-ms", "1", "--error-rate", "1.0"]),
+    ));
+    let daemon = fleet.start().await;
+    let address = daemon.http_address().expect("listening");
+    let before = scrape(address).await;
+    assert_eq!(
+        sample(
+            &before,
+            r#"agent_tasks_received_total{agent="good",type="default"}"#
+        ),
+        None,
+        "nothing received yet"
+    );
+    let queue = daemon.queue().clone();
+    let mut good = numbered_tasks("good", 5, "ok").0;
+    good[0].payload = serde_json::json!({"type": "review"});
+    queue.submit(good).await.unwrap();
+    queue
+        .submit(numbered_tasks("flaky", 2, "bad").0)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(30), "7 finished tasks", || async {
+        finished(queue.as_ref()).await >= 7
+    })
+    .await;
+    wait_until(Duration::from_secs(20), "the metrics", || async {
+        let text = scrape(address).await;
+        sample(&text, r#"agent_tasks_completed_total{agent="good",type="default",status="completed"}"#)
+            == Some(4.0)
+            && sample(&text, r#"agent_tasks_completed_total{agent="good",type="review",status="completed"}"#)
+                == Some(1.0)
+            // Two tasks, three attempts each, all errors (the retries).
+            && sample(&text, r#"agent_tasks_received_total{agent="flaky",type="default"}"#)
+                == Some(6.0)
+            && sample(&text, r#"agent_tasks_completed_total{agent="flaky",type="default",status="error"}"#)
+                == Some(6.0)
+    })
+    .await;
+    let text = scrape(address).await;
+    assert_eq!(
+        sample(
+            &text,
+            r#"agent_task_duration_seconds_count{agent="good",type="default"}"#
+        ),
+        Some(4.0)
+    );
+    assert_eq!(
+        sample(&text, r#"agent_health_status{agent="good"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, r#"agent_tasks_in_progress{agent="good"}"#),
+        Some(0.0)
+    );
+    assert_eq!(sample(&text, "fleet_agents_healthy_total"), Some(2.0));
+    assert_eq!(sample(&text, "flotilla_degradation_level"), Some(0.0));
+    assert_eq!(
+        sample(
+            &text,
+            r#"flotilla_breaker_state{agent="good",state="closed"}"#
+        ),
+        Some(1.0)
+    );
+    // Memory is sampled every few seconds.
+    wait_until(Duration::from_secs(20), "memory samples", || async {
+        let text = scrape(address).await;
+        sample(&text, r#"agent_memory_usage_bytes{agent="good"}"#).is_some_and(|rss| rss > 0.0)
+    })
+    .await;
+    assert!(sample(&text, "fleet_total_queue_depth").is_some());
+    assert!(
+        text.contains("# HELP agent_tasks_received_total "),
+        "{text}"
+    );
+    daemon.stop().await;
+}

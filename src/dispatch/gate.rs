@@ -114,11 +114,19 @@ pub(super) enum Mode {
     Holding(UnixMillis),
 }
 
-/// Calls admitted by an agent's breaker, by lease, with when.
+/// Attempts handed towards replicas, by lease: the breaker's call (none
+/// with the breaker off), when, and the task's type (for metrics).
 #[derive(Debug, Default)]
 pub(super) struct Calls {
-    open: HashMap<LeaseKey, (Call, UnixMillis)>,
+    open: HashMap<LeaseKey, Open>,
     swept_ms: UnixMillis,
+}
+
+#[derive(Debug)]
+struct Open {
+    call: Option<Call>,
+    at: UnixMillis,
+    kind: String,
 }
 
 /// How often calls that never reported back are looked for.
@@ -219,38 +227,75 @@ impl AgentRuntime {
         Mode::Holding(open_until.map_or(recheck, |until| until.min(recheck)))
     }
 
-    /// Asks the breaker to let `key` through; false when it may not go to
-    /// a replica now.
-    pub(super) fn admit(&self, key: &LeaseKey) -> bool {
-        if !self.config.breaker.enabled {
-            return true;
-        }
+    /// Asks the breaker to let `lease` through; false when it may not go
+    /// to a replica now.
+    pub(super) fn admit(&self, lease: &Lease) -> bool {
         let now = self.clock.now_ms();
-        let (call, transition) = self.breaker.lock().expect("breaker lock").admit(now);
-        if let Some(transition) = transition {
-            self.transitioned(&transition, now);
-        }
-        let Some(call) = call else {
-            return false;
+        let call = if self.config.breaker.enabled {
+            let (call, transition) = self.breaker.lock().expect("breaker lock").admit(now);
+            if let Some(transition) = transition {
+                self.transitioned(&transition, now);
+            }
+            let Some(call) = call else {
+                return false;
+            };
+            Some(call)
+        } else {
+            None
         };
-        self.calls
-            .lock()
-            .expect("calls lock")
-            .open
-            .insert(key.clone(), (call, now));
+        let kind = self.metrics.task_type(&lease.payload);
+        self.calls.lock().expect("calls lock").open.insert(
+            lease.key.clone(),
+            Open {
+                call,
+                at: now,
+                kind,
+            },
+        );
         true
     }
 
-    /// Tells the breaker how the attempt `key` ended.
-    pub(super) fn finish_call(&self, key: &LeaseKey, outcome: AttemptOutcome) {
-        self.finish_call_as(key, Verdict::of(outcome, &self.config.breaker));
+    /// The task of `key` reached a replica.
+    pub(super) fn received(&self, key: &LeaseKey) {
+        let kind = match self.calls.lock().expect("calls lock").open.get(key) {
+            Some(open) => open.kind.clone(),
+            None => return,
+        };
+        self.metrics.received(&self.name, &kind);
     }
 
-    /// Tells the breaker how the attempt `key` ended, as a verdict.
-    pub(super) fn finish_call_as(&self, key: &LeaseKey, verdict: Verdict) {
-        let Some((call, _)) = self.calls.lock().expect("calls lock").open.remove(key) else {
+    /// The task of `key` was admitted but never sent: forget it, as if it
+    /// had not been admitted.
+    pub(super) fn unsent(&self, key: &LeaseKey) {
+        let removed = self.calls.lock().expect("calls lock").open.remove(key);
+        if let Some(Open {
+            call: Some(call), ..
+        }) = removed
+        {
+            self.record(call, Verdict::Neutral);
+        }
+    }
+
+    /// Tells the breaker and the metrics how the attempt `key` ended.
+    pub(super) fn finish_call(&self, key: &LeaseKey, outcome: AttemptOutcome) {
+        self.finish_call_as(key, outcome, Verdict::of(outcome, &self.config.breaker));
+    }
+
+    /// [`Self::finish_call`] with the breaker's verdict given.
+    pub(super) fn finish_call_as(&self, key: &LeaseKey, outcome: AttemptOutcome, verdict: Verdict) {
+        let Some(open) = self.calls.lock().expect("calls lock").open.remove(key) else {
             return;
         };
+        let now = self.clock.now_ms();
+        let seconds = now.saturating_sub(open.at) as f64 / 1000.0;
+        self.metrics
+            .attempt_ended(&self.name, &open.kind, outcome.as_str(), seconds);
+        if let Some(call) = open.call {
+            self.record(call, verdict);
+        }
+    }
+
+    fn record(&self, call: Call, verdict: Verdict) {
         let now = self.clock.now_ms();
         let transition = self
             .breaker
@@ -283,7 +328,7 @@ impl AgentRuntime {
             calls
                 .open
                 .iter()
-                .filter(|(_, (_, at))| now.saturating_sub(*at) > over)
+                .filter(|(_, open)| now.saturating_sub(open.at) > over)
                 .map(|(key, _)| key.clone())
                 .collect()
         };

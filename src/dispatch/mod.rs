@@ -96,6 +96,7 @@ pub struct AgentRuntime {
     /// Wakes the leaser when the breaker lets more through.
     gate_changed: tokio::sync::Notify,
     notifier: crate::notify::Notifier,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A replica asking the leaser for one task.
@@ -119,6 +120,8 @@ pub struct Wiring {
     pub availability: Arc<Availability>,
     /// Where events for humans go.
     pub notifier: crate::notify::Notifier,
+    /// The daemon's metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Problems that keep an agent from starting (missing `${VAR}`, bad
@@ -227,6 +230,7 @@ impl AgentRuntime {
             availability: wiring.availability.clone(),
             gate_changed: tokio::sync::Notify::new(),
             notifier: wiring.notifier.clone(),
+            metrics: wiring.metrics.clone(),
         });
         runtime.refresh_breaker_status(runtime.clock.now_ms());
         let mut handles = vec![tokio::spawn(leaser(
@@ -276,6 +280,7 @@ impl AgentRuntime {
     fn record_malformed(&self, index: u32, error: &LineError) {
         let mut status = self.status.lock().expect("status lock");
         status.malformed_lines += 1;
+        self.metrics.malformed(&self.name);
         status.last_malformed = Some(format!("replica {index}: {error}"));
         // Logged at most once per hundred to keep a babbling agent from
         // flooding the log.
@@ -405,7 +410,7 @@ impl AgentRuntime {
         } else {
             crate::breaker::Verdict::Neutral
         };
-        self.finish_call_as(&lease.key, verdict);
+        self.finish_call_as(&lease.key, outcome, verdict);
         let end = AttemptEnd::new(outcome, Some(replica.to_string()), detail.clone());
         let max_deliver = self.config.retry.max_deliver.get();
         let result = if !retryable {
@@ -881,7 +886,7 @@ impl AgentRuntime {
             .await;
             return None;
         }
-        if !self.admit(&lease.key) {
+        if !self.admit(&lease) {
             match self.mode(self.clock.now_ms()) {
                 gate::Mode::Diverting(why) => self.divert(lease, &why).await,
                 _ => {
@@ -894,12 +899,13 @@ impl AgentRuntime {
         let key = lease.key.clone();
         match hand_out(pending, Handed::new(lease, Arc::downgrade(self))) {
             None => {
+                self.received(&key);
                 rate.record();
                 None
             }
             Some(handed) => {
                 // Nobody took it: it was not sent, so it is no call.
-                self.finish_call(&key, AttemptOutcome::Released);
+                self.unsent(&key);
                 Some(handed.take())
             }
         }
@@ -995,6 +1001,7 @@ async fn run_replica(agent: Arc<AgentRuntime>, index: u32, mut shutdown: watch::
             Duration::ZERO
         };
         tracing::warn!(agent = %agent.name, replica = index, %reason, ?delay, "replica exited; restarting");
+        agent.metrics.restarted(&agent.name);
         {
             let mut status = agent.status.lock().expect("status lock");
             status.restarts += 1;

@@ -402,8 +402,11 @@ impl Replica<'_> {
             // One exit is one failure for the breaker, however many tasks
             // the replica held.
             if n > 0 {
-                self.agent
-                    .finish_call_as(&tracked.lease.key, crate::breaker::Verdict::Neutral);
+                self.agent.finish_call_as(
+                    &tracked.lease.key,
+                    AttemptOutcome::Crashed,
+                    crate::breaker::Verdict::Neutral,
+                );
             }
             let failure = Failure {
                 immediate: true,

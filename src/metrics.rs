@@ -1,0 +1,554 @@
+//! Prometheus metrics: one registry, every name and its help text here.
+//!
+//! Counters and histograms are updated where things happen (a task handed
+//! to a replica, an attempt ending, a replica restarting, a malformed
+//! line). Gauges that describe the fleet's state now (tasks in progress,
+//! health, memory, breakers, the degradation level, the broker connection)
+//! are set from the agents' status when `/metrics` is scraped, so they can
+//! never drift from what `status` shows.
+//!
+//! Some gauges end in `_total` (`fleet_agents_healthy_total`, ...): that
+//! is how dashboards and alert rules in the field name them, so they keep
+//! those names although `promtool check metrics` warns that `_total` is
+//! for counters.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::breaker::BreakerState;
+use crate::status::{AgentStatus, ReplicaState};
+
+/// Metric names (counters without the `_total` the encoder adds) and
+/// their help texts.
+pub mod names {
+    /// Tasks handed to a replica.
+    pub const TASKS_RECEIVED: (&str, &str) = (
+        "agent_tasks_received",
+        "Tasks handed to the agent's replicas (each attempt counts)",
+    );
+    /// Attempts ended.
+    pub const TASKS_COMPLETED: (&str, &str) = (
+        "agent_tasks_completed",
+        "Attempts ended, by how: status is completed, error, crashed, progress_timeout, max_duration, memory_limit, rejected, released, ..",
+    );
+    /// Attempt durations.
+    pub const TASK_DURATION: (&str, &str) = (
+        "agent_task_duration_seconds",
+        "Time from handing a task to a replica to the end of the attempt",
+    );
+    /// Tasks in flight.
+    pub const TASKS_IN_PROGRESS: (&str, &str) = (
+        "agent_tasks_in_progress",
+        "Tasks the agent's replicas are working on now",
+    );
+    /// Messages sent by agents (delegation).
+    pub const MESSAGES_SENT: (&str, &str) = (
+        "agent_messages_sent",
+        "Messages the agent sent to other agents",
+    );
+    /// Messages received by agents (delegation).
+    pub const MESSAGES_RECEIVED: (&str, &str) = (
+        "agent_messages_received",
+        "Messages the agent received from other agents",
+    );
+    /// Delegation latency.
+    pub const MESSAGE_LATENCY: (&str, &str) = (
+        "agent_message_latency_seconds",
+        "Time from an agent sending a message to its answer",
+    );
+    /// Health per agent.
+    pub const HEALTH_STATUS: (&str, &str) = (
+        "agent_health_status",
+        "1 while the agent is available (a ready replica, breaker not open, not failed), else 0",
+    );
+    /// Last sign of life.
+    pub const LAST_ACTIVITY: (&str, &str) = (
+        "agent_last_activity_timestamp",
+        "Unix time (seconds) of the agent's last progress or sign of life",
+    );
+    /// Memory per agent.
+    pub const MEMORY_USAGE: (&str, &str) = (
+        "agent_memory_usage_bytes",
+        "Resident memory of the agent's replicas' process groups",
+    );
+    /// Context window usage.
+    pub const CONTEXT_WINDOW: (&str, &str) = (
+        "agent_context_window_usage_pct",
+        "Highest context window usage the agent's replicas reported (percent)",
+    );
+    /// Healthy agents.
+    pub const AGENTS_HEALTHY: (&str, &str) = (
+        "fleet_agents_healthy_total",
+        "Agents of this daemon that are available (a gauge; named as in the field)",
+    );
+    /// Unhealthy agents.
+    pub const AGENTS_UNHEALTHY: (&str, &str) = (
+        "fleet_agents_unhealthy_total",
+        "Agents of this daemon that are unavailable (a gauge; named as in the field)",
+    );
+    /// Queue depth.
+    pub const QUEUE_DEPTH: (&str, &str) = (
+        "fleet_total_queue_depth",
+        "Tasks queued in the store, all agents (refreshed every 5 s; every 30 s on a broker)",
+    );
+    /// Open breakers.
+    pub const BREAKERS_OPEN: (&str, &str) = (
+        "fleet_circuit_breakers_open_total",
+        "Circuit breakers of this daemon that are not closed (a gauge; named as in the field)",
+    );
+    /// Breaker state.
+    pub const BREAKER_STATE: (&str, &str) = (
+        "flotilla_breaker_state",
+        "1 for the state each agent's circuit breaker is in (closed, open, half_open), 0 for the others",
+    );
+    /// Degradation level.
+    pub const DEGRADATION_LEVEL: (&str, &str) = (
+        "flotilla_degradation_level",
+        "The fleet's degradation level: 0 nominal, 1 reduced, 2 essential, 3 emergency",
+    );
+    /// Replica restarts.
+    pub const RESTARTS: (&str, &str) = (
+        "flotilla_replica_restarts",
+        "Replica restarts of every kind (crash, timeout kill, memory kill)",
+    );
+    /// Malformed lines.
+    pub const MALFORMED_LINES: (&str, &str) = (
+        "flotilla_malformed_lines",
+        "Lines from agents that were not valid protocol messages",
+    );
+    /// Broker connection.
+    pub const BROKER_CONNECTED: (&str, &str) = (
+        "flotilla_broker_connected",
+        "1 while the daemon is connected to the broker, else 0 (absent without a broker)",
+    );
+    /// Broker disconnects.
+    pub const BROKER_DISCONNECTS: (&str, &str) = (
+        "flotilla_broker_disconnects",
+        "Times the broker connection was lost",
+    );
+    /// Broker reconnects.
+    pub const BROKER_RECONNECTS: (&str, &str) = (
+        "flotilla_broker_reconnects",
+        "Times the broker connection was re-established",
+    );
+}
+
+/// Most distinct task types per daemon; more are counted as `other`.
+const MAX_TYPES: usize = 64;
+
+/// `{agent}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentLabel {
+    /// The agent.
+    pub agent: String,
+}
+
+/// `{agent, type}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabels {
+    /// The agent.
+    pub agent: String,
+    /// The task type.
+    pub r#type: String,
+}
+
+/// `{agent, type, status}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CompletedLabels {
+    /// The agent.
+    pub agent: String,
+    /// The task type.
+    pub r#type: String,
+    /// How the attempt ended.
+    pub status: String,
+}
+
+/// `{agent, destination, type}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SentLabels {
+    /// The sender.
+    pub agent: String,
+    /// The receiver.
+    pub destination: String,
+    /// The message type.
+    pub r#type: String,
+}
+
+/// `{agent, source, type}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReceivedLabels {
+    /// The receiver.
+    pub agent: String,
+    /// The sender.
+    pub source: String,
+    /// The message type.
+    pub r#type: String,
+}
+
+/// `{agent, state}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BreakerLabels {
+    /// The agent.
+    pub agent: String,
+    /// The breaker state.
+    pub state: String,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+fn histograms<L: Clone + std::hash::Hash + Eq>() -> Histograms<L> {
+    Family::new_with_constructor(duration_histogram as fn() -> Histogram)
+}
+
+fn duration_histogram() -> Histogram {
+    // 10 ms to about 11 hours.
+    Histogram::new(exponential_buckets(0.01, 2.5, 16))
+}
+
+/// The daemon's metrics.
+pub struct Metrics {
+    registry: Registry,
+    received: Family<TaskLabels, Counter>,
+    completed: Family<CompletedLabels, Counter>,
+    duration: Histograms<TaskLabels>,
+    in_progress: Family<AgentLabel, Gauge>,
+    /// Delegation (counted once agents can send messages).
+    pub messages_sent: Family<SentLabels, Counter>,
+    /// Delegation (counted once agents can send messages).
+    pub messages_received: Family<ReceivedLabels, Counter>,
+    /// Delegation (counted once agents can send messages).
+    pub message_latency: Histograms<AgentLabel>,
+    health: Family<AgentLabel, Gauge>,
+    last_activity: Family<AgentLabel, FloatGauge>,
+    memory: Family<AgentLabel, Gauge>,
+    context: Family<AgentLabel, FloatGauge>,
+    healthy: Gauge,
+    unhealthy: Gauge,
+    queue_depth: Gauge,
+    breakers_open: Gauge,
+    breaker_state: Family<BreakerLabels, Gauge>,
+    level: Gauge,
+    restarts: Family<AgentLabel, Counter>,
+    malformed: Family<AgentLabel, Counter>,
+    broker_connected: Gauge,
+    broker_disconnects: Counter,
+    broker_reconnects: Counter,
+    types: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+macro_rules! register {
+    ($registry:expr, $name:expr, $metric:expr) => {{
+        let metric = $metric;
+        $registry.register($name.0, $name.1, metric.clone());
+        metric
+    }};
+}
+
+impl Metrics {
+    /// Every metric, registered.
+    pub fn new() -> Self {
+        use names::*;
+        let mut registry = Registry::default();
+        Self {
+            received: register!(registry, TASKS_RECEIVED, Family::default()),
+            completed: register!(registry, TASKS_COMPLETED, Family::default()),
+            duration: register!(registry, TASK_DURATION, histograms()),
+            in_progress: register!(registry, TASKS_IN_PROGRESS, Family::default()),
+            messages_sent: register!(registry, MESSAGES_SENT, Family::default()),
+            messages_received: register!(registry, MESSAGES_RECEIVED, Family::default()),
+            message_latency: register!(registry, MESSAGE_LATENCY, histograms()),
+            health: register!(registry, HEALTH_STATUS, Family::default()),
+            last_activity: register!(registry, LAST_ACTIVITY, Family::default()),
+            memory: register!(registry, MEMORY_USAGE, Family::default()),
+            context: register!(registry, CONTEXT_WINDOW, Family::default()),
+            healthy: register!(registry, AGENTS_HEALTHY, Gauge::default()),
+            unhealthy: register!(registry, AGENTS_UNHEALTHY, Gauge::default()),
+            queue_depth: register!(registry, QUEUE_DEPTH, Gauge::default()),
+            breakers_open: register!(registry, BREAKERS_OPEN, Gauge::default()),
+            breaker_state: register!(registry, BREAKER_STATE, Family::default()),
+            level: register!(registry, DEGRADATION_LEVEL, Gauge::default()),
+            restarts: register!(registry, RESTARTS, Family::default()),
+            malformed: register!(registry, MALFORMED_LINES, Family::default()),
+            broker_connected: register!(registry, BROKER_CONNECTED, Gauge::default()),
+            broker_disconnects: register!(registry, BROKER_DISCONNECTS, Counter::default()),
+            broker_reconnects: register!(registry, BROKER_RECONNECTS, Counter::default()),
+            types: Mutex::new(HashSet::new()),
+            registry,
+        }
+    }
+
+    /// The task type of a payload: its `type` field when that is a short
+    /// name (letters, digits, `-`, `_`, `.`, at most 64), `default`
+    /// without one, `other` past [`MAX_TYPES`] distinct types (so a
+    /// payload cannot blow up the number of series).
+    pub fn task_type(&self, payload: &serde_json::Value) -> String {
+        let Some(name) = payload.get("type").and_then(serde_json::Value::as_str) else {
+            return "default".into();
+        };
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !valid {
+            return "other".into();
+        }
+        let mut types = self.types.lock().expect("types lock");
+        if types.contains(name) || types.len() < MAX_TYPES {
+            types.insert(name.to_string());
+            name.to_string()
+        } else {
+            "other".into()
+        }
+    }
+
+    /// A task of `kind` was handed to a replica of `agent`.
+    pub fn received(&self, agent: &str, kind: &str) {
+        self.received
+            .get_or_create(&TaskLabels {
+                agent: agent.into(),
+                r#type: kind.into(),
+            })
+            .inc();
+    }
+
+    /// An attempt ended with `status` after `seconds`.
+    pub fn attempt_ended(&self, agent: &str, kind: &str, status: &str, seconds: f64) {
+        self.completed
+            .get_or_create(&CompletedLabels {
+                agent: agent.into(),
+                r#type: kind.into(),
+                status: status.into(),
+            })
+            .inc();
+        self.duration
+            .get_or_create(&TaskLabels {
+                agent: agent.into(),
+                r#type: kind.into(),
+            })
+            .observe(seconds);
+    }
+
+    /// A replica of `agent` restarted.
+    pub fn restarted(&self, agent: &str) {
+        self.restarts
+            .get_or_create(&AgentLabel {
+                agent: agent.into(),
+            })
+            .inc();
+    }
+
+    /// `agent` printed a malformed line.
+    pub fn malformed(&self, agent: &str) {
+        self.malformed
+            .get_or_create(&AgentLabel {
+                agent: agent.into(),
+            })
+            .inc();
+    }
+
+    /// Sets the queue depth (from the store's counts).
+    pub fn set_queue_depth(&self, depth: u64) {
+        self.queue_depth
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the state gauges from the agents' status, each with whether
+    /// it is available, the degradation level and the broker connection
+    /// (connected, disconnects, reconnects so far).
+    pub fn set_state(
+        &self,
+        agents: &[(AgentStatus, bool)],
+        level: u8,
+        broker: Option<(bool, u64, u64)>,
+    ) {
+        let mut healthy = 0;
+        let mut open = 0;
+        for (status, available) in agents {
+            let label = AgentLabel {
+                agent: status.name.clone(),
+            };
+            let working: usize = status.replicas.iter().map(|r| r.tasks.len()).sum();
+            self.in_progress
+                .get_or_create(&label)
+                .set(i64::try_from(working).unwrap_or(i64::MAX));
+            self.health.get_or_create(&label).set(i64::from(*available));
+            healthy += i64::from(*available);
+            let last = status
+                .replicas
+                .iter()
+                .filter_map(|r| r.last_progress_ms.max(r.last_seen_ms).max(r.started_ms))
+                .max();
+            if let Some(last) = last {
+                self.last_activity
+                    .get_or_create(&label)
+                    .set(last as f64 / 1000.0);
+            }
+            let rss: u64 = status.replicas.iter().filter_map(|r| r.rss_bytes).sum();
+            self.memory
+                .get_or_create(&label)
+                .set(i64::try_from(rss).unwrap_or(i64::MAX));
+            if let Some(pct) = status
+                .replicas
+                .iter()
+                .filter(|r| r.state != ReplicaState::Stopped)
+                .filter_map(|r| r.context_window_usage_pct)
+                .reduce(f64::max)
+            {
+                self.context.get_or_create(&label).set(pct);
+            }
+            if let Some(state) = status.breaker.state {
+                open += i64::from(state != BreakerState::Closed);
+                for each in [
+                    BreakerState::Closed,
+                    BreakerState::Open,
+                    BreakerState::HalfOpen,
+                ] {
+                    self.breaker_state
+                        .get_or_create(&BreakerLabels {
+                            agent: status.name.clone(),
+                            state: each.as_str().into(),
+                        })
+                        .set(i64::from(each == state));
+                }
+            }
+        }
+        self.healthy.set(healthy);
+        self.unhealthy
+            .set(i64::try_from(agents.len()).unwrap_or(i64::MAX) - healthy);
+        self.breakers_open.set(open);
+        self.level.set(i64::from(level));
+        if let Some((connected, disconnects, reconnects)) = broker {
+            self.broker_connected.set(i64::from(connected));
+            // Counters follow the connection's own counts.
+            let seen = self.broker_disconnects.get();
+            self.broker_disconnects
+                .inc_by(disconnects.saturating_sub(seen));
+            let seen = self.broker_reconnects.get();
+            self.broker_reconnects
+                .inc_by(reconnects.saturating_sub(seen));
+        }
+    }
+
+    /// The registry in Prometheus' text format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_of_the_issue_is_exported() {
+        let metrics = Metrics::new();
+        metrics.received("coder", "default");
+        metrics.attempt_ended("coder", "default", "completed", 1.5);
+        let mut status = AgentStatus::new("coder", crate::config::Mode::Persistent, 1);
+        status.replicas[0].last_seen_ms = Some(1_000);
+        status.replicas[0].context_window_usage_pct = Some(40.0);
+        status.replicas[0].state = ReplicaState::Idle;
+        metrics.set_state(&[(status, true)], 0, Some((true, 1, 1)));
+        // Families without samples (delegation, until agents can send
+        // messages) print nothing; once used they appear.
+        metrics
+            .messages_sent
+            .get_or_create(&SentLabels {
+                agent: "coder".into(),
+                destination: "reviewer".into(),
+                r#type: "request".into(),
+            })
+            .inc();
+        metrics
+            .messages_received
+            .get_or_create(&ReceivedLabels {
+                agent: "reviewer".into(),
+                source: "coder".into(),
+                r#type: "request".into(),
+            })
+            .inc();
+        metrics
+            .message_latency
+            .get_or_create(&AgentLabel {
+                agent: "coder".into(),
+            })
+            .observe(0.5);
+        let text = metrics.encode();
+        assert!(
+            text.contains("# HELP agent_tasks_received_total Tasks handed to the agent's replicas (each attempt counts).\n"),
+            "{text}"
+        );
+        for name in [
+            "agent_tasks_received_total{agent=\"coder\",type=\"default\"} 1",
+            "agent_tasks_completed_total{agent=\"coder\",type=\"default\",status=\"completed\"} 1",
+            "agent_task_duration_seconds_count{agent=\"coder\",type=\"default\"} 1",
+            "agent_tasks_in_progress{agent=\"coder\"} 0",
+            "agent_messages_sent_total{agent=\"coder\",destination=\"reviewer\",type=\"request\"} 1",
+            "agent_messages_received_total{agent=\"reviewer\",source=\"coder\",type=\"request\"} 1",
+            "agent_message_latency_seconds_count{agent=\"coder\"} 1",
+            "agent_health_status{agent=\"coder\"} 1",
+            "agent_last_activity_timestamp{agent=\"coder\"} 1",
+            "agent_context_window_usage_pct{agent=\"coder\"} 40",
+            "flotilla_broker_disconnects_total 1",
+            "# TYPE agent_last_activity_timestamp gauge",
+            "# TYPE agent_memory_usage_bytes gauge",
+            "# TYPE agent_context_window_usage_pct gauge",
+            "# TYPE fleet_agents_healthy_total gauge",
+            "# TYPE fleet_agents_unhealthy_total gauge",
+            "# TYPE fleet_total_queue_depth gauge",
+            "# TYPE fleet_circuit_breakers_open_total gauge",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn task_types_are_bounded() {
+        let metrics = Metrics::new();
+        assert_eq!(metrics.task_type(&serde_json::json!({})), "default");
+        assert_eq!(
+            metrics.task_type(&serde_json::json!({"type": "review"})),
+            "review"
+        );
+        assert_eq!(
+            metrics.task_type(&serde_json::json!({"type": "no spaces"})),
+            "other"
+        );
+        for n in 0..200 {
+            metrics.task_type(&serde_json::json!({"type": format!("t{n}")}));
+        }
+        assert_eq!(
+            metrics.task_type(&serde_json::json!({"type": "late"})),
+            "other"
+        );
+        assert_eq!(
+            metrics.task_type(&serde_json::json!({"type": "review"})),
+            "review"
+        );
+    }
+}
