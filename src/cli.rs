@@ -45,9 +45,23 @@ pub struct Cli {
         default_value = "flotilla.toml"
     )]
     pub config: PathBuf,
+    /// Log lines on stderr as text, or as one JSON object per line (for
+    /// log shippers).
+    #[arg(long, global = true, env = "FLOTILLA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// For humans.
+    Text,
+    /// One JSON object per line, with the fields of the enclosing spans
+    /// (an attempt's task, agent and attempt number).
+    Json,
 }
 
 /// Options of `up`.
@@ -318,11 +332,14 @@ pub fn main() -> ExitCode {
     }
     // The demo draws a progress bar; its fleet's warnings would tear it.
     // async-nats narrates every connection at info; its warnings matter.
-    init_logging(match cli.command {
-        Command::Demo(_) => "error",
-        Command::Up(_) => "info,async_nats=warn",
-        _ => "warn,async_nats=error",
-    });
+    init_logging(
+        match cli.command {
+            Command::Demo(_) => "error",
+            Command::Up(_) => "info,async_nats=warn",
+            _ => "warn,async_nats=error",
+        },
+        cli.log_format,
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -353,15 +370,24 @@ fn restore_sigpipe() {
     let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
 }
 
-fn init_logging(default: &str) {
+fn init_logging(default: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .try_init(),
+    };
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, Failure> {

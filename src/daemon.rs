@@ -217,14 +217,14 @@ impl Daemon {
         }
         let started_ms = clock.now_ms();
         tracing::info!(store = %Store::describe(&config), daemon = %identity.name, agents = agents.len(), "fleet started");
-        if let Some(listener) = listener {
+        if let (Some(listener), Some(address)) = (listener, identity.http) {
             let health = crate::health::Health {
                 agents: agents.clone(),
                 store: store.clone(),
                 clock: clock.clone(),
                 metrics: metrics.clone(),
             };
-            tracing::info!(address = ?identity.http, "HTTP server listening (/health/live, /health/ready, /health/progress)");
+            tracing::info!(%address, "HTTP server listening: /health/live, /health/ready, /health/progress, /metrics");
             housekeeping.push(tokio::spawn(crate::health::serve(
                 listener,
                 health,

@@ -24,6 +24,7 @@ use rand::SeedableRng as _;
 use rand::rngs::SmallRng;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::clock::SharedClock;
 use crate::config::{AgentConfig, Config, Mode};
@@ -350,7 +351,19 @@ impl AgentRuntime {
 
     /// Completes the task with `output`; a result the store refuses (too
     /// large) dead-letters the task with the reason.
-    async fn store_result(&self, mut lease: Lease, output: &serde_json::Value, replica: &str) {
+    async fn store_result(&self, lease: Lease, output: &serde_json::Value, replica: &str) {
+        let span = self.attempt_span(&lease.key);
+        self.store_result_in_span(lease, output, replica)
+            .instrument(span)
+            .await;
+    }
+
+    async fn store_result_in_span(
+        &self,
+        mut lease: Lease,
+        output: &serde_json::Value,
+        replica: &str,
+    ) {
         let end = AttemptEnd {
             outcome: AttemptOutcome::Completed,
             replica: Some(replica.to_string()),
@@ -367,6 +380,13 @@ impl AgentRuntime {
             }
             Err(error) => self.settle(&mut lease, Err(error)),
         }
+    }
+
+    /// The span of one attempt: every log line inside it names the agent,
+    /// the task and the attempt, so one task can be followed through the
+    /// logs (`--log-format json` puts them in each line's `spans`).
+    pub(crate) fn attempt_span(&self, key: &crate::queue::LeaseKey) -> tracing::Span {
+        tracing::info_span!("attempt", agent = %self.name, task = %key.task_id, attempt = key.attempt)
     }
 
     /// Waits until every completion handed to [`Self::complete`] is stored.
@@ -395,7 +415,14 @@ impl AgentRuntime {
     /// Settles a failed attempt: dead letter when not retryable or out of
     /// attempts, otherwise back to the queue after the retry delay (at once
     /// for `immediate`).
-    async fn fail_attempt(&self, mut lease: Lease, failure: Failure, replica: &str) {
+    async fn fail_attempt(&self, lease: Lease, failure: Failure, replica: &str) {
+        let span = self.attempt_span(&lease.key);
+        self.fail_attempt_in_span(lease, failure, replica)
+            .instrument(span)
+            .await;
+    }
+
+    async fn fail_attempt_in_span(&self, mut lease: Lease, failure: Failure, replica: &str) {
         let Failure {
             outcome,
             detail,
@@ -413,6 +440,14 @@ impl AgentRuntime {
         self.finish_call_as(&lease.key, outcome, verdict);
         let end = AttemptEnd::new(outcome, Some(replica.to_string()), detail.clone());
         let max_deliver = self.config.retry.max_deliver.get();
+        tracing::info!(
+            outcome = outcome.as_str(),
+            %detail,
+            retryable,
+            charged = lease.charged,
+            max_deliver,
+            "attempt failed"
+        );
         let result = if !retryable {
             let reason = format!("{} (not retryable): {detail}", outcome.as_str());
             self.queue.term(&lease.key, &reason, end).await

@@ -12,6 +12,8 @@ use super::persistent::describe;
 use super::{AgentRuntime, Exit, Failure, Phase, SlotRequest, Tracked, over_memory};
 use crate::lines::{Line, LineReader};
 use crate::protocol;
+use tracing::Instrument as _;
+
 use crate::queue::{AttemptOutcome, Lease};
 use crate::status::ReplicaState;
 use crate::supervisor::process;
@@ -41,7 +43,11 @@ pub(super) async fn run(
                 Err(_) => return Exit::Shutdown,
             },
         };
-        if let Some(reason) = run_task(agent, index, &name, lease, shutdown).await {
+        let span = agent.attempt_span(&lease.key);
+        if let Some(reason) = run_task(agent, index, &name, lease, shutdown)
+            .instrument(span)
+            .await
+        {
             return reason;
         }
         if shutdown.borrow().stopping() {
