@@ -557,8 +557,10 @@ impl DegradeLoop {
             if depth_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(every)) {
                 depth_at = Some(tokio::time::Instant::now());
                 if let Ok(counts) = self.store.queue().counts().await {
-                    self.metrics
-                        .set_queue_depth(counts.iter().map(|(_, counts)| counts.queued).sum());
+                    self.metrics.set_store_counts(
+                        counts.iter().map(|(_, counts)| counts.queued).sum(),
+                        counts.iter().map(|(_, counts)| counts.dead_lettered).sum(),
+                    );
                 }
             }
             // On a broker, which agents other daemons run healthily: an

@@ -99,6 +99,11 @@ pub mod names {
         "fleet_total_queue_depth",
         "Tasks queued in the store, all agents (refreshed every 5 s; every 30 s on a broker)",
     );
+    /// Dead letters.
+    pub const DEAD_LETTERS: (&str, &str) = (
+        "flotilla_dead_letters",
+        "Dead-lettered tasks in the store, all agents (refreshed with the queue depth)",
+    );
     /// Open breakers.
     pub const BREAKERS_OPEN: (&str, &str) = (
         "fleet_circuit_breakers_open_total",
@@ -234,6 +239,7 @@ pub struct Metrics {
     healthy: Gauge,
     unhealthy: Gauge,
     queue_depth: Gauge,
+    dead_letters: Gauge,
     breakers_open: Gauge,
     breaker_state: Family<BreakerLabels, Gauge>,
     level: Gauge,
@@ -285,6 +291,7 @@ impl Metrics {
             healthy: register!(registry, AGENTS_HEALTHY, Gauge::default()),
             unhealthy: register!(registry, AGENTS_UNHEALTHY, Gauge::default()),
             queue_depth: register!(registry, QUEUE_DEPTH, Gauge::default()),
+            dead_letters: register!(registry, DEAD_LETTERS, Gauge::default()),
             breakers_open: register!(registry, BREAKERS_OPEN, Gauge::default()),
             breaker_state: register!(registry, BREAKER_STATE, Family::default()),
             level: register!(registry, DEGRADATION_LEVEL, Gauge::default()),
@@ -368,10 +375,13 @@ impl Metrics {
             .inc();
     }
 
-    /// Sets the queue depth (from the store's counts).
-    pub fn set_queue_depth(&self, depth: u64) {
+    /// Sets the queue depth and the dead letters (from the store's
+    /// counts).
+    pub fn set_store_counts(&self, queued: u64, dead_lettered: u64) {
         self.queue_depth
-            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+            .set(i64::try_from(queued).unwrap_or(i64::MAX));
+        self.dead_letters
+            .set(i64::try_from(dead_lettered).unwrap_or(i64::MAX));
     }
 
     /// Sets the state gauges from the agents' status, each with whether
