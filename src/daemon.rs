@@ -115,18 +115,10 @@ impl Daemon {
         if !problems.is_empty() {
             bail!("cannot start the fleet:\n  {}", problems.join("\n  "));
         }
-        // The HTTP port is taken first: a port in use stops the daemon
-        // before it touches the store or starts an agent.
-        let listener = match config.http.address() {
-            Some(address) => Some(crate::health::bind(address).await?),
-            None => None,
-        };
-        let identity = Identity {
+        let mut identity = Identity {
             name: store::daemon_name(&config),
             host: store::host_name(),
-            http: listener
-                .as_ref()
-                .and_then(|listener| listener.local_addr().ok()),
+            http: None,
         };
         let (lock, store, instance) = match &config.broker {
             None => {
@@ -171,6 +163,16 @@ impl Daemon {
                 (None, store, instance)
             }
         };
+        // The HTTP port is taken once this daemon is known to be the only
+        // one on its store (or its name), and before it changes anything
+        // or starts an agent: a port in use stops it with nothing done.
+        let listener = match config.http.address() {
+            Some(address) => Some(crate::health::bind(address).await?),
+            None => None,
+        };
+        identity.http = listener
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok());
         let queue = store.queue();
         let orphans = process::kill_orphans(&instance);
         if !orphans.is_empty() {
@@ -195,7 +197,7 @@ impl Daemon {
             tokio::spawn(reap_leases(queue.clone(), stop_rx.clone())),
         ];
         let availability: Arc<dispatch::Availability> = Arc::default();
-        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let metrics = Arc::new(crate::metrics::Metrics::new(config.broker.is_some()));
         let notifier =
             crate::notify::Notifier::start(&config.notify, &identity.name, &config.base_dir);
         let wiring = Wiring {
@@ -259,14 +261,14 @@ impl Daemon {
             clock: clock.clone(),
             uses_broker_nodes,
             notifier,
-            metrics,
             name: identity.name.clone(),
             fresh_within: u64::try_from(
                 (config.daemon.status_interval.get() * 3 + Duration::from_secs(2)).as_millis(),
             )
             .unwrap_or(u64::MAX),
         };
-        housekeeping.push(tokio::spawn(degrade.run(stop_rx)));
+        housekeeping.push(tokio::spawn(degrade.run(stop_rx.clone())));
+        housekeeping.push(tokio::spawn(count_store(store.clone(), metrics, stop_rx)));
         Ok(Self {
             config,
             identity,
@@ -482,6 +484,38 @@ fn snapshot(
     }
 }
 
+/// Refreshes the store's queue depth and dead letters for the metrics:
+/// every 5 s, every 30 s on a broker (where counting reads every record),
+/// each count bounded, in its own task so that a slow broker holds up
+/// nothing else.
+async fn count_store(
+    store: Store,
+    metrics: Arc<crate::metrics::Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let every = Duration::from_secs(if matches!(store, Store::Broker(_)) {
+        30
+    } else {
+        5
+    });
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = ticker.tick() => {}
+        }
+        match tokio::time::timeout(every, store.queue().counts()).await {
+            Ok(Ok(counts)) => metrics.set_store_counts(
+                counts.iter().map(|(_, counts)| counts.queued).sum(),
+                counts.iter().map(|(_, counts)| counts.dead_lettered).sum(),
+            ),
+            Ok(Err(error)) => tracing::debug!(%error, "could not count the store for the metrics"),
+            Err(_) => tracing::debug!("counting the store for the metrics timed out"),
+        }
+    }
+}
+
 /// The key of the operator's forced degradation level in the store.
 pub const FORCED_LEVEL_KEY: &str = "degrade";
 
@@ -495,7 +529,6 @@ struct DegradeLoop {
     clock: SharedClock,
     uses_broker_nodes: bool,
     notifier: crate::notify::Notifier,
-    metrics: Arc<crate::metrics::Metrics>,
     /// This daemon's name, and how fresh another daemon's snapshot must be
     /// to count (broker only).
     name: String,
@@ -534,7 +567,6 @@ impl DegradeLoop {
         let mut nodes = None;
         let mut nodes_at: Option<tokio::time::Instant> = None;
         let mut peers_at: Option<tokio::time::Instant> = None;
-        let mut depth_at: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -546,22 +578,6 @@ impl DegradeLoop {
             {
                 nodes_at = Some(tokio::time::Instant::now());
                 nodes = self.store.broker_nodes().await;
-            }
-            // The queue depth for metrics: every 5 s, every 30 s on a broker
-            // (where counting reads every record).
-            let every = if matches!(self.store, Store::Broker(_)) {
-                30
-            } else {
-                5
-            };
-            if depth_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(every)) {
-                depth_at = Some(tokio::time::Instant::now());
-                if let Ok(counts) = self.store.queue().counts().await {
-                    self.metrics.set_store_counts(
-                        counts.iter().map(|(_, counts)| counts.queued).sum(),
-                        counts.iter().map(|(_, counts)| counts.dead_lettered).sum(),
-                    );
-                }
             }
             // On a broker, which agents other daemons run healthily: an
             // agent unavailable here leaves its tasks to them instead of

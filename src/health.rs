@@ -144,7 +144,9 @@ impl Health {
                 if replica.state != ReplicaState::Busy || replica.tasks.is_empty() {
                     continue;
                 }
-                let Some(last) = replica.last_progress_ms.or(replica.started_ms) else {
+                // Per task: a replica's other tasks neither hide nor
+                // cause a silent one.
+                let Some(last) = replica.task_progress_ms else {
                     continue;
                 };
                 let silent = now.saturating_sub(last);
@@ -191,13 +193,13 @@ async fn metrics(State(health): State<Health>) -> impl IntoResponse {
         .store
         .broker_status()
         .map(|broker| (broker.connected, broker.disconnects, broker.reconnects));
-    health.metrics.set_state(&agents, level, broker);
+    let text = health.metrics.scrape(&agents, level, broker);
     (
         [(
             axum::http::header::CONTENT_TYPE,
             prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
         )],
-        health.metrics.encode(),
+        text,
     )
 }
 
@@ -254,10 +256,25 @@ pub async fn serve(
     health: Health,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut stopped = stop.clone();
     let server = axum::serve(listener, router(health)).with_graceful_shutdown(async move {
         let _ = stop.changed().await;
     });
-    if let Err(error) = server.await {
-        tracing::error!(%error, "the HTTP server stopped");
+    // Connections get a moment to finish after the stop; a client that
+    // stalls mid-request cannot hold up the daemon's shutdown.
+    let deadline = async move {
+        let _ = stopped.changed().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        served = server => {
+            if let Err(error) = served {
+                tracing::error!(%error, "the HTTP server stopped");
+            }
+        }
+        () = deadline => {}
     }
 }
+
+/// How long open connections may take to finish once the daemon stops.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);

@@ -104,6 +104,11 @@ pub mod names {
         "flotilla_dead_letters",
         "Dead-lettered tasks in the store, all agents (refreshed with the queue depth)",
     );
+    /// Tasks dead-lettered.
+    pub const DEAD_LETTERED: (&str, &str) = (
+        "flotilla_dead_lettered",
+        "Tasks this daemon's agents dead-lettered (not retryable, or attempts used up)",
+    );
     /// Open breakers.
     pub const BREAKERS_OPEN: (&str, &str) = (
         "fleet_circuit_breakers_open_total",
@@ -132,7 +137,7 @@ pub mod names {
     /// Broker connection.
     pub const BROKER_CONNECTED: (&str, &str) = (
         "flotilla_broker_connected",
-        "1 while the daemon is connected to the broker, else 0 (absent without a broker)",
+        "1 while the daemon is connected to the broker, else 0 (only with a broker)",
     );
     /// Broker disconnects.
     pub const BROKER_DISCONNECTS: (&str, &str) = (
@@ -244,11 +249,15 @@ pub struct Metrics {
     breaker_state: Family<BreakerLabels, Gauge>,
     level: Gauge,
     restarts: Family<AgentLabel, Counter>,
+    dead_lettered: Family<AgentLabel, Counter>,
     malformed: Family<AgentLabel, Counter>,
-    broker_connected: Gauge,
-    broker_disconnects: Counter,
-    broker_reconnects: Counter,
+    /// Connected, disconnects, reconnects: registered only with a broker.
+    broker: Option<(Gauge, Counter, Counter)>,
     types: Mutex<HashSet<String>>,
+    /// Serializes scrapes: the broker counters follow the connection's
+    /// counts by adding the difference, which two scrapes at once would
+    /// add twice.
+    scrape: Mutex<()>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -259,7 +268,7 @@ impl std::fmt::Debug for Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(false)
     }
 }
 
@@ -272,8 +281,8 @@ macro_rules! register {
 }
 
 impl Metrics {
-    /// Every metric, registered.
-    pub fn new() -> Self {
+    /// Every metric, registered; the broker's only `with_broker`.
+    pub fn new(with_broker: bool) -> Self {
         use names::*;
         let mut registry = Registry::default();
         Self {
@@ -296,11 +305,17 @@ impl Metrics {
             breaker_state: register!(registry, BREAKER_STATE, Family::default()),
             level: register!(registry, DEGRADATION_LEVEL, Gauge::default()),
             restarts: register!(registry, RESTARTS, Family::default()),
+            dead_lettered: register!(registry, DEAD_LETTERED, Family::default()),
             malformed: register!(registry, MALFORMED_LINES, Family::default()),
-            broker_connected: register!(registry, BROKER_CONNECTED, Gauge::default()),
-            broker_disconnects: register!(registry, BROKER_DISCONNECTS, Counter::default()),
-            broker_reconnects: register!(registry, BROKER_RECONNECTS, Counter::default()),
+            broker: with_broker.then(|| {
+                (
+                    register!(registry, BROKER_CONNECTED, Gauge::default()),
+                    register!(registry, BROKER_DISCONNECTS, Counter::default()),
+                    register!(registry, BROKER_RECONNECTS, Counter::default()),
+                )
+            }),
             types: Mutex::new(HashSet::new()),
+            scrape: Mutex::new(()),
             registry,
         }
     }
@@ -364,6 +379,26 @@ impl Metrics {
                 agent: agent.into(),
             })
             .inc();
+    }
+
+    /// `agent` dead-lettered a task.
+    pub fn dead_lettered(&self, agent: &str) {
+        self.dead_lettered
+            .get_or_create(&AgentLabel {
+                agent: agent.into(),
+            })
+            .inc();
+    }
+
+    /// Creates `agent`'s counters at 0, so that the first increment shows
+    /// in `increase()` and `rate()`.
+    pub fn add_agent(&self, agent: &str) {
+        let label = AgentLabel {
+            agent: agent.into(),
+        };
+        self.restarts.get_or_create(&label).inc_by(0);
+        self.malformed.get_or_create(&label).inc_by(0);
+        self.dead_lettered.get_or_create(&label).inc_by(0);
     }
 
     /// `agent` printed a malformed line.
@@ -449,16 +484,27 @@ impl Metrics {
             .set(i64::try_from(agents.len()).unwrap_or(i64::MAX) - healthy);
         self.breakers_open.set(open);
         self.level.set(i64::from(level));
-        if let Some((connected, disconnects, reconnects)) = broker {
-            self.broker_connected.set(i64::from(connected));
+        if let (Some((connected, disconnects, reconnects)), Some((gauge, lost, back))) =
+            (broker, &self.broker)
+        {
+            gauge.set(i64::from(connected));
             // Counters follow the connection's own counts.
-            let seen = self.broker_disconnects.get();
-            self.broker_disconnects
-                .inc_by(disconnects.saturating_sub(seen));
-            let seen = self.broker_reconnects.get();
-            self.broker_reconnects
-                .inc_by(reconnects.saturating_sub(seen));
+            lost.inc_by(disconnects.saturating_sub(lost.get()));
+            back.inc_by(reconnects.saturating_sub(back.get()));
         }
+    }
+
+    /// Sets the state gauges (see [`Self::set_state`]) and encodes, one
+    /// scrape at a time.
+    pub fn scrape(
+        &self,
+        agents: &[(AgentStatus, bool)],
+        level: u8,
+        broker: Option<(bool, u64, u64)>,
+    ) -> String {
+        let _one_at_a_time = self.scrape.lock().expect("scrape lock");
+        self.set_state(agents, level, broker);
+        self.encode()
     }
 
     /// The registry in Prometheus' text format.
@@ -476,7 +522,7 @@ mod tests {
 
     #[test]
     fn every_name_of_the_issue_is_exported() {
-        let metrics = Metrics::new();
+        let metrics = Metrics::new(true);
         metrics.received("coder", "default");
         metrics.attempt_ended("coder", "default", "completed", 1.5);
         let mut status = AgentStatus::new("coder", crate::config::Mode::Persistent, 1);
@@ -539,7 +585,7 @@ mod tests {
 
     #[test]
     fn task_types_are_bounded() {
-        let metrics = Metrics::new();
+        let metrics = Metrics::new(true);
         assert_eq!(metrics.task_type(&serde_json::json!({})), "default");
         assert_eq!(
             metrics.task_type(&serde_json::json!({"type": "review"})),

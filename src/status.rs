@@ -66,6 +66,10 @@ pub struct ReplicaStatus {
     pub started_ms: Option<UnixMillis>,
     /// Last progress message of a task.
     pub last_progress_ms: Option<UnixMillis>,
+    /// The last progress (or start) of its most silent task in flight:
+    /// what `/health/progress` measures.
+    #[serde(default)]
+    pub task_progress_ms: Option<UnixMillis>,
     /// Last heartbeat or other sign of life.
     pub last_seen_ms: Option<UnixMillis>,
     /// Why the last process ended.
@@ -83,6 +87,7 @@ impl ReplicaStatus {
         self.pid = None;
         self.rss_bytes = None;
         self.tasks.clear();
+        self.task_progress_ms = None;
     }
 
     /// A replica that has not started.
@@ -96,6 +101,7 @@ impl ReplicaStatus {
             restarts: 0,
             started_ms: None,
             last_progress_ms: None,
+            task_progress_ms: None,
             last_seen_ms: None,
             last_exit: None,
             rss_bytes: None,

@@ -150,6 +150,30 @@ fn a_non_loopback_address_needs_a_token_and_a_busy_port_stops_the_start() {
         stderr.contains("http.listen") && stderr.contains("needs a token"),
         "{stderr}"
     );
+    // A token file that is missing is named.
+    std::fs::write(
+        &fleet.config_path,
+        text.replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"0.0.0.0:0\"\ntoken_file = \"missing-token\"",
+        ),
+    )
+    .unwrap();
+    let checked = fleet.cli(&["config", "check"]);
+    assert_eq!(checked.status.code(), Some(2), "{checked:?}");
+    assert!(
+        String::from_utf8_lossy(&checked.stderr).contains("http.token_file: cannot read"),
+        "{checked:?}"
+    );
+    // Other commands do not need the daemon's token.
+    assert!(fleet.cli(&["status"]).status.success());
+    std::fs::write(fleet.path("missing-token"), "s3cret-token\n").unwrap();
+    assert!(fleet.cli(&["config", "check"]).status.success());
+    std::fs::write(
+        &fleet.config_path,
+        text.replace("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:0\""),
+    )
+    .unwrap();
     // With a token it is accepted.
     let checked = std::process::Command::new(flotilla_bin())
         .args(["-c", fleet.config_path.to_str().unwrap(), "config", "check"])
@@ -284,6 +308,17 @@ breaker = {{ enabled = false }}
     assert!(
         text.contains("# HELP agent_tasks_received_total "),
         "{text}"
+    );
+    // Without a broker there is no broker to be disconnected from.
+    assert!(!text.contains("flotilla_broker_connected"), "{text}");
+    assert_eq!(
+        sample(&text, r#"flotilla_dead_lettered_total{agent="flaky"}"#),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&text, r#"flotilla_replica_restarts_total{agent="good"}"#),
+        Some(0.0),
+        "counters exist from the start"
     );
     daemon.stop().await;
 }

@@ -366,33 +366,61 @@ impl HttpConfig {
         self.listen.parse().ok()
     }
 
-    /// Whether a token is configured (in the file, a token file, or the
-    /// environment).
-    pub fn has_token(&self) -> bool {
-        self.token.is_some()
-            || self.token_file.is_some()
-            || std::env::var_os("FLOTILLA_HTTP_TOKEN").is_some_and(|token| !token.is_empty())
+    /// The API token: `token`, else the content of `token_file` (relative
+    /// to `base_dir`), else `FLOTILLA_HTTP_TOKEN`.
+    ///
+    /// # Errors
+    /// When `token_file` cannot be read or is empty, naming the key.
+    pub fn token(&self, base_dir: &Path) -> Result<Option<String>, String> {
+        if let Some(token) = &self.token {
+            return Ok(Some(token.clone()));
+        }
+        if let Some(file) = &self.token_file {
+            let path = if file.is_absolute() {
+                file.clone()
+            } else {
+                base_dir.join(file)
+            };
+            let text = std::fs::read_to_string(&path).map_err(|error| {
+                format!("http.token_file: cannot read {}: {error}", path.display())
+            })?;
+            let token = text.trim();
+            if token.is_empty() {
+                return Err(format!("http.token_file: {} is empty", path.display()));
+            }
+            return Ok(Some(token.to_string()));
+        }
+        Ok(std::env::var("FLOTILLA_HTTP_TOKEN")
+            .ok()
+            .filter(|token| !token.is_empty()))
+    }
+
+    /// Problems that keep the daemon from serving (checked when it starts
+    /// and by `config check`, not by every command: the token may be in
+    /// the daemon's environment only).
+    pub fn start_problems(&self, base_dir: &Path) -> Vec<String> {
+        let Some(address) = self.address() else {
+            return Vec::new();
+        };
+        match self.token(base_dir) {
+            Err(problem) => vec![problem],
+            Ok(None) if !address.ip().is_loopback() => vec![format!(
+                "http.listen: {address} is reachable from other machines, so the API needs a token: set http.token_file (or http.token, or FLOTILLA_HTTP_TOKEN), or listen on 127.0.0.1"
+            )],
+            Ok(_) => Vec::new(),
+        }
     }
 
     fn validate(&self, problem: &mut impl FnMut(String, String)) {
         if self.listen == "off" {
             return;
         }
-        let Ok(address) = self.listen.parse::<std::net::SocketAddr>() else {
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
             problem(
                 "http.listen".into(),
                 format!(
                     "{:?} is not IP:PORT; e.g. \"127.0.0.1:9750\", \"0.0.0.0:9750\", or \"off\"",
                     self.listen
-                ),
-            );
-            return;
-        };
-        if !address.ip().is_loopback() && !self.has_token() {
-            problem(
-                "http.listen".into(),
-                format!(
-                    "{address} is reachable from other machines, so the API needs a token: set http.token_file (or http.token, or FLOTILLA_HTTP_TOKEN), or listen on 127.0.0.1"
                 ),
             );
         }

@@ -317,7 +317,11 @@ impl AgentRuntime {
     /// so that neither a probe slot nor memory stays taken. Looks at most
     /// once a second.
     fn sweep_lost_calls(&self, now: UnixMillis) {
-        let over = self.config.timeouts.max_duration.get() + LEASE_MARGIN * 2;
+        // Past the longest an attempt can take to end: its max_duration,
+        // stopping the process, and margins.
+        let over = self.config.timeouts.max_duration.get()
+            + self.config.timeouts.stop_grace.get() * 2
+            + LEASE_MARGIN * 2;
         let over = u64::try_from(over.as_millis()).unwrap_or(u64::MAX);
         let lost: Vec<LeaseKey> = {
             let mut calls = self.calls.lock().expect("calls lock");

@@ -162,13 +162,16 @@ pub fn check_agent(name: &str, agent: &AgentConfig, config: &Config) -> Vec<Stri
     problems
 }
 
-/// [`check_agent`] for every agent of `config`.
+/// [`check_agent`] for every agent of `config`, and the HTTP server's
+/// token rule.
 pub fn check_fleet(config: &Config) -> Vec<String> {
-    config
+    let mut problems: Vec<String> = config
         .agents
         .iter()
         .flat_map(|(name, agent)| check_agent(name, agent, config))
-        .collect()
+        .collect();
+    problems.extend(config.http.start_problems(&config.base_dir));
+    problems
 }
 
 impl AgentRuntime {
@@ -234,6 +237,7 @@ impl AgentRuntime {
             metrics: wiring.metrics.clone(),
         });
         runtime.refresh_breaker_status(runtime.clock.now_ms());
+        runtime.metrics.add_agent(name);
         let mut handles = vec![tokio::spawn(leaser(
             runtime.clone(),
             requests,
@@ -386,7 +390,17 @@ impl AgentRuntime {
     /// the task and the attempt, so one task can be followed through the
     /// logs (`--log-format json` puts them in each line's `spans`).
     pub(crate) fn attempt_span(&self, key: &crate::queue::LeaseKey) -> tracing::Span {
-        tracing::info_span!("attempt", agent = %self.name, task = %key.task_id, attempt = key.attempt)
+        // Already inside this attempt's span (a oneshot run): do not nest
+        // another. WARN level, so warnings keep their context when the
+        // log shows only warnings.
+        let current = tracing::Span::current();
+        if current
+            .metadata()
+            .is_some_and(|metadata| metadata.name() == "attempt")
+        {
+            return current;
+        }
+        tracing::warn_span!("attempt", agent = %self.name, task = %key.task_id, attempt = key.attempt)
     }
 
     /// Waits until every completion handed to [`Self::complete`] is stored.
@@ -448,15 +462,20 @@ impl AgentRuntime {
             max_deliver,
             "attempt failed"
         );
-        let result = if !retryable {
-            let reason = format!("{} (not retryable): {detail}", outcome.as_str());
-            self.queue.term(&lease.key, &reason, end).await
-        } else if lease.charged >= max_deliver {
-            let reason = format!(
-                "attempts exhausted (retry.max_deliver = {max_deliver}); last attempt: {}: {detail}",
-                outcome.as_str()
-            );
-            self.queue.term(&lease.key, &reason, end).await
+        let result = if !retryable || lease.charged >= max_deliver {
+            let reason = if retryable {
+                format!(
+                    "attempts exhausted (retry.max_deliver = {max_deliver}); last attempt: {}: {detail}",
+                    outcome.as_str()
+                )
+            } else {
+                format!("{} (not retryable): {detail}", outcome.as_str())
+            };
+            let termed = self.queue.term(&lease.key, &reason, end).await;
+            if termed.is_ok() {
+                self.metrics.dead_lettered(&self.name);
+            }
+            termed
         } else {
             let delay = if immediate {
                 Duration::ZERO

@@ -141,6 +141,7 @@ async fn run_task(
         replica.state = ReplicaState::Busy;
         replica.pid = Some(pgid);
         replica.started_ms = Some(now_ms);
+        replica.task_progress_ms = Some(now_ms);
         replica.tasks = vec![lease.key.task_id.clone()];
     });
     let message = agent.task_message(&lease);
@@ -247,7 +248,10 @@ fn too_long(max: usize) -> Failure {
 
 async fn progressed(agent: &AgentRuntime, index: u32, tracked: &mut Tracked) {
     let now = agent.clock.now_ms();
-    agent.update_replica(index, |replica| replica.last_progress_ms = Some(now));
+    agent.update_replica(index, |replica| {
+        replica.last_progress_ms = Some(now);
+        replica.task_progress_ms = Some(now);
+    });
     if let Err(error) = agent.progress(tracked, None).await {
         tracing::warn!(agent = %agent.name, task = %tracked.lease.key, %error, "could not extend the lease");
     }

@@ -163,10 +163,25 @@ impl Replica<'_> {
         } else {
             ReplicaState::Busy
         };
+        let silent_since = self.silent_since();
         self.agent.update_replica(self.index, |replica| {
             replica.tasks = tasks;
             replica.state = state;
+            replica.task_progress_ms = silent_since;
         });
+    }
+
+    /// The last progress (or start) of the most silent task in flight.
+    fn silent_since(&self) -> Option<crate::clock::UnixMillis> {
+        let now = Instant::now();
+        let now_ms = self.agent.clock.now_ms();
+        self.in_flight
+            .values()
+            .map(|tracked| {
+                let silent = now.saturating_duration_since(tracked.last_progress);
+                now_ms.saturating_sub(u64::try_from(silent.as_millis()).unwrap_or(u64::MAX))
+            })
+            .min()
     }
 
     /// The main loop: ask for tasks while there is room, hand them over,
@@ -348,7 +363,12 @@ impl Replica<'_> {
                     }
                 });
                 let tracked = self.in_flight.get_mut(&id).expect("task_for found it");
-                if let Err(error) = self.agent.progress(tracked, checkpoint.as_ref()).await {
+                let progressed = self.agent.progress(tracked, checkpoint.as_ref()).await;
+                let silent_since = self.silent_since();
+                self.agent.update_replica(self.index, |replica| {
+                    replica.task_progress_ms = silent_since;
+                });
+                if let Err(error) = progressed {
                     self.lost_lease(&id, &error);
                 }
             }
