@@ -478,18 +478,7 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
             )
             .await
         }
-        Command::Tasks(TasksCommand::Show { id, json }) => {
-            let queue = open_queue(&config).await?;
-            let Some(task) = queue.get(&id).await? else {
-                return Err(Failure::usage(format!("no task with id {id:?}")));
-            };
-            if json {
-                print_json(&serde_json::to_value(&task).expect("record serializes"));
-            } else {
-                print_task(&task);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Tasks(TasksCommand::Show { id, json }) => show(&config, &id, json, None).await,
         Command::Dlq(DlqCommand::List { limit, json }) => {
             let filter = ListFilter {
                 state: Some(TaskState::DeadLettered),
@@ -529,6 +518,33 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
     }
 }
 
+/// Prints task `id` with its attempts; with `expected`, only a task in
+/// that state.
+async fn show(
+    config: &Config,
+    id: &str,
+    json: bool,
+    expected: Option<TaskState>,
+) -> Result<ExitCode, Failure> {
+    let Some(task) = open_queue(config).await?.get(id).await? else {
+        return Err(Failure::usage(format!("no task with id {id:?}")));
+    };
+    if let Some(expected) = expected
+        && task.state != expected
+    {
+        return Err(Failure::usage(format!(
+            "task {id:?} is {}, not {expected}; see `flotilla tasks show {id}`",
+            task.state
+        )));
+    }
+    if json {
+        print_json(&serde_json::to_value(&task).expect("record serializes"));
+    } else {
+        print_task(&task);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn escalations(config: &Config, command: EscalationsCommand) -> Result<ExitCode, Failure> {
     match command {
         EscalationsCommand::List { agent, limit, json } => {
@@ -540,23 +556,7 @@ async fn escalations(config: &Config, command: EscalationsCommand) -> Result<Exi
             list(config, filter, json).await
         }
         EscalationsCommand::Show { id, json } => {
-            let queue = open_queue(config).await?;
-            let task = match queue.get(&id).await? {
-                Some(task) if task.state == TaskState::Escalated => task,
-                Some(task) => {
-                    return Err(Failure::usage(format!(
-                        "task {id:?} is {}, not escalated; see `flotilla tasks show {id}`",
-                        task.state
-                    )));
-                }
-                None => return Err(Failure::usage(format!("no task with id {id:?}"))),
-            };
-            if json {
-                print_json(&serde_json::to_value(&task).expect("record serializes"));
-            } else {
-                print_task(&task);
-            }
-            Ok(ExitCode::SUCCESS)
+            show(config, &id, json, Some(TaskState::Escalated)).await
         }
         EscalationsCommand::Resolve {
             id,

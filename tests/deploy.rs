@@ -17,29 +17,12 @@ use std::time::Duration;
 use support::*;
 
 fn promtool(test: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("FLOTILLA_PROMTOOL")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let local = repo_root().join(".tools/bin/promtool");
-            local.exists().then_some(local)
-        })
-        .or_else(|| {
-            std::env::var_os("PATH").and_then(|paths| {
-                std::env::split_paths(&paths)
-                    .map(|dir| dir.join("promtool"))
-                    .find(|candidate| candidate.is_file())
-            })
-        });
-    if found.is_none() {
-        let message = format!(
-            "{test}: no promtool found (set FLOTILLA_PROMTOOL, or run scripts/install-promtool.sh)"
-        );
-        if std::env::var("CI").is_ok_and(|value| value == "true") {
-            panic!("{message}; CI=true requires it");
-        }
-        eprintln!("\n!!! SKIPPED {message}\n");
-    }
-    found
+    tool(
+        test,
+        "promtool",
+        "FLOTILLA_PROMTOOL",
+        "scripts/install-promtool.sh",
+    )
 }
 
 #[test]

@@ -40,13 +40,7 @@ impl Availability {
             .lock()
             .expect("availability lock")
             .contains(agent)
-            && !self
-                .degradation
-                .lock()
-                .expect("degradation lock")
-                .unavailable
-                .iter()
-                .any(|name| name == agent)
+            && !self.degraded(agent)
     }
 
     /// The degradation level.

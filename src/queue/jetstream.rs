@@ -1624,6 +1624,31 @@ impl Inner {
     }
 
     /// Back to the queue after `delay`, charged or not.
+    /// Ends the attempt `key` holds with `end`, and lets `then` change the
+    /// record further (at the same time `now`), in one compare-and-set.
+    /// Returns what `then` returned and the delivery's reply subject from
+    /// the record, for settling its message.
+    async fn end_held<T>(
+        &self,
+        key: &LeaseKey,
+        end: &AttemptEnd,
+        mut then: impl FnMut(&mut Record, UnixMillis) -> T,
+    ) -> Result<(T, Option<String>), QueueError> {
+        let mut reply = None;
+        let answer = self
+            .update(&key.task_id, Some(key), |record| {
+                if !record.holds(key) {
+                    return Err(record.stale(key));
+                }
+                let now = self.now();
+                reply.clone_from(&record.reply);
+                record.end_attempt(key.attempt, end, now);
+                Ok(Change::Write(then(record, now)))
+            })
+            .await?;
+        Ok((answer, reply))
+    }
+
     async fn requeue(
         &self,
         key: &LeaseKey,
@@ -1631,25 +1656,17 @@ impl Inner {
         end: &AttemptEnd,
         refund: bool,
     ) -> Result<(), QueueError> {
-        let mut reply = None;
-        let mut agent = String::new();
-        self.update(&key.task_id, Some(key), |record| {
-            if !record.holds(key) {
-                return Err(record.stale(key));
-            }
-            let now = self.now();
-            reply.clone_from(&record.reply);
-            agent.clone_from(&record.task.agent);
-            record.end_attempt(key.attempt, end, now);
-            if refund {
-                record.task.charged_attempts = record.task.charged_attempts.saturating_sub(1);
-            }
-            let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX / 2);
-            record.retry_delay_ms = delay_ms;
-            record.requeue(now + delay_ms);
-            Ok(Change::Write(()))
-        })
-        .await?;
+        let (agent, reply) = self
+            .end_held(key, end, |record, now| {
+                if refund {
+                    record.task.charged_attempts = record.task.charged_attempts.saturating_sub(1);
+                }
+                let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX / 2);
+                record.retry_delay_ms = delay_ms;
+                record.requeue(now + delay_ms);
+                record.task.agent.clone()
+            })
+            .await?;
         self.settle_held(key, reply, nak(delay)).await;
         if delay.is_zero() {
             self.ring(&agent).await;
@@ -1970,20 +1987,12 @@ impl TaskQueue for JetStreamQueue {
     }
 
     async fn term(&self, key: &LeaseKey, reason: &str, end: AttemptEnd) -> Result<(), QueueError> {
-        let mut reply = None;
-        let mut dead = None;
-        self.inner
-            .update(&key.task_id, Some(key), |record| {
-                if !record.holds(key) {
-                    return Err(record.stale(key));
-                }
-                let now = self.inner.now();
-                reply.clone_from(&record.reply);
-                record.end_attempt(key.attempt, &end, now);
+        let (dead, reply) = self
+            .inner
+            .end_held(key, &end, |record, now| {
                 record.task.reason = Some(bound_reason(reason));
                 record.finish(TaskState::DeadLettered, now);
-                dead = Some(record.clone());
-                Ok(Change::Write(()))
+                Some(record.clone())
             })
             .await?;
         let held = self.inner.unhold(key);
@@ -2079,19 +2088,12 @@ impl TaskQueue for JetStreamQueue {
         reason: &str,
         end: AttemptEnd,
     ) -> Result<(), QueueError> {
-        let mut reply = None;
-        self.inner
-            .update(&key.task_id, Some(key), |record| {
-                if !record.holds(key) {
-                    return Err(record.stale(key));
-                }
-                let now = self.inner.now();
-                reply.clone_from(&record.reply);
-                record.end_attempt(key.attempt, &end, now);
+        let ((), reply) = self
+            .inner
+            .end_held(key, &end, |record, now| {
                 record.task.charged_attempts = record.task.charged_attempts.saturating_sub(1);
                 record.task.reason = Some(bound_reason(reason));
                 record.finish(TaskState::Escalated, now);
-                Ok(Change::Write(()))
             })
             .await?;
         self.inner

@@ -27,6 +27,33 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// An external tool the tests need: `$ENV_VAR`, else `.tools/bin/NAME`
+/// (from the repo's installer script), else NAME on PATH. Without it,
+/// `None` after saying so loudly, except under `CI=true`, where it panics.
+pub fn tool(test: &str, name: &str, env_var: &str, installer: &str) -> Option<PathBuf> {
+    let found = std::env::var_os(env_var)
+        .map(PathBuf::from)
+        .or_else(|| {
+            let local = repo_root().join(".tools/bin").join(name);
+            local.exists().then_some(local)
+        })
+        .or_else(|| {
+            std::env::var_os("PATH").and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|dir| dir.join(name))
+                    .find(|candidate| candidate.is_file())
+            })
+        });
+    if found.is_none() {
+        let message = format!("{test}: no {name} found (set {env_var}, or run {installer})");
+        if std::env::var("CI").is_ok_and(|value| value == "true") {
+            panic!("{message}; CI=true requires it");
+        }
+        eprintln!("\n!!! SKIPPED {message}\n");
+    }
+    found
+}
+
 /// A TOML array running the built-in example agent with `args`.
 pub fn example_agent(args: &[&str]) -> String {
     let mut argv = vec![flotilla_bin().to_string(), "example-agent".to_string()];

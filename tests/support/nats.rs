@@ -27,21 +27,6 @@ pub struct NatsServer {
     _store: tempfile::TempDir,
 }
 
-fn find_binary() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("FLOTILLA_NATS_SERVER") {
-        return Some(PathBuf::from(path));
-    }
-    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/nats-server");
-    if local.exists() {
-        return Some(local);
-    }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("nats-server"))
-            .find(|candidate| candidate.is_file())
-    })
-}
-
 /// `count` distinct free loopback ports (all held until all are found, so
 /// none repeats; another process may still take one before the server
 /// binds it, which `restart` then reports).
@@ -68,17 +53,12 @@ fn tail(path: &Path, lines: usize) -> String {
 /// # Panics
 /// Under `CI=true` without a nats-server.
 fn binary_for(test: &str) -> Option<PathBuf> {
-    let binary = find_binary();
-    if binary.is_none() {
-        let message = format!(
-            "{test}: no nats-server found (set FLOTILLA_NATS_SERVER, or run scripts/install-nats-server.sh)"
-        );
-        if std::env::var("CI").is_ok_and(|value| value == "true") {
-            panic!("{message}; CI=true requires it");
-        }
-        eprintln!("\n!!! SKIPPED {message}\n");
-    }
-    binary
+    super::tool(
+        test,
+        "nats-server",
+        "FLOTILLA_NATS_SERVER",
+        "scripts/install-nats-server.sh",
+    )
 }
 
 impl NatsServer {
