@@ -1,5 +1,6 @@
 //! The daemon as a real process: `kill -9` mid-run and restart, graceful
-//! shutdown, a second daemon on the same store, and no orphaned agents.
+//! shutdown, a second daemon on the same store, no orphaned agents, and
+//! JSON logs.
 
 mod support;
 
@@ -254,5 +255,66 @@ env = { DECLARED = "yes", PASSED = "${FLOTILLA_TEST_PASSED}" }
             .contains(name),
             "unexpected variable {name} reached the agent: {output}"
         );
+    }
+}
+
+/// `--log-format json`: one JSON object per line, and a failed attempt's
+/// line carries its task, agent and attempt from the attempt's span.
+/// (Here, not beside the in-process daemons of tests/health.rs: their
+/// child reaper could collect this test's daemon process.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_follow_one_task_through_its_attempts() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.flaky]
+command = {}
+retry = {{ max_deliver = 2, backoff = ["10ms"] }}
+breaker = {{ enabled = false }}
+"#,
+        example_agent(&["--work-ms", "1", "--error-rate", "1.0"]),
+    ));
+    fleet.submit_numbered("flaky", 1, "followed");
+    let log = std::fs::File::create(fleet.path("daemon.log")).unwrap();
+    let mut daemon = die_with_parent(&mut std::process::Command::new(flotilla_bin()))
+        .args([
+            "-c",
+            fleet.config_path.to_str().unwrap(),
+            "--log-format",
+            "json",
+            "up",
+        ])
+        .env("FLOTILLA_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let client = fleet.client();
+    wait_until(
+        Duration::from_secs(30),
+        "the task to be dead-lettered",
+        || async { finished(&client).await == 1 },
+    )
+    .await;
+    signal(&daemon, nix::sys::signal::Signal::SIGTERM);
+    wait_exit(&mut daemon, Duration::from_secs(20));
+    let text = std::fs::read_to_string(fleet.path("daemon.log")).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+        .collect();
+    let failed: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|line| line["message"] == "attempt failed")
+        .collect();
+    assert_eq!(failed.len(), 2, "{text}");
+    for (n, line) in failed.iter().enumerate() {
+        let span = &line["spans"][0];
+        assert_eq!(span["name"], "attempt", "{line}");
+        assert_eq!(span["task"], "followed-00000", "{line}");
+        assert_eq!(span["agent"], "flaky", "{line}");
+        assert_eq!(span["attempt"], n as u64 + 1, "{line}");
+        assert_eq!(line["outcome"], "error", "{line}");
+        assert_eq!(line["level"], "INFO", "{line}");
     }
 }
