@@ -294,9 +294,11 @@ fn group_of(pid: u32) -> Option<u32> {
 
 /// Resident memory in bytes per process group, over all processes. Reaps,
 /// on the way, zombies re-parented to this process (an agent's children
-/// that exited while the agent runs on).
+/// that exited while the agent runs on); never a zombie of this process's
+/// own group, which its own code waits for.
 pub fn rss_by_group() -> HashMap<u32, u64> {
     let own = std::process::id();
+    let own_group = u32::try_from(nix::unistd::getpgrp().as_raw()).unwrap_or(0);
     let mut orphans = Vec::new();
     let page = page_size();
     let mut groups = HashMap::new();
@@ -305,8 +307,12 @@ pub fn rss_by_group() -> HashMap<u32, u64> {
             continue;
         };
         // After the command: state(0) ppid(1) pgrp(2) ... rss(21), in pages.
+        // A zombie in this process's own group is a child it started
+        // itself (and will wait for), not an agent's orphan: agents run in
+        // their own groups.
         if fields.first().is_some_and(|state| state == "Z")
             && fields.get(1).and_then(|f| f.parse::<u32>().ok()) == Some(own)
+            && fields.get(2).and_then(|f| f.parse::<u32>().ok()) != Some(own_group)
         {
             orphans.push(pid);
             continue;
