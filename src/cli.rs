@@ -1090,16 +1090,7 @@ fn print_status(report: &StatusReport, now: UnixMillis) {
         "MALFORMED"
     );
     for agent in &report.agents {
-        let up = agent
-            .replicas
-            .iter()
-            .filter(|r| {
-                matches!(
-                    r.state,
-                    crate::status::ReplicaState::Idle | crate::status::ReplicaState::Busy
-                )
-            })
-            .count();
+        let up = agent.replicas.iter().filter(|r| r.is_ready()).count();
         println!(
             "{:<20} {:<9} {:<9} {:>8} {:>7} {:>8} {:>10} {:>6} {:>9} {:>10}",
             agent.name,
@@ -1146,6 +1137,14 @@ fn print_status(report: &StatusReport, now: UnixMillis) {
                 diverted.rerouted, diverted.escalated, diverted.proceeded_with_warning
             );
         }
+        for check in agent.readiness.iter().filter(|check| !check.ok) {
+            println!(
+                "  {}readiness check {:?} failing: {}",
+                if check.required { "NOT READY: " } else { "" },
+                check.name,
+                check.detail
+            );
+        }
         if let Some(malformed) = &agent.last_malformed {
             println!("  last malformed line: {malformed}");
         }
@@ -1177,6 +1176,9 @@ fn print_status(report: &StatusReport, now: UnixMillis) {
                 }
                 if let Some(exit) = &replica.last_exit {
                     line.push_str(&format!(" (last exit: {exit})"));
+                }
+                if let Some(why) = &replica.not_ready {
+                    line.push_str(&format!(" NOT READY: {why}"));
                 }
                 println!("{line}");
             }

@@ -22,7 +22,7 @@ use crate::degrade::{AgentView, Degrader, Forced, Observation};
 use crate::dispatch::{self, AgentRuntime, MemoryMap, Phase, Wiring};
 use crate::queue::TaskQueue;
 use crate::queue::sqlite::Role;
-use crate::status::{AgentState, DaemonSnapshot, ReplicaState};
+use crate::status::{AgentState, DaemonSnapshot, ReplicaState, ReplicaStatus};
 use crate::store::{self, Store};
 use crate::supervisor::process;
 
@@ -552,9 +552,7 @@ impl DegradeLoop {
                         .breaker
                         .state
                         .is_none_or(|state| state == BreakerState::Closed)
-                    && agent.replicas.iter().any(|replica| {
-                        matches!(replica.state, ReplicaState::Idle | ReplicaState::Busy)
-                    })
+                    && agent.replicas.iter().any(ReplicaStatus::is_ready)
             })
             .map(|agent| agent.name.clone())
             .collect()
@@ -609,9 +607,7 @@ impl DegradeLoop {
                             ready: status
                                 .replicas
                                 .iter()
-                                .filter(|replica| {
-                                    matches!(replica.state, ReplicaState::Idle | ReplicaState::Busy)
-                                })
+                                .filter(|replica| replica.is_ready())
                                 .count() as u32,
                             failing: status
                                 .replicas

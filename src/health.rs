@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 use crate::clock::SharedClock;
 use crate::dispatch::AgentRuntime;
-use crate::status::ReplicaState;
+use crate::status::{ReplicaState, ReplicaStatus};
 use crate::store::Store;
 
 /// What the handlers read.
@@ -116,7 +116,7 @@ impl Health {
             let ready = status
                 .replicas
                 .iter()
-                .filter(|replica| matches!(replica.state, ReplicaState::Idle | ReplicaState::Busy))
+                .filter(|replica| replica.is_ready())
                 .count();
             checks.push(Check {
                 name: format!("agent:{}", status.name),
@@ -124,6 +124,14 @@ impl Health {
                 required: false,
                 detail: format!("{ready} of {} replicas ready", status.replicas.len()),
             });
+            for check in &status.readiness {
+                checks.push(Check {
+                    name: format!("agent:{}:{}", status.name, check.name),
+                    ok: check.ok,
+                    required: check.required,
+                    detail: check.detail.clone(),
+                });
+            }
         }
         let ready = checks.iter().all(|check| check.ok || !check.required);
         Readiness {
@@ -178,10 +186,7 @@ async fn metrics(State(health): State<Health>) -> impl IntoResponse {
         .map(|agent| {
             let status = agent.status();
             let available = agent.availability().is_available(&status.name)
-                && status
-                    .replicas
-                    .iter()
-                    .any(|r| matches!(r.state, ReplicaState::Idle | ReplicaState::Busy));
+                && status.replicas.iter().any(ReplicaStatus::is_ready);
             (status, available)
         })
         .collect();

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod notify;
 pub mod protocol;
 pub mod queue;
+pub mod readiness;
 pub mod retry;
 pub mod status;
 pub mod store;

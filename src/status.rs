@@ -78,9 +78,19 @@ pub struct ReplicaStatus {
     pub rss_bytes: Option<u64>,
     /// Context window usage last reported by the agent.
     pub context_window_usage_pct: Option<f64>,
+    /// Why the replica takes no tasks although it runs: a required
+    /// readiness check fails for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ready: Option<String>,
 }
 
 impl ReplicaStatus {
+    /// Whether it runs and may take tasks (its process is up and every
+    /// required readiness check passes for it).
+    pub fn is_ready(&self) -> bool {
+        matches!(self.state, ReplicaState::Idle | ReplicaState::Busy) && self.not_ready.is_none()
+    }
+
     /// Its process is gone: enter `state` without a pid, memory or tasks.
     pub fn without_process(&mut self, state: ReplicaState) {
         self.state = state;
@@ -106,6 +116,7 @@ impl ReplicaStatus {
             last_exit: None,
             rss_bytes: None,
             context_window_usage_pct: None,
+            not_ready: None,
         }
     }
 }
@@ -141,6 +152,9 @@ pub struct AgentStatus {
     /// daemon started.
     #[serde(default)]
     pub diverted: Diverted,
+    /// Its readiness checks' last results.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub readiness: Vec<crate::readiness::CheckStatus>,
 }
 
 /// An agent's circuit breaker, as shown by `status`.
@@ -186,6 +200,7 @@ impl AgentStatus {
             tasks: StateCounts::default(),
             breaker: BreakerStatus::default(),
             diverted: Diverted::default(),
+            readiness: Vec::new(),
         }
     }
 }

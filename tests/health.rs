@@ -134,6 +134,197 @@ command = {}
     daemon.stop().await;
 }
 
+/// A model endpoint stand-in: answers every request with the status in
+/// `status`.
+async fn model_endpoint(
+    status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let code = status.load(std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(read) => request.extend_from_slice(&buffer[..read]),
+                    }
+                }
+                let answer =
+                    format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    address
+}
+
+/// The check named `name` in a `/health/ready` answer.
+fn check<'a>(body: &'a Value, name: &str) -> Option<&'a Value> {
+    body["checks"]
+        .as_array()?
+        .iter()
+        .find(|check| check["name"] == name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_checks_gate_the_replicas_and_the_daemon() {
+    let endpoint_status = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(200));
+    let endpoint = model_endpoint(endpoint_status.clone()).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.gated]
+command = {agent}
+replicas = {{ min = 2 }}
+
+[agents.gated.readiness]
+interval = "1s"
+timeout = "500ms"
+checks = [
+  {{ name = "model", http = "http://{endpoint}/health" }},
+  {{ name = "weights", command = ["test", "-e", "weights.bin"] }},
+  {{ workspace_writable = true }},
+  {{ name = "cache", tcp = "127.0.0.1:{closed_port}", required = false }},
+]
+"#,
+        agent = example_agent(&["--work-ms", "1"]),
+    ));
+    let daemon = fleet.start().await;
+    let address = daemon.http_address().expect("listening");
+    let queue = daemon.queue();
+    // The weights are missing: not ready, and the task waits.
+    queue
+        .submit(numbered_tasks("gated", 1, "first").0)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the failing check", || async {
+        let (status, body) = get(address, "/health/ready").await;
+        status == 503
+            && check(&body, "agent:gated:weights").is_some_and(|c| {
+                c["ok"] == false
+                    && c["required"] == true
+                    && c["detail"]
+                        .as_str()
+                        .unwrap()
+                        .contains("\"test\" exit status: 1")
+            })
+            && check(&body, "agent:gated:model").is_some_and(|c| c["ok"] == true)
+            && check(&body, "agent:gated:workspace_writable").is_some_and(|c| c["ok"] == true)
+            && check(&body, "agent:gated:cache")
+                .is_some_and(|c| c["ok"] == false && c["required"] == false)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let task = queue.get("first-00000").await.unwrap().unwrap();
+    assert_eq!(
+        task.state.to_string(),
+        "queued",
+        "not-ready replicas got a task"
+    );
+    let status = fleet.cli(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("NOT READY: readiness check \"weights\" failing"),
+        "{text}"
+    );
+    // The weights appear: ready (the optional check still fails), and the
+    // task runs.
+    std::fs::write(fleet.path("weights.bin"), b"w").unwrap();
+    wait_until(Duration::from_secs(20), "ready", || async {
+        let (status, body) = get(address, "/health/ready").await;
+        status == 200 && check(&body, "agent:gated:cache").is_some_and(|c| c["ok"] == false)
+    })
+    .await;
+    wait_until(Duration::from_secs(20), "the task to complete", || async {
+        queue
+            .get("first-00000")
+            .await
+            .unwrap()
+            .unwrap()
+            .state
+            .to_string()
+            == "completed"
+    })
+    .await;
+    // The model endpoint fails: not ready again, naming it; back when it
+    // recovers.
+    endpoint_status.store(503, std::sync::atomic::Ordering::SeqCst);
+    wait_until(Duration::from_secs(20), "the endpoint to fail", || async {
+        let (status, body) = get(address, "/health/ready").await;
+        status == 503
+            && check(&body, "agent:gated:model")
+                .is_some_and(|c| c["ok"] == false && c["detail"].as_str().unwrap().contains("503"))
+    })
+    .await;
+    queue
+        .submit(numbered_tasks("gated", 1, "second").0)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let task = queue.get("second-00000").await.unwrap().unwrap();
+    assert_eq!(task.state.to_string(), "queued");
+    endpoint_status.store(200, std::sync::atomic::Ordering::SeqCst);
+    wait_until(Duration::from_secs(20), "the second task", || async {
+        queue
+            .get("second-00000")
+            .await
+            .unwrap()
+            .unwrap()
+            .state
+            .to_string()
+            == "completed"
+    })
+    .await;
+    assert_eq!(get(address, "/health/ready").await.0, 200);
+    daemon.stop().await;
+
+    // A per-replica check: the replica is over its share of memory, so it
+    // takes no task and the check names it.
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.greedy]
+command = {}
+readiness = {{ interval = "1s", checks = [{{ memory_below_pct = 0.0001 }}] }}
+"#,
+        example_agent(&["--work-ms", "1"]),
+    ));
+    let daemon = fleet.start().await;
+    let address = daemon.http_address().expect("listening");
+    wait_until(
+        Duration::from_secs(20),
+        "the replica to fail its check",
+        || async {
+            let (status, body) = get(address, "/health/ready").await;
+            status == 503
+                && check(&body, "agent:greedy:memory_below_pct 0.0001").is_some_and(|c| {
+                    c["ok"] == false
+                        && c["detail"]
+                            .as_str()
+                            .unwrap()
+                            .contains("replica 0: resident memory")
+                })
+                && check(&body, "agent:greedy").is_some_and(|c| c["ok"] == false)
+        },
+    )
+    .await;
+    daemon
+        .queue()
+        .submit(numbered_tasks("greedy", 1, "third").0)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let task = daemon.queue().get("third-00000").await.unwrap().unwrap();
+    assert_eq!(task.state.to_string(), "queued");
+    daemon.stop().await;
+}
+
 #[test]
 fn a_non_loopback_address_needs_a_token_and_a_busy_port_stops_the_start() {
     let fleet = Fleet::new("[agents.worker]\ncommand = [\"true\"]\n");

@@ -605,6 +605,47 @@ fallback_policy = "escalate_to_human"
     }
 
     #[test]
+    fn readiness_checks_are_checked() {
+        let found = problems(
+            r#"
+[agents.a]
+command = ["a"]
+
+[agents.a.readiness]
+interval = "500ms"
+checks = [
+  { http = "ftp://model", expect = 200 },
+  { tcp = "no-port" },
+  { command = [] },
+  { tcp = "127.0.0.1:1", command = ["true"] },
+  { memory_below_pct = 120.0 },
+  { workspace_writable = false },
+  { expect = 204 },
+  { name = "x", tcp = "127.0.0.1:2" },
+  { name = "x", tcp = "127.0.0.1:3" },
+]
+"#,
+        );
+        let all: Vec<String> = found.iter().map(ToString::to_string).collect();
+        for expected in [
+            "agents.a.readiness.interval: 500ms is out of range; valid: 1s to 1h",
+            "agents.a.readiness.checks[0].http: \"ftp://model\" has scheme \"ftp\"; valid: http or https",
+            "agents.a.readiness.checks[1].tcp: \"no-port\" is not HOST:PORT",
+            "agents.a.readiness.checks[2].command: is empty",
+            "agents.a.readiness.checks[3]: names 2 kinds of check; give exactly one of http, tcp, command, workspace_writable, memory_below_pct",
+            "agents.a.readiness.checks[4].memory_below_pct: 120 is out of range; valid: above 0, up to 100",
+            "agents.a.readiness.checks[5].workspace_writable: false checks nothing",
+            "agents.a.readiness.checks[6].expect: only an `http` check has an expected status",
+            "agents.a.readiness.checks[8].name: \"x\" names two checks",
+        ] {
+            assert!(
+                all.iter().any(|p| p.contains(expected)),
+                "{expected} missing from {all:#?}"
+            );
+        }
+    }
+
+    #[test]
     fn notify_sinks_and_degradation_triggers_are_checked() {
         let found = problems(
             r#"

@@ -7,6 +7,7 @@
 //! starts anything.
 
 mod load;
+pub mod readiness;
 pub mod units;
 
 use std::collections::BTreeMap;
@@ -17,6 +18,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use load::{ConfigError, Problem, load, parse};
+pub use readiness::{CheckConfig, Probe, ReadinessConfig};
 pub use units::{ByteSize, HumanDuration};
 
 /// The whole configuration file.
@@ -331,6 +333,10 @@ pub struct AgentConfig {
     /// trigger `critical_agent_unavailable` watches critical agents.
     #[serde(default)]
     pub critical: bool,
+    /// Checks that must pass before the agent's replicas take tasks
+    /// (e.g. its model endpoint answers).
+    #[serde(default)]
+    pub readiness: ReadinessConfig,
 }
 
 /// `[http]`: the daemon's HTTP server (health endpoints).
@@ -1329,6 +1335,8 @@ impl BreakerConfig {
 impl AgentConfig {
     fn validate(&self, key: &str, mode_known: bool, problem: &mut impl FnMut(String, String)) {
         self.breaker.validate(&format!("{key}.breaker"), problem);
+        self.readiness
+            .validate(&format!("{key}.readiness"), problem);
         if self.command.is_empty() || self.command[0].trim().is_empty() {
             problem(
                 format!("{key}.command"),

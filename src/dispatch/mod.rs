@@ -98,6 +98,8 @@ pub struct AgentRuntime {
     gate_changed: tokio::sync::Notify,
     notifier: crate::notify::Notifier,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Which replicas may take tasks, from the readiness checks.
+    gate: watch::Sender<crate::readiness::Gate>,
 }
 
 /// A replica asking the leaser for one task.
@@ -199,6 +201,7 @@ impl AgentRuntime {
             .collect();
         base_env.push(("FLOTILLA_AGENT".into(), name.to_string()));
         base_env.push((INSTANCE_ENV.into(), wiring.instance.clone()));
+        let gate = crate::readiness::Gate::initial(&agent.readiness);
         let runtime = Arc::new(Self {
             name: name.to_string(),
             argv: agent
@@ -235,14 +238,24 @@ impl AgentRuntime {
             gate_changed: tokio::sync::Notify::new(),
             notifier: wiring.notifier.clone(),
             metrics: wiring.metrics.clone(),
+            gate: watch::Sender::new(gate),
         });
         runtime.refresh_breaker_status(runtime.clock.now_ms());
+        // Replicas show why they wait for the first round of checks.
+        let initial = runtime.gate.borrow().clone();
+        runtime.set_readiness(Vec::new(), initial);
         runtime.metrics.add_agent(name);
         let mut handles = vec![tokio::spawn(leaser(
             runtime.clone(),
             requests,
             shutdown.clone(),
         ))];
+        if !runtime.config.readiness.checks.is_empty() {
+            handles.push(tokio::spawn(crate::readiness::run(
+                runtime.clone(),
+                shutdown.clone(),
+            )));
+        }
         for index in 0..replicas {
             handles.push(tokio::spawn(run_replica(
                 runtime.clone(),
@@ -251,6 +264,60 @@ impl AgentRuntime {
             )));
         }
         (runtime, handles)
+    }
+
+    /// The clock's time now.
+    pub(crate) fn clock_now_ms(&self) -> crate::clock::UnixMillis {
+        self.clock.now_ms()
+    }
+
+    /// The agent's working directory.
+    pub(crate) fn workdir(&self) -> PathBuf {
+        self.workdir.clone()
+    }
+
+    /// How readiness check commands run: in the agent's working directory
+    /// with its environment (task placeholders are not available).
+    pub(crate) fn check_spec(&self) -> SpawnSpec {
+        let lookup = |var: &str| std::env::var(var).ok();
+        let mut env = self.base_env.clone();
+        for (var, value) in &self.env {
+            if let Ok(value) = value.render(&lookup, None) {
+                env.retain(|(existing, _)| existing != var);
+                env.push((var.clone(), value));
+            }
+        }
+        SpawnSpec {
+            argv: Vec::new(),
+            env,
+            workdir: self.workdir.clone(),
+        }
+    }
+
+    /// Records a round of readiness checks and lets replicas take tasks,
+    /// or stops them, accordingly.
+    pub(crate) fn set_readiness(
+        &self,
+        checks: Vec<crate::readiness::CheckStatus>,
+        gate: crate::readiness::Gate,
+    ) {
+        {
+            let mut status = self.status.lock().expect("status lock");
+            status.readiness = checks;
+            for replica in &mut status.replicas {
+                replica.not_ready = gate.blocks(replica.index).map(str::to_string);
+            }
+        }
+        self.gate.send_if_modified(|current| {
+            let changed = *current != gate;
+            *current = gate;
+            changed
+        });
+    }
+
+    /// Follows which replicas may take tasks.
+    fn watch_gate(&self) -> watch::Receiver<crate::readiness::Gate> {
+        self.gate.subscribe()
     }
 
     /// A copy of the agent's status.

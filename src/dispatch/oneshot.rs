@@ -30,18 +30,45 @@ pub(super) async fn run(
     shutdown: &mut watch::Receiver<Phase>,
 ) -> Exit {
     let name = agent.replica_name(index);
+    let mut gate = agent.watch_gate();
     loop {
         agent.update_replica(index, |replica| replica.without_process(ReplicaState::Idle));
-        let (reply, receiver) = oneshot::channel();
+        // Ask for a task only while ready.
+        while gate.borrow_and_update().blocks(index).is_some() {
+            tokio::select! {
+                _ = shutdown.changed() => return Exit::Shutdown,
+                changed = gate.changed() => if changed.is_err() { return Exit::Shutdown },
+            }
+        }
+        let (reply, mut receiver) = oneshot::channel();
         if agent.slots.send(SlotRequest { reply }).await.is_err() {
             return Exit::Shutdown;
         }
-        let lease = tokio::select! {
-            _ = shutdown.changed() => return Exit::Shutdown,
-            lease = receiver => match lease {
-                Ok(handed) => handed.take(),
-                Err(_) => return Exit::Shutdown,
-            },
+        let lease = loop {
+            tokio::select! {
+                _ = shutdown.changed() => return Exit::Shutdown,
+                lease = &mut receiver => match lease {
+                    Ok(handed) => break Some(handed.take()),
+                    Err(_) => return Exit::Shutdown,
+                },
+                changed = gate.changed() => {
+                    if changed.is_err() {
+                        return Exit::Shutdown;
+                    }
+                    let blocked = gate.borrow_and_update().blocks(index).map(str::to_string);
+                    if let Some(why) = blocked {
+                        // Not ready any more: withdraw the request.
+                        receiver.close();
+                        if let Ok(handed) = receiver.try_recv() {
+                            agent.release(handed.take(), &name, &why).await;
+                        }
+                        break None;
+                    }
+                }
+            }
+        };
+        let Some(lease) = lease else {
+            continue;
         };
         let span = agent.attempt_span(&lease.key);
         if let Some(reason) = run_task(agent, index, &name, lease, shutdown)

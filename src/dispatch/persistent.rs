@@ -193,8 +193,14 @@ impl Replica<'_> {
         let mut draining: Option<Instant> = None;
         let mut shutdown_closed = false;
         let mut memory_closed = false;
+        let mut gate = self.agent.watch_gate();
+        let mut gate_closed = false;
         loop {
-            if draining.is_none() && slot.is_none() && self.in_flight.len() < concurrency {
+            if draining.is_none()
+                && slot.is_none()
+                && self.in_flight.len() < concurrency
+                && gate.borrow_and_update().blocks(self.index).is_none()
+            {
                 let (reply, receiver) = oneshot::channel();
                 if self.agent.slots.try_send(SlotRequest { reply }).is_ok() {
                     slot = Some(receiver);
@@ -254,6 +260,20 @@ impl Replica<'_> {
                         .find_map(|(id, tracked)| tracked.expired(self.agent, now).map(|failure| (id.clone(), failure)));
                     if let Some((id, failure)) = expired {
                         return self.kill_for(Some(id), failure, false).await;
+                    }
+                }
+                changed = gate.changed(), if !gate_closed => {
+                    gate_closed = changed.is_err();
+                    let blocked = gate.borrow_and_update().blocks(self.index).map(str::to_string);
+                    if let Some(why) = blocked
+                        && let Some(mut receiver) = slot.take()
+                    {
+                        // Not ready any more: withdraw the request, and
+                        // hand back a lease that reached the slot meanwhile.
+                        receiver.close();
+                        if let Ok(handed) = receiver.try_recv() {
+                            self.agent.release(handed.take(), &self.name, &why).await;
+                        }
                     }
                 }
                 changed = memory.changed(), if !memory_closed => {

@@ -1,0 +1,348 @@
+//! Agents' readiness checks (`[agents.NAME.readiness]`): run every
+//! `interval`, each bounded by `timeout`; their results gate the agent's
+//! replicas (a replica asks for tasks only while every required check
+//! passes for it) and feed `/health/ready` and `status`.
+//!
+//! `http`, `tcp`, `command` and `workspace_writable` are checks of the
+//! agent as a whole; `memory_below_pct` is judged per replica.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt as _};
+use tokio::sync::watch;
+
+use crate::clock::UnixMillis;
+use crate::config::{CheckConfig, Probe, ReadinessConfig};
+use crate::dispatch::{AgentRuntime, Phase};
+use crate::supervisor::process::{self, SpawnSpec};
+
+/// Bytes of a check command's output kept for its detail.
+const OUTPUT_BYTES: usize = 512;
+
+/// The last result of one check, as `status` and `/health/ready` show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CheckStatus {
+    /// The check's name.
+    pub name: String,
+    /// Whether it passed (for a per-replica check: for every replica).
+    pub ok: bool,
+    /// Whether a failure keeps the replicas from taking tasks.
+    pub required: bool,
+    /// What was seen.
+    pub detail: String,
+    /// When it ran.
+    pub checked_ms: UnixMillis,
+}
+
+/// What the agent's replicas may do now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gate {
+    /// Why no replica of the agent may take tasks, if so.
+    pub agent: Option<String>,
+    /// Replicas that may not take tasks, with why.
+    pub replicas: BTreeMap<u32, String>,
+}
+
+impl Gate {
+    /// Why replica `index` may not take tasks now, if so.
+    pub fn blocks(&self, index: u32) -> Option<&str> {
+        self.agent
+            .as_deref()
+            .or_else(|| self.replicas.get(&index).map(String::as_str))
+    }
+
+    /// The gate before the first round of checks.
+    pub fn initial(config: &ReadinessConfig) -> Self {
+        Self {
+            agent: (!config.checks.is_empty())
+                .then(|| "readiness checks have not run yet".to_string()),
+            replicas: BTreeMap::new(),
+        }
+    }
+}
+
+/// Runs `agent`'s checks every interval until shutdown.
+pub async fn run(agent: Arc<AgentRuntime>, mut shutdown: watch::Receiver<Phase>) {
+    let config = agent.config.readiness.clone();
+    let total_memory = machine_memory();
+    let limit = config.timeout();
+    let client = reqwest::Client::builder()
+        .timeout(limit.get())
+        .connect_timeout(limit.get())
+        .build()
+        .ok();
+    let mut ticker = tokio::time::interval(config.interval.get());
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        tokio::select! {
+            changed = shutdown.changed() => {
+                if changed.is_err() || shutdown.borrow().stopping() {
+                    return;
+                }
+                continue;
+            }
+            _ = ticker.tick() => {}
+        }
+        let round = futures_util::future::join_all(config.checks.iter().map(|check| {
+            let agent = agent.clone();
+            let client = client.clone();
+            async move {
+                let outcome = match check.probe() {
+                    Some(Probe::MemoryBelowPct(pct)) => {
+                        Round::Replicas(memory(&agent, pct, total_memory))
+                    }
+                    Some(Probe::Command(argv)) => Round::Agent(command(&agent, &argv, limit).await),
+                    Some(probe) => Round::Agent(
+                        match tokio::time::timeout(
+                            limit.get(),
+                            probe_once(&agent, &probe, client.as_ref()),
+                        )
+                        .await
+                        {
+                            Ok(result) => result,
+                            Err(_) => Err(format!("no answer within timeout = {limit}")),
+                        },
+                    ),
+                    None => Round::Agent(Err("invalid check".into())),
+                };
+                (check, outcome)
+            }
+        }))
+        .await;
+        let now = agent.clock_now_ms();
+        let mut statuses = Vec::with_capacity(round.len());
+        let mut gate = Gate::default();
+        for (check, outcome) in round {
+            let name = check.display_name();
+            let (ok, detail) = match outcome {
+                Round::Agent(Ok(detail)) => (true, detail),
+                Round::Agent(Err(detail)) => {
+                    if check.required && gate.agent.is_none() {
+                        gate.agent = Some(format!("readiness check {name:?} failed: {detail}"));
+                    }
+                    (false, detail)
+                }
+                Round::Replicas(over) if over.is_empty() => {
+                    (true, format!("every replica below {}", pct_of(check)))
+                }
+                Round::Replicas(over) => {
+                    let detail = over
+                        .iter()
+                        .map(|(index, what)| format!("replica {index}: {what}"))
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    if check.required {
+                        for (index, what) in over {
+                            gate.replicas.entry(index).or_insert_with(|| {
+                                format!("readiness check {name:?} failed: {what}")
+                            });
+                        }
+                    }
+                    (false, detail)
+                }
+            };
+            log_change(&agent.name, &name, ok, &detail, &mut failing);
+            statuses.push(CheckStatus {
+                name,
+                ok,
+                required: check.required,
+                detail,
+                checked_ms: now,
+            });
+        }
+        agent.set_readiness(statuses, gate);
+    }
+}
+
+/// The result of one check in one round.
+enum Round {
+    /// An agent-wide check: its detail, or why it failed.
+    Agent(Result<String, String>),
+    /// A per-replica check: the replicas that fail it, with why.
+    Replicas(Vec<(u32, String)>),
+}
+
+fn pct_of(check: &CheckConfig) -> String {
+    format!("{}%", check.memory_below_pct.unwrap_or_default())
+}
+
+/// Logs a check that starts failing (warning) or recovers (info).
+fn log_change(
+    agent: &str,
+    check: &str,
+    ok: bool,
+    detail: &str,
+    failing: &mut BTreeMap<String, String>,
+) {
+    if ok {
+        if failing.remove(check).is_some() {
+            tracing::info!(agent, check, %detail, "readiness check passes again");
+        }
+    } else if failing
+        .insert(check.to_string(), detail.to_string())
+        .is_none()
+    {
+        tracing::warn!(agent, check, %detail, "readiness check failed");
+    }
+}
+
+async fn probe_once(
+    agent: &AgentRuntime,
+    probe: &Probe,
+    client: Option<&reqwest::Client>,
+) -> Result<String, String> {
+    match probe {
+        Probe::Http { url, expect } => {
+            let client = client.ok_or("the HTTP client could not be built")?;
+            let response = client
+                .get(url)
+                .send()
+                .await
+                .map_err(|error| format!("GET {url}: {}", error_chain(&error)))?;
+            let status = response.status();
+            let passes = match expect {
+                Some(expected) => status.as_u16() == *expected,
+                None => status.is_success(),
+            };
+            let wanted = expect.map_or_else(|| "2xx".to_string(), |code| code.to_string());
+            if passes {
+                Ok(format!("GET {url}: {status}"))
+            } else {
+                Err(format!("GET {url}: {status}, expected {wanted}"))
+            }
+        }
+        Probe::Tcp(address) => tokio::net::TcpStream::connect(address.as_str())
+            .await
+            .map(|_| format!("connected to {address}"))
+            .map_err(|error| format!("connect {address}: {error}")),
+        Probe::WorkspaceWritable => writable(&agent.workdir()).await,
+        Probe::Command(_) | Probe::MemoryBelowPct(_) => {
+            unreachable!("run by `command` and judged per replica")
+        }
+    }
+}
+
+/// The error and its sources, e.g. "error sending request: connection
+/// refused".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Runs `argv` in the agent's working directory with its environment;
+/// after `limit` its process group is killed and the check fails.
+async fn command(
+    agent: &AgentRuntime,
+    argv: &[String],
+    limit: crate::config::HumanDuration,
+) -> Result<String, String> {
+    let mut spec: SpawnSpec = agent.check_spec();
+    spec.argv = argv.to_vec();
+    let program = &argv[0];
+    let mut child = process::spawn(spec)
+        .await
+        .map_err(|error| format!("{program:?} could not start: {error}"))?;
+    let pgid = child.id().unwrap_or(0);
+    drop(child.stdin.take());
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let waited = tokio::time::timeout(limit.get(), async {
+        tokio::join!(capped(stdout), capped(stderr), child.wait())
+    })
+    .await;
+    // Whatever happened, nothing of the check outlives it.
+    process::finish(&mut child, pgid).await;
+    let Ok((out, err, status)) = waited else {
+        return Err(format!(
+            "{program:?} did not finish within timeout = {limit}"
+        ));
+    };
+    let status = status.map_err(|error| format!("waiting for {program:?}: {error}"))?;
+    let output = [err, out]
+        .into_iter()
+        .map(|text| text.trim().to_string())
+        .find(|text| !text.is_empty())
+        .map_or_else(String::new, |text| format!(": {text}"));
+    if status.success() {
+        Ok(format!("{program:?} exited 0{output}"))
+    } else {
+        Err(format!("{program:?} {status}{output}"))
+    }
+}
+
+/// Reads `reader` to its end, keeping the first [`OUTPUT_BYTES`].
+async fn capped(reader: Option<impl AsyncRead + Unpin>) -> String {
+    let Some(mut reader) = reader else {
+        return String::new();
+    };
+    let mut kept = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while let Ok(read) = reader.read(&mut buffer).await {
+        if read == 0 {
+            break;
+        }
+        let room = OUTPUT_BYTES.saturating_sub(kept.len());
+        kept.extend_from_slice(&buffer[..read.min(room)]);
+    }
+    String::from_utf8_lossy(&kept).into_owned()
+}
+
+/// Creates, writes, syncs and removes a file in `dir`.
+async fn writable(dir: &Path) -> Result<String, String> {
+    let path = dir.join(format!(".flotilla-ready-{}", std::process::id()));
+    let result = async {
+        let mut file = tokio::fs::File::create(&path).await?;
+        tokio::io::AsyncWriteExt::write_all(&mut file, b"ok").await?;
+        file.sync_all().await
+    }
+    .await;
+    let _ = tokio::fs::remove_file(&path).await;
+    result
+        .map(|()| format!("{} is writable", dir.display()))
+        .map_err(|error| format!("cannot write in {}: {error}", dir.display()))
+}
+
+/// The replicas whose memory is at or above `pct` of the agent's memory
+/// limit (of the machine's memory without one).
+fn memory(agent: &AgentRuntime, pct: f64, total: Option<u64>) -> Vec<(u32, String)> {
+    let (base, of) = match (agent.config.memory_limit, total) {
+        (Some(limit), _) => (limit.bytes(), format!("memory_limit = {limit}")),
+        (None, Some(total)) => (total, "the machine's memory".to_string()),
+        (None, None) => return Vec::new(),
+    };
+    agent
+        .status()
+        .replicas
+        .iter()
+        .filter_map(|replica| {
+            let rss = replica.rss_bytes?;
+            #[allow(clippy::cast_precision_loss)]
+            let used = rss as f64 * 100.0 / base.max(1) as f64;
+            (used >= pct).then(|| {
+                (
+                    replica.index,
+                    format!("resident memory {used:.1}% of {of}, limit {pct}%"),
+                )
+            })
+        })
+        .collect()
+}
+
+/// The machine's memory in bytes (`MemTotal` of /proc/meminfo).
+fn machine_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|line| line.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
