@@ -4,7 +4,6 @@
 //! Exit codes: 0 success; 1 the operation failed (store, daemon, lost
 //! tasks in the demo); 2 bad usage, config or input.
 
-use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -14,17 +13,18 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
+use crate::api::{ResolveBody, SelectionBody, SubmitBody, TaskBody};
 use crate::breaker::BreakerState;
+use crate::client::{ApiClient, ClientError};
 use crate::clock::{self, UnixMillis};
 use crate::config::{self, Config};
-use crate::degrade::{DegradationStatus, Forced, Level};
-use crate::queue::jetstream::BrokerStatus;
+use crate::degrade::{Forced, Level};
 use crate::queue::sqlite::Role;
 use crate::queue::{
-    ListFilter, NewTask, Priority, QueueError, Resolution, Selection, StateCounts, TaskQueue,
-    TaskRecord, TaskState, new_task_id, validate_task_id,
+    ListFilter, NewTask, Priority, QueueError, Selection, SubmitReceipt, TaskQueue, TaskRecord,
+    TaskState, new_task_id, validate_task_id,
 };
-use crate::status::{AgentState, AgentStatus, DaemonSnapshot};
+use crate::status::{AgentState, StatusReport};
 use crate::store::Store;
 
 const NO_AGENTS: &str = "the config defines no agents; add an [agents.NAME] table with a command";
@@ -49,6 +49,15 @@ pub struct Cli {
     /// log shippers).
     #[arg(long, global = true, env = "FLOTILLA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Talk to a running daemon's API at this URL (e.g.
+    /// http://10.0.0.5:9750) instead of opening the store: for status,
+    /// submit, tasks, dlq, escalations and degrade. No config file is read.
+    #[arg(long, global = true, env = "FLOTILLA_API", value_name = "URL")]
+    pub api: Option<String>,
+    /// A file holding the API token for --api (default: the
+    /// FLOTILLA_HTTP_TOKEN environment variable).
+    #[arg(long, global = true, env = "FLOTILLA_TOKEN_FILE", value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -402,9 +411,162 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         }
         Command::Demo(options) => crate::demo::run(&options).await.map_err(Failure::from),
         Command::ExampleAgent(_) => unreachable!("handled before the runtime starts"),
+        command if cli.api.is_some() => {
+            let api = cli.api.as_deref().expect("checked");
+            if !command.works_remotely() {
+                return Err(Failure::usage(
+                    "--api works with status, submit, tasks, dlq, escalations and degrade; run other commands beside the config",
+                ));
+            }
+            let token = match &cli.token_file {
+                Some(path) => Some(read_token(path)?),
+                None => std::env::var("FLOTILLA_HTTP_TOKEN")
+                    .ok()
+                    .filter(|token| !token.is_empty()),
+            };
+            let client = ApiClient::new(api, token).map_err(Failure::usage)?;
+            run_target(command, &Target::Remote(client)).await
+        }
         command => {
             let config = load_config(&cli.config)?;
             run_with_config(command, config).await
+        }
+    }
+}
+
+/// The token in `path`, trimmed.
+fn read_token(path: &Path) -> Result<String, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| Failure::usage(format!("--token-file {}: {error}", path.display())))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(Failure::usage(format!(
+            "--token-file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(token.to_string())
+}
+
+impl Command {
+    /// Whether the command can run against a daemon's API.
+    fn works_remotely(&self) -> bool {
+        matches!(
+            self,
+            Self::Submit(_)
+                | Self::Status { .. }
+                | Self::Tasks(_)
+                | Self::Dlq(_)
+                | Self::Escalations(_)
+                | Self::Degrade(_)
+        )
+    }
+}
+
+/// Where the fleet is reached: its store (beside the config), or a
+/// daemon's API.
+enum Target {
+    Local(Box<Config>),
+    Remote(ApiClient),
+}
+
+impl From<ClientError> for Failure {
+    fn from(error: ClientError) -> Self {
+        match error {
+            ClientError::Refused(_, message) => Self::usage(message),
+            ClientError::Failed(message) => Self::failed(message),
+        }
+    }
+}
+
+impl Target {
+    async fn report(&self) -> Result<StatusReport, Failure> {
+        match self {
+            Self::Local(config) => {
+                let store = open_store(config).await?;
+                let now = clock::system().now_ms();
+                Ok(StatusReport::build(config, &store, now, None).await?)
+            }
+            Self::Remote(client) => Ok(client.status().await?),
+        }
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, Failure> {
+        match self {
+            Self::Local(config) => Ok(open_queue(config).await?.list(filter).await?),
+            Self::Remote(client) => Ok(client.list(filter).await?),
+        }
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<TaskRecord>, Failure> {
+        match self {
+            Self::Local(config) => Ok(open_queue(config).await?.get(id).await?),
+            Self::Remote(client) => Ok(client.get_task(id).await?),
+        }
+    }
+
+    async fn submit(&self, body: SubmitBody) -> Result<Vec<SubmitReceipt>, Failure> {
+        match self {
+            Self::Local(config) => {
+                let tasks = body.into_tasks(config).map_err(Failure::usage)?;
+                Ok(open_queue(config).await?.submit(tasks).await?)
+            }
+            Self::Remote(client) => Ok(client.submit(&body).await?),
+        }
+    }
+
+    async fn dead_letters(&self, purge: bool, selection: SelectionBody) -> Result<u64, Failure> {
+        match self {
+            Self::Local(config) => {
+                let queue = open_queue(config).await?;
+                let selection = if selection.all {
+                    Selection::All
+                } else {
+                    Selection::Ids(selection.ids)
+                };
+                Ok(if purge {
+                    queue.purge(&selection).await?
+                } else {
+                    queue.replay(&selection).await?
+                })
+            }
+            Self::Remote(client) => Ok(client.dead_letters(purge, &selection).await?),
+        }
+    }
+
+    async fn resolve(&self, id: &str, body: ResolveBody) -> Result<(), Failure> {
+        match self {
+            Self::Local(config) => {
+                let resolution = body.resolution().map_err(Failure::usage)?;
+                Ok(open_queue(config).await?.resolve(id, &resolution).await?)
+            }
+            Self::Remote(client) => client
+                .resolve(id, &body)
+                .await
+                .map(drop)
+                .map_err(Into::into),
+        }
+    }
+
+    async fn degrade(&self, force: Option<(&str, &str)>) -> Result<Option<Forced>, Failure> {
+        match self {
+            Self::Local(config) => {
+                let store = open_store(config).await?;
+                let forced = force
+                    .map(|(level, duration)| {
+                        Forced::parse(level, duration, clock::system().now_ms())
+                    })
+                    .transpose()
+                    .map_err(|error| Failure::usage(format!("flotilla degrade set: {error}")))?;
+                let value = forced.map_or(Value::Null, |forced| {
+                    serde_json::to_value(forced).expect("serializes")
+                });
+                store
+                    .put_control(crate::daemon::FORCED_LEVEL_KEY, &value)
+                    .await?;
+                Ok(forced)
+            }
+            Self::Remote(client) => Ok(client.degrade(force).await?),
         }
     }
 }
@@ -459,58 +621,12 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Submit(args) => submit(&config, args).await,
-        Command::Status { json } => status(&config, json).await,
-        Command::Tasks(TasksCommand::List {
-            state,
-            agent,
-            limit,
-            json,
-        }) => {
-            list(
-                &config,
-                ListFilter {
-                    state,
-                    agent,
-                    limit,
-                },
-                json,
-            )
-            .await
-        }
-        Command::Tasks(TasksCommand::Show { id, json }) => show(&config, &id, json, None).await,
-        Command::Dlq(DlqCommand::List { limit, json }) => {
-            let filter = ListFilter {
-                state: Some(TaskState::DeadLettered),
-                agent: None,
-                limit,
-            };
-            list(&config, filter, json).await
-        }
-        Command::Dlq(DlqCommand::Replay { ids, all }) => {
-            let queue = open_queue(&config).await?;
-            let selection = if all {
-                Selection::All
-            } else {
-                Selection::Ids(ids)
-            };
-            let count = queue.replay(&selection).await?;
-            eprintln!("replayed {count} dead-lettered task(s)");
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Dlq(DlqCommand::Purge { ids }) => {
-            let queue = open_queue(&config).await?;
-            let selection = if ids.is_empty() {
-                Selection::All
-            } else {
-                Selection::Ids(ids)
-            };
-            let count = queue.purge(&selection).await?;
-            eprintln!("purged {count} dead-lettered task(s)");
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Escalations(command) => escalations(&config, command).await,
-        Command::Degrade(command) => degrade(&config, command).await,
+        command @ (Command::Submit(_)
+        | Command::Status { .. }
+        | Command::Tasks(_)
+        | Command::Dlq(_)
+        | Command::Escalations(_)
+        | Command::Degrade(_)) => run_target(command, &Target::Local(Box::new(config))).await,
         Command::Config(ConfigCommand::Schema)
         | Command::Protocol(_)
         | Command::ExampleAgent(_)
@@ -518,15 +634,90 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
     }
 }
 
+/// Runs a command that reads or changes the fleet's tasks, on its store
+/// or through a daemon's API.
+async fn run_target(command: Command, target: &Target) -> Result<ExitCode, Failure> {
+    match command {
+        Command::Submit(args) => submit(target, args).await,
+        Command::Status { json } => {
+            let report = target.report().await?;
+            if json {
+                print_json(&serde_json::to_value(&report).expect("report serializes"));
+            } else {
+                print_status(&report, clock::system().now_ms());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tasks(TasksCommand::List {
+            state,
+            agent,
+            limit,
+            json,
+        }) => {
+            let filter = ListFilter {
+                state,
+                agent,
+                limit,
+            };
+            print_tasks(&target.list(&filter).await?, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tasks(TasksCommand::Show { id, json }) => show(target, &id, json, None).await,
+        Command::Dlq(DlqCommand::List { limit, json }) => {
+            let filter = ListFilter {
+                state: Some(TaskState::DeadLettered),
+                agent: None,
+                limit,
+            };
+            print_tasks(&target.list(&filter).await?, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq(DlqCommand::Replay { ids, all }) => {
+            let count = target
+                .dead_letters(false, SelectionBody { ids, all })
+                .await?;
+            eprintln!("replayed {count} dead-lettered task(s)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq(DlqCommand::Purge { ids }) => {
+            let all = ids.is_empty();
+            let count = target
+                .dead_letters(true, SelectionBody { ids, all })
+                .await?;
+            eprintln!("purged {count} dead-lettered task(s)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Escalations(command) => escalations(target, command).await,
+        Command::Degrade(DegradeCommand::Set { level, duration }) => {
+            let forced = target.degrade(Some((&level, &duration))).await?;
+            let level = forced.map_or_else(|| level.clone(), |forced| forced.level.to_string());
+            eprintln!(
+                "degradation level forced to {level} for {duration}; running daemons apply it within degradation.check_interval"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Degrade(DegradeCommand::Clear) => {
+            target.degrade(None).await?;
+            eprintln!("forced degradation level cleared; the triggers decide again");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Up(_)
+        | Command::Config(_)
+        | Command::Protocol(_)
+        | Command::ExampleAgent(_)
+        | Command::Demo(_) => unreachable!("not a command on tasks"),
+    }
+}
+
 /// Prints task `id` with its attempts; with `expected`, only a task in
 /// that state.
 async fn show(
-    config: &Config,
+    target: &Target,
     id: &str,
     json: bool,
     expected: Option<TaskState>,
 ) -> Result<ExitCode, Failure> {
-    let Some(task) = open_queue(config).await?.get(id).await? else {
+    let Some(task) = target.get(id).await? else {
         return Err(Failure::usage(format!("no task with id {id:?}")));
     };
     if let Some(expected) = expected
@@ -545,7 +736,7 @@ async fn show(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn escalations(config: &Config, command: EscalationsCommand) -> Result<ExitCode, Failure> {
+async fn escalations(target: &Target, command: EscalationsCommand) -> Result<ExitCode, Failure> {
     match command {
         EscalationsCommand::List { agent, limit, json } => {
             let filter = ListFilter {
@@ -553,10 +744,11 @@ async fn escalations(config: &Config, command: EscalationsCommand) -> Result<Exi
                 agent,
                 limit,
             };
-            list(config, filter, json).await
+            print_tasks(&target.list(&filter).await?, json);
+            Ok(ExitCode::SUCCESS)
         }
         EscalationsCommand::Show { id, json } => {
-            show(config, &id, json, Some(TaskState::Escalated)).await
+            show(target, &id, json, Some(TaskState::Escalated)).await
         }
         EscalationsCommand::Resolve {
             id,
@@ -564,85 +756,35 @@ async fn escalations(config: &Config, command: EscalationsCommand) -> Result<Exi
             complete,
             drop,
         } => {
-            let resolution = match (retry, complete, drop) {
-                (true, None, false) => Resolution::Retry,
-                (false, Some(result), false) => {
-                    let result: Value = serde_json::from_str(&result).map_err(|error| {
+            let complete = complete
+                .map(|result| {
+                    serde_json::from_str::<Value>(&result).map_err(|error| {
                         Failure::usage(format!(
                             "--complete is not valid JSON ({error}); e.g. --complete '{{\"approved\": true}}'"
                         ))
-                    })?;
-                    Resolution::Complete(result)
-                }
-                (false, None, true) => Resolution::Drop,
+                    })
+                })
+                .transpose()?;
+            let done = match (retry, &complete, drop) {
+                (true, None, false) => "queued again",
+                (false, Some(_), false) => "completed",
+                (false, None, true) => "dropped to the dead letters",
                 _ => {
                     return Err(Failure::usage(
                         "give exactly one of --retry, --complete JSON or --drop",
                     ));
                 }
             };
-            open_queue(config).await?.resolve(&id, &resolution).await?;
-            let done = match resolution {
-                Resolution::Retry => "queued again",
-                Resolution::Complete(_) => "completed",
-                Resolution::Drop => "dropped to the dead letters",
+            let body = ResolveBody {
+                retry,
+                complete,
+                drop,
             };
+            target.resolve(&id, body).await?;
             eprintln!("task {id}: {done}");
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-async fn degrade(config: &Config, command: DegradeCommand) -> Result<ExitCode, Failure> {
-    let store = open_store(config).await?;
-    match command {
-        DegradeCommand::Set { level, duration } => {
-            let parsed = level
-                .parse::<u8>()
-                .ok()
-                .and_then(Level::from_number)
-                .or_else(|| Level::ALL.into_iter().find(|l| l.as_str() == level));
-            let Some(level) = parsed else {
-                return Err(Failure::usage(format!(
-                    "unknown level {level:?}; valid: 0 (nominal), 1 (reduced), 2 (essential), 3 (emergency)"
-                )));
-            };
-            let duration: config::HumanDuration = duration
-                .parse()
-                .map_err(|error| Failure::usage(format!("--for {duration:?}: {error}")))?;
-            if duration.get().is_zero() || duration > config::HumanDuration::secs(7 * 86_400) {
-                return Err(Failure::usage(format!(
-                    "--for {duration} is out of range; valid: more than 0s, up to 7d"
-                )));
-            }
-            let until_ms = clock::system()
-                .now_ms()
-                .saturating_add(duration.as_millis());
-            let forced = Forced { level, until_ms };
-            store
-                .put_control(
-                    crate::daemon::FORCED_LEVEL_KEY,
-                    &serde_json::to_value(forced).expect("serializes"),
-                )
-                .await?;
-            eprintln!(
-                "degradation level forced to {level} for {duration}; running daemons apply it within degradation.check_interval"
-            );
-        }
-        DegradeCommand::Clear => {
-            store
-                .put_control(crate::daemon::FORCED_LEVEL_KEY, &Value::Null)
-                .await?;
-            eprintln!("forced degradation level cleared; the triggers decide again");
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn list(config: &Config, filter: ListFilter, json: bool) -> Result<ExitCode, Failure> {
-    let tasks = open_queue(config).await?.list(&filter).await?;
-    print_tasks(&tasks, json);
-    Ok(ExitCode::SUCCESS)
 }
 
 async fn up(mut config: Config, args: UpArgs) -> Result<ExitCode, Failure> {
@@ -799,36 +941,47 @@ fn read_task_file(path: &Path, agent: &str) -> Result<Vec<NewTask>, Failure> {
     Ok(tasks)
 }
 
-async fn submit(config: &Config, args: SubmitArgs) -> Result<ExitCode, Failure> {
-    if config.agent(&args.agent).is_none() {
-        return Err(Failure::usage(format!(
-            "unknown agent {:?}; configured agents: {}",
-            args.agent,
-            config.agent_names()
-        )));
-    }
-    let tasks = match (&args.payload, &args.file) {
+async fn submit(target: &Target, args: SubmitArgs) -> Result<ExitCode, Failure> {
+    let body = match (&args.payload, &args.file) {
         (Some(payload), None) => {
             let payload: Value = serde_json::from_str(payload).map_err(|error| {
                 Failure::usage(format!("--payload is not valid JSON ({error}); e.g. --payload '{{\"prompt\": \"hello\"}}'"))
             })?;
             let id = args.id.clone().unwrap_or_else(new_task_id);
             validate_task_id(&id)?;
-            vec![NewTask {
-                id,
+            SubmitBody {
                 agent: args.agent.clone(),
-                priority: args.priority,
-                payload,
-            }]
+                id: Some(id),
+                priority: Some(args.priority),
+                payload: Some(payload),
+                tasks: None,
+            }
         }
-        (None, Some(path)) => read_task_file(path, &args.agent)?,
+        (None, Some(path)) => {
+            let tasks = read_task_file(path, &args.agent)?;
+            if tasks.is_empty() {
+                return Err(Failure::usage("no tasks to submit: the file is empty"));
+            }
+            SubmitBody {
+                agent: args.agent.clone(),
+                id: None,
+                priority: None,
+                payload: None,
+                tasks: Some(
+                    tasks
+                        .into_iter()
+                        .map(|task| TaskBody {
+                            id: Some(task.id),
+                            payload: task.payload,
+                            priority: task.priority,
+                        })
+                        .collect(),
+                ),
+            }
+        }
         _ => return Err(Failure::usage("give either --payload JSON or --file PATH")),
     };
-    if tasks.is_empty() {
-        return Err(Failure::usage("no tasks to submit: the file is empty"));
-    }
-    let queue = open_queue(config).await?;
-    let receipts = queue.submit(tasks).await?;
+    let receipts = target.submit(body).await?;
     let duplicates = receipts.iter().filter(|receipt| receipt.duplicate).count();
     if args.json {
         print_json(&serde_json::to_value(&receipts).expect("receipts serialize"));
@@ -851,153 +1004,6 @@ async fn submit(config: &Config, args: SubmitArgs) -> Result<ExitCode, Failure> 
             String::new()
         }
     );
-    Ok(ExitCode::SUCCESS)
-}
-
-/// What `status` shows.
-#[derive(Debug, serde::Serialize)]
-struct StatusReport {
-    /// A live daemon (the first), else the one seen last.
-    daemon: DaemonState,
-    /// Every daemon known: the store's one, or each daemon sharing the
-    /// broker (dead ones drop out after `broker.fleet_ttl`).
-    daemons: Vec<DaemonState>,
-    store: String,
-    queue_depth: u64,
-    tasks: StateCounts,
-    /// The highest degradation level among the running daemons.
-    degradation: DegradationStatus,
-    agents: Vec<AgentStatus>,
-}
-
-#[derive(Debug, Clone, Default, serde::Serialize)]
-struct DaemonState {
-    name: Option<String>,
-    host: Option<String>,
-    running: bool,
-    pid: Option<u32>,
-    started_ms: Option<UnixMillis>,
-    last_seen_ms: Option<UnixMillis>,
-    broker: Option<BrokerStatus>,
-    http: Option<String>,
-}
-
-async fn status(config: &Config, json: bool) -> Result<ExitCode, Failure> {
-    let store = open_store(config).await?;
-    let counts: BTreeMap<String, StateCounts> = store.queue().counts().await?.into_iter().collect();
-    let mut snapshots = store.snapshots().await?;
-    snapshots.sort_by(|a, b| a.name.cmp(&b.name));
-    let now = clock::system().now_ms();
-    let fresh_within = u64::try_from(
-        (config.daemon.status_interval.get() * 3 + Duration::from_secs(2)).as_millis(),
-    )
-    .unwrap_or(u64::MAX);
-    let daemons: Vec<DaemonState> = snapshots
-        .iter()
-        .map(|snapshot| DaemonState {
-            name: Some(snapshot.name.clone()).filter(|name| !name.is_empty()),
-            host: Some(snapshot.host.clone()).filter(|host| !host.is_empty()),
-            running: crate::store::is_fresh(snapshot, now, fresh_within),
-            pid: Some(snapshot.pid),
-            started_ms: Some(snapshot.started_ms),
-            last_seen_ms: Some(snapshot.taken_ms),
-            broker: snapshot.broker.clone(),
-            http: snapshot.http.clone(),
-        })
-        .collect();
-    let live: Vec<&DaemonSnapshot> = snapshots
-        .iter()
-        .filter(|snapshot| crate::store::is_fresh(snapshot, now, fresh_within))
-        .collect();
-    let several = snapshots.len() > 1;
-    let mut agents: Vec<AgentStatus> = Vec::new();
-    for (name, agent) in &config.agents {
-        let mut merged: Option<AgentStatus> = None;
-        for snapshot in &live {
-            let Some(mut status) = snapshot.agents.iter().find(|a| &a.name == name).cloned() else {
-                continue;
-            };
-            if several {
-                for replica in &mut status.replicas {
-                    replica.daemon = Some(snapshot.name.clone());
-                }
-            }
-            match &mut merged {
-                None => merged = Some(status),
-                Some(merged) => {
-                    if status.state == AgentState::Running {
-                        merged.state = AgentState::Running;
-                    }
-                    merged.replicas.extend(status.replicas);
-                    merged.restarts += status.restarts;
-                    merged.malformed_lines += status.malformed_lines;
-                    merged.stale_messages += status.stale_messages;
-                    merged.diverted.rerouted += status.diverted.rerouted;
-                    merged.diverted.escalated += status.diverted.escalated;
-                    merged.diverted.proceeded_with_warning +=
-                        status.diverted.proceeded_with_warning;
-                    // Each daemon has its own breaker: show the one that
-                    // lets least through.
-                    let rank = |state: Option<BreakerState>| match state {
-                        Some(BreakerState::Open) => 2,
-                        Some(BreakerState::HalfOpen) => 1,
-                        _ => 0,
-                    };
-                    let opened = merged.breaker.times_opened + status.breaker.times_opened;
-                    if rank(status.breaker.state) > rank(merged.breaker.state) {
-                        merged.breaker = status.breaker;
-                    }
-                    merged.breaker.times_opened = opened;
-                    if merged.failure.is_none() {
-                        merged.failure = status.failure;
-                    }
-                    if merged.last_malformed.is_none() {
-                        merged.last_malformed = status.last_malformed;
-                    }
-                }
-            }
-        }
-        let mut status = merged.unwrap_or_else(|| {
-            let mut stopped = AgentStatus::new(name, agent.mode, agent.replicas.min);
-            stopped.state = AgentState::Stopped;
-            stopped
-        });
-        status.tasks = counts.get(name).cloned().unwrap_or_default();
-        agents.push(status);
-    }
-    let mut total = StateCounts::default();
-    for counts in counts.values() {
-        total.add(TaskState::Queued, counts.queued);
-        total.add(TaskState::Running, counts.running);
-        total.add(TaskState::Completed, counts.completed);
-        total.add(TaskState::DeadLettered, counts.dead_lettered);
-        total.add(TaskState::Escalated, counts.escalated);
-    }
-    let degradation = live
-        .iter()
-        .map(|snapshot| snapshot.degradation.clone())
-        .max_by_key(|degradation| degradation.level)
-        .unwrap_or_default();
-    let daemon = daemons
-        .iter()
-        .find(|daemon| daemon.running)
-        .or_else(|| daemons.iter().max_by_key(|daemon| daemon.last_seen_ms))
-        .cloned()
-        .unwrap_or_default();
-    let report = StatusReport {
-        daemon,
-        daemons,
-        store: Store::describe(config),
-        queue_depth: total.queued,
-        tasks: total,
-        degradation,
-        agents,
-    };
-    if json {
-        print_json(&serde_json::to_value(&report).expect("report serializes"));
-    } else {
-        print_status(&report, now);
-    }
     Ok(ExitCode::SUCCESS)
 }
 

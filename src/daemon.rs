@@ -105,6 +105,9 @@ impl Daemon {
     /// When an agent cannot be started (a `${VAR}` is missing), another
     /// daemon holds the store, or the store cannot be opened.
     pub async fn start(mut config: Config, clock: SharedClock) -> anyhow::Result<Self> {
+        // The API answers for the whole fleet, also the agents other
+        // daemons run.
+        let fleet = Arc::new(config.clone());
         if let Some(selected) = config.daemon.agents.clone() {
             config.agents.retain(|name, _| selected.contains(name));
             if config.agents.is_empty() {
@@ -226,10 +229,31 @@ impl Daemon {
                 clock: clock.clone(),
                 metrics: metrics.clone(),
             };
-            tracing::info!(%address, "HTTP server listening: /health/live, /health/ready, /health/progress, /metrics");
+            let token = config
+                .http
+                .token(&config.base_dir)
+                .map_err(|problem| anyhow::anyhow!(problem))?;
+            let live = {
+                let (identity, store, agents, clock) = (
+                    identity.clone(),
+                    store.clone(),
+                    agents.clone(),
+                    clock.clone(),
+                );
+                move || snapshot(&identity, &store, &agents, started_ms, clock.now_ms(), true)
+            };
+            let api = Arc::new(crate::api::Api {
+                config: fleet,
+                store: store.clone(),
+                clock: clock.clone(),
+                token,
+                live: Box::new(live),
+            });
+            tracing::info!(%address, "HTTP server listening: /health/live, /health/ready, /health/progress, /metrics, /api/v1");
             housekeeping.push(tokio::spawn(crate::health::serve(
                 listener,
                 health,
+                api,
                 stop_rx.clone(),
             )));
         }

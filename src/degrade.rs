@@ -148,6 +148,38 @@ pub struct Forced {
     pub until_ms: UnixMillis,
 }
 
+impl Forced {
+    /// The level `level` (0-3 or its name) forced for `duration` (more
+    /// than 0s, up to 7d) from `now`.
+    ///
+    /// # Errors
+    /// What is wrong and what would be valid.
+    pub fn parse(level: &str, duration: &str, now: UnixMillis) -> Result<Self, String> {
+        let parsed = level
+            .parse::<u8>()
+            .ok()
+            .and_then(Level::from_number)
+            .or_else(|| Level::ALL.into_iter().find(|l| l.as_str() == level));
+        let Some(level) = parsed else {
+            return Err(format!(
+                "unknown level {level:?}; valid: 0 (nominal), 1 (reduced), 2 (essential), 3 (emergency)"
+            ));
+        };
+        let duration: crate::config::HumanDuration = duration
+            .parse()
+            .map_err(|error| format!("duration {duration:?}: {error}"))?;
+        if duration.get().is_zero() || duration > crate::config::HumanDuration::secs(7 * 86_400) {
+            return Err(format!(
+                "duration {duration} is out of range; valid: more than 0s, up to 7d"
+            ));
+        }
+        Ok(Self {
+            level,
+            until_ms: now.saturating_add(duration.as_millis()),
+        })
+    }
+}
+
 /// A change of level.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct LevelChange {

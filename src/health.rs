@@ -255,14 +255,16 @@ pub async fn bind(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener
     })
 }
 
-/// Serves `health` on `listener` until `stop` changes.
+/// Serves `health` and `api` on `listener` until `stop` changes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     health: Health,
+    api: Arc<crate::api::Api>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut stopped = stop.clone();
-    let server = axum::serve(listener, router(health)).with_graceful_shutdown(async move {
+    let routes = router(health).merge(crate::api::router(api));
+    let server = axum::serve(listener, routes).with_graceful_shutdown(async move {
         let _ = stop.changed().await;
     });
     // Connections get a moment to finish after the stop; a client that

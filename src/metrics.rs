@@ -227,6 +227,7 @@ fn duration_histogram() -> Histogram {
 /// The daemon's metrics.
 pub struct Metrics {
     registry: Registry,
+    families: Vec<String>,
     received: Family<TaskLabels, Counter>,
     completed: Family<CompletedLabels, Counter>,
     duration: Histograms<TaskLabels>,
@@ -273,11 +274,25 @@ impl Default for Metrics {
 }
 
 macro_rules! register {
-    ($registry:expr, $name:expr, $metric:expr) => {{
+    ($registry:expr, $families:expr, $name:expr, $metric:expr) => {{
         let metric = $metric;
+        $families.extend(exported($name.0, &metric));
         $registry.register($name.0, $name.1, metric.clone());
         metric
     }};
+}
+
+/// The series names a metric registered as `name` is exported under.
+fn exported(name: &str, metric: &impl prometheus_client::encoding::EncodeMetric) -> Vec<String> {
+    use prometheus_client::metrics::MetricType;
+    match metric.metric_type() {
+        MetricType::Counter => vec![format!("{name}_total")],
+        MetricType::Histogram => ["bucket", "sum", "count"]
+            .iter()
+            .map(|suffix| format!("{name}_{suffix}"))
+            .collect(),
+        _ => vec![name.to_string()],
+    }
 }
 
 impl Metrics {
@@ -285,39 +300,48 @@ impl Metrics {
     pub fn new(with_broker: bool) -> Self {
         use names::*;
         let mut registry = Registry::default();
+        let mut families = Vec::new();
         Self {
-            received: register!(registry, TASKS_RECEIVED, Family::default()),
-            completed: register!(registry, TASKS_COMPLETED, Family::default()),
-            duration: register!(registry, TASK_DURATION, histograms()),
-            in_progress: register!(registry, TASKS_IN_PROGRESS, Family::default()),
-            messages_sent: register!(registry, MESSAGES_SENT, Family::default()),
-            messages_received: register!(registry, MESSAGES_RECEIVED, Family::default()),
-            message_latency: register!(registry, MESSAGE_LATENCY, histograms()),
-            health: register!(registry, HEALTH_STATUS, Family::default()),
-            last_activity: register!(registry, LAST_ACTIVITY, Family::default()),
-            memory: register!(registry, MEMORY_USAGE, Family::default()),
-            context: register!(registry, CONTEXT_WINDOW, Family::default()),
-            healthy: register!(registry, AGENTS_HEALTHY, Gauge::default()),
-            unhealthy: register!(registry, AGENTS_UNHEALTHY, Gauge::default()),
-            queue_depth: register!(registry, QUEUE_DEPTH, Gauge::default()),
-            dead_letters: register!(registry, DEAD_LETTERS, Gauge::default()),
-            breakers_open: register!(registry, BREAKERS_OPEN, Gauge::default()),
-            breaker_state: register!(registry, BREAKER_STATE, Family::default()),
-            level: register!(registry, DEGRADATION_LEVEL, Gauge::default()),
-            restarts: register!(registry, RESTARTS, Family::default()),
-            dead_lettered: register!(registry, DEAD_LETTERED, Family::default()),
-            malformed: register!(registry, MALFORMED_LINES, Family::default()),
+            received: register!(registry, families, TASKS_RECEIVED, Family::default()),
+            completed: register!(registry, families, TASKS_COMPLETED, Family::default()),
+            duration: register!(registry, families, TASK_DURATION, histograms()),
+            in_progress: register!(registry, families, TASKS_IN_PROGRESS, Family::default()),
+            messages_sent: register!(registry, families, MESSAGES_SENT, Family::default()),
+            messages_received: register!(registry, families, MESSAGES_RECEIVED, Family::default()),
+            message_latency: register!(registry, families, MESSAGE_LATENCY, histograms()),
+            health: register!(registry, families, HEALTH_STATUS, Family::default()),
+            last_activity: register!(registry, families, LAST_ACTIVITY, Family::default()),
+            memory: register!(registry, families, MEMORY_USAGE, Family::default()),
+            context: register!(registry, families, CONTEXT_WINDOW, Family::default()),
+            healthy: register!(registry, families, AGENTS_HEALTHY, Gauge::default()),
+            unhealthy: register!(registry, families, AGENTS_UNHEALTHY, Gauge::default()),
+            queue_depth: register!(registry, families, QUEUE_DEPTH, Gauge::default()),
+            dead_letters: register!(registry, families, DEAD_LETTERS, Gauge::default()),
+            breakers_open: register!(registry, families, BREAKERS_OPEN, Gauge::default()),
+            breaker_state: register!(registry, families, BREAKER_STATE, Family::default()),
+            level: register!(registry, families, DEGRADATION_LEVEL, Gauge::default()),
+            restarts: register!(registry, families, RESTARTS, Family::default()),
+            dead_lettered: register!(registry, families, DEAD_LETTERED, Family::default()),
+            malformed: register!(registry, families, MALFORMED_LINES, Family::default()),
             broker: with_broker.then(|| {
                 (
-                    register!(registry, BROKER_CONNECTED, Gauge::default()),
-                    register!(registry, BROKER_DISCONNECTS, Counter::default()),
-                    register!(registry, BROKER_RECONNECTS, Counter::default()),
+                    register!(registry, families, BROKER_CONNECTED, Gauge::default()),
+                    register!(registry, families, BROKER_DISCONNECTS, Counter::default()),
+                    register!(registry, families, BROKER_RECONNECTS, Counter::default()),
                 )
             }),
             types: Mutex::new(HashSet::new()),
             scrape: Mutex::new(()),
             registry,
+            families,
         }
+    }
+
+    /// The name of every series this registry can export (counters with
+    /// `_total`, histograms' `_bucket`, `_sum` and `_count`), for checking
+    /// dashboards and alert rules against.
+    pub fn families(&self) -> &[String] {
+        &self.families
     }
 
     /// The task type of a payload: its `type` field when that is a short

@@ -7,10 +7,17 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
 use crate::breaker::{BreakerState, Transition};
 use crate::clock::UnixMillis;
+use crate::config::Config;
 use crate::config::Mode;
-use crate::queue::StateCounts;
+use crate::degrade::DegradationStatus;
+use crate::queue::jetstream::BrokerStatus;
+use crate::queue::{QueueError, StateCounts, TaskState};
+use crate::store::Store;
 
 /// The state of an agent as a whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -239,3 +246,174 @@ pub struct DaemonSnapshot {
 
 /// Key of the daemon snapshot in the store's status table.
 pub const SNAPSHOT_KEY: &str = "daemon";
+
+/// What `status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct StatusReport {
+    /// A live daemon (the first), else the one seen last.
+    pub daemon: DaemonState,
+    /// Every daemon known: the store's one, or each daemon sharing the
+    /// broker (dead ones drop out after `broker.fleet_ttl`).
+    pub daemons: Vec<DaemonState>,
+    /// The store or broker.
+    pub store: String,
+    /// Tasks queued.
+    pub queue_depth: u64,
+    /// Tasks per state.
+    pub tasks: StateCounts,
+    /// The highest degradation level among the running daemons.
+    pub degradation: DegradationStatus,
+    /// Every agent of the config.
+    pub agents: Vec<AgentStatus>,
+}
+
+/// One daemon as `status` shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+pub struct DaemonState {
+    /// Its name in the fleet.
+    pub name: Option<String>,
+    /// The machine.
+    pub host: Option<String>,
+    /// Whether it runs (a fresh snapshot).
+    pub running: bool,
+    /// Process id.
+    pub pid: Option<u32>,
+    /// When it started.
+    pub started_ms: Option<UnixMillis>,
+    /// Its last snapshot.
+    pub last_seen_ms: Option<UnixMillis>,
+    /// Its broker connection.
+    pub broker: Option<BrokerStatus>,
+    /// Where its HTTP server listens.
+    pub http: Option<String>,
+}
+
+impl StatusReport {
+    /// The fleet's status from `store`: task counts, and each daemon's
+    /// last snapshot; `live`, this daemon's snapshot taken now, stands in
+    /// for its stored one.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub async fn build(
+        config: &Config,
+        store: &Store,
+        now: UnixMillis,
+        live: Option<DaemonSnapshot>,
+    ) -> Result<Self, QueueError> {
+        let counts: BTreeMap<String, StateCounts> =
+            store.queue().counts().await?.into_iter().collect();
+        let mut snapshots = store.snapshots().await?;
+        if let Some(live) = live {
+            snapshots.retain(|snapshot| snapshot.name != live.name);
+            snapshots.push(live);
+        }
+        snapshots.sort_by(|a, b| a.name.cmp(&b.name));
+        let fresh_within = u64::try_from(
+            (config.daemon.status_interval.get() * 3 + Duration::from_secs(2)).as_millis(),
+        )
+        .unwrap_or(u64::MAX);
+        let daemons: Vec<DaemonState> = snapshots
+            .iter()
+            .map(|snapshot| DaemonState {
+                name: Some(snapshot.name.clone()).filter(|name| !name.is_empty()),
+                host: Some(snapshot.host.clone()).filter(|host| !host.is_empty()),
+                running: crate::store::is_fresh(snapshot, now, fresh_within),
+                pid: Some(snapshot.pid),
+                started_ms: Some(snapshot.started_ms),
+                last_seen_ms: Some(snapshot.taken_ms),
+                broker: snapshot.broker.clone(),
+                http: snapshot.http.clone(),
+            })
+            .collect();
+        let live: Vec<&DaemonSnapshot> = snapshots
+            .iter()
+            .filter(|snapshot| crate::store::is_fresh(snapshot, now, fresh_within))
+            .collect();
+        let several = snapshots.len() > 1;
+        let mut agents: Vec<AgentStatus> = Vec::new();
+        for (name, agent) in &config.agents {
+            let mut merged: Option<AgentStatus> = None;
+            for snapshot in &live {
+                let Some(mut status) = snapshot.agents.iter().find(|a| &a.name == name).cloned()
+                else {
+                    continue;
+                };
+                if several {
+                    for replica in &mut status.replicas {
+                        replica.daemon = Some(snapshot.name.clone());
+                    }
+                }
+                match &mut merged {
+                    None => merged = Some(status),
+                    Some(merged) => {
+                        if status.state == AgentState::Running {
+                            merged.state = AgentState::Running;
+                        }
+                        merged.replicas.extend(status.replicas);
+                        merged.restarts += status.restarts;
+                        merged.malformed_lines += status.malformed_lines;
+                        merged.stale_messages += status.stale_messages;
+                        merged.diverted.rerouted += status.diverted.rerouted;
+                        merged.diverted.escalated += status.diverted.escalated;
+                        merged.diverted.proceeded_with_warning +=
+                            status.diverted.proceeded_with_warning;
+                        // Each daemon has its own breaker: show the one that
+                        // lets least through.
+                        let rank = |state: Option<BreakerState>| match state {
+                            Some(BreakerState::Open) => 2,
+                            Some(BreakerState::HalfOpen) => 1,
+                            _ => 0,
+                        };
+                        let opened = merged.breaker.times_opened + status.breaker.times_opened;
+                        if rank(status.breaker.state) > rank(merged.breaker.state) {
+                            merged.breaker = status.breaker;
+                        }
+                        merged.breaker.times_opened = opened;
+                        if merged.failure.is_none() {
+                            merged.failure = status.failure;
+                        }
+                        if merged.last_malformed.is_none() {
+                            merged.last_malformed = status.last_malformed;
+                        }
+                    }
+                }
+            }
+            let mut status = merged.unwrap_or_else(|| {
+                let mut stopped = AgentStatus::new(name, agent.mode, agent.replicas.min);
+                stopped.state = AgentState::Stopped;
+                stopped
+            });
+            status.tasks = counts.get(name).cloned().unwrap_or_default();
+            agents.push(status);
+        }
+        let mut total = StateCounts::default();
+        for counts in counts.values() {
+            total.add(TaskState::Queued, counts.queued);
+            total.add(TaskState::Running, counts.running);
+            total.add(TaskState::Completed, counts.completed);
+            total.add(TaskState::DeadLettered, counts.dead_lettered);
+            total.add(TaskState::Escalated, counts.escalated);
+        }
+        let degradation = live
+            .iter()
+            .map(|snapshot| snapshot.degradation.clone())
+            .max_by_key(|degradation| degradation.level)
+            .unwrap_or_default();
+        let daemon = daemons
+            .iter()
+            .find(|daemon| daemon.running)
+            .or_else(|| daemons.iter().max_by_key(|daemon| daemon.last_seen_ms))
+            .cloned()
+            .unwrap_or_default();
+        Ok(Self {
+            daemon,
+            daemons,
+            store: Store::describe(config),
+            queue_depth: total.queued,
+            tasks: total,
+            degradation,
+            agents,
+        })
+    }
+}

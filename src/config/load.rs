@@ -605,6 +605,19 @@ fallback_policy = "escalate_to_human"
     }
 
     #[test]
+    fn the_token_is_not_in_debug_output() {
+        let config = parse(
+            "[http]\ntoken = \"very-secret-token\"\n[agents.a]\ncommand = [\"a\"]\n",
+            "test.toml",
+            PathBuf::from("."),
+        )
+        .expect("valid");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("very-secret-token"), "{debug}");
+        assert!(debug.contains("<hidden>"), "{debug}");
+    }
+
+    #[test]
     fn readiness_checks_are_checked() {
         let found = problems(
             r#"

@@ -339,8 +339,9 @@ pub struct AgentConfig {
     pub readiness: ReadinessConfig,
 }
 
-/// `[http]`: the daemon's HTTP server (health endpoints).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// `[http]`: the daemon's HTTP server (health endpoints, metrics, API).
+/// Its `Debug` output hides the token.
+#[derive(Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// `IP:PORT` to listen on (`127.0.0.1:9750` by default; port 0 picks a
@@ -351,6 +352,16 @@ pub struct HttpConfig {
     pub token: Option<String>,
     /// A file holding the token (relative to the config's directory).
     pub token_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<hidden>"))
+            .field("token_file", &self.token_file)
+            .finish()
+    }
 }
 
 impl Default for HttpConfig {

@@ -10,6 +10,7 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use super::{
     AgentRuntime, Exit, Failure, Phase, STDIN_TIMEOUT, SlotRequest, Tracked, log_stderr,
@@ -383,7 +384,12 @@ impl Replica<'_> {
                     }
                 });
                 let tracked = self.in_flight.get_mut(&id).expect("task_for found it");
-                let progressed = self.agent.progress(tracked, checkpoint.as_ref()).await;
+                let span = self.agent.attempt_span(&tracked.lease.key);
+                let progressed = self
+                    .agent
+                    .progress(tracked, checkpoint.as_ref())
+                    .instrument(span)
+                    .await;
                 let silent_since = self.silent_since();
                 self.agent.update_replica(self.index, |replica| {
                     replica.task_progress_ms = silent_since;

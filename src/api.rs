@@ -1,0 +1,579 @@
+//! The daemon's JSON API, under `/api/v1`: the fleet's status, its agents,
+//! tasks, dead letters and escalations, and the operations on them.
+//!
+//! | Method and path | What |
+//! |---|---|
+//! | `GET /api/v1/status` | what `flotilla status --json` shows, live for this daemon |
+//! | `GET /api/v1/agents`, `GET /api/v1/agents/{name}` | agents with replicas, breaker, readiness |
+//! | `GET /api/v1/tasks?state=&agent=&limit=`, `GET /api/v1/tasks/{id}` | tasks; one with its attempts |
+//! | `POST /api/v1/tasks` | submit one task or a batch |
+//! | `GET /api/v1/dlq?agent=&limit=` | dead letters |
+//! | `POST /api/v1/dlq/replay`, `POST /api/v1/dlq/purge` | `{"ids": [...]}` or `{"all": true}` |
+//! | `GET /api/v1/escalations?agent=&limit=`, `GET /api/v1/escalations/{id}` | escalated tasks |
+//! | `POST /api/v1/escalations/{id}/resolve` | `{"retry": true}`, `{"complete": RESULT}` or `{"drop": true}` |
+//! | `PUT /api/v1/degrade`, `DELETE /api/v1/degrade` | force a level `{"level": 2, "for": "30m"}`, or clear it |
+//!
+//! **Authorization.** With a token configured (`http.token`,
+//! `http.token_file` or `FLOTILLA_HTTP_TOKEN`) every API call needs
+//! `Authorization: Bearer TOKEN`: task payloads and results are as
+//! sensitive as the operations. Without one (only allowed on a loopback
+//! address) reads are open and every mutating call is refused: whoever can
+//! reach the port could otherwise make the agents run anything. The
+//! health endpoints and `/metrics` never need the token. Errors are
+//! `{"error": "..."}` with a 4xx or 5xx status; the token is never logged.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post, put};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::degrade::Forced;
+use crate::queue::{
+    ListFilter, MAX_SUBMIT_BATCH, NewTask, Priority, QueueError, Resolution, Selection, TaskState,
+    new_task_id, validate_task_id,
+};
+use crate::status::{DaemonSnapshot, StatusReport};
+use crate::store::Store;
+
+/// Largest request body accepted (a submitted batch).
+pub const MAX_BODY_BYTES: usize = 64 << 20;
+/// Most tasks one listing returns.
+pub const MAX_LIST: usize = 10_000;
+/// Tasks a listing returns when `limit` is not given.
+const DEFAULT_LIST: usize = 100;
+
+/// What the handlers use.
+pub struct Api {
+    /// The fleet's whole config (every agent, also those other daemons
+    /// run).
+    pub config: Arc<Config>,
+    /// The store.
+    pub store: Store,
+    /// The clock.
+    pub clock: SharedClock,
+    /// The bearer token, if configured.
+    pub token: Option<String>,
+    /// This daemon's status now.
+    pub live: Box<dyn Fn() -> DaemonSnapshot + Send + Sync>,
+}
+
+/// An API error: a status and a message for `{"error": ...}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+}
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, and what would be valid.
+    pub error: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+impl From<QueueError> for ApiError {
+    fn from(error: QueueError) -> Self {
+        let status = match &error {
+            QueueError::Invalid(_) => StatusCode::BAD_REQUEST,
+            QueueError::NotFound { .. } => StatusCode::NOT_FOUND,
+            QueueError::WrongState { .. } | QueueError::StaleLease { .. } => StatusCode::CONFLICT,
+            QueueError::Storage(_) | QueueError::Closed => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        Self::new(status, error.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        Self::new(rejection.status(), rejection.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::new(rejection.status(), rejection.body_text())
+    }
+}
+
+type Answer<T> = Result<Json<T>, ApiError>;
+
+/// The API's routes, behind the token check.
+pub fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/agents", get(agents))
+        .route("/api/v1/agents/{name}", get(agent))
+        .route("/api/v1/tasks", get(tasks).post(submit))
+        .route("/api/v1/tasks/{id}", get(task))
+        .route("/api/v1/dlq", get(dead_letters))
+        .route("/api/v1/dlq/replay", post(replay))
+        .route("/api/v1/dlq/purge", post(purge))
+        .route("/api/v1/escalations", get(escalations))
+        .route("/api/v1/escalations/{id}", get(escalation))
+        .route("/api/v1/escalations/{id}/resolve", post(resolve))
+        .route("/api/v1/degrade", put(force_level).delete(clear_level))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(api.clone(), authorize))
+        .with_state(api)
+}
+
+/// Refuses calls without the right token (see the module's text).
+async fn authorize(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
+    let mutating = !matches!(*request.method(), Method::GET | Method::HEAD);
+    match &api.token {
+        Some(token) => {
+            let given = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.strip_prefix("Bearer "));
+            if !given.is_some_and(|given| same(given.trim().as_bytes(), token.as_bytes())) {
+                tracing::warn!(method = %request.method(), path = %request.uri().path(), "API call without the right bearer token refused");
+                let mut response = ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong bearer token: send `Authorization: Bearer TOKEN` with the daemon's token (http.token, http.token_file or FLOTILLA_HTTP_TOKEN)",
+                )
+                .into_response();
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return response;
+            }
+        }
+        None if mutating => {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "this daemon has no API token, so its API is read-only: set http.token_file (or http.token, or FLOTILLA_HTTP_TOKEN) to submit, replay, purge, resolve or degrade through it",
+            )
+            .into_response();
+        }
+        None => {}
+    }
+    next.run(request).await
+}
+
+/// Compares in time independent of where the inputs differ.
+fn same(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn report(api: &Api) -> Result<StatusReport, ApiError> {
+    let live = (api.live)();
+    Ok(StatusReport::build(&api.config, &api.store, api.clock.now_ms(), Some(live)).await?)
+}
+
+async fn status(State(api): State<Arc<Api>>) -> Answer<StatusReport> {
+    Ok(Json(report(&api).await?))
+}
+
+async fn agents(State(api): State<Arc<Api>>) -> Answer<Vec<crate::status::AgentStatus>> {
+    Ok(Json(report(&api).await?.agents))
+}
+
+async fn agent(
+    State(api): State<Arc<Api>>,
+    Path(name): Path<String>,
+) -> Answer<crate::status::AgentStatus> {
+    report(&api)
+        .await?
+        .agents
+        .into_iter()
+        .find(|agent| agent.name == name)
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no agent {name:?}; configured agents: {}",
+                api.config.agent_names()
+            ))
+        })
+}
+
+/// `?state=&agent=&limit=` of the listings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Only tasks in this state.
+    #[serde(default)]
+    pub state: Option<TaskState>,
+    /// Only this agent's tasks.
+    #[serde(default)]
+    pub agent: Option<String>,
+    /// Most tasks returned, newest first (1 to 10000, default 100).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+impl ListQuery {
+    fn filter(self, state: Option<TaskState>) -> Result<ListFilter, ApiError> {
+        let limit = self.limit.unwrap_or(DEFAULT_LIST);
+        if !(1..=MAX_LIST).contains(&limit) {
+            return Err(ApiError::bad_request(format!(
+                "limit {limit} is out of range; valid: 1 to {MAX_LIST}"
+            )));
+        }
+        Ok(ListFilter {
+            state: state.or(self.state),
+            agent: self.agent,
+            limit,
+        })
+    }
+}
+
+async fn list(
+    api: &Api,
+    query: Result<Query<ListQuery>, QueryRejection>,
+    state: Option<TaskState>,
+) -> Answer<Vec<crate::queue::TaskRecord>> {
+    let Query(query) = query?;
+    if state.is_some() && query.state.is_some() {
+        return Err(ApiError::bad_request(
+            "`state` is fixed by this path; use /api/v1/tasks?state=... to choose it",
+        ));
+    }
+    let filter = query.filter(state)?;
+    Ok(Json(api.store.queue().list(&filter).await?))
+}
+
+async fn tasks(
+    State(api): State<Arc<Api>>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Answer<Vec<crate::queue::TaskRecord>> {
+    list(&api, query, None).await
+}
+
+async fn dead_letters(
+    State(api): State<Arc<Api>>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Answer<Vec<crate::queue::TaskRecord>> {
+    list(&api, query, Some(TaskState::DeadLettered)).await
+}
+
+async fn escalations(
+    State(api): State<Arc<Api>>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Answer<Vec<crate::queue::TaskRecord>> {
+    list(&api, query, Some(TaskState::Escalated)).await
+}
+
+async fn find(api: &Api, id: &str) -> Result<crate::queue::TaskRecord, ApiError> {
+    api.store
+        .queue()
+        .get(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no task with id {id:?}")))
+}
+
+async fn task(
+    State(api): State<Arc<Api>>,
+    Path(id): Path<String>,
+) -> Answer<crate::queue::TaskRecord> {
+    Ok(Json(find(&api, &id).await?))
+}
+
+async fn escalation(
+    State(api): State<Arc<Api>>,
+    Path(id): Path<String>,
+) -> Answer<crate::queue::TaskRecord> {
+    let task = find(&api, &id).await?;
+    if task.state != TaskState::Escalated {
+        return Err(ApiError::not_found(format!(
+            "task {id:?} is {}, not escalated",
+            task.state
+        )));
+    }
+    Ok(Json(task))
+}
+
+/// `POST /api/v1/tasks`: one task (`payload`, optional `id` and
+/// `priority`) or a batch (`tasks`), for `agent`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitBody {
+    /// The agent that runs the tasks.
+    pub agent: String,
+    /// One task's id (idempotency key); generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// One task's priority (default normal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
+    /// One task's payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Value>,
+    /// A batch of tasks, in place of `payload`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<Vec<TaskBody>>,
+}
+
+/// One task of a batch.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskBody {
+    /// Its id (idempotency key); generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Its payload.
+    pub payload: Value,
+    /// Its priority (default normal).
+    #[serde(default)]
+    pub priority: Priority,
+}
+
+impl SubmitBody {
+    /// The tasks it asks for, checked.
+    ///
+    /// # Errors
+    /// What is wrong, naming the field.
+    pub fn into_tasks(self, config: &Config) -> Result<Vec<NewTask>, String> {
+        if config.agent(&self.agent).is_none() {
+            return Err(format!(
+                "unknown agent {:?}; configured agents: {}",
+                self.agent,
+                config.agent_names()
+            ));
+        }
+        let bodies = match (self.payload, self.tasks) {
+            (Some(payload), None) => vec![TaskBody {
+                id: self.id,
+                payload,
+                priority: self.priority.unwrap_or_default(),
+            }],
+            (None, Some(tasks)) if self.id.is_some() || self.priority.is_some() => {
+                let _ = tasks;
+                return Err(
+                    "`id` and `priority` belong to each task of `tasks`, not to the batch".into(),
+                );
+            }
+            (None, Some(tasks)) => tasks,
+            _ => {
+                return Err(
+                    "give either `payload` (one task) or `tasks` (a batch), e.g. {\"agent\": \"coder\", \"payload\": {\"prompt\": \"hello\"}}"
+                        .into(),
+                );
+            }
+        };
+        if bodies.is_empty() || bodies.len() > MAX_SUBMIT_BATCH {
+            return Err(format!(
+                "`tasks` has {} tasks; valid: 1 to {MAX_SUBMIT_BATCH}",
+                bodies.len()
+            ));
+        }
+        bodies
+            .into_iter()
+            .enumerate()
+            .map(|(index, body)| {
+                let id = body.id.unwrap_or_else(new_task_id);
+                validate_task_id(&id).map_err(|error| format!("tasks[{index}].id: {error}"))?;
+                Ok(NewTask {
+                    id,
+                    agent: self.agent.clone(),
+                    priority: body.priority,
+                    payload: body.payload,
+                })
+            })
+            .collect()
+    }
+}
+
+async fn submit(
+    State(api): State<Arc<Api>>,
+    body: Result<Json<SubmitBody>, JsonRejection>,
+) -> Answer<Vec<crate::queue::SubmitReceipt>> {
+    let Json(body) = body?;
+    let tasks = body
+        .into_tasks(&api.config)
+        .map_err(ApiError::bad_request)?;
+    Ok(Json(api.store.queue().submit(tasks).await?))
+}
+
+/// Which dead letters: `{"ids": [...]}` or `{"all": true}`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelectionBody {
+    /// These task ids.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<String>,
+    /// Every dead letter.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
+}
+
+impl SelectionBody {
+    fn selection(self) -> Result<Selection, ApiError> {
+        match (self.ids.is_empty(), self.all) {
+            (false, false) => Ok(Selection::Ids(self.ids)),
+            (true, true) => Ok(Selection::All),
+            _ => Err(ApiError::bad_request(
+                "give either `ids` (a non-empty list) or `\"all\": true`",
+            )),
+        }
+    }
+}
+
+/// How many tasks an operation changed.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Count {
+    /// Tasks changed.
+    pub count: u64,
+}
+
+async fn replay(
+    State(api): State<Arc<Api>>,
+    body: Result<Json<SelectionBody>, JsonRejection>,
+) -> Answer<Count> {
+    let Json(body) = body?;
+    let count = api.store.queue().replay(&body.selection()?).await?;
+    tracing::info!(count, "dead letters replayed through the API");
+    Ok(Json(Count { count }))
+}
+
+async fn purge(
+    State(api): State<Arc<Api>>,
+    body: Result<Json<SelectionBody>, JsonRejection>,
+) -> Answer<Count> {
+    let Json(body) = body?;
+    let count = api.store.queue().purge(&body.selection()?).await?;
+    tracing::info!(count, "dead letters purged through the API");
+    Ok(Json(Count { count }))
+}
+
+/// How to resolve an escalation: exactly one of the fields.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveBody {
+    /// Queue it again with a fresh attempt budget.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retry: bool,
+    /// Complete it with this result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub complete: Option<Value>,
+    /// Give it up: it becomes a dead letter.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drop: bool,
+}
+
+impl ResolveBody {
+    /// The resolution it names.
+    ///
+    /// # Errors
+    /// When it names none or several.
+    pub fn resolution(self) -> Result<Resolution, String> {
+        match (self.retry, self.complete, self.drop) {
+            (true, None, false) => Ok(Resolution::Retry),
+            (false, Some(result), false) => Ok(Resolution::Complete(result)),
+            (false, None, true) => Ok(Resolution::Drop),
+            _ => Err(
+                "give exactly one of {\"retry\": true}, {\"complete\": RESULT} or {\"drop\": true}"
+                    .into(),
+            ),
+        }
+    }
+}
+
+async fn resolve(
+    State(api): State<Arc<Api>>,
+    Path(id): Path<String>,
+    body: Result<Json<ResolveBody>, JsonRejection>,
+) -> Answer<crate::queue::TaskRecord> {
+    let Json(body) = body?;
+    let resolution = body.resolution().map_err(ApiError::bad_request)?;
+    api.store.queue().resolve(&id, &resolution).await?;
+    tracing::info!(task = %id, "escalation resolved through the API");
+    Ok(Json(find(&api, &id).await?))
+}
+
+/// `PUT /api/v1/degrade`: force `level` (0-3 or its name) for `for`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForceBody {
+    /// The level: 0-3 or nominal, reduced, essential, emergency.
+    pub level: Value,
+    /// How long, e.g. `30m` (up to 7d).
+    #[serde(rename = "for")]
+    pub duration: String,
+}
+
+async fn force_level(
+    State(api): State<Arc<Api>>,
+    body: Result<Json<ForceBody>, JsonRejection>,
+) -> Answer<Forced> {
+    let Json(body) = body?;
+    let level = match &body.level {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    };
+    let forced =
+        Forced::parse(&level, &body.duration, api.clock.now_ms()).map_err(ApiError::bad_request)?;
+    api.store
+        .put_control(
+            crate::daemon::FORCED_LEVEL_KEY,
+            &serde_json::to_value(forced).expect("serializes"),
+        )
+        .await?;
+    tracing::warn!(level = %forced.level, "degradation level forced through the API");
+    Ok(Json(forced))
+}
+
+async fn clear_level(State(api): State<Arc<Api>>) -> Answer<Value> {
+    api.store
+        .put_control(crate::daemon::FORCED_LEVEL_KEY, &Value::Null)
+        .await?;
+    tracing::info!("forced degradation level cleared through the API");
+    Ok(Json(Value::Null))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same(b"s3cret", b"s3cret"));
+        assert!(!same(b"s3cre", b"s3cret"));
+        assert!(!same(b"s3crex", b"s3cret"));
+        assert!(!same(b"", b"s3cret"));
+    }
+}

@@ -1,0 +1,222 @@
+//! A client of the daemon's API (`flotilla --api URL ...`): for operators
+//! who reach a daemon over the network but not its store (a pod, another
+//! machine).
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::api::{ErrorBody, ResolveBody, SelectionBody, SubmitBody};
+use crate::degrade::Forced;
+use crate::queue::{ListFilter, SubmitReceipt, TaskRecord, TaskState};
+use crate::status::StatusReport;
+
+/// Longest wait for one answer.
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What went wrong talking to the API.
+#[derive(Debug)]
+pub enum ClientError {
+    /// The daemon refused the call as invalid (4xx other than 401/403):
+    /// the status and its message.
+    Refused(StatusCode, String),
+    /// Anything else: not reachable, not authorized, a server error.
+    Failed(String),
+}
+
+/// A daemon's API at one base URL.
+pub struct ApiClient {
+    base: reqwest::Url,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    /// A client of the API at `base` (e.g. `http://127.0.0.1:9750`).
+    ///
+    /// # Errors
+    /// When `base` is not an `http://` or `https://` URL.
+    pub fn new(base: &str, token: Option<String>) -> Result<Self, String> {
+        let parsed = reqwest::Url::parse(base)
+            .ok()
+            .filter(|url| matches!(url.scheme(), "http" | "https") && url.has_host())
+            .ok_or_else(|| {
+                format!("--api {base:?} is not an http:// or https:// URL; e.g. --api http://127.0.0.1:9750")
+            })?;
+        let http = reqwest::Client::builder()
+            .timeout(TIMEOUT)
+            .build()
+            .map_err(|error| format!("the HTTP client could not be built: {error}"))?;
+        Ok(Self {
+            base: parsed,
+            token,
+            http,
+        })
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&(impl Serialize + Sync)>,
+    ) -> Result<T, ClientError> {
+        let url = self
+            .base
+            .join(path)
+            .map_err(|error| ClientError::Failed(format!("{path}: {error}")))?;
+        let mut request = self.http.request(method.clone(), url.clone()).query(query);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            let bytes = serde_json::to_vec(body)
+                .map_err(|error| ClientError::Failed(format!("{path}: {error}")))?;
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(bytes);
+        }
+        let response = request.send().await.map_err(|error| {
+            ClientError::Failed(format!(
+                "{method} {url}: the daemon did not answer: {error}"
+            ))
+        })?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|error| {
+            ClientError::Failed(format!("{method} {url}: the answer broke off: {error}"))
+        })?;
+        if status.is_success() {
+            return serde_json::from_slice(&bytes).map_err(|error| {
+                ClientError::Failed(format!(
+                    "{method} {url}: unexpected answer ({error}); is this a flotilla daemon of the same version?"
+                ))
+            });
+        }
+        let message = serde_json::from_slice::<ErrorBody>(&bytes).map_or_else(
+            |_| String::from_utf8_lossy(&bytes).chars().take(500).collect(),
+            |body| body.error,
+        );
+        let message = match status {
+            StatusCode::UNAUTHORIZED if self.token.is_none() => {
+                format!("{message} (give the token in FLOTILLA_HTTP_TOKEN or --token-file)")
+            }
+            _ => message,
+        };
+        if status.is_client_error()
+            && !matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
+        {
+            Err(ClientError::Refused(status, message))
+        } else {
+            Err(ClientError::Failed(format!(
+                "the daemon answered {status}: {message}"
+            )))
+        }
+    }
+
+    async fn get<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<T, ClientError> {
+        self.call(Method::GET, path, query, None::<&()>).await
+    }
+
+    /// The fleet's status.
+    pub async fn status(&self) -> Result<StatusReport, ClientError> {
+        self.get("/api/v1/status", &[]).await
+    }
+
+    /// Tasks matching `filter`.
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, ClientError> {
+        let (path, state) = match filter.state {
+            Some(TaskState::DeadLettered) => ("/api/v1/dlq", None),
+            Some(TaskState::Escalated) => ("/api/v1/escalations", None),
+            state => ("/api/v1/tasks", state),
+        };
+        let mut query = vec![("limit", filter.limit.to_string())];
+        if let Some(agent) = &filter.agent {
+            query.push(("agent", agent.clone()));
+        }
+        if let Some(state) = state {
+            query.push(("state", state.to_string()));
+        }
+        self.get(path, &query).await
+    }
+
+    /// One task, or `None`.
+    pub async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>, ClientError> {
+        let path = format!("/api/v1/tasks/{}", encode(id));
+        match self.get(&path, &[]).await {
+            Ok(task) => Ok(Some(task)),
+            Err(ClientError::Refused(StatusCode::NOT_FOUND, _)) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Submits tasks.
+    pub async fn submit(&self, body: &SubmitBody) -> Result<Vec<SubmitReceipt>, ClientError> {
+        self.call(Method::POST, "/api/v1/tasks", &[], Some(body))
+            .await
+    }
+
+    /// Replays (`purge` false) or purges dead letters; returns how many.
+    pub async fn dead_letters(
+        &self,
+        purge: bool,
+        selection: &SelectionBody,
+    ) -> Result<u64, ClientError> {
+        let path = if purge {
+            "/api/v1/dlq/purge"
+        } else {
+            "/api/v1/dlq/replay"
+        };
+        let count: crate::api::Count = self.call(Method::POST, path, &[], Some(selection)).await?;
+        Ok(count.count)
+    }
+
+    /// Resolves an escalated task.
+    pub async fn resolve(&self, id: &str, body: &ResolveBody) -> Result<TaskRecord, ClientError> {
+        let path = format!("/api/v1/escalations/{}/resolve", encode(id));
+        self.call(Method::POST, &path, &[], Some(body)).await
+    }
+
+    /// Forces a degradation level (`Some((level, duration))`) or clears it.
+    pub async fn degrade(
+        &self,
+        force: Option<(&str, &str)>,
+    ) -> Result<Option<Forced>, ClientError> {
+        match force {
+            Some((level, duration)) => {
+                let body = crate::api::ForceBody {
+                    level: serde_json::Value::String(level.to_string()),
+                    duration: duration.to_string(),
+                };
+                self.call(Method::PUT, "/api/v1/degrade", &[], Some(&body))
+                    .await
+                    .map(Some)
+            }
+            None => {
+                let _: serde_json::Value = self
+                    .call(Method::DELETE, "/api/v1/degrade", &[], None::<&()>)
+                    .await?;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// `id` as one path segment (task ids are letters, digits and `-_.:`, but
+/// a user may type anything).
+fn encode(id: &str) -> String {
+    id.bytes()
+        .map(|byte| {
+            if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
+                (byte as char).to_string()
+            } else {
+                format!("%{byte:02X}")
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,381 @@
+//! The daemon's JSON API against a running daemon: the bearer token guards
+//! every call when configured, mutating calls are refused without one,
+//! bad input is named and changes nothing, and the CLI works through the
+//! API with `--api` (no config file, no store).
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::*;
+
+const TOKEN: &str = "test-token-5f0c1e9a7b";
+
+struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    fn new(address: std::net::SocketAddr) -> Self {
+        Self {
+            base: format!("http://{address}"),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_string());
+        }
+        let response = request.send().await.expect("the daemon answers");
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await.unwrap();
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, body)
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.call(reqwest::Method::GET, path, Some(TOKEN), None)
+            .await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call(reqwest::Method::POST, path, Some(TOKEN), Some(body))
+            .await
+    }
+}
+
+fn error_of(body: &Value) -> &str {
+    body["error"].as_str().unwrap_or_default()
+}
+
+/// Runs the CLI against `address` through the API, without a config.
+fn remote_cli(
+    address: std::net::SocketAddr,
+    token: Option<&str>,
+    args: &[&str],
+) -> std::process::Output {
+    let mut command = std::process::Command::new(flotilla_bin());
+    command
+        .args([
+            "-c",
+            "/nonexistent/flotilla.toml",
+            "--api",
+            &format!("http://{address}"),
+        ])
+        .args(args)
+        .env("FLOTILLA_LOG", "warn")
+        .env_remove("FLOTILLA_HTTP_TOKEN");
+    if let Some(token) = token {
+        command.env("FLOTILLA_HTTP_TOKEN", token);
+    }
+    command.output().expect("the CLI runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_needs_the_token_checks_input_and_serves_the_cli() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.worker]
+command = {}
+
+[agents.broken]
+command = {}
+retry = {{ max_deliver = 1 }}
+breaker = {{ enabled = false }}
+"#,
+        example_agent(&["--work-ms", "1"]),
+        example_agent(&["--error-rate", "1.0"]),
+    ));
+    std::fs::write(fleet.path("api-token"), format!("{TOKEN}\n")).unwrap();
+    let text = std::fs::read_to_string(&fleet.config_path).unwrap();
+    std::fs::write(
+        &fleet.config_path,
+        text.replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\ntoken_file = \"api-token\"",
+        ),
+    )
+    .unwrap();
+    let daemon = fleet.start().await;
+    let address = daemon.http_address().expect("listening");
+    let api = Client::new(address);
+
+    // Without the token, or with a wrong one: refused, nothing queued.
+    let one = json!({"agent": "worker", "id": "api-1", "payload": {"n": 1}});
+    for token in [None, Some("wrong-token")] {
+        let (status, body) = api
+            .call(
+                reqwest::Method::POST,
+                "/api/v1/tasks",
+                token,
+                Some(one.clone()),
+            )
+            .await;
+        assert_eq!(status, 401, "{body}");
+        assert!(error_of(&body).contains("Authorization: Bearer"), "{body}");
+        let (status, _) = api
+            .call(reqwest::Method::GET, "/api/v1/status", token, None)
+            .await;
+        assert_eq!(status, 401);
+    }
+    assert!(daemon.queue().get("api-1").await.unwrap().is_none());
+    // Health and metrics stay open.
+    let (status, _) = api
+        .call(reqwest::Method::GET, "/health/live", None, None)
+        .await;
+    assert_eq!(status, 200);
+
+    // Bad input is named and nothing of a batch is applied.
+    let (status, body) = api
+        .post(
+            "/api/v1/tasks",
+            json!({"agent": "worker", "tasks": [
+                {"id": "batch-ok", "payload": 1},
+                {"id": "bad id with spaces", "payload": 2},
+            ]}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(error_of(&body).contains("tasks[1].id"), "{body}");
+    assert!(daemon.queue().get("batch-ok").await.unwrap().is_none());
+    let (status, body) = api
+        .post("/api/v1/tasks", json!({"agent": "ghost", "payload": 1}))
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        error_of(&body).contains("unknown agent \"ghost\"; configured agents: broken, worker"),
+        "{body}"
+    );
+    let (status, body) = api
+        .post(
+            "/api/v1/tasks",
+            json!({"agent": "worker", "payload": 1, "colour": "red"}),
+        )
+        .await;
+    assert!(
+        status == 422 && error_of(&body).contains("colour"),
+        "{status} {body}"
+    );
+    let (status, body) = api.get("/api/v1/tasks?state=lost").await;
+    assert!(
+        status == 400 && error_of(&body).contains("queued"),
+        "{status} {body}"
+    );
+    let (status, body) = api.get("/api/v1/tasks?limit=0").await;
+    assert!(
+        status == 400 && error_of(&body).contains("valid: 1 to"),
+        "{body}"
+    );
+
+    // Submit, then follow the task to its end.
+    let (status, body) = api.post("/api/v1/tasks", one.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body[0]["id"], "api-1");
+    let (_, again) = api.post("/api/v1/tasks", one).await;
+    assert_eq!(again[0]["duplicate"], true, "{again}");
+    wait_until(Duration::from_secs(20), "api-1 to complete", || async {
+        api.get("/api/v1/tasks/api-1").await.1["state"] == "completed"
+    })
+    .await;
+    let (_, task) = api.get("/api/v1/tasks/api-1").await;
+    assert!(!task["history"].as_array().unwrap().is_empty(), "{task}");
+    let (status, body) = api.get("/api/v1/tasks/nope").await;
+    assert!(
+        status == 404 && error_of(&body).contains("no task with id"),
+        "{body}"
+    );
+
+    // Dead letters: listed, replayed, purged.
+    api.post(
+        "/api/v1/tasks",
+        json!({"agent": "broken", "id": "doomed", "payload": 1}),
+    )
+    .await;
+    wait_until(Duration::from_secs(20), "the dead letter", || async {
+        let (_, letters) = api.get("/api/v1/dlq").await;
+        letters
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|task| task["id"] == "doomed")
+    })
+    .await;
+    let (status, body) = api.post("/api/v1/dlq/replay", json!({})).await;
+    assert!(
+        status == 400 && error_of(&body).contains("\"all\": true"),
+        "{body}"
+    );
+    let (status, body) = api
+        .post("/api/v1/dlq/replay", json!({"ids": ["doomed"]}))
+        .await;
+    assert_eq!((status, &body["count"]), (200, &json!(1)), "{body}");
+    wait_until(Duration::from_secs(20), "the dead letter again", || async {
+        api.get("/api/v1/tasks/doomed").await.1["state"] == "dead_lettered"
+    })
+    .await;
+    let (status, body) = api.post("/api/v1/dlq/purge", json!({"all": true})).await;
+    assert_eq!((status, &body["count"]), (200, &json!(1)), "{body}");
+
+    // Escalations: a task that is not escalated cannot be resolved.
+    let (status, body) = api
+        .post("/api/v1/escalations/api-1/resolve", json!({"retry": true}))
+        .await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = api
+        .post(
+            "/api/v1/escalations/api-1/resolve",
+            json!({"retry": true, "drop": true}),
+        )
+        .await;
+    assert!(
+        status == 400 && error_of(&body).contains("exactly one"),
+        "{body}"
+    );
+    let (status, body) = api.get("/api/v1/escalations").await;
+    assert_eq!((status, body), (200, json!([])));
+
+    // Degradation forced and cleared.
+    let (status, body) = api
+        .call(
+            reqwest::Method::PUT,
+            "/api/v1/degrade",
+            Some(TOKEN),
+            Some(json!({"level": 9, "for": "1m"})),
+        )
+        .await;
+    assert!(
+        status == 400 && error_of(&body).contains("valid: 0 (nominal)"),
+        "{body}"
+    );
+    let (status, body) = api
+        .call(
+            reqwest::Method::PUT,
+            "/api/v1/degrade",
+            Some(TOKEN),
+            Some(json!({"level": "essential", "for": "1m"})),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["level"]),
+        (200, &json!("essential")),
+        "{body}"
+    );
+    let (status, _) = api
+        .call(
+            reqwest::Method::DELETE,
+            "/api/v1/degrade",
+            Some(TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    // Status and agents, live.
+    let (status, report) = api.get("/api/v1/status").await;
+    assert_eq!(status, 200);
+    assert_eq!(report["daemon"]["running"], true, "{report}");
+    assert_eq!(report["agents"].as_array().unwrap().len(), 2);
+    let (status, agent) = api.get("/api/v1/agents/worker").await;
+    assert_eq!((status, &agent["name"]), (200, &json!("worker")));
+    let (status, body) = api.get("/api/v1/agents/ghost").await;
+    assert!(
+        status == 404 && error_of(&body).contains("configured agents"),
+        "{body}"
+    );
+
+    // The CLI through the API, without a config or the store.
+    let status = remote_cli(address, Some(TOKEN), &["status"]);
+    assert!(status.status.success(), "{status:?}");
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("worker") && text.contains("broken"), "{text}");
+    let refused = remote_cli(
+        address,
+        None,
+        &["submit", "--agent", "worker", "--payload", "{}"],
+    );
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("FLOTILLA_HTTP_TOKEN"),
+        "{refused:?}"
+    );
+    let submitted = remote_cli(
+        address,
+        Some(TOKEN),
+        &[
+            "submit",
+            "--agent",
+            "worker",
+            "--id",
+            "cli-1",
+            "--payload",
+            "{\"n\": 2}",
+        ],
+    );
+    assert!(submitted.status.success(), "{submitted:?}");
+    wait_until(Duration::from_secs(20), "cli-1 to complete", || async {
+        api.get("/api/v1/tasks/cli-1").await.1["state"] == "completed"
+    })
+    .await;
+    let shown = remote_cli(address, Some(TOKEN), &["tasks", "show", "cli-1", "--json"]);
+    assert!(shown.status.success(), "{shown:?}");
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["state"], "completed");
+    let missing = remote_cli(address, Some(TOKEN), &["tasks", "show", "nope"]);
+    assert_eq!(missing.status.code(), Some(2), "{missing:?}");
+    let unknown = remote_cli(
+        address,
+        Some(TOKEN),
+        &["submit", "--agent", "ghost", "--payload", "1"],
+    );
+    assert_eq!(unknown.status.code(), Some(2), "{unknown:?}");
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("configured agents: broken, worker"),
+        "{unknown:?}"
+    );
+    let not_remote = remote_cli(address, Some(TOKEN), &["up"]);
+    assert_eq!(not_remote.status.code(), Some(2), "{not_remote:?}");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_the_api_is_read_only() {
+    let fleet = Fleet::new(&format!(
+        "[agents.worker]\ncommand = {}\n",
+        example_agent(&["--work-ms", "1"])
+    ));
+    let daemon = fleet.start().await;
+    let address = daemon.http_address().expect("listening");
+    let api = Client::new(address);
+    let (status, report) = api
+        .call(reqwest::Method::GET, "/api/v1/status", None, None)
+        .await;
+    assert_eq!(status, 200, "{report}");
+    let (status, body) = api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/tasks",
+            None,
+            Some(json!({"agent": "worker", "id": "t", "payload": 1})),
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(error_of(&body).contains("read-only"), "{body}");
+    assert!(daemon.queue().get("t").await.unwrap().is_none());
+    daemon.stop().await;
+}
