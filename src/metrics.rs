@@ -129,6 +129,21 @@ pub mod names {
         "flotilla_replica_restarts",
         "Replica restarts of every kind (crash, timeout kill, memory kill)",
     );
+    /// Redeliveries.
+    pub const REDELIVERIES: (&str, &str) = (
+        "flotilla_redeliveries",
+        "Tasks handed to a replica again after an earlier attempt (retries, redeliveries after a crash or a lost daemon)",
+    );
+    /// Escalations.
+    pub const ESCALATIONS: (&str, &str) = (
+        "flotilla_escalations",
+        "Tasks escalated to a human while their agent was unavailable",
+    );
+    /// Validation failures.
+    pub const VALIDATION_FAILURES: (&str, &str) = (
+        "flotilla_validation_failures",
+        "Attempts whose result was rejected (invalid or too large)",
+    );
     /// Malformed lines.
     pub const MALFORMED_LINES: (&str, &str) = (
         "flotilla_malformed_lines",
@@ -252,6 +267,9 @@ pub struct Metrics {
     restarts: Family<AgentLabel, Counter>,
     dead_lettered: Family<AgentLabel, Counter>,
     malformed: Family<AgentLabel, Counter>,
+    redeliveries: Family<AgentLabel, Counter>,
+    escalations: Family<AgentLabel, Counter>,
+    validation_failures: Family<AgentLabel, Counter>,
     /// Connected, disconnects, reconnects: registered only with a broker.
     broker: Option<(Gauge, Counter, Counter)>,
     types: Mutex<HashSet<String>>,
@@ -271,6 +289,15 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new(false)
     }
+}
+
+/// Counts one for `agent` in `family`.
+fn inc(family: &Family<AgentLabel, Counter>, agent: &str) {
+    family
+        .get_or_create(&AgentLabel {
+            agent: agent.into(),
+        })
+        .inc();
 }
 
 macro_rules! register {
@@ -323,6 +350,14 @@ impl Metrics {
             restarts: register!(registry, families, RESTARTS, Family::default()),
             dead_lettered: register!(registry, families, DEAD_LETTERED, Family::default()),
             malformed: register!(registry, families, MALFORMED_LINES, Family::default()),
+            redeliveries: register!(registry, families, REDELIVERIES, Family::default()),
+            escalations: register!(registry, families, ESCALATIONS, Family::default()),
+            validation_failures: register!(
+                registry,
+                families,
+                VALIDATION_FAILURES,
+                Family::default()
+            ),
             broker: with_broker.then(|| {
                 (
                     register!(registry, families, BROKER_CONNECTED, Gauge::default()),
@@ -369,8 +404,12 @@ impl Metrics {
         }
     }
 
-    /// A task of `kind` was handed to a replica of `agent`.
-    pub fn received(&self, agent: &str, kind: &str) {
+    /// A task of `kind` was handed to a replica of `agent`, for its
+    /// `attempt`th time.
+    pub fn received(&self, agent: &str, kind: &str, attempt: u32) {
+        if attempt > 1 {
+            inc(&self.redeliveries, agent);
+        }
         self.received
             .get_or_create(&TaskLabels {
                 agent: agent.into(),
@@ -379,8 +418,16 @@ impl Metrics {
             .inc();
     }
 
+    /// `agent`'s task was escalated to a human.
+    pub fn escalated(&self, agent: &str) {
+        inc(&self.escalations, agent);
+    }
+
     /// An attempt ended with `status` after `seconds`.
     pub fn attempt_ended(&self, agent: &str, kind: &str, status: &str, seconds: f64) {
+        if status == crate::queue::AttemptOutcome::Rejected.as_str() {
+            inc(&self.validation_failures, agent);
+        }
         self.completed
             .get_or_create(&CompletedLabels {
                 agent: agent.into(),
@@ -420,9 +467,16 @@ impl Metrics {
         let label = AgentLabel {
             agent: agent.into(),
         };
-        self.restarts.get_or_create(&label).inc_by(0);
-        self.malformed.get_or_create(&label).inc_by(0);
-        self.dead_lettered.get_or_create(&label).inc_by(0);
+        for family in [
+            &self.restarts,
+            &self.malformed,
+            &self.dead_lettered,
+            &self.redeliveries,
+            &self.escalations,
+            &self.validation_failures,
+        ] {
+            family.get_or_create(&label).inc_by(0);
+        }
     }
 
     /// `agent` printed a malformed line.
@@ -547,7 +601,7 @@ mod tests {
     #[test]
     fn every_name_of_the_issue_is_exported() {
         let metrics = Metrics::new(true);
-        metrics.received("coder", "default");
+        metrics.received("coder", "default", 2);
         metrics.attempt_ended("coder", "default", "completed", 1.5);
         let mut status = AgentStatus::new("coder", crate::config::Mode::Persistent, 1);
         status.replicas[0].last_seen_ms = Some(1_000);
@@ -595,6 +649,7 @@ mod tests {
             "agent_last_activity_timestamp{agent=\"coder\"} 1",
             "agent_context_window_usage_pct{agent=\"coder\"} 40",
             "flotilla_broker_disconnects_total 1",
+            "flotilla_redeliveries_total{agent=\"coder\"} 1",
             "# TYPE agent_last_activity_timestamp gauge",
             "# TYPE agent_memory_usage_bytes gauge",
             "# TYPE agent_context_window_usage_pct gauge",

@@ -337,6 +337,16 @@ fallback_policy = "escalate_to_human"
     )
     .await;
     assert_eq!(agent(&daemon, "deployer").status().diverted.escalated, 3);
+    let metrics = reqwest::get(format!("http://{}/metrics", daemon.http_address().unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("flotilla_escalations_total{agent=\"deployer\"} 3\n"),
+        "{metrics}"
+    );
 
     let listed = fleet.cli(&["escalations", "list", "--json"]);
     assert!(listed.status.success(), "{listed:?}");

@@ -511,5 +511,18 @@ breaker = {{ enabled = false }}
         Some(0.0),
         "counters exist from the start"
     );
+    // Two tasks, each handed out again twice after its first attempt.
+    assert_eq!(
+        sample(&text, r#"flotilla_redeliveries_total{agent="flaky"}"#),
+        Some(4.0)
+    );
+    assert_eq!(
+        sample(&text, r#"flotilla_redeliveries_total{agent="good"}"#),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&text, r#"flotilla_escalations_total{agent="flaky"}"#),
+        Some(0.0)
+    );
     daemon.stop().await;
 }

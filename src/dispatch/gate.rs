@@ -255,7 +255,7 @@ impl AgentRuntime {
             Some(open) => open.kind.clone(),
             None => return,
         };
-        self.metrics.received(&self.name, &kind);
+        self.metrics.received(&self.name, &kind, key.attempt);
     }
 
     /// The task of `key` was admitted but never sent: forget it, as if it
@@ -445,6 +445,7 @@ impl AgentRuntime {
                             .task(&key.task_id),
                         );
                         self.status.lock().expect("status lock").diverted.escalated += 1;
+                        self.metrics.escalated(&self.name);
                     }
                     result
                 }
