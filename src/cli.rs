@@ -1143,6 +1143,14 @@ fn print_status(report: &StatusReport, now: UnixMillis) {
                 diverted.rerouted, diverted.escalated, diverted.proceeded_with_warning
             );
         }
+        if let Some(event) = agent.watchdog.last() {
+            println!(
+                "  watchdog {} ago: {}: {}",
+                ago(now, event.at_ms),
+                event.action,
+                event.detail
+            );
+        }
         for check in agent.readiness.iter().filter(|check| !check.ok) {
             println!(
                 "  {}readiness check {:?} failing: {}",

@@ -203,6 +203,7 @@ impl Daemon {
         let metrics = Arc::new(crate::metrics::Metrics::new(config.broker.is_some()));
         let notifier =
             crate::notify::Notifier::start(&config.notify, &identity.name, &config.base_dir);
+        let watchdog_notifier = notifier.clone();
         let wiring = Wiring {
             queue: queue.clone(),
             clock: clock.clone(),
@@ -292,6 +293,17 @@ impl Daemon {
             .unwrap_or(u64::MAX),
         };
         housekeeping.push(tokio::spawn(degrade.run(stop_rx.clone())));
+        if config.watchdog.enabled {
+            housekeeping.push(tokio::spawn(crate::watchdog::run(
+                config.watchdog.clone(),
+                agents.clone(),
+                store.clone(),
+                clock.clone(),
+                watchdog_notifier,
+                metrics.clone(),
+                stop_rx.clone(),
+            )));
+        }
         housekeeping.push(tokio::spawn(count_store(store.clone(), metrics, stop_rx)));
         Ok(Self {
             config,
@@ -377,7 +389,13 @@ impl Daemon {
             .unwrap_or_default();
         let limit =
             self.config.daemon.shutdown_grace.get() + longest_stop * 2 + Duration::from_secs(10);
-        let replicas = futures_util::future::join_all(self.replicas);
+        let agents = self.agents.clone();
+        let replicas = async move {
+            futures_util::future::join_all(self.replicas).await;
+            for agent in &agents {
+                agent.join_replicas().await;
+            }
+        };
         tokio::pin!(replicas);
         let hurried = async {
             tokio::select! {

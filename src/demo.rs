@@ -48,6 +48,11 @@ shutdown_grace = "5s"
 [http]
 listen = "127.0.0.1:0"
 
+# The coder fails about a fifth of its attempts on purpose: the fleet
+# watchdog opens a breaker only above half.
+[watchdog]
+error_rate = 0.5
+
 [agents.coder]
 command = {coder}
 replicas = {{ min = 4 }}

@@ -31,3 +31,4 @@ pub mod status;
 pub mod store;
 pub mod supervisor;
 pub mod template;
+pub mod watchdog;

@@ -144,6 +144,11 @@ pub mod names {
         "flotilla_validation_failures",
         "Attempts whose result was rejected (invalid or too large)",
     );
+    /// Watchdog actions.
+    pub const WATCHDOG_ACTIONS: (&str, &str) = (
+        "flotilla_watchdog_actions",
+        "Actions of the fleet watchdog: scale_up, scale_down, restart, open_breaker",
+    );
     /// Malformed lines.
     pub const MALFORMED_LINES: (&str, &str) = (
         "flotilla_malformed_lines",
@@ -174,6 +179,15 @@ const MAX_TYPES: usize = 64;
 pub struct AgentLabel {
     /// The agent.
     pub agent: String,
+}
+
+/// `{agent, action}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    /// The agent.
+    pub agent: String,
+    /// The action.
+    pub action: String,
 }
 
 /// `{agent, type}`.
@@ -270,6 +284,7 @@ pub struct Metrics {
     redeliveries: Family<AgentLabel, Counter>,
     escalations: Family<AgentLabel, Counter>,
     validation_failures: Family<AgentLabel, Counter>,
+    watchdog_actions: Family<ActionLabels, Counter>,
     /// Connected, disconnects, reconnects: registered only with a broker.
     broker: Option<(Gauge, Counter, Counter)>,
     types: Mutex<HashSet<String>>,
@@ -351,6 +366,7 @@ impl Metrics {
             dead_lettered: register!(registry, families, DEAD_LETTERED, Family::default()),
             malformed: register!(registry, families, MALFORMED_LINES, Family::default()),
             redeliveries: register!(registry, families, REDELIVERIES, Family::default()),
+            watchdog_actions: register!(registry, families, WATCHDOG_ACTIONS, Family::default()),
             escalations: register!(registry, families, ESCALATIONS, Family::default()),
             validation_failures: register!(
                 registry,
@@ -414,6 +430,16 @@ impl Metrics {
             .get_or_create(&TaskLabels {
                 agent: agent.into(),
                 r#type: kind.into(),
+            })
+            .inc();
+    }
+
+    /// The fleet watchdog took `action` on `agent`.
+    pub fn watchdog_action(&self, agent: &str, action: &str) {
+        self.watchdog_actions
+            .get_or_create(&ActionLabels {
+                agent: agent.into(),
+                action: action.into(),
             })
             .inc();
     }

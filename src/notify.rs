@@ -43,6 +43,12 @@ pub enum EventKind {
     LevelChanged,
     /// An agent restarted too often and was given up on.
     AgentFailed,
+    /// A replica was lost (crashed or killed); its manager is told.
+    ReplicaLost,
+    /// The fleet watchdog acted: added, removed or restarted a replica.
+    Watchdog,
+    /// The fleet watchdog saw an agent's error rate over its threshold.
+    ErrorRate,
 }
 
 impl EventKind {
@@ -55,6 +61,9 @@ impl EventKind {
             Self::Escalation => "escalation",
             Self::LevelChanged => "level_changed",
             Self::AgentFailed => "agent_failed",
+            Self::ReplicaLost => "replica_lost",
+            Self::Watchdog => "watchdog",
+            Self::ErrorRate => "error_rate",
         }
     }
 }
@@ -82,6 +91,9 @@ pub struct Event {
     pub urgent: bool,
     /// One line for humans; Slack and compatible webhooks show it.
     pub text: String,
+    /// Structured details for programs (e.g. a lost replica's tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
 }
 
 /// Sends events to the configured sinks.
@@ -184,7 +196,14 @@ impl Event {
             level: None,
             urgent,
             text,
+            details: None,
         }
+    }
+
+    /// With structured details.
+    pub fn details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
     }
 
     /// With the agent concerned.

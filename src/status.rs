@@ -162,6 +162,24 @@ pub struct AgentStatus {
     /// Its readiness checks' last results.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub readiness: Vec<crate::readiness::CheckStatus>,
+    /// The fleet watchdog's last actions on it, oldest first (at most
+    /// [`WATCHDOG_EVENTS`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub watchdog: Vec<WatchdogEvent>,
+}
+
+/// Watchdog actions kept per agent in its status.
+pub const WATCHDOG_EVENTS: usize = 10;
+
+/// One action of the fleet watchdog.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WatchdogEvent {
+    /// When.
+    pub at_ms: UnixMillis,
+    /// `scale_up`, `scale_down`, `restart` or `open_breaker`.
+    pub action: String,
+    /// What it saw and did.
+    pub detail: String,
 }
 
 /// An agent's circuit breaker, as shown by `status`.
@@ -208,6 +226,7 @@ impl AgentStatus {
             breaker: BreakerStatus::default(),
             diverted: Diverted::default(),
             readiness: Vec::new(),
+            watchdog: Vec::new(),
         }
     }
 }

@@ -66,8 +66,10 @@ async fn a_live_scrape_passes_promtool_check_metrics() {
     let Some(promtool) = promtool("a_live_scrape_passes_promtool_check_metrics") else {
         return;
     };
+    // 30% errors: over the watchdog's default error rate, which would
+    // open the breaker and hold the tasks back.
     let fleet = Fleet::new(&format!(
-        "[agents.worker]\ncommand = {}\n",
+        "[agents.worker]\ncommand = {}\nwatchdog = {{ error_rate = 0.9 }}\n",
         example_agent(&["--work-ms", "1", "--error-rate", "0.3"])
     ));
     let daemon = fleet.start().await;

@@ -180,6 +180,11 @@ pub fn parse(text: &str, source_name: &str, base_dir: PathBuf) -> Result<Config,
                     config.degradation = degradation;
                 }
             }
+            "watchdog" => {
+                if let Some(watchdog) = collect(value, "watchdog", &mut problems) {
+                    config.watchdog = watchdog;
+                }
+            }
             "agents" => match value {
                 toml::Value::Table(agents) => {
                     for (name, agent) in agents {
@@ -206,7 +211,7 @@ pub fn parse(text: &str, source_name: &str, base_dir: PathBuf) -> Result<Config,
             },
             _ => problems.push(Problem::new(
                 key.clone(),
-                format!("unknown section `{key}`; valid sections: store, broker, daemon, agents, degradation, notify, http"),
+                format!("unknown section `{key}`; valid sections: store, broker, daemon, agents, degradation, notify, http, watchdog"),
             )),
         }
     }

@@ -9,6 +9,7 @@
 mod load;
 pub mod readiness;
 pub mod units;
+pub mod watchdog;
 
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 pub use load::{ConfigError, Problem, load, parse};
 pub use readiness::{CheckConfig, Probe, ReadinessConfig};
 pub use units::{ByteSize, HumanDuration};
+pub use watchdog::{ThresholdOverrides, Thresholds, WatchdogConfig};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
@@ -49,6 +51,9 @@ pub struct Config {
     /// The daemon's HTTP server: health endpoints.
     #[serde(default)]
     pub http: HttpConfig,
+    /// The fleet watchdog: scaling, stuck replicas, error rates.
+    #[serde(default)]
+    pub watchdog: WatchdogConfig,
     /// Directory that relative paths are resolved against (the config file's
     /// directory). Not part of the file.
     #[serde(skip)]
@@ -337,6 +342,18 @@ pub struct AgentConfig {
     /// (e.g. its model endpoint answers).
     #[serde(default)]
     pub readiness: ReadinessConfig,
+    /// This agent's fleet watchdog thresholds, where they differ from
+    /// `[watchdog]`.
+    #[serde(default)]
+    pub watchdog: ThresholdOverrides,
+    /// The agent that manages this one: told (as an event, and with
+    /// `manager_tasks` as a task) when one of its replicas is lost.
+    #[serde(default)]
+    pub manager: Option<String>,
+    /// Whether the manager also receives a `rebalance` task when a replica
+    /// is lost (at most one per minute per agent).
+    #[serde(default)]
+    pub manager_tasks: bool,
 }
 
 /// `[http]`: the daemon's HTTP server (health endpoints, metrics, API).
@@ -935,6 +952,25 @@ impl Config {
             sink.validate(&format!("notify[{index}]"), &mut problem);
         }
         self.http.validate(&mut problem);
+        self.watchdog.validate(&mut problem);
+        for (name, agent) in &self.agents {
+            if let Some(manager) = &agent.manager {
+                if manager == name {
+                    problem(
+                        format!("agents.{name}.manager"),
+                        format!("{name:?} cannot manage itself; name another agent"),
+                    );
+                } else if !self.agents.contains_key(manager) {
+                    problem(
+                        format!("agents.{name}.manager"),
+                        format!(
+                            "unknown agent {manager:?}; configured agents: {}",
+                            self.agent_names()
+                        ),
+                    );
+                }
+            }
+        }
         problems
     }
 
@@ -1348,6 +1384,15 @@ impl AgentConfig {
         self.breaker.validate(&format!("{key}.breaker"), problem);
         self.readiness
             .validate(&format!("{key}.readiness"), problem);
+        WatchdogConfig::default()
+            .thresholds(&self.watchdog)
+            .validate(&format!("{key}.watchdog"), problem);
+        if self.manager_tasks && self.manager.is_none() {
+            problem(
+                format!("{key}.manager_tasks"),
+                "needs `manager`: the agent that receives the tasks".into(),
+            );
+        }
         if self.command.is_empty() || self.command[0].trim().is_empty() {
             problem(
                 format!("{key}.command"),

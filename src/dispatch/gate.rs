@@ -280,6 +280,7 @@ impl AgentRuntime {
         let Some(open) = self.calls.lock().expect("calls lock").open.remove(key) else {
             return;
         };
+        self.note_outcome(outcome);
         let now = self.clock.now_ms();
         let seconds = now.saturating_sub(open.at) as f64 / 1000.0;
         self.metrics

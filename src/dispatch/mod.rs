@@ -100,6 +100,32 @@ pub struct AgentRuntime {
     metrics: Arc<crate::metrics::Metrics>,
     /// Which replicas may take tasks, from the readiness checks.
     gate: watch::Sender<crate::readiness::Gate>,
+    /// The fleet watchdog's orders to replicas (retire, restart).
+    orders: watch::Sender<Orders>,
+    /// The replicas' join handles (the watchdog adds replicas).
+    handles: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The daemon's phase, for replicas added later.
+    phase: watch::Receiver<Phase>,
+    /// Recent attempt outcomes (when, failed) for the watchdog's error
+    /// rate; bounded.
+    recent: Mutex<VecDeque<(crate::clock::UnixMillis, bool)>>,
+    /// Tasks a replica held when it was lost, for the manager's notice.
+    lost: Mutex<HashMap<u32, Vec<String>>>,
+    /// When the manager last got a rebalance task.
+    manager_told_ms: Mutex<Option<crate::clock::UnixMillis>>,
+}
+
+/// Most attempt outcomes kept for the watchdog's error rate.
+const RECENT_OUTCOMES: usize = 10_000;
+
+/// The fleet watchdog's orders to an agent's replicas.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Orders {
+    /// Replicas to stop once idle, for good.
+    pub retire: std::collections::BTreeSet<u32>,
+    /// Replicas to restart now (their process id, and why), retrying their
+    /// tasks.
+    pub restart: std::collections::BTreeMap<u32, (u32, String)>,
 }
 
 /// A replica asking the leaser for one task.
@@ -239,6 +265,12 @@ impl AgentRuntime {
             notifier: wiring.notifier.clone(),
             metrics: wiring.metrics.clone(),
             gate: watch::Sender::new(gate),
+            orders: watch::Sender::new(Orders::default()),
+            handles: Mutex::new(Vec::new()),
+            phase: shutdown.clone(),
+            recent: Mutex::new(VecDeque::new()),
+            lost: Mutex::new(HashMap::new()),
+            manager_told_ms: Mutex::new(None),
         });
         runtime.refresh_breaker_status(runtime.clock.now_ms());
         // Replicas show why they wait for the first round of checks.
@@ -257,13 +289,225 @@ impl AgentRuntime {
             )));
         }
         for index in 0..replicas {
-            handles.push(tokio::spawn(run_replica(
-                runtime.clone(),
-                index,
-                shutdown.clone(),
-            )));
+            let handle = tokio::spawn(run_replica(runtime.clone(), index, shutdown.clone()));
+            runtime.handles.lock().expect("handles lock").push(handle);
         }
         (runtime, handles)
+    }
+
+    /// Waits until every replica (also those added later) has stopped.
+    pub async fn join_replicas(&self) {
+        loop {
+            let batch = std::mem::take(&mut *self.handles.lock().expect("handles lock"));
+            if batch.is_empty() {
+                return;
+            }
+            futures_util::future::join_all(batch).await;
+        }
+    }
+
+    /// Adds a replica, up to `replicas.max`; returns its index, or `None`
+    /// at the maximum or while the daemon stops.
+    pub fn add_replica(self: &Arc<Self>) -> Option<u32> {
+        if self.phase.borrow().stopping() || self.is_failed() {
+            return None;
+        }
+        let index = {
+            let mut status = self.status.lock().expect("status lock");
+            if status.replicas.len() >= self.config.replicas.max() as usize {
+                return None;
+            }
+            let index = (0..)
+                .find(|index| !status.replicas.iter().any(|r| r.index == *index))
+                .expect("a free index");
+            status.replicas.push(ReplicaStatus::new(index));
+            status.replicas.sort_by_key(|replica| replica.index);
+            index
+        };
+        let handle = tokio::spawn(run_replica(self.clone(), index, self.phase.clone()));
+        self.handles.lock().expect("handles lock").push(handle);
+        Some(index)
+    }
+
+    /// Asks replica `index` to stop for good once it holds no task.
+    pub fn retire_replica(&self, index: u32) {
+        self.orders.send_modify(|orders| {
+            orders.retire.insert(index);
+        });
+    }
+
+    /// Asks replica `index`, running process `pid`, to restart now and
+    /// retry its tasks.
+    pub fn restart_replica(&self, index: u32, pid: u32, reason: String) {
+        self.orders.send_modify(|orders| {
+            orders.restart.insert(index, (pid, reason));
+        });
+    }
+
+    /// The restart order for replica `index` running `pid`, taken.
+    fn take_restart(&self, index: u32, pid: u32) -> Option<String> {
+        let mut taken = None;
+        self.orders
+            .send_if_modified(|orders| match orders.restart.get(&index) {
+                Some((ordered, _)) if *ordered == pid => {
+                    taken = orders.restart.remove(&index).map(|(_, reason)| reason);
+                    true
+                }
+                _ => false,
+            });
+        taken
+    }
+
+    fn watch_orders(&self) -> watch::Receiver<Orders> {
+        self.orders.subscribe()
+    }
+
+    /// Attempts within the last `window` ending at `now`, and how many
+    /// failed.
+    pub fn recent_outcomes(&self, now: crate::clock::UnixMillis, window: Duration) -> (u32, u32) {
+        let since = now.saturating_sub(u64::try_from(window.as_millis()).unwrap_or(u64::MAX));
+        let mut recent = self.recent.lock().expect("recent lock");
+        while recent.front().is_some_and(|(at, _)| *at < since) {
+            recent.pop_front();
+        }
+        let calls = u32::try_from(recent.len()).unwrap_or(u32::MAX);
+        let failures =
+            u32::try_from(recent.iter().filter(|(_, failed)| *failed).count()).unwrap_or(u32::MAX);
+        (calls, failures)
+    }
+
+    /// Counts an attempt's outcome towards the watchdog's error rate
+    /// (hand-overs and releases are no attempts of the agent's).
+    fn note_outcome(&self, outcome: AttemptOutcome) {
+        let failed = match outcome {
+            AttemptOutcome::Completed => false,
+            AttemptOutcome::Released
+            | AttemptOutcome::Rerouted
+            | AttemptOutcome::ProceededWithWarning
+            | AttemptOutcome::Escalated => return,
+            _ => true,
+        };
+        let mut recent = self.recent.lock().expect("recent lock");
+        if recent.len() >= RECENT_OUTCOMES {
+            recent.pop_front();
+        }
+        recent.push_back((self.clock.now_ms(), failed));
+    }
+
+    /// Remembers the tasks replica `index` held when it was lost.
+    pub(crate) fn note_lost(&self, index: u32, tasks: Vec<String>) {
+        self.lost.lock().expect("lost lock").insert(index, tasks);
+    }
+
+    /// Opens the breaker now (the watchdog saw too many errors); false
+    /// when the breaker is disabled or already not closed.
+    pub fn trip_breaker(&self, reason: &str) -> bool {
+        if !self.config.breaker.enabled {
+            return false;
+        }
+        let now = self.clock.now_ms();
+        let transition = self
+            .breaker
+            .lock()
+            .expect("breaker lock")
+            .trip(now, reason.to_string());
+        match transition {
+            Some(transition) => {
+                self.transitioned(&transition, now);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Tells the agent's manager (event, and with `manager_tasks` a task)
+    /// that replica `index` was lost holding `tasks`, and what was done.
+    /// A human is needed when no replica of the agent is left.
+    fn tell_manager(&self, index: u32, reason: &str, tasks: &[String], action: &str) {
+        let now = self.clock.now_ms();
+        let status = self.status();
+        let left = status
+            .replicas
+            .iter()
+            .filter(|replica| replica.index != index && replica.is_ready())
+            .count();
+        let human_needed = status.state == AgentState::Failed || left == 0;
+        if self.config.manager.is_none() && !human_needed {
+            // Nobody to tell: the restart speaks for itself in the log
+            // and the metrics.
+            return;
+        }
+        let details = serde_json::json!({
+            "type": "rebalance",
+            "agent": self.name,
+            "replica": self.replica_name(index),
+            "reason": reason,
+            "pending_tasks": tasks,
+            "action": action,
+            "replicas_left": left,
+            "human_needed": human_needed,
+        });
+        let mut text = format!(
+            "replica {} lost ({reason}) holding {} task(s); {action}",
+            self.replica_name(index),
+            tasks.len()
+        );
+        if human_needed {
+            text.push_str("; no replica of the agent is left: a human is needed");
+        }
+        let mut event = crate::notify::Event::new(
+            crate::notify::EventKind::ReplicaLost,
+            now,
+            human_needed,
+            text,
+        )
+        .agent(&self.name)
+        .details(details.clone());
+        if let Some(manager) = &self.config.manager {
+            event.text = format!("to {manager}: {}", event.text);
+        }
+        self.notifier.send(event);
+        let Some(manager) = self
+            .config
+            .manager
+            .clone()
+            .filter(|_| self.config.manager_tasks)
+        else {
+            return;
+        };
+        // At most one task a minute: a crash loop must not flood the
+        // manager (the events still say everything).
+        {
+            let mut told = self.manager_told_ms.lock().expect("manager lock");
+            if told.is_some_and(|at| now.saturating_sub(at) < 60_000) {
+                return;
+            }
+            *told = Some(now);
+        }
+        let task = crate::queue::NewTask {
+            id: format!("rebalance-{}-{index}-{now}", self.name),
+            agent: manager.clone(),
+            priority: crate::queue::Priority::High,
+            payload: details,
+        };
+        let queue = self.queue.clone();
+        let agent = self.name.clone();
+        tokio::spawn(async move {
+            if let Err(error) = queue.submit(vec![task]).await {
+                tracing::warn!(%agent, %manager, %error, "could not send the rebalance task to the manager");
+            }
+        });
+    }
+
+    /// Records a watchdog action in the agent's status.
+    pub fn note_watchdog(&self, event: crate::status::WatchdogEvent) {
+        let mut status = self.status.lock().expect("status lock");
+        status.watchdog.push(event);
+        let excess = status
+            .watchdog
+            .len()
+            .saturating_sub(crate::status::WATCHDOG_EVENTS);
+        status.watchdog.drain(..excess);
     }
 
     /// The clock's time now.
@@ -1049,6 +1293,8 @@ fn hand_out(pending: &mut VecDeque<SlotRequest>, mut lease: Handed) -> Option<Ha
 enum Exit {
     /// The daemon is shutting down; do not restart.
     Shutdown,
+    /// The fleet watchdog removed the replica (it was idle).
+    Retired,
     /// It crashed or could not start; restart after a delay, within the
     /// restart intensity.
     Crashed(String),
@@ -1072,9 +1318,28 @@ async fn run_replica(agent: Arc<AgentRuntime>, index: u32, mut shutdown: watch::
         };
         let (reason, crashed) = match exit {
             Exit::Shutdown => break,
+            Exit::Retired => {
+                agent
+                    .orders
+                    .send_if_modified(|orders| orders.retire.remove(&index));
+                agent
+                    .status
+                    .lock()
+                    .expect("status lock")
+                    .replicas
+                    .retain(|replica| replica.index != index);
+                tracing::info!(agent = %agent.name, replica = index, "replica retired by the fleet watchdog");
+                return;
+            }
             Exit::Crashed(reason) => (reason, true),
             Exit::Killed(reason) => (reason, false),
         };
+        let lost = agent
+            .lost
+            .lock()
+            .expect("lost lock")
+            .remove(&index)
+            .unwrap_or_default();
         agent.update_replica(index, |replica| {
             replica.without_process(ReplicaState::Backoff);
             replica.last_exit = Some(reason.clone());
@@ -1115,12 +1380,22 @@ async fn run_replica(agent: Arc<AgentRuntime>, index: u32, mut shutdown: watch::
                     .agent(&agent.name),
                 );
                 agent.refresh_breaker_status(agent.clock.now_ms());
+                agent.tell_manager(index, &reason, &lost, "no more restarts: the agent failed");
                 break;
             }
             streak.crashed(&agent.config.restart, started.elapsed())
         } else {
             Duration::ZERO
         };
+        agent.tell_manager(
+            index,
+            &reason,
+            &lost,
+            &format!(
+                "restarting the replica in {}; its tasks went back to the queue",
+                humantime::format_duration(delay)
+            ),
+        );
         tracing::warn!(agent = %agent.name, replica = index, %reason, ?delay, "replica exited; restarting");
         agent.metrics.restarted(&agent.name);
         {

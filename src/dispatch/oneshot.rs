@@ -31,8 +31,12 @@ pub(super) async fn run(
 ) -> Exit {
     let name = agent.replica_name(index);
     let mut gate = agent.watch_gate();
+    let mut orders = agent.watch_orders();
     loop {
         agent.update_replica(index, |replica| replica.without_process(ReplicaState::Idle));
+        if orders.borrow_and_update().retire.contains(&index) {
+            return Exit::Retired;
+        }
         // Ask for a task only while ready.
         while gate.borrow_and_update().blocks(index).is_some() {
             tokio::select! {
@@ -51,6 +55,18 @@ pub(super) async fn run(
                     Ok(handed) => break Some(handed.take()),
                     Err(_) => return Exit::Shutdown,
                 },
+                changed = orders.changed() => {
+                    if changed.is_err() {
+                        return Exit::Shutdown;
+                    }
+                    if orders.borrow_and_update().retire.contains(&index) {
+                        receiver.close();
+                        if let Ok(handed) = receiver.try_recv() {
+                            agent.release(handed.take(), &name, "the replica is being removed").await;
+                        }
+                        return Exit::Retired;
+                    }
+                }
                 changed = gate.changed() => {
                     if changed.is_err() {
                         return Exit::Shutdown;
@@ -206,6 +222,8 @@ async fn run_task(
     let mut draining: Option<Instant> = None;
     let mut shutdown_closed = false;
     let mut memory_closed = false;
+    let mut orders = agent.watch_orders();
+    let mut orders_closed = false;
     let status = loop {
         let timer = tracked.next_timeout(agent);
         let timer = draining.map_or(timer, |deadline| timer.min(deadline));
@@ -234,6 +252,15 @@ async fn run_task(
                 Ok(None) | Err(_) => err_open = false,
             },
             status = child.wait(), if !out_open && !err_open => break status.ok(),
+            changed = orders.changed(), if !orders_closed => {
+                orders_closed = changed.is_err();
+                if let Some(reason) = agent.take_restart(index, pgid) {
+                    agent.note_lost(index, vec![tracked.lease.key.task_id.clone()]);
+                    let failure = Failure::new(AttemptOutcome::ProgressTimeout, reason);
+                    kill_for(agent, name, &mut child, pgid, tracked, failure).await;
+                    return None;
+                }
+            }
             changed = shutdown.changed(), if !shutdown_closed => {
                 shutdown_closed = changed.is_err();
                 let phase = if shutdown_closed { Phase::Hurry } else { *shutdown.borrow() };

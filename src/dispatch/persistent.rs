@@ -172,6 +172,14 @@ impl Replica<'_> {
         });
     }
 
+    /// The task in flight that progressed least recently.
+    fn most_silent(&self) -> Option<String> {
+        self.in_flight
+            .iter()
+            .min_by_key(|(_, tracked)| tracked.last_progress)
+            .map(|(id, _)| id.clone())
+    }
+
     /// The last progress (or start) of the most silent task in flight.
     fn silent_since(&self) -> Option<crate::clock::UnixMillis> {
         let now = Instant::now();
@@ -196,8 +204,16 @@ impl Replica<'_> {
         let mut memory_closed = false;
         let mut gate = self.agent.watch_gate();
         let mut gate_closed = false;
+        let mut orders = self.agent.watch_orders();
+        let mut orders_closed = false;
+        let mut retiring = false;
         loop {
+            if retiring && draining.is_none() && self.in_flight.is_empty() {
+                self.shut_down().await;
+                return Exit::Retired;
+            }
             if draining.is_none()
+                && !retiring
                 && slot.is_none()
                 && self.in_flight.len() < concurrency
                 && gate.borrow_and_update().blocks(self.index).is_none()
@@ -274,6 +290,25 @@ impl Replica<'_> {
                         receiver.close();
                         if let Ok(handed) = receiver.try_recv() {
                             self.agent.release(handed.take(), &self.name, &why).await;
+                        }
+                    }
+                }
+                changed = orders.changed(), if !orders_closed => {
+                    orders_closed = changed.is_err();
+                    let retire = orders.borrow_and_update().retire.contains(&self.index);
+                    if let Some(reason) = self.agent.take_restart(self.index, self.pgid) {
+                        // The fleet watchdog: no progress for too long.
+                        let culprit = self.most_silent();
+                        let failure = Failure::new(AttemptOutcome::ProgressTimeout, reason);
+                        return self.kill_for(culprit, failure, false).await;
+                    }
+                    if retire && !retiring {
+                        retiring = true;
+                        if let Some(mut receiver) = slot.take() {
+                            receiver.close();
+                            if let Ok(handed) = receiver.try_recv() {
+                                self.agent.release(handed.take(), &self.name, "the replica is being removed").await;
+                            }
                         }
                     }
                 }
@@ -441,6 +476,8 @@ impl Replica<'_> {
     /// The process exited (or closed stdout): settle its tasks at once so
     /// other replicas take them, and report the exit.
     async fn crashed(mut self) -> Exit {
+        self.agent
+            .note_lost(self.index, self.in_flight.keys().cloned().collect());
         let status = process::finish(&mut self.child, self.pgid).await;
         self.gone();
         let reason = format!("replica exited ({})", describe(status));
@@ -472,6 +509,8 @@ impl Replica<'_> {
     async fn kill_for(mut self, culprit: Option<String>, failure: Failure, crash: bool) -> Exit {
         let reason = format!("killed: {}: {}", failure.outcome.as_str(), failure.detail);
         tracing::warn!(agent = %self.agent.name, replica = self.index, %reason, "stopping replica");
+        self.agent
+            .note_lost(self.index, self.in_flight.keys().cloned().collect());
         self.agent
             .update_replica(self.index, |replica| replica.state = ReplicaState::Stopping);
         self.stop().await;

@@ -1,0 +1,237 @@
+//! The fleet watchdog with real processes: a backlog scales an agent up to
+//! its maximum and idleness back down; a replica whose task stops making
+//! progress is restarted, the task completes elsewhere and the agent's
+//! manager receives the rebalancing notice; an error rate over the
+//! threshold opens the breaker.
+
+mod support;
+
+use std::time::Duration;
+
+use flotilla::dispatch::AgentRuntime;
+use flotilla::queue::{AttemptOutcome, ListFilter, TaskState};
+use support::*;
+
+fn agent<'a>(daemon: &'a flotilla::daemon::Daemon, name: &str) -> &'a AgentRuntime {
+    daemon
+        .agents()
+        .iter()
+        .find(|agent| agent.name == name)
+        .expect("agent runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_scales_up_to_max_and_idleness_back_down() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[watchdog]
+interval = "1s"
+
+[agents.worker]
+command = {}
+replicas = {{ min = 1, max = 3 }}
+watchdog = {{ queue_depth = 5, scale_up_after = "1s", scale_down_after = "2s" }}
+"#,
+        example_agent(&["--work-ms", "100"]),
+    ));
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let (tasks, _) = numbered_tasks("worker", 80, "backlog");
+    queue.submit(tasks).await.unwrap();
+    wait_until(Duration::from_secs(30), "three replicas", || async {
+        agent(&daemon, "worker").status().replicas.len() == 3
+    })
+    .await;
+    wait_until(Duration::from_secs(60), "the backlog to drain", || async {
+        finished(queue.as_ref()).await == 80
+    })
+    .await;
+    // Every added replica worked.
+    let done = queue
+        .list(&ListFilter {
+            state: Some(TaskState::Completed),
+            agent: None,
+            limit: 100,
+        })
+        .await
+        .unwrap();
+    let mut replicas: Vec<String> = Vec::new();
+    for task in &done {
+        let task = queue.get(&task.id).await.unwrap().unwrap();
+        replicas.extend(task.history.iter().filter_map(|a| a.replica.clone()));
+    }
+    replicas.sort();
+    replicas.dedup();
+    assert_eq!(
+        replicas,
+        ["worker/0", "worker/1", "worker/2"],
+        "{replicas:?}"
+    );
+    wait_until(Duration::from_secs(30), "back to one replica", || async {
+        agent(&daemon, "worker").status().replicas.len() == 1
+    })
+    .await;
+    let status = agent(&daemon, "worker").status();
+    let actions: Vec<&str> = status.watchdog.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        ["scale_up", "scale_up", "scale_down", "scale_down"],
+        "{:?}",
+        status.watchdog
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", daemon.http_address().unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .contains("flotilla_watchdog_actions_total{agent=\"worker\",action=\"scale_up\"} 2\n"),
+        "{metrics}"
+    );
+    // No task was lost or run twice while replicas came and went.
+    let tasks = queue
+        .list(&ListFilter {
+            state: None,
+            agent: Some("worker".into()),
+            limit: 100,
+        })
+        .await
+        .unwrap();
+    assert!(tasks.iter().all(|task| task.state == TaskState::Completed));
+    daemon.stop().await;
+}
+
+/// A persistent agent that hangs on a task's first attempt (no progress,
+/// no answer) and answers every later one.
+const HANGS_ONCE: &str = r#"
+import json, sys
+print(json.dumps({"type": "ready", "protocol": 1}), flush=True)
+for line in sys.stdin:
+    message = json.loads(line)
+    if message.get("type") == "shutdown":
+        break
+    if message.get("type") != "task" or message["attempt"] == 1:
+        continue
+    print(json.dumps({"type": "result", "id": message["id"], "output": {"attempt": message["attempt"]}}), flush=True)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_replica_is_restarted_its_task_completes_elsewhere_and_the_manager_is_told() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[watchdog]
+interval = "1s"
+
+[agents.boss]
+command = {boss}
+
+[agents.worker]
+command = ["python3", "hangs_once.py"]
+replicas = {{ min = 2 }}
+timeouts = {{ progress_timeout = "10m" }}
+retry = {{ backoff = ["10ms"] }}
+watchdog = {{ stuck_after = "2s" }}
+manager = "boss"
+manager_tasks = true
+"#,
+        boss = example_agent(&["--work-ms", "1"]),
+    ));
+    std::fs::write(fleet.path("hangs_once.py"), HANGS_ONCE).unwrap();
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    queue
+        .submit(numbered_tasks("worker", 1, "stuck").0)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(30), "the task to complete", || async {
+        queue.get("stuck-00000").await.unwrap().unwrap().state == TaskState::Completed
+    })
+    .await;
+    let task = queue.get("stuck-00000").await.unwrap().unwrap();
+    let first = &task.history[0];
+    assert_eq!(
+        first.outcome,
+        Some(AttemptOutcome::ProgressTimeout),
+        "{task:?}"
+    );
+    assert!(
+        first
+            .detail
+            .as_deref()
+            .unwrap_or("")
+            .contains("fleet watchdog"),
+        "{task:?}"
+    );
+    let last = task.history.last().unwrap();
+    assert_eq!(last.outcome, Some(AttemptOutcome::Completed));
+    assert_ne!(first.replica, last.replica, "completed elsewhere: {task:?}");
+    // The manager got a rebalance task naming the lost replica and task.
+    let notices = queue
+        .list(&ListFilter {
+            state: None,
+            agent: Some("boss".into()),
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    let notice = &notices[0];
+    assert!(notice.id.starts_with("rebalance-worker-"), "{notice:?}");
+    assert_eq!(notice.payload["type"], "rebalance");
+    assert_eq!(
+        notice.payload["replica"],
+        first.replica.clone().unwrap().as_str()
+    );
+    assert_eq!(
+        notice.payload["pending_tasks"],
+        serde_json::json!(["stuck-00000"])
+    );
+    assert_eq!(notice.payload["human_needed"], false, "{notice:?}");
+    let status = agent(&daemon, "worker").status();
+    assert_eq!(
+        status.watchdog[0].action, "restart",
+        "{:?}",
+        status.watchdog
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_rate_over_the_threshold_opens_the_breaker() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[watchdog]
+interval = "1s"
+error_rate = 0.5
+min_calls = 5
+
+[agents.flaky]
+command = {}
+retry = {{ max_deliver = 1 }}
+# The breaker's own rules would not open it: only the watchdog does.
+breaker = {{ failure_threshold = 10000, min_calls = 100000, recovery_timeout = "1h" }}
+"#,
+        example_agent(&["--work-ms", "1", "--error-rate", "1.0"]),
+    ));
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    queue
+        .submit(numbered_tasks("flaky", 6, "bad").0)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(30), "the breaker to open", || async {
+        agent(&daemon, "flaky").status().breaker.state
+            == Some(flotilla::breaker::BreakerState::Open)
+    })
+    .await;
+    let status = agent(&daemon, "flaky").status();
+    let reason = &status.breaker.last_transition.as_ref().unwrap().reason;
+    assert!(
+        reason.contains("fleet watchdog") && reason.contains("100%"),
+        "{reason}"
+    );
+    assert_eq!(status.watchdog.last().unwrap().action, "open_breaker");
+    daemon.stop().await;
+}
