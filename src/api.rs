@@ -7,6 +7,7 @@
 //! | `GET /api/v1/agents`, `GET /api/v1/agents/{name}` | agents with replicas, breaker, readiness |
 //! | `GET /api/v1/tasks?state=&agent=&limit=`, `GET /api/v1/tasks/{id}` | tasks; one with its attempts |
 //! | `POST /api/v1/tasks` | submit one task or a batch |
+//! | `POST /api/v1/tasks/{id}/rollback` | undo the changes its result declared |
 //! | `GET /api/v1/dlq?agent=&limit=` | dead letters |
 //! | `POST /api/v1/dlq/replay`, `POST /api/v1/dlq/purge` | `{"ids": [...]}` or `{"all": true}` |
 //! | `GET /api/v1/escalations?agent=&limit=`, `GET /api/v1/escalations/{id}` | escalated tasks |
@@ -143,6 +144,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/agents/{name}", get(agent))
         .route("/api/v1/tasks", get(tasks).post(submit))
         .route("/api/v1/tasks/{id}", get(task))
+        .route("/api/v1/tasks/{id}/rollback", post(rollback))
         .route("/api/v1/dlq", get(dead_letters))
         .route("/api/v1/dlq/replay", post(replay))
         .route("/api/v1/dlq/purge", post(purge))
@@ -523,6 +525,30 @@ async fn resolve(
     api.store.queue().resolve(&id, &resolution).await?;
     tracing::info!(task = %id, "escalation resolved through the API");
     Ok(Json(find(&api, &id).await?))
+}
+
+async fn rollback(
+    State(api): State<Arc<Api>>,
+    Path(id): Path<String>,
+) -> Answer<crate::rollback::Journal> {
+    let clock = api.clock.clone();
+    let journal = crate::rollback::roll_back_task(
+        &api.store,
+        &api.config,
+        &id,
+        "flotilla rollback (API)",
+        move || clock.now_ms(),
+    )
+    .await
+    .map_err(|error| match error {
+        crate::rollback::RollbackError::NoJournal(_) => ApiError::not_found(error.to_string()),
+        crate::rollback::RollbackError::UnknownAgent { .. } => {
+            ApiError::bad_request(error.to_string())
+        }
+        crate::rollback::RollbackError::Store(error) => error.into(),
+    })?;
+    tracing::warn!(task = %id, rolled_back = journal.is_rolled_back(), "task rolled back through the API");
+    Ok(Json(journal))
 }
 
 /// `PUT /api/v1/degrade`: force `level` (0-3 or its name) for `for`.

@@ -86,7 +86,7 @@ impl Verdict {
             AttemptOutcome::Crashed | AttemptOutcome::MemoryLimit => FailureKind::Crash,
             AttemptOutcome::ProgressTimeout | AttemptOutcome::MaxDuration => FailureKind::Timeout,
             AttemptOutcome::Error => FailureKind::Error,
-            AttemptOutcome::Rejected => FailureKind::Validation,
+            AttemptOutcome::Rejected | AttemptOutcome::ValidationFailed => FailureKind::Validation,
             AttemptOutcome::LeaseExpired
             | AttemptOutcome::DaemonRestart
             | AttemptOutcome::Released

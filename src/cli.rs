@@ -111,6 +111,15 @@ pub enum Command {
     /// Force the fleet's degradation level for a while, or clear it.
     #[command(subcommand)]
     Degrade(DegradeCommand),
+    /// Undo the changes a task's result declared, in reverse order
+    /// (changes already rolled back are skipped).
+    Rollback {
+        /// Task id.
+        id: String,
+        /// Print the journal as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the config or print its JSON Schema.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -415,7 +424,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let api = cli.api.as_deref().expect("checked");
             if !command.works_remotely() {
                 return Err(Failure::usage(
-                    "--api works with status, submit, tasks, dlq, escalations and degrade; run other commands beside the config",
+                    "--api works with status, submit, tasks, dlq, escalations, degrade and rollback; run other commands beside the config",
                 ));
             }
             let token = match &cli.token_file {
@@ -459,6 +468,7 @@ impl Command {
                 | Self::Dlq(_)
                 | Self::Escalations(_)
                 | Self::Degrade(_)
+                | Self::Rollback { .. }
         )
     }
 }
@@ -548,6 +558,23 @@ impl Target {
         }
     }
 
+    async fn rollback(&self, id: &str) -> Result<crate::rollback::Journal, Failure> {
+        match self {
+            Self::Local(config) => {
+                let store = open_store(config).await?;
+                crate::rollback::roll_back_task(&store, config, id, "flotilla rollback", || {
+                    clock::system().now_ms()
+                })
+                .await
+                .map_err(|error| match error {
+                    crate::rollback::RollbackError::Store(error) => error.into(),
+                    other => Failure::usage(other.to_string()),
+                })
+            }
+            Self::Remote(client) => Ok(client.rollback(id).await?),
+        }
+    }
+
     async fn degrade(&self, force: Option<(&str, &str)>) -> Result<Option<Forced>, Failure> {
         match self {
             Self::Local(config) => {
@@ -626,7 +653,8 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
         | Command::Tasks(_)
         | Command::Dlq(_)
         | Command::Escalations(_)
-        | Command::Degrade(_)) => run_target(command, &Target::Local(Box::new(config))).await,
+        | Command::Degrade(_)
+        | Command::Rollback { .. }) => run_target(command, &Target::Local(Box::new(config))).await,
         Command::Config(ConfigCommand::Schema)
         | Command::Protocol(_)
         | Command::ExampleAgent(_)
@@ -700,6 +728,22 @@ async fn run_target(command: Command, target: &Target) -> Result<ExitCode, Failu
             target.degrade(None).await?;
             eprintln!("forced degradation level cleared; the triggers decide again");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Rollback { id, json } => {
+            let journal = target.rollback(&id).await?;
+            if json {
+                print_json(&serde_json::to_value(&journal).expect("journal serializes"));
+            } else {
+                println!("{}", crate::rollback::describe(&journal));
+            }
+            if journal.is_rolled_back() {
+                eprintln!("task {id}: {} change(s) rolled back", journal.changes.len());
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Err(Failure::failed(format!(
+                    "task {id}: the rollback stopped at a change whose command failed; fix the cause and run `flotilla rollback {id}` again"
+                )))
+            }
         }
         Command::Up(_)
         | Command::Config(_)

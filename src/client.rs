@@ -15,6 +15,8 @@ use crate::status::StatusReport;
 
 /// Longest wait for one answer.
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for a rollback (its commands run while the call waits).
+const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// What went wrong talking to the API.
 #[derive(Debug)]
@@ -46,7 +48,6 @@ impl ApiClient {
                 format!("--api {base:?} is not an http:// or https:// URL; e.g. --api http://127.0.0.1:9750")
             })?;
         let http = reqwest::Client::builder()
-            .timeout(TIMEOUT)
             .build()
             .map_err(|error| format!("the HTTP client could not be built: {error}"))?;
         Ok(Self {
@@ -63,11 +64,26 @@ impl ApiClient {
         query: &[(&str, String)],
         body: Option<&(impl Serialize + Sync)>,
     ) -> Result<T, ClientError> {
+        self.call_with(method, path, query, body, TIMEOUT).await
+    }
+
+    async fn call_with<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&(impl Serialize + Sync)>,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
         let url = self
             .base
             .join(path)
             .map_err(|error| ClientError::Failed(format!("{path}: {error}")))?;
-        let mut request = self.http.request(method.clone(), url.clone()).query(query);
+        let mut request = self
+            .http
+            .request(method.clone(), url.clone())
+            .query(query)
+            .timeout(timeout);
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
@@ -174,6 +190,13 @@ impl ApiClient {
         };
         let count: crate::api::Count = self.call(Method::POST, path, &[], Some(selection)).await?;
         Ok(count.count)
+    }
+
+    /// Rolls back the changes task `id` declared.
+    pub async fn rollback(&self, id: &str) -> Result<crate::rollback::Journal, ClientError> {
+        let path = format!("/api/v1/tasks/{}/rollback", encode(id));
+        self.call_with(Method::POST, &path, &[], None::<&()>, ROLLBACK_TIMEOUT)
+            .await
     }
 
     /// Resolves an escalated task.

@@ -206,6 +206,7 @@ impl Daemon {
         let watchdog_notifier = notifier.clone();
         let wiring = Wiring {
             queue: queue.clone(),
+            store: store.clone(),
             clock: clock.clone(),
             instance,
             owner: identity.name.clone(),

@@ -451,7 +451,9 @@ impl Metrics {
 
     /// An attempt ended with `status` after `seconds`.
     pub fn attempt_ended(&self, agent: &str, kind: &str, status: &str, seconds: f64) {
-        if status == crate::queue::AttemptOutcome::Rejected.as_str() {
+        if status == crate::queue::AttemptOutcome::Rejected.as_str()
+            || status == crate::queue::AttemptOutcome::ValidationFailed.as_str()
+        {
             inc(&self.validation_failures, agent);
         }
         self.completed

@@ -49,6 +49,9 @@ pub enum EventKind {
     Watchdog,
     /// The fleet watchdog saw an agent's error rate over its threshold.
     ErrorRate,
+    /// A post-accept watch saw a breach; the task's changes were rolled
+    /// back.
+    WatchBreach,
 }
 
 impl EventKind {
@@ -64,6 +67,7 @@ impl EventKind {
             Self::ReplicaLost => "replica_lost",
             Self::Watchdog => "watchdog",
             Self::ErrorRate => "error_rate",
+            Self::WatchBreach => "watch_breach",
         }
     }
 }

@@ -52,6 +52,11 @@ pub struct TaskMessage {
     /// resume from it instead of starting over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<Value>,
+    /// Why the previous attempt did not count, for this one to do better:
+    /// the report of the validation gate its result failed, or why the
+    /// task was handed over from another agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feedback: Option<String>,
     /// Unix time in milliseconds after which the attempt is killed
     /// (`timeouts.max_duration`).
     pub deadline_ms: u64,
@@ -290,6 +295,7 @@ mod tests {
             agent: "a".into(),
             payload: json!({"x": 1}),
             checkpoint: Some(json!(5)),
+            feedback: Some("tests failed".into()),
             deadline_ms: 10,
             progress_timeout_ms: 20,
         });

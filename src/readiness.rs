@@ -12,13 +12,12 @@ use std::sync::Arc;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::sync::watch;
 
 use crate::clock::UnixMillis;
 use crate::config::{CheckConfig, Probe, ReadinessConfig};
 use crate::dispatch::{AgentRuntime, Phase};
-use crate::supervisor::process::{self, SpawnSpec};
+use crate::supervisor::process::SpawnSpec;
 
 /// Bytes of a check command's output kept for its detail.
 const OUTPUT_BYTES: usize = 512;
@@ -249,53 +248,9 @@ async fn command(
 ) -> Result<String, String> {
     let mut spec: SpawnSpec = agent.check_spec();
     spec.argv = argv.to_vec();
-    let program = &argv[0];
-    let mut child = process::spawn(spec)
-        .await
-        .map_err(|error| format!("{program:?} could not start: {error}"))?;
-    let pgid = child.id().unwrap_or(0);
-    drop(child.stdin.take());
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
-    let waited = tokio::time::timeout(limit.get(), async {
-        tokio::join!(capped(stdout), capped(stderr), child.wait())
-    })
-    .await;
-    // Whatever happened, nothing of the check outlives it.
-    process::finish(&mut child, pgid).await;
-    let Ok((out, err, status)) = waited else {
-        return Err(format!(
-            "{program:?} did not finish within timeout = {limit}"
-        ));
-    };
-    let status = status.map_err(|error| format!("waiting for {program:?}: {error}"))?;
-    let output = [err, out]
-        .into_iter()
-        .map(|text| text.trim().to_string())
-        .find(|text| !text.is_empty())
-        .map_or_else(String::new, |text| format!(": {text}"));
-    if status.success() {
-        Ok(format!("{program:?} exited 0{output}"))
-    } else {
-        Err(format!("{program:?} {status}{output}"))
-    }
-}
-
-/// Reads `reader` to its end, keeping the first [`OUTPUT_BYTES`].
-async fn capped(reader: Option<impl AsyncRead + Unpin>) -> String {
-    let Some(mut reader) = reader else {
-        return String::new();
-    };
-    let mut kept = Vec::new();
-    let mut buffer = [0u8; 4096];
-    while let Ok(read) = reader.read(&mut buffer).await {
-        if read == 0 {
-            break;
-        }
-        let room = OUTPUT_BYTES.saturating_sub(kept.len());
-        kept.extend_from_slice(&buffer[..read.min(room)]);
-    }
-    String::from_utf8_lossy(&kept).into_owned()
+    let ran = crate::command::run(spec, limit.get(), OUTPUT_BYTES).await?;
+    let line = ran.describe(&argv[0], limit.get());
+    if ran.success() { Ok(line) } else { Err(line) }
 }
 
 /// Creates, writes, syncs and removes a file in `dir`.

@@ -610,6 +610,60 @@ fallback_policy = "escalate_to_human"
     }
 
     #[test]
+    fn gates_watches_and_the_watchdog_are_checked() {
+        let found = problems(
+            r#"
+[watchdog]
+interval = "0s"
+error_rate = 2.0
+
+[agents.a]
+command = ["a"]
+manager = "ghost"
+watchdog = { queue_depth = 0 }
+
+[agents.a.validation]
+max_fix_rounds = 11
+checks = [
+  { name = "fmt", command = ["fmt"], on_failure = "auto_fix_and_revalidate" },
+  { name = "fmt", command = [], fix = ["x"] },
+  { name = "sec", command = ["s"], on_failure = "escalate", escalate_to = "nobody" },
+  { name = "opt", command = ["o"], required = false, on_failure = "auto_rollback" },
+]
+
+[agents.a.watch]
+interval = "1s"
+checks = [
+  { name = "p", prometheus = "http://prom:9090" },
+  { name = "both", command = ["c"], prometheus = "http://prom:9090", query = "up" },
+]
+"#,
+        );
+        let all: Vec<String> = found.iter().map(ToString::to_string).collect();
+        for expected in [
+            "watchdog.interval: 0s is out of range; valid: 1s to 10m",
+            "watchdog.error_rate: 2 is out of range",
+            "agents.a.manager: unknown agent \"ghost\"",
+            "agents.a.watchdog.queue_depth: 0 is out of range",
+            "agents.a.validation.max_fix_rounds: 11 is out of range; valid: 0 to 10",
+            "agents.a.validation.checks[0].fix: on_failure = \"auto_fix_and_revalidate\" needs `fix`",
+            "agents.a.validation.checks[1].name: \"fmt\" names two checks",
+            "agents.a.validation.checks[1].command: is empty",
+            "agents.a.validation.checks[1].fix: only on_failure = \"auto_fix_and_revalidate\" runs `fix`",
+            "agents.a.validation.checks[2].escalate_to: unknown agent \"nobody\"",
+            "agents.a.validation.checks[3].on_failure: an optional check",
+            "agents.a.watch.checks[0].query: a `prometheus` check needs `query`",
+            "agents.a.watch.checks[0].max_increase: a `prometheus` check needs max_increase",
+            "agents.a.watch.checks[1]: give exactly one of `command` and `prometheus`",
+        ] {
+            assert!(
+                all.iter().any(|p| p.contains(expected)),
+                "{expected} missing from {all:#?}"
+            );
+        }
+    }
+
+    #[test]
     fn the_token_is_not_in_debug_output() {
         let config = parse(
             "[http]\ntoken = \"very-secret-token\"\n[agents.a]\ncommand = [\"a\"]\n",

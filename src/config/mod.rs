@@ -9,6 +9,7 @@
 mod load;
 pub mod readiness;
 pub mod units;
+pub mod validation;
 pub mod watchdog;
 
 use std::collections::BTreeMap;
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 pub use load::{ConfigError, Problem, load, parse};
 pub use readiness::{CheckConfig, Probe, ReadinessConfig};
 pub use units::{ByteSize, HumanDuration};
+pub use validation::{GateConfig, OnFailure, ValidationConfig, WatchCheck, WatchConfig};
 pub use watchdog::{ThresholdOverrides, Thresholds, WatchdogConfig};
 
 /// The whole configuration file.
@@ -354,6 +356,13 @@ pub struct AgentConfig {
     /// is lost (at most one per minute per agent).
     #[serde(default)]
     pub manager_tasks: bool,
+    /// Gates every result must pass before its task is acknowledged.
+    #[serde(default)]
+    pub validation: ValidationConfig,
+    /// Checks watched after a task is accepted; a breach rolls back its
+    /// declared changes.
+    #[serde(default)]
+    pub watch: WatchConfig,
 }
 
 /// `[http]`: the daemon's HTTP server (health endpoints, metrics, API).
@@ -953,7 +962,14 @@ impl Config {
         }
         self.http.validate(&mut problem);
         self.watchdog.validate(&mut problem);
+        let names: Vec<String> = self.agents.keys().cloned().collect();
         for (name, agent) in &self.agents {
+            agent
+                .validation
+                .validate(&format!("agents.{name}.validation"), &names, &mut problem);
+            agent
+                .watch
+                .validate(&format!("agents.{name}.watch"), &mut problem);
             if let Some(manager) = &agent.manager {
                 if manager == name {
                     problem(

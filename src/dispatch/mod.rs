@@ -47,6 +47,8 @@ const STDIN_TIMEOUT: Duration = Duration::from_secs(10);
 const OUTCOME_PERMITS: u32 = 256;
 /// Longest a task leased ahead waits in memory before it is handed back.
 const PREFETCH_TTL: Duration = Duration::from_secs(2);
+/// Longest one rollback command may run.
+pub const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Where the daemon is in its life; replicas and leasers watch it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +80,7 @@ pub struct AgentRuntime {
     /// Its configuration.
     pub config: AgentConfig,
     queue: Arc<dyn TaskQueue>,
+    store: crate::store::Store,
     clock: SharedClock,
     status: Mutex<AgentStatus>,
     intensity: Mutex<Intensity>,
@@ -137,6 +140,8 @@ struct SlotRequest {
 pub struct Wiring {
     /// The queue.
     pub queue: Arc<dyn TaskQueue>,
+    /// The store (journals).
+    pub store: crate::store::Store,
     /// The clock.
     pub clock: SharedClock,
     /// The store's id, marking spawned processes (orphan detection).
@@ -188,6 +193,34 @@ pub fn check_agent(name: &str, agent: &AgentConfig, config: &Config) -> Vec<Stri
         ));
     }
     problems
+}
+
+/// How one-off commands of agent `name` (rollbacks run by the CLI) run:
+/// in its working directory, with its environment. `None` for an agent
+/// the config does not define.
+pub fn command_spec(config: &Config, name: &str) -> Option<SpawnSpec> {
+    let agent = config.agent(name)?;
+    let lookup = |var: &str| std::env::var(var).ok();
+    let mut env: Vec<(String, String)> = PASSED_THROUGH
+        .iter()
+        .filter_map(|var| {
+            std::env::var(var)
+                .ok()
+                .map(|value| (var.to_string(), value))
+        })
+        .collect();
+    env.push(("FLOTILLA_AGENT".into(), name.to_string()));
+    for (var, value) in &agent.env {
+        if let Ok(value) = Template::parse(value).and_then(|t| t.render(&lookup, None)) {
+            env.retain(|(existing, _)| existing != var);
+            env.push((var.clone(), value));
+        }
+    }
+    Some(SpawnSpec {
+        argv: Vec::new(),
+        env,
+        workdir: agent.workdir(config),
+    })
 }
 
 /// [`check_agent`] for every agent of `config`, and the HTTP server's
@@ -252,6 +285,7 @@ impl AgentRuntime {
             breaker: Mutex::new(crate::breaker::Breaker::new(agent.breaker.clone())),
             config: agent,
             queue: wiring.queue.clone(),
+            store: wiring.store.clone(),
             clock: wiring.clock.clone(),
             slots,
             owner: wiring.owner.clone(),
@@ -510,6 +544,16 @@ impl AgentRuntime {
         status.watchdog.drain(..excess);
     }
 
+    /// The store.
+    pub(crate) fn store(&self) -> &crate::store::Store {
+        &self.store
+    }
+
+    /// Where events for humans go.
+    pub(crate) fn notifier(&self) -> &crate::notify::Notifier {
+        &self.notifier
+    }
+
     /// The clock's time now.
     pub(crate) fn clock_now_ms(&self) -> crate::clock::UnixMillis {
         self.clock.now_ms()
@@ -650,7 +694,13 @@ impl AgentRuntime {
     /// Stores a completion without holding up the replica: the write joins
     /// the next group commit while the replica takes its next task. Waits
     /// only when [`OUTCOME_PERMITS`] writes are already pending.
-    async fn complete(self: &Arc<Self>, lease: Lease, output: serde_json::Value, replica: String) {
+    async fn complete(
+        self: &Arc<Self>,
+        lease: Lease,
+        output: serde_json::Value,
+        changes: Option<serde_json::Value>,
+        replica: String,
+    ) {
         let permit = self
             .outcomes
             .clone()
@@ -660,40 +710,227 @@ impl AgentRuntime {
         let agent = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            agent.store_result(lease, &output, &replica).await;
+            agent.store_result(lease, output, changes, &replica).await;
         });
     }
 
-    /// Completes the task with `output`; a result the store refuses (too
-    /// large) dead-letters the task with the reason.
-    async fn store_result(&self, lease: Lease, output: &serde_json::Value, replica: &str) {
+    /// Validates a result and completes the task with it; a result the
+    /// gates or the store refuse fails the attempt with the reason.
+    async fn store_result(
+        self: &Arc<Self>,
+        lease: Lease,
+        output: serde_json::Value,
+        changes: Option<serde_json::Value>,
+        replica: &str,
+    ) {
         let span = self.attempt_span(&lease.key);
-        self.store_result_in_span(lease, output, replica)
+        self.store_result_in_span(lease, output, changes, replica)
             .instrument(span)
             .await;
     }
 
     async fn store_result_in_span(
-        &self,
+        self: &Arc<Self>,
         mut lease: Lease,
-        output: &serde_json::Value,
+        output: serde_json::Value,
+        changes: Option<serde_json::Value>,
         replica: &str,
     ) {
+        let changes = match changes.as_ref().map(crate::rollback::parse_changes) {
+            None => Vec::new(),
+            Some(Ok(changes)) => changes,
+            Some(Err(problem)) => {
+                let failure = Failure::rejected(format!("the result's {problem}"));
+                self.fail_attempt(lease, failure, replica).await;
+                return;
+            }
+        };
+        let kind = self.metrics.task_type(&lease.payload);
+        let (output, notes) = if crate::validate::gates(self, &kind).is_empty() {
+            (output, Vec::new())
+        } else {
+            let renewing = self.keep_lease(&lease.key);
+            let decision = crate::validate::validate(self, &lease, output, &kind).await;
+            renewing.abort();
+            match decision {
+                crate::validate::Decision::Accept { output, notes } => (output, notes),
+                crate::validate::Decision::Retry { report } => {
+                    let failure = Failure::new(AttemptOutcome::ValidationFailed, report);
+                    self.fail_attempt(lease, failure, replica).await;
+                    return;
+                }
+                crate::validate::Decision::Escalate { to, report } => {
+                    self.escalate_result(lease, to.as_deref(), &report, replica)
+                        .await;
+                    return;
+                }
+                crate::validate::Decision::Rollback { report } => {
+                    let undone = self.roll_back_result(&lease, changes, &report).await;
+                    let failure = Failure::new(
+                        AttemptOutcome::ValidationFailed,
+                        format!("{report}; auto_rollback: {undone}"),
+                    );
+                    self.fail_attempt(lease, failure, replica).await;
+                    return;
+                }
+            }
+        };
+        // The journal is written before the ack, so that an accepted task
+        // can always be rolled back.
+        if !changes.is_empty()
+            && let Err(error) = crate::rollback::record(
+                &self.store,
+                &lease.key.task_id,
+                &self.name,
+                lease.key.attempt,
+                changes,
+            )
+            .await
+        {
+            tracing::error!(%error, "could not record the result's changes; the task will be released");
+            self.finish_call(&lease.key, AttemptOutcome::Released);
+            return;
+        }
         let end = AttemptEnd {
             outcome: AttemptOutcome::Completed,
             replica: Some(replica.to_string()),
-            detail: None,
+            detail: (!notes.is_empty())
+                .then(|| format!("optional checks failed: {}", notes.join("; "))),
         };
-        match self.queue.ack(&lease.key, output, end).await {
+        match self.queue.ack(&lease.key, &output, end).await {
             Ok(_) => {
                 self.finish_call(&lease.key, AttemptOutcome::Completed);
                 lease.settle();
+                crate::watch::start(self, &lease.key.task_id, &kind);
             }
             Err(QueueError::Invalid(message)) => {
                 self.fail_attempt(lease, Failure::rejected(message), replica)
                     .await;
             }
             Err(error) => self.settle(&mut lease, Err(error)),
+        }
+    }
+
+    /// Keeps `key`'s lease alive while the daemon validates its result.
+    fn keep_lease(&self, key: &crate::queue::LeaseKey) -> tokio::task::JoinHandle<()> {
+        let queue = self.queue.clone();
+        let key = key.clone();
+        let lease_for = self.lease_for();
+        let every = renew_after(self.config.timeouts.progress_timeout.get());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(error) = queue.progress(&key, lease_for, None).await {
+                    tracing::warn!(task = %key, %error, "could not extend the lease during validation");
+                }
+            }
+        })
+    }
+
+    /// A validation gate escalated the result: to agent `to` (the task is
+    /// handed over, the report its feedback), or to a human.
+    async fn escalate_result(
+        &self,
+        mut lease: Lease,
+        to: Option<&str>,
+        report: &str,
+        replica: &str,
+    ) {
+        self.finish_call(&lease.key, AttemptOutcome::ValidationFailed);
+        let key = lease.key.clone();
+        let result = match to {
+            Some(target) => {
+                let end = AttemptEnd::new(
+                    AttemptOutcome::Rerouted,
+                    Some(replica.to_string()),
+                    format!("validation failed, escalated to agent {target}: {report}"),
+                );
+                self.queue.reroute(&key, target, end).await
+            }
+            None => {
+                let end =
+                    AttemptEnd::new(AttemptOutcome::Escalated, Some(replica.to_string()), report);
+                let reason = format!("validation failed: {report}");
+                let result = self.queue.escalate(&key, &reason, end).await;
+                if result.is_ok() {
+                    self.metrics.escalated(&self.name);
+                    self.notifier.send(
+                        crate::notify::Event::new(
+                            crate::notify::EventKind::Escalation,
+                            self.clock.now_ms(),
+                            true,
+                            format!(
+                                "task {} of agent {} needs a human: {reason}; resolve with `flotilla escalations resolve {} --retry|--complete JSON|--drop`",
+                                key.task_id, self.name, key.task_id
+                            ),
+                        )
+                        .agent(&self.name)
+                        .task(&key.task_id),
+                    );
+                }
+                result
+            }
+        };
+        if result.is_ok() {
+            tracing::warn!(to = to.unwrap_or("a human"), %report, "result escalated by a validation gate");
+        }
+        self.settle(&mut lease, result);
+    }
+
+    /// Records and undoes the changes a rejected result declared; says
+    /// what happened.
+    async fn roll_back_result(
+        &self,
+        lease: &Lease,
+        changes: Vec<crate::rollback::Change>,
+        report: &str,
+    ) -> String {
+        if changes.is_empty() {
+            return "the result declared no changes".into();
+        }
+        let recorded = crate::rollback::record(
+            &self.store,
+            &lease.key.task_id,
+            &self.name,
+            lease.key.attempt,
+            changes,
+        )
+        .await;
+        let mut journal = match recorded {
+            Ok(journal) => journal,
+            Err(error) => return format!("the changes could not be recorded: {error}"),
+        };
+        self.run_rollback(&mut journal, &format!("validation: {report}"))
+            .await
+    }
+
+    /// Undoes `journal` with this agent's environment; says what happened.
+    pub(crate) async fn run_rollback(
+        &self,
+        journal: &mut crate::rollback::Journal,
+        because: &str,
+    ) -> String {
+        let spec = self.check_spec();
+        let clock = self.clock.clone();
+        let result = crate::rollback::roll_back(
+            &self.store,
+            journal,
+            because,
+            &spec,
+            ROLLBACK_TIMEOUT,
+            move || clock.now_ms(),
+        )
+        .await;
+        match result {
+            Err(error) => format!("the rollback could not be recorded: {error}"),
+            Ok(()) if journal.is_rolled_back() => {
+                format!("{} change(s) rolled back", journal.changes.len())
+            }
+            Ok(()) => format!(
+                "the rollback failed, see `flotilla rollback {}`:\n{}",
+                journal.task,
+                crate::rollback::describe(journal)
+            ),
         }
     }
 
@@ -729,6 +966,7 @@ impl AgentRuntime {
             agent: self.name.clone(),
             payload: lease.payload.clone(),
             checkpoint: lease.checkpoint.clone(),
+            feedback: lease.feedback.clone(),
             deadline_ms: self
                 .clock
                 .now_ms()

@@ -8,6 +8,8 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
+use std::sync::Arc;
+
 use super::persistent::describe;
 use super::{AgentRuntime, Exit, Failure, Phase, SlotRequest, Tracked, over_memory};
 use crate::lines::{Line, LineReader};
@@ -25,7 +27,7 @@ const STDERR_TAIL_BYTES: usize = 2048;
 /// Runs tasks one process at a time until shutdown; returns a crash when a
 /// process cannot be started (so the slot backs off like a crashed replica).
 pub(super) async fn run(
-    agent: &AgentRuntime,
+    agent: &Arc<AgentRuntime>,
     index: u32,
     shutdown: &mut watch::Receiver<Phase>,
 ) -> Exit {
@@ -125,7 +127,7 @@ impl Output {
 /// Runs one task in its own process. Returns an exit for the slot when the
 /// process could not be started, `None` otherwise.
 async fn run_task(
-    agent: &AgentRuntime,
+    agent: &Arc<AgentRuntime>,
     index: u32,
     name: &str,
     lease: Lease,
@@ -312,7 +314,7 @@ async fn progressed(agent: &AgentRuntime, index: u32, tracked: &mut Tracked) {
 }
 
 async fn kill_for(
-    agent: &AgentRuntime,
+    agent: &Arc<AgentRuntime>,
     name: &str,
     child: &mut tokio::process::Child,
     pgid: u32,
@@ -327,7 +329,7 @@ async fn kill_for(
 
 /// Turns the exit status into an outcome.
 async fn settle_exit(
-    agent: &AgentRuntime,
+    agent: &Arc<AgentRuntime>,
     name: &str,
     lease: Lease,
     status: Option<std::process::ExitStatus>,
@@ -338,7 +340,7 @@ async fn settle_exit(
         let text = String::from_utf8_lossy(&output.stdout);
         let result = serde_json::from_str::<Value>(text.trim())
             .unwrap_or_else(|_| Value::String(text.into_owned()));
-        agent.store_result(lease, &result, name).await;
+        agent.store_result(lease, result, None, name).await;
         return;
     }
     let stderr = output.stderr();

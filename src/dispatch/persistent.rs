@@ -433,12 +433,16 @@ impl Replica<'_> {
                     self.lost_lease(&id, &error);
                 }
             }
-            FromAgent::Result { id, output, .. } => {
+            FromAgent::Result {
+                id,
+                output,
+                changes,
+            } => {
                 let Some(tracked) = self.take_task(id.as_deref(), "result") else {
                     return;
                 };
                 self.agent
-                    .complete(tracked.lease, output, self.name.clone())
+                    .complete(tracked.lease, output, changes, self.name.clone())
                     .await;
             }
             FromAgent::Error {

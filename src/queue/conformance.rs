@@ -86,6 +86,44 @@ where
     counts_per_agent(&make().await).await;
     reroute_hands_a_task_to_another_agent(&make().await).await;
     escalations_wait_for_a_human(&make().await).await;
+    validation_reports_reach_the_next_attempt(&make().await).await;
+}
+
+/// The report of an attempt whose result failed validation is the next
+/// attempt's feedback; other outcomes leave none.
+pub async fn validation_reports_reach_the_next_attempt<Q: TaskQueue>(queue: &Q) {
+    queue
+        .submit(vec![task("v1", Priority::Normal, json!({}))])
+        .await
+        .unwrap();
+    let mut first = queue.lease(&request(1), Duration::ZERO).await.unwrap();
+    assert_eq!(first[0].feedback, None);
+    let report = "check \"tests\" failed: 3 tests failed";
+    queue
+        .nak(
+            &first[0].key,
+            Duration::ZERO,
+            AttemptEnd::new(AttemptOutcome::ValidationFailed, None, report),
+        )
+        .await
+        .unwrap();
+    first[0].settle();
+    let mut second = queue
+        .lease(&request(1), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(second[0].feedback.as_deref(), Some(report));
+    queue
+        .nak(&second[0].key, Duration::ZERO, end(AttemptOutcome::Error))
+        .await
+        .unwrap();
+    second[0].settle();
+    let mut third = queue
+        .lease(&request(1), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(third[0].feedback, None, "an error leaves no feedback");
+    third[0].settle();
 }
 
 /// A rerouted task is queued for the other agent, its attempt not charged;

@@ -786,6 +786,15 @@ impl JetStreamQueue {
                     .is_ok()
             {
                 deleted += 1;
+                // Its rollback journal, if it declared changes.
+                let _ = self
+                    .inner
+                    .records
+                    .purge(format!(
+                        "c.{}",
+                        escape(&format!("journal.{}", summary.task.id))
+                    ))
+                    .await;
             }
         }
         Ok(deleted)
@@ -1530,6 +1539,12 @@ impl Inner {
             record.task.lease_deadline_ms = Some(deadline_ms);
             record.owner = Some(request.owner.clone());
             record.reply = Some(reply.clone());
+            let feedback = record.task.history.last().and_then(|previous| {
+                super::feedback_of(
+                    previous.outcome.map(AttemptOutcome::as_str),
+                    previous.detail.as_deref(),
+                )
+            });
             record.task.history.push(Attempt {
                 number,
                 started_ms: now,
@@ -1560,6 +1575,7 @@ impl Inner {
                 priority: record.task.priority,
                 payload: record.task.payload,
                 checkpoint: record.task.checkpoint,
+                feedback,
                 charged: record.task.charged_attempts,
             }));
         }

@@ -211,6 +211,9 @@ pub struct Lease {
     pub payload: Value,
     /// The checkpoint left by the last progress of an earlier attempt.
     pub checkpoint: Option<Value>,
+    /// Why the previous attempt did not count: its validation report, or
+    /// why the task was handed over from another agent.
+    pub feedback: Option<String>,
     /// Attempts counted against `max_deliver`, this one included.
     pub charged: u32,
     /// Releases the lease if it is dropped unsettled.
@@ -323,8 +326,12 @@ pub enum AttemptOutcome {
     /// Completed without running, marked `proceeded_with_warning`, while
     /// its agent was unavailable.
     ProceededWithWarning,
-    /// Handed to a human while its agent was unavailable.
+    /// Handed to a human while its agent was unavailable, or by a
+    /// validation gate.
     Escalated,
+    /// The result failed a required validation gate; the report goes to
+    /// the next attempt as feedback.
+    ValidationFailed,
 }
 
 impl AttemptOutcome {
@@ -344,6 +351,7 @@ impl AttemptOutcome {
             Self::Rerouted => "rerouted",
             Self::ProceededWithWarning => "proceeded_with_warning",
             Self::Escalated => "escalated",
+            Self::ValidationFailed => "validation_failed",
         }
     }
 
@@ -363,10 +371,22 @@ impl AttemptOutcome {
             Self::Rerouted,
             Self::ProceededWithWarning,
             Self::Escalated,
+            Self::ValidationFailed,
         ]
         .into_iter()
         .find(|outcome| outcome.as_str() == text)
     }
+}
+
+/// The feedback an attempt leaves the next one: its validation report, or
+/// why the task was handed over.
+pub fn feedback_of(outcome: Option<&str>, detail: Option<&str>) -> Option<String> {
+    let outcome = AttemptOutcome::parse(outcome?)?;
+    matches!(
+        outcome,
+        AttemptOutcome::ValidationFailed | AttemptOutcome::Rerouted
+    )
+    .then(|| detail.unwrap_or_default().to_string())
 }
 
 /// How an attempt ended, recorded with the outcome verb.

@@ -587,6 +587,12 @@ impl SqliteQueue {
                     params![cutoff, PRUNE_BATCH],
                 )
                 .map_err(storage)?;
+                conn.execute(
+                    "DELETE FROM status WHERE key IN (
+                        SELECT 'control.journal.' || id FROM tasks WHERE state = 4 AND finished_at < ?1 LIMIT ?2)",
+                    params![cutoff, PRUNE_BATCH],
+                )
+                .map_err(storage)?;
                 let deleted = conn
                     .execute(
                         "DELETE FROM tasks WHERE seq IN (
@@ -1030,6 +1036,7 @@ struct Claimed {
     priority: Priority,
     payload: Value,
     checkpoint: Option<Value>,
+    feedback: Option<String>,
     charged: u32,
 }
 
@@ -1096,6 +1103,25 @@ fn lease(context: &mut Context<'_>, request: &LeaseRequest) -> Result<Vec<Claime
             .map_err(storage)?
             .execute(params![seq, number, deadline, request.owner, now])
             .map_err(storage)?;
+            let feedback = if attempt > 0 {
+                conn.prepare_cached(
+                    "SELECT outcome, detail FROM attempts WHERE task_seq = ?1 AND number = ?2",
+                )
+                .map_err(storage)?
+                .query_row(params![seq, attempt], |row| {
+                    Ok((
+                        row.get::<_, Option<String>>(0)?,
+                        row.get::<_, Option<String>>(1)?,
+                    ))
+                })
+                .optional()
+                .map_err(storage)?
+                .and_then(|(outcome, detail)| {
+                    super::feedback_of(outcome.as_deref(), detail.as_deref())
+                })
+            } else {
+                None
+            };
             claimed.push(Claimed {
                 key: LeaseKey {
                     task_id: id,
@@ -1104,6 +1130,7 @@ fn lease(context: &mut Context<'_>, request: &LeaseRequest) -> Result<Vec<Claime
                 priority: Priority::from_rank(priority),
                 payload: serde_json::from_str(&payload).unwrap_or(Value::Null),
                 checkpoint: parse_json(checkpoint),
+                feedback,
                 charged: charged + 1,
             });
         }
@@ -1380,6 +1407,7 @@ impl TaskQueue for SqliteQueue {
                                 priority: claim.priority,
                                 payload: claim.payload,
                                 checkpoint: claim.checkpoint,
+                                feedback: claim.feedback,
                                 charged: claim.charged,
                             })
                             .collect();

@@ -1,0 +1,238 @@
+//! Validation gates, the rollback journal and the post-accept watch, end
+//! to end with real commands: a failing gate retries the task with the
+//! report as feedback until it passes; a fix repairs the result; gates
+//! escalate to a human or another agent; `auto_rollback` and a watch
+//! breach undo what the result declared, observably; `flotilla rollback`
+//! does it by hand, idempotently.
+
+mod support;
+
+use std::time::Duration;
+
+use flotilla::queue::{AttemptOutcome, NewTask, Priority, TaskState};
+use serde_json::{Value, json};
+use support::*;
+
+/// A persistent agent: creates the file `payload.create` (declaring the
+/// change with its rollback), and answers `ok: true` from attempt
+/// `payload.ok_from` on, echoing the feedback it got.
+const AGENT: &str = r#"
+import json, sys
+print(json.dumps({"type": "ready", "protocol": 1}), flush=True)
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("type") == "shutdown":
+        break
+    if m.get("type") != "task":
+        continue
+    p = m["payload"]
+    changes = []
+    if "create" in p:
+        with open(p["create"], "a") as f:
+            f.write("attempt %d\n" % m["attempt"])
+        changes.append({"description": "created " + p["create"], "rollback": ["rm", "-f", p["create"]]})
+    out = {"ok": m["attempt"] >= p.get("ok_from", 1), "attempt": m["attempt"], "feedback": m.get("feedback")}
+    print(json.dumps({"type": "result", "id": m["id"], "output": out, "changes": changes}), flush=True)
+"#;
+
+fn task(id: &str, agent: &str, payload: Value) -> NewTask {
+    NewTask {
+        id: id.into(),
+        agent: agent.into(),
+        priority: Priority::Normal,
+        payload,
+    }
+}
+
+async fn wait_state(queue: &dyn flotilla::queue::TaskQueue, id: &str, state: TaskState) {
+    wait_until(
+        Duration::from_secs(30),
+        &format!("{id} to be {state}"),
+        || async {
+            queue
+                .get(id)
+                .await
+                .unwrap()
+                .is_some_and(|task| task.state == state)
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gates_retry_with_feedback_fix_escalate_and_roll_back() {
+    let ok = r#"grep -q '"ok":true' "$FLOTILLA_RESULT_FILE" || { echo 'ok is false: make it true' >&2; exit 1; }"#;
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.coder]
+command = ["python3", "agent.py"]
+retry = {{ max_deliver = 3, backoff = ["10ms"] }}
+breaker = {{ enabled = false }}
+
+[agents.coder.validation]
+checks = [
+  {{ name = "tests", types = ["code"], command = ["sh", "-c", {ok:?}] }},
+  {{ name = "lint", types = ["code"], command = ["sh", "-c", "echo style nits >&2; exit 1"], required = false }},
+  {{ name = "format", types = ["fmt"], command = ["sh", "-c", "grep -q fixed \"$FLOTILLA_RESULT_FILE\""], on_failure = "auto_fix_and_revalidate", fix = ["sh", "-c", "echo '{{\"fixed\": true}}' > \"$FLOTILLA_RESULT_FILE\""] }},
+  {{ name = "security", types = ["deploy"], command = ["sh", "-c", "echo secret in diff >&2; exit 1"], on_failure = "escalate" }},
+  {{ name = "review", types = ["review"], command = ["false"], on_failure = "escalate", escalate_to = "senior" }},
+  {{ name = "smoke", types = ["risky"], command = ["sh", "-c", {ok:?}], on_failure = "auto_rollback" }},
+]
+
+[agents.senior]
+command = ["python3", "agent.py"]
+"#
+    ));
+    std::fs::write(fleet.path("agent.py"), AGENT).unwrap();
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    queue
+        .submit(vec![
+            task("code", "coder", json!({"type": "code", "ok_from": 2})),
+            task("fmt", "coder", json!({"type": "fmt"})),
+            task("deploy", "coder", json!({"type": "deploy"})),
+            task("review", "coder", json!({"type": "review"})),
+            task(
+                "risky",
+                "coder",
+                json!({"type": "risky", "create": "risky.txt", "ok_from": 2}),
+            ),
+        ])
+        .await
+        .unwrap();
+
+    // Rejected, retried with the report as feedback, then accepted; the
+    // optional check's failure is only noted.
+    wait_state(queue.as_ref(), "code", TaskState::Completed).await;
+    let code = queue.get("code").await.unwrap().unwrap();
+    assert_eq!(
+        code.history[0].outcome,
+        Some(AttemptOutcome::ValidationFailed)
+    );
+    let report = code.history[0].detail.clone().unwrap();
+    assert!(
+        report.contains("check \"tests\" failed") && report.contains("ok is false"),
+        "{report}"
+    );
+    let result = code.result.clone().unwrap();
+    assert_eq!(result["ok"], true);
+    assert_eq!(
+        result["feedback"],
+        report.as_str(),
+        "the next attempt got the report"
+    );
+    let noted = code.history.last().unwrap().detail.clone().unwrap();
+    assert!(
+        noted.contains("optional checks failed") && noted.contains("style nits"),
+        "{noted}"
+    );
+
+    // The fix rewrote the result, which passed on the next round.
+    wait_state(queue.as_ref(), "fmt", TaskState::Completed).await;
+    let fmt = queue.get("fmt").await.unwrap().unwrap();
+    assert_eq!(fmt.result, Some(json!({"fixed": true})));
+    assert_eq!(fmt.history.len(), 1, "fixed within the attempt");
+
+    // Escalated to a human with the report.
+    wait_state(queue.as_ref(), "deploy", TaskState::Escalated).await;
+    let deploy = queue.get("deploy").await.unwrap().unwrap();
+    let reason = deploy.reason.clone().unwrap();
+    assert!(
+        reason.contains("security") && reason.contains("secret in diff"),
+        "{reason}"
+    );
+
+    // Escalated to another agent, whose attempt got the report.
+    wait_state(queue.as_ref(), "review", TaskState::Completed).await;
+    let review = queue.get("review").await.unwrap().unwrap();
+    assert_eq!(review.agent, "senior");
+    let feedback = review.result.clone().unwrap()["feedback"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(feedback.contains("escalated to agent senior"), "{feedback}");
+
+    // auto_rollback undid the first attempt's file, then the retry passed.
+    wait_state(queue.as_ref(), "risky", TaskState::Completed).await;
+    let risky = queue.get("risky").await.unwrap().unwrap();
+    let first = risky.history[0].detail.clone().unwrap();
+    assert!(
+        first.contains("auto_rollback: 1 change(s) rolled back"),
+        "{first}"
+    );
+    let file = fleet.path("risky.txt");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "attempt 2\n");
+
+    // By hand: undone, and a second run changes nothing.
+    let undone = fleet.cli(&["rollback", "risky", "--json"]);
+    assert!(undone.status.success(), "{undone:?}");
+    assert!(!file.exists());
+    let journal: Value = serde_json::from_slice(&undone.stdout).unwrap();
+    assert_eq!(journal["changes"][0]["state"], "rolled_back");
+    assert_eq!(journal["changes"][0]["runs"], 1);
+    std::fs::write(&file, "recreated by someone else\n").unwrap();
+    let again = fleet.cli(&["rollback", "risky", "--json"]);
+    assert!(again.status.success(), "{again:?}");
+    let journal: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(journal["changes"][0]["runs"], 1, "not run twice");
+    assert!(
+        file.exists(),
+        "a change already rolled back is not undone again"
+    );
+    let none = fleet.cli(&["rollback", "code"]);
+    assert_eq!(none.status.code(), Some(2), "{none:?}");
+    assert!(
+        String::from_utf8_lossy(&none.stderr).contains("no rollback journal"),
+        "{none:?}"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_breach_rolls_the_accepted_task_back() {
+    let fleet = Fleet::new(
+        r#"
+[agents.deployer]
+command = ["python3", "agent.py"]
+
+[agents.deployer.watch]
+duration = "30s"
+interval = "1s"
+checks = [ { name = "health", command = ["sh", "-c", "test ! -e broken.flag"] } ]
+"#,
+    );
+    std::fs::write(fleet.path("agent.py"), AGENT).unwrap();
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    queue
+        .submit(vec![task(
+            "release",
+            "deployer",
+            json!({"create": "deployed.txt"}),
+        )])
+        .await
+        .unwrap();
+    wait_state(queue.as_ref(), "release", TaskState::Completed).await;
+    let deployed = fleet.path("deployed.txt");
+    assert!(deployed.exists());
+    // Healthy for a while: nothing happens.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(deployed.exists());
+    std::fs::write(fleet.path("broken.flag"), "").unwrap();
+    wait_until(Duration::from_secs(20), "the rollback", || async {
+        !deployed.exists()
+    })
+    .await;
+    let shown = fleet.cli(&["rollback", "release", "--json"]);
+    assert!(shown.status.success(), "{shown:?}");
+    let journal: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(journal["changes"][0]["state"], "rolled_back", "{journal}");
+    assert!(
+        journal["rolled_back_because"]
+            .as_str()
+            .unwrap()
+            .contains("watch check \"health\" breached"),
+        "{journal}"
+    );
+    daemon.stop().await;
+}
