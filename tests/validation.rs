@@ -236,3 +236,78 @@ checks = [ { name = "health", command = ["sh", "-c", "test ! -e broken.flag"] } 
     );
     daemon.stop().await;
 }
+
+/// A Prometheus stand-in: answers every query with the value in `value`
+/// (an f64's bits).
+async fn prometheus(value: std::sync::Arc<std::sync::atomic::AtomicU64>) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let now = f64::from_bits(value.load(std::sync::atomic::Ordering::SeqCst));
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(read) => request.extend_from_slice(&buffer[..read]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&request);
+                assert!(text.starts_with("GET /api/v1/query?query="), "{text}");
+                let body = json!({"status": "success", "data": {"resultType": "vector",
+                    "result": [{"metric": {}, "value": [1_700_000_000.0, now.to_string()]}]}})
+                .to_string();
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    address
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prometheus_error_rate_over_the_baseline_rolls_back() {
+    let rate = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0.02f64.to_bits()));
+    let address = prometheus(rate.clone()).await;
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.deployer]
+command = ["python3", "agent.py"]
+
+[agents.deployer.watch]
+duration = "30s"
+interval = "1s"
+checks = [ {{ name = "errors", prometheus = "http://{address}", query = "sum(rate(errors[1m]))", max_increase = 0.01 }} ]
+"#
+    ));
+    std::fs::write(fleet.path("agent.py"), AGENT).unwrap();
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    queue
+        .submit(vec![task(
+            "canary",
+            "deployer",
+            json!({"create": "canary.txt"}),
+        )])
+        .await
+        .unwrap();
+    wait_state(queue.as_ref(), "canary", TaskState::Completed).await;
+    let canary = fleet.path("canary.txt");
+    // Within the threshold: kept.
+    rate.store(0.025f64.to_bits(), std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(canary.exists());
+    // Over it: rolled back.
+    rate.store(0.05f64.to_bits(), std::sync::atomic::Ordering::SeqCst);
+    wait_until(Duration::from_secs(20), "the rollback", || async {
+        !canary.exists()
+    })
+    .await;
+    daemon.stop().await;
+}
