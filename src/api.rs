@@ -8,6 +8,7 @@
 //! | `GET /api/v1/tasks?state=&agent=&limit=`, `GET /api/v1/tasks/{id}` | tasks; one with its attempts |
 //! | `POST /api/v1/tasks` | submit one task or a batch |
 //! | `POST /api/v1/tasks/{id}/rollback` | undo the changes its result declared |
+//! | `GET /api/v1/tasks/{id}/tree` | its parent and children (delegation) |
 //! | `GET /api/v1/dlq?agent=&limit=` | dead letters |
 //! | `POST /api/v1/dlq/replay`, `POST /api/v1/dlq/purge` | `{"ids": [...]}` or `{"all": true}` |
 //! | `GET /api/v1/escalations?agent=&limit=`, `GET /api/v1/escalations/{id}` | escalated tasks |
@@ -145,6 +146,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/tasks", get(tasks).post(submit))
         .route("/api/v1/tasks/{id}", get(task))
         .route("/api/v1/tasks/{id}/rollback", post(rollback))
+        .route("/api/v1/tasks/{id}/tree", get(tree))
         .route("/api/v1/dlq", get(dead_letters))
         .route("/api/v1/dlq/replay", post(replay))
         .route("/api/v1/dlq/purge", post(purge))
@@ -525,6 +527,13 @@ async fn resolve(
     api.store.queue().resolve(&id, &resolution).await?;
     tracing::info!(task = %id, "escalation resolved through the API");
     Ok(Json(find(&api, &id).await?))
+}
+
+async fn tree(
+    State(api): State<Arc<Api>>,
+    Path(id): Path<String>,
+) -> Answer<crate::delegate::Tree> {
+    Ok(Json(crate::delegate::tree(&api.store, &id).await?))
 }
 
 async fn rollback(

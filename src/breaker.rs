@@ -91,7 +91,8 @@ impl Verdict {
             | AttemptOutcome::DaemonRestart
             | AttemptOutcome::Released
             | AttemptOutcome::Rerouted
-            | AttemptOutcome::Escalated => return Self::Neutral,
+            | AttemptOutcome::Escalated
+            | AttemptOutcome::Cancelled => return Self::Neutral,
         };
         if config.failures.contains(&kind) {
             Self::Failure

@@ -558,6 +558,16 @@ impl Target {
         }
     }
 
+    async fn tree(&self, id: &str) -> Result<crate::delegate::Tree, Failure> {
+        match self {
+            Self::Local(config) => {
+                let store = open_store(config).await?;
+                Ok(crate::delegate::tree(&store, id).await?)
+            }
+            Self::Remote(client) => Ok(client.tree(id).await?),
+        }
+    }
+
     async fn rollback(&self, id: &str) -> Result<crate::rollback::Journal, Failure> {
         match self {
             Self::Local(config) => {
@@ -772,12 +782,46 @@ async fn show(
             task.state
         )));
     }
+    let tree = target.tree(id).await?;
     if json {
-        print_json(&serde_json::to_value(&task).expect("record serializes"));
+        let mut value = serde_json::to_value(&task).expect("record serializes");
+        if tree != crate::delegate::Tree::default() {
+            value["tree"] = serde_json::to_value(&tree).expect("tree serializes");
+        }
+        print_json(&value);
     } else {
         print_task(&task);
+        print_tree(&tree);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A task's parent and children, if it has any.
+fn print_tree(tree: &crate::delegate::Tree) {
+    if let Some(link) = &tree.parent {
+        println!(
+            "parent:   {} (sent by {} with key {:?}{}, depth {})",
+            link.parent,
+            link.from,
+            link.key,
+            if link.wait { ", waited for" } else { "" },
+            link.depth
+        );
+    }
+    if !tree.children.is_empty() {
+        println!("children:");
+        for child in &tree.children {
+            println!(
+                "  {:<40} {:<16} {:<14}{}",
+                child.id,
+                child.agent,
+                child
+                    .state
+                    .map_or_else(|| "gone".to_string(), |state| state.to_string()),
+                if child.wait { " waited for" } else { "" }
+            );
+        }
+    }
 }
 
 async fn escalations(target: &Target, command: EscalationsCommand) -> Result<ExitCode, Failure> {

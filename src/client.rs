@@ -192,6 +192,12 @@ impl ApiClient {
         Ok(count.count)
     }
 
+    /// Task `id`'s parent and children.
+    pub async fn tree(&self, id: &str) -> Result<crate::delegate::Tree, ClientError> {
+        self.get(&format!("/api/v1/tasks/{}/tree", encode(id)), &[])
+            .await
+    }
+
     /// Rolls back the changes task `id` declared.
     pub async fn rollback(&self, id: &str) -> Result<crate::rollback::Journal, ClientError> {
         let path = format!("/api/v1/tasks/{}/rollback", encode(id));

@@ -205,6 +205,8 @@ impl Daemon {
             crate::notify::Notifier::start(&config.notify, &identity.name, &config.base_dir);
         let watchdog_notifier = notifier.clone();
         let wiring = Wiring {
+            delegation: config.delegation.clone(),
+            fleet_agents: Arc::new(fleet.agents.keys().cloned().collect()),
             queue: queue.clone(),
             store: store.clone(),
             clock: clock.clone(),

@@ -133,7 +133,7 @@ pub fn run(options: &Options) -> io::Result<()> {
         let task = match serde_json::from_str::<ToAgent>(&line) {
             Ok(ToAgent::Task(task)) => task,
             Ok(ToAgent::Shutdown { .. }) => return Ok(()),
-            Ok(ToAgent::Cancel { .. }) => continue,
+            Ok(ToAgent::Cancel { .. } | ToAgent::Reply { .. }) => continue,
             Err(error) => {
                 eprintln!("example-agent: ignoring a line I do not understand: {error}");
                 continue;

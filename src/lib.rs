@@ -17,6 +17,7 @@ pub mod command;
 pub mod config;
 pub mod daemon;
 pub mod degrade;
+pub mod delegate;
 pub mod demo;
 pub mod dispatch;
 pub mod example_agent;

@@ -434,6 +434,33 @@ impl Metrics {
             .inc();
     }
 
+    /// `from` sent a message (a child task) of `kind` to `to`.
+    pub fn message(&self, from: &str, to: &str, kind: &str) {
+        self.messages_sent
+            .get_or_create(&SentLabels {
+                agent: from.into(),
+                destination: to.into(),
+                r#type: kind.into(),
+            })
+            .inc();
+        self.messages_received
+            .get_or_create(&ReceivedLabels {
+                agent: to.into(),
+                source: from.into(),
+                r#type: kind.into(),
+            })
+            .inc();
+    }
+
+    /// `agent` got the answer to a message after `seconds`.
+    pub fn message_answered(&self, agent: &str, seconds: f64) {
+        self.message_latency
+            .get_or_create(&AgentLabel {
+                agent: agent.into(),
+            })
+            .observe(seconds);
+    }
+
     /// The fleet watchdog took `action` on `agent`.
     pub fn watchdog_action(&self, agent: &str, action: &str) {
         self.watchdog_actions

@@ -27,6 +27,25 @@ pub enum ToAgent {
         /// The task to abandon.
         id: String,
     },
+    /// The answer to a `send` that waits: the child task ended (or the
+    /// wait timed out, or the send was refused).
+    Reply {
+        /// The task that sent the message (the parent).
+        id: String,
+        /// The `key` of the send.
+        key: String,
+        /// The child task's id.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        task: Option<String>,
+        /// `completed`, `failed` (dead-lettered), `timeout` or `refused`.
+        status: ReplyStatus,
+        /// The child's result, when completed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        result: Option<Value>,
+        /// Why it failed, timed out or was refused.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
     /// The replica is being stopped (its tasks were already handed back):
     /// exit within `grace_ms`. After that the process group gets SIGTERM,
     /// and SIGKILL another `grace_ms` later.
@@ -34,6 +53,20 @@ pub enum ToAgent {
         /// Milliseconds before the process group receives SIGTERM.
         grace_ms: u64,
     },
+}
+
+/// How a delegated child task ended, for its `reply`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplyStatus {
+    /// It completed; `result` holds its result.
+    Completed,
+    /// It was dead-lettered; `error` says why.
+    Failed,
+    /// No answer within the send's `timeout_ms` (the child goes on).
+    Timeout,
+    /// The send was refused (unknown agent, limits, a cycle).
+    Refused,
 }
 
 /// The `task` message.
@@ -107,6 +140,34 @@ pub enum FromAgent {
         /// (used by validation gates and rollback).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         changes: Option<Value>,
+    },
+    /// While working on task `id`, hand work to another agent: a child
+    /// task, durable and routed like any task. With `wait`, a `reply`
+    /// comes back on stdin when it ends.
+    Send {
+        /// The task being worked on (the parent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        /// The agent that gets the child task.
+        to: String,
+        /// Unique among this task's sends (1 to 64 letters, digits, `-`,
+        /// `_`, `.`): a retried parent that sends the same key reaches the
+        /// same child.
+        key: String,
+        /// The child task's payload.
+        #[serde(default)]
+        payload: Value,
+        /// Its priority (default: the parent's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        priority: Option<crate::queue::Priority>,
+        /// Whether the sender waits for a `reply` (default false: fire
+        /// and forget).
+        #[serde(default)]
+        wait: bool,
+        /// How long to wait for the reply, in milliseconds (required with
+        /// `wait`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
     },
     /// Task `id` failed.
     Error {

@@ -185,6 +185,11 @@ pub fn parse(text: &str, source_name: &str, base_dir: PathBuf) -> Result<Config,
                     config.watchdog = watchdog;
                 }
             }
+            "delegation" => {
+                if let Some(delegation) = collect(value, "delegation", &mut problems) {
+                    config.delegation = delegation;
+                }
+            }
             "agents" => match value {
                 toml::Value::Table(agents) => {
                     for (name, agent) in agents {
@@ -211,7 +216,7 @@ pub fn parse(text: &str, source_name: &str, base_dir: PathBuf) -> Result<Config,
             },
             _ => problems.push(Problem::new(
                 key.clone(),
-                format!("unknown section `{key}`; valid sections: store, broker, daemon, agents, degradation, notify, http, watchdog"),
+                format!("unknown section `{key}`; valid sections: store, broker, daemon, agents, degradation, notify, http, watchdog, delegation"),
             )),
         }
     }

@@ -56,6 +56,9 @@ pub struct Config {
     /// The fleet watchdog: scaling, stuck replicas, error rates.
     #[serde(default)]
     pub watchdog: WatchdogConfig,
+    /// Limits of agent-to-agent messages (`send`).
+    #[serde(default)]
+    pub delegation: DelegationConfig,
     /// Directory that relative paths are resolved against (the config file's
     /// directory). Not part of the file.
     #[serde(skip)]
@@ -363,6 +366,54 @@ pub struct AgentConfig {
     /// declared changes.
     #[serde(default)]
     pub watch: WatchConfig,
+}
+
+/// `[delegation]`: limits of the child tasks agents send each other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct DelegationConfig {
+    /// Most children one task may send (1 to 1000).
+    pub max_fan_out: u32,
+    /// Deepest tree: a task `max_depth` levels below its root may send no
+    /// more (1 to 16).
+    pub max_depth: u32,
+    /// Longest `timeout_ms` a waiting send may ask for (1s to 24h).
+    pub max_wait: HumanDuration,
+}
+
+impl Default for DelegationConfig {
+    fn default() -> Self {
+        Self {
+            max_fan_out: 32,
+            max_depth: 4,
+            max_wait: HumanDuration::secs(3600),
+        }
+    }
+}
+
+impl DelegationConfig {
+    fn validate(&self, problem: &mut impl FnMut(String, String)) {
+        if !(1..=1000).contains(&self.max_fan_out) {
+            problem(
+                "delegation.max_fan_out".into(),
+                format!("{} is out of range; valid: 1 to 1000", self.max_fan_out),
+            );
+        }
+        if !(1..=16).contains(&self.max_depth) {
+            problem(
+                "delegation.max_depth".into(),
+                format!("{} is out of range; valid: 1 to 16", self.max_depth),
+            );
+        }
+        let wait = self.max_wait.get();
+        if wait < std::time::Duration::from_secs(1) || wait > std::time::Duration::from_secs(86_400)
+        {
+            problem(
+                "delegation.max_wait".into(),
+                format!("{} is out of range; valid: 1s to 24h", self.max_wait),
+            );
+        }
+    }
 }
 
 /// `[http]`: the daemon's HTTP server (health endpoints, metrics, API).
@@ -962,6 +1013,7 @@ impl Config {
         }
         self.http.validate(&mut problem);
         self.watchdog.validate(&mut problem);
+        self.delegation.validate(&mut problem);
         let names: Vec<String> = self.agents.keys().cloned().collect();
         for (name, agent) in &self.agents {
             agent

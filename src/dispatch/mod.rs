@@ -103,6 +103,8 @@ pub struct AgentRuntime {
     metrics: Arc<crate::metrics::Metrics>,
     /// Which replicas may take tasks, from the readiness checks.
     gate: watch::Sender<crate::readiness::Gate>,
+    delegation: crate::config::DelegationConfig,
+    fleet_agents: Arc<Vec<String>>,
     /// The fleet watchdog's orders to replicas (retire, restart).
     orders: watch::Sender<Orders>,
     /// The replicas' join handles (the watchdog adds replicas).
@@ -156,6 +158,10 @@ pub struct Wiring {
     pub notifier: crate::notify::Notifier,
     /// The daemon's metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Limits of agent-to-agent messages.
+    pub delegation: crate::config::DelegationConfig,
+    /// Every agent of the fleet (also those other daemons run).
+    pub fleet_agents: Arc<Vec<String>>,
 }
 
 /// Problems that keep an agent from starting (missing `${VAR}`, bad
@@ -299,6 +305,8 @@ impl AgentRuntime {
             notifier: wiring.notifier.clone(),
             metrics: wiring.metrics.clone(),
             gate: watch::Sender::new(gate),
+            delegation: wiring.delegation.clone(),
+            fleet_agents: wiring.fleet_agents.clone(),
             orders: watch::Sender::new(Orders::default()),
             handles: Mutex::new(Vec::new()),
             phase: shutdown.clone(),
@@ -418,7 +426,8 @@ impl AgentRuntime {
             AttemptOutcome::Released
             | AttemptOutcome::Rerouted
             | AttemptOutcome::ProceededWithWarning
-            | AttemptOutcome::Escalated => return,
+            | AttemptOutcome::Escalated
+            | AttemptOutcome::Cancelled => return,
             _ => true,
         };
         let mut recent = self.recent.lock().expect("recent lock");
@@ -533,6 +542,27 @@ impl AgentRuntime {
         });
     }
 
+    /// Carries out a `send` of this agent: the child task, its links and
+    /// metrics.
+    pub(crate) async fn delegate(
+        &self,
+        send: &crate::delegate::Send,
+    ) -> Result<crate::delegate::Sent, String> {
+        let sent = crate::delegate::send(
+            &self.store,
+            &self.delegation,
+            &self.fleet_agents,
+            send,
+            self.clock.now_ms(),
+        )
+        .await?;
+        if !sent.existed {
+            let kind = self.metrics.task_type(&send.payload);
+            self.metrics.message(&send.from, &send.to, &kind);
+        }
+        Ok(sent)
+    }
+
     /// Records a watchdog action in the agent's status.
     pub fn note_watchdog(&self, event: crate::status::WatchdogEvent) {
         let mut status = self.status.lock().expect("status lock");
@@ -542,6 +572,11 @@ impl AgentRuntime {
             .len()
             .saturating_sub(crate::status::WATCHDOG_EVENTS);
         status.watchdog.drain(..excess);
+    }
+
+    /// The daemon's metrics.
+    pub(crate) fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
     }
 
     /// The store.
@@ -1023,6 +1058,19 @@ impl AgentRuntime {
             let termed = self.queue.term(&lease.key, &reason, end).await;
             if termed.is_ok() {
                 self.metrics.dead_lettered(&self.name);
+                // The children it waited for are no longer wanted.
+                let cancelled = crate::delegate::cancel_children(
+                    &self.store,
+                    &lease.key.task_id,
+                    &format!(
+                        "cancelled: its parent {} was dead-lettered",
+                        lease.key.task_id
+                    ),
+                )
+                .await;
+                if cancelled > 0 {
+                    tracing::info!(task = %lease.key.task_id, cancelled, "cancelled the children the dead-lettered task waited for");
+                }
             }
             termed
         } else {
@@ -1158,6 +1206,9 @@ struct Tracked {
     last_progress: Instant,
     deadline: Instant,
     renew_at: Instant,
+    /// Replies it waits for (its child tasks): the progress watchdog
+    /// rests meanwhile (each wait is bounded by its own timeout).
+    waiting: u32,
 }
 
 impl Tracked {
@@ -1168,11 +1219,15 @@ impl Tracked {
             last_progress: now,
             deadline: now + agent.config.timeouts.max_duration.get(),
             renew_at: agent.renew_at(now),
+            waiting: 0,
         }
     }
 
     /// When this task's next timeout falls.
     fn next_timeout(&self, agent: &AgentRuntime) -> Instant {
+        if self.waiting > 0 {
+            return self.deadline;
+        }
         self.deadline
             .min(self.last_progress + agent.config.timeouts.progress_timeout.get())
     }
@@ -1186,7 +1241,7 @@ impl Tracked {
                 format!("ran past timeouts.max_duration = {}", timeouts.max_duration),
             ));
         }
-        if now >= self.last_progress + timeouts.progress_timeout.get() {
+        if self.waiting == 0 && now >= self.last_progress + timeouts.progress_timeout.get() {
             return Some(Failure::new(
                 AttemptOutcome::ProgressTimeout,
                 format!(

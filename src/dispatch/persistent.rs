@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
+use tokio::sync::mpsc;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tracing::Instrument as _;
@@ -34,7 +35,13 @@ struct Replica<'a> {
     stdin: Option<ChildStdin>,
     lines: LineReader<BufReader<tokio::process::ChildStdout>>,
     in_flight: HashMap<String, Tracked>,
+    /// Replies to waiting sends, from their waiters.
+    news: mpsc::Receiver<crate::delegate::News>,
+    news_to: mpsc::Sender<crate::delegate::News>,
 }
+
+/// Replies waiting to be written to one replica.
+const NEWS: usize = 256;
 
 /// Runs one process of replica `index` until it exits or the daemon shuts
 /// down.
@@ -68,6 +75,7 @@ pub(super) async fn run(
     };
     log_stderr(agent, index, stderr);
     agent.update_replica(index, |replica| replica.pid = Some(pgid));
+    let (news_to, news) = mpsc::channel(NEWS);
     let mut replica = Replica {
         agent,
         index,
@@ -80,6 +88,8 @@ pub(super) async fn run(
             agent.config.max_line_bytes.as_usize(),
         ),
         in_flight: HashMap::new(),
+        news,
+        news_to,
     };
     if let Err(reason) = replica.wait_ready(shutdown).await {
         replica.stop().await;
@@ -170,6 +180,40 @@ impl Replica<'_> {
             replica.state = state;
             replica.task_progress_ms = silent_since;
         });
+    }
+
+    /// A waiter's news: a reply to write, or a child still on its way
+    /// (which keeps its parent alive).
+    async fn handle_news(&mut self, news: crate::delegate::News) {
+        match news {
+            crate::delegate::News::Reply(reply, latency) => {
+                let crate::protocol::ToAgent::Reply { id, .. } = &reply else {
+                    return;
+                };
+                let Some(tracked) = self.in_flight.get_mut(id) else {
+                    // The parent ended meanwhile: nobody to tell.
+                    return;
+                };
+                tracked.waiting = tracked.waiting.saturating_sub(1);
+                tracked.last_progress = Instant::now();
+                self.agent
+                    .metrics()
+                    .message_answered(&self.agent.name, latency.as_secs_f64());
+                if let Err(error) = self.send(&reply).await {
+                    tracing::warn!(agent = %self.agent.name, replica = self.index, %error, "could not write a reply to the agent");
+                }
+            }
+            crate::delegate::News::Alive(parent) => {
+                let Some(tracked) = self.in_flight.get_mut(&parent) else {
+                    return;
+                };
+                tracked.last_progress = Instant::now();
+                tracked.renew_at = Instant::now();
+                if let Err(error) = self.agent.progress(tracked, None).await {
+                    self.lost_lease(&parent, &error);
+                }
+            }
+        }
     }
 
     /// The task in flight that progressed least recently.
@@ -293,6 +337,7 @@ impl Replica<'_> {
                         }
                     }
                 }
+                Some(news) = self.news.recv() => self.handle_news(news).await,
                 changed = orders.changed(), if !orders_closed => {
                     orders_closed = changed.is_err();
                     let retire = orders.borrow_and_update().retire.contains(&self.index);
@@ -444,6 +489,61 @@ impl Replica<'_> {
                 self.agent
                     .complete(tracked.lease, output, changes, self.name.clone())
                     .await;
+            }
+            FromAgent::Send {
+                id,
+                to,
+                key,
+                payload,
+                priority,
+                wait,
+                timeout_ms,
+            } => {
+                let Some(parent) = self.task_for(id.as_deref()) else {
+                    self.agent.record_stale(self.index, "send");
+                    return;
+                };
+                let tracked = self.in_flight.get(&parent).expect("task_for found it");
+                let send = crate::delegate::Send {
+                    parent: parent.clone(),
+                    parent_priority: tracked.lease.priority,
+                    from: self.agent.name.clone(),
+                    to,
+                    key: key.clone(),
+                    payload,
+                    priority,
+                    wait,
+                    timeout: timeout_ms.map(Duration::from_millis),
+                };
+                let span = self.agent.attempt_span(&tracked.lease.key);
+                let sent = self.agent.delegate(&send).instrument(span).await;
+                match sent {
+                    Err(why) => {
+                        tracing::warn!(agent = %self.agent.name, task = %parent, %key, %why, "send refused");
+                        let _ = self
+                            .send(&crate::delegate::refused(&parent, &key, why))
+                            .await;
+                    }
+                    Ok(sent) => {
+                        tracing::info!(agent = %self.agent.name, task = %parent, child = %sent.child, to = %send.to, existed = sent.existed, wait, "child task sent");
+                        if let (true, Some(timeout)) = (wait, send.timeout) {
+                            let tracked = self.in_flight.get_mut(&parent).expect("held");
+                            tracked.waiting += 1;
+                            tracked.last_progress = Instant::now();
+                            tokio::spawn(crate::delegate::wait(
+                                self.agent.store().clone(),
+                                parent,
+                                key,
+                                sent.child,
+                                timeout,
+                                super::renew_after(
+                                    self.agent.config.timeouts.progress_timeout.get(),
+                                ) / 2,
+                                self.news_to.clone(),
+                            ));
+                        }
+                    }
+                }
             }
             FromAgent::Error {
                 id,

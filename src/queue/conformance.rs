@@ -87,6 +87,61 @@ where
     reroute_hands_a_task_to_another_agent(&make().await).await;
     escalations_wait_for_a_human(&make().await).await;
     validation_reports_reach_the_next_attempt(&make().await).await;
+    cancel_ends_queued_and_running_tasks(&make().await).await;
+}
+
+/// A queued or running task can be cancelled (a dead letter with the
+/// reason; the running attempt's late outcome is stale); an ended one
+/// cannot.
+pub async fn cancel_ends_queued_and_running_tasks<Q: TaskQueue>(queue: &Q) {
+    queue
+        .submit(vec![
+            task("c-queued", Priority::Normal, json!({})),
+            task("c-running", Priority::High, json!({})),
+            task("c-done", Priority::Low, json!({})),
+        ])
+        .await
+        .unwrap();
+    let mut running = queue.lease(&request(1), Duration::ZERO).await.unwrap();
+    assert_eq!(running[0].key.task_id, "c-running");
+    assert!(queue.cancel("c-queued", "parent gone").await.unwrap());
+    assert!(queue.cancel("c-running", "parent gone").await.unwrap());
+    let late = queue
+        .ack(&running[0].key, &json!(1), end(AttemptOutcome::Completed))
+        .await;
+    assert!(
+        matches!(late, Err(QueueError::StaleLease { .. })),
+        "{late:?}"
+    );
+    running[0].settle();
+    for id in ["c-queued", "c-running"] {
+        let record = queue.get(id).await.unwrap().unwrap();
+        assert_eq!(record.state, TaskState::DeadLettered, "{id}");
+        assert_eq!(record.reason.as_deref(), Some("parent gone"));
+    }
+    let record = queue.get("c-running").await.unwrap().unwrap();
+    assert_eq!(
+        record.history.last().unwrap().outcome,
+        Some(AttemptOutcome::Cancelled)
+    );
+    let mut done = queue
+        .lease(&request(1), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        done[0].key.task_id, "c-done",
+        "cancelled tasks are not leased"
+    );
+    queue
+        .ack(&done[0].key, &json!(1), end(AttemptOutcome::Completed))
+        .await
+        .unwrap();
+    done[0].settle();
+    assert!(!queue.cancel("c-done", "too late").await.unwrap());
+    assert!(matches!(
+        queue.cancel("nope", "x").await,
+        Err(QueueError::NotFound { .. })
+    ));
 }
 
 /// The report of an attempt whose result failed validation is the next

@@ -2118,6 +2118,34 @@ impl TaskQueue for JetStreamQueue {
         Ok(())
     }
 
+    async fn cancel(&self, id: &str, reason: &str) -> Result<bool, QueueError> {
+        let inner = &self.inner;
+        let mut dead = None;
+        let cancelled = inner
+            .update(id, None, |record| {
+                match record.task.state {
+                    TaskState::Queued => {}
+                    TaskState::Running => {
+                        let attempt = record.task.attempts;
+                        let end = AttemptEnd::new(AttemptOutcome::Cancelled, None, reason);
+                        record.end_attempt(attempt, &end, inner.now());
+                    }
+                    _ => return Ok(Change::Keep(false)),
+                }
+                record.task.reason = Some(bound_reason(reason));
+                record.finish(TaskState::DeadLettered, inner.now());
+                dead = Some(record.clone());
+                Ok(Change::Write(true))
+            })
+            .await?;
+        // The task's message, if still in the stream, is terminated when a
+        // daemon next fetches it and finds it dead-lettered.
+        if let Some(record) = dead {
+            inner.send_dead_letter(&record).await?;
+        }
+        Ok(cancelled)
+    }
+
     async fn resolve(&self, id: &str, resolution: &Resolution) -> Result<(), QueueError> {
         let inner = &self.inner;
         if let Resolution::Complete(result) = resolution {

@@ -332,6 +332,8 @@ pub enum AttemptOutcome {
     /// The result failed a required validation gate; the report goes to
     /// the next attempt as feedback.
     ValidationFailed,
+    /// The task was cancelled while it ran (e.g. its parent ended).
+    Cancelled,
 }
 
 impl AttemptOutcome {
@@ -352,6 +354,7 @@ impl AttemptOutcome {
             Self::ProceededWithWarning => "proceeded_with_warning",
             Self::Escalated => "escalated",
             Self::ValidationFailed => "validation_failed",
+            Self::Cancelled => "cancelled",
         }
     }
 
@@ -372,6 +375,7 @@ impl AttemptOutcome {
             Self::ProceededWithWarning,
             Self::Escalated,
             Self::ValidationFailed,
+            Self::Cancelled,
         ]
         .into_iter()
         .find(|outcome| outcome.as_str() == text)
@@ -766,6 +770,12 @@ pub trait TaskQueue: Send + Sync + 'static {
     /// dropped (another agent's checkpoint means nothing to `agent`).
     async fn reroute(&self, key: &LeaseKey, agent: &str, end: AttemptEnd)
     -> Result<(), QueueError>;
+
+    /// Cancels a task that is queued or running: it becomes a dead letter
+    /// with `reason`, and a running attempt ends `cancelled` (its holder's
+    /// later outcome is refused as stale). Returns false, changing
+    /// nothing, when the task had already ended or waits for a human.
+    async fn cancel(&self, id: &str, reason: &str) -> Result<bool, QueueError>;
 
     /// Moves the task to `escalated` with `reason`, for a human.
     async fn escalate(

@@ -1572,6 +1572,28 @@ impl TaskQueue for SqliteQueue {
             .await
     }
 
+    async fn cancel(&self, id: &str, reason: &str) -> Result<bool, QueueError> {
+        let id = id.to_string();
+        let reason = bound_reason(reason);
+        self.writer
+            .call(move |context| {
+                let Some((seq, state, attempt)) = lookup(context.conn, &id)? else {
+                    return Err(QueueError::NotFound { id });
+                };
+                match state {
+                    READY | DELAYED => {}
+                    RUNNING => {
+                        let end = AttemptEnd::new(AttemptOutcome::Cancelled, None, reason.clone());
+                        end_attempt(context, seq, attempt, &end)?;
+                    }
+                    _ => return Ok(false),
+                }
+                dead_letter(context, seq, &reason)?;
+                Ok(true)
+            })
+            .await
+    }
+
     async fn resolve(&self, id: &str, resolution: &Resolution) -> Result<(), QueueError> {
         let result = match resolution {
             Resolution::Complete(result) => {

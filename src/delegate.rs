@@ -1,0 +1,455 @@
+//! Agent-to-agent messages: a `send` from an agent working on a task
+//! becomes a child task of that task, durable on either backend and routed
+//! like any task (the target's breaker, fallback and degradation rules).
+//!
+//! **Crash-safe, duplicate-free.** The child's id derives from the
+//! parent's id and the sender's `key`, so a parent retried after its
+//! replica crashed re-sends onto the same children (the queue dedups them
+//! by id), and a child that already ended answers at once from its stored
+//! result: no child runs twice because its parent was retried.
+//!
+//! **Links.** Each child's link to its parent (depth, sender, the agents
+//! waiting up the chain) and each parent's list of children are kept in
+//! the store's control entries, so `flotilla tasks show` draws the tree
+//! from any daemon or CLI.
+//!
+//! **Waiting.** A waiting send starts a waiter that follows the child
+//! (every [`POLL`]) until it ends or the send's timeout passes, keeps the
+//! parent's lease alive meanwhile, and hands the `reply` to the parent's
+//! replica.
+//!
+//! **Limits.** `[delegation] max_fan_out` children per task, `max_depth`
+//! levels, `max_wait` per wait; a waiting send to an agent that is itself
+//! waiting further up the chain is refused (it could wait on itself).
+
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::clock::UnixMillis;
+use crate::protocol::{ReplyStatus, ToAgent};
+use crate::queue::{MAX_TASK_ID_BYTES, NewTask, Priority, TaskState};
+use crate::store::Store;
+
+/// How often a waiter looks at its child.
+pub const POLL: Duration = Duration::from_millis(200);
+/// Longest a `send`'s key.
+const MAX_KEY: usize = 64;
+
+/// A child task's link to its parent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Link {
+    /// The parent task.
+    pub parent: String,
+    /// The agent that sent it.
+    pub from: String,
+    /// The send's key.
+    pub key: String,
+    /// Levels below the root (its children are one deeper).
+    pub depth: u32,
+    /// Whether the sender waits for it.
+    pub wait: bool,
+    /// The agents waiting up the chain, the sender first when it waits.
+    pub waiting: Vec<String>,
+    /// When it was first sent.
+    pub sent_ms: UnixMillis,
+}
+
+/// A task's place in its tree, for `tasks show`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Tree {
+    /// Its link to its parent, if it is a child.
+    pub parent: Option<Link>,
+    /// Its children, in the order sent, with their states.
+    pub children: Vec<Child>,
+}
+
+/// One child in a [`Tree`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Child {
+    /// Its task id.
+    pub id: String,
+    /// Its agent.
+    pub agent: String,
+    /// Its state, if it still exists.
+    pub state: Option<TaskState>,
+    /// Whether its sender waits for it.
+    pub wait: bool,
+}
+
+fn link_key(task: &str) -> String {
+    format!("link.{task}")
+}
+
+fn children_key(task: &str) -> String {
+    format!("children.{task}")
+}
+
+/// FNV-1a, 64 bits: stable across versions and machines (unlike std's
+/// hasher), for ids derived from ids.
+fn fnv(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The id of `parent`'s child sent with `key`: `PARENT/KEY`, or a hash of
+/// the parent when that would be too long.
+pub fn child_id(parent: &str, key: &str) -> String {
+    let plain = format!("{parent}/{key}");
+    if plain.len() <= MAX_TASK_ID_BYTES {
+        return plain;
+    }
+    format!("d-{:016x}/{key}", fnv(parent))
+}
+
+/// What a send asks for.
+#[derive(Debug, Clone)]
+pub struct Send {
+    /// The parent task.
+    pub parent: String,
+    /// Its priority (the child's, unless the send gives one).
+    pub parent_priority: Priority,
+    /// The sending agent.
+    pub from: String,
+    /// The target agent.
+    pub to: String,
+    /// The key.
+    pub key: String,
+    /// The child's payload.
+    pub payload: Value,
+    /// The child's priority, if given.
+    pub priority: Option<Priority>,
+    /// Whether the sender waits.
+    pub wait: bool,
+    /// How long it waits.
+    pub timeout: Option<Duration>,
+}
+
+/// A send that was carried out.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    /// The child task.
+    pub child: String,
+    /// Whether it existed already (the parent was retried).
+    pub existed: bool,
+}
+
+/// Checks and carries out `send`: submits the child (once, whatever the
+/// retries) and records the links. `agents` are the fleet's agents.
+///
+/// # Errors
+/// Why the send is refused, for the `reply`.
+pub async fn send(
+    store: &Store,
+    limits: &crate::config::DelegationConfig,
+    agents: &[String],
+    send: &Send,
+    now: UnixMillis,
+) -> Result<Sent, String> {
+    let key_ok = !send.key.is_empty()
+        && send.key.len() <= MAX_KEY
+        && send
+            .key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if !key_ok {
+        return Err(format!(
+            "key {:?} is not valid: use 1 to {MAX_KEY} letters, digits, '-', '_' or '.'",
+            crate::protocol::excerpt(&send.key)
+        ));
+    }
+    if !agents.contains(&send.to) {
+        return Err(format!(
+            "unknown agent {:?}; the fleet's agents: {}",
+            send.to,
+            agents.join(", ")
+        ));
+    }
+    if send.wait {
+        let Some(timeout) = send.timeout else {
+            return Err("a send that waits needs timeout_ms".into());
+        };
+        if timeout.is_zero() || timeout > limits.max_wait.get() {
+            return Err(format!(
+                "timeout_ms {} is out of range; valid: 1 to {} (delegation.max_wait)",
+                timeout.as_millis(),
+                limits.max_wait.as_millis()
+            ));
+        }
+    }
+    let store_error = |error: crate::queue::QueueError| format!("the store failed: {error}");
+    let parent_link = load_link(store, &send.parent).await.map_err(store_error)?;
+    let depth = parent_link.as_ref().map_or(0, |link| link.depth) + 1;
+    if depth > limits.max_depth {
+        return Err(format!(
+            "task {} is {} levels deep: its children would pass delegation.max_depth = {}",
+            send.parent,
+            depth - 1,
+            limits.max_depth
+        ));
+    }
+    let mut waiting = parent_link
+        .as_ref()
+        .filter(|link| link.wait)
+        .map(|link| link.waiting.clone())
+        .unwrap_or_default();
+    if send.wait {
+        if send.to == send.from || waiting.contains(&send.to) {
+            let mut chain = vec![send.from.clone()];
+            chain.extend(waiting.iter().cloned());
+            return Err(format!(
+                "cycle: {} would wait on {}, which is already waiting further up (waiting: {}); send without wait, or to another agent",
+                send.from,
+                send.to,
+                chain.join(" ← ")
+            ));
+        }
+        waiting.insert(0, send.from.clone());
+    }
+    let child = child_id(&send.parent, &send.key);
+    let mut children = load_children(store, &send.parent)
+        .await
+        .map_err(store_error)?;
+    let known = children.contains(&child);
+    if !known && children.len() >= limits.max_fan_out as usize {
+        return Err(format!(
+            "task {} already sent {} children (delegation.max_fan_out = {})",
+            send.parent,
+            children.len(),
+            limits.max_fan_out
+        ));
+    }
+    // The links first: a child that exists always has its link.
+    let link = Link {
+        parent: send.parent.clone(),
+        from: send.from.clone(),
+        key: send.key.clone(),
+        depth,
+        wait: send.wait,
+        waiting,
+        sent_ms: now,
+    };
+    if !known {
+        store
+            .put_control(
+                &link_key(&child),
+                &serde_json::to_value(&link).expect("serializes"),
+            )
+            .await
+            .map_err(store_error)?;
+        children.push(child.clone());
+        store
+            .put_control(
+                &children_key(&send.parent),
+                &serde_json::to_value(&children).expect("serializes"),
+            )
+            .await
+            .map_err(store_error)?;
+    }
+    let receipts = store
+        .queue()
+        .submit(vec![NewTask {
+            id: child.clone(),
+            agent: send.to.clone(),
+            priority: send.priority.unwrap_or(send.parent_priority),
+            payload: send.payload.clone(),
+        }])
+        .await
+        .map_err(|error| format!("the child task was refused: {error}"))?;
+    Ok(Sent {
+        child,
+        existed: receipts.first().is_some_and(|receipt| receipt.duplicate),
+    })
+}
+
+async fn load_link(store: &Store, task: &str) -> Result<Option<Link>, crate::queue::QueueError> {
+    Ok(store
+        .get_control(&link_key(task))
+        .await?
+        .and_then(|value| serde_json::from_value(value).ok()))
+}
+
+async fn load_children(store: &Store, task: &str) -> Result<Vec<String>, crate::queue::QueueError> {
+    Ok(store
+        .get_control(&children_key(task))
+        .await?
+        .and_then(|value| serde_json::from_value(value).ok())
+        .unwrap_or_default())
+}
+
+/// `task`'s place in its tree.
+///
+/// # Errors
+/// When the store cannot be read.
+pub async fn tree(store: &Store, task: &str) -> Result<Tree, crate::queue::QueueError> {
+    let parent = load_link(store, task).await?;
+    let mut children = Vec::new();
+    for id in load_children(store, task).await? {
+        let record = store.queue().get(&id).await?;
+        let wait = load_link(store, &id).await?.is_some_and(|link| link.wait);
+        children.push(Child {
+            agent: record.as_ref().map(|r| r.agent.clone()).unwrap_or_default(),
+            state: record.map(|r| r.state),
+            id,
+            wait,
+        });
+    }
+    Ok(Tree { parent, children })
+}
+
+/// Cancels the unfinished children `task` waited for (fire-and-forget
+/// ones go on), and theirs in turn; returns how many were cancelled. A
+/// running child's attempt ends `cancelled`; its replica learns it at its
+/// next lease extension and is told to abandon the task.
+pub async fn cancel_children(store: &Store, task: &str, reason: &str) -> u64 {
+    let mut cancelled = 0;
+    let mut parents = vec![task.to_string()];
+    // Bounded: max_depth levels of max_fan_out children.
+    while let Some(parent) = parents.pop() {
+        let Ok(children) = load_children(store, &parent).await else {
+            continue;
+        };
+        for child in children {
+            let waited = matches!(load_link(store, &child).await, Ok(Some(link)) if link.wait);
+            if !waited {
+                continue;
+            }
+            match store.queue().cancel(&child, reason).await {
+                Ok(true) => {
+                    cancelled += 1;
+                    parents.push(child);
+                }
+                Ok(false) | Err(crate::queue::QueueError::NotFound { .. }) => {}
+                Err(error) => {
+                    tracing::warn!(%child, %error, "could not cancel a child task");
+                }
+            }
+        }
+    }
+    cancelled
+}
+
+/// What a waiter tells the parent's replica.
+#[derive(Debug)]
+pub enum News {
+    /// The child ended (or the wait timed out) this long after the send:
+    /// write this reply.
+    Reply(ToAgent, Duration),
+    /// The child is still on its way: the parent is alive too.
+    Alive(String),
+}
+
+/// Follows `child` for the parent `parent` until it ends or `timeout`
+/// passes; tells the replica through `news` (and stops when the replica
+/// is gone). `alive_every` is how often the parent's lease is renewed.
+pub async fn wait(
+    store: Store,
+    parent: String,
+    key: String,
+    child: String,
+    timeout: Duration,
+    alive_every: Duration,
+    news: mpsc::Sender<News>,
+) {
+    let started = tokio::time::Instant::now();
+    let deadline = started + timeout;
+    let mut alive_at = tokio::time::Instant::now() + alive_every;
+    loop {
+        if news.is_closed() {
+            return;
+        }
+        let reply = match store.queue().get(&child).await {
+            Ok(Some(task)) if task.state == TaskState::Completed => {
+                Some((ReplyStatus::Completed, task.result.clone(), None))
+            }
+            Ok(Some(task)) if task.state == TaskState::DeadLettered => Some((
+                ReplyStatus::Failed,
+                None,
+                Some(
+                    task.reason
+                        .clone()
+                        .unwrap_or_else(|| "dead-lettered".into()),
+                ),
+            )),
+            Ok(None) => Some((
+                ReplyStatus::Failed,
+                None,
+                Some("the child task is gone (purged)".into()),
+            )),
+            // Still on its way (or the store failed for a moment).
+            _ => None,
+        };
+        let reply = reply.or_else(|| {
+            (tokio::time::Instant::now() >= deadline).then(|| {
+                (
+                    ReplyStatus::Timeout,
+                    None,
+                    Some(format!(
+                        "no answer within timeout_ms = {}; the child task goes on",
+                        timeout.as_millis()
+                    )),
+                )
+            })
+        });
+        if let Some((status, result, error)) = reply {
+            let reply = ToAgent::Reply {
+                id: parent,
+                key,
+                task: Some(child),
+                status,
+                result,
+                error,
+            };
+            let _ = news.send(News::Reply(reply, started.elapsed())).await;
+            return;
+        }
+        if tokio::time::Instant::now() >= alive_at {
+            alive_at = tokio::time::Instant::now() + alive_every;
+            if news.send(News::Alive(parent.clone())).await.is_err() {
+                return;
+            }
+        }
+        tokio::time::sleep(
+            POLL.min(
+                deadline
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .max(Duration::from_millis(1)),
+            ),
+        )
+        .await;
+    }
+}
+
+/// The reply to a refused send.
+pub fn refused(parent: &str, key: &str, why: String) -> ToAgent {
+    ToAgent::Reply {
+        id: parent.to_string(),
+        key: key.to_string(),
+        task: None,
+        status: ReplyStatus::Refused,
+        result: None,
+        error: Some(why),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn child_ids_derive_from_the_parent_and_key() {
+        assert_eq!(child_id("feature-9", "backend"), "feature-9/backend");
+        let long = "p".repeat(120);
+        let id = child_id(&long, "review");
+        assert!(id.len() <= MAX_TASK_ID_BYTES, "{id}");
+        assert_eq!(id, child_id(&long, "review"), "stable");
+        assert_ne!(id, child_id(&format!("{long}x"), "review"));
+        crate::queue::validate_task_id(&id).unwrap();
+        // Known value: the hash must never change between versions.
+        assert_eq!(fnv("a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}

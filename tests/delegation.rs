@@ -1,0 +1,350 @@
+//! Agent-to-agent messages with real processes, on both backends: a
+//! manager fans out to two specialists, waits and combines their answers;
+//! its replica is killed while waiting, the task is retried on another
+//! replica, and each specialist child ran exactly once. A child whose
+//! agent's breaker is open follows its fallback; a send that would wait
+//! on itself is refused.
+
+mod support;
+
+use std::time::Duration;
+
+use flotilla::queue::{AttemptOutcome, NewTask, Priority, TaskState};
+use serde_json::{Value, json};
+use support::nats::NatsServer;
+use support::*;
+
+/// Sends one waiting message per agent in `payload.to`, then answers with
+/// every reply.
+const MANAGER: &str = r#"
+import json, sys
+def out(m):
+    print(json.dumps(m), flush=True)
+out({"type": "ready", "protocol": 1})
+pending = {}
+for line in sys.stdin:
+    m = json.loads(line)
+    kind = m.get("type")
+    if kind == "shutdown":
+        break
+    if kind == "task":
+        p = m["payload"]
+        for to in p.get("forget", []):
+            out({"type": "send", "id": m["id"], "to": to, "key": to, "payload": {"asked_by": m["id"]}})
+        targets = p["to"]
+        for to in targets:
+            out({"type": "send", "id": m["id"], "to": to, "key": to,
+                 "payload": {"asked_by": m["id"]}, "wait": True, "timeout_ms": 30000})
+        if p.get("give_up"):
+            out({"type": "error", "id": m["id"], "message": "gave up", "retryable": False})
+        else:
+            pending[m["id"]] = {"want": len(targets), "got": {}}
+    elif kind == "reply" and m["id"] in pending:
+        p = pending[m["id"]]
+        p["got"][m["key"]] = {k: m.get(k) for k in ("status", "result", "error", "task")}
+        if len(p["got"]) == p["want"]:
+            out({"type": "result", "id": m["id"], "output": {"answers": p["got"]}})
+            del pending[m["id"]]
+"#;
+
+fn fleet(broker: Option<&NatsServer>) -> Fleet {
+    let broker = broker.map_or_else(String::new, |server| {
+        format!("[broker]\nurl = \"{}\"\nack_wait = \"5s\"\n\n", server.url)
+    });
+    let fleet = Fleet::new(&format!(
+        r#"{broker}
+[agents.manager]
+command = ["python3", "manager.py"]
+replicas = {{ min = 2 }}
+retry = {{ backoff = ["10ms"] }}
+breaker = {{ enabled = false }}
+
+[agents.backend]
+command = {slow}
+
+[agents.frontend]
+command = {slow}
+
+[agents.design]
+command = ["sh", "-c", "echo design is down >&2; exit 3"]
+mode = "oneshot"
+breaker = {{ failure_threshold = 1, recovery_timeout = "1h" }}
+fallback = ["generalist"]
+
+[agents.generalist]
+command = {quick}
+"#,
+        slow = example_agent(&["--work-ms", "1500"]),
+        quick = example_agent(&["--work-ms", "1"]),
+    ));
+    std::fs::write(fleet.path("manager.py"), MANAGER).unwrap();
+    fleet
+}
+
+fn task(id: &str, agent: &str, payload: Value) -> NewTask {
+    NewTask {
+        id: id.into(),
+        agent: agent.into(),
+        priority: Priority::Normal,
+        payload,
+    }
+}
+
+async fn scenario(fleet: &Fleet) {
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let store = daemon.store().clone();
+
+    // Fan out, then kill the manager's replica while it waits.
+    queue
+        .submit(vec![task(
+            "feature-1",
+            "manager",
+            json!({"to": ["backend", "frontend"]}),
+        )])
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(20), "two children", || async {
+        flotilla::delegate::tree(&store, "feature-1")
+            .await
+            .unwrap()
+            .children
+            .len()
+            == 2
+    })
+    .await;
+    let manager = daemon
+        .agents()
+        .iter()
+        .find(|agent| agent.name == "manager")
+        .unwrap();
+    let pid = manager
+        .status()
+        .replicas
+        .iter()
+        .find(|replica| replica.tasks.contains(&"feature-1".to_string()))
+        .and_then(|replica| replica.pid)
+        .expect("a replica holds feature-1");
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(30), "feature-1 to complete", || async {
+        queue.get("feature-1").await.unwrap().unwrap().state == TaskState::Completed
+    })
+    .await;
+    let parent = queue.get("feature-1").await.unwrap().unwrap();
+    assert_eq!(
+        parent.history[0].outcome,
+        Some(AttemptOutcome::Crashed),
+        "{parent:?}"
+    );
+    let answers = &parent.result.clone().unwrap()["answers"];
+    for specialist in ["backend", "frontend"] {
+        assert_eq!(answers[specialist]["status"], "completed", "{answers}");
+        let child = format!("feature-1/{specialist}");
+        assert_eq!(answers[specialist]["task"], child.as_str());
+        let record = queue.get(&child).await.unwrap().unwrap();
+        assert_eq!(record.state, TaskState::Completed);
+        assert_eq!(record.history.len(), 1, "{child} ran once: {record:?}");
+        assert_eq!(record.payload, json!({"asked_by": "feature-1"}));
+    }
+    let tree = flotilla::delegate::tree(&store, "feature-1/backend")
+        .await
+        .unwrap();
+    let link = tree.parent.expect("the child knows its parent");
+    assert_eq!(
+        (link.parent.as_str(), link.from.as_str(), link.depth),
+        ("feature-1", "manager", 1)
+    );
+
+    // A child whose agent's breaker is open goes to its fallback; a send
+    // that would wait on its own agent is refused.
+    queue
+        .submit(vec![task("trip", "design", json!({}))])
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "design's breaker to open",
+        || async {
+            daemon
+                .agents()
+                .iter()
+                .find(|agent| agent.name == "design")
+                .unwrap()
+                .status()
+                .breaker
+                .state
+                == Some(flotilla::breaker::BreakerState::Open)
+        },
+    )
+    .await;
+    queue
+        .submit(vec![task(
+            "feature-2",
+            "manager",
+            json!({"to": ["design", "manager"]}),
+        )])
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(30), "feature-2 to complete", || async {
+        queue.get("feature-2").await.unwrap().unwrap().state == TaskState::Completed
+    })
+    .await;
+    let answers = queue
+        .get("feature-2")
+        .await
+        .unwrap()
+        .unwrap()
+        .result
+        .unwrap()["answers"]
+        .clone();
+    assert_eq!(answers["design"]["status"], "completed", "{answers}");
+    let design = queue.get("feature-2/design").await.unwrap().unwrap();
+    assert_eq!(design.agent, "generalist", "followed design's fallback");
+    assert_eq!(answers["manager"]["status"], "refused", "{answers}");
+    assert!(
+        answers["manager"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("cycle"),
+        "{answers}"
+    );
+    // A parent dead-lettered cancels the child it waited for; the one it
+    // sent without waiting goes on.
+    queue
+        .submit(vec![task(
+            "feature-3",
+            "manager",
+            json!({"to": ["frontend"], "forget": ["backend"], "give_up": true}),
+        )])
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "the waited-for child to be cancelled",
+        || async {
+            queue
+                .get("feature-3/frontend")
+                .await
+                .unwrap()
+                .is_some_and(|child| child.state == TaskState::DeadLettered)
+        },
+    )
+    .await;
+    let cancelled = queue.get("feature-3/frontend").await.unwrap().unwrap();
+    assert!(
+        cancelled
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("its parent feature-3 was dead-lettered"),
+        "{cancelled:?}"
+    );
+    assert_eq!(
+        queue.get("feature-3").await.unwrap().unwrap().state,
+        TaskState::DeadLettered
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "the fire-and-forget child",
+        || async {
+            queue
+                .get("feature-3/backend")
+                .await
+                .unwrap()
+                .is_some_and(|child| child.state == TaskState::Completed)
+        },
+    )
+    .await;
+
+    // The traffic is counted once per child, however often it was sent
+    // (feature-1's children were sent twice: before and after the crash).
+    let metrics = reqwest::get(format!("http://{}/metrics", daemon.http_address().unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "agent_messages_sent_total{agent=\"manager\",destination=\"backend\",type=\"default\"} 2\n",
+        "agent_messages_received_total{agent=\"frontend\",source=\"manager\",type=\"default\"} 2\n",
+        "agent_messages_sent_total{agent=\"manager\",destination=\"design\",type=\"default\"} 1\n",
+    ] {
+        assert!(metrics.contains(series), "{series} missing:\n{metrics}");
+    }
+    assert!(
+        metrics.contains("agent_message_latency_seconds_count{agent=\"manager\"}"),
+        "{metrics}"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manager_fans_out_survives_a_crash_and_each_child_runs_once() {
+    let fleet = fleet(None);
+    scenario(&fleet).await;
+    // The tree and the messages are visible.
+    let shown = fleet.cli(&["tasks", "show", "feature-1"]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains("children:")
+            && text.contains("feature-1/backend")
+            && text.contains("waited for"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delegation_works_the_same_on_jetstream() {
+    let Some(server) = NatsServer::start("delegation_works_the_same_on_jetstream") else {
+        return;
+    };
+    scenario(&fleet(Some(&server))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_manager_combines_its_specialists_answers() {
+    let manager = repo_root().join("examples/agents/manager.py");
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.manager]
+command = ["python3", {manager:?}]
+
+[agents.backend]
+command = {quick}
+
+[agents.frontend]
+command = {quick}
+"#,
+        manager = manager.display().to_string(),
+        quick = example_agent(&["--work-ms", "1"]),
+    ));
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    queue
+        .submit(vec![
+            task(
+                "site",
+                "manager",
+                json!({"ask": {"backend": {"n": 1}, "frontend": {"n": 2}}}),
+            ),
+            task("bad", "manager", json!({})),
+        ])
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(20), "both tasks to end", || async {
+        finished(queue.as_ref()).await >= 4
+    })
+    .await;
+    let site = queue.get("site").await.unwrap().unwrap();
+    assert_eq!(site.state, TaskState::Completed, "{site:?}");
+    let answers = &site.result.unwrap()["answers"];
+    assert_eq!(answers["backend"]["status"], "completed", "{answers}");
+    assert_eq!(answers["frontend"]["status"], "completed", "{answers}");
+    let bad = queue.get("bad").await.unwrap().unwrap();
+    assert_eq!(bad.state, TaskState::DeadLettered);
+    daemon.stop().await;
+}
