@@ -9,6 +9,7 @@
 //! | `POST /api/v1/tasks` | submit one task or a batch |
 //! | `POST /api/v1/tasks/{id}/rollback` | undo the changes its result declared |
 //! | `GET /api/v1/tasks/{id}/tree` | its parent and children (delegation) |
+//! | `POST /api/v1/tasks/{id}/cancel` | cancel a queued or running task `{"reason": "..."}` |
 //! | `GET /api/v1/dlq?agent=&limit=` | dead letters |
 //! | `POST /api/v1/dlq/replay`, `POST /api/v1/dlq/purge` | `{"ids": [...]}` or `{"all": true}` |
 //! | `GET /api/v1/escalations?agent=&limit=`, `GET /api/v1/escalations/{id}` | escalated tasks |
@@ -147,6 +148,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/tasks/{id}", get(task))
         .route("/api/v1/tasks/{id}/rollback", post(rollback))
         .route("/api/v1/tasks/{id}/tree", get(tree))
+        .route("/api/v1/tasks/{id}/cancel", post(cancel_task))
         .route("/api/v1/dlq", get(dead_letters))
         .route("/api/v1/dlq/replay", post(replay))
         .route("/api/v1/dlq/purge", post(purge))
@@ -527,6 +529,72 @@ async fn resolve(
     api.store.queue().resolve(&id, &resolution).await?;
     tracing::info!(task = %id, "escalation resolved through the API");
     Ok(Json(find(&api, &id).await?))
+}
+
+/// What a cancel did.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Cancelled {
+    /// The task.
+    pub id: String,
+    /// Children it waited for, cancelled with it.
+    pub children: u64,
+}
+
+/// Cancels task `id` (queued or running) and the children it waits for.
+///
+/// # Errors
+/// [`QueueError::WrongState`] when the task already ended or waits for
+/// a human; [`QueueError::NotFound`].
+pub async fn cancel(store: &Store, id: &str, reason: &str) -> Result<Cancelled, QueueError> {
+    if reason.is_empty() || reason.len() > 1000 {
+        return Err(QueueError::Invalid(
+            "the reason must be 1 to 1000 characters".into(),
+        ));
+    }
+    if !store.queue().cancel(id, reason).await? {
+        let state = store
+            .queue()
+            .get(id)
+            .await?
+            .map_or(TaskState::DeadLettered, |task| task.state);
+        return Err(QueueError::WrongState {
+            id: id.to_string(),
+            state,
+            expected: TaskState::Queued,
+        });
+    }
+    let children = crate::delegate::cancel_children(
+        store,
+        id,
+        &format!("cancelled: its parent {id} was cancelled ({reason})"),
+    )
+    .await;
+    tracing::warn!(task = %id, %reason, children, "task cancelled");
+    Ok(Cancelled {
+        id: id.to_string(),
+        children,
+    })
+}
+
+/// `POST /api/v1/tasks/{id}/cancel`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelBody {
+    /// Why (default "cancelled by an operator").
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+async fn cancel_task(
+    State(api): State<Arc<Api>>,
+    Path(id): Path<String>,
+    body: Result<Json<CancelBody>, JsonRejection>,
+) -> Answer<Cancelled> {
+    let Json(body) = body?;
+    let reason = body
+        .reason
+        .unwrap_or_else(|| "cancelled by an operator".into());
+    Ok(Json(cancel(&api.store, &id, &reason).await?))
 }
 
 async fn tree(

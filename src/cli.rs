@@ -183,6 +183,15 @@ pub enum TasksCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Cancel a queued or running task (it becomes a dead letter), and the
+    /// children it waits for.
+    Cancel {
+        /// Task id.
+        id: String,
+        /// Why, kept as the dead letter's reason.
+        #[arg(long, default_value = "cancelled by an operator")]
+        reason: String,
+    },
 }
 
 /// `dlq`.
@@ -558,6 +567,18 @@ impl Target {
         }
     }
 
+    async fn cancel(&self, id: &str, reason: &str) -> Result<crate::api::Cancelled, Failure> {
+        match self {
+            Self::Local(config) => {
+                let store = open_store(config).await?;
+                crate::api::cancel(&store, id, reason)
+                    .await
+                    .map_err(Failure::from)
+            }
+            Self::Remote(client) => Ok(client.cancel(id, reason).await?),
+        }
+    }
+
     async fn tree(&self, id: &str) -> Result<crate::delegate::Tree, Failure> {
         match self {
             Self::Local(config) => {
@@ -701,6 +722,18 @@ async fn run_target(command: Command, target: &Target) -> Result<ExitCode, Failu
             Ok(ExitCode::SUCCESS)
         }
         Command::Tasks(TasksCommand::Show { id, json }) => show(target, &id, json, None).await,
+        Command::Tasks(TasksCommand::Cancel { id, reason }) => {
+            let cancelled = target.cancel(&id, &reason).await?;
+            eprintln!(
+                "task {id}: cancelled{}",
+                if cancelled.children > 0 {
+                    format!(", with {} child task(s) it waited for", cancelled.children)
+                } else {
+                    String::new()
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Dlq(DlqCommand::List { limit, json }) => {
             let filter = ListFilter {
                 state: Some(TaskState::DeadLettered),

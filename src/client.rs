@@ -192,6 +192,24 @@ impl ApiClient {
         Ok(count.count)
     }
 
+    /// Cancels task `id`.
+    pub async fn cancel(
+        &self,
+        id: &str,
+        reason: &str,
+    ) -> Result<crate::api::Cancelled, ClientError> {
+        let body = crate::api::CancelBody {
+            reason: Some(reason.to_string()),
+        };
+        self.call(
+            Method::POST,
+            &format!("/api/v1/tasks/{}/cancel", encode(id)),
+            &[],
+            Some(&body),
+        )
+        .await
+    }
+
     /// Task `id`'s parent and children.
     pub async fn tree(&self, id: &str) -> Result<crate::delegate::Tree, ClientError> {
         self.get(&format!("/api/v1/tasks/{}/tree", encode(id)), &[])

@@ -260,6 +260,32 @@ async fn scenario(fleet: &Fleet) {
     )
     .await;
 
+    // Cancelling a waiting parent cancels its child too.
+    queue
+        .submit(vec![task(
+            "feature-4",
+            "manager",
+            json!({"to": ["frontend"]}),
+        )])
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(20), "feature-4's child", || async {
+        queue.get("feature-4/frontend").await.unwrap().is_some()
+    })
+    .await;
+    let cancelled = flotilla::api::cancel(&store, "feature-4", "not needed any more")
+        .await
+        .unwrap();
+    assert_eq!(cancelled.children, 1);
+    for id in ["feature-4", "feature-4/frontend"] {
+        let record = queue.get(id).await.unwrap().unwrap();
+        assert_eq!(record.state, TaskState::DeadLettered, "{record:?}");
+    }
+    assert!(matches!(
+        flotilla::api::cancel(&store, "feature-4", "again").await,
+        Err(flotilla::queue::QueueError::WrongState { .. })
+    ));
+
     // The traffic is counted once per child, however often it was sent
     // (feature-1's children were sent twice: before and after the crash).
     let metrics = reqwest::get(format!("http://{}/metrics", daemon.http_address().unwrap()))
@@ -270,7 +296,7 @@ async fn scenario(fleet: &Fleet) {
         .unwrap();
     for series in [
         "agent_messages_sent_total{agent=\"manager\",destination=\"backend\",type=\"default\"} 2\n",
-        "agent_messages_received_total{agent=\"frontend\",source=\"manager\",type=\"default\"} 2\n",
+        "agent_messages_received_total{agent=\"frontend\",source=\"manager\",type=\"default\"} 3\n",
         "agent_messages_sent_total{agent=\"manager\",destination=\"design\",type=\"default\"} 1\n",
     ] {
         assert!(metrics.contains(series), "{series} missing:\n{metrics}");
@@ -287,6 +313,12 @@ async fn a_manager_fans_out_survives_a_crash_and_each_child_runs_once() {
     let fleet = fleet(None);
     scenario(&fleet).await;
     // The tree and the messages are visible.
+    let refused = fleet.cli(&["tasks", "cancel", "feature-1"]);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("is completed"),
+        "{refused:?}"
+    );
     let shown = fleet.cli(&["tasks", "show", "feature-1"]);
     let text = String::from_utf8_lossy(&shown.stdout);
     assert!(

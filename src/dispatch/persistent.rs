@@ -210,7 +210,7 @@ impl Replica<'_> {
                 tracked.last_progress = Instant::now();
                 tracked.renew_at = Instant::now();
                 if let Err(error) = self.agent.progress(tracked, None).await {
-                    self.lost_lease(&parent, &error);
+                    self.lost_lease(&parent, &error).await;
                 }
             }
         }
@@ -475,7 +475,7 @@ impl Replica<'_> {
                     replica.task_progress_ms = silent_since;
                 });
                 if let Err(error) = progressed {
-                    self.lost_lease(&id, &error);
+                    self.lost_lease(&id, &error).await;
                 }
             }
             FromAgent::Result {
@@ -567,13 +567,16 @@ impl Replica<'_> {
     }
 
     /// The queue says this replica no longer holds task `id`.
-    fn lost_lease(&mut self, id: &str, error: &QueueError) {
+    async fn lost_lease(&mut self, id: &str, error: &QueueError) {
         if let Some(mut tracked) = self.in_flight.remove(id) {
             tracing::warn!(agent = %self.agent.name, task = %tracked.lease.key, %error, "lease lost; abandoning the task");
             self.agent
                 .finish_call(&tracked.lease.key, AttemptOutcome::Released);
             tracked.lease.settle();
             self.publish_tasks();
+            // The task is no longer this replica's (cancelled, or taken
+            // over): the agent may stop working on it.
+            let _ = self.send(&ToAgent::Cancel { id: id.to_string() }).await;
         }
     }
 
