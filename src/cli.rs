@@ -123,6 +123,19 @@ pub enum Command {
     /// Check the config or print its JSON Schema.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Lint a config against the resilience checklist: a scorecard, each
+    /// failing item with how to fix it; exit 1 when a required item fails.
+    Check {
+        /// The config (default: -c/--config).
+        config: Option<PathBuf>,
+        /// The alert rules file (default: deploy/prometheus/alerts.yml or
+        /// alerts.yml beside the config).
+        #[arg(long)]
+        alerts: Option<PathBuf>,
+        /// Print the scorecard as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The agent protocol.
     #[command(subcommand)]
     Protocol(ProtocolCommand),
@@ -428,6 +441,24 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(options) => crate::demo::run(&options).await.map_err(Failure::from),
+        Command::Check {
+            config,
+            alerts,
+            json,
+        } => {
+            let config = load_config(config.as_deref().unwrap_or(&cli.config))?;
+            let card = crate::lint::check(&config, alerts.as_deref());
+            if json {
+                print_json(&serde_json::to_value(&card).expect("scorecard serializes"));
+            } else {
+                print!("{}", crate::lint::render(&card));
+            }
+            Ok(if card.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
         Command::ExampleAgent(_) => unreachable!("handled before the runtime starts"),
         command if cli.api.is_some() => {
             let api = cli.api.as_deref().expect("checked");
@@ -689,6 +720,7 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
         Command::Config(ConfigCommand::Schema)
         | Command::Protocol(_)
         | Command::ExampleAgent(_)
+        | Command::Check { .. }
         | Command::Demo(_) => unreachable!("handled without a config"),
     }
 }
@@ -792,6 +824,7 @@ async fn run_target(command: Command, target: &Target) -> Result<ExitCode, Failu
         | Command::Config(_)
         | Command::Protocol(_)
         | Command::ExampleAgent(_)
+        | Command::Check { .. }
         | Command::Demo(_) => unreachable!("not a command on tasks"),
     }
 }

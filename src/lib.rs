@@ -23,6 +23,7 @@ pub mod dispatch;
 pub mod example_agent;
 pub mod health;
 pub mod lines;
+pub mod lint;
 pub mod metrics;
 pub mod notify;
 pub mod protocol;

@@ -247,3 +247,63 @@ fn the_documented_example_configs_load() {
         .unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
 }
+
+#[test]
+fn check_scores_a_config_against_the_resilience_checklist() {
+    let alerts = repo_root().join("deploy/prometheus/alerts.yml");
+    let alerts = alerts.to_str().unwrap();
+    // A config that follows the checklist passes every required item.
+    let fleet = Fleet::new(
+        r#"
+[degradation]
+reduced = { triggers = [{ when = "agents_unavailable", at_least = 1 }] }
+
+[agents.coder]
+command = ["true"]
+readiness = { checks = [{ workspace_writable = true }] }
+"#,
+    );
+    let config = fleet.config_path.to_str().unwrap();
+    let good = fleet.cli(&["check", config, "--alerts", alerts, "--json"]);
+    assert_eq!(good.status.code(), Some(0), "{good:?}");
+    let card: serde_json::Value = serde_json::from_slice(&good.stdout).unwrap();
+    assert_eq!(card["ok"], true, "{card}");
+    let status = |card: &serde_json::Value, id: &str| {
+        card["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|item| item["id"] == id)
+            .map(|item| item["status"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    assert_eq!(status(&card, "alert_rules"), "pass");
+    assert_eq!(status(&card, "readiness"), "pass");
+    // Breakers off, no watchdog, no levels, no alert rules: each named,
+    // with its fix, and exit 1.
+    let fleet = Fleet::new(
+        r#"
+[watchdog]
+enabled = false
+
+[agents.coder]
+command = ["true"]
+breaker = { enabled = false }
+timeouts = { progress_timeout = "2h", max_duration = "1h" }
+"#,
+    );
+    let bad = fleet.cli(&["check"]);
+    assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+    let text = stdout(&bad);
+    for expected in [
+        "FAIL  every agent has a circuit breaker\n      coder: breaker disabled\n      fix: ",
+        "FAIL  the fleet watchdog runs",
+        "FAIL  degradation levels are defined",
+        "FAIL  alert rules are present and valid",
+        "coder: progress_timeout = 2h is not below max_duration = 1h",
+        "WARN  agents check what they depend on before taking tasks (recommended)",
+        "score: ",
+    ] {
+        assert!(text.contains(expected), "{expected:?} missing from\n{text}");
+    }
+}

@@ -1,0 +1,378 @@
+//! `flotilla check`: the resilience checklist as a lint of a config. Each
+//! item passes, fails, or (for recommended items) warns, and says how to
+//! fix what it found. A failed required item makes the command exit 1.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::config::{Config, OnFailure};
+
+/// One item of the checklist.
+#[derive(Debug, Clone, Serialize)]
+pub struct Item {
+    /// A short stable name.
+    pub id: &'static str,
+    /// What is checked.
+    pub title: &'static str,
+    /// Whether a failure fails the check.
+    pub required: bool,
+    /// `pass`, `fail` or `warn`.
+    pub status: Status,
+    /// What was found.
+    pub detail: String,
+    /// How to fix it (empty when it passes).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub fix: String,
+}
+
+/// An item's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// It holds.
+    Pass,
+    /// A required item does not hold.
+    Fail,
+    /// A recommended item does not hold.
+    Warn,
+}
+
+/// The scorecard.
+#[derive(Debug, Clone, Serialize)]
+pub struct Scorecard {
+    /// Items that pass, of all.
+    pub passed: usize,
+    /// All items.
+    pub total: usize,
+    /// Whether every required item passes.
+    pub ok: bool,
+    /// The items.
+    pub items: Vec<Item>,
+}
+
+/// The alert names `deploy/prometheus/alerts.yml` defines; an alert rules
+/// file should have them all.
+pub const ALERTS: [&str; 8] = [
+    "AgentStuck",
+    "QueueDepthHigh",
+    "AgentErrorRateHigh",
+    "FleetDegraded",
+    "BreakerOpen",
+    "DeadLettersGrowing",
+    "BrokerDisconnected",
+    "AgentRestartLoop",
+];
+
+fn item(
+    id: &'static str,
+    title: &'static str,
+    required: bool,
+    problems: Vec<String>,
+    ok: String,
+    fix: &str,
+) -> Item {
+    let status = match (problems.is_empty(), required) {
+        (true, _) => Status::Pass,
+        (false, true) => Status::Fail,
+        (false, false) => Status::Warn,
+    };
+    Item {
+        id,
+        title,
+        required,
+        status,
+        detail: if problems.is_empty() {
+            ok
+        } else {
+            problems.join("; ")
+        },
+        fix: if problems.is_empty() {
+            String::new()
+        } else {
+            fix.to_string()
+        },
+    }
+}
+
+/// Lints `config`; `alerts` is the alert rules file to look at (default:
+/// `deploy/prometheus/alerts.yml`, then `alerts.yml`, beside the config).
+pub fn check(config: &Config, alerts: Option<&Path>) -> Scorecard {
+    let agents = &config.agents;
+    let mut items = Vec::new();
+    items.push(item(
+        "explicit_ack",
+        "tasks are acknowledged explicitly, after validation",
+        true,
+        Vec::new(),
+        "by design: a task is done only when its result is stored (and passed its gates)".into(),
+        "",
+    ));
+    let timeouts: Vec<String> = agents
+        .iter()
+        .filter(|(_, agent)| agent.timeouts.progress_timeout >= agent.timeouts.max_duration)
+        .map(|(name, agent)| {
+            format!(
+                "{name}: progress_timeout = {} is not below max_duration = {}, so the progress watchdog never fires first",
+                agent.timeouts.progress_timeout, agent.timeouts.max_duration
+            )
+        })
+        .collect();
+    items.push(item(
+        "timeouts",
+        "every agent has a progress timeout and a total time limit",
+        true,
+        timeouts,
+        format!(
+            "{} agent(s), each with progress_timeout below max_duration",
+            agents.len()
+        ),
+        "set [agents.NAME.timeouts] progress_timeout well below max_duration",
+    ));
+    let breakers: Vec<String> = agents
+        .iter()
+        .filter(|(_, agent)| !agent.breaker.enabled)
+        .map(|(name, _)| format!("{name}: breaker disabled"))
+        .collect();
+    items.push(item(
+        "breakers",
+        "every agent has a circuit breaker",
+        true,
+        breakers,
+        "every agent's breaker is enabled".into(),
+        "remove `breaker = { enabled = false }` (or set enabled = true) in [agents.NAME.breaker]",
+    ));
+    let max_deliver: Vec<String> = agents
+        .iter()
+        .map(|(name, agent)| format!("{name}: {}", agent.retry.max_deliver))
+        .collect();
+    items.push(item(
+        "dead_letters",
+        "retries are finite and exhausted tasks become dead letters",
+        true,
+        Vec::new(),
+        format!("retry.max_deliver: {}", max_deliver.join(", ")),
+        "",
+    ));
+    let without_readiness: Vec<String> = agents
+        .iter()
+        .filter(|(_, agent)| agent.readiness.checks.is_empty())
+        .map(|(name, _)| format!("{name}: no readiness checks"))
+        .collect();
+    items.push(item(
+        "readiness",
+        "agents check what they depend on before taking tasks",
+        false,
+        without_readiness,
+        "every agent has readiness checks".into(),
+        "add [agents.NAME.readiness] checks, e.g. { http = \"http://model:8080/health\" } for the model endpoint",
+    ));
+    items.push(item(
+        "watchdog",
+        "the fleet watchdog runs",
+        true,
+        if config.watchdog.enabled {
+            Vec::new()
+        } else {
+            vec!["[watchdog] enabled = false".into()]
+        },
+        format!(
+            "every {}; stuck after {}, error rate {:.0}%",
+            config.watchdog.interval,
+            config.watchdog.stuck_after,
+            config.watchdog.error_rate * 100.0
+        ),
+        "remove `enabled = false` from [watchdog]",
+    ));
+    let degradation = &config.degradation;
+    let levels = [
+        &degradation.reduced,
+        &degradation.essential,
+        &degradation.emergency,
+    ]
+    .iter()
+    .filter(|level| !level.triggers.is_empty())
+    .count();
+    items.push(item(
+        "degradation",
+        "degradation levels are defined",
+        true,
+        if levels == 0 {
+            vec!["no [degradation] level has triggers".into()]
+        } else {
+            Vec::new()
+        },
+        format!("{levels} of 3 levels have triggers"),
+        "add triggers under [degradation], e.g. reduced = { triggers = [{ when = \"agents_unavailable\", at_least = 1 }] } (docs/configuration.md)",
+    ));
+    let (alert_problems, alert_detail) = alert_rules(config, alerts);
+    items.push(item(
+        "alert_rules",
+        "alert rules are present and valid",
+        true,
+        alert_problems,
+        alert_detail,
+        "copy deploy/prometheus/alerts.yml from the flotilla repository beside the config (or pass --alerts PATH) and load it into Prometheus",
+    ));
+    items.push(item(
+        "chaos",
+        "at least one chaos experiment is defined",
+        false,
+        if experiments(config).is_empty() {
+            vec!["no experiment file (chaos/*.toml) beside the config".into()]
+        } else {
+            Vec::new()
+        },
+        format!("{} experiment(s)", experiments(config).len()),
+        "write an experiment (chaos/NAME.toml beside the config) and run it against a test fleet; deploy/chaos-mesh/ has Kubernetes ones",
+    ));
+    let rollback: Vec<String> = agents
+        .iter()
+        .filter(|(_, agent)| {
+            !agent.validation.checks.is_empty()
+                && !agent
+                    .validation
+                    .checks
+                    .iter()
+                    .any(|gate| gate.on_failure == OnFailure::AutoRollback)
+                && agent.watch.checks.is_empty()
+        })
+        .map(|(name, _)| format!("{name}: validates results but never rolls back"))
+        .collect();
+    items.push(item(
+        "rollback",
+        "agents whose results are validated can roll back",
+        false,
+        rollback,
+        "every agent with validation gates rolls back (auto_rollback or a watch)".into(),
+        "give a gate on_failure = \"auto_rollback\" or add [agents.NAME.watch], and have the agent declare `changes` with rollback commands in its results",
+    ));
+    let passed = items.iter().filter(|i| i.status == Status::Pass).count();
+    let ok = items
+        .iter()
+        .all(|i| !(i.required && i.status == Status::Fail));
+    Scorecard {
+        passed,
+        total: items.len(),
+        ok,
+        items,
+    }
+}
+
+/// Experiment files beside the config.
+fn experiments(config: &Config) -> Vec<PathBuf> {
+    let dir = config.base_dir.join("chaos");
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|entry| entry.path())
+                .filter(|path| path.extension().is_some_and(|e| e == "toml"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn alert_rules(config: &Config, given: Option<&Path>) -> (Vec<String>, String) {
+    let candidates: Vec<PathBuf> = match given {
+        Some(path) => vec![path.to_path_buf()],
+        None => vec![
+            config.base_dir.join("deploy/prometheus/alerts.yml"),
+            config.base_dir.join("alerts.yml"),
+        ],
+    };
+    let Some(path) = candidates.iter().find(|path| path.is_file()) else {
+        return (
+            vec![format!(
+                "no alert rules file ({})",
+                candidates
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )],
+            String::new(),
+        );
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) => return (vec![format!("{}: {error}", path.display())], String::new()),
+    };
+    let mut problems: Vec<String> = ALERTS
+        .iter()
+        .filter(|alert| !text.contains(&format!("alert: {alert}")))
+        .map(|alert| format!("{}: no alert {alert}", path.display()))
+        .collect();
+    if !text.contains("groups:") {
+        problems.push(format!(
+            "{}: not a rules file (no `groups:`)",
+            path.display()
+        ));
+    }
+    // promtool, when at hand, checks the rules for real.
+    if let Some(promtool) = promtool() {
+        match std::process::Command::new(&promtool)
+            .args(["check", "rules"])
+            .arg(path)
+            .output()
+        {
+            Ok(output) if output.status.success() => {}
+            Ok(output) => problems.push(format!(
+                "promtool check rules: {}",
+                String::from_utf8_lossy(&output.stdout)
+                    .lines()
+                    .chain(String::from_utf8_lossy(&output.stderr).lines())
+                    .filter(|line| line.contains("FAILED") || line.contains("error"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )),
+            Err(_) => {}
+        }
+    }
+    (
+        problems,
+        format!("{} has all {} alerts", path.display(), ALERTS.len()),
+    )
+}
+
+fn promtool() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("FLOTILLA_PROMTOOL") {
+        return Some(PathBuf::from(path));
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("promtool"))
+            .find(|path| path.is_file())
+    })
+}
+
+/// The scorecard for humans.
+pub fn render(card: &Scorecard) -> String {
+    let mut text = String::new();
+    for item in &card.items {
+        let mark = match item.status {
+            Status::Pass => "PASS",
+            Status::Fail => "FAIL",
+            Status::Warn => "WARN",
+        };
+        let kind = if item.required { "" } else { " (recommended)" };
+        text.push_str(&format!(
+            "{mark}  {}{kind}\n      {}\n",
+            item.title, item.detail
+        ));
+        if !item.fix.is_empty() {
+            text.push_str(&format!("      fix: {}\n", item.fix));
+        }
+    }
+    text.push_str(&format!(
+        "\nscore: {}/{} ({})\n",
+        card.passed,
+        card.total,
+        if card.ok {
+            "every required item passes"
+        } else {
+            "a required item fails"
+        }
+    ));
+    text
+}
