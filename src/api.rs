@@ -15,6 +15,7 @@
 //! | `GET /api/v1/escalations?agent=&limit=`, `GET /api/v1/escalations/{id}` | escalated tasks |
 //! | `POST /api/v1/escalations/{id}/resolve` | `{"retry": true}`, `{"complete": RESULT}` or `{"drop": true}` |
 //! | `PUT /api/v1/degrade`, `DELETE /api/v1/degrade` | force a level `{"level": 2, "for": "30m"}`, or clear it |
+//! | `POST /api/v1/chaos/kill`, `POST /api/v1/chaos/pause` | inject faults (with `[chaos] enabled = true` only) |
 //!
 //! **Authorization.** With a token configured (`http.token`,
 //! `http.token_file` or `FLOTILLA_HTTP_TOKEN`) every API call needs
@@ -67,6 +68,12 @@ pub struct Api {
     pub token: Option<String>,
     /// This daemon's status now.
     pub live: Box<dyn Fn() -> DaemonSnapshot + Send + Sync>,
+    /// This daemon's agents (chaos actions).
+    pub agents: Vec<Arc<crate::dispatch::AgentRuntime>>,
+    /// Where events go (chaos actions).
+    pub notifier: crate::notify::Notifier,
+    /// The metrics (chaos actions).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// An API error: a status and a message for `{"error": ...}`.
@@ -156,6 +163,8 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/escalations/{id}", get(escalation))
         .route("/api/v1/escalations/{id}/resolve", post(resolve))
         .route("/api/v1/degrade", put(force_level).delete(clear_level))
+        .route("/api/v1/chaos/kill", post(chaos_kill))
+        .route("/api/v1/chaos/pause", post(chaos_pause))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(api.clone(), authorize))
         .with_state(api)
@@ -626,6 +635,69 @@ async fn rollback(
     })?;
     tracing::warn!(task = %id, rolled_back = journal.is_rolled_back(), "task rolled back through the API");
     Ok(Json(journal))
+}
+
+/// The runtime of `name` on this daemon, when chaos is allowed.
+fn chaos_target(api: &Api, name: &str) -> Result<Arc<crate::dispatch::AgentRuntime>, ApiError> {
+    if !api.config.chaos.enabled {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "chaos actions are off on this daemon: set [chaos] enabled = true in its config (never on a fleet you cannot afford to hurt)",
+        ));
+    }
+    api.agents
+        .iter()
+        .find(|agent| agent.name == name)
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "agent {name:?} does not run on this daemon; its agents: {}",
+                api.agents
+                    .iter()
+                    .map(|agent| agent.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+}
+
+fn chaos_done(api: &Api, done: &crate::chaos::Done) {
+    tracing::warn!(action = %done.action, agent = %done.agent, detail = %done.detail, "chaos");
+    api.metrics.chaos_action(&done.agent, &done.action);
+    api.notifier.send(
+        crate::notify::Event::new(
+            crate::notify::EventKind::Chaos,
+            api.clock.now_ms(),
+            false,
+            format!(
+                "chaos {} on agent {}: {}",
+                done.action, done.agent, done.detail
+            ),
+        )
+        .agent(&done.agent),
+    );
+}
+
+async fn chaos_kill(
+    State(api): State<Arc<Api>>,
+    body: Result<Json<crate::chaos::KillRequest>, JsonRejection>,
+) -> Answer<crate::chaos::Done> {
+    let Json(request) = body?;
+    let agent = chaos_target(&api, &request.agent)?;
+    let done = crate::chaos::kill_replicas(&agent, &request).map_err(ApiError::bad_request)?;
+    chaos_done(&api, &done);
+    Ok(Json(done))
+}
+
+async fn chaos_pause(
+    State(api): State<Arc<Api>>,
+    body: Result<Json<crate::chaos::PauseRequest>, JsonRejection>,
+) -> Answer<crate::chaos::Done> {
+    let Json(request) = body?;
+    let agent = chaos_target(&api, &request.agent)?;
+    let done = crate::chaos::pause_replicas(&agent, &request).map_err(ApiError::bad_request)?;
+    chaos_done(&api, &done);
+    Ok(Json(done))
 }
 
 /// `PUT /api/v1/degrade`: force `level` (0-3 or its name) for `for`.

@@ -111,6 +111,10 @@ pub enum Command {
     /// Force the fleet's degradation level for a while, or clear it.
     #[command(subcommand)]
     Degrade(DegradeCommand),
+    /// Inject faults into a running daemon through its API (needs
+    /// `[chaos] enabled = true` there, and its token).
+    #[command(subcommand)]
+    Chaos(ChaosCommand),
     /// Undo the changes a task's result declared, in reverse order
     /// (changes already rolled back are skipped).
     Rollback {
@@ -272,6 +276,33 @@ pub enum EscalationsCommand {
         /// Give it up: it becomes a dead letter (replayable later).
         #[arg(long, group = "resolution")]
         drop: bool,
+    },
+}
+
+/// `chaos`.
+#[derive(Debug, Subcommand)]
+pub enum ChaosCommand {
+    /// Kill replicas of an agent (their whole process groups).
+    Kill {
+        /// The agent.
+        #[arg(long)]
+        agent: String,
+        /// How many of its running replicas: one, all, or percent:N.
+        #[arg(long, default_value = "one")]
+        mode: String,
+        /// KILL or TERM.
+        #[arg(long, default_value = "KILL")]
+        signal: String,
+    },
+    /// Pause every running replica of an agent (SIGSTOP), and resume them
+    /// (SIGCONT) after a while.
+    Pause {
+        /// The agent.
+        #[arg(long)]
+        agent: String,
+        /// How long, e.g. 30s (up to 1h).
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: String,
     },
 }
 
@@ -464,7 +495,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let api = cli.api.as_deref().expect("checked");
             if !command.works_remotely() {
                 return Err(Failure::usage(
-                    "--api works with status, submit, tasks, dlq, escalations, degrade and rollback; run other commands beside the config",
+                    "--api works with status, submit, tasks, dlq, escalations, degrade, rollback and chaos; run other commands beside the config",
                 ));
             }
             let token = match &cli.token_file {
@@ -509,6 +540,7 @@ impl Command {
                 | Self::Escalations(_)
                 | Self::Degrade(_)
                 | Self::Rollback { .. }
+                | Self::Chaos(_)
         )
     }
 }
@@ -620,6 +652,41 @@ impl Target {
         }
     }
 
+    /// A client of the daemon's API: the one given with --api, or the
+    /// running daemon of the local store (its advertised address, the
+    /// token from the config or FLOTILLA_HTTP_TOKEN).
+    async fn daemon_api(&self) -> Result<std::borrow::Cow<'_, ApiClient>, Failure> {
+        match self {
+            Self::Remote(client) => Ok(std::borrow::Cow::Borrowed(client)),
+            Self::Local(config) => {
+                let store = open_store(config).await?;
+                let now = clock::system().now_ms();
+                let fresh = u64::try_from(
+                    (config.daemon.status_interval.get() * 3 + Duration::from_secs(2)).as_millis(),
+                )
+                .unwrap_or(u64::MAX);
+                let address = store
+                    .snapshots()
+                    .await?
+                    .into_iter()
+                    .filter(|snapshot| crate::store::is_fresh(snapshot, now, fresh))
+                    .find_map(|snapshot| snapshot.http)
+                    .ok_or_else(|| {
+                        Failure::failed(
+                            "no running daemon with an HTTP server on this store; start one (flotilla up), or give --api URL",
+                        )
+                    })?;
+                let token = config
+                    .http
+                    .token(&config.base_dir)
+                    .map_err(Failure::usage)?;
+                let client =
+                    ApiClient::new(&format!("http://{address}"), token).map_err(Failure::usage)?;
+                Ok(std::borrow::Cow::Owned(client))
+            }
+        }
+    }
+
     async fn rollback(&self, id: &str) -> Result<crate::rollback::Journal, Failure> {
         match self {
             Self::Local(config) => {
@@ -716,7 +783,8 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
         | Command::Dlq(_)
         | Command::Escalations(_)
         | Command::Degrade(_)
-        | Command::Rollback { .. }) => run_target(command, &Target::Local(Box::new(config))).await,
+        | Command::Rollback { .. }
+        | Command::Chaos(_)) => run_target(command, &Target::Local(Box::new(config))).await,
         Command::Config(ConfigCommand::Schema)
         | Command::Protocol(_)
         | Command::ExampleAgent(_)
@@ -802,6 +870,31 @@ async fn run_target(command: Command, target: &Target) -> Result<ExitCode, Failu
         Command::Degrade(DegradeCommand::Clear) => {
             target.degrade(None).await?;
             eprintln!("forced degradation level cleared; the triggers decide again");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Chaos(command) => {
+            let client = target.daemon_api().await?;
+            let done = match command {
+                ChaosCommand::Kill {
+                    agent,
+                    mode,
+                    signal,
+                } => {
+                    client
+                        .chaos_kill(&crate::chaos::KillRequest {
+                            agent,
+                            mode,
+                            signal,
+                        })
+                        .await?
+                }
+                ChaosCommand::Pause { agent, duration } => {
+                    client
+                        .chaos_pause(&crate::chaos::PauseRequest { agent, duration })
+                        .await?
+                }
+            };
+            println!("{}", done.detail);
             Ok(ExitCode::SUCCESS)
         }
         Command::Rollback { id, json } => {

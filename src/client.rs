@@ -29,6 +29,7 @@ pub enum ClientError {
 }
 
 /// A daemon's API at one base URL.
+#[derive(Clone)]
 pub struct ApiClient {
     base: reqwest::Url,
     token: Option<String>,
@@ -190,6 +191,24 @@ impl ApiClient {
         };
         let count: crate::api::Count = self.call(Method::POST, path, &[], Some(selection)).await?;
         Ok(count.count)
+    }
+
+    /// Kills replicas (chaos).
+    pub async fn chaos_kill(
+        &self,
+        request: &crate::chaos::KillRequest,
+    ) -> Result<crate::chaos::Done, ClientError> {
+        self.call(Method::POST, "/api/v1/chaos/kill", &[], Some(request))
+            .await
+    }
+
+    /// Pauses replicas (chaos).
+    pub async fn chaos_pause(
+        &self,
+        request: &crate::chaos::PauseRequest,
+    ) -> Result<crate::chaos::Done, ClientError> {
+        self.call(Method::POST, "/api/v1/chaos/pause", &[], Some(request))
+            .await
     }
 
     /// Cancels task `id`.

@@ -204,6 +204,7 @@ impl Daemon {
         let notifier =
             crate::notify::Notifier::start(&config.notify, &identity.name, &config.base_dir);
         let watchdog_notifier = notifier.clone();
+        let chaos_notifier = notifier.clone();
         let wiring = Wiring {
             delegation: config.delegation.clone(),
             fleet_agents: Arc::new(fleet.agents.keys().cloned().collect()),
@@ -252,6 +253,9 @@ impl Daemon {
                 clock: clock.clone(),
                 token,
                 live: Box::new(live),
+                agents: agents.clone(),
+                notifier: chaos_notifier,
+                metrics: metrics.clone(),
             });
             tracing::info!(%address, "HTTP server listening: /health/live, /health/ready, /health/progress, /metrics, /api/v1");
             housekeeping.push(tokio::spawn(crate::health::serve(

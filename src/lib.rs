@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod breaker;
+pub mod chaos;
 pub mod cli;
 pub mod client;
 pub mod clock;

@@ -219,12 +219,12 @@ pub fn check(config: &Config, alerts: Option<&Path>) -> Scorecard {
         "at least one chaos experiment is defined",
         false,
         if experiments(config).is_empty() {
-            vec!["no experiment file (chaos/*.toml) beside the config".into()]
+            vec!["no experiment beside the config (chaos/*.toml, or deploy/chaos-mesh/*.yaml)".into()]
         } else {
             Vec::new()
         },
         format!("{} experiment(s)", experiments(config).len()),
-        "write an experiment (chaos/NAME.toml beside the config) and run it against a test fleet; deploy/chaos-mesh/ has Kubernetes ones",
+        "copy deploy/chaos-mesh/ from the flotilla repository (Kubernetes), and run `flotilla chaos kill|pause` against a test fleet with [chaos] enabled = true",
     ));
     let rollback: Vec<String> = agents
         .iter()
@@ -259,18 +259,23 @@ pub fn check(config: &Config, alerts: Option<&Path>) -> Scorecard {
     }
 }
 
-/// Experiment files beside the config.
+/// Experiment files beside the config: `chaos/*.toml`, or Chaos Mesh
+/// manifests in `deploy/chaos-mesh/`.
 fn experiments(config: &Config) -> Vec<PathBuf> {
-    let dir = config.base_dir.join("chaos");
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .map(|entry| entry.path())
-                .filter(|path| path.extension().is_some_and(|e| e == "toml"))
-                .collect()
+    [("chaos", "toml"), ("deploy/chaos-mesh", "yaml")]
+        .iter()
+        .flat_map(|(dir, extension)| {
+            std::fs::read_dir(config.base_dir.join(dir))
+                .map(|entries| {
+                    entries
+                        .filter_map(Result::ok)
+                        .map(|entry| entry.path())
+                        .filter(|path| path.extension().is_some_and(|e| e == *extension))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 fn alert_rules(config: &Config, given: Option<&Path>) -> (Vec<String>, String) {

@@ -149,6 +149,11 @@ pub mod names {
         "flotilla_watchdog_actions",
         "Actions of the fleet watchdog: scale_up, scale_down, restart, open_breaker",
     );
+    /// Chaos actions.
+    pub const CHAOS_ACTIONS: (&str, &str) = (
+        "flotilla_chaos_actions",
+        "Faults injected by operators (flotilla chaos): kill, pause",
+    );
     /// Malformed lines.
     pub const MALFORMED_LINES: (&str, &str) = (
         "flotilla_malformed_lines",
@@ -285,6 +290,7 @@ pub struct Metrics {
     escalations: Family<AgentLabel, Counter>,
     validation_failures: Family<AgentLabel, Counter>,
     watchdog_actions: Family<ActionLabels, Counter>,
+    chaos_actions: Family<ActionLabels, Counter>,
     /// Connected, disconnects, reconnects: registered only with a broker.
     broker: Option<(Gauge, Counter, Counter)>,
     types: Mutex<HashSet<String>>,
@@ -367,6 +373,7 @@ impl Metrics {
             malformed: register!(registry, families, MALFORMED_LINES, Family::default()),
             redeliveries: register!(registry, families, REDELIVERIES, Family::default()),
             watchdog_actions: register!(registry, families, WATCHDOG_ACTIONS, Family::default()),
+            chaos_actions: register!(registry, families, CHAOS_ACTIONS, Family::default()),
             escalations: register!(registry, families, ESCALATIONS, Family::default()),
             validation_failures: register!(
                 registry,
@@ -430,6 +437,16 @@ impl Metrics {
             .get_or_create(&TaskLabels {
                 agent: agent.into(),
                 r#type: kind.into(),
+            })
+            .inc();
+    }
+
+    /// An operator's chaos `action` hit `agent`.
+    pub fn chaos_action(&self, agent: &str, action: &str) {
+        self.chaos_actions
+            .get_or_create(&ActionLabels {
+                agent: agent.into(),
+                action: action.into(),
             })
             .inc();
     }

@@ -52,6 +52,8 @@ pub enum EventKind {
     /// A post-accept watch saw a breach; the task's changes were rolled
     /// back.
     WatchBreach,
+    /// An operator injected a fault (`flotilla chaos`).
+    Chaos,
 }
 
 impl EventKind {
@@ -68,6 +70,7 @@ impl EventKind {
             Self::Watchdog => "watchdog",
             Self::ErrorRate => "error_rate",
             Self::WatchBreach => "watch_breach",
+            Self::Chaos => "chaos",
         }
     }
 }

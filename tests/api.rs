@@ -379,3 +379,115 @@ async fn without_a_token_the_api_is_read_only() {
     assert!(daemon.queue().get("t").await.unwrap().is_none());
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_kills_and_pauses_replicas_through_the_api_when_enabled() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[chaos]
+enabled = true
+
+[agents.worker]
+command = {}
+replicas = {{ min = 2 }}
+"#,
+        example_agent(&["--work-ms", "1"]),
+    ));
+    std::fs::write(fleet.path("api-token"), TOKEN).unwrap();
+    let text = std::fs::read_to_string(&fleet.config_path).unwrap();
+    std::fs::write(
+        &fleet.config_path,
+        text.replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\ntoken_file = \"api-token\"",
+        ),
+    )
+    .unwrap();
+    let daemon = fleet.start().await;
+    let worker = daemon
+        .agents()
+        .iter()
+        .find(|agent| agent.name == "worker")
+        .unwrap()
+        .clone();
+    wait_until(Duration::from_secs(20), "two ready replicas", || async {
+        worker
+            .status()
+            .replicas
+            .iter()
+            .filter(|r| r.is_ready())
+            .count()
+            == 2
+    })
+    .await;
+    // The CLI finds the daemon through the store and reads the token
+    // from the config.
+    let killed = fleet.cli(&["chaos", "kill", "--agent", "worker", "--mode", "all"]);
+    assert!(killed.status.success(), "{killed:?}");
+    let said = String::from_utf8_lossy(&killed.stdout);
+    assert!(
+        said.contains("sent SIGKILL to worker/0") && said.contains("worker/1"),
+        "{said}"
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "both replicas restarted",
+        || async {
+            let status = worker.status();
+            status.restarts >= 2 && status.replicas.iter().filter(|r| r.is_ready()).count() == 2
+        },
+    )
+    .await;
+    // Paused replicas take no task until they resume.
+    let paused = fleet.cli(&["chaos", "pause", "--agent", "worker", "--for", "2s"]);
+    assert!(paused.status.success(), "{paused:?}");
+    let queue = daemon.queue().clone();
+    queue
+        .submit(numbered_tasks("worker", 1, "paused").0)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_ne!(
+        queue.get("paused-00000").await.unwrap().unwrap().state,
+        flotilla::queue::TaskState::Completed
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "the task after the pause",
+        || async {
+            queue.get("paused-00000").await.unwrap().unwrap().state
+                == flotilla::queue::TaskState::Completed
+        },
+    )
+    .await;
+    let bad = fleet.cli(&["chaos", "kill", "--agent", "worker", "--mode", "most"]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("valid: one, all, percent:N"));
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_is_refused_unless_enabled() {
+    let fleet = Fleet::new(&format!(
+        "[agents.worker]\ncommand = {}\n",
+        example_agent(&["--work-ms", "1"])
+    ));
+    std::fs::write(fleet.path("api-token"), TOKEN).unwrap();
+    let text = std::fs::read_to_string(&fleet.config_path).unwrap();
+    std::fs::write(
+        &fleet.config_path,
+        text.replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\ntoken_file = \"api-token\"",
+        ),
+    )
+    .unwrap();
+    let daemon = fleet.start().await;
+    let api = Client::new(daemon.http_address().unwrap());
+    let (status, body) = api
+        .post("/api/v1/chaos/kill", json!({"agent": "worker"}))
+        .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(error_of(&body).contains("[chaos] enabled = true"), "{body}");
+    daemon.stop().await;
+}

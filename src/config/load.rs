@@ -190,6 +190,11 @@ pub fn parse(text: &str, source_name: &str, base_dir: PathBuf) -> Result<Config,
                     config.delegation = delegation;
                 }
             }
+            "chaos" => {
+                if let Some(chaos) = collect(value, "chaos", &mut problems) {
+                    config.chaos = chaos;
+                }
+            }
             "agents" => match value {
                 toml::Value::Table(agents) => {
                     for (name, agent) in agents {
@@ -216,7 +221,7 @@ pub fn parse(text: &str, source_name: &str, base_dir: PathBuf) -> Result<Config,
             },
             _ => problems.push(Problem::new(
                 key.clone(),
-                format!("unknown section `{key}`; valid sections: store, broker, daemon, agents, degradation, notify, http, watchdog, delegation"),
+                format!("unknown section `{key}`; valid sections: store, broker, daemon, agents, degradation, notify, http, watchdog, delegation, chaos"),
             )),
         }
     }

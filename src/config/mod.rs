@@ -59,6 +59,9 @@ pub struct Config {
     /// Limits of agent-to-agent messages (`send`).
     #[serde(default)]
     pub delegation: DelegationConfig,
+    /// Chaos experiments against this fleet (off by default).
+    #[serde(default)]
+    pub chaos: ChaosConfig,
     /// Directory that relative paths are resolved against (the config file's
     /// directory). Not part of the file.
     #[serde(skip)]
@@ -193,6 +196,10 @@ pub struct BrokerConfig {
     pub request_timeout: HumanDuration,
     /// Longest pause between reconnect attempts (reconnects never stop).
     pub reconnect_max_delay: HumanDuration,
+    /// How often the connection is pinged: a connection whose pings go
+    /// unanswered twice is declared lost (a silent network partition is
+    /// noticed within about three intervals).
+    pub ping_interval: HumanDuration,
     /// User name (with `password`).
     pub user: Option<String>,
     /// Password; prefer the `FLOTILLA_BROKER_PASSWORD` environment variable.
@@ -225,6 +232,7 @@ impl Default for BrokerConfig {
             connect_timeout: HumanDuration::secs(5),
             request_timeout: HumanDuration::secs(5),
             reconnect_max_delay: HumanDuration::secs(5),
+            ping_interval: HumanDuration::secs(10),
             user: None,
             password: None,
             token: None,
@@ -366,6 +374,16 @@ pub struct AgentConfig {
     /// declared changes.
     #[serde(default)]
     pub watch: WatchConfig,
+}
+
+/// `[chaos]`: whether operators may inject faults into this daemon
+/// (`flotilla chaos`, through the API and its token).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChaosConfig {
+    /// Allow chaos actions (kill and pause replicas). Default false: a
+    /// production fleet refuses them.
+    pub enabled: bool,
 }
 
 /// `[delegation]`: limits of the child tasks agents send each other.
@@ -1303,6 +1321,7 @@ impl BrokerConfig {
             ("broker.connect_timeout", self.connect_timeout),
             ("broker.request_timeout", self.request_timeout),
             ("broker.reconnect_max_delay", self.reconnect_max_delay),
+            ("broker.ping_interval", self.ping_interval),
         ] {
             if value.get().is_zero() {
                 problem(

@@ -142,6 +142,7 @@ pub async fn connect(
         .name(format!("flotilla {name}"))
         .max_reconnects(None)
         .connection_timeout(config.connect_timeout.get())
+        .ping_interval(config.ping_interval.get())
         .request_timeout(Some(config.request_timeout.get()))
         .reconnect_delay_callback(move |attempts| {
             let base = Duration::from_millis(50)

@@ -1,0 +1,207 @@
+//! Chaos actions on a running daemon, through its API (`flotilla chaos`):
+//! kill replicas of an agent (one, all, or a percentage; SIGKILL or
+//! SIGTERM to their process groups) and pause them (SIGSTOP, then SIGCONT
+//! after a while). They are off unless `[chaos] enabled = true`, need the
+//! API token like every mutating call, and each is logged, counted
+//! (`flotilla_chaos_actions_total`) and sent as a `chaos` event.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use rand::seq::SliceRandom as _;
+use serde::{Deserialize, Serialize};
+
+use crate::dispatch::AgentRuntime;
+use crate::supervisor::process;
+
+/// Longest pause.
+pub const MAX_PAUSE: Duration = Duration::from_secs(3600);
+
+/// `POST /api/v1/chaos/kill`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KillRequest {
+    /// The agent.
+    pub agent: String,
+    /// `one`, `all` or `percent:N` (1 to 100) of its running replicas.
+    #[serde(default = "one")]
+    pub mode: String,
+    /// `KILL` (default) or `TERM`.
+    #[serde(default = "kill")]
+    pub signal: String,
+}
+
+fn one() -> String {
+    "one".into()
+}
+
+fn kill() -> String {
+    "KILL".into()
+}
+
+/// `POST /api/v1/chaos/pause`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PauseRequest {
+    /// The agent: every running replica is paused.
+    pub agent: String,
+    /// How long, e.g. `30s` (up to 1h).
+    #[serde(rename = "for")]
+    pub duration: String,
+}
+
+/// What a chaos action did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Done {
+    /// `kill` or `pause`.
+    pub action: String,
+    /// The agent.
+    pub agent: String,
+    /// The replicas hit, e.g. `coder/1`, with their process ids.
+    pub replicas: Vec<(String, u32)>,
+    /// One line for humans.
+    pub detail: String,
+}
+
+/// How many of `running` replicas `mode` selects.
+///
+/// # Errors
+/// When `mode` is not `one`, `all` or `percent:N`.
+pub fn how_many(mode: &str, running: usize) -> Result<usize, String> {
+    let count = match mode {
+        "one" => 1,
+        "all" => running,
+        other => {
+            let percent = other
+                .strip_prefix("percent:")
+                .and_then(|n| n.parse::<u32>().ok())
+                .filter(|n| (1..=100).contains(n))
+                .ok_or_else(|| {
+                    format!(
+                        "mode {other:?} is not valid; valid: one, all, percent:N (N from 1 to 100)"
+                    )
+                })?;
+            (running * percent as usize).div_ceil(100)
+        }
+    };
+    Ok(count.min(running))
+}
+
+fn running(agent: &AgentRuntime) -> Vec<(String, u32)> {
+    agent
+        .status()
+        .replicas
+        .iter()
+        .filter_map(|replica| {
+            replica
+                .pid
+                .map(|pid| (format!("{}/{}", agent.name, replica.index), pid))
+        })
+        .collect()
+}
+
+/// Kills replicas of `agent` per `request`.
+///
+/// # Errors
+/// What is wrong with the request.
+pub fn kill_replicas(agent: &AgentRuntime, request: &KillRequest) -> Result<Done, String> {
+    let signal = match request.signal.to_ascii_uppercase().as_str() {
+        "KILL" | "SIGKILL" => Signal::SIGKILL,
+        "TERM" | "SIGTERM" => Signal::SIGTERM,
+        other => return Err(format!("signal {other:?} is not valid; valid: KILL, TERM")),
+    };
+    let mut targets = running(agent);
+    let count = how_many(&request.mode, targets.len())?;
+    if targets.is_empty() {
+        return Err(format!("agent {} has no running replica", agent.name));
+    }
+    targets.shuffle(&mut <rand::rngs::SmallRng as rand::SeedableRng>::from_os_rng());
+    targets.truncate(count);
+    targets.sort();
+    for (_, pid) in &targets {
+        process::signal_group(*pid, signal);
+    }
+    let detail = format!(
+        "sent SIG{} to {}",
+        signal.as_str().trim_start_matches("SIG"),
+        targets
+            .iter()
+            .map(|(name, pid)| format!("{name} (pid {pid})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(Done {
+        action: "kill".into(),
+        agent: agent.name.clone(),
+        replicas: targets,
+        detail,
+    })
+}
+
+/// Pauses every running replica of `agent` for the request's duration
+/// (SIGSTOP now, SIGCONT later).
+///
+/// # Errors
+/// What is wrong with the request.
+pub fn pause_replicas(agent: &Arc<AgentRuntime>, request: &PauseRequest) -> Result<Done, String> {
+    let duration: crate::config::HumanDuration = request
+        .duration
+        .parse()
+        .map_err(|error| format!("for {:?}: {error}", request.duration))?;
+    if duration.get().is_zero() || duration.get() > MAX_PAUSE {
+        return Err(format!(
+            "for {duration} is out of range; valid: more than 0s, up to 1h"
+        ));
+    }
+    let targets = running(agent);
+    if targets.is_empty() {
+        return Err(format!("agent {} has no running replica", agent.name));
+    }
+    for (_, pid) in &targets {
+        process::signal_group(*pid, Signal::SIGSTOP);
+    }
+    let resumed = targets.clone();
+    let wait = duration.get();
+    tokio::spawn(async move {
+        tokio::time::sleep(wait).await;
+        for (_, pid) in &resumed {
+            process::signal_group(*pid, Signal::SIGCONT);
+        }
+        tracing::warn!(replicas = resumed.len(), "chaos: paused replicas resumed");
+    });
+    let detail = format!(
+        "paused {} for {duration}",
+        targets
+            .iter()
+            .map(|(name, pid)| format!("{name} (pid {pid})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(Done {
+        action: "pause".into(),
+        agent: agent.name.clone(),
+        replicas: targets,
+        detail,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_select_replicas() {
+        assert_eq!(how_many("one", 4), Ok(1));
+        assert_eq!(how_many("all", 4), Ok(4));
+        assert_eq!(how_many("percent:50", 4), Ok(2));
+        assert_eq!(how_many("percent:10", 4), Ok(1), "rounds up");
+        assert_eq!(how_many("one", 0), Ok(0));
+        for bad in ["some", "percent:0", "percent:101", "percent:x"] {
+            assert!(
+                how_many(bad, 4).unwrap_err().contains("valid: one, all"),
+                "{bad}"
+            );
+        }
+    }
+}
