@@ -15,7 +15,7 @@
 //! | `GET /api/v1/escalations?agent=&limit=`, `GET /api/v1/escalations/{id}` | escalated tasks |
 //! | `POST /api/v1/escalations/{id}/resolve` | `{"retry": true}`, `{"complete": RESULT}` or `{"drop": true}` |
 //! | `PUT /api/v1/degrade`, `DELETE /api/v1/degrade` | force a level `{"level": 2, "for": "30m"}`, or clear it |
-//! | `POST /api/v1/chaos/kill`, `POST /api/v1/chaos/pause` | inject faults (with `[chaos] enabled = true` only) |
+//! | `POST /api/v1/chaos/kill`, `/pause`, `/partition`, `/latency` | inject faults (with `[chaos] enabled = true` only; the last two with `proxy = true`) |
 //!
 //! **Authorization.** With a token configured (`http.token`,
 //! `http.token_file` or `FLOTILLA_HTTP_TOKEN`) every API call needs
@@ -74,6 +74,8 @@ pub struct Api {
     pub notifier: crate::notify::Notifier,
     /// The metrics (chaos actions).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The fault proxy in front of the broker, with `[chaos] proxy`.
+    pub proxy: Option<Arc<crate::fault_proxy::FaultProxy>>,
 }
 
 /// An API error: a status and a message for `{"error": ...}`.
@@ -165,6 +167,8 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/degrade", put(force_level).delete(clear_level))
         .route("/api/v1/chaos/kill", post(chaos_kill))
         .route("/api/v1/chaos/pause", post(chaos_pause))
+        .route("/api/v1/chaos/partition", post(chaos_partition))
+        .route("/api/v1/chaos/latency", post(chaos_latency))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(api.clone(), authorize))
         .with_state(api)
@@ -698,6 +702,109 @@ async fn chaos_pause(
     let done = crate::chaos::pause_replicas(&agent, &request).map_err(ApiError::bad_request)?;
     chaos_done(&api, &done);
     Ok(Json(done))
+}
+
+/// `POST /api/v1/chaos/partition` and `/latency`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultBody {
+    /// How long (more than 0s, up to 1h).
+    #[serde(rename = "for")]
+    pub duration: String,
+    /// `latency` only: the delay added to every chunk (up to 60s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub add: Option<String>,
+}
+
+fn fault_proxy(api: &Api) -> Result<Arc<crate::fault_proxy::FaultProxy>, ApiError> {
+    if !api.config.chaos.enabled {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "chaos actions are off on this daemon: set [chaos] enabled = true in its config",
+        ));
+    }
+    api.proxy.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "this daemon reaches its broker directly: set [chaos] proxy = true (with a [broker]) to cut or slow the connection",
+        )
+    })
+}
+
+fn duration_of(
+    text: &str,
+    what: &str,
+    max: std::time::Duration,
+) -> Result<std::time::Duration, ApiError> {
+    let parsed: crate::config::HumanDuration = text
+        .parse()
+        .map_err(|error| ApiError::bad_request(format!("{what} {text:?}: {error}")))?;
+    if parsed.get().is_zero() || parsed.get() > max {
+        return Err(ApiError::bad_request(format!(
+            "{what} {parsed} is out of range; valid: more than 0s, up to {}",
+            humantime::format_duration(max)
+        )));
+    }
+    Ok(parsed.get())
+}
+
+fn chaos_broker_done(api: &Api, action: &str, detail: String) -> crate::chaos::Done {
+    let done = crate::chaos::Done {
+        action: action.into(),
+        agent: "-".into(),
+        replicas: Vec::new(),
+        detail,
+    };
+    tracing::warn!(action, detail = %done.detail, "chaos");
+    api.metrics.chaos_action("-", action);
+    api.notifier.send(crate::notify::Event::new(
+        crate::notify::EventKind::Chaos,
+        api.clock.now_ms(),
+        false,
+        format!("chaos {action}: {}", done.detail),
+    ));
+    done
+}
+
+async fn chaos_partition(
+    State(api): State<Arc<Api>>,
+    body: Result<Json<FaultBody>, JsonRejection>,
+) -> Answer<crate::chaos::Done> {
+    let Json(body) = body?;
+    let proxy = fault_proxy(&api)?;
+    let duration = duration_of(&body.duration, "for", crate::fault_proxy::MAX_FAULT)?;
+    if body.add.is_some() {
+        return Err(ApiError::bad_request("a partition has no `add`"));
+    }
+    proxy.partition(duration);
+    let detail = format!(
+        "broker connection cut for {}",
+        humantime::format_duration(duration)
+    );
+    Ok(Json(chaos_broker_done(&api, "partition", detail)))
+}
+
+async fn chaos_latency(
+    State(api): State<Arc<Api>>,
+    body: Result<Json<FaultBody>, JsonRejection>,
+) -> Answer<crate::chaos::Done> {
+    let Json(body) = body?;
+    let proxy = fault_proxy(&api)?;
+    let duration = duration_of(&body.duration, "for", crate::fault_proxy::MAX_FAULT)?;
+    let add = duration_of(
+        body.add
+            .as_deref()
+            .ok_or_else(|| ApiError::bad_request("latency needs `add`, e.g. \"200ms\""))?,
+        "add",
+        std::time::Duration::from_secs(60),
+    )?;
+    proxy.latency(add, duration);
+    let detail = format!(
+        "broker connection slowed by {} for {}",
+        humantime::format_duration(add),
+        humantime::format_duration(duration)
+    );
+    Ok(Json(chaos_broker_done(&api, "latency", detail)))
 }
 
 /// `PUT /api/v1/degrade`: force `level` (0-3 or its name) for `for`.

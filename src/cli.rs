@@ -304,6 +304,23 @@ pub enum ChaosCommand {
         #[arg(long = "for", value_name = "DURATION")]
         duration: String,
     },
+    /// Cut the daemon's broker connection for a while (needs `[chaos]
+    /// proxy = true`).
+    Partition {
+        /// How long, e.g. 20s (up to 1h).
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: String,
+    },
+    /// Slow the daemon's broker connection for a while (needs `[chaos]
+    /// proxy = true`).
+    Latency {
+        /// The delay added to everything sent either way, e.g. 200ms.
+        #[arg(long, value_name = "DURATION")]
+        add: String,
+        /// How long, e.g. 1m (up to 1h).
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: String,
+    },
 }
 
 /// `degrade`.
@@ -892,6 +909,12 @@ async fn run_target(command: Command, target: &Target) -> Result<ExitCode, Failu
                     client
                         .chaos_pause(&crate::chaos::PauseRequest { agent, duration })
                         .await?
+                }
+                ChaosCommand::Partition { duration } => {
+                    client.chaos_broker(&duration, None).await?
+                }
+                ChaosCommand::Latency { add, duration } => {
+                    client.chaos_broker(&duration, Some(&add)).await?
                 }
             };
             println!("{}", done.detail);

@@ -211,6 +211,24 @@ impl ApiClient {
             .await
     }
 
+    /// Cuts (`add` none) or slows the daemon's broker connection (chaos).
+    pub async fn chaos_broker(
+        &self,
+        duration: &str,
+        add: Option<&str>,
+    ) -> Result<crate::chaos::Done, ClientError> {
+        let body = crate::api::FaultBody {
+            duration: duration.to_string(),
+            add: add.map(str::to_string),
+        };
+        let path = if add.is_some() {
+            "/api/v1/chaos/latency"
+        } else {
+            "/api/v1/chaos/partition"
+        };
+        self.call(Method::POST, path, &[], Some(&body)).await
+    }
+
     /// Cancels task `id`.
     pub async fn cancel(
         &self,

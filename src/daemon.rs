@@ -118,6 +118,18 @@ impl Daemon {
         if !problems.is_empty() {
             bail!("cannot start the fleet:\n  {}", problems.join("\n  "));
         }
+        // The broker's own addresses name this fleet's agents (orphan
+        // sweeps), whatever proxy stands in front of it.
+        let broker_urls = config.broker.as_ref().map(|broker| broker.urls().join(","));
+        let proxy = match config.broker.as_mut() {
+            Some(broker) if config.chaos.proxy => {
+                let proxy = crate::fault_proxy::FaultProxy::start(&broker.urls()).await?;
+                broker.url = proxy.urls().join(",");
+                broker.via_proxy = true;
+                Some(Arc::new(proxy))
+            }
+            _ => None,
+        };
         let mut identity = Identity {
             name: store::daemon_name(&config),
             host: store::host_name(),
@@ -160,7 +172,7 @@ impl Daemon {
                 let instance = format!(
                     "nats:{}@{}#{}",
                     broker.namespace,
-                    broker.urls().join(","),
+                    broker_urls.clone().unwrap_or_default(),
                     identity.name
                 );
                 (None, store, instance)
@@ -256,6 +268,7 @@ impl Daemon {
                 agents: agents.clone(),
                 notifier: chaos_notifier,
                 metrics: metrics.clone(),
+                proxy: proxy.clone(),
             });
             tracing::info!(%address, "HTTP server listening: /health/live, /health/ready, /health/progress, /metrics, /api/v1");
             housekeeping.push(tokio::spawn(crate::health::serve(

@@ -218,6 +218,11 @@ pub struct BrokerConfig {
     pub tls_key: Option<PathBuf>,
     /// Refuse to connect without TLS.
     pub tls_required: bool,
+    /// Set by the daemon when it connects through its fault proxy: the
+    /// servers the broker advertises are not used (they bypass the proxy).
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub via_proxy: bool,
 }
 
 impl Default for BrokerConfig {
@@ -242,6 +247,7 @@ impl Default for BrokerConfig {
             tls_cert: None,
             tls_key: None,
             tls_required: false,
+            via_proxy: false,
         }
     }
 }
@@ -384,6 +390,10 @@ pub struct ChaosConfig {
     /// Allow chaos actions (kill and pause replicas). Default false: a
     /// production fleet refuses them.
     pub enabled: bool,
+    /// Reach the broker through a fault proxy of the daemon's own, so
+    /// that `flotilla chaos partition` and `latency` can cut or slow the
+    /// connection (needs `enabled` and `[broker]`, without TLS).
+    pub proxy: bool,
 }
 
 /// `[delegation]`: limits of the child tasks agents send each other.
@@ -1032,6 +1042,29 @@ impl Config {
         self.http.validate(&mut problem);
         self.watchdog.validate(&mut problem);
         self.delegation.validate(&mut problem);
+        if self.chaos.proxy {
+            match &self.broker {
+                None => problem(
+                    "chaos.proxy".into(),
+                    "the fault proxy sits in front of a broker; add [broker] or leave it out"
+                        .into(),
+                ),
+                Some(broker)
+                    if broker.tls_required
+                        || broker.tls_ca.is_some()
+                        || broker.urls().iter().any(|url| url.starts_with("tls://")) =>
+                {
+                    problem(
+                        "chaos.proxy".into(),
+                        "the fault proxy cannot carry TLS (the server name would not match); use it on a test broker without TLS".into(),
+                    );
+                }
+                Some(_) => {}
+            }
+            if !self.chaos.enabled {
+                problem("chaos.proxy".into(), "needs chaos.enabled = true".into());
+            }
+        }
         let names: Vec<String> = self.agents.keys().cloned().collect();
         for (name, agent) in &self.agents {
             agent

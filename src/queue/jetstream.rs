@@ -138,7 +138,11 @@ pub async fn connect(
     };
     let max_delay = config.reconnect_max_delay.get();
     let events = stats.clone();
-    let mut options = async_nats::ConnectOptions::new()
+    let mut options = async_nats::ConnectOptions::new();
+    if config.via_proxy {
+        options = options.ignore_discovered_servers();
+    }
+    let mut options = options
         .name(format!("flotilla {name}"))
         .max_reconnects(None)
         .connection_timeout(config.connect_timeout.get())
