@@ -304,6 +304,15 @@ pub enum ChaosCommand {
         #[arg(long = "for", value_name = "DURATION")]
         duration: String,
     },
+    /// Run an experiment file: a steady-state hypothesis checked before
+    /// and after a timed list of faults; exit 1 when it fails.
+    Run {
+        /// The experiment (TOML).
+        experiment: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Cut the daemon's broker connection for a while (needs `[chaos]
     /// proxy = true`).
     Partition {
@@ -889,6 +898,24 @@ async fn run_target(command: Command, target: &Target) -> Result<ExitCode, Failu
             eprintln!("forced degradation level cleared; the triggers decide again");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Chaos(ChaosCommand::Run { experiment, json }) => {
+            let experiment =
+                crate::experiment::Experiment::load(&experiment).map_err(Failure::usage)?;
+            let client = target.daemon_api().await?;
+            let report = crate::experiment::run(&client, &experiment, clock::system().now_ms())
+                .await
+                .map_err(Failure::failed)?;
+            if json {
+                print_json(&serde_json::to_value(&report).expect("report serializes"));
+            } else {
+                print!("{}", crate::experiment::render(&report));
+            }
+            Ok(if report.verdict == "passed" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
         Command::Chaos(command) => {
             let client = target.daemon_api().await?;
             let done = match command {
@@ -916,6 +943,7 @@ async fn run_target(command: Command, target: &Target) -> Result<ExitCode, Failu
                 ChaosCommand::Latency { add, duration } => {
                     client.chaos_broker(&duration, Some(&add)).await?
                 }
+                ChaosCommand::Run { .. } => unreachable!("handled above"),
             };
             println!("{}", done.detail);
             Ok(ExitCode::SUCCESS)

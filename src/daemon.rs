@@ -217,6 +217,7 @@ impl Daemon {
             crate::notify::Notifier::start(&config.notify, &identity.name, &config.base_dir);
         let watchdog_notifier = notifier.clone();
         let chaos_notifier = notifier.clone();
+        let schedule_notifier = notifier.clone();
         let wiring = Wiring {
             delegation: config.delegation.clone(),
             fleet_agents: Arc::new(fleet.agents.keys().cloned().collect()),
@@ -312,6 +313,23 @@ impl Daemon {
             )
             .unwrap_or(u64::MAX),
         };
+        if let (Some(address), Ok(Some(token))) =
+            (identity.http, config.http.token(&config.base_dir))
+        {
+            for entry in &config.chaos.schedule {
+                housekeeping.push(tokio::spawn(crate::experiment::schedule(
+                    entry.clone(),
+                    config.resolve(&entry.experiment),
+                    address,
+                    token.clone(),
+                    store.clone(),
+                    metrics.clone(),
+                    schedule_notifier.clone(),
+                    clock.clone(),
+                    stop_rx.clone(),
+                )));
+            }
+        }
         housekeeping.push(tokio::spawn(degrade.run(stop_rx.clone())));
         if config.watchdog.enabled {
             housekeeping.push(tokio::spawn(crate::watchdog::run(

@@ -223,33 +223,18 @@ pub async fn send(
             limits.max_fan_out
         ));
     }
-    // The links first: a child that exists always has its link.
-    let link = Link {
-        parent: send.parent.clone(),
-        from: send.from.clone(),
-        key: send.key.clone(),
-        depth,
-        wait: send.wait,
-        waiting,
-        sent_ms: now,
-    };
-    if !known {
-        store
-            .put_control(
-                &link_key(&child),
-                &serde_json::to_value(&link).expect("serializes"),
-            )
-            .await
-            .map_err(store_error)?;
-        children.push(child.clone());
-        store
-            .put_control(
-                &children_key(&send.parent),
-                &serde_json::to_value(&children).expect("serializes"),
-            )
-            .await
-            .map_err(store_error)?;
+    if known {
+        // Sent before (the parent was retried): never submitted again, so
+        // it cannot run twice, even past the queue's dedup window. A
+        // child pruned since answers `failed` (gone).
+        return Ok(Sent {
+            child,
+            existed: true,
+        });
     }
+    // The child first, then its links: a crash in between leaves a child
+    // without links, which the retried parent's send dedups onto (within
+    // the queue's dedup window) and links then.
     let receipts = store
         .queue()
         .submit(vec![NewTask {
@@ -260,6 +245,30 @@ pub async fn send(
         }])
         .await
         .map_err(|error| format!("the child task was refused: {error}"))?;
+    let link = Link {
+        parent: send.parent.clone(),
+        from: send.from.clone(),
+        key: send.key.clone(),
+        depth,
+        wait: send.wait,
+        waiting,
+        sent_ms: now,
+    };
+    store
+        .put_control(
+            &link_key(&child),
+            &serde_json::to_value(&link).expect("serializes"),
+        )
+        .await
+        .map_err(store_error)?;
+    children.push(child.clone());
+    store
+        .put_control(
+            &children_key(&send.parent),
+            &serde_json::to_value(&children).expect("serializes"),
+        )
+        .await
+        .map_err(store_error)?;
     Ok(Sent {
         child,
         existed: receipts.first().is_some_and(|receipt| receipt.duplicate),

@@ -22,6 +22,7 @@ pub mod delegate;
 pub mod demo;
 pub mod dispatch;
 pub mod example_agent;
+pub mod experiment;
 pub mod fault_proxy;
 pub mod health;
 pub mod lines;

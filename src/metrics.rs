@@ -154,6 +154,11 @@ pub mod names {
         "flotilla_chaos_actions",
         "Faults injected by operators (flotilla chaos): kill, pause",
     );
+    /// Chaos experiments.
+    pub const CHAOS_EXPERIMENTS: (&str, &str) = (
+        "flotilla_chaos_experiments",
+        "Chaos experiments the daemon ran on its schedule, by verdict",
+    );
     /// Malformed lines.
     pub const MALFORMED_LINES: (&str, &str) = (
         "flotilla_malformed_lines",
@@ -193,6 +198,15 @@ pub struct ActionLabels {
     pub agent: String,
     /// The action.
     pub action: String,
+}
+
+/// `{experiment, verdict}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExperimentLabels {
+    /// The experiment.
+    pub experiment: String,
+    /// passed or failed.
+    pub verdict: String,
 }
 
 /// `{agent, type}`.
@@ -291,6 +305,7 @@ pub struct Metrics {
     validation_failures: Family<AgentLabel, Counter>,
     watchdog_actions: Family<ActionLabels, Counter>,
     chaos_actions: Family<ActionLabels, Counter>,
+    chaos_experiments: Family<ExperimentLabels, Counter>,
     /// Connected, disconnects, reconnects: registered only with a broker.
     broker: Option<(Gauge, Counter, Counter)>,
     types: Mutex<HashSet<String>>,
@@ -374,6 +389,7 @@ impl Metrics {
             redeliveries: register!(registry, families, REDELIVERIES, Family::default()),
             watchdog_actions: register!(registry, families, WATCHDOG_ACTIONS, Family::default()),
             chaos_actions: register!(registry, families, CHAOS_ACTIONS, Family::default()),
+            chaos_experiments: register!(registry, families, CHAOS_EXPERIMENTS, Family::default()),
             escalations: register!(registry, families, ESCALATIONS, Family::default()),
             validation_failures: register!(
                 registry,
@@ -447,6 +463,16 @@ impl Metrics {
             .get_or_create(&ActionLabels {
                 agent: agent.into(),
                 action: action.into(),
+            })
+            .inc();
+    }
+
+    /// A scheduled chaos experiment ended with `verdict`.
+    pub fn chaos_experiment(&self, experiment: &str, verdict: &str) {
+        self.chaos_experiments
+            .get_or_create(&ExperimentLabels {
+                experiment: experiment.into(),
+                verdict: verdict.into(),
             })
             .inc();
     }

@@ -60,6 +60,9 @@ pub struct Entry {
     /// The change.
     #[serde(flatten)]
     pub change: Change,
+    /// The attempt whose result declared it.
+    #[serde(default)]
+    pub attempt: u32,
     /// Where it stands.
     pub state: ChangeState,
     /// Rollback runs of it so far.
@@ -72,14 +75,15 @@ pub struct Entry {
     pub at_ms: Option<UnixMillis>,
 }
 
-/// A task's journal.
+/// A task's journal: every change any of its attempts declared.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Journal {
     /// The task.
     pub task: String,
-    /// The agent whose result declared the changes.
+    /// The agent whose result declared the latest changes (its directory
+    /// and environment run the rollback commands).
     pub agent: String,
-    /// The attempt that declared them.
+    /// The latest attempt that declared changes.
     pub attempt: u32,
     /// The changes, in the order they were applied.
     pub changes: Vec<Entry>,
@@ -141,22 +145,32 @@ pub async fn record(
     attempt: u32,
     changes: Vec<Change>,
 ) -> Result<Journal, QueueError> {
-    let journal = Journal {
+    // Appended to what earlier attempts declared: a change a rejected
+    // attempt applied is still there to undo.
+    let mut journal = load(store, task).await?.unwrap_or_else(|| Journal {
         task: task.to_string(),
         agent: agent.to_string(),
         attempt,
-        changes: changes
-            .into_iter()
-            .map(|change| Entry {
-                change,
-                state: ChangeState::Applied,
-                runs: 0,
-                outcome: None,
-                at_ms: None,
-            })
-            .collect(),
+        changes: Vec::new(),
         rolled_back_because: None,
-    };
+    });
+    if journal.changes.iter().any(|entry| entry.attempt == attempt) {
+        // Recorded already (the same result handled twice).
+        return Ok(journal);
+    }
+    journal.agent = agent.to_string();
+    journal.attempt = attempt;
+    let room = (MAX_CHANGES * 10).saturating_sub(journal.changes.len());
+    journal
+        .changes
+        .extend(changes.into_iter().take(room).map(|change| Entry {
+            change,
+            attempt,
+            state: ChangeState::Applied,
+            runs: 0,
+            outcome: None,
+            at_ms: None,
+        }));
     save(store, &journal).await?;
     Ok(journal)
 }

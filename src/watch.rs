@@ -26,10 +26,24 @@ pub fn start(agent: &Arc<AgentRuntime>, task: &str, kind: &str) {
     {
         return;
     }
+    // Bounded: a burst of accepted tasks must not start unbounded
+    // watches (each samples its checks every interval).
+    let Ok(permit) = agent.watch_permits().try_acquire_owned() else {
+        tracing::warn!(agent = %agent.name, %task, max = MAX_WATCHES, "too many tasks watched at once; this one is not watched");
+        return;
+    };
     let agent = agent.clone();
     let task = task.to_string();
-    tokio::spawn(async move { watch(agent, task).await });
+    tokio::spawn(async move {
+        let _permit = permit;
+        watch(agent, task).await;
+    });
 }
+
+/// Most tasks one agent watches at once.
+pub const MAX_WATCHES: usize = 64;
+/// Largest Prometheus answer read.
+const MAX_ANSWER: usize = 1 << 20;
 
 /// One sample of a check: a value to compare, or pass/fail.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -145,11 +159,20 @@ async fn sample(
         .await
         .map_err(|_| format!("{url}: no answer within {}", check.timeout))?
         .map_err(|error| format!("{url}: {error}"))?;
+    if response
+        .content_length()
+        .is_some_and(|length| length > MAX_ANSWER as u64)
+    {
+        return Err(format!("{url}: the answer is over {MAX_ANSWER} bytes"));
+    }
     let body: Value = tokio::time::timeout(limit, response.bytes())
         .await
         .map_err(|_| format!("{url}: no answer within {}", check.timeout))?
         .map_err(|error| format!("{url}: {error}"))
         .and_then(|bytes| {
+            if bytes.len() > MAX_ANSWER {
+                return Err(format!("{url}: the answer is over {MAX_ANSWER} bytes"));
+            }
             serde_json::from_slice(&bytes).map_err(|error| format!("{url}: not JSON: {error}"))
         })?;
     prometheus_value(&body).map(Sample::Value)

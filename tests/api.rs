@@ -380,12 +380,16 @@ async fn without_a_token_the_api_is_read_only() {
     daemon.stop().await;
 }
 
+/// The example experiment of the repository, for agent `worker`.
+const EXPERIMENT: &str = include_str!("../examples/chaos/kill-one.toml");
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_kills_and_pauses_replicas_through_the_api_when_enabled() {
     let fleet = Fleet::new(&format!(
         r#"
 [chaos]
 enabled = true
+schedule = [{{ experiment = "kill-one.toml", every = "10s" }}]
 
 [agents.worker]
 command = {}
@@ -394,6 +398,7 @@ replicas = {{ min = 2 }}
         example_agent(&["--work-ms", "1"]),
     ));
     std::fs::write(fleet.path("api-token"), TOKEN).unwrap();
+    std::fs::write(fleet.path("kill-one.toml"), EXPERIMENT).unwrap();
     let text = std::fs::read_to_string(&fleet.config_path).unwrap();
     std::fs::write(
         &fleet.config_path,
@@ -457,6 +462,62 @@ replicas = {{ min = 2 }}
         || async {
             queue.get("paused-00000").await.unwrap().unwrap().state
                 == flotilla::queue::TaskState::Completed
+        },
+    )
+    .await;
+    // An experiment: the steady state holds before, a replica is killed,
+    // it holds again, and the probe tasks all completed once.
+    let ran = fleet.cli(&[
+        "chaos",
+        "run",
+        fleet.path("kill-one.toml").to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(ran.status.code(), Some(0), "{ran:?}");
+    let report: Value = serde_json::from_slice(&ran.stdout).unwrap();
+    assert_eq!(report["verdict"], "passed", "{report}");
+    assert_eq!(report["load"]["completed"], 20, "{report}");
+    assert_eq!(report["load"]["lost"], 0);
+    assert!(
+        report["actions"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("kill: sent SIGKILL"),
+        "{report}"
+    );
+    // A hypothesis that cannot hold fails the experiment, before any fault.
+    std::fs::write(
+        fleet.path("impossible.toml"),
+        EXPERIMENT
+            .replace("kill-one", "impossible")
+            .replace("queue_depth_below = 100", "queue_depth_below = 0"),
+    )
+    .unwrap();
+    let failed = fleet.cli(&[
+        "chaos",
+        "run",
+        fleet.path("impossible.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(failed.status.code(), Some(1), "{failed:?}");
+    assert!(
+        String::from_utf8_lossy(&failed.stdout).contains("FAILED"),
+        "{failed:?}"
+    );
+    // The daemon runs the scheduled one on its own and counts it.
+    let address = daemon.http_address().unwrap();
+    wait_until(
+        Duration::from_secs(60),
+        "the scheduled experiment",
+        || async {
+            reqwest::get(format!("http://{address}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+                .contains(
+                    "flotilla_chaos_experiments_total{experiment=\"kill-one\",verdict=\"passed\"}",
+                )
         },
     )
     .await;

@@ -394,6 +394,20 @@ pub struct ChaosConfig {
     /// that `flotilla chaos partition` and `latency` can cut or slow the
     /// connection (needs `enabled` and `[broker]`, without TLS).
     pub proxy: bool,
+    /// Experiments the daemon runs on its own, every `every`
+    /// (`[[chaos.schedule]]`); needs `enabled`, the HTTP server and a
+    /// token.
+    pub schedule: Vec<ScheduledExperiment>,
+}
+
+/// `[[chaos.schedule]]`: an experiment the daemon runs periodically.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduledExperiment {
+    /// The experiment file, relative to the config's directory.
+    pub experiment: PathBuf,
+    /// How often (10s to 30d); the first run is one period after start.
+    pub every: HumanDuration,
 }
 
 /// `[delegation]`: limits of the child tasks agents send each other.
@@ -495,7 +509,7 @@ impl HttpConfig {
     /// When `token_file` cannot be read or is empty, naming the key.
     pub fn token(&self, base_dir: &Path) -> Result<Option<String>, String> {
         if let Some(token) = &self.token {
-            return Ok(Some(token.clone()));
+            return Ok(Some(token.trim().to_string()));
         }
         if let Some(file) = &self.token_file {
             let path = if file.is_absolute() {
@@ -514,6 +528,7 @@ impl HttpConfig {
         }
         Ok(std::env::var("FLOTILLA_HTTP_TOKEN")
             .ok()
+            .map(|token| token.trim().to_string())
             .filter(|token| !token.is_empty()))
     }
 
@@ -1042,6 +1057,23 @@ impl Config {
         self.http.validate(&mut problem);
         self.watchdog.validate(&mut problem);
         self.delegation.validate(&mut problem);
+        for (index, entry) in self.chaos.schedule.iter().enumerate() {
+            let every = entry.every.get();
+            if every < std::time::Duration::from_secs(10)
+                || every > std::time::Duration::from_secs(30 * 86_400)
+            {
+                problem(
+                    format!("chaos.schedule[{index}].every"),
+                    format!("{} is out of range; valid: 10s to 30d", entry.every),
+                );
+            }
+            if !self.chaos.enabled {
+                problem(
+                    format!("chaos.schedule[{index}]"),
+                    "needs chaos.enabled = true".into(),
+                );
+            }
+        }
         if self.chaos.proxy {
             match &self.broker {
                 None => problem(
@@ -1067,9 +1099,12 @@ impl Config {
         }
         let names: Vec<String> = self.agents.keys().cloned().collect();
         for (name, agent) in &self.agents {
-            agent
-                .validation
-                .validate(&format!("agents.{name}.validation"), &names, &mut problem);
+            agent.validation.validate(
+                &format!("agents.{name}.validation"),
+                name,
+                &names,
+                &mut problem,
+            );
             agent
                 .watch
                 .validate(&format!("agents.{name}.watch"), &mut problem);

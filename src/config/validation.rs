@@ -186,6 +186,7 @@ impl ValidationConfig {
     pub(super) fn validate(
         &self,
         key: &str,
+        own: &str,
         agents: &[String],
         problem: &mut impl FnMut(String, String),
     ) {
@@ -252,6 +253,13 @@ impl ValidationConfig {
                     problem(
                         format!("{key}.escalate_to"),
                         "only on_failure = \"escalate\" escalates".into(),
+                    );
+                } else if target == own {
+                    problem(
+                        format!("{key}.escalate_to"),
+                        format!(
+                            "{own:?} cannot escalate to itself: the task would bounce forever; name another agent, or leave it out for a human"
+                        ),
                     );
                 } else if !agents.contains(target) {
                     problem(

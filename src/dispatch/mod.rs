@@ -118,6 +118,8 @@ pub struct AgentRuntime {
     lost: Mutex<HashMap<u32, Vec<String>>>,
     /// When the manager last got a rebalance task.
     manager_told_ms: Mutex<Option<crate::clock::UnixMillis>>,
+    /// Post-accept watches running (bounded).
+    watches: Arc<tokio::sync::Semaphore>,
 }
 
 /// Most attempt outcomes kept for the watchdog's error rate.
@@ -238,6 +240,20 @@ pub fn check_fleet(config: &Config) -> Vec<String> {
         .flat_map(|(name, agent)| check_agent(name, agent, config))
         .collect();
     problems.extend(config.http.start_problems(&config.base_dir));
+    for (index, entry) in config.chaos.schedule.iter().enumerate() {
+        if let Err(problem) =
+            crate::experiment::Experiment::load(&config.resolve(&entry.experiment))
+        {
+            problems.push(format!("chaos.schedule[{index}].experiment: {problem}"));
+        }
+        if config.http.address().is_none()
+            || !matches!(config.http.token(&config.base_dir), Ok(Some(_)))
+        {
+            problems.push(format!(
+                "chaos.schedule[{index}]: scheduled experiments run through the daemon's API: they need [http] listen and a token (http.token_file, http.token or FLOTILLA_HTTP_TOKEN)"
+            ));
+        }
+    }
     problems
 }
 
@@ -313,6 +329,7 @@ impl AgentRuntime {
             recent: Mutex::new(VecDeque::new()),
             lost: Mutex::new(HashMap::new()),
             manager_told_ms: Mutex::new(None),
+            watches: Arc::new(tokio::sync::Semaphore::new(crate::watch::MAX_WATCHES)),
         });
         runtime.refresh_breaker_status(runtime.clock.now_ms());
         // Replicas show why they wait for the first round of checks.
@@ -574,6 +591,11 @@ impl AgentRuntime {
         status.watchdog.drain(..excess);
     }
 
+    /// Permits for post-accept watches.
+    pub(crate) fn watch_permits(&self) -> Arc<tokio::sync::Semaphore> {
+        self.watches.clone()
+    }
+
     /// The daemon's metrics.
     pub(crate) fn metrics(&self) -> &crate::metrics::Metrics {
         &self.metrics
@@ -780,13 +802,33 @@ impl AgentRuntime {
                 return;
             }
         };
-        let kind = self.metrics.task_type(&lease.payload);
+        // Gates and watches go by the payload's own type, not the
+        // metrics' bounded label.
+        let kind = task_kind(&lease.payload);
         let (output, notes) = if crate::validate::gates(self, &kind).is_empty() {
             (output, Vec::new())
         } else {
             let renewing = self.keep_lease(&lease.key);
             let decision = crate::validate::validate(self, &lease, output, &kind).await;
-            renewing.abort();
+            drop(renewing);
+            if !changes.is_empty()
+                && !matches!(
+                    decision,
+                    crate::validate::Decision::Accept { .. }
+                        | crate::validate::Decision::Rollback { .. }
+                )
+                && let Err(error) = crate::rollback::record(
+                    &self.store,
+                    &lease.key.task_id,
+                    &self.name,
+                    lease.key.attempt,
+                    changes.clone(),
+                )
+                .await
+            {
+                // The attempt fails anyway; its changes stay unrecorded.
+                tracing::error!(%error, "could not record the rejected result's changes");
+            }
             match decision {
                 crate::validate::Decision::Accept { output, notes } => (output, notes),
                 crate::validate::Decision::Retry { report } => {
@@ -847,19 +889,23 @@ impl AgentRuntime {
     }
 
     /// Keeps `key`'s lease alive while the daemon validates its result.
-    fn keep_lease(&self, key: &crate::queue::LeaseKey) -> tokio::task::JoinHandle<()> {
+    /// Renews at once (the result may have come late in the lease), then
+    /// every half progress timeout; stops when the guard is dropped.
+    fn keep_lease(&self, key: &crate::queue::LeaseKey) -> AbortOnDrop {
         let queue = self.queue.clone();
         let key = key.clone();
         let lease_for = self.lease_for();
-        let every = renew_after(self.config.timeouts.progress_timeout.get());
-        tokio::spawn(async move {
+        let every = (renew_after(self.config.timeouts.progress_timeout.get()) / 2)
+            .max(Duration::from_millis(100));
+        AbortOnDrop(tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
             loop {
-                tokio::time::sleep(every).await;
+                ticker.tick().await;
                 if let Err(error) = queue.progress(&key, lease_for, None).await {
                     tracing::warn!(task = %key, %error, "could not extend the lease during validation");
                 }
             }
-        })
+        }))
     }
 
     /// A validation gate escalated the result: to agent `to` (the task is
@@ -1152,6 +1198,25 @@ impl AgentRuntime {
             }
         }
     }
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A task's type for gates and watches: its payload's `type`, or
+/// `default`.
+pub(crate) fn task_kind(payload: &serde_json::Value) -> String {
+    payload
+        .get("type")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("default")
+        .to_string()
 }
 
 /// A lease lasts twice the progress timeout plus a margin, and is extended

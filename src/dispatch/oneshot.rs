@@ -239,7 +239,10 @@ async fn run_task(
                         output.stdout.push(b'\n');
                     }
                     output.stdout.extend_from_slice(text.as_bytes());
-                    progressed(agent, index, &mut tracked).await;
+                    if !progressed(agent, index, &mut tracked).await {
+                        abandon(agent, &mut child, pgid, tracked).await;
+                        return None;
+                    }
                 }
                 Ok(Some(Line::TooLong)) => { kill_for(agent, name, &mut child, pgid, tracked, too_long(max_result)).await; return None; }
                 Ok(None) | Err(_) => out_open = false,
@@ -248,9 +251,17 @@ async fn run_task(
                 Ok(Some(Line::Text(text))) => {
                     tracing::info!(agent = %agent.name, replica = index, "stderr: {}", protocol::truncate(&text, protocol::STDERR_LOG_CHARS));
                     output.push_stderr(text);
-                    progressed(agent, index, &mut tracked).await;
+                    if !progressed(agent, index, &mut tracked).await {
+                        abandon(agent, &mut child, pgid, tracked).await;
+                        return None;
+                    }
                 }
-                Ok(Some(_)) => progressed(agent, index, &mut tracked).await,
+                Ok(Some(_)) => {
+                    if !progressed(agent, index, &mut tracked).await {
+                        abandon(agent, &mut child, pgid, tracked).await;
+                        return None;
+                    }
+                }
                 Ok(None) | Err(_) => err_open = false,
             },
             status = child.wait(), if !out_open && !err_open => break status.ok(),
@@ -302,15 +313,33 @@ fn too_long(max: usize) -> Failure {
     ))
 }
 
-async fn progressed(agent: &AgentRuntime, index: u32, tracked: &mut Tracked) {
+/// Counts progress; false when the task is no longer this slot's (its
+/// lease was lost, or it was cancelled).
+async fn progressed(agent: &AgentRuntime, index: u32, tracked: &mut Tracked) -> bool {
     let now = agent.clock.now_ms();
     agent.update_replica(index, |replica| {
         replica.last_progress_ms = Some(now);
         replica.task_progress_ms = Some(now);
     });
-    if let Err(error) = agent.progress(tracked, None).await {
-        tracing::warn!(agent = %agent.name, task = %tracked.lease.key, %error, "could not extend the lease");
+    match agent.progress(tracked, None).await {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(agent = %agent.name, task = %tracked.lease.key, %error, "lease lost; stopping the task's process");
+            false
+        }
     }
+}
+
+/// Stops the process of a task that is no longer this slot's.
+async fn abandon(
+    agent: &AgentRuntime,
+    child: &mut tokio::process::Child,
+    pgid: u32,
+    mut tracked: Tracked,
+) {
+    process::stop(child, pgid, agent.config.timeouts.stop_grace.get()).await;
+    agent.finish_call(&tracked.lease.key, AttemptOutcome::Released);
+    tracked.lease.settle();
 }
 
 async fn kill_for(

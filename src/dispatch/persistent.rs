@@ -196,6 +196,7 @@ impl Replica<'_> {
                 };
                 tracked.waiting = tracked.waiting.saturating_sub(1);
                 tracked.last_progress = Instant::now();
+                self.publish_tasks();
                 self.agent
                     .metrics()
                     .message_answered(&self.agent.name, latency.as_secs_f64());
@@ -209,7 +210,9 @@ impl Replica<'_> {
                 };
                 tracked.last_progress = Instant::now();
                 tracked.renew_at = Instant::now();
-                if let Err(error) = self.agent.progress(tracked, None).await {
+                let result = self.agent.progress(tracked, None).await;
+                self.publish_tasks();
+                if let Err(error) = result {
                     self.lost_lease(&parent, &error).await;
                 }
             }
@@ -231,7 +234,13 @@ impl Replica<'_> {
         self.in_flight
             .values()
             .map(|tracked| {
-                let silent = now.saturating_duration_since(tracked.last_progress);
+                // A task waiting for its children is not silent: its wait
+                // is bounded by its own timeout.
+                let silent = if tracked.waiting > 0 {
+                    Duration::ZERO
+                } else {
+                    now.saturating_duration_since(tracked.last_progress)
+                };
                 now_ms.saturating_sub(u64::try_from(silent.as_millis()).unwrap_or(u64::MAX))
             })
             .min()
@@ -250,7 +259,8 @@ impl Replica<'_> {
         let mut gate_closed = false;
         let mut orders = self.agent.watch_orders();
         let mut orders_closed = false;
-        let mut retiring = false;
+        // An order given while this process was starting counts too.
+        let mut retiring = orders.borrow_and_update().retire.contains(&self.index);
         loop {
             if retiring && draining.is_none() && self.in_flight.is_empty() {
                 self.shut_down().await;
@@ -530,6 +540,7 @@ impl Replica<'_> {
                             let tracked = self.in_flight.get_mut(&parent).expect("held");
                             tracked.waiting += 1;
                             tracked.last_progress = Instant::now();
+                            self.publish_tasks();
                             tokio::spawn(crate::delegate::wait(
                                 self.agent.store().clone(),
                                 parent,

@@ -791,15 +791,17 @@ impl JetStreamQueue {
                     .is_ok()
             {
                 deleted += 1;
-                // Its rollback journal, if it declared changes.
-                let _ = self
-                    .inner
-                    .records
-                    .purge(format!(
-                        "c.{}",
-                        escape(&format!("journal.{}", summary.task.id))
-                    ))
-                    .await;
+                // Its journal and delegation links go with it.
+                for kind in ["journal", "link", "children"] {
+                    let _ = self
+                        .inner
+                        .records
+                        .purge(format!(
+                            "c.{}",
+                            escape(&format!("{kind}.{}", summary.task.id))
+                        ))
+                        .await;
+                }
             }
         }
         Ok(deleted)

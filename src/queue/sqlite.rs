@@ -587,12 +587,15 @@ impl SqliteQueue {
                     params![cutoff, PRUNE_BATCH],
                 )
                 .map_err(storage)?;
-                conn.execute(
-                    "DELETE FROM status WHERE key IN (
-                        SELECT 'control.journal.' || id FROM tasks WHERE state = 4 AND finished_at < ?1 LIMIT ?2)",
-                    params![cutoff, PRUNE_BATCH],
-                )
-                .map_err(storage)?;
+                // Its journal and delegation links go with it.
+                for prefix in ["control.journal.", "control.link.", "control.children."] {
+                    conn.execute(
+                        "DELETE FROM status WHERE key IN (
+                            SELECT ?3 || id FROM tasks WHERE state = 4 AND finished_at < ?1 LIMIT ?2)",
+                        params![cutoff, PRUNE_BATCH, prefix],
+                    )
+                    .map_err(storage)?;
+                }
                 let deleted = conn
                     .execute(
                         "DELETE FROM tasks WHERE seq IN (

@@ -1,0 +1,566 @@
+//! Chaos experiments (`flotilla chaos run experiment.toml`, or scheduled
+//! by the daemon with `[[chaos.schedule]]`): a steady-state hypothesis
+//! checked before a method (a timed list of faults) and again after it,
+//! with probe tasks to prove that none is lost. The verdict: the
+//! hypothesis held before, and held again within `settle` after the last
+//! fault. Runs through the daemon's API.
+
+use std::time::{Duration, Instant};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::client::ApiClient;
+use crate::config::HumanDuration;
+use crate::queue::TaskState;
+use crate::status::StatusReport;
+
+/// Most probe tasks of one experiment.
+const MAX_LOAD: u32 = 10_000;
+/// Most steps of one method.
+const MAX_STEPS: usize = 100;
+
+/// An experiment file.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    /// Its name (1 to 64 letters, digits, `-`, `_`).
+    pub name: String,
+    /// What must hold before and after.
+    #[serde(default)]
+    pub hypothesis: Hypothesis,
+    /// Probe tasks submitted at the start, followed to their end.
+    #[serde(default)]
+    pub load: Option<Load>,
+    /// The faults, in order of `at`.
+    pub method: Vec<Step>,
+    /// How long after the last fault the hypothesis may take to hold
+    /// again (default 60s, up to 1h).
+    #[serde(default = "settle")]
+    pub settle: HumanDuration,
+}
+
+fn settle() -> HumanDuration {
+    HumanDuration::secs(60)
+}
+
+/// The steady state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Hypothesis {
+    /// Fewer tasks than this queued.
+    #[serde(default)]
+    pub queue_depth_below: Option<u64>,
+    /// Every running agent has a ready replica and a closed breaker.
+    #[serde(default)]
+    pub all_agents_ready: bool,
+    /// p99 of the probe tasks' time from submit to completion below this.
+    #[serde(default)]
+    pub p99_latency_below: Option<HumanDuration>,
+}
+
+/// Probe tasks.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Load {
+    /// The agent they go to.
+    pub agent: String,
+    /// How many (1 to 10000).
+    pub tasks: u32,
+    /// Their payload.
+    #[serde(default)]
+    pub payload: Value,
+}
+
+/// One fault.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    /// When, from the start of the method.
+    #[serde(default)]
+    pub at: HumanDuration,
+    /// `kill`, `pause`, `partition` or `latency`.
+    pub action: String,
+    /// `kill`, `pause`: the agent.
+    #[serde(default)]
+    pub agent: Option<String>,
+    /// `kill`: one, all, percent:N.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// `kill`: KILL or TERM.
+    #[serde(default)]
+    pub signal: Option<String>,
+    /// `pause`, `partition`, `latency`: how long.
+    #[serde(default, rename = "for")]
+    pub duration: Option<String>,
+    /// `latency`: the delay.
+    #[serde(default)]
+    pub add: Option<String>,
+}
+
+/// One check of the hypothesis.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Check {
+    /// What.
+    pub name: String,
+    /// Whether it held.
+    pub ok: bool,
+    /// What was seen.
+    pub detail: String,
+}
+
+/// What became of the probe tasks.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+pub struct LoadReport {
+    /// Submitted.
+    pub submitted: u32,
+    /// Completed.
+    pub completed: u32,
+    /// Dead-lettered.
+    pub dead_lettered: u32,
+    /// Still queued or running at the end.
+    pub unfinished: u32,
+    /// Not found any more: lost.
+    pub lost: u32,
+    /// Completed more than once.
+    pub twice: u32,
+    /// p99 from submit to completion, in milliseconds.
+    pub p99_ms: Option<u64>,
+}
+
+/// An experiment's report.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Report {
+    /// The experiment.
+    pub name: String,
+    /// `passed` or `failed`.
+    pub verdict: String,
+    /// When it started.
+    pub started_ms: u64,
+    /// How long it took, in milliseconds.
+    pub took_ms: u64,
+    /// The hypothesis before the method.
+    pub before: Vec<Check>,
+    /// The hypothesis after it (the last look within `settle`).
+    pub after: Vec<Check>,
+    /// The faults injected.
+    pub actions: Vec<String>,
+    /// The probe tasks.
+    pub load: Option<LoadReport>,
+}
+
+impl Experiment {
+    /// Reads and checks an experiment file.
+    ///
+    /// # Errors
+    /// What is wrong, naming the file and the field.
+    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| format!("{}: {error}", path.display()))?;
+        let experiment: Self = toml::from_str(&text)
+            .map_err(|error| format!("{}: {}", path.display(), error.message()))?;
+        experiment
+            .check()
+            .map_err(|problem| format!("{}: {problem}", path.display()))?;
+        Ok(experiment)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if !crate::config::valid_token(&self.name, 64) {
+            return Err(format!(
+                "name {:?}: use 1 to 64 letters, digits, '-' or '_'",
+                self.name
+            ));
+        }
+        if self.method.is_empty() || self.method.len() > MAX_STEPS {
+            return Err(format!(
+                "method has {} steps; valid: 1 to {MAX_STEPS}",
+                self.method.len()
+            ));
+        }
+        if self.settle.get() > Duration::from_secs(3600) {
+            return Err(format!("settle = {} is over 1h", self.settle));
+        }
+        if let Some(load) = &self.load
+            && !(1..=MAX_LOAD).contains(&load.tasks)
+        {
+            return Err(format!(
+                "load.tasks = {} is out of range; valid: 1 to {MAX_LOAD}",
+                load.tasks
+            ));
+        }
+        for (index, step) in self.method.iter().enumerate() {
+            let needs = |field: &str, present: bool| {
+                if present {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "method[{index}]: `{}` needs `{field}`",
+                        step.action
+                    ))
+                }
+            };
+            match step.action.as_str() {
+                "kill" => needs("agent", step.agent.is_some())?,
+                "pause" => {
+                    needs("agent", step.agent.is_some())?;
+                    needs("for", step.duration.is_some())?;
+                }
+                "partition" => needs("for", step.duration.is_some())?,
+                "latency" => {
+                    needs("for", step.duration.is_some())?;
+                    needs("add", step.add.is_some())?;
+                }
+                other => {
+                    return Err(format!(
+                        "method[{index}].action {other:?} is not valid; valid: kill, pause, partition, latency"
+                    ));
+                }
+            }
+            if step.at.get() > Duration::from_secs(3600) {
+                return Err(format!("method[{index}].at = {} is over 1h", step.at));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn hypothesis(report: &StatusReport, hypothesis: &Hypothesis) -> Vec<Check> {
+    let mut checks = Vec::new();
+    if let Some(limit) = hypothesis.queue_depth_below {
+        checks.push(Check {
+            name: format!("queue depth below {limit}"),
+            ok: report.queue_depth < limit,
+            detail: format!("{} queued", report.queue_depth),
+        });
+    }
+    if hypothesis.all_agents_ready {
+        let unready: Vec<String> = report
+            .agents
+            .iter()
+            .filter(|agent| agent.state == crate::status::AgentState::Running)
+            .filter(|agent| {
+                !agent
+                    .replicas
+                    .iter()
+                    .any(crate::status::ReplicaStatus::is_ready)
+                    || agent
+                        .breaker
+                        .state
+                        .is_some_and(|state| state != crate::breaker::BreakerState::Closed)
+            })
+            .map(|agent| agent.name.clone())
+            .collect();
+        checks.push(Check {
+            name: "all agents ready".into(),
+            ok: unready.is_empty(),
+            detail: if unready.is_empty() {
+                "every running agent has a ready replica and a closed breaker".into()
+            } else {
+                format!("not ready: {}", unready.join(", "))
+            },
+        });
+    }
+    checks
+}
+
+fn holds(checks: &[Check]) -> bool {
+    checks.iter().all(|check| check.ok)
+}
+
+async fn inject(client: &ApiClient, step: &Step) -> Result<String, String> {
+    let failed = |error: crate::client::ClientError| match error {
+        crate::client::ClientError::Refused(_, message)
+        | crate::client::ClientError::Failed(message) => message,
+    };
+    let done = match step.action.as_str() {
+        "kill" => client
+            .chaos_kill(&crate::chaos::KillRequest {
+                agent: step.agent.clone().unwrap_or_default(),
+                mode: step.mode.clone().unwrap_or_else(|| "one".into()),
+                signal: step.signal.clone().unwrap_or_else(|| "KILL".into()),
+            })
+            .await
+            .map_err(failed)?,
+        "pause" => client
+            .chaos_pause(&crate::chaos::PauseRequest {
+                agent: step.agent.clone().unwrap_or_default(),
+                duration: step.duration.clone().unwrap_or_default(),
+            })
+            .await
+            .map_err(failed)?,
+        "partition" => client
+            .chaos_broker(step.duration.as_deref().unwrap_or_default(), None)
+            .await
+            .map_err(failed)?,
+        _ => client
+            .chaos_broker(
+                step.duration.as_deref().unwrap_or_default(),
+                step.add.as_deref(),
+            )
+            .await
+            .map_err(failed)?,
+    };
+    Ok(format!("{}: {}", done.action, done.detail))
+}
+
+/// Runs `experiment` against the daemon behind `client`.
+///
+/// # Errors
+/// When the daemon cannot be asked (not a failed verdict: that is a
+/// report).
+pub async fn run(
+    client: &ApiClient,
+    experiment: &Experiment,
+    now_ms: u64,
+) -> Result<Report, String> {
+    let started = Instant::now();
+    let status = |error: crate::client::ClientError| match error {
+        crate::client::ClientError::Refused(_, message)
+        | crate::client::ClientError::Failed(message) => message,
+    };
+    let before = hypothesis(
+        &client.status().await.map_err(status)?,
+        &experiment.hypothesis,
+    );
+    let mut actions = Vec::new();
+    let mut probes = Vec::new();
+    if !holds(&before) {
+        return Ok(Report {
+            name: experiment.name.clone(),
+            verdict: "failed".into(),
+            started_ms: now_ms,
+            took_ms: millis(started.elapsed()),
+            before,
+            after: Vec::new(),
+            actions: vec!["none: the steady state did not hold before the method".into()],
+            load: None,
+        });
+    }
+    if let Some(load) = &experiment.load {
+        let prefix = format!("chaos-{}-{now_ms}", experiment.name);
+        let tasks: Vec<crate::api::TaskBody> = (0..load.tasks)
+            .map(|n| crate::api::TaskBody {
+                id: Some(format!("{prefix}-{n:05}")),
+                payload: load.payload.clone(),
+                priority: crate::queue::Priority::Normal,
+            })
+            .collect();
+        probes = tasks.iter().filter_map(|task| task.id.clone()).collect();
+        client
+            .submit(&crate::api::SubmitBody {
+                agent: load.agent.clone(),
+                id: None,
+                priority: None,
+                payload: None,
+                tasks: Some(tasks),
+            })
+            .await
+            .map_err(status)?;
+    }
+    let mut steps: Vec<&Step> = experiment.method.iter().collect();
+    steps.sort_by_key(|step| step.at);
+    for step in steps {
+        let due = step.at.get().saturating_sub(started.elapsed());
+        tokio::time::sleep(due).await;
+        actions.push(match inject(client, step).await {
+            Ok(done) => done,
+            Err(error) => format!("{} failed: {error}", step.action),
+        });
+    }
+    // Recovery: the hypothesis must hold again (and the probes end)
+    // within `settle`.
+    let deadline = Instant::now() + experiment.settle.get();
+    let (after, load) = loop {
+        let report = client.status().await.map_err(status)?;
+        let mut after = hypothesis(&report, &experiment.hypothesis);
+        let load = if probes.is_empty() {
+            None
+        } else {
+            Some(follow(client, &probes).await.map_err(status)?)
+        };
+        if let (Some(load), Some(limit)) = (&load, experiment.hypothesis.p99_latency_below) {
+            after.push(Check {
+                name: format!("p99 latency below {limit}"),
+                ok: load.p99_ms.is_some_and(|p99| p99 < limit.as_millis()),
+                detail: load.p99_ms.map_or_else(
+                    || "no probe completed".into(),
+                    |p99| format!("p99 {p99} ms"),
+                ),
+            });
+        }
+        if let Some(load) = &load {
+            after.push(Check {
+                name: "no task lost or completed twice".into(),
+                ok: load.lost == 0 && load.twice == 0,
+                detail: format!("{} lost, {} completed twice", load.lost, load.twice),
+            });
+            after.push(Check {
+                name: "every probe task ended".into(),
+                ok: load.unfinished == 0,
+                detail: format!(
+                    "{} completed, {} dead-lettered, {} unfinished",
+                    load.completed, load.dead_lettered, load.unfinished
+                ),
+            });
+        }
+        if holds(&after) || Instant::now() >= deadline {
+            break (after, load);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    Ok(Report {
+        name: experiment.name.clone(),
+        verdict: if holds(&after) { "passed" } else { "failed" }.into(),
+        started_ms: now_ms,
+        took_ms: millis(started.elapsed()),
+        before,
+        after,
+        actions,
+        load,
+    })
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+async fn follow(
+    client: &ApiClient,
+    ids: &[String],
+) -> Result<LoadReport, crate::client::ClientError> {
+    let mut load = LoadReport {
+        submitted: u32::try_from(ids.len()).unwrap_or(u32::MAX),
+        ..LoadReport::default()
+    };
+    let mut latencies = Vec::new();
+    for id in ids {
+        let Some(task) = client.get_task(id).await? else {
+            load.lost += 1;
+            continue;
+        };
+        let completions = task
+            .history
+            .iter()
+            .filter(|attempt| attempt.outcome == Some(crate::queue::AttemptOutcome::Completed))
+            .count();
+        if completions > 1 {
+            load.twice += 1;
+        }
+        match task.state {
+            TaskState::Completed => {
+                load.completed += 1;
+                if let Some(finished) = task.finished_ms {
+                    latencies.push(finished.saturating_sub(task.created_ms));
+                }
+            }
+            TaskState::DeadLettered => load.dead_lettered += 1,
+            _ => load.unfinished += 1,
+        }
+    }
+    latencies.sort_unstable();
+    load.p99_ms = (!latencies.is_empty())
+        .then(|| latencies[(latencies.len() * 99).div_ceil(100).saturating_sub(1)]);
+    Ok(load)
+}
+
+/// The report for humans.
+pub fn render(report: &Report) -> String {
+    let mut text = format!(
+        "experiment {}: {} in {:.1}s\n",
+        report.name,
+        report.verdict.to_uppercase(),
+        report.took_ms as f64 / 1000.0
+    );
+    for (when, checks) in [("before", &report.before), ("after", &report.after)] {
+        for check in checks {
+            text.push_str(&format!(
+                "  {when:<6} {} {}: {}\n",
+                if check.ok { "ok  " } else { "FAIL" },
+                check.name,
+                check.detail
+            ));
+        }
+    }
+    for action in &report.actions {
+        text.push_str(&format!("  fault  {action}\n"));
+    }
+    text
+}
+
+/// Runs the experiment of `entry` every `entry.every` against this
+/// daemon's own API at `address`, until `stop` changes; keeps the last
+/// report in the store (`chaos.last.NAME`), counts the verdicts and tells
+/// humans about failures.
+#[allow(clippy::too_many_arguments)]
+pub async fn schedule(
+    entry: crate::config::ScheduledExperiment,
+    path: std::path::PathBuf,
+    address: std::net::SocketAddr,
+    token: String,
+    store: crate::store::Store,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    notifier: crate::notify::Notifier,
+    clock: crate::clock::SharedClock,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(entry.every.get()) => {}
+        }
+        // Read at each run: an edit applies to the next one.
+        let experiment = match Experiment::load(&path) {
+            Ok(experiment) => experiment,
+            Err(problem) => {
+                tracing::error!(%problem, "scheduled chaos experiment cannot be read; skipped");
+                continue;
+            }
+        };
+        let client = match ApiClient::new(&format!("http://{address}"), Some(token.clone())) {
+            Ok(client) => client,
+            Err(problem) => {
+                tracing::error!(%problem, "scheduled chaos experiment: no API client");
+                continue;
+            }
+        };
+        tracing::warn!(experiment = %experiment.name, "scheduled chaos experiment starting");
+        let report = tokio::select! {
+            _ = stop.changed() => return,
+            report = run(&client, &experiment, clock.now_ms()) => report,
+        };
+        let report = match report {
+            Ok(report) => report,
+            Err(problem) => {
+                tracing::error!(experiment = %experiment.name, %problem, "scheduled chaos experiment could not run");
+                continue;
+            }
+        };
+        metrics.chaos_experiment(&report.name, &report.verdict);
+        let failed = report.verdict != "passed";
+        if failed {
+            tracing::error!(experiment = %report.name, "scheduled chaos experiment FAILED:\n{}", render(&report));
+        } else {
+            tracing::info!(experiment = %report.name, "scheduled chaos experiment passed");
+        }
+        notifier.send(
+            crate::notify::Event::new(
+                crate::notify::EventKind::Chaos,
+                clock.now_ms(),
+                failed,
+                format!("chaos experiment {}: {}", report.name, report.verdict),
+            )
+            .details(serde_json::to_value(&report).expect("report serializes")),
+        );
+        if let Err(error) = store
+            .put_control(
+                &format!("chaos.last.{}", report.name),
+                &serde_json::to_value(&report).expect("report serializes"),
+            )
+            .await
+        {
+            tracing::warn!(%error, "could not store the experiment's report");
+        }
+    }
+}
