@@ -1,7 +1,9 @@
 //! The chaos soak: 5,000 tasks, some of them delegating to another agent,
 //! while agents crash, hang and err on their own, replicas are killed and
 //! paused at random, and the daemon is killed with `kill -9` twice and
-//! restarted. At the end every task is terminal, none is lost, none was
+//! restarted; on JetStream also nats-server is killed and restarted and
+//! the daemon's broker connection is cut for 20 s through the fault
+//! proxy. At the end every task is terminal, none is lost, none was
 //! completed twice.
 //!
 //! Seeded: the seed is printed, and `FLOTILLA_SOAK_SEED=N cargo test
@@ -19,6 +21,7 @@ use nix::sys::signal::Signal;
 use rand::rngs::SmallRng;
 use rand::{Rng as _, SeedableRng as _};
 use serde_json::Value;
+use support::nats::NatsServer;
 use support::*;
 
 const TASKS: usize = 5_000;
@@ -48,6 +51,19 @@ fn signal_group(pid: u32, signal: Signal) {
 
 #[test]
 fn five_thousand_tasks_through_chaos_none_lost_none_twice() {
+    soak(None);
+}
+
+#[test]
+fn five_thousand_tasks_through_chaos_on_jetstream() {
+    let Some(mut server) = NatsServer::start("five_thousand_tasks_through_chaos_on_jetstream")
+    else {
+        return;
+    };
+    soak(Some(&mut server));
+}
+
+fn soak(mut broker: Option<&mut NatsServer>) {
     let seed: u64 = std::env::var("FLOTILLA_SOAK_SEED")
         .ok()
         .and_then(|seed| seed.parse().ok())
@@ -58,8 +74,14 @@ fn five_thousand_tasks_through_chaos_none_lost_none_twice() {
     eprintln!("chaos soak seed: {seed} (replay with FLOTILLA_SOAK_SEED={seed})");
     let mut rng = SmallRng::seed_from_u64(seed);
     let manager = repo_root().join("examples/agents/manager.py");
+    let broker_section = broker.as_ref().map_or_else(String::new, |server| {
+        format!(
+            "[broker]\nurl = \"{}\"\nack_wait = \"2s\"\nping_interval = \"1s\"\nreconnect_max_delay = \"200ms\"\n\n[chaos]\nenabled = true\nproxy = true\n",
+            server.url
+        )
+    });
     let fleet = Fleet::new(&format!(
-        r#"
+        r#"{broker_section}
 [agents.worker]
 command = {worker}
 replicas = {{ min = 4 }}
@@ -92,6 +114,18 @@ breaker = {{ enabled = false }}
         ]),
         manager = manager.display().to_string(),
     ));
+    if broker.is_some() {
+        std::fs::write(fleet.path("api-token"), "soak-token-1f2e3d").unwrap();
+        let text = std::fs::read_to_string(&fleet.config_path).unwrap();
+        std::fs::write(
+            &fleet.config_path,
+            text.replace(
+                "listen = \"127.0.0.1:0\"",
+                "listen = \"127.0.0.1:0\"\ntoken_file = \"api-token\"",
+            ),
+        )
+        .unwrap();
+    }
     let started = Instant::now();
     let mut daemon = fleet.spawn_daemon();
     let mut ids = fleet.submit_numbered("worker", TASKS - MANAGED, "soak");
@@ -120,10 +154,20 @@ breaker = {{ enabled = false }}
         .build()
         .unwrap();
     let _entered = runtime.enter();
-    let queue = fleet.client();
-    let unfinished = |queue: &flotilla::queue::sqlite::SqliteQueue| {
+    let store = runtime
+        .block_on(flotilla::store::Store::open(
+            &fleet.config(),
+            flotilla::queue::sqlite::Role::Client,
+            flotilla::clock::system(),
+            "soak",
+        ))
+        .unwrap();
+    let queue = store.queue();
+    let unfinished = |queue: &std::sync::Arc<dyn flotilla::queue::TaskQueue>| {
         runtime.block_on(async {
-            let counts = flotilla::queue::TaskQueue::counts(queue).await.unwrap();
+            let Ok(counts) = queue.counts().await else {
+                return u64::MAX;
+            };
             counts
                 .iter()
                 .map(|(_, counts)| counts.queued + counts.running)
@@ -131,6 +175,7 @@ breaker = {{ enabled = false }}
         })
     };
     let mut daemon_kills = 0;
+    let mut broker_faults = 0;
     let mut actions: HashMap<&str, u32> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
@@ -151,6 +196,27 @@ breaker = {{ enabled = false }}
             eprintln!("soak: kill -9 of the daemon #{daemon_kills}, {left} tasks unfinished");
             std::thread::sleep(Duration::from_millis(200));
             daemon = fleet.spawn_daemon();
+            continue;
+        }
+        // On a broker: nats-server killed and restarted, then a 20 s
+        // partition of the daemon's connection, after the daemon kills.
+        if let Some(server) = broker.as_deref_mut()
+            && daemon_kills == 2
+            && broker_faults < 2
+            && started.elapsed() > Duration::from_secs(10 + 3 * broker_faults)
+        {
+            if broker_faults == 0 {
+                server.kill();
+                eprintln!("soak: nats-server killed");
+                std::thread::sleep(Duration::from_millis(rng.random_range(500..3000)));
+                server.restart();
+                eprintln!("soak: nats-server restarted");
+            } else {
+                let cut = fleet.cli(&["chaos", "partition", "--for", "20s"]);
+                assert!(cut.status.success(), "{cut:?}");
+                eprintln!("soak: broker connection cut for 20s");
+            }
+            broker_faults += 1;
             continue;
         }
         let pids = replica_pids(&fleet);
@@ -174,7 +240,7 @@ breaker = {{ enabled = false }}
 
     // Every task, children included, is terminal; none was lost or
     // completed twice.
-    let tasks = runtime.block_on(records(&queue, &ids));
+    let tasks = runtime.block_on(records(queue.as_ref(), &ids));
     assert_eq!(tasks.len(), TASKS, "a task went missing (seed {seed})");
     let mut states: HashMap<TaskState, usize> = HashMap::new();
     for task in &tasks {
@@ -192,20 +258,17 @@ breaker = {{ enabled = false }}
         *states.entry(task.state).or_default() += 1;
     }
     let children = runtime
-        .block_on(flotilla::queue::TaskQueue::list(
-            &queue,
-            &ListFilter {
-                state: None,
-                agent: Some("worker".into()),
-                limit: 100_000,
-            },
-        ))
+        .block_on(queue.list(&ListFilter {
+            state: None,
+            agent: Some("worker".into()),
+            limit: 100_000,
+        }))
         .unwrap()
         .into_iter()
         .filter(|task| task.id.starts_with("lead-"))
         .collect::<Vec<_>>();
     let child_ids: Vec<String> = children.iter().map(|task| task.id.clone()).collect();
-    let children = runtime.block_on(records(&queue, &child_ids));
+    let children = runtime.block_on(records(queue.as_ref(), &child_ids));
     assert_eq!(children.len(), MANAGED, "one child per lead (seed {seed})");
     for child in &children {
         assert!(child.state.is_terminal(), "{} is {}", child.id, child.state);
@@ -217,11 +280,14 @@ breaker = {{ enabled = false }}
     }
     let completed = states.get(&TaskState::Completed).copied().unwrap_or(0);
     eprintln!(
-        "soak (seed {seed}): {TASKS} tasks + {MANAGED} children in {:.0?}: {completed} completed, {} dead-lettered; daemon killed {daemon_kills} times; {actions:?}",
+        "soak (seed {seed}): {TASKS} tasks + {MANAGED} children in {:.0?}: {completed} completed, {} dead-lettered; daemon killed {daemon_kills} times, {broker_faults} broker faults; {actions:?}",
         started.elapsed(),
         states.get(&TaskState::DeadLettered).copied().unwrap_or(0)
     );
     assert_eq!(daemon_kills, 2);
+    if broker.is_some() {
+        assert_eq!(broker_faults, 2, "the broker faults happened (seed {seed})");
+    }
     assert!(
         completed > TASKS * 9 / 10,
         "most tasks complete (seed {seed})"
