@@ -506,9 +506,16 @@ pub async fn schedule(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
+        let wait = match entry.next_in(clock.now_ms()) {
+            Ok(wait) => wait,
+            Err(problem) => {
+                tracing::error!(%problem, "scheduled chaos experiment: no next run");
+                return;
+            }
+        };
         tokio::select! {
             _ = stop.changed() => return,
-            () = tokio::time::sleep(entry.every.get()) => {}
+            () = tokio::time::sleep(wait) => {}
         }
         // Read at each run: an edit applies to the next one.
         let experiment = match Experiment::load(&path) {

@@ -674,6 +674,41 @@ checks = [
     }
 
     #[test]
+    fn scheduled_experiments_run_every_period_or_by_cron() {
+        let config = parse(
+            "[chaos]\nenabled = true\nschedule = [{ experiment = \"a.toml\", cron = \"0 10 * * MON\" }, { experiment = \"b.toml\", every = \"1h\" }]\n[agents.a]\ncommand = [\"a\"]\n",
+            "test.toml",
+            PathBuf::from("."),
+        )
+        .expect("valid");
+        // Tuesday 2023-11-14 22:13:20 UTC: the next Monday 10:00 UTC is
+        // 5 days 11:46:40 away.
+        let now = 1_700_000_000_000;
+        assert_eq!(
+            config.chaos.schedule[0].next_in(now),
+            Ok(std::time::Duration::from_secs(474_400))
+        );
+        assert_eq!(
+            config.chaos.schedule[1].next_in(now),
+            Ok(std::time::Duration::from_secs(3600))
+        );
+        let found = problems(
+            "[chaos]\nenabled = true\nschedule = [{ experiment = \"a.toml\", cron = \"every monday\" }, { experiment = \"b.toml\" }]\n",
+        );
+        let all: Vec<String> = found.iter().map(ToString::to_string).collect();
+        assert!(
+            all.iter()
+                .any(|p| p.contains("chaos.schedule[0].cron: cron \"every monday\"")),
+            "{all:#?}"
+        );
+        assert!(
+            all.iter()
+                .any(|p| p.contains("chaos.schedule[1]: give exactly one of `every` and `cron`")),
+            "{all:#?}"
+        );
+    }
+
+    #[test]
     fn the_token_is_not_in_debug_output() {
         let config = parse(
             "[http]\ntoken = \"very-secret-token\"\n[agents.a]\ncommand = [\"a\"]\n",

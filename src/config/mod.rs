@@ -400,14 +400,43 @@ pub struct ChaosConfig {
     pub schedule: Vec<ScheduledExperiment>,
 }
 
-/// `[[chaos.schedule]]`: an experiment the daemon runs periodically.
+/// `[[chaos.schedule]]`: an experiment the daemon runs periodically:
+/// every `every`, or when `cron` says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduledExperiment {
     /// The experiment file, relative to the config's directory.
     pub experiment: PathBuf,
     /// How often (10s to 30d); the first run is one period after start.
-    pub every: HumanDuration,
+    #[serde(default)]
+    pub every: Option<HumanDuration>,
+    /// A cron expression in UTC (`MIN HOUR DAY MONTH WEEKDAY`, e.g.
+    /// `0 10 * * MON`), in place of `every`.
+    #[serde(default)]
+    pub cron: Option<String>,
+}
+
+impl ScheduledExperiment {
+    /// How long from `now_ms` until the next run.
+    ///
+    /// # Errors
+    /// When the cron expression does not parse or never fires.
+    pub fn next_in(&self, now_ms: u64) -> Result<std::time::Duration, String> {
+        if let Some(every) = self.every {
+            return Ok(every.get());
+        }
+        let expression = self.cron.as_deref().unwrap_or_default();
+        let cron = croner::Cron::new(expression)
+            .parse()
+            .map_err(|error| format!("cron {expression:?}: {error}"))?;
+        let now =
+            chrono::DateTime::from_timestamp_millis(i64::try_from(now_ms).unwrap_or(i64::MAX))
+                .ok_or("the clock is out of range")?;
+        let next = cron
+            .find_next_occurrence(&now, false)
+            .map_err(|error| format!("cron {expression:?}: {error}"))?;
+        Ok((next - now).to_std().unwrap_or_default())
+    }
 }
 
 /// `[delegation]`: limits of the child tasks agents send each other.
@@ -1058,14 +1087,29 @@ impl Config {
         self.watchdog.validate(&mut problem);
         self.delegation.validate(&mut problem);
         for (index, entry) in self.chaos.schedule.iter().enumerate() {
-            let every = entry.every.get();
-            if every < std::time::Duration::from_secs(10)
-                || every > std::time::Duration::from_secs(30 * 86_400)
-            {
-                problem(
-                    format!("chaos.schedule[{index}].every"),
-                    format!("{} is out of range; valid: 10s to 30d", entry.every),
-                );
+            match (&entry.every, &entry.cron) {
+                (Some(every), None) => {
+                    if every.get() < std::time::Duration::from_secs(10)
+                        || every.get() > std::time::Duration::from_secs(30 * 86_400)
+                    {
+                        problem(
+                            format!("chaos.schedule[{index}].every"),
+                            format!("{every} is out of range; valid: 10s to 30d"),
+                        );
+                    }
+                }
+                (None, Some(_)) => {
+                    if let Err(error) = entry.next_in(0) {
+                        problem(
+                            format!("chaos.schedule[{index}].cron"),
+                            format!("{error}; e.g. \"0 10 * * MON\" (Mondays 10:00 UTC)"),
+                        );
+                    }
+                }
+                _ => problem(
+                    format!("chaos.schedule[{index}]"),
+                    "give exactly one of `every` and `cron`".into(),
+                ),
             }
             if !self.chaos.enabled {
                 problem(
