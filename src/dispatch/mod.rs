@@ -1404,14 +1404,20 @@ async fn leaser(
         }
         let mode = agent.mode(agent.clock.now_ms());
         let now = Instant::now();
+        // Without prefetch nothing is held: a task whose replica went away
+        // (not ready any more, stopping) goes back at once.
+        let holds = agent.config.prefetch > 0;
         while ahead
             .front()
-            .is_some_and(|(_, at)| now.saturating_duration_since(*at) >= PREFETCH_TTL)
+            .is_some_and(|(_, at)| !holds || now.saturating_duration_since(*at) >= PREFETCH_TTL)
         {
             let (lease, _) = ahead.pop_front().expect("checked");
-            agent
-                .release(lease, "leaser", "leased ahead but not started in time")
-                .await;
+            let why = if holds {
+                "leased ahead but not started in time"
+            } else {
+                "the replica it was leased for no longer takes tasks"
+            };
+            agent.release(lease, "leaser", why).await;
         }
         if shutdown.borrow().stopping() {
             break;
