@@ -102,16 +102,7 @@ breaker = {{ enabled = false }}
         example_agent(&["--work-ms", "1"]),
         example_agent(&["--error-rate", "1.0"]),
     ));
-    std::fs::write(fleet.path("api-token"), format!("{TOKEN}\n")).unwrap();
-    let text = std::fs::read_to_string(&fleet.config_path).unwrap();
-    std::fs::write(
-        &fleet.config_path,
-        text.replace(
-            "listen = \"127.0.0.1:0\"",
-            "listen = \"127.0.0.1:0\"\ntoken_file = \"api-token\"",
-        ),
-    )
-    .unwrap();
+    fleet.set_token(TOKEN);
     let daemon = fleet.start().await;
     let address = daemon.http_address().expect("listening");
     let api = Client::new(address);
@@ -397,17 +388,8 @@ replicas = {{ min = 2 }}
 "#,
         example_agent(&["--work-ms", "1"]),
     ));
-    std::fs::write(fleet.path("api-token"), TOKEN).unwrap();
+    fleet.set_token(TOKEN);
     std::fs::write(fleet.path("kill-one.toml"), EXPERIMENT).unwrap();
-    let text = std::fs::read_to_string(&fleet.config_path).unwrap();
-    std::fs::write(
-        &fleet.config_path,
-        text.replace(
-            "listen = \"127.0.0.1:0\"",
-            "listen = \"127.0.0.1:0\"\ntoken_file = \"api-token\"",
-        ),
-    )
-    .unwrap();
     let daemon = fleet.start().await;
     let worker = daemon
         .agents()
@@ -533,16 +515,7 @@ async fn chaos_is_refused_unless_enabled() {
         "[agents.worker]\ncommand = {}\n",
         example_agent(&["--work-ms", "1"])
     ));
-    std::fs::write(fleet.path("api-token"), TOKEN).unwrap();
-    let text = std::fs::read_to_string(&fleet.config_path).unwrap();
-    std::fs::write(
-        &fleet.config_path,
-        text.replace(
-            "listen = \"127.0.0.1:0\"",
-            "listen = \"127.0.0.1:0\"\ntoken_file = \"api-token\"",
-        ),
-    )
-    .unwrap();
+    fleet.set_token(TOKEN);
     let daemon = fleet.start().await;
     let api = Client::new(daemon.http_address().unwrap());
     let (status, body) = api

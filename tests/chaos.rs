@@ -66,16 +66,7 @@ replicas = {{ min = 2 }}
         url = server.url,
         agent = example_agent(&["--work-ms", "20"]),
     ));
-    std::fs::write(fleet.path("api-token"), TOKEN).unwrap();
-    let text = std::fs::read_to_string(&fleet.config_path).unwrap();
-    std::fs::write(
-        &fleet.config_path,
-        text.replace(
-            "listen = \"127.0.0.1:0\"",
-            "listen = \"127.0.0.1:0\"\ntoken_file = \"api-token\"",
-        ),
-    )
-    .unwrap();
+    fleet.set_token(TOKEN);
     let daemon = fleet.start().await;
     let address = daemon.http_address().unwrap();
     let queue = daemon.queue().clone();

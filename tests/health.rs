@@ -134,35 +134,6 @@ command = {}
     daemon.stop().await;
 }
 
-/// A model endpoint stand-in: answers every request with the status in
-/// `status`.
-async fn model_endpoint(
-    status: std::sync::Arc<std::sync::atomic::AtomicU16>,
-) -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let code = status.load(std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buffer = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buffer).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(read) => request.extend_from_slice(&buffer[..read]),
-                    }
-                }
-                let answer =
-                    format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-                let _ = stream.write_all(answer.as_bytes()).await;
-            });
-        }
-    });
-    address
-}
-
 /// The check named `name` in a `/health/ready` answer.
 fn check<'a>(body: &'a Value, name: &str) -> Option<&'a Value> {
     body["checks"]
@@ -174,7 +145,15 @@ fn check<'a>(body: &'a Value, name: &str) -> Option<&'a Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_checks_gate_the_replicas_and_the_daemon() {
     let endpoint_status = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(200));
-    let endpoint = model_endpoint(endpoint_status.clone()).await;
+    // The model endpoint: answers with the status the test sets.
+    let status = endpoint_status.clone();
+    let endpoint = http_stand_in(move |_| {
+        (
+            status.load(std::sync::atomic::Ordering::SeqCst),
+            String::new(),
+        )
+    })
+    .await;
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let closed_port = closed.local_addr().unwrap().port();
     drop(closed);

@@ -115,16 +115,7 @@ breaker = {{ enabled = false }}
         manager = manager.display().to_string(),
     ));
     if broker.is_some() {
-        std::fs::write(fleet.path("api-token"), "soak-token-1f2e3d").unwrap();
-        let text = std::fs::read_to_string(&fleet.config_path).unwrap();
-        std::fs::write(
-            &fleet.config_path,
-            text.replace(
-                "listen = \"127.0.0.1:0\"",
-                "listen = \"127.0.0.1:0\"\ntoken_file = \"api-token\"",
-            ),
-        )
-        .unwrap();
+        fleet.set_token("soak-token-1f2e3d");
     }
     let started = Instant::now();
     let mut daemon = fleet.spawn_daemon();

@@ -240,35 +240,14 @@ checks = [ { name = "health", command = ["sh", "-c", "test ! -e broken.flag"] } 
 /// A Prometheus stand-in: answers every query with the value in `value`
 /// (an f64's bits).
 async fn prometheus(value: std::sync::Arc<std::sync::atomic::AtomicU64>) -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let now = f64::from_bits(value.load(std::sync::atomic::Ordering::SeqCst));
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buffer = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buffer).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(read) => request.extend_from_slice(&buffer[..read]),
-                    }
-                }
-                let text = String::from_utf8_lossy(&request);
-                assert!(text.starts_with("GET /api/v1/query?query="), "{text}");
-                let body = json!({"status": "success", "data": {"resultType": "vector",
-                    "result": [{"metric": {}, "value": [1_700_000_000.0, now.to_string()]}]}})
-                .to_string();
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(answer.as_bytes()).await;
-            });
-        }
-    });
-    address
+    http_stand_in(move |line| {
+        assert!(line.starts_with("GET /api/v1/query?query="), "{line}");
+        let now = f64::from_bits(value.load(std::sync::atomic::Ordering::SeqCst));
+        let body = json!({"status": "success", "data": {"resultType": "vector",
+            "result": [{"metric": {}, "value": [1_700_000_000.0, now.to_string()]}]}});
+        (200, body.to_string())
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -172,6 +172,21 @@ impl Fleet {
         self.dir.path().join(name)
     }
 
+    /// Gives the daemon's API `token` (in a token file beside the config,
+    /// as an operator would).
+    pub fn set_token(&self, token: &str) {
+        std::fs::write(self.path("api-token"), format!("{token}\n")).unwrap();
+        let text = std::fs::read_to_string(&self.config_path).unwrap();
+        std::fs::write(
+            &self.config_path,
+            text.replace(
+                "listen = \"127.0.0.1:0\"",
+                "listen = \"127.0.0.1:0\"\ntoken_file = \"api-token\"",
+            ),
+        )
+        .unwrap();
+    }
+
     /// Submits `count` tasks with ids `PREFIX-00000`... and payloads
     /// `{"n": N}` to `agent` through `flotilla submit --file`, as a user
     /// would; returns their ids.
@@ -313,4 +328,40 @@ pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus
 
 pub fn exists(path: &Path) -> bool {
     path.exists()
+}
+
+/// A tiny HTTP server on loopback standing in for a model endpoint or a
+/// Prometheus: each request (its request line) gets `answer`'s status and
+/// JSON body. Runs until the test's runtime ends.
+pub async fn http_stand_in(
+    answer: impl Fn(&str) -> (u16, String) + Send + Sync + 'static,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let answer = std::sync::Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(read) => request.extend_from_slice(&buffer[..read]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&request);
+                let line = text.lines().next().unwrap_or_default();
+                let (status, body) = answer(line);
+                let reply = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    address
 }
