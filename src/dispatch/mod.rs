@@ -203,12 +203,9 @@ pub fn check_agent(name: &str, agent: &AgentConfig, config: &Config) -> Vec<Stri
     problems
 }
 
-/// How one-off commands of agent `name` (rollbacks run by the CLI) run:
-/// in its working directory, with its environment. `None` for an agent
-/// the config does not define.
-pub fn command_spec(config: &Config, name: &str) -> Option<SpawnSpec> {
-    let agent = config.agent(name)?;
-    let lookup = |var: &str| std::env::var(var).ok();
+/// What every process of agent `name` gets: the passed-through
+/// variables and `FLOTILLA_AGENT`.
+fn base_env(name: &str) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = PASSED_THROUGH
         .iter()
         .filter_map(|var| {
@@ -218,6 +215,16 @@ pub fn command_spec(config: &Config, name: &str) -> Option<SpawnSpec> {
         })
         .collect();
     env.push(("FLOTILLA_AGENT".into(), name.to_string()));
+    env
+}
+
+/// How one-off commands of agent `name` (rollbacks run by the CLI) run:
+/// in its working directory, with its environment. `None` for an agent
+/// the config does not define.
+pub fn command_spec(config: &Config, name: &str) -> Option<SpawnSpec> {
+    let agent = config.agent(name)?;
+    let lookup = |var: &str| std::env::var(var).ok();
+    let mut env = base_env(name);
     for (var, value) in &agent.env {
         if let Ok(value) = Template::parse(value).and_then(|t| t.render(&lookup, None)) {
             env.retain(|(existing, _)| existing != var);
@@ -272,15 +279,7 @@ impl AgentRuntime {
         let agent = config.agents[name].clone();
         let replicas = agent.replicas.min;
         let (slots, requests) = mpsc::channel(agent.replicas.max() as usize + 8);
-        let mut base_env: Vec<(String, String)> = PASSED_THROUGH
-            .iter()
-            .filter_map(|var| {
-                std::env::var(var)
-                    .ok()
-                    .map(|value| (var.to_string(), value))
-            })
-            .collect();
-        base_env.push(("FLOTILLA_AGENT".into(), name.to_string()));
+        let mut base_env = base_env(name);
         base_env.push((INSTANCE_ENV.into(), wiring.instance.clone()));
         let gate = crate::readiness::Gate::initial(&agent.readiness);
         let runtime = Arc::new(Self {
