@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `GET /api/v1/status` | what `flotilla status --json` shows, live for this daemon |
 //! | `GET /api/v1/agents`, `GET /api/v1/agents/{name}` | agents with replicas, breaker, readiness |
+//! | `GET /api/v1/events` | live events (Server-Sent Events): breakers, restarts, levels, watchdog, chaos |
 //! | `GET /api/v1/tasks?state=&agent=&limit=`, `GET /api/v1/tasks/{id}` | tasks; one with its attempts |
 //! | `POST /api/v1/tasks` | submit one task or a batch |
 //! | `POST /api/v1/tasks/{id}/rollback` | undo the changes its result declared |
@@ -165,6 +166,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/escalations/{id}", get(escalation))
         .route("/api/v1/escalations/{id}/resolve", post(resolve))
         .route("/api/v1/degrade", put(force_level).delete(clear_level))
+        .route("/api/v1/events", get(events))
         .route("/api/v1/chaos/kill", post(chaos_kill))
         .route("/api/v1/chaos/pause", post(chaos_pause))
         .route("/api/v1/chaos/partition", post(chaos_partition))
@@ -639,6 +641,71 @@ async fn rollback(
     })?;
     tracing::warn!(task = %id, rolled_back = journal.is_rolled_back(), "task rolled back through the API");
     Ok(Json(journal))
+}
+
+/// Most live event followers at once.
+const MAX_FOLLOWERS: usize = 32;
+
+static FOLLOWERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts a follower while it is connected.
+struct Follower;
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        FOLLOWERS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// `GET /api/v1/events`: every event from now on, as Server-Sent Events
+/// (`event:` its kind, `data:` its JSON); a follower that falls behind
+/// misses events rather than holding anything up.
+async fn events(
+    State(api): State<Arc<Api>>,
+) -> Result<
+    axum::response::sse::Sse<
+        impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+    >,
+    ApiError,
+> {
+    let receiver = api.notifier.follow().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this daemon has no event feed",
+        )
+    })?;
+    if FOLLOWERS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= MAX_FOLLOWERS {
+        FOLLOWERS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_FOLLOWERS} followers already; try again later"),
+        ));
+    }
+    let stream = futures_util::stream::unfold(
+        (receiver, Follower),
+        |(mut receiver, follower)| async move {
+            loop {
+                match receiver.recv().await {
+                    Ok(event) => {
+                        let sse = axum::response::sse::Event::default()
+                            .event(event.event.as_str())
+                            .json_data(&event)
+                            .unwrap_or_default();
+                        return Some((Ok(sse), (receiver, follower)));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        },
+    );
+    Ok(axum::response::sse::Sse::new(stream).keep_alive(axum::response::sse::KeepAlive::default()))
+}
+
+/// `GET /ui`: the dashboard, one page embedded in the binary (no CDN, so
+/// it works offline); its data come from this API.
+pub async fn dashboard() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("ui/index.html"))
 }
 
 /// The runtime of `name` on this daemon, when chaos is allowed.

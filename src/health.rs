@@ -239,6 +239,7 @@ pub fn router(health: Health) -> Router {
         .route("/health/ready", get(ready))
         .route("/health/progress", get(progress))
         .route("/metrics", get(metrics))
+        .route("/ui", get(crate::api::dashboard))
         .with_state(health)
 }
 

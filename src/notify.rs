@@ -54,6 +54,9 @@ pub enum EventKind {
     WatchBreach,
     /// An operator injected a fault (`flotilla chaos`).
     Chaos,
+    /// A replica restarted (only live followers get it: too frequent for
+    /// sinks).
+    ReplicaRestarted,
 }
 
 impl EventKind {
@@ -71,6 +74,7 @@ impl EventKind {
             Self::ErrorRate => "error_rate",
             Self::WatchBreach => "watch_breach",
             Self::Chaos => "chaos",
+            Self::ReplicaRestarted => "replica_restarted",
         }
     }
 }
@@ -103,12 +107,19 @@ pub struct Event {
     pub details: Option<serde_json::Value>,
 }
 
-/// Sends events to the configured sinks.
+/// Sends events to the configured sinks, and to live followers (the
+/// dashboard's event feed).
 #[derive(Debug, Clone, Default)]
 pub struct Notifier {
     sinks: Vec<SinkHandle>,
     daemon: String,
+    /// Live followers; a slow one misses events rather than holding
+    /// anything up.
+    live: Option<tokio::sync::broadcast::Sender<Event>>,
 }
+
+/// Events a live follower may fall behind by before it misses some.
+const LIVE_EVENTS: usize = 256;
 
 #[derive(Debug, Clone)]
 struct SinkHandle {
@@ -154,7 +165,23 @@ impl Notifier {
         Self {
             sinks,
             daemon: daemon.to_string(),
+            live: Some(tokio::sync::broadcast::channel(LIVE_EVENTS).0),
         }
+    }
+
+    /// Tells only the live followers (the dashboard's feed), not the sinks.
+    pub fn announce(&self, mut event: Event) {
+        event.daemon.clone_from(&self.daemon);
+        if let Some(live) = &self.live {
+            let _ = live.send(event);
+        }
+    }
+
+    /// Follows every event sent from now on.
+    pub fn follow(&self) -> Option<tokio::sync::broadcast::Receiver<Event>> {
+        self.live
+            .as_ref()
+            .map(tokio::sync::broadcast::Sender::subscribe)
     }
 
     /// A notifier without sinks.
@@ -165,6 +192,10 @@ impl Notifier {
     /// Queues `event` for every sink that wants it; never waits.
     pub fn send(&self, mut event: Event) {
         event.daemon.clone_from(&self.daemon);
+        if let Some(live) = &self.live {
+            // No follower is fine.
+            let _ = live.send(event.clone());
+        }
         for sink in &self.sinks {
             if sink
                 .events

@@ -525,3 +525,47 @@ async fn chaos_is_refused_unless_enabled() {
     assert!(error_of(&body).contains("[chaos] enabled = true"), "{body}");
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_is_served_offline_and_events_stream_live() {
+    let fleet = Fleet::new(&format!(
+        "[agents.crashy]\ncommand = {}\nretry = {{ max_deliver = 1 }}\nbreaker = {{ enabled = false }}\n",
+        example_agent(&["--work-ms", "1", "--crash-rate", "1.0"])
+    ));
+    let daemon = fleet.start().await;
+    let address = daemon.http_address().unwrap();
+    let page = reqwest::get(format!("http://{address}/ui")).await.unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("<title>flotilla</title>") && html.contains("/api/v1/events"));
+    assert!(
+        !html.contains("https://") && !html.contains("http://"),
+        "the page loads nothing from elsewhere"
+    );
+    // Follow the live events, then make a replica crash.
+    let mut events = reqwest::get(format!("http://{address}/api/v1/events"))
+        .await
+        .unwrap();
+    assert_eq!(events.status().as_u16(), 200);
+    daemon
+        .queue()
+        .submit(numbered_tasks("crashy", 1, "boom").0)
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !seen.contains("event: replica_restarted") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no restart event in {seen:?}"
+        );
+        if let Ok(Ok(Some(chunk))) =
+            tokio::time::timeout(Duration::from_secs(5), events.chunk()).await
+        {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+    assert!(seen.contains("crashy/0 restarting"), "{seen}");
+    drop(events);
+    daemon.stop().await;
+}

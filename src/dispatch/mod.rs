@@ -1760,6 +1760,15 @@ async fn run_replica(agent: Arc<AgentRuntime>, index: u32, mut shutdown: watch::
             ),
         );
         tracing::warn!(agent = %agent.name, replica = index, %reason, ?delay, "replica exited; restarting");
+        agent.notifier.announce(
+            crate::notify::Event::new(
+                crate::notify::EventKind::ReplicaRestarted,
+                agent.clock.now_ms(),
+                false,
+                format!("{} restarting: {reason}", agent.replica_name(index)),
+            )
+            .agent(&agent.name),
+        );
         agent.metrics.restarted(&agent.name);
         {
             let mut status = agent.status.lock().expect("status lock");
