@@ -92,6 +92,9 @@ pub enum Command {
     Up(UpArgs),
     /// Queue tasks for an agent (works while the daemon is down).
     Submit(SubmitArgs),
+    /// The fleet live in the terminal (keys: a agents, t tasks, e
+    /// events, q quit).
+    Top,
     /// Show agents, replicas, queue depth and task counts.
     Status {
         /// Print JSON.
@@ -521,7 +524,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let api = cli.api.as_deref().expect("checked");
             if !command.works_remotely() {
                 return Err(Failure::usage(
-                    "--api works with status, submit, tasks, dlq, escalations, degrade, rollback and chaos; run other commands beside the config",
+                    "--api works with status, top, submit, tasks, dlq, escalations, degrade, rollback and chaos; run other commands beside the config",
                 ));
             }
             let token = match &cli.token_file {
@@ -567,6 +570,7 @@ impl Command {
                 | Self::Degrade(_)
                 | Self::Rollback { .. }
                 | Self::Chaos(_)
+                | Self::Top
         )
     }
 }
@@ -810,7 +814,8 @@ async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, F
         | Command::Escalations(_)
         | Command::Degrade(_)
         | Command::Rollback { .. }
-        | Command::Chaos(_)) => run_target(command, &Target::Local(Box::new(config))).await,
+        | Command::Chaos(_)
+        | Command::Top) => run_target(command, &Target::Local(Box::new(config))).await,
         Command::Config(ConfigCommand::Schema)
         | Command::Protocol(_)
         | Command::ExampleAgent(_)
@@ -898,6 +903,7 @@ async fn run_target(command: Command, target: &Target) -> Result<ExitCode, Failu
             eprintln!("forced degradation level cleared; the triggers decide again");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Top => top(target).await,
         Command::Chaos(ChaosCommand::Run { experiment, json }) => {
             let experiment =
                 crate::experiment::Experiment::load(&experiment).map_err(Failure::usage)?;
@@ -971,6 +977,62 @@ async fn run_target(command: Command, target: &Target) -> Result<ExitCode, Failu
         | Command::Check { .. }
         | Command::Demo(_) => unreachable!("not a command on tasks"),
     }
+}
+
+/// `flotilla top`: redraws every second until q, Esc or Ctrl-C.
+async fn top(target: &Target) -> Result<ExitCode, Failure> {
+    use ratatui::crossterm::event::{self, Event, KeyCode, KeyModifiers};
+    let mut terminal = ratatui::init();
+    let mut view = crate::top::View::Agents;
+    let outcome = loop {
+        let report = match target.report().await {
+            Ok(report) => report,
+            Err(failure) => break Err(failure),
+        };
+        let tasks = if view == crate::top::View::Tasks {
+            let filter = ListFilter {
+                state: None,
+                agent: None,
+                limit: 50,
+            };
+            target.list(&filter).await.unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let screen = crate::top::Screen {
+            report,
+            tasks,
+            view,
+            now_ms: clock::system().now_ms(),
+        };
+        if let Err(error) = terminal.draw(|frame| crate::top::render(frame, &screen)) {
+            break Err(Failure::failed(format!("cannot draw: {error}")));
+        }
+        // Keys for up to a second (polling blocks: off the runtime).
+        let key = tokio::task::spawn_blocking(|| {
+            event::poll(Duration::from_secs(1))
+                .ok()
+                .filter(|ready| *ready)
+                .and_then(|_| event::read().ok())
+        })
+        .await
+        .ok()
+        .flatten();
+        if let Some(Event::Key(key)) = key {
+            match key.code {
+                KeyCode::Char('q') | KeyCode::Esc => break Ok(ExitCode::SUCCESS),
+                KeyCode::Char('c') if key.modifiers.contains(KeyModifiers::CONTROL) => {
+                    break Ok(ExitCode::SUCCESS);
+                }
+                KeyCode::Char('a') => view = crate::top::View::Agents,
+                KeyCode::Char('t') => view = crate::top::View::Tasks,
+                KeyCode::Char('e') => view = crate::top::View::Events,
+                _ => {}
+            }
+        }
+    };
+    ratatui::restore();
+    outcome
 }
 
 /// Prints task `id` with its attempts; with `expected`, only a task in

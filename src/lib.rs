@@ -38,6 +38,7 @@ pub mod status;
 pub mod store;
 pub mod supervisor;
 pub mod template;
+pub mod top;
 pub mod validate;
 pub mod watch;
 pub mod watchdog;

@@ -1,0 +1,334 @@
+//! `flotilla top`: the fleet in the terminal, refreshed every second.
+//! Keys: `a` agents and replicas, `t` recent tasks, `e` events (breaker
+//! transitions and watchdog actions), `q` or Esc to quit.
+
+use std::time::Duration;
+
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Borders, Paragraph, Row, Table, Tabs};
+
+use crate::queue::TaskRecord;
+use crate::status::{ReplicaStatus, StatusReport};
+
+/// The view shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum View {
+    /// Agents and their replicas.
+    #[default]
+    Agents,
+    /// Recent tasks.
+    Tasks,
+    /// Breaker transitions and watchdog actions.
+    Events,
+}
+
+/// What `top` shows.
+#[derive(Debug, Clone)]
+pub struct Screen {
+    /// The fleet.
+    pub report: StatusReport,
+    /// Recent tasks, newest first.
+    pub tasks: Vec<TaskRecord>,
+    /// The view.
+    pub view: View,
+    /// Now, for "ago" columns.
+    pub now_ms: u64,
+}
+
+fn ago(now: u64, then: Option<u64>) -> String {
+    then.map_or_else(String::new, |then| {
+        humantime::format_duration(Duration::from_secs(now.saturating_sub(then) / 1000)).to_string()
+    })
+}
+
+/// Draws `screen` on `frame`.
+pub fn render(frame: &mut Frame<'_>, screen: &Screen) {
+    let report = &screen.report;
+    let [head, tabs, body] = Layout::vertical([
+        Constraint::Length(3),
+        Constraint::Length(1),
+        Constraint::Min(3),
+    ])
+    .areas(frame.area());
+    let t = &report.tasks;
+    let level = report.degradation.level;
+    let mut lines = vec![Line::from(format!(
+        "{}  ·  queue {}  ·  {} running  ·  {} completed  ·  {} dead-lettered  ·  {} escalated",
+        if report.daemon.running {
+            format!(
+                "daemon {}",
+                report.daemon.name.as_deref().unwrap_or("running")
+            )
+        } else {
+            "daemon not running".into()
+        },
+        report.queue_depth,
+        t.running,
+        t.completed,
+        t.dead_lettered,
+        t.escalated
+    ))];
+    if level != crate::degrade::Level::Nominal {
+        lines.push(Line::from(Span::styled(
+            format!(
+                "DEGRADED: level {level}{}",
+                report
+                    .degradation
+                    .reason
+                    .as_deref()
+                    .map(|reason| format!(": {reason}"))
+                    .unwrap_or_default()
+            ),
+            Style::default().fg(Color::Red).add_modifier(Modifier::BOLD),
+        )));
+    }
+    frame.render_widget(
+        Paragraph::new(lines).block(Block::default().borders(Borders::BOTTOM).title("flotilla")),
+        head,
+    );
+    let selected = match screen.view {
+        View::Agents => 0,
+        View::Tasks => 1,
+        View::Events => 2,
+    };
+    frame.render_widget(
+        Tabs::new(["[a]gents", "[t]asks", "[e]vents"]).select(selected),
+        tabs,
+    );
+    match screen.view {
+        View::Agents => agents(frame, body, screen),
+        View::Tasks => tasks(frame, body, screen),
+        View::Events => events(frame, body, screen),
+    }
+}
+
+fn agents(frame: &mut Frame<'_>, area: ratatui::layout::Rect, screen: &Screen) {
+    let mut rows = Vec::new();
+    for agent in &screen.report.agents {
+        let ready = agent.replicas.iter().filter(|r| r.is_ready()).count();
+        let breaker = agent.breaker.state.map_or("off", |state| state.as_str());
+        let style = if ready == 0 || breaker != "closed" && breaker != "off" {
+            Style::default().fg(Color::Red)
+        } else {
+            Style::default()
+        };
+        rows.push(
+            Row::new(vec![
+                agent.name.clone(),
+                format!("{:?}", agent.state).to_lowercase(),
+                breaker.to_string(),
+                format!("{ready}/{}", agent.replicas.len()),
+                agent.tasks.queued.to_string(),
+                agent.tasks.running.to_string(),
+                agent.tasks.completed.to_string(),
+                agent.tasks.dead_lettered.to_string(),
+                agent.restarts.to_string(),
+            ])
+            .style(style.add_modifier(Modifier::BOLD)),
+        );
+        for replica in &agent.replicas {
+            rows.push(Row::new(vec![
+                format!("  {}/{}", agent.name, replica.index),
+                replica_state(replica),
+                replica
+                    .pid
+                    .map_or_else(String::new, |pid| format!("pid {pid}")),
+                replica.tasks.join(","),
+                ago(
+                    screen.now_ms,
+                    replica
+                        .task_progress_ms
+                        .filter(|_| !replica.tasks.is_empty()),
+                ),
+                String::new(),
+                String::new(),
+                replica
+                    .rss_bytes
+                    .map_or_else(String::new, |rss| format!("{}M", rss >> 20)),
+                replica.restarts.to_string(),
+            ]));
+        }
+    }
+    let widths = [
+        Constraint::Length(20),
+        Constraint::Length(10),
+        Constraint::Length(10),
+        Constraint::Length(16),
+        Constraint::Length(8),
+        Constraint::Length(8),
+        Constraint::Length(10),
+        Constraint::Length(6),
+        Constraint::Length(8),
+    ];
+    frame.render_widget(
+        Table::new(rows, widths).header(
+            Row::new([
+                "AGENT",
+                "STATE",
+                "BREAKER",
+                "READY/TASK",
+                "QUEUED",
+                "RUNNING",
+                "DONE",
+                "DEAD",
+                "RESTARTS",
+            ])
+            .style(Style::default().add_modifier(Modifier::UNDERLINED)),
+        ),
+        area,
+    );
+}
+
+fn replica_state(replica: &ReplicaStatus) -> String {
+    if replica.not_ready.is_some() {
+        "not ready".into()
+    } else {
+        format!("{:?}", replica.state).to_lowercase()
+    }
+}
+
+fn tasks(frame: &mut Frame<'_>, area: ratatui::layout::Rect, screen: &Screen) {
+    let rows = screen.tasks.iter().map(|task| {
+        Row::new(vec![
+            task.id.clone(),
+            task.agent.clone(),
+            task.state.to_string(),
+            task.attempts.to_string(),
+            task.reason.clone().unwrap_or_default(),
+        ])
+    });
+    let widths = [
+        Constraint::Length(36),
+        Constraint::Length(14),
+        Constraint::Length(14),
+        Constraint::Length(8),
+        Constraint::Min(10),
+    ];
+    frame.render_widget(
+        Table::new(rows, widths).header(
+            Row::new(["TASK", "AGENT", "STATE", "ATTEMPTS", "REASON"])
+                .style(Style::default().add_modifier(Modifier::UNDERLINED)),
+        ),
+        area,
+    );
+}
+
+fn events(frame: &mut Frame<'_>, area: ratatui::layout::Rect, screen: &Screen) {
+    let mut events: Vec<(u64, String)> = Vec::new();
+    for agent in &screen.report.agents {
+        if let Some(transition) = &agent.breaker.last_transition {
+            events.push((
+                transition.at_ms,
+                format!(
+                    "{}: breaker {} → {}: {}",
+                    agent.name, transition.from, transition.to, transition.reason
+                ),
+            ));
+        }
+        for event in &agent.watchdog {
+            events.push((
+                event.at_ms,
+                format!(
+                    "{}: watchdog {}: {}",
+                    agent.name, event.action, event.detail
+                ),
+            ));
+        }
+    }
+    events.sort_by(|a, b| b.0.cmp(&a.0));
+    let lines: Vec<Line<'_>> = events
+        .into_iter()
+        .map(|(at, text)| Line::from(format!("{:>8} ago  {text}", ago(screen.now_ms, Some(at)))))
+        .collect();
+    frame.render_widget(Paragraph::new(lines), area);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{AgentStatus, DaemonState, ReplicaState};
+
+    fn screen(view: View) -> Screen {
+        let mut coder = AgentStatus::new("coder", crate::config::Mode::Persistent, 2);
+        coder.replicas[0].state = ReplicaState::Busy;
+        coder.replicas[0].pid = Some(4242);
+        coder.replicas[0].tasks = vec!["fix-42".into()];
+        coder.replicas[0].task_progress_ms = Some(1_000);
+        coder.replicas[1].state = ReplicaState::Idle;
+        coder.replicas[1].not_ready = Some("model down".into());
+        coder.restarts = 3;
+        coder.tasks.queued = 7;
+        coder.breaker.state = Some(crate::breaker::BreakerState::Closed);
+        coder.watchdog.push(crate::status::WatchdogEvent {
+            at_ms: 50_000,
+            action: "scale_up".into(),
+            detail: "added replica 1".into(),
+        });
+        let report = StatusReport {
+            daemon: DaemonState {
+                name: Some("gpu-1".into()),
+                running: true,
+                ..DaemonState::default()
+            },
+            daemons: Vec::new(),
+            store: "test".into(),
+            queue_depth: 7,
+            tasks: coder.tasks.clone(),
+            degradation: crate::degrade::DegradationStatus::default(),
+            agents: vec![coder],
+        };
+        Screen {
+            report,
+            tasks: Vec::new(),
+            view,
+            now_ms: 61_000,
+        }
+    }
+
+    fn draw(screen: &Screen) -> String {
+        let backend = ratatui::backend::TestBackend::new(120, 12);
+        let mut terminal = ratatui::Terminal::new(backend).unwrap();
+        terminal.draw(|frame| render(frame, screen)).unwrap();
+        let buffer = terminal.backend().buffer();
+        let mut text = String::new();
+        for y in 0..buffer.area.height {
+            for x in 0..buffer.area.width {
+                text.push_str(buffer[(x, y)].symbol());
+            }
+            text.push('\n');
+        }
+        text
+    }
+
+    #[test]
+    fn top_shows_agents_replicas_and_events() {
+        let agents = draw(&screen(View::Agents));
+        for expected in [
+            "daemon gpu-1",
+            "queue 7",
+            "coder",
+            "closed",
+            "1/2",
+            "coder/0",
+            "busy",
+            "pid 4242",
+            "fix-42",
+            "1m",
+            "coder/1",
+            "not ready",
+        ] {
+            assert!(
+                agents.contains(expected),
+                "{expected:?} missing from\n{agents}"
+            );
+        }
+        let events = draw(&screen(View::Events));
+        assert!(
+            events.contains("11s ago  coder: watchdog scale_up: added replica 1"),
+            "{events}"
+        );
+    }
+}
