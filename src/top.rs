@@ -238,7 +238,7 @@ fn events(frame: &mut Frame<'_>, area: ratatui::layout::Rect, screen: &Screen) {
             ));
         }
     }
-    events.sort_by(|a, b| b.0.cmp(&a.0));
+    events.sort_by_key(|event| std::cmp::Reverse(event.0));
     let lines: Vec<Line<'_>> = events
         .into_iter()
         .map(|(at, text)| Line::from(format!("{:>8} ago  {text}", ago(screen.now_ms, Some(at)))))
