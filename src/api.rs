@@ -803,16 +803,9 @@ fn duration_of(
     what: &str,
     max: std::time::Duration,
 ) -> Result<std::time::Duration, ApiError> {
-    let parsed: crate::config::HumanDuration = text
-        .parse()
-        .map_err(|error| ApiError::bad_request(format!("{what} {text:?}: {error}")))?;
-    if parsed.get().is_zero() || parsed.get() > max {
-        return Err(ApiError::bad_request(format!(
-            "{what} {parsed} is out of range; valid: more than 0s, up to {}",
-            humantime::format_duration(max)
-        )));
-    }
-    Ok(parsed.get())
+    crate::config::HumanDuration::parse_within(text, what, max)
+        .map(crate::config::HumanDuration::get)
+        .map_err(ApiError::bad_request)
 }
 
 fn chaos_broker_done(api: &Api, action: &str, detail: String) -> crate::chaos::Done {

@@ -88,6 +88,15 @@ pub fn how_many(mode: &str, running: usize) -> Result<usize, String> {
     Ok(count.min(running))
 }
 
+/// `coder/1 (pid 4242), coder/2 (pid 4250)`.
+fn describe(targets: &[(String, u32)]) -> String {
+    targets
+        .iter()
+        .map(|(name, pid)| format!("{name} (pid {pid})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn running(agent: &AgentRuntime) -> Vec<(String, u32)> {
     agent
         .status()
@@ -125,11 +134,7 @@ pub fn kill_replicas(agent: &AgentRuntime, request: &KillRequest) -> Result<Done
     let detail = format!(
         "sent SIG{} to {}",
         signal.as_str().trim_start_matches("SIG"),
-        targets
-            .iter()
-            .map(|(name, pid)| format!("{name} (pid {pid})"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        describe(&targets)
     );
     Ok(Done {
         action: "kill".into(),
@@ -145,15 +150,7 @@ pub fn kill_replicas(agent: &AgentRuntime, request: &KillRequest) -> Result<Done
 /// # Errors
 /// What is wrong with the request.
 pub fn pause_replicas(agent: &Arc<AgentRuntime>, request: &PauseRequest) -> Result<Done, String> {
-    let duration: crate::config::HumanDuration = request
-        .duration
-        .parse()
-        .map_err(|error| format!("for {:?}: {error}", request.duration))?;
-    if duration.get().is_zero() || duration.get() > MAX_PAUSE {
-        return Err(format!(
-            "for {duration} is out of range; valid: more than 0s, up to 1h"
-        ));
-    }
+    let duration = crate::config::HumanDuration::parse_within(&request.duration, "for", MAX_PAUSE)?;
     let targets = running(agent);
     if targets.is_empty() {
         return Err(format!("agent {} has no running replica", agent.name));
@@ -170,14 +167,7 @@ pub fn pause_replicas(agent: &Arc<AgentRuntime>, request: &PauseRequest) -> Resu
         }
         tracing::warn!(replicas = resumed.len(), "chaos: paused replicas resumed");
     });
-    let detail = format!(
-        "paused {} for {duration}",
-        targets
-            .iter()
-            .map(|(name, pid)| format!("{name} (pid {pid})"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    let detail = format!("paused {} for {duration}", describe(&targets));
     Ok(Done {
         action: "pause".into(),
         agent: agent.name.clone(),

@@ -165,14 +165,11 @@ impl Forced {
                 "unknown level {level:?}; valid: 0 (nominal), 1 (reduced), 2 (essential), 3 (emergency)"
             ));
         };
-        let duration: crate::config::HumanDuration = duration
-            .parse()
-            .map_err(|error| format!("duration {duration:?}: {error}"))?;
-        if duration.get().is_zero() || duration > crate::config::HumanDuration::secs(7 * 86_400) {
-            return Err(format!(
-                "duration {duration} is out of range; valid: more than 0s, up to 7d"
-            ));
-        }
+        let duration = crate::config::HumanDuration::parse_within(
+            duration,
+            "duration",
+            std::time::Duration::from_secs(7 * 86_400),
+        )?;
         Ok(Self {
             level,
             until_ms: now.saturating_add(duration.as_millis()),

@@ -18,6 +18,24 @@ pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
 pub struct HumanDuration(pub Duration);
 
 impl HumanDuration {
+    /// Parses `text`, given as `what` (e.g. `--for`), as a duration above
+    /// zero and at most `max`.
+    ///
+    /// # Errors
+    /// What is wrong, and what would be valid.
+    pub fn parse_within(text: &str, what: &str, max: Duration) -> Result<Self, String> {
+        let parsed: Self = text
+            .parse()
+            .map_err(|error| format!("{what} {text:?}: {error}"))?;
+        if parsed.get().is_zero() || parsed.get() > max {
+            return Err(format!(
+                "{what} {parsed} is out of range; valid: more than 0s, up to {}",
+                humantime::format_duration(max)
+            ));
+        }
+        Ok(parsed)
+    }
+
     /// From whole seconds.
     pub const fn secs(secs: u64) -> Self {
         Self(Duration::from_secs(secs))

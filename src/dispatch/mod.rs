@@ -383,7 +383,10 @@ impl AgentRuntime {
             index
         };
         let handle = tokio::spawn(run_replica(self.clone(), index, self.phase.clone()));
-        self.handles.lock().expect("handles lock").push(handle);
+        let mut handles = self.handles.lock().expect("handles lock");
+        // Bounded: retired replicas' handles go.
+        handles.retain(|handle| !handle.is_finished());
+        handles.push(handle);
         Some(index)
     }
 
