@@ -66,10 +66,14 @@ async fn a_live_scrape_passes_promtool_check_metrics() {
     let Some(promtool) = promtool("a_live_scrape_passes_promtool_check_metrics") else {
         return;
     };
-    // 30% errors: over the watchdog's default error rate, which would
-    // open the breaker and hold the tasks back.
+    // 30% errors, so that the scrape has failed attempts too. Neither the
+    // watchdog's error rate nor the breaker may hold the tasks back (five
+    // errors in a row happen often enough at 30% to make the test flaky),
+    // and retries come at once.
     let fleet = Fleet::new(&format!(
-        "[agents.worker]\ncommand = {}\nwatchdog = {{ error_rate = 0.9 }}\n",
+        "[agents.worker]\ncommand = {}\nwatchdog = {{ error_rate = 0.9 }}\n\
+         breaker = {{ enabled = false }}\n\
+         retry = {{ max_deliver = 20, backoff = [\"10ms\"] }}\n",
         example_agent(&["--work-ms", "1", "--error-rate", "0.3"])
     ));
     let daemon = fleet.start().await;
