@@ -979,8 +979,57 @@ async fn run_target(command: Command, target: &Target) -> Result<ExitCode, Failu
     }
 }
 
-/// `flotilla top`: redraws every second until q, Esc or Ctrl-C.
+/// `flotilla top`: redraws every second until q, Esc or Ctrl-C, while
+/// following the daemon's live events.
 async fn top(target: &Target) -> Result<ExitCode, Failure> {
+    let feed = std::sync::Mutex::new(crate::top::Feed {
+        note: "connecting to the daemon's live events…".into(),
+        ..crate::top::Feed::default()
+    });
+    tokio::select! {
+        outcome = draw_top(target, &feed) => outcome,
+        never = follow_top(target, &feed) => match never {},
+    }
+}
+
+/// Follows the daemon's live events into `feed`, reconnecting every 5 s
+/// while the daemon (or its API) is away.
+async fn follow_top(
+    target: &Target,
+    feed: &std::sync::Mutex<crate::top::Feed>,
+) -> std::convert::Infallible {
+    let set_note = |note: String| feed.lock().expect("feed lock").note = note;
+    loop {
+        let why = match target.daemon_api().await {
+            Ok(client) => {
+                let connected = || {
+                    let mut feed = feed.lock().expect("feed lock");
+                    feed.note = format!("following live events from {}", client.base());
+                    feed.since_ms.get_or_insert(clock::system().now_ms());
+                };
+                match client
+                    .follow_events(connected, |event| {
+                        feed.lock().expect("feed lock").push(event);
+                    })
+                    .await
+                {
+                    Ok(()) => "the daemon ended the event stream".to_string(),
+                    Err(ClientError::Refused(_, message) | ClientError::Failed(message)) => message,
+                }
+            }
+            Err(failure) => failure.message,
+        };
+        set_note(format!(
+            "not following live events ({why}); trying again every 5 s"
+        ));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+async fn draw_top(
+    target: &Target,
+    feed: &std::sync::Mutex<crate::top::Feed>,
+) -> Result<ExitCode, Failure> {
     use ratatui::crossterm::event::{self, Event, KeyCode, KeyModifiers};
     let mut terminal = ratatui::init();
     let mut view = crate::top::View::Agents;
@@ -1002,6 +1051,7 @@ async fn top(target: &Target) -> Result<ExitCode, Failure> {
         let screen = crate::top::Screen {
             report,
             tasks,
+            feed: feed.lock().expect("feed lock").clone(),
             view,
             now_ms: clock::system().now_ms(),
         };

@@ -15,6 +15,28 @@ use crate::status::StatusReport;
 
 /// Longest wait for one answer.
 const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long the event stream may stay silent: the daemon sends a
+/// keep-alive every 15 s.
+pub const EVENTS_SILENCE: Duration = Duration::from_secs(45);
+
+/// The largest event block accepted from the event stream.
+pub const MAX_EVENT_BYTES: usize = 1 << 20;
+
+/// The event in one Server-Sent Events block (its `data:` lines), if it
+/// is a flotilla event; keep-alives and other blocks give `None`.
+fn sse_event(block: &[u8]) -> Option<crate::notify::Event> {
+    let text = std::str::from_utf8(block).ok()?;
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .map(str::trim_start)
+        .collect();
+    if data.is_empty() {
+        return None;
+    }
+    serde_json::from_str(&data.join("\n")).ok()
+}
 /// Longest wait for a rollback (its commands run while the call waits).
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -56,6 +78,11 @@ impl ApiClient {
             token,
             http,
         })
+    }
+
+    /// The API's base URL.
+    pub fn base(&self) -> &str {
+        self.base.as_str()
     }
 
     async fn call<T: DeserializeOwned>(
@@ -138,6 +165,72 @@ impl ApiClient {
         query: &[(&str, String)],
     ) -> Result<T, ClientError> {
         self.call(Method::GET, path, query, None::<&()>).await
+    }
+
+    /// Follows the daemon's live events (`GET /api/v1/events`, Server-Sent
+    /// Events): calls `connected` once the daemon accepted (from then on no
+    /// event is missed), then `each` for every event, until the stream
+    /// ends (`Ok`) or breaks. A stream silent for longer than [`EVENTS_SILENCE`] (the
+    /// daemon sends a keep-alive every 15 s) counts as broken; so does an
+    /// event block over [`MAX_EVENT_BYTES`].
+    ///
+    /// # Errors
+    /// When the daemon does not answer, refuses (a wrong token), or the
+    /// stream breaks.
+    pub async fn follow_events(
+        &self,
+        connected: impl FnOnce(),
+        mut each: impl FnMut(crate::notify::Event),
+    ) -> Result<(), ClientError> {
+        let url = self
+            .base
+            .join("/api/v1/events")
+            .map_err(|error| ClientError::Failed(format!("/api/v1/events: {error}")))?;
+        let mut request = self.http.get(url.clone());
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let mut response = tokio::time::timeout(EVENTS_SILENCE, request.send())
+            .await
+            .map_err(|_| {
+                ClientError::Failed(format!("GET {url}: no answer in {EVENTS_SILENCE:?}"))
+            })?
+            .map_err(|error| {
+                ClientError::Failed(format!("GET {url}: the daemon did not answer: {error}"))
+            })?;
+        if !response.status().is_success() {
+            return Err(ClientError::Failed(format!(
+                "GET {url}: the daemon answered {}",
+                response.status()
+            )));
+        }
+        connected();
+        let mut buffer: Vec<u8> = Vec::new();
+        loop {
+            let chunk = tokio::time::timeout(EVENTS_SILENCE, response.chunk())
+                .await
+                .map_err(|_| {
+                    ClientError::Failed(format!("GET {url}: silent for {EVENTS_SILENCE:?}"))
+                })?
+                .map_err(|error| {
+                    ClientError::Failed(format!("GET {url}: the stream broke: {error}"))
+                })?;
+            let Some(chunk) = chunk else {
+                return Ok(());
+            };
+            buffer.extend_from_slice(&chunk);
+            while let Some(end) = buffer.windows(2).position(|pair| pair == b"\n\n") {
+                let block: Vec<u8> = buffer.drain(..end + 2).collect();
+                if let Some(event) = sse_event(&block) {
+                    each(event);
+                }
+            }
+            if buffer.len() > MAX_EVENT_BYTES {
+                return Err(ClientError::Failed(format!(
+                    "GET {url}: an event over {MAX_EVENT_BYTES} bytes; is this a flotilla daemon?"
+                )));
+            }
+        }
     }
 
     /// The fleet's status.
@@ -303,4 +396,29 @@ fn encode(id: &str) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_blocks_are_read_and_everything_else_is_skipped() {
+        let event = sse_event(
+            b"event: chaos\ndata: {\"event\":\"chaos\",\"at_ms\":5,\"daemon\":\"d\",\"urgent\":false,\"text\":\"chaos kill\"}\n\n",
+        )
+        .expect("an event");
+        assert_eq!(event.event, crate::notify::EventKind::Chaos);
+        assert_eq!((event.at_ms, event.text.as_str()), (5, "chaos kill"));
+        // A keep-alive comment, a block without data, data that is not an
+        // event, bytes that are not UTF-8.
+        for block in [
+            &b":\n\n"[..],
+            b"event: x\n\n",
+            b"data: [1, 2]\n\n",
+            b"data: \xff\n\n",
+        ] {
+            assert!(sse_event(block).is_none(), "{block:?}");
+        }
+    }
 }

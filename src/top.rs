@@ -1,7 +1,9 @@
 //! `flotilla top`: the fleet in the terminal, refreshed every second.
-//! Keys: `a` agents and replicas, `t` recent tasks, `e` events (breaker
-//! transitions and watchdog actions), `q` or Esc to quit.
+//! Keys: `a` agents and replicas, `t` recent tasks, `e` events (the
+//! daemon's live events, as the dashboard's feed, and the breaker
+//! transitions and watchdog actions from before), `q` or Esc to quit.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use ratatui::Frame;
@@ -21,8 +23,30 @@ pub enum View {
     Agents,
     /// Recent tasks.
     Tasks,
-    /// Breaker transitions and watchdog actions.
+    /// Live events, then breaker transitions and watchdog actions.
     Events,
+}
+
+/// The most live events `top` keeps.
+pub const FEED_LEN: usize = 200;
+
+/// The daemon's live events as `top` follows them.
+#[derive(Debug, Clone, Default)]
+pub struct Feed {
+    /// Newest first, at most [`FEED_LEN`].
+    pub events: VecDeque<crate::notify::Event>,
+    /// When following first began; older history comes from the status.
+    pub since_ms: Option<u64>,
+    /// What the feed is doing, for the operator.
+    pub note: String,
+}
+
+impl Feed {
+    /// Adds `event` as the newest, dropping the oldest past [`FEED_LEN`].
+    pub fn push(&mut self, event: crate::notify::Event) {
+        self.events.push_front(event);
+        self.events.truncate(FEED_LEN);
+    }
 }
 
 /// What `top` shows.
@@ -32,6 +56,8 @@ pub struct Screen {
     pub report: StatusReport,
     /// Recent tasks, newest first.
     pub tasks: Vec<TaskRecord>,
+    /// The daemon's live events.
+    pub feed: Feed,
     /// The view.
     pub view: View,
     /// Now, for "ago" columns.
@@ -217,10 +243,29 @@ fn tasks(frame: &mut Frame<'_>, area: ratatui::layout::Rect, screen: &Screen) {
 }
 
 fn events(frame: &mut Frame<'_>, area: ratatui::layout::Rect, screen: &Screen) {
-    let mut events: Vec<(u64, String)> = Vec::new();
+    let feed = &screen.feed;
+    let mut lines = vec![Line::from(Span::styled(
+        feed.note.clone(),
+        Style::default().add_modifier(Modifier::DIM),
+    ))];
+    for event in &feed.events {
+        let line = format!(
+            "{:>8} ago  {}: {}",
+            ago(screen.now_ms, Some(event.at_ms)),
+            event.event.as_str(),
+            event.text
+        );
+        lines.push(if event.urgent {
+            Line::from(Span::styled(line, Style::default().fg(Color::Red)))
+        } else {
+            Line::from(line)
+        });
+    }
+    // History from the status: what happened before the feed began.
+    let mut earlier: Vec<(u64, String)> = Vec::new();
     for agent in &screen.report.agents {
         if let Some(transition) = &agent.breaker.last_transition {
-            events.push((
+            earlier.push((
                 transition.at_ms,
                 format!(
                     "{}: breaker {} → {}: {}",
@@ -229,7 +274,7 @@ fn events(frame: &mut Frame<'_>, area: ratatui::layout::Rect, screen: &Screen) {
             ));
         }
         for event in &agent.watchdog {
-            events.push((
+            earlier.push((
                 event.at_ms,
                 format!(
                     "{}: watchdog {}: {}",
@@ -238,11 +283,22 @@ fn events(frame: &mut Frame<'_>, area: ratatui::layout::Rect, screen: &Screen) {
             ));
         }
     }
-    events.sort_by_key(|event| std::cmp::Reverse(event.0));
-    let lines: Vec<Line<'_>> = events
-        .into_iter()
-        .map(|(at, text)| Line::from(format!("{:>8} ago  {text}", ago(screen.now_ms, Some(at)))))
-        .collect();
+    earlier.retain(|(at, _)| feed.since_ms.is_none_or(|since| *at < since));
+    earlier.sort_by_key(|event| std::cmp::Reverse(event.0));
+    if !earlier.is_empty() {
+        lines.push(Line::from(Span::styled(
+            "earlier (breaker transitions and watchdog actions):",
+            Style::default().add_modifier(Modifier::DIM),
+        )));
+    }
+    lines.extend(
+        earlier.into_iter().map(|(at, text)| {
+            Line::from(format!("{:>8} ago  {text}", ago(screen.now_ms, Some(at))))
+        }),
+    );
+    if feed.events.is_empty() && lines.len() == 1 {
+        lines.push(Line::from("no events yet"));
+    }
     frame.render_widget(Paragraph::new(lines), area);
 }
 
@@ -267,6 +323,12 @@ mod tests {
             action: "scale_up".into(),
             detail: "added replica 1".into(),
         });
+        // After the feed began: the feed has it, so it is not repeated.
+        coder.watchdog.push(crate::status::WatchdogEvent {
+            at_ms: 56_000,
+            action: "scale_down".into(),
+            detail: "removed replica 2".into(),
+        });
         let report = StatusReport {
             daemon: DaemonState {
                 name: Some("gpu-1".into()),
@@ -280,9 +342,21 @@ mod tests {
             degradation: crate::degrade::DegradationStatus::default(),
             agents: vec![coder],
         };
+        let mut feed = Feed {
+            since_ms: Some(55_000),
+            note: "following live events from http://127.0.0.1:9750/".into(),
+            ..Feed::default()
+        };
+        feed.push(crate::notify::Event::new(
+            crate::notify::EventKind::ReplicaRestarted,
+            59_000,
+            false,
+            "coder/1 restarting: replica exited (killed by SIGKILL)".into(),
+        ));
         Screen {
             report,
             tasks: Vec::new(),
+            feed,
             view,
             now_ms: 61_000,
         }
@@ -326,8 +400,21 @@ mod tests {
             );
         }
         let events = draw(&screen(View::Events));
+        for expected in [
+            "following live events from http://127.0.0.1:9750/",
+            "2s ago  replica_restarted: coder/1 restarting: replica exited (killed by SIGKILL)",
+            "earlier (breaker transitions and watchdog actions):",
+            "11s ago  coder: watchdog scale_up: added replica 1",
+        ] {
+            assert!(
+                events.contains(expected),
+                "{expected:?} missing from\n{events}"
+            );
+        }
+        assert!(!events.contains("scale_down"), "{events}");
+        // Live events come first, newest first.
         assert!(
-            events.contains("11s ago  coder: watchdog scale_up: added replica 1"),
+            events.find("replica_restarted") < events.find("scale_up"),
             "{events}"
         );
     }
