@@ -350,9 +350,10 @@ fn open_connection(path: &Path) -> Result<Connection, QueueError> {
     conn.busy_timeout(BUSY_TIMEOUT).map_err(storage)?;
     // Every statement the writer runs stays prepared (rusqlite keeps 16).
     conn.set_prepared_statement_cache_capacity(64);
-    let mode: String = conn
-        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-        .map_err(storage)?;
+    let mode: String = retry_locked(|| {
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+    })
+    .map_err(storage)?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(QueueError::Storage(format!(
             "store {} refused WAL mode (got {mode}); put it on a local filesystem",
@@ -364,9 +365,29 @@ fn open_connection(path: &Path) -> Result<Connection, QueueError> {
     Ok(conn)
 }
 
+/// Runs `step` again while SQLite answers "database is locked" at once,
+/// for up to [`BUSY_TIMEOUT`]. Before a new store is in WAL mode, its
+/// rollback journal refuses a lock upgrade at once when another process
+/// reads (to avoid a deadlock), without waiting for the busy timeout: two
+/// processes opening a new store together (a daemon starting while
+/// `flotilla status` runs) would otherwise fail.
+fn retry_locked<T>(mut step: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match step() {
+            Err(rusqlite::Error::SqliteFailure(error, _))
+                if error.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 fn migrate(conn: &Connection, path: &Path) -> Result<String, QueueError> {
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |row| row.get(0))
+    let version: i64 = retry_locked(|| conn.query_row("PRAGMA user_version", [], |row| row.get(0)))
         .map_err(storage)?;
     if version > SCHEMA_VERSION {
         return Err(QueueError::Storage(format!(
@@ -374,7 +395,7 @@ fn migrate(conn: &Connection, path: &Path) -> Result<String, QueueError> {
             path.display()
         )));
     }
-    conn.execute_batch("BEGIN IMMEDIATE").map_err(storage)?;
+    retry_locked(|| conn.execute_batch("BEGIN IMMEDIATE")).map_err(storage)?;
     let setup = (|| {
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
@@ -1863,6 +1884,39 @@ mod tests {
 
     fn end() -> AttemptEnd {
         AttemptEnd::new(AttemptOutcome::Completed, None, "test")
+    }
+
+    /// A store created by several processes at once (a daemon starting
+    /// while `flotilla status` runs): before WAL mode is set, SQLite's
+    /// rollback journal answers a lock upgrade with an immediate "database
+    /// is locked", busy timeout or not.
+    #[test]
+    fn a_new_store_opened_by_many_at_once_opens_for_all() {
+        for round in 0..40 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("q.db");
+            let start = Arc::new(std::sync::Barrier::new(4));
+            let openers: Vec<_> = (0..4)
+                .map(|_| {
+                    let (path, start) = (path.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        let conn = open_connection(&path)?;
+                        migrate(&conn, &path)
+                    })
+                })
+                .collect();
+            let ids: Vec<String> = openers
+                .into_iter()
+                .map(|opener| {
+                    opener
+                        .join()
+                        .unwrap()
+                        .unwrap_or_else(|e| panic!("round {round}: {e}"))
+                })
+                .collect();
+            assert!(ids.iter().all(|id| *id == ids[0]), "one store id: {ids:?}");
+        }
     }
 
     #[test]
