@@ -1228,6 +1228,7 @@ async fn up(mut config: Config, args: UpArgs) -> Result<ExitCode, Failure> {
             problems.join("\n  ")
         )));
     }
+    raise_open_file_limit(&config);
     let daemon = crate::daemon::Daemon::start(config, clock::system()).await?;
     let failure = tokio::select! {
         () = shutdown_signal() => None,
@@ -1237,6 +1238,35 @@ async fn up(mut config: Config, args: UpArgs) -> Result<ExitCode, Failure> {
     match failure {
         None => Ok(ExitCode::SUCCESS),
         Some(reason) => Err(Failure::failed(reason)),
+    }
+}
+
+/// Raises the soft limit of open files to the hard one, as a daemon with
+/// many replicas needs (three pipes each, plus the store, sockets and
+/// readiness checks), and warns when even that is short of what the
+/// fleet may need.
+fn raise_open_file_limit(config: &Config) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    let replicas: u64 = config
+        .agents
+        .values()
+        .map(|agent| u64::from(agent.replicas.max()))
+        .sum();
+    let needed = replicas * 4 + 256;
+    if limit < needed {
+        tracing::warn!(
+            limit,
+            needed,
+            "the open-file limit is below what this fleet may need (4 per replica plus 256): raise it (ulimit -n, or LimitNOFILE= in the systemd unit)"
+        );
     }
 }
 
