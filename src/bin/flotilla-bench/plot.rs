@@ -6,11 +6,13 @@ use plotters::prelude::*;
 
 use crate::report::Stat;
 
-const COLORS: [RGBColor; 4] = [
+const COLORS: [RGBColor; 6] = [
     RGBColor(9, 105, 218),
     RGBColor(26, 127, 55),
     RGBColor(154, 103, 0),
     RGBColor(130, 80, 223),
+    RGBColor(191, 135, 0),
+    RGBColor(87, 96, 106),
 ];
 
 /// A grouped bar chart: one group per entry of `groups`, one bar per
@@ -82,6 +84,13 @@ impl Bars<'_> {
                             String::new()
                         }
                     })
+                    .y_label_formatter(&|v: &f64| {
+                        if *v >= 10.0 || *v == 0.0 {
+                            crate::report::group(*v, 0)
+                        } else {
+                            format!("{v:.1}")
+                        }
+                    })
                     .y_desc(self.unit)
                     .draw()
                     .map_err(plot_error)?;
@@ -132,7 +141,7 @@ impl Bars<'_> {
                     .configure_series_labels()
                     .background_style(WHITE.mix(0.85))
                     .border_style(BLACK.mix(0.3))
-                    .position(SeriesLabelPosition::UpperRight)
+                    .position(SeriesLabelPosition::UpperLeft)
                     .draw()
                     .map_err(plot_error)?;
             }};
