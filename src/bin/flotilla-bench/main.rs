@@ -1036,30 +1036,10 @@ async fn jetstream_scenario(
         replicas: 4,
         rate: raw,
     });
-    let mut p50s = Vec::new();
-    let mut p99s = Vec::new();
-    for run in 0..args.runs {
-        let broker = broker_section(&server.url, &format!("recovery{run}"));
-        let dir = base.join(format!("js-recovery-{run}"));
-        let mut latencies = recovery_run(&dir, args.kills, &broker).await?;
-        latencies.sort_by(f64::total_cmp);
-        p50s.push(percentile(&latencies, 0.5));
-        p99s.push(percentile(&latencies, 0.99));
-        println!(
-            "  jetstream recovery run {run}: p50 {:.1} ms, p99 {:.1} ms",
-            p50s[run], p99s[run]
-        );
-    }
-    let p99 = Stat::of(&p99s);
-    report.row(
-        RECOVERY,
-        Row {
-            figure: format!("JetStream: `kill -9` of a busy replica → its task starting on another, p99 ({} kills per run)", args.kills),
-            target: "< 20 ms".into(),
-            measured: format!("{}; p50 {}", p99.show(1, "ms"), Stat::of(&p50s).show(1, "ms")),
-            met: Some(p99.median < 20.0),
-        },
-    );
+    replica_recovery(args, base, report, "JetStream", |run| {
+        broker_section(&server.url, &format!("recovery{run}"))
+    })
+    .await?;
     Ok(())
 }
 
@@ -1404,16 +1384,24 @@ async fn stuck_run(dir: &Path, tasks: usize) -> anyhow::Result<Vec<f64>> {
     Ok(errors)
 }
 
-async fn recovery_scenario(args: &Args, base: &Path, report: &mut Report) -> anyhow::Result<()> {
+/// The replica-crash recovery figure on one backend (`broker` gives each
+/// run's `[broker]` section, empty for the embedded store).
+async fn replica_recovery(
+    args: &Args,
+    base: &Path,
+    report: &mut Report,
+    backend: &str,
+    broker: impl Fn(usize) -> String,
+) -> anyhow::Result<()> {
     let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
     for run in 0..args.runs {
-        let mut latencies =
-            recovery_run(&base.join(format!("recovery-{run}")), args.kills, "").await?;
+        let dir = base.join(format!("recovery-{backend}-{run}"));
+        let mut latencies = recovery_run(&dir, args.kills, &broker(run)).await?;
         latencies.sort_by(f64::total_cmp);
         p50s.push(percentile(&latencies, 0.5));
         p99s.push(percentile(&latencies, 0.99));
         println!(
-            "  recovery run {run}: p50 {:.1} ms, p99 {:.1} ms",
+            "  {backend} recovery run {run}: p50 {:.1} ms, p99 {:.1} ms",
             p50s[run], p99s[run]
         );
     }
@@ -1421,12 +1409,20 @@ async fn recovery_scenario(args: &Args, base: &Path, report: &mut Report) -> any
     report.row(
         RECOVERY,
         Row {
-            figure: format!("embedded: `kill -9` of a busy replica → its task starting on another, p99 ({} kills per run)", args.kills),
+            figure: format!(
+                "{backend}: `kill -9` of a busy replica → its task starting on another, p99 ({} kills per run)",
+                args.kills
+            ),
             target: "< 20 ms".into(),
             measured: format!("{}; p50 {}", p99.show(1, "ms"), Stat::of(&p50s).show(1, "ms")),
             met: Some(p99.median < 20.0),
         },
     );
+    Ok(())
+}
+
+async fn recovery_scenario(args: &Args, base: &Path, report: &mut Report) -> anyhow::Result<()> {
+    replica_recovery(args, base, report, "embedded", |_| String::new()).await?;
     let (mut medians, mut maxima) = (Vec::new(), Vec::new());
     for run in 0..args.runs {
         let mut latencies =
