@@ -374,21 +374,24 @@ async fn throughput_scenario(args: &Args, base: &Path, report: &mut Report) -> a
             rates.push(rate);
         }
         let rate = Stat::of(&rates);
+        let figure = format!(
+            "embedded, {replicas} no-op replica{}, `prefetch = 64`, {} tasks pre-loaded",
+            if replicas == 1 { "" } else { "s" },
+            report::group(args.tasks as f64, 0)
+        );
+        let measured = rate.show(0, "tasks/s");
+        // One replica is not what the target is about.
         report.row(
             THROUGHPUT,
-            Row {
-                figure: format!(
-                    "embedded, {replicas} no-op replica{}, `prefetch = 64`, {} tasks pre-loaded",
-                    if replicas == 1 { "" } else { "s" },
-                    report::group(args.tasks as f64, 0)
-                ),
-                target: if replicas >= 4 {
-                    "≥ 20,000 tasks/s".into()
-                } else {
-                    String::new()
-                },
-                measured: rate.show(0, "tasks/s"),
-                met: (replicas >= 4).then_some(rate.median >= 20_000.0),
+            if replicas >= 4 {
+                Row::goal(
+                    figure,
+                    "≥ 20,000 tasks/s",
+                    measured,
+                    rate.median >= 20_000.0,
+                )
+            } else {
+                Row::info(figure, measured)
             },
         );
         report.throughput.push(ThroughputPoint {
@@ -406,12 +409,10 @@ async fn throughput_scenario(args: &Args, base: &Path, report: &mut Report) -> a
     }
     report.row(
         THROUGHPUT,
-        Row {
-            figure: "embedded, 4 no-op replicas, `prefetch = 0` (the default)".into(),
-            target: String::new(),
-            measured: Stat::of(&rates).show(0, "tasks/s"),
-            met: None,
-        },
+        Row::info(
+            "embedded, 4 no-op replicas, `prefetch = 0` (the default)",
+            Stat::of(&rates).show(0, "tasks/s"),
+        ),
     );
     Ok(())
 }
@@ -748,6 +749,47 @@ async fn jetstream_throughput_run(
     ))
 }
 
+/// A look into a fleet's embedded store from outside, cheap enough to
+/// poll while the daemon works, so that the harness does not compete with
+/// it for the CPU. It reads the store's own columns: state codes 1 to 3
+/// are ready, delayed and running (see src/queue/sqlite.rs), each with a
+/// partial index; `finished_at` is the time a task ended.
+struct Watcher(rusqlite::Connection);
+
+impl Watcher {
+    fn open(store: &Path) -> anyhow::Result<Self> {
+        Ok(Self(rusqlite::Connection::open(store)?))
+    }
+
+    /// Whether any task is queued or running.
+    fn unfinished(&self) -> anyhow::Result<bool> {
+        Ok(self.0.query_row(
+            "SELECT EXISTS (SELECT 1 FROM tasks WHERE state = 1) OR EXISTS (SELECT 1 FROM tasks WHERE state = 2)
+             OR EXISTS (SELECT 1 FROM tasks WHERE state = 3)",
+            [],
+            |row| row.get(0),
+        )?)
+    }
+
+    /// When the last task ended (ms).
+    fn last_finished_ms(&self) -> anyhow::Result<u64> {
+        let last: Option<i64> =
+            self.0
+                .query_row("SELECT max(finished_at) FROM tasks", [], |row| row.get(0))?;
+        Ok(last.context("no task ended")? as u64)
+    }
+
+    /// When the first task that ended at or after `since` (ms) ended.
+    fn first_finished_since(&self, since: u64) -> anyhow::Result<Option<u64>> {
+        let first: Option<i64> = self.0.query_row(
+            "SELECT min(finished_at) FROM tasks WHERE finished_at >= ?1",
+            [since as i64],
+            |row| row.get(0),
+        )?;
+        Ok(first.map(|ms| ms as u64))
+    }
+}
+
 async fn throughput_run(
     dir: &Path,
     replicas: u32,
@@ -768,31 +810,21 @@ prefetch = {prefetch}"
     }
     let store = config.store_path();
     let daemon = Daemon::start(config, clock::system()).await?;
-    let watcher = rusqlite::Connection::open(&store)?;
+    let watcher = Watcher::open(&store)?;
     let started_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
     let deadline = Instant::now() + Duration::from_secs(600);
-    // Poll rarely and cheaply, so that the harness does not compete with
-    // the daemon for the CPU, and take the end time from the store (the last
+    // Poll rarely, and take the end time from the store (the last
     // completion), not from the poll.
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        // Cheap: the partial indexes of ready, delayed and running tasks.
-        let unfinished: bool = watcher.query_row(
-            "SELECT EXISTS (SELECT 1 FROM tasks WHERE state = 1) OR EXISTS (SELECT 1 FROM tasks WHERE state = 2)
-             OR EXISTS (SELECT 1 FROM tasks WHERE state = 3)",
-            [],
-            |row| row.get(0),
-        )?;
-        if !unfinished {
+        if !watcher.unfinished()? {
             break;
         }
         if Instant::now() > deadline {
             bail!("throughput run did not finish in 10 minutes");
         }
     }
-    let finished_ms: i64 =
-        watcher.query_row("SELECT max(finished_at) FROM tasks", [], |row| row.get(0))?;
-    let elapsed = (finished_ms - started_ms).max(1) as f64 / 1000.0;
+    let elapsed = (watcher.last_finished_ms()? as i64 - started_ms).max(1) as f64 / 1000.0;
     daemon.stop().await;
     Ok(tasks as f64 / elapsed)
 }
@@ -987,42 +1019,33 @@ async fn jetstream_scenario(
     let raw = Stat::of(&raw);
     report.row(
         THROUGHPUT,
-        Row {
-            figure:
-                "raw JetStream baseline (publish with awaited PubAcks + pull consumer + plain ack)"
-                    .into(),
-            target: String::new(),
-            measured: raw.show(0, "tasks/s"),
-            met: None,
-        },
+        Row::info(
+            "raw JetStream baseline (publish with awaited PubAcks + pull consumer + plain ack)",
+            raw.show(0, "tasks/s"),
+        ),
     );
     report.row(
         THROUGHPUT,
-        Row {
-            figure: "raw JetStream plus a key-value record per task, created, read and updated by compare-and-set before the ack (256 in flight): ratio to raw, the least a record per task costs".into(),
-            target: String::new(),
-            measured: format!("{} × raw", Stat::of(&recorded).show(2, "").replace("  ", " ").trim()),
-            met: None,
-        },
+        Row::info("raw JetStream plus a key-value record per task, created, read and updated by compare-and-set before the ack (256 in flight): ratio to raw, the least a record per task costs", format!("{} × raw", Stat::of(&recorded).show(2, "").replace("  ", " ").trim())),
     );
     for (index, replicas) in replica_counts.iter().enumerate() {
         let rate = Stat::of(&ours[index]);
         let ratio = Stat::of(&ratios[index]);
         report.row(
             THROUGHPUT,
-            Row {
-                figure: format!(
+            Row::goal(
+                format!(
                     "JetStream, {replicas} no-op replica{}, `prefetch = 64`: ratio to raw",
                     if *replicas == 1 { "" } else { "s" }
                 ),
-                target: "≥ 0.5 × raw".into(),
-                measured: format!(
+                "≥ 0.5 × raw",
+                format!(
                     "{} × raw; {}",
                     ratio.show(2, "").replace("  ", " ").trim(),
                     rate.show(0, "tasks/s")
                 ),
-                met: Some(ratio.median >= 0.5),
-            },
+                ratio.median >= 0.5,
+            ),
         );
         report.throughput.push(ThroughputPoint {
             series: "JetStream".into(),
@@ -1182,22 +1205,20 @@ async fn latency_scenario(
             };
             report.row(
                 LATENCY,
-                Row {
-                    figure: format!(
+                Row::info(
+                    format!(
                         "{backend}, {} tasks/s offered for {} s: p50 / p99 / p99.9",
                         report::group(f64::from(load), 0),
                         args.latency_seconds
                     ),
-                    target: String::new(),
-                    measured: format!(
+                    format!(
                         "{} / {} / {}; done at {}",
                         point.p50.show(0, "ms"),
                         point.p99.show(0, "ms"),
                         point.p999.show(0, "ms"),
                         Stat::of(&achieved).show(0, "tasks/s")
                     ),
-                    met: None,
-                },
+                ),
             );
             report.latency.push(point);
         }
@@ -1299,16 +1320,7 @@ async fn daemon_restart_run(dir: &Path, kills: usize) -> anyhow::Result<Vec<f64>
         ),
     )?;
     submit_noop(&client(&config)?, 50_000, 10_000).await?;
-    let watcher = rusqlite::Connection::open(config.store_path())?;
-    let first_after = |since: u64| -> anyhow::Result<Option<u64>> {
-        Ok(watcher
-            .query_row(
-                "SELECT min(finished_at) FROM tasks WHERE finished_at >= ?1",
-                [since as i64],
-                |row| row.get::<_, Option<i64>>(0),
-            )?
-            .map(|ms| ms as u64))
-    };
+    let watcher = Watcher::open(&config.store_path())?;
     let mut latencies = Vec::new();
     // The first start is a cold one; each later one follows a kill -9.
     let mut daemon = spawn_daemon(dir)?;
@@ -1320,7 +1332,7 @@ async fn daemon_restart_run(dir: &Path, kills: usize) -> anyhow::Result<Vec<f64>
             Duration::from_millis(2),
             "a task completed after the daemon started",
             || {
-                first = first_after(spawned)?;
+                first = watcher.first_finished_since(spawned)?;
                 Ok(first.is_some())
             },
         )
@@ -1422,15 +1434,10 @@ async fn replica_recovery(
     let p99 = Stat::of(&p99s);
     report.row(
         RECOVERY,
-        Row {
-            figure: format!(
+        Row::goal(format!(
                 "{backend}: `kill -9` of a busy replica → its task starting on another, p99 ({} kills per run)",
                 args.kills
-            ),
-            target: "< 20 ms".into(),
-            measured: format!("{}; p50 {}", p99.show(1, "ms"), Stat::of(&p50s).show(1, "ms")),
-            met: Some(p99.median < 20.0),
-        },
+            ), "< 20 ms", format!("{}; p50 {}", p99.show(1, "ms"), Stat::of(&p50s).show(1, "ms")), p99.median < 20.0),
     );
     Ok(())
 }
@@ -1448,15 +1455,10 @@ async fn recovery_scenario(args: &Args, base: &Path, report: &mut Report) -> any
     }
     report.row(
         RECOVERY,
-        Row {
-            figure: format!(
+        Row::info(format!(
                 "embedded: `kill -9` of the daemon → restarted → first task completed ({} kills per run; 4 replicas started anew)",
                 args.daemon_kills
-            ),
-            target: String::new(),
-            measured: format!("{}; slowest {}", Stat::of(&medians).show(0, "ms"), Stat::of(&maxima).show(0, "ms")),
-            met: None,
-        },
+            ), format!("{}; slowest {}", Stat::of(&medians).show(0, "ms"), Stat::of(&maxima).show(0, "ms"))),
     );
     let (mut medians, mut maxima) = (Vec::new(), Vec::new());
     for run in 0..args.runs {
@@ -1468,12 +1470,7 @@ async fn recovery_scenario(args: &Args, base: &Path, report: &mut Report) -> any
     }
     report.row(
         RECOVERY,
-        Row {
-            figure: "stuck detection: how late a hung attempt is ended after `progress_timeout = \"1s\"` (8 hung tasks per run)".into(),
-            target: String::new(),
-            measured: format!("{}; latest {}", Stat::of(&medians).show(0, "ms"), Stat::of(&maxima).show(0, "ms")),
-            met: None,
-        },
+        Row::info("stuck detection: how late a hung attempt is ended after `progress_timeout = \"1s\"` (8 hung tasks per run)", format!("{}; latest {}", Stat::of(&medians).show(0, "ms"), Stat::of(&maxima).show(0, "ms"))),
     );
     let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
     for run in 0..args.runs {
@@ -1484,12 +1481,7 @@ async fn recovery_scenario(args: &Args, base: &Path, report: &mut Report) -> any
     }
     report.row(
         RECOVERY,
-        Row {
-            figure: format!("submit by another process (`flotilla submit`) → task starting on an idle fleet, p99 ({} submits per run)", args.starts),
-            target: String::new(),
-            measured: format!("{}; p50 {}", Stat::of(&p99s).show(1, "ms"), Stat::of(&p50s).show(1, "ms")),
-            met: None,
-        },
+        Row::info(format!("submit by another process (`flotilla submit`) → task starting on an idle fleet, p99 ({} submits per run)", args.starts), format!("{}; p50 {}", Stat::of(&p99s).show(1, "ms"), Stat::of(&p50s).show(1, "ms"))),
     );
     report.note(
         RECOVERY,
@@ -1547,7 +1539,7 @@ async fn scale_run(dir: &Path, replicas: u32, load: usize) -> anyhow::Result<Sca
         let (cpu_before, load_from) = (cpu_seconds(&pid.to_string()), Instant::now());
         let submitted_ms = now_ms();
         submit_noop(&queue, load, 1_000).await?;
-        let watcher = rusqlite::Connection::open(config.store_path())?;
+        let watcher = Watcher::open(&config.store_path())?;
         let mut load_rss = rss_mb(pid);
         wait_for(
             Duration::from_secs(600),
@@ -1555,21 +1547,15 @@ async fn scale_run(dir: &Path, replicas: u32, load: usize) -> anyhow::Result<Sca
             "the load drained",
             || {
                 load_rss = load_rss.max(rss_mb(pid));
-                let finished: i64 =
-                    watcher.query_row("SELECT count(*) FROM tasks WHERE state = 4", [], |row| {
-                        row.get(0)
-                    })?;
-                Ok(finished as usize >= load)
+                Ok(!watcher.unfinished()?)
             },
         )
         .await?;
         let load_cpu_pct = (cpu_seconds(&pid.to_string()) - cpu_before)
             / load_from.elapsed().as_secs_f64()
             * 100.0;
-        let last: i64 =
-            watcher.query_row("SELECT max(finished_at) FROM tasks", [], |row| row.get(0))?;
-        let load_rate =
-            load as f64 / ((last as u64).saturating_sub(submitted_ms).max(1) as f64 / 1000.0);
+        let last = watcher.last_finished_ms()?;
+        let load_rate = load as f64 / (last.saturating_sub(submitted_ms).max(1) as f64 / 1000.0);
         anyhow::Ok(ScaleRun {
             ready_s,
             idle_rss,
@@ -1597,25 +1583,22 @@ prefetch = 64",
     let started_ms = now_ms();
     let mut daemon = spawn_daemon(dir)?;
     let pid = daemon.id();
-    let watcher = rusqlite::Connection::open(config.store_path())?;
+    let watcher = Watcher::open(&config.store_path())?;
     let mut peak = 0.0_f64;
-    let outcome = wait_for(Duration::from_secs(600), Duration::from_millis(100), "the backlog drained", || {
-        peak = peak.max(rss_mb(pid));
-        let unfinished: bool = watcher.query_row(
-            "SELECT EXISTS (SELECT 1 FROM tasks WHERE state = 1) OR EXISTS (SELECT 1 FROM tasks WHERE state = 2)
-             OR EXISTS (SELECT 1 FROM tasks WHERE state = 3)",
-            [],
-            |row| row.get(0),
-        )?;
-        Ok(!unfinished)
-    })
+    let outcome = wait_for(
+        Duration::from_secs(600),
+        Duration::from_millis(100),
+        "the backlog drained",
+        || {
+            peak = peak.max(rss_mb(pid));
+            Ok(!watcher.unfinished()?)
+        },
+    )
     .await;
     stop_daemon(&mut daemon);
     outcome?;
-    let last: i64 =
-        watcher.query_row("SELECT max(finished_at) FROM tasks", [], |row| row.get(0))?;
     Ok((
-        (last as u64).saturating_sub(started_ms) as f64 / 1000.0,
+        watcher.last_finished_ms()?.saturating_sub(started_ms) as f64 / 1000.0,
         peak,
     ))
 }
@@ -1651,56 +1634,50 @@ async fn scale_scenario(args: &Args, base: &Path, report: &mut Report) -> anyhow
         let n = report::group(f64::from(replicas), 0);
         report.row(
             SCALE,
-            Row {
-                figure: format!("{n} replicas: daemon RSS, idle"),
-                target: "< 200 MB".into(),
-                measured: point.idle_rss_mb.show(0, "MB"),
-                met: Some(point.idle_rss_mb.median < 200.0),
-            },
+            Row::goal(
+                format!("{n} replicas: daemon RSS, idle"),
+                "< 200 MB",
+                point.idle_rss_mb.show(0, "MB"),
+                point.idle_rss_mb.median < 200.0,
+            ),
         );
         report.row(
             SCALE,
-            Row {
-                figure: format!("{n} replicas: daemon CPU, idle (10 s)"),
-                target: "< 5% of a core".into(),
-                measured: point.idle_cpu_pct.show(2, "%"),
-                met: Some(point.idle_cpu_pct.median < 5.0),
-            },
+            Row::goal(
+                format!("{n} replicas: daemon CPU, idle (10 s)"),
+                "< 5% of a core",
+                point.idle_cpu_pct.show(2, "%"),
+                point.idle_cpu_pct.median < 5.0,
+            ),
         );
         report.row(
             SCALE,
-            Row {
-                figure: format!(
+            Row::goal(
+                format!(
                     "{n} replicas: daemon RSS, peak while 20,000 tasks are submitted and drained"
                 ),
-                target: "< 200 MB".into(),
-                measured: point.load_rss_mb.show(0, "MB"),
-                met: Some(point.load_rss_mb.median < 200.0),
-            },
+                "< 200 MB",
+                point.load_rss_mb.show(0, "MB"),
+                point.load_rss_mb.median < 200.0,
+            ),
         );
         report.row(
             SCALE,
-            Row {
-                figure: format!(
-                    "{n} replicas: daemon CPU and throughput under that load (`prefetch = 0`)"
-                ),
-                target: String::new(),
-                measured: format!(
+            Row::info(
+                format!("{n} replicas: daemon CPU and throughput under that load (`prefetch = 0`)"),
+                format!(
                     "{} of a core; {}",
                     stat(|r| r.load_cpu_pct).show(0, "%"),
                     stat(|r| r.load_rate).show(0, "tasks/s")
                 ),
-                met: None,
-            },
+            ),
         );
         report.row(
             SCALE,
-            Row {
-                figure: format!("{n} replicas: from `flotilla up` to every replica ready"),
-                target: String::new(),
-                measured: stat(|r| r.ready_s).show(1, "s"),
-                met: None,
-            },
+            Row::info(
+                format!("{n} replicas: from `flotilla up` to every replica ready"),
+                stat(|r| r.ready_s).show(1, "s"),
+            ),
         );
         report.scale.push(point);
     }
@@ -1717,21 +1694,19 @@ async fn scale_scenario(args: &Args, base: &Path, report: &mut Report) -> anyhow
     let n = report::group(args.backlog as f64, 0);
     report.row(
         SCALE,
-        Row {
-            figure: format!("{n} queued tasks, 4 replicas, `prefetch = 64`: time to drain"),
-            target: String::new(),
-            measured: Stat::of(&drains).show(1, "s"),
-            met: None,
-        },
+        Row::info(
+            format!("{n} queued tasks, 4 replicas, `prefetch = 64`: time to drain"),
+            Stat::of(&drains).show(1, "s"),
+        ),
     );
     report.row(
         SCALE,
-        Row {
-            figure: format!("{n} queued tasks: daemon peak RSS while draining"),
-            target: "< 200 MB".into(),
-            measured: Stat::of(&peaks).show(0, "MB"),
-            met: Some(Stat::of(&peaks).median < 200.0),
-        },
+        Row::goal(
+            format!("{n} queued tasks: daemon peak RSS while draining"),
+            "< 200 MB",
+            Stat::of(&peaks).show(0, "MB"),
+            Stat::of(&peaks).median < 200.0,
+        ),
     );
     report.note(
         SCALE,
@@ -1841,15 +1816,7 @@ async fn celery_scenario(args: &Args, base: &Path, report: &mut Report) -> anyho
         ),
     ];
     for (figure, stat) in &rows {
-        report.row(
-            CELERY,
-            Row {
-                figure: figure.clone(),
-                target: String::new(),
-                measured: stat.show(0, "tasks/s"),
-                met: None,
-            },
-        );
+        report.row(CELERY, Row::info(figure.clone(), stat.show(0, "tasks/s")));
     }
     report.note(CELERY, format!(
         "{versions}. Celery with `task_acks_late = True`, `worker_prefetch_multiplier = 4` (its \

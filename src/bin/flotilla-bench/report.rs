@@ -66,6 +66,32 @@ pub struct Row {
     pub met: Option<bool>,
 }
 
+impl Row {
+    /// A figure without a target.
+    pub fn info(figure: impl Into<String>, measured: impl Into<String>) -> Self {
+        Self {
+            figure: figure.into(),
+            target: String::new(),
+            measured: measured.into(),
+            met: None,
+        }
+    }
+
+    /// A figure with its `target`, and whether it is `met`.
+    pub fn goal(
+        figure: impl Into<String>,
+        target: impl Into<String>,
+        measured: impl Into<String>,
+        met: bool,
+    ) -> Self {
+        Self {
+            target: target.into(),
+            met: Some(met),
+            ..Self::info(figure, measured)
+        }
+    }
+}
+
 /// Throughput of one configuration, for the plot.
 pub struct ThroughputPoint {
     /// embedded, jetstream, raw jetstream, celery + redis.
