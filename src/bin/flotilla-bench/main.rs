@@ -367,11 +367,29 @@ const RAW_SERIES: &str = "raw JetStream";
 async fn throughput_scenario(args: &Args, base: &Path, report: &mut Report) -> anyhow::Result<()> {
     for replicas in numbers(&args.replicas, "--replicas")? {
         let mut rates = Vec::new();
+        let mut cpu = Vec::new();
         for run in 0..args.runs {
             let dir = base.join(format!("throughput-{replicas}-{run}"));
-            let rate = throughput_run(&dir, replicas, 64, args.tasks).await?;
-            println!("  embedded run {run}: {replicas} replicas, prefetch 64: {rate:.0} tasks/s");
-            rates.push(rate);
+            let done = throughput_run(&dir, replicas, 64, args.tasks).await?;
+            println!(
+                "  embedded run {run}: {replicas} replicas, prefetch 64: {:.0} tasks/s; CPU per task: daemon {:.0} µs, agents {:.0} µs, machine {:.0} µs",
+                done.rate, done.daemon_cpu, done.agents_cpu, done.machine_cpu
+            );
+            rates.push(done.rate);
+            cpu.push([done.daemon_cpu, done.agents_cpu, done.machine_cpu]);
+        }
+        if replicas == 4 {
+            let column = |index: usize| Stat::of(&cpu.iter().map(|c| c[index]).collect::<Vec<_>>());
+            report.note(
+                THROUGHPUT,
+                format!(
+                    "CPU per task on the embedded store (4 replicas, `prefetch = 64`): the daemon {}, \
+                     the agents {}, the whole machine {}.",
+                    column(0).show(0, "µs"),
+                    column(1).show(0, "µs"),
+                    column(2).show(0, "µs"),
+                ),
+            );
         }
         let rate = Stat::of(&rates);
         let figure = format!(
@@ -403,7 +421,7 @@ async fn throughput_scenario(args: &Args, base: &Path, report: &mut Report) -> a
     let mut rates = Vec::new();
     for run in 0..args.runs {
         let dir = base.join(format!("throughput-default-{run}"));
-        let rate = throughput_run(&dir, 4, 0, args.tasks / 5).await?;
+        let rate = throughput_run(&dir, 4, 0, args.tasks / 5).await?.rate;
         println!("  embedded run {run}: 4 replicas, prefetch 0: {rate:.0} tasks/s");
         rates.push(rate);
     }
@@ -539,24 +557,58 @@ async fn submit_noop(queue: &dyn TaskQueue, tasks: usize, batch: usize) -> anyho
 /// CPU seconds (user + system) used so far by process `pid` (`self` for
 /// this one), from /proc.
 fn cpu_seconds(pid: &str) -> f64 {
+    // utime and stime: the 14th and 15th fields of /proc/PID/stat.
+    process_ticks(pid, &[11, 12]) / ticks_per_second()
+}
+
+/// CPU seconds (user + system) used by this process's children that have
+/// ended and been waited for: the agents, once their daemon stopped.
+fn children_cpu_seconds() -> f64 {
+    // cutime and cstime: the 16th and 17th fields.
+    process_ticks("self", &[13, 14]) / ticks_per_second()
+}
+
+/// The sum of the given fields of /proc/PID/stat, counted from the field
+/// after the parenthesized command (the state) as 0.
+fn process_ticks(pid: &str, indices: &[usize]) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesized command: utime and stime are the
-    // 12th and 13th.
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .map(|(_, rest)| rest.split_whitespace().collect())
         .unwrap_or_default();
-    let ticks = |index: usize| {
-        fields
-            .get(index)
-            .and_then(|field| field.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+    indices
+        .iter()
+        .filter_map(|index| fields.get(*index)?.parse::<f64>().ok())
+        .sum()
+}
+
+/// CPU seconds every core of the machine spent busy so far (user, nice,
+/// system, irq and softirq; not idle, I/O wait or time stolen by the
+/// hypervisor), from /proc/stat.
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .filter(|line| line.starts_with("cpu "))
+        .map(|line| {
+            line.split_whitespace()
+                .skip(1)
+                .take(7)
+                .filter_map(|field| field.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    // user nice system idle iowait irq softirq
+    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
+    (ticks.iter().sum::<f64>() - idle) / ticks_per_second()
+}
+
+fn ticks_per_second() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
-        .unwrap_or(100) as f64;
-    (ticks(11) + ticks(12)) / per_second
+        .unwrap_or(100) as f64
 }
 
 /// The `[broker]` section of a fleet on `url` in its own namespace.
@@ -683,7 +735,7 @@ async fn jetstream_throughput_run(
     replicas: u32,
     tasks: usize,
     server_pid: &str,
-) -> anyhow::Result<(f64, f64, f64)> {
+) -> anyhow::Result<JetStreamRun> {
     use flotilla::queue::sqlite::Role;
     use flotilla::store::Store;
     let _ = std::fs::remove_dir_all(dir);
@@ -695,10 +747,15 @@ async fn jetstream_throughput_run(
             broker_section(url, namespace)
         ),
     )?;
+    let agents_cpu = children_cpu_seconds();
     let daemon = Daemon::start(config.clone(), clock::system()).await?;
     let store = Store::open(&config, Role::Client, clock::system(), "bench").await?;
     let queue = store.queue();
-    let (server_cpu, own_cpu) = (cpu_seconds(server_pid), cpu_seconds("self"));
+    let (server_cpu, own_cpu, machine_cpu) = (
+        cpu_seconds(server_pid),
+        cpu_seconds("self"),
+        machine_busy_seconds(),
+    );
     let started_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
     submit_noop(queue.as_ref(), tasks, 1_000).await?;
     let submitted_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
@@ -726,7 +783,11 @@ async fn jetstream_throughput_run(
     let per_task = |before: f64, after: f64| (after - before) * 1e6 / tasks as f64;
     let server_cpu = per_task(server_cpu, cpu_seconds(server_pid));
     let own_cpu = per_task(own_cpu, cpu_seconds("self"));
+    let machine_cpu = per_task(machine_cpu, machine_busy_seconds());
+    // The agents' CPU counts once they ended and were waited for; idle
+    // before and after the window, they add next to nothing.
     daemon.stop().await;
+    let agents_cpu = per_task(agents_cpu, children_cpu_seconds());
     let records = queue
         .list(&flotilla::queue::ListFilter {
             state: Some(TaskState::Completed),
@@ -742,11 +803,26 @@ async fn jetstream_throughput_run(
         .filter_map(|task| task.finished_ms)
         .max()
         .context("finished")?;
-    Ok((
-        tasks as f64 / ((finished_ms - started_ms).max(1) as f64 / 1000.0),
+    Ok(JetStreamRun {
+        rate: tasks as f64 / ((finished_ms - started_ms).max(1) as f64 / 1000.0),
         server_cpu,
         own_cpu,
-    ))
+        agents_cpu,
+        machine_cpu,
+    })
+}
+
+/// One end-to-end JetStream run: tasks/s and CPU per task (µs).
+struct JetStreamRun {
+    rate: f64,
+    /// nats-server's.
+    server_cpu: f64,
+    /// The process running the daemon and the submitting client.
+    own_cpu: f64,
+    /// The agents' processes.
+    agents_cpu: f64,
+    /// The whole machine's, every core.
+    machine_cpu: f64,
 }
 
 /// A look into a fleet's embedded store from outside, cheap enough to
@@ -795,7 +871,7 @@ async fn throughput_run(
     replicas: u32,
     prefetch: u32,
     tasks: usize,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<EmbeddedRun> {
     let config = noop_fleet(
         dir,
         "noop",
@@ -809,6 +885,11 @@ prefetch = {prefetch}"
         submit_noop(&client(&config)?, tasks, 10_000).await?;
     }
     let store = config.store_path();
+    let before = [
+        cpu_seconds("self"),
+        children_cpu_seconds(),
+        machine_busy_seconds(),
+    ];
     let daemon = Daemon::start(config, clock::system()).await?;
     let watcher = Watcher::open(&store)?;
     let started_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
@@ -825,8 +906,26 @@ prefetch = {prefetch}"
         }
     }
     let elapsed = (watcher.last_finished_ms()? as i64 - started_ms).max(1) as f64 / 1000.0;
+    let (own, machine) = (cpu_seconds("self"), machine_busy_seconds());
     daemon.stop().await;
-    Ok(tasks as f64 / elapsed)
+    let per_task = |before: f64, after: f64| (after - before) * 1e6 / tasks as f64;
+    Ok(EmbeddedRun {
+        rate: tasks as f64 / elapsed,
+        daemon_cpu: per_task(before[0], own),
+        agents_cpu: per_task(before[1], children_cpu_seconds()),
+        machine_cpu: per_task(before[2], machine),
+    })
+}
+
+/// One end-to-end run on the embedded store: tasks/s and CPU per task (µs).
+struct EmbeddedRun {
+    rate: f64,
+    /// The daemon's process (the harness's own polling is next to nothing).
+    daemon_cpu: f64,
+    /// The agents' processes.
+    agents_cpu: f64,
+    /// The whole machine's, every core.
+    machine_cpu: f64,
 }
 
 async fn recovery_run(dir: &Path, kills: usize, broker: &str) -> anyhow::Result<Vec<f64>> {
@@ -979,12 +1078,15 @@ async fn jetstream_scenario(
     let mut ours: Vec<Vec<f64>> = vec![Vec::new(); replica_counts.len()];
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); replica_counts.len()];
     let mut cpu = Vec::new();
+    let mut bounds = Vec::new();
     let mut recorded = Vec::new();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let per_task = |before: f64, after: f64| (after - before) * 1e6 / args.jetstream_tasks as f64;
     for run in 0..args.runs {
-        let server_cpu = cpu_seconds(&server_pid);
+        let (server_cpu, machine_cpu) = (cpu_seconds(&server_pid), machine_busy_seconds());
         let baseline = raw_jetstream_run(&server.url, run, args.jetstream_tasks, false).await?;
-        let server_mid = cpu_seconds(&server_pid);
+        let (server_mid, machine_mid) = (cpu_seconds(&server_pid), machine_busy_seconds());
+        let raw_machine = per_task(machine_cpu, machine_mid);
         let with_record = raw_jetstream_run(&server.url, run, args.jetstream_tasks, true).await?;
         println!(
             "  jetstream run {run}: raw {baseline:.0} tasks/s; raw with a key-value record per task {with_record:.0} tasks/s"
@@ -992,7 +1094,7 @@ async fn jetstream_scenario(
         raw.push(baseline);
         recorded.push(with_record / baseline);
         for (index, replicas) in replica_counts.iter().enumerate() {
-            let (rate, server_per_task, own_per_task) = jetstream_throughput_run(
+            let ours_run = jetstream_throughput_run(
                 &base.join(format!("jetstream-{run}-{replicas}")),
                 &server.url,
                 &format!("bench{run}r{replicas}"),
@@ -1001,16 +1103,27 @@ async fn jetstream_scenario(
                 &server_pid,
             )
             .await?;
+            let rate = ours_run.rate;
             println!(
-                "  jetstream run {run}: {replicas} replicas {rate:.0} tasks/s, ratio {:.2}; CPU per task: nats-server {server_per_task:.0} µs, daemon and client {own_per_task:.0} µs",
-                rate / baseline
+                "  jetstream run {run}: {replicas} replicas {rate:.0} tasks/s, ratio {:.2}; CPU per task: nats-server {:.0} µs, daemon and client {:.0} µs, agents {:.0} µs, machine {:.0} µs (raw: {raw_machine:.0} µs)",
+                rate / baseline,
+                ours_run.server_cpu,
+                ours_run.own_cpu,
+                ours_run.agents_cpu,
+                ours_run.machine_cpu,
             );
             if *replicas == 4 {
-                cpu.push((
+                // No design can take less CPU per task than the raw path
+                // plus the agents' own work, which share these cores.
+                bounds.push(cores / (raw_machine + ours_run.agents_cpu) * 1e6 / baseline);
+                cpu.push([
                     per_task(server_cpu, server_mid),
-                    server_per_task,
-                    own_per_task,
-                ));
+                    ours_run.server_cpu,
+                    ours_run.own_cpu,
+                    ours_run.agents_cpu,
+                    raw_machine,
+                    ours_run.machine_cpu,
+                ]);
             }
             ours[index].push(rate);
             ratios[index].push(rate / baseline);
@@ -1053,18 +1166,35 @@ async fn jetstream_scenario(
             rate,
         });
     }
+    if !bounds.is_empty() {
+        report.row(
+            THROUGHPUT,
+            Row::info(
+                format!(
+                    "JetStream, 4 no-op replicas: the most any design could reach on this machine, \
+                     {cores:.0} cores ÷ (the raw baseline's CPU per task, whole machine, + the agents' CPU per task)"
+                ),
+                format!(
+                    "≤ {} × raw",
+                    Stat::of(&bounds).show(2, "").replace("  ", " ").trim()
+                ),
+            ),
+        );
+    }
     if !cpu.is_empty() {
-        let server_raw = Stat::of(&cpu.iter().map(|c| c.0).collect::<Vec<_>>());
-        let server_ours = Stat::of(&cpu.iter().map(|c| c.1).collect::<Vec<_>>());
-        let daemon = Stat::of(&cpu.iter().map(|c| c.2).collect::<Vec<_>>());
+        let column = |index: usize| Stat::of(&cpu.iter().map(|c| c[index]).collect::<Vec<_>>());
         report.note(
             THROUGHPUT,
             format!(
                 "CPU per task on JetStream (4 replicas): nats-server {} for the raw baseline, {} for flotilla; \
-                 the process running the daemon and the submitting client {} (agents not counted).",
-                server_raw.show(0, "µs"),
-                server_ours.show(0, "µs"),
-                daemon.show(0, "µs")
+                 the process running the daemon and the submitting client {}; the agents {}; \
+                 the whole machine {} for the raw baseline, {} for flotilla.",
+                column(0).show(0, "µs"),
+                column(1).show(0, "µs"),
+                column(2).show(0, "µs"),
+                column(3).show(0, "µs"),
+                column(4).show(0, "µs"),
+                column(5).show(0, "µs"),
             ),
         );
     }
@@ -1780,14 +1910,16 @@ async fn celery_scenario(args: &Args, base: &Path, report: &mut Report) -> anyho
             64,
             args.celery_tasks,
         )
-        .await?;
+        .await?
+        .rate;
         let flotilla_default = throughput_run(
             &base.join(format!("celery-default-{run}")),
             4,
             0,
             args.celery_tasks,
         )
-        .await?;
+        .await?
+        .rate;
         println!(
             "  celery run {run}: celery {rate:.0} tasks/s (fsync always), {relaxed:.0} (everysec); flotilla {flotilla:.0} (prefetch 64), {flotilla_default:.0} (prefetch 0)"
         );
