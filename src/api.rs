@@ -637,6 +637,9 @@ async fn rollback(
         crate::rollback::RollbackError::UnknownAgent { .. } => {
             ApiError::bad_request(error.to_string())
         }
+        crate::rollback::RollbackError::Busy { .. } => {
+            ApiError::new(StatusCode::CONFLICT, error.to_string())
+        }
         crate::rollback::RollbackError::Store(error) => error.into(),
     })?;
     tracing::warn!(task = %id, rolled_back = journal.is_rolled_back(), "task rolled back through the API");

@@ -534,6 +534,13 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     .filter(|token| !token.is_empty()),
             };
             let client = ApiClient::new(api, token).map_err(Failure::usage)?;
+            if client.sends_token_in_clear() {
+                eprintln!(
+                    "flotilla: warning: the API token goes to {} unencrypted (plain http to another machine); \
+                     reach the daemon through TLS (https:// via a proxy) or an SSH tunnel or `kubectl port-forward` to 127.0.0.1",
+                    client.base()
+                );
+            }
             run_target(command, &Target::Remote(client)).await
         }
         command => {
@@ -727,6 +734,9 @@ impl Target {
                 .await
                 .map_err(|error| match error {
                     crate::rollback::RollbackError::Store(error) => error.into(),
+                    busy @ crate::rollback::RollbackError::Busy { .. } => {
+                        Failure::failed(busy.to_string())
+                    }
                     other => Failure::usage(other.to_string()),
                 })
             }

@@ -85,6 +85,20 @@ impl ApiClient {
         self.base.as_str()
     }
 
+    /// Whether the token would cross a network unencrypted: plain
+    /// `http://` to an address other than this machine's loopback (the
+    /// daemon serves plain HTTP; across machines, put TLS in front of it).
+    pub fn sends_token_in_clear(&self) -> bool {
+        let host = self.base.host_str().unwrap_or("localhost");
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|address| address.is_loopback());
+        self.token.is_some() && self.base.scheme() == "http" && !loopback
+    }
+
     async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
@@ -419,6 +433,23 @@ mod tests {
             b"data: \xff\n\n",
         ] {
             assert!(sse_event(block).is_none(), "{block:?}");
+        }
+    }
+
+    #[test]
+    fn a_token_in_clear_across_a_network_is_noticed() {
+        let token = || Some("secret".to_string());
+        for (base, token, clear) in [
+            ("http://10.0.0.5:9750", token(), true),
+            ("http://flotilla.example.com:9750", token(), true),
+            ("http://10.0.0.5:9750", None, false),
+            ("https://flotilla.example.com", token(), false),
+            ("http://127.0.0.1:9750", token(), false),
+            ("http://localhost:9750", token(), false),
+            ("http://[::1]:9750", token(), false),
+        ] {
+            let client = ApiClient::new(base, token).unwrap();
+            assert_eq!(client.sends_token_in_clear(), clear, "{base}");
         }
     }
 }

@@ -207,12 +207,12 @@ impl Daemon {
         // replicas have stopped, so a shutdown in progress stays visible.
         let (housekeeping_stop, stop_rx) = watch::channel(false);
         let (memory_tx, memory) = watch::channel::<MemoryMap>(Arc::default());
+        let metrics = Arc::new(crate::metrics::Metrics::new(config.broker.is_some()));
         let mut housekeeping = vec![
             tokio::spawn(sample_memory(memory_tx, stop_rx.clone())),
-            tokio::spawn(reap_leases(queue.clone(), stop_rx.clone())),
+            tokio::spawn(reap_leases(store.clone(), metrics.clone(), stop_rx.clone())),
         ];
         let availability: Arc<dispatch::Availability> = Arc::default();
-        let metrics = Arc::new(crate::metrics::Metrics::new(config.broker.is_some()));
         let notifier =
             crate::notify::Notifier::start(&config.notify, &identity.name, &config.base_dir);
         let watchdog_notifier = notifier.clone();
@@ -808,7 +808,16 @@ impl StatusWriter {
     }
 }
 
-async fn reap_leases(queue: Arc<dyn TaskQueue>, mut shutdown: watch::Receiver<bool>) {
+/// Every second: returns the tasks whose leases expired to the queue,
+/// and handles the tasks the queue dead-lettered by itself while leasing
+/// (attempts used up by lost leases) as a replica's dead letter is
+/// handled: counted, and the children they waited for cancelled.
+async fn reap_leases(
+    store: Store,
+    metrics: Arc<crate::metrics::Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let queue = store.queue();
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -818,6 +827,16 @@ async fn reap_leases(queue: Arc<dyn TaskQueue>, mut shutdown: watch::Receiver<bo
             Ok(0) => {}
             Ok(count) => tracing::warn!(count, "leases expired; tasks returned to the queue"),
             Err(error) => tracing::warn!(%error, "could not expire leases"),
+        }
+        for (task, agent) in queue.take_exhausted() {
+            metrics.dead_lettered(&agent);
+            let cancelled = crate::delegate::cancel_children(
+                &store,
+                &task,
+                &format!("cancelled: its parent {task} was dead-lettered"),
+            )
+            .await;
+            tracing::warn!(%task, %agent, cancelled, "dead-lettered: attempts used up by lost leases");
         }
     }
 }

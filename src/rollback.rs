@@ -4,7 +4,11 @@
 //! `flotilla rollback TASK_ID`, by a validation gate's `auto_rollback` or
 //! by a post-accept watch breach. Undoing is idempotent: a change already
 //! rolled back is skipped, and each outcome is recorded as it happens, so
-//! a rollback cut short resumes where it stopped.
+//! a rollback cut short resumes where it stopped. One rollback of a task
+//! runs at a time, across every process of the fleet: it holds a claim
+//! in the store (compare-and-set) while it runs, so an operator's
+//! `flotilla rollback` and a gate's `auto_rollback` racing never run a
+//! change's command twice.
 
 use std::time::Duration;
 
@@ -29,6 +33,34 @@ const OUTPUT_BYTES: usize = 1024;
 /// Where the store keeps the journal of `task`.
 fn key(task: &str) -> String {
     format!("journal.{task}")
+}
+
+/// Where the store keeps the claim of a running rollback of `task`.
+fn claim_key(task: &str) -> String {
+    format!("rollback.{task}")
+}
+
+/// How long a claim outlives its last renewal beyond the command timeout:
+/// a rollback whose process died frees its task after that.
+const CLAIM_MARGIN: Duration = Duration::from_secs(30);
+
+/// A rollback running, stored under [`claim_key`] while it runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Claim {
+    /// Who runs it: host, process and a token of this run.
+    owner: String,
+    /// Why it runs.
+    because: String,
+    /// When it started.
+    since_ms: UnixMillis,
+    /// When it lapses unless renewed (before each change's command).
+    until_ms: UnixMillis,
+}
+
+impl Claim {
+    fn value(&self) -> Value {
+        serde_json::to_value(self).expect("a claim serializes")
+    }
 }
 
 /// A change declared by a result.
@@ -199,9 +231,13 @@ pub async fn load(store: &Store, task: &str) -> Result<Option<Journal>, QueueErr
 /// rolled back, recording each outcome as it goes; stops at the first
 /// failure (running it again retries from there). `spec` gives the
 /// process each command runs as (working directory, environment).
+/// `journal` is read again from the store once this rollback holds the
+/// task, and left as the rollback ends.
 ///
 /// # Errors
-/// When the store fails; a failed command is recorded, not an error.
+/// [`RollbackError::Busy`] when another rollback of the task runs;
+/// [`RollbackError::Store`] when the store fails. A failed command is
+/// recorded, not an error.
 pub async fn roll_back(
     store: &Store,
     journal: &mut Journal,
@@ -209,9 +245,106 @@ pub async fn roll_back(
     spec: &SpawnSpec,
     limit: Duration,
     now: impl Fn() -> UnixMillis,
-) -> Result<(), QueueError> {
+) -> Result<(), RollbackError> {
     if journal.is_rolled_back() {
         // Nothing left to undo: the journal stays as the last run left it.
+        return Ok(());
+    }
+    let lease_ms = u64::try_from((limit + CLAIM_MARGIN).as_millis()).unwrap_or(u64::MAX / 4);
+    let mut claim = Claim {
+        owner: format!(
+            "{} pid {} run {}",
+            crate::store::host_name(),
+            std::process::id(),
+            uuid::Uuid::now_v7().simple()
+        ),
+        because: because.to_string(),
+        since_ms: now(),
+        until_ms: now().saturating_add(lease_ms),
+    };
+    take_claim(store, &journal.task, &claim, now()).await?;
+    let result = undo(
+        store, journal, because, spec, limit, &now, &mut claim, lease_ms,
+    )
+    .await;
+    // Freed at once, not left to lapse; a failure to free it only delays
+    // the next rollback until the claim lapses.
+    if let Err(error) = store
+        .compare_and_put_control(
+            &claim_key(&journal.task),
+            Some(&claim.value()),
+            &Value::Null,
+        )
+        .await
+    {
+        tracing::warn!(task = %journal.task, %error, "could not free the rollback claim; it lapses by itself");
+    }
+    result
+}
+
+/// Takes the rollback claim of `task`, unless a live one is held.
+async fn take_claim(
+    store: &Store,
+    task: &str,
+    claim: &Claim,
+    now: UnixMillis,
+) -> Result<(), RollbackError> {
+    let key = claim_key(task);
+    let current = store.get_control(&key).await?;
+    let busy = |held: &Value| {
+        let held: Option<Claim> = serde_json::from_value(held.clone()).ok();
+        RollbackError::Busy {
+            task: task.to_string(),
+            held_by: held.map_or_else(
+                || "another process".to_string(),
+                |held| {
+                    format!(
+                        "{} ({}), since {}",
+                        held.owner,
+                        held.because,
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + Duration::from_millis(held.since_ms)
+                        )
+                    )
+                },
+            ),
+        }
+    };
+    if let Some(held) = &current {
+        let live =
+            serde_json::from_value::<Claim>(held.clone()).map_or(true, |held| held.until_ms > now);
+        if live {
+            return Err(busy(held));
+        }
+    }
+    if store
+        .compare_and_put_control(&key, current.as_ref(), &claim.value())
+        .await?
+    {
+        return Ok(());
+    }
+    // Taken meanwhile.
+    let held = store.get_control(&key).await?.unwrap_or(Value::Null);
+    Err(busy(&held))
+}
+
+/// The rollback proper, under `claim`.
+#[allow(clippy::too_many_arguments)]
+async fn undo(
+    store: &Store,
+    journal: &mut Journal,
+    because: &str,
+    spec: &SpawnSpec,
+    limit: Duration,
+    now: &impl Fn() -> UnixMillis,
+    claim: &mut Claim,
+    lease_ms: u64,
+) -> Result<(), RollbackError> {
+    // What an earlier rollback did while this one waited for the claim.
+    if let Some(stored) = load(store, &journal.task).await? {
+        *journal = stored;
+    }
+    if journal.is_rolled_back() {
         return Ok(());
     }
     journal.rolled_back_because = Some(because.to_string());
@@ -220,6 +353,27 @@ pub async fn roll_back(
         if journal.changes[index].state == ChangeState::RolledBack {
             continue;
         }
+        // Renewed before each command, which the claim then outlasts.
+        let renewed = Claim {
+            until_ms: now().saturating_add(lease_ms),
+            ..claim.clone()
+        };
+        if !store
+            .compare_and_put_control(
+                &claim_key(&journal.task),
+                Some(&claim.value()),
+                &renewed.value(),
+            )
+            .await?
+        {
+            // Lapsed and taken by another rollback (this process stalled
+            // longer than the claim): that one goes on from here.
+            return Err(RollbackError::Busy {
+                task: journal.task.clone(),
+                held_by: "another rollback, after this one's claim lapsed".into(),
+            });
+        }
+        *claim = renewed;
         let entry = &mut journal.changes[index];
         let mut command = spec.clone();
         command.argv.clone_from(&entry.change.rollback);
@@ -268,6 +422,16 @@ pub enum RollbackError {
         task: String,
         /// Its agent.
         agent: String,
+    },
+    /// Another rollback of the task is running.
+    #[error(
+        "a rollback of task {task:?} is already running: {held_by}; it goes on by itself (see `flotilla rollback {task}` or `tasks show` when it ends)"
+    )]
+    Busy {
+        /// The task.
+        task: String,
+        /// Who runs the other rollback, why and since when.
+        held_by: String,
     },
     /// The store failed.
     #[error(transparent)]
@@ -332,7 +496,173 @@ pub fn describe(journal: &Journal) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::queue::sqlite::{Role, Settings, SqliteQueue};
+
+    fn embedded(dir: &std::path::Path) -> Store {
+        Store::Embedded(Arc::new(
+            SqliteQueue::open(
+                &dir.join("q.db"),
+                Settings::from_config(&crate::config::StoreConfig::default(), Role::Client),
+                crate::clock::system(),
+            )
+            .unwrap(),
+        ))
+    }
+
+    /// Changes whose rollback appends their number to `log`, slowly.
+    fn slow_changes(log: &std::path::Path, count: usize) -> Vec<Change> {
+        (0..count)
+            .map(|n| Change {
+                description: format!("change {n}"),
+                rollback: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    format!("echo {n} >> '{}'; sleep 0.3", log.display()),
+                ],
+            })
+            .collect()
+    }
+
+    fn spec(dir: &std::path::Path) -> SpawnSpec {
+        SpawnSpec {
+            argv: Vec::new(),
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            workdir: dir.to_path_buf(),
+        }
+    }
+
+    fn now() -> UnixMillis {
+        crate::clock::system().now_ms()
+    }
+
+    #[tokio::test]
+    async fn two_rollbacks_of_one_task_run_each_command_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = embedded(dir.path());
+        let log = dir.path().join("undo.log");
+        let mut first = record(&store, "t", "a", 1, slow_changes(&log, 3))
+            .await
+            .unwrap();
+        let mut second = first.clone();
+        let spec = spec(dir.path());
+        let limit = Duration::from_secs(10);
+        let (a, b) = tokio::join!(
+            roll_back(&store, &mut first, "operator", &spec, limit, now),
+            roll_back(&store, &mut second, "gate", &spec, limit, now),
+        );
+        let (done, busy) = match (a, b) {
+            (Ok(()), Err(busy)) => (first, busy),
+            (Err(busy), Ok(())) => (second, busy),
+            other => panic!("one rollback runs, the other is told: {other:?}"),
+        };
+        assert!(done.is_rolled_back(), "{done:?}");
+        assert!(
+            matches!(&busy, RollbackError::Busy { task, held_by } if task == "t" && held_by.contains("pid")),
+            "{busy}"
+        );
+        assert!(busy.to_string().contains("already running"), "{busy}");
+        // Reverse order, once each.
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "2\n1\n0\n");
+        // The claim is freed: running again finds nothing to undo.
+        let mut again = load(&store, "t").await.unwrap().unwrap();
+        roll_back(&store, &mut again, "again", &spec, limit, now)
+            .await
+            .unwrap();
+        assert!(again.is_rolled_back());
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "2\n1\n0\n");
+        assert_eq!(store.get_control(&claim_key("t")).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_claim_left_by_a_dead_process_lapses() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = embedded(dir.path());
+        let log = dir.path().join("undo.log");
+        let mut journal = record(&store, "t", "a", 1, slow_changes(&log, 1))
+            .await
+            .unwrap();
+        let spec = spec(dir.path());
+        let limit = Duration::from_secs(10);
+        let held = |until_ms| Claim {
+            owner: "elsewhere pid 1 run x".into(),
+            because: "operator".into(),
+            since_ms: 0,
+            until_ms,
+        };
+        // A live claim of another process: refused, nothing run.
+        store
+            .put_control(&claim_key("t"), &held(now() + 60_000).value())
+            .await
+            .unwrap();
+        let error = roll_back(&store, &mut journal, "gate", &spec, limit, now)
+            .await
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("elsewhere pid 1 run x (operator)"),
+            "{error}"
+        );
+        assert!(!log.exists());
+        // Its process died: once the claim lapses, the task is free.
+        store
+            .put_control(&claim_key("t"), &held(now() - 1).value())
+            .await
+            .unwrap();
+        roll_back(&store, &mut journal, "gate", &spec, limit, now)
+            .await
+            .unwrap();
+        assert!(journal.is_rolled_back());
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "0\n");
+    }
+
+    #[tokio::test]
+    async fn compare_and_put_writes_only_over_what_it_expects() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = embedded(dir.path());
+        let (one, two) = (serde_json::json!({"n": 1}), serde_json::json!({"n": 2}));
+        assert!(
+            store
+                .compare_and_put_control("k", None, &one)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .compare_and_put_control("k", None, &two)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .compare_and_put_control("k", Some(&two), &two)
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .compare_and_put_control("k", Some(&one), &two)
+                .await
+                .unwrap()
+        );
+        assert_eq!(store.get_control("k").await.unwrap(), Some(two.clone()));
+        // Cleared (null) counts as nothing.
+        assert!(
+            store
+                .compare_and_put_control("k", Some(&two), &Value::Null)
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .compare_and_put_control("k", None, &one)
+                .await
+                .unwrap()
+        );
+    }
 
     #[test]
     fn changes_are_checked() {

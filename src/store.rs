@@ -185,8 +185,34 @@ impl Store {
         value: &serde_json::Value,
     ) -> Result<(), QueueError> {
         match self {
-            Self::Embedded(queue) => queue.put_status(&format!("control.{key}"), value).await,
+            Self::Embedded(queue) => {
+                queue
+                    .put_status_durably(&format!("control.{key}"), value)
+                    .await
+            }
             Self::Broker(queue) => queue.put_control(key, value).await,
+        }
+    }
+
+    /// Stores `value` under `key` only if the setting there now is
+    /// `expected` (`None`: none, or `null`), atomically for every daemon
+    /// and client of the store. Returns whether it was stored.
+    ///
+    /// # Errors
+    /// When the store cannot be read or written.
+    pub async fn compare_and_put_control(
+        &self,
+        key: &str,
+        expected: Option<&serde_json::Value>,
+        value: &serde_json::Value,
+    ) -> Result<bool, QueueError> {
+        match self {
+            Self::Embedded(queue) => {
+                queue
+                    .compare_and_put_status(&format!("control.{key}"), expected, value)
+                    .await
+            }
+            Self::Broker(queue) => queue.compare_and_put_control(key, expected, value).await,
         }
     }
 

@@ -704,3 +704,51 @@ fallback_policy = "proceed_with_warning"
     stop(bad);
     stop(good);
 }
+
+/// Two rollbacks of one task through two clients of the broker (an
+/// operator's `flotilla rollback` and a gate's `auto_rollback` on another
+/// daemon, say): one runs, the other is told, and no change's command
+/// runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollbacks_of_one_task_take_turns_across_the_fleet() {
+    let Some(server) = NatsServer::start("rollbacks_of_one_task_take_turns_across_the_fleet")
+    else {
+        return;
+    };
+    let fleet = broker_fleet(&server.url, 1);
+    let config = fleet.config();
+    let open = || Store::open(&config, Role::Client, clock::system(), "test-client");
+    let (one, two) = (open().await.expect("broker"), open().await.expect("broker"));
+    let log = fleet.path("undo.log");
+    let changes = (0..3)
+        .map(|n| flotilla::rollback::Change {
+            description: format!("change {n}"),
+            rollback: vec![
+                "sh".into(),
+                "-c".into(),
+                format!("echo {n} >> '{}'; sleep 0.3", log.display()),
+            ],
+        })
+        .collect();
+    flotilla::rollback::record(&one, "deploy-1", "worker", 1, changes)
+        .await
+        .expect("recorded");
+    let now = || clock::system().now_ms();
+    let (a, b) = tokio::join!(
+        flotilla::rollback::roll_back_task(&one, &config, "deploy-1", "operator", now),
+        flotilla::rollback::roll_back_task(&two, &config, "deploy-1", "gate", now),
+    );
+    let (journal, busy) = match (a, b) {
+        (Ok(journal), Err(busy)) | (Err(busy), Ok(journal)) => (journal, busy),
+        other => panic!("one rollback runs and the other is told: {other:?}"),
+    };
+    assert!(journal.is_rolled_back(), "{journal:?}");
+    assert!(busy.to_string().contains("already running"), "{busy}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "2\n1\n0\n");
+    // Freed when it ended: running again finds nothing left to undo.
+    let again = flotilla::rollback::roll_back_task(&two, &config, "deploy-1", "again", now)
+        .await
+        .expect("runs");
+    assert!(again.is_rolled_back());
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "2\n1\n0\n");
+}

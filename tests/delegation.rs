@@ -380,3 +380,89 @@ command = {quick}
     assert_eq!(bad.state, TaskState::DeadLettered);
     daemon.stop().await;
 }
+
+/// A parent whose attempts are used up by lost leases (its daemon killed
+/// with `kill -9`, `max_deliver = 1`) is dead-lettered by the queue when
+/// it is given out again, not by a replica: the daemon still cancels the
+/// child it waited for.
+async fn a_parent_dead_lettered_by_a_lost_lease_cancels_its_children(broker: Option<&NatsServer>) {
+    let broker = broker.map_or_else(String::new, |server| {
+        format!("[broker]\nurl = \"{}\"\nack_wait = \"2s\"\n\n", server.url)
+    });
+    let fleet = Fleet::new(&format!(
+        r#"{broker}
+[agents.manager]
+command = ["python3", "manager.py"]
+retry = {{ max_deliver = 1 }}
+
+[agents.backend]
+command = {slow}
+"#,
+        slow = example_agent(&["--work-ms", "60000"]),
+    ));
+    std::fs::write(fleet.path("manager.py"), MANAGER).unwrap();
+    let mut first = fleet.spawn_daemon();
+    let store = flotilla::store::Store::open(
+        &fleet.config(),
+        flotilla::queue::sqlite::Role::Client,
+        flotilla::clock::system(),
+        "test-client",
+    )
+    .await
+    .expect("store opens");
+    let queue = store.queue();
+    queue
+        .submit(vec![task(
+            "feature-9",
+            "manager",
+            json!({"to": ["backend"]}),
+        )])
+        .await
+        .unwrap();
+    let child = "feature-9/backend";
+    wait_until(Duration::from_secs(20), "the child running", || async {
+        matches!(queue.get(child).await, Ok(Some(task)) if task.state == TaskState::Running)
+    })
+    .await;
+    signal(&first, nix::sys::signal::Signal::SIGKILL);
+    wait_exit(&mut first, Duration::from_secs(10));
+    let daemon = fleet.start().await;
+    wait_until(Duration::from_secs(30), "the parent dead-lettered", || async {
+        matches!(queue.get("feature-9").await, Ok(Some(task)) if task.state == TaskState::DeadLettered)
+    })
+    .await;
+    // A cancelled child becomes a dead letter that says why.
+    wait_until(Duration::from_secs(10), "the child cancelled", || async {
+        matches!(queue.get(child).await, Ok(Some(task)) if task.state == TaskState::DeadLettered)
+    })
+    .await;
+    let parent = queue.get("feature-9").await.unwrap().unwrap();
+    assert!(
+        parent
+            .reason
+            .as_deref()
+            .is_some_and(|reason| reason.contains("max_deliver")),
+        "{parent:?}"
+    );
+    let reason = queue.get(child).await.unwrap().unwrap().reason;
+    assert!(
+        reason
+            .as_deref()
+            .is_some_and(|reason| reason.contains("its parent feature-9 was dead-lettered")),
+        "{reason:?}"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_parent_cancels_its_children() {
+    a_parent_dead_lettered_by_a_lost_lease_cancels_its_children(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_parent_cancels_its_children_on_jetstream() {
+    let Some(server) = NatsServer::start("a_lost_parent_cancels_its_children_on_jetstream") else {
+        return;
+    };
+    a_parent_dead_lettered_by_a_lost_lease_cancels_its_children(Some(&server)).await;
+}

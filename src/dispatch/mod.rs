@@ -1005,6 +1005,9 @@ impl AgentRuntime {
         )
         .await;
         match result {
+            Err(error @ crate::rollback::RollbackError::Busy { .. }) => {
+                format!("the rollback was left to the one already running: {error}")
+            }
             Err(error) => format!("the rollback could not be recorded: {error}"),
             Ok(()) if journal.is_rolled_back() => {
                 format!("{} change(s) rolled back", journal.changes.len())

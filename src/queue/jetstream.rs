@@ -527,6 +527,7 @@ struct Inner {
     stats: Arc<ConnectionStats>,
     url: String,
     returns: mpsc::UnboundedSender<Returned>,
+    exhausted: super::Exhausted,
 }
 
 /// The JetStream queue. Cheap to share behind an `Arc`.
@@ -653,6 +654,7 @@ impl JetStreamQueue {
             wake: Mutex::default(),
             stats,
             url: config.url.clone(),
+            exhausted: super::Exhausted::default(),
         });
         let wakes = client
             .subscribe(format!("{}.ready.>", inner.names.namespace))
@@ -732,6 +734,83 @@ impl JetStreamQueue {
         Ok(bytes
             .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
             .filter(|value| !value.is_null()))
+    }
+
+    /// Writes `value` under operator key `key` only if what is there now
+    /// is `expected` (`None`: nothing, or `null`), by compare-and-set on
+    /// the key's revision. Returns whether it was written.
+    ///
+    /// # Errors
+    /// [`QueueError::Storage`] if the broker cannot be read or written.
+    pub async fn compare_and_put_control(
+        &self,
+        key: &str,
+        expected: Option<&Value>,
+        value: &Value,
+    ) -> Result<bool, QueueError> {
+        let key = format!("c.{}", escape(key));
+        let entry = self
+            .inner
+            .bounded("read an operator setting", self.inner.records.entry(&key))
+            .await?;
+        let (current, revision) = match &entry {
+            Some(entry) if entry.operation == kv::Operation::Put => (
+                serde_json::from_slice::<Value>(&entry.value)
+                    .ok()
+                    .filter(|value| !value.is_null()),
+                entry.revision,
+            ),
+            // Deleted or purged: a marker to write over.
+            Some(entry) => (None, entry.revision),
+            None => (None, 0),
+        };
+        if current.as_ref() != expected.filter(|value| !value.is_null()) {
+            return Ok(false);
+        }
+        let bytes = Bytes::from(value.to_string());
+        let call = async {
+            if revision == 0 {
+                self.inner
+                    .records
+                    .create(&key, bytes)
+                    .await
+                    .map(|_| ())
+                    .map_err(|error| match error.kind() {
+                        kv::CreateErrorKind::AlreadyExists => None,
+                        _ => Some(error.to_string()),
+                    })
+            } else {
+                self.inner
+                    .records
+                    .update(&key, bytes, revision)
+                    .await
+                    .map(|_| ())
+                    .map_err(|error| match error.kind() {
+                        kv::UpdateErrorKind::WrongLastRevision => None,
+                        _ => Some(error.to_string()),
+                    })
+            }
+        };
+        let written = tokio::time::timeout(self.inner.request_timeout, call)
+            .await
+            .unwrap_or_else(|_| Err(Some("timed out".to_string())));
+        match written {
+            Ok(()) => Ok(true),
+            // A conflict or a failure may be our own write applied under a
+            // lost reply: what is stored now says.
+            Err(error) => {
+                let now = self
+                    .inner
+                    .bounded("read an operator setting", self.inner.records.get(&key))
+                    .await?
+                    .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok());
+                match error {
+                    _ if now.as_ref() == Some(value) => Ok(true),
+                    None => Ok(false),
+                    Some(error) => Err(storage("cannot write an operator setting", error)),
+                }
+            }
+        }
     }
 
     /// How many nodes of the task stream's replica group are current (the
@@ -1535,6 +1614,8 @@ impl Inner {
                 self.send_dead_letter(&record).await?;
                 self.settle_message(&reply, Bytes::from_static(b"+TERM"))
                     .await;
+                self.exhausted
+                    .push(record.task.id.clone(), record.task.agent.clone());
                 return Ok(None);
             }
             let number = record.task.attempts + 1;
@@ -2398,6 +2479,10 @@ impl TaskQueue for JetStreamQueue {
         if self.inner.returns.send(Returned::Barrier(done)).is_ok() {
             let _ = wait.await;
         }
+    }
+
+    fn take_exhausted(&self) -> Vec<(String, String)> {
+        self.inner.exhausted.take()
     }
 }
 

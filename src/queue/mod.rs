@@ -814,6 +814,39 @@ pub trait TaskQueue: Send + Sync + 'static {
 
     /// Waits until every lease dropped unsettled so far has been released.
     async fn flush_released(&self);
+
+    /// Tasks this handle dead-lettered by itself since the last call,
+    /// `(id, agent)`: those found with their attempts used up when the
+    /// broker or the store gave them out again (their holders died or
+    /// lost their leases). The daemon cancels the children they waited
+    /// for and counts them, as it does for the tasks it dead-letters.
+    fn take_exhausted(&self) -> Vec<(String, String)>;
+}
+
+/// Most tasks an [`Exhausted`] list keeps before it drops the oldest.
+const MAX_EXHAUSTED: usize = 10_000;
+
+/// The tasks a queue handle dead-lettered while leasing, until the daemon
+/// takes them ([`TaskQueue::take_exhausted`]); bounded.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Exhausted(
+    std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<(String, String)>>>,
+);
+
+impl Exhausted {
+    pub(crate) fn push(&self, id: String, agent: String) {
+        let mut list = self.0.lock().expect("not poisoned");
+        if list.len() >= MAX_EXHAUSTED
+            && let Some((dropped, _)) = list.pop_front()
+        {
+            tracing::warn!(task = %dropped, "too many dead letters waiting to be handled; the children of this one are not cancelled");
+        }
+        list.push_back((id, agent));
+    }
+
+    pub(crate) fn take(&self) -> Vec<(String, String)> {
+        self.0.lock().expect("not poisoned").drain(..).collect()
+    }
 }
 
 #[cfg(test)]

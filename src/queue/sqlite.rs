@@ -333,6 +333,7 @@ pub struct SqliteQueue {
     path: PathBuf,
     stop_poller: Arc<AtomicBool>,
     poisoned: Arc<AtomicBool>,
+    exhausted: super::Exhausted,
 }
 
 impl std::fmt::Debug for SqliteQueue {
@@ -525,6 +526,7 @@ impl SqliteQueue {
             path: path.to_path_buf(),
             stop_poller,
             poisoned: poisoned_flag,
+            exhausted: super::Exhausted::default(),
         })
     }
 
@@ -563,6 +565,81 @@ impl SqliteQueue {
                     })
                     .map_err(storage)?;
                 Ok(())
+            })
+            .await
+    }
+
+    /// Stores `value` under status `key` like [`Self::put_status`], but
+    /// answers only once it is on disk (fsync'd): for what must survive a
+    /// power cut, such as a rollback journal.
+    ///
+    /// # Errors
+    /// [`QueueError::Storage`] if it cannot be written.
+    pub async fn put_status_durably(&self, key: &str, value: &Value) -> Result<(), QueueError> {
+        self.compare_and_put(key.to_string(), None, value.to_string())
+            .await
+            .map(|_| ())
+    }
+
+    /// Writes `value` under status `key` only if what is there now is
+    /// `expected` (`None`: nothing, or `null`); answers once on disk.
+    /// Returns whether it was written.
+    ///
+    /// # Errors
+    /// [`QueueError::Storage`] if it cannot be written.
+    pub async fn compare_and_put_status(
+        &self,
+        key: &str,
+        expected: Option<&Value>,
+        value: &Value,
+    ) -> Result<bool, QueueError> {
+        let expected = Some(
+            expected
+                .filter(|expected| !expected.is_null())
+                .map(Value::to_string),
+        );
+        self.compare_and_put(key.to_string(), expected, value.to_string())
+            .await
+    }
+
+    /// The durable write of a status key: unconditional when `expected`
+    /// is `None`; else only over the text `expected` holds (`Some(None)`:
+    /// over nothing or `null`).
+    async fn compare_and_put(
+        &self,
+        key: String,
+        expected: Option<Option<String>>,
+        text: String,
+    ) -> Result<bool, QueueError> {
+        self.writer
+            .call(move |context| {
+                let now = context.now_sql();
+                let conn = context.conn;
+                let changed = match expected {
+                    None => conn
+                        .prepare_cached(
+                            "INSERT INTO status (key, value, updated_at) VALUES (?1, ?2, ?3)
+                             ON CONFLICT (key) DO UPDATE SET value = ?2, updated_at = ?3",
+                        )
+                        .and_then(|mut statement| statement.execute(params![key, text, now])),
+                    Some(None) => conn
+                        .prepare_cached(
+                            "INSERT INTO status (key, value, updated_at) VALUES (?1, ?2, ?3)
+                             ON CONFLICT (key) DO UPDATE SET value = ?2, updated_at = ?3
+                             WHERE status.value = 'null'",
+                        )
+                        .and_then(|mut statement| statement.execute(params![key, text, now])),
+                    Some(Some(expected)) => conn
+                        .prepare_cached(
+                            "UPDATE status SET value = ?2, updated_at = ?3
+                             WHERE key = ?1 AND value = ?4",
+                        )
+                        .and_then(|mut statement| {
+                            statement.execute(params![key, text, now, expected])
+                        }),
+                }
+                .map_err(storage)?;
+                Ok(changed == 1)
             })
             .await
     }
@@ -1064,7 +1141,12 @@ struct Claimed {
     charged: u32,
 }
 
-fn lease(context: &mut Context<'_>, request: &LeaseRequest) -> Result<Vec<Claimed>, QueueError> {
+/// Claims up to `request.max` ready tasks; also returns the ids of those
+/// it dead-lettered instead (attempts used up).
+fn lease(
+    context: &mut Context<'_>,
+    request: &LeaseRequest,
+) -> Result<(Vec<Claimed>, Vec<String>), QueueError> {
     let conn = context.conn;
     let now = context.now_sql();
     conn.prepare_cached(
@@ -1075,6 +1157,7 @@ fn lease(context: &mut Context<'_>, request: &LeaseRequest) -> Result<Vec<Claime
     .map_err(storage)?;
     let deadline = now.saturating_add(to_sql_ms(millis(request.lease_for)));
     let mut claimed = Vec::new();
+    let mut exhausted = Vec::new();
     // Tasks past their attempt budget are dead-lettered and skipped; the
     // bound keeps one call from scanning forever.
     for _round in 0..8 {
@@ -1117,6 +1200,7 @@ fn lease(context: &mut Context<'_>, request: &LeaseRequest) -> Result<Vec<Claime
         {
             if charged >= request.max_deliver {
                 exhaust(context, seq, request.max_deliver)?;
+                exhausted.push(id);
                 continue;
             }
             let number = attempt + 1;
@@ -1162,7 +1246,7 @@ fn lease(context: &mut Context<'_>, request: &LeaseRequest) -> Result<Vec<Claime
             break;
         }
     }
-    Ok(claimed)
+    Ok((claimed, exhausted))
 }
 
 /// Dead-letters a task whose attempts are used up, naming its last outcome.
@@ -1401,12 +1485,13 @@ impl TaskQueue for SqliteQueue {
             let owned = request.clone();
             let returns = self.returns.clone();
             let agent = request.agent.clone();
+            let exhausted = self.exhausted.clone();
             let (leases, next_visible) = self
                 .writer
                 .send_then(
                     false,
                     move |context| {
-                        let claimed = lease(context, &owned)?;
+                        let (claimed, dead) = lease(context, &owned)?;
                         let next: Option<i64> = if claimed.is_empty() {
                             context
                                 .conn
@@ -1419,9 +1504,12 @@ impl TaskQueue for SqliteQueue {
                         } else {
                             None
                         };
-                        Ok((claimed, next))
+                        Ok((claimed, dead, next))
                     },
-                    move |(claimed, next): (Vec<Claimed>, Option<i64>)| {
+                    move |(claimed, dead, next): (Vec<Claimed>, Vec<String>, Option<i64>)| {
+                        for id in dead {
+                            exhausted.push(id, agent.clone());
+                        }
                         let leases: Vec<Lease> = claimed
                             .into_iter()
                             .map(|claim| Lease {
@@ -1832,6 +1920,10 @@ impl TaskQueue for SqliteQueue {
         if self.returns.send(Returned::Barrier(done)).is_ok() {
             let _ = wait.await;
         }
+    }
+
+    fn take_exhausted(&self) -> Vec<(String, String)> {
+        self.exhausted.take()
     }
 
     async fn purge(&self, selection: &Selection) -> Result<u64, QueueError> {
