@@ -3,16 +3,25 @@
 //! against a baseline taken at acceptance. A breach rolls back the changes
 //! the task's result declared (see [`crate::rollback`]) and tells humans.
 //!
-//! A watch lives in the daemon that accepted the task: a daemon that stops
-//! ends its watches (the journal stays, `flotilla rollback` still works).
+//! A watch is kept in the store (per agent, `watches.AGENT`: the task,
+//! its daemon, when it ends and its baseline) while it runs, so that it
+//! survives its daemon: a daemon that starts goes on with the watches of
+//! its previous run (same name), and on a broker with those of daemons
+//! that are gone; on the embedded store, where one daemon runs at a time,
+//! with every watch it finds.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::clock::UnixMillis;
 use crate::config::WatchCheck;
 use crate::dispatch::AgentRuntime;
 use crate::notify::{Event, EventKind};
+use crate::queue::QueueError;
+use crate::store::Store;
 
 /// Bytes of a watch command's output kept.
 const OUTPUT_BYTES: usize = 1024;
@@ -26,59 +35,249 @@ pub fn start(agent: &Arc<AgentRuntime>, task: &str, kind: &str) {
     {
         return;
     }
-    // Bounded: a burst of accepted tasks must not start unbounded
-    // watches (each samples its checks every interval).
-    let Ok(permit) = agent.watch_permits().try_acquire_owned() else {
-        tracing::warn!(agent = %agent.name, %task, max = MAX_WATCHES, "too many tasks watched at once; this one is not watched");
+    let Some(permit) = permit(agent, task) else {
         return;
     };
     let agent = agent.clone();
     let task = task.to_string();
     tokio::spawn(async move {
         let _permit = permit;
-        watch(agent, task).await;
+        let client = reqwest::Client::builder().build().ok();
+        let config = agent.config.watch.clone();
+        let mut baseline = Vec::with_capacity(config.checks.len());
+        for check in &config.checks {
+            let base = sample(&agent, &task, check, client.as_ref()).await.ok();
+            baseline.push((check.name.clone(), base));
+        }
+        let duration_ms = u64::try_from(config.duration.get().as_millis()).unwrap_or(u64::MAX);
+        let watched = Watched {
+            task,
+            daemon: agent.owner().to_string(),
+            until_ms: agent.clock_now_ms().saturating_add(duration_ms),
+            baseline,
+        };
+        let kept = edit_list(agent.store(), &agent.name, |list| {
+            list.retain(|other| other.task != watched.task);
+            if list.len() >= MAX_WATCHED {
+                return false;
+            }
+            list.push(watched.clone());
+            true
+        })
+        .await;
+        if !matches!(kept, Ok(true)) {
+            tracing::warn!(agent = %agent.name, task = %watched.task, ?kept, "the watch is not kept in the store: it ends if this daemon stops");
+        }
+        tracing::info!(agent = %agent.name, task = %watched.task, duration = %config.duration, "watching the accepted task");
+        watch(&agent, &watched, client.as_ref()).await;
     });
 }
 
-/// Most tasks one agent watches at once.
+/// Goes on with the watches of `agent` that no running daemon follows:
+/// those of this daemon's previous run, of daemons gone from a broker,
+/// and on the embedded store every one. Called as the agent starts.
+pub fn resume(agent: &Arc<AgentRuntime>) {
+    let agent = agent.clone();
+    tokio::spawn(async move {
+        let me = agent.owner().to_string();
+        // On the embedded store one daemon runs at a time: every watch in
+        // it is an orphan. On a broker, those of daemons still running are
+        // theirs.
+        let running: HashSet<String> = match agent.store() {
+            Store::Embedded(_) => HashSet::new(),
+            Store::Broker(_) => match agent.store().snapshots().await {
+                Ok(snapshots) => snapshots
+                    .into_iter()
+                    .filter(|snapshot| snapshot.running && snapshot.name != me)
+                    .map(|snapshot| snapshot.name)
+                    .collect(),
+                Err(error) => {
+                    tracing::warn!(agent = %agent.name, %error, "could not see which daemons run; their watches are left to them");
+                    return;
+                }
+            },
+        };
+        let now = agent.clock_now_ms();
+        let list = match load_list(agent.store(), &agent.name).await {
+            Ok((list, _)) => list,
+            Err(error) => {
+                tracing::warn!(agent = %agent.name, %error, "could not read the watches to resume");
+                return;
+            }
+        };
+        for orphan in list
+            .into_iter()
+            .filter(|watched| !running.contains(&watched.daemon))
+        {
+            let ended = orphan.until_ms <= now || agent.config.watch.checks.is_empty();
+            // Taken over by compare-and-set: two daemons starting at once
+            // never both go on with one watch.
+            let taken = edit_list(agent.store(), &agent.name, |list| {
+                let Some(entry) = list.iter_mut().find(|entry| **entry == orphan) else {
+                    return false;
+                };
+                if ended {
+                    list.retain(|entry| *entry != orphan);
+                } else {
+                    entry.daemon.clone_from(&me);
+                }
+                true
+            })
+            .await;
+            if ended || !matches!(taken, Ok(true)) {
+                continue;
+            }
+            let Some(permit) = permit(&agent, &orphan.task) else {
+                continue;
+            };
+            let watched = Watched {
+                daemon: me.clone(),
+                ..orphan
+            };
+            tracing::info!(agent = %agent.name, task = %watched.task, "going on with the watch of an accepted task");
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let client = reqwest::Client::builder().build().ok();
+                watch(&agent, &watched, client.as_ref()).await;
+            });
+        }
+    });
+}
+
+/// A watch slot of `agent`, if one is free. Bounded: a burst of accepted
+/// tasks must not start unbounded watches (each samples its checks every
+/// interval).
+fn permit(agent: &AgentRuntime, task: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let permit = agent.watch_permits().try_acquire_owned().ok();
+    if permit.is_none() {
+        tracing::warn!(agent = %agent.name, %task, max = MAX_WATCHES, "too many tasks watched at once; this one is not watched");
+    }
+    permit
+}
+
+/// Most tasks one agent watches at once in one daemon.
 pub const MAX_WATCHES: usize = 64;
+/// Most watches one agent's list in the store holds (every daemon's).
+const MAX_WATCHED: usize = 1024;
 /// Largest Prometheus answer read.
 const MAX_ANSWER: usize = 1 << 20;
 
 /// One sample of a check: a value to compare, or pass/fail.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 enum Sample {
     Value(f64),
     Pass,
     Fail,
 }
 
-async fn watch(agent: Arc<AgentRuntime>, task: String) {
-    let config = agent.config.watch.clone();
-    let client = reqwest::Client::builder().build().ok();
-    let mut baseline = Vec::with_capacity(config.checks.len());
-    for check in &config.checks {
-        baseline.push(sample(&agent, &task, check, client.as_ref()).await.ok());
+/// A watch as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Watched {
+    /// The accepted task.
+    task: String,
+    /// The daemon following it.
+    daemon: String,
+    /// When it ends without a breach.
+    until_ms: UnixMillis,
+    /// The baseline of each check, by name (`None`: it could not be
+    /// sampled).
+    baseline: Vec<(String, Option<Sample>)>,
+}
+
+fn list_key(agent: &str) -> String {
+    format!("watches.{agent}")
+}
+
+/// The watches of `agent` in the store, and the stored value they came
+/// from (for a compare-and-set).
+async fn load_list(
+    store: &Store,
+    agent: &str,
+) -> Result<(Vec<Watched>, Option<Value>), QueueError> {
+    let stored = store.get_control(&list_key(agent)).await?;
+    let list = stored
+        .clone()
+        .and_then(|value| serde_json::from_value(value).ok())
+        .unwrap_or_default();
+    Ok((list, stored))
+}
+
+/// Changes the watches of `agent` in the store by compare-and-set, trying
+/// again when another daemon wrote meanwhile; `change` says whether it
+/// changed anything. Returns whether the change was stored.
+async fn edit_list(
+    store: &Store,
+    agent: &str,
+    change: impl Fn(&mut Vec<Watched>) -> bool,
+) -> Result<bool, QueueError> {
+    for _ in 0..16 {
+        let (mut list, stored) = load_list(store, agent).await?;
+        if !change(&mut list) {
+            return Ok(false);
+        }
+        let value = if list.is_empty() {
+            Value::Null
+        } else {
+            serde_json::to_value(&list).expect("watches serialize")
+        };
+        if store
+            .compare_and_put_control(&list_key(agent), stored.as_ref(), &value)
+            .await?
+        {
+            return Ok(true);
+        }
     }
-    tracing::info!(agent = %agent.name, %task, duration = %config.duration, "watching the accepted task");
-    let started = tokio::time::Instant::now();
-    while started.elapsed() < config.duration.get() {
-        tokio::time::sleep(config.interval.get()).await;
-        for (check, base) in config.checks.iter().zip(&baseline) {
-            let now = match sample(&agent, &task, check, client.as_ref()).await {
+    Ok(false)
+}
+
+/// Samples the checks of `watched` every interval until it ends or
+/// breaches; a daemon that stops leaves it in the store for the next.
+async fn watch(agent: &Arc<AgentRuntime>, watched: &Watched, client: Option<&reqwest::Client>) {
+    let config = agent.config.watch.clone();
+    let task = &watched.task;
+    let left = watched.until_ms.saturating_sub(agent.clock_now_ms());
+    let until = tokio::time::Instant::now() + std::time::Duration::from_millis(left);
+    let mut phase = agent.phase();
+    'watching: while tokio::time::Instant::now() < until {
+        tokio::select! {
+            () = tokio::time::sleep(config.interval.get()) => {}
+            _ = phase.wait_for(|phase| phase.stopping()) => return,
+        }
+        for check in &config.checks {
+            let base = watched
+                .baseline
+                .iter()
+                .find(|(name, _)| *name == check.name)
+                .and_then(|(_, base)| *base);
+            let now = match sample(agent, task, check, client).await {
                 Ok(now) => now,
                 Err(error) => {
                     tracing::warn!(agent = %agent.name, %task, check = %check.name, %error, "watch check could not be sampled");
                     continue;
                 }
             };
-            if let Some(breach) = breach(check, *base, now) {
-                breached(&agent, &task, check, &breach).await;
-                return;
+            if let Some(breach) = breach(check, base, now) {
+                breached(agent, task, check, &breach).await;
+                break 'watching;
             }
         }
     }
-    tracing::info!(agent = %agent.name, %task, "watch ended without a breach");
+    if phase.borrow().stopping() {
+        return;
+    }
+    match edit_list(agent.store(), &agent.name, |list| {
+        let before = list.len();
+        list.retain(|entry| !(entry.task == watched.task && entry.daemon == watched.daemon));
+        list.len() != before
+    })
+    .await
+    {
+        Ok(_) => tracing::info!(agent = %agent.name, %task, "watch ended"),
+        Err(error) => {
+            tracing::warn!(agent = %agent.name, %task, %error, "watch ended, but stays in the store: a daemon that starts will end it");
+        }
+    }
 }
 
 /// Why `now` breaches `check` against `base`, if it does.

@@ -237,6 +237,96 @@ checks = [ { name = "health", command = ["sh", "-c", "test ! -e broken.flag"] } 
     daemon.stop().await;
 }
 
+/// A watch outlives its daemon: `kill -9` it while it watches an accepted
+/// task, start it again, and a breach still rolls the task back.
+async fn a_watch_goes_on_after_its_daemon_is_killed(broker: Option<&support::nats::NatsServer>) {
+    let broker = broker.map_or_else(String::new, |server| {
+        format!("[broker]\nurl = \"{}\"\nack_wait = \"2s\"\n\n", server.url)
+    });
+    let fleet = Fleet::new(&format!(
+        r#"{broker}
+[agents.deployer]
+command = ["python3", "agent.py"]
+
+[agents.deployer.watch]
+duration = "2m"
+interval = "1s"
+checks = [ {{ name = "health", command = ["sh", "-c", "test ! -e broken.flag"] }} ]
+"#
+    ));
+    std::fs::write(fleet.path("agent.py"), AGENT).unwrap();
+    let store = flotilla::store::Store::open(
+        &fleet.config(),
+        flotilla::queue::sqlite::Role::Client,
+        flotilla::clock::system(),
+        "test-client",
+    )
+    .await
+    .expect("store opens");
+    let mut first = fleet.spawn_daemon();
+    store
+        .queue()
+        .submit(vec![task(
+            "release",
+            "deployer",
+            json!({"create": "deployed.txt"}),
+        )])
+        .await
+        .unwrap();
+    wait_state(store.queue().as_ref(), "release", TaskState::Completed).await;
+    wait_until(Duration::from_secs(10), "the watch kept", || async {
+        store
+            .get_control("watches.deployer")
+            .await
+            .is_ok_and(|list| list.is_some_and(|list| list.to_string().contains("release")))
+    })
+    .await;
+    signal(&first, nix::sys::signal::Signal::SIGKILL);
+    wait_exit(&mut first, Duration::from_secs(10));
+    let deployed = fleet.path("deployed.txt");
+    assert!(deployed.exists());
+    let daemon = fleet.start().await;
+    std::fs::write(fleet.path("broken.flag"), "").unwrap();
+    wait_until(Duration::from_secs(20), "the rollback", || async {
+        !deployed.exists()
+    })
+    .await;
+    let journal = flotilla::rollback::load(&store, "release")
+        .await
+        .unwrap()
+        .expect("a journal");
+    assert!(
+        journal
+            .rolled_back_because
+            .as_deref()
+            .is_some_and(|why| why.contains("watch check \"health\" breached")),
+        "{journal:?}"
+    );
+    // The watch ended: nothing left for the next daemon.
+    wait_until(Duration::from_secs(10), "the watch forgotten", || async {
+        store
+            .get_control("watches.deployer")
+            .await
+            .is_ok_and(|list| list.is_none())
+    })
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_outlives_its_daemon() {
+    a_watch_goes_on_after_its_daemon_is_killed(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_outlives_its_daemon_on_jetstream() {
+    let Some(server) = support::nats::NatsServer::start("a_watch_outlives_its_daemon_on_jetstream")
+    else {
+        return;
+    };
+    a_watch_goes_on_after_its_daemon_is_killed(Some(&server)).await;
+}
+
 /// A Prometheus stand-in: answers every query with the value in `value`
 /// (an f64's bits).
 async fn prometheus(value: std::sync::Arc<std::sync::atomic::AtomicU64>) -> std::net::SocketAddr {

@@ -350,6 +350,7 @@ impl AgentRuntime {
             let handle = tokio::spawn(run_replica(runtime.clone(), index, shutdown.clone()));
             runtime.handles.lock().expect("handles lock").push(handle);
         }
+        crate::watch::resume(&runtime);
         (runtime, handles)
     }
 
@@ -614,6 +615,16 @@ impl AgentRuntime {
     }
 
     /// The clock's time now.
+    /// The daemon's name (lease owner).
+    pub(crate) fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// The daemon's phase, to stop with it.
+    pub(crate) fn phase(&self) -> watch::Receiver<Phase> {
+        self.phase.clone()
+    }
+
     pub(crate) fn clock_now_ms(&self) -> crate::clock::UnixMillis {
         self.clock.now_ms()
     }
