@@ -158,14 +158,27 @@ pub fn pause_replicas(agent: &Arc<AgentRuntime>, request: &PauseRequest) -> Resu
     for (_, pid) in &targets {
         process::signal_group(*pid, Signal::SIGSTOP);
     }
-    let resumed = targets.clone();
+    let paused = targets.clone();
     let wait = duration.get();
+    let owner = agent.clone();
     tokio::spawn(async move {
         tokio::time::sleep(wait).await;
+        // Only the replicas still running as they were: one that was
+        // killed meanwhile (its progress timer fired) is gone, and its
+        // process group id may belong to another process by now.
+        let current = running(&owner);
+        let resumed: Vec<_> = paused
+            .iter()
+            .filter(|target| current.contains(target))
+            .collect();
         for (_, pid) in &resumed {
             process::signal_group(*pid, Signal::SIGCONT);
         }
-        tracing::warn!(replicas = resumed.len(), "chaos: paused replicas resumed");
+        tracing::warn!(
+            resumed = resumed.len(),
+            gone = paused.len() - resumed.len(),
+            "chaos: paused replicas resumed"
+        );
     });
     let detail = format!("paused {} for {duration}", describe(&targets));
     Ok(Done {
