@@ -179,41 +179,95 @@ pub async fn record(
 ) -> Result<Journal, QueueError> {
     // Appended to what earlier attempts declared: a change a rejected
     // attempt applied is still there to undo.
-    let mut journal = load(store, task).await?.unwrap_or_else(|| Journal {
-        task: task.to_string(),
-        agent: agent.to_string(),
-        attempt,
-        changes: Vec::new(),
-        rolled_back_because: None,
-    });
-    if journal.changes.iter().any(|entry| entry.attempt == attempt) {
-        // Recorded already (the same result handled twice).
-        return Ok(journal);
-    }
-    journal.agent = agent.to_string();
-    journal.attempt = attempt;
-    let room = (MAX_CHANGES * 10).saturating_sub(journal.changes.len());
-    journal
-        .changes
-        .extend(changes.into_iter().take(room).map(|change| Entry {
-            change,
+    let stored = edit(store, task, |stored| {
+        let mut journal = stored.unwrap_or_else(|| Journal {
+            task: task.to_string(),
+            agent: agent.to_string(),
             attempt,
-            state: ChangeState::Applied,
-            runs: 0,
-            outcome: None,
-            at_ms: None,
-        }));
-    save(store, &journal).await?;
-    Ok(journal)
+            changes: Vec::new(),
+            rolled_back_because: None,
+        });
+        if journal.changes.iter().any(|entry| entry.attempt == attempt) {
+            // Recorded already (the same result handled twice).
+            return None;
+        }
+        journal.agent = agent.to_string();
+        journal.attempt = attempt;
+        let room = (MAX_CHANGES * 10).saturating_sub(journal.changes.len());
+        journal
+            .changes
+            .extend(changes.iter().take(room).map(|change| Entry {
+                change: change.clone(),
+                attempt,
+                state: ChangeState::Applied,
+                runs: 0,
+                outcome: None,
+                at_ms: None,
+            }));
+        Some(journal)
+    })
+    .await?;
+    Ok(stored.expect("stored or recorded already"))
 }
 
-async fn save(store: &Store, journal: &Journal) -> Result<(), QueueError> {
-    store
-        .put_control(
-            &key(&journal.task),
-            &serde_json::to_value(journal).expect("a journal serializes"),
-        )
-        .await
+/// Tries of a journal's compare-and-set before giving up.
+const EDIT_TRIES: usize = 16;
+
+/// Changes the journal of `task` by compare-and-set: `change` gets the
+/// journal as stored now (`None`: none yet) and returns the one to store,
+/// or `None` to leave it; it is called again when another process wrote
+/// meanwhile (a rollback's progress and a new attempt's changes never
+/// overwrite each other). Returns the journal as stored.
+async fn edit(
+    store: &Store,
+    task: &str,
+    mut change: impl FnMut(Option<Journal>) -> Option<Journal>,
+) -> Result<Option<Journal>, QueueError> {
+    for _ in 0..EDIT_TRIES {
+        let stored = store.get_control(&key(task)).await?;
+        let current: Option<Journal> = stored
+            .clone()
+            .and_then(|value| serde_json::from_value(value).ok());
+        let Some(next) = change(current.clone()) else {
+            return Ok(current);
+        };
+        let value = serde_json::to_value(&next).expect("a journal serializes");
+        if store
+            .compare_and_put_control(&key(task), stored.as_ref(), &value)
+            .await?
+        {
+            return Ok(Some(next));
+        }
+    }
+    Err(QueueError::Storage(format!(
+        "the rollback journal of task {task:?} kept changing under {EDIT_TRIES} tries; try again"
+    )))
+}
+
+/// Stores the progress of the rollback of `journal` (which holds the
+/// claim, so it alone changes the state of existing changes), keeping
+/// changes appended meanwhile; `journal` becomes what is stored.
+async fn save_progress(store: &Store, journal: &mut Journal) -> Result<(), QueueError> {
+    let ours = journal.clone();
+    let stored = edit(store, &ours.task, |stored| {
+        let mut stored = stored.unwrap_or_else(|| ours.clone());
+        stored
+            .rolled_back_because
+            .clone_from(&ours.rolled_back_because);
+        // Changes are only ever appended: an index names one change.
+        for (entry, mine) in stored.changes.iter_mut().zip(&ours.changes) {
+            entry.state = mine.state;
+            entry.runs = mine.runs;
+            entry.outcome.clone_from(&mine.outcome);
+            entry.at_ms = mine.at_ms;
+        }
+        Some(stored)
+    })
+    .await?;
+    if let Some(stored) = stored {
+        *journal = stored;
+    }
+    Ok(())
 }
 
 /// The journal of `task`, if its result declared changes.
@@ -348,7 +402,7 @@ async fn undo(
         return Ok(());
     }
     journal.rolled_back_because = Some(because.to_string());
-    save(store, journal).await?;
+    save_progress(store, journal).await?;
     for index in (0..journal.changes.len()).rev() {
         if journal.changes[index].state == ChangeState::RolledBack {
             continue;
@@ -397,7 +451,7 @@ async fn undo(
         } else {
             tracing::error!(task = %journal.task, change = %entry.change.description, %outcome, "rollback of a change failed; later changes stay applied");
         }
-        save(store, journal).await?;
+        save_progress(store, journal).await?;
         if !ok {
             break;
         }
@@ -574,6 +628,51 @@ mod tests {
         assert!(again.is_rolled_back());
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "2\n1\n0\n");
         assert_eq!(store.get_control(&claim_key("t")).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn changes_recorded_during_a_rollback_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = embedded(dir.path());
+        let log = dir.path().join("undo.log");
+        let mut journal = record(&store, "t", "a", 1, slow_changes(&log, 2))
+            .await
+            .unwrap();
+        let spec = spec(dir.path());
+        let rollback = roll_back(
+            &store,
+            &mut journal,
+            "operator",
+            &spec,
+            Duration::from_secs(10),
+            now,
+        );
+        let later = async {
+            // While the first undo command runs, a new attempt's result.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            record(&store, "t", "a", 2, slow_changes(&log, 1))
+                .await
+                .unwrap()
+        };
+        let (rolled, recorded) = tokio::join!(rollback, later);
+        rolled.unwrap();
+        assert_eq!(recorded.changes.len(), 3);
+        let stored = load(&store, "t").await.unwrap().unwrap();
+        let states: Vec<_> = stored
+            .changes
+            .iter()
+            .map(|entry| (entry.attempt, entry.state))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                (1, ChangeState::RolledBack),
+                (1, ChangeState::RolledBack),
+                (2, ChangeState::Applied)
+            ],
+            "{stored:?}"
+        );
+        assert_eq!(stored.rolled_back_because.as_deref(), Some("operator"));
     }
 
     #[tokio::test]
