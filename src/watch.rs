@@ -75,74 +75,109 @@ pub fn start(agent: &Arc<AgentRuntime>, task: &str, kind: &str) {
 
 /// Goes on with the watches of `agent` that no running daemon follows:
 /// those of this daemon's previous run, of daemons gone from a broker,
-/// and on the embedded store every one. Called as the agent starts.
+/// and on the embedded store every one. Called as the agent starts; on a
+/// broker it looks again every `broker.fleet_ttl` (at most every
+/// [`ADOPT_EVERY`]), for daemons that died since (their fleet entries
+/// lapse after `broker.fleet_ttl`).
 pub fn resume(agent: &Arc<AgentRuntime>) {
     let agent = agent.clone();
     tokio::spawn(async move {
-        let me = agent.owner().to_string();
-        // On the embedded store one daemon runs at a time: every watch in
-        // it is an orphan. On a broker, those of daemons still running are
-        // theirs.
-        let running: HashSet<String> = match agent.store() {
-            Store::Embedded(_) => HashSet::new(),
-            Store::Broker(_) => match agent.store().snapshots().await {
-                Ok(snapshots) => snapshots
-                    .into_iter()
-                    .filter(|snapshot| snapshot.running && snapshot.name != me)
-                    .map(|snapshot| snapshot.name)
-                    .collect(),
-                Err(error) => {
-                    tracing::warn!(agent = %agent.name, %error, "could not see which daemons run; their watches are left to them");
-                    return;
-                }
-            },
+        let mut phase = agent.phase();
+        resume_pass(&agent, true).await;
+        let every = match agent.store() {
+            Store::Embedded(_) => return,
+            Store::Broker(queue) => queue
+                .fleet_ttl()
+                .clamp(std::time::Duration::from_secs(1), ADOPT_EVERY),
         };
-        let now = agent.clock_now_ms();
-        let list = match load_list(agent.store(), &agent.name).await {
-            Ok((list, _)) => list,
-            Err(error) => {
-                tracing::warn!(agent = %agent.name, %error, "could not read the watches to resume");
-                return;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                _ = phase.wait_for(|phase| phase.stopping()) => return,
             }
-        };
-        for orphan in list
-            .into_iter()
-            .filter(|watched| !running.contains(&watched.daemon))
-        {
-            let ended = orphan.until_ms <= now || agent.config.watch.checks.is_empty();
-            // Taken over by compare-and-set: two daemons starting at once
-            // never both go on with one watch.
-            let taken = edit_list(agent.store(), &agent.name, |list| {
-                let Some(entry) = list.iter_mut().find(|entry| **entry == orphan) else {
-                    return false;
-                };
-                if ended {
-                    list.retain(|entry| *entry != orphan);
-                } else {
-                    entry.daemon.clone_from(&me);
-                }
-                true
-            })
-            .await;
-            if ended || !matches!(taken, Ok(true)) {
-                continue;
-            }
-            let Some(permit) = permit(&agent, &orphan.task) else {
-                continue;
-            };
-            let watched = Watched {
-                daemon: me.clone(),
-                ..orphan
-            };
-            tracing::info!(agent = %agent.name, task = %watched.task, "going on with the watch of an accepted task");
-            let agent = agent.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                let client = reqwest::Client::builder().build().ok();
-                watch(&agent, &watched, client.as_ref()).await;
-            });
+            resume_pass(&agent, false).await;
         }
     });
+}
+
+/// Longest time between two looks for watches of daemons gone.
+const ADOPT_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// One look for orphaned watches of `agent`; `own` includes those under
+/// this daemon's name (its previous run's, at start only).
+async fn resume_pass(agent: &Arc<AgentRuntime>, own: bool) {
+    let me = agent.owner().to_string();
+    // On the embedded store one daemon runs at a time: every watch in it
+    // is an orphan. On a broker, those of daemons still running are
+    // theirs.
+    let running: HashSet<String> = match agent.store() {
+        Store::Embedded(_) => HashSet::new(),
+        Store::Broker(_) => match agent.store().snapshots().await {
+            Ok(snapshots) => snapshots
+                .into_iter()
+                .filter(|snapshot| snapshot.running && snapshot.name != me)
+                .map(|snapshot| snapshot.name)
+                .collect(),
+            Err(error) => {
+                tracing::warn!(agent = %agent.name, %error, "could not see which daemons run; their watches are left to them");
+                return;
+            }
+        },
+    };
+    let now = agent.clock_now_ms();
+    let list = match load_list(agent.store(), &agent.name).await {
+        Ok((list, _)) => list,
+        Err(error) => {
+            tracing::warn!(agent = %agent.name, %error, "could not read the watches to resume");
+            return;
+        }
+    };
+    for orphan in list
+        .into_iter()
+        .filter(|watched| !running.contains(&watched.daemon) && (own || watched.daemon != me))
+    {
+        let ended = orphan.until_ms <= now || agent.config.watch.checks.is_empty();
+        // A slot first, so that a watch taken over is always followed.
+        let permit = if ended {
+            None
+        } else {
+            match permit(agent, &orphan.task) {
+                Some(permit) => Some(permit),
+                None => continue,
+            }
+        };
+        // Taken over by compare-and-set: two daemons never both go on
+        // with one watch.
+        let taken = edit_list(agent.store(), &agent.name, |list| {
+            let Some(entry) = list.iter_mut().find(|entry| **entry == orphan) else {
+                return false;
+            };
+            if ended {
+                list.retain(|entry| *entry != orphan);
+            } else {
+                entry.daemon.clone_from(&me);
+            }
+            true
+        })
+        .await;
+        let Some(permit) = permit else {
+            continue;
+        };
+        if !matches!(taken, Ok(true)) {
+            continue;
+        }
+        let watched = Watched {
+            daemon: me.clone(),
+            ..orphan
+        };
+        tracing::info!(agent = %agent.name, task = %watched.task, "going on with the watch of an accepted task");
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let client = reqwest::Client::builder().build().ok();
+            watch(&agent, &watched, client.as_ref()).await;
+        });
+    }
 }
 
 /// A watch slot of `agent`, if one is free. Bounded: a burst of accepted

@@ -239,9 +239,13 @@ checks = [ { name = "health", command = ["sh", "-c", "test ! -e broken.flag"] } 
 
 /// A watch outlives its daemon: `kill -9` it while it watches an accepted
 /// task, start it again, and a breach still rolls the task back.
-async fn a_watch_goes_on_after_its_daemon_is_killed(broker: Option<&support::nats::NatsServer>) {
+/// A fleet of one watched agent, `deployer`, on `broker` if given.
+fn watched_fleet(broker: Option<&support::nats::NatsServer>) -> Fleet {
     let broker = broker.map_or_else(String::new, |server| {
-        format!("[broker]\nurl = \"{}\"\nack_wait = \"2s\"\n\n", server.url)
+        format!(
+            "[broker]\nurl = \"{}\"\nack_wait = \"2s\"\nfleet_ttl = \"3s\"\n\n",
+            server.url
+        )
     });
     let fleet = Fleet::new(&format!(
         r#"{broker}
@@ -255,15 +259,41 @@ checks = [ {{ name = "health", command = ["sh", "-c", "test ! -e broken.flag"] }
 "#
     ));
     std::fs::write(fleet.path("agent.py"), AGENT).unwrap();
-    let store = flotilla::store::Store::open(
+    fleet
+}
+
+/// `flotilla up --name NAME` on `fleet`, a real process.
+fn spawn_named(fleet: &Fleet, name: &str) -> std::process::Child {
+    die_with_parent(&mut std::process::Command::new(flotilla_bin()))
+        .args([
+            "-c",
+            fleet.config_path.to_str().unwrap(),
+            "up",
+            "--name",
+            name,
+        ])
+        .env("FLOTILLA_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("daemon spawns")
+}
+
+async fn client_store(fleet: &Fleet) -> flotilla::store::Store {
+    flotilla::store::Store::open(
         &fleet.config(),
         flotilla::queue::sqlite::Role::Client,
         flotilla::clock::system(),
         "test-client",
     )
     .await
-    .expect("store opens");
-    let mut first = fleet.spawn_daemon();
+    .expect("store opens")
+}
+
+/// Accepts the task `release` (which creates deployed.txt) on the running
+/// daemon, and waits until its watch is kept in the store.
+async fn accept_watched_release(store: &flotilla::store::Store) {
     store
         .queue()
         .submit(vec![task(
@@ -281,17 +311,19 @@ checks = [ {{ name = "health", command = ["sh", "-c", "test ! -e broken.flag"] }
             .is_ok_and(|list| list.is_some_and(|list| list.to_string().contains("release")))
     })
     .await;
-    signal(&first, nix::sys::signal::Signal::SIGKILL);
-    wait_exit(&mut first, Duration::from_secs(10));
+}
+
+/// Breaks the deployment and waits for the watch to roll `release` back
+/// and end.
+async fn breach_and_see_the_rollback(fleet: &Fleet, store: &flotilla::store::Store) {
     let deployed = fleet.path("deployed.txt");
     assert!(deployed.exists());
-    let daemon = fleet.start().await;
     std::fs::write(fleet.path("broken.flag"), "").unwrap();
-    wait_until(Duration::from_secs(20), "the rollback", || async {
+    wait_until(Duration::from_secs(30), "the rollback", || async {
         !deployed.exists()
     })
     .await;
-    let journal = flotilla::rollback::load(&store, "release")
+    let journal = flotilla::rollback::load(store, "release")
         .await
         .unwrap()
         .expect("a journal");
@@ -310,7 +342,47 @@ checks = [ {{ name = "health", command = ["sh", "-c", "test ! -e broken.flag"] }
             .is_ok_and(|list| list.is_none())
     })
     .await;
+}
+
+async fn a_watch_goes_on_after_its_daemon_is_killed(broker: Option<&support::nats::NatsServer>) {
+    let fleet = watched_fleet(broker);
+    let store = client_store(&fleet).await;
+    let mut first = fleet.spawn_daemon();
+    accept_watched_release(&store).await;
+    signal(&first, nix::sys::signal::Signal::SIGKILL);
+    wait_exit(&mut first, Duration::from_secs(10));
+    let daemon = fleet.start().await;
+    breach_and_see_the_rollback(&fleet, &store).await;
     daemon.stop().await;
+}
+
+/// On a broker, the watch of a daemon that died is taken over by a daemon
+/// of another name once the dead one's fleet entry lapses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_daemons_watch_is_taken_over_on_jetstream() {
+    let Some(server) =
+        support::nats::NatsServer::start("a_dead_daemons_watch_is_taken_over_on_jetstream")
+    else {
+        return;
+    };
+    let fleet = watched_fleet(Some(&server));
+    let store = client_store(&fleet).await;
+    let mut first = spawn_named(&fleet, "a");
+    accept_watched_release(&store).await;
+    let mut second = spawn_named(&fleet, "b");
+    // b runs, and leaves a's watch to a while a runs.
+    wait_until(Duration::from_secs(20), "daemon b in the fleet", || async {
+        store
+            .snapshots()
+            .await
+            .is_ok_and(|all| all.iter().any(|snapshot| snapshot.name == "b"))
+    })
+    .await;
+    signal(&first, nix::sys::signal::Signal::SIGKILL);
+    wait_exit(&mut first, Duration::from_secs(10));
+    breach_and_see_the_rollback(&fleet, &store).await;
+    let _ = second.kill();
+    let _ = second.wait();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

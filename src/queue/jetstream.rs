@@ -528,6 +528,8 @@ struct Inner {
     url: String,
     returns: mpsc::UnboundedSender<Returned>,
     exhausted: super::Exhausted,
+    /// How long a daemon's fleet entry outlives its last write.
+    fleet_ttl: Duration,
 }
 
 /// The JetStream queue. Cheap to share behind an `Arc`.
@@ -655,6 +657,7 @@ impl JetStreamQueue {
             stats,
             url: config.url.clone(),
             exhausted: super::Exhausted::default(),
+            fleet_ttl: config.fleet_ttl.get(),
         });
         let wakes = client
             .subscribe(format!("{}.ready.>", inner.names.namespace))
@@ -671,6 +674,12 @@ impl JetStreamQueue {
     /// The broker connection as `status` shows it.
     pub fn broker_status(&self) -> BrokerStatus {
         self.inner.stats.status(&self.inner.url)
+    }
+
+    /// How long a daemon's fleet entry outlives its last write
+    /// (`broker.fleet_ttl`): a daemon gone is out of the fleet after it.
+    pub fn fleet_ttl(&self) -> Duration {
+        self.inner.fleet_ttl
     }
 
     /// The payload limit in force (the configured one, lowered to fit the
