@@ -231,10 +231,16 @@ async fn load_list(
     agent: &str,
 ) -> Result<(Vec<Watched>, Option<Value>), QueueError> {
     let stored = store.get_control(&list_key(agent)).await?;
-    let list = stored
-        .clone()
-        .and_then(|value| serde_json::from_value(value).ok())
-        .unwrap_or_default();
+    let list = match &stored {
+        None => Vec::new(),
+        // Unreadable: an error, never an empty list that a write would
+        // then put over the watches of every daemon.
+        Some(value) => serde_json::from_value(value.clone()).map_err(|error| {
+            QueueError::Storage(format!(
+                "the watches of agent {agent:?} in the store are unreadable: {error}"
+            ))
+        })?,
+    };
     Ok((list, stored))
 }
 
@@ -274,6 +280,7 @@ async fn watch(agent: &Arc<AgentRuntime>, watched: &Watched, client: Option<&req
     let left = watched.until_ms.saturating_sub(agent.clock_now_ms());
     let until = tokio::time::Instant::now() + std::time::Duration::from_millis(left);
     let mut phase = agent.phase();
+    let mut breached_once = false;
     'watching: while tokio::time::Instant::now() < until {
         tokio::select! {
             () = tokio::time::sleep(config.interval.get()) => {}
@@ -294,11 +301,14 @@ async fn watch(agent: &Arc<AgentRuntime>, watched: &Watched, client: Option<&req
             };
             if let Some(breach) = breach(check, base, now) {
                 breached(agent, task, check, &breach).await;
+                breached_once = true;
                 break 'watching;
             }
         }
     }
-    if phase.borrow().stopping() {
+    // Stopped before its time: left in the store for the next daemon
+    // (but a breach is handled once).
+    if phase.borrow().stopping() && !breached_once {
         return;
     }
     match edit_list(agent.store(), &agent.name, |list| {
@@ -375,10 +385,12 @@ async fn sample(
             .stdout
             .trim()
             .parse::<f64>()
+            .ok()
+            .filter(|value| value.is_finite())
             .map(Sample::Value)
-            .map_err(|_| {
+            .ok_or_else(|| {
                 format!(
-                    "{:?} printed {:?}, not a number",
+                    "{:?} printed {:?}, not a finite number",
                     argv[0],
                     ran.stdout.trim()
                 )
@@ -434,6 +446,8 @@ fn prometheus_value(body: &Value) -> Result<f64, String> {
     value
         .as_str()
         .and_then(|text| text.parse::<f64>().ok())
+        // NaN (0/0 in a query) and infinities compare with nothing.
+        .filter(|value| value.is_finite())
         .ok_or_else(|| format!("unexpected value {value}"))
 }
 
@@ -489,6 +503,55 @@ mod tests {
         assert!(breach(&check(None, None), None, Sample::Fail).is_some());
     }
 
+    #[tokio::test]
+    async fn an_unreadable_list_is_an_error_not_an_empty_one() {
+        use crate::queue::sqlite::{Role, Settings, SqliteQueue};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::Embedded(Arc::new(
+            SqliteQueue::open(
+                &dir.path().join("q.db"),
+                Settings::from_config(&crate::config::StoreConfig::default(), Role::Client),
+                crate::clock::system(),
+            )
+            .unwrap(),
+        ));
+        let garbage = serde_json::json!([{"task": "t", "baseline": "?"}]);
+        store.put_control(&list_key("a"), &garbage).await.unwrap();
+        let edited = edit_list(&store, "a", |list| {
+            list.clear();
+            true
+        })
+        .await;
+        assert!(edited.unwrap_err().to_string().contains("unreadable"));
+        assert_eq!(
+            store.get_control(&list_key("a")).await.unwrap(),
+            Some(garbage)
+        );
+        // A readable list round-trips, baselines included.
+        let watched = Watched {
+            task: "t".into(),
+            daemon: "d".into(),
+            until_ms: 5,
+            baseline: vec![
+                ("errors".into(), Some(Sample::Value(0.25))),
+                ("up".into(), None),
+            ],
+        };
+        store
+            .put_control(&list_key("b"), &Value::Null)
+            .await
+            .unwrap();
+        assert!(
+            edit_list(&store, "b", |list| {
+                list.push(watched.clone());
+                true
+            })
+            .await
+            .unwrap()
+        );
+        assert_eq!(load_list(&store, "b").await.unwrap().0, vec![watched]);
+    }
+
     #[test]
     fn prometheus_answers_are_read() {
         let vector = serde_json::json!({"status": "success", "data": {"resultType": "vector",
@@ -496,6 +559,13 @@ mod tests {
         assert_eq!(prometheus_value(&vector), Ok(0.042));
         let empty = serde_json::json!({"status": "success", "data": {"resultType": "vector", "result": []}});
         assert_eq!(prometheus_value(&empty), Ok(0.0));
+        let nan = serde_json::json!({"status": "success", "data": {"resultType": "scalar",
+            "result": [1700000000.0, "NaN"]}});
+        assert!(
+            prometheus_value(&nan)
+                .unwrap_err()
+                .contains("unexpected value")
+        );
         let error = serde_json::json!({"status": "error", "error": "parse error"});
         assert!(
             prometheus_value(&error)
