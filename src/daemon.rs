@@ -829,13 +829,7 @@ async fn reap_leases(
             Err(error) => tracing::warn!(%error, "could not expire leases"),
         }
         for (task, agent) in queue.take_exhausted() {
-            metrics.dead_lettered(&agent);
-            let cancelled = crate::delegate::cancel_children(
-                &store,
-                &task,
-                &format!("cancelled: its parent {task} was dead-lettered"),
-            )
-            .await;
+            let cancelled = crate::delegate::dead_lettered(&store, &metrics, &task, &agent).await;
             tracing::warn!(%task, %agent, cancelled, "dead-lettered: attempts used up by lost leases");
         }
     }

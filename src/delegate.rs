@@ -342,6 +342,24 @@ pub async fn cancel_children(store: &Store, task: &str, reason: &str) -> u64 {
     cancelled
 }
 
+/// Handles the dead letter `task` of `agent`, whoever dead-lettered it (a
+/// replica, or the queue while leasing): counts it and cancels the
+/// children it waited for. Returns how many were cancelled.
+pub async fn dead_lettered(
+    store: &Store,
+    metrics: &crate::metrics::Metrics,
+    task: &str,
+    agent: &str,
+) -> u64 {
+    metrics.dead_lettered(agent);
+    cancel_children(
+        store,
+        task,
+        &format!("cancelled: its parent {task} was dead-lettered"),
+    )
+    .await
+}
+
 /// What a waiter tells the parent's replica.
 #[derive(Debug)]
 pub enum News {

@@ -11,8 +11,6 @@ use std::time::Duration;
 use flotilla::clock;
 use flotilla::queue::TaskQueue;
 use flotilla::queue::TaskState;
-use flotilla::queue::sqlite::Role;
-use flotilla::store::Store;
 use nix::sys::signal::Signal;
 use support::nats::NatsServer;
 use support::*;
@@ -61,34 +59,11 @@ impl Drop for Running {
 }
 
 fn spawn_named(fleet: &Fleet, name: &str) -> Running {
-    Running(Some(
-        die_with_parent(&mut std::process::Command::new(flotilla_bin()))
-            .args([
-                "-c",
-                fleet.config_path.to_str().unwrap(),
-                "up",
-                "--name",
-                name,
-            ])
-            .env("FLOTILLA_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .expect("daemon spawns"),
-    ))
+    Running(Some(fleet.spawn_named(name)))
 }
 
 async fn client(fleet: &Fleet) -> std::sync::Arc<dyn TaskQueue> {
-    Store::open(
-        &fleet.config(),
-        Role::Client,
-        clock::system(),
-        "test-client",
-    )
-    .await
-    .expect("broker reachable")
-    .queue()
+    fleet.store().await.queue()
 }
 
 /// Waits until at least `count` tasks finished, polling the broker gently
@@ -717,8 +692,7 @@ async fn rollbacks_of_one_task_take_turns_across_the_fleet() {
     };
     let fleet = broker_fleet(&server.url, 1);
     let config = fleet.config();
-    let open = || Store::open(&config, Role::Client, clock::system(), "test-client");
-    let (one, two) = (open().await.expect("broker"), open().await.expect("broker"));
+    let (one, two) = (fleet.store().await, fleet.store().await);
     let log = fleet.path("undo.log");
     let changes = (0..3)
         .map(|n| flotilla::rollback::Change {

@@ -402,14 +402,7 @@ command = {slow}
     ));
     std::fs::write(fleet.path("manager.py"), MANAGER).unwrap();
     let mut first = fleet.spawn_daemon();
-    let store = flotilla::store::Store::open(
-        &fleet.config(),
-        flotilla::queue::sqlite::Role::Client,
-        flotilla::clock::system(),
-        "test-client",
-    )
-    .await
-    .expect("store opens");
+    let store = fleet.store().await;
     let queue = store.queue();
     queue
         .submit(vec![task(

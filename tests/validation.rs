@@ -262,35 +262,6 @@ checks = [ {{ name = "health", command = ["sh", "-c", "test ! -e broken.flag"] }
     fleet
 }
 
-/// `flotilla up --name NAME` on `fleet`, a real process.
-fn spawn_named(fleet: &Fleet, name: &str) -> std::process::Child {
-    die_with_parent(&mut std::process::Command::new(flotilla_bin()))
-        .args([
-            "-c",
-            fleet.config_path.to_str().unwrap(),
-            "up",
-            "--name",
-            name,
-        ])
-        .env("FLOTILLA_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .expect("daemon spawns")
-}
-
-async fn client_store(fleet: &Fleet) -> flotilla::store::Store {
-    flotilla::store::Store::open(
-        &fleet.config(),
-        flotilla::queue::sqlite::Role::Client,
-        flotilla::clock::system(),
-        "test-client",
-    )
-    .await
-    .expect("store opens")
-}
-
 /// Accepts the task `release` (which creates deployed.txt) on the running
 /// daemon, and waits until its watch is kept in the store.
 async fn accept_watched_release(store: &flotilla::store::Store) {
@@ -346,7 +317,7 @@ async fn breach_and_see_the_rollback(fleet: &Fleet, store: &flotilla::store::Sto
 
 async fn a_watch_goes_on_after_its_daemon_is_killed(broker: Option<&support::nats::NatsServer>) {
     let fleet = watched_fleet(broker);
-    let store = client_store(&fleet).await;
+    let store = fleet.store().await;
     let mut first = fleet.spawn_daemon();
     accept_watched_release(&store).await;
     signal(&first, nix::sys::signal::Signal::SIGKILL);
@@ -366,10 +337,10 @@ async fn a_dead_daemons_watch_is_taken_over_on_jetstream() {
         return;
     };
     let fleet = watched_fleet(Some(&server));
-    let store = client_store(&fleet).await;
-    let mut first = spawn_named(&fleet, "a");
+    let store = fleet.store().await;
+    let mut first = fleet.spawn_named("a");
     accept_watched_release(&store).await;
-    let mut second = spawn_named(&fleet, "b");
+    let mut second = fleet.spawn_named("b");
     // b runs, and leaves a's watch to a while a runs.
     wait_until(Duration::from_secs(20), "daemon b in the fleet", || async {
         store

@@ -1119,15 +1119,12 @@ impl AgentRuntime {
             };
             let termed = self.queue.term(&lease.key, &reason, end).await;
             if termed.is_ok() {
-                self.metrics.dead_lettered(&self.name);
                 // The children it waited for are no longer wanted.
-                let cancelled = crate::delegate::cancel_children(
+                let cancelled = crate::delegate::dead_lettered(
                     &self.store,
+                    &self.metrics,
                     &lease.key.task_id,
-                    &format!(
-                        "cancelled: its parent {} was dead-lettered",
-                        lease.key.task_id
-                    ),
+                    &self.name,
                 )
                 .await;
                 if cancelled > 0 {

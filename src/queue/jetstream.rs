@@ -777,34 +777,16 @@ impl JetStreamQueue {
             return Ok(false);
         }
         let bytes = Bytes::from(value.to_string());
-        let call = async {
-            if revision == 0 {
-                self.inner
-                    .records
-                    .create(&key, bytes)
-                    .await
-                    .map(|_| ())
-                    .map_err(|error| match error.kind() {
-                        kv::CreateErrorKind::AlreadyExists => None,
-                        _ => Some(error.to_string()),
-                    })
-            } else {
-                self.inner
-                    .records
-                    .update(&key, bytes, revision)
-                    .await
-                    .map(|_| ())
-                    .map_err(|error| match error.kind() {
-                        kv::UpdateErrorKind::WrongLastRevision => None,
-                        _ => Some(error.to_string()),
-                    })
-            }
-        };
-        let written = tokio::time::timeout(self.inner.request_timeout, call)
-            .await
-            .unwrap_or_else(|_| Err(Some("timed out".to_string())));
+        let written = put_at(
+            &self.inner.records,
+            &key,
+            bytes,
+            revision,
+            self.inner.request_timeout,
+        )
+        .await;
         match written {
-            Ok(()) => Ok(true),
+            Ok(_) => Ok(true),
             // A conflict or a failure may be our own write applied under a
             // lost reply: what is stored now says.
             Err(error) => {
@@ -897,6 +879,41 @@ impl JetStreamQueue {
 }
 
 /// Opens the stream of `config` on file storage, creating it if missing.
+/// Writes `bytes` under `key` of `records` over `revision` (0: create),
+/// within `limit`. Returns the new revision; `Err(None)` when someone
+/// else wrote first, `Err(Some(why))` when the write failed or its answer
+/// was lost (it may have been applied: the caller reads to know).
+async fn put_at(
+    records: &kv::Store,
+    key: &str,
+    bytes: Bytes,
+    revision: u64,
+    limit: Duration,
+) -> Result<u64, Option<String>> {
+    let call = async {
+        if revision == 0 {
+            records
+                .create(key, bytes)
+                .await
+                .map_err(|error| match error.kind() {
+                    kv::CreateErrorKind::AlreadyExists => None,
+                    _ => Some(error.to_string()),
+                })
+        } else {
+            records
+                .update(key, bytes, revision)
+                .await
+                .map_err(|error| match error.kind() {
+                    kv::UpdateErrorKind::WrongLastRevision => None,
+                    _ => Some(error.to_string()),
+                })
+        }
+    };
+    tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or_else(|_| Err(Some("timed out".to_string())))
+}
+
 async fn open_stream(
     js: &jetstream::Context,
     config: stream::Config,
@@ -1090,29 +1107,7 @@ impl Inner {
         }
         let key = record_key(&record.task.id);
         let bytes = Bytes::from(serde_json::to_vec(record).expect("record serializes"));
-        let call = async {
-            if revision == 0 {
-                self.records
-                    .create(&key, bytes)
-                    .await
-                    .map_err(|error| match error.kind() {
-                        kv::CreateErrorKind::AlreadyExists => None,
-                        _ => Some(error.to_string()),
-                    })
-            } else {
-                self.records
-                    .update(&key, bytes, revision)
-                    .await
-                    .map_err(|error| match error.kind() {
-                        kv::UpdateErrorKind::WrongLastRevision => None,
-                        _ => Some(error.to_string()),
-                    })
-            }
-        };
-        let written = match tokio::time::timeout(self.request_timeout, call).await {
-            Ok(written) => written,
-            Err(_) => Err(Some("timed out".to_string())),
-        };
+        let written = put_at(&self.records, &key, bytes, revision, self.request_timeout).await;
         match written {
             Ok(revision) => Ok(Some(revision)),
             Err(error) => {

@@ -155,6 +155,16 @@ impl Settings {
     }
 }
 
+/// When a durable status write goes ahead.
+enum Only {
+    /// Whatever is there.
+    Always,
+    /// Over nothing, or over `null`.
+    OverNothing,
+    /// Over exactly this text.
+    Over(String),
+}
+
 fn storage(error: rusqlite::Error) -> QueueError {
     QueueError::Storage(error.to_string())
 }
@@ -576,7 +586,7 @@ impl SqliteQueue {
     /// # Errors
     /// [`QueueError::Storage`] if it cannot be written.
     pub async fn put_status_durably(&self, key: &str, value: &Value) -> Result<(), QueueError> {
-        self.compare_and_put(key.to_string(), None, value.to_string())
+        self.put_if(key.to_string(), Only::Always, value.to_string())
             .await
             .map(|_| ())
     }
@@ -593,43 +603,35 @@ impl SqliteQueue {
         expected: Option<&Value>,
         value: &Value,
     ) -> Result<bool, QueueError> {
-        let expected = Some(
-            expected
-                .filter(|expected| !expected.is_null())
-                .map(Value::to_string),
-        );
-        self.compare_and_put(key.to_string(), expected, value.to_string())
-            .await
+        let only = match expected.filter(|expected| !expected.is_null()) {
+            None => Only::OverNothing,
+            Some(expected) => Only::Over(expected.to_string()),
+        };
+        self.put_if(key.to_string(), only, value.to_string()).await
     }
 
-    /// The durable write of a status key: unconditional when `expected`
-    /// is `None`; else only over the text `expected` holds (`Some(None)`:
-    /// over nothing or `null`).
-    async fn compare_and_put(
-        &self,
-        key: String,
-        expected: Option<Option<String>>,
-        text: String,
-    ) -> Result<bool, QueueError> {
+    /// The durable write of a status key, if `only` holds. Returns
+    /// whether it was written.
+    async fn put_if(&self, key: String, only: Only, text: String) -> Result<bool, QueueError> {
         self.writer
             .call(move |context| {
                 let now = context.now_sql();
                 let conn = context.conn;
-                let changed = match expected {
-                    None => conn
+                let changed = match only {
+                    Only::Always => conn
                         .prepare_cached(
                             "INSERT INTO status (key, value, updated_at) VALUES (?1, ?2, ?3)
                              ON CONFLICT (key) DO UPDATE SET value = ?2, updated_at = ?3",
                         )
                         .and_then(|mut statement| statement.execute(params![key, text, now])),
-                    Some(None) => conn
+                    Only::OverNothing => conn
                         .prepare_cached(
                             "INSERT INTO status (key, value, updated_at) VALUES (?1, ?2, ?3)
                              ON CONFLICT (key) DO UPDATE SET value = ?2, updated_at = ?3
                              WHERE status.value = 'null'",
                         )
                         .and_then(|mut statement| statement.execute(params![key, text, now])),
-                    Some(Some(expected)) => conn
+                    Only::Over(expected) => conn
                         .prepare_cached(
                             "UPDATE status SET value = ?2, updated_at = ?3
                              WHERE key = ?1 AND value = ?4",

@@ -125,10 +125,28 @@ impl Fleet {
         .expect("store opens")
     }
 
+    /// A client of the fleet's store, on either backend, as the CLI opens
+    /// it.
+    pub async fn store(&self) -> flotilla::store::Store {
+        flotilla::store::Store::open(&self.config(), Role::Client, clock::system(), "test-client")
+            .await
+            .expect("store opens")
+    }
+
     /// `flotilla up` as a real process.
     pub fn spawn_daemon(&self) -> Child {
+        self.spawn_up(&[])
+    }
+
+    /// `flotilla up --name NAME` as a real process.
+    pub fn spawn_named(&self, name: &str) -> Child {
+        self.spawn_up(&["--name", name])
+    }
+
+    fn spawn_up(&self, extra: &[&str]) -> Child {
         die_with_parent(&mut Command::new(flotilla_bin()))
             .args(["-c", self.config_path.to_str().unwrap(), "up"])
+            .args(extra)
             .env("FLOTILLA_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

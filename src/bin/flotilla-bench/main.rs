@@ -379,7 +379,7 @@ async fn throughput_scenario(args: &Args, base: &Path, report: &mut Report) -> a
             cpu.push([done.daemon_cpu, done.agents_cpu, done.machine_cpu]);
         }
         if replicas == 4 {
-            let column = |index: usize| Stat::of(&cpu.iter().map(|c| c[index]).collect::<Vec<_>>());
+            let column = |index: usize| Stat::column(&cpu, index);
             report.note(
                 THROUGHPUT,
                 format!(
@@ -1168,11 +1168,11 @@ async fn jetstream_scenario(
     );
     report.row(
         THROUGHPUT,
-        Row::info("raw JetStream plus a key-value record per task, created, read and updated by compare-and-set before the ack (256 in flight): ratio to raw, the least a record per task costs", format!("{} × raw", Stat::of(&recorded).show(2, "").replace("  ", " ").trim())),
+        Row::info("raw JetStream plus a key-value record per task, created, read and updated by compare-and-set before the ack (256 in flight): ratio to raw, the least a record per task costs", Stat::of(&recorded).times_raw()),
     );
     report.row(
         THROUGHPUT,
-        Row::info("raw JetStream plus one create-only key-value write per task before the ack (256 in flight): ratio to raw, the least a design with only a final record per task costs", format!("{} × raw", Stat::of(&finals).show(2, "").replace("  ", " ").trim())),
+        Row::info("raw JetStream plus one create-only key-value write per task before the ack (256 in flight): ratio to raw, the least a design with only a final record per task costs", Stat::of(&finals).times_raw()),
     );
     for (index, replicas) in replica_counts.iter().enumerate() {
         let rate = Stat::of(&ours[index]);
@@ -1185,11 +1185,7 @@ async fn jetstream_scenario(
                     if *replicas == 1 { "" } else { "s" }
                 ),
                 "≥ 0.5 × raw",
-                format!(
-                    "{} × raw; {}",
-                    ratio.show(2, "").replace("  ", " ").trim(),
-                    rate.show(0, "tasks/s")
-                ),
+                format!("{}; {}", ratio.times_raw(), rate.show(0, "tasks/s")),
                 ratio.median >= 0.5,
             ),
         );
@@ -1207,15 +1203,12 @@ async fn jetstream_scenario(
                     "JetStream, 4 no-op replicas: the most any design could reach on this machine, \
                      {cores:.0} cores ÷ (the raw baseline's CPU per task, whole machine, + the agents' CPU per task)"
                 ),
-                format!(
-                    "≤ {} × raw",
-                    Stat::of(&bounds).show(2, "").replace("  ", " ").trim()
-                ),
+                format!("≤ {}", Stat::of(&bounds).times_raw()),
             ),
         );
     }
     if !cpu.is_empty() {
-        let column = |index: usize| Stat::of(&cpu.iter().map(|c| c[index]).collect::<Vec<_>>());
+        let column = |index: usize| Stat::column(&cpu, index);
         report.note(
             THROUGHPUT,
             format!(

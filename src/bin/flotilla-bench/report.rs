@@ -35,6 +35,21 @@ impl Stat {
             group(self.max, decimals)
         )
     }
+
+    /// A ratio to the raw baseline: "0.37 (0.36–0.37) × raw".
+    pub fn times_raw(&self) -> String {
+        format!(
+            "{} ({}–{}) × raw",
+            group(self.median, 2),
+            group(self.min, 2),
+            group(self.max, 2)
+        )
+    }
+
+    /// Figure `index` of each run's row of figures.
+    pub fn column<const N: usize>(runs: &[[f64; N]], index: usize) -> Self {
+        Self::of(&runs.iter().map(|run| run[index]).collect::<Vec<_>>())
+    }
 }
 
 /// `value` with `decimals`, thousands grouped by commas.
