@@ -295,6 +295,16 @@ fallback_policy = "proceed_with_warning"
         "all to complete",
     )
     .await;
+    // The counter is raised just after the completion is stored, so the
+    // last task can be seen completed a moment before it is counted.
+    wait_until(Duration::from_secs(5), "four tasks counted", || async {
+        agent(&daemon, "linter")
+            .status()
+            .diverted
+            .proceeded_with_warning
+            >= 4
+    })
+    .await;
     let status = agent(&daemon, "linter").status();
     daemon.stop().await;
     for task in records(queue.as_ref(), &ids).await {
@@ -334,6 +344,13 @@ fallback_policy = "escalate_to_human"
         TaskState::Escalated,
         Duration::from_secs(20),
         "all to be escalated",
+    )
+    .await;
+    // Counted just after the escalation is stored (see above).
+    wait_until(
+        Duration::from_secs(5),
+        "three escalations counted",
+        || async { agent(&daemon, "deployer").status().diverted.escalated >= 3 },
     )
     .await;
     assert_eq!(agent(&daemon, "deployer").status().diverted.escalated, 3);

@@ -288,17 +288,24 @@ async fn scenario(fleet: &Fleet) {
 
     // The traffic is counted once per child, however often it was sent
     // (feature-1's children were sent twice: before and after the crash).
-    let metrics = reqwest::get(format!("http://{}/metrics", daemon.http_address().unwrap()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    for series in [
+    // A send is counted just after its child is stored.
+    let series = [
         "agent_messages_sent_total{agent=\"manager\",destination=\"backend\",type=\"default\"} 2\n",
         "agent_messages_received_total{agent=\"frontend\",source=\"manager\",type=\"default\"} 3\n",
         "agent_messages_sent_total{agent=\"manager\",destination=\"design\",type=\"default\"} 1\n",
-    ] {
+    ];
+    let url = format!("http://{}/metrics", daemon.http_address().unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let metrics = loop {
+        let metrics = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        if series.iter().all(|series| metrics.contains(series))
+            || std::time::Instant::now() > deadline
+        {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for series in series {
         assert!(metrics.contains(series), "{series} missing:\n{metrics}");
     }
     assert!(

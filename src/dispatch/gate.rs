@@ -445,8 +445,10 @@ impl AgentRuntime {
                             .agent(&self.name)
                             .task(&key.task_id),
                         );
-                        self.status.lock().expect("status lock").diverted.escalated += 1;
+                        // Metric first: whoever sees the status count can
+                        // rely on the metric too.
                         self.metrics.escalated(&self.name);
+                        self.status.lock().expect("status lock").diverted.escalated += 1;
                     }
                     result
                 }
