@@ -269,6 +269,26 @@ pub async fn send(
         )
         .await
         .map_err(store_error)?;
+    // A parent cancelled or dead-lettered while its child was being
+    // linked: its `cancel_children` may have read the children before
+    // this one was listed. Whoever writes the list second sees the other:
+    // the canceller reads it after ending the parent, this sender reads
+    // the parent after writing it.
+    if send.wait {
+        let parent = store.queue().get(&send.parent).await.map_err(store_error)?;
+        if parent.is_some_and(|parent| parent.state == TaskState::DeadLettered) {
+            let reason = format!(
+                "cancelled: its parent {} was dead-lettered while sending it",
+                send.parent
+            );
+            if let Err(error) = store.queue().cancel(&child, &reason).await {
+                tracing::warn!(%child, %error, "could not cancel the child of an ended parent");
+            }
+            return Err(format!(
+                "the parent was cancelled or dead-lettered while sending; its child {child} is cancelled"
+            ));
+        }
+    }
     Ok(Sent {
         child,
         existed: receipts.first().is_some_and(|receipt| receipt.duplicate),
@@ -465,7 +485,71 @@ pub fn refused(parent: &str, key: &str, why: String) -> ToAgent {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::queue::sqlite::{Role, Settings, SqliteQueue};
+
+    fn embedded(dir: &std::path::Path) -> Store {
+        Store::Embedded(Arc::new(
+            SqliteQueue::open(
+                &dir.join("q.db"),
+                Settings::from_config(&crate::config::StoreConfig::default(), Role::Client),
+                crate::clock::system(),
+            )
+            .unwrap(),
+        ))
+    }
+
+    fn send_to(to: &str, key: &str, wait: bool) -> Send {
+        Send {
+            parent: "parent".into(),
+            parent_priority: Priority::Normal,
+            from: "manager".into(),
+            to: to.into(),
+            key: key.into(),
+            payload: serde_json::json!({}),
+            priority: None,
+            wait,
+            timeout: wait.then_some(Duration::from_secs(60)),
+        }
+    }
+
+    /// The parent is cancelled while its replica sends: the canceller
+    /// found no child to cancel, so the sender cancels the one it sent.
+    #[tokio::test]
+    async fn a_child_sent_after_its_parent_ended_is_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = embedded(dir.path());
+        let agents = vec!["manager".to_string(), "worker".to_string()];
+        let limits = crate::config::DelegationConfig::default();
+        store
+            .queue()
+            .submit(vec![NewTask {
+                id: "parent".into(),
+                agent: "manager".into(),
+                priority: Priority::Normal,
+                payload: serde_json::json!({}),
+            }])
+            .await
+            .unwrap();
+        assert!(store.queue().cancel("parent", "not needed").await.unwrap());
+        assert_eq!(cancel_children(&store, "parent", "not needed").await, 0);
+
+        let refused = send(&store, &limits, &agents, &send_to("worker", "w", true), 1)
+            .await
+            .unwrap_err();
+        assert!(refused.contains("parent was cancelled"), "{refused}");
+        let child = store.queue().get("parent/w").await.unwrap().unwrap();
+        assert_eq!(child.state, TaskState::DeadLettered, "{child:?}");
+
+        // A fire-and-forget child goes on whatever its parent does.
+        let sent = send(&store, &limits, &agents, &send_to("worker", "n", false), 1)
+            .await
+            .unwrap();
+        let child = store.queue().get(&sent.child).await.unwrap().unwrap();
+        assert_eq!(child.state, TaskState::Queued, "{child:?}");
+    }
 
     #[test]
     fn child_ids_derive_from_the_parent_and_key() {

@@ -380,7 +380,7 @@ async fn chaos_kills_and_pauses_replicas_through_the_api_when_enabled() {
         r#"
 [chaos]
 enabled = true
-schedule = [{{ experiment = "kill-one.toml", every = "10s" }}]
+schedule = [{{ experiment = "kill-one.toml", every = "20s" }}]
 
 [agents.worker]
 command = {}
@@ -426,7 +426,9 @@ replicas = {{ min = 2 }}
     )
     .await;
     // Paused replicas take no task until they resume.
-    let paused = fleet.cli(&["chaos", "pause", "--agent", "worker", "--for", "2s"]);
+    // (Long enough for a slow CLI exit; the scheduled kill, which would
+    // restart a paused replica unpaused, comes 20 s after the start.)
+    let paused = fleet.cli(&["chaos", "pause", "--agent", "worker", "--for", "3s"]);
     assert!(paused.status.success(), "{paused:?}");
     let queue = daemon.queue().clone();
     queue

@@ -269,8 +269,14 @@ async fn scenario(fleet: &Fleet) {
         )])
         .await
         .unwrap();
+    // Listed among the parent's children (stored just after the child).
     wait_until(Duration::from_secs(20), "feature-4's child", || async {
-        queue.get("feature-4/frontend").await.unwrap().is_some()
+        flotilla::delegate::tree(&store, "feature-4")
+            .await
+            .unwrap()
+            .children
+            .len()
+            == 1
     })
     .await;
     let cancelled = flotilla::api::cancel(&store, "feature-4", "not needed any more")
@@ -420,8 +426,13 @@ command = {slow}
         .await
         .unwrap();
     let child = "feature-9/backend";
+    // Running, and linked to its parent (stored just after the child: a
+    // kill in between would leave a child its parent never knew of).
     wait_until(Duration::from_secs(20), "the child running", || async {
         matches!(queue.get(child).await, Ok(Some(task)) if task.state == TaskState::Running)
+            && flotilla::delegate::tree(&store, "feature-9")
+                .await
+                .is_ok_and(|tree| tree.children.len() == 1)
     })
     .await;
     signal(&first, nix::sys::signal::Signal::SIGKILL);

@@ -244,12 +244,17 @@ max_line_bytes = "1KiB"
             .contains("this is not a protocol message")
     );
     assert_eq!(status.restarts, 0, "bad lines do not crash anything");
-    // The status command shows it from the daemon's snapshot.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let shown = fleet.cli(&["status", "--json"]);
-    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
-    assert!(shown["daemon"]["running"].as_bool().unwrap());
-    assert!(shown["agents"][0]["malformed_lines"].as_u64().unwrap() >= 20);
+    // The status command shows it from the daemon's snapshot (written
+    // every 200 ms).
+    wait_until(Duration::from_secs(10), "the snapshot", || async {
+        let shown = fleet.cli(&["status", "--json"]);
+        let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+        shown["daemon"]["running"].as_bool() == Some(true)
+            && shown["agents"][0]["malformed_lines"]
+                .as_u64()
+                .is_some_and(|lines| lines >= 20)
+    })
+    .await;
     daemon.stop().await;
     for task in records(queue.as_ref(), &ids).await {
         assert_eq!(task.state, TaskState::Completed);

@@ -219,8 +219,15 @@ checks = [ { name = "health", command = ["sh", "-c", "test ! -e broken.flag"] } 
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(deployed.exists());
     std::fs::write(fleet.path("broken.flag"), "").unwrap();
+    // The journal is saved just after the command ran; until then the
+    // CLI would find the daemon's rollback still holding its claim.
+    let store = fleet.store().await;
     wait_until(Duration::from_secs(20), "the rollback", || async {
         !deployed.exists()
+            && flotilla::rollback::load(&store, "release")
+                .await
+                .unwrap()
+                .is_some_and(|journal| journal.is_rolled_back())
     })
     .await;
     let shown = fleet.cli(&["rollback", "release", "--json"]);

@@ -167,7 +167,20 @@ manager_tasks = true
     let last = task.history.last().unwrap();
     assert_eq!(last.outcome, Some(AttemptOutcome::Completed));
     assert_ne!(first.replica, last.replica, "completed elsewhere: {task:?}");
-    // The manager got a rebalance task naming the lost replica and task.
+    // The manager got a rebalance task naming the lost replica and task
+    // (submitted in the background as the replica is lost).
+    wait_until(Duration::from_secs(10), "the rebalance notice", || async {
+        !queue
+            .list(&ListFilter {
+                state: None,
+                agent: Some("boss".into()),
+                limit: 10,
+            })
+            .await
+            .unwrap()
+            .is_empty()
+    })
+    .await;
     let notices = queue
         .list(&ListFilter {
             state: None,
@@ -221,9 +234,11 @@ breaker = {{ failure_threshold = 10000, min_calls = 100000, recovery_timeout = "
         .submit(numbered_tasks("flaky", 6, "bad").0)
         .await
         .unwrap();
+    // The watchdog records its action just after opening the breaker.
     wait_until(Duration::from_secs(30), "the breaker to open", || async {
-        agent(&daemon, "flaky").status().breaker.state
-            == Some(flotilla::breaker::BreakerState::Open)
+        let status = agent(&daemon, "flaky").status();
+        status.breaker.state == Some(flotilla::breaker::BreakerState::Open)
+            && !status.watchdog.is_empty()
     })
     .await;
     let status = agent(&daemon, "flaky").status();
