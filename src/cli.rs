@@ -136,7 +136,8 @@ pub enum Command {
         /// The config (default: -c/--config).
         config: Option<PathBuf>,
         /// The alert rules file (default: deploy/prometheus/alerts.yml or
-        /// alerts.yml beside the config).
+        /// alerts.yml beside the config, else deploy/prometheus/alerts.yml
+        /// up to three directories above it).
         #[arg(long)]
         alerts: Option<PathBuf>,
         /// Print the scorecard as JSON.

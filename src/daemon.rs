@@ -120,7 +120,12 @@ impl Daemon {
         }
         // The broker's own addresses name this fleet's agents (orphan
         // sweeps), whatever proxy stands in front of it.
-        let broker_urls = config.broker.as_ref().map(|broker| broker.urls().join(","));
+        // Without credentials: the instance tag is in every agent's
+        // environment.
+        let broker_urls = config
+            .broker
+            .as_ref()
+            .map(|broker| crate::config::redact_url(&broker.urls().join(",")));
         let proxy = match config.broker.as_mut() {
             Some(broker) if config.chaos.proxy => {
                 let proxy = crate::fault_proxy::FaultProxy::start(&broker.urls()).await?;

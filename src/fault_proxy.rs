@@ -13,6 +13,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::config::redact_url;
+
 /// Bytes read at once.
 const CHUNK: usize = 16 * 1024;
 /// Longest fault.
@@ -62,10 +64,10 @@ impl FaultProxy {
                 format!("nats://{url}")
             };
             let mut parsed = reqwest::Url::parse(&with_scheme)
-                .map_err(|error| anyhow::anyhow!("broker url {url:?}: {error}"))?;
+                .map_err(|error| anyhow::anyhow!("broker url {:?}: {error}", redact_url(url)))?;
             let host = parsed
                 .host_str()
-                .ok_or_else(|| anyhow::anyhow!("broker url {url:?} has no host"))?
+                .ok_or_else(|| anyhow::anyhow!("broker url {:?} has no host", redact_url(url)))?
                 .to_string();
             let port = parsed.port().unwrap_or(4222);
             let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -73,11 +75,11 @@ impl FaultProxy {
             tokio::spawn(serve(listener, format!("{host}:{port}"), fault.subscribe()));
             parsed
                 .set_host(Some("127.0.0.1"))
-                .map_err(|error| anyhow::anyhow!("broker url {url:?}: {error}"))?;
-            parsed
-                .set_port(Some(local.port()))
-                .map_err(|()| anyhow::anyhow!("broker url {url:?}: cannot set the port"))?;
-            tracing::warn!(broker = %url, proxy = %local, "chaos: the broker is reached through the fault proxy");
+                .map_err(|error| anyhow::anyhow!("broker url {:?}: {error}", redact_url(url)))?;
+            parsed.set_port(Some(local.port())).map_err(|()| {
+                anyhow::anyhow!("broker url {:?}: cannot set the port", redact_url(url))
+            })?;
+            tracing::warn!(broker = %redact_url(url), proxy = %local, "chaos: the broker is reached through the fault proxy");
             proxied.push(parsed.to_string().trim_end_matches('/').to_string());
         }
         Ok(Self {

@@ -96,7 +96,8 @@ fn item(
 }
 
 /// Lints `config`; `alerts` is the alert rules file to look at (default:
-/// `deploy/prometheus/alerts.yml`, then `alerts.yml`, beside the config).
+/// `deploy/prometheus/alerts.yml`, then `alerts.yml`, beside the config,
+/// then `deploy/prometheus/alerts.yml` up to three directories above it).
 pub fn check(config: &Config, alerts: Option<&Path>) -> Scorecard {
     let agents = &config.agents;
     let mut items = Vec::new();
@@ -214,17 +215,18 @@ pub fn check(config: &Config, alerts: Option<&Path>) -> Scorecard {
         alert_detail,
         "copy deploy/prometheus/alerts.yml from the flotilla repository beside the config (or pass --alerts PATH) and load it into Prometheus",
     ));
+    let experiments = experiments(config);
     items.push(item(
         "chaos",
         "at least one chaos experiment is defined",
         false,
-        if experiments(config).is_empty() {
-            vec!["no experiment beside the config (chaos/*.toml, or deploy/chaos-mesh/*.yaml)".into()]
+        if experiments.is_empty() {
+            vec!["no experiment ([[chaos.schedule]], or beside the config chaos/*.toml or deploy/chaos-mesh/*.yaml)".into()]
         } else {
             Vec::new()
         },
-        format!("{} experiment(s)", experiments(config).len()),
-        "copy deploy/chaos-mesh/ from the flotilla repository (Kubernetes), and run `flotilla chaos kill|pause` against a test fleet with [chaos] enabled = true",
+        format!("{} experiment(s)", experiments.len()),
+        "write chaos/NAME.toml beside the config (see examples/chaos/kill-one.toml; `flotilla chaos run` it against a test fleet with [chaos] enabled = true), or copy deploy/chaos-mesh/ from the flotilla repository (Kubernetes)",
     ));
     let rollback: Vec<String> = agents
         .iter()
@@ -259,10 +261,16 @@ pub fn check(config: &Config, alerts: Option<&Path>) -> Scorecard {
     }
 }
 
-/// Experiment files beside the config: `chaos/*.toml`, or Chaos Mesh
-/// manifests in `deploy/chaos-mesh/`.
+/// Experiment files: those `[[chaos.schedule]]` runs, and beside the
+/// config `chaos/*.toml` or Chaos Mesh manifests in `deploy/chaos-mesh/`.
 fn experiments(config: &Config) -> Vec<PathBuf> {
-    [("chaos", "toml"), ("deploy/chaos-mesh", "yaml")]
+    let scheduled = config
+        .chaos
+        .schedule
+        .iter()
+        .map(|entry| config.base_dir.join(&entry.experiment))
+        .filter(|path| path.is_file());
+    let mut found: Vec<PathBuf> = [("chaos", "toml"), ("deploy/chaos-mesh", "yaml")]
         .iter()
         .flat_map(|(dir, extension)| {
             std::fs::read_dir(config.base_dir.join(dir))
@@ -275,16 +283,39 @@ fn experiments(config: &Config) -> Vec<PathBuf> {
                 })
                 .unwrap_or_default()
         })
-        .collect()
+        .chain(scheduled)
+        .collect();
+    found.sort();
+    found.dedup();
+    found
 }
+
+/// Where the alert rules are looked for without `--alerts`, nearest
+/// first: `deploy/prometheus/alerts.yml` and `alerts.yml` beside the
+/// config, then `deploy/prometheus/alerts.yml` in the directories above
+/// it (a config in a subfolder of a checkout, such as `examples/`, finds
+/// the repository's rules).
+fn alert_rule_candidates(base: &Path) -> Vec<PathBuf> {
+    let mut candidates = vec![base.join(ALERT_RULES), base.join("alerts.yml")];
+    candidates.extend(
+        base.ancestors()
+            .skip(1)
+            .take(ALERT_RULES_PARENTS)
+            .map(|dir| dir.join(ALERT_RULES)),
+    );
+    candidates
+}
+
+const ALERT_RULES: &str = "deploy/prometheus/alerts.yml";
+
+/// How many directories above the config's are searched for
+/// [`ALERT_RULES`].
+const ALERT_RULES_PARENTS: usize = 3;
 
 fn alert_rules(config: &Config, given: Option<&Path>) -> (Vec<String>, String) {
     let candidates: Vec<PathBuf> = match given {
         Some(path) => vec![path.to_path_buf()],
-        None => vec![
-            config.base_dir.join("deploy/prometheus/alerts.yml"),
-            config.base_dir.join("alerts.yml"),
-        ],
+        None => alert_rule_candidates(&config.base_dir),
     };
     let Some(path) = candidates.iter().find(|path| path.is_file()) else {
         return (

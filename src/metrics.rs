@@ -280,11 +280,12 @@ pub struct Metrics {
     completed: Family<CompletedLabels, Counter>,
     duration: Histograms<TaskLabels>,
     in_progress: Family<AgentLabel, Gauge>,
-    /// Delegation (counted once agents can send messages).
+    /// Child tasks sent, per sender, destination and type (counted once
+    /// per child, however often a retried parent sends it).
     pub messages_sent: Family<SentLabels, Counter>,
-    /// Delegation (counted once agents can send messages).
+    /// Child tasks addressed to an agent, per source and type.
     pub messages_received: Family<ReceivedLabels, Counter>,
-    /// Delegation (counted once agents can send messages).
+    /// From a waited-for send to its reply, per waiting agent.
     pub message_latency: Histograms<AgentLabel>,
     health: Family<AgentLabel, Gauge>,
     last_activity: Family<AgentLabel, FloatGauge>,
@@ -706,8 +707,8 @@ mod tests {
         status.replicas[0].context_window_usage_pct = Some(40.0);
         status.replicas[0].state = ReplicaState::Idle;
         metrics.set_state(&[(status, true)], 0, Some((true, 1, 1)));
-        // Families without samples (delegation, until agents can send
-        // messages) print nothing; once used they appear.
+        // Families without samples (delegation, until an agent sends a
+        // message) print nothing; once used they appear.
         metrics
             .messages_sent
             .get_or_create(&SentLabels {

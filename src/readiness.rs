@@ -198,11 +198,13 @@ async fn probe_once(
     match probe {
         Probe::Http { url, expect } => {
             let client = client.ok_or("the HTTP client could not be built")?;
-            let response = client
-                .get(url)
-                .send()
-                .await
-                .map_err(|error| format!("GET {url}: {}", error_chain(&error)))?;
+            // Shown on /health/ready and logged: never with a password or
+            // a query (which may hold a key).
+            let shown = crate::config::redact_url(url);
+            let response =
+                client.get(url).send().await.map_err(|error| {
+                    format!("GET {shown}: {}", error_chain(&error.without_url()))
+                })?;
             let status = response.status();
             let passes = match expect {
                 Some(expected) => status.as_u16() == *expected,
@@ -210,9 +212,9 @@ async fn probe_once(
             };
             let wanted = expect.map_or_else(|| "2xx".to_string(), |code| code.to_string());
             if passes {
-                Ok(format!("GET {url}: {status}"))
+                Ok(format!("GET {shown}: {status}"))
             } else {
-                Err(format!("GET {url}: {status}, expected {wanted}"))
+                Err(format!("GET {shown}: {status}, expected {wanted}"))
             }
         }
         Probe::Tcp(address) => tokio::net::TcpStream::connect(address.as_str())

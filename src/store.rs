@@ -99,7 +99,11 @@ impl Store {
     pub fn describe(config: &Config) -> String {
         match &config.broker {
             None => config.store_path().display().to_string(),
-            Some(broker) => format!("{} (namespace {})", broker.url, broker.namespace),
+            Some(broker) => format!(
+                "{} (namespace {})",
+                crate::config::redact_url(&broker.url),
+                broker.namespace
+            ),
         }
     }
 

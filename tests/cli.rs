@@ -249,6 +249,23 @@ fn the_documented_example_configs_load() {
 }
 
 #[test]
+fn the_example_fleet_passes_the_resilience_checklist() {
+    let output = std::process::Command::new(flotilla_bin())
+        .args(["check", "--json"])
+        .arg(repo_root().join("examples/fleet.toml"))
+        .output()
+        .unwrap();
+    let card: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(output.status.code(), Some(0), "{card:#}");
+    let items = card["items"].as_array().unwrap();
+    let not_passed: Vec<&serde_json::Value> = items
+        .iter()
+        .filter(|item| item["status"] != "pass")
+        .collect();
+    assert!(not_passed.is_empty(), "{not_passed:#?}");
+}
+
+#[test]
 fn check_scores_a_config_against_the_resilience_checklist() {
     let alerts = repo_root().join("deploy/prometheus/alerts.yml");
     let alerts = alerts.to_str().unwrap();

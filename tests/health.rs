@@ -169,7 +169,7 @@ replicas = {{ min = 2 }}
 interval = "1s"
 timeout = "500ms"
 checks = [
-  {{ name = "model", http = "http://{endpoint}/health" }},
+  {{ name = "model", http = "http://probe:secret-password@{endpoint}/health?key=secret-key" }},
   {{ name = "weights", command = ["test", "-e", "weights.bin"] }},
   {{ workspace_writable = true }},
   {{ name = "cache", tcp = "127.0.0.1:{closed_port}", required = false }},
@@ -187,6 +187,8 @@ checks = [
         .unwrap();
     wait_until(Duration::from_secs(20), "the failing check", || async {
         let (status, body) = get(address, "/health/ready").await;
+        // The check's URL is shown without its password or query.
+        assert!(!body.to_string().contains("secret"), "{body}");
         status == 503
             && check(&body, "agent:gated:weights").is_some_and(|c| {
                 c["ok"] == false
@@ -240,8 +242,15 @@ checks = [
     wait_until(Duration::from_secs(20), "the endpoint to fail", || async {
         let (status, body) = get(address, "/health/ready").await;
         status == 503
-            && check(&body, "agent:gated:model")
-                .is_some_and(|c| c["ok"] == false && c["detail"].as_str().unwrap().contains("503"))
+            && check(&body, "agent:gated:model").is_some_and(|c| {
+                c["ok"] == false
+                    && c["detail"].as_str().unwrap().contains("503")
+                    && c["detail"]
+                        .as_str()
+                        .unwrap()
+                        .contains("GET http://***@127.0.0.1:")
+                    && !c["detail"].as_str().unwrap().contains("secret")
+            })
     })
     .await;
     queue

@@ -63,6 +63,13 @@ fn five_thousand_tasks_through_chaos_on_jetstream() {
     soak(Some(&mut server));
 }
 
+/// Writes `line` to the test process's stderr past libtest's capture, so
+/// the seed and the counts show in CI's log even when the soak passes.
+fn shout(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 fn soak(mut broker: Option<&mut NatsServer>) {
     let seed: u64 = std::env::var("FLOTILLA_SOAK_SEED")
         .ok()
@@ -71,7 +78,9 @@ fn soak(mut broker: Option<&mut NatsServer>) {
             use rand::RngCore as _;
             SmallRng::from_os_rng().next_u64()
         });
-    eprintln!("chaos soak seed: {seed} (replay with FLOTILLA_SOAK_SEED={seed})");
+    shout(&format!(
+        "chaos soak seed: {seed} (replay with FLOTILLA_SOAK_SEED={seed})"
+    ));
     let mut rng = SmallRng::seed_from_u64(seed);
     let manager = repo_root().join("examples/agents/manager.py");
     let broker_section = broker.as_ref().map_or_else(String::new, |server| {
@@ -270,11 +279,11 @@ breaker = {{ enabled = false }}
         );
     }
     let completed = states.get(&TaskState::Completed).copied().unwrap_or(0);
-    eprintln!(
+    shout(&format!(
         "soak (seed {seed}): {TASKS} tasks + {MANAGED} children in {:.0?}: {completed} completed, {} dead-lettered; daemon killed {daemon_kills} times, {broker_faults} broker faults; {actions:?}",
         started.elapsed(),
         states.get(&TaskState::DeadLettered).copied().unwrap_or(0)
-    );
+    ));
     assert_eq!(daemon_kills, 2);
     if broker.is_some() {
         assert_eq!(broker_faults, 2, "the broker faults happened (seed {seed})");

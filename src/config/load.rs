@@ -719,6 +719,41 @@ checks = [
         let debug = format!("{config:?}");
         assert!(!debug.contains("very-secret-token"), "{debug}");
         assert!(debug.contains("<hidden>"), "{debug}");
+        for auth in [
+            "user = \"bob\"\npassword = \"broker-secret\"",
+            "token = \"broker-secret\"",
+        ] {
+            let config = parse(
+                &format!(
+                    "[broker]\nurl = \"nats://ann:pass-in-url@127.0.0.1:4222\"\n{auth}\n[agents.a]\ncommand = [\"a\"]\n"
+                ),
+                "test.toml",
+                PathBuf::from("."),
+            )
+            .expect("valid");
+            let debug = format!("{config:?}");
+            for secret in ["pass-in-url", "ann", "broker-secret"] {
+                assert!(!debug.contains(secret), "{secret} in {debug}");
+            }
+            assert!(debug.contains("nats://***@127.0.0.1:4222"), "{debug}");
+        }
+    }
+
+    #[test]
+    fn urls_are_shown_without_their_secrets() {
+        use super::super::redact_url;
+        assert_eq!(
+            redact_url("nats://ann:secret@10.0.0.1:4222, nats://tok@10.0.0.2:4222"),
+            "nats://***@10.0.0.1:4222,nats://***@10.0.0.2:4222"
+        );
+        assert_eq!(redact_url("nats://10.0.0.1:4222"), "nats://10.0.0.1:4222");
+        assert_eq!(redact_url("ann:secret@10.0.0.1:4222"), "***@10.0.0.1:4222");
+        assert_eq!(redact_url("10.0.0.1:4222"), "10.0.0.1:4222");
+        assert_eq!(
+            redact_url("http://model:8080/health?key=secret"),
+            "http://model:8080/health?***"
+        );
+        assert_eq!(redact_url("not a url@all"), "***@all");
     }
 
     #[test]

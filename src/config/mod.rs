@@ -163,8 +163,49 @@ impl Default for DaemonConfig {
     }
 }
 
+/// `url` (or several, separated by commas) without what may be a secret
+/// in it (user, password or token before `@`, the query), for logs,
+/// health answers and status: `nats://***@broker:4222`.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|one| redact_one_url(one.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn redact_one_url(url: &str) -> String {
+    let has_scheme = url.contains("://");
+    let full = if has_scheme {
+        url.to_string()
+    } else {
+        format!("nats://{url}")
+    };
+    let Ok(mut parsed) = reqwest::Url::parse(&full) else {
+        // Not a URL: keep only what follows the last `@`.
+        return url
+            .rfind('@')
+            .map_or_else(|| url.to_string(), |at| format!("***@{}", &url[at + 1..]));
+    };
+    let secret = !parsed.username().is_empty() || parsed.password().is_some();
+    let _ = parsed.set_username("");
+    let _ = parsed.set_password(None);
+    if parsed.query().is_some() {
+        parsed.set_query(Some("***"));
+    }
+    parsed.set_fragment(None);
+    let mut text = parsed.to_string();
+    if secret {
+        text = text.replacen("://", "://***@", 1);
+    }
+    if has_scheme {
+        text
+    } else {
+        text.trim_start_matches("nats://").to_string()
+    }
+}
+
 /// `[broker]`: the NATS JetStream backend.
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
     /// Server URL, or several separated by commas, e.g.
@@ -500,6 +541,19 @@ pub struct HttpConfig {
     pub token: Option<String>,
     /// A file holding the token (relative to the config's directory).
     pub token_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for BrokerConfig {
+    /// Everything but the secrets: the password and token hidden, the URL
+    /// redacted.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut shown = self.clone();
+        shown.url = redact_url(&self.url);
+        shown.password = shown.password.map(|_| "<hidden>".into());
+        shown.token = shown.token.map(|_| "<hidden>".into());
+        let fields = serde_json::to_string(&shown).map_err(|_| std::fmt::Error)?;
+        write!(f, "BrokerConfig {fields}")
+    }
 }
 
 impl std::fmt::Debug for HttpConfig {

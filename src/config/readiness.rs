@@ -132,7 +132,7 @@ impl CheckConfig {
             return name.clone();
         }
         match self.probe() {
-            Some(Probe::Http { url, .. }) => format!("http {url}"),
+            Some(Probe::Http { url, .. }) => format!("http {}", super::redact_url(&url)),
             Some(Probe::Tcp(address)) => format!("tcp {address}"),
             Some(Probe::Command(argv)) => {
                 format!("command {}", argv.first().map_or("", String::as_str))

@@ -206,10 +206,15 @@ pub async fn connect(
         .map(|url| url.parse::<async_nats::ServerAddr>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|error| storage("invalid broker.url", error))?;
-    let client = options
-        .connect(addresses)
-        .await
-        .map_err(|error| storage(&format!("cannot connect to {}", config.url), error))?;
+    let client = options.connect(addresses).await.map_err(|error| {
+        storage(
+            &format!(
+                "cannot connect to {}",
+                crate::config::redact_url(&config.url)
+            ),
+            error,
+        )
+    })?;
     stats.connected.store(true, Ordering::Relaxed);
     Ok(client)
 }
@@ -655,7 +660,7 @@ impl JetStreamQueue {
             held: Mutex::default(),
             wake: Mutex::default(),
             stats,
-            url: config.url.clone(),
+            url: crate::config::redact_url(&config.url),
             exhausted: super::Exhausted::default(),
             fleet_ttl: config.fleet_ttl.get(),
         });
