@@ -1131,30 +1131,53 @@ async fn show(
 
 /// A task's parent and children, if it has any.
 fn print_tree(tree: &crate::delegate::Tree) {
-    if let Some(link) = &tree.parent {
-        println!(
-            "parent:   {} (sent by {} with key {:?}{}, depth {})",
-            link.parent,
-            link.from,
-            link.key,
-            if link.wait { ", waited for" } else { "" },
-            link.depth
-        );
+    for line in tree_lines(tree) {
+        println!("{line}");
     }
-    if !tree.children.is_empty() {
-        println!("children:");
-        for child in &tree.children {
-            println!(
-                "  {:<40} {:<16} {:<14}{}",
-                child.id,
+}
+
+/// The lines `tasks show` prints for `tree`: the parent, then the tasks
+/// below, indented by level.
+fn tree_lines(tree: &crate::delegate::Tree) -> Vec<String> {
+    fn below(lines: &mut Vec<String>, children: &[crate::delegate::Child], level: usize) {
+        for child in children {
+            let id = format!("{}{}", "  ".repeat(level), child.id);
+            lines.push(format!(
+                "  {id:<40} {:<16} {:<14}{}",
                 child.agent,
                 child
                     .state
                     .map_or_else(|| "gone".to_string(), |state| state.to_string()),
                 if child.wait { " waited for" } else { "" }
-            );
+            ));
+            below(lines, &child.children, level + 1);
         }
     }
+    let mut lines = Vec::new();
+    if let Some(link) = &tree.parent {
+        lines.push(format!(
+            "parent:   {} ({}; sent by {} with key {:?}{}, depth {})",
+            link.parent,
+            tree.parent_state
+                .map_or_else(|| "gone".to_string(), |state| state.to_string()),
+            link.from,
+            link.key,
+            if link.wait { ", waited for" } else { "" },
+            link.depth
+        ));
+    }
+    if !tree.children.is_empty() {
+        lines.push("children:".into());
+        below(&mut lines, &tree.children, 0);
+    }
+    if tree.omitted > 0 {
+        lines.push(format!(
+            "  ... and {} more (a tree shows up to {} tasks; `tasks show` a child for its own)",
+            tree.omitted,
+            crate::delegate::MAX_TREE_NODES
+        ));
+    }
+    lines
 }
 
 async fn escalations(target: &Target, command: EscalationsCommand) -> Result<ExitCode, Failure> {
@@ -1752,6 +1775,51 @@ fn print_task(task: &TaskRecord) {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_tree_prints_every_level_indented() {
+        use crate::delegate::{Child, Link, Tree};
+        let child = |id: &str, state, children| Child {
+            id: id.into(),
+            agent: "worker".into(),
+            state,
+            wait: true,
+            children,
+        };
+        let tree = Tree {
+            parent: Some(Link {
+                parent: "root".into(),
+                from: "manager".into(),
+                key: "a".into(),
+                depth: 1,
+                wait: true,
+                waiting: vec!["manager".into()],
+                sent_ms: 0,
+            }),
+            parent_state: Some(TaskState::Running),
+            children: vec![child(
+                "root/a/x",
+                Some(TaskState::Completed),
+                vec![child("root/a/x/y", None, Vec::new())],
+            )],
+            omitted: 3,
+        };
+        let lines = tree_lines(&tree);
+        assert_eq!(
+            lines[0],
+            "parent:   root (running; sent by manager with key \"a\", waited for, depth 1)"
+        );
+        assert_eq!(lines[1], "children:");
+        assert!(
+            lines[2].starts_with("  root/a/x ") && lines[2].contains("completed"),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[3].starts_with("    root/a/x/y ") && lines[3].contains("gone"),
+            "{lines:#?}"
+        );
+        assert!(lines[4].contains("... and 3 more"), "{lines:#?}");
+    }
 
     #[test]
     fn task_lines_are_payloads_or_envelopes() {

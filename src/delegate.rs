@@ -58,13 +58,22 @@ pub struct Link {
     pub sent_ms: UnixMillis,
 }
 
-/// A task's place in its tree, for `tasks show`.
+/// A task's place in its tree, for `tasks show`: its parent, and the
+/// tree of tasks below it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Tree {
     /// Its link to its parent, if it is a child.
     pub parent: Option<Link>,
-    /// Its children, in the order sent, with their states.
+    /// The parent's state, if it is a child and the parent still exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_state: Option<TaskState>,
+    /// Its children, in the order sent, with their states and their own
+    /// children.
     pub children: Vec<Child>,
+    /// Tasks below it left out: a tree is shown up to [`MAX_TREE_NODES`]
+    /// tasks.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub omitted: u64,
 }
 
 /// One child in a [`Tree`].
@@ -78,6 +87,17 @@ pub struct Child {
     pub state: Option<TaskState>,
     /// Whether its sender waits for it.
     pub wait: bool,
+    /// Its own children.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<Child>,
+}
+
+/// Most tasks one [`Tree`] lists below its task.
+pub const MAX_TREE_NODES: usize = 200;
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's signature
+fn is_zero(count: &u64) -> bool {
+    *count == 0
 }
 
 fn link_key(task: &str) -> String {
@@ -316,18 +336,64 @@ async fn load_children(store: &Store, task: &str) -> Result<Vec<String>, crate::
 /// When the store cannot be read.
 pub async fn tree(store: &Store, task: &str) -> Result<Tree, crate::queue::QueueError> {
     let parent = load_link(store, task).await?;
-    let mut children = Vec::new();
-    for id in load_children(store, task).await? {
-        let record = store.queue().get(&id).await?;
-        let wait = load_link(store, &id).await?.is_some_and(|link| link.wait);
-        children.push(Child {
-            agent: record.as_ref().map(|r| r.agent.clone()).unwrap_or_default(),
-            state: record.map(|r| r.state),
-            id,
-            wait,
-        });
-    }
-    Ok(Tree { parent, children })
+    let parent_state = match &parent {
+        Some(link) => store.queue().get(&link.parent).await?.map(|r| r.state),
+        None => None,
+    };
+    let mut budget = Budget {
+        left: MAX_TREE_NODES,
+        omitted: 0,
+    };
+    let children = subtree(store, task, 0, &mut budget).await?;
+    Ok(Tree {
+        parent,
+        parent_state,
+        children,
+        omitted: budget.omitted,
+    })
+}
+
+/// What is left of a tree's [`MAX_TREE_NODES`].
+struct Budget {
+    left: usize,
+    omitted: u64,
+}
+
+/// Deepest level [`subtree`] descends to, whatever `max_depth` was when
+/// the tree was sent.
+const MAX_TREE_DEPTH: usize = 32;
+
+/// The children of `task`, depth first, within `budget`.
+fn subtree<'a>(
+    store: &'a Store,
+    task: &'a str,
+    depth: usize,
+    budget: &'a mut Budget,
+) -> std::pin::Pin<
+    Box<dyn Future<Output = Result<Vec<Child>, crate::queue::QueueError>> + std::marker::Send + 'a>,
+> {
+    Box::pin(async move {
+        let ids = load_children(store, task).await?;
+        let mut children = Vec::new();
+        for (index, id) in ids.iter().enumerate() {
+            if budget.left == 0 || depth >= MAX_TREE_DEPTH {
+                budget.omitted += (ids.len() - index) as u64;
+                break;
+            }
+            budget.left -= 1;
+            let record = store.queue().get(id).await?;
+            let wait = load_link(store, id).await?.is_some_and(|link| link.wait);
+            let below = subtree(store, id, depth + 1, budget).await?;
+            children.push(Child {
+                agent: record.as_ref().map(|r| r.agent.clone()).unwrap_or_default(),
+                state: record.map(|r| r.state),
+                id: id.clone(),
+                wait,
+                children: below,
+            });
+        }
+        Ok(children)
+    })
 }
 
 /// Cancels the unfinished children `task` waited for (fire-and-forget
@@ -502,10 +568,14 @@ mod tests {
     }
 
     fn send_to(to: &str, key: &str, wait: bool) -> Send {
+        send_from("parent", "manager", to, key, wait)
+    }
+
+    fn send_from(parent: &str, from: &str, to: &str, key: &str, wait: bool) -> Send {
         Send {
-            parent: "parent".into(),
+            parent: parent.into(),
             parent_priority: Priority::Normal,
-            from: "manager".into(),
+            from: from.into(),
             to: to.into(),
             key: key.into(),
             payload: serde_json::json!({}),
@@ -515,14 +585,7 @@ mod tests {
         }
     }
 
-    /// The parent is cancelled while its replica sends: the canceller
-    /// found no child to cancel, so the sender cancels the one it sent.
-    #[tokio::test]
-    async fn a_child_sent_after_its_parent_ended_is_cancelled() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = embedded(dir.path());
-        let agents = vec!["manager".to_string(), "worker".to_string()];
-        let limits = crate::config::DelegationConfig::default();
+    async fn submit_root(store: &Store) {
         store
             .queue()
             .submit(vec![NewTask {
@@ -533,6 +596,217 @@ mod tests {
             }])
             .await
             .unwrap();
+    }
+
+    fn agents() -> Vec<String> {
+        ["manager", "worker", "reviewer"].map(String::from).to_vec()
+    }
+
+    #[tokio::test]
+    async fn fan_out_and_depth_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = embedded(dir.path());
+        submit_root(&store).await;
+        let limits = crate::config::DelegationConfig {
+            max_fan_out: 2,
+            max_depth: 2,
+            ..Default::default()
+        };
+        for key in ["a", "b"] {
+            send(
+                &store,
+                &limits,
+                &agents(),
+                &send_to("worker", key, false),
+                1,
+            )
+            .await
+            .unwrap();
+        }
+        let refused = send(
+            &store,
+            &limits,
+            &agents(),
+            &send_to("worker", "c", false),
+            1,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            refused.contains("already sent 2 children (delegation.max_fan_out = 2)"),
+            "{refused}"
+        );
+        assert!(store.queue().get("parent/c").await.unwrap().is_none());
+        // A child sent before is not a new one: a retried parent re-sends.
+        let again = send(
+            &store,
+            &limits,
+            &agents(),
+            &send_to("worker", "a", false),
+            1,
+        )
+        .await
+        .unwrap();
+        assert!(again.existed);
+
+        // parent (root) → parent/a (depth 1) → parent/a/x (depth 2): the
+        // tree may go no deeper.
+        let child = send_from("parent/a", "worker", "reviewer", "x", false);
+        let grandchild = send(&store, &limits, &agents(), &child, 1).await.unwrap();
+        assert_eq!(grandchild.child, "parent/a/x");
+        let deeper = send_from("parent/a/x", "reviewer", "worker", "y", false);
+        let refused = send(&store, &limits, &agents(), &deeper, 1)
+            .await
+            .unwrap_err();
+        assert!(
+            refused.contains("is 2 levels deep") && refused.contains("delegation.max_depth = 2"),
+            "{refused}"
+        );
+        assert!(store.queue().get("parent/a/x/y").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_tree_shows_every_level_and_the_parents_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = embedded(dir.path());
+        submit_root(&store).await;
+        let limits = crate::config::DelegationConfig::default();
+        for send_it in [
+            send_to("worker", "a", true),
+            send_to("reviewer", "b", false),
+            send_from("parent/a", "worker", "reviewer", "x", true),
+        ] {
+            send(&store, &limits, &agents(), &send_it, 1).await.unwrap();
+        }
+        let root = tree(&store, "parent").await.unwrap();
+        assert_eq!(root.parent, None);
+        assert_eq!(root.parent_state, None);
+        let shape: Vec<(&str, usize)> = root
+            .children
+            .iter()
+            .map(|child| (child.id.as_str(), child.children.len()))
+            .collect();
+        assert_eq!(shape, [("parent/a", 1), ("parent/b", 0)]);
+        let grandchild = &root.children[0].children[0];
+        assert_eq!(grandchild.id, "parent/a/x");
+        assert_eq!(grandchild.agent, "reviewer");
+        assert_eq!(grandchild.state, Some(TaskState::Queued));
+        assert!(grandchild.wait);
+        assert_eq!(root.omitted, 0);
+
+        let middle = tree(&store, "parent/a").await.unwrap();
+        assert_eq!(middle.parent.unwrap().parent, "parent");
+        assert_eq!(middle.parent_state, Some(TaskState::Queued));
+        assert_eq!(middle.children.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_wait_that_would_close_a_cycle_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = embedded(dir.path());
+        submit_root(&store).await;
+        let limits = crate::config::DelegationConfig::default();
+        // manager waits on worker, which waits on reviewer.
+        send(&store, &limits, &agents(), &send_to("worker", "w", true), 1)
+            .await
+            .unwrap();
+        let reviewer = send_from("parent/w", "worker", "reviewer", "r", true);
+        send(&store, &limits, &agents(), &reviewer, 1)
+            .await
+            .unwrap();
+        // reviewer waiting on manager or worker would close the circle.
+        for back in ["manager", "worker"] {
+            let cycle = send_from("parent/w/r", "reviewer", back, "back", true);
+            let refused = send(&store, &limits, &agents(), &cycle, 1)
+                .await
+                .unwrap_err();
+            assert!(
+                refused.starts_with(&format!("cycle: reviewer would wait on {back}")),
+                "{refused}"
+            );
+            assert!(refused.contains("reviewer ← worker ← manager"), "{refused}");
+        }
+        assert!(
+            store
+                .queue()
+                .get("parent/w/r/back")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // Without waiting, nothing can deadlock: a notification goes.
+        let notice = send_from("parent/w/r", "reviewer", "manager", "note", false);
+        send(&store, &limits, &agents(), &notice, 1).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_wait_ends_with_a_timeout_reply_while_the_child_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = embedded(dir.path());
+        submit_root(&store).await;
+        let limits = crate::config::DelegationConfig::default();
+        let sent = send(&store, &limits, &agents(), &send_to("worker", "w", true), 1)
+            .await
+            .unwrap();
+        let (news, mut heard) = mpsc::channel(8);
+        tokio::spawn(wait(
+            store.clone(),
+            "parent".into(),
+            "w".into(),
+            sent.child.clone(),
+            Duration::from_millis(300),
+            Duration::from_millis(50),
+            news,
+        ));
+        let mut alive = 0;
+        let reply = loop {
+            match tokio::time::timeout(Duration::from_secs(10), heard.recv())
+                .await
+                .expect("news within 10 s")
+                .expect("a reply before the waiter ends")
+            {
+                News::Alive(parent) => {
+                    assert_eq!(parent, "parent");
+                    alive += 1;
+                }
+                News::Reply(reply, after) => {
+                    assert!(after >= Duration::from_millis(300), "{after:?}");
+                    break reply;
+                }
+            }
+        };
+        assert!(alive >= 1, "the parent was kept alive while it waited");
+        let ToAgent::Reply {
+            id,
+            key,
+            task,
+            status,
+            error,
+            ..
+        } = reply
+        else {
+            panic!("not a reply: {reply:?}");
+        };
+        assert_eq!((id.as_str(), key.as_str()), ("parent", "w"));
+        assert_eq!(task.as_deref(), Some("parent/w"));
+        assert_eq!(status, ReplyStatus::Timeout);
+        assert!(
+            error.unwrap().contains("no answer within timeout_ms = 300"),
+            "the reason"
+        );
+        let child = store.queue().get("parent/w").await.unwrap().unwrap();
+        assert_eq!(child.state, TaskState::Queued, "the child goes on");
+    }
+
+    /// The parent is cancelled while its replica sends: the canceller
+    /// found no child to cancel, so the sender cancels the one it sent.
+    #[tokio::test]
+    async fn a_child_sent_after_its_parent_ended_is_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = embedded(dir.path());
+        let agents = agents();
+        let limits = crate::config::DelegationConfig::default();
+        submit_root(&store).await;
         assert!(store.queue().cancel("parent", "not needed").await.unwrap());
         assert_eq!(cancel_children(&store, "parent", "not needed").await, 0);
 

@@ -325,7 +325,12 @@ async fn scenario(fleet: &Fleet) {
 async fn a_manager_fans_out_survives_a_crash_and_each_child_runs_once() {
     let fleet = fleet(None);
     scenario(&fleet).await;
-    // The tree and the messages are visible.
+    the_tree_is_shown(&fleet);
+}
+
+/// The CLI shows the tree, from the parent and from a child, and refuses
+/// to cancel a finished parent.
+fn the_tree_is_shown(fleet: &Fleet) {
     let refused = fleet.cli(&["tasks", "cancel", "feature-1"]);
     assert_eq!(refused.status.code(), Some(2), "{refused:?}");
     assert!(
@@ -340,6 +345,12 @@ async fn a_manager_fans_out_survives_a_crash_and_each_child_runs_once() {
             && text.contains("waited for"),
         "{text}"
     );
+    let shown = fleet.cli(&["tasks", "show", "feature-1/backend"]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains("parent:   feature-1 (completed; sent by manager with key \"backend\""),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -347,7 +358,9 @@ async fn delegation_works_the_same_on_jetstream() {
     let Some(server) = NatsServer::start("delegation_works_the_same_on_jetstream") else {
         return;
     };
-    scenario(&fleet(Some(&server))).await;
+    let fleet = fleet(Some(&server));
+    scenario(&fleet).await;
+    the_tree_is_shown(&fleet);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
