@@ -219,6 +219,30 @@ fn the_deploy_files_parse_and_match_the_daemon() {
         "the dashboard has {} queries",
         queries.len()
     );
+    // The dashboard shows every metric the daemon exports (a histogram
+    // by any of its series).
+    let family = |name: &str| {
+        ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name)
+            .to_string()
+    };
+    let shown: std::collections::HashSet<String> = queries
+        .iter()
+        .flat_map(|query| metric_names(query))
+        .map(|name| family(&name))
+        .collect();
+    let mut missing: Vec<String> = exported
+        .iter()
+        .map(|name| family(name))
+        .filter(|name| !shown.contains(name))
+        .collect();
+    missing.dedup();
+    assert!(
+        missing.is_empty(),
+        "no dashboard panel shows {missing:?}"
+    );
 
     // The dashboard and the alert rules query only exported metrics.
     for (path, document) in &documents {
