@@ -239,10 +239,7 @@ fn the_deploy_files_parse_and_match_the_daemon() {
         .filter(|name| !shown.contains(name))
         .collect();
     missing.dedup();
-    assert!(
-        missing.is_empty(),
-        "no dashboard panel shows {missing:?}"
-    );
+    assert!(missing.is_empty(), "no dashboard panel shows {missing:?}");
 
     // The dashboard and the alert rules query only exported metrics.
     for (path, document) in &documents {

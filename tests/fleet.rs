@@ -269,6 +269,11 @@ async fn an_agent_that_keeps_crashing_is_failed_and_its_tasks_stay_queued() {
 command = ["sh", "-c", "echo starting >&2; exit 1"]
 replicas = { min = 2 }
 restart = { initial_backoff = "10ms", max_backoff = "20ms", max_restarts = 5, window = "60s" }
+
+[[notify]]
+kind = "command"
+command = ["sh", "-c", "cat >> events.jsonl"]
+events = ["agent_failed", "replica_lost"]
 "#,
     );
     let daemon = fleet.start().await;
@@ -286,6 +291,38 @@ restart = { initial_backoff = "10ms", max_backoff = "20ms", max_restarts = 5, wi
     assert!(
         failure.contains("restart.max_restarts = 5") && failure.contains("exited before ready"),
         "{failure}"
+    );
+    // Humans are told, urgently: the agent failed, and no replica of it
+    // is left to take its tasks.
+    let path = fleet.path("events.jsonl");
+    let events = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    };
+    wait_until(Duration::from_secs(10), "the failure event", || async {
+        events()
+            .iter()
+            .any(|event| event["event"] == "agent_failed")
+    })
+    .await;
+    let events = events();
+    let failed = events
+        .iter()
+        .find(|event| event["event"] == "agent_failed")
+        .unwrap();
+    assert_eq!(failed["urgent"], true, "{failed}");
+    assert!(
+        events.iter().any(|event| event["event"] == "replica_lost"
+            && event["urgent"] == true
+            && event["details"]["human_needed"] == true
+            && event["text"]
+                .as_str()
+                .unwrap()
+                .contains("a human is needed")),
+        "{events:#?}"
     );
     daemon.stop().await;
     for task in records(queue.as_ref(), &ids).await {

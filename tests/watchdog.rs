@@ -135,6 +135,11 @@ retry = {{ backoff = ["10ms"] }}
 watchdog = {{ stuck_after = "2s" }}
 manager = "boss"
 manager_tasks = true
+
+[[notify]]
+kind = "command"
+command = ["sh", "-c", "cat >> events.jsonl"]
+events = ["watchdog", "replica_lost"]
 "#,
         boss = example_agent(&["--work-ms", "1"]),
     ));
@@ -208,7 +213,50 @@ manager_tasks = true
         "{:?}",
         status.watchdog
     );
+    // The action and the loss reached the notification sink too.
+    let events = sink_events(&fleet, "events.jsonl", 2).await;
+    let restart = events
+        .iter()
+        .find(|event| event["event"] == "watchdog")
+        .unwrap_or_else(|| panic!("no watchdog event: {events:#?}"));
+    assert_eq!(restart["agent"], "worker");
+    assert!(
+        restart["text"].as_str().unwrap().contains("restart"),
+        "{restart}"
+    );
+    let lost = events
+        .iter()
+        .find(|event| event["event"] == "replica_lost")
+        .unwrap_or_else(|| panic!("no replica_lost event: {events:#?}"));
+    assert_eq!(
+        lost["details"]["pending_tasks"],
+        serde_json::json!(["stuck-00000"]),
+        "{lost}"
+    );
+    assert_eq!(lost["details"]["human_needed"], false, "{lost}");
+    assert!(
+        lost["text"].as_str().unwrap().starts_with("to boss: "),
+        "{lost}"
+    );
     daemon.stop().await;
+}
+
+/// The events a `cat >> FILE` command sink wrote, once there are at least
+/// `least` of them.
+async fn sink_events(fleet: &Fleet, file: &str, least: usize) -> Vec<serde_json::Value> {
+    let path = fleet.path(file);
+    let read = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    };
+    wait_until(Duration::from_secs(10), "the notification sink", || async {
+        read().len() >= least
+    })
+    .await;
+    read()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,6 +273,11 @@ command = {}
 retry = {{ max_deliver = 1 }}
 # The breaker's own rules would not open it: only the watchdog does.
 breaker = {{ failure_threshold = 10000, min_calls = 100000, recovery_timeout = "1h" }}
+
+[[notify]]
+kind = "command"
+command = ["sh", "-c", "cat >> events.jsonl"]
+events = ["error_rate"]
 "#,
         example_agent(&["--work-ms", "1", "--error-rate", "1.0"]),
     ));
@@ -248,5 +301,14 @@ breaker = {{ failure_threshold = 10000, min_calls = 100000, recovery_timeout = "
         "{reason}"
     );
     assert_eq!(status.watchdog.last().unwrap().action, "open_breaker");
+    // Humans are told, with the rate.
+    let events = sink_events(&fleet, "events.jsonl", 1).await;
+    assert_eq!(events[0]["event"], "error_rate", "{events:#?}");
+    assert_eq!(events[0]["agent"], "flaky");
+    assert_eq!(events[0]["details"]["error_rate"], 1.0, "{events:#?}");
+    assert!(
+        events[0]["text"].as_str().unwrap().contains("100%"),
+        "{events:#?}"
+    );
     daemon.stop().await;
 }
