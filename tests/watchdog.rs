@@ -238,6 +238,29 @@ events = ["watchdog", "replica_lost"]
         lost["text"].as_str().unwrap().starts_with("to boss: "),
         "{lost}"
     );
+
+    // A second loss within the minute reaches the manager too.
+    queue
+        .submit(numbered_tasks("worker", 1, "again").0)
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the second rebalance notice",
+        || async {
+            queue
+                .list(&ListFilter {
+                    state: None,
+                    agent: Some("boss".into()),
+                    limit: 10,
+                })
+                .await
+                .unwrap()
+                .iter()
+                .any(|notice| notice.payload["pending_tasks"] == serde_json::json!(["again-00000"]))
+        },
+    )
+    .await;
     daemon.stop().await;
 }
 

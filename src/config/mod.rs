@@ -411,7 +411,7 @@ pub struct AgentConfig {
     #[serde(default)]
     pub manager: Option<String>,
     /// Whether the manager also receives a `rebalance` task when a replica
-    /// is lost (at most one per minute per agent).
+    /// is lost (at most 10 a minute per agent).
     #[serde(default)]
     pub manager_tasks: bool,
     /// Gates every result must pass before its task is acknowledged.

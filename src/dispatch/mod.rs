@@ -49,6 +49,8 @@ const OUTCOME_PERMITS: u32 = 256;
 const PREFETCH_TTL: Duration = Duration::from_secs(2);
 /// Longest one rollback command may run.
 pub const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(300);
+/// Most `rebalance` tasks one agent sends its manager in a minute.
+pub const MANAGER_TASKS_PER_MINUTE: usize = 10;
 
 /// Where the daemon is in its life; replicas and leasers watch it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,7 +119,9 @@ pub struct AgentRuntime {
     /// Tasks a replica held when it was lost, for the manager's notice.
     lost: Mutex<HashMap<u32, Vec<String>>>,
     /// When the manager last got a rebalance task.
-    manager_told_ms: Mutex<Option<crate::clock::UnixMillis>>,
+    /// When the manager was last sent rebalance tasks, the latest
+    /// [`MANAGER_TASKS_PER_MINUTE`] of them.
+    manager_told_ms: Mutex<std::collections::VecDeque<crate::clock::UnixMillis>>,
     /// Post-accept watches running (bounded).
     watches: Arc<tokio::sync::Semaphore>,
 }
@@ -327,7 +331,7 @@ impl AgentRuntime {
             phase: shutdown.clone(),
             recent: Mutex::new(VecDeque::new()),
             lost: Mutex::new(HashMap::new()),
-            manager_told_ms: Mutex::new(None),
+            manager_told_ms: Mutex::default(),
             watches: Arc::new(tokio::sync::Semaphore::new(crate::watch::MAX_WATCHES)),
         });
         runtime.refresh_breaker_status(runtime.clock.now_ms());
@@ -538,14 +542,22 @@ impl AgentRuntime {
         else {
             return;
         };
-        // At most one task a minute: a crash loop must not flood the
-        // manager (the events still say everything).
+        // A few tasks a minute: every loss of an ordinary day reaches the
+        // manager, but a crash loop must not flood it (the events still
+        // say everything).
         {
             let mut told = self.manager_told_ms.lock().expect("manager lock");
-            if told.is_some_and(|at| now.saturating_sub(at) < 60_000) {
+            while told
+                .front()
+                .is_some_and(|at| now.saturating_sub(*at) >= 60_000)
+            {
+                told.pop_front();
+            }
+            if told.len() >= MANAGER_TASKS_PER_MINUTE {
+                tracing::info!(agent = %self.name, %manager, "rebalance task not sent: {MANAGER_TASKS_PER_MINUTE} sent in the last minute; the replica_lost event says it");
                 return;
             }
-            *told = Some(now);
+            told.push_back(now);
         }
         let task = crate::queue::NewTask {
             id: format!("rebalance-{}-{index}-{now}", self.name),
