@@ -487,6 +487,44 @@ replicas = {{ min = 2 }}
         String::from_utf8_lossy(&failed.stdout).contains("FAILED"),
         "{failed:?}"
     );
+    // A fault the fleet does not recover from within `settle` fails the
+    // experiment after the method, and the report says which check.
+    std::fs::write(
+        fleet.path("pause-all.toml"),
+        r#"
+name = "pause-all"
+settle = "2s"
+
+[hypothesis]
+all_agents_ready = true
+
+# More probes than the replicas finish before the pause lands.
+[load]
+agent = "worker"
+tasks = 1000
+
+[[method]]
+action = "pause"
+agent = "worker"
+for = "4s"
+"#,
+    )
+    .unwrap();
+    let broken = fleet.cli(&[
+        "chaos",
+        "run",
+        fleet.path("pause-all.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(broken.status.code(), Some(1), "{broken:?}");
+    let said = String::from_utf8_lossy(&broken.stdout);
+    assert!(
+        said.contains("experiment pause-all: FAILED")
+            && said.contains("before ok   all agents ready")
+            && said.contains("after  FAIL every probe task ended: ")
+            && said.contains(" unfinished")
+            && said.contains("fault  pause"),
+        "{said}"
+    );
     // The daemon runs the scheduled one on its own and counts it.
     let address = daemon.http_address().unwrap();
     wait_until(
