@@ -1085,9 +1085,11 @@ async fn draw_top(
                 KeyCode::Char('c') if key.modifiers.contains(KeyModifiers::CONTROL) => {
                     break Ok(ExitCode::SUCCESS);
                 }
-                KeyCode::Char('a') => view = crate::top::View::Agents,
-                KeyCode::Char('t') => view = crate::top::View::Tasks,
-                KeyCode::Char('e') => view = crate::top::View::Events,
+                KeyCode::Char(key) => {
+                    if let Some(chosen) = crate::top::View::for_key(key) {
+                        view = chosen;
+                    }
+                }
                 _ => {}
             }
         }

@@ -27,6 +27,18 @@ pub enum View {
     Events,
 }
 
+impl View {
+    /// The view a key switches to: `a` agents, `t` tasks, `e` events.
+    pub fn for_key(key: char) -> Option<Self> {
+        match key {
+            'a' => Some(Self::Agents),
+            't' => Some(Self::Tasks),
+            'e' => Some(Self::Events),
+            _ => None,
+        }
+    }
+}
+
 /// The most live events `top` keeps.
 pub const FEED_LEN: usize = 200;
 
@@ -315,6 +327,8 @@ mod tests {
         coder.replicas[0].task_progress_ms = Some(1_000);
         coder.replicas[1].state = ReplicaState::Idle;
         coder.replicas[1].not_ready = Some("model down".into());
+        coder.replicas[1].rss_bytes = Some(512 << 20);
+        coder.replicas[1].restarts = 2;
         coder.restarts = 3;
         coder.tasks.queued = 7;
         coder.breaker.state = Some(crate::breaker::BreakerState::Closed);
@@ -353,13 +367,68 @@ mod tests {
             false,
             "coder/1 restarting: replica exited (killed by SIGKILL)".into(),
         ));
+        let task = |id: &str, state, attempts, reason: Option<&str>| TaskRecord {
+            id: id.into(),
+            agent: "coder".into(),
+            priority: crate::queue::Priority::Normal,
+            state,
+            payload: serde_json::json!({}),
+            attempts,
+            charged_attempts: attempts,
+            replays: 0,
+            checkpoint: None,
+            result: None,
+            reason: reason.map(String::from),
+            visible_ms: 0,
+            lease_deadline_ms: None,
+            created_ms: 1_000,
+            updated_ms: 2_000,
+            finished_ms: None,
+            history: Vec::new(),
+        };
         Screen {
             report,
-            tasks: Vec::new(),
+            tasks: vec![
+                task("fix-42", crate::queue::TaskState::Running, 2, None),
+                task(
+                    "fix-41",
+                    crate::queue::TaskState::DeadLettered,
+                    4,
+                    Some("retry.max_deliver = 4 reached; last: crashed"),
+                ),
+            ],
             feed,
             view,
             now_ms: 61_000,
         }
+    }
+
+    #[test]
+    fn keys_switch_views() {
+        assert_eq!(View::for_key('a'), Some(View::Agents));
+        assert_eq!(View::for_key('t'), Some(View::Tasks));
+        assert_eq!(View::for_key('e'), Some(View::Events));
+        assert_eq!(View::for_key('x'), None);
+    }
+
+    #[test]
+    fn top_shows_recent_tasks() {
+        let tasks = draw(&screen(View::Tasks));
+        let row = |id: &str| {
+            tasks
+                .lines()
+                .find(|line| line.contains(id))
+                .unwrap_or_else(|| panic!("{id} missing from\n{tasks}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert!(tasks.contains("TASK"), "{tasks}");
+        assert_eq!(row("fix-42"), "fix-42 coder running 2");
+        assert!(
+            row("fix-41").starts_with("fix-41 coder dead_lettered 4 retry.max_deliver = 4 reached"),
+            "{tasks}"
+        );
     }
 
     fn draw(screen: &Screen) -> String {
@@ -393,6 +462,7 @@ mod tests {
             "1m",
             "coder/1",
             "not ready",
+            "512M",
         ] {
             assert!(
                 agents.contains(expected),
