@@ -442,11 +442,14 @@ impl AgentRuntime {
         (calls, failures)
     }
 
-    /// Counts an attempt's outcome towards the watchdog's error rate
-    /// (hand-overs and releases are no attempts of the agent's).
+    /// Counts an attempt's outcome towards the watchdog's error rate, as
+    /// the `AgentErrorRateHigh` alert does: hand-overs, releases and
+    /// cancellations are no attempts of the agent's; a task's own fault
+    /// (`rejected`: bad arguments, a result too large) is an attempt, not
+    /// the agent's failure.
     fn note_outcome(&self, outcome: AttemptOutcome) {
         let failed = match outcome {
-            AttemptOutcome::Completed => false,
+            AttemptOutcome::Completed | AttemptOutcome::Rejected => false,
             AttemptOutcome::Released
             | AttemptOutcome::Rerouted
             | AttemptOutcome::ProceededWithWarning
