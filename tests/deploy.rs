@@ -130,6 +130,28 @@ async fn a_live_scrape_passes_promtool_check_metrics() {
 }
 
 /// Every YAML document in `path`, as JSON values.
+/// Every pod `selector` of a Chaos Mesh object (the fault's and a
+/// partition's `target`, inside a `Schedule` too).
+fn chaos_selectors(value: &serde_json::Value, found: &mut Vec<serde_json::Value>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, value) in map {
+                if key == "selector" {
+                    found.push(value.clone());
+                } else {
+                    chaos_selectors(value, found);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for item in items {
+                chaos_selectors(item, found);
+            }
+        }
+        _ => {}
+    }
+}
+
 fn yaml_documents(path: &std::path::Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap();
     serde_yaml_ng::Deserializer::from_str(&text)
@@ -265,6 +287,68 @@ fn the_deploy_files_parse_and_match_the_daemon() {
             "kustomization.yaml names {resource}, which does not exist"
         );
     }
+
+    // Every Chaos Mesh selector picks pods the manifests create: its
+    // namespace is the kustomization's, its labels those of a Deployment's
+    // or StatefulSet's pod template.
+    let namespace = kustomization["namespace"].as_str().unwrap();
+    let pod_labels: Vec<(String, &serde_json::Map<String, serde_json::Value>)> = documents
+        .iter()
+        .filter(|(_, document)| {
+            ["Deployment", "StatefulSet"].contains(&document["kind"].as_str().unwrap_or(""))
+        })
+        .map(|(_, document)| {
+            (
+                document["metadata"]["name"].as_str().unwrap().to_string(),
+                document["spec"]["template"]["metadata"]["labels"]
+                    .as_object()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let mut selectors = Vec::new();
+    for (path, document) in &documents {
+        if path.parent().is_some_and(|dir| dir.ends_with("chaos-mesh")) {
+            chaos_selectors(document, &mut selectors);
+            assert_eq!(
+                document["metadata"]["namespace"],
+                namespace,
+                "{}: the chaos object's namespace",
+                path.display()
+            );
+        }
+    }
+    assert!(selectors.len() >= 3, "{selectors:?}");
+    let mut picked = std::collections::HashSet::new();
+    for selector in &selectors {
+        let namespaces: Vec<&str> = selector["namespaces"]
+            .as_array()
+            .unwrap_or_else(|| panic!("a selector without namespaces: {selector}"))
+            .iter()
+            .map(|n| n.as_str().unwrap())
+            .collect();
+        assert_eq!(namespaces, [namespace], "{selector}");
+        let wanted = selector["labelSelectors"].as_object().unwrap();
+        let matches: Vec<&str> = pod_labels
+            .iter()
+            .filter(|(_, labels)| {
+                wanted
+                    .iter()
+                    .all(|(key, value)| labels.get(key) == Some(value))
+            })
+            .map(|(name, _)| name.as_str())
+            .collect();
+        assert!(
+            !matches.is_empty(),
+            "{selector} picks no pod of the manifests"
+        );
+        picked.extend(matches);
+    }
+    // Between them: the daemons and the NATS servers.
+    assert!(
+        picked.contains("flotilla") && picked.contains("nats"),
+        "{picked:?}"
+    );
 
     // The Deployment probes the daemon's endpoints on the port its config
     // listens on, with limits, as a non-root user.
