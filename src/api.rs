@@ -171,6 +171,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/chaos/pause", post(chaos_pause))
         .route("/api/v1/chaos/partition", post(chaos_partition))
         .route("/api/v1/chaos/latency", post(chaos_latency))
+        .route("/api/v1/chaos/last", get(chaos_last))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(api.clone(), authorize))
         .with_state(api)
@@ -610,6 +611,12 @@ async fn cancel_task(
         .reason
         .unwrap_or_else(|| "cancelled by an operator".into());
     Ok(Json(cancel(&api.store, &id, &reason).await?))
+}
+
+async fn chaos_last(State(api): State<Arc<Api>>) -> Answer<Vec<crate::experiment::LastRun>> {
+    Ok(Json(
+        crate::experiment::last_runs(&api.config, &api.store).await?,
+    ))
 }
 
 async fn tree(

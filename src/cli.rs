@@ -317,6 +317,13 @@ pub enum ChaosCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The last report of each experiment `[[chaos.schedule]]` runs
+    /// (stored by the daemon; readable while it is down).
+    Last {
+        /// Print the reports as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Cut the daemon's broker connection for a while (needs `[chaos]
     /// proxy = true`).
     Partition {
@@ -600,6 +607,16 @@ impl From<ClientError> for Failure {
 }
 
 impl Target {
+    async fn chaos_last(&self) -> Result<Vec<crate::experiment::LastRun>, Failure> {
+        match self {
+            Self::Local(config) => {
+                let store = open_store(config).await?;
+                Ok(crate::experiment::last_runs(config, &store).await?)
+            }
+            Self::Remote(client) => Ok(client.chaos_last().await?),
+        }
+    }
+
     async fn report(&self) -> Result<StatusReport, Failure> {
         match self {
             Self::Local(config) => {
@@ -933,6 +950,32 @@ async fn run_target(command: Command, target: &Target) -> Result<ExitCode, Failu
                 ExitCode::from(1)
             })
         }
+        Command::Chaos(ChaosCommand::Last { json }) => {
+            let runs = target.chaos_last().await?;
+            if json {
+                print_json(&serde_json::to_value(&runs).expect("reports serialize"));
+            } else if runs.is_empty() {
+                println!("no scheduled experiment ([[chaos.schedule]] in the config)");
+            } else {
+                for run in &runs {
+                    match (&run.report, &run.problem) {
+                        (_, Some(problem)) => println!("{}: {problem}", run.experiment),
+                        (None, None) => println!("experiment {}: not run yet", run.experiment),
+                        (Some(report), None) => {
+                            println!(
+                                "last run {}:",
+                                humantime::format_rfc3339_seconds(
+                                    std::time::UNIX_EPOCH
+                                        + std::time::Duration::from_millis(report.started_ms)
+                                )
+                            );
+                            print!("{}", crate::experiment::render(report));
+                        }
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Chaos(command) => {
             let client = target.daemon_api().await?;
             let done = match command {
@@ -960,7 +1003,9 @@ async fn run_target(command: Command, target: &Target) -> Result<ExitCode, Failu
                 ChaosCommand::Latency { add, duration } => {
                     client.chaos_broker(&duration, Some(&add)).await?
                 }
-                ChaosCommand::Run { .. } => unreachable!("handled above"),
+                ChaosCommand::Run { .. } | ChaosCommand::Last { .. } => {
+                    unreachable!("handled above")
+                }
             };
             println!("{}", done.detail);
             Ok(ExitCode::SUCCESS)

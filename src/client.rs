@@ -354,7 +354,12 @@ impl ApiClient {
         .await
     }
 
-    /// Task `id`'s parent and children.
+    /// The last report of each scheduled chaos experiment.
+    pub async fn chaos_last(&self) -> Result<Vec<crate::experiment::LastRun>, ClientError> {
+        self.get("/api/v1/chaos/last", &[]).await
+    }
+
+    /// Task `id`'s place in its delegation tree.
     pub async fn tree(&self, id: &str) -> Result<crate::delegate::Tree, ClientError> {
         self.get(&format!("/api/v1/tasks/{}/tree", encode(id)), &[])
             .await

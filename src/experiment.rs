@@ -465,6 +465,60 @@ async fn follow(
     Ok(load)
 }
 
+/// A scheduled experiment and its last report.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct LastRun {
+    /// The experiment's name (its file's, when the file does not load).
+    pub experiment: String,
+    /// Its file, as `[[chaos.schedule]]` names it.
+    pub file: String,
+    /// Why the file does not load, if it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+    /// Its last report; none before its first run.
+    pub report: Option<Report>,
+}
+
+/// The last report of every experiment `[[chaos.schedule]]` runs, as the
+/// daemon stored them (`chaos.last.NAME`).
+///
+/// # Errors
+/// When the store cannot be read.
+pub async fn last_runs(
+    config: &crate::config::Config,
+    store: &crate::store::Store,
+) -> Result<Vec<LastRun>, crate::queue::QueueError> {
+    let mut runs = Vec::new();
+    for entry in &config.chaos.schedule {
+        let path = config.base_dir.join(&entry.experiment);
+        let (experiment, problem) = match Experiment::load(&path) {
+            Ok(experiment) => (experiment.name, None),
+            Err(problem) => (
+                entry
+                    .experiment
+                    .file_stem()
+                    .map_or_else(String::new, |stem| stem.to_string_lossy().into_owned()),
+                Some(problem),
+            ),
+        };
+        let report = store
+            .get_control(&last_key(&experiment))
+            .await?
+            .and_then(|value| serde_json::from_value(value).ok());
+        runs.push(LastRun {
+            experiment,
+            file: entry.experiment.display().to_string(),
+            problem,
+            report,
+        });
+    }
+    Ok(runs)
+}
+
+fn last_key(experiment: &str) -> String {
+    format!("chaos.last.{experiment}")
+}
+
 /// The report for humans.
 pub fn render(report: &Report) -> String {
     let mut text = format!(
@@ -562,7 +616,7 @@ pub async fn schedule(
         );
         if let Err(error) = store
             .put_control(
-                &format!("chaos.last.{}", report.name),
+                &last_key(&report.name),
                 &serde_json::to_value(&report).expect("report serializes"),
             )
             .await

@@ -543,6 +543,20 @@ for = "4s"
         },
     )
     .await;
+    // Its report is kept in the store, for `chaos last`.
+    let last = fleet.cli(&["chaos", "last", "--json"]);
+    assert!(last.status.success(), "{last:?}");
+    let runs: Value = serde_json::from_slice(&last.stdout).unwrap();
+    assert_eq!(runs[0]["experiment"], "kill-one", "{runs}");
+    assert_eq!(runs[0]["file"], "kill-one.toml", "{runs}");
+    assert_eq!(runs[0]["report"]["verdict"], "passed", "{runs}");
+    assert_eq!(runs[0]["report"]["load"]["lost"], 0, "{runs}");
+    let last = fleet.cli(&["chaos", "last"]);
+    let text = String::from_utf8_lossy(&last.stdout);
+    assert!(
+        text.contains("experiment kill-one: PASSED") && text.contains("fault  kill: sent SIGKILL"),
+        "{text}"
+    );
     let bad = fleet.cli(&["chaos", "kill", "--agent", "worker", "--mode", "most"]);
     assert_eq!(bad.status.code(), Some(2), "{bad:?}");
     assert!(String::from_utf8_lossy(&bad.stderr).contains("valid: one, all, percent:N"));
