@@ -958,10 +958,15 @@ async fn run_target(command: Command, target: &Target) -> Result<ExitCode, Failu
                 println!("no scheduled experiment ([[chaos.schedule]] in the config)");
             } else {
                 for run in &runs {
-                    match (&run.report, &run.problem) {
-                        (_, Some(problem)) => println!("{}: {problem}", run.experiment),
-                        (None, None) => println!("experiment {}: not run yet", run.experiment),
-                        (Some(report), None) => {
+                    if let Some(problem) = &run.problem {
+                        println!("experiment {}: {problem}", run.experiment);
+                    }
+                    match &run.report {
+                        None if run.problem.is_none() => {
+                            println!("experiment {}: not run yet", run.experiment);
+                        }
+                        None => {}
+                        Some(report) => {
                             println!(
                                 "last run {}:",
                                 humantime::format_rfc3339_seconds(
@@ -1219,7 +1224,7 @@ fn tree_lines(tree: &crate::delegate::Tree) -> Vec<String> {
     }
     if tree.omitted > 0 {
         lines.push(format!(
-            "  ... and {} more (a tree shows up to {} tasks; `tasks show` a child for its own)",
+            "  ... and at least {} more (a tree shows up to {} tasks; `tasks show` a child for its own)",
             tree.omitted,
             crate::delegate::MAX_TREE_NODES
         ));
@@ -1865,7 +1870,7 @@ mod tests {
             lines[3].starts_with("    root/a/x/y ") && lines[3].contains("gone"),
             "{lines:#?}"
         );
-        assert!(lines[4].contains("... and 3 more"), "{lines:#?}");
+        assert!(lines[4].contains("... and at least 3 more"), "{lines:#?}");
     }
 
     #[test]

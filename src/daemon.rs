@@ -125,7 +125,7 @@ impl Daemon {
         let broker_urls = config
             .broker
             .as_ref()
-            .map(|broker| crate::config::redact_url(&broker.urls().join(",")));
+            .map(|broker| crate::config::redact_urls(&broker.urls().join(",")));
         let proxy = match config.broker.as_mut() {
             Some(broker) if config.chaos.proxy => {
                 let proxy = crate::fault_proxy::FaultProxy::start(&broker.urls()).await?;

@@ -70,8 +70,9 @@ pub struct Tree {
     /// Its children, in the order sent, with their states and their own
     /// children.
     pub children: Vec<Child>,
-    /// Tasks below it left out: a tree is shown up to [`MAX_TREE_NODES`]
-    /// tasks.
+    /// Tasks below it left out, at least (their own children are not
+    /// counted): a tree is shown up to [`MAX_TREE_NODES`] tasks, level by
+    /// level.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub omitted: u64,
 }
@@ -295,7 +296,11 @@ pub async fn send(
     // the canceller reads it after ending the parent, this sender reads
     // the parent after writing it.
     if send.wait {
-        let parent = store.queue().get(&send.parent).await.map_err(store_error)?;
+        // The child is sent: a failed read only skips the check.
+        let parent = store.queue().get(&send.parent).await.unwrap_or_else(|error| {
+            tracing::warn!(parent = %send.parent, %child, %error, "could not check the parent after sending its child");
+            None
+        });
         if parent.is_some_and(|parent| parent.state == TaskState::DeadLettered) {
             let reason = format!(
                 "cancelled: its parent {} was dead-lettered while sending it",
@@ -340,61 +345,66 @@ pub async fn tree(store: &Store, task: &str) -> Result<Tree, crate::queue::Queue
         Some(link) => store.queue().get(&link.parent).await?.map(|r| r.state),
         None => None,
     };
-    let mut budget = Budget {
-        left: MAX_TREE_NODES,
-        omitted: 0,
-    };
-    let children = subtree(store, task, 0, &mut budget).await?;
+    // Breadth first: every child before any grandchild, so that one
+    // large subtree cannot hide its siblings.
+    struct Node {
+        child: Child,
+        below: Vec<usize>,
+    }
+    fn build(nodes: &[Node], slot: usize) -> Child {
+        let mut child = nodes[slot].child.clone();
+        child.children = nodes[slot]
+            .below
+            .iter()
+            .map(|&below| build(nodes, below))
+            .collect();
+        child
+    }
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut top = Vec::new();
+    let mut omitted = 0u64;
+    let mut frontier =
+        std::collections::VecDeque::from([(None::<usize>, task.to_string(), 0usize)]);
+    while let Some((above, id, depth)) = frontier.pop_front() {
+        let ids = load_children(store, &id).await?;
+        for (index, child_id) in ids.iter().enumerate() {
+            if nodes.len() >= MAX_TREE_NODES || depth >= MAX_TREE_DEPTH {
+                omitted += (ids.len() - index) as u64;
+                break;
+            }
+            let record = store.queue().get(child_id).await?;
+            let wait = load_link(store, child_id)
+                .await?
+                .is_some_and(|link| link.wait);
+            let slot = nodes.len();
+            nodes.push(Node {
+                child: Child {
+                    agent: record.as_ref().map(|r| r.agent.clone()).unwrap_or_default(),
+                    state: record.map(|r| r.state),
+                    id: child_id.clone(),
+                    wait,
+                    children: Vec::new(),
+                },
+                below: Vec::new(),
+            });
+            match above {
+                None => top.push(slot),
+                Some(above) => nodes[above].below.push(slot),
+            }
+            frontier.push_back((Some(slot), child_id.clone(), depth + 1));
+        }
+    }
     Ok(Tree {
         parent,
         parent_state,
-        children,
-        omitted: budget.omitted,
+        children: top.iter().map(|&slot| build(&nodes, slot)).collect(),
+        omitted,
     })
 }
 
-/// What is left of a tree's [`MAX_TREE_NODES`].
-struct Budget {
-    left: usize,
-    omitted: u64,
-}
-
-/// Deepest level [`subtree`] descends to, whatever `max_depth` was when
+/// Deepest level a [`Tree`] descends to, whatever `max_depth` was when
 /// the tree was sent.
 const MAX_TREE_DEPTH: usize = 32;
-
-/// The children of `task`, depth first, within `budget`.
-fn subtree<'a>(
-    store: &'a Store,
-    task: &'a str,
-    depth: usize,
-    budget: &'a mut Budget,
-) -> std::pin::Pin<
-    Box<dyn Future<Output = Result<Vec<Child>, crate::queue::QueueError>> + std::marker::Send + 'a>,
-> {
-    Box::pin(async move {
-        let ids = load_children(store, task).await?;
-        let mut children = Vec::new();
-        for (index, id) in ids.iter().enumerate() {
-            if budget.left == 0 || depth >= MAX_TREE_DEPTH {
-                budget.omitted += (ids.len() - index) as u64;
-                break;
-            }
-            budget.left -= 1;
-            let record = store.queue().get(id).await?;
-            let wait = load_link(store, id).await?.is_some_and(|link| link.wait);
-            let below = subtree(store, id, depth + 1, budget).await?;
-            children.push(Child {
-                agent: record.as_ref().map(|r| r.agent.clone()).unwrap_or_default(),
-                state: record.map(|r| r.state),
-                id: id.clone(),
-                wait,
-                children: below,
-            });
-        }
-        Ok(children)
-    })
-}
 
 /// Cancels the unfinished children `task` waited for (fire-and-forget
 /// ones go on), and theirs in turn; returns how many were cancelled. A
@@ -698,6 +708,48 @@ mod tests {
         assert_eq!(middle.parent.unwrap().parent, "parent");
         assert_eq!(middle.parent_state, Some(TaskState::Queued));
         assert_eq!(middle.children.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_large_tree_is_cut_level_by_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = embedded(dir.path());
+        submit_root(&store).await;
+        let limits = crate::config::DelegationConfig::default();
+        // 30 children; the first 8 send 30 each: 270 tasks below the root.
+        for n in 0..30 {
+            let key = format!("c{n}");
+            send(
+                &store,
+                &limits,
+                &agents(),
+                &send_to("worker", &key, false),
+                1,
+            )
+            .await
+            .unwrap();
+            if n < 8 {
+                for m in 0..30 {
+                    let child = format!("parent/{key}");
+                    let grandchild =
+                        send_from(&child, "worker", "reviewer", &format!("g{m}"), false);
+                    send(&store, &limits, &agents(), &grandchild, 1)
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+        let root = tree(&store, "parent").await.unwrap();
+        // Every child shows; the grandchildren fill the rest.
+        assert_eq!(root.children.len(), 30);
+        let shown: usize = 30
+            + root
+                .children
+                .iter()
+                .map(|c| c.children.len())
+                .sum::<usize>();
+        assert_eq!(shown, MAX_TREE_NODES);
+        assert_eq!(root.omitted, 270 - MAX_TREE_NODES as u64);
     }
 
     #[tokio::test]

@@ -489,9 +489,14 @@ pub async fn last_runs(
     store: &crate::store::Store,
 ) -> Result<Vec<LastRun>, crate::queue::QueueError> {
     let mut runs = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for entry in &config.chaos.schedule {
         let path = config.base_dir.join(&entry.experiment);
-        let (experiment, problem) = match Experiment::load(&path) {
+        // Scheduled twice (`every` and `cron`), listed once.
+        if !seen.insert(path.clone()) {
+            continue;
+        }
+        let (experiment, mut problem) = match Experiment::load(&path) {
             Ok(experiment) => (experiment.name, None),
             Err(problem) => (
                 entry
@@ -501,10 +506,18 @@ pub async fn last_runs(
                 Some(problem),
             ),
         };
-        let report = store
-            .get_control(&last_key(&experiment))
-            .await?
-            .and_then(|value| serde_json::from_value(value).ok());
+        let report = match store.get_control(&last_key(&experiment)).await? {
+            None => None,
+            Some(value) => match serde_json::from_value(value) {
+                Ok(report) => Some(report),
+                Err(error) => {
+                    problem.get_or_insert(format!(
+                        "its stored report cannot be read ({error}); the next run replaces it"
+                    ));
+                    None
+                }
+            },
+        };
         runs.push(LastRun {
             experiment,
             file: entry.experiment.display().to_string(),
@@ -598,6 +611,16 @@ pub async fn schedule(
                 continue;
             }
         };
+        // Stored first: whoever sees the count or the event can read it.
+        if let Err(error) = store
+            .put_control(
+                &last_key(&report.name),
+                &serde_json::to_value(&report).expect("report serializes"),
+            )
+            .await
+        {
+            tracing::warn!(%error, "could not store the experiment's report");
+        }
         metrics.chaos_experiment(&report.name, &report.verdict);
         let failed = report.verdict != "passed";
         if failed {
@@ -614,14 +637,5 @@ pub async fn schedule(
             )
             .details(serde_json::to_value(&report).expect("report serializes")),
         );
-        if let Err(error) = store
-            .put_control(
-                &last_key(&report.name),
-                &serde_json::to_value(&report).expect("report serializes"),
-            )
-            .await
-        {
-            tracing::warn!(%error, "could not store the experiment's report");
-        }
     }
 }

@@ -297,6 +297,8 @@ fn experiments(config: &Config) -> Vec<PathBuf> {
 /// the repository's rules).
 fn alert_rule_candidates(base: &Path) -> Vec<PathBuf> {
     let mut candidates = vec![base.join(ALERT_RULES), base.join("alerts.yml")];
+    // The real parents, not the path's text (`a/../b`).
+    let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
     candidates.extend(
         base.ancestors()
             .skip(1)

@@ -101,7 +101,7 @@ impl Store {
             None => config.store_path().display().to_string(),
             Some(broker) => format!(
                 "{} (namespace {})",
-                crate::config::redact_url(&broker.url),
+                crate::config::redact_urls(&broker.url),
                 broker.namespace
             ),
         }

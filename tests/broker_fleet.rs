@@ -360,6 +360,28 @@ async fn the_broker_connection_authenticates() {
             ),
             false,
         ),
+        // Credentials in the URL itself.
+        (
+            format!(
+                "url = \"{}\"",
+                user_server.url.replace("nats://", "nats://fleet:hunter2@")
+            ),
+            true,
+        ),
+        (
+            format!(
+                "url = \"{}\"",
+                token_server.url.replace("nats://", "nats://s3cret@")
+            ),
+            true,
+        ),
+        (
+            format!(
+                "url = \"{}\"",
+                user_server.url.replace("nats://", "nats://fleet:nope@")
+            ),
+            false,
+        ),
     ];
     for (broker, ok) in cases {
         let fleet = Fleet::new(&format!(
@@ -368,6 +390,13 @@ async fn the_broker_connection_authenticates() {
         let shown = fleet.cli(&["status"]);
         let stderr = String::from_utf8_lossy(&shown.stderr);
         assert_eq!(shown.status.success(), ok, "{broker}: {stderr}");
+        let stdout = String::from_utf8_lossy(&shown.stdout);
+        for secret in ["hunter2", "s3cret"] {
+            assert!(
+                !stdout.contains(secret) && !stderr.contains(secret),
+                "{secret} shown: {stdout}{stderr}"
+            );
+        }
         if !ok {
             assert!(stderr.contains("cannot connect to"), "{stderr}");
             assert!(

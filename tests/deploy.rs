@@ -129,7 +129,6 @@ async fn a_live_scrape_passes_promtool_check_metrics() {
     assert_eq!(problems.len(), TOTAL_GAUGES.len(), "{report}");
 }
 
-/// Every YAML document in `path`, as JSON values.
 /// Every pod `selector` of a Chaos Mesh object (the fault's and a
 /// partition's `target`, inside a `Schedule` too).
 fn chaos_selectors(value: &serde_json::Value, found: &mut Vec<serde_json::Value>) {
@@ -152,6 +151,7 @@ fn chaos_selectors(value: &serde_json::Value, found: &mut Vec<serde_json::Value>
     }
 }
 
+/// Every YAML document in `path`, as JSON values.
 fn yaml_documents(path: &std::path::Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap();
     serde_yaml_ng::Deserializer::from_str(&text)
@@ -260,6 +260,7 @@ fn the_deploy_files_parse_and_match_the_daemon() {
         .map(|name| family(name))
         .filter(|name| !shown.contains(name))
         .collect();
+    missing.sort();
     missing.dedup();
     assert!(missing.is_empty(), "no dashboard panel shows {missing:?}");
 

@@ -272,7 +272,8 @@ async fn sink_events(fleet: &Fleet, file: &str, least: usize) -> Vec<serde_json:
         std::fs::read_to_string(&path)
             .unwrap_or_default()
             .lines()
-            .map(|line| serde_json::from_str(line).unwrap())
+            // A line still being written is read next time.
+            .filter_map(|line| serde_json::from_str(line).ok())
             .collect()
     };
     wait_until(Duration::from_secs(10), "the notification sink", || async {

@@ -741,16 +741,39 @@ checks = [
 
     #[test]
     fn urls_are_shown_without_their_secrets() {
-        use super::super::redact_url;
+        use super::super::{redact_url, redact_urls};
         assert_eq!(
-            redact_url("nats://ann:secret@10.0.0.1:4222, nats://tok@10.0.0.2:4222"),
+            redact_urls("nats://ann:secret@10.0.0.1:4222, nats://tok@10.0.0.2:4222"),
             "nats://***@10.0.0.1:4222,nats://***@10.0.0.2:4222"
         );
-        assert_eq!(redact_url("nats://10.0.0.1:4222"), "nats://10.0.0.1:4222");
-        assert_eq!(redact_url("ann:secret@10.0.0.1:4222"), "***@10.0.0.1:4222");
-        assert_eq!(redact_url("10.0.0.1:4222"), "10.0.0.1:4222");
+        assert_eq!(redact_urls("nats://10.0.0.1:4222"), "nats://10.0.0.1:4222");
+        assert_eq!(redact_urls("ann:secret@10.0.0.1:4222"), "***@10.0.0.1:4222");
+        assert_eq!(redact_urls("10.0.0.1:4222"), "10.0.0.1:4222");
+        assert_eq!(redact_url("tls://[::1]:4222"), "tls://[::1]:4222");
         assert_eq!(
-            redact_url("http://model:8080/health?key=secret"),
+            redact_url("ws://u:p@[::1]:443/nats"),
+            "ws://***@[::1]:443/nats"
+        );
+        // Tokens that do not parse as a user: all before the last `@` goes.
+        assert_eq!(
+            redact_url("nats://abc/def@host:4222"),
+            "nats://***@host:4222"
+        );
+        assert_eq!(
+            redact_url("nats://to#ken@host:4222"),
+            "nats://***@host:4222"
+        );
+        assert_eq!(
+            redact_url("nats://u:p@ss@host:4222"),
+            "nats://***@host:4222"
+        );
+        // One http URL: a comma belongs to it.
+        assert_eq!(
+            redact_url("http://u:pa,ss@model:8080/health?key=abc,def"),
+            "http://***@model:8080/health?***"
+        );
+        assert_eq!(
+            redact_url("http://model:8080/health#key=secret"),
             "http://model:8080/health?***"
         );
         assert_eq!(redact_url("not a url@all"), "***@all");

@@ -163,44 +163,38 @@ impl Default for DaemonConfig {
     }
 }
 
-/// `url` (or several, separated by commas) without what may be a secret
-/// in it (user, password or token before `@`, the query), for logs,
-/// health answers and status: `nats://***@broker:4222`.
-pub fn redact_url(url: &str) -> String {
-    url.split(',')
-        .map(|one| redact_one_url(one.trim()))
+/// Broker URLs (several, separated by commas, as `broker.url` takes
+/// them), each as [`redact_url`] shows it.
+pub fn redact_urls(urls: &str) -> String {
+    urls.split(',')
+        .map(|one| redact_url(one.trim()))
         .collect::<Vec<_>>()
         .join(",")
 }
 
-fn redact_one_url(url: &str) -> String {
-    let has_scheme = url.contains("://");
-    let full = if has_scheme {
-        url.to_string()
-    } else {
-        format!("nats://{url}")
+/// `url` without what may be a secret in it, for logs, health answers,
+/// status and errors: whatever comes before an `@` (user, password,
+/// token) and the query become `***`: `nats://***@broker:4222`,
+/// `http://model:8080/health?***`. Errs on hiding too much: an `@`
+/// anywhere after the scheme counts, parsed or not.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = url
+        .split_once("://")
+        .map_or(("", url), |(scheme, rest)| (scheme, rest));
+    let (secret, rest) = match rest.rfind('@') {
+        Some(at) => (true, &rest[at + 1..]),
+        None => (false, rest),
     };
-    let Ok(mut parsed) = reqwest::Url::parse(&full) else {
-        // Not a URL: keep only what follows the last `@`.
-        return url
-            .rfind('@')
-            .map_or_else(|| url.to_string(), |at| format!("***@{}", &url[at + 1..]));
+    // The query (and fragment) may hold a key.
+    let rest = match rest.find(['?', '#']) {
+        Some(at) => format!("{}?***", &rest[..at]),
+        None => rest.to_string(),
     };
-    let secret = !parsed.username().is_empty() || parsed.password().is_some();
-    let _ = parsed.set_username("");
-    let _ = parsed.set_password(None);
-    if parsed.query().is_some() {
-        parsed.set_query(Some("***"));
-    }
-    parsed.set_fragment(None);
-    let mut text = parsed.to_string();
-    if secret {
-        text = text.replacen("://", "://***@", 1);
-    }
-    if has_scheme {
-        text
+    let credentials = if secret { "***@" } else { "" };
+    if scheme.is_empty() {
+        format!("{credentials}{rest}")
     } else {
-        text.trim_start_matches("nats://").to_string()
+        format!("{scheme}://{credentials}{rest}")
     }
 }
 
@@ -547,12 +541,29 @@ impl std::fmt::Debug for BrokerConfig {
     /// Everything but the secrets: the password and token hidden, the URL
     /// redacted.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut shown = self.clone();
-        shown.url = redact_url(&self.url);
-        shown.password = shown.password.map(|_| "<hidden>".into());
-        shown.token = shown.token.map(|_| "<hidden>".into());
-        let fields = serde_json::to_string(&shown).map_err(|_| std::fmt::Error)?;
-        write!(f, "BrokerConfig {fields}")
+        let hidden = |secret: &Option<String>| secret.as_ref().map(|_| "<hidden>");
+        f.debug_struct("BrokerConfig")
+            .field("url", &redact_urls(&self.url))
+            .field("namespace", &self.namespace)
+            .field("replicas", &self.replicas)
+            .field("ack_wait", &self.ack_wait)
+            .field("duplicate_window", &self.duplicate_window)
+            .field("fleet_ttl", &self.fleet_ttl)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("reconnect_max_delay", &self.reconnect_max_delay)
+            .field("ping_interval", &self.ping_interval)
+            .field("user", &self.user)
+            .field("password", &hidden(&self.password))
+            .field("token", &hidden(&self.token))
+            .field("creds_file", &self.creds_file)
+            .field("nkey_file", &self.nkey_file)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("tls_required", &self.tls_required)
+            .field("via_proxy", &self.via_proxy)
+            .finish()
     }
 }
 
@@ -1418,7 +1429,8 @@ impl BrokerConfig {
                 problem(
                     "broker.url".into(),
                     format!(
-                        "{url:?} is not a server URL; e.g. \"nats://127.0.0.1:4222\" or \"tls://nats.example.com:4222\""
+                        "{:?} is not a server URL; e.g. \"nats://127.0.0.1:4222\" or \"tls://nats.example.com:4222\"",
+                        redact_url(url)
                     ),
                 );
             }

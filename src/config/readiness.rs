@@ -239,14 +239,16 @@ impl CheckConfig {
                 Ok(parsed) => problem(
                     format!("{key}.http"),
                     format!(
-                        "{url:?} has scheme {:?}; valid: http or https",
+                        "{:?} has scheme {:?}; valid: http or https",
+                        super::redact_url(url),
                         parsed.scheme()
                     ),
                 ),
                 Err(error) => problem(
                     format!("{key}.http"),
                     format!(
-                        "{url:?} is not a URL ({error}); e.g. \"http://127.0.0.1:8080/health\""
+                        "{:?} is not a URL ({error}); e.g. \"http://127.0.0.1:8080/health\"",
+                        super::redact_url(url)
                     ),
                 ),
             }

@@ -333,7 +333,8 @@ impl WatchConfig {
                         problem(
                             format!("{key}.prometheus"),
                             format!(
-                                "{url:?} is not an http:// or https:// URL; e.g. \"http://prometheus:9090\""
+                                "{:?} is not an http:// or https:// URL; e.g. \"http://prometheus:9090\"",
+                                super::redact_url(url)
                             ),
                         );
                     }

@@ -118,7 +118,6 @@ pub struct AgentRuntime {
     recent: Mutex<VecDeque<(crate::clock::UnixMillis, bool)>>,
     /// Tasks a replica held when it was lost, for the manager's notice.
     lost: Mutex<HashMap<u32, Vec<String>>>,
-    /// When the manager last got a rebalance task.
     /// When the manager was last sent rebalance tasks, the latest
     /// [`MANAGER_TASKS_PER_MINUTE`] of them.
     manager_told_ms: Mutex<std::collections::VecDeque<crate::clock::UnixMillis>>,
@@ -825,7 +824,11 @@ impl AgentRuntime {
             None => Vec::new(),
             Some(Ok(changes)) => changes,
             Some(Err(problem)) => {
-                let failure = Failure::rejected(format!("the result's {problem}"));
+                // The agent's own mistake (as a malformed line is), so an
+                // error it may not make again: retried, and counted
+                // against its error rate.
+                let failure =
+                    Failure::new(AttemptOutcome::Error, format!("the result's {problem}"));
                 self.fail_attempt(lease, failure, replica).await;
                 return;
             }

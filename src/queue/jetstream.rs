@@ -136,6 +136,33 @@ pub async fn connect(
             base_dir.join(path)
         }
     };
+    // The addresses without credentials (the client would log them at
+    // debug level, and does not use them); the first address's go to the
+    // options below when the config gives no other.
+    let mut url_auth: Option<(String, Option<String>)> = None;
+    let mut addresses = Vec::new();
+    for url in config.urls() {
+        let address = url
+            .parse::<async_nats::ServerAddr>()
+            .map_err(|error| storage("invalid broker.url", error))?;
+        if !address.has_user_pass() {
+            addresses.push(address);
+            continue;
+        }
+        if url_auth.is_none() {
+            url_auth = Some((
+                address.username().unwrap_or_default().to_string(),
+                address.password().map(str::to_string),
+            ));
+        }
+        let mut bare = address.into_inner();
+        let _ = bare.set_username("");
+        let _ = bare.set_password(None);
+        addresses.push(
+            async_nats::ServerAddr::from_url(bare)
+                .map_err(|error| storage("invalid broker.url", error))?,
+        );
+    }
     let max_delay = config.reconnect_max_delay.get();
     let events = stats.clone();
     let mut options = async_nats::ConnectOptions::new();
@@ -190,6 +217,13 @@ pub async fn connect(
         options = options.nkey(seed.trim().to_string());
     } else if let Some(token) = token {
         options = options.token(token);
+    } else if let Some((user, password)) = url_auth {
+        // Credentials written into the URL (`nats://user:pass@host`):
+        // the client takes them from the options only.
+        options = match password {
+            Some(password) => options.user_and_password(user, password),
+            None => options.token(user),
+        };
     }
     if let Some(ca) = &config.tls_ca {
         options = options.add_root_certificates(resolve(ca));
@@ -200,17 +234,11 @@ pub async fn connect(
     if config.tls_required {
         options = options.require_tls(true);
     }
-    let addresses = config
-        .urls()
-        .iter()
-        .map(|url| url.parse::<async_nats::ServerAddr>())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| storage("invalid broker.url", error))?;
     let client = options.connect(addresses).await.map_err(|error| {
         storage(
             &format!(
                 "cannot connect to {}",
-                crate::config::redact_url(&config.url)
+                crate::config::redact_urls(&config.url)
             ),
             error,
         )
@@ -660,7 +688,7 @@ impl JetStreamQueue {
             held: Mutex::default(),
             wake: Mutex::default(),
             stats,
-            url: crate::config::redact_url(&config.url),
+            url: crate::config::redact_urls(&config.url),
             exhausted: super::Exhausted::default(),
             fleet_ttl: config.fleet_ttl.get(),
         });
