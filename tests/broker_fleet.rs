@@ -333,7 +333,7 @@ async fn the_broker_connection_authenticates() {
     };
     let Some(user_server) = NatsServer::start_with(
         "the_broker_connection_authenticates",
-        &["--user", "fleet", "--pass", "hunter2"],
+        &["--user", "fleet", "--pass", "hunter@2"],
     ) else {
         return;
     };
@@ -348,7 +348,7 @@ async fn the_broker_connection_authenticates() {
         ),
         (
             format!(
-                "url = \"{}\"\nuser = \"fleet\"\npassword = \"hunter2\"",
+                "url = \"{}\"\nuser = \"fleet\"\npassword = \"hunter@2\"",
                 user_server.url
             ),
             true,
@@ -364,7 +364,10 @@ async fn the_broker_connection_authenticates() {
         (
             format!(
                 "url = \"{}\"",
-                user_server.url.replace("nats://", "nats://fleet:hunter2@")
+                // Percent-encoded, as a URL must write `@`.
+                user_server
+                    .url
+                    .replace("nats://", "nats://fleet:hunter%402@")
             ),
             true,
         ),
@@ -391,7 +394,7 @@ async fn the_broker_connection_authenticates() {
         let stderr = String::from_utf8_lossy(&shown.stderr);
         assert_eq!(shown.status.success(), ok, "{broker}: {stderr}");
         let stdout = String::from_utf8_lossy(&shown.stdout);
-        for secret in ["hunter2", "s3cret"] {
+        for secret in ["hunter@2", "hunter%402", "s3cret"] {
             assert!(
                 !stdout.contains(secret) && !stderr.contains(secret),
                 "{secret} shown: {stdout}{stderr}"

@@ -150,9 +150,15 @@ pub async fn connect(
             continue;
         }
         if url_auth.is_none() {
+            // Written percent-encoded in the URL (`p%40ss` for `p@ss`).
+            let decode = |text: &str| {
+                percent_encoding::percent_decode_str(text)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
             url_auth = Some((
-                address.username().unwrap_or_default().to_string(),
-                address.password().map(str::to_string),
+                decode(address.username().unwrap_or_default()),
+                address.password().map(decode),
             ));
         }
         let mut bare = address.into_inner();
