@@ -561,21 +561,7 @@ pub fn refused(parent: &str, key: &str, why: String) -> ToAgent {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::queue::sqlite::{Role, Settings, SqliteQueue};
-
-    fn embedded(dir: &std::path::Path) -> Store {
-        Store::Embedded(Arc::new(
-            SqliteQueue::open(
-                &dir.join("q.db"),
-                Settings::from_config(&crate::config::StoreConfig::default(), Role::Client),
-                crate::clock::system(),
-            )
-            .unwrap(),
-        ))
-    }
 
     fn send_to(to: &str, key: &str, wait: bool) -> Send {
         send_from("parent", "manager", to, key, wait)
@@ -608,6 +594,15 @@ mod tests {
             .unwrap();
     }
 
+    /// Carries out `what` for a fleet of [`agents`].
+    async fn try_send(
+        store: &Store,
+        limits: &crate::config::DelegationConfig,
+        what: &Send,
+    ) -> Result<Sent, String> {
+        send(store, limits, &agents(), what, 1).await
+    }
+
     fn agents() -> Vec<String> {
         ["manager", "worker", "reviewer"].map(String::from).to_vec()
     }
@@ -615,7 +610,7 @@ mod tests {
     #[tokio::test]
     async fn fan_out_and_depth_are_bounded() {
         let dir = tempfile::tempdir().unwrap();
-        let store = embedded(dir.path());
+        let store = Store::embedded_in(dir.path());
         submit_root(&store).await;
         let limits = crate::config::DelegationConfig {
             max_fan_out: 2,
@@ -623,51 +618,31 @@ mod tests {
             ..Default::default()
         };
         for key in ["a", "b"] {
-            send(
-                &store,
-                &limits,
-                &agents(),
-                &send_to("worker", key, false),
-                1,
-            )
-            .await
-            .unwrap();
+            try_send(&store, &limits, &send_to("worker", key, false))
+                .await
+                .unwrap();
         }
-        let refused = send(
-            &store,
-            &limits,
-            &agents(),
-            &send_to("worker", "c", false),
-            1,
-        )
-        .await
-        .unwrap_err();
+        let refused = try_send(&store, &limits, &send_to("worker", "c", false))
+            .await
+            .unwrap_err();
         assert!(
             refused.contains("already sent 2 children (delegation.max_fan_out = 2)"),
             "{refused}"
         );
         assert!(store.queue().get("parent/c").await.unwrap().is_none());
         // A child sent before is not a new one: a retried parent re-sends.
-        let again = send(
-            &store,
-            &limits,
-            &agents(),
-            &send_to("worker", "a", false),
-            1,
-        )
-        .await
-        .unwrap();
+        let again = try_send(&store, &limits, &send_to("worker", "a", false))
+            .await
+            .unwrap();
         assert!(again.existed);
 
         // parent (root) → parent/a (depth 1) → parent/a/x (depth 2): the
         // tree may go no deeper.
         let child = send_from("parent/a", "worker", "reviewer", "x", false);
-        let grandchild = send(&store, &limits, &agents(), &child, 1).await.unwrap();
+        let grandchild = try_send(&store, &limits, &child).await.unwrap();
         assert_eq!(grandchild.child, "parent/a/x");
         let deeper = send_from("parent/a/x", "reviewer", "worker", "y", false);
-        let refused = send(&store, &limits, &agents(), &deeper, 1)
-            .await
-            .unwrap_err();
+        let refused = try_send(&store, &limits, &deeper).await.unwrap_err();
         assert!(
             refused.contains("is 2 levels deep") && refused.contains("delegation.max_depth = 2"),
             "{refused}"
@@ -678,7 +653,7 @@ mod tests {
     #[tokio::test]
     async fn a_tree_shows_every_level_and_the_parents_state() {
         let dir = tempfile::tempdir().unwrap();
-        let store = embedded(dir.path());
+        let store = Store::embedded_in(dir.path());
         submit_root(&store).await;
         let limits = crate::config::DelegationConfig::default();
         for send_it in [
@@ -686,7 +661,7 @@ mod tests {
             send_to("reviewer", "b", false),
             send_from("parent/a", "worker", "reviewer", "x", true),
         ] {
-            send(&store, &limits, &agents(), &send_it, 1).await.unwrap();
+            try_send(&store, &limits, &send_it).await.unwrap();
         }
         let root = tree(&store, "parent").await.unwrap();
         assert_eq!(root.parent, None);
@@ -713,29 +688,21 @@ mod tests {
     #[tokio::test]
     async fn a_large_tree_is_cut_level_by_level() {
         let dir = tempfile::tempdir().unwrap();
-        let store = embedded(dir.path());
+        let store = Store::embedded_in(dir.path());
         submit_root(&store).await;
         let limits = crate::config::DelegationConfig::default();
         // 30 children; the first 8 send 30 each: 270 tasks below the root.
         for n in 0..30 {
             let key = format!("c{n}");
-            send(
-                &store,
-                &limits,
-                &agents(),
-                &send_to("worker", &key, false),
-                1,
-            )
-            .await
-            .unwrap();
+            try_send(&store, &limits, &send_to("worker", &key, false))
+                .await
+                .unwrap();
             if n < 8 {
                 for m in 0..30 {
                     let child = format!("parent/{key}");
                     let grandchild =
                         send_from(&child, "worker", "reviewer", &format!("g{m}"), false);
-                    send(&store, &limits, &agents(), &grandchild, 1)
-                        .await
-                        .unwrap();
+                    try_send(&store, &limits, &grandchild).await.unwrap();
                 }
             }
         }
@@ -755,23 +722,19 @@ mod tests {
     #[tokio::test]
     async fn a_wait_that_would_close_a_cycle_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = embedded(dir.path());
+        let store = Store::embedded_in(dir.path());
         submit_root(&store).await;
         let limits = crate::config::DelegationConfig::default();
         // manager waits on worker, which waits on reviewer.
-        send(&store, &limits, &agents(), &send_to("worker", "w", true), 1)
+        try_send(&store, &limits, &send_to("worker", "w", true))
             .await
             .unwrap();
         let reviewer = send_from("parent/w", "worker", "reviewer", "r", true);
-        send(&store, &limits, &agents(), &reviewer, 1)
-            .await
-            .unwrap();
+        try_send(&store, &limits, &reviewer).await.unwrap();
         // reviewer waiting on manager or worker would close the circle.
         for back in ["manager", "worker"] {
             let cycle = send_from("parent/w/r", "reviewer", back, "back", true);
-            let refused = send(&store, &limits, &agents(), &cycle, 1)
-                .await
-                .unwrap_err();
+            let refused = try_send(&store, &limits, &cycle).await.unwrap_err();
             assert!(
                 refused.starts_with(&format!("cycle: reviewer would wait on {back}")),
                 "{refused}"
@@ -788,16 +751,16 @@ mod tests {
         );
         // Without waiting, nothing can deadlock: a notification goes.
         let notice = send_from("parent/w/r", "reviewer", "manager", "note", false);
-        send(&store, &limits, &agents(), &notice, 1).await.unwrap();
+        try_send(&store, &limits, &notice).await.unwrap();
     }
 
     #[tokio::test]
     async fn a_wait_ends_with_a_timeout_reply_while_the_child_goes_on() {
         let dir = tempfile::tempdir().unwrap();
-        let store = embedded(dir.path());
+        let store = Store::embedded_in(dir.path());
         submit_root(&store).await;
         let limits = crate::config::DelegationConfig::default();
-        let sent = send(&store, &limits, &agents(), &send_to("worker", "w", true), 1)
+        let sent = try_send(&store, &limits, &send_to("worker", "w", true))
             .await
             .unwrap();
         let (news, mut heard) = mpsc::channel(8);
@@ -855,14 +818,13 @@ mod tests {
     #[tokio::test]
     async fn a_child_sent_after_its_parent_ended_is_cancelled() {
         let dir = tempfile::tempdir().unwrap();
-        let store = embedded(dir.path());
-        let agents = agents();
+        let store = Store::embedded_in(dir.path());
         let limits = crate::config::DelegationConfig::default();
         submit_root(&store).await;
         assert!(store.queue().cancel("parent", "not needed").await.unwrap());
         assert_eq!(cancel_children(&store, "parent", "not needed").await, 0);
 
-        let refused = send(&store, &limits, &agents, &send_to("worker", "w", true), 1)
+        let refused = try_send(&store, &limits, &send_to("worker", "w", true))
             .await
             .unwrap_err();
         assert!(refused.contains("parent was cancelled"), "{refused}");
@@ -870,7 +832,7 @@ mod tests {
         assert_eq!(child.state, TaskState::DeadLettered, "{child:?}");
 
         // A fire-and-forget child goes on whatever its parent does.
-        let sent = send(&store, &limits, &agents, &send_to("worker", "n", false), 1)
+        let sent = try_send(&store, &limits, &send_to("worker", "n", false))
             .await
             .unwrap();
         let child = store.queue().get(&sent.child).await.unwrap().unwrap();

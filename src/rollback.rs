@@ -550,21 +550,7 @@ pub fn describe(journal: &Journal) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::queue::sqlite::{Role, Settings, SqliteQueue};
-
-    fn embedded(dir: &std::path::Path) -> Store {
-        Store::Embedded(Arc::new(
-            SqliteQueue::open(
-                &dir.join("q.db"),
-                Settings::from_config(&crate::config::StoreConfig::default(), Role::Client),
-                crate::clock::system(),
-            )
-            .unwrap(),
-        ))
-    }
 
     /// Changes whose rollback appends their number to `log`, slowly.
     fn slow_changes(log: &std::path::Path, count: usize) -> Vec<Change> {
@@ -595,7 +581,7 @@ mod tests {
     #[tokio::test]
     async fn two_rollbacks_of_one_task_run_each_command_once() {
         let dir = tempfile::tempdir().unwrap();
-        let store = embedded(dir.path());
+        let store = Store::embedded_in(dir.path());
         let log = dir.path().join("undo.log");
         let mut first = record(&store, "t", "a", 1, slow_changes(&log, 3))
             .await
@@ -633,7 +619,7 @@ mod tests {
     #[tokio::test]
     async fn changes_recorded_during_a_rollback_are_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let store = embedded(dir.path());
+        let store = Store::embedded_in(dir.path());
         let log = dir.path().join("undo.log");
         let mut journal = record(&store, "t", "a", 1, slow_changes(&log, 2))
             .await
@@ -678,7 +664,7 @@ mod tests {
     #[tokio::test]
     async fn a_claim_left_by_a_dead_process_lapses() {
         let dir = tempfile::tempdir().unwrap();
-        let store = embedded(dir.path());
+        let store = Store::embedded_in(dir.path());
         let log = dir.path().join("undo.log");
         let mut journal = record(&store, "t", "a", 1, slow_changes(&log, 1))
             .await
@@ -721,7 +707,7 @@ mod tests {
     #[tokio::test]
     async fn compare_and_put_writes_only_over_what_it_expects() {
         let dir = tempfile::tempdir().unwrap();
-        let store = embedded(dir.path());
+        let store = Store::embedded_in(dir.path());
         let (one, two) = (serde_json::json!({"n": 1}), serde_json::json!({"n": 2}));
         assert!(
             store

@@ -53,6 +53,22 @@ pub fn daemon_name(config: &Config) -> String {
 }
 
 impl Store {
+    /// A client of a fresh embedded store in `dir`, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn embedded_in(dir: &std::path::Path) -> Self {
+        Self::Embedded(Arc::new(
+            SqliteQueue::open(
+                &dir.join("q.db"),
+                crate::queue::sqlite::Settings::from_config(
+                    &crate::config::StoreConfig::default(),
+                    Role::Client,
+                ),
+                crate::clock::system(),
+            )
+            .unwrap(),
+        ))
+    }
+
     /// Opens the store of `config`: the broker when `[broker]` is set,
     /// else the embedded file. `owner` names the daemon (or client).
     ///

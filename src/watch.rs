@@ -510,16 +510,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreadable_list_is_an_error_not_an_empty_one() {
-        use crate::queue::sqlite::{Role, Settings, SqliteQueue};
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::Embedded(Arc::new(
-            SqliteQueue::open(
-                &dir.path().join("q.db"),
-                Settings::from_config(&crate::config::StoreConfig::default(), Role::Client),
-                crate::clock::system(),
-            )
-            .unwrap(),
-        ));
+        let store = Store::embedded_in(dir.path());
         let garbage = serde_json::json!([{"task": "t", "baseline": "?"}]);
         store.put_control(&list_key("a"), &garbage).await.unwrap();
         let edited = edit_list(&store, "a", |list| {

@@ -702,16 +702,11 @@ events = ["escalation"]
         .unwrap();
     assert_eq!(level["level"], 1, "{level}");
     // The command sink only wants escalations.
-    let path = fleet.path("escalations.jsonl");
     wait_until(Duration::from_secs(10), "the command sink", || async {
-        std::fs::read_to_string(&path).is_ok_and(|text| !text.is_empty())
+        !fleet.sink_events("escalations.jsonl").is_empty()
     })
     .await;
-    let lines: Vec<Value> = std::fs::read_to_string(&path)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
+    let lines = fleet.sink_events("escalations.jsonl");
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["event"], "escalation");
     daemon.stop().await;

@@ -294,22 +294,14 @@ events = ["agent_failed", "replica_lost"]
     );
     // Humans are told, urgently: the agent failed, and no replica of it
     // is left to take its tasks.
-    let path = fleet.path("events.jsonl");
-    let events = || -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&path)
-            .unwrap_or_default()
-            .lines()
-            // A line still being written is read next time.
-            .filter_map(|line| serde_json::from_str(line).ok())
-            .collect()
-    };
     wait_until(Duration::from_secs(10), "the failure event", || async {
-        events()
+        fleet
+            .sink_events("events.jsonl")
             .iter()
             .any(|event| event["event"] == "agent_failed")
     })
     .await;
-    let events = events();
+    let events = fleet.sink_events("events.jsonl");
     let failed = events
         .iter()
         .find(|event| event["event"] == "agent_failed")

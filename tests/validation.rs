@@ -203,16 +203,8 @@ checks = [ { name = "health", command = ["sh", "-c", "test ! -e broken.flag"] } 
     );
     std::fs::write(fleet.path("agent.py"), AGENT).unwrap();
     let daemon = fleet.start().await;
-    let queue = daemon.queue().clone();
-    queue
-        .submit(vec![task(
-            "release",
-            "deployer",
-            json!({"create": "deployed.txt"}),
-        )])
-        .await
-        .unwrap();
-    wait_state(queue.as_ref(), "release", TaskState::Completed).await;
+    let store = fleet.store().await;
+    accept_watched_release(&store).await;
     let deployed = fleet.path("deployed.txt");
     assert!(deployed.exists());
     // Healthy for a while: nothing happens.
@@ -221,7 +213,6 @@ checks = [ { name = "health", command = ["sh", "-c", "test ! -e broken.flag"] } 
     std::fs::write(fleet.path("broken.flag"), "").unwrap();
     // The journal is saved just after the command ran; until then the
     // CLI would find the daemon's rollback still holding its claim.
-    let store = fleet.store().await;
     wait_until(Duration::from_secs(20), "the rollback", || async {
         !deployed.exists()
             && flotilla::rollback::load(&store, "release")

@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use flotilla::dispatch::AgentRuntime;
-use flotilla::queue::{AttemptOutcome, ListFilter, TaskState};
+use flotilla::queue::{AttemptOutcome, ListFilter, TaskQueue, TaskState};
 use support::*;
 
 fn agent<'a>(daemon: &'a flotilla::daemon::Daemon, name: &str) -> &'a AgentRuntime {
@@ -175,25 +175,10 @@ events = ["watchdog", "replica_lost"]
     // The manager got a rebalance task naming the lost replica and task
     // (submitted in the background as the replica is lost).
     wait_until(Duration::from_secs(10), "the rebalance notice", || async {
-        !queue
-            .list(&ListFilter {
-                state: None,
-                agent: Some("boss".into()),
-                limit: 10,
-            })
-            .await
-            .unwrap()
-            .is_empty()
+        !boss_tasks(queue.as_ref()).await.is_empty()
     })
     .await;
-    let notices = queue
-        .list(&ListFilter {
-            state: None,
-            agent: Some("boss".into()),
-            limit: 10,
-        })
-        .await
-        .unwrap();
+    let notices = boss_tasks(queue.as_ref()).await;
     assert_eq!(notices.len(), 1, "{notices:?}");
     let notice = &notices[0];
     assert!(notice.id.starts_with("rebalance-worker-"), "{notice:?}");
@@ -248,14 +233,8 @@ events = ["watchdog", "replica_lost"]
         Duration::from_secs(30),
         "the second rebalance notice",
         || async {
-            queue
-                .list(&ListFilter {
-                    state: None,
-                    agent: Some("boss".into()),
-                    limit: 10,
-                })
+            boss_tasks(queue.as_ref())
                 .await
-                .unwrap()
                 .iter()
                 .any(|notice| notice.payload["pending_tasks"] == serde_json::json!(["again-00000"]))
         },
@@ -267,20 +246,23 @@ events = ["watchdog", "replica_lost"]
 /// The events a `cat >> FILE` command sink wrote, once there are at least
 /// `least` of them.
 async fn sink_events(fleet: &Fleet, file: &str, least: usize) -> Vec<serde_json::Value> {
-    let path = fleet.path(file);
-    let read = || -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&path)
-            .unwrap_or_default()
-            .lines()
-            // A line still being written is read next time.
-            .filter_map(|line| serde_json::from_str(line).ok())
-            .collect()
-    };
     wait_until(Duration::from_secs(10), "the notification sink", || async {
-        read().len() >= least
+        fleet.sink_events(file).len() >= least
     })
     .await;
-    read()
+    fleet.sink_events(file)
+}
+
+/// The tasks the manager agent `boss` was given.
+async fn boss_tasks(queue: &dyn TaskQueue) -> Vec<flotilla::queue::TaskRecord> {
+    queue
+        .list(&ListFilter {
+            state: None,
+            agent: Some("boss".into()),
+            limit: 10,
+        })
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -190,6 +190,16 @@ impl Fleet {
         self.dir.path().join(name)
     }
 
+    /// The events a `cat >> FILE` notification sink has written to
+    /// `file` so far (a line still being written is read next time).
+    pub fn sink_events(&self, file: &str) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.path(file))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+
     /// Gives the daemon's API `token` (in a token file beside the config,
     /// as an operator would).
     pub fn set_token(&self, token: &str) {
