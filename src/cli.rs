@@ -51,7 +51,8 @@ pub struct Cli {
     pub log_format: LogFormat,
     /// Talk to a running daemon's API at this URL (e.g.
     /// http://10.0.0.5:9750) instead of opening the store: for status,
-    /// submit, tasks, dlq, escalations and degrade. No config file is read.
+    /// top, submit, tasks, dlq, escalations, degrade, rollback and chaos.
+    /// No config file is read.
     #[arg(long, global = true, env = "FLOTILLA_API", value_name = "URL")]
     pub api: Option<String>,
     /// A file holding the API token for --api (default: the

@@ -260,7 +260,7 @@ fn collect<T: DeserializeOwned>(
                 } else {
                     format!("{prefix}.{path}")
                 };
-                let message = error.inner().message().trim().to_string();
+                let message = plain_message(error.inner().message().trim());
                 let removed = remove_path(&mut value, &path);
                 problems.push(Problem::new(key, message));
                 if !removed {
@@ -270,6 +270,16 @@ fn collect<T: DeserializeOwned>(
         }
     }
     None
+}
+
+/// serde's message, in the words of the other range errors where serde's
+/// are a Rust type's name.
+fn plain_message(message: &str) -> String {
+    if message.starts_with("invalid value: integer `0`, expected a nonzero") {
+        "0 is out of range; valid: 1 or more".to_string()
+    } else {
+        message.to_string()
+    }
 }
 
 /// Splits a serde path like `retry.backoff[1]` into segments.
@@ -441,7 +451,10 @@ retry = { max_deliver = 0 }
             all.contains("agents.other.timeouts.progress_timeout") && all.contains("parsecs"),
             "{all}"
         );
-        assert!(all.contains("agents.other.retry.max_deliver"), "{all}");
+        assert!(
+            all.contains("agents.other.retry.max_deliver: 0 is out of range; valid: 1 or more"),
+            "{all}"
+        );
         let mode = found
             .iter()
             .find(|p| p.key == "agents.worker.mode")
