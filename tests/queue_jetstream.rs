@@ -197,3 +197,59 @@ async fn a_purged_id_can_be_submitted_again() {
         .unwrap();
     leases[0].settle();
 }
+
+/// A task stored twice under one publication (a submit retried after the
+/// broker's duplicate window, its first record write lost) runs under one
+/// message: the second copy neither takes the task from its holder nor
+/// runs it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_copy_of_a_task_message_does_not_take_the_task() {
+    let Some(server) = NatsServer::start("a_second_copy_of_a_task_message") else {
+        return;
+    };
+    let ack_wait = Duration::from_secs(30);
+    let a = open_as(&server.url, "copy", "a", ack_wait).await;
+    let b = open_as(&server.url, "copy", "b", ack_wait).await;
+    a.submit(vec![task("c1")]).await.unwrap();
+    let mut held = a
+        .lease(&request("a", Duration::from_secs(30)), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 1);
+    let copy = json!({
+        "id": "c1", "agent": "worker", "priority": "normal", "life": 0,
+        "generation": 0, "created_ms": 1, "payload": {"id": "c1"}
+    });
+    let client = async_nats::connect(&server.url).await.unwrap();
+    async_nats::jetstream::new(client)
+        .publish("copy.tasks.worker.2", copy.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let taken = b
+        .lease(
+            &request("b", Duration::from_secs(30)),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+    assert!(
+        taken.is_empty(),
+        "the copy took the task: {:?}",
+        taken.iter().map(|lease| &lease.key).collect::<Vec<_>>()
+    );
+    let outcome = a
+        .ack(&held[0].key, &json!("done"), end(AttemptOutcome::Completed))
+        .await
+        .unwrap();
+    held[0].settle();
+    assert_eq!(outcome, flotilla::queue::AckOutcome::Completed);
+    let record = a.get("c1").await.unwrap().unwrap();
+    assert_eq!(record.attempts, 1, "{:?}", record.history);
+    let later = b
+        .lease(&request("b", Duration::from_secs(30)), Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(later.is_empty(), "nothing left to run");
+}

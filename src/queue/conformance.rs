@@ -88,6 +88,63 @@ where
     escalations_wait_for_a_human(&make().await).await;
     validation_reports_reach_the_next_attempt(&make().await).await;
     cancel_ends_queued_and_running_tasks(&make().await).await;
+    a_purged_id_submitted_again_is_a_new_task(&make().await).await;
+}
+
+/// A dead letter purged and its id submitted again is a new task, whose
+/// attempts count from 1 again: a late outcome of the old task's attempt
+/// must not settle the new one.
+pub async fn a_purged_id_submitted_again_is_a_new_task<Q: TaskQueue>(queue: &Q) {
+    queue
+        .submit(vec![task("life", Priority::Normal, json!("old"))])
+        .await
+        .unwrap();
+    let mut old = queue.lease(&request(1), Duration::ZERO).await.unwrap();
+    assert_eq!(old[0].key.attempt, 1);
+    assert!(queue.cancel("life", "superseded").await.unwrap());
+    assert_eq!(
+        queue
+            .purge(&Selection::Ids(vec!["life".into()]))
+            .await
+            .unwrap(),
+        1
+    );
+    queue
+        .submit(vec![task("life", Priority::Normal, json!("new"))])
+        .await
+        .unwrap();
+    let mut new = queue
+        .lease(&request(1), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(new.len(), 1);
+    assert_eq!((new[0].key.attempt, &new[0].payload), (1, &json!("new")));
+    let late = queue
+        .ack(
+            &old[0].key,
+            &json!("old result"),
+            end(AttemptOutcome::Completed),
+        )
+        .await;
+    assert!(
+        matches!(late, Err(QueueError::StaleLease { .. })),
+        "{late:?}"
+    );
+    old[0].settle();
+    assert_eq!(
+        queue
+            .ack(
+                &new[0].key,
+                &json!("new result"),
+                end(AttemptOutcome::Completed)
+            )
+            .await
+            .unwrap(),
+        AckOutcome::Completed
+    );
+    new[0].settle();
+    let record = queue.get("life").await.unwrap().unwrap();
+    assert_eq!(record.result, Some(json!("new result")));
 }
 
 /// A queued or running task can be cancelled (a dead letter with the
@@ -244,8 +301,8 @@ pub async fn reroute_hands_a_task_to_another_agent<Q: TaskQueue>(queue: &Q) {
     assert_eq!(state_of(queue, "rr1").await, TaskState::Completed);
     // A stale lease cannot reroute.
     let stale = LeaseKey {
-        task_id: "rr1".into(),
         attempt: 1,
+        ..leases[0].key.clone()
     };
     assert!(matches!(
         queue
@@ -586,6 +643,7 @@ pub async fn stale_outcomes_are_refused<Q: TaskQueue>(queue: &Q) {
             &LeaseKey {
                 task_id: "nope".into(),
                 attempt: 1,
+                life: 0,
             },
             &json!(1),
             end(AttemptOutcome::Completed),

@@ -325,6 +325,12 @@ struct Envelope {
     /// task was resolved another way) and the message is dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     expects: Option<TaskState>,
+    /// With `expects`: the version (life, generation) the record must
+    /// still be at. A republish made from a read that is out of date (a
+    /// second replay of the same dead letter, which ran meanwhile) is
+    /// dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expects_version: Option<(u64, u32)>,
 }
 
 /// A task record as stored: the public record plus what the backend needs.
@@ -346,6 +352,11 @@ struct Record {
     owner: Option<String>,
     /// Where the current delivery is settled (`+ACK`, `-NAK`, ...).
     reply: Option<String>,
+    /// The stream sequence of the message the current delivery is of. A
+    /// second message of the same publication (a submit retried after the
+    /// broker's duplicate window) must not take the task from it.
+    #[serde(default)]
+    seq: Option<u64>,
     /// Random id of the write that produced this revision, to tell whether
     /// a write whose reply timed out was applied.
     write: u64,
@@ -378,6 +389,7 @@ impl Record {
             retry_delay_ms: 0,
             owner: None,
             reply: None,
+            seq: None,
             write: 0,
         }
     }
@@ -399,6 +411,7 @@ impl Record {
             rerouted_from: None,
             rerouted_attempt: None,
             expects: None,
+            expects_version: None,
         }
     }
 
@@ -432,7 +445,9 @@ impl Record {
     }
 
     fn holds(&self, key: &LeaseKey) -> bool {
-        self.task.state == TaskState::Running && self.task.attempts == key.attempt
+        self.task.state == TaskState::Running
+            && self.task.attempts == key.attempt
+            && self.life == key.life
     }
 
     fn stale(&self, key: &LeaseKey) -> QueueError {
@@ -450,6 +465,8 @@ struct Summary {
     task: TaskSummary,
     #[serde(default)]
     owner: Option<String>,
+    #[serde(default)]
+    life: u64,
 }
 
 /// The part of a [`TaskRecord`] a [`Summary`] keeps.
@@ -733,10 +750,13 @@ impl JetStreamQueue {
     /// [`QueueError::Storage`] if the broker refuses it.
     pub async fn put_fleet(&self, name: &str, value: &Value) -> Result<(), QueueError> {
         self.inner
-            .fleet
-            .put(escape(name), Bytes::from(value.to_string()))
-            .await
-            .map_err(|error| storage("cannot write the fleet table", error))?;
+            .bounded(
+                "write the fleet table",
+                self.inner
+                    .fleet
+                    .put(escape(name), Bytes::from(value.to_string())),
+            )
+            .await?;
         Ok(())
     }
 
@@ -760,10 +780,13 @@ impl JetStreamQueue {
     /// [`QueueError::Storage`] if the broker refuses it.
     pub async fn put_control(&self, key: &str, value: &Value) -> Result<(), QueueError> {
         self.inner
-            .records
-            .put(format!("c.{}", escape(key)), Bytes::from(value.to_string()))
-            .await
-            .map_err(|error| storage("cannot write an operator setting", error))?;
+            .bounded(
+                "write an operator setting",
+                self.inner
+                    .records
+                    .put(format!("c.{}", escape(key)), Bytes::from(value.to_string())),
+            )
+            .await?;
         Ok(())
     }
 
@@ -873,10 +896,8 @@ impl JetStreamQueue {
     pub async fn fleet_entry(&self, name: &str) -> Result<Option<Value>, QueueError> {
         let bytes = self
             .inner
-            .fleet
-            .get(escape(name))
-            .await
-            .map_err(|error| storage("cannot read the fleet table", error))?;
+            .bounded("read the fleet table", self.inner.fleet.get(escape(name)))
+            .await?;
         Ok(bytes.and_then(|bytes| serde_json::from_slice(&bytes).ok()))
     }
 
@@ -894,8 +915,12 @@ impl JetStreamQueue {
                 && summary.task.finished_ms.is_some_and(|at| at < cutoff)
                 && self
                     .inner
-                    .records
-                    .purge_expect_revision(record_key(&summary.task.id), Some(revision))
+                    .bounded(
+                        "delete a task record",
+                        self.inner
+                            .records
+                            .purge_expect_revision(record_key(&summary.task.id), Some(revision)),
+                    )
                     .await
                     .is_ok()
             {
@@ -904,11 +929,13 @@ impl JetStreamQueue {
                 for kind in ["journal", "link", "children"] {
                     let _ = self
                         .inner
-                        .records
-                        .purge(format!(
-                            "c.{}",
-                            escape(&format!("{kind}.{}", summary.task.id))
-                        ))
+                        .bounded(
+                            "delete a task's links",
+                            self.inner.records.purge(format!(
+                                "c.{}",
+                                escape(&format!("{kind}.{}", summary.task.id))
+                            )),
+                        )
                         .await;
                 }
             }
@@ -993,27 +1020,29 @@ async fn scan<T: serde::de::DeserializeOwned>(
     filter: &str,
 ) -> Result<Vec<(String, T, u64)>, QueueError> {
     let prefix = store.prefix.clone();
-    let consumer = store
-        .stream
-        .create_consumer(consumer::push::OrderedConfig {
+    let timeout = Duration::from_secs(30);
+    let consumer = tokio::time::timeout(
+        timeout,
+        store.stream.create_consumer(consumer::push::OrderedConfig {
             deliver_subject: client.new_inbox(),
             filter_subject: format!("{prefix}{filter}"),
             deliver_policy: consumer::DeliverPolicy::LastPerSubject,
             replay_policy: consumer::ReplayPolicy::Instant,
             ..Default::default()
-        })
-        .await
-        .map_err(|error| storage("cannot scan the bucket", error))?;
+        }),
+    )
+    .await
+    .map_err(|_| storage("cannot scan the bucket", "timed out"))?
+    .map_err(|error| storage("cannot scan the bucket", error))?;
     // Keys written during the scan come again: keep each key's latest.
     let mut latest: BTreeMap<String, (T, u64)> = BTreeMap::new();
     if consumer.cached_info().num_pending == 0 {
         return Ok(Vec::new());
     }
-    let mut messages = consumer
-        .messages()
+    let mut messages = tokio::time::timeout(timeout, consumer.messages())
         .await
+        .map_err(|_| storage("cannot scan the bucket", "timed out"))?
         .map_err(|error| storage("cannot scan the bucket", error))?;
-    let timeout = Duration::from_secs(30);
     loop {
         let message = match tokio::time::timeout(timeout, messages.next()).await {
             Ok(Some(Ok(message))) => message,
@@ -1244,9 +1273,9 @@ impl Inner {
         }
         let name = format!("{agent}-{rank}");
         let ack_wait = *self.ack_wait.lock().expect("not poisoned");
-        let consumer = self
-            .tasks
-            .get_or_create_consumer(
+        let consumer = tokio::time::timeout(
+            self.request_timeout,
+            self.tasks.get_or_create_consumer(
                 &name,
                 consumer::pull::Config {
                     durable_name: Some(name.clone()),
@@ -1259,9 +1288,11 @@ impl Inner {
                     deliver_policy: consumer::DeliverPolicy::All,
                     ..Default::default()
                 },
-            )
-            .await
-            .map_err(|error| storage(&format!("cannot open consumer {name}"), error))?;
+            ),
+        )
+        .await
+        .map_err(|_| storage(&format!("cannot open consumer {name}"), "timed out"))?
+        .map_err(|error| storage(&format!("cannot open consumer {name}"), error))?;
         let actual = consumer.cached_info().config.ack_wait;
         let mut ack_wait = self.ack_wait.lock().expect("not poisoned");
         if actual != *ack_wait && !actual.is_zero() {
@@ -1352,6 +1383,20 @@ impl Inner {
 
     /// Submits one validated task.
     async fn submit_one(&self, task: NewTask) -> Result<SubmitReceipt, QueueError> {
+        for _ in 0..CAS_TRIES {
+            if let Some(receipt) = self.try_submit(&task).await? {
+                return Ok(receipt);
+            }
+        }
+        Err(storage(
+            &format!("task {:?}", task.id),
+            "the record kept changing under this submit; try again",
+        ))
+    }
+
+    /// One try of [`Self::submit_one`]; `None` when the record changed
+    /// under it in a way that needs a fresh start.
+    async fn try_submit(&self, task: &NewTask) -> Result<Option<SubmitReceipt>, QueueError> {
         let now = self.now();
         let window =
             u64::try_from(self.settings.limits.dedup_window.as_millis()).unwrap_or(u64::MAX);
@@ -1364,11 +1409,11 @@ impl Inner {
                 let kept = record.task.state != TaskState::Completed
                     || now.saturating_sub(record.task.created_ms) < window;
                 if kept {
-                    return Ok(SubmitReceipt {
-                        id: task.id,
+                    return Ok(Some(SubmitReceipt {
+                        id: task.id.clone(),
                         duplicate: true,
                         state: record.task.state,
-                    });
+                    }));
                 }
                 // Attempt numbers go on rising, so that a holder of an
                 // attempt of the earlier run can never settle this one.
@@ -1391,24 +1436,33 @@ impl Inner {
             life,
             generation,
             created_ms: now,
-            payload: task.payload,
+            payload: task.payload.clone(),
             rerouted_from: None,
             rerouted_attempt: None,
             expects: None,
+            expects_version: None,
         };
         let duplicate = self
             .publish(&envelope, &msg_id(&task.id, life, generation))
             .await?;
         let mut record = Record::from_envelope(&envelope, now);
         record.task.attempts = attempts;
-        // Losing this race is fine: a consumer (or another submitter)
-        // wrote the record from the same message.
-        self.write(&mut record, revision).await?;
-        Ok(SubmitReceipt {
-            id: task.id,
+        if self.write(&mut record, revision).await?.is_none() {
+            // Someone wrote first. A consumer (or another submitter) that
+            // wrote the record from the same message is fine; anything
+            // else (the record of a completed task pruned meanwhile, whose
+            // marker makes this message one of a dead life) means
+            // starting over.
+            match self.lookup(&task.id).await? {
+                Lookup::Record(stored, _) if stored.version() >= (life, generation) => {}
+                _ => return Ok(None),
+            }
+        }
+        Ok(Some(SubmitReceipt {
+            id: task.id.clone(),
             duplicate,
             state: TaskState::Queued,
-        })
+        }))
     }
 
     /// Takes up to `request.max` messages, highest priority first.
@@ -1430,7 +1484,7 @@ impl Inner {
             }
             let priority = Priority::from_rank(rank);
             let consumer = self.consumer(&request.agent, priority).await?;
-            let mut batch = self
+            let fetched = self
                 .bounded(
                     "fetch tasks",
                     consumer
@@ -1438,7 +1492,19 @@ impl Inner {
                         .max_messages(request.max - leases.len())
                         .messages(),
                 )
-                .await?;
+                .await;
+            let mut batch = match fetched {
+                Ok(batch) => batch,
+                Err(error) => {
+                    // Looked up afresh next time, in case the consumer
+                    // was deleted on the broker.
+                    self.consumers
+                        .lock()
+                        .await
+                        .remove(&(request.agent.clone(), rank));
+                    return Err(error);
+                }
+            };
             // A pull request lost with the connection never ends: bound
             // it. Messages taken so far are ours; others come again after
             // ack_wait.
@@ -1503,6 +1569,7 @@ impl Inner {
                 return Ok(None);
             }
         };
+        let sequence = message.info().ok().map(|info| info.stream_sequence);
         for _ in 0..CAS_TRIES {
             let now = self.now();
             let (mut record, revision) = match self.lookup(&envelope.id).await? {
@@ -1526,8 +1593,12 @@ impl Inner {
             }
             let newer = record.version() < (envelope.life, envelope.generation);
             if newer
-                && let Some(expected) = envelope.expects
-                && record.task.state != expected
+                && (envelope
+                    .expects
+                    .is_some_and(|expected| record.task.state != expected)
+                    || envelope
+                        .expects_version
+                        .is_some_and(|version| record.version() != version))
             {
                 // A republish that lost to another resolution of the task.
                 self.settle_message(&reply, Bytes::from_static(b"+ACK"))
@@ -1583,6 +1654,7 @@ impl Inner {
                 }
                 record.life = envelope.life;
                 record.generation = envelope.generation;
+                record.task.agent.clone_from(&envelope.agent);
                 record.task.payload = envelope.payload.clone();
                 record.task.priority = envelope.priority;
                 record.task.charged_attempts = 0;
@@ -1610,6 +1682,16 @@ impl Inner {
                         .await;
                     return Ok(None);
                 }
+                TaskState::Running
+                    if sequence.is_some() && record.seq.is_some() && record.seq != sequence =>
+                {
+                    // Another message of the same publication, stored
+                    // twice (a submit retried after the broker's
+                    // duplicate window): the task runs under the first.
+                    self.settle_message(&reply, Bytes::from_static(b"+ACK"))
+                        .await;
+                    return Ok(None);
+                }
                 TaskState::Running => {
                     // The broker gave the task out again: its holder
                     // stopped extending it (died or lost the broker).
@@ -1627,6 +1709,7 @@ impl Inner {
                     self.held.lock().expect("not poisoned").remove(&LeaseKey {
                         task_id: record.task.id.clone(),
                         attempt,
+                        life: record.life,
                     });
                 }
                 TaskState::Queued => {
@@ -1654,11 +1737,13 @@ impl Inner {
                 if self.write(&mut record, revision).await?.is_none() {
                     continue;
                 }
+                // Told before the copy, which may fail: the redelivery
+                // that retries the copy no longer knows why it died.
+                self.exhausted
+                    .push(record.task.id.clone(), record.task.agent.clone());
                 self.send_dead_letter(&record).await?;
                 self.settle_message(&reply, Bytes::from_static(b"+TERM"))
                     .await;
-                self.exhausted
-                    .push(record.task.id.clone(), record.task.agent.clone());
                 return Ok(None);
             }
             let number = record.task.attempts + 1;
@@ -1670,6 +1755,7 @@ impl Inner {
             record.task.lease_deadline_ms = Some(deadline_ms);
             record.owner = Some(request.owner.clone());
             record.reply = Some(reply.clone());
+            record.seq = sequence;
             let feedback = record.task.history.last().and_then(|previous| {
                 super::feedback_of(
                     previous.outcome.map(AttemptOutcome::as_str),
@@ -1690,6 +1776,7 @@ impl Inner {
             let key = LeaseKey {
                 task_id: record.task.id.clone(),
                 attempt: number,
+                life: record.life,
             };
             self.held.lock().expect("not poisoned").insert(
                 key.clone(),
@@ -1820,12 +1907,46 @@ impl Inner {
         } else {
             let client = self.client.clone();
             let subject = self.names.wake_subject(&agent);
+            let limit = self.request_timeout;
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                let _ = client.publish(subject, Bytes::new()).await;
+                let _ = tokio::time::timeout(limit, client.publish(subject, Bytes::new())).await;
             });
         }
         Ok(())
+    }
+
+    /// Returns the task of `key` to the queue if its lease ran out; a
+    /// lease extended since it was seen expired (progress in between) is
+    /// kept. Returns whether it was expired.
+    async fn expire(&self, key: &LeaseKey, end: &AttemptEnd) -> Result<bool, QueueError> {
+        let mut reply = None;
+        let expired = self
+            .update(&key.task_id, Some(key), |record| {
+                if !record.holds(key) {
+                    return Err(record.stale(key));
+                }
+                let now = self.now();
+                if record
+                    .task
+                    .lease_deadline_ms
+                    .is_some_and(|deadline| deadline > now)
+                {
+                    return Ok(Change::Keep(None));
+                }
+                reply.clone_from(&record.reply);
+                record.end_attempt(key.attempt, end, now);
+                record.retry_delay_ms = 0;
+                record.requeue(now);
+                Ok(Change::Write(Some(record.task.agent.clone())))
+            })
+            .await?;
+        let Some(agent) = expired else {
+            return Ok(false);
+        };
+        self.settle_held(key, reply, nak(Duration::ZERO)).await;
+        self.ring(&agent).await;
+        Ok(true)
     }
 
     /// A summary of every task record, with its revision.
@@ -1874,11 +1995,14 @@ impl Inner {
     }
 
     async fn purge_dead_letter(&self, record: &Record) -> Result<(), QueueError> {
-        self.dlq
-            .purge()
-            .filter(self.names.dlq_subject(&record.task.agent, &record.task.id))
-            .await
-            .map_err(|error| storage("cannot purge the dead letter", error))?;
+        self.bounded(
+            "purge the dead letter",
+            self.dlq
+                .purge()
+                .filter(self.names.dlq_subject(&record.task.agent, &record.task.id))
+                .into_future(),
+        )
+        .await?;
         Ok(())
     }
 }
@@ -2066,8 +2190,10 @@ impl TaskQueue for JetStreamQueue {
                 Ok(Change::Write(AckOutcome::Completed))
             })
             .await?;
-        // A repeated ack settles the message too, in case the first +ACK
-        // was lost.
+        // Settles the delivery this process holds. A repeated ack (the
+        // record already completed) has nothing left to settle here: a
+        // message whose +ACK was lost comes again after ack_wait, and its
+        // claim acks it against the completed record.
         self.inner
             .settle_held(key, reply, Bytes::from_static(b"+ACK"))
             .await;
@@ -2300,8 +2426,10 @@ impl TaskQueue for JetStreamQueue {
         escalated(&record)?;
         match resolution {
             Resolution::Retry => {
+                let read = record.version();
                 let mut envelope = record.envelope();
                 envelope.expects = Some(TaskState::Escalated);
+                envelope.expects_version = Some(read);
                 inner.publish_next(&mut envelope).await?;
                 let version = (envelope.life, envelope.generation);
                 inner
@@ -2311,6 +2439,16 @@ impl TaskQueue for JetStreamQueue {
                             return Ok(Change::Keep(()));
                         }
                         escalated(record)?;
+                        if record.version() != read {
+                            // Retried by another resolution meanwhile, and
+                            // escalated again: this answer was to the
+                            // earlier escalation.
+                            return Err(QueueError::Invalid(format!(
+                                "task {id:?} was retried and escalated again while this \
+                                 answer was made; look at it again (`flotilla tasks show \
+                                 {id}`) and resolve the new escalation"
+                            )));
+                        }
                         record.generation = version.1;
                         record.task.charged_attempts = 0;
                         record.task.reason = None;
@@ -2366,6 +2504,7 @@ impl TaskQueue for JetStreamQueue {
             let key = LeaseKey {
                 task_id: summary.task.id,
                 attempt: summary.task.attempts,
+                life: summary.life,
             };
             let end = AttemptEnd::new(
                 AttemptOutcome::DaemonRestart,
@@ -2399,8 +2538,9 @@ impl TaskQueue for JetStreamQueue {
                 None,
                 "the lease expired without progress",
             );
-            match self.inner.requeue(&key, Duration::ZERO, &end, false).await {
-                Ok(()) => count += 1,
+            match self.inner.expire(&key, &end).await {
+                Ok(true) => count += 1,
+                Ok(false) => {}
                 Err(QueueError::StaleLease { .. } | QueueError::NotFound { .. }) => {
                     self.inner.unhold(&key);
                 }
@@ -2459,16 +2599,25 @@ impl TaskQueue for JetStreamQueue {
         let records = self.inner.dead_letters(selection).await?;
         let mut count = 0;
         for (record, _) in records {
+            let read = record.version();
             let mut envelope = record.envelope();
             envelope.expects = Some(TaskState::DeadLettered);
+            envelope.expects_version = Some(read);
             self.inner.publish_next(&mut envelope).await?;
             let (envelope_life, generation) = (envelope.life, envelope.generation);
             let now = self.inner.now();
-            self.inner
+            let replayed = self
+                .inner
                 .update(&record.task.id, None, |record| {
                     if record.version() >= (envelope_life, generation) {
                         // A daemon took the new message already.
-                        return Ok(Change::Keep(()));
+                        return Ok(Change::Keep(true));
+                    }
+                    if record.task.state != TaskState::DeadLettered || record.version() != read {
+                        // Replayed another way meanwhile (a second replay
+                        // of the same dead letter): the new message is
+                        // dropped when it comes.
+                        return Ok(Change::Keep(false));
                     }
                     record.generation = generation;
                     record.task.charged_attempts = 0;
@@ -2476,9 +2625,12 @@ impl TaskQueue for JetStreamQueue {
                     record.task.reason = None;
                     record.task.finished_ms = None;
                     record.requeue(now);
-                    Ok(Change::Write(()))
+                    Ok(Change::Write(true))
                 })
                 .await?;
+            if !replayed {
+                continue;
+            }
             self.inner.purge_dead_letter(&record).await?;
             self.inner.ring(&record.task.agent).await;
             count += 1;
@@ -2569,6 +2721,7 @@ mod tests {
             rerouted_from: None,
             rerouted_attempt: None,
             expects: None,
+            expects_version: None,
         };
         let mut record = Record::from_envelope(&envelope, 10);
         record.task.attempts = 1;
@@ -2586,6 +2739,7 @@ mod tests {
         let key = LeaseKey {
             task_id: "t".into(),
             attempt: 1,
+            life: 0,
         };
         assert!(record.holds(&key));
         record.end_attempt(

@@ -189,6 +189,10 @@ pub struct LeaseKey {
     pub task_id: String,
     /// The delivery number (1 for the first).
     pub attempt: u32,
+    /// Which life of the id: a purged (or pruned) id submitted again is a
+    /// new task whose attempts start again at 1, and a holder of the old
+    /// life's attempt must not settle it. The backend's own number.
+    pub life: u64,
 }
 
 impl fmt::Display for LeaseKey {

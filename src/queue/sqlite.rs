@@ -1026,7 +1026,11 @@ fn leased_seq(context: &Context<'_>, key: &LeaseKey) -> Result<i64, QueueError> 
         None => Err(QueueError::NotFound {
             id: key.task_id.clone(),
         }),
-        Some((seq, RUNNING, attempt)) if attempt == key.attempt => Ok(seq),
+        Some((seq, RUNNING, attempt))
+            if attempt == key.attempt && u64::try_from(seq).ok() == Some(key.life) =>
+        {
+            Ok(seq)
+        }
         Some((_, state, _)) => Err(QueueError::StaleLease {
             key: key.clone(),
             state: state_of(state),
@@ -1236,6 +1240,8 @@ fn lease(
                 key: LeaseKey {
                     task_id: id,
                     attempt: number,
+                    // A purged id submitted again gets a new row.
+                    life: u64::try_from(seq).unwrap_or_default(),
                 },
                 priority: Priority::from_rank(priority),
                 payload: serde_json::from_str(&payload).unwrap_or(Value::Null),
@@ -1295,11 +1301,18 @@ fn ack(
         .conn
         .prepare_cached(
             "UPDATE tasks SET state = 4, result = ?3, lease_deadline = NULL, updated_at = ?4,
-             finished_at = ?4 WHERE id = ?1 AND state = 3 AND attempt = ?2 RETURNING seq",
+             finished_at = ?4 WHERE id = ?1 AND state = 3 AND attempt = ?2 AND seq = ?5
+             RETURNING seq",
         )
         .map_err(storage)?
         .query_row(
-            params![key.task_id, key.attempt, result, context.now_sql()],
+            params![
+                key.task_id,
+                key.attempt,
+                result,
+                context.now_sql(),
+                i64::try_from(key.life).unwrap_or(-1)
+            ],
             |row| row.get(0),
         )
         .optional()
@@ -1311,7 +1324,9 @@ fn ack(
             }),
             // Idempotent completion: a repeated ack of the completing
             // delivery changes nothing.
-            Some((_, COMPLETED, attempt)) if attempt == key.attempt => {
+            Some((seq, COMPLETED, attempt))
+                if attempt == key.attempt && u64::try_from(seq).ok() == Some(key.life) =>
+            {
                 Ok(AckOutcome::AlreadyCompleted)
             }
             Some((_, state, _)) => Err(QueueError::StaleLease {
