@@ -418,9 +418,13 @@ command = {}
 command = {}
 retry = {{ max_deliver = 3, backoff = ["10ms"] }}
 breaker = {{ enabled = false }}
+
+[agents.fatal]
+command = {}
 "#,
         example_agent(&["--work-ms", "1"]),
         example_agent(&["--work-ms", "1", "--error-rate", "1.0"]),
+        example_agent(&["--work-ms", "1", "--fatal-rate", "1.0"]),
     ));
     let daemon = fleet.start().await;
     let address = daemon.http_address().expect("listening");
@@ -441,8 +445,12 @@ breaker = {{ enabled = false }}
         .submit(numbered_tasks("flaky", 2, "bad").0)
         .await
         .unwrap();
-    wait_until(Duration::from_secs(30), "7 finished tasks", || async {
-        finished(queue.as_ref()).await >= 7
+    queue
+        .submit(numbered_tasks("fatal", 2, "unusable").0)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(30), "9 finished tasks", || async {
+        finished(queue.as_ref()).await >= 9
     })
     .await;
     wait_until(Duration::from_secs(20), "the metrics", || async {
@@ -456,6 +464,10 @@ breaker = {{ enabled = false }}
                 == Some(6.0)
             && sample(&text, r#"agent_tasks_completed_total{agent="flaky",type="default",status="error"}"#)
                 == Some(6.0)
+            // The agent said these tasks cannot succeed: the task's
+            // fault, which the error-rate alert leaves out.
+            && sample(&text, r#"agent_tasks_completed_total{agent="fatal",type="default",status="not_retryable"}"#)
+                == Some(2.0)
             // Raised just after the dead letter is stored, and after the
             // count of completions.
             && sample(&text, r#"flotilla_dead_lettered_total{agent="flaky"}"#) == Some(2.0)
@@ -479,7 +491,7 @@ breaker = {{ enabled = false }}
         sample(&text, r#"agent_tasks_in_progress{agent="good"}"#),
         Some(0.0)
     );
-    assert_eq!(sample(&text, "fleet_agents_healthy_total"), Some(2.0));
+    assert_eq!(sample(&text, "fleet_agents_healthy_total"), Some(3.0));
     assert_eq!(sample(&text, "flotilla_degradation_level"), Some(0.0));
     assert_eq!(
         sample(

@@ -265,6 +265,46 @@ async fn boss_tasks(queue: &dyn TaskQueue) -> Vec<flotilla::queue::TaskRecord> {
         .unwrap()
 }
 
+/// Tasks the agent says cannot succeed (`retryable: false`: a bad
+/// payload) are their own fault: however many, they do not make a healthy
+/// agent's error rate, and its breaker stays closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tasks_do_not_count_for_the_error_rate() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[watchdog]
+interval = "1s"
+error_rate = 0.5
+min_calls = 5
+
+[agents.strict]
+command = {}
+"#,
+        example_agent(&["--work-ms", "1", "--fatal-rate", "1.0"]),
+    ));
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    queue
+        .submit(numbered_tasks("strict", 8, "bad").0)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(30), "8 dead letters", || async {
+        finished(queue.as_ref()).await >= 8
+    })
+    .await;
+    // Three watchdog rounds: the old rule opened the breaker in the first.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = agent(&daemon, "strict").status();
+    assert_eq!(
+        status.breaker.state,
+        Some(flotilla::breaker::BreakerState::Closed),
+        "{:?}",
+        status.breaker
+    );
+    assert!(status.watchdog.is_empty(), "{:?}", status.watchdog);
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_rate_over_the_threshold_opens_the_breaker() {
     let fleet = Fleet::new(&format!(

@@ -126,6 +126,11 @@ struct Open {
 /// How often calls that never reported back are looked for.
 const SWEEP_EVERY_MS: UnixMillis = 1_000;
 
+/// The metrics' `status` of an attempt the agent said cannot succeed
+/// (an error with `retryable: false`, an exit code in
+/// `fatal_exit_codes`): the task's fault, not the agent's.
+pub const NOT_RETRYABLE: &str = "not_retryable";
+
 /// A lease on its way from the leaser to a replica. If the replica is
 /// gone before it takes it out (it crashed, or the daemon is stopping),
 /// dropping this tells the breaker the call never happened; the lease
@@ -277,14 +282,31 @@ impl AgentRuntime {
 
     /// [`Self::finish_call`] with the breaker's verdict given.
     pub(super) fn finish_call_as(&self, key: &LeaseKey, outcome: AttemptOutcome, verdict: Verdict) {
+        self.finish(key, outcome, verdict, false);
+    }
+
+    /// An attempt that failed through the task's own fault (the agent said
+    /// it cannot succeed: not retryable, a fatal exit code): neither the
+    /// breaker nor the watchdog's error rate hold it against the agent,
+    /// and the metrics count it as `not_retryable`.
+    pub(super) fn finish_task_fault(&self, key: &LeaseKey, outcome: AttemptOutcome) {
+        self.finish(key, outcome, Verdict::Neutral, true);
+    }
+
+    fn finish(&self, key: &LeaseKey, outcome: AttemptOutcome, verdict: Verdict, task_fault: bool) {
         let Some(open) = self.calls.lock().expect("calls lock").open.remove(key) else {
             return;
         };
-        self.note_outcome(outcome);
+        self.note_outcome(outcome, task_fault);
         let now = self.clock.now_ms();
         let seconds = now.saturating_sub(open.at) as f64 / 1000.0;
+        let status = if task_fault && outcome != AttemptOutcome::Rejected {
+            NOT_RETRYABLE
+        } else {
+            outcome.as_str()
+        };
         self.metrics
-            .attempt_ended(&self.name, &open.kind, outcome.as_str(), seconds);
+            .attempt_ended(&self.name, &open.kind, status, seconds);
         if let Some(call) = open.call {
             self.record(call, verdict);
         }

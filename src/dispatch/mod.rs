@@ -446,9 +446,10 @@ impl AgentRuntime {
     /// cancellations are no attempts of the agent's; a task's own fault
     /// (`rejected`: bad arguments, a result too large) is an attempt, not
     /// the agent's failure.
-    fn note_outcome(&self, outcome: AttemptOutcome) {
+    fn note_outcome(&self, outcome: AttemptOutcome, task_fault: bool) {
         let failed = match outcome {
             AttemptOutcome::Completed | AttemptOutcome::Rejected => false,
+            _ if task_fault => false,
             AttemptOutcome::Released
             | AttemptOutcome::Rerouted
             | AttemptOutcome::ProceededWithWarning
@@ -1109,13 +1110,13 @@ impl AgentRuntime {
             retry_after,
         } = failure;
         // A task that cannot succeed (not retryable) says nothing about
-        // the agent's health: a bad payload must not open the breaker.
-        let verdict = if retryable {
-            crate::breaker::Verdict::of(outcome, &self.config.breaker)
+        // the agent's health: a bad payload must not open the breaker, nor
+        // count for the watchdog's error rate.
+        if retryable {
+            self.finish_call(&lease.key, outcome);
         } else {
-            crate::breaker::Verdict::Neutral
-        };
-        self.finish_call_as(&lease.key, outcome, verdict);
+            self.finish_task_fault(&lease.key, outcome);
+        }
         let end = AttemptEnd::new(outcome, Some(replica.to_string()), detail.clone());
         let max_deliver = self.config.retry.max_deliver.get();
         tracing::info!(
