@@ -323,6 +323,34 @@ events = ["agent_failed", "replica_lost"]
     }
 }
 
+/// One replica crashing in a loop never fills the restart window once its
+/// restart delay has grown; crashing `max_restarts` times in a row fails
+/// the agent all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_replica_crashing_in_a_row_fails_the_agent() {
+    let fleet = Fleet::new(
+        r#"
+[agents.broken]
+command = ["sh", "-c", "exit 1"]
+restart = { initial_backoff = "100ms", max_backoff = "200ms", max_restarts = 4, window = "50ms" }
+"#,
+    );
+    let daemon = fleet.start().await;
+    let agent = daemon.agents()[0].clone();
+    wait_until(Duration::from_secs(20), "the agent to be failed", || {
+        let agent = agent.clone();
+        async move { agent.status().state == AgentState::Failed }
+    })
+    .await;
+    let failure = agent.status().failure.unwrap();
+    assert!(
+        failure.contains("crashed 5 times in a row")
+            && failure.contains("restart.max_restarts = 4"),
+        "{failure}"
+    );
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_over_its_memory_limit_is_killed_and_its_task_retried() {
     let agent = r#"

@@ -202,8 +202,55 @@ pub fn check_agent(name: &str, agent: &AgentConfig, config: &Config) -> Vec<Stri
             "agents.{name}.workdir: {} is not a directory",
             workdir.display()
         ));
+    } else if let Some(program) = agent.command.first()
+        && !program.contains(['{', '$'])
+        && let Some(problem) = missing_program(program, &workdir, &agent_path(agent))
+    {
+        problems.push(format!("agents.{name}.command[0]: {problem}"));
     }
     problems
+}
+
+/// The `PATH` the agent's programs are looked up on: its `env.PATH`, else
+/// the daemon's.
+fn agent_path(agent: &AgentConfig) -> String {
+    let lookup = |var: &str| std::env::var(var).ok();
+    agent
+        .env
+        .get("PATH")
+        .and_then(|value| Template::parse(value).ok()?.render(&lookup, None).ok())
+        .or_else(|| std::env::var("PATH").ok())
+        .unwrap_or_default()
+}
+
+/// Why `program` cannot be started from `workdir` with `path`, if it
+/// cannot: a path (with a `/`) must be an executable file, relative to the
+/// working directory; a bare name must be one in a directory of `path`.
+fn missing_program(program: &str, workdir: &std::path::Path, path: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |candidate: &std::path::Path| {
+        std::fs::metadata(candidate)
+            .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let candidate = workdir.join(program);
+        if executable(&candidate) {
+            None
+        } else if candidate.is_file() {
+            Some(format!(
+                "{} is not executable (chmod +x it, or run it through its interpreter, e.g. [\"sh\", {program:?}])",
+                candidate.display()
+            ))
+        } else {
+            Some(format!("{} does not exist", candidate.display()))
+        }
+    } else if std::env::split_paths(path).any(|dir| executable(&workdir.join(dir).join(program))) {
+        None
+    } else {
+        Some(format!(
+            "program {program:?} is not found on PATH ({path}); install it, give its full path, or set the agent's env.PATH"
+        ))
+    }
 }
 
 /// What every process of agent `name` gets: the passed-through
@@ -1747,16 +1794,31 @@ async fn run_replica(agent: Arc<AgentRuntime>, index: u32, mut shutdown: watch::
         // is not crashing: it restarts at once and does not count towards
         // the restart intensity.
         let delay = if crashed {
+            let delay = streak.crashed(&agent.config.restart, started.elapsed());
             let verdict = agent
                 .intensity
                 .lock()
                 .expect("intensity lock")
                 .record(agent.clock.now_ms());
-            if let Verdict::GiveUp { restarts } = verdict {
-                let failure = format!(
-                    "{restarts} restarts within restart.window = {} (restart.max_restarts = {}); last: {reason}",
-                    agent.config.restart.window, agent.config.restart.max_restarts
-                );
+            let restart = &agent.config.restart;
+            // The window alone is never filled by one replica whose
+            // restart delay has grown: a replica that keeps crashing,
+            // never running for reset_after, is given up on too.
+            let give_up = match verdict {
+                Verdict::GiveUp { restarts } => Some(format!(
+                    "{restarts} restarts within restart.window = {} (restart.max_restarts = {})",
+                    restart.window, restart.max_restarts
+                )),
+                Verdict::Restart if streak.consecutive() > restart.max_restarts => Some(format!(
+                    "replica {index} crashed {} times in a row without running for restart.reset_after = {} (restart.max_restarts = {})",
+                    streak.consecutive(),
+                    restart.reset_after,
+                    restart.max_restarts
+                )),
+                Verdict::Restart => None,
+            };
+            if let Some(why) = give_up {
+                let failure = format!("{why}; last: {reason}");
                 tracing::error!(agent = %agent.name, %failure, "agent failed: no more restarts; its tasks go to its fallback, else stay queued");
                 {
                     let mut status = agent.status.lock().expect("status lock");
@@ -1779,7 +1841,7 @@ async fn run_replica(agent: Arc<AgentRuntime>, index: u32, mut shutdown: watch::
                 agent.tell_manager(index, &reason, &lost, "no more restarts: the agent failed");
                 break;
             }
-            streak.crashed(&agent.config.restart, started.elapsed())
+            delay
         } else {
             Duration::ZERO
         };
@@ -1856,6 +1918,33 @@ fn log_stderr(agent: &AgentRuntime, index: u32, stderr: tokio::process::ChildStd
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_program_that_cannot_start_is_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path();
+        std::fs::write(work.join("run.sh"), "#!/bin/sh\n").unwrap();
+        std::fs::write(work.join("plain.sh"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(work.join("run.sh"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        let path = "/usr/bin:/bin";
+        assert_eq!(missing_program("sh", work, path), None);
+        assert_eq!(missing_program("./run.sh", work, path), None);
+        let absolute = work.join("run.sh").display().to_string();
+        assert_eq!(missing_program(&absolute, work, path), None);
+        let missing = missing_program("claude-not-installed", work, path).unwrap();
+        assert!(
+            missing.contains("\"claude-not-installed\" is not found on PATH (/usr/bin:/bin)"),
+            "{missing}"
+        );
+        // On the agent's own PATH, relative to its working directory.
+        assert_eq!(missing_program("run.sh", work, "."), None);
+        let plain = missing_program("./plain.sh", work, path).unwrap();
+        assert!(plain.contains("is not executable"), "{plain}");
+        let gone = missing_program("bin/agent", work, path).unwrap();
+        assert!(gone.ends_with("bin/agent does not exist"), "{gone}");
+    }
 
     /// Property: whatever the gaps between progress messages, as long as
     /// each is shorter than the progress timeout (or the watchdog kills the
