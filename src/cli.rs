@@ -135,7 +135,8 @@ pub enum Command {
     /// failing item with how to fix it; exit 1 when a required item fails.
     Check {
         /// The config (default: -c/--config).
-        config: Option<PathBuf>,
+        #[arg(value_name = "CONFIG")]
+        file: Option<PathBuf>,
         /// The alert rules file (default: deploy/prometheus/alerts.yml or
         /// alerts.yml beside the config, else deploy/prometheus/alerts.yml
         /// up to three directories above it).
@@ -221,6 +222,9 @@ pub enum TasksCommand {
 pub enum DlqCommand {
     /// List dead letters with their reasons.
     List {
+        /// Only this agent's dead letters.
+        #[arg(long)]
+        agent: Option<String>,
         /// Most shown.
         #[arg(long, default_value_t = 100)]
         limit: usize,
@@ -229,18 +233,22 @@ pub enum DlqCommand {
         json: bool,
     },
     /// Put dead letters back in the queue with a fresh attempt budget.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["ids", "all"])))]
     Replay {
         /// Task ids.
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
         ids: Vec<String>,
         /// Every dead letter.
         #[arg(long)]
         all: bool,
     },
-    /// Delete dead letters: the given ids, or all of them.
+    /// Delete dead letters for good: the given ids, or all of them.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["ids", "all"])))]
     Purge {
-        /// Task ids (all dead letters when none are given).
+        /// Task ids.
         ids: Vec<String>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -364,7 +372,11 @@ pub enum DegradeCommand {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Validate the config and print the fleet it defines.
-    Check,
+    Check {
+        /// The config (default: -c/--config).
+        #[arg(value_name = "CONFIG")]
+        file: Option<PathBuf>,
+    },
     /// Print the config's JSON Schema.
     Schema,
 }
@@ -510,12 +522,8 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(options) => crate::demo::run(&options).await.map_err(Failure::from),
-        Command::Check {
-            config,
-            alerts,
-            json,
-        } => {
-            let config = load_config(config.as_deref().unwrap_or(&cli.config))?;
+        Command::Check { file, alerts, json } => {
+            let config = load_config(file.as_deref().unwrap_or(&cli.config))?;
             let card = crate::lint::check(&config, alerts.as_deref());
             if json {
                 print_json(&serde_json::to_value(&card).expect("scorecard serializes"));
@@ -553,7 +561,11 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             run_target(command, &Target::Remote(client)).await
         }
         command => {
-            let config = load_config(&cli.config)?;
+            let path = match &command {
+                Command::Config(ConfigCommand::Check { file: Some(file) }) => file,
+                _ => &cli.config,
+            };
+            let config = load_config(path)?;
             run_with_config(command, config).await
         }
     }
@@ -772,7 +784,7 @@ impl Target {
                         Forced::parse(level, duration, clock::system().now_ms())
                     })
                     .transpose()
-                    .map_err(|error| Failure::usage(format!("flotilla degrade set: {error}")))?;
+                    .map_err(|error| Failure::usage(format!("degrade set: {error}")))?;
                 let value = forced.map_or(Value::Null, |forced| {
                     serde_json::to_value(forced).expect("serializes")
                 });
@@ -813,7 +825,7 @@ async fn open_queue(config: &Config) -> Result<Arc<dyn TaskQueue>, Failure> {
 async fn run_with_config(command: Command, config: Config) -> Result<ExitCode, Failure> {
     match command {
         Command::Up(args) => up(config, args).await,
-        Command::Config(ConfigCommand::Check) => {
+        Command::Config(ConfigCommand::Check { .. }) => {
             let mut problems = crate::dispatch::check_fleet(&config);
             if config.agents.is_empty() {
                 problems.push(NO_AGENTS.to_string());
@@ -894,10 +906,10 @@ async fn run_target(command: Command, target: &Target) -> Result<ExitCode, Failu
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Dlq(DlqCommand::List { limit, json }) => {
+        Command::Dlq(DlqCommand::List { agent, limit, json }) => {
             let filter = ListFilter {
                 state: Some(TaskState::DeadLettered),
-                agent: None,
+                agent,
                 limit,
             };
             print_tasks(&target.list(&filter).await?, json);
@@ -910,8 +922,7 @@ async fn run_target(command: Command, target: &Target) -> Result<ExitCode, Failu
             eprintln!("replayed {count} dead-lettered task(s)");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Dlq(DlqCommand::Purge { ids }) => {
-            let all = ids.is_empty();
+        Command::Dlq(DlqCommand::Purge { ids, all }) => {
             let count = target
                 .dead_letters(true, SelectionBody { ids, all })
                 .await?;
@@ -1093,7 +1104,14 @@ async fn draw_top(
     feed: &std::sync::Mutex<crate::top::Feed>,
 ) -> Result<ExitCode, Failure> {
     use ratatui::crossterm::event::{self, Event, KeyCode, KeyModifiers};
-    let mut terminal = ratatui::init();
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
+        return Err(Failure::usage(
+            "flotilla top needs a terminal (stdin and stdout); for a snapshot use `flotilla status`, or `flotilla status --json` in scripts",
+        ));
+    }
+    let mut terminal = ratatui::try_init()
+        .map_err(|error| Failure::failed(format!("cannot set up the terminal: {error}")))?;
     let mut view = crate::top::View::Agents;
     let outcome = loop {
         let report = match target.report().await {
@@ -1927,6 +1945,8 @@ mod tests {
             })
         ));
         assert!(Cli::try_parse_from(["flotilla", "dlq", "replay"]).is_err());
-        assert!(Cli::try_parse_from(["flotilla", "dlq", "purge"]).is_ok());
+        assert!(Cli::try_parse_from(["flotilla", "dlq", "purge"]).is_err());
+        assert!(Cli::try_parse_from(["flotilla", "dlq", "purge", "--all"]).is_ok());
+        assert!(Cli::try_parse_from(["flotilla", "dlq", "purge", "a", "--all"]).is_err());
     }
 }

@@ -51,6 +51,48 @@ fn a_missing_config_says_how_to_give_one() {
 }
 
 #[test]
+fn both_checks_take_the_config_by_flag_or_by_argument() {
+    let fleet = Fleet::new("[agents.worker]\ncommand = [\"true\"]\n");
+    let path = fleet.config_path.to_str().unwrap();
+    for args in [
+        vec!["config", "check", path],
+        vec!["-c", path, "config", "check"],
+        vec!["check", "-c", path],
+        vec!["check", path],
+    ] {
+        let output = std::process::Command::new(flotilla_bin())
+            .args(&args)
+            .current_dir("/")
+            .output()
+            .unwrap();
+        // `check` exits 1 when required checklist items fail; either way
+        // it read the file.
+        assert!(
+            matches!(output.status.code(), Some(0 | 1)),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stdout(&output).contains("worker"),
+            "{args:?}: {}",
+            stdout(&output)
+        );
+    }
+}
+
+#[test]
+fn top_without_a_terminal_says_so() {
+    let fleet = Fleet::new("[agents.worker]\ncommand = [\"true\"]\n");
+    let output = fleet.cli(&["top"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("flotilla top needs a terminal"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
 fn submit_while_the_daemon_is_down_then_list_and_show() {
     let fleet = Fleet::new("[agents.worker]\ncommand = [\"true\"]\n");
     let output = fleet.cli(&[
@@ -218,7 +260,11 @@ fn dlq_replay_and_purge_need_dead_letters() {
         "{}",
         stderr(&replay)
     );
+    // Deleting every dead letter takes --all, as replaying them does.
     let purge = fleet.cli(&["dlq", "purge"]);
+    assert_eq!(purge.status.code(), Some(2), "{}", stderr(&purge));
+    assert!(stderr(&purge).contains("--all"), "{}", stderr(&purge));
+    let purge = fleet.cli(&["dlq", "purge", "--all"]);
     assert!(purge.status.success());
     assert!(stderr(&purge).contains("purged 0"));
 }

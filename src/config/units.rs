@@ -24,9 +24,18 @@ impl HumanDuration {
     /// # Errors
     /// What is wrong, and what would be valid.
     pub fn parse_within(text: &str, what: &str, max: Duration) -> Result<Self, String> {
-        let parsed: Self = text
-            .parse()
-            .map_err(|error| format!("{what} {text:?}: {error}"))?;
+        let valid = format!(
+            "valid: more than 0s, up to {}",
+            humantime::format_duration(max)
+        );
+        let parsed: Self = match text.parse() {
+            Ok(parsed) => parsed,
+            // Longer than any duration at all: the limit here is shorter.
+            Err(_) if humantime::parse_duration(text.trim()).is_ok() => {
+                return Err(format!("{what} {text:?} is out of range; {valid}"));
+            }
+            Err(error) => return Err(format!("{what}: {error}")),
+        };
         if parsed.get().is_zero() || parsed.get() > max {
             return Err(format!(
                 "{what} {parsed} is out of range; valid: more than 0s, up to {}",
