@@ -142,7 +142,13 @@ impl From<JsonRejection> for ApiError {
 
 impl From<QueryRejection> for ApiError {
     fn from(rejection: QueryRejection) -> Self {
-        Self::new(rejection.status(), rejection.body_text())
+        Self::new(
+            rejection.status(),
+            format!(
+                "{}; valid: state (queued, running, completed, dead_lettered, escalated), agent (a configured agent), limit (1 to {MAX_LIST})",
+                rejection.body_text()
+            ),
+        )
     }
 }
 
@@ -172,9 +178,28 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/chaos/partition", post(chaos_partition))
         .route("/api/v1/chaos/latency", post(chaos_latency))
         .route("/api/v1/chaos/last", get(chaos_last))
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(api.clone(), authorize))
         .with_state(api)
+}
+
+async fn no_route(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!(
+        "no API route {method} {}; the routes are listed in docs/operations.md (The API: /api/v1)",
+        uri.path()
+    ))
+}
+
+async fn wrong_method(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{} does not take {method}; the routes and their methods are listed in docs/operations.md (The API: /api/v1)",
+            uri.path()
+        ),
+    )
 }
 
 /// Refuses calls without the right token (see the module's text).
@@ -296,6 +321,14 @@ async fn list(
         ));
     }
     let filter = query.filter(state)?;
+    if let Some(agent) = &filter.agent
+        && api.config.agent(agent).is_none()
+    {
+        return Err(ApiError::not_found(format!(
+            "no agent {agent:?}; configured agents: {}",
+            api.config.agent_names()
+        )));
+    }
     Ok(Json(api.store.queue().list(&filter).await?))
 }
 

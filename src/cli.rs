@@ -192,7 +192,7 @@ pub enum TasksCommand {
         #[arg(long)]
         agent: Option<String>,
         /// Most tasks shown.
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = parse_limit)]
         limit: usize,
         /// Print JSON.
         #[arg(long)]
@@ -226,7 +226,7 @@ pub enum DlqCommand {
         #[arg(long)]
         agent: Option<String>,
         /// Most shown.
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = parse_limit)]
         limit: usize,
         /// Print JSON.
         #[arg(long)]
@@ -261,7 +261,7 @@ pub enum EscalationsCommand {
         #[arg(long)]
         agent: Option<String>,
         /// Most shown.
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = parse_limit)]
         limit: usize,
         /// Print JSON.
         #[arg(long)]
@@ -643,7 +643,17 @@ impl Target {
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, Failure> {
         match self {
-            Self::Local(config) => Ok(open_queue(config).await?.list(filter).await?),
+            Self::Local(config) => {
+                if let Some(agent) = &filter.agent
+                    && config.agent(agent).is_none()
+                {
+                    return Err(Failure::usage(format!(
+                        "no agent {agent:?}; configured agents: {}",
+                        config.agent_names()
+                    )));
+                }
+                Ok(open_queue(config).await?.list(filter).await?)
+            }
             Self::Remote(client) => Ok(client.list(filter).await?),
         }
     }
@@ -795,6 +805,15 @@ impl Target {
             }
             Self::Remote(client) => Ok(client.degrade(force).await?),
         }
+    }
+}
+
+/// `--limit` of the listings: 1 to the API's most.
+fn parse_limit(text: &str) -> Result<usize, String> {
+    let max = crate::api::MAX_LIST;
+    match text.parse::<usize>() {
+        Ok(limit) if (1..=max).contains(&limit) => Ok(limit),
+        _ => Err(format!("{text:?} is out of range; valid: 1 to {max}")),
     }
 }
 

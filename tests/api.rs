@@ -191,6 +191,24 @@ breaker = {{ enabled = false }}
         status == 404 && error_of(&body).contains("no task with id"),
         "{body}"
     );
+    // Unknown routes, methods and agents answer in the same JSON.
+    let (status, body) = api.get("/api/v1/nothing").await;
+    assert!(
+        status == 404 && error_of(&body).contains("no API route GET /api/v1/nothing"),
+        "{status} {body}"
+    );
+    let (status, body) = api
+        .call(reqwest::Method::DELETE, "/api/v1/tasks", Some(TOKEN), None)
+        .await;
+    assert!(
+        status == 405 && error_of(&body).contains("/api/v1/tasks does not take DELETE"),
+        "{status} {body}"
+    );
+    let (status, body) = api.get("/api/v1/tasks?agent=nosuch").await;
+    assert!(
+        status == 404 && error_of(&body).contains("no agent \"nosuch\"; configured agents"),
+        "{status} {body}"
+    );
 
     // Dead letters: listed, replayed, purged.
     api.post(

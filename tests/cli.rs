@@ -81,6 +81,25 @@ fn both_checks_take_the_config_by_flag_or_by_argument() {
 }
 
 #[test]
+fn listings_refuse_an_unknown_agent_and_a_zero_limit() {
+    let fleet = Fleet::new("[agents.worker]\ncommand = [\"true\"]\n");
+    let unknown = fleet.cli(&["tasks", "list", "--agent", "nosuch"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(
+        stderr(&unknown).contains("no agent \"nosuch\"; configured agents: worker"),
+        "{}",
+        stderr(&unknown)
+    );
+    let zero = fleet.cli(&["dlq", "list", "--limit", "0"]);
+    assert_eq!(zero.status.code(), Some(2));
+    assert!(
+        stderr(&zero).contains("valid: 1 to 10000"),
+        "{}",
+        stderr(&zero)
+    );
+}
+
+#[test]
 fn top_without_a_terminal_says_so() {
     let fleet = Fleet::new("[agents.worker]\ncommand = [\"true\"]\n");
     let output = fleet.cli(&["top"]);
