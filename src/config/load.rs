@@ -260,9 +260,20 @@ fn collect<T: DeserializeOwned>(
                 } else {
                     format!("{prefix}.{path}")
                 };
-                let message = plain_message(error.inner().message().trim());
+                let message = plain_message(&key, error.inner().message().trim());
                 let removed = remove_path(&mut value, &path);
-                problems.push(Problem::new(key, message));
+                // A required key already reported as invalid (and removed
+                // to read on) is not missing.
+                let reported = message
+                    .strip_prefix("missing field `")
+                    .and_then(|rest| rest.strip_suffix('`'))
+                    .is_some_and(|field| {
+                        let full = format!("{key}.{field}");
+                        problems.iter().any(|problem| problem.key == full)
+                    });
+                if !reported {
+                    problems.push(Problem::new(key, message));
+                }
                 if !removed {
                     return None;
                 }
@@ -272,14 +283,27 @@ fn collect<T: DeserializeOwned>(
     None
 }
 
-/// serde's message, in the words of the other range errors where serde's
-/// are a Rust type's name.
-fn plain_message(message: &str) -> String {
+/// serde's message, in the config's words where serde's name a Rust type.
+fn plain_message(key: &str, message: &str) -> String {
     if message.starts_with("invalid value: integer `0`, expected a nonzero") {
-        "0 is out of range; valid: 1 or more".to_string()
-    } else {
-        message.to_string()
+        return "0 is out of range; valid: 1 or more".to_string();
     }
+    if let Some(found) = message.strip_suffix(", expected struct Replicas") {
+        let example = found
+            .strip_prefix("invalid type: integer `")
+            .and_then(|rest| rest.strip_suffix('`'))
+            .unwrap_or("2");
+        return format!("{found}, expected a table such as {{ min = {example} }}");
+    }
+    if let Some(found) = message.strip_suffix(", expected a sequence") {
+        if key.ends_with(".command") {
+            return format!(
+                "{found}, expected a list: the program and its arguments, e.g. [\"python3\", \"agent.py\"]"
+            );
+        }
+        return format!("{found}, expected a list [...]");
+    }
+    message.to_string()
 }
 
 /// Splits a serde path like `retry.backoff[1]` into segments.
@@ -427,6 +451,10 @@ comand = ["typo"]
 command = ["y"]
 timeouts = { progress_timeout = "5 parsecs" }
 retry = { max_deliver = 0 }
+replicas = 3
+
+[agents.broken]
+command = "x y"
 "#,
         );
         let text: Vec<String> = found.iter().map(ToString::to_string).collect();
@@ -455,6 +483,16 @@ retry = { max_deliver = 0 }
             all.contains("agents.other.retry.max_deliver: 0 is out of range; valid: 1 or more"),
             "{all}"
         );
+        assert!(
+            all.contains("agents.other.replicas: invalid type: integer `3`, expected a table such as { min = 3 }"),
+            "{all}"
+        );
+        assert!(
+            all.contains("agents.broken.command: invalid type: string \"x y\", expected a list: the program and its arguments"),
+            "{all}"
+        );
+        // Reported as invalid, not also as missing.
+        assert!(!all.contains("agents.broken: missing field"), "{all}");
         let mode = found
             .iter()
             .find(|p| p.key == "agents.worker.mode")
