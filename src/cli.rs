@@ -84,6 +84,11 @@ pub struct UpArgs {
     /// Run only these agents, comma-separated (overrides `[daemon] agents`).
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
+    /// Where the HTTP server listens (overrides `[http] listen`):
+    /// ADDRESS:PORT (port 0 picks a free one), or off. For two daemons on
+    /// one machine sharing a config.
+    #[arg(long, env = "FLOTILLA_HTTP_LISTEN", value_name = "ADDRESS:PORT")]
+    pub listen: Option<String>,
 }
 
 /// Commands.
@@ -1341,6 +1346,14 @@ async fn up(mut config: Config, args: UpArgs) -> Result<ExitCode, Failure> {
             )));
         }
         config.daemon.agents = Some(agents);
+    }
+    if let Some(listen) = args.listen {
+        if listen != "off" && listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Failure::usage(format!(
+                "invalid --listen {listen:?}: use ADDRESS:PORT, e.g. 127.0.0.1:9751 (port 0 picks a free one), or off"
+            )));
+        }
+        config.http.listen = listen;
     }
     if config.agents.is_empty() {
         return Err(Failure::usage(NO_AGENTS));

@@ -100,6 +100,25 @@ fn listings_refuse_an_unknown_agent_and_a_zero_limit() {
 }
 
 #[test]
+fn up_listen_overrides_the_config_and_is_checked_like_it() {
+    let fleet = Fleet::new("[agents.worker]\ncommand = [\"true\"]\n");
+    let bad = fleet.cli(&["up", "--listen", "nope"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        stderr(&bad).contains("invalid --listen \"nope\": use ADDRESS:PORT"),
+        "{}",
+        stderr(&bad)
+    );
+    let open = fleet.cli(&["up", "--listen", "0.0.0.0:0"]);
+    assert_eq!(open.status.code(), Some(2));
+    assert!(
+        stderr(&open).contains("http.listen: 0.0.0.0:0 is reachable from other machines"),
+        "{}",
+        stderr(&open)
+    );
+}
+
+#[test]
 fn top_without_a_terminal_says_so() {
     let fleet = Fleet::new("[agents.worker]\ncommand = [\"true\"]\n");
     let output = fleet.cli(&["top"]);
