@@ -228,17 +228,7 @@ impl Breaker {
     /// the transition it caused (Open → HalfOpen once the recovery timeout
     /// has passed).
     pub fn admit(&mut self, now: UnixMillis) -> (Option<Call>, Option<Transition>) {
-        let mut transition = None;
-        if self.state == BreakerState::Open && now >= self.open_until_ms {
-            transition = Some(self.enter(
-                BreakerState::HalfOpen,
-                now,
-                format!(
-                    "recovery_timeout = {} passed; sending up to {} probe(s)",
-                    self.config.recovery_timeout, self.config.half_open_probes
-                ),
-            ));
-        }
+        let transition = self.advance(now);
         let call = match self.state {
             BreakerState::Closed => Some(Call {
                 epoch: self.epoch,
@@ -254,6 +244,23 @@ impl Breaker {
             }),
         };
         (call, transition)
+    }
+
+    /// Makes an Open breaker whose recovery timeout has passed HalfOpen at
+    /// `now`, as the next [`Self::admit`] would: so that the change is
+    /// logged and told when it happens, not when the next task comes.
+    /// Returns the transition, if any.
+    pub fn advance(&mut self, now: UnixMillis) -> Option<Transition> {
+        (self.state == BreakerState::Open && now >= self.open_until_ms).then(|| {
+            self.enter(
+                BreakerState::HalfOpen,
+                now,
+                format!(
+                    "recovery_timeout = {} passed; sending up to {} probe(s)",
+                    self.config.recovery_timeout, self.config.half_open_probes
+                ),
+            )
+        })
     }
 
     /// Records how `call` ended at `now`; returns the transition it caused.
@@ -436,6 +443,24 @@ mod tests {
         assert_eq!(breaker.admit(5).0, None);
         assert_eq!(breaker.capacity(5), 0);
         assert_eq!(breaker.open_until(), Some(30_005));
+    }
+
+    #[test]
+    fn an_idle_open_breaker_turns_half_open_on_time() {
+        let mut breaker = Breaker::new(config());
+        for now in 0..3 {
+            fail(&mut breaker, now);
+        }
+        assert_eq!(breaker.advance(30_001), None, "not yet");
+        let half = breaker.advance(30_002).expect("recovery timeout passed");
+        assert_eq!(
+            (half.from, half.to, half.at_ms),
+            (BreakerState::Open, BreakerState::HalfOpen, 30_002)
+        );
+        assert_eq!(breaker.advance(30_003), None, "once");
+        let (probe, again) = breaker.admit(30_004);
+        assert!(probe.expect("a probe goes").is_probe());
+        assert_eq!(again, None, "admit does not repeat it");
     }
 
     #[test]

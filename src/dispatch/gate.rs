@@ -168,10 +168,14 @@ impl AgentRuntime {
     /// What the leaser should do at `now`.
     pub(super) fn mode(&self, now: UnixMillis) -> Mode {
         let failed = self.is_failed();
-        let (state, open_until) = {
-            let breaker = self.breaker.lock().expect("breaker lock");
-            (breaker.state(now), breaker.open_until())
+        let (state, open_until, transition) = {
+            let mut breaker = self.breaker.lock().expect("breaker lock");
+            let transition = breaker.advance(now);
+            (breaker.state(now), breaker.open_until(), transition)
         };
+        if let Some(transition) = transition {
+            self.transitioned(&transition, now);
+        }
         self.sweep_lost_calls(now);
         let why = if failed {
             let status = self.status.lock().expect("status lock");
