@@ -1651,6 +1651,16 @@ fn print_status(report: &StatusReport, now: UnixMillis) {
             Level::Emergency => line.push_str("; only critical tasks run"),
             _ => {}
         }
+        if let Some(at) = degradation.lower_at_ms
+            && degradation.forced.is_none()
+        {
+            line.push_str(&format!(
+                "; the triggers are clear now: a lower level in {} unless they return",
+                humantime::format_duration(Duration::from_secs(
+                    at.saturating_sub(now).div_ceil(1000)
+                ))
+            ));
+        }
         println!("{line}");
     }
     let t = &report.tasks;

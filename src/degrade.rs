@@ -203,6 +203,10 @@ pub struct DegradationStatus {
     pub forced: Option<Forced>,
     /// Agents counted unavailable at the last check.
     pub unavailable: Vec<String>,
+    /// The triggers ask for a lower level: when the level drops if they
+    /// stay clear (`min_dwell`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lower_at_ms: Option<UnixMillis>,
 }
 
 /// The degradation state machine.
@@ -253,6 +257,9 @@ impl Degrader {
             reason: self.reason.clone(),
             forced: self.forced,
             unavailable: self.unavailable.clone(),
+            lower_at_ms: self.calmer_since.map(|calmer_since| {
+                calmer_since.max(self.since_ms) + self.config.min_dwell.as_millis()
+            }),
         }
     }
 
@@ -498,13 +505,16 @@ mod tests {
             "{}",
             up.reason
         );
-        // Calm again: held for min_dwell first.
+        assert_eq!(degrader.status().lower_at_ms, None);
+        // Calm again: held for min_dwell first, and status says when.
         assert!(degrader.check(&fleet(false, false), None, 4_000).is_none());
+        assert_eq!(degrader.status().lower_at_ms, Some(34_000));
         assert!(degrader.check(&fleet(false, false), None, 33_999).is_none());
         let down = degrader
             .check(&fleet(false, false), None, 34_000)
             .expect("down after 30 s calm");
         assert_eq!((down.from, down.to), (Level::Essential, Level::Nominal));
+        assert_eq!(degrader.status().lower_at_ms, None);
     }
 
     #[test]
