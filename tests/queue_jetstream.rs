@@ -143,6 +143,10 @@ async fn a_purged_id_can_be_submitted_again() {
         return;
     };
     let queue = open(&server.url, "purge").await;
+    queue
+        .put_control("journal.p1", &json!([{"attempt": 1}]))
+        .await
+        .unwrap();
     queue.submit(vec![task("p1")]).await.unwrap();
     let mut leases = queue
         .lease(
@@ -158,6 +162,11 @@ async fn a_purged_id_can_be_submitted_again() {
     leases[0].settle();
     assert_eq!(queue.purge(&Selection::All).await.unwrap(), 1);
     assert!(queue.get("p1").await.unwrap().is_none());
+    assert_eq!(
+        queue.get_control("journal.p1").await.unwrap(),
+        None,
+        "the old task's journal goes with it"
+    );
     // A message of the purged life left behind (say its +TERM was lost)
     // does not bring the task back.
     let client = async_nats::connect(&server.url).await.unwrap();

@@ -346,6 +346,15 @@ pub async fn escalations_wait_for_a_human<Q: TaskQueue>(queue: &Q) {
         .await
         .unwrap();
     assert_eq!(listed.len(), 3);
+    let everything = queue
+        .list(&ListFilter {
+            state: None,
+            agent: None,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!(everything.len(), 3, "a listing of every state has them");
     let counts = queue.counts().await.unwrap();
     assert_eq!(counts[0].1.escalated, 3);
     assert!(

@@ -50,7 +50,8 @@ use tokio::task::JoinHandle;
 use super::{
     AckOutcome, Attempt, AttemptEnd, AttemptOutcome, Lease, LeaseGuard, LeaseKey, LeaseRequest,
     Limits, ListFilter, NewTask, Priority, QueueError, Resolution, Returned, Selection,
-    StateCounts, SubmitReceipt, TaskQueue, TaskRecord, TaskState, bound_reason, exhausted_reason,
+    StateCounts, SubmitReceipt, TASK_CONTROLS, TaskQueue, TaskRecord, TaskState, bound_reason,
+    exhausted_reason,
 };
 use crate::clock::{SharedClock, UnixMillis};
 use crate::config::BrokerConfig;
@@ -926,18 +927,7 @@ impl JetStreamQueue {
             {
                 deleted += 1;
                 // Its journal and delegation links go with it.
-                for kind in ["journal", "link", "children"] {
-                    let _ = self
-                        .inner
-                        .bounded(
-                            "delete a task's links",
-                            self.inner.records.purge(format!(
-                                "c.{}",
-                                escape(&format!("{kind}.{}", summary.task.id))
-                            )),
-                        )
-                        .await;
-                }
+                self.inner.forget_controls(&summary.task.id).await;
             }
         }
         Ok(deleted)
@@ -1447,6 +1437,11 @@ impl Inner {
             .await?;
         let mut record = Record::from_envelope(&envelope, now);
         record.task.attempts = attempts;
+        if revision != 0 {
+            // A new task under an old id (a completed one past the window,
+            // or a purged one): nothing of the old one's stays with it.
+            self.forget_controls(&task.id).await;
+        }
         if self.write(&mut record, revision).await?.is_none() {
             // Someone wrote first. A consumer (or another submitter) that
             // wrote the record from the same message is fine; anything
@@ -1914,6 +1909,22 @@ impl Inner {
             });
         }
         Ok(())
+    }
+
+    /// Deletes what the store keeps beside task `id` under its id
+    /// ([`TASK_CONTROLS`]): a new task given the same id starts clean, and
+    /// never rolls back the old one's changes. Best effort: a key left
+    /// behind by a failure is logged.
+    async fn forget_controls(&self, id: &str) {
+        for kind in TASK_CONTROLS {
+            let key = format!("c.{}", escape(&format!("{kind}.{id}")));
+            if let Err(error) = self
+                .bounded("delete a task's journal or links", self.records.purge(key))
+                .await
+            {
+                tracing::warn!(task = %id, %error, "could not delete a key kept beside the task");
+            }
+        }
     }
 
     /// Returns the task of `key` to the queue if its lease ran out; a
@@ -2664,6 +2675,7 @@ impl TaskQueue for JetStreamQueue {
                 }
             }
             self.inner.purge_dead_letter(&record).await?;
+            self.inner.forget_controls(&record.task.id).await;
             count += 1;
         }
         Ok(count)

@@ -181,6 +181,13 @@ pub struct SubmitReceipt {
     pub state: TaskState,
 }
 
+/// What the store keeps beside a task under its id (`control.KIND.ID`):
+/// its rollback journal and the claim of a running rollback
+/// (`src/rollback.rs`), its link to a waiting parent and its children
+/// (`src/delegate.rs`). Deleted with the task, so that a new task given
+/// the same id starts clean.
+pub(crate) const TASK_CONTROLS: [&str; 4] = ["journal", "rollback", "link", "children"];
+
 /// Identifies one delivery of a task. Every outcome names the delivery it
 /// settles; an outcome for an older delivery is refused as stale.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -29,7 +29,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::{
     AckOutcome, Attempt, AttemptEnd, AttemptOutcome, Lease, LeaseGuard, LeaseKey, LeaseRequest,
     Limits, ListFilter, NewTask, Priority, QueueError, Resolution, Returned, Selection,
-    StateCounts, SubmitReceipt, TaskQueue, TaskRecord, TaskState, bound_reason, exhausted_reason,
+    StateCounts, SubmitReceipt, TASK_CONTROLS, TaskQueue, TaskRecord, TaskState, bound_reason,
+    exhausted_reason,
 };
 use crate::clock::{SharedClock, UnixMillis};
 
@@ -47,7 +48,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 const POISONED: &str = "an earlier fsync of the store failed, so later writes cannot be trusted to be durable; writes are refused until the daemon restarts";
 
 /// Most completed tasks deleted by one prune.
-const PRUNE_BATCH: i64 = 10_000;
+const PRUNE_BATCH: i64 = 2_000;
+/// Most batches of one prune: 200,000 tasks every `PRUNE_INTERVAL` (10
+/// minutes) keeps up with 300 completions a second.
+const PRUNE_ROUNDS: usize = 100;
 
 // Internal states. `Queued` is split in two so that the claim query's
 // partial index holds only tasks that can be leased now.
@@ -407,8 +411,37 @@ fn migrate(conn: &Connection, path: &Path) -> Result<String, QueueError> {
         )));
     }
     retry_locked(|| conn.execute_batch("BEGIN IMMEDIATE")).map_err(storage)?;
+    // Looked at inside the transaction: another process may have created
+    // the store since the version was read.
+    let foreign = (|| {
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        let tables: i64 = conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
+            [],
+            |row| row.get(0),
+        )?;
+        // flotilla marks a store with its version as it creates it.
+        Ok::<_, rusqlite::Error>(version == 0 && tables > 0)
+    })();
+    if !matches!(foreign, Ok(false)) {
+        let _ = conn.execute_batch("ROLLBACK");
+        return Err(match foreign {
+            Err(error) => storage(error),
+            _ => QueueError::Storage(format!(
+                "{} is an SQLite database but not a flotilla store; give [store] path a new file",
+                path.display()
+            )),
+        });
+    }
     let setup = (|| {
         conn.execute_batch(SCHEMA)?;
+        // Columns added since version 1 was first written.
+        let leased_at = conn
+            .prepare("SELECT 1 FROM pragma_table_info('tasks') WHERE name = 'leased_at'")?
+            .exists([])?;
+        if !leased_at {
+            conn.execute_batch("ALTER TABLE tasks ADD COLUMN leased_at INTEGER")?;
+        }
         conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
         conn.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?1)",
@@ -671,41 +704,46 @@ impl SqliteQueue {
         .await
     }
 
-    /// Deletes completed tasks older than the retention. Returns how many.
+    /// Deletes completed tasks older than the retention, oldest first, in
+    /// transactions of [`PRUNE_BATCH`] (others write in between), at most
+    /// [`PRUNE_ROUNDS`] of them. Returns how many.
     ///
     /// # Errors
     /// [`QueueError::Storage`] if the store fails.
     pub async fn prune(&self) -> Result<u64, QueueError> {
         let retention = to_sql_ms(millis(self.settings.limits.retention));
-        self.writer
-            .call(move |context| {
-                let cutoff = context.now_sql().saturating_sub(retention);
-                let conn = context.conn;
-                conn.execute(
-                    "DELETE FROM attempts WHERE task_seq IN (
-                        SELECT seq FROM tasks WHERE state = 4 AND finished_at < ?1 LIMIT ?2)",
-                    params![cutoff, PRUNE_BATCH],
-                )
-                .map_err(storage)?;
-                // Its journal and delegation links go with it.
-                for prefix in ["control.journal.", "control.link.", "control.children."] {
-                    conn.execute(
-                        "DELETE FROM status WHERE key IN (
-                            SELECT ?3 || id FROM tasks WHERE state = 4 AND finished_at < ?1 LIMIT ?2)",
-                        params![cutoff, PRUNE_BATCH, prefix],
-                    )
-                    .map_err(storage)?;
-                }
-                let deleted = conn
-                    .execute(
-                        "DELETE FROM tasks WHERE seq IN (
-                            SELECT seq FROM tasks WHERE state = 4 AND finished_at < ?1 LIMIT ?2)",
-                        params![cutoff, PRUNE_BATCH],
-                    )
-                    .map_err(storage)?;
-                Ok(deleted as u64)
-            })
-            .await
+        let mut deleted = 0;
+        for _ in 0..PRUNE_ROUNDS {
+            let batch = self
+                .writer
+                .call(move |context| {
+                    let cutoff = context.now_sql().saturating_sub(retention);
+                    let victims: Vec<(i64, String)> = context
+                        .conn
+                        .prepare_cached(
+                            "SELECT seq, id FROM tasks WHERE state = 4 AND finished_at < ?1
+                             ORDER BY finished_at, seq LIMIT ?2",
+                        )
+                        .map_err(storage)?
+                        .query_map(params![cutoff, PRUNE_BATCH], |row| {
+                            Ok((row.get(0)?, row.get(1)?))
+                        })
+                        .map_err(storage)?
+                        .collect::<Result<_, _>>()
+                        .map_err(storage)?;
+                    // Its attempts, journal and delegation links go with it.
+                    for (seq, id) in &victims {
+                        delete_task(context.conn, *seq, id)?;
+                    }
+                    Ok(victims.len() as u64)
+                })
+                .await?;
+            deleted += batch;
+            if batch < PRUNE_BATCH as u64 {
+                break;
+            }
+        }
+        Ok(deleted)
     }
 
     async fn read<T: Send + 'static>(
@@ -779,13 +817,6 @@ fn commit_group(
     syncer: &std::sync::mpsc::SyncSender<Vec<Deliver>>,
     group: Vec<Job>,
 ) {
-    let mut context = Context {
-        conn,
-        now: clock.now_ms(),
-        settings,
-        woken: HashSet::new(),
-        external_submit: false,
-    };
     // busy_timeout already waits 10 s for another process's lock; a client
     // submitting a huge batch may hold it longer, so try a few times.
     let mut began = conn.execute_batch("BEGIN IMMEDIATE");
@@ -802,9 +833,20 @@ fn commit_group(
     if let Err(error) = began {
         return fail_group(
             group,
-            &format!("the store transaction could not start: {error}"),
+            &format!(
+                "the store transaction could not start: {error} (another process, such as a flotilla command run beside the daemon, held the store's lock for over 30 s)"
+            ),
         );
     }
+    // Read once the lock is held: the wait for it must not shorten the
+    // leases and delays this group gives out.
+    let mut context = Context {
+        conn,
+        now: clock.now_ms(),
+        settings,
+        woken: HashSet::new(),
+        external_submit: false,
+    };
     let mut fast = Vec::new();
     let mut durable = Vec::new();
     let mut jobs = group.into_iter();
@@ -1063,6 +1105,25 @@ fn end_attempt(
     Ok(())
 }
 
+/// Deletes the task of row `seq` (id `id`) with its attempts and what the
+/// store keeps beside it under its id (rollback journal and claim,
+/// delegation links): a new task given the same id starts clean, and
+/// never rolls back the old one's changes.
+fn delete_task(conn: &Connection, seq: i64, id: &str) -> Result<(), QueueError> {
+    conn.execute("DELETE FROM attempts WHERE task_seq = ?1", [seq])
+        .map_err(storage)?;
+    conn.execute("DELETE FROM tasks WHERE seq = ?1", [seq])
+        .map_err(storage)?;
+    for kind in TASK_CONTROLS {
+        conn.execute(
+            "DELETE FROM status WHERE key = ?1",
+            [format!("control.{kind}.{id}")],
+        )
+        .map_err(storage)?;
+    }
+    Ok(())
+}
+
 struct Prepared {
     id: String,
     agent: String,
@@ -1098,14 +1159,7 @@ fn submit(context: &mut Context<'_>, tasks: &[Prepared]) -> Result<Vec<SubmitRec
                 continue;
             }
             // Outside the window and finished: the id may be used again.
-            context
-                .conn
-                .execute("DELETE FROM attempts WHERE task_seq = ?1", [seq])
-                .map_err(storage)?;
-            context
-                .conn
-                .execute("DELETE FROM tasks WHERE seq = ?1", [seq])
-                .map_err(storage)?;
+            delete_task(context.conn, seq, &task.id)?;
         }
         context
             .conn
@@ -1421,24 +1475,26 @@ fn running(context: &Context<'_>, until: i64) -> Result<Vec<(i64, u32, String)>,
 }
 
 /// The seqs of the selected dead letters; every named id must be one.
+/// The dead letters `selection` names, as `(seq, id, agent)`, each once.
 fn dead_letters(
     context: &Context<'_>,
     selection: &Selection,
-) -> Result<Vec<(i64, String)>, QueueError> {
+) -> Result<Vec<(i64, String, String)>, QueueError> {
     match selection {
         Selection::All => context
             .conn
-            .prepare_cached("SELECT seq, agent FROM tasks WHERE state = 5")
+            .prepare_cached("SELECT seq, id, agent FROM tasks WHERE state = 5")
             .map_err(storage)?
-            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
             .map_err(storage)?
             .collect::<Result<_, _>>()
             .map_err(storage),
         Selection::Ids(ids) => {
-            let mut found = Vec::with_capacity(ids.len());
+            let mut found: Vec<(i64, String, String)> = Vec::with_capacity(ids.len());
             for id in ids {
                 match lookup(context.conn, id)? {
                     None => return Err(QueueError::NotFound { id: id.clone() }),
+                    Some((seq, DEAD, _)) if found.iter().any(|(seen, _, _)| *seen == seq) => {}
                     Some((seq, DEAD, _)) => {
                         let agent: String = context
                             .conn
@@ -1446,7 +1502,7 @@ fn dead_letters(
                                 row.get(0)
                             })
                             .map_err(storage)?;
-                        found.push((seq, agent));
+                        found.push((seq, id.clone(), agent));
                     }
                     Some((_, state, _)) => {
                         return Err(QueueError::WrongState {
@@ -1818,6 +1874,10 @@ impl TaskQueue for SqliteQueue {
     async fn get(&self, id: &str) -> Result<Option<TaskRecord>, QueueError> {
         let id = id.to_string();
         self.read(move |conn| {
+            // One snapshot: an ack committing between the reads would show
+            // its attempt twice.
+            let snapshot = conn.unchecked_transaction().map_err(storage)?;
+            let conn = &*snapshot;
             let found = conn
                 .query_row(
                     &format!("SELECT {RECORD_COLUMNS} FROM tasks WHERE id = ?1"),
@@ -1857,7 +1917,7 @@ impl TaskQueue for SqliteQueue {
         let filter = filter.clone();
         self.read(move |conn| {
             let (low, high) = match filter.state {
-                None => (READY, DEAD),
+                None => (READY, ESCALATED),
                 Some(state) => {
                     let codes = codes_of(state);
                     (codes[0], codes[codes.len() - 1])
@@ -1914,7 +1974,7 @@ impl TaskQueue for SqliteQueue {
         self.writer
             .call(move |context| {
                 let found = dead_letters(context, &selection)?;
-                for (seq, agent) in &found {
+                for (seq, _, agent) in &found {
                     context
                         .conn
                         .prepare_cached(
@@ -1948,15 +2008,8 @@ impl TaskQueue for SqliteQueue {
         self.writer
             .call(move |context| {
                 let found = dead_letters(context, &selection)?;
-                for (seq, _) in &found {
-                    context
-                        .conn
-                        .execute("DELETE FROM attempts WHERE task_seq = ?1", [seq])
-                        .map_err(storage)?;
-                    context
-                        .conn
-                        .execute("DELETE FROM tasks WHERE seq = ?1", [seq])
-                        .map_err(storage)?;
+                for (seq, id, _) in &found {
+                    delete_task(context.conn, *seq, id)?;
                 }
                 Ok(found.len() as u64)
             })
@@ -2026,6 +2079,25 @@ mod tests {
                 .collect();
             assert!(ids.iter().all(|id| *id == ids[0]), "one store id: {ids:?}");
         }
+    }
+
+    #[test]
+    fn an_older_store_gains_new_columns_and_a_foreign_database_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let conn = open_connection(&path).unwrap();
+        migrate(&conn, &path).unwrap();
+        // A version-1 store from before the column existed.
+        conn.execute_batch("ALTER TABLE tasks DROP COLUMN leased_at")
+            .unwrap();
+        migrate(&conn, &path).unwrap();
+        conn.prepare("SELECT leased_at FROM tasks").unwrap();
+        let other = dir.path().join("other.db");
+        let conn = open_connection(&other).unwrap();
+        conn.execute_batch("CREATE TABLE notes (text TEXT)")
+            .unwrap();
+        let refused = migrate(&conn, &other).unwrap_err().to_string();
+        assert!(refused.contains("not a flotilla store"), "{refused}");
     }
 
     #[test]
