@@ -490,3 +490,61 @@ async fn a_lost_parent_cancels_its_children_on_jetstream() {
     };
     a_parent_dead_lettered_by_a_lost_lease_cancels_its_children(Some(&server)).await;
 }
+
+/// Sends key `once` twice with a wait, then waits on a slower key; answers
+/// with how many replies `once` got.
+const DOUBLER: &str = r#"
+import json, sys
+def out(m):
+    print(json.dumps(m), flush=True)
+out({"type": "ready", "protocol": 1})
+count = 0
+for line in sys.stdin:
+    m = json.loads(line)
+    kind = m.get("type")
+    if kind == "shutdown":
+        break
+    if kind == "task":
+        for _ in range(2):
+            out({"type": "send", "id": m["id"], "to": "quick", "key": "once",
+                 "payload": {}, "wait": True, "timeout_ms": 30000})
+        out({"type": "send", "id": m["id"], "to": "slow", "key": "later",
+             "payload": {}, "wait": True, "timeout_ms": 30000})
+    elif kind == "reply" and m["key"] == "once":
+        count += 1
+    elif kind == "reply" and m["key"] == "later":
+        out({"type": "result", "id": m["id"], "output": {"once": count}})
+"#;
+
+/// A key sent again while its wait runs gets no second waiter: one reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_sent_twice_while_waiting_is_answered_once() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.doubler]
+command = ["python3", "doubler.py"]
+
+[agents.quick]
+command = {quick}
+
+[agents.slow]
+command = {slow}
+"#,
+        quick = example_agent(&["--work-ms", "1"]),
+        slow = example_agent(&["--work-ms", "1500"]),
+    ));
+    std::fs::write(fleet.path("doubler.py"), DOUBLER).unwrap();
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    queue
+        .submit(vec![task("d1", "doubler", json!({}))])
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(30), "d1 to complete", || async {
+        queue.get("d1").await.unwrap().unwrap().state == TaskState::Completed
+    })
+    .await;
+    let record = queue.get("d1").await.unwrap().unwrap();
+    assert_eq!(record.result, Some(json!({"once": 1})), "{record:?}");
+    daemon.stop().await;
+}

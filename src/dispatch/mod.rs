@@ -823,9 +823,12 @@ impl AgentRuntime {
         })
     }
 
-    /// Stores a completion without holding up the replica: the write joins
-    /// the next group commit while the replica takes its next task. Waits
-    /// only when [`OUTCOME_PERMITS`] writes are already pending.
+    /// Stores a completion without holding up the replica: the write (and
+    /// the validation gates before it) runs while the replica goes on
+    /// reading its agent. When [`OUTCOME_PERMITS`] completions are already
+    /// pending (slow gates) it waits its turn in the background, and the
+    /// agent's replicas take no new task meanwhile
+    /// ([`Self::outcomes_pending`]): the replica loop itself never blocks.
     async fn complete(
         self: &Arc<Self>,
         lease: Lease,
@@ -833,17 +836,26 @@ impl AgentRuntime {
         changes: Option<serde_json::Value>,
         replica: String,
     ) {
-        let permit = self
-            .outcomes
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the outcome semaphore is never closed");
+        let permit = self.outcomes.clone().try_acquire_owned();
         let agent = self.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = match permit {
+                Ok(permit) => permit,
+                Err(_) => agent
+                    .outcomes
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the outcome semaphore is never closed"),
+            };
             agent.store_result(lease, output, changes, &replica).await;
         });
+    }
+
+    /// Whether [`OUTCOME_PERMITS`] completions are pending: replicas take
+    /// no new task until some are stored.
+    pub(super) fn outcomes_pending(&self) -> bool {
+        self.outcomes.available_permits() == 0
     }
 
     /// Validates a result and completes the task with it; a result the
@@ -1350,9 +1362,10 @@ struct Tracked {
     last_progress: Instant,
     deadline: Instant,
     renew_at: Instant,
-    /// Replies it waits for (its child tasks): the progress watchdog
-    /// rests meanwhile (each wait is bounded by its own timeout).
-    waiting: u32,
+    /// The keys of the sends whose replies it waits for (its child
+    /// tasks), one waiter each: the progress watchdog rests meanwhile
+    /// (each wait is bounded by its own timeout).
+    waited: std::collections::HashSet<String>,
 }
 
 impl Tracked {
@@ -1363,13 +1376,13 @@ impl Tracked {
             last_progress: now,
             deadline: now + agent.config.timeouts.max_duration.get(),
             renew_at: agent.renew_at(now),
-            waiting: 0,
+            waited: std::collections::HashSet::new(),
         }
     }
 
     /// When this task's next timeout falls.
     fn next_timeout(&self, agent: &AgentRuntime) -> Instant {
-        if self.waiting > 0 {
+        if !self.waited.is_empty() {
             return self.deadline;
         }
         self.deadline
@@ -1385,7 +1398,7 @@ impl Tracked {
                 format!("ran past timeouts.max_duration = {}", timeouts.max_duration),
             ));
         }
-        if self.waiting == 0 && now >= self.last_progress + timeouts.progress_timeout.get() {
+        if self.waited.is_empty() && now >= self.last_progress + timeouts.progress_timeout.get() {
             return Some(Failure::new(
                 AttemptOutcome::ProgressTimeout,
                 format!(

@@ -351,6 +351,13 @@ async fn kill_for(
     failure: Failure,
 ) {
     tracing::warn!(agent = %agent.name, replica = %name, outcome = failure.outcome.as_str(), detail = %failure.detail, "killing oneshot process");
+    let mut tracked = tracked;
+    // The lease must outlast stopping the process (up to stop_grace and
+    // more), or the task comes back as lease_expired while it still runs.
+    tracked.renew_at = Instant::now();
+    if let Err(error) = agent.progress(&mut tracked, None).await {
+        tracing::debug!(agent = %agent.name, task = %tracked.lease.key, %error, "could not extend the lease before stopping the process");
+    }
     process::stop(child, pgid, agent.config.timeouts.stop_grace.get()).await;
     // A killed process is not a broken slot: the next task starts at once.
     agent.fail_attempt(tracked.lease, failure, name).await;

@@ -25,6 +25,9 @@ use crate::supervisor::process;
 
 /// Far enough to mean "no timer".
 const IDLE_TICK: Duration = Duration::from_secs(3600);
+/// How soon a replica that took no task because completions were pending
+/// looks again.
+const OUTCOMES_RECHECK: Duration = Duration::from_millis(100);
 
 struct Replica<'a> {
     agent: &'a Arc<AgentRuntime>,
@@ -38,7 +41,23 @@ struct Replica<'a> {
     /// Replies to waiting sends, from their waiters.
     news: mpsc::Receiver<crate::delegate::News>,
     news_to: mpsc::Sender<crate::delegate::News>,
+    /// Why the agent's stdin can take no more lines (a write failed or
+    /// timed out, perhaps halfway through a line): the replica is then
+    /// stopped and its tasks go back uncharged.
+    broken: Option<String>,
 }
+
+/// Why a task could not be handed to the agent.
+enum StartFailure {
+    /// The replica is broken: stop it, failing the culprit task if any.
+    Broken(Option<String>, Failure),
+    /// The agent had exited already: handle it as a crash.
+    Exited,
+}
+
+/// Bytes a pipe to the agent holds before a writer waits (Linux's default
+/// pipe buffer).
+const PIPE_CAPACITY: usize = 64 * 1024;
 
 /// Replies waiting to be written to one replica.
 const NEWS: usize = 256;
@@ -90,6 +109,7 @@ pub(super) async fn run(
         in_flight: HashMap::new(),
         news,
         news_to,
+        broken: None,
     };
     if let Err(reason) = replica.wait_ready(shutdown).await {
         replica.stop().await;
@@ -187,22 +207,24 @@ impl Replica<'_> {
     async fn handle_news(&mut self, news: crate::delegate::News) {
         match news {
             crate::delegate::News::Reply(reply, latency) => {
-                let crate::protocol::ToAgent::Reply { id, .. } = &reply else {
+                let crate::protocol::ToAgent::Reply { id, key, .. } = &reply else {
                     return;
                 };
                 let Some(tracked) = self.in_flight.get_mut(id) else {
                     // The parent ended meanwhile: nobody to tell.
                     return;
                 };
-                tracked.waiting = tracked.waiting.saturating_sub(1);
+                if !tracked.waited.remove(key) {
+                    // A wait of an earlier attempt of the same task: this
+                    // attempt did not ask.
+                    return;
+                }
                 tracked.last_progress = Instant::now();
                 self.publish_tasks();
                 self.agent
                     .metrics()
                     .message_answered(&self.agent.name, latency.as_secs_f64());
-                if let Err(error) = self.send(&reply).await {
-                    tracing::warn!(agent = %self.agent.name, replica = self.index, %error, "could not write a reply to the agent");
-                }
+                self.tell(&reply, "a reply").await;
             }
             crate::delegate::News::Alive(parent) => {
                 let Some(tracked) = self.in_flight.get_mut(&parent) else {
@@ -236,7 +258,7 @@ impl Replica<'_> {
             .map(|tracked| {
                 // A task waiting for its children is not silent: its wait
                 // is bounded by its own timeout.
-                let silent = if tracked.waiting > 0 {
+                let silent = if !tracked.waited.is_empty() {
                     Duration::ZERO
                 } else {
                     now.saturating_duration_since(tracked.last_progress)
@@ -262,6 +284,13 @@ impl Replica<'_> {
         // An order given while this process was starting counts too.
         let mut retiring = orders.borrow_and_update().retire.contains(&self.index);
         loop {
+            if let Some(reason) = self.broken.take() {
+                let failure = Failure {
+                    immediate: true,
+                    ..Failure::new(AttemptOutcome::Crashed, reason)
+                };
+                return self.kill_for(None, failure, true).await;
+            }
             if retiring && draining.is_none() && self.in_flight.is_empty() {
                 self.shut_down().await;
                 return Exit::Retired;
@@ -270,6 +299,7 @@ impl Replica<'_> {
                 && !retiring
                 && slot.is_none()
                 && self.in_flight.len() < concurrency
+                && !self.agent.outcomes_pending()
                 && gate.borrow_and_update().blocks(self.index).is_none()
             {
                 let (reply, receiver) = oneshot::channel();
@@ -289,6 +319,12 @@ impl Replica<'_> {
                 .min()
                 .unwrap_or_else(|| Instant::now() + IDLE_TICK);
             let timer = draining.map_or(timer, |deadline| timer.min(deadline));
+            // Waiting for pending completions to be stored: look again soon.
+            let timer = if self.agent.outcomes_pending() {
+                timer.min(Instant::now() + OUTCOMES_RECHECK)
+            } else {
+                timer
+            };
             tokio::select! {
                 biased;
                 changed = shutdown.changed(), if !shutdown_closed => {
@@ -317,10 +353,14 @@ impl Replica<'_> {
                 },
                 lease = async { slot.as_mut().expect("guarded by is_some").await }, if slot.is_some() => {
                     slot = None;
-                    if let Ok(handed) = lease
-                        && let Err((culprit, failure)) = self.start_task(handed.take()).await
-                    {
-                        return self.kill_for(culprit, failure, true).await;
+                    if let Ok(handed) = lease {
+                        match self.start_task(handed.take()).await {
+                            Ok(()) => {}
+                            Err(StartFailure::Broken(culprit, failure)) => {
+                                return self.kill_for(culprit, failure, true).await;
+                            }
+                            Err(StartFailure::Exited) => return self.crashed().await,
+                        }
                     }
                 }
                 () = tokio::time::sleep_until(timer) => {
@@ -370,8 +410,15 @@ impl Replica<'_> {
                 changed = memory.changed(), if !memory_closed => {
                     memory_closed = changed.is_err();
                     if let Some(failure) = over_memory(self.agent, &memory, self.pgid, self.index) {
-                        // Over the limit while idle: the agent itself leaks.
-                        let culprit = self.in_flight.keys().next().cloned();
+                        // With one task, that task; idle, the agent itself
+                        // leaks (a crash). With several, no one task can be
+                        // blamed: a crash too, and the tasks go back
+                        // uncharged.
+                        let culprit = if self.in_flight.len() == 1 {
+                            self.in_flight.keys().next().cloned()
+                        } else {
+                            None
+                        };
                         let crash = culprit.is_none();
                         return self.kill_for(culprit, failure, crash).await;
                     }
@@ -381,7 +428,7 @@ impl Replica<'_> {
     }
 
     /// Sends `lease` to the agent; a replica that cannot take it is broken.
-    async fn start_task(&mut self, lease: Lease) -> Result<(), (Option<String>, Failure)> {
+    async fn start_task(&mut self, lease: Lease) -> Result<(), StartFailure> {
         let message = self.agent.task_message(&lease);
         let id = lease.key.task_id.clone();
         let id_for_error = id.clone();
@@ -389,19 +436,52 @@ impl Replica<'_> {
         self.publish_tasks();
         if let Err(error) = self.send(&message).await {
             let reason = format!("could not write to the agent's stdin: {error}");
-            // The agent closed its stdin while the task was written: charge
-            // the task, so that a payload that kills the agent as it is read
-            // ends in the dead-letter queue instead of looping forever. An
-            // agent that merely stopped reading (timeout) is broken on its
-            // own: the task goes back uncharged.
-            let culprit = (error.kind() == std::io::ErrorKind::BrokenPipe).then_some(id_for_error);
+            let broken_pipe = error.kind() == std::io::ErrorKind::BrokenPipe;
+            if broken_pipe && protocol::encode(&message).len() <= PIPE_CAPACITY {
+                // A line the pipe holds whole is refused only when the
+                // agent was gone before it was written: this task did not
+                // kill it (the tasks it held may have). It goes back
+                // uncharged, and the exit is handled as a crash.
+                if let Some(tracked) = self.in_flight.remove(&id_for_error) {
+                    self.agent
+                        .release(
+                            tracked.lease,
+                            &self.name,
+                            "the agent had exited before the task reached it",
+                        )
+                        .await;
+                }
+                return Err(StartFailure::Exited);
+            }
+            // The agent closed its stdin while a longer line was written:
+            // charge the task, so that a payload that kills the agent as
+            // it is read ends in the dead-letter queue instead of looping
+            // forever. An agent that merely stopped reading (timeout) is
+            // broken on its own: the task goes back uncharged.
+            let culprit = broken_pipe.then_some(id_for_error);
             let failure = Failure {
                 immediate: true,
                 ..Failure::new(AttemptOutcome::Crashed, reason)
             };
-            return Err((culprit, failure));
+            return Err(StartFailure::Broken(culprit, failure));
         }
         Ok(())
+    }
+
+    /// Writes `message` (`what`, for the log); a failed write breaks the
+    /// replica (see [`Self::broken`]): the message is lost, and a line cut
+    /// off by a timeout would garble the next one.
+    async fn tell(&mut self, message: &ToAgent, what: &str) {
+        if self.broken.is_some() {
+            return;
+        }
+        if let Err(error) = self.send(message).await {
+            tracing::warn!(agent = %self.agent.name, replica = self.index, %error, "could not write {what} to the agent; stopping the replica");
+            self.stdin = None;
+            self.broken = Some(format!(
+                "could not write {what} to the agent's stdin: {error}"
+            ));
+        }
     }
 
     async fn send(&mut self, message: &ToAgent) -> std::io::Result<()> {
@@ -530,15 +610,18 @@ impl Replica<'_> {
                 match sent {
                     Err(why) => {
                         tracing::warn!(agent = %self.agent.name, task = %parent, %key, %why, "send refused");
-                        let _ = self
-                            .send(&crate::delegate::refused(&parent, &key, why))
+                        self.tell(&crate::delegate::refused(&parent, &key, why), "a refusal")
                             .await;
                     }
                     Ok(sent) => {
                         tracing::info!(agent = %self.agent.name, task = %parent, child = %sent.child, to = %send.to, existed = sent.existed, wait, "child task sent");
                         if let (true, Some(timeout)) = (wait, send.timeout) {
                             let tracked = self.in_flight.get_mut(&parent).expect("held");
-                            tracked.waiting += 1;
+                            if !tracked.waited.insert(key.clone()) {
+                                // Sent again while its wait runs: that
+                                // wait's one reply answers both.
+                                return;
+                            }
                             tracked.last_progress = Instant::now();
                             self.publish_tasks();
                             tokio::spawn(crate::delegate::wait(
@@ -587,7 +670,8 @@ impl Replica<'_> {
             self.publish_tasks();
             // The task is no longer this replica's (cancelled, or taken
             // over): the agent may stop working on it.
-            let _ = self.send(&ToAgent::Cancel { id: id.to_string() }).await;
+            self.tell(&ToAgent::Cancel { id: id.to_string() }, "a cancel")
+                .await;
         }
     }
 
@@ -631,6 +715,16 @@ impl Replica<'_> {
             .note_lost(self.index, self.in_flight.keys().cloned().collect());
         self.agent
             .update_replica(self.index, |replica| replica.state = ReplicaState::Stopping);
+        // Stopping takes up to stop_grace and more: the leases must outlast
+        // it, or the tasks come back as lease_expired (without their
+        // backoff, and the innocent ones charged) while the process still
+        // runs.
+        for tracked in self.in_flight.values_mut() {
+            tracked.renew_at = Instant::now();
+            if let Err(error) = self.agent.progress(tracked, None).await {
+                tracing::debug!(agent = %self.agent.name, task = %tracked.lease.key, %error, "could not extend a lease before stopping the replica");
+            }
+        }
         self.stop().await;
         self.gone();
         let mut failure = Some(failure);
