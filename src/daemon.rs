@@ -462,8 +462,19 @@ impl Daemon {
                 "replicas did not stop in time; their tasks return to the queue on the next start"
             );
         }
-        for agent in &self.agents {
-            agent.flush_outcomes().await;
+        // Completions still being validated or stored (a rollback can take
+        // minutes): waited for, but not past the shutdown's own limit; a
+        // task left running returns to the queue on the next start.
+        let flushed = tokio::time::timeout(
+            limit,
+            futures_util::future::join_all(self.agents.iter().map(|agent| agent.flush_outcomes())),
+        )
+        .await;
+        if flushed.is_err() {
+            tracing::warn!(
+                ?limit,
+                "completions still being validated or stored after the shutdown limit; those tasks return to the queue on the next start"
+            );
         }
         if tokio::time::timeout(Duration::from_secs(30), self.queue.flush_released())
             .await
