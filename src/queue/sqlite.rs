@@ -49,6 +49,8 @@ const POISONED: &str = "an earlier fsync of the store failed, so later writes ca
 
 /// Most completed tasks deleted by one prune.
 const PRUNE_BATCH: i64 = 2_000;
+/// Dead letters replayed or purged per transaction by `--all`.
+const DEAD_LETTER_BATCH: i64 = 2_000;
 /// Most batches of one prune: 200,000 tasks every `PRUNE_INTERVAL` (10
 /// minutes) keeps up with 300 completions a second.
 const PRUNE_ROUNDS: usize = 100;
@@ -536,10 +538,25 @@ impl SqliteQueue {
                 while let Some(message) = returned.recv().await {
                     match message {
                         Returned::Lease(key) => {
-                            let end = AttemptEnd::dropped();
-                            let _ = writer
-                                .call(move |context| release(context, &key, &end))
-                                .await;
+                            // A store error (the lock held by a command
+                            // beside the daemon) is tried again: else the
+                            // task waits for its lease to run out, and is
+                            // charged for it.
+                            for retry in [None, Some(500), Some(2_000)] {
+                                if let Some(ms) = retry {
+                                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                                }
+                                let (key, end) = (key.clone(), AttemptEnd::dropped());
+                                match writer
+                                    .call(move |context| release(context, &key, &end))
+                                    .await
+                                {
+                                    Err(QueueError::Storage(error)) => {
+                                        tracing::warn!(%error, "could not release a dropped lease; trying again");
+                                    }
+                                    _ => break,
+                                }
+                            }
                         }
                         Returned::Barrier(done) => {
                             let _ = done.send(());
@@ -744,6 +761,45 @@ impl SqliteQueue {
             }
         }
         Ok(deleted)
+    }
+
+    /// Applies `apply` to the dead letters of `selection`: named ones in one
+    /// transaction (all or nothing), every one in transactions of
+    /// [`DEAD_LETTER_BATCH`], so that a huge dead-letter queue neither
+    /// fills memory nor holds the write lock for long. Returns how many.
+    async fn in_batches(
+        &self,
+        selection: &Selection,
+        apply: impl Fn(&mut Context<'_>, &[(i64, String, String)]) -> Result<(), QueueError>
+        + Clone
+        + Send
+        + 'static,
+    ) -> Result<u64, QueueError> {
+        let mut after = 0;
+        let mut count = 0;
+        loop {
+            let (named, apply) = (selection.clone(), apply.clone());
+            let found = self
+                .writer
+                .call(move |context| {
+                    let found = dead_letters(context, &named, after)?;
+                    apply(context, &found)?;
+                    Ok(found
+                        .iter()
+                        .map(|(seq, _, _)| *seq)
+                        .max()
+                        .map(|last| (last, found.len())))
+                })
+                .await?;
+            let Some((last, done)) = found else {
+                return Ok(count);
+            };
+            count += done as u64;
+            if matches!(selection, Selection::Ids(_)) || done < DEAD_LETTER_BATCH as usize {
+                return Ok(count);
+            }
+            after = last;
+        }
     }
 
     async fn read<T: Send + 'static>(
@@ -1475,17 +1531,28 @@ fn running(context: &Context<'_>, until: i64) -> Result<Vec<(i64, u32, String)>,
 }
 
 /// The seqs of the selected dead letters; every named id must be one.
-/// The dead letters `selection` names, as `(seq, id, agent)`, each once.
+/// The dead letters `selection` names, as `(seq, id, agent)`, each once;
+/// for [`Selection::All`], the next [`DEAD_LETTER_BATCH`] after row
+/// `after` (in row order, so a task that dies again meanwhile is not met
+/// twice).
 fn dead_letters(
     context: &Context<'_>,
     selection: &Selection,
+    after: i64,
 ) -> Result<Vec<(i64, String, String)>, QueueError> {
     match selection {
+        // `+state`: walk the rows in order rather than sort every dead
+        // letter for each batch.
         Selection::All => context
             .conn
-            .prepare_cached("SELECT seq, id, agent FROM tasks WHERE state = 5")
+            .prepare_cached(
+                "SELECT seq, id, agent FROM tasks WHERE seq > ?1 AND +state = 5
+                 ORDER BY seq LIMIT ?2",
+            )
             .map_err(storage)?
-            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+            .query_map(params![after, DEAD_LETTER_BATCH], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
             .map_err(storage)?
             .collect::<Result<_, _>>()
             .map_err(storage),
@@ -1970,26 +2037,23 @@ impl TaskQueue for SqliteQueue {
     }
 
     async fn replay(&self, selection: &Selection) -> Result<u64, QueueError> {
-        let selection = selection.clone();
-        self.writer
-            .call(move |context| {
-                let found = dead_letters(context, &selection)?;
-                for (seq, _, agent) in &found {
-                    context
-                        .conn
-                        .prepare_cached(
-                            "UPDATE tasks SET state = 1, charged = 0, replays = replays + 1, reason = NULL,
-                             visible_at = ?2, updated_at = ?2, finished_at = NULL WHERE seq = ?1",
-                        )
-                        .map_err(storage)?
-                        .execute(params![seq, context.now_sql()])
-                        .map_err(storage)?;
-                    context.woken.insert(agent.clone());
-                    context.external_submit = true;
-                }
-                Ok(found.len() as u64)
-            })
-            .await
+        self.in_batches(selection, |context, found| {
+            for (seq, _, agent) in found {
+                context
+                    .conn
+                    .prepare_cached(
+                        "UPDATE tasks SET state = 1, charged = 0, replays = replays + 1, reason = NULL,
+                         visible_at = ?2, updated_at = ?2, finished_at = NULL WHERE seq = ?1",
+                    )
+                    .map_err(storage)?
+                    .execute(params![seq, context.now_sql()])
+                    .map_err(storage)?;
+                context.woken.insert(agent.clone());
+                context.external_submit = true;
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn flush_released(&self) {
@@ -2004,16 +2068,13 @@ impl TaskQueue for SqliteQueue {
     }
 
     async fn purge(&self, selection: &Selection) -> Result<u64, QueueError> {
-        let selection = selection.clone();
-        self.writer
-            .call(move |context| {
-                let found = dead_letters(context, &selection)?;
-                for (seq, id, _) in &found {
-                    delete_task(context.conn, *seq, id)?;
-                }
-                Ok(found.len() as u64)
-            })
-            .await
+        self.in_batches(selection, |context, found| {
+            for (seq, id, _) in found {
+                delete_task(context.conn, *seq, id)?;
+            }
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -2033,6 +2094,53 @@ mod tests {
             },
             role: Role::Client,
         }
+    }
+
+    /// `--all` goes through the dead letters in batches, each once, and
+    /// the counts add up.
+    #[tokio::test]
+    async fn every_dead_letter_is_replayed_and_purged_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = SqliteQueue::open(&dir.path().join("q.db"), settings(), crate::clock::system())
+            .unwrap();
+        let total = DEAD_LETTER_BATCH * 2 + 7;
+        queue
+            .writer
+            .call(move |context| {
+                for n in 0..total {
+                    context
+                        .conn
+                        .execute(
+                            "INSERT INTO tasks (id, agent, priority, state, payload, visible_at, created_at, updated_at)
+                             VALUES (?1, 'a', 2, 5, '{}', 0, 0, 0)",
+                            [format!("dead-{n}")],
+                        )
+                        .map_err(storage)?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let expected = u64::try_from(total).unwrap();
+        assert_eq!(queue.replay(&Selection::All).await.unwrap(), expected);
+        let counts = queue.counts().await.unwrap();
+        assert_eq!(
+            (counts[0].1.queued, counts[0].1.dead_lettered),
+            (expected, 0)
+        );
+        queue
+            .writer
+            .call(|context| {
+                context
+                    .conn
+                    .execute("UPDATE tasks SET state = 5", [])
+                    .map_err(storage)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(queue.purge(&Selection::All).await.unwrap(), expected);
+        assert!(queue.counts().await.unwrap().is_empty());
     }
 
     fn task(id: &str, payload: Value) -> NewTask {
