@@ -406,6 +406,19 @@ mod tests {
     }
 
     #[test]
+    fn the_store_window_covers_the_brokers() {
+        let found = problems(
+            "[store]\ndedup_window = \"30s\"\n[broker]\nurl = \"nats://127.0.0.1:4222\"\n[agents.a]\ncommand = [\"a\"]\n",
+        );
+        assert!(
+            found.iter().any(|p| p.key == "store.dedup_window"
+                && p.message
+                    .contains("shorter than broker.duplicate_window = 2m")),
+            "{found:?}"
+        );
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let config = parse_ok("[agents.worker]\ncommand = [\"python3\", \"agent.py\"]\n");
         let worker = config.agent("worker").unwrap();

@@ -1127,6 +1127,18 @@ impl Config {
         }
         if let Some(broker) = &self.broker {
             broker.validate(self.daemon.status_interval, &mut problem);
+            // The records take over deduplication where the broker's memory
+            // of message ids ends; a gap between the two would let a
+            // resubmit reuse a message id the broker still holds.
+            if store.dedup_window < broker.duplicate_window {
+                problem(
+                    "store.dedup_window".into(),
+                    format!(
+                        "{} is shorter than broker.duplicate_window = {}; it must be at least as long",
+                        store.dedup_window, broker.duplicate_window
+                    ),
+                );
+            }
         }
         if self.daemon.status_interval.get().is_zero() {
             problem(
