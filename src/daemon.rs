@@ -226,6 +226,7 @@ impl Daemon {
         let wiring = Wiring {
             delegation: config.delegation.clone(),
             fleet_agents: Arc::new(fleet.agents.keys().cloned().collect()),
+            fleet: fleet.clone(),
             queue: queue.clone(),
             store: store.clone(),
             clock: clock.clone(),

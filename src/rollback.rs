@@ -95,6 +95,11 @@ pub struct Entry {
     /// The attempt whose result declared it.
     #[serde(default)]
     pub attempt: u32,
+    /// The agent whose result declared it: its directory and environment
+    /// run the rollback command (absent in older journals: the journal's
+    /// `agent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
     /// Where it stands.
     pub state: ChangeState,
     /// Rollback runs of it so far.
@@ -199,6 +204,7 @@ pub async fn record(
             .extend(changes.iter().take(room).map(|change| Entry {
                 change: change.clone(),
                 attempt,
+                agent: Some(agent.to_string()),
                 state: ChangeState::Applied,
                 runs: 0,
                 outcome: None,
@@ -209,6 +215,10 @@ pub async fn record(
     .await?;
     Ok(stored.expect("stored or recorded already"))
 }
+
+/// How a rollback finds the process a change's command runs as: from the
+/// name of the agent that declared it.
+pub type SpecFor<'a> = dyn Fn(&str) -> Option<SpawnSpec> + Send + Sync + 'a;
 
 /// Tries of a journal's compare-and-set before giving up.
 const EDIT_TRIES: usize = 16;
@@ -283,8 +293,9 @@ pub async fn load(store: &Store, task: &str) -> Result<Option<Journal>, QueueErr
 
 /// Undoes the journal's changes in reverse order, skipping those already
 /// rolled back, recording each outcome as it goes; stops at the first
-/// failure (running it again retries from there). `spec` gives the
-/// process each command runs as (working directory, environment).
+/// failure (running it again retries from there). `spec_for` gives the
+/// process each command runs as (working directory, environment) for the
+/// agent that declared the change; `None` for an agent unknown here.
 /// `journal` is read again from the store once this rollback holds the
 /// task, and left as the rollback ends.
 ///
@@ -296,7 +307,7 @@ pub async fn roll_back(
     store: &Store,
     journal: &mut Journal,
     because: &str,
-    spec: &SpawnSpec,
+    spec_for: &SpecFor<'_>,
     limit: Duration,
     now: impl Fn() -> UnixMillis,
 ) -> Result<(), RollbackError> {
@@ -318,7 +329,7 @@ pub async fn roll_back(
     };
     take_claim(store, &journal.task, &claim, now()).await?;
     let result = undo(
-        store, journal, because, spec, limit, &now, &mut claim, lease_ms,
+        store, journal, because, spec_for, limit, &now, &mut claim, lease_ms,
     )
     .await;
     // Freed at once, not left to lapse; a failure to free it only delays
@@ -388,7 +399,7 @@ async fn undo(
     store: &Store,
     journal: &mut Journal,
     because: &str,
-    spec: &SpawnSpec,
+    spec_for: &SpecFor<'_>,
     limit: Duration,
     now: &impl Fn() -> UnixMillis,
     claim: &mut Claim,
@@ -428,15 +439,28 @@ async fn undo(
             });
         }
         *claim = renewed;
+        let agent = journal.changes[index]
+            .agent
+            .clone()
+            .unwrap_or_else(|| journal.agent.clone());
         let entry = &mut journal.changes[index];
-        let mut command = spec.clone();
-        command.argv.clone_from(&entry.change.rollback);
-        let (ok, outcome) = match crate::command::run(command, limit, OUTPUT_BYTES).await {
-            Ok(ran) => (
-                ran.success(),
-                ran.describe(&entry.change.rollback[0], limit),
+        let (ok, outcome) = match spec_for(&agent) {
+            Some(mut command) => {
+                command.argv.clone_from(&entry.change.rollback);
+                match crate::command::run(command, limit, OUTPUT_BYTES).await {
+                    Ok(ran) => (
+                        ran.success(),
+                        ran.describe(&entry.change.rollback[0], limit),
+                    ),
+                    Err(error) => (false, error),
+                }
+            }
+            None => (
+                false,
+                format!(
+                    "agent {agent}, which declared this change, is not in this config; run the rollback where it is"
+                ),
             ),
-            Err(error) => (false, error),
         };
         entry.runs += 1;
         entry.outcome = Some(outcome.clone());
@@ -508,17 +532,18 @@ pub async fn roll_back_task(
     let mut journal = load(store, task)
         .await?
         .ok_or_else(|| RollbackError::NoJournal(task.to_string()))?;
-    let spec = crate::dispatch::command_spec(config, &journal.agent).ok_or_else(|| {
-        RollbackError::UnknownAgent {
+    if config.agent(&journal.agent).is_none() {
+        return Err(RollbackError::UnknownAgent {
             task: task.to_string(),
             agent: journal.agent.clone(),
-        }
-    })?;
+        });
+    }
+    let spec_for = |agent: &str| crate::dispatch::command_spec(config, agent);
     roll_back(
         store,
         &mut journal,
         because,
-        &spec,
+        &spec_for,
         crate::dispatch::ROLLBACK_TIMEOUT,
         now,
     )
@@ -566,11 +591,15 @@ mod tests {
             .collect()
     }
 
-    fn spec(dir: &std::path::Path) -> SpawnSpec {
-        SpawnSpec {
-            argv: Vec::new(),
-            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-            workdir: dir.to_path_buf(),
+    /// Every agent's commands run in `dir`.
+    fn spec(dir: &std::path::Path) -> impl Fn(&str) -> Option<SpawnSpec> + Send + Sync {
+        let dir = dir.to_path_buf();
+        move |_agent: &str| {
+            Some(SpawnSpec {
+                argv: Vec::new(),
+                env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+                workdir: dir.clone(),
+            })
         }
     }
 
@@ -614,6 +643,68 @@ mod tests {
         assert!(again.is_rolled_back());
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "2\n1\n0\n");
         assert_eq!(store.get_control(&claim_key("t")).await.unwrap(), None);
+    }
+
+    /// A task whose attempts ran on two agents (a fallback, an
+    /// escalation) has each change undone where the agent that made it
+    /// runs; an agent this config lacks is recorded as the failure.
+    #[tokio::test]
+    async fn each_change_is_undone_as_the_agent_that_made_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::embedded_in(dir.path());
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        let touch = |name: &str| Change {
+            description: name.into(),
+            rollback: vec!["touch".into(), name.into()],
+        };
+        record(&store, "t", "a", 1, vec![touch("undo-1")])
+            .await
+            .unwrap();
+        let mut journal = record(&store, "t", "b", 2, vec![touch("undo-2")])
+            .await
+            .unwrap();
+        let dirs = [("a", a.clone()), ("b", b.clone())];
+        let spec_for = move |agent: &str| {
+            dirs.iter()
+                .find(|(name, _)| *name == agent)
+                .map(|(_, dir)| SpawnSpec {
+                    argv: Vec::new(),
+                    env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+                    workdir: dir.clone(),
+                })
+        };
+        roll_back(
+            &store,
+            &mut journal,
+            "operator",
+            &spec_for,
+            Duration::from_secs(10),
+            now,
+        )
+        .await
+        .unwrap();
+        assert!(journal.is_rolled_back(), "{journal:?}");
+        assert!(a.join("undo-1").exists() && !b.join("undo-1").exists());
+        assert!(b.join("undo-2").exists() && !a.join("undo-2").exists());
+        // An agent gone from the config: its change is not undone elsewhere.
+        let mut journal = record(&store, "u", "gone", 1, vec![touch("undo-3")])
+            .await
+            .unwrap();
+        roll_back(
+            &store,
+            &mut journal,
+            "operator",
+            &spec_for,
+            Duration::from_secs(10),
+            now,
+        )
+        .await
+        .unwrap();
+        assert!(!journal.is_rolled_back());
+        let outcome = journal.changes[0].outcome.as_deref().unwrap();
+        assert!(outcome.contains("agent gone"), "{outcome}");
     }
 
     #[tokio::test]

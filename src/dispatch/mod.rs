@@ -107,6 +107,9 @@ pub struct AgentRuntime {
     gate: watch::Sender<crate::readiness::Gate>,
     delegation: crate::config::DelegationConfig,
     fleet_agents: Arc<Vec<String>>,
+    /// The whole fleet's config: a rollback runs each change as the agent
+    /// that declared it.
+    fleet: Arc<Config>,
     /// The fleet watchdog's orders to replicas (retire, restart).
     orders: watch::Sender<Orders>,
     /// The replicas' join handles (the watchdog adds replicas).
@@ -167,6 +170,8 @@ pub struct Wiring {
     pub delegation: crate::config::DelegationConfig,
     /// Every agent of the fleet (also those other daemons run).
     pub fleet_agents: Arc<Vec<String>>,
+    /// The whole fleet's config (also the agents other daemons run).
+    pub fleet: Arc<Config>,
 }
 
 /// Problems that keep an agent from starting (missing `${VAR}`, bad
@@ -372,6 +377,7 @@ impl AgentRuntime {
             gate: watch::Sender::new(gate),
             delegation: wiring.delegation.clone(),
             fleet_agents: wiring.fleet_agents.clone(),
+            fleet: wiring.fleet.clone(),
             orders: watch::Sender::new(Orders::default()),
             handles: Mutex::new(Vec::new()),
             phase: shutdown.clone(),
@@ -899,9 +905,11 @@ impl AgentRuntime {
         let (output, notes) = if crate::validate::gates(self, &kind).is_empty() {
             (output, Vec::new())
         } else {
-            let renewing = self.keep_lease(&lease.key);
+            // Kept alive until the decision is carried out: an
+            // auto_rollback can take minutes, and the task must not be
+            // handed out again while its changes are being undone.
+            let _renewing = self.keep_lease(&lease.key);
             let decision = crate::validate::validate(self, &lease, output, &kind).await;
-            drop(renewing);
             if !changes.is_empty()
                 && !matches!(
                     decision,
@@ -1076,19 +1084,21 @@ impl AgentRuntime {
             .await
     }
 
-    /// Undoes `journal` with this agent's environment; says what happened.
+    /// Undoes `journal`, each change as the agent that declared it; says
+    /// what happened.
     pub(crate) async fn run_rollback(
         &self,
         journal: &mut crate::rollback::Journal,
         because: &str,
     ) -> String {
-        let spec = self.check_spec();
+        let fleet = self.fleet.clone();
+        let spec_for = move |agent: &str| command_spec(&fleet, agent);
         let clock = self.clock.clone();
         let result = crate::rollback::roll_back(
             &self.store,
             journal,
             because,
-            &spec,
+            &spec_for,
             ROLLBACK_TIMEOUT,
             move || clock.now_ms(),
         )
