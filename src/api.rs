@@ -663,25 +663,41 @@ async fn rollback(
     State(api): State<Arc<Api>>,
     Path(id): Path<String>,
 ) -> Answer<crate::rollback::Journal> {
-    let clock = api.clock.clone();
-    let journal = crate::rollback::roll_back_task(
-        &api.store,
-        &api.config,
-        &id,
-        "flotilla rollback (API)",
-        move || clock.now_ms(),
-    )
-    .await
-    .map_err(|error| match error {
-        crate::rollback::RollbackError::NoJournal(_) => ApiError::not_found(error.to_string()),
-        crate::rollback::RollbackError::UnknownAgent { .. } => {
-            ApiError::bad_request(error.to_string())
-        }
-        crate::rollback::RollbackError::Busy { .. } => {
-            ApiError::new(StatusCode::CONFLICT, error.to_string())
-        }
-        crate::rollback::RollbackError::Store(error) => error.into(),
-    })?;
+    // Run apart from the request: a client that goes away (Ctrl-C, its
+    // own timeout) must not cut a rollback off halfway, between a command
+    // and the record of its outcome.
+    let running = {
+        let (api, id) = (api.clone(), id.clone());
+        tokio::spawn(async move {
+            let clock = api.clock.clone();
+            crate::rollback::roll_back_task(
+                &api.store,
+                &api.config,
+                &id,
+                "flotilla rollback (API)",
+                move || clock.now_ms(),
+            )
+            .await
+        })
+    };
+    let journal = running
+        .await
+        .map_err(|error| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the rollback failed: {error}"),
+            )
+        })?
+        .map_err(|error| match error {
+            crate::rollback::RollbackError::NoJournal(_) => ApiError::not_found(error.to_string()),
+            crate::rollback::RollbackError::UnknownAgent { .. } => {
+                ApiError::bad_request(error.to_string())
+            }
+            crate::rollback::RollbackError::Busy { .. } => {
+                ApiError::new(StatusCode::CONFLICT, error.to_string())
+            }
+            crate::rollback::RollbackError::Store(error) => error.into(),
+        })?;
     tracing::warn!(task = %id, rolled_back = journal.is_rolled_back(), "task rolled back through the API");
     Ok(Json(journal))
 }

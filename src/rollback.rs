@@ -260,7 +260,10 @@ async fn edit(
 async fn save_progress(store: &Store, journal: &mut Journal) -> Result<(), QueueError> {
     let ours = journal.clone();
     let stored = edit(store, &ours.task, |stored| {
-        let mut stored = stored.unwrap_or_else(|| ours.clone());
+        // Deleted meanwhile (the task purged, or its id given to a new
+        // task): not written back, which would hand the old changes to
+        // the new task.
+        let mut stored = stored?;
         stored
             .rolled_back_because
             .clone_from(&ours.rolled_back_because);
@@ -705,6 +708,26 @@ mod tests {
         assert!(!journal.is_rolled_back());
         let outcome = journal.changes[0].outcome.as_deref().unwrap();
         assert!(outcome.contains("agent gone"), "{outcome}");
+    }
+
+    #[tokio::test]
+    async fn a_journal_deleted_during_a_rollback_is_not_written_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::embedded_in(dir.path());
+        let mut journal = record(
+            &store,
+            "t",
+            "a",
+            1,
+            slow_changes(&dir.path().join("log"), 1),
+        )
+        .await
+        .unwrap();
+        // The task purged meanwhile, its journal with it.
+        store.put_control(&key("t"), &Value::Null).await.unwrap();
+        journal.changes[0].state = ChangeState::RolledBack;
+        save_progress(&store, &mut journal).await.unwrap();
+        assert_eq!(load(&store, "t").await.unwrap(), None);
     }
 
     #[tokio::test]

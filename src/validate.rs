@@ -75,7 +75,7 @@ pub async fn validate(agent: &AgentRuntime, lease: &Lease, output: Value, kind: 
         };
     }
     let file = ResultFile::new();
-    if let Err(error) = std::fs::write(&file.0, output.to_string()) {
+    if let Err(error) = file.write(&output.to_string()) {
         return Decision::Retry {
             report: format!(
                 "the result could not be written to {} for the checks: {error}",
@@ -200,6 +200,19 @@ struct ResultFile(PathBuf);
 impl ResultFile {
     fn new() -> Self {
         Self(std::env::temp_dir().join(format!("flotilla-result-{}.json", uuid::Uuid::now_v7())))
+    }
+
+    /// Writes `text`, readable and writable by the daemon's user only (a
+    /// result may hold what other users of the machine must not read).
+    fn write(&self, text: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&self.0)?
+            .write_all(text.as_bytes())
     }
 }
 

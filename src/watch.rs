@@ -416,16 +416,28 @@ async fn sample(
     {
         return Err(format!("{url}: the answer is over {MAX_ANSWER} bytes"));
     }
-    let body: Value = tokio::time::timeout(limit, response.bytes())
-        .await
-        .map_err(|_| format!("{url}: no answer within {}", check.timeout))?
-        .map_err(|error| format!("{url}: {}", error.without_url()))
-        .and_then(|bytes| {
-            if bytes.len() > MAX_ANSWER {
+    // Read in chunks up to the bound: an answer without a length (chunked)
+    // must not grow without limit either.
+    let read = async {
+        let mut response = response;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|error| format!("{url}: {}", error.without_url()))?
+        {
+            if bytes.len() + chunk.len() > MAX_ANSWER {
                 return Err(format!("{url}: the answer is over {MAX_ANSWER} bytes"));
             }
-            serde_json::from_slice(&bytes).map_err(|error| format!("{url}: not JSON: {error}"))
-        })?;
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes)
+    };
+    let bytes = tokio::time::timeout(limit, read)
+        .await
+        .map_err(|_| format!("{url}: no answer within {}", check.timeout))??;
+    let body: Value =
+        serde_json::from_slice(&bytes).map_err(|error| format!("{url}: not JSON: {error}"))?;
     prometheus_value(&body).map(Sample::Value)
 }
 
