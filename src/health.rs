@@ -265,6 +265,10 @@ pub async fn serve(
 ) {
     let mut stopped = stop.clone();
     let routes = router(health).merge(crate::api::router(api));
+    let listener = Capped {
+        inner: listener,
+        permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+    };
     let server = axum::serve(listener, routes).with_graceful_shutdown(async move {
         let _ = stop.changed().await;
     });
@@ -286,3 +290,104 @@ pub async fn serve(
 
 /// How long open connections may take to finish once the daemon stops.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Most connections served at once: the rest wait in the kernel's queue, so
+/// that clients (or an attacker) holding connections open cannot take the
+/// file descriptors the agents' processes need.
+const MAX_CONNECTIONS: usize = 256;
+
+/// A connection that sends nothing within this time is closed, so that
+/// idle connections cannot hold every slot.
+const FIRST_BYTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The HTTP server's listener: at most [`MAX_CONNECTIONS`] connections,
+/// each closed if its first byte does not come within
+/// [`FIRST_BYTE_TIMEOUT`].
+struct Capped {
+    inner: tokio::net::TcpListener,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl axum::serve::Listener for Capped {
+    type Io = CappedIo;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the connection semaphore is never closed");
+        let (io, address) = axum::serve::Listener::accept(&mut self.inner).await;
+        (
+            CappedIo {
+                io,
+                _permit: permit,
+                first_byte: Some(Box::pin(tokio::time::sleep(FIRST_BYTE_TIMEOUT))),
+            },
+            address,
+        )
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection of [`Capped`], holding its slot until dropped.
+struct CappedIo {
+    io: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    /// Until the first byte comes.
+    first_byte: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl tokio::io::AsyncRead for CappedIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let read = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if self.first_byte.is_some() {
+            if buf.filled().len() > before {
+                self.first_byte = None;
+            } else if let (std::task::Poll::Pending, Some(timer)) =
+                (&read, self.first_byte.as_mut())
+                && timer.as_mut().poll(cx).is_ready()
+            {
+                return std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no request within the first-byte timeout",
+                )));
+            }
+        }
+        read
+    }
+}
+
+impl tokio::io::AsyncWrite for CappedIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}

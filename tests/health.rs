@@ -537,3 +537,31 @@ command = {}
     );
     daemon.stop().await;
 }
+
+/// A connection that sends nothing is closed after the first-byte timeout
+/// (10 s), so idle connections cannot hold the server's slots; the server
+/// answers others meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let fleet = Fleet::new(&format!(
+        "[agents.a]\ncommand = {}\n",
+        example_agent(&["--work-ms", "1"])
+    ));
+    let daemon = fleet.start().await;
+    let address = daemon.http_address().expect("listening");
+    let mut silent = tokio::net::TcpStream::connect(address).await.unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(get(address, "/health/live").await.0, 200);
+    let mut buffer = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(30), silent.read(&mut buffer))
+        .await
+        .expect("closed within 30 s");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    daemon.stop().await;
+}
