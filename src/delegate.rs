@@ -176,10 +176,12 @@ pub async fn send(
         && send
             .key
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && send.key != "."
+        && send.key != "..";
     if !key_ok {
         return Err(format!(
-            "key {:?} is not valid: use 1 to {MAX_KEY} letters, digits, '-', '_' or '.'",
+            "key {:?} is not valid: use 1 to {MAX_KEY} letters, digits, '-', '_' or '.' (not '.' or '..' alone)",
             crate::protocol::excerpt(&send.key)
         ));
     }

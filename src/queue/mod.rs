@@ -688,12 +688,18 @@ pub fn validate_task_id(id: &str) -> Result<(), QueueError> {
         && id.len() <= MAX_TASK_ID_BYTES
         && id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@/".contains(&b));
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@/".contains(&b))
+        // Safe as a path or an argument where `{task.id}` goes (a work
+        // tree per task): no `..`, no empty part, no leading `-`.
+        && !id.starts_with('-')
+        && id
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..");
     if valid {
         Ok(())
     } else {
         Err(QueueError::Invalid(format!(
-            "invalid task id {:?}: use 1 to {MAX_TASK_ID_BYTES} letters, digits or any of - _ . : @ /",
+            "invalid task id {:?}: use 1 to {MAX_TASK_ID_BYTES} letters, digits or any of - _ . : @ /, not starting with '-', with no empty, '.' or '..' part between slashes",
             crate::protocol::excerpt(id)
         )))
     }
@@ -868,7 +874,20 @@ mod tests {
     fn task_ids_are_checked() {
         assert!(validate_task_id("build-42:retry/1").is_ok());
         assert!(validate_task_id(&new_task_id()).is_ok());
-        for bad in ["", "has space", "semi;colon", &"x".repeat(129)] {
+        assert!(validate_task_id("a.b/c..d/.e").is_ok(), "dots inside parts");
+        for bad in [
+            "",
+            "has space",
+            "semi;colon",
+            &"x".repeat(129),
+            "a/../b",
+            "..",
+            "./a",
+            "/abs",
+            "a//b",
+            "trailing/",
+            "-rf",
+        ] {
             assert!(
                 matches!(validate_task_id(bad), Err(QueueError::Invalid(_))),
                 "{bad}"
