@@ -211,7 +211,10 @@ async fn authorize(State(api): State<Arc<Api>>, request: Request, next: Next) ->
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|value| value.to_str().ok())
-                .and_then(|value| value.strip_prefix("Bearer "));
+                // The scheme is case-insensitive (RFC 9110).
+                .and_then(|value| value.split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, token)| token);
             if !given.is_some_and(|given| same(given.trim().as_bytes(), token.as_bytes())) {
                 tracing::warn!(method = %request.method(), path = %request.uri().path(), "API call without the right bearer token refused");
                 let mut response = ApiError::new(
@@ -656,6 +659,7 @@ async fn tree(
     State(api): State<Arc<Api>>,
     Path(id): Path<String>,
 ) -> Answer<crate::delegate::Tree> {
+    find(&api, &id).await?;
     Ok(Json(crate::delegate::tree(&api.store, &id).await?))
 }
 

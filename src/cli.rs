@@ -748,23 +748,42 @@ impl Target {
                     (config.daemon.status_interval.get() * 3 + Duration::from_secs(2)).as_millis(),
                 )
                 .unwrap_or(u64::MAX);
-                let address = store
+                // A daemon of this machine first (on a shared broker the
+                // store lists every daemon of the fleet).
+                let here = crate::store::host_name();
+                let mut live: Vec<_> = store
                     .snapshots()
                     .await?
                     .into_iter()
                     .filter(|snapshot| crate::store::is_fresh(snapshot, now, fresh))
-                    .find_map(|snapshot| snapshot.http)
-                    .ok_or_else(|| {
-                        Failure::failed(
-                            "no running daemon with an HTTP server on this store; start one (flotilla up), or give --api URL",
-                        )
-                    })?;
+                    .filter_map(|snapshot| Some((snapshot.host != here, snapshot.http?)))
+                    .collect();
+                live.sort_by_key(|(elsewhere, _)| *elsewhere);
+                let (_, address) = live.into_iter().next().ok_or_else(|| {
+                    Failure::failed(
+                        "no running daemon with an HTTP server on this store; start one (flotilla up), or give --api URL",
+                    )
+                })?;
+                // Listening on every address (0.0.0.0) is reached here.
+                let address = match address.parse::<std::net::SocketAddr>() {
+                    Ok(socket) if socket.ip().is_unspecified() => {
+                        format!("127.0.0.1:{}", socket.port())
+                    }
+                    _ => address,
+                };
                 let token = config
                     .http
                     .token(&config.base_dir)
                     .map_err(Failure::usage)?;
                 let client =
                     ApiClient::new(&format!("http://{address}"), token).map_err(Failure::usage)?;
+                if client.sends_token_in_clear() {
+                    eprintln!(
+                        "flotilla: warning: the API token goes to {} unencrypted (plain http to another machine, the daemon found in the store); \
+                         give --api with an https:// URL, an SSH tunnel or `kubectl port-forward` to 127.0.0.1",
+                        client.base()
+                    );
+                }
                 Ok(std::borrow::Cow::Owned(client))
             }
         }

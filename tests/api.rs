@@ -191,6 +191,19 @@ breaker = {{ enabled = false }}
         status == 404 && error_of(&body).contains("no task with id"),
         "{body}"
     );
+    let (status, body) = api.get("/api/v1/tasks/nope/tree").await;
+    assert!(
+        status == 404 && error_of(&body).contains("no task with id"),
+        "{status} {body}"
+    );
+    // The scheme of the token is case-insensitive.
+    let lower = reqwest::Client::new()
+        .get(format!("http://{address}/api/v1/status"))
+        .header("authorization", format!("bearer {TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lower.status().as_u16(), 200);
     // Unknown routes, methods and agents answer in the same JSON.
     let (status, body) = api.get("/api/v1/nothing").await;
     assert!(

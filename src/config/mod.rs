@@ -655,7 +655,11 @@ impl HttpConfig {
                 ),
             );
         }
-        if self.token.as_deref().is_some_and(str::is_empty) {
+        if self
+            .token
+            .as_deref()
+            .is_some_and(|token| token.trim().is_empty())
+        {
             problem(
                 "http.token".into(),
                 "is empty; give a long random string, or leave it out".into(),
