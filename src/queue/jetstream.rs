@@ -2583,12 +2583,21 @@ impl TaskQueue for JetStreamQueue {
             .collect();
         picked.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
         picked.truncate(filter.limit);
-        let mut tasks = Vec::with_capacity(picked.len());
+        let (mut tasks, mut bytes) = (Vec::with_capacity(picked.len()), 0usize);
         for summary in picked {
             // A task deleted since the scan is left out.
             if let Some((record, _)) = self.inner.entry(&summary.id).await? {
                 let mut task = record.task;
                 task.history.clear();
+                let size =
+                    |value: &Option<Value>| value.as_ref().map_or(0, |v| v.to_string().len());
+                bytes = bytes
+                    .saturating_add(task.payload.to_string().len())
+                    .saturating_add(size(&task.result))
+                    .saturating_add(size(&task.checkpoint));
+                if bytes > super::MAX_LIST_BYTES {
+                    return Err(super::listing_too_large(tasks.len() + 1));
+                }
                 tasks.push(task);
             }
         }

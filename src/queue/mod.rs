@@ -181,6 +181,24 @@ pub struct SubmitReceipt {
     pub state: TaskState,
 }
 
+/// Most bytes of payloads, results and checkpoints one listing holds: a
+/// listing of many large records would otherwise take the daemon's memory
+/// in proportion.
+#[cfg(not(test))]
+pub const MAX_LIST_BYTES: usize = 256 << 20;
+/// [`MAX_LIST_BYTES`] in unit tests, which reach it with little data.
+#[cfg(test)]
+pub const MAX_LIST_BYTES: usize = 1 << 20;
+
+/// The answer to a listing over [`MAX_LIST_BYTES`], reached at its
+/// `count`th record.
+pub(crate) fn listing_too_large(count: usize) -> QueueError {
+    QueueError::Invalid(format!(
+        "the listing holds over {} MiB of payloads and results by its task number {count}; ask for fewer (limit) or narrow it (state, agent)",
+        MAX_LIST_BYTES >> 20
+    ))
+}
+
 /// What the store keeps beside a task under its id (`control.KIND.ID`):
 /// its rollback journal and the claim of a running rollback
 /// (`src/rollback.rs`), its link to a waiting parent and its children

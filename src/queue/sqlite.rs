@@ -1048,6 +1048,9 @@ fn poll_external(conn: &Connection, wakers: &Weak<Wakers>, stop: &AtomicBool) {
 const RECORD_COLUMNS: &str = "id, agent, priority, state, payload, attempt, charged, replays,
     checkpoint, result, reason, visible_at, lease_deadline, created_at, updated_at, finished_at, seq";
 
+/// How many columns [`RECORD_COLUMNS`] names.
+const RECORD_COLUMN_COUNT: usize = 17;
+
 fn parse_json(text: Option<String>) -> Option<Value> {
     text.map(|text| serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
@@ -1991,18 +1994,29 @@ impl TaskQueue for SqliteQueue {
                 }
             };
             let limit = i64::try_from(filter.limit.max(1)).unwrap_or(i64::MAX);
+            // The last column: the bytes the record's large fields take.
             let mut statement = conn
                 .prepare(&format!(
-                    "SELECT {RECORD_COLUMNS} FROM tasks WHERE state BETWEEN ?1 AND ?2
+                    "SELECT {RECORD_COLUMNS}, length(CAST(payload AS BLOB))
+                        + ifnull(length(CAST(result AS BLOB)), 0)
+                        + ifnull(length(CAST(checkpoint AS BLOB)), 0)
+                     FROM tasks WHERE state BETWEEN ?1 AND ?2
                      AND (?3 IS NULL OR agent = ?3) ORDER BY seq DESC LIMIT ?4"
                 ))
                 .map_err(storage)?;
-            let rows = statement
-                .query_map(params![low, high, filter.agent, limit], record_from_row)
+            let mut rows = statement
+                .query(params![low, high, filter.agent, limit])
                 .map_err(storage)?;
-            rows.map(|row| row.map(|(record, _)| record))
-                .collect::<Result<_, _>>()
-                .map_err(storage)
+            let (mut records, mut bytes) = (Vec::new(), 0usize);
+            while let Some(row) = rows.next().map_err(storage)? {
+                let size: i64 = row.get(RECORD_COLUMN_COUNT).map_err(storage)?;
+                bytes = bytes.saturating_add(usize::try_from(size).unwrap_or(0));
+                if bytes > super::MAX_LIST_BYTES {
+                    return Err(super::listing_too_large(records.len() + 1));
+                }
+                records.push(record_from_row(row).map_err(storage)?.0);
+            }
+            Ok(records)
         })
         .await
     }
@@ -2094,6 +2108,31 @@ mod tests {
             },
             role: Role::Client,
         }
+    }
+
+    /// A listing stops, with a clear error, once its records hold more
+    /// than [`super::MAX_LIST_BYTES`] (1 MiB in unit tests).
+    #[tokio::test]
+    async fn a_listing_of_too_many_large_records_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = SqliteQueue::open(&dir.path().join("q.db"), settings(), crate::clock::system())
+            .unwrap();
+        let big = json!("x".repeat(60_000));
+        let tasks: Vec<NewTask> = (0..20)
+            .map(|n| task(&format!("big-{n}"), big.clone()))
+            .collect();
+        queue.submit(tasks).await.unwrap();
+        let filter = |limit| ListFilter {
+            state: None,
+            agent: None,
+            limit,
+        };
+        assert_eq!(queue.list(&filter(10)).await.unwrap().len(), 10);
+        let refused = queue.list(&filter(20)).await.unwrap_err().to_string();
+        assert!(
+            refused.contains("over 1 MiB of payloads and results by its task number 18"),
+            "{refused}"
+        );
     }
 
     /// `--all` goes through the dead letters in batches, each once, and
