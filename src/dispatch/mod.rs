@@ -909,13 +909,10 @@ impl AgentRuntime {
             // auto_rollback can take minutes, and the task must not be
             // handed out again while its changes are being undone.
             let _renewing = self.keep_lease(&lease.key);
-            let decision = crate::validate::validate(self, &lease, output, &kind).await;
+            // Journaled before the gates run (they may take minutes): a
+            // daemon lost meanwhile must not lose the record of changes the
+            // agent already made. Recording is idempotent per attempt.
             if !changes.is_empty()
-                && !matches!(
-                    decision,
-                    crate::validate::Decision::Accept { .. }
-                        | crate::validate::Decision::Rollback { .. }
-                )
                 && let Err(error) = crate::rollback::record(
                     &self.store,
                     &lease.key.task_id,
@@ -925,9 +922,11 @@ impl AgentRuntime {
                 )
                 .await
             {
-                // The attempt fails anyway; its changes stay unrecorded.
-                tracing::error!(%error, "could not record the rejected result's changes");
+                tracing::error!(%error, "could not record the result's changes; the task will be released");
+                self.finish_call(&lease.key, AttemptOutcome::Released);
+                return;
             }
+            let decision = crate::validate::validate(self, &lease, output, &kind).await;
             match decision {
                 crate::validate::Decision::Accept { output, notes } => (output, notes),
                 crate::validate::Decision::Retry { report } => {
