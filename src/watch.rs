@@ -28,7 +28,7 @@ const OUTPUT_BYTES: usize = 1024;
 
 /// Starts watching `task` (of type `kind`) of `agent`, if its config
 /// watches tasks of that type.
-pub fn start(agent: &Arc<AgentRuntime>, task: &str, kind: &str) {
+pub fn start(agent: &Arc<AgentRuntime>, task: &str, attempt: u32, kind: &str) {
     let config = &agent.config.watch;
     if config.checks.is_empty()
         || !(config.types.is_empty() || config.types.iter().any(|t| t == kind))
@@ -44,18 +44,20 @@ pub fn start(agent: &Arc<AgentRuntime>, task: &str, kind: &str) {
         let _permit = permit;
         let client = reqwest::Client::builder().build().ok();
         let config = agent.config.watch.clone();
-        let mut baseline = Vec::with_capacity(config.checks.len());
-        for check in &config.checks {
-            let base = sample(&agent, &task, check, client.as_ref()).await.ok();
-            baseline.push((check.name.clone(), base));
-        }
         let duration_ms = u64::try_from(config.duration.get().as_millis()).unwrap_or(u64::MAX);
-        let watched = Watched {
+        let mut watched = Watched {
             task,
             daemon: agent.owner().to_string(),
             until_ms: agent.clock_now_ms().saturating_add(duration_ms),
-            baseline,
+            baseline: config
+                .checks
+                .iter()
+                .map(|check| (check.name.clone(), None))
+                .collect(),
+            attempt: Some(attempt),
         };
+        // Stored before the baselines are sampled (up to a timeout each):
+        // a daemon stopped meanwhile leaves it for the next one.
         let kept = edit_list(agent.store(), &agent.name, |list| {
             list.retain(|other| other.task != watched.task);
             if list.len() >= MAX_WATCHED {
@@ -67,6 +69,22 @@ pub fn start(agent: &Arc<AgentRuntime>, task: &str, kind: &str) {
         .await;
         if !matches!(kept, Ok(true)) {
             tracing::warn!(agent = %agent.name, task = %watched.task, ?kept, "the watch is not kept in the store: it ends if this daemon stops");
+        }
+        let stored = watched.clone();
+        for (check, (_, base)) in config.checks.iter().zip(watched.baseline.iter_mut()) {
+            *base = sample(&agent, &watched.task, check, client.as_ref())
+                .await
+                .ok();
+        }
+        if matches!(kept, Ok(true)) {
+            let _ = edit_list(agent.store(), &agent.name, |list| {
+                let Some(entry) = list.iter_mut().find(|entry| **entry == stored) else {
+                    return false;
+                };
+                entry.baseline.clone_from(&watched.baseline);
+                true
+            })
+            .await;
         }
         tracing::info!(agent = %agent.name, task = %watched.task, duration = %config.duration, "watching the accepted task");
         watch(&agent, &watched, client.as_ref()).await;
@@ -215,9 +233,13 @@ struct Watched {
     daemon: String,
     /// When it ends without a breach.
     until_ms: UnixMillis,
-    /// The baseline of each check, by name (`None`: it could not be
-    /// sampled).
+    /// The baseline of each check, by name (`None`: not sampled yet, or
+    /// it could not be: taken at the next round).
     baseline: Vec<(String, Option<Sample>)>,
+    /// The attempt that was accepted: a task run again since (its id
+    /// reused) is not this watch's to roll back. Absent in older entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    attempt: Option<u32>,
 }
 
 fn list_key(agent: &str) -> String {
@@ -277,6 +299,8 @@ async fn edit_list(
 async fn watch(agent: &Arc<AgentRuntime>, watched: &Watched, client: Option<&reqwest::Client>) {
     let config = agent.config.watch.clone();
     let task = &watched.task;
+    // Baselines that could not be sampled yet are taken at the next round.
+    let mut baselines = watched.baseline.clone();
     let left = watched.until_ms.saturating_sub(agent.clock_now_ms());
     let until = tokio::time::Instant::now() + std::time::Duration::from_millis(left);
     let mut phase = agent.phase();
@@ -287,8 +311,7 @@ async fn watch(agent: &Arc<AgentRuntime>, watched: &Watched, client: Option<&req
             _ = phase.wait_for(|phase| phase.stopping()) => return,
         }
         for check in &config.checks {
-            let base = watched
-                .baseline
+            let base = baselines
                 .iter()
                 .find(|(name, _)| *name == check.name)
                 .and_then(|(_, base)| *base);
@@ -299,8 +322,23 @@ async fn watch(agent: &Arc<AgentRuntime>, watched: &Watched, client: Option<&req
                     continue;
                 }
             };
+            if base.is_none()
+                && let Sample::Value(_) = now
+            {
+                if let Some((_, slot)) = baselines.iter_mut().find(|(name, _)| *name == check.name)
+                {
+                    *slot = Some(now);
+                } else {
+                    baselines.push((check.name.clone(), Some(now)));
+                }
+                continue;
+            }
             if let Some(breach) = breach(check, base, now) {
-                breached(agent, task, check, &breach).await;
+                if still_accepted(agent, watched).await {
+                    breached(agent, task, check, &breach).await;
+                } else {
+                    tracing::info!(agent = %agent.name, %task, check = %check.name, %breach, "watch breached, but the task was run again since; the watch ends without a rollback");
+                }
                 breached_once = true;
                 break 'watching;
             }
@@ -468,6 +506,22 @@ fn prometheus_value(body: &Value) -> Result<f64, String> {
         .ok_or_else(|| format!("unexpected value {value}"))
 }
 
+/// Whether the watched task is still the completed attempt the watch was
+/// started for (an id reused after the dedup window is a new task).
+async fn still_accepted(agent: &Arc<AgentRuntime>, watched: &Watched) -> bool {
+    match agent.store().queue().get(&watched.task).await {
+        Ok(Some(task)) => {
+            task.state == crate::queue::TaskState::Completed
+                && watched
+                    .attempt
+                    .is_none_or(|attempt| task.attempts == attempt)
+        }
+        Ok(None) => false,
+        // Unsure: the breach is acted on, as before.
+        Err(_) => true,
+    }
+}
+
 async fn breached(agent: &Arc<AgentRuntime>, task: &str, check: &WatchCheck, why: &str) {
     let reason = format!("watch check {:?} breached: {why}", check.name);
     let undone = match crate::rollback::load(agent.store(), task).await {
@@ -545,6 +599,7 @@ mod tests {
                 ("errors".into(), Some(Sample::Value(0.25))),
                 ("up".into(), None),
             ],
+            attempt: Some(1),
         };
         store
             .put_control(&list_key("b"), &Value::Null)

@@ -976,7 +976,7 @@ impl AgentRuntime {
             Ok(_) => {
                 self.finish_call(&lease.key, AttemptOutcome::Completed);
                 lease.settle();
-                crate::watch::start(self, &lease.key.task_id, &kind);
+                crate::watch::start(self, &lease.key.task_id, lease.key.attempt, &kind);
             }
             Err(QueueError::Invalid(message)) => {
                 self.fail_attempt(lease, Failure::rejected(message), replica)
