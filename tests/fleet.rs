@@ -323,11 +323,11 @@ events = ["agent_failed", "replica_lost"]
     }
 }
 
-/// One replica crashing in a loop never fills the restart window once its
-/// restart delay has grown; crashing `max_restarts` times in a row fails
-/// the agent all the same.
+/// One replica that cannot start never fills the restart window once its
+/// restart delay has grown; failing to start `max_restarts` times in a
+/// row fails the agent all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_single_replica_crashing_in_a_row_fails_the_agent() {
+async fn a_replica_failing_to_start_in_a_row_fails_the_agent() {
     let fleet = Fleet::new(
         r#"
 [agents.broken]
@@ -344,8 +344,9 @@ restart = { initial_backoff = "100ms", max_backoff = "200ms", max_restarts = 4, 
     .await;
     let failure = agent.status().failure.unwrap();
     assert!(
-        failure.contains("crashed 5 times in a row")
-            && failure.contains("restart.max_restarts = 4"),
+        failure.contains("failed to start 5 times in a row")
+            && failure.contains("restart.max_restarts = 4")
+            && failure.contains("exited before ready"),
         "{failure}"
     );
     daemon.stop().await;

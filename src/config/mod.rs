@@ -933,9 +933,10 @@ pub struct RestartConfig {
     /// `initial_backoff`.
     pub reset_after: HumanDuration,
     /// More restarts than this within `window`, across the agent's replicas,
-    /// or more crashes than this of one replica in a row (none after a run
-    /// of `reset_after`), marks the agent `failed`: it is no longer
-    /// restarted and its tasks go to its fallback, else stay queued.
+    /// or more failed starts than this of one replica in a row (it could
+    /// not start, or never said `ready`), marks the agent `failed`: it is
+    /// no longer restarted and its tasks go to its fallback, else stay
+    /// queued.
     pub max_restarts: u32,
     /// The window of `max_restarts`.
     pub window: HumanDuration,

@@ -1760,9 +1760,11 @@ enum Exit {
     Shutdown,
     /// The fleet watchdog removed the replica (it was idle).
     Retired,
-    /// It crashed or could not start; restart after a delay, within the
-    /// restart intensity.
+    /// It crashed; restart after a delay, within the restart intensity.
     Crashed(String),
+    /// It could not start (the program cannot run, no `ready`): a crash
+    /// that also counts towards the failed starts in a row.
+    NotStarted(String),
     /// The daemon killed it because of a task (timeout, memory limit);
     /// restart at once.
     Killed(String),
@@ -1772,6 +1774,10 @@ enum Exit {
 /// shutdown or until the agent's restart intensity is exceeded.
 async fn run_replica(agent: Arc<AgentRuntime>, index: u32, mut shutdown: watch::Receiver<Phase>) {
     let mut streak = Streak::default();
+    // Starts that failed in a row (the program cannot run, or never said
+    // `ready`): the restart window alone never fills once the delay has
+    // grown, so an agent that cannot start would be restarted for ever.
+    let mut failed_starts = 0u32;
     loop {
         if agent.is_failed() || shutdown.borrow().stopping() {
             break;
@@ -1796,8 +1802,18 @@ async fn run_replica(agent: Arc<AgentRuntime>, index: u32, mut shutdown: watch::
                 tracing::info!(agent = %agent.name, replica = index, "replica retired by the fleet watchdog");
                 return;
             }
-            Exit::Crashed(reason) => (reason, true),
-            Exit::Killed(reason) => (reason, false),
+            Exit::Crashed(reason) => {
+                failed_starts = 0;
+                (reason, true)
+            }
+            Exit::NotStarted(reason) => {
+                failed_starts += 1;
+                (reason, true)
+            }
+            Exit::Killed(reason) => {
+                failed_starts = 0;
+                (reason, false)
+            }
         };
         let lost = agent
             .lost
@@ -1823,18 +1839,13 @@ async fn run_replica(agent: Arc<AgentRuntime>, index: u32, mut shutdown: watch::
                 .expect("intensity lock")
                 .record(agent.clock.now_ms());
             let restart = &agent.config.restart;
-            // The window alone is never filled by one replica whose
-            // restart delay has grown: a replica that keeps crashing,
-            // never running for reset_after, is given up on too.
             let give_up = match verdict {
                 Verdict::GiveUp { restarts } => Some(format!(
                     "{restarts} restarts within restart.window = {} (restart.max_restarts = {})",
                     restart.window, restart.max_restarts
                 )),
-                Verdict::Restart if streak.consecutive() > restart.max_restarts => Some(format!(
-                    "replica {index} crashed {} times in a row without running for restart.reset_after = {} (restart.max_restarts = {})",
-                    streak.consecutive(),
-                    restart.reset_after,
+                Verdict::Restart if failed_starts > restart.max_restarts => Some(format!(
+                    "replica {index} failed to start {failed_starts} times in a row (restart.max_restarts = {})",
                     restart.max_restarts
                 )),
                 Verdict::Restart => None,

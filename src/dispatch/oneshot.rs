@@ -177,7 +177,7 @@ async fn run_task(
         Err(error) => {
             let reason = format!("cannot start {program:?}: {error}");
             agent.release(lease, name, &reason).await;
-            return Some(Exit::Crashed(reason));
+            return Some(Exit::NotStarted(reason));
         }
     };
     let pgid = child.id().unwrap_or(0);

@@ -71,7 +71,7 @@ pub(super) async fn run(
 ) -> Exit {
     let spec = match agent.spawn_spec(index, None) {
         Ok(spec) => spec,
-        Err(error) => return Exit::Crashed(format!("cannot build the command: {error}")),
+        Err(error) => return Exit::NotStarted(format!("cannot build the command: {error}")),
     };
     let program = spec.argv.first().cloned().unwrap_or_default();
     agent.update_replica(index, |replica| {
@@ -83,14 +83,14 @@ pub(super) async fn run(
     });
     let mut child = match process::spawn(spec).await {
         Ok(child) => child,
-        Err(error) => return Exit::Crashed(format!("cannot start {program:?}: {error}")),
+        Err(error) => return Exit::NotStarted(format!("cannot start {program:?}: {error}")),
     };
     let pgid = child.id().unwrap_or(0);
     let (Some(stdin), Some(stdout), Some(stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
         process::finish(&mut child, pgid).await;
-        return Exit::Crashed("the agent's stdio pipes were not available".into());
+        return Exit::NotStarted("the agent's stdio pipes were not available".into());
     };
     log_stderr(agent, index, stderr);
     agent.update_replica(index, |replica| replica.pid = Some(pgid));
@@ -128,7 +128,7 @@ impl Replica<'_> {
             let line = tokio::select! {
                 _ = shutdown.changed() => return Err(Exit::Shutdown),
                 () = tokio::time::sleep_until(deadline) => {
-                    return Err(Exit::Crashed(format!("no ready message within timeouts.startup = {startup}")));
+                    return Err(Exit::NotStarted(format!("no ready message within timeouts.startup = {startup}")));
                 }
                 line = self.lines.next_line() => line,
             };
@@ -137,7 +137,7 @@ impl Replica<'_> {
                     Ok(FromAgent::Ready { protocol }) => {
                         let version = protocol.unwrap_or(PROTOCOL_VERSION);
                         if version != PROTOCOL_VERSION {
-                            return Err(Exit::Crashed(format!(
+                            return Err(Exit::NotStarted(format!(
                                 "the agent speaks protocol {version}; this flotilla speaks {PROTOCOL_VERSION}"
                             )));
                         }
@@ -151,7 +151,7 @@ impl Replica<'_> {
                 Ok(Some(other)) => self.malformed_line(&other),
                 Ok(None) | Err(_) => {
                     let status = process::finish(&mut self.child, self.pgid).await;
-                    return Err(Exit::Crashed(format!(
+                    return Err(Exit::NotStarted(format!(
                         "exited before ready ({})",
                         describe(status)
                     )));
