@@ -34,6 +34,9 @@ pub(super) async fn run(
     let name = agent.replica_name(index);
     let mut gate = agent.watch_gate();
     let mut orders = agent.watch_orders();
+    // A process started since the slot (re)started: a later start failure
+    // is a crash, not one more failed start in a row.
+    let mut started_one = false;
     loop {
         agent.update_replica(index, |replica| replica.without_process(ReplicaState::Idle));
         if orders.borrow_and_update().retire.contains(&index) {
@@ -89,11 +92,13 @@ pub(super) async fn run(
             continue;
         };
         let span = agent.attempt_span(&lease.key);
-        if let Some(reason) = run_task(agent, index, &name, lease, shutdown)
+        match run_task(agent, index, &name, lease, shutdown)
             .instrument(span)
             .await
         {
-            return reason;
+            Some(Exit::NotStarted(reason)) if started_one => return Exit::Crashed(reason),
+            Some(exit) => return exit,
+            None => started_one = true,
         }
         if shutdown.borrow().stopping() {
             return Exit::Shutdown;
