@@ -751,15 +751,14 @@ impl Target {
                 // A daemon of this machine first (on a shared broker the
                 // store lists every daemon of the fleet).
                 let here = crate::store::host_name();
-                let mut live: Vec<_> = store
+                let (_, address) = store
                     .snapshots()
                     .await?
                     .into_iter()
                     .filter(|snapshot| crate::store::is_fresh(snapshot, now, fresh))
                     .filter_map(|snapshot| Some((snapshot.host != here, snapshot.http?)))
-                    .collect();
-                live.sort_by_key(|(elsewhere, _)| *elsewhere);
-                let (_, address) = live.into_iter().next().ok_or_else(|| {
+                    .min_by_key(|(elsewhere, _)| *elsewhere)
+                    .ok_or_else(|| {
                     Failure::failed(
                         "no running daemon with an HTTP server on this store; start one (flotilla up), or give --api URL",
                     )

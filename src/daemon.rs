@@ -225,7 +225,6 @@ impl Daemon {
         let schedule_notifier = notifier.clone();
         let wiring = Wiring {
             delegation: config.delegation.clone(),
-            fleet_agents: Arc::new(fleet.agents.keys().cloned().collect()),
             fleet: fleet.clone(),
             queue: queue.clone(),
             store: store.clone(),

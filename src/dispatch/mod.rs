@@ -168,8 +168,6 @@ pub struct Wiring {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Limits of agent-to-agent messages.
     pub delegation: crate::config::DelegationConfig,
-    /// Every agent of the fleet (also those other daemons run).
-    pub fleet_agents: Arc<Vec<String>>,
     /// The whole fleet's config (also the agents other daemons run).
     pub fleet: Arc<Config>,
 }
@@ -376,7 +374,7 @@ impl AgentRuntime {
             metrics: wiring.metrics.clone(),
             gate: watch::Sender::new(gate),
             delegation: wiring.delegation.clone(),
-            fleet_agents: wiring.fleet_agents.clone(),
+            fleet_agents: Arc::new(wiring.fleet.agents.keys().cloned().collect()),
             fleet: wiring.fleet.clone(),
             orders: watch::Sender::new(Orders::default()),
             handles: Mutex::new(Vec::new()),

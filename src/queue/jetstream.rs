@@ -1852,16 +1852,16 @@ impl Inner {
         }
     }
 
-    /// Back to the queue after `delay`, charged or not.
     /// Ends the attempt `key` holds with `end`, and lets `then` change the
-    /// record further (at the same time `now`), in one compare-and-set.
+    /// record further (at the same time `now`), in one compare-and-set;
+    /// `then` may also keep the record as it was ([`Change::Keep`]).
     /// Returns what `then` returned and the delivery's reply subject from
     /// the record, for settling its message.
     async fn end_held<T>(
         &self,
         key: &LeaseKey,
         end: &AttemptEnd,
-        mut then: impl FnMut(&mut Record, UnixMillis) -> T,
+        mut then: impl FnMut(&mut Record, UnixMillis) -> Change<T>,
     ) -> Result<(T, Option<String>), QueueError> {
         let mut reply = None;
         let answer = self
@@ -1872,30 +1872,45 @@ impl Inner {
                 let now = self.now();
                 reply.clone_from(&record.reply);
                 record.end_attempt(key.attempt, end, now);
-                Ok(Change::Write(then(record, now)))
+                Ok(then(record, now))
             })
             .await?;
         Ok((answer, reply))
     }
 
+    /// Back to the queue after `delay`, charged or not. With
+    /// `only_expired`, a lease extended since it was seen expired (progress
+    /// in between) is kept. Returns whether the task went back.
     async fn requeue(
         &self,
         key: &LeaseKey,
         delay: Duration,
         end: &AttemptEnd,
         refund: bool,
-    ) -> Result<(), QueueError> {
+        only_expired: bool,
+    ) -> Result<bool, QueueError> {
         let (agent, reply) = self
             .end_held(key, end, |record, now| {
+                if only_expired
+                    && record
+                        .task
+                        .lease_deadline_ms
+                        .is_some_and(|deadline| deadline > now)
+                {
+                    return Change::Keep(None);
+                }
                 if refund {
                     record.task.charged_attempts = record.task.charged_attempts.saturating_sub(1);
                 }
                 let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX / 2);
                 record.retry_delay_ms = delay_ms;
                 record.requeue(now + delay_ms);
-                record.task.agent.clone()
+                Change::Write(Some(record.task.agent.clone()))
             })
             .await?;
+        let Some(agent) = agent else {
+            return Ok(false);
+        };
         self.settle_held(key, reply, nak(delay)).await;
         if delay.is_zero() {
             self.ring(&agent).await;
@@ -1908,7 +1923,7 @@ impl Inner {
                 let _ = tokio::time::timeout(limit, client.publish(subject, Bytes::new())).await;
             });
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Deletes what the store keeps beside task `id` under its id
@@ -1925,39 +1940,6 @@ impl Inner {
                 tracing::warn!(task = %id, %error, "could not delete a key kept beside the task");
             }
         }
-    }
-
-    /// Returns the task of `key` to the queue if its lease ran out; a
-    /// lease extended since it was seen expired (progress in between) is
-    /// kept. Returns whether it was expired.
-    async fn expire(&self, key: &LeaseKey, end: &AttemptEnd) -> Result<bool, QueueError> {
-        let mut reply = None;
-        let expired = self
-            .update(&key.task_id, Some(key), |record| {
-                if !record.holds(key) {
-                    return Err(record.stale(key));
-                }
-                let now = self.now();
-                if record
-                    .task
-                    .lease_deadline_ms
-                    .is_some_and(|deadline| deadline > now)
-                {
-                    return Ok(Change::Keep(None));
-                }
-                reply.clone_from(&record.reply);
-                record.end_attempt(key.attempt, end, now);
-                record.retry_delay_ms = 0;
-                record.requeue(now);
-                Ok(Change::Write(Some(record.task.agent.clone())))
-            })
-            .await?;
-        let Some(agent) = expired else {
-            return Ok(false);
-        };
-        self.settle_held(key, reply, nak(Duration::ZERO)).await;
-        self.ring(&agent).await;
-        Ok(true)
     }
 
     /// A summary of every task record, with its revision.
@@ -2070,8 +2052,8 @@ async fn release_returned(
         match item {
             Returned::Lease(key) => {
                 let end = AttemptEnd::dropped();
-                match inner.requeue(&key, Duration::ZERO, &end, true).await {
-                    Ok(()) => {}
+                match inner.requeue(&key, Duration::ZERO, &end, true, false).await {
+                    Ok(_) => {}
                     Err(error @ (QueueError::StaleLease { .. } | QueueError::NotFound { .. })) => {
                         tracing::debug!(task = %key, %error, "a dropped lease was already settled");
                     }
@@ -2217,11 +2199,17 @@ impl TaskQueue for JetStreamQueue {
         delay: Duration,
         end: AttemptEnd,
     ) -> Result<(), QueueError> {
-        self.inner.requeue(key, delay, &end, false).await
+        self.inner
+            .requeue(key, delay, &end, false, false)
+            .await
+            .map(|_| ())
     }
 
     async fn release(&self, key: &LeaseKey, end: AttemptEnd) -> Result<(), QueueError> {
-        self.inner.requeue(key, Duration::ZERO, &end, true).await
+        self.inner
+            .requeue(key, Duration::ZERO, &end, true, false)
+            .await
+            .map(|_| ())
     }
 
     async fn progress(
@@ -2276,7 +2264,7 @@ impl TaskQueue for JetStreamQueue {
             .end_held(key, &end, |record, now| {
                 record.task.reason = Some(bound_reason(reason));
                 record.finish(TaskState::DeadLettered, now);
-                Some(record.clone())
+                Change::Write(Some(record.clone()))
             })
             .await?;
         let held = self.inner.unhold(key);
@@ -2378,6 +2366,7 @@ impl TaskQueue for JetStreamQueue {
                 record.task.charged_attempts = record.task.charged_attempts.saturating_sub(1);
                 record.task.reason = Some(bound_reason(reason));
                 record.finish(TaskState::Escalated, now);
+                Change::Write(())
             })
             .await?;
         self.inner
@@ -2522,8 +2511,12 @@ impl TaskQueue for JetStreamQueue {
                 None,
                 format!("daemon {owner} restarted while the task ran"),
             );
-            match self.inner.requeue(&key, Duration::ZERO, &end, false).await {
-                Ok(()) => count += 1,
+            match self
+                .inner
+                .requeue(&key, Duration::ZERO, &end, false, false)
+                .await
+            {
+                Ok(_) => count += 1,
                 Err(QueueError::StaleLease { .. } | QueueError::NotFound { .. }) => {}
                 Err(error) => return Err(error),
             }
@@ -2549,7 +2542,11 @@ impl TaskQueue for JetStreamQueue {
                 None,
                 "the lease expired without progress",
             );
-            match self.inner.expire(&key, &end).await {
+            match self
+                .inner
+                .requeue(&key, Duration::ZERO, &end, false, true)
+                .await
+            {
                 Ok(true) => count += 1,
                 Ok(false) => {}
                 Err(QueueError::StaleLease { .. } | QueueError::NotFound { .. }) => {

@@ -47,7 +47,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why writes are refused after an fsync failed.
 const POISONED: &str = "an earlier fsync of the store failed, so later writes cannot be trusted to be durable; writes are refused until the daemon restarts";
 
-/// Most completed tasks deleted by one prune.
+/// Completed tasks deleted per transaction of a prune.
 const PRUNE_BATCH: i64 = 2_000;
 /// Dead letters replayed or purged per transaction by `--all`.
 const DEAD_LETTER_BATCH: i64 = 2_000;

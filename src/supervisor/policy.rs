@@ -85,11 +85,6 @@ impl Streak {
         self.consecutive = self.consecutive.saturating_add(1);
         restart_delay(config, self.consecutive)
     }
-
-    /// Crashes in a row, none after a run of at least `reset_after`.
-    pub fn consecutive(&self) -> u32 {
-        self.consecutive
-    }
 }
 
 #[cfg(test)]
@@ -124,14 +119,12 @@ mod tests {
         assert_eq!(streak.crashed(&config(), short).as_millis(), 100);
         assert_eq!(streak.crashed(&config(), short).as_millis(), 200);
         assert_eq!(streak.crashed(&config(), short).as_millis(), 400);
-        assert_eq!(streak.consecutive(), 3);
         assert_eq!(
             streak
                 .crashed(&config(), Duration::from_secs(61))
                 .as_millis(),
             100
         );
-        assert_eq!(streak.consecutive(), 1);
     }
 
     #[test]
