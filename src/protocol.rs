@@ -46,9 +46,10 @@ pub enum ToAgent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
-    /// The replica is being stopped (its tasks were already handed back):
-    /// exit within `grace_ms`. After that the process group gets SIGTERM,
-    /// and SIGKILL another `grace_ms` later.
+    /// The replica is being stopped: exit within `grace_ms`. A `result`
+    /// sent before the exit is stored; unanswered tasks are handed back,
+    /// uncharged, once the process is gone. After `grace_ms` the process
+    /// group gets SIGTERM, and SIGKILL another `grace_ms` later.
     Shutdown {
         /// Milliseconds before the process group receives SIGTERM.
         grace_ms: u64,

@@ -178,6 +178,63 @@ timeouts = {{ progress_timeout = "60s", stop_grace = "1s" }}
     assert_eq!(shown["queue_depth"], 3);
 }
 
+/// A persistent agent that holds its task until `shutdown` arrives, then
+/// answers it and exits: an agent that wraps up when told to stop.
+const WRAPS_UP_ON_SHUTDOWN: &str = r#"echo '{"type":"ready","protocol":1}'
+while IFS= read -r line; do
+  case "$line" in
+    *'"type":"task"'*) id=$(printf '%s' "$line" | sed 's/^{"type":"task","id":"\([^"]*\)".*/\1/') ;;
+    *'"type":"shutdown"'*) sleep 0.3; echo "{\"type\":\"result\",\"id\":\"$id\",\"output\":{\"wrapped_up\":true}}"; exit 0 ;;
+  esac
+done"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_sent_after_shutdown_is_stored() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.wrapper]
+command = {}
+timeouts = {{ progress_timeout = "60s", stop_grace = "5s" }}
+"#,
+        // Braces doubled: flotilla's templates take `{{` for a literal one.
+        toml_array(&[
+            "sh".into(),
+            "-c".into(),
+            WRAPS_UP_ON_SHUTDOWN.replace('{', "{{").replace('}', "}}"),
+        ])
+    ));
+    std::fs::write(
+        &fleet.config_path,
+        std::fs::read_to_string(&fleet.config_path)
+            .unwrap()
+            .replace("shutdown_grace = \"2s\"", "shutdown_grace = \"300ms\""),
+    )
+    .unwrap();
+    let ids = fleet.submit_numbered("wrapper", 2, "wrap");
+    let client = fleet.client();
+    let mut daemon = fleet.spawn_daemon();
+    wait_until(Duration::from_secs(20), "one task to run", || async {
+        client.counts().await.unwrap()[0].1.running == 1
+    })
+    .await;
+    signal(&daemon, Signal::SIGTERM);
+    let status = wait_exit(&mut daemon, Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    let tasks = records(&client, &ids).await;
+    let (done, waiting): (Vec<_>, Vec<_>) = tasks
+        .iter()
+        .partition(|task| task.state == TaskState::Completed);
+    // The running task was still this replica's when the agent answered
+    // it during its stop_grace: stored, not released to run again.
+    assert_eq!(done.len(), 1, "{tasks:?}");
+    assert_eq!(
+        done[0].result,
+        Some(serde_json::json!({"wrapped_up": true}))
+    );
+    assert_eq!(waiting[0].state, TaskState::Queued, "{tasks:?}");
+    assert_eq!(waiting[0].attempts, 0, "never started");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_see_only_their_declared_environment() {
     let fleet = Fleet::new(

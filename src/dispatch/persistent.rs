@@ -472,7 +472,8 @@ impl Replica<'_> {
     /// replica (see [`Self::broken`]): the message is lost, and a line cut
     /// off by a timeout would garble the next one.
     async fn tell(&mut self, message: &ToAgent, what: &str) {
-        if self.broken.is_some() {
+        if self.broken.is_some() || self.stdin.is_none() {
+            // Stopping already: nothing more reaches the agent.
             return;
         }
         if let Err(error) = self.send(message).await {
@@ -715,16 +716,7 @@ impl Replica<'_> {
             .note_lost(self.index, self.in_flight.keys().cloned().collect());
         self.agent
             .update_replica(self.index, |replica| replica.state = ReplicaState::Stopping);
-        // Stopping takes up to stop_grace and more: the leases must outlast
-        // it, or the tasks come back as lease_expired (without their
-        // backoff, and the innocent ones charged) while the process still
-        // runs.
-        for tracked in self.in_flight.values_mut() {
-            tracked.renew_at = Instant::now();
-            if let Err(error) = self.agent.progress(tracked, None).await {
-                tracing::debug!(agent = %self.agent.name, task = %tracked.lease.key, %error, "could not extend a lease before stopping the replica");
-            }
-        }
+        self.extend_leases().await;
         self.stop().await;
         self.gone();
         let mut failure = Some(failure);
@@ -752,9 +744,34 @@ impl Replica<'_> {
         }
     }
 
-    /// Graceful end: release what is still running, ask the agent to exit,
-    /// then stop the group.
+    /// Graceful end: ask the agent to exit, store the results it sends
+    /// meanwhile, then release what is still unanswered once the process
+    /// is gone. Released earlier, a task could start elsewhere (another
+    /// daemon) while this process still works on it.
     async fn shut_down(mut self) -> Exit {
+        self.extend_leases().await;
+        let grace = self.agent.config.timeouts.stop_grace.get();
+        let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        let _ = self.send(&ToAgent::Shutdown { grace_ms }).await;
+        self.stdin = None;
+        let deadline = Instant::now() + grace;
+        let mut reading = true;
+        let exited = loop {
+            tokio::select! {
+                line = self.lines.next_line(), if reading => match line {
+                    Ok(Some(Line::Text(text))) => self.wind_down_line(&text).await,
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => reading = false,
+                },
+                _ = self.child.wait(), if !reading => break true,
+                () = tokio::time::sleep_until(deadline) => break false,
+            }
+        };
+        if exited {
+            process::finish(&mut self.child, self.pgid).await;
+        } else {
+            process::stop(&mut self.child, self.pgid, grace).await;
+        }
         for (_, tracked) in self.in_flight.drain() {
             self.agent
                 .release(
@@ -764,19 +781,34 @@ impl Replica<'_> {
                 )
                 .await;
         }
-        let grace = self.agent.config.timeouts.stop_grace.get();
-        let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
-        let _ = self.send(&ToAgent::Shutdown { grace_ms }).await;
-        self.stdin = None;
-        if tokio::time::timeout(grace, self.child.wait())
-            .await
-            .is_err()
-        {
-            process::stop(&mut self.child, self.pgid, grace).await;
-        } else {
-            process::finish(&mut self.child, self.pgid).await;
-        }
         Exit::Shutdown
+    }
+
+    /// A line from an agent told to shut down: its results and progress
+    /// still count; an error or a send is ignored (an agent may answer
+    /// `shutdown` by failing what it abandons), and the task is released
+    /// uncharged.
+    async fn wind_down_line(&mut self, text: &str) {
+        match protocol::parse_line(text) {
+            Ok(FromAgent::Result { .. } | FromAgent::Progress { .. }) => {
+                self.handle_line(text).await;
+            }
+            Ok(_) => self.seen(),
+            Err(error) => self.agent.record_malformed(self.index, &error),
+        }
+    }
+
+    /// Extends every lease this replica holds: stopping its process takes
+    /// up to `stop_grace` and more, and the leases must outlast it, or the
+    /// tasks come back as `lease_expired` (without their backoff, and the
+    /// innocent ones charged) while the process still runs.
+    async fn extend_leases(&mut self) {
+        for tracked in self.in_flight.values_mut() {
+            tracked.renew_at = Instant::now();
+            if let Err(error) = self.agent.progress(tracked, None).await {
+                tracing::debug!(agent = %self.agent.name, task = %tracked.lease.key, %error, "could not extend a lease before stopping the replica");
+            }
+        }
     }
 
     async fn stop(&mut self) {
