@@ -45,6 +45,12 @@ pub fn start(agent: &Arc<AgentRuntime>, task: &str, attempt: u32, kind: &str) {
         let client = reqwest::Client::builder().build().ok();
         let config = agent.config.watch.clone();
         let duration_ms = u64::try_from(config.duration.get().as_millis()).unwrap_or(u64::MAX);
+        // Which life of the id was accepted: a task given the same id
+        // later (after a prune) is created anew.
+        let created_ms = match agent.store().queue().get(&task).await {
+            Ok(Some(record)) if record.attempts == attempt => Some(record.created_ms),
+            _ => None,
+        };
         let mut watched = Watched {
             task,
             daemon: agent.owner().to_string(),
@@ -55,6 +61,7 @@ pub fn start(agent: &Arc<AgentRuntime>, task: &str, attempt: u32, kind: &str) {
                 .map(|check| (check.name.clone(), None))
                 .collect(),
             attempt: Some(attempt),
+            created_ms,
         };
         // Stored before the baselines are sampled (up to a timeout each):
         // a daemon stopped meanwhile leaves it for the next one.
@@ -240,6 +247,23 @@ struct Watched {
     /// reused) is not this watch's to roll back. Absent in older entries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     attempt: Option<u32>,
+    /// When the accepted task was created: an id reused after a prune
+    /// starts its attempts at 1 again, and only this tells the two apart.
+    /// Absent in older entries, or if the task could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    created_ms: Option<UnixMillis>,
+}
+
+impl Watched {
+    /// Whether `task` is still the acceptance this watch follows: the
+    /// same life of the id, completed by the same attempt.
+    fn accepted(&self, task: &crate::queue::TaskRecord) -> bool {
+        task.state == crate::queue::TaskState::Completed
+            && self.attempt.is_none_or(|attempt| task.attempts == attempt)
+            && self
+                .created_ms
+                .is_none_or(|created| task.created_ms == created)
+    }
 }
 
 fn list_key(agent: &str) -> String {
@@ -510,12 +534,7 @@ fn prometheus_value(body: &Value) -> Result<f64, String> {
 /// started for (an id reused after the dedup window is a new task).
 async fn still_accepted(agent: &Arc<AgentRuntime>, watched: &Watched) -> bool {
     match agent.store().queue().get(&watched.task).await {
-        Ok(Some(task)) => {
-            task.state == crate::queue::TaskState::Completed
-                && watched
-                    .attempt
-                    .is_none_or(|attempt| task.attempts == attempt)
-        }
+        Ok(Some(task)) => watched.accepted(&task),
         Ok(None) => false,
         // Unsure: the breach is acted on, as before.
         Err(_) => true,
@@ -600,6 +619,7 @@ mod tests {
                 ("up".into(), None),
             ],
             attempt: Some(1),
+            created_ms: Some(3),
         };
         store
             .put_control(&list_key("b"), &Value::Null)
@@ -614,6 +634,63 @@ mod tests {
             .unwrap()
         );
         assert_eq!(load_list(&store, "b").await.unwrap().0, vec![watched]);
+    }
+
+    #[test]
+    fn a_watch_follows_one_acceptance_of_its_task() {
+        let completed = crate::queue::TaskRecord {
+            id: "t".into(),
+            agent: "a".into(),
+            priority: crate::queue::Priority::Normal,
+            state: crate::queue::TaskState::Completed,
+            payload: Value::Null,
+            attempts: 1,
+            charged_attempts: 1,
+            replays: 0,
+            checkpoint: None,
+            result: Some(Value::Null),
+            reason: None,
+            visible_ms: 1_000,
+            lease_deadline_ms: None,
+            created_ms: 1_000,
+            updated_ms: 1_100,
+            finished_ms: Some(1_100),
+            history: Vec::new(),
+        };
+        let watched = Watched {
+            task: "t".into(),
+            daemon: "d".into(),
+            until_ms: 9_000,
+            baseline: Vec::new(),
+            attempt: Some(1),
+            created_ms: Some(1_000),
+        };
+        assert!(watched.accepted(&completed));
+        // Run again (a replay of a later failure, say): a later attempt.
+        let rerun = crate::queue::TaskRecord {
+            attempts: 2,
+            ..completed.clone()
+        };
+        assert!(!watched.accepted(&rerun));
+        // The id pruned and submitted again: a new task, completed by its
+        // own first attempt.
+        let reused = crate::queue::TaskRecord {
+            created_ms: 5_000,
+            ..completed.clone()
+        };
+        assert!(!watched.accepted(&reused));
+        let running = crate::queue::TaskRecord {
+            state: crate::queue::TaskState::Running,
+            ..completed.clone()
+        };
+        assert!(!watched.accepted(&running));
+        // An entry of an older version knows neither: any completion.
+        let older = Watched {
+            attempt: None,
+            created_ms: None,
+            ..watched
+        };
+        assert!(older.accepted(&reused));
     }
 
     #[test]
