@@ -55,12 +55,137 @@ struct Claim {
     since_ms: UnixMillis,
     /// When it lapses unless renewed (before each change's command).
     until_ms: UnixMillis,
+    /// The process holding it, so that one on the same machine can tell
+    /// at once that it died (absent in claims of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    holder: Option<Holder>,
 }
 
 impl Claim {
     fn value(&self) -> Value {
         serde_json::to_value(self).expect("a claim serializes")
     }
+
+    /// Whether it still holds the task at `now`: not lapsed, and its
+    /// process not seen dead.
+    fn live(&self, now: UnixMillis) -> bool {
+        self.until_ms > now && !self.holder.as_ref().is_some_and(Holder::is_dead)
+    }
+}
+
+/// A process, as a claim names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Holder {
+    host: String,
+    /// The inode of its pid namespace: two containers may share a host
+    /// name, not a pid namespace.
+    pid_ns: u64,
+    pid: u32,
+}
+
+impl Holder {
+    /// This process, where its pid namespace can be read.
+    fn this() -> Option<Self> {
+        Some(Self {
+            host: crate::store::host_name(),
+            pid_ns: pid_namespace()?,
+            pid: std::process::id(),
+        })
+    }
+
+    /// Whether the process is known to be gone: on this machine, in this
+    /// pid namespace, and no process has its pid. A pid reused since
+    /// looks alive: the claim then lapses by time, as any other.
+    fn is_dead(&self) -> bool {
+        let Some(here) = Self::this() else {
+            return false;
+        };
+        if self.host != here.host || self.pid_ns != here.pid_ns || self.pid == here.pid {
+            return false;
+        }
+        let Ok(pid) = i32::try_from(self.pid) else {
+            return false;
+        };
+        matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        )
+    }
+}
+
+/// The inode of this process's pid namespace (`/proc/self/ns/pid` links
+/// to `pid:[INODE]`).
+fn pid_namespace() -> Option<u64> {
+    let link = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    let link = link.to_str()?;
+    link.strip_prefix("pid:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// Whether a rollback of a task holds it, as [`running`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Running {
+    /// None does.
+    No,
+    /// One does, until `until_ms` unless it renews its claim.
+    Live {
+        /// When its claim lapses unless renewed.
+        until_ms: UnixMillis,
+        /// Why it runs.
+        because: String,
+    },
+    /// One was cut off (its process died, or stalled past its claim): its
+    /// claim is left, and the rollback is unfinished.
+    CutOff {
+        /// Why it ran.
+        because: String,
+    },
+}
+
+/// Whether a rollback of `task` runs now, or was cut off.
+///
+/// # Errors
+/// When the store cannot be read.
+pub async fn running(store: &Store, task: &str, now: UnixMillis) -> Result<Running, QueueError> {
+    let Some(held) = store.get_control(&claim_key(task)).await? else {
+        return Ok(Running::No);
+    };
+    if held.is_null() {
+        return Ok(Running::No);
+    }
+    Ok(match serde_json::from_value::<Claim>(held) {
+        Ok(claim) if claim.live(now) => Running::Live {
+            until_ms: claim.until_ms,
+            because: claim.because,
+        },
+        Ok(claim) => Running::CutOff {
+            because: claim.because,
+        },
+        Err(_) => Running::CutOff {
+            because: "an unreadable claim".into(),
+        },
+    })
+}
+
+/// Removes the claim of `task` if it is not live: left by a rollback that
+/// was cut off after its last command. Returns whether none is left.
+///
+/// # Errors
+/// When the store fails.
+pub async fn clear_cut_off(store: &Store, task: &str, now: UnixMillis) -> Result<bool, QueueError> {
+    let key = claim_key(task);
+    let Some(held) = store.get_control(&key).await? else {
+        return Ok(true);
+    };
+    if held.is_null() {
+        return Ok(true);
+    }
+    let live = serde_json::from_value::<Claim>(held.clone()).is_ok_and(|claim| claim.live(now));
+    if live {
+        return Ok(false);
+    }
+    store
+        .compare_and_put_control(&key, Some(&held), &Value::Null)
+        .await
 }
 
 /// A change declared by a result.
@@ -329,6 +454,7 @@ pub async fn roll_back(
         because: because.to_string(),
         since_ms: now(),
         until_ms: now().saturating_add(lease_ms),
+        holder: Holder::this(),
     };
     take_claim(store, &journal.task, &claim, now()).await?;
     let result = undo(
@@ -378,9 +504,9 @@ async fn take_claim(
             ),
         }
     };
-    if let Some(held) = &current {
+    if let Some(held) = current.as_ref().filter(|held| !held.is_null()) {
         let live =
-            serde_json::from_value::<Claim>(held.clone()).map_or(true, |held| held.until_ms > now);
+            serde_json::from_value::<Claim>(held.clone()).map_or(true, |held| held.live(now));
         if live {
             return Err(busy(held));
         }
@@ -790,6 +916,7 @@ mod tests {
             because: "operator".into(),
             since_ms: 0,
             until_ms,
+            holder: None,
         };
         // A live claim of another process: refused, nothing run.
         store
@@ -816,6 +943,72 @@ mod tests {
             .unwrap();
         assert!(journal.is_rolled_back());
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "0\n");
+    }
+
+    #[tokio::test]
+    async fn a_claim_of_a_process_seen_dead_is_cut_off_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::embedded_in(dir.path());
+        let log = dir.path().join("undo.log");
+        let mut journal = record(&store, "t", "a", 1, slow_changes(&log, 1))
+            .await
+            .unwrap();
+        assert_eq!(running(&store, "t", now()).await.unwrap(), Running::No);
+        let here = Holder::this().expect("this machine has /proc");
+        let held = |pid| Claim {
+            owner: format!("here pid {pid} run x"),
+            because: "validation: the smoke test failed".into(),
+            since_ms: now(),
+            until_ms: now() + 300_000,
+            holder: Some(Holder {
+                pid,
+                ..here.clone()
+            }),
+        };
+        // Held by a process that runs: live for its whole claim.
+        let mut alive = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        store
+            .put_control(&claim_key("t"), &held(alive.id()).value())
+            .await
+            .unwrap();
+        assert!(matches!(
+            running(&store, "t", now()).await.unwrap(),
+            Running::Live { .. }
+        ));
+        assert!(!clear_cut_off(&store, "t", now()).await.unwrap());
+        alive.kill().unwrap();
+        alive.wait().unwrap();
+        // The same process gone (a daemon killed mid-rollback): cut off
+        // now, not five minutes later, and a rollback takes it over.
+        assert_eq!(
+            running(&store, "t", now()).await.unwrap(),
+            Running::CutOff {
+                because: "validation: the smoke test failed".into()
+            }
+        );
+        let spec = spec(dir.path());
+        roll_back(
+            &store,
+            &mut journal,
+            "resumed",
+            &spec,
+            Duration::from_secs(10),
+            now,
+        )
+        .await
+        .unwrap();
+        assert!(journal.is_rolled_back());
+        assert_eq!(running(&store, "t", now()).await.unwrap(), Running::No);
+        // A claim left after the last command (freeing it failed): cleared.
+        store
+            .put_control(&claim_key("t"), &held(alive.id()).value())
+            .await
+            .unwrap();
+        assert!(clear_cut_off(&store, "t", now()).await.unwrap());
+        assert_eq!(running(&store, "t", now()).await.unwrap(), Running::No);
     }
 
     #[tokio::test]

@@ -421,3 +421,128 @@ checks = [ {{ name = "errors", prometheus = "http://{address}", query = "sum(rat
     .await;
     daemon.stop().await;
 }
+
+/// An agent whose result declares one change, undone by `undo.sh`, and is
+/// good from attempt 2 on; each attempt is written to `events.log`.
+const LOGGING_AGENT: &str = r#"
+import json, sys
+print(json.dumps({"type": "ready", "protocol": 1}), flush=True)
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("type") == "shutdown":
+        break
+    if m.get("type") != "task":
+        continue
+    with open("events.log", "a") as f:
+        f.write("attempt %d\n" % m["attempt"])
+    change = {"description": "deployed", "rollback": ["sh", "undo.sh"]}
+    out = {"ok": m["attempt"] >= 2}
+    print(json.dumps({"type": "result", "id": m["id"], "output": out, "changes": [change]}), flush=True)
+"#;
+
+/// The rollback command: its first run hangs (as `undo.pid`) until the
+/// test kills it; later runs log `undone`.
+const SLOW_FIRST_UNDO: &str = r#"if [ ! -e undo.once ]; then
+  touch undo.once
+  echo $$ > undo.pid
+  exec sleep 60
+fi
+echo undone >> events.log
+"#;
+
+/// A gate's `auto_rollback` cut off by the daemon's death (`kill -9`,
+/// the rollback command killed too, as when the machine dies) is
+/// finished before the task's next attempt runs: the next attempt must
+/// not run on top of the changes that were being undone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auto_rollback_cut_off_by_a_crash_is_finished_before_the_next_attempt() {
+    a_cut_off_rollback_is_finished_first(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auto_rollback_cut_off_by_a_crash_is_finished_first_on_jetstream() {
+    let Some(server) = support::nats::NatsServer::start(
+        "an_auto_rollback_cut_off_by_a_crash_is_finished_first_on_jetstream",
+    ) else {
+        return;
+    };
+    a_cut_off_rollback_is_finished_first(Some(&server)).await;
+}
+
+async fn a_cut_off_rollback_is_finished_first(broker: Option<&support::nats::NatsServer>) {
+    let broker = broker.map_or_else(String::new, |server| {
+        format!(
+            "[broker]\nurl = \"{}\"\nack_wait = \"2s\"\nfleet_ttl = \"3s\"\n\n",
+            server.url
+        )
+    });
+    let ok = r#"grep -q '"ok":true' "$FLOTILLA_RESULT_FILE""#;
+    let fleet = Fleet::new(&format!(
+        r#"{broker}
+[agents.deployer]
+command = ["python3", "agent.py"]
+retry = {{ max_deliver = 6, backoff = ["10ms"] }}
+breaker = {{ enabled = false }}
+
+[agents.deployer.validation]
+checks = [ {{ name = "smoke", command = ["sh", "-c", {ok:?}], on_failure = "auto_rollback" }} ]
+"#
+    ));
+    std::fs::write(fleet.path("agent.py"), LOGGING_AGENT).unwrap();
+    std::fs::write(fleet.path("undo.sh"), SLOW_FIRST_UNDO).unwrap();
+    let store = fleet.store().await;
+    let mut first = fleet.spawn_daemon();
+    store
+        .queue()
+        .submit(vec![task("deploy", "deployer", json!({}))])
+        .await
+        .unwrap();
+    let pid_file = fleet.path("undo.pid");
+    wait_until(Duration::from_secs(30), "the rollback to start", || async {
+        std::fs::read_to_string(&pid_file).is_ok_and(|pid| pid.ends_with('\n'))
+    })
+    .await;
+    signal(&first, nix::sys::signal::Signal::SIGKILL);
+    wait_exit(&mut first, Duration::from_secs(10));
+    let undo: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(undo),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let daemon = fleet.start().await;
+    wait_state(store.queue().as_ref(), "deploy", TaskState::Completed).await;
+    let events = std::fs::read_to_string(fleet.path("events.log")).unwrap();
+    let events: Vec<&str> = events.lines().collect();
+    // Attempt 2 was held while the rollback was finished, then released
+    // uncharged; attempt 3 ran on a clean slate.
+    assert_eq!(events, ["attempt 1", "undone", "attempt 3"], "{events:?}");
+    let journal = flotilla::rollback::load(&store, "deploy")
+        .await
+        .unwrap()
+        .expect("a journal");
+    let states: Vec<(u32, flotilla::rollback::ChangeState)> = journal
+        .changes
+        .iter()
+        .map(|entry| (entry.attempt, entry.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (1, flotilla::rollback::ChangeState::RolledBack),
+            (3, flotilla::rollback::ChangeState::Applied)
+        ],
+        "{journal:?}"
+    );
+    let task = store.queue().get("deploy").await.unwrap().unwrap();
+    assert_eq!(
+        task.history[1].outcome,
+        Some(AttemptOutcome::Released),
+        "{:?}",
+        task.history
+    );
+    daemon.stop().await;
+}

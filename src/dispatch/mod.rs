@@ -49,6 +49,8 @@ const OUTCOME_PERMITS: u32 = 256;
 const PREFETCH_TTL: Duration = Duration::from_secs(2);
 /// Longest one rollback command may run.
 pub const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often a task waiting for an earlier attempt's rollback looks again.
+const ROLLBACK_RECHECK: Duration = Duration::from_secs(5);
 /// Most `rebalance` tasks one agent sends its manager in a minute.
 pub const MANAGER_TASKS_PER_MINUTE: usize = 10;
 
@@ -126,6 +128,10 @@ pub struct AgentRuntime {
     manager_told_ms: Mutex<std::collections::VecDeque<crate::clock::UnixMillis>>,
     /// Post-accept watches running (bounded).
     watches: Arc<tokio::sync::Semaphore>,
+    /// Whether a gate of the fleet rolls back (`auto_rollback`): a retried
+    /// task of this agent is then checked for a rollback of an earlier
+    /// attempt that was cut off (see [`AgentRuntime::unless_rolling_back`]).
+    checks_rollbacks: bool,
 }
 
 /// Most attempt outcomes kept for the watchdog's error rate.
@@ -375,6 +381,11 @@ impl AgentRuntime {
             gate: watch::Sender::new(gate),
             delegation: wiring.delegation.clone(),
             fleet_agents: Arc::new(wiring.fleet.agents.keys().cloned().collect()),
+            checks_rollbacks: wiring.fleet.agents.values().any(|agent| {
+                agent.validation.checks.iter().any(|gate| {
+                    gate.on_failure == crate::config::validation::OnFailure::AutoRollback
+                })
+            }),
             fleet: wiring.fleet.clone(),
             orders: watch::Sender::new(Orders::default()),
             handles: Mutex::new(Vec::new()),
@@ -1004,6 +1015,83 @@ impl AgentRuntime {
         }))
     }
 
+    /// `lease`, unless a rollback of one of its earlier attempts is
+    /// running or was cut off (the daemon that ran a gate's
+    /// `auto_rollback` died): the next attempt must not run on top of
+    /// changes that were being undone. Then the lease is held (renewed)
+    /// in the background while that rollback ends, or is finished here,
+    /// and released uncharged to be leased again.
+    async fn unless_rolling_back(self: &Arc<Self>, lease: Lease) -> Option<Lease> {
+        if !self.checks_rollbacks || lease.key.attempt < 2 {
+            return Some(lease);
+        }
+        let task = lease.key.task_id.clone();
+        match crate::rollback::running(&self.store, &task, self.clock.now_ms()).await {
+            Ok(crate::rollback::Running::No) => return Some(lease),
+            Err(error) => {
+                tracing::warn!(agent = %self.name, %task, %error, "could not check for an unfinished rollback of an earlier attempt; running the task");
+                return Some(lease);
+            }
+            Ok(_) => {}
+        }
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let _renewing = agent.keep_lease(&lease.key);
+            let mut phase = agent.phase();
+            let mut phase_closed = false;
+            let detail = loop {
+                if phase_closed || phase.borrow().stopping() {
+                    break "the daemon shut down while an earlier attempt's rollback ran"
+                        .to_string();
+                }
+                let now = agent.clock.now_ms();
+                let wait = match crate::rollback::running(&agent.store, &task, now).await {
+                    Ok(crate::rollback::Running::No) => {
+                        break "an earlier attempt's rollback ended first".to_string();
+                    }
+                    Ok(crate::rollback::Running::Live { until_ms, because }) => {
+                        tracing::info!(agent = %agent.name, %task, %because, "waiting for the rollback of an earlier attempt before running the task again");
+                        Duration::from_millis(until_ms.saturating_sub(now))
+                    }
+                    Ok(crate::rollback::Running::CutOff { because }) => {
+                        tracing::warn!(agent = %agent.name, %task, %because, "finishing a rollback of an earlier attempt that was cut off");
+                        let undone = match crate::rollback::load(&agent.store, &task).await {
+                            Ok(Some(mut journal)) => {
+                                agent
+                                    .run_rollback(
+                                        &mut journal,
+                                        &format!(
+                                            "finishing a rollback that was cut off ({because})"
+                                        ),
+                                    )
+                                    .await
+                            }
+                            Ok(None) => "no journal".into(),
+                            Err(error) => format!("its journal could not be read: {error}"),
+                        };
+                        tracing::warn!(agent = %agent.name, %task, %undone, "rollback of an earlier attempt finished");
+                        // Left by a rollback cut off after its last
+                        // command, the claim is removed; a live one (taken
+                        // meanwhile) is waited for.
+                        let _ = crate::rollback::clear_cut_off(&agent.store, &task, now).await;
+                        Duration::ZERO
+                    }
+                    Err(error) => {
+                        tracing::warn!(agent = %agent.name, %task, %error, "could not check the rollback of an earlier attempt; looking again");
+                        ROLLBACK_RECHECK
+                    }
+                };
+                let wait = wait.clamp(Duration::from_millis(10), ROLLBACK_RECHECK);
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    changed = phase.changed() => phase_closed = changed.is_err(),
+                }
+            };
+            agent.release(lease, "leaser", &detail).await;
+        });
+        None
+    }
+
     /// A validation gate escalated the result: to agent `to` (the task is
     /// handed over, the report its feedback), or to a human.
     async fn escalate_result(
@@ -1614,6 +1702,9 @@ async fn leaser(
                             agent.mode(agent.clock.now_ms())
                         };
                         for lease in leases {
+                            let Some(lease) = agent.unless_rolling_back(lease).await else {
+                                continue;
+                            };
                             if lease.priority > lowest && !matches!(mode, gate::Mode::Probing(_)) {
                                 // The level rose while the lease call ran.
                                 agent.release(lease, "leaser", "held back by the degradation level").await;
