@@ -883,7 +883,11 @@ pub async fn bad_input_is_rejected_whole<Q: TaskQueue>(queue: &Q) {
         .await;
     match result {
         Err(QueueError::Invalid(message)) => {
-            assert!(message.contains("max_payload_bytes"), "{message}")
+            // Named by its place too: ids are often generated.
+            assert!(
+                message.contains("max_payload_bytes") && message.contains("tasks[1]"),
+                "{message}"
+            );
         }
         other => panic!("expected Invalid, got {other:?}"),
     }

@@ -2093,9 +2093,7 @@ async fn listen_for_wakes(inner: std::sync::Weak<Inner>, mut wakes: async_nats::
 #[async_trait]
 impl TaskQueue for JetStreamQueue {
     async fn submit(&self, tasks: Vec<NewTask>) -> Result<Vec<SubmitReceipt>, QueueError> {
-        for task in &tasks {
-            self.inner.settings.limits.check_task(task)?;
-        }
+        self.inner.settings.limits.check_tasks(&tasks)?;
         // A repeated id within the batch is a duplicate of its first copy.
         let mut seen = HashSet::new();
         let mut agents = HashSet::new();

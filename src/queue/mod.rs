@@ -678,6 +678,27 @@ impl Limits {
         Ok(payload)
     }
 
+    /// Checks a batch to submit with [`Self::check_task`]; an error names
+    /// the task's place in the batch too (`tasks[3]`), for ids the client
+    /// did not choose. Returns the payloads serialized.
+    ///
+    /// # Errors
+    /// [`QueueError::Invalid`] for the first task that is wrong.
+    pub fn check_tasks(&self, tasks: &[NewTask]) -> Result<Vec<String>, QueueError> {
+        tasks
+            .iter()
+            .enumerate()
+            .map(|(index, task)| {
+                self.check_task(task).map_err(|error| match error {
+                    QueueError::Invalid(message) if tasks.len() > 1 => {
+                        QueueError::Invalid(format!("tasks[{index}]: {message}"))
+                    }
+                    other => other,
+                })
+            })
+            .collect()
+    }
+
     /// Checks a result or checkpoint (`what`) against `max_result_bytes`;
     /// returns it serialized.
     ///

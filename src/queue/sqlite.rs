@@ -1598,16 +1598,17 @@ impl TaskQueue for SqliteQueue {
                 super::MAX_SUBMIT_BATCH
             )));
         }
-        let mut prepared = Vec::with_capacity(tasks.len());
-        for task in tasks {
-            let payload = self.settings.limits.check_task(&task)?;
-            prepared.push(Prepared {
+        let payloads = self.settings.limits.check_tasks(&tasks)?;
+        let prepared: Vec<Prepared> = tasks
+            .into_iter()
+            .zip(payloads)
+            .map(|(task, payload)| Prepared {
                 id: task.id,
                 agent: task.agent,
                 priority: task.priority.rank(),
                 payload,
-            });
-        }
+            })
+            .collect();
         self.writer
             .call(move |context| submit(context, &prepared))
             .await
