@@ -15,7 +15,7 @@
 //! | `POST /api/v1/dlq/replay`, `POST /api/v1/dlq/purge` | `{"ids": [...]}` or `{"all": true}` |
 //! | `GET /api/v1/escalations?agent=&limit=`, `GET /api/v1/escalations/{id}` | escalated tasks |
 //! | `POST /api/v1/escalations/{id}/resolve` | `{"retry": true}`, `{"complete": RESULT}` or `{"drop": true}` |
-//! | `PUT /api/v1/degrade`, `DELETE /api/v1/degrade` | force a level `{"level": 2, "for": "30m"}`, or clear it |
+//! | `PUT /api/v1/degrade`, `DELETE /api/v1/degrade` | force a level `{"level": 2, "for": "30m"}`, or clear it (answers `null`) |
 //! | `POST /api/v1/chaos/kill`, `/pause`, `/partition`, `/latency` | inject faults (with `[chaos] enabled = true` only; the last two with `proxy = true`) |
 //!
 //! **Authorization.** With a token configured (`http.token`,
@@ -181,6 +181,10 @@ pub fn router(api: Arc<Api>) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(tokio::sync::Semaphore::new(WRITES_AT_ONCE)),
+            few_writes_at_once,
+        ))
         .layer(axum::middleware::from_fn_with_state(api.clone(), authorize))
         .with_state(api)
 }
@@ -200,6 +204,56 @@ async fn wrong_method(method: Method, uri: axum::http::Uri) -> ApiError {
             uri.path()
         ),
     )
+}
+
+/// Calls with a body handled at once; more wait their turn. A body of up
+/// to [`MAX_BODY_BYTES`] is read and parsed whole, several times its size
+/// in memory: without this bound, clients with the token could take the
+/// daemon's memory with concurrent large submits.
+const WRITES_AT_ONCE: usize = 4;
+
+/// Longest a call with a body may take to send it, while it holds one of
+/// the [`WRITES_AT_ONCE`] turns.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Lets [`WRITES_AT_ONCE`] calls with a body (all but GET and HEAD) run at
+/// once, each reading its body within [`BODY_TIMEOUT`].
+async fn few_writes_at_once(
+    State(writes): State<Arc<tokio::sync::Semaphore>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if matches!(*request.method(), Method::GET | Method::HEAD) {
+        return next.run(request).await;
+    }
+    let _permit = writes.acquire().await;
+    let (parts, body) = request.into_parts();
+    let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY_BYTES)).await;
+    let bytes = match read {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request body is over {} MiB, or was cut off; submit large batches in parts",
+                    MAX_BODY_BYTES >> 20
+                ),
+            )
+            .into_response();
+        }
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} s",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            )
+            .into_response();
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 /// Refuses calls without the right token (see the module's text).

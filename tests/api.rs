@@ -705,3 +705,46 @@ async fn the_dashboard_is_served_offline_and_events_stream_live() {
     follower.abort();
     daemon.stop().await;
 }
+
+/// Calls with a body take one of 4 turns while they send and parse it
+/// (bounding the memory large submits take): 4 clients stalled mid-body
+/// hold a fifth submit back, not the reads, and only while they last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_bodies_hold_back_only_writes_and_only_while_they_last() {
+    use tokio::io::AsyncWriteExt;
+    let fleet = Fleet::new(&format!(
+        "[agents.a]\ncommand = {}\n",
+        example_agent(&["--work-ms", "1"])
+    ));
+    fleet.set_token(TOKEN);
+    let daemon = fleet.start().await;
+    let address = daemon.http_address().expect("listening");
+    let client = Client::new(address);
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let head = format!(
+            "POST /api/v1/tasks HTTP/1.1\r\nhost: flotilla\r\nauthorization: Bearer {TOKEN}\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"agent\": "
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stalled.push(stream);
+    }
+    let submit = client.post(
+        "/api/v1/tasks",
+        json!({"agent": "a", "id": "after-the-stall", "payload": {}}),
+    );
+    tokio::pin!(submit);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), &mut submit)
+            .await
+            .is_err(),
+        "the fifth call with a body waits its turn"
+    );
+    assert_eq!(client.get("/api/v1/status").await.0, 200, "reads go on");
+    drop(stalled);
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), submit)
+        .await
+        .expect("its turn came once the stalled calls were gone");
+    assert_eq!(status, 200, "{body}");
+    daemon.stop().await;
+}
