@@ -1483,7 +1483,14 @@ fn parse_task_line(line: &str, agent: &str) -> Result<NewTask, String> {
     })
 }
 
-fn read_task_file(path: &Path, agent: &str) -> Result<Vec<NewTask>, Failure> {
+/// Reads the tasks of a `submit --file` input; with `max_payload` (the
+/// store's limit, known beside the config) an oversized payload is named
+/// by its line, with the other bad lines.
+fn read_task_file(
+    path: &Path,
+    agent: &str,
+    max_payload: Option<usize>,
+) -> Result<Vec<NewTask>, Failure> {
     let reader: Box<dyn BufRead> = if path == Path::new("-") {
         Box::new(std::io::BufReader::new(std::io::stdin()))
     } else {
@@ -1511,7 +1518,13 @@ fn read_task_file(path: &Path, agent: &str) -> Result<Vec<NewTask>, Failure> {
             )));
         }
         match parse_task_line(&line, agent) {
-            Ok(task) => tasks.push(task),
+            Ok(task) => match max_payload.map(|max| (task.payload.to_string().len(), max)) {
+                Some((size, max)) if size > max => problems.push(format!(
+                    "line {}: payload of {size} bytes exceeds store.max_payload_bytes = {max}",
+                    number + 1
+                )),
+                _ => tasks.push(task),
+            },
             Err(problem) => problems.push(format!("line {}: {problem}", number + 1)),
         }
     }
@@ -1553,7 +1566,11 @@ async fn submit(target: &Target, args: SubmitArgs) -> Result<ExitCode, Failure> 
             }
         }
         (None, Some(path)) => {
-            let tasks = read_task_file(path, &args.agent)?;
+            let max_payload = match target {
+                Target::Local(config) => Some(config.store.max_payload_bytes.as_usize()),
+                Target::Remote(_) => None,
+            };
+            let tasks = read_task_file(path, &args.agent, max_payload)?;
             if tasks.is_empty() {
                 return Err(Failure::usage("no tasks to submit: the file is empty"));
             }

@@ -281,7 +281,12 @@ impl ApiClient {
 
     /// Submits tasks.
     pub async fn submit(&self, body: &SubmitBody) -> Result<Vec<SubmitReceipt>, ClientError> {
-        self.call(Method::POST, "/api/v1/tasks", &[], Some(body))
+        // A batch of 100,000 tasks takes a broker tens of seconds: a
+        // millisecond more per task, so that a slow store is not taken
+        // for a failed submit (which a rerun would repeat).
+        let tasks = body.tasks.as_ref().map_or(1, Vec::len);
+        let timeout = TIMEOUT + Duration::from_millis(u64::try_from(tasks).unwrap_or(u64::MAX));
+        self.call_with(Method::POST, "/api/v1/tasks", &[], Some(body), timeout)
             .await
     }
 

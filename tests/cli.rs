@@ -250,7 +250,8 @@ fn bad_input_is_refused_whole_with_a_clear_message() {
     ]);
     assert_eq!(output.status.code(), Some(2));
     assert!(
-        stderr(&output).contains("exceeds store.max_payload_bytes"),
+        stderr(&output).contains("line 1: payload of")
+            && stderr(&output).contains("exceeds store.max_payload_bytes"),
         "{}",
         stderr(&output)
     );
