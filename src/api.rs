@@ -206,39 +206,54 @@ async fn wrong_method(method: Method, uri: axum::http::Uri) -> ApiError {
     )
 }
 
-/// Calls with a body handled at once; more wait their turn. A body of up
-/// to [`MAX_BODY_BYTES`] is read and parsed whole, several times its size
-/// in memory: without this bound, clients with the token could take the
-/// daemon's memory with concurrent large submits.
+/// Calls with a large body (over [`SMALL_BODY_BYTES`], or of unknown
+/// length) handled at once; more wait their turn. A body of up to
+/// [`MAX_BODY_BYTES`] is read and parsed whole, several times its size in
+/// memory: without this bound, clients with the token could take the
+/// daemon's memory with concurrent large submits. Small calls (a cancel,
+/// a rollback, a small submit) never wait for large ones.
 const WRITES_AT_ONCE: usize = 4;
 
-/// Longest a call with a body may take to send it, while it holds one of
-/// the [`WRITES_AT_ONCE`] turns.
-const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// A body up to this size takes no turn.
+const SMALL_BODY_BYTES: u64 = 1 << 20;
 
-/// Lets [`WRITES_AT_ONCE`] calls with a body (all but GET and HEAD) run at
-/// once, each reading its body within [`BODY_TIMEOUT`].
+/// Longest a call may take to send its body (64 MiB at about 0.5 MB/s).
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Reads the body of each call that has one within [`BODY_TIMEOUT`] and
+/// at most [`MAX_BODY_BYTES`], holding one of the [`WRITES_AT_ONCE`] turns
+/// for a large one until its call is answered.
 async fn few_writes_at_once(
     State(writes): State<Arc<tokio::sync::Semaphore>>,
     request: Request,
     next: Next,
 ) -> Response {
-    if matches!(*request.method(), Method::GET | Method::HEAD) {
+    use axum::body::HttpBody as _;
+    let size = request.body().size_hint();
+    if size.upper() == Some(0) {
         return next.run(request).await;
     }
-    let _permit = writes.acquire().await;
+    if size.lower() > MAX_BODY_BYTES as u64 {
+        return too_large().into_response();
+    }
+    let _turn = if size.upper().is_none_or(|upper| upper > SMALL_BODY_BYTES) {
+        writes.acquire().await.ok()
+    } else {
+        None
+    };
     let (parts, body) = request.into_parts();
     let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY_BYTES)).await;
     let bytes = match read {
         Ok(Ok(bytes)) => bytes,
-        Ok(Err(_)) => {
-            return ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "the request body is over {} MiB, or was cut off; submit large batches in parts",
-                    MAX_BODY_BYTES >> 20
-                ),
-            )
+        Ok(Err(error)) => {
+            let over = std::error::Error::source(&error)
+                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>())
+                || error.into_inner().is::<http_body_util::LengthLimitError>();
+            return if over {
+                too_large()
+            } else {
+                ApiError::bad_request("the request body could not be read (the connection broke?)")
+            }
             .into_response();
         }
         Err(_) => {
@@ -254,6 +269,16 @@ async fn few_writes_at_once(
     };
     next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
         .await
+}
+
+fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "the request body is over {} MiB; submit large batches in parts",
+            MAX_BODY_BYTES >> 20
+        ),
+    )
 }
 
 /// Refuses calls without the right token (see the module's text).

@@ -430,8 +430,11 @@ impl Daemon {
             .map(|agent| agent.timeouts.stop_grace.get())
             .max()
             .unwrap_or_default();
+        // Beyond the grace periods: the `shutdown` line may take 10 s to
+        // write to an agent that reads nothing, SIGKILL up to 11 s to take
+        // effect and be reaped, then the releases are stored.
         let limit =
-            self.config.daemon.shutdown_grace.get() + longest_stop * 2 + Duration::from_secs(10);
+            self.config.daemon.shutdown_grace.get() + longest_stop * 2 + Duration::from_secs(30);
         let agents = self.agents.clone();
         let replicas = async move {
             futures_util::future::join_all(self.replicas).await;

@@ -47,7 +47,7 @@ pub enum ToAgent {
         error: Option<String>,
     },
     /// The replica is being stopped: exit within `grace_ms`. A `result`
-    /// sent before the exit is stored; unanswered tasks are handed back,
+    /// sent within `grace_ms` is stored; unanswered tasks are handed back,
     /// uncharged, once the process is gone. After `grace_ms` the process
     /// group gets SIGTERM, and SIGKILL another `grace_ms` later.
     Shutdown {

@@ -76,31 +76,40 @@ impl Claim {
 /// A process, as a claim names it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Holder {
-    host: String,
-    /// The inode of its pid namespace: two containers may share a host
-    /// name, not a pid namespace.
+    /// The kernel's boot id (`/proc/sys/kernel/random/boot_id`), random
+    /// at each boot: the same value means the same machine, the same
+    /// boot. Host names and pid namespace inodes repeat across machines.
+    boot: String,
+    /// The inode of its pid namespace: containers of one machine share
+    /// its boot id, not a pid namespace.
     pid_ns: u64,
     pid: u32,
 }
 
 impl Holder {
-    /// This process, where its pid namespace can be read.
+    /// This process, where its boot id and pid namespace can be read.
     fn this() -> Option<Self> {
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        let boot = boot.trim();
+        if boot.is_empty() {
+            return None;
+        }
         Some(Self {
-            host: crate::store::host_name(),
+            boot: boot.to_string(),
             pid_ns: pid_namespace()?,
             pid: std::process::id(),
         })
     }
 
-    /// Whether the process is known to be gone: on this machine, in this
-    /// pid namespace, and no process has its pid. A pid reused since
-    /// looks alive: the claim then lapses by time, as any other.
+    /// Whether the process is known to be gone: on this machine since the
+    /// same boot, in this pid namespace, and no process has its pid. A
+    /// pid reused since looks alive: the claim then lapses by time, as
+    /// any other.
     fn is_dead(&self) -> bool {
         let Some(here) = Self::this() else {
             return false;
         };
-        if self.host != here.host || self.pid_ns != here.pid_ns || self.pid == here.pid {
+        if self.boot != here.boot || self.pid_ns != here.pid_ns || self.pid == here.pid {
             return false;
         }
         let Ok(pid) = i32::try_from(self.pid) else {
@@ -505,8 +514,9 @@ async fn take_claim(
         }
     };
     if let Some(held) = current.as_ref().filter(|held| !held.is_null()) {
-        let live =
-            serde_json::from_value::<Claim>(held.clone()).map_or(true, |held| held.live(now));
+        // An unreadable claim holds nothing, as `running` and
+        // `clear_cut_off` see it: otherwise it would block for good.
+        let live = serde_json::from_value::<Claim>(held.clone()).is_ok_and(|held| held.live(now));
         if live {
             return Err(busy(held));
         }
@@ -981,6 +991,28 @@ mod tests {
         assert!(!clear_cut_off(&store, "t", now()).await.unwrap());
         alive.kill().unwrap();
         alive.wait().unwrap();
+        // That pid gone here, but the claim from another machine (another
+        // boot id; host names and pid namespaces repeat): still live.
+        let elsewhere = Claim {
+            holder: Some(Holder {
+                boot: "0f0e0d0c-another-machine".into(),
+                pid: alive.id(),
+                ..here.clone()
+            }),
+            ..held(alive.id())
+        };
+        store
+            .put_control(&claim_key("t"), &elsewhere.value())
+            .await
+            .unwrap();
+        assert!(matches!(
+            running(&store, "t", now()).await.unwrap(),
+            Running::Live { .. }
+        ));
+        store
+            .put_control(&claim_key("t"), &held(alive.id()).value())
+            .await
+            .unwrap();
         // The same process gone (a daemon killed mid-rollback): cut off
         // now, not five minutes later, and a rollback takes it over.
         assert_eq!(

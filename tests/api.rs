@@ -706,9 +706,10 @@ async fn the_dashboard_is_served_offline_and_events_stream_live() {
     daemon.stop().await;
 }
 
-/// Calls with a body take one of 4 turns while they send and parse it
-/// (bounding the memory large submits take): 4 clients stalled mid-body
-/// hold a fifth submit back, not the reads, and only while they last.
+/// Calls with a large body (over 1 MiB) take one of 4 turns while they
+/// send and parse it (bounding the memory large submits take): 4 clients
+/// stalled mid-body hold a fifth large submit back, not the reads nor
+/// small calls, and only while they last.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_bodies_hold_back_only_writes_and_only_while_they_last() {
     use tokio::io::AsyncWriteExt;
@@ -724,23 +725,52 @@ async fn stalled_bodies_hold_back_only_writes_and_only_while_they_last() {
     for _ in 0..4 {
         let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
         let head = format!(
-            "POST /api/v1/tasks HTTP/1.1\r\nhost: flotilla\r\nauthorization: Bearer {TOKEN}\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"agent\": "
+            "POST /api/v1/tasks HTTP/1.1\r\nhost: flotilla\r\nauthorization: Bearer {TOKEN}\r\ncontent-type: application/json\r\ncontent-length: 2097152\r\n\r\n{{\"agent\": "
         );
         stream.write_all(head.as_bytes()).await.unwrap();
         stalled.push(stream);
     }
-    let submit = client.post(
-        "/api/v1/tasks",
-        json!({"agent": "a", "id": "after-the-stall", "payload": {}}),
-    );
+    let half = "x".repeat(600_000);
+    let large = json!({"agent": "a", "tasks": [
+        {"id": "large-1", "payload": {"blob": half}},
+        {"id": "large-2", "payload": {"blob": half}},
+    ]});
+    let submit = client.post("/api/v1/tasks", large);
     tokio::pin!(submit);
     assert!(
         tokio::time::timeout(Duration::from_secs(2), &mut submit)
             .await
             .is_err(),
-        "the fifth call with a body waits its turn"
+        "the fifth large body waits its turn"
     );
     assert_eq!(client.get("/api/v1/status").await.0, 200, "reads go on");
+    let (status, body) = client
+        .post(
+            "/api/v1/tasks",
+            json!({"agent": "a", "id": "small", "payload": {}}),
+        )
+        .await;
+    assert_eq!(status, 200, "small calls go on: {body}");
+    // A body announced over 64 MiB is refused before it is read.
+    let mut huge = tokio::net::TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "POST /api/v1/tasks HTTP/1.1\r\nhost: flotilla\r\nauthorization: Bearer {TOKEN}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        65 << 20
+    );
+    huge.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 512];
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        use tokio::io::AsyncReadExt;
+        huge.read(&mut answer).await
+    })
+    .await
+    .expect("answered at once")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..read]);
+    assert!(
+        answer.starts_with("HTTP/1.1 413") && answer.contains("over 64 MiB"),
+        "{answer}"
+    );
     drop(stalled);
     let (status, body) = tokio::time::timeout(Duration::from_secs(10), submit)
         .await

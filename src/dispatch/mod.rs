@@ -995,9 +995,10 @@ impl AgentRuntime {
         }
     }
 
-    /// Keeps `key`'s lease alive while the daemon validates its result.
-    /// Renews at once (the result may have come late in the lease), then
-    /// every half progress timeout; stops when the guard is dropped.
+    /// Keeps `key`'s lease alive while the daemon validates its result, or
+    /// stops the process working on it. Renews at once (the result may
+    /// have come late in the lease), then every half renewal interval;
+    /// stops when the guard is dropped.
     fn keep_lease(&self, key: &crate::queue::LeaseKey) -> AbortOnDrop {
         let queue = self.queue.clone();
         let key = key.clone();
@@ -1009,7 +1010,7 @@ impl AgentRuntime {
             loop {
                 ticker.tick().await;
                 if let Err(error) = queue.progress(&key, lease_for, None).await {
-                    tracing::warn!(task = %key, %error, "could not extend the lease during validation");
+                    tracing::warn!(task = %key, %error, "could not extend the lease");
                 }
             }
         }))
@@ -1073,8 +1074,13 @@ impl AgentRuntime {
                         // Left by a rollback cut off after its last
                         // command, the claim is removed; a live one (taken
                         // meanwhile) is waited for.
-                        let _ = crate::rollback::clear_cut_off(&agent.store, &task, now).await;
-                        Duration::ZERO
+                        match crate::rollback::clear_cut_off(&agent.store, &task, now).await {
+                            Ok(_) => Duration::ZERO,
+                            Err(error) => {
+                                tracing::warn!(agent = %agent.name, %task, %error, "could not clear the claim of a rollback that was cut off; looking again");
+                                ROLLBACK_RECHECK
+                            }
+                        }
                     }
                     Err(error) => {
                         tracing::warn!(agent = %agent.name, %task, %error, "could not check the rollback of an earlier attempt; looking again");

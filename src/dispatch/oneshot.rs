@@ -291,8 +291,9 @@ async fn run_task(
             }
             () = tokio::time::sleep_until(timer) => {
                 if let Some(deadline) = draining && Instant::now() >= deadline {
-                    extend_lease(agent, &mut tracked).await;
+                    let renewing = agent.keep_lease(&tracked.lease.key);
                     process::stop(&mut child, pgid, agent.config.timeouts.stop_grace.get()).await;
+                    drop(renewing);
                     agent.release(tracked.lease, name, "the daemon shut down before the task finished").await;
                     return Some(Exit::Shutdown);
                 }
@@ -357,22 +358,13 @@ async fn kill_for(
     failure: Failure,
 ) {
     tracing::warn!(agent = %agent.name, replica = %name, outcome = failure.outcome.as_str(), detail = %failure.detail, "killing oneshot process");
-    let mut tracked = tracked;
-    extend_lease(agent, &mut tracked).await;
+    // The lease must outlast stopping the process (up to stop_grace and
+    // more), or the task comes back as lease_expired while it still runs.
+    let renewing = agent.keep_lease(&tracked.lease.key);
     process::stop(child, pgid, agent.config.timeouts.stop_grace.get()).await;
+    drop(renewing);
     // A killed process is not a broken slot: the next task starts at once.
     agent.fail_attempt(tracked.lease, failure, name).await;
-}
-
-/// Extends the lease of a task whose process is about to be stopped: it
-/// must outlast the stop (up to `stop_grace` and more), or the task comes
-/// back as `lease_expired`, or starts elsewhere, while the process still
-/// runs.
-async fn extend_lease(agent: &AgentRuntime, tracked: &mut Tracked) {
-    tracked.renew_at = Instant::now();
-    if let Err(error) = agent.progress(tracked, None).await {
-        tracing::debug!(agent = %agent.name, task = %tracked.lease.key, %error, "could not extend the lease before stopping the process");
-    }
 }
 
 /// Turns the exit status into an outcome.

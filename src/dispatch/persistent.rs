@@ -58,6 +58,9 @@ enum StartFailure {
 /// Bytes a pipe to the agent holds before a writer waits (Linux's default
 /// pipe buffer).
 const PIPE_CAPACITY: usize = 64 * 1024;
+/// How long, once an agent told to shut down has exited, its stdout is
+/// still read for what it wrote before (a descendant may hold it open).
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(200);
 
 /// Replies waiting to be written to one replica.
 const NEWS: usize = 256;
@@ -716,8 +719,9 @@ impl Replica<'_> {
             .note_lost(self.index, self.in_flight.keys().cloned().collect());
         self.agent
             .update_replica(self.index, |replica| replica.state = ReplicaState::Stopping);
-        self.extend_leases().await;
+        let renewing = self.keep_leases();
         self.stop().await;
+        drop(renewing);
         self.gone();
         let mut failure = Some(failure);
         for (id, tracked) in self.in_flight.drain() {
@@ -745,33 +749,44 @@ impl Replica<'_> {
     }
 
     /// Graceful end: ask the agent to exit, store the results it sends
-    /// meanwhile, then release what is still unanswered once the process
-    /// is gone. Released earlier, a task could start elsewhere (another
-    /// daemon) while this process still works on it.
+    /// until it does (within `stop_grace`), then release what is still
+    /// unanswered once the process is gone. Released earlier, a task could
+    /// start elsewhere (another daemon) while this process still works on
+    /// it. The leases are kept alive until then.
     async fn shut_down(mut self) -> Exit {
-        self.extend_leases().await;
+        let mut renewing = self.keep_leases();
         let grace = self.agent.config.timeouts.stop_grace.get();
         let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
         let _ = self.send(&ToAgent::Shutdown { grace_ms }).await;
         self.stdin = None;
-        let deadline = Instant::now() + grace;
-        let mut reading = true;
-        let exited = loop {
+        let mut deadline = Instant::now() + grace;
+        let (mut reading, mut exited) = (true, false);
+        while reading || !exited {
             tokio::select! {
                 line = self.lines.next_line(), if reading => match line {
-                    Ok(Some(Line::Text(text))) => self.wind_down_line(&text).await,
-                    Ok(Some(_)) => {}
+                    Ok(Some(Line::Text(text))) => {
+                        self.wind_down_line(&text).await;
+                        renewing.retain(|id, _| self.in_flight.contains_key(id));
+                    }
+                    Ok(Some(other)) => self.malformed_line(&other),
                     Ok(None) | Err(_) => reading = false,
                 },
-                _ = self.child.wait(), if !reading => break true,
-                () = tokio::time::sleep_until(deadline) => break false,
+                _ = self.child.wait(), if !exited => {
+                    // What it wrote before it exited is still in the pipe;
+                    // a descendant holding the pipe open is not waited
+                    // for long.
+                    exited = true;
+                    deadline = deadline.min(Instant::now() + DRAIN_AFTER_EXIT);
+                }
+                () = tokio::time::sleep_until(deadline) => break,
             }
-        };
+        }
         if exited {
             process::finish(&mut self.child, self.pgid).await;
         } else {
             process::stop(&mut self.child, self.pgid, grace).await;
         }
+        drop(renewing);
         for (_, tracked) in self.in_flight.drain() {
             self.agent
                 .release(
@@ -798,17 +813,16 @@ impl Replica<'_> {
         }
     }
 
-    /// Extends every lease this replica holds: stopping its process takes
-    /// up to `stop_grace` and more, and the leases must outlast it, or the
-    /// tasks come back as `lease_expired` (without their backoff, and the
-    /// innocent ones charged) while the process still runs.
-    async fn extend_leases(&mut self) {
-        for tracked in self.in_flight.values_mut() {
-            tracked.renew_at = Instant::now();
-            if let Err(error) = self.agent.progress(tracked, None).await {
-                tracing::debug!(agent = %self.agent.name, task = %tracked.lease.key, %error, "could not extend a lease before stopping the replica");
-            }
-        }
+    /// Keeps every lease this replica holds alive, by task, until the
+    /// guards are dropped: stopping its process takes up to `stop_grace`
+    /// and more, and the leases must outlast it, or the tasks come back as
+    /// `lease_expired` (without their backoff, and the innocent ones
+    /// charged), or start elsewhere, while the process still runs.
+    fn keep_leases(&self) -> HashMap<String, super::AbortOnDrop> {
+        self.in_flight
+            .iter()
+            .map(|(id, tracked)| (id.clone(), self.agent.keep_lease(&tracked.lease.key)))
+            .collect()
     }
 
     async fn stop(&mut self) {
