@@ -458,22 +458,38 @@ pub async fn dead_lettered(
     .await
 }
 
-/// What a waiter tells the parent's replica.
+/// What a waiter tells the parent's replica, for the parent's attempt
+/// `attempt` (news of an earlier attempt is not the current one's).
 #[derive(Debug)]
 pub enum News {
-    /// The child ended (or the wait timed out) this long after the send:
-    /// write this reply.
-    Reply(ToAgent, Duration),
+    /// The child ended (or the wait timed out) `after` the send: write
+    /// this reply.
+    Reply {
+        /// The reply.
+        reply: ToAgent,
+        /// How long after the send.
+        after: Duration,
+        /// The parent's attempt that waits.
+        attempt: u32,
+    },
     /// The child is still on its way: the parent is alive too.
-    Alive(String),
+    Alive {
+        /// The parent task.
+        parent: String,
+        /// The parent's attempt that waits.
+        attempt: u32,
+    },
 }
 
-/// Follows `child` for the parent `parent` until it ends or `timeout`
-/// passes; tells the replica through `news` (and stops when the replica
-/// is gone). `alive_every` is how often the parent's lease is renewed.
+/// Follows `child` for attempt `attempt` of the parent `parent` until it
+/// ends or `timeout` passes; tells the replica through `news` (and stops
+/// when the replica is gone; the replica aborts it when the attempt
+/// ends). `alive_every` is how often the parent's lease is renewed.
+#[allow(clippy::too_many_arguments)]
 pub async fn wait(
     store: Store,
     parent: String,
+    attempt: u32,
     key: String,
     child: String,
     timeout: Duration,
@@ -529,12 +545,23 @@ pub async fn wait(
                 result,
                 error,
             };
-            let _ = news.send(News::Reply(reply, started.elapsed())).await;
+            let after = started.elapsed();
+            let _ = news
+                .send(News::Reply {
+                    reply,
+                    after,
+                    attempt,
+                })
+                .await;
             return;
         }
         if tokio::time::Instant::now() >= alive_at {
             alive_at = tokio::time::Instant::now() + alive_every;
-            if news.send(News::Alive(parent.clone())).await.is_err() {
+            let alive = News::Alive {
+                parent: parent.clone(),
+                attempt,
+            };
+            if news.send(alive).await.is_err() {
                 return;
             }
         }
@@ -769,6 +796,7 @@ mod tests {
         tokio::spawn(wait(
             store.clone(),
             "parent".into(),
+            1,
             "w".into(),
             sent.child.clone(),
             Duration::from_millis(300),
@@ -782,11 +810,11 @@ mod tests {
                 .expect("news within 10 s")
                 .expect("a reply before the waiter ends")
             {
-                News::Alive(parent) => {
-                    assert_eq!(parent, "parent");
+                News::Alive { parent, attempt } => {
+                    assert_eq!((parent.as_str(), attempt), ("parent", 1));
                     alive += 1;
                 }
-                News::Reply(reply, after) => {
+                News::Reply { reply, after, .. } => {
                     assert!(after >= Duration::from_millis(300), "{after:?}");
                     break reply;
                 }

@@ -548,3 +548,64 @@ command = {slow}
     assert_eq!(record.result, Some(json!({"once": 1})), "{record:?}");
     daemon.stop().await;
 }
+
+/// Attempt 1 sends a waited child with a short timeout and fails at once;
+/// attempt 2 sends the same key with a long one and answers with the
+/// reply it got.
+const RETRIER: &str = r#"
+import json, sys
+def out(m):
+    print(json.dumps(m), flush=True)
+out({"type": "ready", "protocol": 1})
+for line in sys.stdin:
+    m = json.loads(line)
+    kind = m.get("type")
+    if kind == "shutdown":
+        break
+    if kind == "task":
+        short = m["attempt"] == 1
+        out({"type": "send", "id": m["id"], "to": "slow", "key": "work", "payload": {},
+             "wait": True, "timeout_ms": 700 if short else 30000})
+        if short:
+            out({"type": "error", "id": m["id"], "message": "try again", "retryable": True})
+    elif kind == "reply":
+        out({"type": "result", "id": m["id"], "output": {"status": m["status"]}})
+"#;
+
+/// A wait ends with the attempt that asked: the first attempt's short
+/// wait must not answer the retry's own wait on the same key with a
+/// `timeout` while the child is still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempts_wait_does_not_answer_the_retry() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.retrier]
+command = ["python3", "retrier.py"]
+retry = {{ backoff = ["10ms"] }}
+breaker = {{ enabled = false }}
+
+[agents.slow]
+command = {slow}
+"#,
+        slow = example_agent(&["--work-ms", "2000"]),
+    ));
+    std::fs::write(fleet.path("retrier.py"), RETRIER).unwrap();
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    queue
+        .submit(vec![task("r1", "retrier", json!({}))])
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(30), "r1 to complete", || async {
+        queue.get("r1").await.unwrap().unwrap().state == TaskState::Completed
+    })
+    .await;
+    let record = queue.get("r1").await.unwrap().unwrap();
+    assert_eq!(record.attempts, 2, "{record:?}");
+    assert_eq!(
+        record.result,
+        Some(json!({"status": "completed"})),
+        "{record:?}"
+    );
+    daemon.stop().await;
+}

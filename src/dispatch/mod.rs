@@ -1466,7 +1466,7 @@ struct Tracked {
     /// The keys of the sends whose replies it waits for (its child
     /// tasks), one waiter each: the progress watchdog rests meanwhile
     /// (each wait is bounded by its own timeout).
-    waited: std::collections::HashSet<String>,
+    waited: HashMap<String, AbortOnDrop>,
 }
 
 impl Tracked {
@@ -1477,7 +1477,7 @@ impl Tracked {
             last_progress: now,
             deadline: now + agent.config.timeouts.max_duration.get(),
             renew_at: agent.renew_at(now),
-            waited: std::collections::HashSet::new(),
+            waited: HashMap::new(),
         }
     }
 

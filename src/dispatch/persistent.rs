@@ -209,7 +209,11 @@ impl Replica<'_> {
     /// (which keeps its parent alive).
     async fn handle_news(&mut self, news: crate::delegate::News) {
         match news {
-            crate::delegate::News::Reply(reply, latency) => {
+            crate::delegate::News::Reply {
+                reply,
+                after: latency,
+                attempt,
+            } => {
                 let crate::protocol::ToAgent::Reply { id, key, .. } = &reply else {
                     return;
                 };
@@ -217,7 +221,7 @@ impl Replica<'_> {
                     // The parent ended meanwhile: nobody to tell.
                     return;
                 };
-                if !tracked.waited.remove(key) {
+                if tracked.lease.key.attempt != attempt || tracked.waited.remove(key).is_none() {
                     // A wait of an earlier attempt of the same task: this
                     // attempt did not ask.
                     return;
@@ -229,12 +233,15 @@ impl Replica<'_> {
                     .message_answered(&self.agent.name, latency.as_secs_f64());
                 self.tell(&reply, "a reply").await;
             }
-            crate::delegate::News::Alive(parent) => {
-                let Some(tracked) = self.in_flight.get_mut(&parent) else {
+            crate::delegate::News::Alive { parent, attempt } => {
+                let Some(tracked) = self
+                    .in_flight
+                    .get_mut(&parent)
+                    .filter(|tracked| tracked.lease.key.attempt == attempt)
+                else {
                     return;
                 };
-                tracked.last_progress = Instant::now();
-                tracked.renew_at = Instant::now();
+                // Renewed when due: one waiter's news or many, one write.
                 let result = self.agent.progress(tracked, None).await;
                 self.publish_tasks();
                 if let Err(error) = result {
@@ -621,17 +628,18 @@ impl Replica<'_> {
                         tracing::info!(agent = %self.agent.name, task = %parent, child = %sent.child, to = %send.to, existed = sent.existed, wait, "child task sent");
                         if let (true, Some(timeout)) = (wait, send.timeout) {
                             let tracked = self.in_flight.get_mut(&parent).expect("held");
-                            if !tracked.waited.insert(key.clone()) {
+                            if tracked.waited.contains_key(&key) {
                                 // Sent again while its wait runs: that
                                 // wait's one reply answers both.
                                 return;
                             }
-                            tracked.last_progress = Instant::now();
-                            self.publish_tasks();
-                            tokio::spawn(crate::delegate::wait(
+                            // Aborted with the attempt (its entry dropped
+                            // with it): a wait never outlives what asked.
+                            let waiter = tokio::spawn(crate::delegate::wait(
                                 self.agent.store().clone(),
                                 parent,
-                                key,
+                                tracked.lease.key.attempt,
+                                key.clone(),
                                 sent.child,
                                 timeout,
                                 super::renew_after(
@@ -639,6 +647,9 @@ impl Replica<'_> {
                                 ) / 2,
                                 self.news_to.clone(),
                             ));
+                            tracked.waited.insert(key, super::AbortOnDrop(waiter));
+                            tracked.last_progress = Instant::now();
+                            self.publish_tasks();
                         }
                     }
                 }
