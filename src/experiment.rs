@@ -35,8 +35,8 @@ pub struct Experiment {
     pub load: Option<Load>,
     /// The faults, in order of `at`.
     pub method: Vec<Step>,
-    /// How long after the last fault the hypothesis may take to hold
-    /// again (default 60s, up to 1h).
+    /// How long after the last fault is over the hypothesis may take to
+    /// hold again, three looks in a row (default 60s, up to 1h).
     #[serde(default = "settle")]
     pub settle: HumanDuration,
 }
@@ -52,7 +52,8 @@ pub struct Hypothesis {
     /// Fewer tasks than this queued.
     #[serde(default)]
     pub queue_depth_below: Option<u64>,
-    /// Every running agent has a ready replica and a closed breaker.
+    /// Every running agent has a ready replica and a closed breaker (a
+    /// failed agent is not ready).
     #[serde(default)]
     pub all_agents_ready: bool,
     /// p99 of the probe tasks' time from submit to completion below this.
@@ -201,6 +202,29 @@ impl Experiment {
                     ))
                 }
             };
+            let duration =
+                |field: &str, value: Option<&String>| {
+                    match value {
+                Some(text) => humantime::parse_duration(text).map(|_| ()).map_err(|error| {
+                    format!("method[{index}].{field} = {text:?}: {error}; e.g. \"30s\" or \"2m\"")
+                }),
+                None => Ok(()),
+            }
+                };
+            duration("for", step.duration.as_ref())?;
+            duration("add", step.add.as_ref())?;
+            if let Some(mode) = &step.mode {
+                crate::chaos::how_many(mode, 1)
+                    .map_err(|problem| format!("method[{index}]: {problem}"))?;
+            }
+            if let Some(signal) = &step.signal
+                && !["KILL", "SIGKILL", "TERM", "SIGTERM"]
+                    .contains(&signal.to_ascii_uppercase().as_str())
+            {
+                return Err(format!(
+                    "method[{index}].signal {signal:?} is not valid; valid: KILL, TERM"
+                ));
+            }
             match step.action.as_str() {
                 "kill" => needs("agent", step.agent.is_some())?,
                 "pause" => {
@@ -222,9 +246,47 @@ impl Experiment {
                 return Err(format!("method[{index}].at = {} is over 1h", step.at));
             }
         }
+        let hypothesis = &self.hypothesis;
+        if hypothesis.p99_latency_below.is_some() && self.load.is_none() {
+            return Err(
+                "hypothesis.p99_latency_below needs a [load]: the latency is that of its probe tasks"
+                    .into(),
+            );
+        }
+        if hypothesis.queue_depth_below.is_none()
+            && !hypothesis.all_agents_ready
+            && self.load.is_none()
+        {
+            return Err(
+                "the experiment checks nothing, so it could not fail: give [hypothesis] queue_depth_below or all_agents_ready, or a [load] of probe tasks"
+                    .into(),
+            );
+        }
         Ok(())
     }
+
+    /// When the last fault ends, from the start of the method: a pause,
+    /// a partition or a latency lasts `for`.
+    fn faults_end(&self) -> Duration {
+        self.method
+            .iter()
+            .map(|step| {
+                let lasts = step
+                    .duration
+                    .as_deref()
+                    .and_then(|text| humantime::parse_duration(text).ok())
+                    .unwrap_or_default();
+                step.at.get() + lasts
+            })
+            .max()
+            .unwrap_or_default()
+    }
 }
+
+/// Looks in a row, a second apart, in which the hypothesis must hold for
+/// the fleet to count as recovered: one good look may come before a
+/// fault's effect shows, or between two restarts of a crash loop.
+const STEADY_LOOKS: u32 = 3;
 
 fn hypothesis(report: &StatusReport, hypothesis: &Hypothesis) -> Vec<Check> {
     let mut checks = Vec::new();
@@ -239,12 +301,20 @@ fn hypothesis(report: &StatusReport, hypothesis: &Hypothesis) -> Vec<Check> {
         let unready: Vec<String> = report
             .agents
             .iter()
-            .filter(|agent| agent.state == crate::status::AgentState::Running)
+            // A failed agent (restarted too often) is the worst of not
+            // ready, not one to leave out.
             .filter(|agent| {
-                !agent
-                    .replicas
-                    .iter()
-                    .any(crate::status::ReplicaStatus::is_ready)
+                matches!(
+                    agent.state,
+                    crate::status::AgentState::Running | crate::status::AgentState::Failed
+                )
+            })
+            .filter(|agent| {
+                agent.state == crate::status::AgentState::Failed
+                    || !agent
+                        .replicas
+                        .iter()
+                        .any(crate::status::ReplicaStatus::is_ready)
                     || agent
                         .breaker
                         .state
@@ -361,17 +431,42 @@ pub async fn run(
     }
     let mut steps: Vec<&Step> = experiment.method.iter().collect();
     steps.sort_by_key(|step| step.at);
+    let mut not_injected = Vec::new();
     for step in steps {
         let due = step.at.get().saturating_sub(started.elapsed());
         tokio::time::sleep(due).await;
         actions.push(match inject(client, step).await {
             Ok(done) => done,
-            Err(error) => format!("{} failed: {error}", step.action),
+            Err(error) => {
+                not_injected.push(format!("{}: {error}", step.action));
+                format!("{} failed: {error}", step.action)
+            }
         });
     }
-    // Recovery: the hypothesis must hold again (and the probes end)
-    // within `settle`.
+    if !not_injected.is_empty() {
+        // A fault that did not happen proves nothing: failed, whatever
+        // the fleet looks like.
+        return Ok(Report {
+            name: experiment.name.clone(),
+            verdict: "failed".into(),
+            started_ms: now_ms,
+            took_ms: millis(started.elapsed()),
+            before,
+            after: vec![Check {
+                name: "every fault was injected".into(),
+                ok: false,
+                detail: not_injected.join("; "),
+            }],
+            actions,
+            load: None,
+        });
+    }
+    // Recovery: once the last fault is over, the hypothesis must hold
+    // again (and the probes end) within `settle`, for STEADY_LOOKS looks
+    // in a row.
+    tokio::time::sleep(experiment.faults_end().saturating_sub(started.elapsed())).await;
     let deadline = Instant::now() + experiment.settle.get();
+    let mut steady = 0;
     let (after, load) = loop {
         let report = client.status().await.map_err(status)?;
         let mut after = hypothesis(&report, &experiment.hypothesis);
@@ -405,14 +500,21 @@ pub async fn run(
                 ),
             });
         }
-        if holds(&after) || Instant::now() >= deadline {
+        steady = if holds(&after) { steady + 1 } else { 0 };
+        // Past the deadline a streak under way may still complete.
+        if steady >= STEADY_LOOKS || (steady == 0 && Instant::now() >= deadline) {
             break (after, load);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     Ok(Report {
         name: experiment.name.clone(),
-        verdict: if holds(&after) { "passed" } else { "failed" }.into(),
+        verdict: if steady >= STEADY_LOOKS {
+            "passed"
+        } else {
+            "failed"
+        }
+        .into(),
         started_ms: now_ms,
         took_ms: millis(started.elapsed()),
         before,
@@ -636,6 +738,58 @@ pub async fn schedule(
                 format!("chaos experiment {}: {}", report.name, report.verdict),
             )
             .details(serde_json::to_value(&report).expect("report serializes")),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Experiment, String> {
+        let experiment: Experiment = toml::from_str(text).map_err(|error| error.to_string())?;
+        experiment.check().map(|()| experiment)
+    }
+
+    #[test]
+    fn an_experiment_that_could_not_fail_is_refused() {
+        let method = "\n[[method]]\naction = \"kill\"\nagent = \"a\"\n";
+        let nothing = parse(&format!("name = \"x\"\n{method}")).unwrap_err();
+        assert!(nothing.contains("checks nothing"), "{nothing}");
+        let latency_alone = parse(&format!(
+            "name = \"x\"\n[hypothesis]\np99_latency_below = \"1s\"\n{method}"
+        ))
+        .unwrap_err();
+        assert!(latency_alone.contains("needs a [load]"), "{latency_alone}");
+        assert!(
+            parse(&format!(
+                "name = \"x\"\n[hypothesis]\nall_agents_ready = true\n{method}"
+            ))
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn faults_are_checked_before_the_run() {
+        let with = |step: &str| {
+            parse(&format!(
+                "name = \"x\"\n[hypothesis]\nall_agents_ready = true\n[[method]]\n{step}\n"
+            ))
+        };
+        let mode = with("action = \"kill\"\nagent = \"a\"\nmode = \"al\"").unwrap_err();
+        assert!(
+            mode.contains("method[0]") && mode.contains("percent:N"),
+            "{mode}"
+        );
+        let signal = with("action = \"kill\"\nagent = \"a\"\nsignal = \"HUP\"").unwrap_err();
+        assert!(signal.contains("KILL, TERM"), "{signal}");
+        let duration = with("action = \"pause\"\nagent = \"a\"\nfor = \"5 parsecs\"").unwrap_err();
+        assert!(duration.contains("method[0].for"), "{duration}");
+        let paused = with("at = \"10s\"\naction = \"pause\"\nagent = \"a\"\nfor = \"1m\"").unwrap();
+        assert_eq!(
+            paused.faults_end(),
+            Duration::from_secs(70),
+            "the pause ends at 1m10s"
         );
     }
 }

@@ -518,13 +518,14 @@ replicas = {{ min = 2 }}
         String::from_utf8_lossy(&failed.stdout).contains("FAILED"),
         "{failed:?}"
     );
-    // A fault the fleet does not recover from within `settle` fails the
-    // experiment after the method, and the report says which check.
+    // A fault the fleet does not recover from within `settle` (counted
+    // from the end of the pause: none) fails the experiment after the
+    // method, and the report says which check.
     std::fs::write(
         fleet.path("pause-all.toml"),
         r#"
 name = "pause-all"
-settle = "2s"
+settle = "0s"
 
 [hypothesis]
 all_agents_ready = true
@@ -554,6 +555,28 @@ for = "4s"
             && said.contains("after  FAIL every probe task ended: ")
             && said.contains(" unfinished")
             && said.contains("fault  pause"),
+        "{said}"
+    );
+    // A fault that could not be injected proves nothing: failed, though
+    // the fleet is healthy.
+    std::fs::write(
+        fleet.path("no-fault.toml"),
+        EXPERIMENT
+            .replace("kill-one", "no-fault")
+            .replace("agent = \"worker\"\nmode", "agent = \"nobody\"\nmode"),
+    )
+    .unwrap();
+    let empty = fleet.cli(&[
+        "chaos",
+        "run",
+        fleet.path("no-fault.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(empty.status.code(), Some(1), "{empty:?}");
+    let said = String::from_utf8_lossy(&empty.stdout);
+    assert!(
+        said.contains("experiment no-fault: FAILED")
+            && said.contains("after  FAIL every fault was injected: kill: ")
+            && said.contains("nobody"),
         "{said}"
     );
     // The daemon runs the scheduled one on its own and counts it.
