@@ -181,8 +181,9 @@ impl Watchdog {
             let memory = self.agents.entry(agent.name.clone()).or_default();
             let limits = &agent.thresholds;
             let count = u32::try_from(agent.replicas.len()).unwrap_or(u32::MAX);
-            // Scale up on a backlog that lasts.
-            if agent.queued > limits.queue_depth && !agent.failed {
+            // Scale up on a backlog that lasts, one replicas can take:
+            // not while the breaker holds the agent's tasks back.
+            if agent.queued > limits.queue_depth && !agent.failed && agent.breaker_closed {
                 let since = *memory.over_since.get_or_insert(now);
                 if now.saturating_sub(since) >= millis(limits.scale_up_after) && count < agent.max {
                     actions.push(Action::ScaleUp {
@@ -644,5 +645,21 @@ mod tests {
         view.failed = true;
         assert!(watchdog.tick(0, &[view.clone()]).is_empty());
         assert!(watchdog.tick(100 * SEC, &[view]).is_empty());
+    }
+
+    #[test]
+    fn a_backlog_behind_an_open_breaker_is_not_scaled_for() {
+        let mut watchdog = Watchdog::default();
+        let mut view = agent(50, vec![replica(0, None, None)]);
+        view.breaker_closed = false;
+        assert!(watchdog.tick(0, &[view.clone()]).is_empty());
+        assert!(watchdog.tick(100 * SEC, &[view.clone()]).is_empty());
+        // Closed again: the backlog counts from then.
+        view.breaker_closed = true;
+        assert!(watchdog.tick(101 * SEC, &[view.clone()]).is_empty());
+        assert!(matches!(
+            watchdog.tick(200 * SEC, &[view]).as_slice(),
+            [Action::ScaleUp { to: 2, .. }]
+        ));
     }
 }

@@ -310,6 +310,10 @@ async fn run_task(
         }
     };
     process::finish(&mut child, pgid).await;
+    // Reaped: its pid may be reused by any process from now on, and
+    // settling (validation gates, a rollback) can take minutes. Chaos and
+    // the watchdog signal only the pids that status shows.
+    agent.update_replica(index, |replica| replica.pid = None);
     settle_exit(agent, name, tracked.lease, status, &output).await;
     None
 }
