@@ -698,10 +698,7 @@ impl DegradeLoop {
                         AgentView {
                             name: status.name.clone(),
                             critical: agent.config.critical,
-                            breaker_open: status
-                                .breaker
-                                .state
-                                .is_some_and(|state| state != BreakerState::Closed),
+                            breaker_open: crate::degrade::breaker_holds_back(status.breaker.state),
                             failed: status.state == AgentState::Failed,
                             ready: status
                                 .replicas

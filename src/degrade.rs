@@ -107,6 +107,15 @@ impl fmt::Display for Level {
     }
 }
 
+/// Whether a breaker in `state` makes its agent unavailable to the
+/// degrader: open only. Half-open, it is being probed; an agent that gets
+/// no task stays half-open, and counting that as open would hold the
+/// whole fleet at a raised level for as long as the agent is idle. A
+/// failed probe opens it again.
+pub fn breaker_holds_back(state: Option<crate::breaker::BreakerState>) -> bool {
+    state == Some(crate::breaker::BreakerState::Open)
+}
+
 /// One agent as the degrader sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentView {
@@ -114,7 +123,7 @@ pub struct AgentView {
     pub name: String,
     /// `critical = true` in its config.
     pub critical: bool,
-    /// Its breaker is not closed.
+    /// Its breaker is open (see [`breaker_holds_back`]).
     pub breaker_open: bool,
     /// It failed (too many restarts).
     pub failed: bool,
@@ -446,6 +455,16 @@ impl Degrader {
 mod tests {
     use super::*;
     use crate::config::{HumanDuration, LevelConfig};
+
+    #[test]
+    fn only_an_open_breaker_holds_its_agent_back() {
+        use crate::breaker::BreakerState;
+        assert!(breaker_holds_back(Some(BreakerState::Open)));
+        // Half-open: probing; an idle agent stays so indefinitely.
+        assert!(!breaker_holds_back(Some(BreakerState::HalfOpen)));
+        assert!(!breaker_holds_back(Some(BreakerState::Closed)));
+        assert!(!breaker_holds_back(None), "no breaker");
+    }
 
     fn view(name: &str, ready: u32) -> AgentView {
         AgentView {
