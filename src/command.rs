@@ -49,21 +49,67 @@ impl Ran {
 /// # Errors
 /// When the program cannot be started, saying why.
 pub async fn run(spec: SpawnSpec, limit: Duration, cap: usize) -> Result<Ran, String> {
+    run_with_input(spec, None, limit, cap).await
+}
+
+/// How long, once a command has exited, its output is still read: a
+/// process it started in the background may hold the pipes open, and the
+/// command is judged by its own exit, not by that process.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(200);
+
+/// [`run`], writing `input` to the command's stdin first (then closing
+/// it; a command that does not read it is its own business).
+///
+/// # Errors
+/// When the program cannot be started, saying why.
+pub async fn run_with_input(
+    spec: SpawnSpec,
+    input: Option<Vec<u8>>,
+    limit: Duration,
+    cap: usize,
+) -> Result<Ran, String> {
+    use tokio::io::AsyncWriteExt as _;
     let program = spec.argv.first().cloned().unwrap_or_default();
     let mut child = process::spawn(spec)
         .await
         .map_err(|error| format!("{program:?} could not start: {error}"))?;
     let pgid = child.id().unwrap_or(0);
-    drop(child.stdin.take());
+    let stdin = child.stdin.take();
+    let feeding = async move {
+        if let (Some(mut stdin), Some(input)) = (stdin, input) {
+            let _ = stdin.write_all(&input).await;
+        }
+    };
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
-    let waited = tokio::time::timeout(limit, async {
-        tokio::join!(capped(stdout, cap), capped(stderr, cap), child.wait())
-    })
-    .await;
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let status = {
+        let reading = async {
+            tokio::join!(
+                capped_into(stdout, cap, &mut out),
+                capped_into(stderr, cap, &mut err)
+            )
+        };
+        tokio::pin!(reading);
+        let exited = async {
+            let (status, ()) = tokio::join!(child.wait(), feeding);
+            status
+        };
+        tokio::pin!(exited);
+        tokio::time::timeout(limit, async {
+            tokio::select! {
+                status = &mut exited => {
+                    let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, &mut reading).await;
+                    status
+                }
+                _ = &mut reading => exited.await,
+            }
+        })
+        .await
+    };
     // Whatever happened, nothing of the command outlives it.
     process::finish(&mut child, pgid).await;
-    let Ok((out, err, status)) = waited else {
+    let Ok(status) = status else {
         return Ok(Ran {
             status: None,
             output: String::new(),
@@ -71,6 +117,10 @@ pub async fn run(spec: SpawnSpec, limit: Duration, cap: usize) -> Result<Ran, St
         });
     };
     let status = status.map_err(|error| format!("waiting for {program:?}: {error}"))?;
+    let (out, err) = (
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+    );
     let output = [&err, &out]
         .into_iter()
         .map(|text| text.trim())
@@ -84,12 +134,12 @@ pub async fn run(spec: SpawnSpec, limit: Duration, cap: usize) -> Result<Ran, St
     })
 }
 
-/// Reads `reader` to its end, keeping the first `cap` bytes.
-async fn capped(reader: Option<impl AsyncRead + Unpin>, cap: usize) -> String {
+/// Reads `reader` to its end into `kept`, keeping the first `cap` bytes;
+/// what was read stays in `kept` if the read is cut off.
+async fn capped_into(reader: Option<impl AsyncRead + Unpin>, cap: usize, kept: &mut Vec<u8>) {
     let Some(mut reader) = reader else {
-        return String::new();
+        return;
     };
-    let mut kept = Vec::new();
     let mut buffer = [0u8; 4096];
     while let Ok(read) = reader.read(&mut buffer).await {
         if read == 0 {
@@ -98,5 +148,46 @@ async fn capped(reader: Option<impl AsyncRead + Unpin>, cap: usize) -> String {
         let room = cap.saturating_sub(kept.len());
         kept.extend_from_slice(&buffer[..read.min(room)]);
     }
-    String::from_utf8_lossy(&kept).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> SpawnSpec {
+        SpawnSpec {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            workdir: std::env::temp_dir(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_command_is_judged_by_its_own_exit_not_by_what_it_left_running() {
+        // The background sleep holds stdout and stderr open: the command
+        // exited 0 all the same, and the sleep goes with its group.
+        let ran = run(sh("sleep 30 & echo started"), Duration::from_secs(20), 1024)
+            .await
+            .unwrap();
+        assert!(ran.success(), "{ran:?}");
+        assert_eq!(ran.stdout.trim(), "started");
+    }
+
+    #[tokio::test]
+    async fn input_reaches_stdin_and_a_failure_keeps_its_output() {
+        let ran = run_with_input(
+            sh("read line; echo \"got $line\" >&2; exit 3"),
+            Some(b"hello\n".to_vec()),
+            Duration::from_secs(20),
+            1024,
+        )
+        .await
+        .unwrap();
+        assert_eq!(ran.status.and_then(|status| status.code()), Some(3));
+        assert_eq!(ran.output, "got hello");
+        let slow = run(sh("sleep 5"), Duration::from_millis(100), 1024)
+            .await
+            .unwrap();
+        assert!(slow.status.is_none(), "killed at its limit: {slow:?}");
+    }
 }

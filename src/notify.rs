@@ -9,14 +9,12 @@
 //! full (its endpoint is down), new events for it are dropped and counted.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt as _;
 use tokio::sync::mpsc;
 
 use crate::clock::UnixMillis;
@@ -271,9 +269,12 @@ async fn deliver(
     stats: Arc<SinkStats>,
 ) {
     let client = match sink.kind {
+        // No redirects: a 301 or 302 would turn the POST into a GET that
+        // answers 200, counted as delivered while nothing was.
         SinkKind::Webhook => reqwest::Client::builder()
             .timeout(sink.timeout.get())
             .connect_timeout(sink.timeout.get())
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .ok(),
         _ => None,
@@ -340,43 +341,24 @@ async fn post(client: &reqwest::Client, sink: &NotifyConfig, event: &Event) -> R
 }
 
 async fn run(sink: &NotifyConfig, workdir: &Path, event: &Event) -> Result<(), String> {
-    let Some((program, args)) = sink.command.split_first() else {
-        return Err("empty command".into());
-    };
-    let mut child = tokio::process::Command::new(program)
-        .args(args)
-        .current_dir(workdir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|error| format!("cannot start {program}: {error}"))?;
+    let program = sink.command.first().cloned().unwrap_or_default();
     let mut line = serde_json::to_vec(event).expect("events serialize");
     line.push(b'\n');
-    let mut stdin = child.stdin.take().expect("piped");
-    let ran = tokio::time::timeout(sink.timeout.get(), async {
-        // A command that does not read its stdin is its own business.
-        let _ = stdin.write_all(&line).await;
-        drop(stdin);
-        let mut stderr = Vec::new();
-        if let Some(mut pipe) = child.stderr.take() {
-            use tokio::io::AsyncReadExt as _;
-            let _ = (&mut pipe)
-                .take(MAX_RESPONSE_BYTES as u64)
-                .read_to_end(&mut stderr)
-                .await;
-        }
-        (child.wait().await, stderr)
-    })
-    .await;
-    match ran {
-        Err(_) => Err(format!("{program} did not finish within {}", sink.timeout)),
-        Ok((Err(error), _)) => Err(format!("{program}: {error}")),
-        Ok((Ok(status), _)) if status.success() => Ok(()),
-        Ok((Ok(status), stderr)) => Err(format!(
-            "{program} exited with {status}: {}",
-            String::from_utf8_lossy(&stderr).trim()
-        )),
+    // In its own process group, killed with it at the timeout (a hung
+    // `curl` of a `sh -c` no longer outlives its attempt), and judged by
+    // its own exit (a process it leaves in the background holding stderr
+    // does not turn a delivery into a timeout, and a retry).
+    let spec = crate::supervisor::process::SpawnSpec {
+        argv: sink.command.clone(),
+        env: std::env::vars().collect(),
+        workdir: workdir.to_path_buf(),
+    };
+    let ran =
+        crate::command::run_with_input(spec, Some(line), sink.timeout.get(), MAX_RESPONSE_BYTES)
+            .await?;
+    match ran.status {
+        None => Err(format!("{program} did not finish within {}", sink.timeout)),
+        Some(status) if status.success() => Ok(()),
+        Some(status) => Err(format!("{program} exited with {status}: {}", ran.output)),
     }
 }
