@@ -249,7 +249,29 @@ pub async fn send(
     if known {
         // Sent before (the parent was retried): never submitted again, so
         // it cannot run twice, even past the queue's dedup window. A
-        // child pruned since answers `failed` (gone).
+        // child pruned since answers `failed` (gone). One cancelled with
+        // its parent (dead-lettered, then replayed: it runs again and
+        // sends again) is replayed too, or its wait would answer `failed`
+        // at once, every time.
+        if let Ok(Some(record)) = store.queue().get(&child).await
+            && record.state == TaskState::DeadLettered
+            && record.reason.as_deref().is_some_and(|reason| {
+                reason.starts_with(&format!("cancelled: its parent {} was", send.parent))
+            })
+        {
+            match store
+                .queue()
+                .replay(&crate::queue::Selection::Ids(vec![child.clone()]))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(parent = %send.parent, %child, "replayed a child cancelled with its parent, which sent it again");
+                }
+                Err(error) => {
+                    tracing::warn!(parent = %send.parent, %child, %error, "could not replay a child cancelled with its parent");
+                }
+            }
+        }
         return Ok(Sent {
             child,
             existed: true,
@@ -277,21 +299,13 @@ pub async fn send(
         waiting,
         sent_ms: now,
     };
-    store
-        .put_control(
-            &link_key(&child),
-            &serde_json::to_value(&link).expect("serializes"),
-        )
-        .await
-        .map_err(store_error)?;
-    children.push(child.clone());
-    store
-        .put_control(
-            &children_key(&send.parent),
-            &serde_json::to_value(&children).expect("serializes"),
-        )
-        .await
-        .map_err(store_error)?;
+    // The child is queued and will run: from here a store failure is not
+    // a refusal (an agent told so might send the work again under another
+    // key). The links are retried a few times; without them the child is
+    // not cancelled with its parent, which the log says.
+    if let Err(error) = link_child(store, &send.parent, &child, &link, &mut children).await {
+        tracing::error!(parent = %send.parent, %child, %error, "the child task is sent, but could not be linked to its parent: it will not be cancelled with it");
+    }
     // A parent cancelled or dead-lettered while its child was being
     // linked: its `cancel_children` may have read the children before
     // this one was listed. Whoever writes the list second sees the other:
@@ -320,6 +334,65 @@ pub async fn send(
         child,
         existed: receipts.first().is_some_and(|receipt| receipt.duplicate),
     })
+}
+
+/// Tries of a link write before giving up.
+const LINK_TRIES: u32 = 3;
+
+/// Stores `child`'s link and adds it to `parent`'s children (by
+/// compare-and-set: two holders of the parent, one stale, may send at
+/// once on a broker, and neither child may drop out of the list).
+async fn link_child(
+    store: &Store,
+    parent: &str,
+    child: &str,
+    link: &Link,
+    children: &mut Vec<String>,
+) -> Result<(), crate::queue::QueueError> {
+    let link = serde_json::to_value(link).expect("serializes");
+    let mut tries = 0;
+    let mut linked = false;
+    loop {
+        tries += 1;
+        let result = async {
+            if !linked {
+                store.put_control(&link_key(child), &link).await?;
+                linked = true;
+            }
+            for _ in 0..16 {
+                let stored = store.get_control(&children_key(parent)).await?;
+                let mut list: Vec<String> = stored
+                    .clone()
+                    .and_then(|value| serde_json::from_value(value).ok())
+                    .unwrap_or_default();
+                if list.iter().any(|known| known == child) {
+                    *children = list;
+                    return Ok(());
+                }
+                list.push(child.to_string());
+                let value = serde_json::to_value(&list).expect("serializes");
+                if store
+                    .compare_and_put_control(&children_key(parent), stored.as_ref(), &value)
+                    .await?
+                {
+                    *children = list;
+                    return Ok(());
+                }
+            }
+            Err(crate::queue::QueueError::Storage(format!(
+                "the children of {parent} kept changing under 16 tries"
+            )))
+        }
+        .await;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(error) if tries >= LINK_TRIES => return Err(error),
+            Err(error) => {
+                tracing::warn!(%parent, %child, %error, "could not link a child task; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(tries))).await;
+            }
+        }
+    }
 }
 
 async fn load_link(store: &Store, task: &str) -> Result<Option<Link>, crate::queue::QueueError> {
@@ -867,6 +940,64 @@ mod tests {
             .unwrap();
         let child = store.queue().get(&sent.child).await.unwrap().unwrap();
         assert_eq!(child.state, TaskState::Queued, "{child:?}");
+    }
+
+    #[tokio::test]
+    async fn a_replayed_parent_sending_again_replays_its_cancelled_child() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::embedded_in(dir.path());
+        let limits = crate::config::DelegationConfig::default();
+        submit_root(&store).await;
+        let sent = try_send(&store, &limits, &send_to("worker", "w", true))
+            .await
+            .unwrap();
+        // The parent is dead-lettered: its waited child is cancelled.
+        assert!(store.queue().cancel("parent", "gave up").await.unwrap());
+        assert_eq!(
+            cancel_children(
+                &store,
+                "parent",
+                "cancelled: its parent parent was dead-lettered"
+            )
+            .await,
+            1
+        );
+        let child = store.queue().get(&sent.child).await.unwrap().unwrap();
+        assert_eq!(child.state, TaskState::DeadLettered);
+        // Replayed, the parent runs again and sends the same key: the
+        // child runs again too, instead of answering `failed` at once.
+        store
+            .queue()
+            .replay(&crate::queue::Selection::Ids(vec!["parent".into()]))
+            .await
+            .unwrap();
+        let again = try_send(&store, &limits, &send_to("worker", "w", true))
+            .await
+            .unwrap();
+        assert!(again.existed);
+        let child = store.queue().get(&sent.child).await.unwrap().unwrap();
+        assert_eq!(child.state, TaskState::Queued, "{child:?}");
+        assert_eq!(child.replays, 1);
+        // A child that failed on its own stays as it ended.
+        let other = try_send(&store, &limits, &send_to("worker", "x", true))
+            .await
+            .unwrap();
+        assert!(
+            store
+                .queue()
+                .cancel(&other.child, "bad input")
+                .await
+                .unwrap()
+        );
+        try_send(&store, &limits, &send_to("worker", "x", true))
+            .await
+            .unwrap();
+        let other = store.queue().get(&other.child).await.unwrap().unwrap();
+        assert_eq!(other.state, TaskState::DeadLettered, "{other:?}");
+        assert_eq!(
+            load_children(&store, "parent").await.unwrap(),
+            vec![sent.child.clone(), other.id.clone()]
+        );
     }
 
     #[test]
