@@ -218,8 +218,12 @@ impl Daemon {
             tokio::spawn(reap_leases(store.clone(), metrics.clone(), stop_rx.clone())),
         ];
         let availability: Arc<dispatch::Availability> = Arc::default();
-        let notifier =
-            crate::notify::Notifier::start(&config.notify, &identity.name, &config.base_dir);
+        let notifier = crate::notify::Notifier::start(
+            &config.notify,
+            &identity.name,
+            &config.base_dir,
+            Some(metrics.clone()),
+        );
         let watchdog_notifier = notifier.clone();
         let chaos_notifier = notifier.clone();
         let schedule_notifier = notifier.clone();

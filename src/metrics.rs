@@ -159,6 +159,11 @@ pub mod names {
         "flotilla_chaos_experiments",
         "Chaos experiments the daemon ran on its schedule, by verdict",
     );
+    /// Notifications, by sink and outcome.
+    pub const NOTIFICATIONS: (&str, &str) = (
+        "flotilla_notifications",
+        "Events sent to the [[notify]] sinks, by sink (its place in the config), kind and outcome (delivered, failed after its retries, dropped because its queue was full)",
+    );
     /// Malformed lines.
     pub const MALFORMED_LINES: (&str, &str) = (
         "flotilla_malformed_lines",
@@ -207,6 +212,17 @@ pub struct ExperimentLabels {
     pub experiment: String,
     /// passed or failed.
     pub verdict: String,
+}
+
+/// `{sink, kind, outcome}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NotificationLabels {
+    /// The sink's place in the config's `[[notify]]` list, from 0.
+    pub sink: String,
+    /// log, webhook or command.
+    pub kind: String,
+    /// delivered, failed or dropped.
+    pub outcome: String,
 }
 
 /// `{agent, type}`.
@@ -307,6 +323,7 @@ pub struct Metrics {
     watchdog_actions: Family<ActionLabels, Counter>,
     chaos_actions: Family<ActionLabels, Counter>,
     chaos_experiments: Family<ExperimentLabels, Counter>,
+    notifications: Family<NotificationLabels, Counter>,
     /// Connected, disconnects, reconnects: registered only with a broker.
     broker: Option<(Gauge, Counter, Counter)>,
     types: Mutex<HashSet<String>>,
@@ -391,6 +408,7 @@ impl Metrics {
             watchdog_actions: register!(registry, families, WATCHDOG_ACTIONS, Family::default()),
             chaos_actions: register!(registry, families, CHAOS_ACTIONS, Family::default()),
             chaos_experiments: register!(registry, families, CHAOS_EXPERIMENTS, Family::default()),
+            notifications: register!(registry, families, NOTIFICATIONS, Family::default()),
             escalations: register!(registry, families, ESCALATIONS, Family::default()),
             validation_failures: register!(
                 registry,
@@ -474,6 +492,17 @@ impl Metrics {
             .get_or_create(&ExperimentLabels {
                 experiment: experiment.into(),
                 verdict: verdict.into(),
+            })
+            .inc();
+    }
+
+    /// An event for sink number `sink` (of `kind`) ended with `outcome`.
+    pub fn notification(&self, sink: usize, kind: &str, outcome: &str) {
+        self.notifications
+            .get_or_create(&NotificationLabels {
+                sink: sink.to_string(),
+                kind: kind.into(),
+                outcome: outcome.into(),
             })
             .inc();
     }

@@ -123,7 +123,41 @@ const LIVE_EVENTS: usize = 256;
 struct SinkHandle {
     events: Option<Vec<EventKind>>,
     queue: mpsc::Sender<Event>,
+    counted: Counted,
+}
+
+/// Where a sink's outcomes are counted: its counts, and the metrics under
+/// its place in the config and kind.
+#[derive(Clone)]
+struct Counted {
     stats: Arc<SinkStats>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    index: usize,
+    kind: &'static str,
+}
+
+impl std::fmt::Debug for Counted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counted")
+            .field("stats", &self.stats)
+            .field("index", &self.index)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Counted {
+    fn count(&self, outcome: &str) {
+        let counter = match outcome {
+            "delivered" => &self.stats.delivered,
+            "failed" => &self.stats.failed,
+            _ => &self.stats.dropped,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(metrics) = &self.metrics {
+            metrics.notification(self.index, self.kind, outcome);
+        }
+    }
 }
 
 /// Counts of one sink, for status and tests.
@@ -139,24 +173,39 @@ pub struct SinkStats {
 
 impl Notifier {
     /// Starts one delivery task per sink of `config`; commands run in
-    /// `workdir` (the config file's directory). Without sinks, events are
-    /// only logged by their source.
-    pub fn start(config: &[NotifyConfig], daemon: &str, workdir: &Path) -> Self {
+    /// `workdir` (the config file's directory); outcomes are counted in
+    /// `metrics`. Without sinks, events are only logged by their source.
+    pub fn start(
+        config: &[NotifyConfig],
+        daemon: &str,
+        workdir: &Path,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> Self {
         let sinks = config
             .iter()
-            .map(|sink| {
+            .enumerate()
+            .map(|(index, sink)| {
                 let (queue, events) = mpsc::channel(SINK_QUEUE);
-                let stats = Arc::new(SinkStats::default());
+                let counted = Counted {
+                    stats: Arc::new(SinkStats::default()),
+                    metrics: metrics.clone(),
+                    index,
+                    kind: match sink.kind {
+                        SinkKind::Log => "log",
+                        SinkKind::Webhook => "webhook",
+                        SinkKind::Command => "command",
+                    },
+                };
                 tokio::spawn(deliver(
                     sink.clone(),
                     workdir.to_path_buf(),
                     events,
-                    stats.clone(),
+                    counted.clone(),
                 ));
                 SinkHandle {
                     events: sink.events.clone(),
                     queue,
-                    stats,
+                    counted,
                 }
             })
             .collect();
@@ -203,7 +252,8 @@ impl Notifier {
                 continue;
             }
             if sink.queue.try_send(event.clone()).is_err() {
-                let dropped = sink.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                sink.counted.count("dropped");
+                let dropped = sink.counted.stats.dropped.load(Ordering::Relaxed);
                 if dropped.is_power_of_two() {
                     tracing::warn!(
                         dropped,
@@ -216,7 +266,10 @@ impl Notifier {
 
     /// The counts of each sink, in config order.
     pub fn stats(&self) -> Vec<Arc<SinkStats>> {
-        self.sinks.iter().map(|sink| sink.stats.clone()).collect()
+        self.sinks
+            .iter()
+            .map(|sink| sink.counted.stats.clone())
+            .collect()
     }
 }
 
@@ -266,7 +319,7 @@ async fn deliver(
     sink: NotifyConfig,
     workdir: PathBuf,
     mut events: mpsc::Receiver<Event>,
-    stats: Arc<SinkStats>,
+    counted: Counted,
 ) {
     let client = match sink.kind {
         // No redirects: a 301 or 302 would turn the POST into a GET that
@@ -302,7 +355,7 @@ async fn deliver(
             };
             match result {
                 Ok(()) => {
-                    stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    counted.count("delivered");
                     break;
                 }
                 Err(error) if attempt < sink.retries => {
@@ -312,7 +365,7 @@ async fn deliver(
                     tokio::time::sleep(pause).await;
                 }
                 Err(error) => {
-                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                    counted.count("failed");
                     tracing::error!(kind = ?sink.kind, %error, event = event.event.as_str(), "notification failed; giving up on it");
                     break;
                 }
@@ -360,5 +413,52 @@ async fn run(sink: &NotifyConfig, workdir: &Path, event: &Event) -> Result<(), S
         None => Err(format!("{program} did not finish within {}", sink.timeout)),
         Some(status) if status.success() => Ok(()),
         Some(status) => Err(format!("{program} exited with {status}: {}", ran.output)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sink(command: &[&str]) -> NotifyConfig {
+        NotifyConfig {
+            kind: SinkKind::Command,
+            url: None,
+            command: command.iter().map(|arg| (*arg).to_string()).collect(),
+            timeout: crate::config::HumanDuration::secs(5),
+            retries: 0,
+            events: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn outcomes_are_counted_in_the_metrics_by_sink() {
+        let metrics = Arc::new(crate::metrics::Metrics::new(false));
+        let dir = tempfile::tempdir().unwrap();
+        let notifier = Notifier::start(
+            &[sink(&["true"]), sink(&["false"])],
+            "d",
+            dir.path(),
+            Some(metrics.clone()),
+        );
+        notifier.send(Event::new(EventKind::AgentFailed, 1, true, "x".into()));
+        let stats = notifier.stats();
+        for _ in 0..500 {
+            if stats[0].delivered.load(Ordering::Relaxed) == 1
+                && stats[1].failed.load(Ordering::Relaxed) == 1
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                r#"flotilla_notifications_total{sink="0",kind="command",outcome="delivered"} 1"#
+            ) && text.contains(
+                r#"flotilla_notifications_total{sink="1",kind="command",outcome="failed"} 1"#
+            ),
+            "{text}"
+        );
     }
 }
