@@ -495,6 +495,18 @@ impl Daemon {
         for task in self.housekeeping {
             let _ = task.await;
         }
+        // The events of the stop itself (replicas lost, levels changed)
+        // are delivered before the process exits, within a bound.
+        if let Some(agent) = self.agents.first() {
+            let left = agent.notifier().drain(NOTIFY_DRAIN).await;
+            if left > 0 {
+                tracing::warn!(
+                    left,
+                    ?NOTIFY_DRAIN,
+                    "notifications not delivered before the daemon stopped"
+                );
+            }
+        }
         let snapshot = snapshot(
             &self.identity,
             &self.store,
@@ -509,6 +521,9 @@ impl Daemon {
         tracing::info!("stopped");
     }
 }
+
+/// Longest the daemon waits at its stop for notifications still queued.
+const NOTIFY_DRAIN: Duration = Duration::from_secs(10);
 
 /// Refuses to start when a live daemon of the same name shares the broker:
 /// both would claim each other's running tasks after a restart.

@@ -169,6 +169,8 @@ pub struct SinkStats {
     pub failed: AtomicU64,
     /// Events dropped because the sink's queue was full.
     pub dropped: AtomicU64,
+    /// Events queued or being delivered.
+    pub pending: AtomicU64,
 }
 
 impl Notifier {
@@ -251,7 +253,9 @@ impl Notifier {
             {
                 continue;
             }
+            sink.counted.stats.pending.fetch_add(1, Ordering::Relaxed);
             if sink.queue.try_send(event.clone()).is_err() {
+                sink.counted.stats.pending.fetch_sub(1, Ordering::Relaxed);
                 sink.counted.count("dropped");
                 let dropped = sink.counted.stats.dropped.load(Ordering::Relaxed);
                 if dropped.is_power_of_two() {
@@ -261,6 +265,24 @@ impl Notifier {
                     );
                 }
             }
+        }
+    }
+
+    /// Waits, up to `limit`, until every event queued so far is delivered
+    /// or given up on (the daemon's last events, raised as it stops, must
+    /// not vanish with it). Returns how many are left.
+    pub async fn drain(&self, limit: Duration) -> u64 {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let left: u64 = self
+                .sinks
+                .iter()
+                .map(|sink| sink.counted.stats.pending.load(Ordering::Relaxed))
+                .sum();
+            if left == 0 || tokio::time::Instant::now() >= deadline {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -314,6 +336,15 @@ impl Event {
     }
 }
 
+/// Takes one event off its sink's pending count when dropped.
+struct Pending<'a>(&'a AtomicU64);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Delivers the events of one sink, one at a time, with bounded retries.
 async fn deliver(
     sink: NotifyConfig,
@@ -334,6 +365,8 @@ async fn deliver(
     };
     while let Some(event) = events.recv().await {
         let mut attempt = 0;
+        // Counted out however this event ends.
+        let _pending = Pending(&counted.stats.pending);
         loop {
             let result = match sink.kind {
                 SinkKind::Log => {
@@ -451,6 +484,7 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        assert_eq!(notifier.drain(Duration::from_secs(10)).await, 0);
         let text = metrics.encode();
         assert!(
             text.contains(
