@@ -144,6 +144,11 @@ pub fn kill_replicas(agent: &AgentRuntime, request: &KillRequest) -> Result<Done
     })
 }
 
+/// When each paused process group is due to resume: a later, longer pause
+/// of the same replica must not be ended by an earlier one's SIGCONT.
+static RESUME_AT: std::sync::Mutex<std::collections::BTreeMap<u32, tokio::time::Instant>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
 /// Pauses every running replica of `agent` for the request's duration
 /// (SIGSTOP now, SIGCONT later).
 ///
@@ -155,22 +160,40 @@ pub fn pause_replicas(agent: &Arc<AgentRuntime>, request: &PauseRequest) -> Resu
     if targets.is_empty() {
         return Err(format!("agent {} has no running replica", agent.name));
     }
-    for (_, pid) in &targets {
-        process::signal_group(*pid, Signal::SIGSTOP);
+    let wait = duration.get();
+    let until = tokio::time::Instant::now() + wait;
+    {
+        let mut resume_at = RESUME_AT.lock().expect("not poisoned");
+        for (_, pid) in &targets {
+            let at = resume_at.entry(*pid).or_insert(until);
+            *at = (*at).max(until);
+            process::signal_group(*pid, Signal::SIGSTOP);
+        }
     }
     let paused = targets.clone();
-    let wait = duration.get();
     let owner = agent.clone();
     tokio::spawn(async move {
         tokio::time::sleep(wait).await;
         // Only the replicas still running as they were: one that was
         // killed meanwhile (its progress timer fired) is gone, and its
-        // process group id may belong to another process by now.
+        // process group id may belong to another process by now. One
+        // paused again meanwhile, for longer, stays paused until then.
         let current = running(&owner);
-        let resumed: Vec<_> = paused
-            .iter()
-            .filter(|target| current.contains(target))
-            .collect();
+        let now = tokio::time::Instant::now();
+        let resumed: Vec<_> = {
+            let mut resume_at = RESUME_AT.lock().expect("not poisoned");
+            paused
+                .iter()
+                .filter(|(_, pid)| match resume_at.get(pid) {
+                    Some(at) if *at > now => false,
+                    _ => {
+                        resume_at.remove(pid);
+                        true
+                    }
+                })
+                .filter(|target| current.contains(target))
+                .collect()
+        };
         for (_, pid) in &resumed {
             process::signal_group(*pid, Signal::SIGCONT);
         }

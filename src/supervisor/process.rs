@@ -158,9 +158,14 @@ pub fn signal_group(pgid: u32, signal: Signal) {
 /// process (after the group's leader was reaped by its `Child`). Returns
 /// true while members that are not yet reaped remain.
 pub fn reap_group(pgid: u32) -> bool {
+    // 0 would mean the daemon's own group (stealing the exit status of
+    // children it waits for itself), 1 init's: as in `signal_group`.
     let Ok(raw) = i32::try_from(pgid) else {
         return false;
     };
+    if raw <= 1 {
+        return false;
+    }
     for _ in 0..1024 {
         match waitid(
             Id::PGid(Pid::from_raw(raw)),
