@@ -394,19 +394,25 @@ pub async fn run(
         &client.status().await.map_err(status)?,
         &experiment.hypothesis,
     );
+    // A run that ends before its recovery is judged.
+    let cut_short = |before: Vec<Check>, after: Vec<Check>, actions: Vec<String>| Report {
+        name: experiment.name.clone(),
+        verdict: "failed".into(),
+        started_ms: now_ms,
+        took_ms: millis(started.elapsed()),
+        before,
+        after,
+        actions,
+        load: None,
+    };
     let mut actions = Vec::new();
     let mut probes = Vec::new();
     if !holds(&before) {
-        return Ok(Report {
-            name: experiment.name.clone(),
-            verdict: "failed".into(),
-            started_ms: now_ms,
-            took_ms: millis(started.elapsed()),
+        return Ok(cut_short(
             before,
-            after: Vec::new(),
-            actions: vec!["none: the steady state did not hold before the method".into()],
-            load: None,
-        });
+            Vec::new(),
+            vec!["none: the steady state did not hold before the method".into()],
+        ));
     }
     if let Some(load) = &experiment.load {
         let prefix = format!("chaos-{}-{now_ms}", experiment.name);
@@ -446,20 +452,12 @@ pub async fn run(
     if !not_injected.is_empty() {
         // A fault that did not happen proves nothing: failed, whatever
         // the fleet looks like.
-        return Ok(Report {
-            name: experiment.name.clone(),
-            verdict: "failed".into(),
-            started_ms: now_ms,
-            took_ms: millis(started.elapsed()),
-            before,
-            after: vec![Check {
-                name: "every fault was injected".into(),
-                ok: false,
-                detail: not_injected.join("; "),
-            }],
-            actions,
-            load: None,
-        });
+        let check = Check {
+            name: "every fault was injected".into(),
+            ok: false,
+            detail: not_injected.join("; "),
+        };
+        return Ok(cut_short(before, vec![check], actions));
     }
     // Recovery: once the last fault is over, the hypothesis must hold
     // again (and the probes end) within `settle`, for STEADY_LOOKS looks

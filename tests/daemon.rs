@@ -125,6 +125,17 @@ fn parent_of(pid: u32) -> u32 {
         .unwrap_or(0)
 }
 
+/// Gives `fleet` a 300 ms `daemon.shutdown_grace` (2 s by default).
+fn shorten_shutdown_grace(fleet: &Fleet) {
+    std::fs::write(
+        &fleet.config_path,
+        std::fs::read_to_string(&fleet.config_path)
+            .unwrap()
+            .replace("shutdown_grace = \"2s\"", "shutdown_grace = \"300ms\""),
+    )
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_releases_unfinished_tasks_without_charging_them() {
     let fleet = Fleet::new(&format!(
@@ -136,13 +147,7 @@ timeouts = {{ progress_timeout = "60s", stop_grace = "1s" }}
 "#,
         example_agent(&["--work-ms", "30000"])
     ));
-    std::fs::write(
-        &fleet.config_path,
-        std::fs::read_to_string(&fleet.config_path)
-            .unwrap()
-            .replace("shutdown_grace = \"2s\"", "shutdown_grace = \"300ms\""),
-    )
-    .unwrap();
+    shorten_shutdown_grace(&fleet);
     let ids = fleet.submit_numbered("slow", 3, "slow");
     let client = fleet.client();
     let instance = client.store_id().to_string();
@@ -203,13 +208,7 @@ timeouts = {{ progress_timeout = "60s", stop_grace = "5s" }}
             WRAPS_UP_ON_SHUTDOWN.replace('{', "{{").replace('}', "}}"),
         ])
     ));
-    std::fs::write(
-        &fleet.config_path,
-        std::fs::read_to_string(&fleet.config_path)
-            .unwrap()
-            .replace("shutdown_grace = \"2s\"", "shutdown_grace = \"300ms\""),
-    )
-    .unwrap();
+    shorten_shutdown_grace(&fleet);
     let ids = fleet.submit_numbered("wrapper", 2, "wrap");
     let client = fleet.client();
     let mut daemon = fleet.spawn_daemon();
