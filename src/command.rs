@@ -74,12 +74,16 @@ pub async fn run_with_input(
         .await
         .map_err(|error| format!("{program:?} could not start: {error}"))?;
     let pgid = child.id().unwrap_or(0);
-    let stdin = child.stdin.take();
-    let feeding = async move {
-        if let (Some(mut stdin), Some(input)) = (stdin, input) {
+    // Written beside the run: the command is judged by its exit, not by
+    // whether it (or a process it left behind) read all of its input. The
+    // write ends with the group at the latest.
+    if let (Some(mut stdin), Some(input)) = (child.stdin.take(), input) {
+        tokio::spawn(async move {
             let _ = stdin.write_all(&input).await;
-        }
-    };
+        });
+    } else {
+        drop(child.stdin.take());
+    }
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let (mut out, mut err) = (Vec::new(), Vec::new());
@@ -91,10 +95,7 @@ pub async fn run_with_input(
             )
         };
         tokio::pin!(reading);
-        let exited = async {
-            let (status, ()) = tokio::join!(child.wait(), feeding);
-            status
-        };
+        let exited = child.wait();
         tokio::pin!(exited);
         tokio::time::timeout(limit, async {
             tokio::select! {

@@ -46,6 +46,8 @@ pub struct Daemon {
     housekeeping_stop: watch::Sender<bool>,
     started_ms: UnixMillis,
     fatal: watch::Receiver<Option<String>>,
+    /// Its notifications, drained at the stop.
+    notifier: crate::notify::Notifier,
     _lock: Option<File>,
 }
 
@@ -227,6 +229,7 @@ impl Daemon {
         let watchdog_notifier = notifier.clone();
         let chaos_notifier = notifier.clone();
         let schedule_notifier = notifier.clone();
+        let stop_notifier = notifier.clone();
         let wiring = Wiring {
             delegation: config.delegation.clone(),
             fleet: fleet.clone(),
@@ -364,6 +367,7 @@ impl Daemon {
             housekeeping_stop,
             started_ms,
             fatal,
+            notifier: stop_notifier,
             _lock: lock,
         })
     }
@@ -497,15 +501,13 @@ impl Daemon {
         }
         // The events of the stop itself (replicas lost, levels changed)
         // are delivered before the process exits, within a bound.
-        if let Some(agent) = self.agents.first() {
-            let left = agent.notifier().drain(NOTIFY_DRAIN).await;
-            if left > 0 {
-                tracing::warn!(
-                    left,
-                    ?NOTIFY_DRAIN,
-                    "notifications not delivered before the daemon stopped"
-                );
-            }
+        let left = self.notifier.drain(NOTIFY_DRAIN).await;
+        if left > 0 {
+            tracing::warn!(
+                left,
+                ?NOTIFY_DRAIN,
+                "notifications not delivered before the daemon stopped"
+            );
         }
         let snapshot = snapshot(
             &self.identity,
@@ -523,7 +525,7 @@ impl Daemon {
 }
 
 /// Longest the daemon waits at its stop for notifications still queued.
-const NOTIFY_DRAIN: Duration = Duration::from_secs(10);
+const NOTIFY_DRAIN: Duration = Duration::from_secs(5);
 
 /// Refuses to start when a live daemon of the same name shares the broker:
 /// both would claim each other's running tasks after a restart.

@@ -253,11 +253,20 @@ pub async fn send(
         // its parent (dead-lettered, then replayed: it runs again and
         // sends again) is replayed too, or its wait would answer `failed`
         // at once, every time.
-        if let Ok(Some(record)) = store.queue().get(&child).await
-            && record.state == TaskState::DeadLettered
-            && record.reason.as_deref().is_some_and(|reason| {
-                reason.starts_with(&format!("cancelled: its parent {} was", send.parent))
-            })
+        let cancelled_with_parent = |record: &crate::queue::TaskRecord| {
+            record.state == TaskState::DeadLettered
+                && record.reason.as_deref().is_some_and(|reason| {
+                    reason.starts_with(&format!("cancelled: its parent {} was", send.parent))
+                })
+        };
+        let running = |record: &crate::queue::TaskRecord| record.state == TaskState::Running;
+        // Only for a parent that runs now (the sender): a stale holder of
+        // a parent cancelled since must not bring its child back.
+        if let (Ok(Some(record)), Ok(Some(parent))) = (
+            store.queue().get(&child).await,
+            store.queue().get(&send.parent).await,
+        ) && cancelled_with_parent(&record)
+            && running(&parent)
         {
             match store
                 .queue()
@@ -266,6 +275,18 @@ pub async fn send(
             {
                 Ok(_) => {
                     tracing::info!(parent = %send.parent, %child, "replayed a child cancelled with its parent, which sent it again");
+                    // The parent cancelled meanwhile: its child goes
+                    // with it again (as for a new child, below).
+                    let parent = store.queue().get(&send.parent).await;
+                    if parent.is_ok_and(|parent| parent.is_none_or(|parent| !running(&parent))) {
+                        let reason = format!(
+                            "cancelled: its parent {} was cancelled while sending it",
+                            send.parent
+                        );
+                        if let Err(error) = store.queue().cancel(&child, &reason).await {
+                            tracing::warn!(%child, %error, "could not cancel the child of an ended parent");
+                        }
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(parent = %send.parent, %child, %error, "could not replay a child cancelled with its parent");
@@ -493,12 +514,19 @@ pub async fn cancel_children(store: &Store, task: &str, reason: &str) -> u64 {
         let Ok(children) = load_children(store, &parent).await else {
             continue;
         };
+        // Each level names its own parent: a replayed parent that sends
+        // again replays the children cancelled with it (see `send`).
+        let reason = if parent == task {
+            reason.to_string()
+        } else {
+            format!("cancelled: its parent {parent} was cancelled with {task}")
+        };
         for child in children {
             let waited = matches!(load_link(store, &child).await, Ok(Some(link)) if link.wait);
             if !waited {
                 continue;
             }
-            match store.queue().cancel(&child, reason).await {
+            match store.queue().cancel(&child, &reason).await {
                 Ok(true) => {
                     cancelled += 1;
                     parents.push(child);
@@ -964,6 +992,13 @@ mod tests {
         );
         let child = store.queue().get(&sent.child).await.unwrap().unwrap();
         assert_eq!(child.state, TaskState::DeadLettered);
+        // A stale holder of the cancelled parent sending again brings
+        // nothing back.
+        try_send(&store, &limits, &send_to("worker", "w", true))
+            .await
+            .unwrap();
+        let child = store.queue().get(&sent.child).await.unwrap().unwrap();
+        assert_eq!(child.state, TaskState::DeadLettered, "{child:?}");
         // Replayed, the parent runs again and sends the same key: the
         // child runs again too, instead of answering `failed` at once.
         store
@@ -971,6 +1006,22 @@ mod tests {
             .replay(&crate::queue::Selection::Ids(vec!["parent".into()]))
             .await
             .unwrap();
+        let leased = store
+            .queue()
+            .lease(
+                &crate::queue::LeaseRequest {
+                    agent: "manager".into(),
+                    max: 1,
+                    lease_for: Duration::from_secs(30),
+                    owner: "test".into(),
+                    max_deliver: 5,
+                    lowest: Priority::Low,
+                },
+                Duration::ZERO,
+            )
+            .await
+            .unwrap();
+        assert_eq!(leased.len(), 1, "the parent runs");
         let again = try_send(&store, &limits, &send_to("worker", "w", true))
             .await
             .unwrap();
@@ -997,6 +1048,59 @@ mod tests {
         assert_eq!(
             load_children(&store, "parent").await.unwrap(),
             vec![sent.child.clone(), other.id.clone()]
+        );
+        drop(leased);
+    }
+
+    #[tokio::test]
+    async fn each_level_of_a_cancelled_tree_names_its_own_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::embedded_in(dir.path());
+        let limits = crate::config::DelegationConfig::default();
+        submit_root(&store).await;
+        let child = try_send(&store, &limits, &send_to("worker", "w", true))
+            .await
+            .unwrap()
+            .child;
+        let grandchild = try_send(
+            &store,
+            &limits,
+            &send_from(&child, "worker", "reviewer", "r", true),
+        )
+        .await
+        .unwrap()
+        .child;
+        assert_eq!(
+            cancel_children(
+                &store,
+                "parent",
+                "cancelled: its parent parent was dead-lettered"
+            )
+            .await,
+            2
+        );
+        let reason = |id: &str| {
+            let store = store.clone();
+            let id = id.to_string();
+            async move {
+                store
+                    .queue()
+                    .get(&id)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .reason
+                    .unwrap()
+            }
+        };
+        assert_eq!(
+            reason(&child).await,
+            "cancelled: its parent parent was dead-lettered"
+        );
+        // So that the child, replayed and sending again, replays it.
+        assert_eq!(
+            reason(&grandchild).await,
+            format!("cancelled: its parent {child} was cancelled with parent")
         );
     }
 

@@ -264,23 +264,15 @@ impl Experiment {
         }
         Ok(())
     }
+}
 
-    /// When the last fault ends, from the start of the method: a pause,
-    /// a partition or a latency lasts `for`.
-    fn faults_end(&self) -> Duration {
-        self.method
-            .iter()
-            .map(|step| {
-                let lasts = step
-                    .duration
-                    .as_deref()
-                    .and_then(|text| humantime::parse_duration(text).ok())
-                    .unwrap_or_default();
-                step.at.get() + lasts
-            })
-            .max()
-            .unwrap_or_default()
-    }
+/// How long `step`'s fault lasts once injected: a pause, a partition or a
+/// latency lasts its `for`; a kill is over at once.
+fn lasts(step: &Step) -> Duration {
+    step.duration
+        .as_deref()
+        .and_then(|text| humantime::parse_duration(text).ok())
+        .unwrap_or_default()
 }
 
 /// Looks in a row, a second apart, in which the hypothesis must hold for
@@ -438,11 +430,17 @@ pub async fn run(
     let mut steps: Vec<&Step> = experiment.method.iter().collect();
     steps.sort_by_key(|step| step.at);
     let mut not_injected = Vec::new();
+    // When the last fault is over, from when each was injected (a slow
+    // injection delays the next).
+    let mut faults_over = Instant::now();
     for step in steps {
         let due = step.at.get().saturating_sub(started.elapsed());
         tokio::time::sleep(due).await;
         actions.push(match inject(client, step).await {
-            Ok(done) => done,
+            Ok(done) => {
+                faults_over = faults_over.max(Instant::now() + lasts(step));
+                done
+            }
             Err(error) => {
                 not_injected.push(format!("{}: {error}", step.action));
                 format!("{} failed: {error}", step.action)
@@ -462,7 +460,7 @@ pub async fn run(
     // Recovery: once the last fault is over, the hypothesis must hold
     // again (and the probes end) within `settle`, for STEADY_LOOKS looks
     // in a row.
-    tokio::time::sleep(experiment.faults_end().saturating_sub(started.elapsed())).await;
+    tokio::time::sleep_until(faults_over.into()).await;
     let deadline = Instant::now() + experiment.settle.get();
     let mut steady = 0;
     let (after, load) = loop {
@@ -784,10 +782,6 @@ mod tests {
         let duration = with("action = \"pause\"\nagent = \"a\"\nfor = \"5 parsecs\"").unwrap_err();
         assert!(duration.contains("method[0].for"), "{duration}");
         let paused = with("at = \"10s\"\naction = \"pause\"\nagent = \"a\"\nfor = \"1m\"").unwrap();
-        assert_eq!(
-            paused.faults_end(),
-            Duration::from_secs(70),
-            "the pause ends at 1m10s"
-        );
+        assert_eq!(lasts(&paused.method[0]), Duration::from_secs(60));
     }
 }

@@ -507,6 +507,16 @@ impl Metrics {
             .inc();
     }
 
+    /// Exports the series of sink number `sink` and `outcome` (at 0 until
+    /// counted).
+    pub fn notification_series(&self, sink: usize, kind: &str, outcome: &str) {
+        let _ = self.notifications.get_or_create(&NotificationLabels {
+            sink: sink.to_string(),
+            kind: kind.into(),
+            outcome: outcome.into(),
+        });
+    }
+
     /// `from` sent a message (a child task) of `kind` to `to`.
     pub fn message(&self, from: &str, to: &str, kind: &str) {
         self.messages_sent

@@ -198,6 +198,14 @@ impl Notifier {
                         SinkKind::Command => "command",
                     },
                 };
+                // Every outcome exported from the start, at 0: a series
+                // that appears at 1 shows Prometheus no increase, and a
+                // sink's first failures would not alert.
+                if let Some(metrics) = &metrics {
+                    for outcome in ["delivered", "failed", "dropped"] {
+                        metrics.notification_series(index, counted.kind, outcome);
+                    }
+                }
                 tokio::spawn(deliver(
                     sink.clone(),
                     workdir.to_path_buf(),
@@ -491,8 +499,10 @@ mod tests {
                 r#"flotilla_notifications_total{sink="0",kind="command",outcome="delivered"} 1"#
             ) && text.contains(
                 r#"flotilla_notifications_total{sink="1",kind="command",outcome="failed"} 1"#
+            ) && text.contains(
+                r#"flotilla_notifications_total{sink="0",kind="command",outcome="failed"} 0"#
             ),
-            "{text}"
+            "exported at 0 before any failure: {text}"
         );
     }
 }
