@@ -358,3 +358,49 @@ events = ["error_rate"]
     );
     daemon.stop().await;
 }
+
+/// A oneshot slot held back by a failing readiness check still obeys a
+/// retire order: a scale-down does not wait for the agent to be ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_that_is_not_ready_can_still_be_retired() {
+    let fleet = Fleet::new(
+        r#"
+[agents.gated]
+command = ["true"]
+mode = "oneshot"
+replicas = { min = 1, max = 2 }
+
+[agents.gated.readiness]
+interval = "1s"
+checks = [{ name = "never", command = ["false"] }]
+"#,
+    );
+    let daemon = fleet.start().await;
+    let gated = daemon
+        .agents()
+        .iter()
+        .find(|agent| agent.name == "gated")
+        .expect("agent runs")
+        .clone();
+    let added = gated.add_replica().expect("room for a second slot");
+    wait_until(
+        Duration::from_secs(10),
+        "the new slot held back",
+        || async {
+            gated
+                .status()
+                .replicas
+                .iter()
+                .any(|replica| replica.index == added && replica.not_ready.is_some())
+        },
+    )
+    .await;
+    // Let it settle into its wait for readiness.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gated.retire_replica(added);
+    wait_until(Duration::from_secs(10), "the slot retired", || async {
+        gated.status().replicas.len() == 1
+    })
+    .await;
+    daemon.stop().await;
+}

@@ -42,11 +42,20 @@ pub(super) async fn run(
         if orders.borrow_and_update().retire.contains(&index) {
             return Exit::Retired;
         }
-        // Ask for a task only while ready.
+        // Ask for a task only while ready; a slot held back so can still
+        // be retired (a scale-down must not wait for readiness).
         while gate.borrow_and_update().blocks(index).is_some() {
             tokio::select! {
                 _ = shutdown.changed() => return Exit::Shutdown,
                 changed = gate.changed() => if changed.is_err() { return Exit::Shutdown },
+                changed = orders.changed() => {
+                    if changed.is_err() {
+                        return Exit::Shutdown;
+                    }
+                    if orders.borrow_and_update().retire.contains(&index) {
+                        return Exit::Retired;
+                    }
+                }
             }
         }
         let (reply, mut receiver) = oneshot::channel();
