@@ -17,6 +17,7 @@
 //! | `POST /api/v1/escalations/{id}/resolve` | `{"retry": true}`, `{"complete": RESULT}` or `{"drop": true}` |
 //! | `PUT /api/v1/degrade`, `DELETE /api/v1/degrade` | force a level `{"level": 2, "for": "30m"}`, or clear it (answers `null`) |
 //! | `POST /api/v1/chaos/kill`, `/pause`, `/partition`, `/latency` | inject faults (with `[chaos] enabled = true` only; the last two with `proxy = true`) |
+//! | `GET /api/v1/chaos/last` | each scheduled experiment's last report |
 //!
 //! **Authorization.** With a token configured (`http.token`,
 //! `http.token_file` or `FLOTILLA_HTTP_TOKEN`) every API call needs

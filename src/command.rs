@@ -1,7 +1,8 @@
 //! One-off commands the daemon runs beside its agents: readiness checks,
-//! validation gates and their fixes, watch checks, rollbacks. Each runs in
-//! its own process group, is killed with that group at its time limit,
-//! and keeps only the first bytes of its output.
+//! validation gates and their fixes, watch checks, rollbacks, notification
+//! commands. Each runs in its own process group, is judged by its own
+//! exit, has that group killed once it exits or at its time limit, and
+//! keeps only the first bytes of its output.
 
 use std::time::Duration;
 

@@ -418,15 +418,16 @@ impl Daemon {
     }
 
     /// Stops the fleet: no new leases, in-flight tasks finish within
-    /// `daemon.shutdown_grace`, the rest are released, replicas stopped.
+    /// `daemon.shutdown_grace`, then the replicas are stopped and the tasks
+    /// they did not finish released.
     pub async fn stop(self) {
         self.stop_unless(std::future::pending()).await;
     }
 
     /// [`Self::stop`], cutting the grace period short when `hurry` resolves
-    /// (a second SIGTERM or Ctrl-C): running tasks are released at once.
+    /// (a second SIGTERM or Ctrl-C): the replicas are stopped at once.
     pub async fn stop_unless(self, hurry: impl std::future::Future<Output = ()>) {
-        tracing::info!(grace = %self.config.daemon.shutdown_grace, "shutting down; send the signal again to release running tasks at once");
+        tracing::info!(grace = %self.config.daemon.shutdown_grace, "shutting down; send the signal again to stop the replicas at once");
         for agent in &self.agents {
             agent.set_stopping();
         }
@@ -461,7 +462,7 @@ impl Daemon {
         let finished = match finished {
             Ok(true) => true,
             Ok(false) => {
-                tracing::warn!("second signal: releasing running tasks now");
+                tracing::warn!("second signal: stopping the replicas now");
                 let _ = self.shutdown.send(Phase::Hurry);
                 tokio::time::timeout(limit, &mut replicas).await.is_ok()
             }

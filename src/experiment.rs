@@ -1,9 +1,10 @@
 //! Chaos experiments (`flotilla chaos run experiment.toml`, or scheduled
 //! by the daemon with `[[chaos.schedule]]`): a steady-state hypothesis
 //! checked before a method (a timed list of faults) and again after it,
-//! with probe tasks to prove that none is lost. The verdict: the
-//! hypothesis held before, and held again within `settle` after the last
-//! fault. Runs through the daemon's API.
+//! with probe tasks to prove that none is lost. The verdict: every fault
+//! was injected, the hypothesis held before, and held again, three looks
+//! in a row, within `settle` after the last fault was over. Runs through
+//! the daemon's API.
 
 use std::time::{Duration, Instant};
 
