@@ -162,7 +162,7 @@ pub mod names {
     /// Notifications, by sink and outcome.
     pub const NOTIFICATIONS: (&str, &str) = (
         "flotilla_notifications",
-        "Events sent to the [[notify]] sinks, by sink (its place in the config), kind and outcome (delivered, failed after its retries, dropped because its queue was full)",
+        "Events sent to the [[notify]] sinks, by sink (its place in the config), kind and outcome (delivered, failed after its retries, dropped from its full queue to make room for a newer one)",
     );
     /// Malformed lines.
     pub const MALFORMED_LINES: (&str, &str) = (

@@ -6,7 +6,8 @@
 //! Delivery never holds up the fleet: events go into a bounded queue per
 //! sink, each sink has its own task, and every attempt is bounded by the
 //! sink's timeout, with a bounded number of retries. When a sink's queue is
-//! full (its endpoint is down), new events for it are dropped and counted.
+//! full (its endpoint is down), its oldest waiting event is dropped and
+//! counted: the newest tell what is happening now.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,12 +16,11 @@ use std::time::Duration;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
 use crate::clock::UnixMillis;
 use crate::config::{NotifyConfig, SinkKind};
 
-/// Events waiting per sink; more are dropped.
+/// Events waiting per sink; past it the oldest are dropped.
 const SINK_QUEUE: usize = 1024;
 /// Longest stdout/stderr kept from a notification command (discarded).
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -122,7 +122,7 @@ const LIVE_EVENTS: usize = 256;
 #[derive(Debug, Clone)]
 struct SinkHandle {
     events: Option<Vec<EventKind>>,
-    queue: mpsc::Sender<Event>,
+    queue: Arc<SinkQueue>,
     counted: Counted,
 }
 
@@ -187,7 +187,7 @@ impl Notifier {
             .iter()
             .enumerate()
             .map(|(index, sink)| {
-                let (queue, events) = mpsc::channel(SINK_QUEUE);
+                let queue = Arc::new(SinkQueue::default());
                 let counted = Counted {
                     stats: Arc::new(SinkStats::default()),
                     metrics: metrics.clone(),
@@ -209,7 +209,7 @@ impl Notifier {
                 tokio::spawn(deliver(
                     sink.clone(),
                     workdir.to_path_buf(),
-                    events,
+                    queue.clone(),
                     counted.clone(),
                 ));
                 SinkHandle {
@@ -262,7 +262,8 @@ impl Notifier {
                 continue;
             }
             sink.counted.stats.pending.fetch_add(1, Ordering::Relaxed);
-            if sink.queue.try_send(event.clone()).is_err() {
+            if sink.queue.push(event.clone()) {
+                // The oldest waiting event made room: it is not delivered.
                 sink.counted.stats.pending.fetch_sub(1, Ordering::Relaxed);
                 sink.counted.count("dropped");
                 let dropped = sink.counted.stats.dropped.load(Ordering::Relaxed);
@@ -344,6 +345,41 @@ impl Event {
     }
 }
 
+/// The events waiting for one sink, at most [`SINK_QUEUE`].
+#[derive(Debug, Default)]
+struct SinkQueue {
+    events: std::sync::Mutex<std::collections::VecDeque<Event>>,
+    ready: tokio::sync::Notify,
+}
+
+impl SinkQueue {
+    /// Adds `event`; returns whether the oldest waiting one was dropped
+    /// to make room.
+    fn push(&self, event: Event) -> bool {
+        let dropped = {
+            let mut events = self.events.lock().expect("not poisoned");
+            let full = events.len() >= SINK_QUEUE;
+            if full {
+                events.pop_front();
+            }
+            events.push_back(event);
+            full
+        };
+        self.ready.notify_one();
+        dropped
+    }
+
+    /// The oldest waiting event, when there is one.
+    async fn pop(&self) -> Event {
+        loop {
+            if let Some(event) = self.events.lock().expect("not poisoned").pop_front() {
+                return event;
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
 /// Takes one event off its sink's pending count when dropped.
 struct Pending<'a>(&'a AtomicU64);
 
@@ -354,12 +390,7 @@ impl Drop for Pending<'_> {
 }
 
 /// Delivers the events of one sink, one at a time, with bounded retries.
-async fn deliver(
-    sink: NotifyConfig,
-    workdir: PathBuf,
-    mut events: mpsc::Receiver<Event>,
-    counted: Counted,
-) {
+async fn deliver(sink: NotifyConfig, workdir: PathBuf, events: Arc<SinkQueue>, counted: Counted) {
     let client = match sink.kind {
         // No redirects: a 301 or 302 would turn the POST into a GET that
         // answers 200, counted as delivered while nothing was.
@@ -371,7 +402,8 @@ async fn deliver(
             .ok(),
         _ => None,
     };
-    while let Some(event) = events.recv().await {
+    loop {
+        let event = events.pop().await;
         let mut attempt = 0;
         // Counted out however this event ends.
         let _pending = Pending(&counted.stats.pending);
@@ -470,6 +502,22 @@ mod tests {
             retries: 0,
             events: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_its_oldest_event() {
+        let queue = SinkQueue::default();
+        let event = |n: usize| Event::new(EventKind::AgentFailed, 1, false, n.to_string());
+        for n in 0..SINK_QUEUE {
+            assert!(!queue.push(event(n)));
+        }
+        assert!(queue.push(event(SINK_QUEUE)), "full: the oldest goes");
+        assert_eq!(queue.pop().await.text, "1");
+        let mut last = String::new();
+        for _ in 1..SINK_QUEUE {
+            last = queue.pop().await.text;
+        }
+        assert_eq!(last, SINK_QUEUE.to_string(), "the newest is kept");
     }
 
     #[tokio::test]
