@@ -75,6 +75,9 @@ pub async fn run_with_input(
         .await
         .map_err(|error| format!("{program:?} could not start: {error}"))?;
     let pgid = child.id().unwrap_or(0);
+    // A run dropped midway (a readiness round cut short by a stop) takes
+    // the whole group with it, not only its leader (`kill_on_drop`).
+    let mut group = KillGroupOnDrop { pgid, armed: true };
     // Written beside the run: the command is judged by its exit, not by
     // whether it (or a process it left behind) read all of its input. The
     // write ends with the group at the latest.
@@ -110,6 +113,7 @@ pub async fn run_with_input(
         .await
     };
     // Whatever happened, nothing of the command outlives it.
+    group.armed = false;
     process::finish(&mut child, pgid).await;
     let Ok(status) = status else {
         return Ok(Ran {
@@ -134,6 +138,20 @@ pub async fn run_with_input(
         output,
         stdout: out,
     })
+}
+
+/// Kills a command's process group if its run is dropped before it ends.
+struct KillGroupOnDrop {
+    pgid: u32,
+    armed: bool,
+}
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            process::signal_group(self.pgid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
 }
 
 /// Reads `reader` to its end into `kept`, keeping the first `cap` bytes;

@@ -132,6 +132,17 @@ impl Health {
                     detail: check.detail.clone(),
                 });
             }
+            // Checks configured but not run yet (the first round can take
+            // its checks' timeout): not ready until they have, or a new
+            // pod would be taken as ready while its endpoint hangs.
+            if status.readiness.is_empty() && !agent.config.readiness.checks.is_empty() {
+                checks.push(Check {
+                    name: format!("agent:{}:readiness", status.name),
+                    ok: false,
+                    required: true,
+                    detail: "readiness checks have not run yet".into(),
+                });
+            }
         }
         let ready = checks.iter().all(|check| check.ok || !check.required);
         Readiness {
@@ -268,6 +279,8 @@ pub async fn serve(
     let listener = Capped {
         inner: listener,
         permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+        first_byte: FIRST_BYTE_TIMEOUT,
+        idle: IDLE_TIMEOUT,
     };
     let server = axum::serve(listener, routes).with_graceful_shutdown(async move {
         let _ = stop.changed().await;
@@ -300,12 +313,20 @@ const MAX_CONNECTIONS: usize = 256;
 /// idle connections cannot hold every slot.
 const FIRST_BYTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// A connection on which nothing moves either way for this long is closed:
+/// a client that stalls after its first byte, or a keep-alive connection
+/// left idle, must not hold a slot for good (the event feed writes a
+/// keep-alive every 15 s, so it stays).
+const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// The HTTP server's listener: at most [`MAX_CONNECTIONS`] connections,
-/// each closed if its first byte does not come within
-/// [`FIRST_BYTE_TIMEOUT`].
+/// each closed if its first byte does not come within `first_byte`, or
+/// once nothing was read or written for `idle`.
 struct Capped {
     inner: tokio::net::TcpListener,
     permits: Arc<tokio::sync::Semaphore>,
+    first_byte: std::time::Duration,
+    idle: std::time::Duration,
 }
 
 impl axum::serve::Listener for Capped {
@@ -324,7 +345,8 @@ impl axum::serve::Listener for Capped {
             CappedIo {
                 io,
                 _permit: permit,
-                first_byte: Some(Box::pin(tokio::time::sleep(FIRST_BYTE_TIMEOUT))),
+                quiet: Box::pin(tokio::time::sleep(self.first_byte)),
+                idle: self.idle,
             },
             address,
         )
@@ -339,8 +361,17 @@ impl axum::serve::Listener for Capped {
 struct CappedIo {
     io: tokio::net::TcpStream,
     _permit: tokio::sync::OwnedSemaphorePermit,
-    /// Until the first byte comes.
-    first_byte: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// When the connection is closed unless something moves: the
+    /// first-byte timeout, then `idle` after each read or write.
+    quiet: std::pin::Pin<Box<tokio::time::Sleep>>,
+    idle: std::time::Duration,
+}
+
+impl CappedIo {
+    fn moved(&mut self) {
+        let until = tokio::time::Instant::now() + self.idle;
+        self.quiet.as_mut().reset(until);
+    }
 }
 
 impl tokio::io::AsyncRead for CappedIo {
@@ -351,18 +382,13 @@ impl tokio::io::AsyncRead for CappedIo {
     ) -> std::task::Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let read = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
-        if self.first_byte.is_some() {
-            if buf.filled().len() > before {
-                self.first_byte = None;
-            } else if let (std::task::Poll::Pending, Some(timer)) =
-                (&read, self.first_byte.as_mut())
-                && timer.as_mut().poll(cx).is_ready()
-            {
-                return std::task::Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "no request within the first-byte timeout",
-                )));
-            }
+        if buf.filled().len() > before {
+            self.moved();
+        } else if read.is_pending() && self.quiet.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "nothing read or written within the connection's idle timeout",
+            )));
         }
         read
     }
@@ -374,7 +400,11 @@ impl tokio::io::AsyncWrite for CappedIo {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+        let written = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(written, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.moved();
+        }
+        written
     }
 
     fn poll_flush(
@@ -389,5 +419,50 @@ impl tokio::io::AsyncWrite for CappedIo {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    #[tokio::test]
+    async fn a_connection_on_which_nothing_moves_is_closed_and_frees_its_slot() {
+        let inner = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = inner.local_addr().unwrap();
+        let mut listener = Capped {
+            inner,
+            permits: Arc::new(tokio::sync::Semaphore::new(1)),
+            first_byte: Duration::from_secs(5),
+            idle: Duration::from_millis(300),
+        };
+        let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+        let (mut io, _) = axum::serve::Listener::accept(&mut listener).await;
+        // One byte, then a stall (a slow-loris client).
+        client.write_all(b"G").await.unwrap();
+        let mut buffer = [0u8; 8];
+        assert_eq!(io.read(&mut buffer).await.unwrap(), 1);
+        // A write counts as movement too.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        io.write_all(b"x").await.unwrap();
+        let started = tokio::time::Instant::now();
+        let error = io.read(&mut buffer).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "the write reset the idle timer: {:?}",
+            started.elapsed()
+        );
+        // Closed, its slot serves the next connection.
+        drop(io);
+        let _next = tokio::net::TcpStream::connect(address).await.unwrap();
+        let accepted = tokio::time::timeout(
+            Duration::from_secs(5),
+            axum::serve::Listener::accept(&mut listener),
+        )
+        .await;
+        assert!(accepted.is_ok(), "the slot was freed");
     }
 }

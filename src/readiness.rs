@@ -111,8 +111,17 @@ pub async fn run(agent: Arc<AgentRuntime>, mut shutdown: watch::Receiver<Phase>)
                 };
                 (check, outcome)
             }
-        }))
-        .await;
+        }));
+        // A round (up to its checks' timeout) does not hold up a stop.
+        let round = tokio::select! {
+            round = round => round,
+            changed = shutdown.changed() => {
+                if changed.is_err() || shutdown.borrow().stopping() {
+                    return;
+                }
+                continue;
+            }
+        };
         let now = agent.clock_now_ms();
         let mut statuses = Vec::with_capacity(round.len());
         let mut gate = Gate::default();
@@ -256,18 +265,55 @@ async fn command(
 }
 
 /// Creates, writes, syncs and removes a file in `dir`.
-async fn writable(dir: &Path) -> Result<String, String> {
-    let path = dir.join(format!(".flotilla-ready-{}", std::process::id()));
-    let result = async {
-        let mut file = tokio::fs::File::create(&path).await?;
-        tokio::io::AsyncWriteExt::write_all(&mut file, b"ok").await?;
-        file.sync_all().await
+/// The directories whose write probe is still running. A probe on a hung
+/// filesystem (NFS, FUSE) blocks its thread past the check's timeout;
+/// one such thread per directory at most, or every interval would add
+/// one until the blocking pool (which the store uses too) is full.
+static WRITING: std::sync::Mutex<std::collections::BTreeSet<std::path::PathBuf>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Takes `dir` off [`WRITING`] when its probe ends, however it ends.
+struct Writing(std::path::PathBuf);
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        WRITING.lock().expect("not poisoned").remove(&self.0);
     }
-    .await;
-    let _ = tokio::fs::remove_file(&path).await;
-    result
-        .map(|()| format!("{} is writable", dir.display()))
-        .map_err(|error| format!("cannot write in {}: {error}", dir.display()))
+}
+
+async fn writable(dir: &Path) -> Result<String, String> {
+    if !WRITING
+        .lock()
+        .expect("not poisoned")
+        .insert(dir.to_path_buf())
+    {
+        return Err(format!(
+            "the previous write probe of {} has not finished (a hung filesystem?)",
+            dir.display()
+        ));
+    }
+    let writing = Writing(dir.to_path_buf());
+    let path = dir.join(format!(".flotilla-ready-{}", std::process::id()));
+    let probe = tokio::task::spawn_blocking(move || {
+        let _writing = writing;
+        let result = (|| {
+            use std::io::Write as _;
+            let mut file = std::fs::File::create(&path)?;
+            file.write_all(b"ok")?;
+            file.sync_all()
+        })();
+        let _ = std::fs::remove_file(&path);
+        result
+    });
+    match probe.await {
+        Ok(result) => result
+            .map(|()| format!("{} is writable", dir.display()))
+            .map_err(|error| format!("cannot write in {}: {error}", dir.display())),
+        Err(error) => Err(format!(
+            "the write probe of {} failed: {error}",
+            dir.display()
+        )),
+    }
 }
 
 /// The replicas whose memory is at or above `pct` of the agent's memory

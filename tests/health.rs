@@ -565,3 +565,37 @@ async fn a_silent_connection_is_closed() {
     );
     daemon.stop().await;
 }
+
+/// Until an agent's readiness checks have run once, the daemon is not
+/// ready: a first round that takes its timeout (an endpoint that hangs)
+/// must not let a new pod be taken as ready meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_is_not_ready_before_the_first_readiness_round() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.gated]
+command = {agent}
+
+[agents.gated.readiness]
+interval = "10s"
+timeout = "5s"
+checks = [{{ name = "slow", command = ["sleep", "4"] }}]
+"#,
+        agent = example_agent(&["--work-ms", "1"]),
+    ));
+    let daemon = fleet.start().await;
+    let address = daemon.http_address().expect("listening");
+    let (status, body) = get(address, "/health/ready").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        check(&body, "agent:gated:readiness").is_some_and(
+            |c| c["ok"] == false && c["detail"].as_str().unwrap().contains("not run yet")
+        ),
+        "{body}"
+    );
+    wait_until(Duration::from_secs(20), "ready after the round", || async {
+        get(address, "/health/ready").await.0 == 200
+    })
+    .await;
+    daemon.stop().await;
+}
