@@ -53,10 +53,11 @@ pub async fn run(spec: SpawnSpec, limit: Duration, cap: usize) -> Result<Ran, St
     run_with_input(spec, None, limit, cap).await
 }
 
-/// How long, once a command has exited, its output is still read: a
-/// process it started in the background may hold the pipes open, and the
-/// command is judged by its own exit, not by that process.
-const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(200);
+/// How long, once a command (or an agent told to shut down) has exited,
+/// its output is still read: a process it started in the background may
+/// hold the pipes open, and it is judged by its own exit, not by that
+/// process.
+pub(crate) const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(200);
 
 /// [`run`], writing `input` to the command's stdin first (then closing
 /// it; a command that does not read it is its own business).

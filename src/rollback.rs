@@ -155,13 +155,17 @@ pub enum Running {
 /// # Errors
 /// When the store cannot be read.
 pub async fn running(store: &Store, task: &str, now: UnixMillis) -> Result<Running, QueueError> {
-    let Some(held) = store.get_control(&claim_key(task)).await? else {
-        return Ok(Running::No);
+    let held = store.get_control(&claim_key(task)).await?;
+    Ok(judge(held.as_ref(), now))
+}
+
+/// What the stored claim `held` says at `now`. A freed claim is null; an
+/// unreadable one holds nothing (it would otherwise block for good).
+fn judge(held: Option<&Value>, now: UnixMillis) -> Running {
+    let Some(held) = held.filter(|held| !held.is_null()) else {
+        return Running::No;
     };
-    if held.is_null() {
-        return Ok(Running::No);
-    }
-    Ok(match serde_json::from_value::<Claim>(held) {
+    match serde_json::from_value::<Claim>(held.clone()) {
         Ok(claim) if claim.live(now) => Running::Live {
             until_ms: claim.until_ms,
             because: claim.because,
@@ -172,7 +176,7 @@ pub async fn running(store: &Store, task: &str, now: UnixMillis) -> Result<Runni
         Err(_) => Running::CutOff {
             because: "an unreadable claim".into(),
         },
-    })
+    }
 }
 
 /// Removes the claim of `task` if it is not live: left by a rollback that
@@ -182,19 +186,16 @@ pub async fn running(store: &Store, task: &str, now: UnixMillis) -> Result<Runni
 /// When the store fails.
 pub async fn clear_cut_off(store: &Store, task: &str, now: UnixMillis) -> Result<bool, QueueError> {
     let key = claim_key(task);
-    let Some(held) = store.get_control(&key).await? else {
-        return Ok(true);
-    };
-    if held.is_null() {
-        return Ok(true);
+    let held = store.get_control(&key).await?;
+    match judge(held.as_ref(), now) {
+        Running::No => Ok(true),
+        Running::Live { .. } => Ok(false),
+        Running::CutOff { .. } => {
+            store
+                .compare_and_put_control(&key, held.as_ref(), &Value::Null)
+                .await
+        }
     }
-    let live = serde_json::from_value::<Claim>(held.clone()).is_ok_and(|claim| claim.live(now));
-    if live {
-        return Ok(false);
-    }
-    store
-        .compare_and_put_control(&key, Some(&held), &Value::Null)
-        .await
 }
 
 /// A change declared by a result.
@@ -513,13 +514,8 @@ async fn take_claim(
             ),
         }
     };
-    if let Some(held) = current.as_ref().filter(|held| !held.is_null()) {
-        // An unreadable claim holds nothing, as `running` and
-        // `clear_cut_off` see it: otherwise it would block for good.
-        let live = serde_json::from_value::<Claim>(held.clone()).is_ok_and(|held| held.live(now));
-        if live {
-            return Err(busy(held));
-        }
+    if let (Some(held), Running::Live { .. }) = (&current, judge(current.as_ref(), now)) {
+        return Err(busy(held));
     }
     if store
         .compare_and_put_control(&key, current.as_ref(), &claim.value())

@@ -58,9 +58,6 @@ enum StartFailure {
 /// Bytes a pipe to the agent holds before a writer waits (Linux's default
 /// pipe buffer).
 const PIPE_CAPACITY: usize = 64 * 1024;
-/// How long, once an agent told to shut down has exited, its stdout is
-/// still read for what it wrote before (a descendant may hold it open).
-const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(200);
 
 /// Replies waiting to be written to one replica.
 const NEWS: usize = 256;
@@ -537,13 +534,13 @@ impl Replica<'_> {
     }
 
     async fn handle_line(&mut self, text: &str) {
-        let message = match protocol::parse_line(text) {
-            Ok(message) => message,
-            Err(error) => {
-                self.agent.record_malformed(self.index, &error);
-                return;
-            }
-        };
+        match protocol::parse_line(text) {
+            Ok(message) => self.handle_message(message).await,
+            Err(error) => self.agent.record_malformed(self.index, &error),
+        }
+    }
+
+    async fn handle_message(&mut self, message: FromAgent) {
         self.seen();
         match message {
             FromAgent::Ready { .. } | FromAgent::Heartbeat {} => {}
@@ -787,7 +784,7 @@ impl Replica<'_> {
                     // a descendant holding the pipe open is not waited
                     // for long.
                     exited = true;
-                    deadline = deadline.min(Instant::now() + DRAIN_AFTER_EXIT);
+                    deadline = deadline.min(Instant::now() + crate::command::DRAIN_AFTER_EXIT);
                 }
                 () = tokio::time::sleep_until(deadline) => break,
             }
@@ -816,8 +813,8 @@ impl Replica<'_> {
     /// uncharged.
     async fn wind_down_line(&mut self, text: &str) {
         match protocol::parse_line(text) {
-            Ok(FromAgent::Result { .. } | FromAgent::Progress { .. }) => {
-                self.handle_line(text).await;
+            Ok(message @ (FromAgent::Result { .. } | FromAgent::Progress { .. })) => {
+                self.handle_message(message).await;
             }
             Ok(_) => self.seen(),
             Err(error) => self.agent.record_malformed(self.index, &error),
