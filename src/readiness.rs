@@ -69,11 +69,20 @@ pub async fn run(agent: Arc<AgentRuntime>, mut shutdown: watch::Receiver<Phase>)
     let config = agent.config.readiness.clone();
     let total_memory = machine_memory();
     let limit = config.timeout();
-    let client = reqwest::Client::builder()
-        .timeout(limit.get())
-        .connect_timeout(limit.get())
-        .build()
-        .ok();
+    let client = |redirects| {
+        reqwest::Client::builder()
+            .timeout(limit.get())
+            .connect_timeout(limit.get())
+            .redirect(redirects)
+            .build()
+            .ok()
+    };
+    // A check that expects a 3xx sees the redirect itself; every other
+    // check follows redirects (up to 10) to the final status.
+    let clients = Clients {
+        following: client(reqwest::redirect::Policy::limited(10)),
+        not_following: client(reqwest::redirect::Policy::none()),
+    };
     let mut ticker = tokio::time::interval(config.interval.get());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing: BTreeMap<String, String> = BTreeMap::new();
@@ -89,7 +98,7 @@ pub async fn run(agent: Arc<AgentRuntime>, mut shutdown: watch::Receiver<Phase>)
         }
         let round = futures_util::future::join_all(config.checks.iter().map(|check| {
             let agent = agent.clone();
-            let client = client.clone();
+            let client = clients.for_check(check).cloned();
             async move {
                 let outcome = match check.probe() {
                     Some(Probe::MemoryBelowPct(pct)) => {
@@ -164,6 +173,22 @@ pub async fn run(agent: Arc<AgentRuntime>, mut shutdown: watch::Receiver<Phase>)
             });
         }
         agent.set_readiness(statuses, gate);
+    }
+}
+
+/// The HTTP clients of the checks, built once.
+struct Clients {
+    following: Option<reqwest::Client>,
+    not_following: Option<reqwest::Client>,
+}
+
+impl Clients {
+    fn for_check(&self, check: &CheckConfig) -> Option<&reqwest::Client> {
+        if check.expect.is_some_and(|status| (300..400).contains(&status)) {
+            self.not_following.as_ref()
+        } else {
+            self.following.as_ref()
+        }
     }
 }
 
@@ -322,7 +347,20 @@ fn memory(agent: &AgentRuntime, pct: f64, total: Option<u64>) -> Vec<(u32, Strin
     let (base, of) = match (agent.config.memory_limit, total) {
         (Some(limit), _) => (limit.bytes(), format!("memory_limit = {limit}")),
         (None, Some(total)) => (total, "the machine's memory".to_string()),
-        (None, None) => return Vec::new(),
+        // Unknown is not below: a check that cannot be judged must not pass.
+        (None, None) => {
+            return agent
+                .status()
+                .replicas
+                .iter()
+                .map(|replica| {
+                    (
+                        replica.index,
+                        "the machine's memory is unknown (/proc/meminfo cannot be read); set the agent's memory_limit".to_string(),
+                    )
+                })
+                .collect();
+        }
     };
     agent
         .status()

@@ -149,7 +149,10 @@ async fn readiness_checks_gate_the_replicas_and_the_daemon() {
     let endpoint_status = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(200));
     // The model endpoint: answers with the status the test sets.
     let status = endpoint_status.clone();
-    let endpoint = http_stand_in(move |_| {
+    let endpoint = http_stand_in(move |line| {
+        if line.contains("/moved") {
+            return (302, String::new());
+        }
         (
             status.load(std::sync::atomic::Ordering::SeqCst),
             String::new(),
@@ -173,6 +176,7 @@ checks = [
   {{ name = "weights", command = ["test", "-e", "weights.bin"] }},
   {{ workspace_writable = true }},
   {{ name = "cache", tcp = "127.0.0.1:{closed_port}", required = false }},
+  {{ name = "moved", http = "http://{endpoint}/moved", expect = 302 }},
 ]
 "#,
         agent = example_agent(&["--work-ms", "1"]),
@@ -202,6 +206,8 @@ checks = [
             && check(&body, "agent:gated:workspace_writable").is_some_and(|c| c["ok"] == true)
             && check(&body, "agent:gated:cache")
                 .is_some_and(|c| c["ok"] == false && c["required"] == false)
+            // Expecting a redirect, the check sees it rather than following.
+            && check(&body, "agent:gated:moved").is_some_and(|c| c["ok"] == true)
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -844,6 +844,19 @@ checks = [
     }
 
     #[test]
+    fn an_api_token_comes_from_one_place() {
+        let found = problems(
+            "[http]\ntoken = \"secret\"\ntoken_file = \"token.txt\"\n[agents.a]\ncommand = [\"a\"]\n",
+        );
+        assert!(
+            found.iter().any(|p| p.key == "http.token"
+                && p.message.contains("so is http.token_file; keep one")),
+            "{found:?}"
+        );
+        parse_ok("[http]\ntoken_file = \"token.txt\"\n[agents.a]\ncommand = [\"a\"]\n");
+    }
+
+    #[test]
     fn readiness_checks_are_checked() {
         let found = problems(
             r#"
@@ -862,20 +875,31 @@ checks = [
   { expect = 204 },
   { name = "x", tcp = "127.0.0.1:2" },
   { name = "x", tcp = "127.0.0.1:3" },
+  { tcp = "::1:5432" },
+  { tcp = "127.0.0.1:0" },
+  { tcp = "[::1]:5432" },
+  { tcp = "[db]:5432" },
 ]
 "#,
         );
         let all: Vec<String> = found.iter().map(ToString::to_string).collect();
+        assert!(
+            !all.iter().any(|p| p.contains("checks[11]")),
+            "a bracketed IPv6 address is valid: {all:#?}"
+        );
         for expected in [
             "agents.a.readiness.interval: 500ms is out of range; valid: 1s to 1h",
             "agents.a.readiness.checks[0].http: \"ftp://model\" has scheme \"ftp\"; valid: http or https",
-            "agents.a.readiness.checks[1].tcp: \"no-port\" is not HOST:PORT",
+            "agents.a.readiness.checks[1].tcp: \"no-port\" has no port; give HOST:PORT",
             "agents.a.readiness.checks[2].command: is empty",
             "agents.a.readiness.checks[3]: names 2 kinds of check; give exactly one of http, tcp, command, workspace_writable, memory_below_pct",
             "agents.a.readiness.checks[4].memory_below_pct: 120 is out of range; valid: above 0, up to 100",
             "agents.a.readiness.checks[5].workspace_writable: false checks nothing",
             "agents.a.readiness.checks[6].expect: only an `http` check has an expected status",
             "agents.a.readiness.checks[8].name: \"x\" names two checks",
+            "agents.a.readiness.checks[9].tcp: \"::1:5432\" has an IPv6 host without brackets; give HOST:PORT, e.g. \"127.0.0.1:5432\", \"[::1]:5432\"",
+            "agents.a.readiness.checks[10].tcp: \"127.0.0.1:0\" has port 0",
+            "agents.a.readiness.checks[12].tcp: \"[db]:5432\" has a bracketed host that is not an IPv6 address",
         ] {
             assert!(
                 all.iter().any(|p| p.contains(expected)),

@@ -533,7 +533,8 @@ pub struct HttpConfig {
     /// Bearer token for mutating endpoints; prefer `token_file` or the
     /// `FLOTILLA_HTTP_TOKEN` environment variable.
     pub token: Option<String>,
-    /// A file holding the token (relative to the config's directory).
+    /// A file holding the token (relative to the config's directory); not
+    /// together with `token`.
     pub token_file: Option<PathBuf>,
 }
 
@@ -653,6 +654,12 @@ impl HttpConfig {
                     "{:?} is not IP:PORT; e.g. \"127.0.0.1:9750\", \"0.0.0.0:9750\", or \"off\"",
                     self.listen
                 ),
+            );
+        }
+        if self.token.is_some() && self.token_file.is_some() {
+            problem(
+                "http.token".into(),
+                "is set and so is http.token_file; keep one (token_file keeps the secret out of the config)".into(),
             );
         }
         if self

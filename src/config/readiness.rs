@@ -45,10 +45,12 @@ pub struct CheckConfig {
     /// GET this `http://` or `https://` URL; passes on the `expect` status.
     #[serde(default)]
     pub http: Option<String>,
-    /// The HTTP status that passes (default: any 2xx).
+    /// The HTTP status that passes (default: any 2xx). Redirects are
+    /// followed unless this is a 3xx.
     #[serde(default)]
     pub expect: Option<u16>,
-    /// Connect to this `HOST:PORT`; passes when the connection opens.
+    /// Connect to this `HOST:PORT` (an IPv6 host in brackets); passes when
+    /// the connection opens.
     #[serde(default)]
     pub tcp: Option<String>,
     /// Run this program with its arguments (argv) in the agent's working
@@ -253,18 +255,15 @@ impl CheckConfig {
                 ),
             }
         }
-        if let Some(address) = &self.tcp {
-            let valid = address
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-            if !valid {
-                problem(
-                    format!("{key}.tcp"),
-                    format!(
-                        "{address:?} is not HOST:PORT; e.g. \"127.0.0.1:5432\" or \"db.internal:5432\""
-                    ),
-                );
-            }
+        if let Some(address) = &self.tcp
+            && let Err(why) = tcp_address(address)
+        {
+            problem(
+                format!("{key}.tcp"),
+                format!(
+                    "{address:?} {why}; give HOST:PORT, e.g. \"127.0.0.1:5432\", \"[::1]:5432\" or \"db.internal:5432\""
+                ),
+            );
         }
         if let Some(argv) = &self.command
             && argv.first().is_none_or(String::is_empty)
@@ -290,4 +289,34 @@ impl CheckConfig {
             );
         }
     }
+}
+
+/// Whether `address` is HOST:PORT with a port that can be connected to;
+/// an IPv6 host goes in brackets.
+fn tcp_address(address: &str) -> Result<(), &'static str> {
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err("has no port");
+    };
+    match port.parse::<u16>() {
+        Ok(0) => return Err("has port 0, which cannot be connected to"),
+        Ok(_) => {}
+        Err(_) => return Err("has no valid port (1 to 65535)"),
+    }
+    if host.is_empty() || host == "[]" {
+        return Err("has no host");
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        let valid = inner
+            .strip_suffix(']')
+            .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok());
+        return if valid {
+            Ok(())
+        } else {
+            Err("has a bracketed host that is not an IPv6 address")
+        };
+    }
+    if host.contains(':') {
+        return Err("has an IPv6 host without brackets");
+    }
+    Ok(())
 }

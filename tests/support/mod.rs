@@ -383,8 +383,14 @@ pub async fn http_stand_in(
                 let text = String::from_utf8_lossy(&request);
                 let line = text.lines().next().unwrap_or_default();
                 let (status, body) = answer(line);
+                // A redirect goes to /redirected.
+                let location = if (300..400).contains(&status) {
+                    "location: /redirected\r\n"
+                } else {
+                    ""
+                };
                 let reply = format!(
-                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n{location}content-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
                 );
                 let _ = stream.write_all(reply.as_bytes()).await;
