@@ -680,7 +680,7 @@ impl DegradeLoop {
     }
 
     async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut degrader = Degrader::new(self.config.clone(), self.clock.now_ms());
+        let mut degrader = Degrader::new(self.config.clone(), self.clock.steady_ms());
         let mut ticker = tokio::time::interval(self.config.check_interval.get());
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut nodes = None;
@@ -710,7 +710,9 @@ impl DegradeLoop {
                         .set_available_elsewhere(self.healthy_elsewhere(&snapshots));
                 }
             }
-            let now = self.clock.now_ms();
+            // Steady time: the dwell and the readiness grace are kept in
+            // memory only, and replicas' times are steady too.
+            let now = self.clock.steady_ms();
             let observation = Observation {
                 agents: self
                     .agents
@@ -754,8 +756,14 @@ impl DegradeLoop {
                 broker_nodes: nodes,
             };
             // A store that cannot be read keeps the last forced level.
+            // The stored end is wall time; the degrader compares steady.
             let forced = match self.store.get_control(FORCED_LEVEL_KEY).await {
-                Ok(value) => value.and_then(|value| serde_json::from_value::<Forced>(value).ok()),
+                Ok(value) => value
+                    .and_then(|value| serde_json::from_value::<Forced>(value).ok())
+                    .map(|forced| Forced {
+                        until_ms: self.clock.steady_of(forced.until_ms),
+                        ..forced
+                    }),
                 Err(_) => degrader.status().forced,
             };
             let change = degrader.check(&observation, forced, now);
@@ -779,7 +787,7 @@ impl DegradeLoop {
                 self.notifier.send(
                     crate::notify::Event::new(
                         crate::notify::EventKind::LevelChanged,
-                        now,
+                        self.clock.now_ms(),
                         change.to == crate::degrade::Level::Emergency,
                         format!(
                             "degradation level {} → {}: {}; {what}",

@@ -154,7 +154,8 @@ impl Health {
     /// The replicas whose task made no progress for half their agent's
     /// `progress_timeout`.
     pub fn progress(&self) -> Progress {
-        let now = self.clock.now_ms();
+        // Replicas' times are steady (see `Clock::steady_ms`).
+        let now = self.clock.steady_ms();
         let mut stuck = Vec::new();
         for agent in &self.agents {
             let threshold = agent.config.timeouts.progress_timeout.as_millis() / 2;

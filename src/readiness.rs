@@ -184,7 +184,10 @@ struct Clients {
 
 impl Clients {
     fn for_check(&self, check: &CheckConfig) -> Option<&reqwest::Client> {
-        if check.expect.is_some_and(|status| (300..400).contains(&status)) {
+        if check
+            .expect
+            .is_some_and(|status| (300..400).contains(&status))
+        {
             self.not_following.as_ref()
         } else {
             self.following.as_ref()

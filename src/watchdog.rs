@@ -319,7 +319,10 @@ pub async fn run(
                 continue;
             }
         };
-        let now = clock.now_ms();
+        // Steady time: silences, cooldowns and the error window are kept
+        // in memory only (a clock set forward must not make every busy
+        // replica look stuck).
+        let now = clock.steady_ms();
         let views: Vec<AgentView> = agents
             .iter()
             .map(|agent| view(agent, &config, counts.get(&agent.name).copied(), now))
@@ -328,7 +331,7 @@ pub async fn run(
             let Some(agent) = agents.iter().find(|agent| agent.name == action.agent()) else {
                 continue;
             };
-            act(agent, &action, &notifier, &metrics, now);
+            act(agent, &action, &notifier, &metrics, clock.now_ms());
         }
     }
 }

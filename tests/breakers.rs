@@ -222,6 +222,52 @@ mode = "oneshot"
     assert_eq!(failed as u64, 3 + (opened - 1), "{opened} openings");
 }
 
+/// The system clock set back while a breaker is open: the breaker still
+/// lets a probe through once its recovery timeout has passed, not once
+/// the wall clock has caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_set_back_keeps_no_breaker_open() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.flaky]
+command = {}
+mode = "oneshot"
+retry = {{ max_deliver = 1 }}
+breaker = {{ failure_threshold = 1, recovery_timeout = "2s" }}
+"#,
+        switchable("flaky"),
+    ));
+    set_broken(&fleet, "flaky", true);
+    let clock = std::sync::Arc::new(SettableClock::default());
+    let daemon = fleet.start_with_clock(clock.clone()).await;
+    let queue = daemon.queue().clone();
+    queue
+        .submit(numbered_tasks("flaky", 1, "first").0)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the breaker to open", || async {
+        agent(&daemon, "flaky").status().breaker.times_opened >= 1
+    })
+    .await;
+    clock.set_wall(-2 * 3_600_000);
+    set_broken(&fleet, "flaky", false);
+    let (tasks, ids) = numbered_tasks("flaky", 1, "probe");
+    queue.submit(tasks).await.unwrap();
+    wait_all(
+        queue.as_ref(),
+        &ids,
+        TaskState::Completed,
+        Duration::from_secs(20),
+        "the probe to complete",
+    )
+    .await;
+    assert_eq!(
+        agent(&daemon, "flaky").status().breaker.state,
+        Some(BreakerState::Closed)
+    );
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_for_retry_keeps_tasks_queued_without_using_attempts() {
     let fleet = Fleet::new(&format!(

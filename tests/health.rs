@@ -91,6 +91,61 @@ breaker = {{ enabled = false }}
     daemon.stop().await;
 }
 
+/// The system clock set forward while a task is silent: neither
+/// `/health/progress` nor the watchdog takes the step for silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_set_forward_makes_no_task_look_stuck() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[watchdog]
+interval = "1s"
+stuck_after = "30s"
+
+[agents.slow]
+command = {}
+prefetch = 0
+timeouts = {{ progress_timeout = "60s" }}
+"#,
+        // Silent for 4 s, then progress, then done 4 s later.
+        example_agent(&["--work-ms", "8000"]),
+    ));
+    let clock = std::sync::Arc::new(SettableClock::default());
+    let daemon = fleet.start_with_clock(clock.clone()).await;
+    let address = daemon.http_address().expect("listening");
+    let queue = daemon.queue();
+    queue
+        .submit(numbered_tasks("slow", 1, "long").0)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the task to run", || async {
+        queue
+            .get("long-00000")
+            .await
+            .unwrap()
+            .is_some_and(|task| task.state.to_string() == "running")
+    })
+    .await;
+    // 45 s: past both thresholds (30 s), within the lease (90 s), so that
+    // only a clock taken for elapsed time could end the attempt.
+    clock.set_wall(45_000);
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (status, body) = get(address, "/health/progress").await;
+        assert_eq!(status, 200, "the step read as silence: {body}");
+    }
+    wait_until(Duration::from_secs(30), "the task to complete", || async {
+        queue
+            .get("long-00000")
+            .await
+            .unwrap()
+            .is_some_and(|task| task.state.to_string() == "completed")
+    })
+    .await;
+    let task = queue.get("long-00000").await.unwrap().unwrap();
+    assert_eq!(task.history.len(), 1, "restarted: {:#?}", task.history);
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_turns_503_while_the_broker_is_unreachable() {
     let Some(mut server) = NatsServer::start("ready_turns_503_while_the_broker_is_unreachable")

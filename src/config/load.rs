@@ -849,8 +849,10 @@ checks = [
             "[http]\ntoken = \"secret\"\ntoken_file = \"token.txt\"\n[agents.a]\ncommand = [\"a\"]\n",
         );
         assert!(
-            found.iter().any(|p| p.key == "http.token"
-                && p.message.contains("so is http.token_file; keep one")),
+            found
+                .iter()
+                .any(|p| p.key == "http.token"
+                    && p.message.contains("so is http.token_file; keep one")),
             "{found:?}"
         );
         parse_ok("[http]\ntoken_file = \"token.txt\"\n[agents.a]\ncommand = [\"a\"]\n");

@@ -165,7 +165,8 @@ impl Drop for Handed {
 }
 
 impl AgentRuntime {
-    /// What the leaser should do at `now`.
+    /// What the leaser should do at `now` (steady time: its `Holding`
+    /// time is steady too).
     pub(super) fn mode(&self, now: UnixMillis) -> Mode {
         let failed = self.is_failed();
         let (state, open_until, transition) = {
@@ -233,7 +234,7 @@ impl AgentRuntime {
     /// Asks the breaker to let `lease` through; false when it may not go
     /// to a replica now.
     pub(super) fn admit(&self, lease: &Lease) -> bool {
-        let now = self.clock.now_ms();
+        let now = self.clock.steady_ms();
         let call = if self.config.breaker.enabled {
             let (call, transition) = self.breaker.lock().expect("breaker lock").admit(now);
             if let Some(transition) = transition {
@@ -302,7 +303,7 @@ impl AgentRuntime {
             return;
         };
         self.note_outcome(outcome, task_fault);
-        let now = self.clock.now_ms();
+        let now = self.clock.steady_ms();
         let seconds = now.saturating_sub(open.at) as f64 / 1000.0;
         let status = if task_fault && outcome != AttemptOutcome::Rejected {
             NOT_RETRYABLE
@@ -317,7 +318,7 @@ impl AgentRuntime {
     }
 
     fn record(&self, call: Call, verdict: Verdict) {
-        let now = self.clock.now_ms();
+        let now = self.clock.steady_ms();
         let transition = self
             .breaker
             .lock()
@@ -373,7 +374,7 @@ impl AgentRuntime {
         self.notifier.send(
             Event::new(
                 kind,
-                now,
+                self.clock.now_ms(),
                 false,
                 format!(
                     "circuit breaker of agent {} {what}: {}",

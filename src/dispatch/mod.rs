@@ -395,7 +395,7 @@ impl AgentRuntime {
             manager_told_ms: Mutex::default(),
             watches: Arc::new(tokio::sync::Semaphore::new(crate::watch::MAX_WATCHES)),
         });
-        runtime.refresh_breaker_status(runtime.clock.now_ms());
+        runtime.refresh_breaker_status(runtime.clock.steady_ms());
         // Replicas show why they wait for the first round of checks.
         let initial = runtime.gate.borrow().clone();
         runtime.set_readiness(Vec::new(), initial);
@@ -523,7 +523,7 @@ impl AgentRuntime {
         if recent.len() >= RECENT_OUTCOMES {
             recent.pop_front();
         }
-        recent.push_back((self.clock.now_ms(), failed));
+        recent.push_back((self.clock.steady_ms(), failed));
     }
 
     /// Remembers the tasks replica `index` held when it was lost.
@@ -537,7 +537,7 @@ impl AgentRuntime {
         if !self.config.breaker.enabled {
             return false;
         }
-        let now = self.clock.now_ms();
+        let now = self.clock.steady_ms();
         let transition = self
             .breaker
             .lock()
@@ -611,10 +611,11 @@ impl AgentRuntime {
         // manager, but a crash loop must not flood it (the events still
         // say everything).
         {
+            let steady = self.clock.steady_ms();
             let mut told = self.manager_told_ms.lock().expect("manager lock");
             while told
                 .front()
-                .is_some_and(|at| now.saturating_sub(*at) >= 60_000)
+                .is_some_and(|at| steady.saturating_sub(*at) >= 60_000)
             {
                 told.pop_front();
             }
@@ -622,7 +623,7 @@ impl AgentRuntime {
                 tracing::info!(agent = %self.name, %manager, "rebalance task not sent: {MANAGER_TASKS_PER_MINUTE} sent in the last minute; the replica_lost event says it");
                 return;
             }
-            told.push_back(now);
+            told.push_back(steady);
         }
         let task = crate::queue::NewTask {
             id: format!("rebalance-{}-{index}-{now}", self.name),
@@ -691,7 +692,6 @@ impl AgentRuntime {
         &self.notifier
     }
 
-    /// The clock's time now.
     /// The daemon's name (lease owner).
     pub(crate) fn owner(&self) -> &str {
         &self.owner
@@ -702,6 +702,7 @@ impl AgentRuntime {
         self.phase.clone()
     }
 
+    /// The clock's wall time now.
     pub(crate) fn clock_now_ms(&self) -> crate::clock::UnixMillis {
         self.clock.now_ms()
     }
@@ -757,7 +758,7 @@ impl AgentRuntime {
 
     /// A copy of the agent's status.
     pub fn status(&self) -> AgentStatus {
-        self.refresh_breaker_status(self.clock.now_ms());
+        self.refresh_breaker_status(self.clock.steady_ms());
         self.status.lock().expect("status lock").clone()
     }
 
@@ -1595,7 +1596,7 @@ async fn leaser(
                 ahead.push_front((lease, leased_at));
             }
         }
-        let mode = agent.mode(agent.clock.now_ms());
+        let mode = agent.mode(agent.clock.steady_ms());
         let now = Instant::now();
         // Without prefetch nothing is held: a task whose replica went away
         // (not ready any more, stopping) goes back at once.
@@ -1631,7 +1632,7 @@ async fn leaser(
                 0,
                 *capacity as usize,
                 false,
-                (*capacity == 0).then(|| agent.clock.now_ms() + 1_000),
+                (*capacity == 0).then(|| agent.clock.steady_ms() + 1_000),
             ),
             gate::Mode::Diverting(_) => (0, 0, true, None),
             gate::Mode::Holding(until) => (0, 0, false, Some(*until)),
@@ -1680,7 +1681,7 @@ async fn leaser(
         }
         let expiry = ahead.front().map(|(_, at)| *at + PREFETCH_TTL);
         let hold = hold_until.map(|until| {
-            now + Duration::from_millis(until.saturating_sub(agent.clock.now_ms()).max(10))
+            now + Duration::from_millis(until.saturating_sub(agent.clock.steady_ms()).max(10))
         });
         let wake = [expiry, retry_at, hold].into_iter().flatten().min();
         // Lease calls are never dropped mid-way: at shutdown they are awaited
@@ -1705,7 +1706,7 @@ async fn leaser(
                         let mode = if leases.is_empty() {
                             gate::Mode::Normal
                         } else {
-                            agent.mode(agent.clock.now_ms())
+                            agent.mode(agent.clock.steady_ms())
                         };
                         for lease in leases {
                             let Some(lease) = agent.unless_rolling_back(lease).await else {
@@ -1775,7 +1776,7 @@ impl AgentRuntime {
                 .breaker
                 .lock()
                 .expect("breaker lock")
-                .state(self.clock.now_ms())
+                .state(self.clock.steady_ms())
                 == crate::breaker::BreakerState::HalfOpen
     }
 
@@ -1812,7 +1813,7 @@ impl AgentRuntime {
             return None;
         }
         if !self.admit(&lease) {
-            match self.mode(self.clock.now_ms()) {
+            match self.mode(self.clock.steady_ms()) {
                 gate::Mode::Diverting(why) => self.divert(lease, &why).await,
                 _ => {
                     self.release(lease, "leaser", "waiting for the circuit breaker's probes")
@@ -1932,7 +1933,7 @@ async fn run_replica(agent: Arc<AgentRuntime>, index: u32, mut shutdown: watch::
                 .intensity
                 .lock()
                 .expect("intensity lock")
-                .record(agent.clock.now_ms());
+                .record(agent.clock.steady_ms());
             let restart = &agent.config.restart;
             let give_up = match verdict {
                 Verdict::GiveUp { restarts } => Some(format!(
@@ -1965,7 +1966,7 @@ async fn run_replica(agent: Arc<AgentRuntime>, index: u32, mut shutdown: watch::
                     )
                     .agent(&agent.name),
                 );
-                agent.refresh_breaker_status(agent.clock.now_ms());
+                agent.refresh_breaker_status(agent.clock.steady_ms());
                 agent.tell_manager(index, &reason, &lost, "no more restarts: the agent failed");
                 break;
             }

@@ -195,7 +195,7 @@ async fn run_task(
         }
     };
     let pgid = child.id().unwrap_or(0);
-    let now_ms = agent.clock.now_ms();
+    let now_ms = agent.clock.steady_ms();
     agent.update_replica(index, |replica| {
         replica.state = ReplicaState::Busy;
         replica.pid = Some(pgid);
@@ -336,7 +336,7 @@ fn too_long(max: usize) -> Failure {
 /// Counts progress; false when the task is no longer this slot's (its
 /// lease was lost, or it was cancelled).
 async fn progressed(agent: &AgentRuntime, index: u32, tracked: &mut Tracked) -> bool {
-    let now = agent.clock.now_ms();
+    let now = agent.clock.steady_ms();
     agent.update_replica(index, |replica| {
         replica.last_progress_ms = Some(now);
         replica.task_progress_ms = Some(now);

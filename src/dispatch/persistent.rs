@@ -76,7 +76,7 @@ pub(super) async fn run(
     let program = spec.argv.first().cloned().unwrap_or_default();
     agent.update_replica(index, |replica| {
         replica.state = ReplicaState::Starting;
-        replica.started_ms = Some(agent.clock.now_ms());
+        replica.started_ms = Some(agent.clock.steady_ms());
         replica.last_progress_ms = None;
         replica.last_seen_ms = None;
         replica.context_window_usage_pct = None;
@@ -161,7 +161,7 @@ impl Replica<'_> {
     }
 
     fn seen(&self) {
-        let now = self.agent.clock.now_ms();
+        let now = self.agent.clock.steady_ms();
         self.agent
             .update_replica(self.index, |replica| replica.last_seen_ms = Some(now));
     }
@@ -259,7 +259,7 @@ impl Replica<'_> {
     /// The last progress (or start) of the most silent task in flight.
     fn silent_since(&self) -> Option<crate::clock::UnixMillis> {
         let now = Instant::now();
-        let now_ms = self.agent.clock.now_ms();
+        let now_ms = self.agent.clock.steady_ms();
         self.in_flight
             .values()
             .map(|tracked| {
@@ -554,7 +554,7 @@ impl Replica<'_> {
                     self.agent.record_stale(self.index, "progress");
                     return;
                 };
-                let now = self.agent.clock.now_ms();
+                let now = self.agent.clock.steady_ms();
                 self.agent.update_replica(self.index, |replica| {
                     replica.last_progress_ms = Some(now);
                     if context_window_usage_pct.is_some() {

@@ -109,7 +109,12 @@ impl Fleet {
 
     /// The daemon in this process.
     pub async fn start(&self) -> Daemon {
-        Daemon::start(self.config(), clock::system())
+        self.start_with_clock(clock::system()).await
+    }
+
+    /// The daemon in this process, reading `clock`.
+    pub async fn start_with_clock(&self, clock: clock::SharedClock) -> Daemon {
+        Daemon::start(self.config(), clock)
             .await
             .expect("daemon starts")
     }
@@ -398,4 +403,31 @@ pub async fn http_stand_in(
         }
     });
     address
+}
+
+/// The system's clock, whose wall reading a test can set as an operator
+/// (or NTP) would: the steady reading goes on undisturbed.
+#[derive(Debug, Default)]
+pub struct SettableClock {
+    skew_ms: std::sync::atomic::AtomicI64,
+}
+
+impl SettableClock {
+    /// Sets the wall clock `millis` forward (back when negative).
+    pub fn set_wall(&self, millis: i64) {
+        self.skew_ms
+            .fetch_add(millis, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl clock::Clock for SettableClock {
+    fn now_ms(&self) -> clock::UnixMillis {
+        clock::SystemClock
+            .now_ms()
+            .saturating_add_signed(self.skew_ms.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    fn steady_ms(&self) -> clock::UnixMillis {
+        clock::SystemClock.steady_ms()
+    }
 }
