@@ -497,21 +497,21 @@ impl Metrics {
     }
 
     /// An event for sink number `sink` (of `kind`) ended with `outcome`.
-    pub fn notification(&self, sink: usize, kind: &str, outcome: &str) {
+    pub fn notification(&self, sink: &str, kind: &str, outcome: &str) {
         self.notifications
             .get_or_create(&NotificationLabels {
-                sink: sink.to_string(),
+                sink: sink.into(),
                 kind: kind.into(),
                 outcome: outcome.into(),
             })
             .inc();
     }
 
-    /// Exports the series of sink number `sink` and `outcome` (at 0 until
-    /// counted).
-    pub fn notification_series(&self, sink: usize, kind: &str, outcome: &str) {
+    /// Exports the series of sink `sink` (its name or place) and
+    /// `outcome` (at 0 until counted).
+    pub fn notification_series(&self, sink: &str, kind: &str, outcome: &str) {
         let _ = self.notifications.get_or_create(&NotificationLabels {
-            sink: sink.to_string(),
+            sink: sink.into(),
             kind: kind.into(),
             outcome: outcome.into(),
         });

@@ -127,12 +127,13 @@ struct SinkHandle {
 }
 
 /// Where a sink's outcomes are counted: its counts, and the metrics under
-/// its place in the config and kind.
+/// its name (or place in the config) and kind.
 #[derive(Clone)]
 struct Counted {
     stats: Arc<SinkStats>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
-    index: usize,
+    /// Its name, else its place in the config.
+    label: String,
     kind: &'static str,
 }
 
@@ -140,7 +141,7 @@ impl std::fmt::Debug for Counted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Counted")
             .field("stats", &self.stats)
-            .field("index", &self.index)
+            .field("label", &self.label)
             .field("kind", &self.kind)
             .finish_non_exhaustive()
     }
@@ -155,7 +156,7 @@ impl Counted {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         if let Some(metrics) = &self.metrics {
-            metrics.notification(self.index, self.kind, outcome);
+            metrics.notification(&self.label, self.kind, outcome);
         }
     }
 }
@@ -191,7 +192,7 @@ impl Notifier {
                 let counted = Counted {
                     stats: Arc::new(SinkStats::default()),
                     metrics: metrics.clone(),
-                    index,
+                    label: sink.label(index),
                     kind: match sink.kind {
                         SinkKind::Log => "log",
                         SinkKind::Webhook => "webhook",
@@ -203,7 +204,7 @@ impl Notifier {
                 // sink's first failures would not alert.
                 if let Some(metrics) = &metrics {
                     for outcome in ["delivered", "failed", "dropped"] {
-                        metrics.notification_series(index, counted.kind, outcome);
+                        metrics.notification_series(&counted.label, counted.kind, outcome);
                     }
                 }
                 tokio::spawn(deliver(
@@ -269,6 +270,7 @@ impl Notifier {
                 let dropped = sink.counted.stats.dropped.load(Ordering::Relaxed);
                 if dropped.is_power_of_two() {
                     tracing::warn!(
+                        sink = %sink.counted.label,
                         dropped,
                         "a notification sink is not keeping up; events dropped"
                     );
@@ -434,12 +436,12 @@ async fn deliver(sink: NotifyConfig, workdir: PathBuf, events: Arc<SinkQueue>, c
                 Err(error) if attempt < sink.retries => {
                     attempt += 1;
                     let pause = Duration::from_millis(250 * 2u64.pow(attempt.min(6)));
-                    tracing::warn!(kind = ?sink.kind, %error, attempt, ?pause, "notification failed; retrying");
+                    tracing::warn!(sink = %counted.label, kind = ?sink.kind, %error, attempt, ?pause, "notification failed; retrying");
                     tokio::time::sleep(pause).await;
                 }
                 Err(error) => {
                     counted.count("failed");
-                    tracing::error!(kind = ?sink.kind, %error, event = event.event.as_str(), "notification failed; giving up on it");
+                    tracing::error!(sink = %counted.label, kind = ?sink.kind, %error, event = event.event.as_str(), "notification failed; giving up on it");
                     break;
                 }
             }
@@ -495,6 +497,7 @@ mod tests {
 
     fn sink(command: &[&str]) -> NotifyConfig {
         NotifyConfig {
+            name: None,
             kind: SinkKind::Command,
             url: None,
             command: command.iter().map(|arg| (*arg).to_string()).collect(),
@@ -524,8 +527,12 @@ mod tests {
     async fn outcomes_are_counted_in_the_metrics_by_sink() {
         let metrics = Arc::new(crate::metrics::Metrics::new(false));
         let dir = tempfile::tempdir().unwrap();
+        let named = NotifyConfig {
+            name: Some("pager".into()),
+            ..sink(&["false"])
+        };
         let notifier = Notifier::start(
-            &[sink(&["true"]), sink(&["false"])],
+            &[sink(&["true"]), named],
             "d",
             dir.path(),
             Some(metrics.clone()),
@@ -546,7 +553,7 @@ mod tests {
             text.contains(
                 r#"flotilla_notifications_total{sink="0",kind="command",outcome="delivered"} 1"#
             ) && text.contains(
-                r#"flotilla_notifications_total{sink="1",kind="command",outcome="failed"} 1"#
+                r#"flotilla_notifications_total{sink="pager",kind="command",outcome="failed"} 1"#
             ) && text.contains(
                 r#"flotilla_notifications_total{sink="0",kind="command",outcome="failed"} 0"#
             ),

@@ -934,6 +934,14 @@ timeout = "1h"
 [[notify]]
 kind = "log"
 events = []
+
+[[notify]]
+name = "2"
+kind = "log"
+
+[[notify]]
+name = "on call"
+kind = "log"
 "#,
         );
         let all: Vec<String> = found.iter().map(ToString::to_string).collect();
@@ -948,6 +956,8 @@ events = []
             "notify[1].command: a command sink needs a command",
             "notify[1].timeout: 1h is out of range; valid: 100ms to 5m",
             "notify[2].events: is empty",
+            "notify[3].name: \"2\" also names notify[2] (an unnamed sink is named by its place)",
+            "notify[4].name: \"on call\" is not valid; give 1 to 64 letters, digits, `_` or `-`",
         ] {
             assert!(
                 all.iter().any(|p| p.contains(expected)),

@@ -679,6 +679,11 @@ impl HttpConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NotifyConfig {
+    /// The sink's name in the `sink` label of its metrics and in its log
+    /// lines (letters, digits, `_`, `-`; up to 64); default: its place in
+    /// the list, from 0.
+    #[serde(default)]
+    pub name: Option<String>,
     /// `log`, `webhook` or `command`.
     pub kind: SinkKind,
     /// Webhook only: the URL events are POSTed to (http or https).
@@ -1170,8 +1175,18 @@ impl Config {
         }
         self.validate_fallbacks(&mut problem);
         self.validate_degradation(&mut problem);
+        let mut labels = std::collections::HashMap::new();
         for (index, sink) in self.notify.iter().enumerate() {
             sink.validate(&format!("notify[{index}]"), &mut problem);
+            if let Some(first) = labels.insert(sink.label(index), index) {
+                problem(
+                    format!("notify[{index}].name"),
+                    format!(
+                        "{:?} also names notify[{first}] (an unnamed sink is named by its place); give each sink its own name",
+                        sink.label(index)
+                    ),
+                );
+            }
         }
         self.http.validate(&mut problem);
         self.watchdog.validate(&mut problem);
@@ -1563,7 +1578,27 @@ impl BrokerConfig {
 }
 
 impl NotifyConfig {
+    /// What the sink at `index` of the list is called: its name, else its
+    /// place.
+    pub fn label(&self, index: usize) -> String {
+        self.name.clone().unwrap_or_else(|| index.to_string())
+    }
+
     fn validate(&self, key: &str, problem: &mut impl FnMut(String, String)) {
+        if let Some(name) = &self.name
+            && (name.is_empty()
+                || name.len() > 64
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+        {
+            problem(
+                format!("{key}.name"),
+                format!(
+                    "{name:?} is not valid; give 1 to 64 letters, digits, `_` or `-`, e.g. \"oncall-pager\""
+                ),
+            );
+        }
         match (self.kind, &self.url, self.command.is_empty()) {
             (SinkKind::Webhook, None, _) => problem(
                 format!("{key}.url"),
