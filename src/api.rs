@@ -178,6 +178,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/chaos/pause", post(chaos_pause))
         .route("/api/v1/chaos/partition", post(chaos_partition))
         .route("/api/v1/chaos/latency", post(chaos_latency))
+        .route("/api/v1/chaos/stop", post(chaos_stop))
         .route("/api/v1/chaos/last", get(chaos_last))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
@@ -1008,6 +1009,29 @@ async fn chaos_latency(
         humantime::format_duration(duration)
     );
     Ok(Json(chaos_broker_done(&api, "latency", detail)))
+}
+
+/// `POST /api/v1/chaos/stop`: ends every pause and broker fault now (the
+/// operator's halt; also what a failed experiment does). Allowed with
+/// chaos off: it only ever ends faults.
+async fn chaos_stop(State(api): State<Arc<Api>>) -> Answer<crate::chaos::Done> {
+    let resumed = crate::chaos::resume_all(&api.agents);
+    let healed = api.proxy.as_ref().is_some_and(|proxy| proxy.heal());
+    let mut ended = Vec::new();
+    if !resumed.is_empty() {
+        ended.push(format!("resumed {} paused replica(s)", resumed.len()));
+    }
+    if healed {
+        ended.push("restored the broker connection".to_string());
+    }
+    let detail = if ended.is_empty() {
+        "no fault was in force".to_string()
+    } else {
+        ended.join("; ")
+    };
+    let mut done = chaos_broker_done(&api, "stop", detail);
+    done.replicas = resumed;
+    Ok(Json(done))
 }
 
 /// `PUT /api/v1/degrade`: force `level` (0-3 or its name) for `for`.

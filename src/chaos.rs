@@ -1,7 +1,8 @@
 //! Chaos actions on a running daemon, through its API (`flotilla chaos`):
 //! kill replicas of an agent (one, all, or a percentage; SIGKILL or
 //! SIGTERM to their process groups) and pause them (SIGSTOP, then SIGCONT
-//! after a while). They are off unless `[chaos] enabled = true`, need the
+//! after a while); `stop` ends every pause (and broker fault) at once.
+//! They are off unless `[chaos] enabled = true`, need the
 //! API token like every mutating call, and each is logged, counted
 //! (`flotilla_chaos_actions_total`) and sent as a `chaos` event.
 
@@ -210,6 +211,25 @@ pub fn pause_replicas(agent: &Arc<AgentRuntime>, request: &PauseRequest) -> Resu
         replicas: targets,
         detail,
     })
+}
+
+/// Ends every pause now (`flotilla chaos stop`): SIGCONT to each paused
+/// replica of `agents` still running as it was. Returns them.
+pub fn resume_all(agents: &[Arc<AgentRuntime>]) -> Vec<(String, u32)> {
+    let current: Vec<(String, u32)> = agents.iter().flat_map(|agent| running(agent)).collect();
+    let paused: Vec<u32> = std::mem::take(&mut *RESUME_AT.lock().expect("not poisoned"))
+        .into_keys()
+        .collect();
+    // A paused group no longer running as a replica (killed meanwhile)
+    // is not signalled: its id may belong to another process by now.
+    let resumed: Vec<(String, u32)> = current
+        .into_iter()
+        .filter(|(_, pid)| paused.contains(pid))
+        .collect();
+    for (_, pid) in &resumed {
+        process::signal_group(*pid, Signal::SIGCONT);
+    }
+    resumed
 }
 
 #[cfg(test)]

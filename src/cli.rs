@@ -345,6 +345,9 @@ pub enum ChaosCommand {
         #[arg(long = "for", value_name = "DURATION")]
         duration: String,
     },
+    /// End every pause and broker fault now (the halt button; also done
+    /// by an experiment that fails to inject a fault).
+    Stop,
     /// Slow the daemon's broker connection for a while (needs `[chaos]
     /// proxy = true`).
     Latency {
@@ -1062,6 +1065,7 @@ async fn run_target(command: Command, target: &Target) -> Result<ExitCode, Failu
                 ChaosCommand::Latency { add, duration } => {
                     client.chaos_broker(&duration, Some(&add)).await?
                 }
+                ChaosCommand::Stop => client.chaos_stop().await?,
                 ChaosCommand::Run { .. } | ChaosCommand::Last { .. } => {
                     unreachable!("handled above")
                 }

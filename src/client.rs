@@ -341,6 +341,12 @@ impl ApiClient {
         self.call(Method::POST, path, &[], Some(&body)).await
     }
 
+    /// Ends every pause and broker fault now (chaos).
+    pub async fn chaos_stop(&self) -> Result<crate::chaos::Done, ClientError> {
+        self.call(Method::POST, "/api/v1/chaos/stop", &[], None::<&()>)
+            .await
+    }
+
     /// Cancels task `id`.
     pub async fn cancel(
         &self,

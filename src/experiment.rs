@@ -434,23 +434,36 @@ pub async fn run(
     // When the last fault is over, from when each was injected (a slow
     // injection delays the next).
     let mut faults_over = Instant::now();
-    for step in steps {
+    let total = steps.len();
+    for (index, step) in steps.into_iter().enumerate() {
         let due = step.at.get().saturating_sub(started.elapsed());
         tokio::time::sleep(due).await;
-        actions.push(match inject(client, step).await {
+        match inject(client, step).await {
             Ok(done) => {
                 faults_over = faults_over.max(Instant::now() + lasts(step));
-                done
+                actions.push(done);
             }
             Err(error) => {
+                actions.push(format!("{} failed: {error}", step.action));
                 not_injected.push(format!("{}: {error}", step.action));
-                format!("{} failed: {error}", step.action)
+                if index + 1 < total {
+                    actions.push(format!(
+                        "the {} later fault(s) of the method were not injected",
+                        total - index - 1
+                    ));
+                }
+                break;
             }
-        });
+        }
     }
     if !not_injected.is_empty() {
         // A fault that did not happen proves nothing: failed, whatever
-        // the fleet looks like.
+        // the fleet looks like. The faults already in force are ended
+        // rather than left to run out on a fleet nobody judges.
+        actions.push(match client.chaos_stop().await {
+            Ok(done) => format!("stop: {}", done.detail),
+            Err(error) => format!("stop failed: {}", status(error)),
+        });
         let check = Check {
             name: "every fault was injected".into(),
             ok: false,

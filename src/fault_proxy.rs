@@ -99,6 +99,16 @@ impl FaultProxy {
         self.fault.send_replace(Fault::Partition { until });
     }
 
+    /// Ends the fault in force now; whether one was.
+    pub fn heal(&self) -> bool {
+        let was = self.fault.send_replace(Fault::None);
+        let now = Instant::now();
+        match was {
+            Fault::None => false,
+            Fault::Partition { until } | Fault::Latency { until, .. } => until > now,
+        }
+    }
+
     /// Delays every chunk by `add` for `duration`.
     pub fn latency(&self, add: Duration, duration: Duration) {
         let until = Instant::now() + duration.min(MAX_FAULT);

@@ -579,6 +579,69 @@ for = "1s"
             && said.contains("nobody"),
         "{said}"
     );
+    // One that fails on a later fault injects nothing more and ends the
+    // faults already in force: an hour's pause is over at once.
+    std::fs::write(
+        fleet.path("halted.toml"),
+        r#"
+name = "halted"
+settle = "5s"
+
+[hypothesis]
+all_agents_ready = true
+
+[[method]]
+at = "0s"
+action = "pause"
+agent = "worker"
+for = "1h"
+
+[[method]]
+at = "200ms"
+action = "kill"
+agent = "nobody"
+
+[[method]]
+at = "400ms"
+action = "pause"
+agent = "worker"
+for = "1s"
+"#,
+    )
+    .unwrap();
+    let halted = fleet.cli(&["chaos", "run", fleet.path("halted.toml").to_str().unwrap()]);
+    assert_eq!(halted.status.code(), Some(1), "{halted:?}");
+    let said = String::from_utf8_lossy(&halted.stdout);
+    assert!(
+        said.contains("experiment halted: FAILED")
+            && said.contains("fault  kill failed: ")
+            && said.contains("fault  the 1 later fault(s) of the method were not injected")
+            && said.contains("fault  stop: resumed 2 paused replica(s)"),
+        "{said}"
+    );
+    let (tasks, ids) = numbered_tasks("worker", 4, "after-halt");
+    daemon.queue().submit(tasks).await.unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "tasks on the resumed replicas",
+        || async {
+            for id in &ids {
+                let task = daemon.queue().get(id).await.unwrap().unwrap();
+                if task.state != flotilla::queue::TaskState::Completed {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    // The operator's halt answers even with nothing in force.
+    let stopped = fleet.cli(&["chaos", "stop"]);
+    assert!(stopped.status.success(), "{stopped:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&stopped.stdout).trim(),
+        "no fault was in force"
+    );
     // The daemon runs the scheduled one on its own and counts it.
     let address = daemon.http_address().unwrap();
     wait_until(
