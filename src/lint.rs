@@ -336,17 +336,14 @@ fn alert_rules(config: &Config, given: Option<&Path>) -> (Vec<String>, String) {
         Ok(text) => text,
         Err(error) => return (vec![format!("{}: {error}", path.display())], String::new()),
     };
-    let mut problems: Vec<String> = ALERTS
-        .iter()
-        .filter(|alert| !text.contains(&format!("alert: {alert}")))
-        .map(|alert| format!("{}: no alert {alert}", path.display()))
-        .collect();
-    if !text.contains("groups:") {
-        problems.push(format!(
-            "{}: not a rules file (no `groups:`)",
-            path.display()
-        ));
-    }
+    let mut problems = match defined_alerts(&text) {
+        Ok(defined) => ALERTS
+            .iter()
+            .filter(|alert| !defined.iter().any(|name| name == *alert))
+            .map(|alert| format!("{}: no alert {alert}", path.display()))
+            .collect(),
+        Err(why) => vec![format!("{}: not a rules file: {why}", path.display())],
+    };
     // promtool, when at hand, checks the rules for real.
     if let Some(promtool) = promtool() {
         match std::process::Command::new(&promtool)
@@ -371,6 +368,30 @@ fn alert_rules(config: &Config, given: Option<&Path>) -> (Vec<String>, String) {
         problems,
         format!("{} has all {} alerts", path.display(), ALERTS.len()),
     )
+}
+
+/// The alerts a Prometheus rules file defines (`groups[].rules[].alert`).
+fn defined_alerts(text: &str) -> Result<Vec<String>, String> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        groups: Vec<Group>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Group {
+        #[serde(default)]
+        rules: Vec<Rule>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Rule {
+        alert: Option<String>,
+    }
+    let file: File = serde_yaml_ng::from_str(text).map_err(|error| error.to_string())?;
+    Ok(file
+        .groups
+        .into_iter()
+        .flat_map(|group| group.rules)
+        .filter_map(|rule| rule.alert)
+        .collect())
 }
 
 fn promtool() -> Option<PathBuf> {
@@ -413,4 +434,22 @@ pub fn render(card: &Scorecard) -> String {
         }
     ));
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alerts_are_read_from_the_rules_not_from_the_text() {
+        let rules = "groups:\n  - name: a\n    rules:\n      # alert: InComment\n      - alert: Real\n        expr: up == 0\n      - record: job:up\n        expr: sum(up)\n";
+        assert_eq!(defined_alerts(rules).unwrap(), vec!["Real".to_string()]);
+        let shipped = include_str!("../deploy/prometheus/alerts.yml");
+        let defined = defined_alerts(shipped).unwrap();
+        for alert in ALERTS {
+            assert!(defined.iter().any(|name| name == alert), "{alert}");
+        }
+        assert!(defined_alerts("alert: Real\n").is_err(), "no groups");
+        assert!(defined_alerts("groups: [").is_err(), "not YAML");
+    }
 }
