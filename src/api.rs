@@ -673,11 +673,12 @@ pub struct Cancelled {
     pub children: u64,
 }
 
-/// Cancels task `id` (queued or running) and the children it waits for.
+/// Cancels task `id` (queued, running or escalated) and the children it
+/// waits for.
 ///
 /// # Errors
-/// [`QueueError::WrongState`] when the task already ended or waits for
-/// a human; [`QueueError::NotFound`].
+/// [`QueueError::WrongState`] when the task already ended;
+/// [`QueueError::NotFound`].
 pub async fn cancel(store: &Store, id: &str, reason: &str) -> Result<Cancelled, QueueError> {
     if reason.is_empty() || reason.len() > 1000 {
         return Err(QueueError::Invalid(

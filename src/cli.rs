@@ -211,8 +211,8 @@ pub enum TasksCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Cancel a queued or running task (it becomes a dead letter), and the
-    /// children it waits for.
+    /// Cancel a queued, running or escalated task (it becomes a dead
+    /// letter), and the children it waits for.
     Cancel {
         /// Task id.
         id: String,

@@ -315,7 +315,7 @@ pub async fn reroute_hands_a_task_to_another_agent<Q: TaskQueue>(queue: &Q) {
 /// An escalated task is terminal until a human resolves it: retried,
 /// completed with a given result, or dropped to the dead letters.
 pub async fn escalations_wait_for_a_human<Q: TaskQueue>(queue: &Q) {
-    let ids = ["e1", "e2", "e3"];
+    let ids = ["e1", "e2", "e3", "e5"];
     queue
         .submit(
             ids.iter()
@@ -324,8 +324,8 @@ pub async fn escalations_wait_for_a_human<Q: TaskQueue>(queue: &Q) {
         )
         .await
         .unwrap();
-    let mut leases = queue.lease(&request(3), Duration::ZERO).await.unwrap();
-    assert_eq!(leases.len(), 3);
+    let mut leases = queue.lease(&request(4), Duration::ZERO).await.unwrap();
+    assert_eq!(leases.len(), 4);
     for lease in &mut leases {
         queue
             .escalate(&lease.key, "breaker open", end(AttemptOutcome::Escalated))
@@ -345,7 +345,7 @@ pub async fn escalations_wait_for_a_human<Q: TaskQueue>(queue: &Q) {
         })
         .await
         .unwrap();
-    assert_eq!(listed.len(), 3);
+    assert_eq!(listed.len(), 4);
     let everything = queue
         .list(&ListFilter {
             state: None,
@@ -354,9 +354,9 @@ pub async fn escalations_wait_for_a_human<Q: TaskQueue>(queue: &Q) {
         })
         .await
         .unwrap();
-    assert_eq!(everything.len(), 3, "a listing of every state has them");
+    assert_eq!(everything.len(), 4, "a listing of every state has them");
     let counts = queue.counts().await.unwrap();
-    assert_eq!(counts[0].1.escalated, 3);
+    assert_eq!(counts[0].1.escalated, 4);
     assert!(
         queue
             .lease(&request(3), Duration::ZERO)
@@ -394,6 +394,17 @@ pub async fn escalations_wait_for_a_human<Q: TaskQueue>(queue: &Q) {
         dropped.reason.as_deref().unwrap().contains("breaker open"),
         "{dropped:?}"
     );
+    // Cancelled (its parent was): no longer waiting for anyone.
+    assert!(queue.cancel("e5", "parent gone").await.unwrap());
+    let cancelled = queue.get("e5").await.unwrap().unwrap();
+    assert_eq!(
+        (cancelled.state, cancelled.reason.as_deref()),
+        (TaskState::DeadLettered, Some("parent gone"))
+    );
+    assert!(matches!(
+        queue.resolve("e5", &Resolution::Retry).await,
+        Err(QueueError::WrongState { .. })
+    ));
     queue.resolve("e1", &Resolution::Retry).await.unwrap();
     assert!(matches!(
         queue.resolve("e1", &Resolution::Retry).await,

@@ -2379,7 +2379,7 @@ impl TaskQueue for JetStreamQueue {
         let cancelled = inner
             .update(id, None, |record| {
                 match record.task.state {
-                    TaskState::Queued => {}
+                    TaskState::Queued | TaskState::Escalated => {}
                     TaskState::Running => {
                         let attempt = record.task.attempts;
                         let end = AttemptEnd::new(AttemptOutcome::Cancelled, None, reason);

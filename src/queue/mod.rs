@@ -827,10 +827,11 @@ pub trait TaskQueue: Send + Sync + 'static {
     async fn reroute(&self, key: &LeaseKey, agent: &str, end: AttemptEnd)
     -> Result<(), QueueError>;
 
-    /// Cancels a task that is queued or running: it becomes a dead letter
-    /// with `reason`, and a running attempt ends `cancelled` (its holder's
-    /// later outcome is refused as stale). Returns false, changing
-    /// nothing, when the task had already ended or waits for a human.
+    /// Cancels a task that is queued, running or escalated (waiting for a
+    /// human): it becomes a dead letter with `reason`, and a running
+    /// attempt ends `cancelled` (its holder's later outcome is refused as
+    /// stale). Returns false, changing nothing, when the task had already
+    /// ended.
     async fn cancel(&self, id: &str, reason: &str) -> Result<bool, QueueError>;
 
     /// Moves the task to `escalated` with `reason`, for a human.

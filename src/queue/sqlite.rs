@@ -1837,7 +1837,7 @@ impl TaskQueue for SqliteQueue {
                     return Err(QueueError::NotFound { id });
                 };
                 match state {
-                    READY | DELAYED => {}
+                    READY | DELAYED | ESCALATED => {}
                     RUNNING => {
                         let end = AttemptEnd::new(AttemptOutcome::Cancelled, None, reason.clone());
                         end_attempt(context, seq, attempt, &end)?;
