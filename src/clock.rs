@@ -38,9 +38,21 @@ pub trait Clock: Send + Sync + std::fmt::Debug {
     /// The steady reading of wall time `wall` (a stored deadline compared
     /// with steady readings).
     fn steady_of(&self, wall: UnixMillis) -> UnixMillis {
-        let offset = i128::from(self.steady_ms()) - i128::from(self.now_ms());
-        u64::try_from((i128::from(wall) + offset).max(0)).unwrap_or(u64::MAX)
+        shift(wall, self.steady_ms(), self.now_ms())
     }
+
+    /// The wall time of steady reading `steady`, for what leaves the
+    /// daemon (status, metrics): readers compare it with their own wall
+    /// clocks.
+    fn wall_of(&self, steady: UnixMillis) -> UnixMillis {
+        shift(steady, self.now_ms(), self.steady_ms())
+    }
+}
+
+/// `at` moved from the clock reading `from` to the one reading `to`.
+fn shift(at: UnixMillis, to: UnixMillis, from: UnixMillis) -> UnixMillis {
+    let moved = i128::from(at) + i128::from(to) - i128::from(from);
+    u64::try_from(moved.max(0)).unwrap_or(u64::MAX)
 }
 
 /// A shared clock.
@@ -142,6 +154,7 @@ mod tests {
         assert_eq!(clock.now_ms(), 6_401_000);
         assert_eq!(clock.steady_ms(), 10_001_000);
         assert_eq!(clock.steady_of(6_406_000), 10_006_000);
+        assert_eq!(clock.wall_of(10_006_000), 6_406_000);
     }
 
     #[test]

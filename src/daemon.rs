@@ -45,6 +45,7 @@ pub struct Daemon {
     shutdown: watch::Sender<Phase>,
     housekeeping_stop: watch::Sender<bool>,
     started_ms: UnixMillis,
+    clock: SharedClock,
     fatal: watch::Receiver<Option<String>>,
     /// Its notifications, drained at the stop.
     notifier: crate::notify::Notifier,
@@ -270,7 +271,7 @@ impl Daemon {
                     agents.clone(),
                     clock.clone(),
                 );
-                move || snapshot(&identity, &store, &agents, started_ms, clock.now_ms(), true)
+                move || snapshot(&identity, &store, &agents, started_ms, clock.as_ref(), true)
             };
             let api = Arc::new(crate::api::Api {
                 config: fleet,
@@ -366,6 +367,7 @@ impl Daemon {
             shutdown,
             housekeeping_stop,
             started_ms,
+            clock,
             fatal,
             notifier: stop_notifier,
             _lock: lock,
@@ -515,7 +517,7 @@ impl Daemon {
             &self.store,
             &self.agents,
             self.started_ms,
-            crate::clock::system().now_ms(),
+            self.clock.as_ref(),
             false,
         );
         if let Err(error) = self.store.put_snapshot(&snapshot).await {
@@ -576,10 +578,14 @@ fn snapshot(
     store: &Store,
     agents: &[Arc<AgentRuntime>],
     started_ms: UnixMillis,
-    now: UnixMillis,
+    clock: &dyn crate::clock::Clock,
     running: bool,
 ) -> DaemonSnapshot {
-    let mut statuses: Vec<_> = agents.iter().map(|agent| agent.status()).collect();
+    // Leaving the daemon: steady times become wall times.
+    let mut statuses: Vec<_> = agents
+        .iter()
+        .map(|agent| agent.status().on_wall(clock))
+        .collect();
     if !running {
         for status in &mut statuses {
             if status.state != AgentState::Failed {
@@ -593,14 +599,14 @@ fn snapshot(
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         started_ms,
-        taken_ms: now,
+        taken_ms: clock.now_ms(),
         running,
         agents: statuses,
         broker: store.broker_status(),
         http: identity.http.map(|address| address.to_string()),
         degradation: agents
             .first()
-            .map(|agent| agent.availability().degradation())
+            .map(|agent| agent.availability().degradation().on_wall(clock))
             .unwrap_or_default(),
     }
 }
@@ -834,7 +840,7 @@ impl StatusWriter {
                 &self.store,
                 &self.agents,
                 self.started_ms,
-                self.clock.now_ms(),
+                self.clock.as_ref(),
                 true,
             );
             if let Err(error) = self.store.put_snapshot(&snapshot).await {

@@ -218,6 +218,19 @@ pub struct DegradationStatus {
     pub lower_at_ms: Option<UnixMillis>,
 }
 
+impl DegradationStatus {
+    /// This status as it leaves the daemon: the degrader's steady times in
+    /// wall time (see [`crate::clock::Clock::steady_ms`]).
+    pub fn on_wall(mut self, clock: &dyn crate::clock::Clock) -> Self {
+        self.since_ms = clock.wall_of(self.since_ms);
+        self.lower_at_ms = self.lower_at_ms.map(|at| clock.wall_of(at));
+        if let Some(forced) = &mut self.forced {
+            forced.until_ms = clock.wall_of(forced.until_ms);
+        }
+        self
+    }
+}
+
 /// The degradation state machine.
 #[derive(Debug, Clone)]
 pub struct Degrader {

@@ -541,6 +541,24 @@ pub async fn cancel_children(store: &Store, task: &str, reason: &str) -> u64 {
     cancelled
 }
 
+/// Why `task` must not run: it is a child its parent waited for, and the
+/// parent is a dead letter (the parent's end should have cancelled it, but
+/// a crash or a store error cut that short). `None` when it may run, or
+/// when the store cannot tell.
+pub async fn orphaned(store: &Store, task: &str) -> Option<String> {
+    // Only child ids hold a `/`: other tasks cost no read.
+    if !task.contains('/') {
+        return None;
+    }
+    let link = load_link(store, task).await.ok()??;
+    if !link.wait {
+        return None;
+    }
+    let parent = store.queue().get(&link.parent).await.ok()??;
+    (parent.state == TaskState::DeadLettered)
+        .then(|| format!("cancelled: its parent {} was dead-lettered", link.parent))
+}
+
 /// Handles the dead letter `task` of `agent`, whoever dead-lettered it (a
 /// replica, or the queue while leasing): counts it and cancels the
 /// children it waited for. Returns how many were cancelled.
@@ -735,6 +753,29 @@ mod tests {
 
     fn agents() -> Vec<String> {
         ["manager", "worker", "reviewer"].map(String::from).to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_waited_child_of_a_dead_parent_is_orphaned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::embedded_in(dir.path());
+        submit_root(&store).await;
+        let limits = crate::config::DelegationConfig::default();
+        for (key, wait) in [("w", true), ("f", false)] {
+            try_send(&store, &limits, &send_to("worker", key, wait))
+                .await
+                .unwrap();
+        }
+        assert_eq!(orphaned(&store, "parent/w").await, None, "the parent lives");
+        // The parent ends without its children being cancelled (a crash
+        // cut that short).
+        assert!(store.queue().cancel("parent", "gone").await.unwrap());
+        assert_eq!(
+            orphaned(&store, "parent/w").await.as_deref(),
+            Some("cancelled: its parent parent was dead-lettered")
+        );
+        assert_eq!(orphaned(&store, "parent/f").await, None, "not waited for");
+        assert_eq!(orphaned(&store, "parent").await, None, "not a child");
     }
 
     #[tokio::test]

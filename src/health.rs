@@ -196,7 +196,8 @@ async fn metrics(State(health): State<Health>) -> impl IntoResponse {
         .agents
         .iter()
         .map(|agent| {
-            let status = agent.status();
+            // Exported as Unix time (`agent_last_activity_timestamp`).
+            let status = agent.status().on_wall(health.clock.as_ref());
             let available = agent.availability().is_available(&status.name)
                 && status.replicas.iter().any(ReplicaStatus::is_ready);
             (status, available)

@@ -168,6 +168,30 @@ pub struct AgentStatus {
     pub watchdog: Vec<WatchdogEvent>,
 }
 
+impl AgentStatus {
+    /// This status as it leaves the daemon: the times the daemon keeps on
+    /// its steady clock (replicas', breaker's) in wall time, which readers
+    /// compare with their own clocks.
+    pub fn on_wall(mut self, clock: &dyn crate::clock::Clock) -> Self {
+        let wall = |at: &mut Option<UnixMillis>| {
+            if let Some(at) = at {
+                *at = clock.wall_of(*at);
+            }
+        };
+        for replica in &mut self.replicas {
+            wall(&mut replica.started_ms);
+            wall(&mut replica.last_progress_ms);
+            wall(&mut replica.task_progress_ms);
+            wall(&mut replica.last_seen_ms);
+        }
+        wall(&mut self.breaker.open_until_ms);
+        if let Some(transition) = &mut self.breaker.last_transition {
+            transition.at_ms = clock.wall_of(transition.at_ms);
+        }
+        self
+    }
+}
+
 /// Watchdog actions kept per agent in its status.
 pub const WATCHDOG_EVENTS: usize = 10;
 

@@ -233,7 +233,7 @@ async fn a_clock_set_back_keeps_no_breaker_open() {
 command = {}
 mode = "oneshot"
 retry = {{ max_deliver = 1 }}
-breaker = {{ failure_threshold = 1, recovery_timeout = "2s" }}
+breaker = {{ failure_threshold = 1, recovery_timeout = "5s" }}
 "#,
         switchable("flaky"),
     ));
@@ -249,6 +249,11 @@ breaker = {{ failure_threshold = 1, recovery_timeout = "2s" }}
         agent(&daemon, "flaky").status().breaker.times_opened >= 1
     })
     .await;
+    // Still open when the clock is set (else the test proves nothing).
+    assert_eq!(
+        agent(&daemon, "flaky").status().breaker.state,
+        Some(BreakerState::Open)
+    );
     clock.set_wall(-2 * 3_600_000);
     set_broken(&fleet, "flaky", false);
     let (tasks, ids) = numbered_tasks("flaky", 1, "probe");
@@ -261,10 +266,11 @@ breaker = {{ failure_threshold = 1, recovery_timeout = "2s" }}
         "the probe to complete",
     )
     .await;
-    assert_eq!(
-        agent(&daemon, "flaky").status().breaker.state,
-        Some(BreakerState::Closed)
-    );
+    // The breaker hears of the probe's success just after it is stored.
+    wait_until(Duration::from_secs(10), "the breaker to close", || async {
+        agent(&daemon, "flaky").status().breaker.state == Some(BreakerState::Closed)
+    })
+    .await;
     daemon.stop().await;
 }
 

@@ -491,6 +491,68 @@ async fn a_lost_parent_cancels_its_children_on_jetstream() {
     a_parent_dead_lettered_by_a_lost_lease_cancels_its_children(Some(&server)).await;
 }
 
+/// A waited-for child whose parent became a dead letter without its
+/// children being cancelled (a daemon killed in between) is cancelled
+/// when leased, not run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_of_a_dead_parent_is_cancelled_not_run() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.manager]
+command = ["true"]
+mode = "oneshot"
+
+[agents.backend]
+command = {}
+"#,
+        example_agent(&["--work-ms", "1"]),
+    ));
+    let store = fleet.store().await;
+    let queue = store.queue();
+    queue
+        .submit(vec![task("feature-3", "manager", json!({}))])
+        .await
+        .unwrap();
+    let sent = flotilla::delegate::send(
+        &store,
+        &flotilla::config::DelegationConfig::default(),
+        &["manager".to_string(), "backend".to_string()],
+        &flotilla::delegate::Send {
+            parent: "feature-3".into(),
+            parent_priority: Priority::Normal,
+            from: "manager".into(),
+            to: "backend".into(),
+            key: "api".into(),
+            payload: json!({}),
+            priority: None,
+            wait: true,
+            timeout: Some(Duration::from_secs(60)),
+        },
+        flotilla::clock::system().now_ms(),
+    )
+    .await
+    .unwrap();
+    // The parent ends; the cancelling of its children never happens.
+    assert!(queue.cancel("feature-3", "gone").await.unwrap());
+    let daemon = fleet.start().await;
+    wait_until(Duration::from_secs(20), "the child cancelled", || async {
+        matches!(queue.get(&sent.child).await, Ok(Some(task)) if task.state == TaskState::DeadLettered)
+    })
+    .await;
+    let child = queue.get(&sent.child).await.unwrap().unwrap();
+    assert_eq!(
+        child.reason.as_deref(),
+        Some("cancelled: its parent feature-3 was dead-lettered")
+    );
+    assert_eq!(
+        child.history.last().and_then(|attempt| attempt.outcome),
+        Some(AttemptOutcome::Cancelled),
+        "{child:?}"
+    );
+    assert_eq!(child.result, None, "it never ran");
+    daemon.stop().await;
+}
+
 /// Sends key `once` twice with a wait, then waits on a slower key; answers
 /// with how many replies `once` got.
 const DOUBLER: &str = r#"

@@ -1023,6 +1023,34 @@ impl AgentRuntime {
     /// changes that were being undone. Then the lease is held (renewed)
     /// in the background while that rollback ends, or is finished here,
     /// and released uncharged to be leased again.
+    /// A waited-for child whose parent is a dead letter is cancelled
+    /// rather than run (the parent's end cancels its children, but a crash
+    /// or a store error in between leaves them queued): `None` then.
+    async fn unless_orphaned(&self, mut lease: Lease) -> Option<Lease> {
+        let Some(reason) = crate::delegate::orphaned(&self.store, &lease.key.task_id).await else {
+            return Some(lease);
+        };
+        let end = AttemptEnd::new(AttemptOutcome::Cancelled, None, reason.clone());
+        match self.queue.term(&lease.key, &reason, end).await {
+            Ok(()) => {
+                lease.settle();
+                tracing::warn!(agent = %self.name, task = %lease.key.task_id, %reason, "a child whose waiting parent is a dead letter was cancelled, not run");
+                crate::delegate::dead_lettered(
+                    &self.store,
+                    &self.metrics,
+                    &lease.key.task_id,
+                    &self.name,
+                )
+                .await;
+                None
+            }
+            Err(error) => {
+                tracing::warn!(agent = %self.name, task = %lease.key.task_id, %error, "could not cancel a child whose waiting parent is a dead letter; running it");
+                Some(lease)
+            }
+        }
+    }
+
     async fn unless_rolling_back(self: &Arc<Self>, lease: Lease) -> Option<Lease> {
         if !self.checks_rollbacks || lease.key.attempt < 2 {
             return Some(lease);
@@ -1709,6 +1737,9 @@ async fn leaser(
                             agent.mode(agent.clock.steady_ms())
                         };
                         for lease in leases {
+                            let Some(lease) = agent.unless_orphaned(lease).await else {
+                                continue;
+                            };
                             let Some(lease) = agent.unless_rolling_back(lease).await else {
                                 continue;
                             };
