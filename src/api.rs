@@ -10,13 +10,14 @@
 //! | `POST /api/v1/tasks` | submit one task or a batch |
 //! | `POST /api/v1/tasks/{id}/rollback` | undo the changes its result declared |
 //! | `GET /api/v1/tasks/{id}/tree` | its parent and children (delegation) |
-//! | `POST /api/v1/tasks/{id}/cancel` | cancel a queued or running task `{"reason": "..."}` |
+//! | `POST /api/v1/tasks/{id}/cancel` | cancel a queued, running or escalated task `{"reason": "..."}` |
 //! | `GET /api/v1/dlq?agent=&limit=` | dead letters |
 //! | `POST /api/v1/dlq/replay`, `POST /api/v1/dlq/purge` | `{"ids": [...]}` or `{"all": true}` |
 //! | `GET /api/v1/escalations?agent=&limit=`, `GET /api/v1/escalations/{id}` | escalated tasks |
 //! | `POST /api/v1/escalations/{id}/resolve` | `{"retry": true}`, `{"complete": RESULT}` or `{"drop": true}` |
 //! | `PUT /api/v1/degrade`, `DELETE /api/v1/degrade` | force a level `{"level": 2, "for": "30m"}`, or clear it (answers `null`) |
 //! | `POST /api/v1/chaos/kill`, `/pause`, `/partition`, `/latency` | inject faults (with `[chaos] enabled = true` only; the last two with `proxy = true`) |
+//! | `POST /api/v1/chaos/stop` | end pauses and the broker fault: all, or `{"pids": [...], "broker": true}` (allowed with chaos off) |
 //! | `GET /api/v1/chaos/last` | each scheduled experiment's last report |
 //!
 //! **Authorization.** With a token configured (`http.token`,
@@ -1013,11 +1014,30 @@ async fn chaos_latency(
 }
 
 /// `POST /api/v1/chaos/stop`: ends every pause and broker fault now (the
-/// operator's halt; also what a failed experiment does). Allowed with
-/// chaos off: it only ever ends faults.
-async fn chaos_stop(State(api): State<Arc<Api>>) -> Answer<crate::chaos::Done> {
-    let resumed = crate::chaos::resume_all(&api.agents);
-    let healed = api.proxy.as_ref().is_some_and(|proxy| proxy.heal());
+/// operator's halt). Allowed with chaos off: it only ever ends faults.
+/// With a body (`{"pids": [...], "broker": true}`), only those faults:
+/// what a failed experiment injected itself.
+async fn chaos_stop(
+    State(api): State<Arc<Api>>,
+    body: axum::body::Bytes,
+) -> Answer<crate::chaos::Done> {
+    let scope = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        Some(
+            serde_json::from_slice::<crate::chaos::StopRequest>(&body).map_err(|error| {
+                ApiError::bad_request(format!(
+                    "the body is not a stop request ({error}); send none to end every fault, or {{\"pids\": [PID, ...], \"broker\": true}}"
+                ))
+            })?,
+        )
+    };
+    let resumed = crate::chaos::resume(
+        &api.agents,
+        scope.as_ref().map(|scope| scope.pids.as_slice()),
+    );
+    let healed = scope.as_ref().is_none_or(|scope| scope.broker)
+        && api.proxy.as_ref().is_some_and(|proxy| proxy.heal());
     let mut ended = Vec::new();
     if !resumed.is_empty() {
         ended.push(format!("resumed {} paused replica(s)", resumed.len()));

@@ -213,13 +213,34 @@ pub fn pause_replicas(agent: &Arc<AgentRuntime>, request: &PauseRequest) -> Resu
     })
 }
 
-/// Ends every pause now (`flotilla chaos stop`): SIGCONT to each paused
-/// replica of `agents` still running as it was. Returns them.
-pub fn resume_all(agents: &[Arc<AgentRuntime>]) -> Vec<(String, u32)> {
+/// `POST /api/v1/chaos/stop` with a body: which faults to end (without
+/// one, every fault).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    /// The paused process groups to resume.
+    #[serde(default)]
+    pub pids: Vec<u32>,
+    /// Whether to end the broker fault in force.
+    #[serde(default)]
+    pub broker: bool,
+}
+
+/// Ends pauses now (`flotilla chaos stop`): SIGCONT to each paused replica
+/// of `agents` still running as it was; only those of `only` when given.
+/// Returns them.
+pub fn resume(agents: &[Arc<AgentRuntime>], only: Option<&[u32]>) -> Vec<(String, u32)> {
     let current: Vec<(String, u32)> = agents.iter().flat_map(|agent| running(agent)).collect();
-    let paused: Vec<u32> = std::mem::take(&mut *RESUME_AT.lock().expect("not poisoned"))
-        .into_keys()
+    // Under the lock, so that a pause made meanwhile is not undone.
+    let mut resume_at = RESUME_AT.lock().expect("not poisoned");
+    let paused: Vec<u32> = resume_at
+        .keys()
+        .copied()
+        .filter(|pid| only.is_none_or(|only| only.contains(pid)))
         .collect();
+    for pid in &paused {
+        resume_at.remove(pid);
+    }
     // A paused group no longer running as a replica (killed meanwhile)
     // is not signalled: its id may belong to another process by now.
     let resumed: Vec<(String, u32)> = current

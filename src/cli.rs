@@ -1065,7 +1065,7 @@ async fn run_target(command: Command, target: &Target) -> Result<ExitCode, Failu
                 ChaosCommand::Latency { add, duration } => {
                     client.chaos_broker(&duration, Some(&add)).await?
                 }
-                ChaosCommand::Stop => client.chaos_stop().await?,
+                ChaosCommand::Stop => client.chaos_stop(None).await?,
                 ChaosCommand::Run { .. } | ChaosCommand::Last { .. } => {
                     unreachable!("handled above")
                 }

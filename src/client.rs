@@ -341,9 +341,13 @@ impl ApiClient {
         self.call(Method::POST, path, &[], Some(&body)).await
     }
 
-    /// Ends every pause and broker fault now (chaos).
-    pub async fn chaos_stop(&self) -> Result<crate::chaos::Done, ClientError> {
-        self.call(Method::POST, "/api/v1/chaos/stop", &[], None::<&()>)
+    /// Ends pauses and the broker fault now (chaos): every one, or those
+    /// of `scope`.
+    pub async fn chaos_stop(
+        &self,
+        scope: Option<&crate::chaos::StopRequest>,
+    ) -> Result<crate::chaos::Done, ClientError> {
+        self.call(Method::POST, "/api/v1/chaos/stop", &[], scope)
             .await
     }
 

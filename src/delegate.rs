@@ -541,12 +541,12 @@ pub async fn cancel_children(store: &Store, task: &str, reason: &str) -> u64 {
     cancelled
 }
 
-/// Why `task` must not run: it is a child its parent waited for, and the
-/// parent is a dead letter (the parent's end should have cancelled it, but
-/// a crash or a store error cut that short). `None` when it may run, or
-/// when the store cannot tell.
+/// Whether `task` must not run: it is a child its parent waited for, and
+/// the parent is a dead letter (the parent's end should have cancelled
+/// it, but a crash or a store error cut that short). Returns the parent;
+/// `None` when the task may run, or when the store cannot tell.
 pub async fn orphaned(store: &Store, task: &str) -> Option<String> {
-    // Only child ids hold a `/`: other tasks cost no read.
+    // Child ids hold a `/`: most other tasks cost no read.
     if !task.contains('/') {
         return None;
     }
@@ -555,8 +555,40 @@ pub async fn orphaned(store: &Store, task: &str) -> Option<String> {
         return None;
     }
     let parent = store.queue().get(&link.parent).await.ok()??;
-    (parent.state == TaskState::DeadLettered)
-        .then(|| format!("cancelled: its parent {} was dead-lettered", link.parent))
+    (parent.state == TaskState::DeadLettered).then_some(link.parent)
+}
+
+/// The reason an orphaned child of `parent` is cancelled with.
+pub fn orphan_reason(parent: &str) -> String {
+    format!("cancelled: its parent {parent} was dead-lettered")
+}
+
+/// After the orphaned child `task` of `parent` was dead-lettered: its own
+/// waited-for children go with it, unless the parent was replayed
+/// meanwhile (it may have sent its key again and found the child still
+/// running); then the child is replayed, as `send` would have done.
+/// Returns how many children were cancelled.
+pub async fn orphan_cancelled(store: &Store, task: &str, parent: &str) -> u64 {
+    let replayed = matches!(
+        store.queue().get(parent).await,
+        Ok(Some(record)) if record.state != TaskState::DeadLettered
+    );
+    if replayed {
+        match store
+            .queue()
+            .replay(&crate::queue::Selection::Ids(vec![task.to_string()]))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(%parent, child = %task, "the parent was replayed while its orphaned child was being cancelled: the child is replayed too")
+            }
+            Err(error) => {
+                tracing::warn!(%parent, child = %task, %error, "could not replay a child whose parent was replayed while it was being cancelled")
+            }
+        }
+        return 0;
+    }
+    cancel_children(store, task, &orphan_reason(task)).await
 }
 
 /// Handles the dead letter `task` of `agent`, whoever dead-lettered it (a
@@ -772,7 +804,7 @@ mod tests {
         assert!(store.queue().cancel("parent", "gone").await.unwrap());
         assert_eq!(
             orphaned(&store, "parent/w").await.as_deref(),
-            Some("cancelled: its parent parent was dead-lettered")
+            Some("parent")
         );
         assert_eq!(orphaned(&store, "parent/f").await, None, "not waited for");
         assert_eq!(orphaned(&store, "parent").await, None, "not a child");

@@ -332,7 +332,7 @@ fn holds(checks: &[Check]) -> bool {
     checks.iter().all(|check| check.ok)
 }
 
-async fn inject(client: &ApiClient, step: &Step) -> Result<String, String> {
+async fn inject(client: &ApiClient, step: &Step) -> Result<crate::chaos::Done, String> {
     let failed = |error: crate::client::ClientError| match error {
         crate::client::ClientError::Refused(_, message)
         | crate::client::ClientError::Failed(message) => message,
@@ -365,7 +365,7 @@ async fn inject(client: &ApiClient, step: &Step) -> Result<String, String> {
             .await
             .map_err(failed)?,
     };
-    Ok(format!("{}: {}", done.action, done.detail))
+    Ok(done)
 }
 
 /// Runs `experiment` against the daemon behind `client`.
@@ -435,13 +435,20 @@ pub async fn run(
     // injection delays the next).
     let mut faults_over = Instant::now();
     let total = steps.len();
+    // What this run put in force, to end it alone if the run fails.
+    let mut own = crate::chaos::StopRequest::default();
     for (index, step) in steps.into_iter().enumerate() {
         let due = step.at.get().saturating_sub(started.elapsed());
         tokio::time::sleep(due).await;
         match inject(client, step).await {
             Ok(done) => {
                 faults_over = faults_over.max(Instant::now() + lasts(step));
-                actions.push(done);
+                match done.action.as_str() {
+                    "pause" => own.pids.extend(done.replicas.iter().map(|(_, pid)| *pid)),
+                    "partition" | "latency" => own.broker = true,
+                    _ => {}
+                }
+                actions.push(format!("{}: {}", done.action, done.detail));
             }
             Err(error) => {
                 actions.push(format!("{} failed: {error}", step.action));
@@ -458,12 +465,15 @@ pub async fn run(
     }
     if !not_injected.is_empty() {
         // A fault that did not happen proves nothing: failed, whatever
-        // the fleet looks like. The faults already in force are ended
-        // rather than left to run out on a fleet nobody judges.
-        actions.push(match client.chaos_stop().await {
-            Ok(done) => format!("stop: {}", done.detail),
-            Err(error) => format!("stop failed: {}", status(error)),
-        });
+        // the fleet looks like. The faults this run put in force are
+        // ended rather than left to run out on a fleet nobody judges
+        // (others', an operator's or another experiment's, go on).
+        if !own.pids.is_empty() || own.broker {
+            actions.push(match client.chaos_stop(Some(&own)).await {
+                Ok(done) => format!("stop: {}", done.detail),
+                Err(error) => format!("stop failed: {}", status(error)),
+            });
+        }
         let check = Check {
             name: "every fault was injected".into(),
             ok: false,

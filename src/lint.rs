@@ -370,26 +370,34 @@ fn alert_rules(config: &Config, given: Option<&Path>) -> (Vec<String>, String) {
     )
 }
 
-/// The alerts a Prometheus rules file defines (`groups[].rules[].alert`).
+/// The alerts a Prometheus rules file defines (`groups[].rules[].alert`),
+/// or a Prometheus Operator `PrometheusRule` (`spec.groups[]...`).
 fn defined_alerts(text: &str) -> Result<Vec<String>, String> {
     #[derive(serde::Deserialize)]
     struct File {
+        groups: Option<Vec<Group>>,
+        spec: Option<Spec>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Spec {
         groups: Vec<Group>,
     }
     #[derive(serde::Deserialize)]
     struct Group {
-        #[serde(default)]
-        rules: Vec<Rule>,
+        rules: Option<Vec<Rule>>,
     }
     #[derive(serde::Deserialize)]
     struct Rule {
         alert: Option<String>,
     }
     let file: File = serde_yaml_ng::from_str(text).map_err(|error| error.to_string())?;
-    Ok(file
+    let groups = file
         .groups
+        .or(file.spec.map(|spec| spec.groups))
+        .ok_or("no `groups` (nor `spec.groups` of a PrometheusRule)")?;
+    Ok(groups
         .into_iter()
-        .flat_map(|group| group.rules)
+        .flat_map(|group| group.rules.unwrap_or_default())
         .filter_map(|rule| rule.alert)
         .collect())
 }
@@ -450,6 +458,8 @@ mod tests {
             assert!(defined.iter().any(|name| name == alert), "{alert}");
         }
         assert!(defined_alerts("alert: Real\n").is_err(), "no groups");
+        let operator = "apiVersion: monitoring.coreos.com/v1\nkind: PrometheusRule\nspec:\n  groups:\n    - name: a\n      rules:\n        - alert: Real\n          expr: up == 0\n    - name: empty\n      rules:\n";
+        assert_eq!(defined_alerts(operator).unwrap(), vec!["Real".to_string()]);
         assert!(defined_alerts("groups: [").is_err(), "not YAML");
     }
 }

@@ -356,6 +356,7 @@ fn memory(agent: &AgentRuntime, pct: f64, total: Option<u64>) -> Vec<(u32, Strin
                 .status()
                 .replicas
                 .iter()
+                .filter(|replica| replica.pid.is_some())
                 .map(|replica| {
                     (
                         replica.index,

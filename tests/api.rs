@@ -705,6 +705,20 @@ async fn chaos_is_refused_unless_enabled() {
         .await;
     assert_eq!(status, 403, "{body}");
     assert!(error_of(&body).contains("[chaos] enabled = true"), "{body}");
+    // Ending faults is always allowed; a bad scope is named.
+    let (status, body) = api
+        .post("/api/v1/chaos/stop", json!({"pids": [1], "broker": true}))
+        .await;
+    assert_eq!(
+        (status, &body["detail"]),
+        (200, &json!("no fault was in force"))
+    );
+    let (status, body) = api.post("/api/v1/chaos/stop", json!({"all": true})).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        error_of(&body).contains("not a stop request") && error_of(&body).contains("\"pids\""),
+        "{body}"
+    );
     daemon.stop().await;
 }
 

@@ -1017,40 +1017,43 @@ impl AgentRuntime {
         }))
     }
 
+    /// `lease`, unless it is a waited-for child whose parent is a dead
+    /// letter (the parent's end cancels its children, but a crash or a
+    /// store error in between leaves them queued): then it is cancelled
+    /// rather than run, and `None`.
+    async fn unless_orphaned(&self, mut lease: Lease) -> Option<Lease> {
+        let Some(parent) = crate::delegate::orphaned(&self.store, &lease.key.task_id).await else {
+            return Some(lease);
+        };
+        let task = lease.key.task_id.clone();
+        let reason = crate::delegate::orphan_reason(&parent);
+        let end = AttemptEnd::new(AttemptOutcome::Cancelled, None, reason.clone());
+        match self.queue.term(&lease.key, &reason, end).await {
+            Ok(()) => {
+                lease.settle();
+                tracing::warn!(agent = %self.name, %task, %reason, "a child whose waiting parent is a dead letter was cancelled, not run");
+                crate::delegate::orphan_cancelled(&self.store, &task, &parent).await;
+                None
+            }
+            // Cancelled meanwhile (by the parent's own end, most likely):
+            // not ours to run.
+            Err(QueueError::StaleLease { .. } | QueueError::NotFound { .. }) => {
+                lease.settle();
+                None
+            }
+            Err(error) => {
+                tracing::warn!(agent = %self.name, %task, %error, "could not cancel a child whose waiting parent is a dead letter; running it");
+                Some(lease)
+            }
+        }
+    }
+
     /// `lease`, unless a rollback of one of its earlier attempts is
     /// running or was cut off (the daemon that ran a gate's
     /// `auto_rollback` died): the next attempt must not run on top of
     /// changes that were being undone. Then the lease is held (renewed)
     /// in the background while that rollback ends, or is finished here,
     /// and released uncharged to be leased again.
-    /// A waited-for child whose parent is a dead letter is cancelled
-    /// rather than run (the parent's end cancels its children, but a crash
-    /// or a store error in between leaves them queued): `None` then.
-    async fn unless_orphaned(&self, mut lease: Lease) -> Option<Lease> {
-        let Some(reason) = crate::delegate::orphaned(&self.store, &lease.key.task_id).await else {
-            return Some(lease);
-        };
-        let end = AttemptEnd::new(AttemptOutcome::Cancelled, None, reason.clone());
-        match self.queue.term(&lease.key, &reason, end).await {
-            Ok(()) => {
-                lease.settle();
-                tracing::warn!(agent = %self.name, task = %lease.key.task_id, %reason, "a child whose waiting parent is a dead letter was cancelled, not run");
-                crate::delegate::dead_lettered(
-                    &self.store,
-                    &self.metrics,
-                    &lease.key.task_id,
-                    &self.name,
-                )
-                .await;
-                None
-            }
-            Err(error) => {
-                tracing::warn!(agent = %self.name, task = %lease.key.task_id, %error, "could not cancel a child whose waiting parent is a dead letter; running it");
-                Some(lease)
-            }
-        }
-    }
-
     async fn unless_rolling_back(self: &Arc<Self>, lease: Lease) -> Option<Lease> {
         if !self.checks_rollbacks || lease.key.attempt < 2 {
             return Some(lease);
