@@ -169,7 +169,7 @@ pub struct SubmitArgs {
     /// Task id (idempotency key); generated when absent.
     #[arg(long, conflicts_with = "file")]
     pub id: Option<String>,
-    /// Priority.
+    /// Priority (with --file: of the lines that give none).
     #[arg(long, value_enum, default_value_t = Priority::Normal)]
     pub priority: Priority,
     /// The payload, a JSON value.
@@ -1440,17 +1440,30 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Parses one line of a `submit --file` input.
-fn parse_task_line(line: &str, agent: &str) -> Result<NewTask, String> {
+/// Parses one line of a `submit --file` input; `priority` is that of a
+/// line that gives none.
+fn parse_task_line(line: &str, agent: &str, priority: Priority) -> Result<NewTask, String> {
+    const ENVELOPE: [&str; 3] = ["id", "payload", "priority"];
     let value: Value = serde_json::from_str(line).map_err(|error| format!("not JSON: {error}"))?;
     let envelope = match &value {
-        Value::Object(map)
-            if map.contains_key("payload")
-                && map
-                    .keys()
-                    .all(|key| ["id", "payload", "priority"].contains(&key.as_str())) =>
-        {
-            Some(map)
+        Value::Object(map) if map.contains_key("payload") => {
+            let unknown: Vec<&String> = map
+                .keys()
+                .filter(|key| !ENVELOPE.contains(&key.as_str()))
+                .collect();
+            let has_envelope_key = map.contains_key("id") || map.contains_key("priority");
+            match (unknown.first(), has_envelope_key) {
+                (None, _) => Some(map),
+                // `payload` with `id` or `priority` is an envelope: a
+                // misspelt key must not turn it into a payload (and its
+                // id into a generated one).
+                (Some(key), true) => {
+                    return Err(format!(
+                        "unknown field {key:?} in a task envelope; valid: id, payload, priority (to submit such an object as the payload, wrap it: {{\"payload\": ...}})"
+                    ));
+                }
+                (Some(_), false) => None,
+            }
         }
         _ => None,
     };
@@ -1458,7 +1471,7 @@ fn parse_task_line(line: &str, agent: &str) -> Result<NewTask, String> {
         return Ok(NewTask {
             id: new_task_id(),
             agent: agent.to_string(),
-            priority: Priority::Normal,
+            priority,
             payload: value,
         });
     };
@@ -1471,7 +1484,7 @@ fn parse_task_line(line: &str, agent: &str) -> Result<NewTask, String> {
         Some(other) => return Err(format!("\"id\" must be a string, found {other}")),
     };
     let priority = match map.get("priority") {
-        None | Some(Value::Null) => Priority::Normal,
+        None | Some(Value::Null) => priority,
         Some(Value::String(text)) => {
             serde_json::from_value(Value::String(text.clone())).map_err(|_| {
                 format!("unknown priority {text:?}; valid: critical, high, normal, low")
@@ -1493,6 +1506,7 @@ fn parse_task_line(line: &str, agent: &str) -> Result<NewTask, String> {
 fn read_task_file(
     path: &Path,
     agent: &str,
+    priority: Priority,
     max_payload: Option<usize>,
 ) -> Result<Vec<NewTask>, Failure> {
     let reader: Box<dyn BufRead> = if path == Path::new("-") {
@@ -1504,7 +1518,7 @@ fn read_task_file(
     };
     let mut tasks = Vec::new();
     let mut problems = Vec::new();
-    for (number, line) in reader.lines().enumerate() {
+    for (number, line) in bounded_lines(reader, MAX_FILE_LINE_BYTES).enumerate() {
         let line = line.map_err(|error| {
             Failure::usage(format!(
                 "cannot read {} line {}: {error}",
@@ -1521,7 +1535,7 @@ fn read_task_file(
                 path.display()
             )));
         }
-        match parse_task_line(&line, agent) {
+        match parse_task_line(&line, agent, priority) {
             Ok(task) => match max_payload.map(|max| (task.payload.to_string().len(), max)) {
                 Some((size, max)) if size > max => problems.push(format!(
                     "line {}: payload of {size} bytes exceeds store.max_payload_bytes = {max}",
@@ -1553,6 +1567,42 @@ fn read_task_file(
     Ok(tasks)
 }
 
+/// Longest line of a `submit --file` input: the API's largest body.
+const MAX_FILE_LINE_BYTES: usize = crate::api::MAX_BODY_BYTES;
+
+/// The lines of `reader` (without their end), each read up to `max` bytes:
+/// a longer one is an error rather than memory without end.
+fn bounded_lines(
+    mut reader: impl BufRead,
+    max: usize,
+) -> impl Iterator<Item = std::io::Result<String>> {
+    std::iter::from_fn(move || {
+        let mut line = Vec::new();
+        let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
+        match std::io::Read::take(reader.by_ref(), limit).read_until(b'\n', &mut line) {
+            Ok(0) => None,
+            Ok(_) if line.len() > max && line.last() != Some(&b'\n') => {
+                Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("the line is longer than {max} bytes"),
+                )))
+            }
+            Ok(_) => {
+                if line.last() == Some(&b'\n') {
+                    line.pop();
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
+                }
+                Some(String::from_utf8(line).map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, "the line is not UTF-8")
+                }))
+            }
+            Err(error) => Some(Err(error)),
+        }
+    })
+}
+
 async fn submit(target: &Target, args: SubmitArgs) -> Result<ExitCode, Failure> {
     let body = match (&args.payload, &args.file) {
         (Some(payload), None) => {
@@ -1574,7 +1624,7 @@ async fn submit(target: &Target, args: SubmitArgs) -> Result<ExitCode, Failure> 
                 Target::Local(config) => Some(config.store.max_payload_bytes.as_usize()),
                 Target::Remote(_) => None,
             };
-            let tasks = read_task_file(path, &args.agent, max_payload)?;
+            let tasks = read_task_file(path, &args.agent, args.priority, max_payload)?;
             if tasks.is_empty() {
                 return Err(Failure::usage("no tasks to submit: the file is empty"));
             }
@@ -1975,6 +2025,7 @@ mod tests {
 
     #[test]
     fn task_lines_are_payloads_or_envelopes() {
+        let parse_task_line = |line, agent| parse_task_line(line, agent, Priority::Normal);
         let plain = parse_task_line(r#"{"prompt": "x"}"#, "a").unwrap();
         assert_eq!(plain.payload, json!({"prompt": "x"}));
         let envelope = parse_task_line(
@@ -2001,6 +2052,34 @@ mod tests {
                 .contains("not JSON")
         );
         assert!(parse_task_line(r#"{"id": "bad id", "payload": 1}"#, "a").is_err());
+        // A misspelt key of an envelope is named, not taken as a payload.
+        let typo =
+            parse_task_line(r#"{"id": "t1", "payload": 1, "priorty": "high"}"#, "a").unwrap_err();
+        assert!(
+            typo.contains("unknown field \"priorty\" in a task envelope"),
+            "{typo}"
+        );
+        // --priority is the default of the lines that give none.
+        let high = super::parse_task_line(r#"{"payload": 1}"#, "a", Priority::High).unwrap();
+        assert_eq!(high.priority, Priority::High);
+        let own =
+            super::parse_task_line(r#"{"payload": 1, "priority": "low"}"#, "a", Priority::High)
+                .unwrap();
+        assert_eq!(own.priority, Priority::Low);
+    }
+
+    #[test]
+    fn file_lines_are_bounded() {
+        let text = "short\r\nmuch too long\nend";
+        let lines: Vec<_> = bounded_lines(text.as_bytes(), 8).collect();
+        assert_eq!(lines[0].as_ref().unwrap(), "short");
+        assert!(
+            lines[1]
+                .as_ref()
+                .unwrap_err()
+                .to_string()
+                .contains("longer than 8 bytes")
+        );
     }
 
     #[test]

@@ -220,12 +220,62 @@ pub const EXCERPT_CHARS: usize = 120;
 /// [`LineError::Malformed`] if the line is not one JSON object of a known
 /// message type with valid fields.
 pub fn parse_line(line: &str) -> Result<FromAgent, LineError> {
-    serde_json::from_str::<FromAgent>(line.trim_end_matches('\r')).map_err(|error| {
-        LineError::Malformed {
-            reason: error.to_string(),
-            excerpt: excerpt(line),
+    let line = line.trim_end_matches('\r');
+    let malformed = |reason: String| LineError::Malformed {
+        reason,
+        excerpt: excerpt(line),
+    };
+    let message =
+        serde_json::from_str::<FromAgent>(line).map_err(|error| malformed(error.to_string()))?;
+    // A result whose output went under another name would complete the
+    // task with `null` and lose it: unknown fields are otherwise ignored
+    // (forward compatibility), but not in place of `output`.
+    if let FromAgent::Result {
+        output: Value::Null,
+        ..
+    } = &message
+        && let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(line)
+        && !fields.contains_key("output")
+    {
+        let unknown: Vec<&str> = fields
+            .keys()
+            .map(String::as_str)
+            .filter(|key| !matches!(*key, "type" | "id" | "changes"))
+            .collect();
+        if !unknown.is_empty() {
+            return Err(malformed(format!(
+                "a result without `output` but with {}: the result goes in `output` (leave out `output` only for a null result)",
+                unknown
+                    .iter()
+                    .map(|key| format!("`{}`", excerpt(key)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
         }
-    })
+    }
+    Ok(message)
+}
+
+/// The type (`result` or `error`) and task id of a line that
+/// [`parse_line`] refused but that is clearly an outcome of a task: the
+/// attempt it names can be failed at once with the reason, rather than
+/// wait for its progress timeout.
+pub fn outcome_of_malformed(line: &str) -> Option<(&'static str, Option<String>)> {
+    let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(line.trim_end_matches('\r'))
+    else {
+        return None;
+    };
+    let kind = match fields.get("type").and_then(Value::as_str) {
+        Some("result") => "result",
+        Some("error") => "error",
+        _ => return None,
+    };
+    let id = match fields.get("id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(id)) => Some(id.clone()),
+        Some(_) => return None,
+    };
+    Some((kind, id))
 }
 
 /// How many characters of an agent's stderr line are logged.
@@ -272,6 +322,40 @@ pub fn schema() -> Value {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_result_under_another_name_is_refused_and_named() {
+        let error = parse_line(r#"{"type":"result","id":"t","result":{"n":1}}"#).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("a result without `output` but with `result`"),
+            "{error}"
+        );
+        // A null result, and changes alone, are fine.
+        for line in [
+            r#"{"type":"result","id":"t"}"#,
+            r#"{"type":"result","id":"t","changes":[]}"#,
+            r#"{"type":"result","id":"t","output":null,"extra":1}"#,
+        ] {
+            assert!(parse_line(line).is_ok(), "{line}");
+        }
+        assert_eq!(
+            outcome_of_malformed(r#"{"type":"error","id":"t","message":"x","retry_after_ms":1.5}"#),
+            Some(("error", Some("t".to_string())))
+        );
+        assert_eq!(
+            outcome_of_malformed(r#"{"type":"result","output":1,"changes":7}"#),
+            Some(("result", None))
+        );
+        for line in [
+            r#"{"type":"progress","id":"t","step":7}"#,
+            r#"{"type":"error","id":7}"#,
+            "not json",
+        ] {
+            assert_eq!(outcome_of_malformed(line), None, "{line}");
+        }
+    }
 
     #[test]
     fn parses_every_agent_message() {

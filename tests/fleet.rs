@@ -261,6 +261,66 @@ max_line_bytes = "1KiB"
     }
 }
 
+/// Answers attempt 1 with an `error` whose `retry_after_ms` is a float,
+/// attempt 2 with a `result` under the wrong name, attempt 3 rightly.
+const SLOPPY: &str = r#"
+import json, sys
+def out(m):
+    print(json.dumps(m), flush=True)
+out({"type": "ready", "protocol": 1})
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("type") == "shutdown":
+        break
+    if m.get("type") != "task":
+        continue
+    if m["attempt"] == 1:
+        out({"type": "error", "id": m["id"], "message": "rate limited", "retry_after_ms": 1.5})
+    elif m["attempt"] == 2:
+        out({"type": "result", "id": m["id"], "result": {"n": 2}})
+    else:
+        out({"type": "result", "id": m["id"], "output": {"n": 3}})
+"#;
+
+/// A malformed outcome of a task fails its attempt at once, saying why,
+/// rather than leaving it to the progress timeout (or completing it with
+/// a lost result).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_result_or_error_fails_the_attempt_at_once() {
+    let fleet = Fleet::new(
+        r#"
+[agents.sloppy]
+command = ["python3", "sloppy.py"]
+retry = { backoff = ["10ms"] }
+"#,
+    );
+    std::fs::write(fleet.path("sloppy.py"), SLOPPY).unwrap();
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let (batch, ids) = numbered_tasks("sloppy", 1, "sloppy");
+    queue.submit(batch).await.unwrap();
+    wait_until(Duration::from_secs(20), "the third attempt", || async {
+        finished(queue.as_ref()).await >= 1
+    })
+    .await;
+    let task = queue.get(&ids[0]).await.unwrap().unwrap();
+    assert_eq!(task.state, TaskState::Completed, "{task:?}");
+    assert_eq!(task.result, Some(json!({"n": 3})));
+    let details: Vec<&str> = task
+        .history
+        .iter()
+        .map(|attempt| attempt.detail.as_deref().unwrap_or_default())
+        .collect();
+    assert!(
+        details[0].contains("the agent's error message was malformed")
+            && details[0].contains("floating point `1.5`, expected u64")
+            && details[1].contains("the agent's result message was malformed")
+            && details[1].contains("`result`"),
+        "{details:#?}"
+    );
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_keeps_crashing_is_failed_and_its_tasks_stay_queued() {
     let fleet = Fleet::new(

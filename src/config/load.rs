@@ -844,6 +844,25 @@ checks = [
     }
 
     #[test]
+    fn a_daemon_runs_something_and_exit_codes_can_happen() {
+        let found = problems(
+            "[daemon]\nagents = []\n[agents.a]\ncommand = [\"a\"]\nmode = \"oneshot\"\nfatal_exit_codes = [3, 0, 256]\n",
+        );
+        let all: Vec<String> = found.iter().map(ToString::to_string).collect();
+        for expected in [
+            "daemon.agents: is empty, so this daemon would run nothing",
+            "agents.a.fatal_exit_codes: 0 can never be an exit code that fails a task; valid: 1 to 255",
+            "agents.a.fatal_exit_codes: 256 can never",
+        ] {
+            assert!(
+                all.iter().any(|p| p.contains(expected)),
+                "{expected} missing from {all:#?}"
+            );
+        }
+        assert!(!all.iter().any(|p| p.contains(" 3 can never")), "{all:#?}");
+    }
+
+    #[test]
     fn an_api_token_comes_from_one_place() {
         let found = problems(
             "[http]\ntoken = \"secret\"\ntoken_file = \"token.txt\"\n[agents.a]\ncommand = [\"a\"]\n",
@@ -942,6 +961,11 @@ kind = "log"
 [[notify]]
 name = "on call"
 kind = "log"
+
+[[notify]]
+kind = "webhook"
+url = "https://"
+events = ["replica_restarted"]
 "#,
         );
         let all: Vec<String> = found.iter().map(ToString::to_string).collect();
@@ -952,12 +976,14 @@ kind = "log"
             "degradation.essential.triggers[0]: a broker trigger needs a [broker]",
             "degradation.essential.triggers[1]: no agent has critical = true",
             "degradation.emergency.triggers[0].above: 1.5 is out of range",
-            "notify[0].url: must start with http:// or https://",
+            "notify[0].url: is not an http:// or https:// URL with a host",
             "notify[1].command: a command sink needs a command",
             "notify[1].timeout: 1h is out of range; valid: 100ms to 5m",
             "notify[2].events: is empty",
             "notify[3].name: \"2\" also names notify[2] (an unnamed sink is named by its place)",
             "notify[4].name: \"on call\" is not valid; give 1 to 64 letters, digits, `_` or `-`",
+            "notify[5].url: is not an http:// or https:// URL with a host",
+            "notify[5].events: replica_restarted goes only to the live event feed",
         ] {
             assert!(
                 all.iter().any(|p| p.contains(expected)),

@@ -1131,6 +1131,12 @@ impl Config {
                 format!("invalid daemon name {name:?}: use 1 to 64 letters, digits, '-' or '_'"),
             );
         }
+        if self.daemon.agents.as_ref().is_some_and(Vec::is_empty) {
+            problem(
+                "daemon.agents".into(),
+                "is empty, so this daemon would run nothing; list the agents it runs, or leave it out for all".into(),
+            );
+        }
         for name in self.daemon.agents.iter().flatten() {
             if !self.agents.contains_key(name) {
                 problem(
@@ -1605,12 +1611,13 @@ impl NotifyConfig {
                 "a webhook needs a url, e.g. \"https://hooks.slack.com/services/...\"".into(),
             ),
             (SinkKind::Webhook, Some(url), _)
-                if !(url.starts_with("http://") || url.starts_with("https://")) =>
+                if !(url.starts_with("http://") || url.starts_with("https://"))
+                    || reqwest::Url::parse(url).is_err() =>
             {
                 // Not the URL itself: it may carry a secret.
                 problem(
                     format!("{key}.url"),
-                    "must start with http:// or https://".into(),
+                    "is not an http:// or https:// URL with a host, e.g. \"https://hooks.slack.com/services/...\"".into(),
                 );
             }
             (SinkKind::Command, _, true) => problem(
@@ -1643,6 +1650,17 @@ impl NotifyConfig {
             problem(
                 format!("{key}.events"),
                 "is empty, so nothing would be sent; leave it out for all events".into(),
+            );
+        }
+        if self
+            .events
+            .iter()
+            .flatten()
+            .any(|event| *event == crate::notify::EventKind::ReplicaRestarted)
+        {
+            problem(
+                format!("{key}.events"),
+                "replica_restarted goes only to the live event feed (too frequent for sinks); the replica_lost, agent_failed and watchdog events tell sinks about restarts that matter".into(),
             );
         }
     }
@@ -1776,6 +1794,16 @@ impl AgentConfig {
                 format!("{key}.fatal_exit_codes"),
                 "only oneshot agents have exit codes per task; a persistent agent reports an error with \"retryable\": false".into(),
             );
+        }
+        for code in &self.fatal_exit_codes {
+            if !(1..=255).contains(code) {
+                problem(
+                    format!("{key}.fatal_exit_codes"),
+                    format!(
+                        "{code} can never be an exit code that fails a task; valid: 1 to 255 (0 is success)"
+                    ),
+                );
+            }
         }
         for name in self.env.keys() {
             if name.is_empty() || name.contains('=') || name.contains('\0') {

@@ -536,7 +536,27 @@ impl Replica<'_> {
     async fn handle_line(&mut self, text: &str) {
         match protocol::parse_line(text) {
             Ok(message) => self.handle_message(message).await,
-            Err(error) => self.agent.record_malformed(self.index, &error),
+            Err(error) => {
+                self.agent.record_malformed(self.index, &error);
+                // A malformed result or error of a task this replica
+                // holds fails the attempt now, saying why, instead of
+                // leaving it to its progress timeout.
+                if let Some((kind, id)) = protocol::outcome_of_malformed(text)
+                    && self.task_for(id.as_deref()).is_some()
+                {
+                    let reason = match &error {
+                        LineError::Malformed { reason, .. } => reason.clone(),
+                        LineError::TooLong { .. } => error.to_string(),
+                    };
+                    self.handle_message(FromAgent::Error {
+                        id,
+                        message: format!("the agent's {kind} message was malformed: {reason}"),
+                        retryable: true,
+                        retry_after_ms: None,
+                    })
+                    .await;
+                }
+            }
         }
     }
 
