@@ -81,6 +81,85 @@ fn end(outcome: AttemptOutcome) -> AttemptEnd {
     AttemptEnd::new(outcome, Some("worker/0".into()), "test")
 }
 
+/// A completed task submitted again (past the dedup window) gets a message
+/// id the broker has not seen, even when the next one was used by a
+/// publication that lost a race (a reroute, a replay, an escalation's
+/// retry): it runs, rather than sitting queued with no message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resubmitted_task_skips_a_used_message_id() {
+    let Some(server) = NatsServer::start("a_resubmitted_task_skips_a_used_message_id") else {
+        return;
+    };
+    let config = BrokerConfig {
+        url: server.url.clone(),
+        namespace: "resub".into(),
+        ..BrokerConfig::default()
+    };
+    let stats = Arc::new(ConnectionStats::default());
+    let client = jetstream::connect(&config, std::path::Path::new("."), "test", stats.clone())
+        .await
+        .unwrap();
+    let settings = Settings {
+        limits: flotilla::queue::Limits {
+            dedup_window: Duration::from_millis(1),
+            ..conformance::limits()
+        },
+        owner: "resub".into(),
+    };
+    let queue = JetStreamQueue::open(client, stats, &config, settings, clock::system())
+        .await
+        .unwrap();
+    queue.submit(vec![task("r1")]).await.unwrap();
+    let mut first = queue
+        .lease(&request("resub", Duration::from_secs(30)), Duration::ZERO)
+        .await
+        .unwrap();
+    queue
+        .ack(&first[0].key, &json!(1), end(AttemptOutcome::Completed))
+        .await
+        .unwrap();
+    first[0].settle();
+    // The id of the task's next generation, used by a publication that
+    // lost its race (its message is dropped when claimed).
+    let raw = async_nats::jetstream::new(async_nats::connect(&server.url).await.unwrap());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "r1#1");
+    raw.publish_with_headers(
+        format!("resub.tasks.worker.{}", Priority::Normal.rank()),
+        headers,
+        "not a task".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let none = queue
+        .lease(
+            &request("resub", Duration::from_secs(30)),
+            Duration::from_millis(500),
+        )
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "the stray message is dropped");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let receipts = queue.submit(vec![task("r1")]).await.unwrap();
+    assert!(!receipts[0].duplicate, "{receipts:?}");
+    let mut again = queue
+        .lease(
+            &request("resub", Duration::from_secs(30)),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1, "the resubmitted task has a message");
+    assert_eq!(again[0].key.task_id, "r1");
+    queue
+        .ack(&again[0].key, &json!(2), end(AttemptOutcome::Completed))
+        .await
+        .unwrap();
+    again[0].settle();
+}
+
 /// Two daemons on one stream: when the holder stops extending its lease
 /// (it died, or its lease ran out), the broker hands the task to the other
 /// after ack_wait, the first attempt ends as lease_expired, and the late

@@ -1390,8 +1390,9 @@ impl Inner {
         let now = self.now();
         let window =
             u64::try_from(self.settings.limits.dedup_window.as_millis()).unwrap_or(u64::MAX);
-        // (life, generation, attempts so far, revision to write over)
-        let (life, generation, attempts, revision) = match self.lookup(&task.id).await? {
+        // (life, generation, attempts so far, revision to write over, the
+        // version of a completed record this submit brings back)
+        let (life, generation, attempts, revision, resubmits) = match self.lookup(&task.id).await? {
             Lookup::Record(record, revision) => {
                 // Queued, running and dead-lettered tasks are always
                 // duplicates (a dead letter waits for replay or purge);
@@ -1409,17 +1410,18 @@ impl Inner {
                 // attempt of the earlier run can never settle this one.
                 (
                     record.life,
-                    record.generation + 1,
+                    record.generation,
                     record.task.attempts,
                     revision,
+                    Some(record.version()),
                 )
             }
             // A deleted record (purged dead letter, pruned task) leaves a
             // marker: a new life starts there, with its own message ids.
-            Lookup::Marker(marker) => (marker, 0, 0, marker),
-            Lookup::Absent => (0, 0, 0, 0),
+            Lookup::Marker(marker) => (marker, 0, 0, marker, None),
+            Lookup::Absent => (0, 0, 0, 0, None),
         };
-        let envelope = Envelope {
+        let mut envelope = Envelope {
             id: task.id.clone(),
             agent: task.agent.clone(),
             priority: task.priority,
@@ -1429,12 +1431,24 @@ impl Inner {
             payload: task.payload.clone(),
             rerouted_from: None,
             rerouted_attempt: None,
-            expects: None,
-            expects_version: None,
+            // Bringing back a completed task: the message counts only
+            // while the record is still that completed one (a concurrent
+            // resubmit that won keeps this one from running too).
+            expects: resubmits.map(|_| TaskState::Completed),
+            expects_version: resubmits,
         };
-        let duplicate = self
-            .publish(&envelope, &msg_id(&task.id, life, generation))
-            .await?;
+        let duplicate = if resubmits.is_some() {
+            // A later generation whose message id the broker has not
+            // seen: one may have been used by a publication that lost a
+            // race (a reroute, a replay, a retry of an escalation), and a
+            // duplicate would leave the record queued with no message.
+            self.publish_next(&mut envelope).await?;
+            false
+        } else {
+            self.publish(&envelope, &msg_id(&task.id, life, generation))
+                .await?
+        };
+        let generation = envelope.generation;
         let mut record = Record::from_envelope(&envelope, now);
         record.task.attempts = attempts;
         if revision != 0 {
@@ -1460,6 +1474,15 @@ impl Inner {
         }))
     }
 
+    /// Drops the cached consumer of `agent` at priority `rank`: looked up
+    /// (or made) afresh next time.
+    async fn forget_consumer(&self, agent: &str, rank: i64) {
+        self.consumers
+            .lock()
+            .await
+            .remove(&(agent.to_string(), rank));
+    }
+
     /// Takes up to `request.max` messages, highest priority first.
     async fn take(self: &Arc<Self>, request: &LeaseRequest) -> Result<Vec<Lease>, QueueError> {
         let mut leases = Vec::new();
@@ -1478,7 +1501,17 @@ impl Inner {
                 break;
             }
             let priority = Priority::from_rank(rank);
-            let consumer = self.consumer(&request.agent, priority).await?;
+            // A priority that cannot be fetched (its consumer cannot be
+            // made, a broker call fails) neither throws away the tasks
+            // taken at higher ones nor holds back the lower ones.
+            let consumer = match self.consumer(&request.agent, priority).await {
+                Ok(consumer) => consumer,
+                Err(error) => {
+                    tracing::warn!(agent = %request.agent, priority = %priority.as_str(), %error, "cannot fetch tasks of this priority");
+                    failure.get_or_insert(error);
+                    continue;
+                }
+            };
             let fetched = self
                 .bounded(
                     "fetch tasks",
@@ -1493,11 +1526,10 @@ impl Inner {
                 Err(error) => {
                     // Looked up afresh next time, in case the consumer
                     // was deleted on the broker.
-                    self.consumers
-                        .lock()
-                        .await
-                        .remove(&(request.agent.clone(), rank));
-                    return Err(error);
+                    self.forget_consumer(&request.agent, rank).await;
+                    tracing::warn!(agent = %request.agent, priority = %priority.as_str(), %error, "cannot fetch tasks of this priority");
+                    failure.get_or_insert(error);
+                    continue;
                 }
             };
             // A pull request lost with the connection never ends: bound
@@ -1510,7 +1542,10 @@ impl Inner {
                     Ok(Some(Ok(message))) => messages.push(message),
                     Ok(None) => break,
                     Ok(Some(Err(error))) => {
+                        // "No responders" among them: the consumer may be
+                        // gone from the broker.
                         tracing::warn!(%error, "task fetch ended early");
+                        self.forget_consumer(&request.agent, rank).await;
                         break;
                     }
                     Err(_) => {
@@ -1528,9 +1563,7 @@ impl Inner {
                 match claimed {
                     Ok(Some(lease)) => leases.push(lease),
                     Ok(None) => {}
-                    Err(error) if leases.is_empty() && failure.is_none() => {
-                        failure = Some(error);
-                    }
+                    Err(error) if failure.is_none() => failure = Some(error),
                     Err(error) => tracing::warn!(%error, "could not claim a task"),
                 }
             }

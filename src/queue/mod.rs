@@ -783,8 +783,10 @@ pub fn exhausted_reason(max_deliver: u32, last: Option<(&str, Option<&str>)>) ->
 /// their guards.
 #[async_trait]
 pub trait TaskQueue: Send + Sync + 'static {
-    /// Stores tasks, all or none. A known id is not stored again (see
-    /// `store.dedup_window`).
+    /// Stores tasks: all or none on the embedded store; on a broker, a
+    /// failure midway leaves the tasks stored before it (submitting the
+    /// same batch again stores each id once). A known id is not stored
+    /// again (see `store.dedup_window`).
     async fn submit(&self, tasks: Vec<NewTask>) -> Result<Vec<SubmitReceipt>, QueueError>;
 
     /// Leases up to `request.max` ready tasks, highest priority first,
