@@ -160,6 +160,62 @@ async fn a_resubmitted_task_skips_a_used_message_id() {
     again[0].settle();
 }
 
+/// Leases the one task there is and dead-letters it.
+async fn kill(queue: &JetStreamQueue) {
+    let mut leases = queue
+        .lease(
+            &request("dlqs", Duration::from_secs(30)),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(leases.len(), 1);
+    queue
+        .term(&leases[0].key, "broken", end(AttemptOutcome::Error))
+        .await
+        .unwrap();
+    leases[0].settle();
+}
+
+/// The dead-letter stream keeps one copy per dead letter: a replay
+/// deletes the copies it found, not one written since by the task dying
+/// again; a purge deletes them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_copies_follow_their_tasks() {
+    let Some(server) = NatsServer::start("dead_letter_copies_follow_their_tasks") else {
+        return;
+    };
+    let queue = open(&server.url, "dlqs").await;
+    let raw = async_nats::jetstream::new(async_nats::connect(&server.url).await.unwrap());
+    let copies = || async {
+        let stream = raw.get_stream("DLQS_DLQ").await.unwrap();
+        let info = stream
+            .info_with_subjects("dlqs.dlq.worker.d1")
+            .await
+            .unwrap();
+        use futures_util::TryStreamExt as _;
+        let subjects: Vec<(String, usize)> = info.try_collect().await.unwrap();
+        subjects.iter().map(|(_, count)| *count).sum::<usize>()
+    };
+    queue.submit(vec![task("d1")]).await.unwrap();
+    kill(&queue).await;
+    assert_eq!(copies().await, 1);
+    // Replayed, and dead again before anything else: one copy, the new.
+    let replayed = queue
+        .replay(&Selection::Ids(vec!["d1".into()]))
+        .await
+        .unwrap();
+    assert_eq!(replayed, 1);
+    assert_eq!(copies().await, 0);
+    kill(&queue).await;
+    assert_eq!(copies().await, 1);
+    queue
+        .purge(&Selection::Ids(vec!["d1".into()]))
+        .await
+        .unwrap();
+    assert_eq!(copies().await, 0);
+}
+
 /// Two daemons on one stream: when the holder stops extending its lease
 /// (it died, or its lease ran out), the broker hands the task to the other
 /// after ack_wait, the first attempt ends as lease_expired, and the late

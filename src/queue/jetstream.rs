@@ -41,7 +41,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, kv, stream};
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::StreamExt as _;
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{Notify, mpsc};
@@ -1437,6 +1437,13 @@ impl Inner {
             expects: resubmits.map(|_| TaskState::Completed),
             expects_version: resubmits,
         };
+        if revision != 0 {
+            // A new task under an old id (a completed one past the window,
+            // or a purged one): nothing of the old one's stays with it.
+            // Before its message exists, so that nothing the new run
+            // writes is deleted with them.
+            self.try_forget_controls(&task.id).await?;
+        }
         let duplicate = if resubmits.is_some() {
             // A later generation whose message id the broker has not
             // seen: one may have been used by a publication that lost a
@@ -1451,11 +1458,6 @@ impl Inner {
         let generation = envelope.generation;
         let mut record = Record::from_envelope(&envelope, now);
         record.task.attempts = attempts;
-        if revision != 0 {
-            // A new task under an old id (a completed one past the window,
-            // or a purged one): nothing of the old one's stays with it.
-            self.forget_controls(&task.id).await;
-        }
         if self.write(&mut record, revision).await?.is_none() {
             // Someone wrote first. A consumer (or another submitter) that
             // wrote the record from the same message is fine; anything
@@ -1964,15 +1966,20 @@ impl Inner {
     /// never rolls back the old one's changes. Best effort: a key left
     /// behind by a failure is logged.
     async fn forget_controls(&self, id: &str) {
+        if let Err(error) = self.try_forget_controls(id).await {
+            tracing::warn!(task = %id, %error, "could not delete a key kept beside the task");
+        }
+    }
+
+    /// [`Self::forget_controls`], failing at the first key that could not
+    /// be deleted.
+    async fn try_forget_controls(&self, id: &str) -> Result<(), QueueError> {
         for kind in TASK_CONTROLS {
             let key = format!("c.{}", escape(&format!("{kind}.{id}")));
-            if let Err(error) = self
-                .bounded("delete a task's journal or links", self.records.purge(key))
-                .await
-            {
-                tracing::warn!(task = %id, %error, "could not delete a key kept beside the task");
-            }
+            self.bounded("delete a task's journal or links", self.records.purge(key))
+                .await?;
         }
+        Ok(())
     }
 
     /// A summary of every task record, with its revision.
@@ -2020,16 +2027,40 @@ impl Inner {
         }
     }
 
-    async fn purge_dead_letter(&self, record: &Record) -> Result<(), QueueError> {
-        self.bounded(
-            "purge the dead letter",
-            self.dlq
-                .purge()
-                .filter(self.names.dlq_subject(&record.task.agent, &record.task.id))
-                .into_future(),
-        )
-        .await?;
+    /// Deletes the dead-letter copies of `record`'s task; with `before`,
+    /// only those stored before that stream sequence (a copy written
+    /// since, by the task dying again, stays).
+    async fn purge_dead_letter(
+        &self,
+        record: &Record,
+        before: Option<u64>,
+    ) -> Result<(), QueueError> {
+        let purge = self
+            .dlq
+            .purge()
+            .filter(self.names.dlq_subject(&record.task.agent, &record.task.id));
+        match before {
+            Some(sequence) => {
+                self.bounded(
+                    "purge the dead letter",
+                    purge.sequence(sequence).into_future(),
+                )
+                .await?;
+            }
+            None => {
+                self.bounded("purge the dead letter", purge.into_future())
+                    .await?;
+            }
+        }
         Ok(())
+    }
+
+    /// The next sequence the dead-letter stream will give.
+    async fn dlq_next_sequence(&self) -> Result<u64, QueueError> {
+        let info = self
+            .bounded("read the dead-letter stream", self.dlq.get_info())
+            .await?;
+        Ok(info.state.last_sequence.saturating_add(1))
     }
 }
 
@@ -2142,7 +2173,11 @@ impl TaskQueue for JetStreamQueue {
             })
             .collect();
         let inner = &self.inner;
-        let done: Vec<Result<SubmitReceipt, QueueError>> =
+        // Stops at the first failure: with the broker down, each task
+        // would take its retries' worth of time (seconds) in turn. A
+        // submit cut off there may have published its task without its
+        // record; the consumer writes the record from the message.
+        let done: Result<Vec<SubmitReceipt>, QueueError> =
             futures_util::stream::iter(jobs.into_iter().map(|job| async move {
                 match job {
                     Ok(task) => inner.submit_one(task).await,
@@ -2154,14 +2189,14 @@ impl TaskQueue for JetStreamQueue {
                 }
             }))
             .buffered(SUBMIT_CONCURRENCY)
-            .collect()
+            .try_collect()
             .await;
         for agent in &agents {
             inner.ring(agent).await;
         }
         // On a failure, tasks published before it stay: submitting the
         // same batch again stores each id once.
-        done.into_iter().collect()
+        done
     }
 
     async fn lease(
@@ -2648,6 +2683,10 @@ impl TaskQueue for JetStreamQueue {
         let mut count = 0;
         for (record, _) in records {
             let read = record.version();
+            // The copies to delete once replayed: those there now. The
+            // replayed task may die again before the purge, and its new
+            // copy must stay.
+            let before = self.inner.dlq_next_sequence().await?;
             let mut envelope = record.envelope();
             envelope.expects = Some(TaskState::DeadLettered);
             envelope.expects_version = Some(read);
@@ -2679,7 +2718,7 @@ impl TaskQueue for JetStreamQueue {
             if !replayed {
                 continue;
             }
-            self.inner.purge_dead_letter(&record).await?;
+            self.inner.purge_dead_letter(&record, Some(before)).await?;
             self.inner.ring(&record.task.agent).await;
             count += 1;
         }
@@ -2711,7 +2750,7 @@ impl TaskQueue for JetStreamQueue {
                     return Err(error);
                 }
             }
-            self.inner.purge_dead_letter(&record).await?;
+            self.inner.purge_dead_letter(&record, None).await?;
             self.inner.forget_controls(&record.task.id).await;
             count += 1;
         }
