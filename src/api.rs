@@ -1002,7 +1002,7 @@ async fn chaos_latency(
             .as_deref()
             .ok_or_else(|| ApiError::bad_request("latency needs `add`, e.g. \"200ms\""))?,
         "add",
-        std::time::Duration::from_secs(60),
+        crate::fault_proxy::MAX_ADD,
     )?;
     proxy.latency(add, duration);
     let detail = format!(

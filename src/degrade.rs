@@ -435,7 +435,7 @@ impl Degrader {
                     )
                 })
             }
-            Trigger::BrokerUnreachable => (observation.broker_connected == Some(false))
+            Trigger::BrokerUnreachable {} => (observation.broker_connected == Some(false))
                 .then(|| "the broker is unreachable".to_string()),
             Trigger::BrokerNodesBelow { nodes } => observation
                 .broker_nodes
@@ -455,7 +455,7 @@ impl Degrader {
                     )
                 })
             }
-            Trigger::CriticalAgentUnavailable => observation
+            Trigger::CriticalAgentUnavailable {} => observation
                 .agents
                 .iter()
                 .find(|agent| agent.critical && self.unavailable.contains(&agent.name))
@@ -503,7 +503,7 @@ mod tests {
                 triggers: vec![Trigger::AgentsUnavailable { at_least: 2 }],
             },
             emergency: LevelConfig {
-                triggers: vec![Trigger::BrokerUnreachable],
+                triggers: vec![Trigger::BrokerUnreachable {}],
             },
             ..DegradationConfig::default()
         }
@@ -638,7 +638,7 @@ mod tests {
         assert_eq!(degrader.unavailable(), ["frontend"]);
         assert!(holds(
             &degrader,
-            Trigger::CriticalAgentUnavailable,
+            Trigger::CriticalAgentUnavailable {},
             &observation,
             10_000
         ));
@@ -675,7 +675,7 @@ mod tests {
         observation.broker_connected = Some(false);
         assert!(holds(
             &degrader,
-            Trigger::BrokerUnreachable,
+            Trigger::BrokerUnreachable {},
             &observation,
             10_000
         ));

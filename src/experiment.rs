@@ -203,17 +203,51 @@ impl Experiment {
                     ))
                 }
             };
-            let duration =
-                |field: &str, value: Option<&String>| {
-                    match value {
-                Some(text) => humantime::parse_duration(text).map(|_| ()).map_err(|error| {
-                    format!("method[{index}].{field} = {text:?}: {error}; e.g. \"30s\" or \"2m\"")
-                }),
+            // The daemon's own limits: a step it would refuse fails every
+            // run, so it is refused here, when the file is checked.
+            let duration = |field: &str, value: Option<&String>, max: Duration| match value {
+                Some(text) => crate::config::HumanDuration::parse_within(text, field, max)
+                    .map(|_| ())
+                    .map_err(|problem| {
+                        format!("method[{index}].{problem}; e.g. \"30s\" or \"2m\"")
+                    }),
                 None => Ok(()),
+            };
+            let max_for = if step.action == "pause" {
+                crate::chaos::MAX_PAUSE
+            } else {
+                crate::fault_proxy::MAX_FAULT
+            };
+            duration("for", step.duration.as_ref(), max_for)?;
+            duration("add", step.add.as_ref(), crate::fault_proxy::MAX_ADD)?;
+            // A field the action does not use is a mistake (a `for` on a
+            // kill would make the run wait that long for nothing).
+            let used: &[&str] = match step.action.as_str() {
+                "kill" => &["agent", "mode", "signal"],
+                "pause" => &["agent", "for"],
+                "partition" => &["for"],
+                "latency" => &["for", "add"],
+                // Named below.
+                _ => &["agent", "mode", "signal", "for", "add"],
+            };
+            for (field, present) in [
+                ("agent", step.agent.is_some()),
+                ("mode", step.mode.is_some()),
+                ("signal", step.signal.is_some()),
+                ("for", step.duration.is_some()),
+                ("add", step.add.is_some()),
+            ] {
+                if present && !used.contains(&field) {
+                    return Err(format!(
+                        "method[{index}]: `{}` takes no `{field}`; it takes {}",
+                        step.action,
+                        used.iter()
+                            .map(|field| format!("`{field}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
             }
-                };
-            duration("for", step.duration.as_ref())?;
-            duration("add", step.add.as_ref())?;
             if let Some(mode) = &step.mode {
                 crate::chaos::how_many(mode, 1)
                     .map_err(|problem| format!("method[{index}]: {problem}"))?;
@@ -807,5 +841,31 @@ mod tests {
         assert!(duration.contains("method[0].for"), "{duration}");
         let paused = with("at = \"10s\"\naction = \"pause\"\nagent = \"a\"\nfor = \"1m\"").unwrap();
         assert_eq!(lasts(&paused.method[0]), Duration::from_secs(60));
+        // The daemon's limits, and fields an action does not take.
+        for (step, expected) in [
+            (
+                "action = \"pause\"\nagent = \"a\"\nfor = \"2h\"",
+                "method[0].for 2h is out of range; valid: more than 0s, up to 1h",
+            ),
+            (
+                "action = \"pause\"\nagent = \"a\"\nfor = \"0s\"",
+                "method[0].for 0s is out of range",
+            ),
+            (
+                "action = \"latency\"\nfor = \"1m\"\nadd = \"5m\"",
+                "method[0].add 5m is out of range; valid: more than 0s, up to 1m",
+            ),
+            (
+                "action = \"kill\"\nagent = \"a\"\nfor = \"10m\"",
+                "method[0]: `kill` takes no `for`; it takes `agent`, `mode`, `signal`",
+            ),
+            (
+                "action = \"partition\"\nagent = \"a\"\nfor = \"10s\"",
+                "method[0]: `partition` takes no `agent`",
+            ),
+        ] {
+            let problem = with(step).unwrap_err();
+            assert!(problem.contains(expected), "{step}: {problem}");
+        }
     }
 }

@@ -20,6 +20,9 @@ const CHUNK: usize = 16 * 1024;
 /// Longest fault.
 pub const MAX_FAULT: Duration = Duration::from_secs(3600);
 
+/// Longest delay `latency` adds.
+pub const MAX_ADD: Duration = Duration::from_secs(60);
+
 /// The fault in force.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Fault {
@@ -113,7 +116,7 @@ impl FaultProxy {
     pub fn latency(&self, add: Duration, duration: Duration) {
         let until = Instant::now() + duration.min(MAX_FAULT);
         self.fault.send_replace(Fault::Latency {
-            add: add.min(Duration::from_secs(60)),
+            add: add.min(MAX_ADD),
             until,
         });
     }

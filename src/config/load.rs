@@ -1002,5 +1002,17 @@ events = ["replica_restarted"]
                 && unknown[0].message.contains("breaker_open"),
             "{unknown:?}"
         );
+        // A field the trigger does not have is refused, not ignored.
+        let extra = problems(
+            "[agents.a]\ncommand = [\"a\"]\n[broker]\nurl = \"nats://127.0.0.1:4222\"\n[degradation]\nreduced = { triggers = [{ when = \"broker_unreachable\", for = \"5m\" }] }\n",
+        );
+        assert!(
+            extra[0].key.starts_with("degradation.reduced.triggers")
+                && extra[0].message.contains("unknown field `for`"),
+            "{extra:?}"
+        );
+        parse_ok(
+            "[agents.a]\ncommand = [\"a\"]\ncritical = true\n[broker]\nurl = \"nats://127.0.0.1:4222\"\n[degradation]\nreduced = { triggers = [{ when = \"broker_unreachable\" }, { when = \"critical_agent_unavailable\" }] }\n",
+        );
     }
 }

@@ -787,7 +787,10 @@ pub enum Trigger {
         at_least: u32,
     },
     /// The broker connection is down.
-    BrokerUnreachable,
+    // `{}` rather than a unit variant: serde checks a struct variant's
+    // fields, so `{ when = "broker_unreachable", for = "5m" }` is refused
+    // rather than read without its `for`.
+    BrokerUnreachable {},
     /// The broker cluster has fewer than `nodes` nodes current.
     BrokerNodesBelow {
         /// How many.
@@ -801,7 +804,7 @@ pub enum Trigger {
         above: f64,
     },
     /// An agent with `critical = true` is unavailable.
-    CriticalAgentUnavailable,
+    CriticalAgentUnavailable {},
 }
 
 /// `[agents.NAME.breaker]`: when to stop sending an agent work, and when
@@ -1363,7 +1366,7 @@ impl Config {
                             "0s is not valid; give how long, e.g. \"30s\"".into(),
                         );
                     }
-                    Trigger::BrokerUnreachable | Trigger::BrokerNodesBelow { .. }
+                    Trigger::BrokerUnreachable {} | Trigger::BrokerNodesBelow { .. }
                         if self.broker.is_none() =>
                     {
                         problem(
@@ -1371,7 +1374,7 @@ impl Config {
                             "a broker trigger needs a [broker]; the embedded store has no broker to lose".into(),
                         );
                     }
-                    Trigger::CriticalAgentUnavailable
+                    Trigger::CriticalAgentUnavailable {}
                         if !self.agents.values().any(|agent| agent.critical) =>
                     {
                         problem(
