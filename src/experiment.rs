@@ -160,8 +160,9 @@ impl Experiment {
     pub fn load(path: &std::path::Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|error| format!("{}: {error}", path.display()))?;
+        // toml's whole message: the line and column, and the line itself.
         let experiment: Self = toml::from_str(&text)
-            .map_err(|error| format!("{}: {}", path.display(), error.message()))?;
+            .map_err(|error| format!("{}: {}", path.display(), error.to_string().trim_end()))?;
         experiment
             .check()
             .map_err(|problem| format!("{}: {problem}", path.display()))?;

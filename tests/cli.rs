@@ -81,6 +81,27 @@ fn both_checks_take_the_config_by_flag_or_by_argument() {
 }
 
 #[test]
+fn a_store_path_that_is_a_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flotilla.toml");
+    std::fs::write(
+        &path,
+        "[store]\npath = \".\"\n[agents.worker]\ncommand = [\"true\"]\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(flotilla_bin())
+        .args(["config", "check", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_ne!(output.status.code(), Some(0));
+    assert!(
+        stderr(&output).contains("is a directory; give a file in it"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
 fn listings_refuse_an_unknown_agent_and_a_zero_limit() {
     let fleet = Fleet::new("[agents.worker]\ncommand = [\"true\"]\n");
     let unknown = fleet.cli(&["tasks", "list", "--agent", "nosuch"]);

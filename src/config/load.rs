@@ -257,6 +257,9 @@ fn collect<T: DeserializeOwned>(
                 let path = error.path().to_string();
                 let key = if path == "." || path.is_empty() {
                     prefix.to_string()
+                } else if path.starts_with('[') {
+                    // A list's element: `notify[0]`, not `notify.[0]`.
+                    format!("{prefix}{path}")
                 } else {
                     format!("{prefix}.{path}")
                 };
@@ -863,6 +866,17 @@ checks = [
     }
 
     #[test]
+    fn a_store_needs_a_path() {
+        let found = problems("[store]\npath = \"\"\n[agents.a]\ncommand = [\"a\"]\n");
+        assert!(
+            found
+                .iter()
+                .any(|p| p.key == "store.path" && p.message.contains("is empty")),
+            "{found:?}"
+        );
+    }
+
+    #[test]
     fn an_api_token_comes_from_one_place() {
         let found = problems(
             "[http]\ntoken = \"secret\"\ntoken_file = \"token.txt\"\n[agents.a]\ncommand = [\"a\"]\n",
@@ -1002,6 +1016,20 @@ events = ["replica_restarted"]
                 && unknown[0].message.contains("breaker_open"),
             "{unknown:?}"
         );
+        // Triggers that could never hold.
+        let never = problems(
+            "[agents.a]\ncommand = [\"a\"]\nbreaker = { enabled = false }\n[degradation]\nreduced = { triggers = [{ when = \"agents_unavailable\", at_least = 2 }, { when = \"breaker_open\", agent = \"a\" }] }\n",
+        );
+        let all: Vec<String> = never.iter().map(ToString::to_string).collect();
+        for expected in [
+            "degradation.reduced.triggers[0].at_least: 2 is more than the 1 agent(s) of the fleet",
+            "degradation.reduced.triggers[1].agent: agent \"a\" has its breaker disabled",
+        ] {
+            assert!(
+                all.iter().any(|p| p.contains(expected)),
+                "{expected} missing from {all:#?}"
+            );
+        }
         // A field the trigger does not have is refused, not ignored.
         let extra = problems(
             "[agents.a]\ncommand = [\"a\"]\n[broker]\nurl = \"nats://127.0.0.1:4222\"\n[degradation]\nreduced = { triggers = [{ when = \"broker_unreachable\", for = \"5m\" }] }\n",

@@ -800,7 +800,7 @@ pub enum Trigger {
     /// (restarting after a crash, stopped after running, or starting for
     /// 10 s or more).
     ReplicasFailing {
-        /// The fraction, 0.0 to 1.0.
+        /// The fraction, 0.0 up to (not including) 1.0.
         above: f64,
     },
     /// An agent with `critical = true` is unavailable.
@@ -1106,6 +1106,12 @@ impl Config {
         let mut problems = Vec::new();
         let mut problem = |key: String, message: String| problems.push(Problem::new(key, message));
         let store = &self.store;
+        if store.path.as_os_str().is_empty() {
+            problem(
+                "store.path".into(),
+                "is empty; give the store's file, e.g. \"flotilla.db\" (beside this config)".into(),
+            );
+        }
         if store.retention < store.dedup_window {
             problem(
                 "store.retention".into(),
@@ -1329,11 +1335,36 @@ impl Config {
                         ),
                     );
                 }
+                if let Trigger::BreakerOpen { agent } = trigger
+                    && self
+                        .agents
+                        .get(agent)
+                        .is_some_and(|config| !config.breaker.enabled)
+                {
+                    problem(
+                        format!("{key}.agent"),
+                        format!(
+                            "agent {agent:?} has its breaker disabled, so this trigger could never hold; enable its breaker or use agent_unresponsive"
+                        ),
+                    );
+                }
                 match trigger {
                     Trigger::AgentsUnavailable { at_least: 0 } => problem(
                         format!("{key}.at_least"),
                         "0 is out of range; valid: 1 or more".into(),
                     ),
+                    Trigger::AgentsUnavailable { at_least }
+                        if *at_least as usize > self.agents.len() =>
+                    {
+                        problem(
+                            format!("{key}.at_least"),
+                            format!(
+                                "{at_least} is more than the {} agent(s) of the fleet, so this trigger could never hold; valid: 1 to {}",
+                                self.agents.len(),
+                                self.agents.len()
+                            ),
+                        );
+                    }
                     Trigger::BrokerNodesBelow { nodes } if *nodes < 2 || *nodes > 5 => problem(
                         format!("{key}.nodes"),
                         format!("{nodes} is out of range; valid: 2 to 5"),

@@ -18,7 +18,7 @@ pub struct ReadinessConfig {
     /// (10ms to 5m, and at most `interval`; default 2s, or `interval` when
     /// shorter).
     pub timeout: Option<HumanDuration>,
-    /// The checks, any number; each names exactly one of `http`, `tcp`,
+    /// The checks, up to 32; each names exactly one of `http`, `tcp`,
     /// `command`, `workspace_writable`, `memory_below_pct`.
     pub checks: Vec<CheckConfig>,
 }

@@ -306,6 +306,15 @@ pub fn check_fleet(config: &Config) -> Vec<String> {
         .flat_map(|(name, agent)| check_agent(name, agent, config))
         .collect();
     problems.extend(config.http.start_problems(&config.base_dir));
+    // The embedded store's file (a broker keeps no file).
+    let store = config.store_path();
+    if config.broker.is_none() && !config.store.path.as_os_str().is_empty() && store.is_dir() {
+        problems.push(format!(
+            "store.path: {} is a directory; give a file in it, e.g. \"{}\"",
+            store.display(),
+            store.join("flotilla.db").display()
+        ));
+    }
     for (index, entry) in config.chaos.schedule.iter().enumerate() {
         if let Err(problem) =
             crate::experiment::Experiment::load(&config.resolve(&entry.experiment))
