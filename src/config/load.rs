@@ -144,6 +144,7 @@ pub fn parse(text: &str, source_name: &str, base_dir: PathBuf) -> Result<Config,
 
     let mut problems = Vec::new();
     let mut mistyped = Vec::new();
+    let mut unreadable: Vec<String> = Vec::new();
     let mut config = Config {
         base_dir,
         ..Config::default()
@@ -208,6 +209,8 @@ pub fn parse(text: &str, source_name: &str, base_dir: PathBuf) -> Result<Config,
                                 mistyped.push(name.clone());
                             }
                             config.agents.insert(name, agent);
+                        } else {
+                            unreadable.push(name);
                         }
                     }
                 }
@@ -225,7 +228,15 @@ pub fn parse(text: &str, source_name: &str, base_dir: PathBuf) -> Result<Config,
             )),
         }
     }
-    problems.extend(config.validate(&mistyped));
+    // An agent whose table could not be read (its problems are listed)
+    // is still defined: references to it are not "unknown agent" too.
+    problems.extend(config.validate(&mistyped).into_iter().filter(|problem| {
+        !unreadable.iter().any(|name| {
+            problem
+                .message
+                .starts_with(&format!("unknown agent {name:?}"))
+        })
+    }));
     if problems.is_empty() {
         return Ok(config);
     }
@@ -289,7 +300,27 @@ fn collect<T: DeserializeOwned>(
 /// serde's message, in the config's words where serde's name a Rust type.
 fn plain_message(key: &str, message: &str) -> String {
     if message.starts_with("invalid value: integer `0`, expected a nonzero") {
-        return "0 is out of range; valid: 1 or more".to_string();
+        let valid = if key.ends_with(".concurrency") {
+            format!("1 to {}", super::MAX_CONCURRENCY)
+        } else if key.ends_with(".max_deliver") {
+            format!("1 to {}", super::MAX_DELIVER)
+        } else {
+            "1 or more".to_string()
+        };
+        return format!("0 is out of range; valid: {valid}");
+    }
+    // Rust's type names, in words.
+    for (rust, words) in [
+        ("expected u32", "expected a whole number, 0 or more"),
+        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected usize", "expected a whole number, 0 or more"),
+        ("expected i32", "expected a whole number"),
+        ("expected f64", "expected a number"),
+        ("expected a boolean", "expected true or false"),
+    ] {
+        if let Some(found) = message.strip_suffix(rust) {
+            return format!("{found}{words}");
+        }
     }
     if let Some(found) = message.strip_suffix(", expected struct Replicas") {
         let example = found
@@ -496,7 +527,7 @@ command = "x y"
             "{all}"
         );
         assert!(
-            all.contains("agents.other.retry.max_deliver: 0 is out of range; valid: 1 or more"),
+            all.contains("agents.other.retry.max_deliver: 0 is out of range; valid: 1 to 1000"),
             "{all}"
         );
         assert!(
@@ -863,6 +894,37 @@ checks = [
             );
         }
         assert!(!all.iter().any(|p| p.contains(" 3 can never")), "{all:#?}");
+    }
+
+    #[test]
+    fn type_errors_are_in_words() {
+        let found = problems(
+            "[agents.a]\ncommand = [\"a\"]\nconcurrency = 0\nprefetch = -1\nbreaker = { failure_rate = \"0.5\" }\n",
+        );
+        let all: Vec<String> = found.iter().map(ToString::to_string).collect();
+        for expected in [
+            "agents.a.concurrency: 0 is out of range; valid: 1 to 256",
+            "agents.a.prefetch: invalid value: integer `-1`, expected a whole number, 0 or more",
+            "agents.a.breaker.failure_rate: invalid type: string \"0.5\", expected a number",
+        ] {
+            assert!(
+                all.iter().any(|p| p.contains(expected)),
+                "{expected} missing from {all:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unreadable_agent_is_not_also_unknown() {
+        let found = problems(
+            "[daemon]\nagents = [\"a\", \"b\"]\n[agents.a]\ncomand = [\"a\"]\n[agents.b]\ncommand = [\"b\"]\nmanager = \"a\"\nfallback = [\"a\"]\n",
+        );
+        let all: Vec<String> = found.iter().map(ToString::to_string).collect();
+        assert!(
+            all.iter().any(|p| p.contains("agents.a.comand")),
+            "the typo is named: {all:#?}"
+        );
+        assert!(!all.iter().any(|p| p.contains("unknown agent")), "{all:#?}");
     }
 
     #[test]
