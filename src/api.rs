@@ -480,12 +480,22 @@ pub struct SubmitBody {
     /// One task's priority (default normal).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
-    /// One task's payload.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// One task's payload (`null` is a payload too).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub payload: Option<Value>,
     /// A batch of tasks, in place of `payload`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tasks: Option<Vec<TaskBody>>,
+}
+
+/// A field that is there, `null` included (an `Option<Value>` would read
+/// `null` as missing).
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
 }
 
 /// One task of a batch.

@@ -180,6 +180,18 @@ breaker = {{ enabled = false }}
     assert_eq!(body[0]["id"], "api-1");
     let (_, again) = api.post("/api/v1/tasks", one).await;
     assert_eq!(again[0]["duplicate"], true, "{again}");
+    // `null` is a payload, as it is beside the config.
+    let (status, body) = api
+        .post(
+            "/api/v1/tasks",
+            json!({"agent": "worker", "id": "api-null", "payload": null}),
+        )
+        .await;
+    assert_eq!(
+        (status, &body[0]["id"]),
+        (200, &json!("api-null")),
+        "{body}"
+    );
     wait_until(Duration::from_secs(20), "api-1 to complete", || async {
         api.get("/api/v1/tasks/api-1").await.1["state"] == "completed"
     })
