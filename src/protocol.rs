@@ -228,39 +228,57 @@ pub fn parse_line(line: &str) -> Result<FromAgent, LineError> {
     let message =
         serde_json::from_str::<FromAgent>(line).map_err(|error| malformed(error.to_string()))?;
     // A result whose output went under another name would complete the
-    // task with `null` and lose it: unknown fields are otherwise ignored
-    // (forward compatibility), but not in place of `output`.
+    // task with `null` and lose it. Unknown fields are otherwise ignored
+    // (forward compatibility), but not one that looks like `output`.
     if let FromAgent::Result {
         output: Value::Null,
         ..
     } = &message
         && let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(line)
         && !fields.contains_key("output")
+        && let Some(key) = fields.keys().find(|key| misnamed_output(key))
     {
-        let unknown: Vec<&str> = fields
-            .keys()
-            .map(String::as_str)
-            .filter(|key| !matches!(*key, "type" | "id" | "changes"))
-            .collect();
-        if !unknown.is_empty() {
-            return Err(malformed(format!(
-                "a result without `output` but with {}: the result goes in `output` (leave out `output` only for a null result)",
-                unknown
-                    .iter()
-                    .map(|key| format!("`{}`", excerpt(key)))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
+        return Err(malformed(format!(
+            "a result without `output` but with `{}`: the result goes in `output` (leave out `output` only for a null result)",
+            excerpt(key)
+        )));
     }
     Ok(message)
+}
+
+/// Whether `key` of a result is most likely its `output` under another
+/// name: `result`, `data`, `outputs`, a misspelling of `output`...
+fn misnamed_output(key: &str) -> bool {
+    const NAMES: [&str; 9] = [
+        "result", "results", "outputs", "data", "value", "answer", "response", "content", "out",
+    ];
+    let key = key.to_ascii_lowercase();
+    NAMES.contains(&key.as_str()) || (key.len() <= 12 && edit_distance(&key, "output") <= 2)
+}
+
+/// Levenshtein distance of two short ASCII strings.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b = b.as_bytes();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.bytes().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 /// The type (`result` or `error`) and task id of a line that
 /// [`parse_line`] refused but that is clearly an outcome of a task: the
 /// attempt it names can be failed at once with the reason, rather than
 /// wait for its progress timeout.
-pub fn outcome_of_malformed(line: &str) -> Option<(&'static str, Option<String>)> {
+pub fn outcome_of_malformed(line: &str) -> Option<MalformedOutcome> {
     let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(line.trim_end_matches('\r'))
     else {
         return None;
@@ -275,7 +293,34 @@ pub fn outcome_of_malformed(line: &str) -> Option<(&'static str, Option<String>)
         Some(Value::String(id)) => Some(id.clone()),
         Some(_) => return None,
     };
-    Some((kind, id))
+    // What an `error` said, where it can be read.
+    let is_error = kind == "error";
+    Some(MalformedOutcome {
+        kind,
+        id,
+        message: fields
+            .get("message")
+            .and_then(Value::as_str)
+            .filter(|_| is_error)
+            .map(excerpt),
+        retryable: fields
+            .get("retryable")
+            .and_then(Value::as_bool)
+            .filter(|_| is_error),
+    })
+}
+
+/// A task's `result` or `error` that [`parse_line`] refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MalformedOutcome {
+    /// `result` or `error`.
+    pub kind: &'static str,
+    /// The task it names, if any.
+    pub id: Option<String>,
+    /// An error's message, where it is a string.
+    pub message: Option<String>,
+    /// An error's `retryable`, where it is a boolean.
+    pub retryable: Option<bool>,
 }
 
 /// How many characters of an agent's stderr line are logged.
@@ -325,28 +370,46 @@ mod tests {
 
     #[test]
     fn a_result_under_another_name_is_refused_and_named() {
-        let error = parse_line(r#"{"type":"result","id":"t","result":{"n":1}}"#).unwrap_err();
-        assert!(
-            error
-                .to_string()
-                .contains("a result without `output` but with `result`"),
-            "{error}"
-        );
-        // A null result, and changes alone, are fine.
+        for (line, named) in [
+            (r#"{"type":"result","id":"t","result":{"n":1}}"#, "`result`"),
+            (r#"{"type":"result","id":"t","Data":1}"#, "`Data`"),
+            (r#"{"type":"result","id":"t","ouptut":1}"#, "`ouptut`"),
+        ] {
+            let error = parse_line(line).unwrap_err().to_string();
+            assert!(
+                error.contains(&format!("a result without `output` but with {named}")),
+                "{error}"
+            );
+        }
+        // A null result, changes alone, and fields of later versions
+        // (ignored) are fine.
         for line in [
             r#"{"type":"result","id":"t"}"#,
             r#"{"type":"result","id":"t","changes":[]}"#,
             r#"{"type":"result","id":"t","output":null,"extra":1}"#,
+            r#"{"type":"result","id":"t","usage":{"tokens":5}}"#,
         ] {
             assert!(parse_line(line).is_ok(), "{line}");
         }
         assert_eq!(
-            outcome_of_malformed(r#"{"type":"error","id":"t","message":"x","retry_after_ms":1.5}"#),
-            Some(("error", Some("t".to_string())))
+            outcome_of_malformed(
+                r#"{"type":"error","id":"t","message":"x","retryable":false,"retry_after_ms":1.5}"#
+            ),
+            Some(MalformedOutcome {
+                kind: "error",
+                id: Some("t".to_string()),
+                message: Some("x".to_string()),
+                retryable: Some(false),
+            })
         );
         assert_eq!(
             outcome_of_malformed(r#"{"type":"result","output":1,"changes":7}"#),
-            Some(("result", None))
+            Some(MalformedOutcome {
+                kind: "result",
+                id: None,
+                message: None,
+                retryable: None,
+            })
         );
         for line in [
             r#"{"type":"progress","id":"t","step":7}"#,

@@ -1106,7 +1106,7 @@ impl Config {
         let mut problems = Vec::new();
         let mut problem = |key: String, message: String| problems.push(Problem::new(key, message));
         let store = &self.store;
-        if store.path.as_os_str().is_empty() {
+        if store.path.as_os_str().is_empty() && self.broker.is_none() {
             problem(
                 "store.path".into(),
                 "is empty; give the store's file, e.g. \"flotilla.db\" (beside this config)".into(),

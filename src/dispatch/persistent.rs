@@ -541,17 +541,25 @@ impl Replica<'_> {
                 // A malformed result or error of a task this replica
                 // holds fails the attempt now, saying why, instead of
                 // leaving it to its progress timeout.
-                if let Some((kind, id)) = protocol::outcome_of_malformed(text)
-                    && self.task_for(id.as_deref()).is_some()
+                if let Some(outcome) = protocol::outcome_of_malformed(text)
+                    && self.task_for(outcome.id.as_deref()).is_some()
                 {
                     let reason = match &error {
                         LineError::Malformed { reason, .. } => reason.clone(),
                         LineError::TooLong { .. } => error.to_string(),
                     };
+                    let said = outcome
+                        .message
+                        .map_or_else(String::new, |message| format!(" (it said: {message})"));
                     self.handle_message(FromAgent::Error {
-                        id,
-                        message: format!("the agent's {kind} message was malformed: {reason}"),
-                        retryable: true,
+                        id: outcome.id,
+                        message: format!(
+                            "the agent's {} message was malformed: {reason}{said}",
+                            outcome.kind
+                        ),
+                        // An error that said it cannot succeed is taken
+                        // at its word.
+                        retryable: outcome.retryable.unwrap_or(true),
                         retry_after_ms: None,
                     })
                     .await;

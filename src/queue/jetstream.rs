@@ -41,7 +41,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, kv, stream};
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::{StreamExt as _, TryStreamExt as _};
+use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{Notify, mpsc};
@@ -1682,6 +1682,13 @@ impl Inner {
                 if !dead {
                     record.task.checkpoint = None;
                 }
+                if envelope.expects == Some(TaskState::Completed) {
+                    // A completed task submitted again is a new task
+                    // under the old id (as its submitter writes it): its
+                    // dedup window runs from now, and no history.
+                    record.task.created_ms = envelope.created_ms;
+                    record.task.history.clear();
+                }
                 record.life = envelope.life;
                 record.generation = envelope.generation;
                 record.task.agent.clone_from(&envelope.agent);
@@ -2173,14 +2180,22 @@ impl TaskQueue for JetStreamQueue {
             })
             .collect();
         let inner = &self.inner;
-        // Stops at the first failure: with the broker down, each task
-        // would take its retries' worth of time (seconds) in turn. A
-        // submit cut off there may have published its task without its
-        // record; the consumer writes the record from the message.
-        let done: Result<Vec<SubmitReceipt>, QueueError> =
+        // After the first failure no further task is started: with the
+        // broker down, each would take its retries' worth of time
+        // (seconds) in turn. Those under way finish (one cut off midway
+        // could leave a resubmitted task's old journal deleted and the
+        // task not published).
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let failed = &failed;
+        // `Err(None)`: not tried, after an earlier task failed.
+        let done: Vec<Result<SubmitReceipt, Option<QueueError>>> =
             futures_util::stream::iter(jobs.into_iter().map(|job| async move {
                 match job {
-                    Ok(task) => inner.submit_one(task).await,
+                    Ok(_) if failed.load(std::sync::atomic::Ordering::Relaxed) => Err(None),
+                    Ok(task) => inner.submit_one(task).await.map_err(|error| {
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        Some(error)
+                    }),
                     Err(id) => Ok(SubmitReceipt {
                         id,
                         duplicate: true,
@@ -2189,8 +2204,23 @@ impl TaskQueue for JetStreamQueue {
                 }
             }))
             .buffered(SUBMIT_CONCURRENCY)
-            .try_collect()
+            .collect()
             .await;
+        let mut receipts = Vec::with_capacity(done.len());
+        let mut first_failure = None;
+        for done in done {
+            match done {
+                Ok(receipt) => receipts.push(receipt),
+                Err(Some(error)) => {
+                    first_failure.get_or_insert(error);
+                }
+                Err(None) => {}
+            }
+        }
+        let done = match first_failure {
+            Some(error) => Err(error),
+            None => Ok(receipts),
+        };
         for agent in &agents {
             inner.ring(agent).await;
         }
@@ -2680,13 +2710,12 @@ impl TaskQueue for JetStreamQueue {
 
     async fn replay(&self, selection: &Selection) -> Result<u64, QueueError> {
         let records = self.inner.dead_letters(selection).await?;
+        // The copies to delete once replayed: those there now. A replayed
+        // task may die again before its purge, and its new copy must stay.
+        let before = self.inner.dlq_next_sequence().await?;
         let mut count = 0;
         for (record, _) in records {
             let read = record.version();
-            // The copies to delete once replayed: those there now. The
-            // replayed task may die again before the purge, and its new
-            // copy must stay.
-            let before = self.inner.dlq_next_sequence().await?;
             let mut envelope = record.envelope();
             envelope.expects = Some(TaskState::DeadLettered);
             envelope.expects_version = Some(read);
@@ -2718,7 +2747,11 @@ impl TaskQueue for JetStreamQueue {
             if !replayed {
                 continue;
             }
-            self.inner.purge_dead_letter(&record, Some(before)).await?;
+            // An empty stream has no copy to delete (and a purge below
+            // sequence 1 would delete every copy of the subject).
+            if before > 1 {
+                self.inner.purge_dead_letter(&record, Some(before)).await?;
+            }
             self.inner.ring(&record.task.agent).await;
             count += 1;
         }
