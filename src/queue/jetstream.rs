@@ -1679,7 +1679,9 @@ impl Inner {
                 // truth. A resubmitted task starts without the old run's
                 // checkpoint.
                 let dead = record.task.state == TaskState::DeadLettered;
-                if !dead {
+                // A replayed dead letter and a retried escalation go on
+                // from their checkpoint (as their own paths keep it).
+                if matches!(envelope.expects, None | Some(TaskState::Completed)) {
                     record.task.checkpoint = None;
                 }
                 if envelope.expects == Some(TaskState::Completed) {
