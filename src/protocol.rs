@@ -249,11 +249,12 @@ pub fn parse_line(line: &str) -> Result<FromAgent, LineError> {
 /// Whether `key` of a result is most likely its `output` under another
 /// name: `result`, `data`, `outputs`, a misspelling of `output`...
 fn misnamed_output(key: &str) -> bool {
-    const NAMES: [&str; 9] = [
-        "result", "results", "outputs", "data", "value", "answer", "response", "content", "out",
-    ];
+    // Few, so that a field of a later protocol version is not taken for
+    // one (docs/protocol.md lists them).
+    const NAMES: [&str; 4] = ["result", "results", "outputs", "data"];
     let key = key.to_ascii_lowercase();
-    NAMES.contains(&key.as_str()) || (key.len() <= 12 && edit_distance(&key, "output") <= 2)
+    // Within 2 edits of `output` means 4 to 8 characters.
+    NAMES.contains(&key.as_str()) || (key.len() <= 8 && edit_distance(&key, "output") <= 2)
 }
 
 /// Levenshtein distance of two short ASCII strings.

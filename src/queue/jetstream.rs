@@ -1687,9 +1687,10 @@ impl Inner {
                 if envelope.expects == Some(TaskState::Completed) {
                     // A completed task submitted again is a new task
                     // under the old id (as its submitter writes it): its
-                    // dedup window runs from now, and no history.
+                    // dedup window runs from now, no history, no replays.
                     record.task.created_ms = envelope.created_ms;
                     record.task.history.clear();
+                    record.task.replays = 0;
                 }
                 record.life = envelope.life;
                 record.generation = envelope.generation;
