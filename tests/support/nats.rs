@@ -99,6 +99,10 @@ impl NatsServer {
         let binary = binary_for(test)?;
         let ports = free_ports(3 * count);
         let ports: Vec<&[u16]> = ports.chunks(3).collect();
+        // Its own cluster name: a node of another test's cluster that got
+        // one of these ports (free ports are only free when looked at)
+        // cannot join it.
+        let name = format!("flotilla-{}-{}", std::process::id(), ports[0][1]);
         let routes: Vec<String> = ports
             .iter()
             .map(|node| format!("nats://127.0.0.1:{}", node[1]))
@@ -112,7 +116,7 @@ impl NatsServer {
                 let config = store.path().join("nats.conf");
                 let log = store.path().join("nats.log");
                 let text = format!(
-                    "server_name: n{index}\nlisten: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor}\"\nlog_file: \"{}\"\njetstream {{ store_dir: \"{}\" }}\ncluster {{\n  name: flotilla\n  listen: \"127.0.0.1:{cluster}\"\n  routes: [{}]\n}}\n",
+                    "server_name: n{index}\nlisten: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor}\"\nlog_file: \"{}\"\njetstream {{ store_dir: \"{}\" }}\ncluster {{\n  name: {name}\n  listen: \"127.0.0.1:{cluster}\"\n  routes: [{}]\n}}\n",
                     log.display(),
                     store.path().join("js").display(),
                     routes
