@@ -632,7 +632,7 @@ async fn count_store(
             _ = shutdown.changed() => return,
             _ = ticker.tick() => {}
         }
-        match tokio::time::timeout(every, store.queue().counts()).await {
+        match tokio::time::timeout(every, store.periodic_counts()).await {
             Ok(Ok(counts)) => metrics.set_store_counts(
                 counts.iter().map(|(_, counts)| counts.queued).sum(),
                 counts.iter().map(|(_, counts)| counts.dead_lettered).sum(),

@@ -52,6 +52,9 @@ pub fn daemon_name(config: &Config) -> String {
     config.daemon.name.clone().unwrap_or_else(host_name)
 }
 
+/// How old the counts a broker daemon's watchdog and metrics read may be.
+pub const BROKER_COUNT_AGE: std::time::Duration = std::time::Duration::from_secs(25);
+
 impl Store {
     /// A client of a fresh embedded store in `dir`, for unit tests.
     #[cfg(test)]
@@ -100,6 +103,22 @@ impl Store {
                 let queue = JetStreamQueue::open(client, stats, broker, settings, clock).await?;
                 Ok(Self::Broker(Arc::new(queue)))
             }
+        }
+    }
+
+    /// Task counts per agent for periodic readers (the watchdog, the
+    /// metrics): on a broker, where counting reads every record, taken at
+    /// most [`BROKER_COUNT_AGE`] ago and shared; on the embedded store,
+    /// counted now.
+    ///
+    /// # Errors
+    /// As [`TaskQueue::counts`].
+    pub async fn periodic_counts(
+        &self,
+    ) -> Result<Vec<(String, crate::queue::StateCounts)>, crate::queue::QueueError> {
+        match self {
+            Self::Embedded(queue) => queue.counts().await,
+            Self::Broker(queue) => queue.recent_counts(BROKER_COUNT_AGE).await,
         }
     }
 

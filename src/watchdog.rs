@@ -309,7 +309,7 @@ pub async fn run(
             _ = stop.changed() => return,
             _ = ticker.tick() => {}
         }
-        let counts: HashMap<String, u64> = match store.queue().counts().await {
+        let counts: HashMap<String, u64> = match store.periodic_counts().await {
             Ok(counts) => counts
                 .into_iter()
                 .map(|(agent, counts)| (agent, counts.queued))

@@ -160,6 +160,33 @@ async fn a_resubmitted_task_skips_a_used_message_id() {
     again[0].settle();
 }
 
+/// A daemon's periodic readers share one count, taken at most so long
+/// ago: counting reads every record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_counts_are_shared_for_a_while() {
+    let Some(server) = NatsServer::start("periodic_counts_are_shared_for_a_while") else {
+        return;
+    };
+    let queue = open(&server.url, "counted").await;
+    let queued = |counts: Vec<(String, flotilla::queue::StateCounts)>| {
+        counts.iter().map(|(_, counts)| counts.queued).sum::<u64>()
+    };
+    queue.submit(vec![task("c1")]).await.unwrap();
+    let minute = Duration::from_secs(60);
+    assert_eq!(queued(queue.recent_counts(minute).await.unwrap()), 1);
+    queue.submit(vec![task("c2")]).await.unwrap();
+    assert_eq!(
+        queued(queue.recent_counts(minute).await.unwrap()),
+        1,
+        "the count of a moment ago"
+    );
+    assert_eq!(
+        queued(queue.recent_counts(Duration::ZERO).await.unwrap()),
+        2
+    );
+    assert_eq!(queued(queue.counts().await.unwrap()), 2, "counts are fresh");
+}
+
 /// Leases the one task there is and dead-letters it.
 async fn kill(queue: &JetStreamQueue) {
     let mut leases = queue

@@ -593,7 +593,13 @@ struct Inner {
 pub struct JetStreamQueue {
     inner: Arc<Inner>,
     background: Vec<JoinHandle<()>>,
+    /// The last counts and when they were taken: counting reads every
+    /// record, so the daemon's periodic readers share one count.
+    counted: tokio::sync::Mutex<Option<Counted>>,
 }
+
+/// Counts per agent, and when they were taken.
+type Counted = (tokio::time::Instant, Vec<(String, StateCounts)>);
 
 impl Drop for JetStreamQueue {
     fn drop(&mut self) {
@@ -725,7 +731,32 @@ impl JetStreamQueue {
             tokio::spawn(release_returned(Arc::downgrade(&inner), returned)),
             tokio::spawn(listen_for_wakes(Arc::downgrade(&inner), wakes)),
         ];
-        Ok(Self { inner, background })
+        Ok(Self {
+            inner,
+            background,
+            counted: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// [`TaskQueue::counts`], taken at most `max_age` ago: the watchdog
+    /// and the metrics of one daemon share a count rather than each
+    /// reading every record. One count runs at a time.
+    ///
+    /// # Errors
+    /// As [`TaskQueue::counts`].
+    pub async fn recent_counts(
+        &self,
+        max_age: Duration,
+    ) -> Result<Vec<(String, StateCounts)>, QueueError> {
+        let mut counted = self.counted.lock().await;
+        if let Some((at, counts)) = counted.as_ref()
+            && at.elapsed() < max_age
+        {
+            return Ok(counts.clone());
+        }
+        let counts = self.counts().await?;
+        *counted = Some((tokio::time::Instant::now(), counts.clone()));
+        Ok(counts)
     }
 
     /// The broker connection as `status` shows it.
