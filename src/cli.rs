@@ -4,7 +4,6 @@
 //! Exit codes: 0 success; 1 the operation failed (store, daemon, lost
 //! tasks in the demo); 2 bad usage, config or input.
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -1503,55 +1502,89 @@ fn parse_task_line(line: &str, agent: &str, priority: Priority) -> Result<NewTas
 /// Reads the tasks of a `submit --file` input; with `max_payload` (the
 /// store's limit, known beside the config) an oversized payload is named
 /// by its line, with the other bad lines.
-fn read_task_file(
+async fn read_task_file(
     path: &Path,
     agent: &str,
     priority: Priority,
     max_payload: Option<usize>,
 ) -> Result<Vec<NewTask>, Failure> {
-    let reader: Box<dyn BufRead> = if path == Path::new("-") {
-        Box::new(std::io::BufReader::new(std::io::stdin()))
+    let reader: Box<dyn tokio::io::AsyncBufRead + Unpin + Send> = if path == Path::new("-") {
+        Box::new(tokio::io::BufReader::new(tokio::io::stdin()))
     } else {
-        let file = std::fs::File::open(path)
+        let file = tokio::fs::File::open(path)
+            .await
             .map_err(|error| Failure::usage(format!("cannot read {}: {error}", path.display())))?;
-        Box::new(std::io::BufReader::new(file))
+        Box::new(tokio::io::BufReader::new(file))
     };
+    // Each line read up to the API's largest body: a longer one is a bad
+    // line, not memory without end.
+    let name = path.display().to_string();
+    read_tasks(
+        reader,
+        &name,
+        agent,
+        priority,
+        max_payload,
+        crate::api::MAX_BODY_BYTES,
+    )
+    .await
+}
+
+/// The tasks of the lines of `reader` (named `name` in messages), each line
+/// at most `max_line` bytes; every bad line is named at once, and nothing
+/// is returned unless all are good.
+async fn read_tasks(
+    reader: impl tokio::io::AsyncBufRead + Unpin,
+    name: &str,
+    agent: &str,
+    priority: Priority,
+    max_payload: Option<usize>,
+    max_line: usize,
+) -> Result<Vec<NewTask>, Failure> {
+    let mut lines = crate::lines::LineReader::new(reader, max_line);
     let mut tasks = Vec::new();
     let mut problems = Vec::new();
-    for (number, line) in bounded_lines(reader, MAX_FILE_LINE_BYTES).enumerate() {
-        let line = line.map_err(|error| {
-            Failure::usage(format!(
-                "cannot read {} line {}: {error}",
-                path.display(),
-                number + 1
-            ))
+    let mut number = 0;
+    loop {
+        let line = lines.next_line().await.map_err(|error| {
+            Failure::usage(format!("cannot read {name} line {}: {error}", number + 1))
         })?;
+        number += 1;
+        let line = match line {
+            None => break,
+            Some(crate::lines::Line::Text(line)) => line,
+            Some(crate::lines::Line::TooLong) => {
+                problems.push(format!("line {number}: longer than {max_line} bytes"));
+                continue;
+            }
+            Some(crate::lines::Line::NotUtf8(_)) => {
+                problems.push(format!("line {number}: not UTF-8"));
+                continue;
+            }
+        };
         if line.trim().is_empty() {
             continue;
         }
         if tasks.len() + problems.len() >= MAX_FILE_TASKS {
             return Err(Failure::usage(format!(
-                "{} has more than {MAX_FILE_TASKS} tasks; split it into several submits",
-                path.display()
+                "{name} has more than {MAX_FILE_TASKS} tasks; split it into several submits"
             )));
         }
         match parse_task_line(&line, agent, priority) {
             Ok(task) => match max_payload.map(|max| (task.payload.to_string().len(), max)) {
                 Some((size, max)) if size > max => problems.push(format!(
-                    "line {}: payload of {size} bytes exceeds store.max_payload_bytes = {max}",
-                    number + 1
+                    "line {number}: payload of {size} bytes exceeds store.max_payload_bytes = {max}"
                 )),
                 _ => tasks.push(task),
             },
-            Err(problem) => problems.push(format!("line {}: {problem}", number + 1)),
+            Err(problem) => problems.push(format!("line {number}: {problem}")),
         }
     }
     if !problems.is_empty() {
         let shown: Vec<&String> = problems.iter().take(20).collect();
         let more = problems.len().saturating_sub(shown.len());
         let mut message = format!(
-            "{} has {} bad line(s); nothing was submitted:\n  {}",
-            path.display(),
+            "{name} has {} bad line(s); nothing was submitted:\n  {}",
             problems.len(),
             shown
                 .iter()
@@ -1565,42 +1598,6 @@ fn read_task_file(
         return Err(Failure::usage(message));
     }
     Ok(tasks)
-}
-
-/// Longest line of a `submit --file` input: the API's largest body.
-const MAX_FILE_LINE_BYTES: usize = crate::api::MAX_BODY_BYTES;
-
-/// The lines of `reader` (without their end), each read up to `max` bytes:
-/// a longer one is an error rather than memory without end.
-fn bounded_lines(
-    mut reader: impl BufRead,
-    max: usize,
-) -> impl Iterator<Item = std::io::Result<String>> {
-    std::iter::from_fn(move || {
-        let mut line = Vec::new();
-        let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
-        match std::io::Read::take(reader.by_ref(), limit).read_until(b'\n', &mut line) {
-            Ok(0) => None,
-            Ok(_) if line.len() > max && line.last() != Some(&b'\n') => {
-                Some(Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("the line is longer than {max} bytes"),
-                )))
-            }
-            Ok(_) => {
-                if line.last() == Some(&b'\n') {
-                    line.pop();
-                    if line.last() == Some(&b'\r') {
-                        line.pop();
-                    }
-                }
-                Some(String::from_utf8(line).map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::InvalidData, "the line is not UTF-8")
-                }))
-            }
-            Err(error) => Some(Err(error)),
-        }
-    })
 }
 
 async fn submit(target: &Target, args: SubmitArgs) -> Result<ExitCode, Failure> {
@@ -1624,7 +1621,7 @@ async fn submit(target: &Target, args: SubmitArgs) -> Result<ExitCode, Failure> 
                 Target::Local(config) => Some(config.store.max_payload_bytes.as_usize()),
                 Target::Remote(_) => None,
             };
-            let tasks = read_task_file(path, &args.agent, args.priority, max_payload)?;
+            let tasks = read_task_file(path, &args.agent, args.priority, max_payload).await?;
             if tasks.is_empty() {
                 return Err(Failure::usage("no tasks to submit: the file is empty"));
             }
@@ -2068,18 +2065,22 @@ mod tests {
         assert_eq!(own.priority, Priority::Low);
     }
 
-    #[test]
-    fn file_lines_are_bounded() {
-        let text = "short\r\nmuch too long\nend";
-        let lines: Vec<_> = bounded_lines(text.as_bytes(), 8).collect();
-        assert_eq!(lines[0].as_ref().unwrap(), "short");
+    #[tokio::test]
+    async fn file_lines_are_bounded() {
+        let text = "{\"n\": 1}\r\n[\"much too long\"]\n\n2\n";
+        let problem = read_tasks(text.as_bytes(), "t.jsonl", "a", Priority::Normal, None, 10)
+            .await
+            .unwrap_err()
+            .message;
         assert!(
-            lines[1]
-                .as_ref()
-                .unwrap_err()
-                .to_string()
-                .contains("longer than 8 bytes")
+            problem.contains("t.jsonl has 1 bad line(s)")
+                && problem.contains("line 2: longer than 10 bytes"),
+            "{problem}"
         );
+        let tasks = read_tasks("1\n\n2\n".as_bytes(), "t", "a", Priority::Normal, None, 10)
+            .await
+            .unwrap();
+        assert_eq!(tasks.len(), 2);
     }
 
     #[test]

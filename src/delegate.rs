@@ -761,7 +761,11 @@ mod tests {
         }
     }
 
-    async fn submit_root(store: &Store) {
+    /// A fresh embedded store (in the directory returned with it) holding
+    /// the root task `parent`.
+    async fn with_root() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::embedded_in(dir.path());
         store
             .queue()
             .submit(vec![NewTask {
@@ -772,6 +776,7 @@ mod tests {
             }])
             .await
             .unwrap();
+        (dir, store)
     }
 
     /// Carries out `what` for a fleet of [`agents`].
@@ -789,9 +794,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waited_child_of_a_dead_parent_is_orphaned() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::embedded_in(dir.path());
-        submit_root(&store).await;
+        let (_dir, store) = with_root().await;
         let limits = crate::config::DelegationConfig::default();
         for (key, wait) in [("w", true), ("f", false)] {
             try_send(&store, &limits, &send_to("worker", key, wait))
@@ -812,9 +815,7 @@ mod tests {
 
     #[tokio::test]
     async fn fan_out_and_depth_are_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::embedded_in(dir.path());
-        submit_root(&store).await;
+        let (_dir, store) = with_root().await;
         let limits = crate::config::DelegationConfig {
             max_fan_out: 2,
             max_depth: 2,
@@ -855,9 +856,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_tree_shows_every_level_and_the_parents_state() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::embedded_in(dir.path());
-        submit_root(&store).await;
+        let (_dir, store) = with_root().await;
         let limits = crate::config::DelegationConfig::default();
         for send_it in [
             send_to("worker", "a", true),
@@ -890,9 +889,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_large_tree_is_cut_level_by_level() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::embedded_in(dir.path());
-        submit_root(&store).await;
+        let (_dir, store) = with_root().await;
         let limits = crate::config::DelegationConfig::default();
         // 30 children; the first 8 send 30 each: 270 tasks below the root.
         for n in 0..30 {
@@ -924,9 +921,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_wait_that_would_close_a_cycle_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::embedded_in(dir.path());
-        submit_root(&store).await;
+        let (_dir, store) = with_root().await;
         let limits = crate::config::DelegationConfig::default();
         // manager waits on worker, which waits on reviewer.
         try_send(&store, &limits, &send_to("worker", "w", true))
@@ -959,9 +954,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_wait_ends_with_a_timeout_reply_while_the_child_goes_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::embedded_in(dir.path());
-        submit_root(&store).await;
+        let (_dir, store) = with_root().await;
         let limits = crate::config::DelegationConfig::default();
         let sent = try_send(&store, &limits, &send_to("worker", "w", true))
             .await
@@ -1021,10 +1014,8 @@ mod tests {
     /// found no child to cancel, so the sender cancels the one it sent.
     #[tokio::test]
     async fn a_child_sent_after_its_parent_ended_is_cancelled() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::embedded_in(dir.path());
+        let (_dir, store) = with_root().await;
         let limits = crate::config::DelegationConfig::default();
-        submit_root(&store).await;
         assert!(store.queue().cancel("parent", "not needed").await.unwrap());
         assert_eq!(cancel_children(&store, "parent", "not needed").await, 0);
 
@@ -1045,10 +1036,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_replayed_parent_sending_again_replays_its_cancelled_child() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::embedded_in(dir.path());
+        let (_dir, store) = with_root().await;
         let limits = crate::config::DelegationConfig::default();
-        submit_root(&store).await;
         let sent = try_send(&store, &limits, &send_to("worker", "w", true))
             .await
             .unwrap();
@@ -1127,10 +1116,8 @@ mod tests {
 
     #[tokio::test]
     async fn each_level_of_a_cancelled_tree_names_its_own_parent() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::embedded_in(dir.path());
+        let (_dir, store) = with_root().await;
         let limits = crate::config::DelegationConfig::default();
-        submit_root(&store).await;
         let child = try_send(&store, &limits, &send_to("worker", "w", true))
             .await
             .unwrap()

@@ -254,25 +254,7 @@ fn misnamed_output(key: &str) -> bool {
     const NAMES: [&str; 4] = ["result", "results", "outputs", "data"];
     let key = key.to_ascii_lowercase();
     // Within 2 edits of `output` means 4 to 8 characters.
-    NAMES.contains(&key.as_str()) || (key.len() <= 8 && edit_distance(&key, "output") <= 2)
-}
-
-/// Levenshtein distance of two short ASCII strings.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b = b.as_bytes();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.bytes().enumerate() {
-        let mut diagonal = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let above = row[j + 1];
-            row[j + 1] = (above + 1)
-                .min(row[j] + 1)
-                .min(diagonal + usize::from(ca != *cb));
-            diagonal = above;
-        }
-    }
-    row[b.len()]
+    NAMES.contains(&key.as_str()) || (key.len() <= 8 && strsim::levenshtein(&key, "output") <= 2)
 }
 
 /// The type (`result` or `error`) and task id of a line that

@@ -77,6 +77,19 @@ fn request(owner: &str, lease_for: Duration) -> LeaseRequest {
     }
 }
 
+/// Completes `lease` with `result`.
+async fn complete(
+    queue: &JetStreamQueue,
+    lease: &mut flotilla::queue::Lease,
+    result: serde_json::Value,
+) {
+    queue
+        .ack(&lease.key, &result, end(AttemptOutcome::Completed))
+        .await
+        .unwrap();
+    lease.settle();
+}
+
 fn end(outcome: AttemptOutcome) -> AttemptEnd {
     AttemptEnd::new(outcome, Some("worker/0".into()), "test")
 }
@@ -114,11 +127,7 @@ async fn a_resubmitted_task_skips_a_used_message_id() {
         .lease(&request("resub", Duration::from_secs(30)), Duration::ZERO)
         .await
         .unwrap();
-    queue
-        .ack(&first[0].key, &json!(1), end(AttemptOutcome::Completed))
-        .await
-        .unwrap();
-    first[0].settle();
+    complete(&queue, &mut first[0], json!(1)).await;
     // The id of the task's next generation, used by a publication that
     // lost its race (its message is dropped when claimed).
     let raw = async_nats::jetstream::new(async_nats::connect(&server.url).await.unwrap());
@@ -153,11 +162,7 @@ async fn a_resubmitted_task_skips_a_used_message_id() {
         .unwrap();
     assert_eq!(again.len(), 1, "the resubmitted task has a message");
     assert_eq!(again[0].key.task_id, "r1");
-    queue
-        .ack(&again[0].key, &json!(2), end(AttemptOutcome::Completed))
-        .await
-        .unwrap();
-    again[0].settle();
+    complete(&queue, &mut again[0], json!(2)).await;
 }
 
 /// A daemon's periodic readers share one count, taken at most so long
@@ -283,10 +288,7 @@ async fn a_task_moves_to_another_daemon_when_its_holder_stops_extending() {
         matches!(late, Err(QueueError::StaleLease { .. })),
         "{late:?}"
     );
-    b.ack(&moved[0].key, &json!("ok"), end(AttemptOutcome::Completed))
-        .await
-        .unwrap();
-    moved[0].settle();
+    complete(&b, &mut moved[0], json!("ok")).await;
     let record = b.get("m1").await.unwrap().unwrap();
     assert_eq!(record.state, TaskState::Completed);
     assert_eq!(record.result, Some(json!("ok")));
@@ -362,11 +364,7 @@ async fn a_purged_id_can_be_submitted_again() {
         .unwrap();
     assert_eq!(leases.len(), 1, "the new task is leasable");
     assert_eq!(leases[0].payload, json!({"id": "p1"}), "the new payload");
-    queue
-        .ack(&leases[0].key, &json!(1), end(AttemptOutcome::Completed))
-        .await
-        .unwrap();
-    leases[0].settle();
+    complete(&queue, &mut leases[0], json!(1)).await;
 }
 
 /// A task stored twice under one publication (a submit retried after the
