@@ -23,6 +23,16 @@ async fn open(url: &str, namespace: &str) -> JetStreamQueue {
 }
 
 async fn open_as(url: &str, namespace: &str, owner: &str, ack_wait: Duration) -> JetStreamQueue {
+    open_with(url, namespace, owner, ack_wait, clock::system()).await
+}
+
+async fn open_with(
+    url: &str,
+    namespace: &str,
+    owner: &str,
+    ack_wait: Duration,
+    clock: clock::SharedClock,
+) -> JetStreamQueue {
     let config = BrokerConfig {
         url: url.to_string(),
         namespace: namespace.to_string(),
@@ -37,7 +47,7 @@ async fn open_as(url: &str, namespace: &str, owner: &str, ack_wait: Duration) ->
         limits: conformance::limits(),
         owner: owner.into(),
     };
-    JetStreamQueue::open(client, stats, &config, settings, clock::system())
+    JetStreamQueue::open(client, stats, &config, settings, clock)
         .await
         .unwrap()
 }
@@ -421,4 +431,40 @@ async fn a_second_copy_of_a_task_message_does_not_take_the_task() {
         .await
         .unwrap();
     assert!(later.is_empty(), "nothing left to run");
+}
+
+/// A daemon times the leases it holds on the steady clock: setting the wall
+/// clock forward ends no running task, and setting it back keeps no lease
+/// past its time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_leases_ignore_steps_of_the_wall_clock() {
+    let Some(server) = NatsServer::start("held_leases_ignore_steps_of_the_wall_clock") else {
+        return;
+    };
+    let wall = Arc::new(support::SettableClock::default());
+    let queue = open_with(
+        &server.url,
+        "steps",
+        "steps",
+        Duration::from_secs(30),
+        wall.clone(),
+    )
+    .await;
+    queue.submit(vec![task("s1")]).await.unwrap();
+    let mut leases = queue
+        .lease(&request("steps", Duration::from_secs(2)), Duration::ZERO)
+        .await
+        .unwrap();
+    leases[0].settle();
+    wall.set_wall(3_600_000);
+    assert_eq!(queue.expire_leases().await.unwrap(), 0);
+    let running = queue.get("s1").await.unwrap().unwrap();
+    assert_eq!(running.state, TaskState::Running);
+    // Back by two hours: the stored deadline is now an hour ahead.
+    wall.set_wall(-7_200_000);
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    assert_eq!(queue.expire_leases().await.unwrap(), 1);
+    let back = queue.get("s1").await.unwrap().unwrap();
+    assert_eq!(back.state, TaskState::Queued);
+    assert_eq!(back.history[0].outcome, Some(AttemptOutcome::LeaseExpired));
 }

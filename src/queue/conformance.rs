@@ -754,10 +754,11 @@ pub async fn term_replay_purge<Q: TaskQueue>(queue: &Q) {
     );
     assert_eq!(
         queue
-            .replay(&Selection::Ids(vec!["t1".into()]))
+            .replay(&Selection::Ids(vec!["t1".into(), "t1".into()]))
             .await
             .unwrap(),
-        1
+        1,
+        "an id named twice is replayed once"
     );
     let record = queue.get("t1").await.unwrap().unwrap();
     assert_eq!(

@@ -485,6 +485,11 @@ struct TaskSummary {
 #[derive(Debug)]
 struct Held {
     reply: String,
+    /// When the lease ends unless extended, on the clock's steady reading
+    /// (kept only in memory: a step of the wall clock does not move it).
+    steady_deadline_ms: UnixMillis,
+    /// The lease deadline in the record as this process last wrote it
+    /// (wall time): a record showing another was extended meanwhile.
     deadline_ms: UnixMillis,
     /// The record as this process last wrote it, and its revision: an
     /// outcome tries its compare-and-set on it before reading the record.
@@ -1818,8 +1823,8 @@ impl Inner {
                 return Ok(None);
             }
             let number = record.task.attempts + 1;
-            let deadline_ms =
-                now + u64::try_from(request.lease_for.as_millis()).unwrap_or(u64::MAX / 2);
+            let lease_ms = u64::try_from(request.lease_for.as_millis()).unwrap_or(u64::MAX / 2);
+            let deadline_ms = now.saturating_add(lease_ms);
             record.task.attempts = number;
             record.task.charged_attempts += 1;
             record.task.state = TaskState::Running;
@@ -1853,6 +1858,7 @@ impl Inner {
                 key.clone(),
                 Held {
                     reply,
+                    steady_deadline_ms: self.clock.steady_ms().saturating_add(lease_ms),
                     deadline_ms,
                     cached: Some((record.clone(), revision)),
                 },
@@ -1955,23 +1961,20 @@ impl Inner {
     }
 
     /// Back to the queue after `delay`, charged or not. With
-    /// `only_expired`, a lease extended since it was seen expired (progress
-    /// in between) is kept. Returns whether the task went back.
+    /// `expired_deadline`, the lease deadline seen expired, a lease
+    /// extended since (progress in between: the record holds another
+    /// deadline) is kept. Returns whether the task went back.
     async fn requeue(
         &self,
         key: &LeaseKey,
         delay: Duration,
         end: &AttemptEnd,
         refund: bool,
-        only_expired: bool,
+        expired_deadline: Option<UnixMillis>,
     ) -> Result<bool, QueueError> {
         let (agent, reply) = self
             .end_held(key, end, |record, now| {
-                if only_expired
-                    && record
-                        .task
-                        .lease_deadline_ms
-                        .is_some_and(|deadline| deadline > now)
+                if expired_deadline.is_some_and(|seen| record.task.lease_deadline_ms != Some(seen))
                 {
                     return Change::Keep(None);
                 }
@@ -2032,26 +2035,28 @@ impl Inner {
             .collect())
     }
 
-    /// Checks that every id of `selection` is a dead letter; returns their
-    /// records (all dead letters for [`Selection::All`]).
-    async fn dead_letters(&self, selection: &Selection) -> Result<Vec<(Record, u64)>, QueueError> {
+    /// The ids `selection` names, each once, after checking that every
+    /// one is a dead letter (every dead letter's for [`Selection::All`]).
+    /// Only ids: the records are read again one at a time as they are
+    /// replayed or purged, so that a large dead-letter queue is never held
+    /// in memory whole.
+    async fn dead_letters(&self, selection: &Selection) -> Result<Vec<String>, QueueError> {
         match selection {
-            Selection::All => {
-                let mut records = Vec::new();
-                for (summary, _) in self.summaries().await? {
-                    if summary.task.state == TaskState::DeadLettered
-                        && let Some((record, revision)) = self.entry(&summary.task.id).await?
-                        && record.task.state == TaskState::DeadLettered
-                    {
-                        records.push((record, revision));
-                    }
-                }
-                Ok(records)
-            }
+            Selection::All => Ok(self
+                .summaries()
+                .await?
+                .into_iter()
+                .filter(|(summary, _)| summary.task.state == TaskState::DeadLettered)
+                .map(|(summary, _)| summary.task.id)
+                .collect()),
             Selection::Ids(ids) => {
-                let mut records = Vec::new();
+                let mut checked: Vec<String> = Vec::with_capacity(ids.len());
+                let mut seen = std::collections::HashSet::with_capacity(ids.len());
                 for id in ids {
-                    let Some((record, revision)) = self.entry(id).await? else {
+                    if !seen.insert(id) {
+                        continue;
+                    }
+                    let Some((record, _)) = self.entry(id).await? else {
                         return Err(QueueError::NotFound { id: id.clone() });
                     };
                     if record.task.state != TaskState::DeadLettered {
@@ -2061,11 +2066,21 @@ impl Inner {
                             expected: TaskState::DeadLettered,
                         });
                     }
-                    records.push((record, revision));
+                    checked.push(id.clone());
                 }
-                Ok(records)
+                Ok(checked)
             }
         }
+    }
+
+    /// The record of dead letter `id` as it is now, with its revision;
+    /// `None` if it is one no more (replayed, purged or replaced since it
+    /// was checked).
+    async fn dead_letter(&self, id: &str) -> Result<Option<(Record, u64)>, QueueError> {
+        Ok(self
+            .entry(id)
+            .await?
+            .filter(|(record, _)| record.task.state == TaskState::DeadLettered))
     }
 
     /// Deletes the dead-letter copies of `record`'s task; with `before`,
@@ -2129,13 +2144,13 @@ async fn keep_alive(inner: std::sync::Weak<Inner>) {
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let now = inner.now();
+        let now = inner.clock.steady_ms();
         let replies: Vec<String> = inner
             .held
             .lock()
             .expect("not poisoned")
             .values()
-            .filter(|held| held.deadline_ms > now)
+            .filter(|held| held.steady_deadline_ms > now)
             .map(|held| held.reply.clone())
             .collect();
         for reply in replies {
@@ -2157,7 +2172,7 @@ async fn release_returned(
         match item {
             Returned::Lease(key) => {
                 let end = AttemptEnd::dropped();
-                match inner.requeue(&key, Duration::ZERO, &end, true, false).await {
+                match inner.requeue(&key, Duration::ZERO, &end, true, None).await {
                     Ok(_) => {}
                     Err(error @ (QueueError::StaleLease { .. } | QueueError::NotFound { .. })) => {
                         tracing::debug!(task = %key, %error, "a dropped lease was already settled");
@@ -2330,14 +2345,14 @@ impl TaskQueue for JetStreamQueue {
         end: AttemptEnd,
     ) -> Result<(), QueueError> {
         self.inner
-            .requeue(key, delay, &end, false, false)
+            .requeue(key, delay, &end, false, None)
             .await
             .map(|_| ())
     }
 
     async fn release(&self, key: &LeaseKey, end: AttemptEnd) -> Result<(), QueueError> {
         self.inner
-            .requeue(key, Duration::ZERO, &end, true, false)
+            .requeue(key, Duration::ZERO, &end, true, None)
             .await
             .map(|_| ())
     }
@@ -2354,8 +2369,8 @@ impl TaskQueue for JetStreamQueue {
                 .limits
                 .check_result("checkpoint", checkpoint)?;
         }
-        let deadline_ms =
-            self.inner.now() + u64::try_from(extend.as_millis()).unwrap_or(u64::MAX / 2);
+        let extend_ms = u64::try_from(extend.as_millis()).unwrap_or(u64::MAX / 2);
+        let deadline_ms = self.inner.now().saturating_add(extend_ms);
         let mut reply = None;
         self.inner
             .update(&key.task_id, Some(key), |record| {
@@ -2374,6 +2389,8 @@ impl TaskQueue for JetStreamQueue {
             let mut held = self.inner.held.lock().expect("not poisoned");
             match held.get_mut(key) {
                 Some(held) => {
+                    held.steady_deadline_ms =
+                        self.inner.clock.steady_ms().saturating_add(extend_ms);
                     held.deadline_ms = deadline_ms;
                     Some(held.reply.clone())
                 }
@@ -2643,7 +2660,7 @@ impl TaskQueue for JetStreamQueue {
             );
             match self
                 .inner
-                .requeue(&key, Duration::ZERO, &end, false, false)
+                .requeue(&key, Duration::ZERO, &end, false, None)
                 .await
             {
                 Ok(_) => count += 1,
@@ -2655,18 +2672,18 @@ impl TaskQueue for JetStreamQueue {
     }
 
     async fn expire_leases(&self) -> Result<u64, QueueError> {
-        let now = self.inner.now();
-        let expired: Vec<LeaseKey> = self
+        let now = self.inner.clock.steady_ms();
+        let expired: Vec<(LeaseKey, UnixMillis)> = self
             .inner
             .held
             .lock()
             .expect("not poisoned")
             .iter()
-            .filter(|(_, held)| held.deadline_ms <= now)
-            .map(|(key, _)| key.clone())
+            .filter(|(_, held)| held.steady_deadline_ms <= now)
+            .map(|(key, held)| (key.clone(), held.deadline_ms))
             .collect();
         let mut count = 0;
-        for key in expired {
+        for (key, deadline_ms) in expired {
             let end = AttemptEnd::new(
                 AttemptOutcome::LeaseExpired,
                 None,
@@ -2674,7 +2691,7 @@ impl TaskQueue for JetStreamQueue {
             );
             match self
                 .inner
-                .requeue(&key, Duration::ZERO, &end, false, true)
+                .requeue(&key, Duration::ZERO, &end, false, Some(deadline_ms))
                 .await
             {
                 Ok(true) => count += 1,
@@ -2743,12 +2760,15 @@ impl TaskQueue for JetStreamQueue {
     }
 
     async fn replay(&self, selection: &Selection) -> Result<u64, QueueError> {
-        let records = self.inner.dead_letters(selection).await?;
+        let ids = self.inner.dead_letters(selection).await?;
         // The copies to delete once replayed: those there now. A replayed
         // task may die again before its purge, and its new copy must stay.
         let before = self.inner.dlq_next_sequence().await?;
         let mut count = 0;
-        for (record, _) in records {
+        for id in ids {
+            let Some((record, _)) = self.inner.dead_letter(&id).await? else {
+                continue;
+            };
             let read = record.version();
             let mut envelope = record.envelope();
             envelope.expects = Some(TaskState::DeadLettered);
@@ -2793,9 +2813,12 @@ impl TaskQueue for JetStreamQueue {
     }
 
     async fn purge(&self, selection: &Selection) -> Result<u64, QueueError> {
-        let records = self.inner.dead_letters(selection).await?;
+        let ids = self.inner.dead_letters(selection).await?;
         let mut count = 0;
-        for (record, revision) in records {
+        for id in ids {
+            let Some((record, revision)) = self.inner.dead_letter(&id).await? else {
+                continue;
+            };
             // Only the dead letter that was checked: a task replayed
             // meanwhile is left alone.
             let purged = self
