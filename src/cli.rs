@@ -112,8 +112,8 @@ pub enum Command {
     /// Inspect, replay or purge dead-lettered tasks.
     #[command(subcommand)]
     Dlq(DlqCommand),
-    /// Tasks handed to a human while their agent was unavailable: list,
-    /// show, resolve.
+    /// Tasks handed to a human (from an unavailable agent, or after failed
+    /// validation): list, show, resolve.
     #[command(subcommand)]
     Escalations(EscalationsCommand),
     /// Force the fleet's degradation level for a while, or clear it.

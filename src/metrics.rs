@@ -137,7 +137,7 @@ pub mod names {
     /// Escalations.
     pub const ESCALATIONS: (&str, &str) = (
         "flotilla_escalations",
-        "Tasks escalated to a human while their agent was unavailable",
+        "Tasks escalated to a human: from an unavailable agent (fallback_policy = escalate_to_human) or after failed validation",
     );
     /// Validation failures.
     pub const VALIDATION_FAILURES: (&str, &str) = (
@@ -152,7 +152,7 @@ pub mod names {
     /// Chaos actions.
     pub const CHAOS_ACTIONS: (&str, &str) = (
         "flotilla_chaos_actions",
-        "Faults injected by operators (flotilla chaos): kill, pause",
+        "Faults injected by operators (flotilla chaos) and experiments: kill, pause, partition, latency, stop",
     );
     /// Chaos experiments.
     pub const CHAOS_EXPERIMENTS: (&str, &str) = (
@@ -162,7 +162,7 @@ pub mod names {
     /// Notifications, by sink and outcome.
     pub const NOTIFICATIONS: (&str, &str) = (
         "flotilla_notifications",
-        "Events sent to the [[notify]] sinks, by sink (its place in the config), kind and outcome (delivered, failed after its retries, dropped from its full queue to make room for a newer one)",
+        "Events sent to the [[notify]] sinks, by sink (its name, else its place in the config), kind and outcome (delivered, failed after its retries, dropped from its full queue to make room for a newer one)",
     );
     /// Malformed lines.
     pub const MALFORMED_LINES: (&str, &str) = (
