@@ -109,7 +109,8 @@ impl Store {
     /// Task counts per agent for periodic readers (the watchdog, the
     /// metrics): on a broker, where counting reads every record, taken at
     /// most [`BROKER_COUNT_AGE`] ago and shared; on the embedded store,
-    /// counted now.
+    /// counted now, without the completed tasks (left at 0: counting them
+    /// would read every task the retention keeps).
     ///
     /// # Errors
     /// As [`TaskQueue::counts`].
@@ -117,7 +118,7 @@ impl Store {
         &self,
     ) -> Result<Vec<(String, crate::queue::StateCounts)>, crate::queue::QueueError> {
         match self {
-            Self::Embedded(queue) => queue.counts().await,
+            Self::Embedded(queue) => queue.counts_without_completed().await,
             Self::Broker(queue) => queue.recent_counts(BROKER_COUNT_AGE).await,
         }
     }

@@ -620,7 +620,9 @@ pub enum QueueError {
     /// Bad input: nothing was applied.
     #[error("{0}")]
     Invalid(String),
-    /// The storage failed; the operation was not applied.
+    /// The storage failed. The operation was not applied, except when
+    /// the embedded store's fsync failed after its commit: then it was
+    /// written but is not known to be durable (the message says so).
     #[error("store error: {0}")]
     Storage(String),
     /// The queue is shut down.

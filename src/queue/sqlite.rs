@@ -114,6 +114,7 @@ CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (agent, priority, seq) WHERE sta
 CREATE INDEX IF NOT EXISTS tasks_delayed ON tasks (agent, visible_at) WHERE state = 2;
 CREATE INDEX IF NOT EXISTS tasks_running ON tasks (lease_deadline) WHERE state = 3;
 CREATE INDEX IF NOT EXISTS tasks_completed ON tasks (finished_at) WHERE state = 4;
+CREATE INDEX IF NOT EXISTS tasks_dead ON tasks (seq) WHERE state = 5;
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, agent);
 CREATE TABLE IF NOT EXISTS attempts (
     task_seq INTEGER NOT NULL,
@@ -721,6 +722,46 @@ impl SqliteQueue {
         .await
     }
 
+    /// The task counts per agent, without the completed ones (left at 0),
+    /// for periodic readers (the watchdog, the metrics): it costs in
+    /// proportion to the tasks not completed, where [`TaskQueue::counts`]
+    /// reads every task the retention keeps.
+    ///
+    /// # Errors
+    /// [`QueueError::Storage`] if it cannot be read.
+    pub async fn counts_without_completed(&self) -> Result<Vec<(String, StateCounts)>, QueueError> {
+        self.count(NOT_COMPLETED).await
+    }
+
+    /// The task counts per agent of the rows `filter` (a `WHERE` clause of
+    /// this file's own, never user input) selects.
+    async fn count(&self, filter: &'static str) -> Result<Vec<(String, StateCounts)>, QueueError> {
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(&count_query(filter)).map_err(storage)?;
+            let rows = statement
+                .query_map([], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, i64>(1)?,
+                        row.get::<_, i64>(2)?,
+                    ))
+                })
+                .map_err(storage)?;
+            // SQLite may return the groups in any order (it walks the
+            // state index): sum them per agent.
+            let mut counts: std::collections::BTreeMap<String, StateCounts> = Default::default();
+            for row in rows {
+                let (agent, state, count) = row.map_err(storage)?;
+                counts
+                    .entry(agent)
+                    .or_default()
+                    .add(state_of(state), as_u64(count));
+            }
+            Ok(counts.into_iter().collect())
+        })
+        .await
+    }
+
     /// Deletes completed tasks older than the retention, oldest first, in
     /// transactions of [`PRUNE_BATCH`] (others write in between), at most
     /// [`PRUNE_ROUNDS`] of them. Returns how many.
@@ -887,11 +928,16 @@ fn commit_group(
         }
     }
     if let Err(error) = began {
+        let busy = matches!(&error, rusqlite::Error::SqliteFailure(failure, _)
+            if failure.code == rusqlite::ErrorCode::DatabaseBusy);
+        let why = if busy {
+            " (another process, such as a flotilla command run beside the daemon, held the store's lock for over 30 s)"
+        } else {
+            ""
+        };
         return fail_group(
             group,
-            &format!(
-                "the store transaction could not start: {error} (another process, such as a flotilla command run beside the daemon, held the store's lock for over 30 s)"
-            ),
+            &format!("the store transaction could not start: {error}{why}"),
         );
     }
     // Read once the lock is held: the wait for it must not shorten the
@@ -990,7 +1036,10 @@ fn sync_loop(wal: &Path, batches: &std::sync::mpsc::Receiver<Vec<Deliver>>, pois
         } else {
             sync_wal(wal, &mut handle).map_err(|error| {
                 poisoned.store(true, Ordering::SeqCst);
-                let message = format!("cannot fsync {}: {error}; {POISONED}", wal.display());
+                let message = format!(
+                    "cannot fsync {}: {error}; the change was written but may not survive a crash of the machine (it may show as done, and a retry as a duplicate); writes are refused until the daemon restarts",
+                    wal.display()
+                );
                 tracing::error!(%message);
                 message
             })
@@ -1478,15 +1527,15 @@ fn nak(
         ])
         .map_err(storage)?;
     end_attempt(context, seq, key.attempt, end)?;
-    if state == READY {
-        let agent: String = context
-            .conn
-            .query_row("SELECT agent FROM tasks WHERE seq = ?1", [seq], |row| {
-                row.get(0)
-            })
-            .map_err(storage)?;
-        context.woken.insert(agent);
-    }
+    // A delayed task wakes the agent's waiting leasers too: they sleep
+    // until the earliest delay they saw, which may be later than this one.
+    let agent: String = context
+        .conn
+        .query_row("SELECT agent FROM tasks WHERE seq = ?1", [seq], |row| {
+            row.get(0)
+        })
+        .map_err(storage)?;
+    context.woken.insert(agent);
     Ok(())
 }
 
@@ -1533,6 +1582,35 @@ fn running(context: &Context<'_>, until: i64) -> Result<Vec<(i64, u32, String)>,
         .map_err(storage)
 }
 
+/// The next dead letters after row `?1`, at most `?2` of them.
+const DEAD_LETTERS_AFTER: &str =
+    "SELECT seq, id, agent FROM tasks INDEXED BY tasks_dead WHERE seq > ?1 AND state = 5
+     ORDER BY seq LIMIT ?2";
+
+/// The rows [`SqliteQueue::counts_without_completed`] counts.
+const NOT_COMPLETED: &str = "WHERE state IN (1, 2, 3, 5, 6)";
+
+/// Counts per agent and state of the rows `filter` selects.
+fn count_query(filter: &str) -> String {
+    format!("SELECT agent, state, count(*) FROM tasks {filter} GROUP BY agent, state")
+}
+
+/// A listing, newest first: states `?1` to `?2`, agent `?3` if not null,
+/// at most `?4` rows. With `walk`, the rows are walked newest first until
+/// the limit is reached (`+state` keeps SQLite off the state index); else
+/// through the state index, whose rows are sorted.
+fn list_query(walk: bool) -> String {
+    let state = if walk { "+state" } else { "state" };
+    // The last column: the bytes the record's large fields take.
+    format!(
+        "SELECT {RECORD_COLUMNS}, length(CAST(payload AS BLOB))
+            + ifnull(length(CAST(result AS BLOB)), 0)
+            + ifnull(length(CAST(checkpoint AS BLOB)), 0)
+         FROM tasks WHERE {state} BETWEEN ?1 AND ?2
+         AND (?3 IS NULL OR agent = ?3) ORDER BY seq DESC LIMIT ?4"
+    )
+}
+
 /// The seqs of the selected dead letters; every named id must be one.
 /// The dead letters `selection` names, as `(seq, id, agent)`, each once;
 /// for [`Selection::All`], the next [`DEAD_LETTER_BATCH`] after row
@@ -1544,14 +1622,11 @@ fn dead_letters(
     after: i64,
 ) -> Result<Vec<(i64, String, String)>, QueueError> {
     match selection {
-        // `+state`: walk the rows in order rather than sort every dead
-        // letter for each batch.
+        // Through `tasks_dead`, in row order: a batch reads only dead
+        // letters, however many other tasks the store keeps.
         Selection::All => context
             .conn
-            .prepare_cached(
-                "SELECT seq, id, agent FROM tasks WHERE seq > ?1 AND +state = 5
-                 ORDER BY seq LIMIT ?2",
-            )
+            .prepare_cached(DEAD_LETTERS_AFTER)
             .map_err(storage)?
             .query_map(params![after, DEAD_LETTER_BATCH], |row| {
                 Ok((row.get(0)?, row.get(1)?, row.get(2)?))
@@ -1995,16 +2070,13 @@ impl TaskQueue for SqliteQueue {
                 }
             };
             let limit = i64::try_from(filter.limit.max(1)).unwrap_or(i64::MAX);
-            // The last column: the bytes the record's large fields take.
-            let mut statement = conn
-                .prepare(&format!(
-                    "SELECT {RECORD_COLUMNS}, length(CAST(payload AS BLOB))
-                        + ifnull(length(CAST(result AS BLOB)), 0)
-                        + ifnull(length(CAST(checkpoint AS BLOB)), 0)
-                     FROM tasks WHERE state BETWEEN ?1 AND ?2
-                     AND (?3 IS NULL OR agent = ?3) ORDER BY seq DESC LIMIT ?4"
-                ))
-                .map_err(storage)?;
+            // Every task, or the completed ones (most of a store kept for
+            // a week): walk the rows newest first and stop at the limit
+            // (`+state` keeps SQLite off the state index, through which it
+            // would read and sort every such row first). A rarer state:
+            // through the index.
+            let walk = matches!(filter.state, None | Some(TaskState::Completed));
+            let mut statement = conn.prepare_cached(&list_query(walk)).map_err(storage)?;
             let mut rows = statement
                 .query(params![low, high, filter.agent, limit])
                 .map_err(storage)?;
@@ -2023,32 +2095,7 @@ impl TaskQueue for SqliteQueue {
     }
 
     async fn counts(&self) -> Result<Vec<(String, StateCounts)>, QueueError> {
-        self.read(|conn| {
-            let mut statement = conn
-                .prepare("SELECT agent, state, count(*) FROM tasks GROUP BY agent, state")
-                .map_err(storage)?;
-            let rows = statement
-                .query_map([], |row| {
-                    Ok((
-                        row.get::<_, String>(0)?,
-                        row.get::<_, i64>(1)?,
-                        row.get::<_, i64>(2)?,
-                    ))
-                })
-                .map_err(storage)?;
-            // SQLite may return the groups in any order (it walks the
-            // state index): sum them per agent.
-            let mut counts: std::collections::BTreeMap<String, StateCounts> = Default::default();
-            for row in rows {
-                let (agent, state, count) = row.map_err(storage)?;
-                counts
-                    .entry(agent)
-                    .or_default()
-                    .add(state_of(state), as_u64(count));
-            }
-            Ok(counts.into_iter().collect())
-        })
-        .await
+        self.count("").await
     }
 
     async fn replay(&self, selection: &Selection) -> Result<u64, QueueError> {
@@ -2109,6 +2156,40 @@ mod tests {
             },
             role: Role::Client,
         }
+    }
+
+    /// SQLite's plan for `sql` on the schema, one detail per line.
+    fn plan(conn: &Connection, sql: &str) -> String {
+        let mut statement = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let nulls = vec![rusqlite::types::Null; statement.parameter_count()];
+        let details: Vec<String> = statement
+            .query_map(rusqlite::params_from_iter(nulls), |row| {
+                row.get::<_, String>(3)
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        details.join("\n")
+    }
+
+    /// The reads whose cost must not grow with the completed tasks a store
+    /// keeps: the periodic counts, listings of every task or the completed
+    /// ones, and the batches of `dlq replay/purge --all`.
+    #[test]
+    fn reads_of_a_large_store_use_their_indexes() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        let counts = plan(&conn, &count_query(NOT_COMPLETED));
+        assert!(
+            counts.contains("INDEX tasks_by_state (state=?)"),
+            "{counts}"
+        );
+        let walk = plan(&conn, &list_query(true));
+        assert!(walk.starts_with("SCAN tasks"), "{walk}");
+        assert!(!walk.contains("TEMP B-TREE"), "{walk}");
+        let dead = plan(&conn, DEAD_LETTERS_AFTER);
+        assert!(dead.contains("INDEX tasks_dead"), "{dead}");
+        assert!(!dead.contains("TEMP B-TREE"), "{dead}");
     }
 
     /// A listing stops, with a clear error, once its records hold more
@@ -2181,6 +2262,48 @@ mod tests {
             .unwrap();
         assert_eq!(queue.purge(&Selection::All).await.unwrap(), expected);
         assert!(queue.counts().await.unwrap().is_empty());
+    }
+
+    /// A task handed back with a delay wakes a leaser already waiting,
+    /// which slept until its own deadline: the task runs after its delay,
+    /// not after the waiter's wait.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delayed_task_wakes_a_waiting_leaser() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Arc::new(
+            SqliteQueue::open(&dir.path().join("q.db"), settings(), crate::clock::system())
+                .unwrap(),
+        );
+        queue.submit(vec![task("t", json!(1))]).await.unwrap();
+        let request = LeaseRequest {
+            agent: "a".into(),
+            max: 1,
+            lease_for: Duration::from_secs(30),
+            owner: "test".into(),
+            max_deliver: 3,
+            lowest: Priority::Low,
+        };
+        let mut first = queue.lease(&request, Duration::ZERO).await.unwrap();
+        let waiter = tokio::spawn({
+            let (queue, request) = (queue.clone(), request.clone());
+            async move { queue.lease(&request, Duration::from_secs(5)).await }
+        });
+        // Let the waiter find nothing and go to sleep.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let error = AttemptEnd::new(AttemptOutcome::Error, None, "test");
+        queue
+            .nak(&first[0].key, Duration::from_millis(100), error)
+            .await
+            .unwrap();
+        first[0].settle();
+        let started = std::time::Instant::now();
+        let mut again = waiter.await.unwrap().unwrap();
+        assert_eq!(again.len(), 1, "the waiter took the task");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "taken after its delay, not at the end of the wait"
+        );
+        again[0].settle();
     }
 
     fn task(id: &str, payload: Value) -> NewTask {
