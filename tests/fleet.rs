@@ -321,6 +321,61 @@ retry = { backoff = ["10ms"] }
     daemon.stop().await;
 }
 
+/// Takes tasks one at a time in one thread, and answers each, after a
+/// second, with a result longer than a pipe holds.
+const LONG_ANSWERS: &str = r#"
+import json, sys, time
+def out(m):
+    sys.stdout.write(json.dumps(m) + "\n")
+    sys.stdout.flush()
+out({"type": "ready", "protocol": 1})
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("type") == "shutdown":
+        break
+    if m.get("type") != "task":
+        continue
+    time.sleep(1)
+    out({"type": "result", "id": m["id"], "output": "x" * 300000})
+"#;
+
+/// While the daemon writes a long task to an agent busy writing a long
+/// result, it reads that result: neither waits for the other until the
+/// stdin timeout breaks the replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_lines_both_ways_do_not_deadlock_a_replica() {
+    let fleet = Fleet::new(
+        r#"
+[agents.long]
+command = ["python3", "long.py"]
+concurrency = 2
+"#,
+    );
+    std::fs::write(fleet.path("long.py"), LONG_ANSWERS).unwrap();
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let tasks: Vec<NewTask> = (0..2)
+        .map(|n| NewTask {
+            id: format!("long-{n}"),
+            agent: "long".into(),
+            priority: Priority::Normal,
+            payload: json!({"blob": "y".repeat(200_000)}),
+        })
+        .collect();
+    queue.submit(tasks).await.unwrap();
+    wait_until(Duration::from_secs(30), "both tasks to finish", || async {
+        finished(queue.as_ref()).await >= 2
+    })
+    .await;
+    for id in ["long-0", "long-1"] {
+        let task = queue.get(id).await.unwrap().unwrap();
+        assert_eq!(task.state, TaskState::Completed, "{task:?}");
+        assert_eq!(task.history.len(), 1, "{:?}", task.history);
+    }
+    assert_eq!(daemon.agents()[0].status().restarts, 0);
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_keeps_crashing_is_failed_and_its_tasks_stay_queued() {
     let fleet = Fleet::new(

@@ -2,7 +2,7 @@
 //! JSON Lines, enforce timeouts and the memory limit, and settle every task
 //! in flight when the process ends.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +36,7 @@ struct Replica<'a> {
     child: Child,
     pgid: u32,
     stdin: Option<ChildStdin>,
-    lines: LineReader<BufReader<tokio::process::ChildStdout>>,
+    lines: Stdout,
     in_flight: HashMap<String, Tracked>,
     /// Replies to waiting sends, from their waiters.
     news: mpsc::Receiver<crate::delegate::News>,
@@ -61,6 +61,61 @@ const PIPE_CAPACITY: usize = 64 * 1024;
 
 /// Replies waiting to be written to one replica.
 const NEWS: usize = 256;
+
+/// Lines, and bytes, read ahead from the agent's stdout while a write to
+/// its stdin waits (see [`Replica::send`]); a line longer than the bytes
+/// left is still read whole (up to `max_line_bytes`).
+const READ_AHEAD_LINES: usize = 256;
+const READ_AHEAD_BYTES: usize = 8 << 20;
+
+/// The agent's stdout: the lines read ahead while a write to its stdin
+/// waited come first.
+struct Stdout {
+    reader: LineReader<BufReader<tokio::process::ChildStdout>>,
+    ahead: VecDeque<std::io::Result<Option<Line>>>,
+    ahead_bytes: usize,
+}
+
+impl Stdout {
+    fn new(reader: LineReader<BufReader<tokio::process::ChildStdout>>) -> Self {
+        Self {
+            reader,
+            ahead: VecDeque::new(),
+            ahead_bytes: 0,
+        }
+    }
+
+    /// The next line, as [`LineReader::next_line`]. Cancel safe.
+    async fn next_line(&mut self) -> std::io::Result<Option<Line>> {
+        match self.ahead.pop_front() {
+            Some(line) => {
+                self.ahead_bytes = self.ahead_bytes.saturating_sub(line_bytes(&line));
+                line
+            }
+            None => self.reader.next_line().await,
+        }
+    }
+
+    /// Whether another line may be read ahead: room is left, and the pipe
+    /// has not ended (its end, read ahead, is the last thing to read).
+    fn may_read_ahead(&self) -> bool {
+        self.ahead.len() < READ_AHEAD_LINES
+            && self.ahead_bytes < READ_AHEAD_BYTES
+            && !matches!(self.ahead.back(), Some(Ok(None) | Err(_)))
+    }
+
+    fn push_ahead(&mut self, line: std::io::Result<Option<Line>>) {
+        self.ahead_bytes = self.ahead_bytes.saturating_add(line_bytes(&line));
+        self.ahead.push_back(line);
+    }
+}
+
+fn line_bytes(line: &std::io::Result<Option<Line>>) -> usize {
+    match line {
+        Ok(Some(Line::Text(text) | Line::NotUtf8(text))) => text.len(),
+        _ => 0,
+    }
+}
 
 /// Runs one process of replica `index` until it exits or the daemon shuts
 /// down.
@@ -102,10 +157,10 @@ pub(super) async fn run(
         child,
         pgid,
         stdin: Some(stdin),
-        lines: LineReader::new(
+        lines: Stdout::new(LineReader::new(
             BufReader::new(stdout),
             agent.config.max_line_bytes.as_usize(),
-        ),
+        )),
         in_flight: HashMap::new(),
         news,
         news_to,
@@ -492,23 +547,37 @@ impl Replica<'_> {
         }
     }
 
+    /// Writes `message` to the agent's stdin, within [`STDIN_TIMEOUT`].
+    /// Its stdout is read meanwhile (the lines are kept for the replica's
+    /// loop): an agent that writes a long line while the daemon writes one
+    /// to it would otherwise wait for the daemon as the daemon waits for
+    /// it, until the timeout broke the replica.
     async fn send(&mut self, message: &ToAgent) -> std::io::Result<()> {
         let stdin = self
             .stdin
             .as_mut()
             .ok_or_else(|| std::io::Error::other("stdin is closed"))?;
+        let stdout = &mut self.lines;
         let line = protocol::encode(message);
-        match tokio::time::timeout(STDIN_TIMEOUT, async {
+        let write = async {
             stdin.write_all(line.as_bytes()).await?;
             stdin.flush().await
-        })
-        .await
-        {
-            Ok(result) => result,
-            Err(_) => Err(std::io::Error::other(format!(
-                "the agent read nothing for {}s",
-                STDIN_TIMEOUT.as_secs()
-            ))),
+        };
+        tokio::pin!(write);
+        let deadline = tokio::time::sleep(STDIN_TIMEOUT);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                biased;
+                written = &mut write => return written,
+                () = &mut deadline => {
+                    return Err(std::io::Error::other(format!(
+                        "the agent read nothing for {}s",
+                        STDIN_TIMEOUT.as_secs()
+                    )));
+                }
+                read = stdout.reader.next_line(), if stdout.may_read_ahead() => stdout.push_ahead(read),
+            }
         }
     }
 
