@@ -274,6 +274,52 @@ breaker = {{ failure_threshold = 1, recovery_timeout = "5s" }}
     daemon.stop().await;
 }
 
+/// A result whose gate runs past the time after which an attempt that
+/// never reported back is forgotten (max_duration, twice stop_grace and a
+/// minute: 63 s here, passed by moving the steady clock on) still tells
+/// the breaker how it ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_gate_still_reports_to_the_breaker() {
+    let fleet = Fleet::new(
+        r#"
+[agents.coder]
+command = ["sh", "-c", "echo '{{\"done\": true}}'"]
+mode = "oneshot"
+replicas = { min = 2 }
+retry = { max_deliver = 1 }
+timeouts = { max_duration = "1s", stop_grace = "1s" }
+breaker = { failure_threshold = 1, recovery_timeout = "1h", failures = ["validation"] }
+
+[agents.coder.validation]
+checks = [{ name = "slow", command = ["sh", "-c", "touch gate.started; sleep 4; exit 1"] }]
+"#,
+    );
+    let clock = std::sync::Arc::new(SettableClock::default());
+    let daemon = fleet.start_with_clock(clock.clone()).await;
+    let queue = daemon.queue().clone();
+    let (tasks, ids) = numbered_tasks("coder", 1, "slow");
+    queue.submit(tasks).await.unwrap();
+    let started = fleet.path("gate.started");
+    wait_until(Duration::from_secs(20), "the gate to start", || async {
+        started.exists()
+    })
+    .await;
+    clock.pass_steady(120_000);
+    wait_all(
+        queue.as_ref(),
+        &ids,
+        TaskState::DeadLettered,
+        Duration::from_secs(20),
+        "the task to fail its gate",
+    )
+    .await;
+    wait_until(Duration::from_secs(10), "the breaker to open", || async {
+        agent(&daemon, "coder").status().breaker.times_opened >= 1
+    })
+    .await;
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_for_retry_keeps_tasks_queued_without_using_attempts() {
     let fleet = Fleet::new(&format!(

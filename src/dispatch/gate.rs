@@ -5,7 +5,7 @@
 //! `fallback` chain, else per its `fallback_policy`.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use serde_json::json;
@@ -121,6 +121,38 @@ struct Open {
     call: Option<Call>,
     at: UnixMillis,
     kind: String,
+    /// Its result is being validated and stored ([`Settling`]): the
+    /// attempt is not lost, however long its gates take.
+    settling: bool,
+    /// When the sweep's clock for it started: when it was admitted, or
+    /// when its settling ended without an outcome.
+    sweep_from: UnixMillis,
+}
+
+/// An attempt whose result is being validated and stored: the sweep of
+/// lost calls passes it by until this is dropped (its outcome told, or
+/// the task settling it gone without one).
+pub(super) struct Settling {
+    key: LeaseKey,
+    agent: Weak<AgentRuntime>,
+}
+
+impl Drop for Settling {
+    fn drop(&mut self) {
+        if let Some(agent) = self.agent.upgrade() {
+            let now = agent.clock.steady_ms();
+            if let Some(open) = agent
+                .calls
+                .lock()
+                .expect("calls lock")
+                .open
+                .get_mut(&self.key)
+            {
+                open.settling = false;
+                open.sweep_from = now;
+            }
+        }
+    }
 }
 
 /// How often calls that never reported back are looked for.
@@ -254,9 +286,23 @@ impl AgentRuntime {
                 call,
                 at: now,
                 kind,
+                settling: false,
+                sweep_from: now,
             },
         );
         true
+    }
+
+    /// The result of attempt `key` is being validated and stored: see
+    /// [`Settling`].
+    pub(super) fn settling(self: &Arc<Self>, key: &LeaseKey) -> Settling {
+        if let Some(open) = self.calls.lock().expect("calls lock").open.get_mut(key) {
+            open.settling = true;
+        }
+        Settling {
+            key: key.clone(),
+            agent: Arc::downgrade(self),
+        }
     }
 
     /// The task of `key` reached a replica.
@@ -336,8 +382,9 @@ impl AgentRuntime {
 
     /// A call whose attempt never reported back (its lease vanished
     /// without an outcome) is forgotten once its attempt is surely over,
-    /// so that neither a probe slot nor memory stays taken. Looks at most
-    /// once a second.
+    /// so that neither a probe slot nor memory stays taken. One whose
+    /// result is being validated is not lost (its gates may take hours).
+    /// Looks at most once a second.
     fn sweep_lost_calls(&self, now: UnixMillis) {
         // Past the longest an attempt can take to end: its max_duration,
         // stopping the process, and margins.
@@ -354,7 +401,7 @@ impl AgentRuntime {
             calls
                 .open
                 .iter()
-                .filter(|(_, open)| now.saturating_sub(open.at) > over)
+                .filter(|(_, open)| !open.settling && now.saturating_sub(open.sweep_from) > over)
                 .map(|(key, _)| key.clone())
                 .collect()
         };

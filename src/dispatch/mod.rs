@@ -863,15 +863,23 @@ impl AgentRuntime {
     ) {
         let permit = self.outcomes.clone().try_acquire_owned();
         let agent = self.clone();
+        let settling = self.settling(&lease.key);
         tokio::spawn(async move {
+            let _settling = settling;
             let _permit = match permit {
                 Ok(permit) => permit,
-                Err(_) => agent
-                    .outcomes
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .expect("the outcome semaphore is never closed"),
+                Err(_) => {
+                    // The wait can outlast the lease (the completions
+                    // ahead may be validating for minutes): kept alive
+                    // meanwhile, lest the finished work be handed out again.
+                    let _renewing = agent.keep_lease(&lease.key);
+                    agent
+                        .outcomes
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("the outcome semaphore is never closed")
+                }
             };
             agent.store_result(lease, output, changes, &replica).await;
         });
@@ -893,6 +901,7 @@ impl AgentRuntime {
         replica: &str,
     ) {
         let span = self.attempt_span(&lease.key);
+        let _settling = self.settling(&lease.key);
         self.store_result_in_span(lease, output, changes, replica)
             .instrument(span)
             .await;

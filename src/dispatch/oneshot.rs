@@ -282,7 +282,9 @@ async fn run_task(
             changed = orders.changed(), if !orders_closed => {
                 orders_closed = changed.is_err();
                 if let Some(reason) = agent.take_restart(index, pgid) {
-                    agent.note_lost(index, vec![tracked.lease.key.task_id.clone()]);
+                    // The slot goes on (only its task's process is ended),
+                    // so no replica is lost: the task's failed attempt
+                    // speaks for it.
                     let failure = Failure::new(AttemptOutcome::ProgressTimeout, reason);
                     kill_for(agent, name, &mut child, pgid, tracked, failure).await;
                     return None;

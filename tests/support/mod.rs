@@ -406,16 +406,24 @@ pub async fn http_stand_in(
 }
 
 /// The system's clock, whose wall reading a test can set as an operator
-/// (or NTP) would: the steady reading goes on undisturbed.
+/// (or NTP) would: the steady reading goes on undisturbed. A test can
+/// also move the steady reading on, to pass a long in-memory timer.
 #[derive(Debug, Default)]
 pub struct SettableClock {
     skew_ms: std::sync::atomic::AtomicI64,
+    steady_ahead_ms: std::sync::atomic::AtomicU64,
 }
 
 impl SettableClock {
     /// Sets the wall clock `millis` forward (back when negative).
     pub fn set_wall(&self, millis: i64) {
         self.skew_ms
+            .fetch_add(millis, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Moves the steady reading `millis` on (the wall clock stays).
+    pub fn pass_steady(&self, millis: u64) {
+        self.steady_ahead_ms
             .fetch_add(millis, std::sync::atomic::Ordering::SeqCst);
     }
 }
@@ -428,6 +436,9 @@ impl clock::Clock for SettableClock {
     }
 
     fn steady_ms(&self) -> clock::UnixMillis {
-        clock::SystemClock.steady_ms()
+        clock::SystemClock.steady_ms().saturating_add(
+            self.steady_ahead_ms
+                .load(std::sync::atomic::Ordering::SeqCst),
+        )
     }
 }
