@@ -2761,11 +2761,12 @@ impl TaskQueue for JetStreamQueue {
 
     async fn replay(&self, selection: &Selection) -> Result<u64, QueueError> {
         let ids = self.inner.dead_letters(selection).await?;
-        // The copies to delete once replayed: those there now. A replayed
-        // task may die again before its purge, and its new copy must stay.
-        let before = self.inner.dlq_next_sequence().await?;
         let mut count = 0;
         for id in ids {
+            // The copies to delete once replayed: those there before its
+            // record is read. A replayed task may die again before its
+            // purge, and its new copy must stay.
+            let before = self.inner.dlq_next_sequence().await?;
             let Some((record, _)) = self.inner.dead_letter(&id).await? else {
                 continue;
             };

@@ -2071,11 +2071,13 @@ impl TaskQueue for SqliteQueue {
             };
             let limit = i64::try_from(filter.limit.max(1)).unwrap_or(i64::MAX);
             // Every task, or the completed ones (most of a store kept for
-            // a week): walk the rows newest first and stop at the limit
-            // (`+state` keeps SQLite off the state index, through which it
-            // would read and sort every such row first). A rarer state:
-            // through the index.
-            let walk = matches!(filter.state, None | Some(TaskState::Completed));
+            // a week), of every agent: walk the rows newest first and stop
+            // at the limit (`+state` keeps SQLite off the state index,
+            // through which it would read and sort every such row first).
+            // One agent's (perhaps rare), or a rarer state: through the
+            // index.
+            let walk =
+                filter.agent.is_none() && matches!(filter.state, None | Some(TaskState::Completed));
             let mut statement = conn.prepare_cached(&list_query(walk)).map_err(storage)?;
             let mut rows = statement
                 .query(params![low, high, filter.agent, limit])
@@ -2187,6 +2189,8 @@ mod tests {
         let walk = plan(&conn, &list_query(true));
         assert!(walk.starts_with("SCAN tasks"), "{walk}");
         assert!(!walk.contains("TEMP B-TREE"), "{walk}");
+        let indexed = plan(&conn, &list_query(false));
+        assert!(indexed.contains("INDEX tasks_by_state"), "{indexed}");
         let dead = plan(&conn, DEAD_LETTERS_AFTER);
         assert!(dead.contains("INDEX tasks_dead"), "{dead}");
         assert!(!dead.contains("TEMP B-TREE"), "{dead}");
