@@ -746,10 +746,7 @@ impl Target {
             Self::Local(config) => {
                 let store = open_store(config).await?;
                 let now = clock::system().now_ms();
-                let fresh = u64::try_from(
-                    (config.daemon.status_interval.get() * 3 + Duration::from_secs(2)).as_millis(),
-                )
-                .unwrap_or(u64::MAX);
+                let fresh = crate::store::fresh_within(config);
                 // A daemon of this machine first (on a shared broker the
                 // store lists every daemon of the fleet).
                 let here = crate::store::host_name();
@@ -1722,6 +1719,9 @@ fn print_status(report: &StatusReport, now: UnixMillis) {
         println!("{line}");
     }
     println!("store:  {}", report.store);
+    if let Some(error) = &report.store_error {
+        println!("STORE UNREACHABLE: {error} (task counts and other daemons not shown)");
+    }
     let degradation = &report.degradation;
     if degradation.level != Level::Nominal || degradation.forced.is_some() {
         let mut line = format!(

@@ -57,6 +57,8 @@ pub struct Daemon {
 struct Identity {
     name: String,
     host: String,
+    /// How old its snapshots may grow while it counts as running.
+    fresh_for_ms: UnixMillis,
     /// Where its HTTP server listens, if it has one.
     http: Option<std::net::SocketAddr>,
 }
@@ -141,6 +143,7 @@ impl Daemon {
         let mut identity = Identity {
             name: store::daemon_name(&config),
             host: store::host_name(),
+            fresh_for_ms: store::fresh_within(&config),
             http: None,
         };
         let (lock, store, instance) = match &config.broker {
@@ -304,6 +307,7 @@ impl Daemon {
         housekeeping.push(tokio::spawn(
             daemon_status.run(config.daemon.status_interval.get(), stop_rx.clone()),
         ));
+        housekeeping.push(tokio::spawn(prune(store.clone(), stop_rx.clone())));
         let uses_broker_nodes = [
             &config.degradation.reduced,
             &config.degradation.essential,
@@ -321,10 +325,7 @@ impl Daemon {
             uses_broker_nodes,
             notifier,
             name: identity.name.clone(),
-            fresh_within: u64::try_from(
-                (config.daemon.status_interval.get() * 3 + Duration::from_secs(2)).as_millis(),
-            )
-            .unwrap_or(u64::MAX),
+            fresh_within: store::fresh_within(&config),
         };
         if let (Some(address), Ok(Some(token))) =
             (identity.http, config.http.token(&config.base_dir))
@@ -541,10 +542,7 @@ async fn refuse_namesake(
     let Some(other) = store.snapshot_of(&identity.name).await? else {
         return Ok(());
     };
-    let fresh_within = u64::try_from((config.daemon.status_interval.get() * 3).as_millis())
-        .unwrap_or(u64::MAX)
-        + 2000;
-    if !store::is_fresh(&other, now, fresh_within) {
+    if !store::is_fresh(&other, now, store::fresh_within(config)) {
         return Ok(());
     }
     // The same machine can tell a dead predecessor (gone, or a zombie
@@ -601,6 +599,7 @@ fn snapshot(
         started_ms,
         taken_ms: clock.now_ms(),
         running,
+        fresh_for_ms: Some(identity.fresh_for_ms),
         agents: statuses,
         broker: store.broker_status(),
         http: identity.http.map(|address| address.to_string()),
@@ -823,7 +822,6 @@ impl StatusWriter {
     async fn run(self, every: Duration, mut shutdown: watch::Receiver<bool>) {
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_prune = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -846,16 +844,28 @@ impl StatusWriter {
             if let Err(error) = self.store.put_snapshot(&snapshot).await {
                 tracing::warn!(%error, "could not write the status snapshot");
             }
-            if last_prune.elapsed() >= PRUNE_INTERVAL {
-                last_prune = tokio::time::Instant::now();
-                match self.store.prune().await {
-                    Ok(0) => {}
-                    Ok(count) => {
-                        tracing::info!(count, "pruned completed tasks past store.retention")
-                    }
-                    Err(error) => tracing::warn!(%error, "pruning failed"),
-                }
-            }
+        }
+    }
+}
+
+/// Every [`PRUNE_INTERVAL`]: deletes completed tasks past
+/// `store.retention`. A loop of its own: a long prune (on a broker, a few
+/// round trips per task) must not hold up the daemon's heartbeat, or the
+/// fleet would count it dead.
+async fn prune(store: Store, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            () = tokio::time::sleep(PRUNE_INTERVAL) => {}
+        }
+        let pruned = tokio::select! {
+            _ = shutdown.changed() => return,
+            pruned = store.prune() => pruned,
+        };
+        match pruned {
+            Ok(0) => {}
+            Ok(count) => tracing::info!(count, "pruned completed tasks past store.retention"),
+            Err(error) => tracing::warn!(%error, "pruning failed"),
         }
     }
 }

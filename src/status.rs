@@ -8,7 +8,6 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use crate::breaker::{BreakerState, Transition};
 use crate::clock::UnixMillis;
@@ -274,6 +273,11 @@ pub struct DaemonSnapshot {
     pub taken_ms: UnixMillis,
     /// False in the last snapshot of a daemon that stopped cleanly.
     pub running: bool,
+    /// How old this snapshot may grow while its daemon still counts as
+    /// running (from its own `status_interval`). Absent from older
+    /// daemons' snapshots: readers then use their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fresh_for_ms: Option<UnixMillis>,
     /// Its agents.
     pub agents: Vec<AgentStatus>,
     /// Its broker connection, when it uses one.
@@ -308,6 +312,11 @@ pub struct StatusReport {
     pub degradation: DegradationStatus,
     /// Every agent of the config.
     pub agents: Vec<AgentStatus>,
+    /// Why the task counts and the other daemons are missing: the store
+    /// could not be read (a daemon's own API answers with its live part
+    /// while its broker is unreachable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_error: Option<String>,
 }
 
 /// One daemon as `status` shows it.
@@ -344,18 +353,26 @@ impl StatusReport {
         now: UnixMillis,
         live: Option<DaemonSnapshot>,
     ) -> Result<Self, QueueError> {
-        let counts: BTreeMap<String, StateCounts> =
-            store.queue().counts().await?.into_iter().collect();
-        let mut snapshots = store.snapshots().await?;
+        // With this daemon's live part at hand, a store that cannot be
+        // read (the broker unreachable) still leaves something to show:
+        // this daemon, and that it is cut off.
+        let read = async {
+            let counts = store.queue().counts().await?;
+            let snapshots = store.snapshots().await?;
+            Ok::<_, QueueError>((counts, snapshots))
+        };
+        let (counts, mut snapshots, store_error) = match read.await {
+            Ok((counts, snapshots)) => (counts.into_iter().collect(), snapshots, None),
+            Err(error) if live.is_some() => (BTreeMap::new(), Vec::new(), Some(error.to_string())),
+            Err(error) => return Err(error),
+        };
+        let counts: BTreeMap<String, StateCounts> = counts;
         if let Some(live) = live {
             snapshots.retain(|snapshot| snapshot.name != live.name);
             snapshots.push(live);
         }
         snapshots.sort_by(|a, b| a.name.cmp(&b.name));
-        let fresh_within = u64::try_from(
-            (config.daemon.status_interval.get() * 3 + Duration::from_secs(2)).as_millis(),
-        )
-        .unwrap_or(u64::MAX);
+        let fresh_within = crate::store::fresh_within(config);
         let daemons: Vec<DaemonState> = snapshots
             .iter()
             .map(|snapshot| DaemonState {
@@ -457,6 +474,7 @@ impl StatusReport {
             tasks: total,
             degradation,
             agents,
+            store_error,
         })
     }
 }

@@ -292,7 +292,52 @@ impl Store {
     }
 }
 
-/// Whether a snapshot taken at `taken_ms` still describes a live daemon.
+/// Whether a snapshot taken at `taken_ms` still describes a live daemon:
+/// taken within the bound its writer gave (from the writer's own
+/// `status_interval`), else within `fresh_within` (the reader's, for a
+/// snapshot of an older daemon).
 pub fn is_fresh(snapshot: &DaemonSnapshot, now: UnixMillis, fresh_within: UnixMillis) -> bool {
-    snapshot.running && now.saturating_sub(snapshot.taken_ms) <= fresh_within
+    let within = snapshot.fresh_for_ms.unwrap_or(fresh_within);
+    snapshot.running && now.saturating_sub(snapshot.taken_ms) <= within
+}
+
+/// How old a daemon's snapshot may be while the daemon still counts as
+/// running: three of its `status_interval`s and 2 s for clocks that
+/// disagree a little.
+pub fn fresh_within(config: &crate::config::Config) -> UnixMillis {
+    u64::try_from(
+        (config.daemon.status_interval.get() * 3 + std::time::Duration::from_secs(2)).as_millis(),
+    )
+    .unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A daemon that writes its snapshot every 10 s is alive to a reader
+    /// that writes its own every second: the writer's bound counts.
+    #[test]
+    fn a_snapshot_is_fresh_by_its_writers_bound() {
+        let snapshot = |fresh_for_ms| DaemonSnapshot {
+            name: "a".into(),
+            host: "h".into(),
+            pid: 1,
+            version: "0".into(),
+            started_ms: 0,
+            taken_ms: 100_000,
+            running: true,
+            fresh_for_ms,
+            agents: Vec::new(),
+            broker: None,
+            degradation: Default::default(),
+            http: None,
+        };
+        let reader = 5_000;
+        assert!(is_fresh(&snapshot(Some(32_000)), 120_000, reader));
+        assert!(!is_fresh(&snapshot(Some(32_000)), 133_000, reader));
+        // An older daemon's snapshot: the reader's bound.
+        assert!(!is_fresh(&snapshot(None), 120_000, reader));
+        assert!(is_fresh(&snapshot(None), 104_000, reader));
+    }
 }

@@ -85,12 +85,6 @@ fn ago(now: u64, then: Option<u64>) -> String {
 /// Draws `screen` on `frame`.
 pub fn render(frame: &mut Frame<'_>, screen: &Screen) {
     let report = &screen.report;
-    let [head, tabs, body] = Layout::vertical([
-        Constraint::Length(3),
-        Constraint::Length(1),
-        Constraint::Min(3),
-    ])
-    .areas(frame.area());
     let t = &report.tasks;
     let level = report.degradation.level;
     let mut lines = vec![Line::from(format!(
@@ -123,6 +117,20 @@ pub fn render(frame: &mut Frame<'_>, screen: &Screen) {
             Style::default().fg(Color::Red).add_modifier(Modifier::BOLD),
         )));
     }
+    if let Some(error) = &report.store_error {
+        lines.push(Line::from(Span::styled(
+            format!("STORE UNREACHABLE: {error}"),
+            Style::default().fg(Color::Red).add_modifier(Modifier::BOLD),
+        )));
+    }
+    // The summary, a line for each warning, and the border.
+    let height = u16::try_from(lines.len() + 1).unwrap_or(u16::MAX).max(3);
+    let [head, tabs, body] = Layout::vertical([
+        Constraint::Length(height),
+        Constraint::Length(1),
+        Constraint::Min(3),
+    ])
+    .areas(frame.area());
     frame.render_widget(
         Paragraph::new(lines).block(Block::default().borders(Borders::BOTTOM).title("flotilla")),
         head,
@@ -355,6 +363,7 @@ mod tests {
             tasks: coder.tasks.clone(),
             degradation: crate::degrade::DegradationStatus::default(),
             agents: vec![coder],
+            store_error: None,
         };
         let mut feed = Feed {
             since_ms: Some(55_000),

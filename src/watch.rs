@@ -358,6 +358,13 @@ async fn watch(agent: &Arc<AgentRuntime>, watched: &Watched, client: Option<&req
                 continue;
             }
             if let Some(breach) = breach(check, base, now) {
+                if !still_mine(agent, watched).await {
+                    // Taken over by another daemon, which thought this
+                    // one dead (cut off from the broker for a while): the
+                    // breach is that daemon's to handle.
+                    tracing::info!(agent = %agent.name, %task, check = %check.name, %breach, "watch breached, but another daemon follows this watch now; leaving it to that one");
+                    return;
+                }
                 if still_accepted(agent, watched).await {
                     breached(agent, task, check, &breach).await;
                 } else {
@@ -532,6 +539,19 @@ fn prometheus_value(body: &Value) -> Result<f64, String> {
 
 /// Whether the watched task is still the completed attempt the watch was
 /// started for (an id reused after the dedup window is a new task).
+/// Whether `watched` is still this daemon's to follow: another daemon
+/// that saw it gone from the fleet may have taken it over.
+async fn still_mine(agent: &Arc<AgentRuntime>, watched: &Watched) -> bool {
+    match load_list(agent.store(), &agent.name).await {
+        Ok((list, _)) => list
+            .iter()
+            .any(|entry| entry.task == watched.task && entry.daemon == watched.daemon),
+        // Unsure: the breach is acted on (a rollback's claim still keeps
+        // two daemons from undoing it twice).
+        Err(_) => true,
+    }
+}
+
 async fn still_accepted(agent: &Arc<AgentRuntime>, watched: &Watched) -> bool {
     match agent.store().queue().get(&watched.task).await {
         Ok(Some(task)) => watched.accepted(&task),

@@ -183,6 +183,17 @@ command = {}
     .await;
     // Live all along: the process answers.
     assert_eq!(get(address, "/health/live").await.0, 200);
+    // Its status answers too, with its own part, cut off.
+    let (code, status) = get(address, "/api/v1/status").await;
+    assert_eq!(code, 200, "{status}");
+    assert!(
+        status["store_error"]
+            .as_str()
+            .is_some_and(|error| !error.is_empty()),
+        "{status}"
+    );
+    assert_eq!(status["daemon"]["broker"]["connected"], false, "{status}");
+    assert_eq!(status["agents"][0]["name"], "worker", "{status}");
     server.restart();
     wait_until(Duration::from_secs(30), "ready again", || async {
         get(address, "/health/ready").await.0 == 200

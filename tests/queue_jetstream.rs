@@ -468,3 +468,42 @@ async fn held_leases_ignore_steps_of_the_wall_clock() {
     assert_eq!(back.state, TaskState::Queued);
     assert_eq!(back.history[0].outcome, Some(AttemptOutcome::LeaseExpired));
 }
+
+/// A daemon whose `broker.ack_wait` is longer than that of the consumer
+/// it finds keeps its tasks alive by the consumer's from the first task
+/// on: they are not handed to another daemon while they run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_tasks_are_kept_alive_by_a_shorter_consumer_ack_wait() {
+    let Some(server) =
+        NatsServer::start("held_tasks_are_kept_alive_by_a_shorter_consumer_ack_wait")
+    else {
+        return;
+    };
+    // The consumer is made by a daemon with a 1 s ack_wait.
+    let first = open_as(&server.url, "short", "first", Duration::from_secs(1)).await;
+    let none = first
+        .lease(&request("first", Duration::from_secs(30)), Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    let second = open_as(&server.url, "short", "second", Duration::from_secs(30)).await;
+    second.submit(vec![task("k1")]).await.unwrap();
+    let mut held = second
+        .lease(&request("second", Duration::from_secs(30)), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 1);
+    held[0].settle();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stolen = first
+        .lease(&request("first", Duration::from_secs(30)), Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(stolen.is_empty(), "handed out again while held");
+    let record = second.get("k1").await.unwrap().unwrap();
+    assert_eq!(
+        (record.state, record.attempts),
+        (TaskState::Running, 1),
+        "{record:?}"
+    );
+}

@@ -142,10 +142,15 @@ pub async fn connect(
     // options below when the config gives no other.
     let mut url_auth: Option<(String, Option<String>)> = None;
     let mut addresses = Vec::new();
+    // A `tls://` address asks for TLS everywhere: the servers a cluster
+    // advertises come as `nats://` addresses, and would otherwise get the
+    // credentials in clear text.
+    let mut tls_url = false;
     for url in config.urls() {
         let address = url
             .parse::<async_nats::ServerAddr>()
             .map_err(|error| storage("invalid broker.url", error))?;
+        tls_url |= address.tls_required();
         if !address.has_user_pass() {
             addresses.push(address);
             continue;
@@ -222,8 +227,6 @@ pub async fn connect(
             )
         })?;
         options = options.nkey(seed.trim().to_string());
-    } else if let Some(token) = token {
-        options = options.token(token);
     } else if let Some((user, password)) = url_auth {
         // Credentials written into the URL (`nats://user:pass@host`):
         // the client takes them from the options only.
@@ -231,6 +234,8 @@ pub async fn connect(
             Some(password) => options.user_and_password(user, password),
             None => options.token(user),
         };
+    } else if let Some(token) = token {
+        options = options.token(token);
     }
     if let Some(ca) = &config.tls_ca {
         options = options.add_root_certificates(resolve(ca));
@@ -238,7 +243,7 @@ pub async fn connect(
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
         options = options.add_client_certificate(resolve(cert), resolve(key));
     }
-    if config.tls_required {
+    if config.tls_required || tls_url {
         options = options.require_tls(true);
     }
     let client = options.connect(addresses).await.map_err(|error| {
@@ -581,6 +586,9 @@ struct Inner {
     /// The shortest `ack_wait` of the consumers in use (an existing
     /// consumer keeps the value it was created with).
     ack_wait: Mutex<Duration>,
+    /// Told when [`Self::ack_wait`] is lowered, so that the keep-alive
+    /// loop goes by it at once.
+    ack_wait_lowered: Arc<tokio::sync::Notify>,
     request_timeout: Duration,
     clock: SharedClock,
     consumers: tokio::sync::Mutex<HashMap<(String, i64), consumer::PullConsumer>>,
@@ -717,6 +725,7 @@ impl JetStreamQueue {
             fleet,
             settings,
             ack_wait: Mutex::new(config.ack_wait.get()),
+            ack_wait_lowered: Arc::default(),
             request_timeout: config.request_timeout.get(),
             clock,
             consumers: tokio::sync::Mutex::default(),
@@ -732,7 +741,10 @@ impl JetStreamQueue {
             .await
             .map_err(|error| storage("cannot subscribe to wake-ups", error))?;
         let background = vec![
-            tokio::spawn(keep_alive(Arc::downgrade(&inner))),
+            tokio::spawn(keep_alive(
+                Arc::downgrade(&inner),
+                inner.ack_wait_lowered.clone(),
+            )),
             tokio::spawn(release_returned(Arc::downgrade(&inner), returned)),
             tokio::spawn(listen_for_wakes(Arc::downgrade(&inner), wakes)),
         ];
@@ -1329,6 +1341,7 @@ impl Inner {
                 "the consumer was created with another broker.ack_wait; keeping tasks alive for the shorter one"
             );
             *ack_wait = (*ack_wait).min(actual);
+            self.ack_wait_lowered.notify_one();
         }
         drop(ack_wait);
         consumers.insert((agent.to_string(), rank), consumer.clone());
@@ -2131,8 +2144,10 @@ fn nak(delay: Duration) -> Bytes {
 }
 
 /// Sends `+WPI` for every held lease whose deadline is ahead, every third
-/// of `ack_wait`.
-async fn keep_alive(inner: std::sync::Weak<Inner>) {
+/// of `ack_wait`; an `ack_wait` lowered meanwhile (a consumer made with a
+/// shorter one) counts at once.
+async fn keep_alive(inner: std::sync::Weak<Inner>, lowered: Arc<tokio::sync::Notify>) {
+    let mut last = tokio::time::Instant::now();
     loop {
         let every = match inner.upgrade() {
             Some(inner) => {
@@ -2140,7 +2155,15 @@ async fn keep_alive(inner: std::sync::Weak<Inner>) {
             }
             None => return,
         };
-        tokio::time::sleep(every).await;
+        let due = last + every;
+        if tokio::time::Instant::now() < due {
+            tokio::select! {
+                () = tokio::time::sleep_until(due) => {}
+                () = lowered.notified() => {}
+            }
+            continue;
+        }
+        last = tokio::time::Instant::now();
         let Some(inner) = inner.upgrade() else {
             return;
         };
