@@ -149,17 +149,25 @@ async fn two_daemons_share_the_work_and_survive_a_kill_9() {
     };
     let fleet = broker_fleet(&server.url, 1);
     let (_, b) = two_daemons_through(&fleet, "kill", async |a: &mut Running| {
-        // Both daemons are in the fleet table, with their replicas.
-        let status = status_json(&fleet);
-        let names: Vec<&str> = status["daemons"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|d| d["running"] == true)
-            .map(|d| d["name"].as_str().unwrap())
-            .collect();
-        assert_eq!(names, ["a", "b"], "{status}");
-        assert_eq!(status["agents"][0]["replicas"].as_array().unwrap().len(), 8);
+        // Both daemons are in the fleet table, with their replicas (b's
+        // first snapshot may be a moment behind its start).
+        wait_until(
+            Duration::from_secs(20),
+            "both daemons in the fleet table",
+            || async {
+                let status = status_json(&fleet);
+                let names: Vec<&str> = status["daemons"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|d| d["running"] == true)
+                    .map(|d| d["name"].as_str().unwrap())
+                    .collect();
+                names == ["a", "b"]
+                    && status["agents"][0]["replicas"].as_array().unwrap().len() == 8
+            },
+        )
+        .await;
         signal(a.child(), Signal::SIGKILL);
         wait_exit(a.child(), Duration::from_secs(5));
     })
@@ -682,32 +690,53 @@ fallback_policy = "proceed_with_warning"
         server.url,
     ));
     let queue = client(&fleet).await;
-    let good = spawn_named(&fleet, "good");
-    wait_until(
-        Duration::from_secs(30),
-        "the good daemon's snapshot",
-        || async {
-            status_json(&fleet)["daemons"]
+    let running = |name: &'static str| {
+        let fleet = &fleet;
+        async move {
+            status_json(fleet)["daemons"]
                 .as_array()
                 .is_some_and(|daemons| {
                     daemons
                         .iter()
-                        .any(|d| d["name"] == "good" && d["running"] == true)
+                        .any(|d| d["name"] == name && d["running"] == true)
                 })
-        },
+        }
+    };
+    let good = spawn_named(&fleet, "good");
+    wait_until(
+        Duration::from_secs(30),
+        "the good daemon's snapshot",
+        || running("good"),
     )
     .await;
+    // Both taking tasks before any is submitted, so that the bad one
+    // meets its broken agent.
     let bad = spawn_named(&fleet, "bad");
+    wait_until(Duration::from_secs(30), "the bad daemon's snapshot", || {
+        running("bad")
+    })
+    .await;
     let (tasks, ids) = numbered_tasks("worker", 40, "job");
     queue.submit(tasks).await.unwrap();
     wait_finished(queue.as_ref(), 40, Duration::from_secs(60), "all jobs").await;
-    for task in records(queue.as_ref(), &ids).await {
+    let tasks = records(queue.as_ref(), &ids).await;
+    for task in &tasks {
         assert_eq!(
             task.result,
             Some(serde_json::json!("ran")),
             "a job completed without running: {task:?}"
         );
     }
+    // The bad daemon took some, failed them, and left the rest.
+    assert!(
+        tasks
+            .iter()
+            .any(|task| task.history.iter().any(|attempt| attempt
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.contains("exit code 3")))),
+        "the bad daemon never met its broken agent"
+    );
     stop(bad);
     stop(good);
 }

@@ -462,7 +462,7 @@ async fn held_leases_ignore_steps_of_the_wall_clock() {
     assert_eq!(running.state, TaskState::Running);
     // Back by two hours: the stored deadline is now an hour ahead.
     wall.set_wall(-7_200_000);
-    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    wall.pass_steady(2_200);
     assert_eq!(queue.expire_leases().await.unwrap(), 1);
     let back = queue.get("s1").await.unwrap().unwrap();
     assert_eq!(back.state, TaskState::Queued);

@@ -174,6 +174,7 @@ breaker = {{ enabled = false }}
                 .sum::<u64>()
         })
     };
+    let total = (TASKS + 2 * MANAGED) as u64;
     let mut daemon_kills = 0;
     let mut broker_faults = 0;
     let mut actions: HashMap<&str, u32> = HashMap::new();
@@ -188,8 +189,16 @@ breaker = {{ enabled = false }}
             Instant::now() < deadline,
             "{left} tasks still unfinished after 5 minutes (seed {seed})"
         );
-        // Two kill -9s of the daemon, early in the run.
-        if daemon_kills < 2 && started.elapsed() > Duration::from_secs(3 + 5 * daemon_kills) {
+        // The faults go by progress, not time, so that each meets work
+        // however fast the machine: unfinished tasks, children included,
+        // of about TASKS + 2 * MANAGED (unknown while the broker is down).
+        let done = if left == u64::MAX {
+            0
+        } else {
+            total.saturating_sub(left)
+        };
+        // Two kill -9s of the daemon, early in the run (10 %, 20 %).
+        if daemon_kills < 2 && done >= total * (1 + daemon_kills) / 10 {
             signal(&daemon, Signal::SIGKILL);
             wait_exit(&mut daemon, Duration::from_secs(10));
             daemon_kills += 1;
@@ -199,11 +208,12 @@ breaker = {{ enabled = false }}
             continue;
         }
         // On a broker: nats-server killed and restarted, then a 20 s
-        // partition of the daemon's connection, after the daemon kills.
+        // partition of the daemon's connection, after the daemon kills
+        // (40 %, 50 %).
         if let Some(server) = broker.as_deref_mut()
             && daemon_kills == 2
             && broker_faults < 2
-            && started.elapsed() > Duration::from_secs(10 + 3 * broker_faults)
+            && done >= total * (4 + broker_faults) / 10
         {
             if broker_faults == 0 {
                 server.kill();

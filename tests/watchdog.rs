@@ -36,14 +36,14 @@ watchdog = {{ queue_depth = 5, scale_up_after = "1s", scale_down_after = "2s" }}
     ));
     let daemon = fleet.start().await;
     let queue = daemon.queue().clone();
-    let (tasks, _) = numbered_tasks("worker", 80, "backlog");
+    let (tasks, _) = numbered_tasks("worker", 120, "backlog");
     queue.submit(tasks).await.unwrap();
     wait_until(Duration::from_secs(30), "three replicas", || async {
         agent(&daemon, "worker").status().replicas.len() == 3
     })
     .await;
     wait_until(Duration::from_secs(60), "the backlog to drain", || async {
-        finished(queue.as_ref()).await == 80
+        finished(queue.as_ref()).await == 120
     })
     .await;
     // Every added replica worked.
@@ -51,7 +51,7 @@ watchdog = {{ queue_depth = 5, scale_up_after = "1s", scale_down_after = "2s" }}
         .list(&ListFilter {
             state: Some(TaskState::Completed),
             agent: None,
-            limit: 100,
+            limit: 200,
         })
         .await
         .unwrap();
@@ -95,10 +95,11 @@ watchdog = {{ queue_depth = 5, scale_up_after = "1s", scale_down_after = "2s" }}
         .list(&ListFilter {
             state: None,
             agent: Some("worker".into()),
-            limit: 100,
+            limit: 200,
         })
         .await
         .unwrap();
+    assert_eq!(tasks.len(), 120);
     assert!(tasks.iter().all(|task| task.state == TaskState::Completed));
     daemon.stop().await;
 }
