@@ -183,6 +183,44 @@ timeouts = {{ progress_timeout = "60s", stop_grace = "1s" }}
     assert_eq!(shown["queue_depth"], 3);
 }
 
+/// A second SIGTERM cuts `daemon.shutdown_grace` short: the daemon stops
+/// its replicas at once, and their tasks go back uncharged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_cuts_the_grace_short() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.slow]
+command = {}
+timeouts = {{ progress_timeout = "60s", stop_grace = "1s" }}
+"#,
+        example_agent(&["--work-ms", "30000"])
+    ));
+    std::fs::write(
+        &fleet.config_path,
+        std::fs::read_to_string(&fleet.config_path)
+            .unwrap()
+            .replace("shutdown_grace = \"2s\"", "shutdown_grace = \"60s\""),
+    )
+    .unwrap();
+    let ids = fleet.submit_numbered("slow", 1, "slow");
+    let client = fleet.client();
+    let mut daemon = fleet.spawn_daemon();
+    wait_until(Duration::from_secs(20), "the task to run", || async {
+        client.counts().await.unwrap()[0].1.running == 1
+    })
+    .await;
+    signal(&daemon, Signal::SIGTERM);
+    // Still waiting for the task, within its minute of grace.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(daemon.try_wait().unwrap().is_none(), "exited at once");
+    signal(&daemon, Signal::SIGTERM);
+    let status = wait_exit(&mut daemon, Duration::from_secs(15));
+    assert!(status.success(), "{status:?}");
+    let task = &records(&client, &ids).await[0];
+    assert_eq!(task.state, TaskState::Queued, "{task:?}");
+    assert_eq!(task.charged_attempts, 0, "{task:?}");
+}
+
 /// A persistent agent that holds its task until `shutdown` arrives, then
 /// answers it and exits: an agent that wraps up when told to stop.
 const WRAPS_UP_ON_SHUTDOWN: &str = r#"echo '{"type":"ready","protocol":1}'

@@ -374,6 +374,108 @@ concurrency = 2
     daemon.stop().await;
 }
 
+/// The `ready` contract: an agent speaking another protocol version, or
+/// silent past `timeouts.startup`, does not start (the reason is its
+/// replica's last exit); what it says before `ready` is not taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_not_ready_in_the_protocol_does_not_start() {
+    let fleet = Fleet::new(
+        r#"
+[agents.future]
+command = ["sh", "-c", "echo '{{\"type\":\"result\",\"id\":\"x\",\"output\":1}}'; echo '{{\"type\":\"ready\",\"protocol\":2}}'; sleep 60"]
+restart = { initial_backoff = "10s", max_backoff = "10s" }
+
+[agents.mute]
+command = ["sh", "-c", "sleep 60"]
+timeouts = { startup = "500ms", stop_grace = "1s" }
+restart = { initial_backoff = "10s", max_backoff = "10s" }
+"#,
+    );
+    let daemon = fleet.start().await;
+    let last_exit = |name: &str| {
+        daemon
+            .agents()
+            .iter()
+            .find(|agent| agent.name == name)
+            .unwrap()
+            .status()
+    };
+    wait_until(Duration::from_secs(20), "both starts to fail", || async {
+        ["future", "mute"]
+            .iter()
+            .all(|name| last_exit(name).replicas[0].last_exit.is_some())
+    })
+    .await;
+    let future = last_exit("future");
+    assert!(
+        future.replicas[0]
+            .last_exit
+            .as_deref()
+            .unwrap()
+            .contains("the agent speaks protocol 2; this flotilla speaks 1"),
+        "{future:?}"
+    );
+    assert_eq!(future.stale_messages, 1, "{future:?}");
+    let mute = last_exit("mute");
+    assert!(
+        mute.replicas[0]
+            .last_exit
+            .as_deref()
+            .unwrap()
+            .contains("no ready message within timeouts.startup = 500ms"),
+        "{mute:?}"
+    );
+    daemon.stop().await;
+}
+
+/// Says it is alive every 100 ms and never advances.
+const ONLY_HEARTBEATS: &str = r#"
+import json, sys, threading, time
+def out(m):
+    sys.stdout.write(json.dumps(m) + "\n")
+    sys.stdout.flush()
+out({"type": "ready", "protocol": 1})
+def beat():
+    while True:
+        out({"type": "heartbeat"})
+        time.sleep(0.1)
+threading.Thread(target=beat, daemon=True).start()
+for line in sys.stdin:
+    if json.loads(line).get("type") == "shutdown":
+        break
+"#;
+
+/// A heartbeat is not progress: an agent alive but stuck is caught by
+/// its progress timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_do_not_keep_a_stuck_task_alive() {
+    let fleet = Fleet::new(
+        r#"
+[agents.beater]
+command = ["python3", "beater.py"]
+timeouts = { progress_timeout = "1s", stop_grace = "1s" }
+retry = { max_deliver = 1 }
+"#,
+    );
+    std::fs::write(fleet.path("beater.py"), ONLY_HEARTBEATS).unwrap();
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let (batch, ids) = numbered_tasks("beater", 1, "beat");
+    queue.submit(batch).await.unwrap();
+    wait_until(Duration::from_secs(20), "the stuck task to end", || async {
+        finished(queue.as_ref()).await >= 1
+    })
+    .await;
+    let task = queue.get(&ids[0]).await.unwrap().unwrap();
+    assert_eq!(task.state, TaskState::DeadLettered, "{task:?}");
+    assert_eq!(
+        task.history[0].outcome,
+        Some(AttemptOutcome::ProgressTimeout),
+        "{task:?}"
+    );
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_keeps_crashing_is_failed_and_its_tasks_stay_queued() {
     let fleet = Fleet::new(

@@ -507,3 +507,59 @@ async fn held_tasks_are_kept_alive_by_a_shorter_consumer_ack_wait() {
         "{record:?}"
     );
 }
+
+/// Completed tasks past the retention are deleted with what is kept
+/// beside them; queued tasks and dead letters are kept, whatever their age.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_deletes_completed_tasks_past_retention() {
+    let Some(server) = NatsServer::start("prune_deletes_completed_tasks_past_retention") else {
+        return;
+    };
+    let wall = Arc::new(support::SettableClock::default());
+    let queue = open_with(
+        &server.url,
+        "prune",
+        "prune",
+        Duration::from_secs(30),
+        wall.clone(),
+    )
+    .await;
+    queue
+        .submit(vec![task("done"), task("dead")])
+        .await
+        .unwrap();
+    let mut leases = queue
+        .lease(
+            &LeaseRequest {
+                max: 2,
+                ..request("prune", Duration::from_secs(30))
+            },
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    leases.sort_by(|a, b| a.key.task_id.cmp(&b.key.task_id));
+    queue
+        .term(&leases[0].key, "bad input", end(AttemptOutcome::Error))
+        .await
+        .unwrap();
+    leases[0].settle();
+    complete(&queue, &mut leases[1], json!("ok")).await;
+    queue.submit(vec![task("waiting")]).await.unwrap();
+    assert_eq!(queue.prune().await.unwrap(), 0, "not yet");
+    // Past the conformance limits' retention of 2 h.
+    wall.set_wall(3 * 3_600_000);
+    assert_eq!(queue.prune().await.unwrap(), 1);
+    assert!(queue.get("done").await.unwrap().is_none());
+    assert_eq!(
+        queue.get("dead").await.unwrap().unwrap().state,
+        TaskState::DeadLettered
+    );
+    assert_eq!(
+        queue.get("waiting").await.unwrap().unwrap().state,
+        TaskState::Queued
+    );
+    // The id is free again: a new task under it runs.
+    let again = queue.submit(vec![task("done")]).await.unwrap();
+    assert!(!again[0].duplicate);
+}
