@@ -332,9 +332,24 @@ fn same(given: &[u8], expected: &[u8]) -> bool {
             == 0
 }
 
+/// The status, with this daemon's live part; with the store unreachable,
+/// that part and `store_error`.
 async fn report(api: &Api) -> Result<StatusReport, ApiError> {
     let live = (api.live)();
     Ok(StatusReport::build(&api.config, &api.store, api.clock.now_ms(), Some(live)).await?)
+}
+
+/// [`report`], refused (503) when the store could not be read: for
+/// answers that would show its counts as zeros without saying so.
+async fn full_report(api: &Api) -> Result<StatusReport, ApiError> {
+    let report = report(api).await?;
+    match &report.store_error {
+        Some(error) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            error.clone(),
+        )),
+        None => Ok(report),
+    }
 }
 
 async fn status(State(api): State<Arc<Api>>) -> Answer<StatusReport> {
@@ -342,14 +357,14 @@ async fn status(State(api): State<Arc<Api>>) -> Answer<StatusReport> {
 }
 
 async fn agents(State(api): State<Arc<Api>>) -> Answer<Vec<crate::status::AgentStatus>> {
-    Ok(Json(report(&api).await?.agents))
+    Ok(Json(full_report(&api).await?.agents))
 }
 
 async fn agent(
     State(api): State<Arc<Api>>,
     Path(name): Path<String>,
 ) -> Answer<crate::status::AgentStatus> {
-    report(&api)
+    full_report(&api)
         .await?
         .agents
         .into_iter()

@@ -1750,10 +1750,12 @@ fn print_status(report: &StatusReport, now: UnixMillis) {
         println!("{line}");
     }
     let t = &report.tasks;
-    println!(
-        "tasks:  {} queued, {} running, {} completed, {} dead-lettered, {} escalated",
-        t.queued, t.running, t.completed, t.dead_lettered, t.escalated
-    );
+    if report.store_error.is_none() {
+        println!(
+            "tasks:  {} queued, {} running, {} completed, {} dead-lettered, {} escalated",
+            t.queued, t.running, t.completed, t.dead_lettered, t.escalated
+        );
+    }
     println!();
     println!(
         "{:<20} {:<9} {:<9} {:>8} {:>7} {:>8} {:>10} {:>6} {:>9} {:>10}",

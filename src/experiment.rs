@@ -319,10 +319,18 @@ const STEADY_LOOKS: u32 = 3;
 fn hypothesis(report: &StatusReport, hypothesis: &Hypothesis) -> Vec<Check> {
     let mut checks = Vec::new();
     if let Some(limit) = hypothesis.queue_depth_below {
-        checks.push(Check {
-            name: format!("queue depth below {limit}"),
-            ok: report.queue_depth < limit,
-            detail: format!("{} queued", report.queue_depth),
+        // A daemon cut off from its store cannot count: not a pass.
+        checks.push(match &report.store_error {
+            Some(error) => Check {
+                name: format!("queue depth below {limit}"),
+                ok: false,
+                detail: format!("unknown: {error}"),
+            },
+            None => Check {
+                name: format!("queue depth below {limit}"),
+                ok: report.queue_depth < limit,
+                detail: format!("{} queued", report.queue_depth),
+            },
         });
     }
     if hypothesis.all_agents_ready {
@@ -804,6 +812,31 @@ mod tests {
     fn parse(text: &str) -> Result<Experiment, String> {
         let experiment: Experiment = toml::from_str(text).map_err(|error| error.to_string())?;
         experiment.check().map(|()| experiment)
+    }
+
+    /// A daemon cut off from its store reports no queue: the depth check
+    /// fails as unknown rather than pass on a zero.
+    #[test]
+    fn an_unknown_queue_depth_fails_the_hypothesis() {
+        let experiment = parse(
+            "name = \"x\"\n[hypothesis]\nqueue_depth_below = 10\n[[method]]\naction = \"kill\"\nagent = \"a\"\n",
+        )
+        .unwrap();
+        let mut report = StatusReport {
+            daemon: crate::status::DaemonState::default(),
+            daemons: Vec::new(),
+            store: "test".into(),
+            queue_depth: 0,
+            tasks: crate::queue::StateCounts::default(),
+            degradation: crate::degrade::DegradationStatus::default(),
+            agents: Vec::new(),
+            store_error: None,
+        };
+        assert!(hypothesis(&report, &experiment.hypothesis)[0].ok);
+        report.store_error = Some("store error: timed out".into());
+        let checks = hypothesis(&report, &experiment.hypothesis);
+        assert!(!checks[0].ok);
+        assert_eq!(checks[0].detail, "unknown: store error: timed out");
     }
 
     #[test]

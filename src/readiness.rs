@@ -258,7 +258,7 @@ async fn probe_once(
             .await
             .map(|_| format!("connected to {address}"))
             .map_err(|error| format!("connect {address}: {error}")),
-        Probe::WorkspaceWritable => writable(&agent.workdir()).await,
+        Probe::WorkspaceWritable => writable(&agent.workdir(), &agent.name).await,
         Probe::Command(_) | Probe::MemoryBelowPct(_) => {
             unreachable!("run by `command` and judged per replica")
         }
@@ -295,8 +295,9 @@ async fn command(
 /// Creates, writes, syncs and removes a file in `dir`.
 /// The directories whose write probe is still running. A probe on a hung
 /// filesystem (NFS, FUSE) blocks its thread past the check's timeout;
-/// one such thread per directory at most, or every interval would add
-/// one until the blocking pool (which the store uses too) is full.
+/// one such thread per probe file (a directory and an agent) at most, or
+/// every interval would add one until the blocking pool (which the store
+/// uses too) is full.
 static WRITING: std::sync::Mutex<std::collections::BTreeSet<std::path::PathBuf>> =
     std::sync::Mutex::new(std::collections::BTreeSet::new());
 
@@ -309,19 +310,17 @@ impl Drop for Writing {
     }
 }
 
-async fn writable(dir: &Path) -> Result<String, String> {
-    if !WRITING
-        .lock()
-        .expect("not poisoned")
-        .insert(dir.to_path_buf())
-    {
+async fn writable(dir: &Path, agent: &str) -> Result<String, String> {
+    // A file of each agent's own: agents sharing a working directory
+    // probe it at the same time without meeting.
+    let path = dir.join(format!(".flotilla-ready-{}-{agent}", std::process::id()));
+    if !WRITING.lock().expect("not poisoned").insert(path.clone()) {
         return Err(format!(
             "the previous write probe of {} has not finished (a hung filesystem?)",
             dir.display()
         ));
     }
-    let writing = Writing(dir.to_path_buf());
-    let path = dir.join(format!(".flotilla-ready-{}", std::process::id()));
+    let writing = Writing(path.clone());
     let probe = tokio::task::spawn_blocking(move || {
         let _writing = writing;
         let result = (|| {

@@ -354,8 +354,9 @@ impl StatusReport {
         live: Option<DaemonSnapshot>,
     ) -> Result<Self, QueueError> {
         // With this daemon's live part at hand, a store that cannot be
-        // read (the broker unreachable) still leaves something to show:
-        // this daemon, and that it is cut off.
+        // reached (the broker unreachable) still leaves something to
+        // show: this daemon, and that it is cut off. Any other error, or
+        // no live part, is the caller's.
         let read = async {
             let counts = store.queue().counts().await?;
             let snapshots = store.snapshots().await?;
@@ -363,7 +364,9 @@ impl StatusReport {
         };
         let (counts, mut snapshots, store_error) = match read.await {
             Ok((counts, snapshots)) => (counts.into_iter().collect(), snapshots, None),
-            Err(error) if live.is_some() => (BTreeMap::new(), Vec::new(), Some(error.to_string())),
+            Err(error @ QueueError::Storage(_)) if live.is_some() => {
+                (BTreeMap::new(), Vec::new(), Some(error.to_string()))
+            }
             Err(error) => return Err(error),
         };
         let counts: BTreeMap<String, StateCounts> = counts;

@@ -123,8 +123,8 @@ pub fn render(frame: &mut Frame<'_>, screen: &Screen) {
             Style::default().fg(Color::Red).add_modifier(Modifier::BOLD),
         )));
     }
-    // The summary, a line for each warning, and the border.
-    let height = u16::try_from(lines.len() + 1).unwrap_or(u16::MAX).max(3);
+    // The title, the summary and a line for each warning, and the border.
+    let height = u16::try_from(lines.len() + 2).unwrap_or(u16::MAX);
     let [head, tabs, body] = Layout::vertical([
         Constraint::Length(height),
         Constraint::Length(1),
@@ -410,6 +410,21 @@ mod tests {
             view,
             now_ms: 61_000,
         }
+    }
+
+    /// Every warning shows in the header, under the summary.
+    #[test]
+    fn top_shows_a_degraded_fleet_and_an_unreachable_store() {
+        let mut screen = screen(View::Agents);
+        screen.report.degradation.level = crate::degrade::Level::Reduced;
+        screen.report.store_error = Some("store error: cannot read: timed out".into());
+        let shown = draw(&screen);
+        assert!(shown.contains("daemon gpu-1"), "{shown}");
+        assert!(shown.contains("DEGRADED: level"), "{shown}");
+        assert!(
+            shown.contains("STORE UNREACHABLE: store error: cannot read: timed out"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -540,12 +540,15 @@ fn prometheus_value(body: &Value) -> Result<f64, String> {
 /// Whether the watched task is still the completed attempt the watch was
 /// started for (an id reused after the dedup window is a new task).
 /// Whether `watched` is still this daemon's to follow: another daemon
-/// that saw it gone from the fleet may have taken it over.
+/// that saw it gone from the fleet may have taken it over. A watch the
+/// store does not list at all (its write failed when it began) is still
+/// this daemon's.
 async fn still_mine(agent: &Arc<AgentRuntime>, watched: &Watched) -> bool {
     match load_list(agent.store(), &agent.name).await {
-        Ok((list, _)) => list
-            .iter()
-            .any(|entry| entry.task == watched.task && entry.daemon == watched.daemon),
+        Ok((list, _)) => {
+            let of_task = || list.iter().filter(|entry| entry.task == watched.task);
+            of_task().any(|entry| entry.daemon == watched.daemon) || of_task().next().is_none()
+        }
         // Unsure: the breach is acted on (a rollback's claim still keeps
         // two daemons from undoing it twice).
         Err(_) => true,

@@ -849,7 +849,7 @@ import json, os, sys
 print(json.dumps({"type": "ready"}), flush=True)
 for line in sys.stdin:
     task = json.loads(line)
-    os.system("sleep 1 & echo $! >> sleeps.pids")
+    os.system("sleep 3 & echo $! >> sleeps.pids")
     print(json.dumps({"type": "result", "id": task["id"], "output": os.getpid()}), flush=True)
 "#;
     let fleet = Fleet::new("");
@@ -885,12 +885,11 @@ for line in sys.stdin:
     // Once they exit, the memory sampler reaps them within a second or
     // so: gone from /proc (a zombie stays there until reaped).
     wait_until(
-        Duration::from_secs(10),
+        Duration::from_secs(15),
         "orphaned sleeps to be reaped",
         || async { pids.iter().all(|pid| parent_of(*pid).is_none()) },
     )
     .await;
-    assert!(zombies_of(own).is_empty());
     daemon.stop().await;
 }
 
@@ -903,30 +902,6 @@ fn parent_of(pid: u32) -> Option<u32> {
         .nth(1)?
         .parse()
         .ok()
-}
-
-fn zombies_of(parent: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|entry| {
-            entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-        })
-        .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let fields: Vec<&str> = stat
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .collect();
-            fields.first() == Some(&"Z")
-                && fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent)
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -194,6 +194,8 @@ command = {}
     );
     assert_eq!(status["daemon"]["broker"]["connected"], false, "{status}");
     assert_eq!(status["agents"][0]["name"], "worker", "{status}");
+    // An answer that would show its counts as zeros is refused instead.
+    assert_eq!(get(address, "/api/v1/agents").await.0, 503);
     server.restart();
     wait_until(Duration::from_secs(30), "ready again", || async {
         get(address, "/health/ready").await.0 == 200

@@ -559,7 +559,7 @@ async fn prune_deletes_completed_tasks_past_retention() {
         queue.get("waiting").await.unwrap().unwrap().state,
         TaskState::Queued
     );
-    // The id is free again: a new task under it runs.
+    // The id is free again: a task under it is new, not a duplicate.
     let again = queue.submit(vec![task("done")]).await.unwrap();
     assert!(!again[0].duplicate);
 }

@@ -174,7 +174,7 @@ breaker = {{ enabled = false }}
                 .sum::<u64>()
         })
     };
-    let total = (TASKS + 2 * MANAGED) as u64;
+    let total = (TASKS + MANAGED) as u64;
     let mut daemon_kills = 0;
     let mut broker_faults = 0;
     let mut actions: HashMap<&str, u32> = HashMap::new();
@@ -191,7 +191,8 @@ breaker = {{ enabled = false }}
         );
         // The faults go by progress, not time, so that each meets work
         // however fast the machine: unfinished tasks, children included,
-        // of about TASKS + 2 * MANAGED (unknown while the broker is down).
+        // of TASKS + MANAGED (the leads are among the TASKS; unknown while
+        // the broker is down).
         let done = if left == u64::MAX {
             0
         } else {
