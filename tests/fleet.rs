@@ -428,6 +428,114 @@ restart = { initial_backoff = "10s", max_backoff = "10s" }
     daemon.stop().await;
 }
 
+/// Works on a task until told to cancel it (then notes the cancel in a
+/// file), except tasks whose payload says `quick`, answered at once.
+const CANCELLABLE: &str = r#"
+import json, sys
+def out(m):
+    sys.stdout.write(json.dumps(m) + "\n")
+    sys.stdout.flush()
+out({"type": "ready", "protocol": 1})
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("type") == "shutdown":
+        break
+    if m.get("type") == "cancel":
+        open("cancelled-" + m["id"], "w").close()
+    elif m.get("type") == "task" and m["payload"].get("quick"):
+        out({"type": "result", "id": m["id"], "output": "done"})
+"#;
+
+/// A cancelled task's agent hears `cancel` within seconds, though it sends
+/// no progress (which would otherwise be when its replica learns), and
+/// its replica goes on with the next task; a oneshot task's process is
+/// stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_task_is_abandoned_by_its_agent_within_seconds() {
+    let fleet = Fleet::new(
+        r#"
+[agents.long]
+command = ["python3", "cancellable.py"]
+concurrency = 2
+timeouts = { progress_timeout = "5m" }
+
+[agents.once]
+command = ["sh", "-c", "sleep 120"]
+mode = "oneshot"
+timeouts = { progress_timeout = "5m", stop_grace = "1s" }
+"#,
+    );
+    std::fs::write(fleet.path("cancellable.py"), CANCELLABLE).unwrap();
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let task = |id: &str, agent: &str, payload| NewTask {
+        id: id.into(),
+        agent: agent.into(),
+        priority: Priority::Normal,
+        payload,
+    };
+    queue
+        .submit(vec![
+            task("slow", "long", json!({})),
+            task("sleeper", "once", json!({})),
+        ])
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(20), "both to run", || async {
+        let mut both = true;
+        for id in ["slow", "sleeper"] {
+            both &= queue.get(id).await.unwrap().unwrap().state == TaskState::Running;
+        }
+        both
+    })
+    .await;
+    for id in ["slow", "sleeper"] {
+        flotilla::api::cancel(daemon.store(), id, "not needed")
+            .await
+            .unwrap();
+    }
+    wait_until(
+        Duration::from_secs(15),
+        "the agent to hear the cancel",
+        || async { fleet.path("cancelled-slow").exists() },
+    )
+    .await;
+    let once = daemon
+        .agents()
+        .iter()
+        .find(|agent| agent.name == "once")
+        .unwrap()
+        .clone();
+    wait_until(
+        Duration::from_secs(15),
+        "the oneshot process to stop",
+        || async {
+            once.status()
+                .replicas
+                .iter()
+                .all(|replica| replica.pid.is_none())
+        },
+    )
+    .await;
+    // The replica goes on with the next task.
+    queue
+        .submit(vec![task("next", "long", json!({"quick": true}))])
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(15), "the next task", || async {
+        queue.get("next").await.unwrap().unwrap().state == TaskState::Completed
+    })
+    .await;
+    let long = daemon
+        .agents()
+        .iter()
+        .find(|agent| agent.name == "long")
+        .unwrap()
+        .status();
+    assert_eq!(long.restarts, 0, "{long:?}");
+    daemon.stop().await;
+}
+
 /// Says it is alive every 100 ms and never advances.
 const ONLY_HEARTBEATS: &str = r#"
 import json, sys, threading, time

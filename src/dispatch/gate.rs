@@ -293,6 +293,22 @@ impl AgentRuntime {
         true
     }
 
+    /// The attempts handed to this agent's replicas at least `age` ago
+    /// and not settled yet (a result being validated excluded: it is
+    /// settled by its own path).
+    pub(super) fn running_attempts(&self, age: std::time::Duration) -> Vec<LeaseKey> {
+        let now = self.clock.steady_ms();
+        let age = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+        self.calls
+            .lock()
+            .expect("calls lock")
+            .open
+            .iter()
+            .filter(|(_, open)| !open.settling && now.saturating_sub(open.at) >= age)
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+
     /// The result of attempt `key` is being validated and stored: see
     /// [`Settling`].
     pub(super) fn settling(self: &Arc<Self>, key: &LeaseKey) -> Settling {

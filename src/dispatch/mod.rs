@@ -29,7 +29,9 @@ use tracing::Instrument as _;
 use crate::clock::SharedClock;
 use crate::config::{AgentConfig, Config, Mode};
 use crate::protocol::LineError;
-use crate::queue::{AttemptEnd, AttemptOutcome, Lease, LeaseRequest, QueueError, TaskQueue};
+use crate::queue::{
+    AttemptEnd, AttemptOutcome, Lease, LeaseKey, LeaseRequest, QueueError, TaskQueue, TaskState,
+};
 use crate::status::{AgentState, AgentStatus, ReplicaState, ReplicaStatus};
 use crate::supervisor::policy::{Intensity, Streak, Verdict};
 use crate::supervisor::process::{INSTANCE_ENV, PASSED_THROUGH, SpawnSpec};
@@ -137,7 +139,8 @@ pub struct AgentRuntime {
 /// Most attempt outcomes kept for the watchdog's error rate.
 const RECENT_OUTCOMES: usize = 10_000;
 
-/// The fleet watchdog's orders to an agent's replicas.
+/// The fleet watchdog's orders to an agent's replicas, and the tasks
+/// they are to abandon.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Orders {
     /// Replicas to stop once idle, for good.
@@ -145,6 +148,10 @@ pub struct Orders {
     /// Replicas to restart now (their process id, and why), retrying their
     /// tasks.
     pub restart: std::collections::BTreeMap<u32, (u32, String)>,
+    /// Attempts the store no longer gives to this daemon (the task was
+    /// cancelled, or taken over elsewhere), with why: whichever replica
+    /// runs one stops working on it.
+    pub abandon: HashMap<LeaseKey, String>,
 }
 
 /// A replica asking the leaser for one task.
@@ -414,6 +421,10 @@ impl AgentRuntime {
             requests,
             shutdown.clone(),
         ))];
+        handles.push(tokio::spawn(look_for_abandoned(
+            runtime.clone(),
+            shutdown.clone(),
+        )));
         if !runtime.config.readiness.checks.is_empty() {
             handles.push(tokio::spawn(crate::readiness::run(
                 runtime.clone(),
@@ -496,6 +507,16 @@ impl AgentRuntime {
 
     fn watch_orders(&self) -> watch::Receiver<Orders> {
         self.orders.subscribe()
+    }
+
+    /// The order to abandon attempt `key`, taken (see [`Orders::abandon`]).
+    fn take_abandon(&self, key: &LeaseKey) -> Option<String> {
+        let mut taken = None;
+        self.orders.send_if_modified(|orders| {
+            taken = orders.abandon.remove(key);
+            taken.is_some()
+        });
+        taken
     }
 
     /// Attempts within the last `window` ending at `now`, and how many
@@ -1470,6 +1491,52 @@ fn lease_duration(progress_timeout: Duration) -> Duration {
     progress_timeout
         .saturating_mul(2)
         .saturating_add(LEASE_MARGIN)
+}
+
+/// How often the attempts running here are compared with the store, and
+/// how old an attempt must be to be looked at.
+const ABANDON_CHECK: Duration = Duration::from_secs(3);
+
+/// Every [`ABANDON_CHECK`]: the attempts this agent's replicas run whose
+/// task the store no longer gives them (cancelled by `tasks cancel` from
+/// any process, or taken over by another daemon) are ordered abandoned,
+/// so that the agent hears `cancel` within seconds rather than at its
+/// next lease extension (up to `progress_timeout` away), and stops
+/// spending on work nobody wants.
+async fn look_for_abandoned(agent: Arc<AgentRuntime>, mut shutdown: watch::Receiver<Phase>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(ABANDON_CHECK) => {}
+            _ = shutdown.changed() => {}
+        }
+        if shutdown.borrow().stopping() {
+            return;
+        }
+        let running = agent.running_attempts(ABANDON_CHECK);
+        // Orders for attempts no longer running here are dropped.
+        agent.orders.send_if_modified(|orders| {
+            let before = orders.abandon.len();
+            orders.abandon.retain(|key, _| running.contains(key));
+            orders.abandon.len() != before
+        });
+        for key in running {
+            let why = match agent.queue.get(&key.task_id).await {
+                Ok(None) => "the task was deleted".to_string(),
+                Ok(Some(task)) if task.state != TaskState::Running => {
+                    format!("the task is {} now", task.state)
+                }
+                Ok(Some(task)) if task.attempts != key.attempt => {
+                    format!("the task runs as attempt {} elsewhere now", task.attempts)
+                }
+                // Still ours, or unknown (the store unreachable): the
+                // lease extension decides.
+                Ok(Some(_)) | Err(_) => continue,
+            };
+            agent.orders.send_modify(|orders| {
+                orders.abandon.insert(key, why);
+            });
+        }
+    }
 }
 
 /// How long after taking or extending a lease the next progress extends it.

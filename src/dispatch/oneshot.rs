@@ -281,6 +281,11 @@ async fn run_task(
             status = child.wait(), if !out_open && !err_open => break status.ok(),
             changed = orders.changed(), if !orders_closed => {
                 orders_closed = changed.is_err();
+                if let Some(why) = agent.take_abandon(&tracked.lease.key) {
+                    tracing::warn!(agent = %agent.name, task = %tracked.lease.key, %why, "lease lost; stopping the task's process");
+                    abandon(agent, &mut child, pgid, tracked).await;
+                    return None;
+                }
                 if let Some(reason) = agent.take_restart(index, pgid) {
                     // The slot goes on (only its task's process is ended),
                     // so no replica is lost: the task's failed attempt

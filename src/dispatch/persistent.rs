@@ -19,7 +19,7 @@ use super::{
 };
 use crate::lines::{Line, LineReader};
 use crate::protocol::{self, FromAgent, LineError, PROTOCOL_VERSION, ToAgent};
-use crate::queue::{AttemptOutcome, Lease, QueueError};
+use crate::queue::{AttemptOutcome, Lease};
 use crate::status::ReplicaState;
 use crate::supervisor::process;
 
@@ -453,6 +453,18 @@ impl Replica<'_> {
                 changed = orders.changed(), if !orders_closed => {
                     orders_closed = changed.is_err();
                     let retire = orders.borrow_and_update().retire.contains(&self.index);
+                    let abandoned: Vec<(String, String)> = self
+                        .in_flight
+                        .iter()
+                        .filter_map(|(id, tracked)| {
+                            self.agent
+                                .take_abandon(&tracked.lease.key)
+                                .map(|why| (id.clone(), why))
+                        })
+                        .collect();
+                    for (id, why) in abandoned {
+                        self.lost_lease(&id, &why).await;
+                    }
                     if let Some(reason) = self.agent.take_restart(self.index, self.pgid) {
                         // The fleet watchdog: no progress for too long.
                         let culprit = self.most_silent();
@@ -770,7 +782,7 @@ impl Replica<'_> {
     }
 
     /// The queue says this replica no longer holds task `id`.
-    async fn lost_lease(&mut self, id: &str, error: &QueueError) {
+    async fn lost_lease(&mut self, id: &str, error: &(dyn std::fmt::Display + Sync)) {
         if let Some(mut tracked) = self.in_flight.remove(id) {
             tracing::warn!(agent = %self.agent.name, task = %tracked.lease.key, %error, "lease lost; abandoning the task");
             self.agent
