@@ -1507,7 +1507,11 @@ async fn look_for_abandoned(agent: Arc<AgentRuntime>, mut shutdown: watch::Recei
     loop {
         tokio::select! {
             () = tokio::time::sleep(ABANDON_CHECK) => {}
-            _ = shutdown.changed() => {}
+            changed = shutdown.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
         }
         if shutdown.borrow().stopping() {
             return;
@@ -1520,7 +1524,11 @@ async fn look_for_abandoned(agent: Arc<AgentRuntime>, mut shutdown: watch::Recei
             orders.abandon.len() != before
         });
         for key in running {
-            let why = match agent.queue.get(&key.task_id).await {
+            let read = tokio::select! {
+                read = agent.queue.get(&key.task_id) => read,
+                _ = shutdown.changed() => return,
+            };
+            let why = match read {
                 Ok(None) => "the task was deleted".to_string(),
                 Ok(Some(task)) if task.state != TaskState::Running => {
                     format!("the task is {} now", task.state)
@@ -1528,9 +1536,11 @@ async fn look_for_abandoned(agent: Arc<AgentRuntime>, mut shutdown: watch::Recei
                 Ok(Some(task)) if task.attempts != key.attempt => {
                     format!("the task runs as attempt {} elsewhere now", task.attempts)
                 }
-                // Still ours, or unknown (the store unreachable): the
-                // lease extension decides.
-                Ok(Some(_)) | Err(_) => continue,
+                // Still ours: the next one.
+                Ok(Some(_)) => continue,
+                // The store unreachable: the lease extensions decide, and
+                // this round ends (every read would wait as long).
+                Err(_) => break,
             };
             agent.orders.send_modify(|orders| {
                 orders.abandon.insert(key, why);
