@@ -98,10 +98,19 @@ replicas = {{ min = 2 }}
     let (status, done) = call(
         address,
         "/api/v1/chaos/latency",
-        json!({"add": "50ms", "for": "2s"}),
+        json!({"add": "200ms", "for": "3s"}),
     )
     .await;
     assert_eq!(status, 200, "{done}");
+    // The daemon's own calls to the broker go through the proxy: each is
+    // held back now.
+    let started = std::time::Instant::now();
+    queue.get(&ids[0]).await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(150),
+        "a broker call took {:?} under 200 ms of added latency",
+        started.elapsed()
+    );
     wait_until(Duration::from_secs(90), "every task", || async {
         finished(queue.as_ref()).await >= 200
     })
