@@ -53,7 +53,7 @@ pub struct Scorecard {
 
 /// The alert names `deploy/prometheus/alerts.yml` defines; an alert rules
 /// file should have them all.
-pub const ALERTS: [&str; 8] = [
+pub const ALERTS: [&str; 9] = [
     "AgentStuck",
     "QueueDepthHigh",
     "AgentErrorRateHigh",
@@ -62,6 +62,7 @@ pub const ALERTS: [&str; 8] = [
     "DeadLettersGrowing",
     "BrokerDisconnected",
     "AgentRestartLoop",
+    "NotificationsFailing",
 ];
 
 fn item(

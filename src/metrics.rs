@@ -284,8 +284,8 @@ fn histograms<L: Clone + std::hash::Hash + Eq>() -> Histograms<L> {
 }
 
 fn duration_histogram() -> Histogram {
-    // 10 ms to about 11 hours.
-    Histogram::new(exponential_buckets(0.01, 2.5, 16))
+    // 10 ms to about 16 hours (0.01 s x 2.5^17).
+    Histogram::new(exponential_buckets(0.01, 2.5, 18))
 }
 
 /// The daemon's metrics.
@@ -656,11 +656,23 @@ impl Metrics {
                 .set(i64::try_from(working).unwrap_or(i64::MAX));
             self.health.get_or_create(&label).set(i64::from(*available));
             healthy += i64::from(*available);
+            // While it holds tasks: when its most silent task last
+            // progressed (or started), so that one stuck replica shows
+            // among busy ones, and a heartbeat (alive, not advancing)
+            // does not hide it. Otherwise its last sign of life.
             let last = status
                 .replicas
                 .iter()
-                .filter_map(|r| r.last_progress_ms.max(r.last_seen_ms).max(r.started_ms))
-                .max();
+                .filter(|r| !r.tasks.is_empty())
+                .filter_map(|r| r.task_progress_ms)
+                .min()
+                .or_else(|| {
+                    status
+                        .replicas
+                        .iter()
+                        .filter_map(|r| r.last_progress_ms.max(r.last_seen_ms).max(r.started_ms))
+                        .max()
+                });
             if let Some(last) = last {
                 self.last_activity
                     .get_or_create(&label)
@@ -670,14 +682,16 @@ impl Metrics {
             self.memory
                 .get_or_create(&label)
                 .set(i64::try_from(rss).unwrap_or(i64::MAX));
-            if let Some(pct) = status
+            // 0 when no running replica reports one (restarted, stopped):
+            // never the last value of a process that is gone.
+            let pct = status
                 .replicas
                 .iter()
                 .filter(|r| r.state != ReplicaState::Stopped)
                 .filter_map(|r| r.context_window_usage_pct)
-                .reduce(f64::max)
-            {
-                self.context.get_or_create(&label).set(pct);
+                .reduce(f64::max);
+            if pct.is_some() || self.context.get(&label).is_some() {
+                self.context.get_or_create(&label).set(pct.unwrap_or(0.0));
             }
             if let Some(state) = status.breaker.state {
                 open += i64::from(state != BreakerState::Closed);
@@ -798,6 +812,43 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
+    }
+
+    /// A busy agent's activity is its most silent task's last progress,
+    /// whatever its heartbeats say; a context window usage no running
+    /// replica reports any more reads 0.
+    #[test]
+    fn activity_follows_the_most_silent_task_and_usage_is_cleared() {
+        let metrics = Metrics::new(true);
+        let mut status = AgentStatus::new("coder", crate::config::Mode::Persistent, 2);
+        for replica in &mut status.replicas {
+            replica.state = ReplicaState::Busy;
+            replica.tasks = vec!["t".into()];
+            replica.last_seen_ms = Some(900_000);
+        }
+        status.replicas[0].task_progress_ms = Some(100_000);
+        status.replicas[1].task_progress_ms = Some(800_000);
+        status.replicas[0].context_window_usage_pct = Some(95.0);
+        metrics.set_state(&[(status.clone(), true)], 0, None);
+        let text = metrics.encode();
+        assert!(
+            text.contains("agent_last_activity_timestamp{agent=\"coder\"} 100"),
+            "{text}"
+        );
+        assert!(
+            text.contains("agent_context_window_usage_pct{agent=\"coder\"} 95"),
+            "{text}"
+        );
+        // Restarted: its process has reported nothing yet.
+        status.replicas[0].context_window_usage_pct = None;
+        metrics.set_state(&[(status, true)], 0, None);
+        assert!(
+            metrics
+                .encode()
+                .contains("agent_context_window_usage_pct{agent=\"coder\"} 0"),
+            "{}",
+            metrics.encode()
+        );
     }
 
     #[test]
