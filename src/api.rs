@@ -685,9 +685,35 @@ async fn resolve(
 ) -> Answer<crate::queue::TaskRecord> {
     let Json(body) = body?;
     let resolution = body.resolution().map_err(ApiError::bad_request)?;
-    api.store.queue().resolve(&id, &resolution).await?;
+    resolve_escalation(&api.store, &id, &resolution).await?;
     tracing::info!(task = %id, "escalation resolved through the API");
     Ok(Json(find(&api, &id).await?))
+}
+
+/// Resolves escalated task `id`; dropped, it ends as a dead letter, and
+/// the children it waited for are cancelled with it (as when it is
+/// cancelled).
+///
+/// # Errors
+/// As [`crate::queue::TaskQueue::resolve`].
+pub async fn resolve_escalation(
+    store: &Store,
+    id: &str,
+    resolution: &Resolution,
+) -> Result<(), QueueError> {
+    store.queue().resolve(id, resolution).await?;
+    if *resolution == Resolution::Drop {
+        let children = crate::delegate::cancel_children(
+            store,
+            id,
+            &format!("cancelled: its parent {id} was dropped by a human"),
+        )
+        .await;
+        if children > 0 {
+            tracing::warn!(task = %id, children, "the children a dropped task waited for were cancelled");
+        }
+    }
+    Ok(())
 }
 
 /// What a cancel did.

@@ -705,7 +705,8 @@ impl Target {
         match self {
             Self::Local(config) => {
                 let resolution = body.resolution().map_err(Failure::usage)?;
-                Ok(open_queue(config).await?.resolve(id, &resolution).await?)
+                let store = open_store(config).await?;
+                Ok(crate::api::resolve_escalation(&store, id, &resolution).await?)
             }
             Self::Remote(client) => client
                 .resolve(id, &body)

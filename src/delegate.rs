@@ -792,6 +792,49 @@ mod tests {
         ["manager", "worker", "reviewer"].map(String::from).to_vec()
     }
 
+    /// A parent escalated to a human and dropped cancels the children it
+    /// waited for, as a cancelled one does.
+    #[tokio::test]
+    async fn a_dropped_escalated_parent_cancels_its_waited_children() {
+        let (_dir, store) = with_root().await;
+        let limits = crate::config::DelegationConfig::default();
+        for (key, wait) in [("w", true), ("f", false)] {
+            try_send(&store, &limits, &send_to("worker", key, wait))
+                .await
+                .unwrap();
+        }
+        let request = crate::queue::LeaseRequest {
+            agent: "manager".into(),
+            max: 1,
+            lease_for: Duration::from_secs(30),
+            owner: "test".into(),
+            max_deliver: 3,
+            lowest: Priority::Low,
+        };
+        let mut leases = store.queue().lease(&request, Duration::ZERO).await.unwrap();
+        let end = crate::queue::AttemptEnd::new(
+            crate::queue::AttemptOutcome::Escalated,
+            None,
+            "a human decides",
+        );
+        store
+            .queue()
+            .escalate(&leases[0].key, "a human decides", end)
+            .await
+            .unwrap();
+        leases[0].settle();
+        crate::api::resolve_escalation(&store, "parent", &crate::queue::Resolution::Drop)
+            .await
+            .unwrap();
+        let state = |id: &'static str| {
+            let store = store.clone();
+            async move { store.queue().get(id).await.unwrap().unwrap().state }
+        };
+        assert_eq!(state("parent").await, TaskState::DeadLettered);
+        assert_eq!(state("parent/w").await, TaskState::DeadLettered);
+        assert_eq!(state("parent/f").await, TaskState::Queued, "not waited for");
+    }
+
     #[tokio::test]
     async fn a_waited_child_of_a_dead_parent_is_orphaned() {
         let (_dir, store) = with_root().await;

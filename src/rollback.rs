@@ -309,7 +309,9 @@ pub fn parse_changes(value: &Value) -> Result<Vec<Change>, String> {
 /// Records `changes` of `task` (attempt `attempt`, agent `agent`).
 ///
 /// # Errors
-/// When the store refuses the write.
+/// When the store refuses the write; [`QueueError::Invalid`] when the
+/// journal has no room for them (every attempt's changes are kept, at
+/// most ten attempts' worth): nothing is recorded then.
 pub async fn record(
     store: &Store,
     task: &str,
@@ -319,7 +321,9 @@ pub async fn record(
 ) -> Result<Journal, QueueError> {
     // Appended to what earlier attempts declared: a change a rejected
     // attempt applied is still there to undo.
+    let mut full = None;
     let stored = edit(store, task, |stored| {
+        full = None;
         let mut journal = stored.unwrap_or_else(|| Journal {
             task: task.to_string(),
             agent: agent.to_string(),
@@ -331,12 +335,23 @@ pub async fn record(
             // Recorded already (the same result handled twice).
             return None;
         }
+        let room = (MAX_CHANGES * 10).saturating_sub(journal.changes.len());
+        if changes.len() > room {
+            // Never a part of them: an accepted task must be one whose
+            // every declared change can be undone.
+            full = Some(format!(
+                "the task's rollback journal holds {} changes from its earlier attempts; {} more would pass its limit of {}",
+                journal.changes.len(),
+                changes.len(),
+                MAX_CHANGES * 10
+            ));
+            return None;
+        }
         journal.agent = agent.to_string();
         journal.attempt = attempt;
-        let room = (MAX_CHANGES * 10).saturating_sub(journal.changes.len());
         journal
             .changes
-            .extend(changes.iter().take(room).map(|change| Entry {
+            .extend(changes.iter().map(|change| Entry {
                 change: change.clone(),
                 attempt,
                 agent: Some(agent.to_string()),
@@ -348,6 +363,9 @@ pub async fn record(
         Some(journal)
     })
     .await?;
+    if let Some(reason) = full {
+        return Err(QueueError::Invalid(reason));
+    }
     Ok(stored.expect("stored or recorded already"))
 }
 
@@ -1081,6 +1099,39 @@ mod tests {
                 .compare_and_put_control("k", None, &one)
                 .await
                 .unwrap()
+        );
+    }
+
+    /// A journal with no room left refuses a new attempt's changes whole:
+    /// never a part of them, so an accepted task can always be undone.
+    #[tokio::test]
+    async fn a_full_journal_refuses_changes_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::embedded_in(dir.path());
+        let log = dir.path().join("undo.log");
+        for attempt in 1..=9 {
+            record(&store, "t", "a", attempt, slow_changes(&log, MAX_CHANGES))
+                .await
+                .unwrap();
+        }
+        let refused = record(&store, "t", "a", 10, slow_changes(&log, MAX_CHANGES + 1))
+            .await
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains(
+                "holds 900 changes from its earlier attempts; 101 more would pass its limit of 1000"
+            ),
+            "{refused}"
+        );
+        let journal = load(&store, "t").await.unwrap().unwrap();
+        assert_eq!(journal.changes.len(), 900, "nothing of it recorded");
+        // What fits is recorded.
+        record(&store, "t", "a", 10, slow_changes(&log, MAX_CHANGES))
+            .await
+            .unwrap();
+        assert_eq!(
+            load(&store, "t").await.unwrap().unwrap().changes.len(),
+            1000
         );
     }
 

@@ -440,6 +440,11 @@ async fn sample(
         spec.argv.clone_from(argv);
         spec.env.push(("FLOTILLA_TASK_ID".into(), task.to_string()));
         let ran = crate::command::run(spec, limit, OUTPUT_BYTES).await?;
+        if ran.status.is_none() {
+            // Killed at its timeout: no answer, as a threshold check's
+            // would be (a slow monitoring host must not roll work back).
+            return Err(ran.describe(&argv[0], limit));
+        }
         if !check.has_threshold() {
             return Ok(if ran.success() {
                 Sample::Pass

@@ -198,7 +198,7 @@ command = ["python3", "agent.py"]
 [agents.deployer.watch]
 duration = "30s"
 interval = "1s"
-checks = [ { name = "health", command = ["sh", "-c", "test ! -e broken.flag"] } ]
+checks = [ { name = "health", command = ["sh", "-c", "if [ -e slow.flag ]; then sleep 30; fi; test ! -e broken.flag"], timeout = "500ms" } ]
 "#,
     );
     std::fs::write(fleet.path("agent.py"), AGENT).unwrap();
@@ -207,9 +207,14 @@ checks = [ { name = "health", command = ["sh", "-c", "test ! -e broken.flag"] } 
     accept_watched_release(&store).await;
     let deployed = fleet.path("deployed.txt");
     assert!(deployed.exists());
-    // Healthy for a while: nothing happens.
+    // Healthy for a while, then a check that times out (no answer, not a
+    // failure): nothing happens.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(deployed.exists());
+    std::fs::write(fleet.path("slow.flag"), "").unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(deployed.exists(), "rolled back on a check that timed out");
+    std::fs::remove_file(fleet.path("slow.flag")).unwrap();
     std::fs::write(fleet.path("broken.flag"), "").unwrap();
     // The journal is saved just after the command ran; until then the
     // CLI would find the daemon's rollback still holding its claim.

@@ -453,6 +453,18 @@ mod tests {
     }
 
     #[test]
+    fn a_watch_outlasting_the_retention_is_refused() {
+        let found = problems(
+            "[store]\ndedup_window = \"1h\"\nretention = \"1h\"\n[agents.a]\ncommand = [\"a\"]\n[agents.a.watch]\nduration = \"2h\"\ninterval = \"1m\"\nchecks = [{ name = \"ok\", command = [\"true\"] }]\n",
+        );
+        assert!(
+            found.iter().any(|p| p.key == "agents.a.watch.duration"
+                && p.message.contains("longer than store.retention = 1h")),
+            "{found:?}"
+        );
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let config = parse_ok("[agents.worker]\ncommand = [\"python3\", \"agent.py\"]\n");
         let worker = config.agent("worker").unwrap();

@@ -1121,6 +1121,19 @@ impl Config {
                 ),
             );
         }
+        // A task pruned while watched takes its rollback journal with it:
+        // a breach could then undo nothing.
+        for (name, agent) in &self.agents {
+            if !agent.watch.checks.is_empty() && store.retention < agent.watch.duration {
+                problem(
+                    format!("agents.{name}.watch.duration"),
+                    format!(
+                        "{} is longer than store.retention = {}: an accepted task could be pruned, with its rollback journal, while it is watched; shorten the watch or keep tasks longer",
+                        agent.watch.duration, store.retention
+                    ),
+                );
+            }
+        }
         for (key, size) in [
             ("store.max_payload_bytes", store.max_payload_bytes),
             ("store.max_result_bytes", store.max_result_bytes),

@@ -912,6 +912,32 @@ impl AgentRuntime {
         self.outcomes.available_permits() == 0
     }
 
+    /// Records a result's `changes` in the task's rollback journal (none:
+    /// nothing to do). Fails with how the attempt ends instead: `None`,
+    /// released (the store refused the write; the lease, dropped, hands
+    /// the task back); a failure, when the journal has no room for them
+    /// (the task's fault: dead-lettered, never accepted half-recorded).
+    async fn journal(
+        &self,
+        key: &LeaseKey,
+        changes: Vec<crate::rollback::Change>,
+    ) -> Result<(), Option<Failure>> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        match crate::rollback::record(&self.store, &key.task_id, &self.name, key.attempt, changes)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(QueueError::Invalid(reason)) => Err(Some(Failure::rejected(reason))),
+            Err(error) => {
+                tracing::error!(%error, "could not record the result's changes; the task will be released");
+                self.finish_call(key, AttemptOutcome::Released);
+                Err(None)
+            }
+        }
+    }
+
     /// Validates a result and completes the task with it; a result the
     /// gates or the store refuse fails the attempt with the reason.
     async fn store_result(
@@ -961,19 +987,13 @@ impl AgentRuntime {
             // Journaled before the gates run (they may take minutes): a
             // daemon lost meanwhile must not lose the record of changes the
             // agent already made. Recording is idempotent per attempt.
-            if !changes.is_empty()
-                && let Err(error) = crate::rollback::record(
-                    &self.store,
-                    &lease.key.task_id,
-                    &self.name,
-                    lease.key.attempt,
-                    changes.clone(),
-                )
-                .await
-            {
-                tracing::error!(%error, "could not record the result's changes; the task will be released");
-                self.finish_call(&lease.key, AttemptOutcome::Released);
-                return;
+            match self.journal(&lease.key, changes.clone()).await {
+                Ok(()) => {}
+                Err(None) => return,
+                Err(Some(failure)) => {
+                    self.fail_attempt(lease, failure, replica).await;
+                    return;
+                }
             }
             let decision = crate::validate::validate(self, &lease, output, &kind).await;
             match decision {
@@ -1001,19 +1021,13 @@ impl AgentRuntime {
         };
         // The journal is written before the ack, so that an accepted task
         // can always be rolled back.
-        if !changes.is_empty()
-            && let Err(error) = crate::rollback::record(
-                &self.store,
-                &lease.key.task_id,
-                &self.name,
-                lease.key.attempt,
-                changes,
-            )
-            .await
-        {
-            tracing::error!(%error, "could not record the result's changes; the task will be released");
-            self.finish_call(&lease.key, AttemptOutcome::Released);
-            return;
+        match self.journal(&lease.key, changes).await {
+            Ok(()) => {}
+            Err(None) => return,
+            Err(Some(failure)) => {
+                self.fail_attempt(lease, failure, replica).await;
+                return;
+            }
         }
         let end = AttemptEnd {
             outcome: AttemptOutcome::Completed,
