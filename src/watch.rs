@@ -185,15 +185,28 @@ async fn resume_pass(agent: &Arc<AgentRuntime>, own: bool) {
             true
         })
         .await;
-        let Some(permit) = permit else {
-            continue;
-        };
         if !matches!(taken, Ok(true)) {
             continue;
         }
         let watched = Watched {
             daemon: me.clone(),
             ..orphan
+        };
+        // A breach whose rollback its daemon did not live to finish: the
+        // check may pass now (part of the work undone) or the watch be
+        // over, so it is finished here rather than left to a new breach.
+        if let Ok(Some(journal)) = crate::rollback::load(agent.store(), &watched.task).await
+            && let Some(because) = journal.rolled_back_because.clone()
+            && !journal.is_rolled_back()
+        {
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                finish_cut_off(&agent, &watched, journal, &because, !ended).await;
+            });
+            continue;
+        }
+        let Some(permit) = permit else {
+            continue;
         };
         tracing::info!(agent = %agent.name, task = %watched.task, "going on with the watch of an accepted task");
         let agent = agent.clone();
@@ -202,6 +215,43 @@ async fn resume_pass(agent: &Arc<AgentRuntime>, own: bool) {
             let client = reqwest::Client::builder().build().ok();
             watch(&agent, &watched, client.as_ref()).await;
         });
+    }
+}
+
+/// Finishes the rollback of `watched`'s task that a breach began and its
+/// daemon did not live to end, tells humans, and ends the watch (still
+/// `listed` in the store, under this daemon).
+async fn finish_cut_off(
+    agent: &Arc<AgentRuntime>,
+    watched: &Watched,
+    mut journal: crate::rollback::Journal,
+    because: &str,
+    listed: bool,
+) {
+    let task = &watched.task;
+    let undone = agent.run_rollback(&mut journal, because).await;
+    tracing::error!(agent = %agent.name, %task, reason = %because, %undone, "finished a watch breach's rollback that was cut short");
+    agent.notifier().send(
+        Event::new(
+            EventKind::WatchBreach,
+            agent.clock_now_ms(),
+            true,
+            format!(
+                "task {task} of agent {}: {because}; its rollback was cut short (its daemon stopped) and is finished now: {undone}",
+                agent.name
+            ),
+        )
+        .agent(&agent.name)
+        .task(task)
+        .details(serde_json::json!({"breach": because, "rollback": undone, "resumed": true})),
+    );
+    if listed {
+        let _ = edit_list(agent.store(), &agent.name, |list| {
+            let before = list.len();
+            list.retain(|entry| !(entry.task == watched.task && entry.daemon == watched.daemon));
+            list.len() != before
+        })
+        .await;
     }
 }
 

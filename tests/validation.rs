@@ -31,6 +31,8 @@ for line in sys.stdin:
         with open(p["create"], "a") as f:
             f.write("attempt %d\n" % m["attempt"])
         changes.append({"description": "created " + p["create"], "rollback": ["rm", "-f", p["create"]]})
+    for n in range(p.get("slow_undo", 0)):
+        changes.append({"description": "step %d" % n, "rollback": ["sh", "-c", "sleep 1; echo %d >> undo.log" % n]})
     out = {"ok": m["attempt"] >= p.get("ok_from", 1), "attempt": m["attempt"], "feedback": m.get("feedback")}
     print(json.dumps({"type": "result", "id": m["id"], "output": out, "changes": changes}), flush=True)
 "#;
@@ -357,6 +359,64 @@ async fn a_dead_daemons_watch_is_taken_over_on_jetstream() {
     breach_and_see_the_rollback(&fleet, &store).await;
     let _ = second.kill();
     let _ = second.wait();
+}
+
+/// A breach's rollback cut short by the daemon's death is finished by the
+/// next daemon, though the check passes by then (the part undone fixed
+/// it): not left half done until another breach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_rollback_cut_short_is_finished_by_the_next_daemon() {
+    let fleet = watched_fleet(None);
+    let store = fleet.store().await;
+    let mut first = fleet.spawn_daemon();
+    store
+        .queue()
+        .submit(vec![task(
+            "release",
+            "deployer",
+            json!({"create": "deployed.txt", "slow_undo": 3}),
+        )])
+        .await
+        .unwrap();
+    wait_state(store.queue().as_ref(), "release", TaskState::Completed).await;
+    wait_until(Duration::from_secs(10), "the watch kept", || async {
+        store
+            .get_control("watches.deployer")
+            .await
+            .is_ok_and(|list| list.is_some_and(|list| list.to_string().contains("release")))
+    })
+    .await;
+    std::fs::write(fleet.path("broken.flag"), "").unwrap();
+    // The last change is undone first; then the daemon dies.
+    let log = fleet.path("undo.log");
+    wait_until(Duration::from_secs(30), "the first undo", || async {
+        std::fs::read_to_string(&log).is_ok_and(|text| text.contains('2'))
+    })
+    .await;
+    signal(&first, nix::sys::signal::Signal::SIGKILL);
+    wait_exit(&mut first, Duration::from_secs(10));
+    std::fs::remove_file(fleet.path("broken.flag")).unwrap();
+    let daemon = fleet.start().await;
+    wait_until(Duration::from_secs(30), "the rollback finished", || async {
+        flotilla::rollback::load(&store, "release")
+            .await
+            .unwrap()
+            .is_some_and(|journal| journal.is_rolled_back())
+    })
+    .await;
+    assert!(!fleet.path("deployed.txt").exists());
+    let undone = std::fs::read_to_string(&log).unwrap();
+    for n in ["0", "1", "2"] {
+        assert!(undone.lines().any(|line| line == n), "{undone}");
+    }
+    wait_until(Duration::from_secs(10), "the watch forgotten", || async {
+        store
+            .get_control("watches.deployer")
+            .await
+            .is_ok_and(|list| list.is_none())
+    })
+    .await;
+    daemon.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
