@@ -270,13 +270,15 @@ checks = [ {{ name = "health", command = ["sh", "-c", "test ! -e broken.flag"] }
 /// Accepts the task `release` (which creates deployed.txt) on the running
 /// daemon, and waits until its watch is kept in the store.
 async fn accept_watched_release(store: &flotilla::store::Store) {
+    accept_watched(store, json!({"create": "deployed.txt"})).await;
+}
+
+/// Accepts the task `release` with `payload` on the running daemon, and
+/// waits until its watch is kept in the store.
+async fn accept_watched(store: &flotilla::store::Store, payload: Value) {
     store
         .queue()
-        .submit(vec![task(
-            "release",
-            "deployer",
-            json!({"create": "deployed.txt"}),
-        )])
+        .submit(vec![task("release", "deployer", payload)])
         .await
         .unwrap();
     wait_state(store.queue().as_ref(), "release", TaskState::Completed).await;
@@ -369,23 +371,7 @@ async fn a_watch_rollback_cut_short_is_finished_by_the_next_daemon() {
     let fleet = watched_fleet(None);
     let store = fleet.store().await;
     let mut first = fleet.spawn_daemon();
-    store
-        .queue()
-        .submit(vec![task(
-            "release",
-            "deployer",
-            json!({"create": "deployed.txt", "slow_undo": 3}),
-        )])
-        .await
-        .unwrap();
-    wait_state(store.queue().as_ref(), "release", TaskState::Completed).await;
-    wait_until(Duration::from_secs(10), "the watch kept", || async {
-        store
-            .get_control("watches.deployer")
-            .await
-            .is_ok_and(|list| list.is_some_and(|list| list.to_string().contains("release")))
-    })
-    .await;
+    accept_watched(&store, json!({"create": "deployed.txt", "slow_undo": 3})).await;
     std::fs::write(fleet.path("broken.flag"), "").unwrap();
     // The last change is undone first; then the daemon dies.
     let log = fleet.path("undo.log");
