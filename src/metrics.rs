@@ -24,7 +24,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::breaker::BreakerState;
-use crate::status::{AgentStatus, ReplicaState};
+use crate::status::AgentStatus;
 
 /// Metric names (counters without the `_total` the encoder adds) and
 /// their help texts.
@@ -682,12 +682,13 @@ impl Metrics {
             self.memory
                 .get_or_create(&label)
                 .set(i64::try_from(rss).unwrap_or(i64::MAX));
-            // 0 when no running replica reports one (restarted, stopped):
-            // never the last value of a process that is gone.
+            // 0 when no running process reports one (restarting, waiting
+            // out its backoff, stopped): never the last value of a
+            // process that is gone.
             let pct = status
                 .replicas
                 .iter()
-                .filter(|r| r.state != ReplicaState::Stopped)
+                .filter(|r| r.pid.is_some())
                 .filter_map(|r| r.context_window_usage_pct)
                 .reduce(f64::max);
             if pct.is_some() || self.context.get(&label).is_some() {
@@ -749,6 +750,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::status::ReplicaState;
 
     #[test]
     fn every_name_of_the_issue_is_exported() {
@@ -759,6 +761,7 @@ mod tests {
         status.replicas[0].last_seen_ms = Some(1_000);
         status.replicas[0].context_window_usage_pct = Some(40.0);
         status.replicas[0].state = ReplicaState::Idle;
+        status.replicas[0].pid = Some(4242);
         metrics.set_state(&[(status, true)], 0, Some((true, 1, 1)));
         // Families without samples (delegation, until an agent sends a
         // message) print nothing; once used they appear.
@@ -823,6 +826,7 @@ mod tests {
         let mut status = AgentStatus::new("coder", crate::config::Mode::Persistent, 2);
         for replica in &mut status.replicas {
             replica.state = ReplicaState::Busy;
+            replica.pid = Some(4242);
             replica.tasks = vec!["t".into()];
             replica.last_seen_ms = Some(900_000);
         }
@@ -839,8 +843,9 @@ mod tests {
             text.contains("agent_context_window_usage_pct{agent=\"coder\"} 95"),
             "{text}"
         );
-        // Restarted: its process has reported nothing yet.
-        status.replicas[0].context_window_usage_pct = None;
+        // Its process gone (waiting out its backoff), the value it
+        // reported with it.
+        status.replicas[0].pid = None;
         metrics.set_state(&[(status, true)], 0, None);
         assert!(
             metrics

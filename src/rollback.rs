@@ -337,21 +337,23 @@ pub async fn record(
         }
         let room = (MAX_CHANGES * 10).saturating_sub(journal.changes.len());
         if changes.len() > room {
-            // Never a part of them: an accepted task must be one whose
-            // every declared change can be undone.
+            // Those that fit are kept (they were applied, and can still be
+            // undone), but the result cannot be accepted: an accepted
+            // task must be one whose every declared change can be undone.
             full = Some(format!(
-                "the task's rollback journal holds {} changes from its earlier attempts; {} more would pass its limit of {}",
+                "the task's rollback journal held {} changes from its earlier attempts; {} of this attempt's {} did not fit its limit of {} (not recorded, so not undone by `flotilla rollback`: the first was {:?})",
                 journal.changes.len(),
+                changes.len() - room,
                 changes.len(),
-                MAX_CHANGES * 10
+                MAX_CHANGES * 10,
+                changes[room].description,
             ));
-            return None;
         }
         journal.agent = agent.to_string();
         journal.attempt = attempt;
         journal
             .changes
-            .extend(changes.iter().map(|change| Entry {
+            .extend(changes.iter().take(room).map(|change| Entry {
                 change: change.clone(),
                 attempt,
                 agent: Some(agent.to_string()),
@@ -1102,10 +1104,11 @@ mod tests {
         );
     }
 
-    /// A journal with no room left refuses a new attempt's changes whole:
-    /// never a part of them, so an accepted task can always be undone.
+    /// A journal with no room left for all of an attempt's changes keeps
+    /// those that fit (they can still be undone) and refuses the result,
+    /// naming the first it could not keep.
     #[tokio::test]
-    async fn a_full_journal_refuses_changes_whole() {
+    async fn a_full_journal_keeps_what_fits_and_refuses_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::embedded_in(dir.path());
         let log = dir.path().join("undo.log");
@@ -1119,19 +1122,21 @@ mod tests {
             .unwrap_err();
         assert!(
             refused.to_string().contains(
-                "holds 900 changes from its earlier attempts; 101 more would pass its limit of 1000"
-            ),
+                "held 900 changes from its earlier attempts; 1 of this attempt's 101 did not fit its limit of 1000"
+            ) && refused.to_string().contains("\"change 100\""),
             "{refused}"
         );
         let journal = load(&store, "t").await.unwrap().unwrap();
-        assert_eq!(journal.changes.len(), 900, "nothing of it recorded");
-        // What fits is recorded.
-        record(&store, "t", "a", 10, slow_changes(&log, MAX_CHANGES))
+        assert_eq!(journal.changes.len(), 1000, "what fits is kept");
+        // Nothing more fits.
+        let refused = record(&store, "t", "a", 11, slow_changes(&log, 1))
             .await
-            .unwrap();
-        assert_eq!(
-            load(&store, "t").await.unwrap().unwrap().changes.len(),
-            1000
+            .unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("1 of this attempt's 1 did not fit"),
+            "{refused}"
         );
     }
 

@@ -62,6 +62,7 @@ pub fn start(agent: &Arc<AgentRuntime>, task: &str, attempt: u32, kind: &str) {
                 .collect(),
             attempt: Some(attempt),
             created_ms,
+            breached: None,
         };
         // Stored before the baselines are sampled (up to a timeout each):
         // a daemon stopped meanwhile leaves it for the next one.
@@ -81,7 +82,8 @@ pub fn start(agent: &Arc<AgentRuntime>, task: &str, attempt: u32, kind: &str) {
         for (check, (_, base)) in config.checks.iter().zip(watched.baseline.iter_mut()) {
             *base = sample(&agent, &watched.task, check, client.as_ref())
                 .await
-                .ok();
+                .ok()
+                .filter(|sample| *sample != Sample::TimedOut);
         }
         if matches!(kept, Ok(true)) {
             let _ = edit_list(agent.store(), &agent.name, |list| {
@@ -192,17 +194,22 @@ async fn resume_pass(agent: &Arc<AgentRuntime>, own: bool) {
             daemon: me.clone(),
             ..orphan
         };
-        // A breach whose rollback its daemon did not live to finish: the
+        // A breach whose rollback its daemon did not live to finish (the
+        // breach is marked in the entry before the rollback begins): the
         // check may pass now (part of the work undone) or the watch be
         // over, so it is finished here rather than left to a new breach.
-        if let Ok(Some(journal)) = crate::rollback::load(agent.store(), &watched.task).await
-            && let Some(because) = journal.rolled_back_because.clone()
-            && !journal.is_rolled_back()
-        {
-            let agent = agent.clone();
-            tokio::spawn(async move {
-                finish_cut_off(&agent, &watched, journal, &because, !ended).await;
-            });
+        if let Some(because) = watched.breached.clone() {
+            if let Ok(Some(journal)) = crate::rollback::load(agent.store(), &watched.task).await
+                && !journal.is_rolled_back()
+            {
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    finish_cut_off(&agent, &watched, journal, &because, !ended).await;
+                });
+            } else if !ended {
+                // Its rollback ended: only the entry was left.
+                let _ = end_entry(agent, &watched).await;
+            }
             continue;
         }
         let Some(permit) = permit else {
@@ -246,12 +253,37 @@ async fn finish_cut_off(
         .details(serde_json::json!({"breach": because, "rollback": undone, "resumed": true})),
     );
     if listed {
-        let _ = edit_list(agent.store(), &agent.name, |list| {
-            let before = list.len();
-            list.retain(|entry| !(entry.task == watched.task && entry.daemon == watched.daemon));
-            list.len() != before
-        })
-        .await;
+        let _ = end_entry(agent, watched).await;
+    }
+}
+
+/// Removes `watched` from the store's list of its agent's watches.
+async fn end_entry(agent: &Arc<AgentRuntime>, watched: &Watched) -> Result<bool, QueueError> {
+    edit_list(agent.store(), &agent.name, |list| {
+        let before = list.len();
+        list.retain(|entry| !(entry.task == watched.task && entry.daemon == watched.daemon));
+        list.len() != before
+    })
+    .await
+}
+
+/// Stores in `watched`'s entry that it breached, and why, before its
+/// rollback begins. If that cannot be stored, the rollback goes on all
+/// the same (only a daemon dying during it would then leave it unfinished).
+async fn mark_breached(agent: &Arc<AgentRuntime>, watched: &Watched, reason: &str) {
+    let marked = edit_list(agent.store(), &agent.name, |list| {
+        let Some(entry) = list
+            .iter_mut()
+            .find(|entry| entry.task == watched.task && entry.daemon == watched.daemon)
+        else {
+            return false;
+        };
+        entry.breached = Some(reason.to_string());
+        true
+    })
+    .await;
+    if let Err(error) = marked {
+        tracing::warn!(agent = %agent.name, task = %watched.task, %error, "could not mark the watch breached before its rollback");
     }
 }
 
@@ -279,7 +311,14 @@ enum Sample {
     Value(f64),
     Pass,
     Fail,
+    /// A pass/fail command killed at its timeout: no answer once (a slow
+    /// monitoring host), a breach when it keeps happening (a wedged
+    /// service). Never stored as a baseline.
+    TimedOut,
 }
+
+/// Pass/fail samples timed out in a row that make a breach.
+const TIMEOUTS_FOR_BREACH: u32 = 3;
 
 /// A watch as the store keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -302,6 +341,10 @@ struct Watched {
     /// Absent in older entries, or if the task could not be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     created_ms: Option<UnixMillis>,
+    /// Why it breached, stored before its rollback begins: a daemon that
+    /// dies during the rollback leaves it for the next to finish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    breached: Option<String>,
 }
 
 impl Watched {
@@ -379,6 +422,8 @@ async fn watch(agent: &Arc<AgentRuntime>, watched: &Watched, client: Option<&req
     let until = tokio::time::Instant::now() + std::time::Duration::from_millis(left);
     let mut phase = agent.phase();
     let mut breached_once = false;
+    // Pass/fail samples timed out in a row, by check.
+    let mut timed_out: std::collections::HashMap<String, u32> = Default::default();
     'watching: while tokio::time::Instant::now() < until {
         tokio::select! {
             () = tokio::time::sleep(config.interval.get()) => {}
@@ -396,6 +441,21 @@ async fn watch(agent: &Arc<AgentRuntime>, watched: &Watched, client: Option<&req
                     continue;
                 }
             };
+            let in_a_row = timed_out.entry(check.name.clone()).or_insert(0);
+            let breach = if now == Sample::TimedOut {
+                *in_a_row += 1;
+                if *in_a_row < TIMEOUTS_FOR_BREACH {
+                    tracing::warn!(agent = %agent.name, %task, check = %check.name, timeout = %check.timeout, "watch check timed out; not a breach unless it keeps timing out");
+                    continue;
+                }
+                Some(format!(
+                    "the check timed out {in_a_row} times in a row (timeout = {})",
+                    check.timeout
+                ))
+            } else {
+                *in_a_row = 0;
+                None
+            };
             if base.is_none()
                 && let Sample::Value(_) = now
             {
@@ -407,7 +467,7 @@ async fn watch(agent: &Arc<AgentRuntime>, watched: &Watched, client: Option<&req
                 }
                 continue;
             }
-            if let Some(breach) = breach(check, base, now) {
+            if let Some(breach) = breach.or_else(|| breach_of(check, base, now)) {
                 if !still_mine(agent, watched).await {
                     // Taken over by another daemon, which thought this
                     // one dead (cut off from the broker for a while): the
@@ -416,6 +476,8 @@ async fn watch(agent: &Arc<AgentRuntime>, watched: &Watched, client: Option<&req
                     return;
                 }
                 if still_accepted(agent, watched).await {
+                    let reason = format!("watch check {:?} breached: {breach}", check.name);
+                    mark_breached(agent, watched, &reason).await;
                     breached(agent, task, check, &breach).await;
                 } else {
                     tracing::info!(agent = %agent.name, %task, check = %check.name, %breach, "watch breached, but the task was run again since; the watch ends without a rollback");
@@ -445,10 +507,10 @@ async fn watch(agent: &Arc<AgentRuntime>, watched: &Watched, client: Option<&req
 }
 
 /// Why `now` breaches `check` against `base`, if it does.
-fn breach(check: &WatchCheck, base: Option<Sample>, now: Sample) -> Option<String> {
+fn breach_of(check: &WatchCheck, base: Option<Sample>, now: Sample) -> Option<String> {
     match now {
         Sample::Fail => Some("the check failed".into()),
-        Sample::Pass => None,
+        Sample::Pass | Sample::TimedOut => None,
         Sample::Value(value) => {
             let Some(Sample::Value(base)) = base else {
                 return None;
@@ -490,10 +552,8 @@ async fn sample(
         spec.argv.clone_from(argv);
         spec.env.push(("FLOTILLA_TASK_ID".into(), task.to_string()));
         let ran = crate::command::run(spec, limit, OUTPUT_BYTES).await?;
-        if ran.status.is_none() {
-            // Killed at its timeout: no answer, as a threshold check's
-            // would be (a slow monitoring host must not roll work back).
-            return Err(ran.describe(&argv[0], limit));
+        if !check.has_threshold() && ran.status.is_none() {
+            return Ok(Sample::TimedOut);
         }
         if !check.has_threshold() {
             return Ok(if ran.success() {
@@ -659,16 +719,16 @@ mod tests {
     #[test]
     fn breaches_compare_with_the_baseline() {
         let absolute = check(Some(0.01), None);
-        assert!(breach(&absolute, Some(Sample::Value(0.02)), Sample::Value(0.025)).is_none());
-        assert!(breach(&absolute, Some(Sample::Value(0.02)), Sample::Value(0.031)).is_some());
+        assert!(breach_of(&absolute, Some(Sample::Value(0.02)), Sample::Value(0.025)).is_none());
+        assert!(breach_of(&absolute, Some(Sample::Value(0.02)), Sample::Value(0.031)).is_some());
         let relative = check(None, Some(1.0));
-        assert!(breach(&relative, Some(Sample::Value(100.0)), Sample::Value(100.9)).is_none());
-        assert!(breach(&relative, Some(Sample::Value(100.0)), Sample::Value(101.5)).is_some());
+        assert!(breach_of(&relative, Some(Sample::Value(100.0)), Sample::Value(100.9)).is_none());
+        assert!(breach_of(&relative, Some(Sample::Value(100.0)), Sample::Value(101.5)).is_some());
         // From a zero baseline any rise breaches a relative threshold.
-        assert!(breach(&relative, Some(Sample::Value(0.0)), Sample::Value(0.1)).is_some());
+        assert!(breach_of(&relative, Some(Sample::Value(0.0)), Sample::Value(0.1)).is_some());
         // Without a baseline a value cannot be judged; a failure always is.
-        assert!(breach(&absolute, None, Sample::Value(9.0)).is_none());
-        assert!(breach(&check(None, None), None, Sample::Fail).is_some());
+        assert!(breach_of(&absolute, None, Sample::Value(9.0)).is_none());
+        assert!(breach_of(&check(None, None), None, Sample::Fail).is_some());
     }
 
     #[tokio::test]
@@ -698,6 +758,7 @@ mod tests {
             ],
             attempt: Some(1),
             created_ms: Some(3),
+            breached: None,
         };
         store
             .put_control(&list_key("b"), &Value::Null)
@@ -742,6 +803,7 @@ mod tests {
             baseline: Vec::new(),
             attempt: Some(1),
             created_ms: Some(1_000),
+            breached: None,
         };
         assert!(watched.accepted(&completed));
         // Run again (a replay of a later failure, say): a later attempt.

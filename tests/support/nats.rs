@@ -28,12 +28,25 @@ pub struct NatsServer {
 }
 
 /// `count` distinct free loopback ports (all held until all are found, so
-/// none repeats; another process may still take one before the server
-/// binds it, which `restart` then reports).
+/// none repeats). They are picked at random below the kernel's range of
+/// ephemeral ports (`ip_local_port_range`), where no `bind(0)` of another
+/// test and no outgoing connection lands: only another test picking the
+/// same port could take it before the server binds it (a restart on the
+/// same port relies on that).
 fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..count)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("a free loopback port"))
-        .collect();
+    use rand::{Rng as _, SeedableRng as _};
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral.max(20_000));
+    let mut rng = rand::rngs::SmallRng::from_os_rng();
+    let mut listeners: Vec<TcpListener> = Vec::with_capacity(count);
+    while listeners.len() < count {
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", rng.random_range(low..high))) {
+            listeners.push(listener);
+        }
+    }
     listeners
         .iter()
         .map(|listener| listener.local_addr().expect("a bound port").port())
