@@ -163,9 +163,12 @@ async fn resume_pass(agent: &Arc<AgentRuntime>, own: bool) {
         .into_iter()
         .filter(|watched| !running.contains(&watched.daemon) && (own || watched.daemon != me))
     {
-        let ended = orphan.until_ms <= now || agent.config.watch.checks.is_empty();
+        // A breached one is taken over, never dropped, however late: its
+        // rollback may be unfinished (see below).
+        let ended = (orphan.until_ms <= now || agent.config.watch.checks.is_empty())
+            && orphan.breached.is_none();
         // A slot first, so that a watch taken over is always followed.
-        let permit = if ended {
+        let permit = if ended || orphan.breached.is_some() {
             None
         } else {
             match permit(agent, &orphan.task) {
@@ -199,17 +202,10 @@ async fn resume_pass(agent: &Arc<AgentRuntime>, own: bool) {
         // check may pass now (part of the work undone) or the watch be
         // over, so it is finished here rather than left to a new breach.
         if let Some(because) = watched.breached.clone() {
-            if let Ok(Some(journal)) = crate::rollback::load(agent.store(), &watched.task).await
-                && !journal.is_rolled_back()
-            {
-                let agent = agent.clone();
-                tokio::spawn(async move {
-                    finish_cut_off(&agent, &watched, journal, &because, !ended).await;
-                });
-            } else if !ended {
-                // Its rollback ended: only the entry was left.
-                let _ = end_entry(agent, &watched).await;
-            }
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                finish_breached(&agent, &watched, &because).await;
+            });
             continue;
         }
         let Some(permit) = permit else {
@@ -225,15 +221,42 @@ async fn resume_pass(agent: &Arc<AgentRuntime>, own: bool) {
     }
 }
 
+/// Reads of a journal tried before a breached watch is left for a later
+/// start (the store unreachable meanwhile).
+const JOURNAL_TRIES: u32 = 5;
+
+/// A breached watch taken over (now this daemon's): its rollback is
+/// finished if its daemon did not live to finish it, and the watch ends.
+/// A journal that cannot be read leaves the watch listed, for a later
+/// start to try again: the mark is never dropped on a store error.
+async fn finish_breached(agent: &Arc<AgentRuntime>, watched: &Watched, because: &str) {
+    for _ in 0..JOURNAL_TRIES {
+        match crate::rollback::load(agent.store(), &watched.task).await {
+            Ok(Some(journal)) if !journal.is_rolled_back() => {
+                finish_cut_off(agent, watched, journal, because).await;
+                return;
+            }
+            // Rolled back (or nothing declared): only the entry was left.
+            Ok(_) => {
+                let _ = end_entry(agent, watched).await;
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(agent = %agent.name, task = %watched.task, %error, "cannot read the journal of a breached watch; trying again");
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
+        }
+    }
+    tracing::error!(agent = %agent.name, task = %watched.task, "the journal of a breached watch could not be read; the watch stays for the next daemon start to finish its rollback");
+}
+
 /// Finishes the rollback of `watched`'s task that a breach began and its
-/// daemon did not live to end, tells humans, and ends the watch (still
-/// `listed` in the store, under this daemon).
+/// daemon did not live to end, tells humans, and ends the watch.
 async fn finish_cut_off(
     agent: &Arc<AgentRuntime>,
     watched: &Watched,
     mut journal: crate::rollback::Journal,
     because: &str,
-    listed: bool,
 ) {
     let task = &watched.task;
     let undone = agent.run_rollback(&mut journal, because).await;
@@ -252,9 +275,7 @@ async fn finish_cut_off(
         .task(task)
         .details(serde_json::json!({"breach": because, "rollback": undone, "resumed": true})),
     );
-    if listed {
-        let _ = end_entry(agent, watched).await;
-    }
+    let _ = end_entry(agent, watched).await;
 }
 
 /// Removes `watched` from the store's list of its agent's watches.

@@ -39,14 +39,24 @@ fn free_ports(count: usize) -> Vec<u16> {
         .ok()
         .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32768);
-    let (low, high) = (10_000u16, ephemeral.max(20_000));
+    let (low, high) = (10_000u16, ephemeral);
     let mut rng = rand::rngs::SmallRng::from_os_rng();
     let mut listeners: Vec<TcpListener> = Vec::with_capacity(count);
-    while listeners.len() < count {
-        if let Ok(listener) = TcpListener::bind(("127.0.0.1", rng.random_range(low..high))) {
+    for _ in 0..10_000 {
+        if listeners.len() == count {
+            break;
+        }
+        // A host whose ephemeral range starts low: any free port.
+        let port = if high > low + 1_000 {
+            rng.random_range(low..high)
+        } else {
+            0
+        };
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
             listeners.push(listener);
         }
     }
+    assert_eq!(listeners.len(), count, "no free loopback ports");
     listeners
         .iter()
         .map(|listener| listener.local_addr().expect("a bound port").port())
