@@ -779,6 +779,19 @@ mod tests {
         (dir, store)
     }
 
+    /// [`with_root`], whose root sent `parent/w` (waited for) and
+    /// `parent/f` (not) to `worker`.
+    async fn with_two_children() -> (tempfile::TempDir, Store) {
+        let (dir, store) = with_root().await;
+        let limits = crate::config::DelegationConfig::default();
+        for (key, wait) in [("w", true), ("f", false)] {
+            try_send(&store, &limits, &send_to("worker", key, wait))
+                .await
+                .unwrap();
+        }
+        (dir, store)
+    }
+
     /// Carries out `what` for a fleet of [`agents`].
     async fn try_send(
         store: &Store,
@@ -796,13 +809,7 @@ mod tests {
     /// waited for, as a cancelled one does.
     #[tokio::test]
     async fn a_dropped_escalated_parent_cancels_its_waited_children() {
-        let (_dir, store) = with_root().await;
-        let limits = crate::config::DelegationConfig::default();
-        for (key, wait) in [("w", true), ("f", false)] {
-            try_send(&store, &limits, &send_to("worker", key, wait))
-                .await
-                .unwrap();
-        }
+        let (_dir, store) = with_two_children().await;
         let request = crate::queue::LeaseRequest {
             agent: "manager".into(),
             max: 1,
@@ -837,13 +844,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waited_child_of_a_dead_parent_is_orphaned() {
-        let (_dir, store) = with_root().await;
-        let limits = crate::config::DelegationConfig::default();
-        for (key, wait) in [("w", true), ("f", false)] {
-            try_send(&store, &limits, &send_to("worker", key, wait))
-                .await
-                .unwrap();
-        }
+        let (_dir, store) = with_two_children().await;
         assert_eq!(orphaned(&store, "parent/w").await, None, "the parent lives");
         // The parent ends without its children being cancelled (a crash
         // cut that short).

@@ -52,6 +52,24 @@ async fn open_with(
         .unwrap()
 }
 
+/// A queue in `namespace` owned by a daemon of that name, on a clock whose
+/// wall reading the test sets (and whose steady reading it moves on).
+async fn open_settable(
+    url: &str,
+    namespace: &str,
+) -> (JetStreamQueue, Arc<support::SettableClock>) {
+    let wall = Arc::new(support::SettableClock::default());
+    let queue = open_with(
+        url,
+        namespace,
+        namespace,
+        Duration::from_secs(30),
+        wall.clone(),
+    )
+    .await;
+    (queue, wall)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_backend_conforms() {
     let Some(server) = NatsServer::start("jetstream_backend_conforms") else {
@@ -441,15 +459,7 @@ async fn held_leases_ignore_steps_of_the_wall_clock() {
     let Some(server) = NatsServer::start("held_leases_ignore_steps_of_the_wall_clock") else {
         return;
     };
-    let wall = Arc::new(support::SettableClock::default());
-    let queue = open_with(
-        &server.url,
-        "steps",
-        "steps",
-        Duration::from_secs(30),
-        wall.clone(),
-    )
-    .await;
+    let (queue, wall) = open_settable(&server.url, "steps").await;
     queue.submit(vec![task("s1")]).await.unwrap();
     let mut leases = queue
         .lease(&request("steps", Duration::from_secs(2)), Duration::ZERO)
@@ -515,15 +525,7 @@ async fn prune_deletes_completed_tasks_past_retention() {
     let Some(server) = NatsServer::start("prune_deletes_completed_tasks_past_retention") else {
         return;
     };
-    let wall = Arc::new(support::SettableClock::default());
-    let queue = open_with(
-        &server.url,
-        "prune",
-        "prune",
-        Duration::from_secs(30),
-        wall.clone(),
-    )
-    .await;
+    let (queue, wall) = open_settable(&server.url, "prune").await;
     queue
         .submit(vec![task("done"), task("dead")])
         .await

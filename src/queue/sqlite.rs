@@ -2279,14 +2279,7 @@ mod tests {
                 .unwrap(),
         );
         queue.submit(vec![task("t", json!(1))]).await.unwrap();
-        let request = LeaseRequest {
-            agent: "a".into(),
-            max: 1,
-            lease_for: Duration::from_secs(30),
-            owner: "test".into(),
-            max_deliver: 3,
-            lowest: Priority::Low,
-        };
+        let request = request(1);
         let mut first = queue.lease(&request, Duration::ZERO).await.unwrap();
         let waiter = tokio::spawn({
             let (queue, request) = (queue.clone(), request.clone());
@@ -2308,6 +2301,18 @@ mod tests {
             "taken after its delay, not at the end of the wait"
         );
         again[0].settle();
+    }
+
+    /// A lease request of agent `a` for up to `max` tasks.
+    fn request(max: usize) -> LeaseRequest {
+        LeaseRequest {
+            agent: "a".into(),
+            max,
+            lease_for: Duration::from_secs(30),
+            owner: "test".into(),
+            max_deliver: 3,
+            lowest: Priority::Low,
+        }
     }
 
     fn task(id: &str, payload: Value) -> NewTask {
@@ -2429,14 +2434,7 @@ mod tests {
             .submit(vec![task("done", json!(1)), task("dead", json!(1))])
             .await
             .unwrap();
-        let request = LeaseRequest {
-            agent: "a".into(),
-            max: 2,
-            lease_for: Duration::from_secs(30),
-            owner: "test".into(),
-            max_deliver: 3,
-            lowest: Priority::Low,
-        };
+        let request = request(2);
         let mut leases = queue.lease(&request, Duration::ZERO).await.unwrap();
         leases.sort_by(|a, b| a.key.task_id.cmp(&b.key.task_id));
         queue.term(&leases[0].key, "bad", end()).await.unwrap();
@@ -2476,14 +2474,7 @@ mod tests {
         let clock = ManualClock::new(1_000_000);
         let queue = SqliteQueue::open(&dir.path().join("q.db"), settings(), clock.clone()).unwrap();
         queue.submit(vec![task("old", json!(1))]).await.unwrap();
-        let request = LeaseRequest {
-            agent: "a".into(),
-            max: 1,
-            lease_for: Duration::from_secs(30),
-            owner: "test".into(),
-            max_deliver: 3,
-            lowest: Priority::Low,
-        };
+        let request = request(1);
         let mut leases = queue.lease(&request, Duration::ZERO).await.unwrap();
         queue
             .ack(&leases[0].key, &json!("ok"), end())
