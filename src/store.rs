@@ -107,8 +107,8 @@ impl Store {
     }
 
     /// Task counts per agent for periodic readers (the watchdog, the
-    /// metrics): on a broker, where counting reads every record, taken at
-    /// most [`BROKER_COUNT_AGE`] ago and shared; on the embedded store,
+    /// metrics): on a broker, taken at most [`BROKER_COUNT_AGE`] ago and
+    /// shared; on the embedded store,
     /// counted now, without the completed tasks (left at 0: counting them
     /// would read every task the retention keeps).
     ///

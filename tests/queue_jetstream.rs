@@ -15,6 +15,7 @@ use flotilla::queue::{
     AttemptEnd, AttemptOutcome, LeaseRequest, NewTask, Priority, QueueError, Selection, TaskQueue,
     TaskState,
 };
+use futures_util::StreamExt as _;
 use serde_json::json;
 use support::nats::NatsServer;
 
@@ -526,6 +527,12 @@ async fn prune_deletes_completed_tasks_past_retention() {
         return;
     };
     let (queue, wall) = open_settable(&server.url, "prune").await;
+    // What an earlier version's prune left: a key value purge marker,
+    // which stays in the stream for good.
+    let raw = async_nats::jetstream::new(async_nats::connect(&server.url).await.unwrap());
+    let bucket = raw.get_key_value("PRUNE_RECORDS").await.unwrap();
+    bucket.put("t.legacy", "{}".into()).await.unwrap();
+    bucket.purge("t.legacy").await.unwrap();
     queue
         .submit(vec![task("done"), task("dead")])
         .await
@@ -551,8 +558,44 @@ async fn prune_deletes_completed_tasks_past_retention() {
     assert_eq!(queue.prune().await.unwrap(), 0, "not yet");
     // Past the conformance limits' retention of 2 h.
     wall.set_wall(3 * 3_600_000);
+    // Completed after the cutoff: where the prune stops reading.
+    queue
+        .submit(vec![NewTask {
+            priority: Priority::High,
+            ..task("recent")
+        }])
+        .await
+        .unwrap();
+    let mut recent = queue
+        .lease(&request("prune", Duration::from_secs(30)), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(recent[0].key.task_id, "recent");
+    complete(&queue, &mut recent[0], json!("ok")).await;
     assert_eq!(queue.prune().await.unwrap(), 1);
     assert!(queue.get("done").await.unwrap().is_none());
+    assert!(queue.get("recent").await.unwrap().is_some());
+    // The old marker is gone; the pruned record left a marker, which its
+    // id's next life starts on.
+    let subjects: Vec<String> = bucket
+        .stream
+        .info_with_subjects("$KV.PRUNE_RECORDS.t.>")
+        .await
+        .unwrap()
+        .map(|subject| subject.unwrap().0)
+        .collect::<std::collections::BTreeSet<_>>()
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(
+        subjects,
+        [
+            "$KV.PRUNE_RECORDS.t.dead",
+            "$KV.PRUNE_RECORDS.t.done",
+            "$KV.PRUNE_RECORDS.t.recent",
+            "$KV.PRUNE_RECORDS.t.waiting"
+        ]
+    );
     assert_eq!(
         queue.get("dead").await.unwrap().unwrap().state,
         TaskState::DeadLettered
@@ -564,4 +607,62 @@ async fn prune_deletes_completed_tasks_past_retention() {
     // The id is free again: a task under it is new, not a duplicate.
     let again = queue.submit(vec![task("done")]).await.unwrap();
     assert!(!again[0].duplicate);
+}
+
+/// A daemon's counts follow what other daemons write: after its first
+/// count it reads only the records written since, and must not miss them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_follow_what_other_daemons_write() {
+    let Some(server) = NatsServer::start("counts_follow_what_other_daemons_write") else {
+        return;
+    };
+    let (mine, theirs) = (
+        open_as(&server.url, "tally", "mine", Duration::from_secs(30)).await,
+        open_as(&server.url, "tally", "theirs", Duration::from_secs(30)).await,
+    );
+    let of = |counts: Vec<(String, flotilla::queue::StateCounts)>| {
+        counts
+            .into_iter()
+            .find(|(agent, _)| agent == "worker")
+            .map(|(_, counts)| {
+                (
+                    counts.queued,
+                    counts.running,
+                    counts.completed,
+                    counts.dead_lettered,
+                )
+            })
+    };
+    assert_eq!(of(mine.counts().await.unwrap()), None, "nothing yet");
+    theirs
+        .submit(vec![task("a"), task("b"), task("c")])
+        .await
+        .unwrap();
+    assert_eq!(of(mine.counts().await.unwrap()), Some((3, 0, 0, 0)));
+    let mut leases = theirs
+        .lease(
+            &LeaseRequest {
+                max: 3,
+                ..request("theirs", Duration::from_secs(30))
+            },
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    assert_eq!(leases.len(), 3);
+    assert_eq!(of(mine.counts().await.unwrap()), Some((0, 3, 0, 0)));
+    complete(&theirs, &mut leases[0], json!("ok")).await;
+    theirs
+        .term(&leases[1].key, "bad input", end(AttemptOutcome::Error))
+        .await
+        .unwrap();
+    leases[1].settle();
+    assert_eq!(of(mine.counts().await.unwrap()), Some((0, 1, 1, 1)));
+    let dead = leases[1].key.task_id.clone();
+    assert_eq!(theirs.purge(&Selection::Ids(vec![dead])).await.unwrap(), 1);
+    complete(&theirs, &mut leases[2], json!("ok")).await;
+    assert_eq!(of(mine.counts().await.unwrap()), Some((0, 0, 2, 0)));
+    // A fresh reader counts the same from every record.
+    let fresh = open_as(&server.url, "tally", "fresh", Duration::from_secs(30)).await;
+    assert_eq!(of(fresh.counts().await.unwrap()), Some((0, 0, 2, 0)));
 }

@@ -1054,6 +1054,32 @@ pub async fn counts_per_agent<Q: TaskQueue>(queue: &Q) {
         (1, 1)
     );
     assert_eq!(of("zeta")[0].queued, 1);
+    // Counted again after more changes (on a broker, from what was
+    // written since the first count): the running one completes, the dead
+    // letter is purged, a new task is queued.
+    queue
+        .ack(&leases[2].key, &json!(1), end(AttemptOutcome::Completed))
+        .await
+        .unwrap();
+    let dead = leases[1].key.task_id.clone();
+    assert_eq!(queue.purge(&Selection::Ids(vec![dead])).await.unwrap(), 1);
+    queue
+        .submit(vec![task("k4", Priority::Normal, json!(1))])
+        .await
+        .unwrap();
+    let counts = queue.counts().await.unwrap();
+    let mine: Vec<_> = counts.iter().filter(|(name, _)| name == AGENT).collect();
+    assert_eq!(mine.len(), 1, "one entry per agent: {counts:?}");
+    assert_eq!(
+        (
+            mine[0].1.queued,
+            mine[0].1.running,
+            mine[0].1.completed,
+            mine[0].1.dead_lettered
+        ),
+        (1, 0, 2, 0),
+        "{counts:?}"
+    );
     for lease in leases.iter_mut().chain(theirs.iter_mut()) {
         lease.settle();
     }

@@ -34,6 +34,7 @@
 //! within `ack_wait`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -606,9 +607,88 @@ struct Inner {
 pub struct JetStreamQueue {
     inner: Arc<Inner>,
     background: Vec<JoinHandle<()>>,
-    /// The last counts and when they were taken: counting reads every
-    /// record, so the daemon's periodic readers share one count.
+    /// The last counts and when they were taken: the daemon's periodic
+    /// readers share one count.
     counted: tokio::sync::Mutex<Option<Counted>>,
+    /// The counts kept up to date from the records written since the last
+    /// look.
+    tally: tokio::sync::Mutex<Tally>,
+}
+
+/// How often a [`Tally`] reads every record again: between full reads,
+/// the completed counts rise with each completion read but do not fall
+/// when a completed task is pruned (its purge marker names no agent) or
+/// submitted again.
+const RECOUNT_EVERY: Duration = Duration::from_secs(3600);
+
+/// The task counts of the records bucket, kept up to date by reading only
+/// the records written since the last look: a count costs in proportion
+/// to what changed since, not to the completed tasks the retention keeps.
+/// A read cut short leaves a consistent tally (each record applied in
+/// revision order, and `read` with it), which the next look goes on from.
+#[derive(Default)]
+struct Tally {
+    /// The agent and state of each record not completed, by key: only
+    /// these are kept, so the tally stays as small as the live work.
+    live: HashMap<String, (String, TaskState)>,
+    /// Completed records per agent (see [`RECOUNT_EVERY`]).
+    completed: HashMap<String, u64>,
+    /// The last revision read; 0 before the first read.
+    read: u64,
+    /// When the last full read began.
+    recounted: Option<tokio::time::Instant>,
+}
+
+/// What a [`Tally`] reads of a record.
+#[derive(Deserialize)]
+struct StateOf {
+    task: StateOfTask,
+}
+
+/// The part of a record a [`StateOf`] keeps.
+#[derive(Deserialize)]
+struct StateOfTask {
+    agent: String,
+    state: TaskState,
+}
+
+impl Tally {
+    /// Applies the record written under `key` at `revision` (`None`: the
+    /// key was deleted or purged).
+    fn apply(&mut self, key: &str, value: Option<&[u8]>, revision: u64) {
+        self.read = self.read.max(revision);
+        let Some(bytes) = value else {
+            // A completed record's count stays until the next full read:
+            // the marker does not say whose it was.
+            self.live.remove(key);
+            return;
+        };
+        let Ok(record) = serde_json::from_slice::<StateOf>(bytes) else {
+            return;
+        };
+        if record.task.state == TaskState::Completed {
+            self.live.remove(key);
+            *self.completed.entry(record.task.agent).or_default() += 1;
+        } else {
+            self.live
+                .insert(key.to_string(), (record.task.agent, record.task.state));
+        }
+    }
+
+    fn counts(&self) -> Vec<(String, StateCounts)> {
+        let mut counts: BTreeMap<String, StateCounts> = BTreeMap::new();
+        for (agent, state) in self.live.values() {
+            counts.entry(agent.clone()).or_default().add(*state, 1);
+        }
+        for (agent, completed) in &self.completed {
+            counts
+                .entry(agent.clone())
+                .or_default()
+                .add(TaskState::Completed, *completed);
+        }
+        counts.retain(|_, counts| *counts != StateCounts::default());
+        counts.into_iter().collect()
+    }
 }
 
 /// Counts per agent, and when they were taken.
@@ -752,12 +832,13 @@ impl JetStreamQueue {
             inner,
             background,
             counted: tokio::sync::Mutex::new(None),
+            tally: tokio::sync::Mutex::new(Tally::default()),
         })
     }
 
     /// [`TaskQueue::counts`], taken at most `max_age` ago: the watchdog
-    /// and the metrics of one daemon share a count rather than each
-    /// reading every record. One count runs at a time.
+    /// and the metrics of one daemon share a count. One count runs at a
+    /// time.
     ///
     /// # Errors
     /// As [`TaskQueue::counts`].
@@ -952,35 +1033,127 @@ impl JetStreamQueue {
 
     /// Deletes completed tasks older than the retention. Returns how many.
     ///
+    /// The records bucket keeps each record's latest write only, in the
+    /// order written, and a completed record's last write is its
+    /// completion: the records past the retention come before those
+    /// completed after it. So a prune reads from the oldest record up to
+    /// the first completed one that finished after the cutoff (give or
+    /// take [`PRUNE_SKEW_MS`] for daemons' clocks), not every record; the
+    /// records not completed it passes on the way (dead letters waiting
+    /// for a replay, say) are left alone. A deleted record leaves a
+    /// marker; markers older than the retention are deleted as they are
+    /// met, or they would stay in the stream for good.
+    ///
     /// # Errors
     /// [`QueueError::Storage`] if the broker fails.
     pub async fn prune(&self) -> Result<u64, QueueError> {
-        let cutoff = self.inner.clock.now_ms().saturating_sub(
+        let now = self.inner.clock.now_ms();
+        let cutoff = now.saturating_sub(
             u64::try_from(self.inner.settings.limits.retention.as_millis()).unwrap_or(0),
         );
         let mut deleted = 0;
-        for (summary, revision) in self.inner.summaries().await? {
-            if summary.task.state == TaskState::Completed
-                && summary.task.finished_ms.is_some_and(|at| at < cutoff)
-                && self
+        loop {
+            // Keys to delete, each with the revision read and, for a
+            // record, its task's id (`None`: a marker).
+            let mut found: Vec<(String, u64, Option<String>)> = Vec::new();
+            // Markers are deleted only when a record completed before the
+            // cutoff comes after them. Older than the retention, a marker
+            // no longer keeps a new life of its id apart from an old one:
+            // the old one's message ids are past the broker's window and
+            // its messages long settled.
+            let mut markers_before = 0;
+            let (mut records, mut markers) = (0, 0);
+            read_bucket(
+                &self.inner.client,
+                &self.inner.records,
+                "t.>",
+                consumer::DeliverPolicy::All,
+                |key, value, revision| {
+                    let Some(bytes) = value else {
+                        // At most a batch of them a round (the rest go in
+                        // later rounds).
+                        if markers < PRUNE_BATCH {
+                            markers += 1;
+                            found.push((key.to_string(), revision, None));
+                        }
+                        return ControlFlow::Continue(());
+                    };
+                    let Ok(summary) = serde_json::from_slice::<Summary>(bytes) else {
+                        return ControlFlow::Continue(());
+                    };
+                    let finished = match (summary.task.state, summary.task.finished_ms) {
+                        (TaskState::Completed, Some(finished)) => finished,
+                        _ => return ControlFlow::Continue(()),
+                    };
+                    if finished < cutoff {
+                        markers_before = revision;
+                        records += 1;
+                        found.push((key.to_string(), revision, Some(summary.task.id)));
+                    } else if finished >= cutoff.saturating_add(PRUNE_SKEW_MS) {
+                        return ControlFlow::Break(());
+                    }
+                    if records >= PRUNE_BATCH {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                },
+            )
+            .await?;
+            let before = deleted;
+            for (key, revision, id) in found {
+                let Some(id) = id else {
+                    if revision < markers_before {
+                        // Up to the marker: a record written since stays.
+                        let _ = self
+                            .inner
+                            .bounded(
+                                "delete an old marker",
+                                self.inner
+                                    .records
+                                    .stream
+                                    .purge()
+                                    .filter(format!("{}{key}", self.inner.records.prefix))
+                                    .sequence(revision + 1)
+                                    .into_future(),
+                            )
+                            .await;
+                    }
+                    continue;
+                };
+                // Leaves a marker, which the id's next life starts on; a
+                // record written since the read (the task submitted again)
+                // stays, and so do its controls.
+                if self
                     .inner
                     .bounded(
                         "delete a task record",
                         self.inner
                             .records
-                            .purge_expect_revision(record_key(&summary.task.id), Some(revision)),
+                            .purge_expect_revision(&key, Some(revision)),
                     )
                     .await
                     .is_ok()
-            {
-                deleted += 1;
-                // Its journal and delegation links go with it.
-                self.inner.forget_controls(&summary.task.id).await;
+                {
+                    deleted += 1;
+                    // Its journal and delegation links go with it.
+                    self.inner.forget_controls(&id).await;
+                }
+            }
+            // A full batch: read on, as long as the last one got somewhere.
+            if records < PRUNE_BATCH || deleted == before {
+                return Ok(deleted);
             }
         }
-        Ok(deleted)
     }
 }
+
+/// Records a prune reads and deletes at most at a time.
+const PRUNE_BATCH: usize = 10_000;
+
+/// How much later than the cutoff a completed record may have finished
+/// and still come before one past it (the daemons' clocks differ).
+const PRUNE_SKEW_MS: UnixMillis = 10 * 60 * 1000;
 
 /// Opens the stream of `config` on file storage, creating it if missing.
 /// Writes `bytes` under `key` of `records` over `revision` (0: create),
@@ -1057,6 +1230,47 @@ async fn scan<T: serde::de::DeserializeOwned>(
     store: &kv::Store,
     filter: &str,
 ) -> Result<Vec<(String, T, u64)>, QueueError> {
+    // Keys written during the scan come again: keep each key's latest.
+    let mut latest: BTreeMap<String, (T, u64)> = BTreeMap::new();
+    read_bucket(
+        client,
+        store,
+        filter,
+        consumer::DeliverPolicy::LastPerSubject,
+        |key, value, revision| {
+            match value {
+                None => {
+                    latest.remove(key);
+                }
+                Some(bytes) => {
+                    if latest.get(key).is_none_or(|(_, seen)| *seen < revision)
+                        && let Ok(value) = serde_json::from_slice::<T>(bytes)
+                    {
+                        latest.insert(key.to_string(), (value, revision));
+                    }
+                }
+            }
+            ControlFlow::Continue(())
+        },
+    )
+    .await?;
+    Ok(latest
+        .into_iter()
+        .map(|(key, (value, revision))| (key, value, revision))
+        .collect())
+}
+
+/// Reads the messages of `store` on keys matching `filter` from where
+/// `policy` says, in revision order, until none is pending or `each`
+/// breaks, handing each to `each` with its key, its value (`None` for a
+/// deletion or purge marker) and its revision.
+async fn read_bucket(
+    client: &async_nats::Client,
+    store: &kv::Store,
+    filter: &str,
+    policy: consumer::DeliverPolicy,
+    mut each: impl FnMut(&str, Option<&[u8]>, u64) -> ControlFlow<()>,
+) -> Result<(), QueueError> {
     let prefix = store.prefix.clone();
     let timeout = Duration::from_secs(30);
     let consumer = tokio::time::timeout(
@@ -1064,7 +1278,7 @@ async fn scan<T: serde::de::DeserializeOwned>(
         store.stream.create_consumer(consumer::push::OrderedConfig {
             deliver_subject: client.new_inbox(),
             filter_subject: format!("{prefix}{filter}"),
-            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+            deliver_policy: policy,
             replay_policy: consumer::ReplayPolicy::Instant,
             ..Default::default()
         }),
@@ -1072,10 +1286,8 @@ async fn scan<T: serde::de::DeserializeOwned>(
     .await
     .map_err(|_| storage("cannot scan the bucket", "timed out"))?
     .map_err(|error| storage("cannot scan the bucket", error))?;
-    // Keys written during the scan come again: keep each key's latest.
-    let mut latest: BTreeMap<String, (T, u64)> = BTreeMap::new();
     if consumer.cached_info().num_pending == 0 {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let mut messages = tokio::time::timeout(timeout, consumer.messages())
         .await
@@ -1097,23 +1309,16 @@ async fn scan<T: serde::de::DeserializeOwned>(
             .as_ref()
             .and_then(|headers| headers.get("KV-Operation"))
             .is_some();
-        if let Some(key) = message.subject.strip_prefix(prefix.as_str()) {
-            if deleted {
-                latest.remove(key);
-            } else if latest.get(key).is_none_or(|(_, seen)| *seen < revision)
-                && let Ok(value) = serde_json::from_slice::<T>(&message.payload)
-            {
-                latest.insert(key.to_string(), (value, revision));
-            }
+        if let Some(key) = message.subject.strip_prefix(prefix.as_str())
+            && each(key, (!deleted).then_some(&message.payload[..]), revision).is_break()
+        {
+            break;
         }
         if pending == 0 {
             break;
         }
     }
-    Ok(latest
-        .into_iter()
-        .map(|(key, (value, revision))| (key, value, revision))
-        .collect())
+    Ok(())
 }
 
 /// Why a publish failed.
@@ -2032,9 +2237,18 @@ impl Inner {
     /// be deleted.
     async fn try_forget_controls(&self, id: &str) -> Result<(), QueueError> {
         for kind in TASK_CONTROLS {
-            let key = format!("c.{}", escape(&format!("{kind}.{id}")));
-            self.bounded("delete a task's journal or links", self.records.purge(key))
-                .await?;
+            // A stream purge of the key leaves no marker behind (a key
+            // value purge would leave one for good, for every task).
+            let subject = format!(
+                "{}c.{}",
+                self.records.prefix,
+                escape(&format!("{kind}.{id}"))
+            );
+            self.bounded(
+                "delete a task's journal or links",
+                self.records.stream.purge().filter(subject).into_future(),
+            )
+            .await?;
         }
         Ok(())
     }
@@ -2772,14 +2986,48 @@ impl TaskQueue for JetStreamQueue {
     }
 
     async fn counts(&self) -> Result<Vec<(String, StateCounts)>, QueueError> {
-        let mut counts: BTreeMap<String, StateCounts> = BTreeMap::new();
-        for (summary, _) in self.inner.summaries().await? {
-            counts
-                .entry(summary.task.agent)
-                .or_default()
-                .add(summary.task.state, 1);
+        let mut tally = self.tally.lock().await;
+        let last = self
+            .inner
+            .bounded(
+                "read the records' stream",
+                self.inner.records.stream.get_info(),
+            )
+            .await?
+            .state
+            .last_sequence;
+        // The bucket made anew (a revision before the last read), or an
+        // hour since the last full read: read every record again.
+        if last < tally.read
+            || tally
+                .recounted
+                .is_none_or(|at| at.elapsed() >= RECOUNT_EVERY)
+        {
+            *tally = Tally {
+                recounted: Some(tokio::time::Instant::now()),
+                ..Tally::default()
+            };
         }
-        Ok(counts.into_iter().collect())
+        let policy = if tally.read == 0 {
+            consumer::DeliverPolicy::LastPerSubject
+        } else {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: tally.read + 1,
+            }
+        };
+        let tally = &mut *tally;
+        read_bucket(
+            &self.inner.client,
+            &self.inner.records,
+            "t.>",
+            policy,
+            |key, value, revision| {
+                tally.apply(key, value, revision);
+                ControlFlow::Continue(())
+            },
+        )
+        .await?;
+        Ok(tally.counts())
     }
 
     async fn replay(&self, selection: &Selection) -> Result<u64, QueueError> {
@@ -2886,6 +3134,39 @@ impl TaskQueue for JetStreamQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tally_keeps_the_live_records_and_counts_completions() {
+        let record = |agent: &str, state: &str| {
+            serde_json::to_vec(&serde_json::json!({
+                "task": {"id": "x", "agent": agent, "state": state, "payload": {"big": "ignored"}}
+            }))
+            .unwrap()
+        };
+        let mut tally = Tally::default();
+        tally.apply("t.a", Some(&record("one", "queued")), 3);
+        tally.apply("t.b", Some(&record("one", "queued")), 4);
+        tally.apply("t.c", Some(&record("two", "dead_lettered")), 5);
+        tally.apply("t.a", Some(&record("one", "running")), 6);
+        tally.apply("t.b", Some(&record("one", "completed")), 7);
+        // A purged dead letter leaves; a record that does not parse is
+        // passed over, but read.
+        tally.apply("t.c", None, 8);
+        tally.apply("t.d", Some(b"not json"), 9);
+        assert_eq!(tally.read, 9);
+        assert_eq!(tally.live.len(), 1, "only records not completed are kept");
+        let one = StateCounts {
+            running: 1,
+            completed: 1,
+            ..StateCounts::default()
+        };
+        // The agent left with nothing is not listed.
+        assert_eq!(tally.counts(), vec![("one".to_string(), one)]);
+        // A completed record resubmitted is live again (its completion
+        // stays counted until the next full read).
+        tally.apply("t.b", Some(&record("one", "queued")), 10);
+        assert_eq!(tally.counts()[0].1.queued, 1);
+    }
 
     #[test]
     fn ids_become_keys_and_subject_tokens() {
