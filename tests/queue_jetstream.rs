@@ -527,12 +527,8 @@ async fn prune_deletes_completed_tasks_past_retention() {
         return;
     };
     let (queue, wall) = open_settable(&server.url, "prune").await;
-    // What an earlier version's prune left: a key value purge marker,
-    // which stays in the stream for good.
     let raw = async_nats::jetstream::new(async_nats::connect(&server.url).await.unwrap());
     let bucket = raw.get_key_value("PRUNE_RECORDS").await.unwrap();
-    bucket.put("t.legacy", "{}".into()).await.unwrap();
-    bucket.purge("t.legacy").await.unwrap();
     queue
         .submit(vec![task("done"), task("dead")])
         .await
@@ -575,11 +571,11 @@ async fn prune_deletes_completed_tasks_past_retention() {
     assert_eq!(queue.prune().await.unwrap(), 1);
     assert!(queue.get("done").await.unwrap().is_none());
     assert!(queue.get("recent").await.unwrap().is_some());
-    // The old marker is gone; the pruned record left a marker, which its
-    // id's next life starts on.
+    // The pruned record left a marker, which its id's next life starts
+    // on; its controls left none.
     let subjects: Vec<String> = bucket
         .stream
-        .info_with_subjects("$KV.PRUNE_RECORDS.t.>")
+        .info_with_subjects("$KV.PRUNE_RECORDS.>")
         .await
         .unwrap()
         .map(|subject| subject.unwrap().0)

@@ -637,6 +637,9 @@ struct Tally {
     read: u64,
     /// When the last full read began.
     recounted: Option<tokio::time::Instant>,
+    /// When the bucket read was created (a bucket made anew starts its
+    /// revisions again).
+    bucket_created: String,
 }
 
 /// What a [`Tally`] reads of a record.
@@ -1040,9 +1043,8 @@ impl JetStreamQueue {
     /// the first completed one that finished after the cutoff (give or
     /// take [`PRUNE_SKEW_MS`] for daemons' clocks), not every record; the
     /// records not completed it passes on the way (dead letters waiting
-    /// for a replay, say) are left alone. A deleted record leaves a
-    /// marker; markers older than the retention are deleted as they are
-    /// met, or they would stay in the stream for good.
+    /// for a replay, say) are left alone, and so are the markers deleted
+    /// records leave.
     ///
     /// # Errors
     /// [`QueueError::Storage`] if the broker fails.
@@ -1053,29 +1055,18 @@ impl JetStreamQueue {
         );
         let mut deleted = 0;
         loop {
-            // Keys to delete, each with the revision read and, for a
-            // record, its task's id (`None`: a marker).
-            let mut found: Vec<(String, u64, Option<String>)> = Vec::new();
-            // Markers are deleted only when a record completed before the
-            // cutoff comes after them. Older than the retention, a marker
-            // no longer keeps a new life of its id apart from an old one:
-            // the old one's message ids are past the broker's window and
-            // its messages long settled.
-            let mut markers_before = 0;
-            let (mut records, mut markers) = (0, 0);
+            // Records to delete: key, revision read, task id.
+            let mut found: Vec<(String, u64, String)> = Vec::new();
             read_bucket(
                 &self.inner.client,
                 &self.inner.records,
                 "t.>",
                 consumer::DeliverPolicy::All,
                 |key, value, revision| {
+                    // Markers of deleted records stay: a later life of the
+                    // id starts on its marker, which keeps the messages of
+                    // older lives from being taken for it.
                     let Some(bytes) = value else {
-                        // At most a batch of them a round (the rest go in
-                        // later rounds).
-                        if markers < PRUNE_BATCH {
-                            markers += 1;
-                            found.push((key.to_string(), revision, None));
-                        }
                         return ControlFlow::Continue(());
                     };
                     let Ok(summary) = serde_json::from_slice::<Summary>(bytes) else {
@@ -1086,13 +1077,11 @@ impl JetStreamQueue {
                         _ => return ControlFlow::Continue(()),
                     };
                     if finished < cutoff {
-                        markers_before = revision;
-                        records += 1;
-                        found.push((key.to_string(), revision, Some(summary.task.id)));
+                        found.push((key.to_string(), revision, summary.task.id));
                     } else if finished >= cutoff.saturating_add(PRUNE_SKEW_MS) {
                         return ControlFlow::Break(());
                     }
-                    if records >= PRUNE_BATCH {
+                    if found.len() >= PRUNE_BATCH {
                         ControlFlow::Break(())
                     } else {
                         ControlFlow::Continue(())
@@ -1100,30 +1089,10 @@ impl JetStreamQueue {
                 },
             )
             .await?;
-            let before = deleted;
+            let (batch, before) = (found.len(), deleted);
             for (key, revision, id) in found {
-                let Some(id) = id else {
-                    if revision < markers_before {
-                        // Up to the marker: a record written since stays.
-                        let _ = self
-                            .inner
-                            .bounded(
-                                "delete an old marker",
-                                self.inner
-                                    .records
-                                    .stream
-                                    .purge()
-                                    .filter(format!("{}{key}", self.inner.records.prefix))
-                                    .sequence(revision + 1)
-                                    .into_future(),
-                            )
-                            .await;
-                    }
-                    continue;
-                };
-                // Leaves a marker, which the id's next life starts on; a
-                // record written since the read (the task submitted again)
-                // stays, and so do its controls.
+                // A record written since the read (the task submitted
+                // again) stays, and so do its controls.
                 if self
                     .inner
                     .bounded(
@@ -1141,7 +1110,7 @@ impl JetStreamQueue {
                 }
             }
             // A full batch: read on, as long as the last one got somewhere.
-            if records < PRUNE_BATCH || deleted == before {
+            if batch < PRUNE_BATCH || deleted == before {
                 return Ok(deleted);
             }
         }
@@ -2987,24 +2956,25 @@ impl TaskQueue for JetStreamQueue {
 
     async fn counts(&self) -> Result<Vec<(String, StateCounts)>, QueueError> {
         let mut tally = self.tally.lock().await;
-        let last = self
+        let info = self
             .inner
             .bounded(
                 "read the records' stream",
                 self.inner.records.stream.get_info(),
             )
-            .await?
-            .state
-            .last_sequence;
-        // The bucket made anew (a revision before the last read), or an
-        // hour since the last full read: read every record again.
-        if last < tally.read
+            .await?;
+        let created = format!("{:?}", info.created);
+        // The bucket made anew, or an hour since the last full read: read
+        // every record again.
+        if created != tally.bucket_created
+            || info.state.last_sequence < tally.read
             || tally
                 .recounted
                 .is_none_or(|at| at.elapsed() >= RECOUNT_EVERY)
         {
             *tally = Tally {
                 recounted: Some(tokio::time::Instant::now()),
+                bucket_created: created,
                 ..Tally::default()
             };
         }
