@@ -662,3 +662,82 @@ async fn counts_follow_what_other_daemons_write() {
     let fresh = open_as(&server.url, "tally", "fresh", Duration::from_secs(30)).await;
     assert_eq!(of(fresh.counts().await.unwrap()), Some((0, 0, 2, 0)));
 }
+
+/// Between full counts, a pruned task's completion stays counted (its
+/// marker names no agent); the hourly full count, read beside the counts
+/// in use, then replaces them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_count_replaces_the_one_kept_up_to_date() {
+    let Some(server) = NatsServer::start("a_full_count_replaces_the_one_kept_up_to_date") else {
+        return;
+    };
+    let (queue, wall) = open_settable(&server.url, "recount").await;
+    let worker = |counts: Vec<(String, flotilla::queue::StateCounts)>| {
+        counts
+            .into_iter()
+            .find(|(agent, _)| agent == "worker")
+            .map(|(_, counts)| (counts.queued, counts.completed))
+    };
+    queue.submit(vec![task("done")]).await.unwrap();
+    let mut leases = queue
+        .lease(&request("recount", Duration::from_secs(30)), Duration::ZERO)
+        .await
+        .unwrap();
+    complete(&queue, &mut leases[0], json!("ok")).await;
+    assert_eq!(worker(queue.counts().await.unwrap()), Some((0, 1)));
+    wall.set_wall(3 * 3_600_000);
+    assert_eq!(queue.prune().await.unwrap(), 1);
+    queue.submit(vec![task("waiting")]).await.unwrap();
+    assert_eq!(
+        worker(queue.counts().await.unwrap()),
+        Some((1, 1)),
+        "kept up to date: the pruned completion is still counted"
+    );
+    queue.recount_soon().await;
+    assert_eq!(worker(queue.counts().await.unwrap()), Some((1, 0)));
+}
+
+/// A records bucket deleted and made anew is counted afresh, even once
+/// its revisions have passed the last one read from the old bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_start_over_on_a_bucket_made_anew() {
+    let Some(server) = NatsServer::start("counts_start_over_on_a_bucket_made_anew") else {
+        return;
+    };
+    let queue = open_as(&server.url, "anew", "anew", Duration::from_secs(30)).await;
+    let worker = |counts: Vec<(String, flotilla::queue::StateCounts)>| {
+        counts
+            .into_iter()
+            .find(|(agent, _)| agent == "worker")
+            .map(|(_, counts)| (counts.queued, counts.completed))
+    };
+    queue
+        .submit(vec![task("a"), task("b"), task("c")])
+        .await
+        .unwrap();
+    let mut leases = queue
+        .lease(
+            &LeaseRequest {
+                max: 2,
+                ..request("anew", Duration::from_secs(30))
+            },
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    for lease in &mut leases {
+        complete(&queue, lease, json!("ok")).await;
+    }
+    assert_eq!(worker(queue.counts().await.unwrap()), Some((1, 2)));
+    let raw = async_nats::jetstream::new(async_nats::connect(&server.url).await.unwrap());
+    raw.delete_key_value("ANEW_RECORDS").await.unwrap();
+    // Another daemon opening the fleet makes the bucket again; more
+    // records than the old bucket's revisions are written to it.
+    let other = open_as(&server.url, "anew", "other", Duration::from_secs(30)).await;
+    let ids: Vec<String> = (0..10).map(|n| format!("new{n}")).collect();
+    other
+        .submit(ids.iter().map(|id| task(id)).collect())
+        .await
+        .unwrap();
+    assert_eq!(worker(queue.counts().await.unwrap()), Some((10, 0)));
+}

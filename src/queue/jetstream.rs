@@ -613,9 +613,16 @@ pub struct JetStreamQueue {
     /// The counts kept up to date from the records written since the last
     /// look.
     tally: tokio::sync::Mutex<Tally>,
+    /// The hourly full count while it is read (locked after `tally`).
+    recount: tokio::sync::Mutex<Option<Tally>>,
 }
 
-/// How often a [`Tally`] reads every record again: between full reads,
+/// Records the hourly full count reads at most per count (about a second
+/// here).
+const RECOUNT_CHUNK: usize = 100_000;
+
+/// How often a [`Tally`] is counted again from every record (beside the
+/// one in use, which it then replaces): between full counts,
 /// the completed counts rise with each completion read but do not fall
 /// when a completed task is pruned (its purge marker names no agent) or
 /// submitted again.
@@ -656,6 +663,16 @@ struct StateOfTask {
 }
 
 impl Tally {
+    /// An empty tally of the bucket created at `created`, to be read from
+    /// its first record.
+    fn fresh(bucket_created: String) -> Self {
+        Self {
+            recounted: Some(tokio::time::Instant::now()),
+            bucket_created,
+            ..Self::default()
+        }
+    }
+
     /// Applies the record written under `key` at `revision` (`None`: the
     /// key was deleted or purged).
     fn apply(&mut self, key: &str, value: Option<&[u8]>, revision: u64) {
@@ -836,6 +853,7 @@ impl JetStreamQueue {
             background,
             counted: tokio::sync::Mutex::new(None),
             tally: tokio::sync::Mutex::new(Tally::default()),
+            recount: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -858,6 +876,13 @@ impl JetStreamQueue {
         let counts = self.counts().await?;
         *counted = Some((tokio::time::Instant::now(), counts.clone()));
         Ok(counts)
+    }
+
+    /// Makes the next count begin the full count it otherwise begins
+    /// hourly (for tests).
+    #[doc(hidden)]
+    pub async fn recount_soon(&self) {
+        self.tally.lock().await.recounted = None;
     }
 
     /// The broker connection as `status` shows it.
@@ -2222,6 +2247,38 @@ impl Inner {
         Ok(())
     }
 
+    /// Reads into `tally` the records written since it last read (every
+    /// record, for a tally that has read none), at most `limit` of them.
+    /// Returns whether it caught up.
+    async fn advance(&self, tally: &mut Tally, limit: Option<usize>) -> Result<bool, QueueError> {
+        let policy = if tally.read == 0 {
+            consumer::DeliverPolicy::LastPerSubject
+        } else {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: tally.read + 1,
+            }
+        };
+        let (mut applied, mut stopped) = (0, false);
+        read_bucket(
+            &self.client,
+            &self.records,
+            "t.>",
+            policy,
+            |key, value, revision| {
+                tally.apply(key, value, revision);
+                applied += 1;
+                if limit.is_some_and(|limit| applied >= limit) {
+                    stopped = true;
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            },
+        )
+        .await?;
+        Ok(!stopped)
+    }
+
     /// A summary of every task record, with its revision.
     async fn summaries(&self) -> Result<Vec<(Summary, u64)>, QueueError> {
         Ok(scan::<Summary>(&self.client, &self.records, "t.>")
@@ -2955,7 +3012,6 @@ impl TaskQueue for JetStreamQueue {
     }
 
     async fn counts(&self) -> Result<Vec<(String, StateCounts)>, QueueError> {
-        let mut tally = self.tally.lock().await;
         let info = self
             .inner
             .bounded(
@@ -2964,39 +3020,30 @@ impl TaskQueue for JetStreamQueue {
             )
             .await?;
         let created = format!("{:?}", info.created);
-        // The bucket made anew, or an hour since the last full read: read
-        // every record again.
-        if created != tally.bucket_created
-            || info.state.last_sequence < tally.read
-            || tally
-                .recounted
-                .is_none_or(|at| at.elapsed() >= RECOUNT_EVERY)
-        {
-            *tally = Tally {
-                recounted: Some(tokio::time::Instant::now()),
-                bucket_created: created,
-                ..Tally::default()
-            };
+        let mut tally = self.tally.lock().await;
+        if created != tally.bucket_created || info.state.last_sequence < tally.read {
+            // The bucket made anew (or none read yet): nothing to count
+            // meanwhile, so every record is read now.
+            *tally = Tally::fresh(created.clone());
         }
-        let policy = if tally.read == 0 {
-            consumer::DeliverPolicy::LastPerSubject
-        } else {
-            consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: tally.read + 1,
+        self.inner.advance(&mut tally, None).await?;
+        if tally
+            .recounted
+            .is_none_or(|at| at.elapsed() >= RECOUNT_EVERY)
+        {
+            // The hourly full count is read beside the one in use, a
+            // chunk per count, and replaces it once it has caught up: the
+            // counts never wait for a whole read.
+            let mut recount = self.recount.lock().await;
+            let next = match recount.take() {
+                Some(next) if next.bucket_created == created => next,
+                _ => Tally::fresh(created),
+            };
+            let next = recount.insert(next);
+            if self.inner.advance(next, Some(RECOUNT_CHUNK)).await? {
+                *tally = recount.take().expect("just inserted");
             }
-        };
-        let tally = &mut *tally;
-        read_bucket(
-            &self.inner.client,
-            &self.inner.records,
-            "t.>",
-            policy,
-            |key, value, revision| {
-                tally.apply(key, value, revision);
-                ControlFlow::Continue(())
-            },
-        )
-        .await?;
+        }
         Ok(tally.counts())
     }
 
