@@ -924,7 +924,7 @@ impl JetStreamQueue {
     /// # Errors
     /// [`QueueError::Storage`] if the broker cannot be read.
     pub async fn fleet(&self) -> Result<BTreeMap<String, Value>, QueueError> {
-        let entries = scan::<Value>(&self.inner.client, &self.inner.fleet, ">").await?;
+        let entries = scan::<Value>(&self.inner.client, &self.inner.fleet, ">", |_| true).await?;
         Ok(entries
             .into_iter()
             .map(|(key, value, _)| (key, value))
@@ -1217,12 +1217,14 @@ async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store
 
 /// The latest value of every key of `store` matching `filter` (`>` for
 /// all), deleted keys left out, each parsed as `T` (values that do not
-/// parse are skipped). Only the `T`s are kept, so a small `T` keeps the
-/// scan of a large bucket small.
+/// parse are skipped), of those `keep` keeps. Only the `T`s kept are held,
+/// so a small `T` and a narrow `keep` keep the scan of a large bucket
+/// small.
 async fn scan<T: serde::de::DeserializeOwned>(
     client: &async_nats::Client,
     store: &kv::Store,
     filter: &str,
+    keep: impl Fn(&T) -> bool,
 ) -> Result<Vec<(String, T, u64)>, QueueError> {
     // Keys written during the scan come again: keep each key's latest.
     let mut latest: BTreeMap<String, (T, u64)> = BTreeMap::new();
@@ -1240,7 +1242,13 @@ async fn scan<T: serde::de::DeserializeOwned>(
                     if latest.get(key).is_none_or(|(_, seen)| *seen < revision)
                         && let Ok(value) = serde_json::from_slice::<T>(bytes)
                     {
-                        latest.insert(key.to_string(), (value, revision));
+                        // A key written again during the scan comes again,
+                        // and may no longer be kept.
+                        if keep(&value) {
+                            latest.insert(key.to_string(), (value, revision));
+                        } else {
+                            latest.remove(key);
+                        }
                     }
                 }
             }
@@ -2279,9 +2287,12 @@ impl Inner {
         Ok(!stopped)
     }
 
-    /// A summary of every task record, with its revision.
-    async fn summaries(&self) -> Result<Vec<(Summary, u64)>, QueueError> {
-        Ok(scan::<Summary>(&self.client, &self.records, "t.>")
+    /// A summary of every task record `keep` keeps, with its revision.
+    async fn summaries(
+        &self,
+        keep: impl Fn(&Summary) -> bool,
+    ) -> Result<Vec<(Summary, u64)>, QueueError> {
+        Ok(scan::<Summary>(&self.client, &self.records, "t.>", keep)
             .await?
             .into_iter()
             .map(|(_, summary, revision)| (summary, revision))
@@ -2296,10 +2307,9 @@ impl Inner {
     async fn dead_letters(&self, selection: &Selection) -> Result<Vec<String>, QueueError> {
         match selection {
             Selection::All => Ok(self
-                .summaries()
+                .summaries(|summary| summary.task.state == TaskState::DeadLettered)
                 .await?
                 .into_iter()
-                .filter(|(summary, _)| summary.task.state == TaskState::DeadLettered)
                 .map(|(summary, _)| summary.task.id)
                 .collect()),
             Selection::Ids(ids) => {
@@ -2906,11 +2916,10 @@ impl TaskQueue for JetStreamQueue {
     async fn requeue_running(&self) -> Result<u64, QueueError> {
         let owner = self.inner.settings.owner.clone();
         let mut count = 0;
-        for (summary, _) in self.inner.summaries().await? {
-            if summary.task.state != TaskState::Running || summary.owner.as_deref() != Some(&owner)
-            {
-                continue;
-            }
+        let mine = |summary: &Summary| {
+            summary.task.state == TaskState::Running && summary.owner.as_deref() == Some(&owner)
+        };
+        for (summary, _) in self.inner.summaries(mine).await? {
             let key = LeaseKey {
                 task_id: summary.task.id,
                 attempt: summary.task.attempts,
@@ -2976,17 +2985,16 @@ impl TaskQueue for JetStreamQueue {
         // Pick from the summaries, then read only the records shown.
         let mut picked: Vec<TaskSummary> = self
             .inner
-            .summaries()
+            .summaries(|summary| {
+                filter.state.is_none_or(|state| summary.task.state == state)
+                    && filter
+                        .agent
+                        .as_ref()
+                        .is_none_or(|agent| &summary.task.agent == agent)
+            })
             .await?
             .into_iter()
             .map(|(summary, _)| summary.task)
-            .filter(|task| filter.state.is_none_or(|state| task.state == state))
-            .filter(|task| {
-                filter
-                    .agent
-                    .as_ref()
-                    .is_none_or(|agent| &task.agent == agent)
-            })
             .collect();
         picked.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
         picked.truncate(filter.limit);
