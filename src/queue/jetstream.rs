@@ -676,7 +676,12 @@ impl Tally {
     /// Applies the record written under `key` at `revision` (`None`: the
     /// key was deleted or purged).
     fn apply(&mut self, key: &str, value: Option<&[u8]>, revision: u64) {
-        self.read = self.read.max(revision);
+        if revision <= self.read {
+            // Read already: an ordered consumer made again before its
+            // first message starts from the first record.
+            return;
+        }
+        self.read = revision;
         let Some(bytes) = value else {
             // A completed record's count stays until the next full read:
             // the marker does not say whose it was.
@@ -3020,6 +3025,10 @@ impl TaskQueue for JetStreamQueue {
     }
 
     async fn counts(&self) -> Result<Vec<(String, StateCounts)>, QueueError> {
+        // Locked first: the stream's state must be no older than what the
+        // tally read, or a count that waited here would take its last
+        // revision for a bucket made anew.
+        let mut tally = self.tally.lock().await;
         let info = self
             .inner
             .bounded(
@@ -3028,7 +3037,6 @@ impl TaskQueue for JetStreamQueue {
             )
             .await?;
         let created = format!("{:?}", info.created);
-        let mut tally = self.tally.lock().await;
         if created != tally.bucket_created || info.state.last_sequence < tally.read {
             // The bucket made anew (or none read yet): nothing to count
             // meanwhile, so every record is read now.
@@ -3191,6 +3199,10 @@ mod tests {
         // stays counted until the next full read).
         tally.apply("t.b", Some(&record("one", "queued")), 10);
         assert_eq!(tally.counts()[0].1.queued, 1);
+        // A record read already (a read started over) changes nothing.
+        tally.apply("t.b", Some(&record("one", "completed")), 7);
+        assert_eq!(tally.counts()[0].1.completed, 1);
+        assert_eq!(tally.read, 10);
     }
 
     #[test]
