@@ -34,12 +34,24 @@ async fn open_with(
     ack_wait: Duration,
     clock: clock::SharedClock,
 ) -> JetStreamQueue {
-    let config = BrokerConfig {
-        url: url.to_string(),
-        namespace: namespace.to_string(),
-        ack_wait: HumanDuration::millis(ack_wait.as_millis() as u64),
-        ..BrokerConfig::default()
-    };
+    open_config(
+        BrokerConfig {
+            url: url.to_string(),
+            namespace: namespace.to_string(),
+            ack_wait: HumanDuration::millis(ack_wait.as_millis() as u64),
+            ..BrokerConfig::default()
+        },
+        owner,
+        clock,
+    )
+    .await
+}
+
+async fn open_config(
+    config: BrokerConfig,
+    owner: &str,
+    clock: clock::SharedClock,
+) -> JetStreamQueue {
     let stats = Arc::new(ConnectionStats::default());
     let client = jetstream::connect(&config, std::path::Path::new("."), "test", stats.clone())
         .await
@@ -740,4 +752,102 @@ async fn counts_start_over_on_a_bucket_made_anew() {
         .await
         .unwrap();
     assert_eq!(worker(queue.counts().await.unwrap()), Some((10, 0)));
+}
+
+/// A prune deletes a deleted task's marker once it is older than the
+/// retention; a message of that task's run still waiting (a cancelled
+/// task's, in the queue of an agent no daemon ran) is then never taken:
+/// neither for the deleted task, nor for a new task under its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_marker_brings_no_old_message_back() {
+    let Some(server) = NatsServer::start("a_deleted_marker_brings_no_old_message_back") else {
+        return;
+    };
+    // The broker's clock cannot be set: its duplicate window is made
+    // short instead, and waited out for real below.
+    let wall = Arc::new(support::SettableClock::default());
+    let config = BrokerConfig {
+        url: server.url.clone(),
+        namespace: "leftover".into(),
+        duplicate_window: HumanDuration::secs(1),
+        ..BrokerConfig::default()
+    };
+    let queue = open_config(config, "leftover", wall.clone()).await;
+    queue
+        .submit(vec![task("gone"), task("again")])
+        .await
+        .unwrap();
+    for id in ["gone", "again"] {
+        assert!(queue.cancel(id, "not wanted").await.unwrap());
+    }
+    let ids = Selection::Ids(vec!["gone".into(), "again".into()]);
+    assert_eq!(queue.purge(&ids).await.unwrap(), 2);
+    // Another agent's task completes after the markers, then the clock
+    // passes the retention (2 h) and the marker margin (1 h).
+    queue
+        .submit(vec![NewTask {
+            agent: "other".into(),
+            ..task("done")
+        }])
+        .await
+        .unwrap();
+    let mut done = queue
+        .lease(
+            &LeaseRequest {
+                agent: "other".into(),
+                ..request("leftover", Duration::from_secs(30))
+            },
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    complete(&queue, &mut done[0], json!("ok")).await;
+    wall.set_wall(4 * 3_600_000);
+    assert_eq!(queue.prune().await.unwrap(), 1);
+    let raw = async_nats::jetstream::new(async_nats::connect(&server.url).await.unwrap());
+    let bucket = raw.get_key_value("LEFTOVER_RECORDS").await.unwrap();
+    let subjects: Vec<String> = bucket
+        .stream
+        .info_with_subjects("$KV.LEFTOVER_RECORDS.t.>")
+        .await
+        .unwrap()
+        .map(|subject| subject.unwrap().0)
+        .collect::<std::collections::BTreeSet<_>>()
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(
+        subjects,
+        ["$KV.LEFTOVER_RECORDS.t.done"],
+        "only the newest marker is left"
+    );
+    // A new task under one of the ids: its own message runs it, the old
+    // ones are dropped.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    queue
+        .submit(vec![NewTask {
+            payload: json!("the new one"),
+            ..task("again")
+        }])
+        .await
+        .unwrap();
+    let mut leases = queue
+        .lease(
+            &LeaseRequest {
+                max: 3,
+                ..request("leftover", Duration::from_secs(30))
+            },
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+    let leased: Vec<(String, serde_json::Value)> = leases
+        .iter()
+        .map(|lease| (lease.key.task_id.clone(), lease.payload.clone()))
+        .collect();
+    assert_eq!(leased, [("again".to_string(), json!("the new one"))]);
+    assert!(queue.get("gone").await.unwrap().is_none());
+    for lease in &mut leases {
+        lease.settle();
+    }
 }

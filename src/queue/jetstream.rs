@@ -1073,8 +1073,10 @@ impl JetStreamQueue {
     /// the first completed one that finished after the cutoff (give or
     /// take [`PRUNE_SKEW_MS`] for daemons' clocks), not every record; the
     /// records not completed it passes on the way (dead letters waiting
-    /// for a replay, say) are left alone, and so are the markers deleted
-    /// records leave.
+    /// for a replay, say) are left alone. A deleted record leaves a
+    /// marker, which its id's next life starts on; markers older than the
+    /// retention by [`MARKER_MARGIN_MS`] are deleted as they are met, or
+    /// they would stay in the stream for good.
     ///
     /// # Errors
     /// [`QueueError::Storage`] if the broker fails.
@@ -1087,16 +1089,27 @@ impl JetStreamQueue {
         loop {
             // Records to delete: key, revision read, task id.
             let mut found: Vec<(String, u64, String)> = Vec::new();
+            // Markers of deleted records, with their revision: deleted once
+            // a record that completed over MARKER_MARGIN_MS before the
+            // cutoff comes after them (so they are older than the
+            // retention by that much). By then the id's old message ids
+            // are past the broker's window, and a message of its old run
+            // still waiting somewhere (in the queue of an agent no daemon
+            // runs, say) is older than the retention, which the claim
+            // drops (see `claim`).
+            let mut markers: Vec<(String, u64)> = Vec::new();
+            let mut markers_before = 0;
             read_bucket(
                 &self.inner.client,
                 &self.inner.records,
                 "t.>",
                 consumer::DeliverPolicy::All,
                 |key, value, revision| {
-                    // Markers of deleted records stay: a later life of the
-                    // id starts on its marker, which keeps the messages of
-                    // older lives from being taken for it.
                     let Some(bytes) = value else {
+                        // At most a batch a round (the rest in later ones).
+                        if markers.len() < PRUNE_BATCH {
+                            markers.push((key.to_string(), revision));
+                        }
                         return ControlFlow::Continue(());
                     };
                     let Ok(summary) = serde_json::from_slice::<Summary>(bytes) else {
@@ -1106,6 +1119,9 @@ impl JetStreamQueue {
                         (TaskState::Completed, Some(finished)) => finished,
                         _ => return ControlFlow::Continue(()),
                     };
+                    if finished.saturating_add(MARKER_MARGIN_MS) < cutoff {
+                        markers_before = revision;
+                    }
                     if finished < cutoff {
                         found.push((key.to_string(), revision, summary.task.id));
                     } else if finished >= cutoff.saturating_add(PRUNE_SKEW_MS) {
@@ -1119,6 +1135,25 @@ impl JetStreamQueue {
                 },
             )
             .await?;
+            for (key, revision) in markers {
+                if revision >= markers_before {
+                    break;
+                }
+                // Up to the marker: a record written since stays.
+                let _ = self
+                    .inner
+                    .bounded(
+                        "delete an old marker",
+                        self.inner
+                            .records
+                            .stream
+                            .purge()
+                            .filter(format!("{}{key}", self.inner.records.prefix))
+                            .sequence(revision + 1)
+                            .into_future(),
+                    )
+                    .await;
+            }
             let (batch, before) = (found.len(), deleted);
             for (key, revision, id) in found {
                 // A record written since the read (the task submitted
@@ -1146,6 +1181,10 @@ impl JetStreamQueue {
         }
     }
 }
+
+/// How much older than the retention a marker is before a prune deletes
+/// it (the daemons' clocks differ).
+const MARKER_MARGIN_MS: UnixMillis = 3_600_000;
 
 /// Records a prune reads and deletes at most at a time.
 const PRUNE_BATCH: usize = 10_000;
@@ -1863,7 +1902,30 @@ impl Inner {
         let sequence = message.info().ok().map(|info| info.stream_sequence);
         for _ in 0..CAS_TRIES {
             let now = self.now();
+            // A message of a task older than the retention, with no record
+            // or one of a later run than its own: a leftover of a run whose
+            // marker a prune deleted (see `prune`), never to be taken for
+            // the task. (Runs of one id are told apart by their markers
+            // while they are kept.)
+            let retention =
+                u64::try_from(self.settings.limits.retention.as_millis()).unwrap_or(u64::MAX);
+            let leftover = |created: Option<UnixMillis>| {
+                let newer = created.unwrap_or(self.now());
+                envelope.created_ms.saturating_add(retention) < newer
+            };
             let (mut record, revision) = match self.lookup(&envelope.id).await? {
+                Lookup::Record(record, _) if leftover(Some(record.task.created_ms)) => {
+                    tracing::warn!(task = %envelope.id, "dropped a message of an earlier run of the task, older than the retention");
+                    self.settle_message(&reply, Bytes::from_static(b"+ACK"))
+                        .await;
+                    return Ok(None);
+                }
+                Lookup::Absent if leftover(None) => {
+                    tracing::warn!(task = %envelope.id, "dropped a message of a deleted task, older than the retention");
+                    self.settle_message(&reply, Bytes::from_static(b"+ACK"))
+                        .await;
+                    return Ok(None);
+                }
                 Lookup::Record(record, revision) => (*record, revision),
                 // The record of a purged task is a marker: its messages are
                 // of older lives and must not bring it back.
