@@ -1092,7 +1092,7 @@ impl JetStreamQueue {
             // Markers of deleted records, with their revision: deleted once
             // a record that completed over MARKER_MARGIN_MS before the
             // cutoff comes after them (so they are older than the
-            // retention by that much). By then the id's old message ids
+            // retention by that much, give or take the clocks' skew). By then the id's old message ids
             // are past the broker's window, and a message of its old run
             // still waiting somewhere (in the queue of an agent no daemon
             // runs, say) is older than the retention, which the claim
@@ -1139,6 +1139,16 @@ impl JetStreamQueue {
                 if revision >= markers_before {
                     break;
                 }
+                // The old run's journal and links, in case deleting them
+                // with its record failed: a new run under the id must not
+                // inherit them (its submit deletes them only while the
+                // marker is there to say there was an old run).
+                let Some(escaped) = key.strip_prefix("t.") else {
+                    continue;
+                };
+                if self.inner.forget_escaped_controls(escaped).await.is_err() {
+                    continue;
+                }
                 // Up to the marker: a record written since stays.
                 let _ = self
                     .inner
@@ -1183,8 +1193,9 @@ impl JetStreamQueue {
 }
 
 /// How much older than the retention a marker is before a prune deletes
-/// it (the daemons' clocks differ).
-const MARKER_MARGIN_MS: UnixMillis = 3_600_000;
+/// it, and a message before a claim takes it for a leftover of an old run:
+/// the daemons' clocks may differ by less than this.
+const MARKER_MARGIN_MS: UnixMillis = 24 * 3_600_000;
 
 /// Records a prune reads and deletes at most at a time.
 const PRUNE_BATCH: usize = 10_000;
@@ -1902,16 +1913,20 @@ impl Inner {
         let sequence = message.info().ok().map(|info| info.stream_sequence);
         for _ in 0..CAS_TRIES {
             let now = self.now();
-            // A message of a task older than the retention, with no record
-            // or one of a later run than its own: a leftover of a run whose
-            // marker a prune deleted (see `prune`), never to be taken for
-            // the task. (Runs of one id are told apart by their markers
+            // A message of a task older than the retention (and the
+            // margin), with no record or one of a run that began that much
+            // later: a leftover of a run whose marker a prune deleted (see
+            // `prune`), never to be taken for the task. (Runs of one id are told apart by their markers
             // while they are kept.)
             let retention =
                 u64::try_from(self.settings.limits.retention.as_millis()).unwrap_or(u64::MAX);
             let leftover = |created: Option<UnixMillis>| {
                 let newer = created.unwrap_or(self.now());
-                envelope.created_ms.saturating_add(retention) < newer
+                envelope
+                    .created_ms
+                    .saturating_add(retention)
+                    .saturating_add(MARKER_MARGIN_MS)
+                    < newer
             };
             let (mut record, revision) = match self.lookup(&envelope.id).await? {
                 Lookup::Record(record, _) if leftover(Some(record.task.created_ms)) => {
@@ -2305,14 +2320,18 @@ impl Inner {
     /// [`Self::forget_controls`], failing at the first key that could not
     /// be deleted.
     async fn try_forget_controls(&self, id: &str) -> Result<(), QueueError> {
+        self.forget_escaped_controls(&escape(id)).await
+    }
+
+    /// [`Self::try_forget_controls`] of the task whose escaped id is
+    /// `escaped` (as in its record's key).
+    async fn forget_escaped_controls(&self, escaped: &str) -> Result<(), QueueError> {
         for kind in TASK_CONTROLS {
             // A stream purge of the key leaves no marker behind (a key
             // value purge would leave one for good, for every task).
-            let subject = format!(
-                "{}c.{}",
-                self.records.prefix,
-                escape(&format!("{kind}.{id}"))
-            );
+            // `escape` works a character at a time: the key of
+            // `{kind}.{id}` is `{kind}=2E` and the escaped id.
+            let subject = format!("{}c.{kind}=2E{escaped}", self.records.prefix);
             self.bounded(
                 "delete a task's journal or links",
                 self.records.stream.purge().filter(subject).into_future(),
