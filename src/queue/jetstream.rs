@@ -1092,11 +1092,11 @@ impl JetStreamQueue {
             // Markers of deleted records, with their revision: deleted once
             // a record that completed over MARKER_MARGIN_MS before the
             // cutoff comes after them (so they are older than the
-            // retention by that much, give or take the clocks' skew). By then the id's old message ids
-            // are past the broker's window, and a message of its old run
-            // still waiting somewhere (in the queue of an agent no daemon
-            // runs, say) is older than the retention, which the claim
-            // drops (see `claim`).
+            // retention by that much, give or take the clocks' skew). By
+            // then the id's old message ids are past the broker's window,
+            // and a message of its old run still waiting somewhere (in the
+            // queue of an agent no daemon runs, say) is old enough for
+            // `claim` to drop it.
             let mut markers: Vec<(String, u64)> = Vec::new();
             let mut markers_before = 0;
             read_bucket(
@@ -1916,12 +1916,12 @@ impl Inner {
             // A message of a task older than the retention (and the
             // margin), with no record or one of a run that began that much
             // later: a leftover of a run whose marker a prune deleted (see
-            // `prune`), never to be taken for the task. (Runs of one id are told apart by their markers
-            // while they are kept.)
+            // `prune`), never to be taken for the task. (Runs of one id are
+            // told apart by their markers while they are kept.)
             let retention =
                 u64::try_from(self.settings.limits.retention.as_millis()).unwrap_or(u64::MAX);
             let leftover = |created: Option<UnixMillis>| {
-                let newer = created.unwrap_or(self.now());
+                let newer = created.unwrap_or(now);
                 envelope
                     .created_ms
                     .saturating_add(retention)
