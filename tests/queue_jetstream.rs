@@ -133,6 +133,32 @@ async fn subjects_of(bucket: &async_nats::jetstream::kv::Store) -> Vec<String> {
         .collect()
 }
 
+/// Leases up to `max` of the worker's tasks as `owner`, without waiting.
+async fn lease_up_to(
+    queue: &JetStreamQueue,
+    owner: &str,
+    max: usize,
+) -> Vec<flotilla::queue::Lease> {
+    queue
+        .lease(
+            &LeaseRequest {
+                max,
+                ..request(owner, Duration::from_secs(30))
+            },
+            Duration::ZERO,
+        )
+        .await
+        .unwrap()
+}
+
+/// The worker's queued and completed counts in `counts`, if it has any.
+fn queued_and_completed(counts: Vec<(String, flotilla::queue::StateCounts)>) -> Option<(u64, u64)> {
+    counts
+        .into_iter()
+        .find(|(agent, _)| agent == "worker")
+        .map(|(_, counts)| (counts.queued, counts.completed))
+}
+
 /// Completes `lease` with `result`.
 async fn complete(
     queue: &JetStreamQueue,
@@ -560,16 +586,7 @@ async fn prune_deletes_completed_tasks_past_retention() {
         .submit(vec![task("done"), task("dead")])
         .await
         .unwrap();
-    let mut leases = queue
-        .lease(
-            &LeaseRequest {
-                max: 2,
-                ..request("prune", Duration::from_secs(30))
-            },
-            Duration::ZERO,
-        )
-        .await
-        .unwrap();
+    let mut leases = lease_up_to(&queue, "prune", 2).await;
     leases.sort_by(|a, b| a.key.task_id.cmp(&b.key.task_id));
     queue
         .term(&leases[0].key, "bad input", end(AttemptOutcome::Error))
@@ -653,16 +670,7 @@ async fn counts_follow_what_other_daemons_write() {
         .await
         .unwrap();
     assert_eq!(of(mine.counts().await.unwrap()), Some((3, 0, 0, 0)));
-    let mut leases = theirs
-        .lease(
-            &LeaseRequest {
-                max: 3,
-                ..request("theirs", Duration::from_secs(30))
-            },
-            Duration::ZERO,
-        )
-        .await
-        .unwrap();
+    let mut leases = lease_up_to(&theirs, "theirs", 3).await;
     assert_eq!(leases.len(), 3);
     assert_eq!(of(mine.counts().await.unwrap()), Some((0, 3, 0, 0)));
     complete(&theirs, &mut leases[0], json!("ok")).await;
@@ -690,29 +698,29 @@ async fn a_full_count_replaces_the_one_kept_up_to_date() {
         return;
     };
     let (queue, wall) = open_settable(&server.url, "recount").await;
-    let worker = |counts: Vec<(String, flotilla::queue::StateCounts)>| {
-        counts
-            .into_iter()
-            .find(|(agent, _)| agent == "worker")
-            .map(|(_, counts)| (counts.queued, counts.completed))
-    };
     queue.submit(vec![task("done")]).await.unwrap();
     let mut leases = queue
         .lease(&request("recount", Duration::from_secs(30)), Duration::ZERO)
         .await
         .unwrap();
     complete(&queue, &mut leases[0], json!("ok")).await;
-    assert_eq!(worker(queue.counts().await.unwrap()), Some((0, 1)));
+    assert_eq!(
+        queued_and_completed(queue.counts().await.unwrap()),
+        Some((0, 1))
+    );
     wall.set_wall(3 * 3_600_000);
     assert_eq!(queue.prune().await.unwrap(), 1);
     queue.submit(vec![task("waiting")]).await.unwrap();
     assert_eq!(
-        worker(queue.counts().await.unwrap()),
+        queued_and_completed(queue.counts().await.unwrap()),
         Some((1, 1)),
         "kept up to date: the pruned completion is still counted"
     );
     queue.recount_soon().await;
-    assert_eq!(worker(queue.counts().await.unwrap()), Some((1, 0)));
+    assert_eq!(
+        queued_and_completed(queue.counts().await.unwrap()),
+        Some((1, 0))
+    );
 }
 
 /// A records bucket deleted and made anew is counted afresh, even once
@@ -723,30 +731,18 @@ async fn counts_start_over_on_a_bucket_made_anew() {
         return;
     };
     let queue = open_as(&server.url, "anew", "anew", Duration::from_secs(30)).await;
-    let worker = |counts: Vec<(String, flotilla::queue::StateCounts)>| {
-        counts
-            .into_iter()
-            .find(|(agent, _)| agent == "worker")
-            .map(|(_, counts)| (counts.queued, counts.completed))
-    };
     queue
         .submit(vec![task("a"), task("b"), task("c")])
         .await
         .unwrap();
-    let mut leases = queue
-        .lease(
-            &LeaseRequest {
-                max: 2,
-                ..request("anew", Duration::from_secs(30))
-            },
-            Duration::ZERO,
-        )
-        .await
-        .unwrap();
+    let mut leases = lease_up_to(&queue, "anew", 2).await;
     for lease in &mut leases {
         complete(&queue, lease, json!("ok")).await;
     }
-    assert_eq!(worker(queue.counts().await.unwrap()), Some((1, 2)));
+    assert_eq!(
+        queued_and_completed(queue.counts().await.unwrap()),
+        Some((1, 2))
+    );
     let raw = async_nats::jetstream::new(async_nats::connect(&server.url).await.unwrap());
     raw.delete_key_value("ANEW_RECORDS").await.unwrap();
     // Another daemon opening the fleet makes the bucket again; more
@@ -757,7 +753,10 @@ async fn counts_start_over_on_a_bucket_made_anew() {
         .submit(ids.iter().map(|id| task(id)).collect())
         .await
         .unwrap();
-    assert_eq!(worker(queue.counts().await.unwrap()), Some((10, 0)));
+    assert_eq!(
+        queued_and_completed(queue.counts().await.unwrap()),
+        Some((10, 0))
+    );
 }
 
 /// A prune deletes a deleted task's marker once it is older than the
