@@ -626,7 +626,7 @@ const RECOUNT_CHUNK: usize = 100_000;
 /// the completed counts rise with each completion read but do not fall
 /// when a completed task is pruned (its purge marker names no agent) or
 /// submitted again.
-const RECOUNT_EVERY: Duration = Duration::from_secs(3600);
+const RECOUNT_EVERY_MS: UnixMillis = 3_600_000;
 
 /// The task counts of the records bucket, kept up to date by reading only
 /// the records written since the last look: a count costs in proportion
@@ -638,12 +638,12 @@ struct Tally {
     /// The agent and state of each record not completed, by key: only
     /// these are kept, so the tally stays as small as the live work.
     live: HashMap<String, (String, TaskState)>,
-    /// Completed records per agent (see [`RECOUNT_EVERY`]).
+    /// Completed records per agent (see [`RECOUNT_EVERY_MS`]).
     completed: HashMap<String, u64>,
     /// The last revision read; 0 before the first read.
     read: u64,
-    /// When the last full read began.
-    recounted: Option<tokio::time::Instant>,
+    /// When the last full read began, on the clock's steady reading.
+    recounted: UnixMillis,
     /// When the bucket read was created (a bucket made anew starts its
     /// revisions again).
     bucket_created: String,
@@ -664,10 +664,10 @@ struct StateOfTask {
 
 impl Tally {
     /// An empty tally of the bucket created at `created`, to be read from
-    /// its first record.
-    fn fresh(bucket_created: String) -> Self {
+    /// its first record, begun at `now` (the clock's steady reading).
+    fn fresh(bucket_created: String, now: UnixMillis) -> Self {
         Self {
-            recounted: Some(tokio::time::Instant::now()),
+            recounted: now,
             bucket_created,
             ..Self::default()
         }
@@ -716,8 +716,8 @@ impl Tally {
     }
 }
 
-/// Counts per agent, and when they were taken.
-type Counted = (tokio::time::Instant, Vec<(String, StateCounts)>);
+/// Counts per agent, and when they were taken (the clock's steady reading).
+type Counted = (UnixMillis, Vec<(String, StateCounts)>);
 
 impl Drop for JetStreamQueue {
     fn drop(&mut self) {
@@ -873,21 +873,15 @@ impl JetStreamQueue {
         max_age: Duration,
     ) -> Result<Vec<(String, StateCounts)>, QueueError> {
         let mut counted = self.counted.lock().await;
+        let max_age = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX);
         if let Some((at, counts)) = counted.as_ref()
-            && at.elapsed() < max_age
+            && self.inner.clock.steady_ms().saturating_sub(*at) < max_age
         {
             return Ok(counts.clone());
         }
         let counts = self.counts().await?;
-        *counted = Some((tokio::time::Instant::now(), counts.clone()));
+        *counted = Some((self.inner.clock.steady_ms(), counts.clone()));
         Ok(counts)
-    }
-
-    /// Makes the next count begin the full count it otherwise begins
-    /// hourly (for tests).
-    #[doc(hidden)]
-    pub async fn recount_soon(&self) {
-        self.tally.lock().await.recounted = None;
     }
 
     /// The broker connection as `status` shows it.
@@ -3118,23 +3112,21 @@ impl TaskQueue for JetStreamQueue {
             )
             .await?;
         let created = format!("{:?}", info.created);
+        let now = self.inner.clock.steady_ms();
         if created != tally.bucket_created || info.state.last_sequence < tally.read {
             // The bucket made anew (or none read yet): nothing to count
             // meanwhile, so every record is read now.
-            *tally = Tally::fresh(created.clone());
+            *tally = Tally::fresh(created.clone(), now);
         }
         self.inner.advance(&mut tally, None).await?;
-        if tally
-            .recounted
-            .is_none_or(|at| at.elapsed() >= RECOUNT_EVERY)
-        {
+        if now.saturating_sub(tally.recounted) >= RECOUNT_EVERY_MS {
             // The hourly full count is read beside the one in use, a
             // chunk per count, and replaces it once it has caught up: the
             // counts never wait for a whole read.
             let mut recount = self.recount.lock().await;
             let next = match recount.take() {
                 Some(next) if next.bucket_created == created => next,
-                _ => Tally::fresh(created),
+                _ => Tally::fresh(created, now),
             };
             let next = recount.insert(next);
             if self.inner.advance(next, Some(RECOUNT_CHUNK)).await? {
