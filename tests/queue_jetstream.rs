@@ -12,8 +12,8 @@ use flotilla::config::{BrokerConfig, HumanDuration};
 use flotilla::queue::conformance;
 use flotilla::queue::jetstream::{self, ConnectionStats, JetStreamQueue, Settings};
 use flotilla::queue::{
-    AttemptEnd, AttemptOutcome, LeaseRequest, NewTask, Priority, QueueError, Selection, TaskQueue,
-    TaskState,
+    AttemptEnd, AttemptOutcome, LeaseRequest, ListFilter, NewTask, Priority, QueueError, Selection,
+    TaskQueue, TaskState,
 };
 use futures_util::StreamExt as _;
 use serde_json::json;
@@ -680,10 +680,31 @@ async fn counts_follow_what_other_daemons_write() {
         .unwrap();
     leases[1].settle();
     assert_eq!(of(mine.counts().await.unwrap()), Some((0, 1, 1, 1)));
+    // Listings of live states, and `--all` of the dead letters, come from
+    // the same tally.
+    let listed = |state| {
+        let filter = ListFilter {
+            state: Some(state),
+            agent: Some("worker".into()),
+            limit: 10,
+        };
+        let mine = &mine;
+        async move {
+            let tasks = mine.list(&filter).await.unwrap();
+            tasks.into_iter().map(|task| task.id).collect::<Vec<_>>()
+        }
+    };
     let dead = leases[1].key.task_id.clone();
-    assert_eq!(theirs.purge(&Selection::Ids(vec![dead])).await.unwrap(), 1);
+    assert_eq!(listed(TaskState::DeadLettered).await, [dead]);
+    assert_eq!(
+        listed(TaskState::Running).await,
+        [leases[2].key.task_id.clone()]
+    );
+    assert_eq!(mine.purge(&Selection::All).await.unwrap(), 1);
+    assert!(listed(TaskState::DeadLettered).await.is_empty());
     complete(&theirs, &mut leases[2], json!("ok")).await;
     assert_eq!(of(mine.counts().await.unwrap()), Some((0, 0, 2, 0)));
+    assert!(listed(TaskState::Running).await.is_empty());
     // A fresh reader counts the same from every record.
     let fresh = open_as(&server.url, "tally", "fresh", Duration::from_secs(30)).await;
     assert_eq!(of(fresh.counts().await.unwrap()), Some((0, 0, 2, 0)));

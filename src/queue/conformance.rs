@@ -89,6 +89,76 @@ where
     validation_reports_reach_the_next_attempt(&make().await).await;
     cancel_ends_queued_and_running_tasks(&make().await).await;
     a_purged_id_submitted_again_is_a_new_task(&make().await).await;
+    listings_pick_newest_first(&make().await).await;
+}
+
+/// A listing holds the newest tasks first, of the state and agent asked
+/// for, at most `limit` of them.
+pub async fn listings_pick_newest_first<Q: TaskQueue>(queue: &Q) {
+    // One at a time: each task is newer than the one before.
+    for id in ["l1", "l2", "l3", "l4", "l5"] {
+        queue
+            .submit(vec![task(id, Priority::Normal, json!({}))])
+            .await
+            .unwrap();
+    }
+    let other = NewTask {
+        agent: "other".into(),
+        ..task("o1", Priority::Normal, json!({}))
+    };
+    queue.submit(vec![other]).await.unwrap();
+    let mut leases = queue.lease(&request(2), Duration::ZERO).await.unwrap();
+    assert_eq!(leases.len(), 2);
+    let dead = leases.iter().position(|lease| lease.key.task_id == "l1");
+    let mut dead = leases.remove(dead.expect("the oldest task is leased first"));
+    queue
+        .term(&dead.key, "bad input", end(AttemptOutcome::Error))
+        .await
+        .unwrap();
+    dead.settle();
+    let ids = |state: Option<TaskState>, agent: Option<&str>, limit: usize| {
+        let filter = ListFilter {
+            state,
+            agent: agent.map(str::to_string),
+            limit,
+        };
+        async move {
+            let listed = queue.list(&filter).await.unwrap();
+            listed.into_iter().map(|task| task.id).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        ids(Some(TaskState::Queued), None, 10).await,
+        ["o1", "l5", "l4", "l3"]
+    );
+    assert_eq!(
+        ids(Some(TaskState::Queued), Some(AGENT), 2).await,
+        ["l5", "l4"]
+    );
+    assert_eq!(
+        ids(Some(TaskState::Queued), Some("other"), 10).await,
+        ["o1"]
+    );
+    assert_eq!(ids(Some(TaskState::Running), None, 10).await, ["l2"]);
+    assert_eq!(ids(Some(TaskState::DeadLettered), None, 10).await, ["l1"]);
+    assert_eq!(ids(None, None, 3).await, ["o1", "l5", "l4"]);
+    assert_eq!(
+        ids(None, Some(AGENT), 10).await,
+        ["l5", "l4", "l3", "l2", "l1"]
+    );
+    let mut running = leases.pop().expect("l2 is held");
+    queue
+        .ack(&running.key, &json!({}), end(AttemptOutcome::Completed))
+        .await
+        .unwrap();
+    running.settle();
+    assert_eq!(ids(Some(TaskState::Completed), None, 10).await, ["l2"]);
+    assert!(ids(Some(TaskState::Running), None, 10).await.is_empty());
+    assert!(
+        ids(Some(TaskState::Queued), Some("nobody"), 10)
+            .await
+            .is_empty()
+    );
 }
 
 /// A dead letter purged and its id submitted again is a new task, whose

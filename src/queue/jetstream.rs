@@ -635,9 +635,9 @@ const RECOUNT_EVERY_MS: UnixMillis = 3_600_000;
 /// revision order, and `read` with it), which the next look goes on from.
 #[derive(Default)]
 struct Tally {
-    /// The agent and state of each record not completed, by key: only
-    /// these are kept, so the tally stays as small as the live work.
-    live: HashMap<String, (String, TaskState)>,
+    /// Each record not completed, by key: only these are kept, so the
+    /// tally stays as small as the live work.
+    live: HashMap<String, Live>,
     /// Completed records per agent (see [`RECOUNT_EVERY_MS`]).
     completed: HashMap<String, u64>,
     /// The last revision read; 0 before the first read.
@@ -652,14 +652,17 @@ struct Tally {
 /// What a [`Tally`] reads of a record.
 #[derive(Deserialize)]
 struct StateOf {
-    task: StateOfTask,
+    task: Live,
 }
 
-/// The part of a record a [`StateOf`] keeps.
-#[derive(Deserialize)]
-struct StateOfTask {
+/// What a [`Tally`] keeps of a record not completed: enough to count the
+/// live work, and to list it (newest first) without reading every record.
+#[derive(Debug, Deserialize)]
+struct Live {
+    id: String,
     agent: String,
     state: TaskState,
+    created_ms: UnixMillis,
 }
 
 impl Tally {
@@ -695,15 +698,17 @@ impl Tally {
             self.live.remove(key);
             *self.completed.entry(record.task.agent).or_default() += 1;
         } else {
-            self.live
-                .insert(key.to_string(), (record.task.agent, record.task.state));
+            self.live.insert(key.to_string(), record.task);
         }
     }
 
     fn counts(&self) -> Vec<(String, StateCounts)> {
         let mut counts: BTreeMap<String, StateCounts> = BTreeMap::new();
-        for (agent, state) in self.live.values() {
-            counts.entry(agent.clone()).or_default().add(*state, 1);
+        for live in self.live.values() {
+            counts
+                .entry(live.agent.clone())
+                .or_default()
+                .add(live.state, 1);
         }
         for (agent, completed) in &self.completed {
             counts
@@ -713,6 +718,19 @@ impl Tally {
         }
         counts.retain(|_, counts| *counts != StateCounts::default());
         counts.into_iter().collect()
+    }
+
+    /// The ids of the `limit` newest records not completed that `keep`
+    /// keeps, newest first (as [`TaskQueue::list`] orders them).
+    fn newest(&self, keep: impl Fn(&Live) -> bool, limit: usize) -> Vec<String> {
+        let newer = |a: &&Live, b: &&Live| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id));
+        let mut picked: Vec<&Live> = self.live.values().filter(|live| keep(live)).collect();
+        if picked.len() > limit {
+            picked.select_nth_unstable_by(limit, newer);
+            picked.truncate(limit);
+        }
+        picked.sort_unstable_by(newer);
+        picked.into_iter().map(|live| live.id.clone()).collect()
     }
 }
 
@@ -860,6 +878,64 @@ impl JetStreamQueue {
             tally: tokio::sync::Mutex::new(Tally::default()),
             recount: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// The tally, brought up to date with the records written since its
+    /// last look (see [`Tally`]).
+    async fn tally(&self) -> Result<tokio::sync::MutexGuard<'_, Tally>, QueueError> {
+        // Locked first: the stream's state must be no older than what the
+        // tally read, or a count that waited here would take its last
+        // revision for a bucket made anew.
+        let mut tally = self.tally.lock().await;
+        let info = self
+            .inner
+            .bounded(
+                "read the records' stream",
+                self.inner.records.stream.get_info(),
+            )
+            .await?;
+        let created = format!("{:?}", info.created);
+        let now = self.inner.clock.steady_ms();
+        if created != tally.bucket_created || info.state.last_sequence < tally.read {
+            // The bucket made anew (or none read yet): nothing to count
+            // meanwhile, so every record is read now.
+            *tally = Tally::fresh(created.clone(), now);
+        }
+        self.inner.advance(&mut tally, None).await?;
+        if now.saturating_sub(tally.recounted) >= RECOUNT_EVERY_MS {
+            // The hourly full count is read beside the one in use, a
+            // chunk per count, and replaces it once it has caught up: the
+            // counts never wait for a whole read.
+            let mut recount = self.recount.lock().await;
+            let next = match recount.take() {
+                Some(next) if next.bucket_created == created => next,
+                _ => Tally::fresh(created, now),
+            };
+            let next = recount.insert(next);
+            if self.inner.advance(next, Some(RECOUNT_CHUNK)).await? {
+                *tally = recount.take().expect("just inserted");
+            }
+        }
+        Ok(tally)
+    }
+
+    /// The ids `selection` names, each once, after checking that every
+    /// one is a dead letter (every dead letter's, oldest first, for
+    /// [`Selection::All`]). Only ids: the records are read again one at a
+    /// time as they are replayed or purged, so that a large dead-letter
+    /// queue is never held in memory whole.
+    async fn dead_letters(&self, selection: &Selection) -> Result<Vec<String>, QueueError> {
+        match selection {
+            Selection::All => {
+                let mut ids = self
+                    .tally()
+                    .await?
+                    .newest(|live| live.state == TaskState::DeadLettered, usize::MAX);
+                ids.reverse();
+                Ok(ids)
+            }
+            Selection::Ids(ids) => self.inner.checked_dead_letters(ids).await,
+        }
     }
 
     /// [`TaskQueue::counts`], taken at most `max_age` ago: the watchdog
@@ -2379,41 +2455,27 @@ impl Inner {
             .collect())
     }
 
-    /// The ids `selection` names, each once, after checking that every
-    /// one is a dead letter (every dead letter's for [`Selection::All`]).
-    /// Only ids: the records are read again one at a time as they are
-    /// replayed or purged, so that a large dead-letter queue is never held
-    /// in memory whole.
-    async fn dead_letters(&self, selection: &Selection) -> Result<Vec<String>, QueueError> {
-        match selection {
-            Selection::All => Ok(self
-                .summaries(|summary| summary.task.state == TaskState::DeadLettered)
-                .await?
-                .into_iter()
-                .map(|(summary, _)| summary.task.id)
-                .collect()),
-            Selection::Ids(ids) => {
-                let mut checked: Vec<String> = Vec::with_capacity(ids.len());
-                let mut seen = std::collections::HashSet::with_capacity(ids.len());
-                for id in ids {
-                    if !seen.insert(id) {
-                        continue;
-                    }
-                    let Some((record, _)) = self.entry(id).await? else {
-                        return Err(QueueError::NotFound { id: id.clone() });
-                    };
-                    if record.task.state != TaskState::DeadLettered {
-                        return Err(QueueError::WrongState {
-                            id: id.clone(),
-                            state: record.task.state,
-                            expected: TaskState::DeadLettered,
-                        });
-                    }
-                    checked.push(id.clone());
-                }
-                Ok(checked)
+    /// `ids`, each once, after checking that every one is a dead letter.
+    async fn checked_dead_letters(&self, ids: &[String]) -> Result<Vec<String>, QueueError> {
+        let mut checked: Vec<String> = Vec::with_capacity(ids.len());
+        let mut seen = std::collections::HashSet::with_capacity(ids.len());
+        for id in ids {
+            if !seen.insert(id) {
+                continue;
             }
+            let Some((record, _)) = self.entry(id).await? else {
+                return Err(QueueError::NotFound { id: id.clone() });
+            };
+            if record.task.state != TaskState::DeadLettered {
+                return Err(QueueError::WrongState {
+                    id: id.clone(),
+                    state: record.task.state,
+                    expected: TaskState::DeadLettered,
+                });
+            }
+            checked.push(id.clone());
         }
+        Ok(checked)
     }
 
     /// The record of dead letter `id` as it is now, with its revision;
@@ -3062,26 +3124,41 @@ impl TaskQueue for JetStreamQueue {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, QueueError> {
-        // Pick from the summaries, then read only the records shown.
-        let mut picked: Vec<TaskSummary> = self
-            .inner
-            .summaries(|summary| {
-                filter.state.is_none_or(|state| summary.task.state == state)
-                    && filter
-                        .agent
-                        .as_ref()
-                        .is_none_or(|agent| &summary.task.agent == agent)
-            })
-            .await?
-            .into_iter()
-            .map(|(summary, _)| summary.task)
-            .collect();
-        picked.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
-        picked.truncate(filter.limit);
+        let agent_kept = |agent: &String| filter.agent.as_ref().is_none_or(|kept| agent == kept);
+        // Pick the ids, then read only the records shown: a state not
+        // completed from the tally, which holds only the live work (the
+        // dashboard lists dead letters and escalations every 2 s), others
+        // from a scan of every record.
+        let picked: Vec<String> = match filter.state {
+            Some(state) if state != TaskState::Completed => self.tally().await?.newest(
+                |live| live.state == state && agent_kept(&live.agent),
+                filter.limit,
+            ),
+            _ => {
+                let mut picked: Vec<TaskSummary> = self
+                    .inner
+                    .summaries(|summary| {
+                        filter.state.is_none_or(|state| summary.task.state == state)
+                            && agent_kept(&summary.task.agent)
+                    })
+                    .await?
+                    .into_iter()
+                    .map(|(summary, _)| summary.task)
+                    .collect();
+                picked.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
+                picked.truncate(filter.limit);
+                picked.into_iter().map(|summary| summary.id).collect()
+            }
+        };
         let (mut tasks, mut bytes) = (Vec::with_capacity(picked.len()), 0usize);
-        for summary in picked {
-            // A task deleted since the scan is left out.
-            if let Some((record, _)) = self.inner.entry(&summary.id).await? {
+        for id in picked {
+            // A task deleted, or moved out of the state asked for, since
+            // it was picked is left out.
+            if let Some((record, _)) =
+                self.inner.entry(&id).await?.filter(|(record, _)| {
+                    filter.state.is_none_or(|state| record.task.state == state)
+                })
+            {
                 let mut task = record.task;
                 task.history.clear();
                 let size =
@@ -3100,44 +3177,11 @@ impl TaskQueue for JetStreamQueue {
     }
 
     async fn counts(&self) -> Result<Vec<(String, StateCounts)>, QueueError> {
-        // Locked first: the stream's state must be no older than what the
-        // tally read, or a count that waited here would take its last
-        // revision for a bucket made anew.
-        let mut tally = self.tally.lock().await;
-        let info = self
-            .inner
-            .bounded(
-                "read the records' stream",
-                self.inner.records.stream.get_info(),
-            )
-            .await?;
-        let created = format!("{:?}", info.created);
-        let now = self.inner.clock.steady_ms();
-        if created != tally.bucket_created || info.state.last_sequence < tally.read {
-            // The bucket made anew (or none read yet): nothing to count
-            // meanwhile, so every record is read now.
-            *tally = Tally::fresh(created.clone(), now);
-        }
-        self.inner.advance(&mut tally, None).await?;
-        if now.saturating_sub(tally.recounted) >= RECOUNT_EVERY_MS {
-            // The hourly full count is read beside the one in use, a
-            // chunk per count, and replaces it once it has caught up: the
-            // counts never wait for a whole read.
-            let mut recount = self.recount.lock().await;
-            let next = match recount.take() {
-                Some(next) if next.bucket_created == created => next,
-                _ => Tally::fresh(created, now),
-            };
-            let next = recount.insert(next);
-            if self.inner.advance(next, Some(RECOUNT_CHUNK)).await? {
-                *tally = recount.take().expect("just inserted");
-            }
-        }
-        Ok(tally.counts())
+        Ok(self.tally().await?.counts())
     }
 
     async fn replay(&self, selection: &Selection) -> Result<u64, QueueError> {
-        let ids = self.inner.dead_letters(selection).await?;
+        let ids = self.dead_letters(selection).await?;
         let mut count = 0;
         for id in ids {
             // The copies to delete once replayed: those there before its
@@ -3191,7 +3235,7 @@ impl TaskQueue for JetStreamQueue {
     }
 
     async fn purge(&self, selection: &Selection) -> Result<u64, QueueError> {
-        let ids = self.inner.dead_letters(selection).await?;
+        let ids = self.dead_letters(selection).await?;
         let mut count = 0;
         for id in ids {
             let Some((record, revision)) = self.inner.dead_letter(&id).await? else {
@@ -3245,7 +3289,7 @@ mod tests {
     fn a_tally_keeps_the_live_records_and_counts_completions() {
         let record = |agent: &str, state: &str| {
             serde_json::to_vec(&serde_json::json!({
-                "task": {"id": "x", "agent": agent, "state": state, "payload": {"big": "ignored"}}
+                "task": {"id": "x", "agent": agent, "state": state, "created_ms": 1, "payload": {"big": "ignored"}}
             }))
             .unwrap()
         };
@@ -3253,6 +3297,7 @@ mod tests {
         tally.apply("t.a", Some(&record("one", "queued")), 3);
         tally.apply("t.b", Some(&record("one", "queued")), 4);
         tally.apply("t.c", Some(&record("two", "dead_lettered")), 5);
+        assert_eq!(tally.newest(|live| live.agent == "one", 5).len(), 2);
         tally.apply("t.a", Some(&record("one", "running")), 6);
         tally.apply("t.b", Some(&record("one", "completed")), 7);
         // A purged dead letter leaves; a record that does not parse is
@@ -3276,6 +3321,33 @@ mod tests {
         tally.apply("t.b", Some(&record("one", "completed")), 7);
         assert_eq!(tally.counts()[0].1.completed, 1);
         assert_eq!(tally.read, 10);
+    }
+
+    #[test]
+    fn a_tally_lists_its_newest_records_first() {
+        let mut tally = Tally::default();
+        for (revision, (id, state, created_ms)) in [
+            ("a", "queued", 30),
+            ("b", "dead_lettered", 10),
+            ("c", "queued", 20),
+            ("d", "queued", 20),
+            ("e", "queued", 40),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let record = serde_json::json!({
+                "task": {"id": id, "agent": "one", "state": state, "created_ms": created_ms}
+            });
+            let record = serde_json::to_vec(&record).unwrap();
+            tally.apply(&record_key(id), Some(&record), revision as u64 + 1);
+        }
+        let queued = |live: &Live| live.state == TaskState::Queued;
+        // Newest first, ties broken by id.
+        assert_eq!(tally.newest(queued, 10), ["e", "a", "d", "c"]);
+        assert_eq!(tally.newest(queued, 3), ["e", "a", "d"]);
+        assert_eq!(tally.newest(queued, 0), Vec::<String>::new());
+        assert_eq!(tally.newest(|live| live.id == "b", 10), ["b"]);
     }
 
     #[test]
