@@ -710,6 +710,44 @@ async fn counts_follow_what_other_daemons_write() {
     assert_eq!(of(fresh.counts().await.unwrap()), Some((0, 0, 2, 0)));
 }
 
+/// A daemon started again returns to the queue the tasks it ran before
+/// (its own, by its name), and leaves those other daemons run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_daemon_returns_only_its_own_tasks() {
+    let Some(server) = NatsServer::start("a_restarted_daemon_returns_only_its_own_tasks") else {
+        return;
+    };
+    let (mine, theirs) = (
+        open_as(&server.url, "restart", "mine", Duration::from_secs(30)).await,
+        open_as(&server.url, "restart", "theirs", Duration::from_secs(30)).await,
+    );
+    mine.submit((0..4).map(|n| task(&format!("r{n}"))).collect())
+        .await
+        .unwrap();
+    let mut held = lease_up_to(&mine, "mine", 2).await;
+    held.extend(lease_up_to(&theirs, "theirs", 2).await);
+    assert_eq!(held.len(), 4);
+    for lease in &mut held {
+        lease.settle();
+    }
+    drop(mine);
+    let again = open_as(&server.url, "restart", "mine", Duration::from_secs(30)).await;
+    assert_eq!(again.requeue_running().await.unwrap(), 2);
+    for (n, lease) in held.iter().enumerate() {
+        let record = again.get(&lease.key.task_id).await.unwrap().unwrap();
+        if n < 2 {
+            assert_eq!(record.state, TaskState::Queued);
+            assert_eq!(
+                record.history[0].outcome,
+                Some(AttemptOutcome::DaemonRestart)
+            );
+        } else {
+            assert_eq!(record.state, TaskState::Running, "theirs runs on");
+        }
+    }
+    assert_eq!(again.requeue_running().await.unwrap(), 0, "returned once");
+}
+
 /// Between full counts, a pruned task's completion stays counted (its
 /// marker names no agent); the hourly full count, read beside the counts
 /// in use, then replaces them.

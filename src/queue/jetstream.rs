@@ -470,10 +470,6 @@ impl Record {
 #[derive(Debug, Deserialize)]
 struct Summary {
     task: TaskSummary,
-    #[serde(default)]
-    owner: Option<String>,
-    #[serde(default)]
-    life: u64,
 }
 
 /// The part of a [`TaskRecord`] a [`Summary`] keeps.
@@ -482,7 +478,6 @@ struct TaskSummary {
     id: String,
     agent: String,
     state: TaskState,
-    attempts: u32,
     created_ms: UnixMillis,
     finished_ms: Option<UnixMillis>,
 }
@@ -3058,14 +3053,24 @@ impl TaskQueue for JetStreamQueue {
     async fn requeue_running(&self) -> Result<u64, QueueError> {
         let owner = self.inner.settings.owner.clone();
         let mut count = 0;
-        let mine = |summary: &Summary| {
-            summary.task.state == TaskState::Running && summary.owner.as_deref() == Some(&owner)
-        };
-        for (summary, _) in self.inner.summaries(mine).await? {
+        // The running tasks of the whole fleet, from the tally (a start
+        // needs its first full read anyway), then each read to find this
+        // daemon's.
+        let running = self
+            .tally()
+            .await?
+            .newest(|live| live.state == TaskState::Running, usize::MAX);
+        for id in running {
+            let Some((record, _)) = self.inner.entry(&id).await? else {
+                continue;
+            };
+            if record.task.state != TaskState::Running || record.owner.as_deref() != Some(&owner) {
+                continue;
+            }
             let key = LeaseKey {
-                task_id: summary.task.id,
-                attempt: summary.task.attempts,
-                life: summary.life,
+                task_id: record.task.id,
+                attempt: record.task.attempts,
+                life: record.life,
             };
             let end = AttemptEnd::new(
                 AttemptOutcome::DaemonRestart,
