@@ -748,6 +748,90 @@ async fn a_restarted_daemon_returns_only_its_own_tasks() {
     assert_eq!(again.requeue_running().await.unwrap(), 0, "returned once");
 }
 
+/// Submits and completes the tasks `ids` in turn.
+async fn complete_each(queue: &JetStreamQueue, owner: &str, ids: &[String]) {
+    for chunk in ids.chunks(100) {
+        queue
+            .submit(chunk.iter().map(|id| task(id)).collect())
+            .await
+            .unwrap();
+        let mut leases = lease_up_to(queue, owner, chunk.len()).await;
+        assert_eq!(leases.len(), chunk.len());
+        for lease in &mut leases {
+            complete(queue, lease, json!("ok")).await;
+        }
+    }
+}
+
+/// The ids of the worker's tasks `queue` lists in `state`, at most `limit`.
+async fn ids(queue: &JetStreamQueue, state: Option<TaskState>, limit: usize) -> Vec<String> {
+    let filter = ListFilter {
+        state,
+        agent: Some("worker".into()),
+        limit,
+    };
+    let tasks = queue.list(&filter).await.unwrap();
+    tasks.into_iter().map(|task| task.id).collect()
+}
+
+/// Listings of completed tasks read the records' stream back from its
+/// end, a window at a time, and stop once the newest are found: a record
+/// created later than those after it in the stream (a clock ahead) is
+/// still found while within the skew allowed for clocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completed_tasks_are_listed_from_the_end_of_the_records() {
+    let Some(server) = NatsServer::start("completed_tasks_are_listed_from_the_end_of_the_records")
+    else {
+        return;
+    };
+    const MINUTE: i64 = 60_000;
+    // More tasks after the first than the first window reads.
+    let many: Vec<String> = (0..1_000).map(|n| format!("n{n:04}")).collect();
+
+    // Created by a clock 5 minutes ahead, then many completed after it.
+    let (queue, wall) = open_settable(&server.url, "early").await;
+    wall.set_wall(5 * MINUTE);
+    complete_each(&queue, "early", &["early".to_string()]).await;
+    wall.set_wall(-5 * MINUTE);
+    complete_each(&queue, "early", &many).await;
+    assert_eq!(
+        ids(&queue, Some(TaskState::Completed), 2).await,
+        ["early", "n0999"]
+    );
+    wall.set_wall(10 * MINUTE);
+    queue.submit(vec![task("queued")]).await.unwrap();
+    assert_eq!(
+        ids(&queue, None, 3).await,
+        ["queued", "early", "n0999"],
+        "live and completed tasks together, newest first"
+    );
+    assert_eq!(
+        ids(&queue, Some(TaskState::Completed), 2_000).await.len(),
+        1_001
+    );
+
+    // Created by a clock 5 hours ahead: past the skew allowed, and so
+    // not read once the window after it holds a task newer than the
+    // skew allows before it.
+    let (queue, wall) = open_settable(&server.url, "ahead").await;
+    wall.set_wall(300 * MINUTE);
+    complete_each(&queue, "ahead", &["ahead".to_string()]).await;
+    wall.set_wall(-300 * MINUTE);
+    complete_each(&queue, "ahead", &many).await;
+    wall.set_wall(60 * MINUTE);
+    complete_each(&queue, "ahead", &["recent".to_string()]).await;
+    assert_eq!(
+        ids(&queue, Some(TaskState::Completed), 1).await,
+        ["recent"],
+        "the read stopped before the start of the stream"
+    );
+    assert_eq!(
+        ids(&queue, Some(TaskState::Completed), 2).await,
+        ["ahead", "recent"],
+        "a read that must go on finds it"
+    );
+}
+
 /// Between full counts, a pruned task's completion stays counted (its
 /// marker names no agent); the hourly full count, read beside the counts
 /// in use, then replaces them.

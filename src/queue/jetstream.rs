@@ -715,9 +715,10 @@ impl Tally {
         counts.into_iter().collect()
     }
 
-    /// The ids of the `limit` newest records not completed that `keep`
-    /// keeps, newest first (as [`TaskQueue::list`] orders them).
-    fn newest(&self, keep: impl Fn(&Live) -> bool, limit: usize) -> Vec<String> {
+    /// The creation times and ids of the `limit` newest records not
+    /// completed that `keep` keeps, newest first (as [`TaskQueue::list`]
+    /// orders them).
+    fn newest(&self, keep: impl Fn(&Live) -> bool, limit: usize) -> Vec<(UnixMillis, String)> {
         let newer = |a: &&Live, b: &&Live| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id));
         let mut picked: Vec<&Live> = self.live.values().filter(|live| keep(live)).collect();
         if picked.len() > limit {
@@ -725,7 +726,10 @@ impl Tally {
             picked.truncate(limit);
         }
         picked.sort_unstable_by(newer);
-        picked.into_iter().map(|live| live.id.clone()).collect()
+        picked
+            .into_iter()
+            .map(|live| (live.created_ms, live.id.clone()))
+            .collect()
     }
 }
 
@@ -922,12 +926,11 @@ impl JetStreamQueue {
     async fn dead_letters(&self, selection: &Selection) -> Result<Vec<String>, QueueError> {
         match selection {
             Selection::All => {
-                let mut ids = self
+                let dead = self
                     .tally()
                     .await?
                     .newest(|live| live.state == TaskState::DeadLettered, usize::MAX);
-                ids.reverse();
-                Ok(ids)
+                Ok(dead.into_iter().rev().map(|(_, id)| id).collect())
             }
             Selection::Ids(ids) => self.inner.checked_dead_letters(ids).await,
         }
@@ -1136,7 +1139,7 @@ impl JetStreamQueue {
     /// completion: the records past the retention come before those
     /// completed after it. So a prune reads from the oldest record up to
     /// the first completed one that finished after the cutoff (give or
-    /// take [`PRUNE_SKEW_MS`] for daemons' clocks), not every record; the
+    /// take [`SKEW_MS`] for daemons' clocks), not every record; the
     /// records not completed it passes on the way (dead letters waiting
     /// for a replay, say) are left alone. A deleted record leaves a
     /// marker, which its id's next life starts on; markers older than the
@@ -1189,7 +1192,7 @@ impl JetStreamQueue {
                     }
                     if finished < cutoff {
                         found.push((key.to_string(), revision, summary.task.id));
-                    } else if finished >= cutoff.saturating_add(PRUNE_SKEW_MS) {
+                    } else if finished >= cutoff.saturating_add(SKEW_MS) {
                         return ControlFlow::Break(());
                     }
                     if found.len() >= PRUNE_BATCH {
@@ -1265,9 +1268,19 @@ const MARKER_MARGIN_MS: UnixMillis = 24 * 3_600_000;
 /// Records a prune reads and deletes at most at a time.
 const PRUNE_BATCH: usize = 10_000;
 
-/// How much later than the cutoff a completed record may have finished
-/// and still come before one past it (the daemons' clocks differ).
-const PRUNE_SKEW_MS: UnixMillis = 10 * 60 * 1000;
+/// How far the daemons' clocks are taken to differ: how much later than
+/// the cutoff a completed record may have finished and still come before
+/// one past it, or a record been created and still come before one
+/// completed earlier.
+const SKEW_MS: UnixMillis = 10 * 60 * 1000;
+
+/// Records the first window of a listing of completed tasks reads, from
+/// the end of the records' stream; each further window reads twice as
+/// many as the one before, up to [`LIST_WINDOW_MAX`].
+const LIST_WINDOW_FIRST: u64 = 1_000;
+
+/// Records a window of a listing of completed tasks reads at most.
+const LIST_WINDOW_MAX: u64 = 100_000;
 
 /// Opens the stream of `config` on file storage, creating it if missing.
 /// Writes `bytes` under `key` of `records` over `revision` (0: create),
@@ -2438,16 +2451,74 @@ impl Inner {
         Ok(!stopped)
     }
 
-    /// A summary of every task record `keep` keeps, with its revision.
-    async fn summaries(
+    /// The creation times and ids of the `limit` newest completed tasks
+    /// (of `agent`, if given), newest first. Read backwards from the end of
+    /// the records' stream a window at a time: the bucket keeps each
+    /// record's last write, in write order, so every record before a
+    /// window was written, and so created, before the earliest completion
+    /// read (give or take [`SKEW_MS`]). The read stops once `limit` tasks
+    /// were found created after that: in a busy fleet, after the last few
+    /// minutes' completions rather than the whole retention's.
+    async fn newest_completed(
         &self,
-        keep: impl Fn(&Summary) -> bool,
-    ) -> Result<Vec<(Summary, u64)>, QueueError> {
-        Ok(scan::<Summary>(&self.client, &self.records, "t.>", keep)
-            .await?
-            .into_iter()
-            .map(|(_, summary, revision)| (summary, revision))
-            .collect())
+        agent: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(UnixMillis, String)>, QueueError> {
+        let mut found: Vec<(UnixMillis, String)> = Vec::new();
+        if limit == 0 {
+            return Ok(found);
+        }
+        let info = self
+            .bounded("read the records' stream", self.records.stream.get_info())
+            .await?;
+        let (first, mut end) = (info.state.first_sequence.max(1), info.state.last_sequence);
+        // The earliest completion read: every record before it was
+        // created before it, give or take the skew.
+        let mut written_before: Option<UnixMillis> = None;
+        let mut window = LIST_WINDOW_FIRST;
+        while end >= first {
+            let start = end.saturating_sub(window - 1).max(first);
+            let policy = consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            };
+            read_bucket(
+                &self.client,
+                &self.records,
+                "t.>",
+                policy,
+                |_, value, revision| {
+                    if revision > end {
+                        return ControlFlow::Break(());
+                    }
+                    let Some(Ok(summary)) = value.map(serde_json::from_slice::<Summary>) else {
+                        return ControlFlow::Continue(());
+                    };
+                    let task = summary.task;
+                    if task.state == TaskState::Completed {
+                        if let Some(finished) = task.finished_ms {
+                            written_before =
+                                Some(written_before.map_or(finished, |w| w.min(finished)));
+                        }
+                        if agent.is_none_or(|agent| agent == task.agent) {
+                            found.push((task.created_ms, task.id));
+                        }
+                    }
+                    ControlFlow::Continue(())
+                },
+            )
+            .await?;
+            found.sort_unstable_by(|a, b| b.cmp(a));
+            found.truncate(limit);
+            let newest_enough = found.len() == limit
+                && written_before
+                    .is_some_and(|before| found[limit - 1].0 > before.saturating_add(SKEW_MS));
+            if newest_enough || start == first {
+                break;
+            }
+            end = start - 1;
+            window = (window * 2).min(LIST_WINDOW_MAX);
+        }
+        Ok(found)
     }
 
     /// `ids`, each once, after checking that every one is a dead letter.
@@ -3060,7 +3131,7 @@ impl TaskQueue for JetStreamQueue {
             .tally()
             .await?
             .newest(|live| live.state == TaskState::Running, usize::MAX);
-        for id in running {
+        for (_, id) in running {
             let Some((record, _)) = self.inner.entry(&id).await? else {
                 continue;
             };
@@ -3130,33 +3201,39 @@ impl TaskQueue for JetStreamQueue {
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, QueueError> {
         let agent_kept = |agent: &String| filter.agent.as_ref().is_none_or(|kept| agent == kept);
-        // Pick the ids, then read only the records shown: a state not
-        // completed from the tally, which holds only the live work (the
-        // dashboard lists dead letters and escalations every 2 s), others
-        // from a scan of every record.
-        let picked: Vec<String> = match filter.state {
-            Some(state) if state != TaskState::Completed => self.tally().await?.newest(
-                |live| live.state == state && agent_kept(&live.agent),
+        // Pick the ids, then read only the records shown. Tasks not
+        // completed come from the tally, which holds only the live work
+        // (the dashboard lists dead letters and escalations every 2 s);
+        // completed ones from the end of the records' stream.
+        let mut picked = Vec::new();
+        if filter
+            .state
+            .is_none_or(|state| state != TaskState::Completed)
+        {
+            picked = self.tally().await?.newest(
+                |live| {
+                    filter.state.is_none_or(|state| live.state == state) && agent_kept(&live.agent)
+                },
                 filter.limit,
-            ),
-            _ => {
-                let mut picked: Vec<TaskSummary> = self
-                    .inner
-                    .summaries(|summary| {
-                        filter.state.is_none_or(|state| summary.task.state == state)
-                            && agent_kept(&summary.task.agent)
-                    })
-                    .await?
-                    .into_iter()
-                    .map(|(summary, _)| summary.task)
-                    .collect();
-                picked.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
-                picked.truncate(filter.limit);
-                picked.into_iter().map(|summary| summary.id).collect()
-            }
-        };
+            );
+        }
+        if filter
+            .state
+            .is_none_or(|state| state == TaskState::Completed)
+        {
+            let completed = self
+                .inner
+                .newest_completed(filter.agent.as_deref(), filter.limit)
+                .await?;
+            picked.extend(completed);
+            picked.sort_unstable_by(|a, b| b.cmp(a));
+            // A task completed since the tally read it comes twice.
+            let mut seen = std::collections::HashSet::with_capacity(picked.len());
+            picked.retain(|(_, id)| seen.insert(id.clone()));
+            picked.truncate(filter.limit);
+        }
         let (mut tasks, mut bytes) = (Vec::with_capacity(picked.len()), 0usize);
-        for id in picked {
+        for (_, id) in picked {
             // A task deleted, or moved out of the state asked for, since
             // it was picked is left out.
             if let Some((record, _)) =
@@ -3348,11 +3425,16 @@ mod tests {
             tally.apply(&record_key(id), Some(&record), revision as u64 + 1);
         }
         let queued = |live: &Live| live.state == TaskState::Queued;
+        let ids = |keep: &dyn Fn(&Live) -> bool, limit| {
+            let newest = tally.newest(keep, limit);
+            newest.into_iter().map(|(_, id)| id).collect::<Vec<_>>()
+        };
         // Newest first, ties broken by id.
-        assert_eq!(tally.newest(queued, 10), ["e", "a", "d", "c"]);
-        assert_eq!(tally.newest(queued, 3), ["e", "a", "d"]);
-        assert_eq!(tally.newest(queued, 0), Vec::<String>::new());
-        assert_eq!(tally.newest(|live| live.id == "b", 10), ["b"]);
+        assert_eq!(ids(&queued, 10), ["e", "a", "d", "c"]);
+        assert_eq!(ids(&queued, 3), ["e", "a", "d"]);
+        assert!(ids(&queued, 0).is_empty());
+        assert_eq!(ids(&|live| live.id == "b", 10), ["b"]);
+        assert_eq!(tally.newest(queued, 1), [(40, "e".to_string())]);
     }
 
     #[test]
