@@ -356,7 +356,12 @@ impl Daemon {
                 stop_rx.clone(),
             )));
         }
-        housekeeping.push(tokio::spawn(count_store(store.clone(), metrics, stop_rx)));
+        housekeeping.push(tokio::spawn(count_store(
+            store.clone(),
+            metrics,
+            clock.clone(),
+            stop_rx,
+        )));
         Ok(Self {
             config,
             identity,
@@ -611,12 +616,14 @@ fn snapshot(
 }
 
 /// Refreshes the store's queue depth and dead letters for the metrics:
-/// every 5 s, every 30 s on a broker (where counting reads every record),
+/// every 5 s, every 30 s on a broker (whose counts the watchdog shares),
 /// each count bounded, in its own task so that a slow broker holds up
-/// nothing else.
+/// nothing else. The time of the last count is a metric too: while
+/// counting fails the gauges keep their last values.
 async fn count_store(
     store: Store,
     metrics: Arc<crate::metrics::Metrics>,
+    clock: SharedClock,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let every = Duration::from_secs(if matches!(store, Store::Broker(_)) {
@@ -626,18 +633,42 @@ async fn count_store(
     });
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Since when counting fails (the gauges keep their last values): told
+    // once when it starts failing and once when it recovers.
+    let mut failing_since: Option<UnixMillis> = None;
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = ticker.tick() => {}
         }
-        match tokio::time::timeout(every, store.periodic_counts()).await {
-            Ok(Ok(counts)) => metrics.set_store_counts(
-                counts.iter().map(|(_, counts)| counts.queued).sum(),
-                counts.iter().map(|(_, counts)| counts.dead_lettered).sum(),
-            ),
-            Ok(Err(error)) => tracing::debug!(%error, "could not count the store for the metrics"),
-            Err(_) => tracing::debug!("counting the store for the metrics timed out"),
+        let failure = match tokio::time::timeout(every, store.periodic_counts()).await {
+            Ok(Ok(counts)) => {
+                metrics.set_store_counts(
+                    counts.iter().map(|(_, counts)| counts.queued).sum(),
+                    counts.iter().map(|(_, counts)| counts.dead_lettered).sum(),
+                    clock.now_ms(),
+                );
+                if let Some(since) = failing_since.take() {
+                    let failed_for =
+                        Duration::from_secs(clock.now_ms().saturating_sub(since) / 1000);
+                    tracing::info!(
+                        failed_for = %humantime::format_duration(failed_for),
+                        "the store is counted again for the queue depth metrics"
+                    );
+                }
+                continue;
+            }
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => format!("no count within {}", humantime::format_duration(every)),
+        };
+        if failing_since.is_none() {
+            failing_since = Some(clock.now_ms());
+            tracing::warn!(
+                error = %failure,
+                "could not count the store: the queue depth metrics keep their last values (see flotilla_store_counted_timestamp_seconds)"
+            );
+        } else {
+            tracing::debug!(error = %failure, "could not count the store for the metrics");
         }
     }
 }

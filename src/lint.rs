@@ -53,7 +53,7 @@ pub struct Scorecard {
 
 /// The alert names `deploy/prometheus/alerts.yml` defines; an alert rules
 /// file should have them all.
-pub const ALERTS: [&str; 9] = [
+pub const ALERTS: [&str; 10] = [
     "AgentStuck",
     "QueueDepthHigh",
     "AgentErrorRateHigh",
@@ -62,6 +62,7 @@ pub const ALERTS: [&str; 9] = [
     "DeadLettersGrowing",
     "BrokerDisconnected",
     "AgentRestartLoop",
+    "StoreCountsStale",
     "NotificationsFailing",
 ];
 

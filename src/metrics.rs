@@ -104,6 +104,11 @@ pub mod names {
         "flotilla_dead_letters",
         "Dead-lettered tasks in the store, all agents (refreshed with the queue depth)",
     );
+    /// When the store was last counted.
+    pub const STORE_COUNTED: (&str, &str) = (
+        "flotilla_store_counted_timestamp_seconds",
+        "When the queue depth and dead letters were last counted (Unix time; 0 before the first count): while counting fails they keep that count's values",
+    );
     /// Tasks dead-lettered.
     pub const DEAD_LETTERED: (&str, &str) = (
         "flotilla_dead_lettered",
@@ -311,6 +316,7 @@ pub struct Metrics {
     unhealthy: Gauge,
     queue_depth: Gauge,
     dead_letters: Gauge,
+    store_counted: FloatGauge,
     breakers_open: Gauge,
     breaker_state: Family<BreakerLabels, Gauge>,
     level: Gauge,
@@ -398,6 +404,7 @@ impl Metrics {
             unhealthy: register!(registry, families, AGENTS_UNHEALTHY, Gauge::default()),
             queue_depth: register!(registry, families, QUEUE_DEPTH, Gauge::default()),
             dead_letters: register!(registry, families, DEAD_LETTERS, Gauge::default()),
+            store_counted: register!(registry, families, STORE_COUNTED, FloatGauge::default()),
             breakers_open: register!(registry, families, BREAKERS_OPEN, Gauge::default()),
             breaker_state: register!(registry, families, BREAKER_STATE, Family::default()),
             level: register!(registry, families, DEGRADATION_LEVEL, Gauge::default()),
@@ -626,13 +633,14 @@ impl Metrics {
             .inc();
     }
 
-    /// Sets the queue depth and the dead letters (from the store's
-    /// counts).
-    pub fn set_store_counts(&self, queued: u64, dead_lettered: u64) {
+    /// Sets the queue depth and the dead letters from the store's counts,
+    /// taken at `counted_ms`.
+    pub fn set_store_counts(&self, queued: u64, dead_lettered: u64, counted_ms: u64) {
         self.queue_depth
             .set(i64::try_from(queued).unwrap_or(i64::MAX));
         self.dead_letters
             .set(i64::try_from(dead_lettered).unwrap_or(i64::MAX));
+        self.store_counted.set(counted_ms as f64 / 1000.0);
     }
 
     /// Sets the state gauges from the agents' status, each with whether
@@ -763,6 +771,7 @@ mod tests {
         status.replicas[0].state = ReplicaState::Idle;
         status.replicas[0].pid = Some(4242);
         metrics.set_state(&[(status, true)], 0, Some((true, 1, 1)));
+        metrics.set_store_counts(7, 2, 1_500);
         // Families without samples (delegation, until an agent sends a
         // message) print nothing; once used they appear.
         metrics
@@ -805,6 +814,9 @@ mod tests {
             "agent_context_window_usage_pct{agent=\"coder\"} 40",
             "flotilla_broker_disconnects_total 1",
             "flotilla_redeliveries_total{agent=\"coder\"} 1",
+            "fleet_total_queue_depth 7",
+            "flotilla_dead_letters 2",
+            "flotilla_store_counted_timestamp_seconds 1.5",
             "# TYPE agent_last_activity_timestamp gauge",
             "# TYPE agent_memory_usage_bytes gauge",
             "# TYPE agent_context_window_usage_pct gauge",

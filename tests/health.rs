@@ -581,6 +581,12 @@ command = {}
     })
     .await;
     assert!(sample(&text, "fleet_total_queue_depth").is_some());
+    // Counted at start, and stamped with the time of the count.
+    wait_until(Duration::from_secs(20), "a store count", || async {
+        let text = scrape(address).await;
+        sample(&text, "flotilla_store_counted_timestamp_seconds").is_some_and(|at| at > 1.7e9)
+    })
+    .await;
     assert!(
         text.contains("# HELP agent_tasks_received_total "),
         "{text}"
