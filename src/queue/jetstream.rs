@@ -480,6 +480,9 @@ struct TaskSummary {
     state: TaskState,
     created_ms: UnixMillis,
     finished_ms: Option<UnixMillis>,
+    /// When the record was written (0 from a writer that did not say).
+    #[serde(default)]
+    updated_ms: UnixMillis,
 }
 
 /// A lease this process holds.
@@ -648,6 +651,8 @@ struct Tally {
 #[derive(Deserialize)]
 struct StateOf {
     task: Live,
+    #[serde(default)]
+    owner: Option<String>,
 }
 
 /// What a [`Tally`] keeps of a record not completed: enough to count the
@@ -658,6 +663,9 @@ struct Live {
     agent: String,
     state: TaskState,
     created_ms: UnixMillis,
+    /// The daemon holding a running task (kept only while running).
+    #[serde(skip)]
+    owner: Option<String>,
 }
 
 impl Tally {
@@ -693,7 +701,11 @@ impl Tally {
             self.live.remove(key);
             *self.completed.entry(record.task.agent).or_default() += 1;
         } else {
-            self.live.insert(key.to_string(), record.task);
+            let mut live = record.task;
+            if live.state == TaskState::Running {
+                live.owner = record.owner;
+            }
+            self.live.insert(key.to_string(), live);
         }
     }
 
@@ -1274,12 +1286,14 @@ const PRUNE_BATCH: usize = 10_000;
 /// completed earlier.
 const SKEW_MS: UnixMillis = 10 * 60 * 1000;
 
-/// Records the first window of a listing of completed tasks reads, from
-/// the end of the records' stream; each further window reads twice as
-/// many as the one before, up to [`LIST_WINDOW_MAX`].
+/// Stream sequences the first window of a listing of completed tasks
+/// spans, back from the end of the records' stream (records replaced or
+/// deleted since leave gaps); each further window spans twice as many as
+/// the one before, up to [`LIST_WINDOW_MAX`].
 const LIST_WINDOW_FIRST: u64 = 1_000;
 
-/// Records a window of a listing of completed tasks reads at most.
+/// Stream sequences a window of a listing of completed tasks spans at
+/// most.
 const LIST_WINDOW_MAX: u64 = 100_000;
 
 /// Opens the stream of `config` on file storage, creating it if missing.
@@ -2455,10 +2469,11 @@ impl Inner {
     /// (of `agent`, if given), newest first. Read backwards from the end of
     /// the records' stream a window at a time: the bucket keeps each
     /// record's last write, in write order, so every record before a
-    /// window was written, and so created, before the earliest completion
-    /// read (give or take [`SKEW_MS`]). The read stops once `limit` tasks
-    /// were found created after that: in a busy fleet, after the last few
-    /// minutes' completions rather than the whole retention's.
+    /// window was written, and so created, before the earliest write read
+    /// (give or take [`SKEW_MS`]). The read stops once `limit` tasks were
+    /// found created after that: in a busy fleet, after the writes of the
+    /// last minutes (the skew, plus how long the tasks shown took from
+    /// submission to completion) rather than the whole retention's.
     async fn newest_completed(
         &self,
         agent: Option<&str>,
@@ -2472,8 +2487,8 @@ impl Inner {
             .bounded("read the records' stream", self.records.stream.get_info())
             .await?;
         let (first, mut end) = (info.state.first_sequence.max(1), info.state.last_sequence);
-        // The earliest completion read: every record before it was
-        // created before it, give or take the skew.
+        // The earliest write read: every record before it in the stream
+        // was written, and so created, before it, give or take the skew.
         let mut written_before: Option<UnixMillis> = None;
         let mut window = LIST_WINDOW_FIRST;
         while end >= first {
@@ -2494,14 +2509,12 @@ impl Inner {
                         return ControlFlow::Continue(());
                     };
                     let task = summary.task;
-                    if task.state == TaskState::Completed {
-                        if let Some(finished) = task.finished_ms {
-                            written_before =
-                                Some(written_before.map_or(finished, |w| w.min(finished)));
-                        }
-                        if agent.is_none_or(|agent| agent == task.agent) {
-                            found.push((task.created_ms, task.id));
-                        }
+                    let written = task.updated_ms;
+                    written_before = Some(written_before.map_or(written, |w| w.min(written)));
+                    if task.state == TaskState::Completed
+                        && agent.is_none_or(|agent| agent == task.agent)
+                    {
+                        found.push((task.created_ms, task.id));
                     }
                     ControlFlow::Continue(())
                 },
@@ -3124,13 +3137,12 @@ impl TaskQueue for JetStreamQueue {
     async fn requeue_running(&self) -> Result<u64, QueueError> {
         let owner = self.inner.settings.owner.clone();
         let mut count = 0;
-        // The running tasks of the whole fleet, from the tally (a start
-        // needs its first full read anyway), then each read to find this
-        // daemon's.
-        let running = self
-            .tally()
-            .await?
-            .newest(|live| live.state == TaskState::Running, usize::MAX);
+        // This daemon's running tasks, from the tally (a start needs its
+        // first full read anyway), each read again before it is returned.
+        let running = self.tally().await?.newest(
+            |live| live.state == TaskState::Running && live.owner.as_deref() == Some(&owner),
+            usize::MAX,
+        );
         for (_, id) in running {
             let Some((record, _)) = self.inner.entry(&id).await? else {
                 continue;
@@ -3403,6 +3415,18 @@ mod tests {
         tally.apply("t.b", Some(&record("one", "completed")), 7);
         assert_eq!(tally.counts()[0].1.completed, 1);
         assert_eq!(tally.read, 10);
+        // The holder of a running task is kept while it runs.
+        let held = |state: &str| {
+            serde_json::to_vec(&serde_json::json!({
+                "task": {"id": "e", "agent": "one", "state": state, "created_ms": 1},
+                "owner": "d1"
+            }))
+            .unwrap()
+        };
+        tally.apply("t.e", Some(&held("running")), 11);
+        assert_eq!(tally.live["t.e"].owner.as_deref(), Some("d1"));
+        tally.apply("t.e", Some(&held("queued")), 12);
+        assert_eq!(tally.live["t.e"].owner, None);
     }
 
     #[test]
