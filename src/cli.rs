@@ -1078,7 +1078,7 @@ async fn run_target(command: Command, target: &Target) -> Result<ExitCode, Failu
                 println!("{}", crate::rollback::describe(&journal));
             }
             if journal.is_rolled_back() {
-                eprintln!("task {id}: {} change(s) rolled back", journal.changes.len());
+                eprintln!("task {id}: {} change(s) rolled back", journal.declared());
                 Ok(ExitCode::SUCCESS)
             } else {
                 Err(Failure::failed(format!(

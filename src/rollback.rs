@@ -23,6 +23,10 @@ use crate::supervisor::process::SpawnSpec;
 
 /// Most changes one result may declare.
 pub const MAX_CHANGES: usize = 100;
+
+/// Changes a task's journal holds (ten attempts' worth), besides those
+/// rolled back and dropped to make room.
+pub const MAX_JOURNAL: usize = MAX_CHANGES * 10;
 /// Most arguments of one rollback command.
 const MAX_ARGS: usize = 64;
 /// Longest argument of a rollback command, and longest description.
@@ -259,12 +263,26 @@ pub struct Journal {
     pub attempt: u32,
     /// The changes, in the order they were applied.
     pub changes: Vec<Entry>,
+    /// Changes rolled back and then dropped from the front of `changes` to
+    /// make room for a later attempt's: `changes[i]` is change number
+    /// `dropped + i` of the task.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropped: usize,
     /// Why the last rollback ran (`flotilla rollback`, a gate, a watch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolled_back_because: Option<String>,
 }
 
+fn is_zero(value: &usize) -> bool {
+    *value == 0
+}
+
 impl Journal {
+    /// Changes declared by the task's attempts, dropped ones included.
+    pub fn declared(&self) -> usize {
+        self.dropped + self.changes.len()
+    }
+
     /// Whether every change is rolled back.
     pub fn is_rolled_back(&self) -> bool {
         self.changes
@@ -310,8 +328,9 @@ pub fn parse_changes(value: &Value) -> Result<Vec<Change>, String> {
 ///
 /// # Errors
 /// When the store refuses the write; [`QueueError::Invalid`] when the
-/// journal has no room for them (every attempt's changes are kept, at
-/// most ten attempts' worth): nothing is recorded then.
+/// journal has no room for them all (it keeps ten attempts' worth of
+/// changes; those rolled back at its front make room when needed): the
+/// changes that fit are recorded then.
 pub async fn record(
     store: &Store,
     task: &str,
@@ -329,23 +348,35 @@ pub async fn record(
             agent: agent.to_string(),
             attempt,
             changes: Vec::new(),
+            dropped: 0,
             rolled_back_because: None,
         });
         if journal.changes.iter().any(|entry| entry.attempt == attempt) {
             // Recorded already (the same result handled twice).
             return None;
         }
-        let room = (MAX_CHANGES * 10).saturating_sub(journal.changes.len());
+        // Changes rolled back at the front are done with: as many as
+        // needed make room (a rollback saving its progress meanwhile
+        // finds its changes by their number, see `save_progress`).
+        let needed = (journal.changes.len() + changes.len()).saturating_sub(MAX_JOURNAL);
+        let done = journal
+            .changes
+            .iter()
+            .take_while(|entry| entry.state == ChangeState::RolledBack)
+            .count();
+        let drop = needed.min(done);
+        journal.changes.drain(..drop);
+        journal.dropped += drop;
+        let room = MAX_JOURNAL.saturating_sub(journal.changes.len());
         if changes.len() > room {
             // Those that fit are kept (they were applied, and can still be
             // undone), but the result cannot be accepted: an accepted
             // task must be one whose every declared change can be undone.
             full = Some(format!(
-                "the task's rollback journal held {} changes from its earlier attempts; {} of this attempt's {} did not fit its limit of {} (not recorded, so not undone by `flotilla rollback`: the first was {:?})",
+                "the task's rollback journal held {} changes not rolled back from its earlier attempts; {} of this attempt's {} did not fit its limit of {MAX_JOURNAL} (not recorded, so not undone by `flotilla rollback`: the first was {:?})",
                 journal.changes.len(),
                 changes.len() - room,
                 changes.len(),
-                MAX_CHANGES * 10,
                 changes[room].description,
             ));
         }
@@ -414,7 +445,9 @@ async fn edit(
 /// changes appended meanwhile; `journal` becomes what is stored.
 async fn save_progress(store: &Store, journal: &mut Journal) -> Result<(), QueueError> {
     let ours = journal.clone();
+    let mut written = false;
     let stored = edit(store, &ours.task, |stored| {
+        written = false;
         // Deleted meanwhile (the task purged, or its id given to a new
         // task): not written back, which would hand the old changes to
         // the new task.
@@ -422,17 +455,25 @@ async fn save_progress(store: &Store, journal: &mut Journal) -> Result<(), Queue
         stored
             .rolled_back_because
             .clone_from(&ours.rolled_back_because);
-        // Changes are only ever appended: an index names one change.
-        for (entry, mine) in stored.changes.iter_mut().zip(&ours.changes) {
+        // Changes are only ever appended, and dropped from the front once
+        // rolled back: a change's number (`dropped` plus its index) names
+        // it. A journal with fewer dropped than ours is another task's.
+        let skip = stored.dropped.checked_sub(ours.dropped)?;
+        for (entry, mine) in stored
+            .changes
+            .iter_mut()
+            .zip(ours.changes.iter().skip(skip))
+        {
             entry.state = mine.state;
             entry.runs = mine.runs;
             entry.outcome.clone_from(&mine.outcome);
             entry.at_ms = mine.at_ms;
         }
+        written = true;
         Some(stored)
     })
     .await?;
-    if let Some(stored) = stored {
+    if let Some(stored) = stored.filter(|_| written) {
         *journal = stored;
     }
     Ok(())
@@ -569,7 +610,14 @@ async fn undo(
     }
     journal.rolled_back_because = Some(because.to_string());
     save_progress(store, journal).await?;
-    for index in (0..journal.changes.len()).rev() {
+    // By number: changes appended meanwhile are left to the next
+    // rollback, and those dropped meanwhile (rolled back, at the front)
+    // shift the indices of the rest.
+    for number in (0..journal.declared()).rev() {
+        let Some(index) = number.checked_sub(journal.dropped) else {
+            // Dropped: rolled back, as is every change before it.
+            break;
+        };
         if journal.changes[index].state == ChangeState::RolledBack {
             continue;
         }
@@ -708,22 +756,28 @@ pub async fn roll_back_task(
 
 /// One line per change for humans: its state, description and outcome.
 pub fn describe(journal: &Journal) -> String {
-    journal
-        .changes
-        .iter()
-        .enumerate()
-        .map(|(index, entry)| {
-            let state = match entry.state {
-                ChangeState::Applied => "applied",
-                ChangeState::RolledBack => "rolled back",
-                ChangeState::Failed => "FAILED",
-            };
-            let mut line = format!("{index}: {state}: {}", entry.change.description);
-            if let Some(outcome) = &entry.outcome {
-                line.push_str(&format!(" ({outcome})"));
-            }
-            line
-        })
+    let dropped = (journal.dropped > 0).then(|| {
+        format!(
+            "0-{}: rolled back, and dropped from the journal to make room for later changes",
+            journal.dropped - 1
+        )
+    });
+    let entries = journal.changes.iter().enumerate().map(|(index, entry)| {
+        let index = journal.dropped + index;
+        let state = match entry.state {
+            ChangeState::Applied => "applied",
+            ChangeState::RolledBack => "rolled back",
+            ChangeState::Failed => "FAILED",
+        };
+        let mut line = format!("{index}: {state}: {}", entry.change.description);
+        if let Some(outcome) = &entry.outcome {
+            line.push_str(&format!(" ({outcome})"));
+        }
+        line
+    });
+    dropped
+        .into_iter()
+        .chain(entries)
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -1122,7 +1176,7 @@ mod tests {
             .unwrap_err();
         assert!(
             refused.to_string().contains(
-                "held 900 changes from its earlier attempts; 1 of this attempt's 101 did not fit its limit of 1000"
+                "held 900 changes not rolled back from its earlier attempts; 1 of this attempt's 101 did not fit its limit of 1000"
             ) && refused.to_string().contains("\"change 100\""),
             "{refused}"
         );
@@ -1137,6 +1191,146 @@ mod tests {
                 .to_string()
                 .contains("1 of this attempt's 1 did not fit"),
             "{refused}"
+        );
+    }
+
+    /// A journal of `rolled_back` changes rolled back then `applied` ones
+    /// (`true` undoes them), stored as task `t`'s.
+    async fn store_journal(store: &Store, rolled_back: usize, applied: usize) {
+        let entry = |n: usize, state| Entry {
+            change: Change {
+                description: format!("old {n}"),
+                rollback: vec!["true".into()],
+            },
+            attempt: 1,
+            agent: None,
+            state,
+            runs: 0,
+            outcome: None,
+            at_ms: None,
+        };
+        let journal = Journal {
+            task: "t".into(),
+            agent: "a".into(),
+            attempt: 1,
+            changes: (0..rolled_back + applied)
+                .map(|n| {
+                    entry(
+                        n,
+                        if n < rolled_back {
+                            ChangeState::RolledBack
+                        } else {
+                            ChangeState::Applied
+                        },
+                    )
+                })
+                .collect(),
+            dropped: 0,
+            rolled_back_because: None,
+        };
+        let value = serde_json::to_value(&journal).unwrap();
+        assert!(
+            store
+                .compare_and_put_control(&key("t"), None, &value)
+                .await
+                .unwrap()
+        );
+    }
+
+    /// Changes rolled back at the front of a full journal make room for
+    /// a later attempt's; changes keep their numbers.
+    #[tokio::test]
+    async fn a_full_journal_drops_changes_rolled_back_to_make_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::embedded_in(dir.path());
+        let log = dir.path().join("undo.log");
+        store_journal(&store, 950, 50).await;
+        let journal = record(&store, "t", "a", 2, slow_changes(&log, MAX_CHANGES))
+            .await
+            .unwrap();
+        assert_eq!((journal.dropped, journal.changes.len()), (100, 1000));
+        assert_eq!(journal.declared(), 1100);
+        assert_eq!(journal.changes[0].change.description, "old 100");
+        let described = describe(&journal);
+        let lines: Vec<&str> = described.lines().collect();
+        assert_eq!(lines.len(), 1001);
+        assert_eq!(
+            lines[0],
+            "0-99: rolled back, and dropped from the journal to make room for later changes"
+        );
+        assert_eq!(lines[1], "100: rolled back: old 100");
+        assert_eq!(lines[1000], "1099: applied: change 99");
+
+        // With too few rolled back, what fits is kept and the rest refused.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::embedded_in(dir.path());
+        store_journal(&store, 20, 980).await;
+        let refused = record(&store, "t", "a", 2, slow_changes(&log, MAX_CHANGES))
+            .await
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains(
+                "held 980 changes not rolled back from its earlier attempts; 80 of this attempt's 100 did not fit"
+            ) && refused.to_string().contains("\"change 20\""),
+            "{refused}"
+        );
+        let journal = load(&store, "t").await.unwrap().unwrap();
+        assert_eq!((journal.dropped, journal.changes.len()), (20, 1000));
+    }
+
+    /// A rollback running while a new attempt's changes drop rolled-back
+    /// ones from the journal's front undoes its own changes, by number,
+    /// and not the new ones that took their places.
+    #[tokio::test]
+    async fn a_rollback_keeps_its_place_while_changes_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::embedded_in(dir.path());
+        let log = dir.path().join("undo.log");
+        store_journal(&store, 998, 0).await;
+        let mut journal = record(&store, "t", "a", 2, slow_changes(&log, 2))
+            .await
+            .unwrap();
+        assert_eq!(journal.dropped, 0, "it fits");
+        let spec = spec(dir.path());
+        let rollback = roll_back(
+            &store,
+            &mut journal,
+            "operator",
+            &spec,
+            Duration::from_secs(10),
+            now,
+        );
+        let later = async {
+            // While the first undo command runs: two changes fit only by
+            // dropping two rolled back.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let fresh = dir.path().join("fresh.log");
+            record(&store, "t", "a", 3, slow_changes(&fresh, 2))
+                .await
+                .unwrap()
+        };
+        let (rolled, recorded) = tokio::join!(rollback, later);
+        rolled.unwrap();
+        assert_eq!(recorded.dropped, 2);
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "1\n0\n");
+        assert!(!dir.path().join("fresh.log").exists(), "not undone");
+        let stored = load(&store, "t").await.unwrap().unwrap();
+        let states: Vec<_> = stored.changes[994..]
+            .iter()
+            .map(|entry| (entry.attempt, entry.state))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                (1, ChangeState::RolledBack),
+                (1, ChangeState::RolledBack),
+                (2, ChangeState::RolledBack),
+                (2, ChangeState::RolledBack),
+                (3, ChangeState::Applied),
+                (3, ChangeState::Applied)
+            ],
+            "{:?}",
+            &stored.changes[994..]
         );
     }
 

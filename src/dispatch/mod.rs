@@ -1285,7 +1285,7 @@ impl AgentRuntime {
             }
             Err(error) => format!("the rollback could not be recorded: {error}"),
             Ok(()) if journal.is_rolled_back() => {
-                format!("{} change(s) rolled back", journal.changes.len())
+                format!("{} change(s) rolled back", journal.declared())
             }
             Ok(()) => format!(
                 "the rollback failed, see `flotilla rollback {}`:\n{}",
