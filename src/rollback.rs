@@ -372,8 +372,13 @@ pub async fn record(
             // Those that fit are kept (they were applied, and can still be
             // undone), but the result cannot be accepted: an accepted
             // task must be one whose every declared change can be undone.
+            let waiting = journal
+                .changes
+                .iter()
+                .filter(|entry| entry.state != ChangeState::RolledBack)
+                .count();
             full = Some(format!(
-                "the task's rollback journal held {} changes not rolled back from its earlier attempts; {} of this attempt's {} did not fit its limit of {MAX_JOURNAL} (not recorded, so not undone by `flotilla rollback`: the first was {:?})",
+                "the task's rollback journal held {} changes from its earlier attempts ({waiting} not rolled back); {} of this attempt's {} did not fit its limit of {MAX_JOURNAL} (not recorded, so not undone by `flotilla rollback`: the first was {:?})",
                 journal.changes.len(),
                 changes.len() - room,
                 changes.len(),
@@ -457,8 +462,12 @@ async fn save_progress(store: &Store, journal: &mut Journal) -> Result<(), Queue
             .clone_from(&ours.rolled_back_because);
         // Changes are only ever appended, and dropped from the front once
         // rolled back: a change's number (`dropped` plus its index) names
-        // it. A journal with fewer dropped than ours is another task's.
-        let skip = stored.dropped.checked_sub(ours.dropped)?;
+        // it. A journal with fewer dropped than ours is another task's
+        // (or was written back by an older flotilla that drops nothing).
+        let Some(skip) = stored.dropped.checked_sub(ours.dropped) else {
+            tracing::warn!(task = %ours.task, "the rollback journal changed under the rollback (another task's now?); its progress is not saved");
+            return None;
+        };
         for (entry, mine) in stored
             .changes
             .iter_mut()
@@ -618,7 +627,13 @@ async fn undo(
             // Dropped: rolled back, as is every change before it.
             break;
         };
-        if journal.changes[index].state == ChangeState::RolledBack {
+        let Some(entry) = journal.changes.get(index) else {
+            // Fewer changes than this rollback began with: the journal
+            // was replaced (the task purged, its id given to a new task).
+            tracing::warn!(task = %journal.task, "the rollback journal was replaced during the rollback; stopping");
+            break;
+        };
+        if entry.state == ChangeState::RolledBack {
             continue;
         }
         // Renewed before each command, which the claim then outlasts.
@@ -756,12 +771,17 @@ pub async fn roll_back_task(
 
 /// One line per change for humans: its state, description and outcome.
 pub fn describe(journal: &Journal) -> String {
-    let dropped = (journal.dropped > 0).then(|| {
-        format!(
+    let dropped = match journal.dropped {
+        0 => None,
+        1 => Some(
+            "0: rolled back, and dropped from the journal to make room for later changes"
+                .to_string(),
+        ),
+        dropped => Some(format!(
             "0-{}: rolled back, and dropped from the journal to make room for later changes",
-            journal.dropped - 1
-        )
-    });
+            dropped - 1
+        )),
+    };
     let entries = journal.changes.iter().enumerate().map(|(index, entry)| {
         let index = journal.dropped + index;
         let state = match entry.state {
@@ -1176,7 +1196,7 @@ mod tests {
             .unwrap_err();
         assert!(
             refused.to_string().contains(
-                "held 900 changes not rolled back from its earlier attempts; 1 of this attempt's 101 did not fit its limit of 1000"
+                "held 900 changes from its earlier attempts (900 not rolled back); 1 of this attempt's 101 did not fit its limit of 1000"
             ) && refused.to_string().contains("\"change 100\""),
             "{refused}"
         );
@@ -1194,9 +1214,9 @@ mod tests {
         );
     }
 
-    /// A journal of `rolled_back` changes rolled back then `applied` ones
-    /// (`true` undoes them), stored as task `t`'s.
-    async fn store_journal(store: &Store, rolled_back: usize, applied: usize) {
+    /// A journal of changes in `states` (`true` undoes them), stored as
+    /// task `t`'s.
+    async fn store_journal(store: &Store, states: impl Iterator<Item = ChangeState>) {
         let entry = |n: usize, state| Entry {
             change: Change {
                 description: format!("old {n}"),
@@ -1213,17 +1233,9 @@ mod tests {
             task: "t".into(),
             agent: "a".into(),
             attempt: 1,
-            changes: (0..rolled_back + applied)
-                .map(|n| {
-                    entry(
-                        n,
-                        if n < rolled_back {
-                            ChangeState::RolledBack
-                        } else {
-                            ChangeState::Applied
-                        },
-                    )
-                })
+            changes: states
+                .enumerate()
+                .map(|(n, state)| entry(n, state))
                 .collect(),
             dropped: 0,
             rolled_back_because: None,
@@ -1244,7 +1256,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::embedded_in(dir.path());
         let log = dir.path().join("undo.log");
-        store_journal(&store, 950, 50).await;
+        store_journal(
+            &store,
+            std::iter::repeat_n(ChangeState::RolledBack, 950)
+                .chain(std::iter::repeat_n(ChangeState::Applied, 50)),
+        )
+        .await;
         let journal = record(&store, "t", "a", 2, slow_changes(&log, MAX_CHANGES))
             .await
             .unwrap();
@@ -1264,18 +1281,42 @@ mod tests {
         // With too few rolled back, what fits is kept and the rest refused.
         let dir = tempfile::tempdir().unwrap();
         let store = Store::embedded_in(dir.path());
-        store_journal(&store, 20, 980).await;
+        store_journal(
+            &store,
+            std::iter::repeat_n(ChangeState::RolledBack, 20)
+                .chain(std::iter::repeat_n(ChangeState::Applied, 980)),
+        )
+        .await;
         let refused = record(&store, "t", "a", 2, slow_changes(&log, MAX_CHANGES))
             .await
             .unwrap_err();
         assert!(
             refused.to_string().contains(
-                "held 980 changes not rolled back from its earlier attempts; 80 of this attempt's 100 did not fit"
+                "held 980 changes from its earlier attempts (980 not rolled back); 80 of this attempt's 100 did not fit"
             ) && refused.to_string().contains("\"change 20\""),
             "{refused}"
         );
         let journal = load(&store, "t").await.unwrap().unwrap();
         assert_eq!((journal.dropped, journal.changes.len()), (20, 1000));
+
+        // Only changes rolled back at the front are dropped: one still
+        // applied before them keeps them all.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::embedded_in(dir.path());
+        let states = std::iter::once(ChangeState::Applied)
+            .chain(std::iter::repeat_n(ChangeState::RolledBack, 999));
+        store_journal(&store, states).await;
+        let refused = record(&store, "t", "a", 2, slow_changes(&log, 1))
+            .await
+            .unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("held 1000 changes from its earlier attempts (1 not rolled back); 1 of this attempt's 1 did not fit"),
+            "{refused}"
+        );
+        let journal = load(&store, "t").await.unwrap().unwrap();
+        assert_eq!((journal.dropped, journal.changes.len()), (0, 1000));
     }
 
     /// A rollback running while a new attempt's changes drop rolled-back
@@ -1286,7 +1327,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::embedded_in(dir.path());
         let log = dir.path().join("undo.log");
-        store_journal(&store, 998, 0).await;
+        store_journal(&store, std::iter::repeat_n(ChangeState::RolledBack, 998)).await;
         let mut journal = record(&store, "t", "a", 2, slow_changes(&log, 2))
             .await
             .unwrap();
@@ -1301,9 +1342,13 @@ mod tests {
             now,
         );
         let later = async {
-            // While the first undo command runs: two changes fit only by
-            // dropping two rolled back.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // While the first undo command runs (it logs, then sleeps):
+            // two changes fit only by dropping two rolled back.
+            let started = std::time::Instant::now();
+            while std::fs::read_to_string(&log).unwrap_or_default() != "1\n" {
+                assert!(started.elapsed() < Duration::from_secs(10), "no undo began");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             let fresh = dir.path().join("fresh.log");
             record(&store, "t", "a", 3, slow_changes(&fresh, 2))
                 .await
@@ -1312,6 +1357,11 @@ mod tests {
         let (rolled, recorded) = tokio::join!(rollback, later);
         rolled.unwrap();
         assert_eq!(recorded.dropped, 2);
+        assert_eq!(
+            recorded.changes[996].state,
+            ChangeState::Applied,
+            "recorded while the rollback ran"
+        );
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "1\n0\n");
         assert!(!dir.path().join("fresh.log").exists(), "not undone");
         let stored = load(&store, "t").await.unwrap().unwrap();
