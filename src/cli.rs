@@ -1752,8 +1752,15 @@ fn print_status(report: &StatusReport, now: UnixMillis) {
     }
     let t = &report.tasks;
     if report.store_error.is_none() {
+        let by = report.counted_by.as_ref().map_or(String::new(), |by| {
+            format!(
+                " (counted by daemon {} {} ago)",
+                by.daemon,
+                ago(now, by.taken_ms)
+            )
+        });
         println!(
-            "tasks:  {} queued, {} running, {} completed, {} dead-lettered, {} escalated",
+            "tasks:  {} queued, {} running, {} completed, {} dead-lettered, {} escalated{by}",
             t.queued, t.running, t.completed, t.dead_lettered, t.escalated
         );
     }

@@ -612,13 +612,14 @@ fn snapshot(
             .first()
             .map(|agent| agent.availability().degradation().on_wall(clock))
             .unwrap_or_default(),
+        counts: store.shared_counts(),
     }
 }
 
 /// Refreshes the store's queue depth and dead letters for the metrics:
-/// every 5 s, every 30 s on a broker (whose counts the watchdog shares),
-/// each count bounded, in its own task so that a slow broker holds up
-/// nothing else. The time of the last count is a metric too: while
+/// every 5 s (on a broker, the watchdog shares the count, and the
+/// daemon's snapshot carries it for `status`), each count bounded, in
+/// its own task so that a slow broker holds up nothing else. The time of the last count is a metric too: while
 /// counting fails the gauges keep their last values.
 async fn count_store(
     store: Store,
@@ -626,11 +627,7 @@ async fn count_store(
     clock: SharedClock,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let every = Duration::from_secs(if matches!(store, Store::Broker(_)) {
-        30
-    } else {
-        5
-    });
+    let every = Duration::from_secs(5);
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Since when counting fails (the gauges keep their last values): told
@@ -643,10 +640,15 @@ async fn count_store(
         }
         let failure = match tokio::time::timeout(every, store.periodic_counts()).await {
             Ok(Ok(counts)) => {
+                // On a broker the count may be one the watchdog took a
+                // moment ago: stamped with its own time.
+                let counted_ms = store
+                    .shared_counts()
+                    .map_or_else(|| clock.now_ms(), |shared| shared.taken_ms);
                 metrics.set_store_counts(
                     counts.iter().map(|(_, counts)| counts.queued).sum(),
                     counts.iter().map(|(_, counts)| counts.dead_lettered).sum(),
-                    clock.now_ms(),
+                    counted_ms,
                 );
                 if let Some(since) = failing_since.take() {
                     let failed_for =

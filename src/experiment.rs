@@ -831,6 +831,7 @@ mod tests {
             degradation: crate::degrade::DegradationStatus::default(),
             agents: Vec::new(),
             store_error: None,
+            counted_by: None,
         };
         assert!(hypothesis(&report, &experiment.hypothesis)[0].ok);
         report.store_error = Some("store error: timed out".into());

@@ -289,6 +289,28 @@ pub struct DaemonSnapshot {
     /// Where its HTTP server listens.
     #[serde(default)]
     pub http: Option<String>,
+    /// The task counts it took last (on a broker only), for a `status`
+    /// that reads the broker itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counts: Option<SharedCounts>,
+}
+
+/// Task counts a daemon took, shared in its snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SharedCounts {
+    /// When they were taken.
+    pub taken_ms: UnixMillis,
+    /// Per agent.
+    pub agents: BTreeMap<String, StateCounts>,
+}
+
+/// Whose counts a `status` shows, when not its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CountedBy {
+    /// The daemon that took them.
+    pub daemon: String,
+    /// When.
+    pub taken_ms: UnixMillis,
 }
 
 /// Key of the daemon snapshot in the store's status table.
@@ -317,6 +339,11 @@ pub struct StatusReport {
     /// while its broker is unreachable).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_error: Option<String>,
+    /// The daemon whose counts are shown, and when it took them: a
+    /// `status` reading a broker that holds many records itself shows a
+    /// live daemon's recent counts rather than counting every record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counted_by: Option<CountedBy>,
 }
 
 /// One daemon as `status` shows it.
@@ -357,15 +384,41 @@ impl StatusReport {
         // reached (the broker unreachable) still leaves something to
         // show: this daemon, and that it is cut off. Any other error, or
         // no live part, is the caller's.
+        let fresh_within = crate::store::fresh_within(config);
         let read = async {
-            let counts = store.queue().counts().await?;
             let snapshots = store.snapshots().await?;
-            Ok::<_, QueueError>((counts, snapshots))
+            // Without a daemon's own counts at hand (its tally is kept up
+            // to date), a broker holding many records is not counted
+            // again: a live daemon's recent counts are shown.
+            let shared = if live.is_none() && store.counting_is_slow().await? {
+                snapshots
+                    .iter()
+                    .filter(|snapshot| crate::store::is_fresh(snapshot, now, fresh_within))
+                    .filter_map(|snapshot| Some((snapshot.name.clone(), snapshot.counts.clone()?)))
+                    .filter(|(_, counts)| {
+                        now.saturating_sub(counts.taken_ms)
+                            <= crate::store::SHARED_COUNTS_MAX_AGE_MS
+                    })
+                    .max_by_key(|(_, counts)| counts.taken_ms)
+            } else {
+                None
+            };
+            let (counts, counted_by) = match shared {
+                Some((daemon, counts)) => (
+                    counts.agents,
+                    Some(CountedBy {
+                        daemon,
+                        taken_ms: counts.taken_ms,
+                    }),
+                ),
+                None => (store.queue().counts().await?.into_iter().collect(), None),
+            };
+            Ok::<_, QueueError>((counts, counted_by, snapshots))
         };
-        let (counts, mut snapshots, store_error) = match read.await {
-            Ok((counts, snapshots)) => (counts.into_iter().collect(), snapshots, None),
+        let (counts, counted_by, mut snapshots, store_error) = match read.await {
+            Ok((counts, counted_by, snapshots)) => (counts, counted_by, snapshots, None),
             Err(error @ QueueError::Storage(_)) if live.is_some() => {
-                (BTreeMap::new(), Vec::new(), Some(error.to_string()))
+                (BTreeMap::new(), None, Vec::new(), Some(error.to_string()))
             }
             Err(error) => return Err(error),
         };
@@ -375,7 +428,6 @@ impl StatusReport {
             snapshots.push(live);
         }
         snapshots.sort_by(|a, b| a.name.cmp(&b.name));
-        let fresh_within = crate::store::fresh_within(config);
         let daemons: Vec<DaemonState> = snapshots
             .iter()
             .map(|snapshot| DaemonState {
@@ -478,6 +530,7 @@ impl StatusReport {
             degradation,
             agents,
             store_error,
+            counted_by,
         })
     }
 }

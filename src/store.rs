@@ -52,8 +52,19 @@ pub fn daemon_name(config: &Config) -> String {
     config.daemon.name.clone().unwrap_or_else(host_name)
 }
 
-/// How old the counts a broker daemon's watchdog and metrics read may be.
-pub const BROKER_COUNT_AGE: std::time::Duration = std::time::Duration::from_secs(25);
+/// How old the counts a broker daemon's watchdog and metrics read may be
+/// (a count reads only the records written since the last).
+pub const BROKER_COUNT_AGE: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// Records a broker's stream holds beyond which `status` without a
+/// daemon's API shows the counts a live daemon took (at most
+/// [`SHARED_COUNTS_MAX_AGE_MS`] ago) rather than counting every record
+/// itself (about 7.5 µs a record).
+pub const SHARED_COUNTS_ABOVE: u64 = 50_000;
+
+/// How old the counts a daemon shares in its snapshot may be for `status`
+/// to show them.
+pub const SHARED_COUNTS_MAX_AGE_MS: crate::clock::UnixMillis = 30_000;
 
 impl Store {
     /// A client of a fresh embedded store in `dir`, for unit tests.
@@ -120,6 +131,34 @@ impl Store {
         match self {
             Self::Embedded(queue) => queue.counts_without_completed().await,
             Self::Broker(queue) => queue.recent_counts(BROKER_COUNT_AGE).await,
+        }
+    }
+
+    /// The counts this daemon's periodic readers took last, to share in
+    /// its snapshot: on a broker only (elsewhere counting is cheap).
+    pub fn shared_counts(&self) -> Option<crate::status::SharedCounts> {
+        match self {
+            Self::Embedded(_) => None,
+            Self::Broker(queue) => {
+                let (taken_ms, counts) = queue.last_counts()?;
+                Some(crate::status::SharedCounts {
+                    taken_ms,
+                    agents: counts.into_iter().collect(),
+                })
+            }
+        }
+    }
+
+    /// Whether `status` should show a daemon's shared counts rather than
+    /// count itself: on a broker holding more than
+    /// [`SHARED_COUNTS_ABOVE`] records.
+    ///
+    /// # Errors
+    /// When the broker cannot be asked.
+    pub async fn counting_is_slow(&self) -> Result<bool, QueueError> {
+        match self {
+            Self::Embedded(_) => Ok(false),
+            Self::Broker(queue) => Ok(queue.records_held().await? > SHARED_COUNTS_ABOVE),
         }
     }
 
@@ -332,6 +371,7 @@ mod tests {
             broker: None,
             degradation: Default::default(),
             http: None,
+            counts: None,
         };
         let reader = 5_000;
         assert!(is_fresh(&snapshot(Some(32_000)), 120_000, reader));

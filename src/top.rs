@@ -364,6 +364,7 @@ mod tests {
             degradation: crate::degrade::DegradationStatus::default(),
             agents: vec![coder],
             store_error: None,
+            counted_by: None,
         };
         let mut feed = Feed {
             since_ms: Some(55_000),

@@ -787,3 +787,70 @@ async fn rollbacks_of_one_task_take_turns_across_the_fleet() {
     assert!(again.is_rolled_back());
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "2\n1\n0\n");
 }
+
+/// On a broker holding many records, `status` without a daemon's API
+/// shows a live daemon's recent counts rather than counting every record
+/// itself; with no live daemon, it counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_a_live_daemons_counts_of_a_large_broker() {
+    let Some(server) = NatsServer::start("status_shows_a_live_daemons_counts_of_a_large_broker")
+    else {
+        return;
+    };
+    let fleet = broker_fleet(&server.url, 1);
+    let daemon = spawn_named(&fleet, "a");
+    let started = std::time::Instant::now();
+    while status_json(&fleet)["daemon"]["running"] != true {
+        assert!(started.elapsed() < Duration::from_secs(20), "daemon a up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let shown = status_json(&fleet);
+    assert!(shown.get("counted_by").is_none(), "few records: {shown}");
+    // Completed records past the threshold, written as a daemon would.
+    let filled = flotilla::store::SHARED_COUNTS_ABOVE + 1;
+    let client = async_nats::connect(&server.url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let now = clock::system().now_ms();
+    let mut acks = Vec::new();
+    for n in 0..filled {
+        let record = serde_json::json!({"task": {
+            "id": format!("old{n}"), "agent": "worker", "state": "completed",
+            "created_ms": now, "finished_ms": now, "updated_ms": now,
+        }});
+        let subject = format!("$KV.FLOTILLA_RECORDS.t.old{n}");
+        let body = serde_json::to_vec(&record).unwrap().into();
+        acks.push(js.publish(subject, body).await.unwrap());
+        if acks.len() == 1_000 {
+            for ack in acks.drain(..) {
+                ack.await.unwrap();
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    // The daemon counts every 5 s and shares its count in its snapshot.
+    let started = std::time::Instant::now();
+    let shown = loop {
+        let shown = status_json(&fleet);
+        if shown["counted_by"]["daemon"] == "a" && shown["tasks"]["completed"] == filled {
+            break shown;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the daemon's counts shown: {shown}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let taken = shown["counted_by"]["taken_ms"].as_u64().unwrap();
+    assert!(
+        clock::system().now_ms().saturating_sub(taken) <= flotilla::store::SHARED_COUNTS_MAX_AGE_MS
+    );
+    let text = fleet.cli(&["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("(counted by daemon a "), "{text}");
+    stop(daemon);
+    let shown = status_json(&fleet);
+    assert!(shown.get("counted_by").is_none(), "counted itself: {shown}");
+    assert_eq!(shown["tasks"]["completed"], filled);
+}

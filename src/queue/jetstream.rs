@@ -970,6 +970,31 @@ impl JetStreamQueue {
         Ok(counts)
     }
 
+    /// The counts [`Self::recent_counts`] took last, and when (wall
+    /// time); `None` before the first, or while a count runs.
+    pub fn last_counts(&self) -> Option<(UnixMillis, Vec<(String, StateCounts)>)> {
+        let counted = self.counted.try_lock().ok()?;
+        let (at, counts) = counted.as_ref()?;
+        let age = self.inner.clock.steady_ms().saturating_sub(*at);
+        Some((self.inner.now().saturating_sub(age), counts.clone()))
+    }
+
+    /// How many messages the records' stream holds: task records and the
+    /// markers of deleted ones.
+    ///
+    /// # Errors
+    /// When the broker cannot be asked.
+    pub async fn records_held(&self) -> Result<u64, QueueError> {
+        let info = self
+            .inner
+            .bounded(
+                "read the records' stream",
+                self.inner.records.stream.get_info(),
+            )
+            .await?;
+        Ok(info.state.messages)
+    }
+
     /// The broker connection as `status` shows it.
     pub fn broker_status(&self) -> BrokerStatus {
         self.inner.stats.status(&self.inner.url)
