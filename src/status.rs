@@ -309,7 +309,7 @@ pub struct SharedCounts {
 pub struct CountedBy {
     /// The daemon that took them.
     pub daemon: String,
-    /// When.
+    /// When, on the reader's clock.
     pub taken_ms: UnixMillis,
 }
 
@@ -390,25 +390,30 @@ impl StatusReport {
             // Without a daemon's own counts at hand (its tally is kept up
             // to date), a broker holding many records is not counted
             // again: a live daemon's recent counts are shown.
+            // A count's age is measured on its daemon's clock, and the
+            // snapshot's on this one's: clocks may differ.
             let shared = if live.is_none() && store.counting_is_slow().await? {
                 snapshots
                     .iter()
                     .filter(|snapshot| crate::store::is_fresh(snapshot, now, fresh_within))
-                    .filter_map(|snapshot| Some((snapshot.name.clone(), snapshot.counts.clone()?)))
-                    .filter(|(_, counts)| {
-                        now.saturating_sub(counts.taken_ms)
-                            <= crate::store::SHARED_COUNTS_MAX_AGE_MS
+                    .filter_map(|snapshot| {
+                        let counts = snapshot.counts.clone()?;
+                        let age = snapshot.taken_ms.saturating_sub(counts.taken_ms);
+                        (age <= crate::store::SHARED_COUNTS_MAX_AGE_MS).then(|| {
+                            let age = age.saturating_add(now.saturating_sub(snapshot.taken_ms));
+                            (age, snapshot.name.clone(), counts.agents)
+                        })
                     })
-                    .max_by_key(|(_, counts)| counts.taken_ms)
+                    .min_by_key(|(age, _, _)| *age)
             } else {
                 None
             };
             let (counts, counted_by) = match shared {
-                Some((daemon, counts)) => (
-                    counts.agents,
+                Some((age, daemon, counts)) => (
+                    counts,
                     Some(CountedBy {
                         daemon,
-                        taken_ms: counts.taken_ms,
+                        taken_ms: now.saturating_sub(age),
                     }),
                 ),
                 None => (store.queue().counts().await?.into_iter().collect(), None),

@@ -88,7 +88,7 @@ pub fn render(frame: &mut Frame<'_>, screen: &Screen) {
     let t = &report.tasks;
     let level = report.degradation.level;
     let mut lines = vec![Line::from(format!(
-        "{}  ·  queue {}  ·  {} running  ·  {} completed  ·  {} dead-lettered  ·  {} escalated",
+        "{}  ·  queue {}  ·  {} running  ·  {} completed  ·  {} dead-lettered  ·  {} escalated{}",
         if report.daemon.running {
             format!(
                 "daemon {}",
@@ -101,7 +101,12 @@ pub fn render(frame: &mut Frame<'_>, screen: &Screen) {
         t.running,
         t.completed,
         t.dead_lettered,
-        t.escalated
+        t.escalated,
+        report
+            .counted_by
+            .as_ref()
+            .map(|by| format!("  ·  counted by daemon {}", by.daemon))
+            .unwrap_or_default()
     ))];
     if level != crate::degrade::Level::Nominal {
         lines.push(Line::from(Span::styled(

@@ -831,21 +831,17 @@ async fn status_shows_a_live_daemons_counts_of_a_large_broker() {
     }
     // The daemon counts every 5 s and shares its count in its snapshot.
     let started = std::time::Instant::now();
-    let shown = loop {
+    loop {
         let shown = status_json(&fleet);
         if shown["counted_by"]["daemon"] == "a" && shown["tasks"]["completed"] == filled {
-            break shown;
+            break;
         }
         assert!(
             started.elapsed() < Duration::from_secs(30),
             "the daemon's counts shown: {shown}"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    let taken = shown["counted_by"]["taken_ms"].as_u64().unwrap();
-    assert!(
-        clock::system().now_ms().saturating_sub(taken) <= flotilla::store::SHARED_COUNTS_MAX_AGE_MS
-    );
+    }
     let text = fleet.cli(&["status"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("(counted by daemon a "), "{text}");

@@ -608,6 +608,9 @@ pub struct JetStreamQueue {
     /// The last counts and when they were taken: the daemon's periodic
     /// readers share one count.
     counted: tokio::sync::Mutex<Option<Counted>>,
+    /// The last counts taken (by any caller), and when: shared in the
+    /// daemon's fleet entry for a `status` that reads the broker itself.
+    last: std::sync::Mutex<Option<Counted>>,
     /// The counts kept up to date from the records written since the last
     /// look.
     tally: tokio::sync::Mutex<Tally>,
@@ -886,6 +889,7 @@ impl JetStreamQueue {
             inner,
             background,
             counted: tokio::sync::Mutex::new(None),
+            last: std::sync::Mutex::new(None),
             tally: tokio::sync::Mutex::new(Tally::default()),
             recount: tokio::sync::Mutex::new(None),
         })
@@ -912,7 +916,9 @@ impl JetStreamQueue {
             // meanwhile, so every record is read now.
             *tally = Tally::fresh(created.clone(), now);
         }
-        self.inner.advance(&mut tally, None).await?;
+        if info.state.last_sequence > tally.read {
+            self.inner.advance(&mut tally, None).await?;
+        }
         if now.saturating_sub(tally.recounted) >= RECOUNT_EVERY_MS {
             // The hourly full count is read beside the one in use, a
             // chunk per count, and replaces it once it has caught up: the
@@ -970,13 +976,12 @@ impl JetStreamQueue {
         Ok(counts)
     }
 
-    /// The counts [`Self::recent_counts`] took last, and when (wall
-    /// time); `None` before the first, or while a count runs.
+    /// The counts taken last, and when (wall time); `None` before the
+    /// first.
     pub fn last_counts(&self) -> Option<(UnixMillis, Vec<(String, StateCounts)>)> {
-        let counted = self.counted.try_lock().ok()?;
-        let (at, counts) = counted.as_ref()?;
-        let age = self.inner.clock.steady_ms().saturating_sub(*at);
-        Some((self.inner.now().saturating_sub(age), counts.clone()))
+        let last = self.last.lock().expect("not poisoned");
+        let (at, counts) = last.as_ref()?;
+        Some((self.inner.clock.wall_of(*at), counts.clone()))
     }
 
     /// How many messages the records' stream holds: task records and the
@@ -3296,7 +3301,10 @@ impl TaskQueue for JetStreamQueue {
     }
 
     async fn counts(&self) -> Result<Vec<(String, StateCounts)>, QueueError> {
-        Ok(self.tally().await?.counts())
+        let counts = self.tally().await?.counts();
+        *self.last.lock().expect("not poisoned") =
+            Some((self.inner.clock.steady_ms(), counts.clone()));
+        Ok(counts)
     }
 
     async fn replay(&self, selection: &Selection) -> Result<u64, QueueError> {
