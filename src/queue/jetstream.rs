@@ -902,13 +902,7 @@ impl JetStreamQueue {
         // tally read, or a count that waited here would take its last
         // revision for a bucket made anew.
         let mut tally = self.tally.lock().await;
-        let info = self
-            .inner
-            .bounded(
-                "read the records' stream",
-                self.inner.records.stream.get_info(),
-            )
-            .await?;
+        let info = self.inner.records_info().await?;
         let created = format!("{:?}", info.created);
         let now = self.inner.clock.steady_ms();
         if created != tally.bucket_created || info.state.last_sequence < tally.read {
@@ -990,14 +984,7 @@ impl JetStreamQueue {
     /// # Errors
     /// When the broker cannot be asked.
     pub async fn records_held(&self) -> Result<u64, QueueError> {
-        let info = self
-            .inner
-            .bounded(
-                "read the records' stream",
-                self.inner.records.stream.get_info(),
-            )
-            .await?;
-        Ok(info.state.messages)
+        Ok(self.inner.records_info().await?.state.messages)
     }
 
     /// The broker connection as `status` shows it.
@@ -1584,6 +1571,12 @@ impl Inner {
             Ok(Err(error)) => Err(storage(&format!("cannot {what}"), error)),
             Err(_) => Err(storage(&format!("cannot {what}"), "timed out")),
         }
+    }
+
+    /// The state of the records' stream, as the broker has it now.
+    async fn records_info(&self) -> Result<stream::Info, QueueError> {
+        self.bounded("read the records' stream", self.records.stream.get_info())
+            .await
     }
 
     /// Writes `record` over `revision` (0: create). Returns the new
@@ -2513,9 +2506,7 @@ impl Inner {
         if limit == 0 {
             return Ok(found);
         }
-        let info = self
-            .bounded("read the records' stream", self.records.stream.get_info())
-            .await?;
+        let info = self.records_info().await?;
         let (first, mut end) = (info.state.first_sequence.max(1), info.state.last_sequence);
         // The earliest write read: every record before it in the stream
         // was written, and so created, before it, give or take the skew.
