@@ -649,11 +649,12 @@ async fn count_store(
         }
         let failure = match tokio::time::timeout(every, store.periodic_counts()).await {
             Ok(Ok(counts)) => {
-                // On a broker the count may be one the watchdog took a
-                // moment ago: stamped with its own time.
-                let counted_ms = store
-                    .shared_counts()
-                    .map_or_else(|| clock.now_ms(), |shared| shared.taken_ms);
+                // On a broker, the last count taken (by the watchdog's
+                // shared count, this one, or the API's), with its time.
+                let (counts, counted_ms) = match store.shared_counts() {
+                    Some(shared) => (shared.agents.into_iter().collect(), shared.taken_ms),
+                    None => (counts, clock.now_ms()),
+                };
                 metrics.set_store_counts(
                     counts.iter().map(|(_, counts)| counts.queued).sum(),
                     counts.iter().map(|(_, counts)| counts.dead_lettered).sum(),

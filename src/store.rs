@@ -56,13 +56,15 @@ pub fn daemon_name(config: &Config) -> String {
 pub const BROKER_COUNT_AGE: std::time::Duration = std::time::Duration::from_secs(25);
 
 /// Records a broker's stream holds beyond which `status` without a
-/// daemon's API shows the counts a live daemon took (at most
-/// [`SHARED_COUNTS_MAX_AGE_MS`] ago) rather than counting every record
-/// itself (about 7.5 µs a record).
+/// daemon's API shows the counts a live daemon took (see
+/// [`SHARED_COUNTS_MAX_AGE_MS`]) rather than counting every record itself
+/// (about 7.5 µs a record).
 pub const SHARED_COUNTS_ABOVE: u64 = 50_000;
 
-/// How old the counts a daemon shares in its snapshot may be for `status`
-/// to show them.
+/// How long before a daemon's snapshot its shared count may have been
+/// taken for `status` to show it (the snapshot itself is at most a few
+/// `status_interval`s old).
+///
 /// A daemon counts every 30 s (and whenever its API is asked for status).
 pub const SHARED_COUNTS_MAX_AGE_MS: crate::clock::UnixMillis = 60_000;
 

@@ -618,8 +618,8 @@ pub struct JetStreamQueue {
     recount: tokio::sync::Mutex<Option<Tally>>,
 }
 
-/// Records the hourly full count reads at most per count (about a second
-/// here).
+/// Records the hourly full count reads per count (about a second here),
+/// besides as many as were written since the last count.
 const RECOUNT_CHUNK: usize = 100_000;
 
 /// How often a [`Tally`] is counted again from every record (beside the
@@ -910,7 +910,10 @@ impl JetStreamQueue {
             // meanwhile, so every record is read now.
             *tally = Tally::fresh(created.clone(), now);
         }
-        if info.state.last_sequence > tally.read {
+        // Written since the last count: the hourly full count reads as
+        // many more than its chunk, so that it gains on the writes.
+        let written = info.state.last_sequence.saturating_sub(tally.read);
+        if written > 0 {
             self.inner.advance(&mut tally, None).await?;
         }
         if now.saturating_sub(tally.recounted) >= RECOUNT_EVERY_MS {
@@ -923,7 +926,9 @@ impl JetStreamQueue {
                 _ => Tally::fresh(created, now),
             };
             let next = recount.insert(next);
-            if self.inner.advance(next, Some(RECOUNT_CHUNK)).await? {
+            let chunk =
+                RECOUNT_CHUNK.saturating_add(usize::try_from(written).unwrap_or(usize::MAX));
+            if self.inner.advance(next, Some(chunk)).await? {
                 *tally = recount.take().expect("just inserted");
             }
         }
@@ -3292,9 +3297,13 @@ impl TaskQueue for JetStreamQueue {
     }
 
     async fn counts(&self) -> Result<Vec<(String, StateCounts)>, QueueError> {
-        let counts = self.tally().await?.counts();
+        let tally = self.tally().await?;
+        let counts = tally.counts();
+        // Under the tally's lock: a count that finished earlier cannot
+        // overwrite a later one.
         *self.last.lock().expect("not poisoned") =
             Some((self.inner.clock.steady_ms(), counts.clone()));
+        drop(tally);
         Ok(counts)
     }
 
