@@ -836,7 +836,7 @@ async fn rollback(
             }
             crate::rollback::RollbackError::Store(error) => error.into(),
         })?;
-    tracing::warn!(task = %id, rolled_back = journal.is_rolled_back(), "task rolled back through the API");
+    tracing::warn!(task = %id, failed = journal.failed().is_some(), "task rolled back through the API: {}", journal.summary());
     Ok(Json(journal))
 }
 

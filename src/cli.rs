@@ -1077,8 +1077,8 @@ async fn run_target(command: Command, target: &Target) -> Result<ExitCode, Failu
             } else {
                 println!("{}", crate::rollback::describe(&journal));
             }
-            if journal.is_rolled_back() {
-                eprintln!("task {id}: {} change(s) rolled back", journal.declared());
+            if journal.failed().is_none() {
+                eprintln!("task {id}: {}", journal.summary());
                 Ok(ExitCode::SUCCESS)
             } else {
                 Err(Failure::failed(format!(

@@ -289,6 +289,43 @@ impl Journal {
             .iter()
             .all(|entry| entry.state == ChangeState::RolledBack)
     }
+
+    /// Changes rolled back, dropped ones included.
+    pub fn rolled_back(&self) -> usize {
+        self.dropped
+            + self
+                .changes
+                .iter()
+                .filter(|entry| entry.state == ChangeState::RolledBack)
+                .count()
+    }
+
+    /// The change whose rollback command failed, where a rollback stopped.
+    /// A rollback that ended without one undid every change it began with
+    /// (changes recorded while it ran stay applied, for the next one).
+    pub fn failed(&self) -> Option<&Entry> {
+        self.changes
+            .iter()
+            .find(|entry| entry.state == ChangeState::Failed)
+    }
+
+    /// What a rollback that just ended did, for humans: how many changes
+    /// are rolled back, and what is left (a failed change, or changes
+    /// recorded while it ran).
+    pub fn summary(&self) -> String {
+        let mut summary = format!("{} change(s) rolled back", self.rolled_back());
+        let applied = self
+            .changes
+            .iter()
+            .filter(|entry| entry.state == ChangeState::Applied)
+            .count();
+        if applied > 0 && self.failed().is_none() {
+            summary.push_str(&format!(
+                "; {applied} change(s) recorded while it ran stay applied (roll back again to undo them)"
+            ));
+        }
+        summary
+    }
 }
 
 /// The changes of a result's `changes` field, checked.
@@ -999,6 +1036,44 @@ mod tests {
             "{stored:?}"
         );
         assert_eq!(stored.rolled_back_because.as_deref(), Some("operator"));
+        // Every change it began with is undone: not a failure.
+        assert!(journal.failed().is_none(), "{journal:?}");
+        assert_eq!(
+            journal.summary(),
+            "2 change(s) rolled back; 1 change(s) recorded while it ran stay applied (roll back again to undo them)"
+        );
+    }
+
+    /// A failed command stops the rollback there, and says so.
+    #[tokio::test]
+    async fn a_failed_command_stops_the_rollback() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::embedded_in(dir.path());
+        let change = |description: &str, program: &str| Change {
+            description: description.into(),
+            rollback: vec![program.into()],
+        };
+        let changes = vec![change("first", "true"), change("second", "false")];
+        let mut journal = record(&store, "t", "a", 1, changes).await.unwrap();
+        let spec = spec(dir.path());
+        roll_back(
+            &store,
+            &mut journal,
+            "operator",
+            &spec,
+            Duration::from_secs(10),
+            now,
+        )
+        .await
+        .unwrap();
+        let failed = journal.failed().expect("the second change failed");
+        assert_eq!(failed.change.description, "second");
+        assert_eq!(
+            journal.changes[0].state,
+            ChangeState::Applied,
+            "not reached"
+        );
+        assert_eq!(journal.summary(), "0 change(s) rolled back");
     }
 
     #[tokio::test]

@@ -1284,9 +1284,7 @@ impl AgentRuntime {
                 format!("the rollback was left to the one already running: {error}")
             }
             Err(error) => format!("the rollback could not be recorded: {error}"),
-            Ok(()) if journal.is_rolled_back() => {
-                format!("{} change(s) rolled back", journal.declared())
-            }
+            Ok(()) if journal.failed().is_none() => journal.summary(),
             Ok(()) => format!(
                 "the rollback failed, see `flotilla rollback {}`:\n{}",
                 journal.task,
