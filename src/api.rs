@@ -831,7 +831,8 @@ async fn rollback(
             crate::rollback::RollbackError::UnknownAgent { .. } => {
                 ApiError::bad_request(error.to_string())
             }
-            crate::rollback::RollbackError::Busy { .. } => {
+            crate::rollback::RollbackError::Busy { .. }
+            | crate::rollback::RollbackError::Replaced(_) => {
                 ApiError::new(StatusCode::CONFLICT, error.to_string())
             }
             crate::rollback::RollbackError::Store(error) => error.into(),

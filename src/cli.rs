@@ -798,8 +798,9 @@ impl Target {
                 .await
                 .map_err(|error| match error {
                     crate::rollback::RollbackError::Store(error) => error.into(),
-                    busy @ crate::rollback::RollbackError::Busy { .. } => {
-                        Failure::failed(busy.to_string())
+                    failed @ (crate::rollback::RollbackError::Busy { .. }
+                    | crate::rollback::RollbackError::Replaced(_)) => {
+                        Failure::failed(failed.to_string())
                     }
                     other => Failure::usage(other.to_string()),
                 })
@@ -1077,13 +1078,16 @@ async fn run_target(command: Command, target: &Target) -> Result<ExitCode, Failu
             } else {
                 println!("{}", crate::rollback::describe(&journal));
             }
-            if journal.failed().is_none() {
-                eprintln!("task {id}: {}", journal.summary());
-                Ok(ExitCode::SUCCESS)
-            } else {
-                Err(Failure::failed(format!(
-                    "task {id}: the rollback stopped at a change whose command failed; fix the cause and run `flotilla rollback {id}` again"
-                )))
+            match journal.failed() {
+                None => {
+                    eprintln!("task {id}: {}", journal.summary());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(failed) => Err(Failure::failed(format!(
+                    "task {id}: the rollback stopped at change {:?}, which could not be undone ({}); fix the cause and run `flotilla rollback {id}` again",
+                    failed.change.description,
+                    failed.outcome.as_deref().unwrap_or("no outcome recorded"),
+                ))),
             }
         }
         Command::Up(_)

@@ -271,6 +271,11 @@ pub struct Journal {
     /// Why the last rollback ran (`flotilla rollback`, a gate, a watch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolled_back_because: Option<String>,
+    /// Made with the journal: a rollback tells by it that the journal it
+    /// works on was not replaced (its task purged, the id given to a new
+    /// task). Absent from journals of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 fn is_zero(value: &usize) -> bool {
@@ -304,8 +309,10 @@ impl Journal {
     /// A rollback that ended without one undid every change it began with
     /// (changes recorded while it ran stay applied, for the next one).
     pub fn failed(&self) -> Option<&Entry> {
+        // The highest: a failed change above it would have been run again.
         self.changes
             .iter()
+            .rev()
             .find(|entry| entry.state == ChangeState::Failed)
     }
 
@@ -387,6 +394,7 @@ pub async fn record(
             changes: Vec::new(),
             dropped: 0,
             rolled_back_because: None,
+            id: Some(uuid::Uuid::now_v7().simple().to_string()),
         });
         if journal.changes.iter().any(|entry| entry.attempt == attempt) {
             // Recorded already (the same result handled twice).
@@ -485,15 +493,23 @@ async fn edit(
 /// Stores the progress of the rollback of `journal` (which holds the
 /// claim, so it alone changes the state of existing changes), keeping
 /// changes appended meanwhile; `journal` becomes what is stored.
-async fn save_progress(store: &Store, journal: &mut Journal) -> Result<(), QueueError> {
+///
+/// # Errors
+/// [`RollbackError::Replaced`] when the stored journal is another one
+/// now; [`RollbackError::Store`] when the store fails.
+async fn save_progress(store: &Store, journal: &mut Journal) -> Result<(), RollbackError> {
     let ours = journal.clone();
-    let mut written = false;
+    let (mut written, mut replaced) = (false, false);
     let stored = edit(store, &ours.task, |stored| {
-        written = false;
-        // Deleted meanwhile (the task purged, or its id given to a new
-        // task): not written back, which would hand the old changes to
-        // the new task.
+        (written, replaced) = (false, false);
+        // Deleted meanwhile (the task purged): not written back, which
+        // would hand the old changes to a new task given the id.
         let mut stored = stored?;
+        if stored.id != ours.id {
+            // Replaced: the task purged and its id given to a new task.
+            replaced = true;
+            return None;
+        }
         stored
             .rolled_back_because
             .clone_from(&ours.rolled_back_because);
@@ -519,6 +535,9 @@ async fn save_progress(store: &Store, journal: &mut Journal) -> Result<(), Queue
         Some(stored)
     })
     .await?;
+    if replaced {
+        return Err(RollbackError::Replaced(ours.task));
+    }
     if let Some(stored) = stored.filter(|_| written) {
         *journal = stored;
     }
@@ -667,8 +686,7 @@ async fn undo(
         let Some(entry) = journal.changes.get(index) else {
             // Fewer changes than this rollback began with: the journal
             // was replaced (the task purged, its id given to a new task).
-            tracing::warn!(task = %journal.task, "the rollback journal was replaced during the rollback; stopping");
-            break;
+            return Err(RollbackError::Replaced(journal.task.clone()));
         };
         if entry.state == ChangeState::RolledBack {
             continue;
@@ -766,6 +784,13 @@ pub enum RollbackError {
         /// Who runs the other rollback, why and since when.
         held_by: String,
     },
+    /// The journal was replaced while the rollback ran (the task purged,
+    /// its id given to a new task): the rest of its changes were not
+    /// undone.
+    #[error(
+        "the rollback journal of task {0:?} was replaced while the rollback ran (the task purged and its id given to a new task); the changes not yet undone stay applied"
+    )]
+    Replaced(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] QueueError),
@@ -991,6 +1016,20 @@ mod tests {
         journal.changes[0].state = ChangeState::RolledBack;
         save_progress(&store, &mut journal).await.unwrap();
         assert_eq!(load(&store, "t").await.unwrap(), None);
+        // Then its id given to a new task with changes of its own: the
+        // rollback stops, and the new journal is left as it is.
+        let new = record(
+            &store,
+            "t",
+            "a",
+            1,
+            slow_changes(&dir.path().join("new"), 1),
+        )
+        .await
+        .unwrap();
+        let stopped = save_progress(&store, &mut journal).await.unwrap_err();
+        assert!(matches!(stopped, RollbackError::Replaced(_)), "{stopped}");
+        assert_eq!(load(&store, "t").await.unwrap(), Some(new));
     }
 
     #[tokio::test]
@@ -1037,9 +1076,9 @@ mod tests {
         );
         assert_eq!(stored.rolled_back_because.as_deref(), Some("operator"));
         // Every change it began with is undone: not a failure.
-        assert!(journal.failed().is_none(), "{journal:?}");
+        assert!(stored.failed().is_none(), "{stored:?}");
         assert_eq!(
-            journal.summary(),
+            stored.summary(),
             "2 change(s) rolled back; 1 change(s) recorded while it ran stay applied (roll back again to undo them)"
         );
     }
@@ -1314,6 +1353,7 @@ mod tests {
                 .collect(),
             dropped: 0,
             rolled_back_because: None,
+            id: Some("stored".into()),
         };
         let value = serde_json::to_value(&journal).unwrap();
         assert!(
