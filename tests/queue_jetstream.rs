@@ -682,29 +682,21 @@ async fn counts_follow_what_other_daemons_write() {
     assert_eq!(of(mine.counts().await.unwrap()), Some((0, 1, 1, 1)));
     // Listings of live states, and `--all` of the dead letters, come from
     // the same tally.
-    let listed = |state| {
-        let filter = ListFilter {
-            state: Some(state),
-            agent: Some("worker".into()),
-            limit: 10,
-        };
-        let mine = &mine;
-        async move {
-            let tasks = mine.list(&filter).await.unwrap();
-            tasks.into_iter().map(|task| task.id).collect::<Vec<_>>()
-        }
-    };
     let dead = leases[1].key.task_id.clone();
-    assert_eq!(listed(TaskState::DeadLettered).await, [dead]);
+    assert_eq!(ids(&mine, Some(TaskState::DeadLettered), 10).await, [dead]);
     assert_eq!(
-        listed(TaskState::Running).await,
+        ids(&mine, Some(TaskState::Running), 10).await,
         [leases[2].key.task_id.clone()]
     );
     assert_eq!(mine.purge(&Selection::All).await.unwrap(), 1);
-    assert!(listed(TaskState::DeadLettered).await.is_empty());
+    assert!(
+        ids(&mine, Some(TaskState::DeadLettered), 10)
+            .await
+            .is_empty()
+    );
     complete(&theirs, &mut leases[2], json!("ok")).await;
     assert_eq!(of(mine.counts().await.unwrap()), Some((0, 0, 2, 0)));
-    assert!(listed(TaskState::Running).await.is_empty());
+    assert!(ids(&mine, Some(TaskState::Running), 10).await.is_empty());
     // A fresh reader counts the same from every record.
     let fresh = open_as(&server.url, "tally", "fresh", Duration::from_secs(30)).await;
     assert_eq!(of(fresh.counts().await.unwrap()), Some((0, 0, 2, 0)));

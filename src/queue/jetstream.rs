@@ -605,11 +605,12 @@ struct Inner {
 pub struct JetStreamQueue {
     inner: Arc<Inner>,
     background: Vec<JoinHandle<()>>,
-    /// The last counts and when they were taken: the daemon's periodic
+    /// Held by a periodic reader while it counts: the daemon's periodic
     /// readers share one count.
-    counted: tokio::sync::Mutex<Option<Counted>>,
-    /// The last counts taken (by any caller), and when: shared in the
-    /// daemon's fleet entry for a `status` that reads the broker itself.
+    counting: tokio::sync::Mutex<()>,
+    /// The last counts taken (by any caller), and when: the periodic
+    /// readers' shared count, and shared in the daemon's fleet entry for a
+    /// `status` that reads the broker itself.
     last: std::sync::Mutex<Option<Counted>>,
     /// The counts kept up to date from the records written since the last
     /// look.
@@ -888,7 +889,7 @@ impl JetStreamQueue {
         Ok(Self {
             inner,
             background,
-            counted: tokio::sync::Mutex::new(None),
+            counting: tokio::sync::Mutex::new(()),
             last: std::sync::Mutex::new(None),
             tally: tokio::sync::Mutex::new(Tally::default()),
             recount: tokio::sync::Mutex::new(None),
@@ -963,16 +964,15 @@ impl JetStreamQueue {
         &self,
         max_age: Duration,
     ) -> Result<Vec<(String, StateCounts)>, QueueError> {
-        let mut counted = self.counted.lock().await;
+        let _counting = self.counting.lock().await;
         let max_age = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX);
-        if let Some((at, counts)) = counted.as_ref()
+        if let Some((at, counts)) = self.last.lock().expect("not poisoned").as_ref()
             && self.inner.clock.steady_ms().saturating_sub(*at) < max_age
         {
             return Ok(counts.clone());
         }
-        let counts = self.counts().await?;
-        *counted = Some((self.inner.clock.steady_ms(), counts.clone()));
-        Ok(counts)
+        // Leaves its result in `last`.
+        self.counts().await
     }
 
     /// The counts taken last, and when (wall time); `None` before the
