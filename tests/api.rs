@@ -567,6 +567,14 @@ for = "1s"
             && said.contains("fault  pause"),
         "{said}"
     );
+    // The pause's 1,000 probes drain before the next experiment checks
+    // its steady state (queue depth below 100).
+    wait_until(Duration::from_secs(60), "the probes drained", || async {
+        let shown = fleet.cli(&["status", "--json"]);
+        let status: Value = serde_json::from_slice(&shown.stdout).unwrap_or_default();
+        status["tasks"]["queued"] == 0
+    })
+    .await;
     // A fault that could not be injected proves nothing: failed, though
     // the fleet is healthy.
     std::fs::write(
