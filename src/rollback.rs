@@ -276,6 +276,11 @@ pub struct Journal {
     /// task). Absent from journals of older versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// The claim owner of the rollback that last took the journal: one
+    /// whose claim lapsed and was taken by another saves nothing over the
+    /// newer one's progress. Absent from journals of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_by: Option<String>,
 }
 
 fn is_zero(value: &usize) -> bool {
@@ -395,6 +400,7 @@ pub async fn record(
             dropped: 0,
             rolled_back_because: None,
             id: Some(uuid::Uuid::now_v7().simple().to_string()),
+            claimed_by: None,
         });
         if journal.changes.iter().any(|entry| entry.attempt == attempt) {
             // Recorded already (the same result handled twice).
@@ -492,22 +498,40 @@ async fn edit(
 
 /// Stores the progress of the rollback of `journal` (which holds the
 /// claim, so it alone changes the state of existing changes), keeping
-/// changes appended meanwhile; `journal` becomes what is stored.
+/// changes appended meanwhile; `journal` becomes what is stored. The
+/// rollback's first save (`taking`) marks the journal with its claim
+/// (`journal.claimed_by`); later ones save only while it is still marked
+/// so, which no other rollback's claim could have taken meanwhile.
 ///
 /// # Errors
 /// [`RollbackError::Replaced`] when the stored journal is another one
-/// now; [`RollbackError::Store`] when the store fails.
-async fn save_progress(store: &Store, journal: &mut Journal) -> Result<(), RollbackError> {
+/// now; [`RollbackError::Busy`] when another rollback took it, this
+/// one's claim having lapsed; [`RollbackError::Store`] when the store
+/// fails.
+async fn save_progress(
+    store: &Store,
+    journal: &mut Journal,
+    taking: bool,
+) -> Result<(), RollbackError> {
     let ours = journal.clone();
-    let (mut written, mut replaced) = (false, false);
+    let (mut written, mut replaced, mut taken) = (false, false, false);
     let stored = edit(store, &ours.task, |stored| {
-        (written, replaced) = (false, false);
+        (written, replaced, taken) = (false, false, false);
         // Deleted meanwhile (the task purged): not written back, which
         // would hand the old changes to a new task given the id.
         let mut stored = stored?;
         if stored.id != ours.id {
             // Replaced: the task purged and its id given to a new task.
             replaced = true;
+            return None;
+        }
+        if taking {
+            stored.claimed_by.clone_from(&ours.claimed_by);
+        } else if stored.claimed_by.is_some() && stored.claimed_by != ours.claimed_by {
+            // This rollback stalled past its claim, and another took the
+            // task: the states are that one's to write. (No mark at all:
+            // rewritten by an older flotilla, which keeps none.)
+            taken = true;
             return None;
         }
         stored
@@ -537,6 +561,9 @@ async fn save_progress(store: &Store, journal: &mut Journal) -> Result<(), Rollb
     .await?;
     if replaced {
         return Err(RollbackError::Replaced(ours.task));
+    }
+    if taken {
+        return Err(lapsed(ours.task));
     }
     if let Some(stored) = stored.filter(|_| written) {
         *journal = stored;
@@ -674,7 +701,8 @@ async fn undo(
         return Ok(());
     }
     journal.rolled_back_because = Some(because.to_string());
-    save_progress(store, journal).await?;
+    journal.claimed_by = Some(claim.owner.clone());
+    save_progress(store, journal, true).await?;
     // By number: changes appended meanwhile are left to the next
     // rollback, and those dropped meanwhile (rolled back, at the front)
     // shift the indices of the rest.
@@ -706,10 +734,7 @@ async fn undo(
         {
             // Lapsed and taken by another rollback (this process stalled
             // longer than the claim): that one goes on from here.
-            return Err(RollbackError::Busy {
-                task: journal.task.clone(),
-                held_by: "another rollback, after this one's claim lapsed".into(),
-            });
+            return Err(lapsed(journal.task.clone()));
         }
         *claim = renewed;
         let agent = journal.changes[index]
@@ -748,12 +773,20 @@ async fn undo(
         } else {
             tracing::error!(task = %journal.task, change = %entry.change.description, %outcome, "rollback of a change failed; later changes stay applied");
         }
-        save_progress(store, journal).await?;
+        save_progress(store, journal, false).await?;
         if !ok {
             break;
         }
     }
     Ok(())
+}
+
+/// The error of a rollback whose claim lapsed and was taken by another.
+fn lapsed(task: String) -> RollbackError {
+    RollbackError::Busy {
+        task,
+        held_by: "another rollback, after this one's claim lapsed".into(),
+    }
 }
 
 /// Why a task could not be rolled back.
@@ -1014,7 +1047,7 @@ mod tests {
         // The task purged meanwhile, its journal with it.
         store.put_control(&key("t"), &Value::Null).await.unwrap();
         journal.changes[0].state = ChangeState::RolledBack;
-        save_progress(&store, &mut journal).await.unwrap();
+        save_progress(&store, &mut journal, false).await.unwrap();
         assert_eq!(load(&store, "t").await.unwrap(), None);
         // Then its id given to a new task with changes of its own: the
         // rollback stops, and the new journal is left as it is.
@@ -1027,7 +1060,9 @@ mod tests {
         )
         .await
         .unwrap();
-        let stopped = save_progress(&store, &mut journal).await.unwrap_err();
+        let stopped = save_progress(&store, &mut journal, false)
+            .await
+            .unwrap_err();
         assert!(matches!(stopped, RollbackError::Replaced(_)), "{stopped}");
         assert_eq!(load(&store, "t").await.unwrap(), Some(new));
     }
@@ -1113,6 +1148,82 @@ mod tests {
             "not reached"
         );
         assert_eq!(journal.summary(), "0 change(s) rolled back");
+    }
+
+    /// A rollback that stalled past its claim while another took the
+    /// task over saves nothing over the newer one's progress.
+    #[tokio::test]
+    async fn a_rollback_whose_claim_was_taken_saves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::embedded_in(dir.path());
+        let (log, gate) = (dir.path().join("undo.log"), dir.path().join("gate"));
+        let mut changes = slow_changes(&log, 2);
+        // The last change's command (run first) waits for the gate.
+        changes[1].rollback[2] = format!(
+            "echo 1 >> '{}'; while [ ! -e '{}' ]; do sleep 0.01; done",
+            log.display(),
+            gate.display()
+        );
+        let mut journal = record(&store, "t", "a", 1, changes).await.unwrap();
+        let spec = spec(dir.path());
+        let rollback = roll_back(
+            &store,
+            &mut journal,
+            "operator",
+            &spec,
+            Duration::from_secs(10),
+            now,
+        );
+        let newer = Claim {
+            owner: "elsewhere pid 1 run newer".into(),
+            because: "gate".into(),
+            since_ms: now(),
+            until_ms: now() + 60_000,
+            holder: None,
+        };
+        let take_over = async {
+            let started = std::time::Instant::now();
+            while std::fs::read_to_string(&log).unwrap_or_default() != "1\n" {
+                assert!(started.elapsed() < Duration::from_secs(10), "no undo began");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // As if this rollback's claim had lapsed: another takes the
+            // task, marks the journal (its first save) and records that
+            // the same command failed for it.
+            store
+                .put_control(&claim_key("t"), &newer.value())
+                .await
+                .unwrap();
+            let mut theirs = load(&store, "t").await.unwrap().unwrap();
+            theirs.claimed_by = Some(newer.owner.clone());
+            theirs.changes[1].state = ChangeState::Failed;
+            theirs.changes[1].outcome = Some("theirs".into());
+            store
+                .put_control(&key("t"), &serde_json::to_value(&theirs).unwrap())
+                .await
+                .unwrap();
+            std::fs::write(&gate, "").unwrap();
+        };
+        let (stopped, ()) = tokio::join!(rollback, take_over);
+        let stopped = stopped.unwrap_err();
+        assert!(
+            matches!(&stopped, RollbackError::Busy { held_by, .. } if held_by.contains("lapsed")),
+            "{stopped}"
+        );
+        let stored = load(&store, "t").await.unwrap().unwrap();
+        assert_eq!(stored.changes[1].state, ChangeState::Failed, "{stored:?}");
+        assert_eq!(stored.changes[1].outcome.as_deref(), Some("theirs"));
+        assert_eq!(stored.changes[0].state, ChangeState::Applied);
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "1\n",
+            "went no further"
+        );
+        // The newer claim is left to its holder.
+        assert_eq!(
+            store.get_control(&claim_key("t")).await.unwrap(),
+            Some(newer.value())
+        );
     }
 
     #[tokio::test]
@@ -1354,6 +1465,7 @@ mod tests {
             dropped: 0,
             rolled_back_because: None,
             id: Some("stored".into()),
+            claimed_by: None,
         };
         let value = serde_json::to_value(&journal).unwrap();
         assert!(
