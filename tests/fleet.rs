@@ -876,6 +876,12 @@ command = ["sh", "-c", "printf 'a\\377b\\n'"]
 mode = "oneshot"
 command = ["sh", "-c", "kill -9 $$"]
 retry = { max_deliver = 2, backoff = ["60s"] }
+
+[agents.background]
+mode = "oneshot"
+command = ["sh", "-c", "sleep 60 & echo '{{\"left\": \"a helper\"}}'"]
+timeouts = { progress_timeout = "20s" }
+retry = { max_deliver = 1 }
 "#,
     );
     let daemon = fleet.start().await;
@@ -884,7 +890,9 @@ retry = { max_deliver = 2, backoff = ["60s"] }
     let (silent, silent_ids) = numbered_tasks("silent", 1, "silent");
     let (binary, binary_ids) = numbered_tasks("binary", 1, "binary");
     let (suicidal, suicidal_ids) = numbered_tasks("suicidal", 1, "suicidal");
+    let (background, background_ids) = numbered_tasks("background", 1, "background");
     queue.submit(slow).await.unwrap();
+    queue.submit(background).await.unwrap();
     queue.submit(silent).await.unwrap();
     queue.submit(binary).await.unwrap();
     queue.submit(suicidal).await.unwrap();
@@ -893,7 +901,7 @@ retry = { max_deliver = 2, backoff = ["60s"] }
     wait_until(
         Duration::from_secs(30),
         "the oneshot tasks to finish",
-        || async { finished(queue.as_ref()).await >= 4 },
+        || async { finished(queue.as_ref()).await >= 5 },
     )
     .await;
     let flotilla::store::Store::Embedded(store) = daemon.store() else {
@@ -922,6 +930,15 @@ retry = { max_deliver = 2, backoff = ["60s"] }
     assert!(
         processes_of(&instance).is_empty(),
         "the killed sleep is gone"
+    );
+    // Its exit ends the task, though the sleep it left holds its stdout:
+    // not a progress timeout 20 s later. The sleep ends with its group
+    // (none of the fleet's processes are left, above).
+    let background = &records(queue.as_ref(), &background_ids).await[0];
+    assert_eq!(background.state, TaskState::Completed, "{background:?}");
+    assert_eq!(
+        background.result.as_ref().unwrap(),
+        &serde_json::json!({"left": "a helper"})
     );
     let binary = &records(queue.as_ref(), &binary_ids).await[0];
     assert_eq!(binary.state, TaskState::Completed, "{binary:?}");

@@ -240,9 +240,19 @@ async fn run_task(
     let mut memory_closed = false;
     let mut orders = agent.watch_orders();
     let mut orders_closed = false;
+    // The exit, once seen, and until when the pipes are read after it: a
+    // process it left behind (`helper &`) can hold them open for ever.
+    let mut exited: Option<(Option<std::process::ExitStatus>, Instant)> = None;
     let status = loop {
+        if let Some((status, _)) = exited
+            && !out_open
+            && !err_open
+        {
+            break status;
+        }
         let timer = tracked.next_timeout(agent);
         let timer = draining.map_or(timer, |deadline| timer.min(deadline));
+        let timer = exited.map_or(timer, |(_, drained)| timer.min(drained));
         tokio::select! {
             line = out_lines.next_line(), if out_open => match line {
                 Ok(Some(Line::Text(text) | Line::NotUtf8(text))) => {
@@ -278,7 +288,9 @@ async fn run_task(
                 }
                 Ok(None) | Err(_) => err_open = false,
             },
-            status = child.wait(), if !out_open && !err_open => break status.ok(),
+            status = child.wait(), if exited.is_none() => {
+                exited = Some((status.ok(), Instant::now() + crate::command::DRAIN_AFTER_EXIT));
+            }
             changed = orders.changed(), if !orders_closed => {
                 orders_closed = changed.is_err();
                 if let Some(why) = agent.take_abandon(&tracked.lease.key) {
@@ -306,6 +318,11 @@ async fn run_task(
                 }
             }
             () = tokio::time::sleep_until(timer) => {
+                if let Some((status, drained)) = exited && Instant::now() >= drained {
+                    // Judged by its exit; what it left behind is ended
+                    // with its group below.
+                    break status;
+                }
                 if let Some(deadline) = draining && Instant::now() >= deadline {
                     let renewing = agent.keep_lease(&tracked.lease.key);
                     process::stop(&mut child, pgid, agent.config.timeouts.stop_grace.get()).await;
