@@ -1019,6 +1019,51 @@ for line in sys.stdin:
 }
 
 /// The parent of process `pid`, while it exists (a zombie included).
+/// A persistent replica that dies while a process it started holds its
+/// stdout is a crash at once (its task released, the replica restarted),
+/// not a silence noticed at the progress timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_exits_while_a_helper_holds_its_stdout_is_a_crash() {
+    let agent = r#"
+import json, os, subprocess, sys
+print(json.dumps({"type": "ready"}), flush=True)
+for line in sys.stdin:
+    task = json.loads(line)
+    if task["attempt"] == 1:
+        subprocess.Popen(["sleep", "60"])
+        os._exit(3)
+    print(json.dumps({"type": "result", "id": task["id"], "output": "done"}), flush=True)
+"#;
+    let fleet = Fleet::new("");
+    std::fs::write(fleet.path("leaver.py"), agent).unwrap();
+    std::fs::write(
+        &fleet.config_path,
+        "[store]\npath = \"fleet.db\"\n[http]\nlisten = \"127.0.0.1:0\"\n[agents.leaver]\ncommand = [\"python3\", \"leaver.py\"]\ntimeouts = { progress_timeout = \"60s\" }\n",
+    )
+    .unwrap();
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let (batch, ids) = numbered_tasks("leaver", 1, "leave");
+    queue.submit(batch).await.unwrap();
+    wait_until(Duration::from_secs(20), "the task to finish", || async {
+        finished(queue.as_ref()).await >= 1
+    })
+    .await;
+    daemon.stop().await;
+    let task = &records(queue.as_ref(), &ids).await[0];
+    assert_eq!(task.state, TaskState::Completed, "{task:?}");
+    assert_eq!(task.history[0].outcome, Some(AttemptOutcome::Crashed));
+    assert!(
+        task.history[0]
+            .detail
+            .as_deref()
+            .unwrap()
+            .contains("exit code 3"),
+        "{:?}",
+        task.history[0].detail
+    );
+}
+
 fn parent_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit(')')

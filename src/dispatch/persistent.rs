@@ -345,6 +345,10 @@ impl Replica<'_> {
         let mut orders_closed = false;
         // An order given while this process was starting counts too.
         let mut retiring = orders.borrow_and_update().retire.contains(&self.index);
+        // When the process exited, plus the time its last lines get to be
+        // read: a process it left behind may hold stdout open for ever, so
+        // the exit, not the end of stdout, is the crash.
+        let mut exited: Option<Instant> = None;
         loop {
             if let Some(reason) = self.broken.take() {
                 let failure = Failure {
@@ -359,6 +363,7 @@ impl Replica<'_> {
             }
             if draining.is_none()
                 && !retiring
+                && exited.is_none()
                 && slot.is_none()
                 && self.in_flight.len() < concurrency
                 && !self.agent.outcomes_pending()
@@ -381,6 +386,7 @@ impl Replica<'_> {
                 .min()
                 .unwrap_or_else(|| Instant::now() + IDLE_TICK);
             let timer = draining.map_or(timer, |deadline| timer.min(deadline));
+            let timer = exited.map_or(timer, |deadline| timer.min(deadline));
             // Waiting for pending completions to be stored: look again soon.
             let timer = if self.agent.outcomes_pending() {
                 timer.min(Instant::now() + OUTCOMES_RECHECK)
@@ -413,6 +419,9 @@ impl Replica<'_> {
                     Ok(Some(other)) => self.malformed_line(&other),
                     Ok(None) | Err(_) => return self.crashed().await,
                 },
+                _ = self.child.wait(), if exited.is_none() => {
+                    exited = Some(Instant::now() + crate::command::DRAIN_AFTER_EXIT);
+                }
                 lease = async { slot.as_mut().expect("guarded by is_some").await }, if slot.is_some() => {
                     slot = None;
                     if let Ok(handed) = lease {
@@ -427,6 +436,9 @@ impl Replica<'_> {
                 }
                 () = tokio::time::sleep_until(timer) => {
                     let now = Instant::now();
+                    if exited.is_some_and(|deadline| now >= deadline) {
+                        return self.crashed().await;
+                    }
                     let expired = self
                         .in_flight
                         .iter()
