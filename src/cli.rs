@@ -1555,7 +1555,7 @@ async fn read_tasks(
         let line = match line {
             None => break,
             Some(crate::lines::Line::Text(line)) => line,
-            Some(crate::lines::Line::TooLong) => {
+            Some(crate::lines::Line::TooLong(_)) => {
                 problems.push(format!("line {number}: longer than {max_line} bytes"));
                 continue;
             }

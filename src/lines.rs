@@ -9,12 +9,17 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 pub enum Line {
     /// A complete line, without its newline.
     Text(String),
-    /// A line longer than the limit; its bytes were discarded.
-    TooLong,
+    /// A line longer than the limit: its first [`HEAD_BYTES`] bytes
+    /// (decoded lossily), the rest discarded.
+    TooLong(String),
     /// A line that is not UTF-8, decoded lossily (invalid bytes become
     /// U+FFFD).
     NotUtf8(String),
 }
+
+/// How much of an over-long line is kept: enough to tell what it was
+/// (an agent's message type and task id come first).
+pub const HEAD_BYTES: usize = 512;
 
 /// A line reader with a length limit. Cancel safe: dropping a pending
 /// [`LineReader::next_line`] loses nothing.
@@ -51,8 +56,7 @@ impl<R: AsyncBufRead + Unpin> LineReader<R> {
             let buffer = self.reader.fill_buf().await?;
             if buffer.is_empty() {
                 if self.discarding {
-                    self.discarding = false;
-                    return Ok(Some(Line::TooLong));
+                    return Ok(Some(self.too_long()));
                 }
                 if self.partial.is_empty() {
                     return Ok(None);
@@ -63,24 +67,36 @@ impl<R: AsyncBufRead + Unpin> LineReader<R> {
             let newline = buffer.iter().position(|byte| *byte == b'\n');
             let take = newline.map_or(buffer.len(), |index| index + 1);
             let chunk = &buffer[..newline.unwrap_or(buffer.len())];
-            if !self.discarding {
-                if self.partial.len() + chunk.len() > self.max {
-                    self.discarding = true;
-                    self.partial.clear();
-                } else {
-                    self.partial.extend_from_slice(chunk);
-                }
+            if !self.discarding && self.partial.len() + chunk.len() > self.max {
+                // Too long: its head is kept, the rest discarded as it comes.
+                self.discarding = true;
+                self.partial.truncate(HEAD_BYTES);
+            }
+            if self.discarding {
+                let keep = HEAD_BYTES.saturating_sub(self.partial.len());
+                self.partial
+                    .extend_from_slice(&chunk[..keep.min(chunk.len())]);
+            } else {
+                self.partial.extend_from_slice(chunk);
             }
             self.reader.consume(take);
             if newline.is_some() {
                 if self.discarding {
-                    self.discarding = false;
-                    return Ok(Some(Line::TooLong));
+                    return Ok(Some(self.too_long()));
                 }
                 let bytes = std::mem::take(&mut self.partial);
                 return Ok(Some(to_line(bytes)));
             }
         }
+    }
+}
+
+impl<R> LineReader<R> {
+    /// The over-long line being discarded, ended.
+    fn too_long(&mut self) -> Line {
+        self.discarding = false;
+        let head = std::mem::take(&mut self.partial);
+        Line::TooLong(String::from_utf8_lossy(&head).into_owned())
     }
 }
 
@@ -115,7 +131,7 @@ mod tests {
             lines,
             [
                 Line::Text("short".into()),
-                Line::TooLong,
+                Line::TooLong("this line is too long".into()),
                 Line::Text("ok".into()),
                 Line::NotUtf8("\u{fffd}\u{fffd}".into()),
                 Line::Text("last".into()),
@@ -124,8 +140,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_over_long_line_keeps_only_its_head() {
+        let mut input = vec![b'a'; 5000];
+        input.extend_from_slice(b"\nnext\n");
+        assert_eq!(
+            read_all(&input, 100).await,
+            [
+                Line::TooLong("a".repeat(HEAD_BYTES)),
+                Line::Text("next".into())
+            ]
+        );
+    }
+
+    #[tokio::test]
     async fn long_final_line_and_empty_input() {
-        assert_eq!(read_all(b"0123456789", 4).await, [Line::TooLong]);
+        assert_eq!(
+            read_all(b"0123456789", 4).await,
+            [Line::TooLong("0123456789".into())]
+        );
         assert!(read_all(b"", 4).await.is_empty());
         assert_eq!(read_all(b"\n", 4).await, [Line::Text(String::new())]);
     }

@@ -306,6 +306,46 @@ pub struct MalformedOutcome {
     pub retryable: Option<bool>,
 }
 
+/// The type (`result` or `error`) and task id of a line too long to be
+/// read whole, from its head (see [`crate::lines::HEAD_BYTES`]): both come
+/// first in a message written as the protocol shows it.
+pub fn outcome_of_too_long(head: &str) -> Option<MalformedOutcome> {
+    if !head.trim_start().starts_with('{') {
+        return None;
+    }
+    let kind = match string_field(head, "type")? {
+        "result" => "result",
+        "error" => "error",
+        _ => return None,
+    };
+    Some(MalformedOutcome {
+        kind,
+        id: string_field(head, "id").map(str::to_string),
+        message: None,
+        retryable: None,
+    })
+}
+
+/// The value of the first `"name": "value"` pair in `text`, a string
+/// without escapes; `None` when there is none (or it is cut off).
+fn string_field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    let key = format!("\"{name}\"");
+    let mut rest = text;
+    while let Some(at) = rest.find(&key) {
+        rest = &rest[at + key.len()..];
+        let Some(value) = rest
+            .trim_start()
+            .strip_prefix(':')
+            .and_then(|value| value.trim_start().strip_prefix('"'))
+        else {
+            continue;
+        };
+        let end = value.find(['"', '\\'])?;
+        return value[end..].starts_with('"').then(|| &value[..end]);
+    }
+    None
+}
+
 /// How many characters of an agent's stderr line are logged.
 pub const STDERR_LOG_CHARS: usize = 2000;
 
@@ -349,6 +389,27 @@ pub fn schema() -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_over_long_outcome_is_told_by_its_head() {
+        let told =
+            outcome_of_too_long(r#"{"type": "result", "id": "t-1", "output": "xxxx"#).unwrap();
+        assert_eq!((told.kind, told.id.as_deref()), ("result", Some("t-1")));
+        // No id: the only task in flight is meant.
+        let told = outcome_of_too_long(r#"{"type":"error","message":"#).unwrap();
+        assert_eq!((told.kind, told.id), ("error", None));
+        // An id cut off, or escaped, is not guessed at.
+        let told = outcome_of_too_long(r#"{"type":"result","id":"t-"#).unwrap();
+        assert_eq!(told.id, None);
+        for other in [
+            r#"{"type": "progress", "id": "t-1""#,
+            r#"{"output": "xxxx"#,
+            "not json",
+            r#"{"type": "result\"x", "id": "t-1""#,
+        ] {
+            assert!(outcome_of_too_long(other).is_none(), "{other}");
+        }
+    }
     use serde_json::json;
 
     #[test]

@@ -319,6 +319,80 @@ retry = { backoff = ["10ms"] }
     daemon.stop().await;
 }
 
+/// Reads two tasks, then answers both with results over its 64 KiB
+/// `max_line_bytes`.
+const OVERSIZED: &str = r#"
+import json, sys
+print(json.dumps({"type": "ready"}), flush=True)
+held = []
+for line in sys.stdin:
+    held.append(json.loads(line)["id"])
+    if len(held) == 2:
+        for id in held:
+            print(json.dumps({"type": "result", "id": id, "output": "x" * 100000}), flush=True)
+        held = []
+"#;
+
+/// Answers with a result line that is not UTF-8.
+const LATIN1: &str = r#"
+import json, sys
+print(json.dumps({"type": "ready"}), flush=True)
+for line in sys.stdin:
+    id = json.loads(line)["id"]
+    sys.stdout.buffer.write(b'{"type": "result", "id": "' + id.encode() + b'", "output": "caf\xe9"}\n')
+    sys.stdout.flush()
+"#;
+
+/// A result line too long to read, or not UTF-8, fails its attempt at
+/// once, naming the cause, instead of at the progress timeout; a result
+/// too long is not retried (it would not fit next time either).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_result_line_fails_its_attempt_at_once() {
+    let fleet = Fleet::new(
+        r#"
+[agents.oversized]
+command = ["python3", "oversized.py"]
+concurrency = 2
+max_line_bytes = "64KiB"
+timeouts = { progress_timeout = "60s" }
+
+[agents.latin1]
+command = ["python3", "latin1.py"]
+timeouts = { progress_timeout = "60s" }
+retry = { max_deliver = 1 }
+"#,
+    );
+    std::fs::write(fleet.path("oversized.py"), OVERSIZED).unwrap();
+    std::fs::write(fleet.path("latin1.py"), LATIN1).unwrap();
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let (oversized, oversized_ids) = numbered_tasks("oversized", 2, "big");
+    let (latin1, latin1_ids) = numbered_tasks("latin1", 1, "latin");
+    queue.submit(oversized).await.unwrap();
+    queue.submit(latin1).await.unwrap();
+    wait_until(Duration::from_secs(20), "the tasks to fail", || async {
+        finished(queue.as_ref()).await >= 3
+    })
+    .await;
+    daemon.stop().await;
+    for task in records(queue.as_ref(), &oversized_ids).await {
+        assert_eq!(task.state, TaskState::DeadLettered, "{task:?}");
+        assert_eq!(task.history.len(), 1, "not retried: {task:?}");
+        let reason = task.reason.as_deref().unwrap();
+        assert!(
+            reason.contains("result message was longer than max_line_bytes = 65536"),
+            "{reason}"
+        );
+    }
+    let latin1 = &records(queue.as_ref(), &latin1_ids).await[0];
+    assert_eq!(latin1.state, TaskState::DeadLettered, "{latin1:?}");
+    let reason = latin1.reason.as_deref().unwrap();
+    assert!(
+        reason.contains("result message was malformed: not UTF-8"),
+        "{reason}"
+    );
+}
+
 /// Takes tasks one at a time in one thread, and answers each, after a
 /// second, with a result longer than a pipe holds.
 const LONG_ANSWERS: &str = r#"

@@ -268,7 +268,7 @@ async fn run_task(
                         return None;
                     }
                 }
-                Ok(Some(Line::TooLong)) => { kill_for(agent, name, &mut child, pgid, tracked, too_long(max_result)).await; return None; }
+                Ok(Some(Line::TooLong(_))) => { kill_for(agent, name, &mut child, pgid, tracked, too_long(max_result)).await; return None; }
                 Ok(None) | Err(_) => out_open = false,
             },
             line = err_lines.next_line(), if err_open => match line {

@@ -203,7 +203,9 @@ impl Replica<'_> {
                     Ok(_) => self.agent.record_stale(self.index, "message before ready"),
                     Err(error) => self.agent.record_malformed(self.index, &error),
                 },
-                Ok(Some(other)) => self.malformed_line(&other),
+                Ok(Some(other)) => {
+                    self.malformed_line(&other);
+                }
                 Ok(None) | Err(_) => {
                     let status = process::finish(&mut self.child, self.pgid).await;
                     return Err(Exit::NotStarted(format!(
@@ -221,17 +223,65 @@ impl Replica<'_> {
             .update_replica(self.index, |replica| replica.last_seen_ms = Some(now));
     }
 
-    fn malformed_line(&self, line: &Line) {
-        let error = match line {
-            Line::NotUtf8(text) => LineError::Malformed {
-                reason: "not UTF-8".into(),
-                excerpt: protocol::excerpt(text),
-            },
-            _ => LineError::TooLong {
-                max_line_bytes: self.agent.config.max_line_bytes.as_usize(),
-            },
+    /// Counts a line that is not UTF-8, or too long to read; returns why,
+    /// and what it was if it looks like a task's result or error.
+    fn malformed_line(&self, line: &Line) -> (LineError, Option<protocol::MalformedOutcome>) {
+        let max_line_bytes = self.agent.config.max_line_bytes.as_usize();
+        let (error, outcome) = match line {
+            Line::TooLong(head) => (
+                LineError::TooLong { max_line_bytes },
+                protocol::outcome_of_too_long(head),
+            ),
+            Line::NotUtf8(text) | Line::Text(text) => (
+                LineError::Malformed {
+                    reason: "not UTF-8".into(),
+                    excerpt: protocol::excerpt(text),
+                },
+                protocol::outcome_of_malformed(text),
+            ),
         };
         self.agent.record_malformed(self.index, &error);
+        (error, outcome)
+    }
+
+    /// Fails the attempt whose result or error message (`outcome`) could
+    /// not be read, because of `error`; a message about no task held here
+    /// is left alone.
+    async fn fail_malformed(&mut self, outcome: protocol::MalformedOutcome, error: &LineError) {
+        if self.task_for(outcome.id.as_deref()).is_none() {
+            return;
+        }
+        let (message, retryable) = match error {
+            // A result that does not fit will not fit next time either.
+            LineError::TooLong { max_line_bytes } => (
+                format!(
+                    "the agent's {} message was longer than max_line_bytes = {max_line_bytes} bytes, so it was not read; raise the agent's max_line_bytes (above store.max_result_bytes, with room for the message around the result), or write large outputs to files",
+                    outcome.kind
+                ),
+                outcome.kind != "result",
+            ),
+            LineError::Malformed { reason, .. } => {
+                let said = outcome
+                    .message
+                    .map_or_else(String::new, |message| format!(" (it said: {message})"));
+                (
+                    format!(
+                        "the agent's {} message was malformed: {reason}{said}",
+                        outcome.kind
+                    ),
+                    // An error that said it cannot succeed is taken at
+                    // its word.
+                    outcome.retryable.unwrap_or(true),
+                )
+            }
+        };
+        self.handle_message(FromAgent::Error {
+            id: outcome.id,
+            message,
+            retryable,
+            retry_after_ms: None,
+        })
+        .await;
     }
 
     /// The process is gone: status must not show its pid or tasks while
@@ -416,7 +466,14 @@ impl Replica<'_> {
                 }
                 line = self.lines.next_line() => match line {
                     Ok(Some(Line::Text(text))) => self.handle_line(&text).await,
-                    Ok(Some(other)) => self.malformed_line(&other),
+                    Ok(Some(other)) => {
+                        // The result or error of a task held here fails
+                        // that attempt now, saying why, instead of at its
+                        // progress timeout.
+                        if let (error, Some(outcome)) = self.malformed_line(&other) {
+                            self.fail_malformed(outcome, &error).await;
+                        }
+                    }
                     Ok(None) | Err(_) => return self.crashed().await,
                 },
                 _ = self.child.wait(), if exited.is_none() => {
@@ -634,28 +691,8 @@ impl Replica<'_> {
                 // A malformed result or error of a task this replica
                 // holds fails the attempt now, saying why, instead of
                 // leaving it to its progress timeout.
-                if let Some(outcome) = protocol::outcome_of_malformed(text)
-                    && self.task_for(outcome.id.as_deref()).is_some()
-                {
-                    let reason = match &error {
-                        LineError::Malformed { reason, .. } => reason.clone(),
-                        LineError::TooLong { .. } => error.to_string(),
-                    };
-                    let said = outcome
-                        .message
-                        .map_or_else(String::new, |message| format!(" (it said: {message})"));
-                    self.handle_message(FromAgent::Error {
-                        id: outcome.id,
-                        message: format!(
-                            "the agent's {} message was malformed: {reason}{said}",
-                            outcome.kind
-                        ),
-                        // An error that said it cannot succeed is taken
-                        // at its word.
-                        retryable: outcome.retryable.unwrap_or(true),
-                        retry_after_ms: None,
-                    })
-                    .await;
+                if let Some(outcome) = protocol::outcome_of_malformed(text) {
+                    self.fail_malformed(outcome, &error).await;
                 }
             }
         }
@@ -897,7 +934,9 @@ impl Replica<'_> {
                         self.wind_down_line(&text).await;
                         renewing.retain(|id, _| self.in_flight.contains_key(id));
                     }
-                    Ok(Some(other)) => self.malformed_line(&other),
+                    Ok(Some(other)) => {
+                        self.malformed_line(&other);
+                    }
                     Ok(None) | Err(_) => reading = false,
                 },
                 _ = self.child.wait(), if !exited => {
