@@ -111,7 +111,7 @@ pub fn check(config: &Config, alerts: Option<&Path>) -> Scorecard {
         "by design: a task is done only when its result is stored (and passed its gates)".into(),
         "",
     ));
-    let timeouts: Vec<String> = agents
+    let mut timeouts: Vec<String> = agents
         .iter()
         .filter(|(_, agent)| agent.timeouts.progress_timeout >= agent.timeouts.max_duration)
         .map(|(name, agent)| {
@@ -121,16 +121,29 @@ pub fn check(config: &Config, alerts: Option<&Path>) -> Scorecard {
             )
         })
         .collect();
+    // The fleet watchdog's stuck_after cuts a longer progress timeout
+    // short: a replica silent that long is restarted, its attempt charged.
+    if config.watchdog.enabled {
+        timeouts.extend(agents.iter().filter_map(|(name, agent)| {
+            let stuck_after = config.watchdog.thresholds(&agent.watchdog).stuck_after;
+            (agent.timeouts.progress_timeout > stuck_after).then(|| {
+                format!(
+                    "{name}: progress_timeout = {} is longer than the fleet watchdog's stuck_after = {stuck_after}, which restarts a replica silent that long first; set agents.{name}.watchdog = {{ stuck_after = ... }} above the progress timeout",
+                    agent.timeouts.progress_timeout
+                )
+            })
+        }));
+    }
     items.push(item(
         "timeouts",
         "every agent has a progress timeout and a total time limit",
         true,
         timeouts,
         format!(
-            "{} agent(s), each with progress_timeout below max_duration",
+            "{} agent(s), each with progress_timeout below max_duration (and within the watchdog's stuck_after)",
             agents.len()
         ),
-        "set [agents.NAME.timeouts] progress_timeout well below max_duration",
+        "set [agents.NAME.timeouts] progress_timeout well below max_duration, and the agent's watchdog stuck_after above it",
     ));
     let breakers: Vec<String> = agents
         .iter()

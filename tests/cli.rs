@@ -429,4 +429,31 @@ timeouts = { progress_timeout = "2h", max_duration = "1h" }
     ] {
         assert!(text.contains(expected), "{expected:?} missing from\n{text}");
     }
+    // A progress timeout longer than the watchdog's stuck_after (15m by
+    // default) is cut short by it; the agent's own stuck_after mends it.
+    let timeouts = |agent: &str| {
+        let fleet = Fleet::new(&format!(
+            "[agents.quiet]\ncommand = [\"true\"]\ntimeouts = {{ progress_timeout = \"20m\", max_duration = \"1h\" }}\n{agent}"
+        ));
+        let config = fleet.config_path.to_str().unwrap().to_string();
+        let card = fleet.cli(&["check", &config, "--alerts", alerts, "--json"]);
+        let card: serde_json::Value = serde_json::from_slice(&card.stdout).unwrap();
+        card["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|item| item["id"] == "timeouts")
+            .unwrap()
+            .clone()
+    };
+    let cut_short = timeouts("");
+    assert_eq!(cut_short["status"], "fail", "{cut_short}");
+    assert!(
+        cut_short.to_string().contains(
+            "quiet: progress_timeout = 20m is longer than the fleet watchdog's stuck_after = 15m"
+        ),
+        "{cut_short}"
+    );
+    let mended = timeouts("watchdog = { stuck_after = \"30m\" }\n");
+    assert_eq!(mended["status"], "pass", "{mended}");
 }
