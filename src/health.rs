@@ -274,88 +274,174 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     health: Health,
     api: Arc<crate::api::Api>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let mut stopped = stop.clone();
     let routes = router(health).merge(crate::api::router(api));
-    let listener = Capped {
-        inner: listener,
-        permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
-        first_byte: FIRST_BYTE_TIMEOUT,
-        idle: IDLE_TIMEOUT,
-    };
-    let server = axum::serve(listener, routes).with_graceful_shutdown(async move {
-        let _ = stop.changed().await;
-    });
-    // Connections get a moment to finish after the stop; a client that
-    // stalls mid-request cannot hold up the daemon's shutdown.
-    let deadline = async move {
-        let _ = stopped.changed().await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-    };
-    tokio::select! {
-        served = server => {
-            if let Err(error) = served {
-                tracing::error!(%error, "the HTTP server stopped");
-            }
+    serve_routes(listener, routes, stop, Limits::default()).await;
+}
+
+/// What the server allows a connection.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// Most connections served at once: the rest wait in the kernel's
+    /// queue, so that clients (or an attacker) holding connections open
+    /// cannot take the file descriptors the agents' processes need.
+    connections: usize,
+    /// Most connections served at once from one address other than
+    /// loopback: one peer cannot take every slot from the health probes
+    /// and Prometheus.
+    per_peer: usize,
+    /// A request's head (its line and headers) must arrive within this
+    /// time of the connection opening, or of the previous response: a
+    /// client trickling bytes (a slow loris), or a keep-alive connection
+    /// left idle, does not hold a slot for good. A request being handled,
+    /// however long, is not cut off.
+    head: std::time::Duration,
+    /// A response whose client reads nothing of it for this long is
+    /// abandoned (the event feed writes a keep-alive every 15 s).
+    stalled_write: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            connections: 256,
+            per_peer: 64,
+            head: std::time::Duration::from_secs(10),
+            stalled_write: std::time::Duration::from_secs(120),
         }
-        () = deadline => {}
     }
 }
 
 /// How long open connections may take to finish once the daemon stops.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Most connections served at once: the rest wait in the kernel's queue, so
-/// that clients (or an attacker) holding connections open cannot take the
-/// file descriptors the agents' processes need.
-const MAX_CONNECTIONS: usize = 256;
+/// Serves `routes` on `listener` within `limits` until `stop` changes;
+/// then each connection finishes its request in hand, for at most
+/// [`SHUTDOWN_GRACE`].
+async fn serve_routes(
+    listener: tokio::net::TcpListener,
+    routes: Router,
+    mut stop: watch::Receiver<bool>,
+    limits: Limits,
+) {
+    let mut listener = Capped::new(listener, limits);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (io, _) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.changed() => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(routes.clone());
+        let mut stopping = stop.clone();
+        connections.spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.head)
+                .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                _ = stopping.changed() => connection.as_mut().graceful_shutdown(),
+            }
+            let _ = connection.await;
+        });
+        // Those that ended are reaped as others come.
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    // A client that stalls mid-request cannot hold up the daemon's
+    // shutdown: what is left then is dropped (aborted) with the set.
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+}
 
-/// A connection that sends nothing within this time is closed, so that
-/// idle connections cannot hold every slot.
-const FIRST_BYTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// A connection on which nothing moves either way for this long is closed:
-/// a client that stalls after its first byte, or a keep-alive connection
-/// left idle, must not hold a slot for good (the event feed writes a
-/// keep-alive every 15 s, so it stays).
-const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
-
-/// The HTTP server's listener: at most [`MAX_CONNECTIONS`] connections,
-/// each closed if its first byte does not come within `first_byte`, or
-/// once nothing was read or written for `idle`.
+/// The HTTP server's listener: at most `connections` connections, and
+/// `per_peer` from one address other than loopback.
 struct Capped {
     inner: tokio::net::TcpListener,
     permits: Arc<tokio::sync::Semaphore>,
-    first_byte: std::time::Duration,
-    idle: std::time::Duration,
+    peers: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    limits: Limits,
 }
 
-impl axum::serve::Listener for Capped {
-    type Io = CappedIo;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the connection semaphore is never closed");
-        let (io, address) = axum::serve::Listener::accept(&mut self.inner).await;
-        (
-            CappedIo {
-                io,
-                _permit: permit,
-                quiet: Box::pin(tokio::time::sleep(self.first_byte)),
-                idle: self.idle,
-            },
-            address,
-        )
+impl Capped {
+    fn new(inner: tokio::net::TcpListener, limits: Limits) -> Self {
+        Self {
+            inner,
+            permits: Arc::new(tokio::sync::Semaphore::new(limits.connections)),
+            peers: Arc::default(),
+            limits,
+        }
     }
 
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.inner.local_addr()
+    /// The next connection within the limits; one from a peer over its
+    /// share is closed at once.
+    async fn accept(&mut self) -> (CappedIo, SocketAddr) {
+        loop {
+            let permit = self
+                .permits
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the connection semaphore is never closed");
+            let (io, address) = axum::serve::Listener::accept(&mut self.inner).await;
+            let Some(peer) = self.admit(address.ip()) else {
+                tracing::debug!(%address, per_peer = self.limits.per_peer, "connection refused: its address holds its share of the server's connections");
+                continue;
+            };
+            return (
+                CappedIo {
+                    io,
+                    _permit: permit,
+                    _peer: peer,
+                    stalled: None,
+                    stalled_write: self.limits.stalled_write,
+                },
+                address,
+            );
+        }
+    }
+
+    /// A share of the connections for a peer at `ip`, unless it holds
+    /// its `per_peer` already (loopback peers are not counted).
+    fn admit(&self, ip: std::net::IpAddr) -> Option<PeerShare> {
+        if ip.is_loopback() {
+            return Some(PeerShare { ip, peers: None });
+        }
+        let mut peers = self.peers.lock().expect("not poisoned");
+        let held = peers.entry(ip).or_default();
+        if *held >= self.limits.per_peer {
+            return None;
+        }
+        *held += 1;
+        Some(PeerShare {
+            ip,
+            peers: Some(self.peers.clone()),
+        })
+    }
+}
+
+/// One connection of a peer, counted until dropped.
+struct PeerShare {
+    ip: std::net::IpAddr,
+    peers: Option<Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>>,
+}
+
+impl Drop for PeerShare {
+    fn drop(&mut self) {
+        let Some(peers) = &self.peers else {
+            return;
+        };
+        let mut peers = peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(held) = peers.get_mut(&self.ip) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                peers.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -363,16 +449,35 @@ impl axum::serve::Listener for Capped {
 struct CappedIo {
     io: tokio::net::TcpStream,
     _permit: tokio::sync::OwnedSemaphorePermit,
-    /// When the connection is closed unless something moves: the
-    /// first-byte timeout, then `idle` after each read or write.
-    quiet: std::pin::Pin<Box<tokio::time::Sleep>>,
-    idle: std::time::Duration,
+    _peer: PeerShare,
+    /// Since when a write waits for the client to read: it fails once
+    /// that lasts `stalled_write`.
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    stalled_write: std::time::Duration,
 }
 
 impl CappedIo {
-    fn moved(&mut self) {
-        let until = tokio::time::Instant::now() + self.idle;
-        self.quiet.as_mut().reset(until);
+    /// `polled`, a write or flush, unless it waited too long.
+    fn judge<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        polled: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let stalled_write = self.stalled_write;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stalled_write)));
+        if stalled.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client read nothing of the response within the server's write timeout",
+            )));
+        }
+        polled
     }
 }
 
@@ -382,17 +487,7 @@ impl tokio::io::AsyncRead for CappedIo {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let read = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.moved();
-        } else if read.is_pending() && self.quiet.as_mut().poll(cx).is_ready() {
-            return std::task::Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "nothing read or written within the connection's idle timeout",
-            )));
-        }
-        read
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
@@ -403,17 +498,28 @@ impl tokio::io::AsyncWrite for CappedIo {
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let written = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
-        if matches!(written, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.moved();
-        }
-        written
+        self.judge(cx, written)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let written = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.judge(cx, written)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+        let flushed = std::pin::Pin::new(&mut self.io).poll_flush(cx);
+        self.judge(cx, flushed)
     }
 
     fn poll_shutdown(
@@ -430,42 +536,152 @@ mod tests {
     use std::time::Duration;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+    /// Serves `routes` within `limits` on a free loopback port; the
+    /// server stops when the returned sender is dropped.
+    async fn start(routes: Router, limits: Limits) -> (SocketAddr, watch::Sender<bool>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(serve_routes(listener, routes, stopped, limits));
+        (address, stop)
+    }
+
+    fn short_limits() -> Limits {
+        Limits {
+            head: Duration::from_millis(500),
+            stalled_write: Duration::from_millis(300),
+            ..Limits::default()
+        }
+    }
+
+    /// Reads until the server closes the connection; what it sent.
+    async fn read_to_close(client: &mut tokio::net::TcpStream) -> String {
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut answer))
+            .await
+            .expect("the server closes the connection");
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
     #[tokio::test]
-    async fn a_connection_on_which_nothing_moves_is_closed_and_frees_its_slot() {
-        let inner = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = inner.local_addr().unwrap();
-        let mut listener = Capped {
-            inner,
-            permits: Arc::new(tokio::sync::Semaphore::new(1)),
-            first_byte: Duration::from_secs(5),
-            idle: Duration::from_millis(1000),
-        };
-        let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
-        let (mut io, _) = axum::serve::Listener::accept(&mut listener).await;
-        // One byte, then a stall (a slow-loris client).
-        client.write_all(b"G").await.unwrap();
-        let mut buffer = [0u8; 8];
-        assert_eq!(io.read(&mut buffer).await.unwrap(), 1);
-        // A write counts as movement too (well within the idle time, on
-        // a loaded machine as well).
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        io.write_all(b"x").await.unwrap();
+    async fn a_slow_head_is_cut_off_but_a_slow_handler_is_not() {
+        let routes = Router::new()
+            .route("/fast", get(|| async { "fast" }))
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    "slow"
+                }),
+            );
+        let (address, _stop) = start(routes, short_limits()).await;
+        // A slow loris: a header every 100 ms, never the end of the head.
+        let mut loris = tokio::net::TcpStream::connect(address).await.unwrap();
         let started = tokio::time::Instant::now();
-        let error = io.read(&mut buffer).await.unwrap_err();
-        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        loris.write_all(b"GET /fast HTTP/1.1\r\n").await.unwrap();
+        let trickle = async {
+            for n in 0..100 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if loris.write_all(format!("x-{n}: y\r\n").as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), trickle)
+            .await
+            .unwrap();
         assert!(
-            started.elapsed() >= Duration::from_millis(800),
-            "the write reset the idle timer: {:?}",
+            started.elapsed() < Duration::from_secs(5),
+            "cut off at its head timeout: {:?}",
             started.elapsed()
         );
-        // Closed, its slot serves the next connection.
-        drop(io);
-        let _next = tokio::net::TcpStream::connect(address).await.unwrap();
-        let accepted = tokio::time::timeout(
-            Duration::from_secs(5),
-            axum::serve::Listener::accept(&mut listener),
-        )
-        .await;
-        assert!(accepted.is_ok(), "the slot was freed");
+        // A handler three times the head timeout and five times the write
+        // timeout answers in full.
+        let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+        client
+            .write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let mut answer = vec![0u8; 1024];
+        let read = tokio::time::timeout(Duration::from_secs(10), client.read(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..read]).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("slow"), "{answer}");
+        assert!(started.elapsed() >= Duration::from_millis(1400));
+        // Kept alive after it, then closed once idle past the head timeout.
+        let started = tokio::time::Instant::now();
+        assert_eq!(read_to_close(&mut client).await, "");
+        assert!(started.elapsed() >= Duration::from_millis(400));
+    }
+
+    #[tokio::test]
+    async fn a_response_nobody_reads_is_abandoned() {
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        /// Sets its flag when the response body is dropped.
+        struct Flag(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let flag = dropped.clone();
+        let routes = Router::new().route(
+            "/endless",
+            get(move || {
+                let flag = Flag(flag.clone());
+                async move {
+                    let chunks = futures_util::stream::repeat_with(move || {
+                        let _alive = &flag;
+                        Ok::<_, std::io::Error>(axum::body::Bytes::from(vec![b'x'; 65536]))
+                    });
+                    axum::body::Body::from_stream(chunks)
+                }
+            }),
+        );
+        let (address, _stop) = start(routes, short_limits()).await;
+        let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+        client
+            .write_all(b"GET /endless HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // The client reads nothing: once the socket's buffers are full,
+        // the server's writes wait, and give up after 300 ms.
+        let started = tokio::time::Instant::now();
+        while !dropped.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the stalled response was not abandoned"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn one_peer_gets_its_share_of_the_connections() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let capped = Capped::new(
+            listener,
+            Limits {
+                per_peer: 2,
+                ..Limits::default()
+            },
+        );
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) =
+            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let first = capped.admit(a).unwrap();
+        let _second = capped.admit(a).unwrap();
+        assert!(capped.admit(a).is_none(), "over its share");
+        assert!(capped.admit(b).is_some(), "another peer's share is its own");
+        drop(first);
+        assert!(capped.admit(a).is_some(), "a closed connection frees its share");
+        // Loopback (the CLI, a local Prometheus) is not counted.
+        let local: Vec<_> = (0..10)
+            .map(|_| capped.admit("127.0.0.1".parse().unwrap()))
+            .collect();
+        assert!(local.iter().all(Option::is_some));
     }
 }
