@@ -468,6 +468,24 @@ async fn post(client: &reqwest::Client, sink: &NotifyConfig, event: &Event) -> R
     }
 }
 
+/// flotilla's own secrets, kept from notification commands.
+const SECRETS: [&str; 3] = [
+    "FLOTILLA_HTTP_TOKEN",
+    "FLOTILLA_BROKER_PASSWORD",
+    "FLOTILLA_BROKER_TOKEN",
+];
+
+/// What a notification command inherits of the daemon's environment
+/// `vars`: all of it but flotilla's own secrets, and variables that are
+/// not UTF-8 (which a process cannot be given here).
+fn inherited_env(
+    vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Vec<(String, String)> {
+    vars.filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
+        .filter(|(name, _)| !SECRETS.contains(&name.as_str()))
+        .collect()
+}
+
 async fn run(sink: &NotifyConfig, workdir: &Path, event: &Event) -> Result<(), String> {
     let program = sink.command.first().cloned().unwrap_or_default();
     let mut line = serde_json::to_vec(event).expect("events serialize");
@@ -478,7 +496,7 @@ async fn run(sink: &NotifyConfig, workdir: &Path, event: &Event) -> Result<(), S
     // does not turn a delivery into a timeout, and a retry).
     let spec = crate::supervisor::process::SpawnSpec {
         argv: sink.command.clone(),
-        env: std::env::vars().collect(),
+        env: inherited_env(std::env::vars_os()),
         workdir: workdir.to_path_buf(),
     };
     let ran =
@@ -494,6 +512,23 @@ async fn run(sink: &NotifyConfig, workdir: &Path, event: &Event) -> Result<(), S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commands_inherit_the_environment_without_secrets_or_bytes() {
+        use std::os::unix::ffi::OsStringExt as _;
+        let vars = [
+            ("SLACK_URL", b"https://hooks".to_vec()),
+            ("FLOTILLA_HTTP_TOKEN", b"secret".to_vec()),
+            ("FLOTILLA_BROKER_PASSWORD", b"secret".to_vec()),
+            ("LATIN1", b"caf\xe9".to_vec()),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.into(), std::ffi::OsString::from_vec(value)));
+        assert_eq!(
+            inherited_env(vars),
+            [("SLACK_URL".to_string(), "https://hooks".to_string())]
+        );
+    }
 
     fn sink(command: &[&str]) -> NotifyConfig {
         NotifyConfig {
