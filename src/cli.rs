@@ -580,7 +580,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
 
 /// The token in `path`, trimmed.
 fn read_token(path: &Path) -> Result<String, Failure> {
-    let text = std::fs::read_to_string(path)
+    let text = crate::config::read_capped(path, crate::config::MAX_TOKEN_BYTES)
         .map_err(|error| Failure::usage(format!("--token-file {}: {error}", path.display())))?;
     let token = text.trim();
     if token.is_empty() {

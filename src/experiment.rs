@@ -158,7 +158,7 @@ impl Experiment {
     /// # Errors
     /// What is wrong, naming the file and the field.
     pub fn load(path: &std::path::Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::config::read_capped(path, crate::config::MAX_FILE_BYTES)
             .map_err(|error| format!("{}: {error}", path.display()))?;
         // toml's whole message: the line and column, and the line itself.
         let experiment: Self = toml::from_str(&text)

@@ -435,7 +435,9 @@ impl Drop for PeerShare {
         let Some(peers) = &self.peers else {
             return;
         };
-        let mut peers = peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut peers = peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(held) = peers.get_mut(&self.ip) {
             *held = held.saturating_sub(1);
             if *held == 0 {
@@ -582,7 +584,11 @@ mod tests {
         let trickle = async {
             for n in 0..100 {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                if loris.write_all(format!("x-{n}: y\r\n").as_bytes()).await.is_err() {
+                if loris
+                    .write_all(format!("x-{n}: y\r\n").as_bytes())
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -677,7 +683,10 @@ mod tests {
         assert!(capped.admit(a).is_none(), "over its share");
         assert!(capped.admit(b).is_some(), "another peer's share is its own");
         drop(first);
-        assert!(capped.admit(a).is_some(), "a closed connection frees its share");
+        assert!(
+            capped.admit(a).is_some(),
+            "a closed connection frees its share"
+        );
         // Loopback (the CLI, a local Prometheus) is not counted.
         let local: Vec<_> = (0..10)
             .map(|_| capped.admit("127.0.0.1".parse().unwrap()))

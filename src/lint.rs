@@ -347,7 +347,7 @@ fn alert_rules(config: &Config, given: Option<&Path>) -> (Vec<String>, String) {
             String::new(),
         );
     };
-    let text = match std::fs::read_to_string(path) {
+    let text = match crate::config::read_capped(path, crate::config::MAX_FILE_BYTES) {
         Ok(text) => text,
         Err(error) => return (vec![format!("{}: {error}", path.display())], String::new()),
     };

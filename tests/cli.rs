@@ -50,6 +50,47 @@ fn a_missing_config_says_how_to_give_one() {
     assert!(stderr(&output).contains("FLOTILLA_CONFIG"));
 }
 
+/// Files flotilla reads whole are bounded: an endless or huge one is
+/// refused, naming the limit, not read until memory runs out.
+#[test]
+fn endless_input_files_are_refused_not_read() {
+    let fleet = Fleet::new("[agents.worker]\ncommand = [\"true\"]\n");
+    let config = fleet.config_path.to_str().unwrap();
+    let huge = fleet.path("huge.yml");
+    std::fs::write(&huge, vec![b'#'; 5 << 20]).unwrap();
+    for (args, expected) in [
+        (
+            vec!["-c", "/dev/zero", "config", "check"],
+            "cannot read config file /dev/zero: it is larger than 4194304 bytes",
+        ),
+        (
+            vec![
+                "--api",
+                "http://127.0.0.1:9",
+                "--token-file",
+                "/dev/zero",
+                "status",
+            ],
+            "--token-file /dev/zero: it is larger than 65536 bytes",
+        ),
+        (
+            vec!["check", config, "--alerts", huge.to_str().unwrap()],
+            "larger than 4194304 bytes",
+        ),
+    ] {
+        let output = std::process::Command::new(flotilla_bin())
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            matches!(output.status.code(), Some(1 | 2)),
+            "{args:?}: {output:?}"
+        );
+        let said = format!("{}{}", stderr(&output), stdout(&output));
+        assert!(said.contains(expected), "{args:?}: {said}");
+    }
+}
+
 #[test]
 fn both_checks_take_the_config_by_flag_or_by_argument() {
     let fleet = Fleet::new("[agents.worker]\ncommand = [\"true\"]\n");

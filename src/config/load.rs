@@ -88,13 +88,46 @@ fn render(source_name: &str, problems: &[Problem]) -> String {
     out
 }
 
+/// Most bytes read of a config, experiment or alert rules file.
+pub const MAX_FILE_BYTES: u64 = 4 << 20;
+/// Most bytes read of a token file.
+pub const MAX_TOKEN_BYTES: u64 = 64 << 10;
+
+/// The text of the file at `path`, of at most `limit` bytes: a larger
+/// one (or `/dev/zero`) is refused, not read into memory.
+///
+/// # Errors
+/// The file cannot be read, is larger than `limit`, or is not UTF-8.
+pub fn read_capped(path: &Path, limit: u64) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("it is larger than {limit} bytes, the most read of such a file"),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|error| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "it is not UTF-8 text (at byte {})",
+                error.utf8_error().valid_up_to()
+            ),
+        )
+    })
+}
+
 /// Reads and validates the configuration at `path`.
 ///
 /// # Errors
 /// [`ConfigError::Read`] if the file cannot be read, [`ConfigError::Invalid`]
 /// with every problem found otherwise.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = read_capped(path, MAX_FILE_BYTES).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use load::{ConfigError, Problem, load, parse};
+pub use load::{ConfigError, MAX_FILE_BYTES, MAX_TOKEN_BYTES, Problem, load, parse, read_capped};
 pub use readiness::{CheckConfig, Probe, ReadinessConfig};
 pub use units::{ByteSize, HumanDuration};
 pub use validation::{GateConfig, OnFailure, ValidationConfig, WatchCheck, WatchConfig};
@@ -612,7 +612,7 @@ impl HttpConfig {
             } else {
                 base_dir.join(file)
             };
-            let text = std::fs::read_to_string(&path).map_err(|error| {
+            let text = load::read_capped(&path, load::MAX_TOKEN_BYTES).map_err(|error| {
                 format!("http.token_file: cannot read {}: {error}", path.display())
             })?;
             let token = text.trim();
