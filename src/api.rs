@@ -484,7 +484,7 @@ async fn escalation(
 
 /// `POST /api/v1/tasks`: one task (`payload`, optional `id` and
 /// `priority`) or a batch (`tasks`), for `agent`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitBody {
     /// The agent that runs the tasks.
@@ -514,7 +514,7 @@ fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<V
 }
 
 /// One task of a batch.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskBody {
     /// Its id (idempotency key); generated when absent.

@@ -30,6 +30,13 @@ const NO_AGENTS: &str = "the config defines no agents; add an [agents.NAME] tabl
 
 /// Most lines read from one `submit --file`.
 const MAX_FILE_TASKS: usize = crate::queue::MAX_SUBMIT_BATCH;
+/// Most lines of a `submit --file` input, blank and bad ones included.
+const MAX_FILE_LINES: usize = 2 * MAX_FILE_TASKS;
+/// Most bytes of a `submit --file` input: a batch is sent (and stored) at
+/// once, so it is held in memory whole.
+const MAX_FILE_BYTES: usize = 256 << 20;
+/// Bad lines named before reading stops.
+const MAX_FILE_PROBLEMS: usize = 1000;
 
 /// flotilla keeps a fleet of AI agents working when parts of it fail.
 #[derive(Debug, Parser)]
@@ -672,13 +679,13 @@ impl Target {
         }
     }
 
-    async fn submit(&self, body: SubmitBody) -> Result<Vec<SubmitReceipt>, Failure> {
+    async fn submit(&self, body: &SubmitBody) -> Result<Vec<SubmitReceipt>, Failure> {
         match self {
             Self::Local(config) => {
-                let tasks = body.into_tasks(config).map_err(Failure::usage)?;
+                let tasks = body.clone().into_tasks(config).map_err(Failure::usage)?;
                 Ok(open_queue(config).await?.submit(tasks).await?)
             }
-            Self::Remote(client) => Ok(client.submit(&body).await?),
+            Self::Remote(client) => Ok(client.submit(body).await?),
         }
     }
 
@@ -1509,6 +1516,7 @@ async fn read_task_file(
     agent: &str,
     priority: Priority,
     max_payload: Option<usize>,
+    max_total: usize,
 ) -> Result<Vec<NewTask>, Failure> {
     let reader: Box<dyn tokio::io::AsyncBufRead + Unpin + Send> = if path == Path::new("-") {
         Box::new(tokio::io::BufReader::new(tokio::io::stdin()))
@@ -1528,6 +1536,7 @@ async fn read_task_file(
         priority,
         max_payload,
         crate::api::MAX_BODY_BYTES,
+        max_total,
     )
     .await
 }
@@ -1542,19 +1551,39 @@ async fn read_tasks(
     priority: Priority,
     max_payload: Option<usize>,
     max_line: usize,
+    max_total: usize,
 ) -> Result<Vec<NewTask>, Failure> {
     let mut lines = crate::lines::LineReader::new(reader, max_line);
     let mut tasks = Vec::new();
     let mut problems = Vec::new();
     let mut number = 0;
+    let mut bytes = 0;
+    let mut stopped = false;
     loop {
         let line = lines.next_line().await.map_err(|error| {
             Failure::usage(format!("cannot read {name} line {}: {error}", number + 1))
         })?;
         number += 1;
+        if line.is_some() && number > MAX_FILE_LINES {
+            return Err(Failure::usage(format!(
+                "{name} has more than {MAX_FILE_LINES} lines; split it into several submits"
+            )));
+        }
+        if problems.len() >= MAX_FILE_PROBLEMS {
+            stopped = line.is_some();
+            break;
+        }
         let line = match line {
             None => break,
-            Some(crate::lines::Line::Text(line)) => line,
+            Some(crate::lines::Line::Text(line)) => {
+                bytes += line.len() + 1;
+                if bytes > max_total {
+                    return Err(Failure::usage(format!(
+                        "{name} holds more than {max_total} bytes of tasks; split it into several submits"
+                    )));
+                }
+                line
+            }
             Some(crate::lines::Line::TooLong(_)) => {
                 problems.push(format!("line {number}: longer than {max_line} bytes"));
                 continue;
@@ -1597,12 +1626,18 @@ async fn read_tasks(
         if more > 0 {
             message.push_str(&format!("\n  … and {more} more"));
         }
+        if stopped {
+            message.push_str(&format!("\n  (reading stopped at line {number})"));
+        }
         return Err(Failure::usage(message));
     }
     Ok(tasks)
 }
 
 async fn submit(target: &Target, args: SubmitArgs) -> Result<ExitCode, Failure> {
+    // What to do about a submit that failed partway: a broker stores a
+    // batch task by task, and a lost answer may hide a stored task.
+    let mut retry_hint: Option<String> = None;
     let body = match (&args.payload, &args.file) {
         (Some(payload), None) => {
             let payload: Value = serde_json::from_str(payload).map_err(|error| {
@@ -1610,6 +1645,11 @@ async fn submit(target: &Target, args: SubmitArgs) -> Result<ExitCode, Failure> 
             })?;
             let id = args.id.clone().unwrap_or_else(new_task_id);
             validate_task_id(&id)?;
+            if args.id.is_none() {
+                retry_hint = Some(format!(
+                    "its id was {id}: submit it again with --id {id}, so that it is stored once even if this attempt stored it"
+                ));
+            }
             SubmitBody {
                 agent: args.agent.clone(),
                 id: Some(id),
@@ -1619,11 +1659,16 @@ async fn submit(target: &Target, args: SubmitArgs) -> Result<ExitCode, Failure> 
             }
         }
         (None, Some(path)) => {
-            let max_payload = match target {
-                Target::Local(config) => Some(config.store.max_payload_bytes.as_usize()),
-                Target::Remote(_) => None,
+            // Sent to a daemon, the whole batch is one request body.
+            let (max_payload, max_total) = match target {
+                Target::Local(config) => (
+                    Some(config.store.max_payload_bytes.as_usize()),
+                    MAX_FILE_BYTES,
+                ),
+                Target::Remote(_) => (None, crate::api::MAX_BODY_BYTES),
             };
-            let tasks = read_task_file(path, &args.agent, args.priority, max_payload).await?;
+            let tasks =
+                read_task_file(path, &args.agent, args.priority, max_payload, max_total).await?;
             if tasks.is_empty() {
                 return Err(Failure::usage("no tasks to submit: the file is empty"));
             }
@@ -1646,7 +1691,24 @@ async fn submit(target: &Target, args: SubmitArgs) -> Result<ExitCode, Failure> 
         }
         _ => return Err(Failure::usage("give either --payload JSON or --file PATH")),
     };
-    let receipts = target.submit(body).await?;
+    let receipts = match target.submit(&body).await {
+        Ok(receipts) => receipts,
+        Err(mut failure) => {
+            // Not a refusal (nothing stored then): part of it may be.
+            if failure.code != 2 {
+                let hint = match (&args.file, &body.tasks) {
+                    (Some(path), Some(tasks)) => Some(save_batch(path, tasks)),
+                    _ => retry_hint,
+                };
+                if let Some(hint) = hint {
+                    failure
+                        .message
+                        .push_str(&format!("\nsome of it may have been stored; {hint}"));
+                }
+            }
+            return Err(failure);
+        }
+    };
     let duplicates = receipts.iter().filter(|receipt| receipt.duplicate).count();
     if args.json {
         print_json(&serde_json::to_value(&receipts).expect("receipts serialize"));
@@ -1670,6 +1732,47 @@ async fn submit(target: &Target, args: SubmitArgs) -> Result<ExitCode, Failure> 
         }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `tasks`, each with its id (generated for lines without one),
+/// beside `path` (the current directory for stdin), ready to be
+/// submitted again should this submit fail partway; says how, or that
+/// the file is safe to submit again as it is.
+fn save_batch(path: &Path, tasks: &[crate::api::TaskBody]) -> String {
+    let target = if path == Path::new("-") {
+        PathBuf::from(format!(
+            "flotilla-submit-{}.jsonl",
+            uuid::Uuid::now_v7().simple()
+        ))
+    } else {
+        let mut name = path.as_os_str().to_owned();
+        name.push(".ids.jsonl");
+        PathBuf::from(name)
+    };
+    let lines: String = tasks
+        .iter()
+        .map(|task| {
+            let mut line = serde_json::json!({
+                "id": task.id,
+                "payload": task.payload,
+                "priority": task.priority,
+            })
+            .to_string();
+            line.push('\n');
+            line
+        })
+        .collect();
+    match std::fs::write(&target, lines) {
+        Ok(()) => format!(
+            "each task's id is in {}: submit that file (--file {}) to finish the batch, storing each task once",
+            target.display(),
+            target.display()
+        ),
+        Err(error) => format!(
+            "tasks without an id in the file got new ones, and saving them to {} failed ({error}): add ids to the file's lines before submitting it again",
+            target.display()
+        ),
+    }
 }
 
 fn ago(now: UnixMillis, then: UnixMillis) -> String {
@@ -2082,19 +2185,70 @@ mod tests {
     #[tokio::test]
     async fn file_lines_are_bounded() {
         let text = "{\"n\": 1}\r\n[\"much too long\"]\n\n2\n";
-        let problem = read_tasks(text.as_bytes(), "t.jsonl", "a", Priority::Normal, None, 10)
-            .await
-            .unwrap_err()
-            .message;
+        let problem = read_tasks(
+            text.as_bytes(),
+            "t.jsonl",
+            "a",
+            Priority::Normal,
+            None,
+            10,
+            1000,
+        )
+        .await
+        .unwrap_err()
+        .message;
         assert!(
             problem.contains("t.jsonl has 1 bad line(s)")
                 && problem.contains("line 2: longer than 10 bytes"),
             "{problem}"
         );
-        let tasks = read_tasks("1\n\n2\n".as_bytes(), "t", "a", Priority::Normal, None, 10)
-            .await
-            .unwrap();
+        let tasks = read_tasks(
+            "1\n\n2\n".as_bytes(),
+            "t",
+            "a",
+            Priority::Normal,
+            None,
+            10,
+            1000,
+        )
+        .await
+        .unwrap();
         assert_eq!(tasks.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn task_files_are_bounded_in_lines_bytes_and_problems() {
+        let read = |text: String, max_total: usize| async move {
+            read_tasks(
+                text.as_bytes(),
+                "t",
+                "a",
+                Priority::Normal,
+                None,
+                100,
+                max_total,
+            )
+            .await
+            .map(|tasks| tasks.len())
+            .map_err(|failure| failure.message)
+        };
+        // Blank lines count: endless input ends.
+        let blank = read("\n".repeat(MAX_FILE_LINES + 1), usize::MAX).await;
+        assert!(
+            blank
+                .unwrap_err()
+                .contains(&format!("more than {MAX_FILE_LINES} lines"))
+        );
+        assert_eq!(read("\n".repeat(MAX_FILE_LINES), usize::MAX).await, Ok(0));
+        // Bytes: the whole batch is held at once.
+        let big = read("{}\n".repeat(10), 25).await.unwrap_err();
+        assert!(big.contains("more than 25 bytes of tasks"), "{big}");
+        // Bad lines: named up to a point, then reading stops.
+        let bad = read("x\n".repeat(5000), usize::MAX).await.unwrap_err();
+        assert!(
+            bad.contains("1000 bad line(s)") && bad.contains("reading stopped at line 1001"),
+            "{bad}"
+        );
     }
 
     #[test]

@@ -91,6 +91,75 @@ fn endless_input_files_are_refused_not_read() {
     }
 }
 
+/// A submit that fails where part of it may be stored says how to finish
+/// it without storing a task twice: for a batch, a copy of it with every
+/// task's id; for one task, the id it was given.
+#[test]
+fn a_failed_submit_leaves_the_ids_to_submit_again_with() {
+    let fleet = Fleet::new("[agents.worker]\ncommand = [\"true\"]\n");
+    let batch = fleet.path("batch.jsonl");
+    std::fs::write(
+        &batch,
+        "{\"n\": 1}\n{\"id\": \"mine\", \"payload\": {\"n\": 2}}\n",
+    )
+    .unwrap();
+    let batch = batch.to_str().unwrap();
+    // No daemon answers there.
+    let failed = fleet.cli(&[
+        "--api",
+        "http://127.0.0.1:9",
+        "submit",
+        "--agent",
+        "worker",
+        "--file",
+        batch,
+    ]);
+    assert_eq!(failed.status.code(), Some(1), "{failed:?}");
+    let said = stderr(&failed);
+    let saved = format!("{batch}.ids.jsonl");
+    assert!(
+        said.contains("some of it may have been stored") && said.contains(&saved),
+        "{said}"
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&saved)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines[0]["id"].is_string(), "an id given: {lines:?}");
+    assert_eq!(lines[1]["id"], "mine");
+    assert_eq!(lines[1]["payload"], serde_json::json!({"n": 2}));
+    // Submitted twice, as after a partial failure: each task stored once.
+    for _ in 0..2 {
+        let done = fleet.cli(&["submit", "--agent", "worker", "--file", &saved]);
+        assert!(done.status.success(), "{done:?}");
+    }
+    let listed = fleet.cli(&["tasks", "list", "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    // One task: its generated id, to give again.
+    let failed = fleet.cli(&[
+        "--api",
+        "http://127.0.0.1:9",
+        "submit",
+        "--agent",
+        "worker",
+        "--payload",
+        "{}",
+    ]);
+    assert_eq!(failed.status.code(), Some(1), "{failed:?}");
+    assert!(
+        stderr(&failed).contains("submit it again with --id "),
+        "{failed:?}"
+    );
+    // A refusal stores nothing: no copy, no hint.
+    std::fs::remove_file(&saved).unwrap();
+    let refused = fleet.cli(&["submit", "--agent", "nobody", "--file", batch]);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(!std::path::Path::new(&saved).exists());
+}
+
 #[test]
 fn both_checks_take_the_config_by_flag_or_by_argument() {
     let fleet = Fleet::new("[agents.worker]\ncommand = [\"true\"]\n");
