@@ -486,6 +486,16 @@ mod tests {
     }
 
     #[test]
+    fn a_dedup_window_too_short_to_dedup_is_refused() {
+        let found = problems("[store]\ndedup_window = \"0s\"\n[agents.a]\ncommand = [\"a\"]\n");
+        assert!(
+            found.iter().any(|p| p.key == "store.dedup_window"
+                && p.message.contains("0s is too short; valid: 1m or more")),
+            "{found:?}"
+        );
+    }
+
+    #[test]
     fn a_watch_outlasting_the_retention_is_refused() {
         let found = problems(
             "[store]\ndedup_window = \"1h\"\nretention = \"1h\"\n[agents.a]\ncommand = [\"a\"]\n[agents.a.watch]\nduration = \"2h\"\ninterval = \"1m\"\nchecks = [{ name = \"ok\", command = [\"true\"] }]\n",

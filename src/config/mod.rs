@@ -1112,7 +1112,15 @@ impl Config {
                 "is empty; give the store's file, e.g. \"flotilla.db\" (beside this config)".into(),
             );
         }
-        if store.retention < store.dedup_window {
+        if store.dedup_window.get() < std::time::Duration::from_secs(60) {
+            problem(
+                "store.dedup_window".into(),
+                format!(
+                    "{} is too short; valid: 1m or more (the id of a task stays reserved this long, so that a client's retried submit does not run it again)",
+                    store.dedup_window
+                ),
+            );
+        } else if store.retention < store.dedup_window {
             problem(
                 "store.retention".into(),
                 format!(
