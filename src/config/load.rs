@@ -486,6 +486,49 @@ mod tests {
     }
 
     #[test]
+    fn a_restart_policy_without_pause_or_limit_is_refused() {
+        let found = problems(
+            "[agents.a]\ncommand = [\"a\"]\nrestart = { initial_backoff = \"0s\", max_backoff = \"0s\", max_restarts = 4294967295, window = \"1ns\" }\n",
+        );
+        for (key, message) in [
+            ("agents.a.restart.initial_backoff", "valid: 1ms or more"),
+            ("agents.a.restart.max_restarts", "valid: 0 to 100000"),
+            ("agents.a.restart.window", "valid: 10ms or more"),
+        ] {
+            assert!(
+                found
+                    .iter()
+                    .any(|p| p.key == key && p.message.contains(message)),
+                "{key}: {found:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn waits_are_bounded_both_ways() {
+        let found = problems(
+            "[daemon]\nstatus_interval = \"1ns\"\nshutdown_grace = \"3650d\"\n[broker]\nurl = \"nats://127.0.0.1:4222\"\nconnect_timeout = \"3650d\"\nping_interval = \"1ns\"\n[agents.a]\ncommand = [\"a\"]\ntimeouts = { stop_grace = \"3650d\" }\n",
+        );
+        for (key, message) in [
+            (
+                "daemon.status_interval",
+                "1ns is out of range; valid: 100ms to 1m",
+            ),
+            ("daemon.shutdown_grace", "valid: 0s to 1h"),
+            ("broker.connect_timeout", "valid: 100ms to 5m"),
+            ("broker.ping_interval", "valid: 1s to 10m"),
+            ("agents.a.timeouts.stop_grace", "valid: 0s to 10m"),
+        ] {
+            assert!(
+                found
+                    .iter()
+                    .any(|p| p.key == key && p.message.contains(message)),
+                "{key}: {found:?}"
+            );
+        }
+    }
+
+    #[test]
     fn a_dedup_window_too_short_to_dedup_is_refused() {
         let found = problems("[store]\ndedup_window = \"0s\"\n[agents.a]\ncommand = [\"a\"]\n");
         assert!(

@@ -1098,6 +1098,25 @@ pub fn valid_agent_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// Names `key` unless `value` is within `least` and `most` (durations as
+/// the config writes them).
+fn check_range(
+    key: &str,
+    value: HumanDuration,
+    least: &str,
+    most: &str,
+    problem: &mut impl FnMut(String, String),
+) {
+    let bound =
+        |text: &str| humantime::parse_duration(text).expect("the bounds are valid durations");
+    if value.get() < bound(least) || value.get() > bound(most) {
+        problem(
+            key.to_string(),
+            format!("{value} is out of range; valid: {least} to {most}"),
+        );
+    }
+}
+
 impl Config {
     /// Cross-field rules that types cannot express. Agents in
     /// `unknown_mode` had an invalid `mode`: rules that depend on it are
@@ -1193,11 +1212,21 @@ impl Config {
                 );
             }
         }
-        if self.daemon.status_interval.get().is_zero() {
-            problem(
-                "daemon.status_interval".into(),
-                "0s is not valid; it must be positive, e.g. \"1s\"".into(),
-            );
+        for (key, value, least, most) in [
+            (
+                "daemon.status_interval",
+                self.daemon.status_interval,
+                "100ms",
+                "1m",
+            ),
+            (
+                "daemon.shutdown_grace",
+                self.daemon.shutdown_grace,
+                "0s",
+                "1h",
+            ),
+        ] {
+            check_range(key, value, least, most, &mut problem);
         }
         for (name, agent) in &self.agents {
             if !valid_agent_name(name) {
@@ -1596,18 +1625,28 @@ impl BrokerConfig {
                 ),
             );
         }
-        for (key, value) in [
-            ("broker.connect_timeout", self.connect_timeout),
-            ("broker.request_timeout", self.request_timeout),
-            ("broker.reconnect_max_delay", self.reconnect_max_delay),
-            ("broker.ping_interval", self.ping_interval),
+        for (key, value, least, most) in [
+            (
+                "broker.connect_timeout",
+                self.connect_timeout,
+                "100ms",
+                "5m",
+            ),
+            (
+                "broker.request_timeout",
+                self.request_timeout,
+                "100ms",
+                "5m",
+            ),
+            (
+                "broker.reconnect_max_delay",
+                self.reconnect_max_delay,
+                "10ms",
+                "5m",
+            ),
+            ("broker.ping_interval", self.ping_interval, "1s", "10m"),
         ] {
-            if value.get().is_zero() {
-                problem(
-                    key.into(),
-                    "0s is not valid; it must be positive, e.g. \"5s\"".into(),
-                );
-            }
+            check_range(key, value, least, most, problem);
         }
         if self.user.is_some() != self.password.is_some()
             && std::env::var_os("FLOTILLA_BROKER_PASSWORD").is_none()
@@ -1883,7 +1922,32 @@ impl AgentConfig {
                 );
             }
         }
+        check_range(
+            &format!("{key}.timeouts.stop_grace"),
+            timeouts.stop_grace,
+            "0s",
+            "10m",
+            problem,
+        );
         let restart = &self.restart;
+        if restart.initial_backoff.get() < std::time::Duration::from_millis(1) {
+            problem(
+                format!("{key}.restart.initial_backoff"),
+                format!(
+                    "{} is too short; valid: 1ms or more (a replica that crashes at start would be restarted in a busy loop)",
+                    restart.initial_backoff
+                ),
+            );
+        }
+        if restart.max_restarts > 100_000 {
+            problem(
+                format!("{key}.restart.max_restarts"),
+                format!(
+                    "{} is out of range; valid: 0 to 100000",
+                    restart.max_restarts
+                ),
+            );
+        }
         if restart.max_backoff < restart.initial_backoff {
             problem(
                 format!("{key}.restart.max_backoff"),
@@ -1893,10 +1957,13 @@ impl AgentConfig {
                 ),
             );
         }
-        if restart.window.get().is_zero() {
+        if restart.window.get() < std::time::Duration::from_millis(10) {
             problem(
                 format!("{key}.restart.window"),
-                "0s is not valid; it must be positive, e.g. \"60s\"".into(),
+                format!(
+                    "{} is too short; valid: 10ms or more, e.g. \"60s\" (restarts are counted over this window)",
+                    restart.window
+                ),
             );
         }
         if self.retry.max_deliver.get() > MAX_DELIVER {
