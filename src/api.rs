@@ -156,6 +156,25 @@ impl From<QueryRejection> for ApiError {
 
 type Answer<T> = Result<Json<T>, ApiError>;
 
+/// A route's one path parameter (a task id, an agent's name); one that
+/// cannot be read (bad percent-encoding) is refused as the API's other
+/// errors are, in JSON.
+struct Param(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Param {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(value)| Self(value))
+            .map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))
+    }
+}
+
 /// The API's routes, behind the token check.
 pub fn router(api: Arc<Api>) -> Router {
     Router::new()
@@ -317,9 +336,41 @@ async fn authorize(State(api): State<Arc<Api>>, request: Request, next: Next) ->
             )
             .into_response();
         }
-        None => {}
+        None => {
+            // Without a token the daemon listens on loopback only; a web
+            // page that points its own name at 127.0.0.1 (DNS rebinding)
+            // must not read tasks through the visitor's browser. Its
+            // requests name that page's host.
+            let host = request
+                .headers()
+                .get(header::HOST)
+                .map(|host| host.to_str().unwrap_or("?"));
+            if let Some(host) = host.filter(|host| !loopback_host(host)) {
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "this daemon has no API token, so its API answers only requests addressed to localhost, 127.0.0.1 or [::1], not to {host:?}: use one of those, or set http.token_file (or http.token, or FLOTILLA_HTTP_TOKEN)"
+                    ),
+                )
+                .into_response();
+            }
+        }
     }
     next.run(request).await
+}
+
+/// Whether a `Host` header names this machine's loopback: `localhost`,
+/// or a loopback address, with or without a port.
+fn loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        // [::1]:9750
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Compares in time independent of where the inputs differ.
@@ -362,7 +413,7 @@ async fn agents(State(api): State<Arc<Api>>) -> Answer<Vec<crate::status::AgentS
 
 async fn agent(
     State(api): State<Arc<Api>>,
-    Path(name): Path<String>,
+    Param(name): Param,
 ) -> Answer<crate::status::AgentStatus> {
     full_report(&api)
         .await?
@@ -461,16 +512,13 @@ async fn find(api: &Api, id: &str) -> Result<crate::queue::TaskRecord, ApiError>
         .ok_or_else(|| ApiError::not_found(format!("no task with id {id:?}")))
 }
 
-async fn task(
-    State(api): State<Arc<Api>>,
-    Path(id): Path<String>,
-) -> Answer<crate::queue::TaskRecord> {
+async fn task(State(api): State<Arc<Api>>, Param(id): Param) -> Answer<crate::queue::TaskRecord> {
     Ok(Json(find(&api, &id).await?))
 }
 
 async fn escalation(
     State(api): State<Arc<Api>>,
-    Path(id): Path<String>,
+    Param(id): Param,
 ) -> Answer<crate::queue::TaskRecord> {
     let task = find(&api, &id).await?;
     if task.state != TaskState::Escalated {
@@ -680,7 +728,7 @@ impl ResolveBody {
 
 async fn resolve(
     State(api): State<Arc<Api>>,
-    Path(id): Path<String>,
+    Param(id): Param,
     body: Result<Json<ResolveBody>, JsonRejection>,
 ) -> Answer<crate::queue::TaskRecord> {
     let Json(body) = body?;
@@ -773,7 +821,7 @@ pub struct CancelBody {
 
 async fn cancel_task(
     State(api): State<Arc<Api>>,
-    Path(id): Path<String>,
+    Param(id): Param,
     body: Result<Json<CancelBody>, JsonRejection>,
 ) -> Answer<Cancelled> {
     let Json(body) = body?;
@@ -789,17 +837,14 @@ async fn chaos_last(State(api): State<Arc<Api>>) -> Answer<Vec<crate::experiment
     ))
 }
 
-async fn tree(
-    State(api): State<Arc<Api>>,
-    Path(id): Path<String>,
-) -> Answer<crate::delegate::Tree> {
+async fn tree(State(api): State<Arc<Api>>, Param(id): Param) -> Answer<crate::delegate::Tree> {
     find(&api, &id).await?;
     Ok(Json(crate::delegate::tree(&api.store, &id).await?))
 }
 
 async fn rollback(
     State(api): State<Arc<Api>>,
-    Path(id): Path<String>,
+    Param(id): Param,
 ) -> Answer<crate::rollback::Journal> {
     // Run apart from the request: a client that goes away (Ctrl-C, its
     // own timeout) must not cut a rollback off halfway, between a command
@@ -1157,5 +1202,31 @@ mod tests {
         assert!(!same(b"s3cre", b"s3cret"));
         assert!(!same(b"s3crex", b"s3cret"));
         assert!(!same(b"", b"s3cret"));
+    }
+
+    #[test]
+    fn loopback_hosts_are_told_from_others() {
+        for host in [
+            "localhost",
+            "LOCALHOST:9750",
+            "127.0.0.1",
+            "127.0.0.1:9750",
+            "127.1.2.3:80",
+            "[::1]:9750",
+            "[::1]",
+        ] {
+            assert!(loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:9750",
+            "localhost.evil.example",
+            "10.0.0.5:9750",
+            "[::2]:9750",
+            "",
+            "?",
+        ] {
+            assert!(!loopback_host(host), "{host}");
+        }
     }
 }

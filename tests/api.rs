@@ -163,6 +163,12 @@ breaker = {{ enabled = false }}
         status == 422 && error_of(&body).contains("colour"),
         "{status} {body}"
     );
+    // A path that cannot be read is answered in JSON like the rest.
+    let (status, body) = api.get("/api/v1/tasks/%FF").await;
+    assert!(
+        status == 400 && !error_of(&body).is_empty(),
+        "{status} {body}"
+    );
     let (status, body) = api.get("/api/v1/tasks?state=lost").await;
     assert!(
         status == 400 && error_of(&body).contains("queued"),
@@ -411,6 +417,23 @@ async fn without_a_token_the_api_is_read_only() {
     assert_eq!(status, 403, "{body}");
     assert!(error_of(&body).contains("read-only"), "{body}");
     assert!(daemon.queue().get("t").await.unwrap().is_none());
+    // A page whose name points at 127.0.0.1 (DNS rebinding) reads nothing.
+    let rebound = reqwest::Client::new()
+        .get(format!("http://{address}/api/v1/tasks"))
+        .header("host", format!("evil.example:{}", address.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.status().as_u16(), 403);
+    let said = rebound.text().await.unwrap();
+    assert!(said.contains("\\\"evil.example:"), "{said}");
+    let local = reqwest::Client::new()
+        .get(format!("http://{address}/api/v1/tasks"))
+        .header("host", format!("localhost:{}", address.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(local.status().as_u16(), 200);
     daemon.stop().await;
 }
 
