@@ -317,7 +317,9 @@ async fn authorize(State(api): State<Arc<Api>>, request: Request, next: Next) ->
                 .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
                 .map(|(_, token)| token);
             if !given.is_some_and(|given| same(given.trim().as_bytes(), token.as_bytes())) {
-                tracing::warn!(method = %request.method(), path = %request.uri().path(), "API call without the right bearer token refused");
+                if let Some(refused) = REFUSALS.logged() {
+                    tracing::warn!(method = %request.method(), path = %request.uri().path(), refused, "API call without the right bearer token refused (counting those refused since the last such line, which comes at most every 10 s)");
+                }
                 let mut response = ApiError::new(
                     StatusCode::UNAUTHORIZED,
                     "missing or wrong bearer token: send `Authorization: Bearer TOKEN` with the daemon's token (http.token, http.token_file or FLOTILLA_HTTP_TOKEN)",
@@ -371,6 +373,46 @@ fn loopback_host(host: &str) -> bool {
         || name
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Refused calls, logged at most once per [`Refusals::EVERY`]: whoever
+/// reaches the port must not fill the log at the rate of their calls.
+static REFUSALS: Refusals = Refusals {
+    since: std::sync::Mutex::new(None),
+};
+
+struct Refusals {
+    /// When the last refusal was logged, and those refused since.
+    since: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
+}
+
+impl Refusals {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// Counts a refusal: `Some(refused)` (this one included, since the
+    /// last logged) when it is to be logged.
+    fn logged(&self) -> Option<u64> {
+        let mut since = self
+            .since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        match since.as_mut() {
+            Some((at, refused)) if now.duration_since(*at) < Self::EVERY => {
+                *refused += 1;
+                None
+            }
+            Some((at, refused)) => {
+                let logged = *refused + 1;
+                (*at, *refused) = (now, 0);
+                Some(logged)
+            }
+            None => {
+                *since = Some((now, 0));
+                Some(1)
+            }
+        }
+    }
 }
 
 /// Compares in time independent of where the inputs differ.
@@ -1202,6 +1244,21 @@ mod tests {
         assert!(!same(b"s3cre", b"s3cret"));
         assert!(!same(b"s3crex", b"s3cret"));
         assert!(!same(b"", b"s3cret"));
+    }
+
+    #[test]
+    fn refusals_are_logged_once_in_a_while_with_their_count() {
+        let refusals = Refusals {
+            since: std::sync::Mutex::new(None),
+        };
+        assert_eq!(refusals.logged(), Some(1));
+        for _ in 0..1000 {
+            assert_eq!(refusals.logged(), None);
+        }
+        // As if the period had passed.
+        refusals.since.lock().unwrap().as_mut().unwrap().0 -= Refusals::EVERY;
+        assert_eq!(refusals.logged(), Some(1001));
+        assert_eq!(refusals.logged(), None);
     }
 
     #[test]
