@@ -502,11 +502,17 @@ impl ListQuery {
     }
 }
 
+/// Listings built at once: each can hold up to
+/// [`crate::queue::MAX_LIST_BYTES`] of records and as much again as JSON,
+/// so many at once could exhaust the daemon's memory (and take its agents
+/// down with it). More wait their turn.
+static LISTINGS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 async fn list(
     api: &Api,
     query: Result<Query<ListQuery>, QueryRejection>,
     state: Option<TaskState>,
-) -> Answer<Vec<crate::queue::TaskRecord>> {
+) -> Result<Response, ApiError> {
     let Query(query) = query?;
     if state.is_some() && query.state.is_some() {
         return Err(ApiError::bad_request(
@@ -522,27 +528,40 @@ async fn list(
             api.config.agent_names()
         )));
     }
-    Ok(Json(api.store.queue().list(&filter).await?))
+    let _turn = LISTINGS
+        .acquire()
+        .await
+        .expect("the listings' semaphore is never closed");
+    // Serialized under the permit: the records are dropped before the
+    // next listing is built.
+    let records = api.store.queue().list(&filter).await?;
+    let json = serde_json::to_vec(&records).expect("records serialize");
+    drop(records);
+    Ok((
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        json,
+    )
+        .into_response())
 }
 
 async fn tasks(
     State(api): State<Arc<Api>>,
     query: Result<Query<ListQuery>, QueryRejection>,
-) -> Answer<Vec<crate::queue::TaskRecord>> {
+) -> Result<Response, ApiError> {
     list(&api, query, None).await
 }
 
 async fn dead_letters(
     State(api): State<Arc<Api>>,
     query: Result<Query<ListQuery>, QueryRejection>,
-) -> Answer<Vec<crate::queue::TaskRecord>> {
+) -> Result<Response, ApiError> {
     list(&api, query, Some(TaskState::DeadLettered)).await
 }
 
 async fn escalations(
     State(api): State<Arc<Api>>,
     query: Result<Query<ListQuery>, QueryRejection>,
-) -> Answer<Vec<crate::queue::TaskRecord>> {
+) -> Result<Response, ApiError> {
     list(&api, query, Some(TaskState::Escalated)).await
 }
 
