@@ -538,7 +538,10 @@ async fn list(
     let json = serde_json::to_vec(&records).expect("records serialize");
     drop(records);
     Ok((
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         json,
     )
         .into_response())

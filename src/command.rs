@@ -116,14 +116,11 @@ pub async fn run_with_input(
     // Whatever happened, nothing of the command outlives it.
     group.armed = false;
     process::finish(&mut child, pgid).await;
-    let Ok(status) = status else {
-        return Ok(Ran {
-            status: None,
-            output: String::new(),
-            stdout: String::new(),
-        });
+    // What it wrote is kept at a timeout too: it may say where it hung.
+    let status = match status {
+        Ok(status) => Some(status.map_err(|error| format!("waiting for {program:?}: {error}"))?),
+        Err(_) => None,
     };
-    let status = status.map_err(|error| format!("waiting for {program:?}: {error}"))?;
     let (out, err) = (
         String::from_utf8_lossy(&out).into_owned(),
         String::from_utf8_lossy(&err).into_owned(),
@@ -135,7 +132,7 @@ pub async fn run_with_input(
         .unwrap_or_default()
         .to_string();
     Ok(Ran {
-        status: Some(status),
+        status,
         output,
         stdout: out,
     })
@@ -192,6 +189,19 @@ mod tests {
             .unwrap();
         assert!(ran.success(), "{ran:?}");
         assert_eq!(ran.stdout.trim(), "started");
+    }
+
+    #[tokio::test]
+    async fn a_command_killed_at_its_limit_keeps_what_it_said() {
+        let limit = Duration::from_millis(300);
+        let ran = run(sh("echo 'stuck at step 2' >&2; sleep 10"), limit, 1024)
+            .await
+            .unwrap();
+        assert!(ran.status.is_none());
+        assert_eq!(
+            ran.describe("check", limit),
+            "\"check\" did not finish within 300ms: stuck at step 2"
+        );
     }
 
     #[tokio::test]

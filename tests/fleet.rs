@@ -463,6 +463,11 @@ restart = { initial_backoff = "10s", max_backoff = "10s" }
 command = ["sh", "-c", "sleep 60"]
 timeouts = { startup = "500ms", stop_grace = "1s" }
 restart = { initial_backoff = "10s", max_backoff = "10s" }
+
+[agents.chatty]
+command = ["sh", "-c", "echo 'loading model...'; sleep 60"]
+timeouts = { startup = "500ms", stop_grace = "1s" }
+restart = { initial_backoff = "10s", max_backoff = "10s" }
 "#,
     );
     let daemon = fleet.start().await;
@@ -475,7 +480,7 @@ restart = { initial_backoff = "10s", max_backoff = "10s" }
             .status()
     };
     wait_until(Duration::from_secs(20), "both starts to fail", || async {
-        ["future", "mute"]
+        ["future", "mute", "chatty"]
             .iter()
             .all(|name| last_exit(name).replicas[0].last_exit.is_some())
     })
@@ -498,6 +503,14 @@ restart = { initial_backoff = "10s", max_backoff = "10s" }
             .unwrap()
             .contains("no ready message within timeouts.startup = 500ms"),
         "{mute:?}"
+    );
+    // What it wrote instead is named: a log line on stdout, here.
+    let chatty = last_exit("chatty");
+    let said = chatty.replicas[0].last_exit.as_deref().unwrap();
+    assert!(
+        said.contains("no ready message within timeouts.startup = 500ms; the last line it wrote instead: malformed message")
+            && said.contains("loading model..."),
+        "{said}"
     );
     daemon.stop().await;
 }

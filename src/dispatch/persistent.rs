@@ -179,11 +179,14 @@ impl Replica<'_> {
     async fn wait_ready(&mut self, shutdown: &mut watch::Receiver<Phase>) -> Result<(), Exit> {
         let startup = self.agent.config.timeouts.startup;
         let deadline = Instant::now() + startup.get();
+        // What came instead of a ready message, to say why none did.
+        let mut instead: Option<String> = None;
         loop {
             let line = tokio::select! {
                 _ = shutdown.changed() => return Err(Exit::Shutdown),
                 () = tokio::time::sleep_until(deadline) => {
-                    return Err(Exit::NotStarted(format!("no ready message within timeouts.startup = {startup}")));
+                    let instead = instead.map_or_else(String::new, |instead| format!("; the last line it wrote instead: {instead}"));
+                    return Err(Exit::NotStarted(format!("no ready message within timeouts.startup = {startup}{instead}")));
                 }
                 line = self.lines.next_line() => line,
             };
@@ -200,11 +203,20 @@ impl Replica<'_> {
                         return Ok(());
                     }
                     Ok(FromAgent::Heartbeat {}) => self.seen(),
-                    Ok(_) => self.agent.record_stale(self.index, "message before ready"),
-                    Err(error) => self.agent.record_malformed(self.index, &error),
+                    Ok(_) => {
+                        self.agent.record_stale(self.index, "message before ready");
+                        instead = Some(format!(
+                            "{:?}, a message before ready",
+                            protocol::excerpt(&text)
+                        ));
+                    }
+                    Err(error) => {
+                        instead = Some(error.to_string());
+                        self.agent.record_malformed(self.index, &error);
+                    }
                 },
                 Ok(Some(other)) => {
-                    self.malformed_line(&other);
+                    instead = Some(self.malformed_line(&other).0.to_string());
                 }
                 Ok(None) | Err(_) => {
                     let status = process::finish(&mut self.child, self.pgid).await;
