@@ -121,6 +121,10 @@ pub fn check(config: &Config, alerts: Option<&Path>) -> Scorecard {
             )
         })
         .collect();
+    if agents.is_empty() {
+        timeouts
+            .push("the config defines no agents; add an [agents.NAME] table with a command".into());
+    }
     // The fleet watchdog's stuck_after cuts a longer progress timeout
     // short: a replica silent that long is restarted, its attempt charged.
     if config.watchdog.enabled {
@@ -175,6 +179,16 @@ pub fn check(config: &Config, alerts: Option<&Path>) -> Scorecard {
         .filter(|(_, agent)| agent.readiness.checks.is_empty())
         .map(|(name, _)| format!("{name}: no readiness checks"))
         .collect();
+    // What `flotilla up` would refuse here: only recommended, since a
+    // config is often checked away from where it runs (in CI).
+    items.push(item(
+        "starts",
+        "the fleet can start on this machine",
+        false,
+        crate::dispatch::check_fleet(config),
+        "every agent's program, working directory and variables are there".into(),
+        "fix each problem named, or run the check where the fleet runs",
+    ));
     items.push(item(
         "readiness",
         "agents check what they depend on before taking tasks",

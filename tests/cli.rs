@@ -566,4 +566,26 @@ timeouts = { progress_timeout = "2h", max_duration = "1h" }
     );
     let mended = timeouts("watchdog = { stuck_after = \"30m\" }\n");
     assert_eq!(mended["status"], "pass", "{mended}");
+    // A config with no agents fails, as `config check` refuses it; what
+    // `up` would refuse on this machine is named, as a warning.
+    let fleet = Fleet::new("[agents.gone]\ncommand = [\"no-such-program-here\"]\n");
+    std::fs::write(&fleet.config_path, "[store]\npath = \"x.db\"\n").unwrap();
+    let empty = fleet.cli(&["check", "--alerts", alerts]);
+    assert_eq!(empty.status.code(), Some(1), "{empty:?}");
+    assert!(
+        stdout(&empty).contains("the config defines no agents"),
+        "{empty:?}"
+    );
+    std::fs::write(
+        &fleet.config_path,
+        "[agents.gone]\ncommand = [\"no-such-program-here\"]\n",
+    )
+    .unwrap();
+    let missing = fleet.cli(&["check", "--alerts", alerts]);
+    let text = stdout(&missing);
+    assert!(
+        text.contains("WARN  the fleet can start on this machine (recommended)")
+            && text.contains("no-such-program-here"),
+        "{text}"
+    );
 }
