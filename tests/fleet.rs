@@ -969,6 +969,12 @@ mode = "oneshot"
 command = ["sh", "-c", "sleep 60 & echo '{{\"left\": \"a helper\"}}'"]
 timeouts = { progress_timeout = "20s" }
 retry = { max_deliver = 1 }
+
+[agents.spinner]
+mode = "oneshot"
+command = ["sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do printf '\\r%s' $i >&2; sleep 0.1; done; echo '{{\"spun\": true}}'"]
+timeouts = { progress_timeout = "400ms" }
+retry = { max_deliver = 1 }
 "#,
     );
     let daemon = fleet.start().await;
@@ -978,7 +984,9 @@ retry = { max_deliver = 1 }
     let (binary, binary_ids) = numbered_tasks("binary", 1, "binary");
     let (suicidal, suicidal_ids) = numbered_tasks("suicidal", 1, "suicidal");
     let (background, background_ids) = numbered_tasks("background", 1, "background");
+    let (spinner, spinner_ids) = numbered_tasks("spinner", 1, "spinner");
     queue.submit(slow).await.unwrap();
+    queue.submit(spinner).await.unwrap();
     queue.submit(background).await.unwrap();
     queue.submit(silent).await.unwrap();
     queue.submit(binary).await.unwrap();
@@ -988,7 +996,7 @@ retry = { max_deliver = 1 }
     wait_until(
         Duration::from_secs(30),
         "the oneshot tasks to finish",
-        || async { finished(queue.as_ref()).await >= 5 },
+        || async { finished(queue.as_ref()).await >= 6 },
     )
     .await;
     let flotilla::store::Store::Embedded(store) = daemon.store() else {
@@ -1027,6 +1035,10 @@ retry = { max_deliver = 1 }
         background.result.as_ref().unwrap(),
         &serde_json::json!({"left": "a helper"})
     );
+    // A progress bar redrawn with \r ends no line, but it is progress:
+    // 1.2 s of it against a 400 ms progress timeout.
+    let spinner = &records(queue.as_ref(), &spinner_ids).await[0];
+    assert_eq!(spinner.state, TaskState::Completed, "{spinner:?}");
     let binary = &records(queue.as_ref(), &binary_ids).await[0];
     assert_eq!(binary.state, TaskState::Completed, "{binary:?}");
     assert_eq!(

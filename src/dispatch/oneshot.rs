@@ -222,11 +222,16 @@ async fn run_task(
         ));
     };
     let max_result = agent.config.max_line_bytes.as_usize().max(1);
-    let mut out_lines = LineReader::new(BufReader::new(stdout), max_result);
+    // Bytes read from either pipe: output without a newline (a progress
+    // bar redrawn with `\r`) is progress too, looked at when the progress
+    // timeout comes.
+    let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut out_lines = LineReader::new(BufReader::new(Counted::new(stdout, &bytes)), max_result);
     let mut err_lines = LineReader::new(
-        BufReader::new(stderr),
+        BufReader::new(Counted::new(stderr, &bytes)),
         agent.config.max_line_bytes.as_usize(),
     );
+    let mut bytes_seen = 0;
     let mut output = Output {
         stdout: Vec::new(),
         stderr_tail: VecDeque::new(),
@@ -263,6 +268,7 @@ async fn run_task(
                         output.stdout.push(b'\n');
                     }
                     output.stdout.extend_from_slice(text.as_bytes());
+                    bytes_seen = bytes.load(std::sync::atomic::Ordering::Relaxed);
                     if !progressed(agent, index, &mut tracked).await {
                         abandon(agent, &mut child, pgid, tracked).await;
                         return None;
@@ -275,12 +281,14 @@ async fn run_task(
                 Ok(Some(Line::Text(text))) => {
                     tracing::info!(agent = %agent.name, replica = index, "stderr: {}", protocol::truncate(&text, protocol::STDERR_LOG_CHARS));
                     output.push_stderr(text);
+                    bytes_seen = bytes.load(std::sync::atomic::Ordering::Relaxed);
                     if !progressed(agent, index, &mut tracked).await {
                         abandon(agent, &mut child, pgid, tracked).await;
                         return None;
                     }
                 }
                 Ok(Some(_)) => {
+                    bytes_seen = bytes.load(std::sync::atomic::Ordering::Relaxed);
                     if !progressed(agent, index, &mut tracked).await {
                         abandon(agent, &mut child, pgid, tracked).await;
                         return None;
@@ -331,6 +339,16 @@ async fn run_task(
                     return Some(Exit::Shutdown);
                 }
                 if let Some(failure) = tracked.expired(agent, Instant::now()) {
+                    let read = bytes.load(std::sync::atomic::Ordering::Relaxed);
+                    if failure.outcome == AttemptOutcome::ProgressTimeout && read != bytes_seen {
+                        // Output came that ended no line.
+                        bytes_seen = read;
+                        if !progressed(agent, index, &mut tracked).await {
+                            abandon(agent, &mut child, pgid, tracked).await;
+                            return None;
+                        }
+                        continue;
+                    }
                     { kill_for(agent, name, &mut child, pgid, tracked, failure).await; return None; }
                 }
             }
@@ -349,6 +367,38 @@ async fn run_task(
     agent.update_replica(index, |replica| replica.pid = None);
     settle_exit(agent, name, tracked.lease, status, &output).await;
     None
+}
+
+/// A pipe that counts the bytes read from it into a shared counter.
+struct Counted<R> {
+    inner: R,
+    read: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<R> Counted<R> {
+    fn new(inner: R, read: &Arc<std::sync::atomic::AtomicU64>) -> Self {
+        Self {
+            inner,
+            read: read.clone(),
+        }
+    }
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = (buf.filled().len() - before) as u64;
+        if read > 0 {
+            self.read
+                .fetch_add(read, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
+    }
 }
 
 fn too_long(max: usize) -> Failure {
