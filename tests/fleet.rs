@@ -393,6 +393,68 @@ retry = { max_deliver = 1 }
     );
 }
 
+/// Reads stdin only between tasks; a task marked poison kills it half a
+/// second in.
+const DIES_ON_POISON: &str = r#"
+import json, sys, time
+print(json.dumps({"type": "ready"}), flush=True)
+for line in sys.stdin:
+    task = json.loads(line)
+    if task["payload"].get("poison"):
+        time.sleep(0.5)
+        sys.exit(1)
+    print(json.dumps({"type": "result", "id": task["id"], "output": "ok"}), flush=True)
+"#;
+
+/// A task whose long message was being written when another task killed
+/// the agent is not blamed for the crash: the poison is charged and
+/// dead-lettered, the innocent task completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_written_when_another_kills_the_agent_is_not_blamed() {
+    let fleet = Fleet::new(
+        r#"
+[agents.fragile]
+command = ["python3", "fragile.py"]
+concurrency = 2
+retry = { max_deliver = 2, backoff = ["10ms"] }
+"#,
+    );
+    std::fs::write(fleet.path("fragile.py"), DIES_ON_POISON).unwrap();
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let task = |id: &str, payload: serde_json::Value| NewTask {
+        id: id.into(),
+        agent: "fragile".into(),
+        priority: Priority::Normal,
+        payload,
+    };
+    // The big task's message is over the 64 KiB a pipe holds: its write
+    // waits while the agent works on the poison, then breaks.
+    queue
+        .submit(vec![
+            task("poison", json!({"poison": true})),
+            task("big", json!({"text": "x".repeat(200_000)})),
+        ])
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(30), "both tasks to end", || async {
+        finished(queue.as_ref()).await >= 2
+    })
+    .await;
+    daemon.stop().await;
+    let poison = queue.get("poison").await.unwrap().unwrap();
+    assert_eq!(poison.state, TaskState::DeadLettered, "{poison:?}");
+    let big = queue.get("big").await.unwrap().unwrap();
+    assert_eq!(big.state, TaskState::Completed, "{big:?}");
+    assert!(
+        big.history
+            .iter()
+            .all(|attempt| attempt.outcome != Some(AttemptOutcome::Crashed)),
+        "{:?}",
+        big.history
+    );
+}
+
 /// Takes tasks one at a time in one thread, and answers each, after a
 /// second, with a result longer than a pipe holds.
 const LONG_ANSWERS: &str = r#"

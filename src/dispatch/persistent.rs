@@ -592,19 +592,23 @@ impl Replica<'_> {
         if let Err(error) = self.send(&message).await {
             let reason = format!("could not write to the agent's stdin: {error}");
             let broken_pipe = error.kind() == std::io::ErrorKind::BrokenPipe;
-            if broken_pipe && protocol::encode(&message).len() <= PIPE_CAPACITY {
+            let fits = protocol::encode(&message).len() <= PIPE_CAPACITY;
+            // Other tasks it held, any of which may have ended it.
+            let others = self.in_flight.len() > 1;
+            if broken_pipe && (fits || others) {
                 // A line the pipe holds whole is refused only when the
                 // agent was gone before it was written: this task did not
-                // kill it (the tasks it held may have). It goes back
-                // uncharged, and the exit is handled as a crash.
+                // kill it (the tasks it held may have). A longer line may
+                // have been cut off by a crash another task caused. It
+                // goes back uncharged, and the exit is handled as a crash
+                // (which charges the tasks the agent held).
                 if let Some(tracked) = self.in_flight.remove(&id_for_error) {
-                    self.agent
-                        .release(
-                            tracked.lease,
-                            &self.name,
-                            "the agent had exited before the task reached it",
-                        )
-                        .await;
+                    let why = if fits {
+                        "the agent had exited before the task reached it"
+                    } else {
+                        "the agent exited while the task was written to it, holding other tasks that may have ended it"
+                    };
+                    self.agent.release(tracked.lease, &self.name, why).await;
                 }
                 return Err(StartFailure::Exited);
             }
