@@ -372,7 +372,7 @@ fn loopback_host(host: &str) -> bool {
     name.eq_ignore_ascii_case("localhost")
         || name
             .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 /// Refused calls, logged at most once per [`Refusals::EVERY`]: whoever
@@ -502,11 +502,15 @@ impl ListQuery {
     }
 }
 
-/// Listings built at once: each can hold up to
+/// Listings built and sent at once: each can hold up to
 /// [`crate::queue::MAX_LIST_BYTES`] of records and as much again as JSON,
 /// so many at once could exhaust the daemon's memory (and take its agents
 /// down with it). More wait their turn.
-static LISTINGS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+static LISTINGS: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
+    std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(2)));
+
+/// The pieces a listing's JSON is sent in.
+const LISTING_CHUNK: usize = 1 << 20;
 
 async fn list(
     api: &Api,
@@ -528,21 +532,28 @@ async fn list(
             api.config.agent_names()
         )));
     }
-    let _turn = LISTINGS
-        .acquire()
+    let turn = LISTINGS
+        .clone()
+        .acquire_owned()
         .await
         .expect("the listings' semaphore is never closed");
-    // Serialized under the permit: the records are dropped before the
-    // next listing is built.
     let records = api.store.queue().list(&filter).await?;
-    let json = serde_json::to_vec(&records).expect("records serialize");
+    let json = axum::body::Bytes::from(serde_json::to_vec(&records).expect("records serialize"));
     drop(records);
+    // Sent a piece at a time by a stream that holds the turn: the next
+    // piece is taken once the last is written, so the turn passes on only
+    // when the whole listing is (nearly) sent, or the client is gone.
+    let pieces = (0..json.len()).step_by(LISTING_CHUNK).map(move |start| {
+        let _turn = &turn;
+        Ok::<_, std::convert::Infallible>(json.slice(start..json.len().min(start + LISTING_CHUNK)))
+    });
+    let body = futures_util::stream::iter(pieces);
     Ok((
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        json,
+        axum::body::Body::from_stream(body),
     )
         .into_response())
 }
@@ -1293,6 +1304,7 @@ mod tests {
             "127.1.2.3:80",
             "[::1]:9750",
             "[::1]",
+            "[::ffff:127.0.0.1]:9750",
         ] {
             assert!(loopback_host(host), "{host}");
         }

@@ -407,6 +407,9 @@ pub enum ProtocolCommand {
 pub struct Failure {
     code: u8,
     message: String,
+    /// Sure to have changed nothing: the call reached no daemon, or was
+    /// refused as not authorized.
+    untouched: bool,
 }
 
 impl Failure {
@@ -414,6 +417,7 @@ impl Failure {
         Self {
             code: 2,
             message: message.into(),
+            untouched: false,
         }
     }
 
@@ -421,6 +425,7 @@ impl Failure {
         Self {
             code: 1,
             message: message.into(),
+            untouched: false,
         }
     }
 }
@@ -628,6 +633,10 @@ impl From<ClientError> for Failure {
     fn from(error: ClientError) -> Self {
         match error {
             ClientError::Refused(_, message) => Self::usage(message),
+            ClientError::Unreached(message) => Self {
+                untouched: true,
+                ..Self::failed(message)
+            },
             ClientError::Failed(message) => Self::failed(message),
         }
     }
@@ -1141,7 +1150,7 @@ async fn follow_top(
                     .await
                 {
                     Ok(()) => "the daemon ended the event stream".to_string(),
-                    Err(ClientError::Refused(_, message) | ClientError::Failed(message)) => message,
+                    Err(error) => error.message().to_string(),
                 }
             }
             Err(failure) => failure.message,
@@ -1694,8 +1703,9 @@ async fn submit(target: &Target, args: SubmitArgs) -> Result<ExitCode, Failure> 
     let receipts = match target.submit(&body).await {
         Ok(receipts) => receipts,
         Err(mut failure) => {
-            // Not a refusal (nothing stored then): part of it may be.
-            if failure.code != 2 {
+            // Not a refusal, nor a call that reached no daemon (nothing
+            // stored then): part of it may be.
+            if failure.code != 2 && !failure.untouched {
                 let hint = match (&args.file, &body.tasks) {
                     (Some(path), Some(tasks)) => Some(save_batch(path, tasks)),
                     _ => retry_hint,

@@ -46,8 +46,20 @@ pub enum ClientError {
     /// The daemon refused the call as invalid (4xx other than 401/403):
     /// the status and its message.
     Refused(StatusCode, String),
-    /// Anything else: not reachable, not authorized, a server error.
+    /// The call did nothing: no daemon was reached, or it refused the
+    /// call as not authorized.
+    Unreached(String),
+    /// Anything else: a server error, an answer lost.
     Failed(String),
+}
+
+impl ClientError {
+    /// What it says.
+    pub fn message(&self) -> &str {
+        match self {
+            Self::Refused(_, message) | Self::Unreached(message) | Self::Failed(message) => message,
+        }
+    }
 }
 
 /// A daemon's API at one base URL.
@@ -137,9 +149,12 @@ impl ApiClient {
                 .body(bytes);
         }
         let response = request.send().await.map_err(|error| {
-            ClientError::Failed(format!(
-                "{method} {url}: the daemon did not answer: {error}"
-            ))
+            let message = format!("{method} {url}: the daemon did not answer: {error}");
+            if error.is_connect() {
+                ClientError::Unreached(message)
+            } else {
+                ClientError::Failed(message)
+            }
         })?;
         let status = response.status();
         let bytes = response.bytes().await.map_err(|error| {
@@ -162,9 +177,11 @@ impl ApiClient {
             }
             _ => message,
         };
-        if status.is_client_error()
-            && !matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
-        {
+        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            Err(ClientError::Unreached(format!(
+                "the daemon answered {status}: {message}"
+            )))
+        } else if status.is_client_error() {
             Err(ClientError::Refused(status, message))
         } else {
             Err(ClientError::Failed(format!(

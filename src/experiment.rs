@@ -378,6 +378,7 @@ fn holds(checks: &[Check]) -> bool {
 async fn inject(client: &ApiClient, step: &Step) -> Result<crate::chaos::Done, String> {
     let failed = |error: crate::client::ClientError| match error {
         crate::client::ClientError::Refused(_, message)
+        | crate::client::ClientError::Unreached(message)
         | crate::client::ClientError::Failed(message) => message,
     };
     let done = match step.action.as_str() {
@@ -424,6 +425,7 @@ pub async fn run(
     let started = Instant::now();
     let status = |error: crate::client::ClientError| match error {
         crate::client::ClientError::Refused(_, message)
+        | crate::client::ClientError::Unreached(message)
         | crate::client::ClientError::Failed(message) => message,
     };
     let before = hypothesis(

@@ -499,9 +499,12 @@ async fn edit(
 /// Stores the progress of the rollback of `journal` (which holds the
 /// claim, so it alone changes the state of existing changes), keeping
 /// changes appended meanwhile; `journal` becomes what is stored. The
-/// rollback's first save (`taking`) marks the journal with its claim
-/// (`journal.claimed_by`); later ones save only while it is still marked
-/// so, which no other rollback's claim could have taken meanwhile.
+/// rollback's first save (`taking`), made once its claim is renewed,
+/// only marks the journal with its claim (`journal.claimed_by`) and
+/// reason: it has undone nothing yet, and what it read may be older than
+/// what a rollback before it saved. Later saves are made only while the
+/// journal is still marked so, which no other rollback's claim could have
+/// changed meanwhile.
 ///
 /// # Errors
 /// [`RollbackError::Replaced`] when the stored journal is another one
@@ -526,8 +529,16 @@ async fn save_progress(
             return None;
         }
         if taking {
+            // Its mark and reason only: it has done nothing yet, and what
+            // it read may be older than what another rollback saved.
             stored.claimed_by.clone_from(&ours.claimed_by);
-        } else if stored.claimed_by.is_some() && stored.claimed_by != ours.claimed_by {
+            stored
+                .rolled_back_because
+                .clone_from(&ours.rolled_back_because);
+            written = true;
+            return Some(stored);
+        }
+        if stored.claimed_by.is_some() && stored.claimed_by != ours.claimed_by {
             // This rollback stalled past its claim, and another took the
             // task: the states are that one's to write. (No mark at all:
             // rewritten by an older flotilla, which keeps none.)
@@ -702,6 +713,9 @@ async fn undo(
     }
     journal.rolled_back_because = Some(because.to_string());
     journal.claimed_by = Some(claim.owner.clone());
+    // Still held (it may have lapsed while this one waited for the
+    // store), so that the mark goes only to the claim's holder.
+    renew(store, &journal.task, claim, now, lease_ms).await?;
     save_progress(store, journal, true).await?;
     // By number: changes appended meanwhile are left to the next
     // rollback, and those dropped meanwhile (rolled back, at the front)
@@ -720,23 +734,7 @@ async fn undo(
             continue;
         }
         // Renewed before each command, which the claim then outlasts.
-        let renewed = Claim {
-            until_ms: now().saturating_add(lease_ms),
-            ..claim.clone()
-        };
-        if !store
-            .compare_and_put_control(
-                &claim_key(&journal.task),
-                Some(&claim.value()),
-                &renewed.value(),
-            )
-            .await?
-        {
-            // Lapsed and taken by another rollback (this process stalled
-            // longer than the claim): that one goes on from here.
-            return Err(lapsed(journal.task.clone()));
-        }
-        *claim = renewed;
+        renew(store, &journal.task, claim, now, lease_ms).await?;
         let agent = journal.changes[index]
             .agent
             .clone()
@@ -778,6 +776,32 @@ async fn undo(
             break;
         }
     }
+    Ok(())
+}
+
+/// Renews `claim` on `task` for `lease_ms` from now.
+///
+/// # Errors
+/// The lapsed-claim error when another rollback took it (this process
+/// stalled longer than the claim): that one goes on from here.
+async fn renew(
+    store: &Store,
+    task: &str,
+    claim: &mut Claim,
+    now: &impl Fn() -> UnixMillis,
+    lease_ms: u64,
+) -> Result<(), RollbackError> {
+    let renewed = Claim {
+        until_ms: now().saturating_add(lease_ms),
+        ..claim.clone()
+    };
+    if !store
+        .compare_and_put_control(&claim_key(task), Some(&claim.value()), &renewed.value())
+        .await?
+    {
+        return Err(lapsed(task.to_string()));
+    }
+    *claim = renewed;
     Ok(())
 }
 
@@ -1224,6 +1248,40 @@ mod tests {
             store.get_control(&claim_key("t")).await.unwrap(),
             Some(newer.value())
         );
+    }
+
+    /// A rollback's first save marks the journal as its own, and writes
+    /// no change states: what it read may be older than what the rollback
+    /// before it saved.
+    #[tokio::test]
+    async fn a_rollback_taking_over_keeps_what_the_last_one_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::embedded_in(dir.path());
+        let mut stale = record(
+            &store,
+            "t",
+            "a",
+            1,
+            slow_changes(&dir.path().join("log"), 1),
+        )
+        .await
+        .unwrap();
+        // Another rollback undid the change meanwhile.
+        let mut theirs = stale.clone();
+        theirs.claimed_by = Some("theirs".into());
+        theirs.changes[0].state = ChangeState::RolledBack;
+        store
+            .put_control(&key("t"), &serde_json::to_value(&theirs).unwrap())
+            .await
+            .unwrap();
+        stale.claimed_by = Some("ours".into());
+        stale.rolled_back_because = Some("operator".into());
+        save_progress(&store, &mut stale, true).await.unwrap();
+        let stored = load(&store, "t").await.unwrap().unwrap();
+        assert_eq!(stored.changes[0].state, ChangeState::RolledBack);
+        assert_eq!(stored.claimed_by.as_deref(), Some("ours"));
+        assert_eq!(stored.rolled_back_because.as_deref(), Some("operator"));
+        assert_eq!(stale, stored, "the rollback goes on from what is stored");
     }
 
     #[tokio::test]

@@ -104,8 +104,9 @@ fn a_failed_submit_leaves_the_ids_to_submit_again_with() {
     )
     .unwrap();
     let batch = batch.to_str().unwrap();
-    // No daemon answers there.
-    let failed = fleet.cli(&[
+    let saved = format!("{batch}.ids.jsonl");
+    // No daemon there: nothing can have been stored, nothing to say.
+    let unreached = fleet.cli(&[
         "--api",
         "http://127.0.0.1:9",
         "submit",
@@ -114,9 +115,25 @@ fn a_failed_submit_leaves_the_ids_to_submit_again_with() {
         "--file",
         batch,
     ]);
+    assert_eq!(unreached.status.code(), Some(1), "{unreached:?}");
+    assert!(!stderr(&unreached).contains("may have been stored"));
+    assert!(!std::path::Path::new(&saved).exists());
+    // A daemon that takes the call and never answers: it may have stored
+    // some of it.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let api = format!("http://{}", silent.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in silent.incoming() {
+            let mut stream = stream.unwrap();
+            let mut buffer = [0u8; 4096];
+            let _ = std::io::Read::read(&mut stream, &mut buffer);
+        }
+    });
+    let failed = fleet.cli(&[
+        "--api", &api, "submit", "--agent", "worker", "--file", batch,
+    ]);
     assert_eq!(failed.status.code(), Some(1), "{failed:?}");
     let said = stderr(&failed);
-    let saved = format!("{batch}.ids.jsonl");
     assert!(
         said.contains("some of it may have been stored") && said.contains(&saved),
         "{said}"
@@ -141,7 +158,7 @@ fn a_failed_submit_leaves_the_ids_to_submit_again_with() {
     // One task: its generated id, to give again.
     let failed = fleet.cli(&[
         "--api",
-        "http://127.0.0.1:9",
+        &api,
         "submit",
         "--agent",
         "worker",

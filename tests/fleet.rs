@@ -1034,8 +1034,8 @@ retry = { max_deliver = 1 }
 
 [agents.spinner]
 mode = "oneshot"
-command = ["sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do printf '\\r%s' $i >&2; sleep 0.1; done; echo '{{\"spun\": true}}'"]
-timeouts = { progress_timeout = "400ms" }
+command = ["sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do printf '\\r%s' $i >&2; sleep 0.3; done; echo '{{\"spun\": true}}'"]
+timeouts = { progress_timeout = "2s" }
 retry = { max_deliver = 1 }
 "#,
     );
@@ -1098,7 +1098,7 @@ retry = { max_deliver = 1 }
         &serde_json::json!({"left": "a helper"})
     );
     // A progress bar redrawn with \r ends no line, but it is progress:
-    // 1.2 s of it against a 400 ms progress timeout.
+    // 3.6 s of it against a 2 s progress timeout.
     let spinner = &records(queue.as_ref(), &spinner_ids).await[0];
     assert_eq!(spinner.state, TaskState::Completed, "{spinner:?}");
     let binary = &records(queue.as_ref(), &binary_ids).await[0];
@@ -1179,7 +1179,6 @@ for line in sys.stdin:
     daemon.stop().await;
 }
 
-/// The parent of process `pid`, while it exists (a zombie included).
 /// A persistent replica that dies while a process it started holds its
 /// stdout is a crash at once (its task released, the replica restarted),
 /// not a silence noticed at the progress timeout.
@@ -1225,6 +1224,7 @@ for line in sys.stdin:
     );
 }
 
+/// The parent of process `pid`, while it exists (a zombie included).
 fn parent_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit(')')

@@ -306,7 +306,9 @@ async fn run_task(
                     abandon(agent, &mut child, pgid, tracked).await;
                     return None;
                 }
-                if let Some(reason) = agent.take_restart(index, pgid) {
+                if let Some(reason) = agent.take_restart(index, pgid)
+                    && exited.is_none()
+                {
                     // The slot goes on (only its task's process is ended),
                     // so no replica is lost: the task's failed attempt
                     // speaks for it.
@@ -326,10 +328,14 @@ async fn run_task(
                 }
             }
             () = tokio::time::sleep_until(timer) => {
-                if let Some((status, drained)) = exited && Instant::now() >= drained {
-                    // Judged by its exit; what it left behind is ended
+                if let Some((status, drained)) = exited {
+                    // Judged by its exit, not by a timeout or a shutdown
+                    // that came after it; what it left behind is ended
                     // with its group below.
-                    break status;
+                    if Instant::now() >= drained {
+                        break status;
+                    }
+                    continue;
                 }
                 if let Some(deadline) = draining && Instant::now() >= deadline {
                     let renewing = agent.keep_lease(&tracked.lease.key);

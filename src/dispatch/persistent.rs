@@ -264,13 +264,15 @@ impl Replica<'_> {
             return;
         }
         let (message, retryable) = match error {
-            // A result that does not fit will not fit next time either.
+            // A result that does not fit will not fit next time either;
+            // one that named no task may not be this one's (a stale
+            // answer), so it is retried.
             LineError::TooLong { max_line_bytes } => (
                 format!(
                     "the agent's {} message was longer than max_line_bytes = {max_line_bytes} bytes, so it was not read; raise the agent's max_line_bytes (above store.max_result_bytes, with room for the message around the result), or write large outputs to files",
                     outcome.kind
                 ),
-                outcome.kind != "result",
+                outcome.kind != "result" || outcome.id.is_none(),
             ),
             LineError::Malformed { reason, .. } => {
                 let said = outcome
@@ -441,6 +443,11 @@ impl Replica<'_> {
             {
                 return self.shut_down().await;
             }
+            // Checked here too: output that never stops would keep the
+            // timer below from firing.
+            if exited.is_some_and(|deadline| Instant::now() >= deadline) {
+                return self.crashed().await;
+            }
             let timer = self
                 .in_flight
                 .values()
@@ -490,6 +497,15 @@ impl Replica<'_> {
                 },
                 _ = self.child.wait(), if exited.is_none() => {
                     exited = Some(Instant::now() + crate::command::DRAIN_AFTER_EXIT);
+                    // Take no task after the exit; hand back one that
+                    // reached the slot meanwhile (it never reached the
+                    // agent).
+                    if let Some(mut receiver) = slot.take() {
+                        receiver.close();
+                        if let Ok(handed) = receiver.try_recv() {
+                            self.agent.release(handed.take(), &self.name, "the replica exited").await;
+                        }
+                    }
                 }
                 lease = async { slot.as_mut().expect("guarded by is_some").await }, if slot.is_some() => {
                     slot = None;
@@ -589,30 +605,28 @@ impl Replica<'_> {
         let id_for_error = id.clone();
         self.in_flight.insert(id, Tracked::new(lease, self.agent));
         self.publish_tasks();
-        if let Err(error) = self.send(&message).await {
+        if let (Err(error), taken) = self.send_counted(&message).await {
             let reason = format!("could not write to the agent's stdin: {error}");
             let broken_pipe = error.kind() == std::io::ErrorKind::BrokenPipe;
-            let fits = protocol::encode(&message).len() <= PIPE_CAPACITY;
-            // Other tasks it held, any of which may have ended it.
-            let others = self.in_flight.len() > 1;
-            if broken_pipe && (fits || others) {
-                // A line the pipe holds whole is refused only when the
-                // agent was gone before it was written: this task did not
-                // kill it (the tasks it held may have). A longer line may
-                // have been cut off by a crash another task caused. It
-                // goes back uncharged, and the exit is handled as a crash
-                // (which charges the tasks the agent held).
+            if broken_pipe && taken <= PIPE_CAPACITY {
+                // The pipe took no more than it holds: the agent may have
+                // read none of the line (and a line the pipe holds whole
+                // is refused only when the agent was gone before it was
+                // written). This task did not kill it; the tasks it held
+                // may have. It goes back uncharged, and the exit is
+                // handled as a crash (which charges the tasks held).
                 if let Some(tracked) = self.in_flight.remove(&id_for_error) {
-                    let why = if fits {
-                        "the agent had exited before the task reached it"
-                    } else {
-                        "the agent exited while the task was written to it, holding other tasks that may have ended it"
-                    };
-                    self.agent.release(tracked.lease, &self.name, why).await;
+                    self.agent
+                        .release(
+                            tracked.lease,
+                            &self.name,
+                            "the agent exited before it read the task",
+                        )
+                        .await;
                 }
                 return Err(StartFailure::Exited);
             }
-            // The agent closed its stdin while a longer line was written:
+            // The agent closed its stdin partway through reading the line:
             // charge the task, so that a payload that kills the agent as
             // it is read ends in the dead-letter queue instead of looping
             // forever. An agent that merely stopped reading (timeout) is
@@ -650,14 +664,35 @@ impl Replica<'_> {
     /// to it would otherwise wait for the daemon as the daemon waits for
     /// it, until the timeout broke the replica.
     async fn send(&mut self, message: &ToAgent) -> std::io::Result<()> {
-        let stdin = self
-            .stdin
-            .as_mut()
-            .ok_or_else(|| std::io::Error::other("stdin is closed"))?;
+        self.send_counted(message).await.0
+    }
+
+    /// [`Self::send`], also saying how many bytes of the line the pipe
+    /// took: past what the pipe holds, the agent was reading it.
+    async fn send_counted(&mut self, message: &ToAgent) -> (std::io::Result<()>, usize) {
+        let Some(stdin) = self.stdin.as_mut() else {
+            return (Err(std::io::Error::other("stdin is closed")), 0);
+        };
         let stdout = &mut self.lines;
         let line = protocol::encode(message);
+        let mut taken = 0;
+        let result = Self::write_reading(stdin, stdout, line.as_bytes(), &mut taken).await;
+        (result, taken)
+    }
+
+    async fn write_reading(
+        stdin: &mut ChildStdin,
+        stdout: &mut Stdout,
+        line: &[u8],
+        taken: &mut usize,
+    ) -> std::io::Result<()> {
         let write = async {
-            stdin.write_all(line.as_bytes()).await?;
+            while *taken < line.len() {
+                match stdin.write(&line[*taken..]).await? {
+                    0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                    written => *taken += written,
+                }
+            }
             stdin.flush().await
         };
         tokio::pin!(write);
