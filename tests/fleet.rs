@@ -455,6 +455,70 @@ retry = { max_deliver = 2, backoff = ["10ms"] }
     );
 }
 
+/// Reads one task, byte by byte (no read-ahead), answers it half a
+/// second later, and exits half a second after that without reading more.
+const ANSWERS_ONE_AND_GOES: &str = r#"
+import json, os, sys, time
+print(json.dumps({"type": "ready"}), flush=True)
+line = bytearray()
+while not line.endswith(b"\n"):
+    line += os.read(0, 1)
+task = json.loads(line)
+time.sleep(0.5)
+print(json.dumps({"type": "result", "id": task["id"], "output": "done"}), flush=True)
+time.sleep(0.5)
+sys.exit(0)
+"#;
+
+/// A result the agent wrote just before it exited counts, though the
+/// daemon read it while it waited to write the next task and then found
+/// the agent gone: the task completes on its first attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_written_before_the_agent_exits_counts() {
+    let fleet = Fleet::new(
+        r#"
+[agents.brief]
+command = ["python3", "brief.py"]
+concurrency = 2
+"#,
+    );
+    std::fs::write(fleet.path("brief.py"), ANSWERS_ONE_AND_GOES).unwrap();
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let task = |id: &str, payload: serde_json::Value| NewTask {
+        id: id.into(),
+        agent: "brief".into(),
+        priority: Priority::Normal,
+        payload,
+    };
+    // The second, leased after the first (lower priority), is over what a
+    // pipe holds: its write waits while the agent answers the first and
+    // exits.
+    let mut second = task("second", json!({"text": "x".repeat(200_000)}));
+    second.priority = Priority::Low;
+    let mut first = task("first", json!({}));
+    first.priority = Priority::High;
+    queue.submit(vec![first, second]).await.unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "both tasks to complete",
+        || async { finished(queue.as_ref()).await >= 2 },
+    )
+    .await;
+    daemon.stop().await;
+    let first = queue.get("first").await.unwrap().unwrap();
+    assert_eq!(first.state, TaskState::Completed, "{first:?}");
+    assert_eq!(
+        first
+            .history
+            .iter()
+            .map(|attempt| attempt.outcome)
+            .collect::<Vec<_>>(),
+        [Some(AttemptOutcome::Completed)],
+        "{first:?}"
+    );
+}
+
 /// Takes tasks one at a time in one thread, and answers each, after a
 /// second, with a result longer than a pipe holds.
 const LONG_ANSWERS: &str = r#"

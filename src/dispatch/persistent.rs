@@ -899,6 +899,7 @@ impl Replica<'_> {
     /// The process exited (or closed stdout): settle its tasks at once so
     /// other replicas take them, and report the exit.
     async fn crashed(mut self) -> Exit {
+        self.drain_results().await;
         self.agent
             .note_lost(self.index, self.in_flight.keys().cloned().collect());
         let status = process::finish(&mut self.child, self.pgid).await;
@@ -938,6 +939,7 @@ impl Replica<'_> {
             .update_replica(self.index, |replica| replica.state = ReplicaState::Stopping);
         let renewing = self.keep_leases();
         self.stop().await;
+        self.drain_results().await;
         drop(renewing);
         self.gone();
         let mut failure = Some(failure);
@@ -1016,6 +1018,26 @@ impl Replica<'_> {
                 .await;
         }
         Exit::Shutdown
+    }
+
+    /// Reads what a process that is gone (or stopped) wrote before it
+    /// went: its results count. They may wait in the pipe, or among the
+    /// lines read ahead while a task was written; a process it left
+    /// behind holding the pipe is not waited for long.
+    async fn drain_results(&mut self) {
+        let deadline = Instant::now() + crate::command::DRAIN_AFTER_EXIT;
+        loop {
+            tokio::select! {
+                line = self.lines.next_line() => match line {
+                    Ok(Some(Line::Text(text))) => self.wind_down_line(&text).await,
+                    Ok(Some(other)) => {
+                        self.malformed_line(&other);
+                    }
+                    Ok(None) | Err(_) => return,
+                },
+                () = tokio::time::sleep_until(deadline) => return,
+            }
+        }
     }
 
     /// A line from an agent told to shut down: its results and progress
