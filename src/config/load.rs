@@ -490,15 +490,23 @@ mod tests {
         let found = problems(
             "[agents.a]\ncommand = [\"a\"]\nrestart = { initial_backoff = \"0s\", max_backoff = \"0s\", max_restarts = 4294967295, window = \"1ns\" }\n",
         );
-        for (key, message) in [
-            ("agents.a.restart.initial_backoff", "valid: 1ms or more"),
-            ("agents.a.restart.max_restarts", "valid: 0 to 100000"),
-            ("agents.a.restart.window", "valid: 10ms or more"),
-        ] {
+        names(
+            &found,
+            &[
+                ("agents.a.restart.initial_backoff", "valid: 1ms or more"),
+                ("agents.a.restart.max_restarts", "valid: 0 to 100000"),
+                ("agents.a.restart.window", "valid: 10ms or more"),
+            ],
+        );
+    }
+
+    /// Asserts that `found` has, for each key, a problem saying the text.
+    fn names(found: &[Problem], expected: &[(&str, &str)]) {
+        for (key, message) in expected {
             assert!(
                 found
                     .iter()
-                    .any(|p| p.key == key && p.message.contains(message)),
+                    .any(|p| p.key == *key && p.message.contains(message)),
                 "{key}: {found:?}"
             );
         }
@@ -509,23 +517,19 @@ mod tests {
         let found = problems(
             "[daemon]\nstatus_interval = \"1ns\"\nshutdown_grace = \"3650d\"\n[broker]\nurl = \"nats://127.0.0.1:4222\"\nconnect_timeout = \"3650d\"\nping_interval = \"1ns\"\n[agents.a]\ncommand = [\"a\"]\ntimeouts = { stop_grace = \"3650d\" }\n",
         );
-        for (key, message) in [
-            (
-                "daemon.status_interval",
-                "1ns is out of range; valid: 100ms to 1m",
-            ),
-            ("daemon.shutdown_grace", "valid: 0s to 1h"),
-            ("broker.connect_timeout", "valid: 100ms to 5m"),
-            ("broker.ping_interval", "valid: 1s to 10m"),
-            ("agents.a.timeouts.stop_grace", "valid: 0s to 10m"),
-        ] {
-            assert!(
-                found
-                    .iter()
-                    .any(|p| p.key == key && p.message.contains(message)),
-                "{key}: {found:?}"
-            );
-        }
+        names(
+            &found,
+            &[
+                (
+                    "daemon.status_interval",
+                    "1ns is out of range; valid: 100ms to 1m",
+                ),
+                ("daemon.shutdown_grace", "valid: 0s to 1h"),
+                ("broker.connect_timeout", "valid: 100ms to 5m"),
+                ("broker.ping_interval", "valid: 1s to 10m"),
+                ("agents.a.timeouts.stop_grace", "valid: 0s to 10m"),
+            ],
+        );
     }
 
     #[test]
