@@ -255,9 +255,15 @@ async fn run_task(
         {
             break status;
         }
-        let timer = tracked.next_timeout(agent);
-        let timer = draining.map_or(timer, |deadline| timer.min(deadline));
-        let timer = exited.map_or(timer, |(_, drained)| timer.min(drained));
+        // Once it exited, only the end of the drain counts (a timeout
+        // already past would otherwise fire again and again until then).
+        let timer = match exited {
+            Some((_, drained)) => drained,
+            None => {
+                let timer = tracked.next_timeout(agent);
+                draining.map_or(timer, |deadline| timer.min(deadline))
+            }
+        };
         tokio::select! {
             line = out_lines.next_line(), if out_open => match line {
                 Ok(Some(Line::Text(text) | Line::NotUtf8(text))) => {
