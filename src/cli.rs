@@ -1700,6 +1700,17 @@ async fn submit(target: &Target, args: SubmitArgs) -> Result<ExitCode, Failure> 
         }
         _ => return Err(Failure::usage("give either --payload JSON or --file PATH")),
     };
+    // Refused here rather than by the daemon after the upload: the request
+    // is the file plus each task's envelope.
+    if let Target::Remote(_) = target {
+        let size = serde_json::to_vec(&body).map_or(0, |bytes| bytes.len());
+        if size > crate::api::MAX_BODY_BYTES {
+            return Err(Failure::usage(format!(
+                "the batch makes a request of {size} bytes, over the {} a daemon takes; split it into several submits",
+                crate::api::MAX_BODY_BYTES
+            )));
+        }
+    }
     let receipts = match target.submit(&body).await {
         Ok(receipts) => receipts,
         Err(mut failure) => {

@@ -94,6 +94,31 @@ fn endless_input_files_are_refused_not_read() {
 /// A submit that fails where part of it may be stored says how to finish
 /// it without storing a task twice: for a batch, a copy of it with every
 /// task's id; for one task, the id it was given.
+/// A batch whose request would be over what a daemon takes is refused
+/// before it is sent, though the file itself is under that size.
+#[test]
+fn a_batch_too_big_for_one_request_is_refused_before_it_is_sent() {
+    let fleet = Fleet::new("[agents.worker]\ncommand = [\"true\"]\n");
+    let batch = fleet.path("batch.jsonl");
+    let line = format!("{{\"text\": \"{}\"}}\n", "x".repeat(640));
+    std::fs::write(&batch, line.repeat(100_000)).unwrap();
+    assert!(std::fs::metadata(&batch).unwrap().len() < 64 << 20);
+    let refused = fleet.cli(&[
+        "--api",
+        "http://127.0.0.1:9",
+        "submit",
+        "--agent",
+        "worker",
+        "--file",
+        batch.to_str().unwrap(),
+    ]);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(
+        stderr(&refused).contains("over the 67108864 a daemon takes"),
+        "{refused:?}"
+    );
+}
+
 #[test]
 fn a_failed_submit_leaves_the_ids_to_submit_again_with() {
     let fleet = Fleet::new("[agents.worker]\ncommand = [\"true\"]\n");
