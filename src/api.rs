@@ -79,6 +79,8 @@ pub struct Api {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The fault proxy in front of the broker, with `[chaos] proxy`.
     pub proxy: Option<Arc<crate::fault_proxy::FaultProxy>>,
+    /// Calls refused for their token, for the log.
+    pub refusals: Refusals,
 }
 
 /// An API error: a status and a message for `{"error": ...}`.
@@ -317,7 +319,7 @@ async fn authorize(State(api): State<Arc<Api>>, request: Request, next: Next) ->
                 .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
                 .map(|(_, token)| token);
             if !given.is_some_and(|given| same(given.trim().as_bytes(), token.as_bytes())) {
-                if let Some(refused) = REFUSALS.logged() {
+                if let Some(refused) = api.refusals.logged(api.clock.steady_ms()) {
                     tracing::warn!(method = %request.method(), path = %request.uri().path(), refused, "API call without the right bearer token refused (counting those refused since the last such line, which comes at most every 10 s)");
                 }
                 let mut response = ApiError::new(
@@ -363,7 +365,7 @@ async fn authorize(State(api): State<Arc<Api>>, request: Request, next: Next) ->
 
 /// Whether a `Host` header names this machine's loopback: `localhost`,
 /// or a loopback address, with or without a port.
-fn loopback_host(host: &str) -> bool {
+pub(crate) fn loopback_host(host: &str) -> bool {
     let name = match host.strip_prefix('[') {
         // [::1]:9750
         Some(rest) => rest.split(']').next().unwrap_or_default(),
@@ -375,30 +377,27 @@ fn loopback_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
-/// Refused calls, logged at most once per [`Refusals::EVERY`]: whoever
+/// Refused calls, logged at most once per [`Refusals::EVERY_MS`]: whoever
 /// reaches the port must not fill the log at the rate of their calls.
-static REFUSALS: Refusals = Refusals {
-    since: std::sync::Mutex::new(None),
-};
-
-struct Refusals {
-    /// When the last refusal was logged, and those refused since.
-    since: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
+#[derive(Debug, Default)]
+pub struct Refusals {
+    /// When the last refusal was logged (the Clock's steady time), and
+    /// those refused since.
+    since: std::sync::Mutex<Option<(crate::clock::UnixMillis, u64)>>,
 }
 
 impl Refusals {
-    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+    const EVERY_MS: crate::clock::UnixMillis = 10_000;
 
-    /// Counts a refusal: `Some(refused)` (this one included, since the
-    /// last logged) when it is to be logged.
-    fn logged(&self) -> Option<u64> {
+    /// Counts a refusal at `now` (steady): `Some(refused)` (this one
+    /// included, since the last logged) when it is to be logged.
+    fn logged(&self, now: crate::clock::UnixMillis) -> Option<u64> {
         let mut since = self
             .since
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = std::time::Instant::now();
         match since.as_mut() {
-            Some((at, refused)) if now.duration_since(*at) < Self::EVERY => {
+            Some((at, refused)) if now.saturating_sub(*at) < Self::EVERY_MS => {
                 *refused += 1;
                 None
             }
@@ -1281,17 +1280,16 @@ mod tests {
 
     #[test]
     fn refusals_are_logged_once_in_a_while_with_their_count() {
-        let refusals = Refusals {
-            since: std::sync::Mutex::new(None),
-        };
-        assert_eq!(refusals.logged(), Some(1));
-        for _ in 0..1000 {
-            assert_eq!(refusals.logged(), None);
+        let refusals = Refusals::default();
+        let start = 5_000;
+        assert_eq!(refusals.logged(start), Some(1));
+        for n in 0..1000 {
+            assert_eq!(refusals.logged(start + n), None);
         }
-        // As if the period had passed.
-        refusals.since.lock().unwrap().as_mut().unwrap().0 -= Refusals::EVERY;
-        assert_eq!(refusals.logged(), Some(1001));
-        assert_eq!(refusals.logged(), None);
+        // The period passed.
+        let later = start + Refusals::EVERY_MS;
+        assert_eq!(refusals.logged(later), Some(1001));
+        assert_eq!(refusals.logged(later), None);
     }
 
     #[test]

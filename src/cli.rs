@@ -1700,17 +1700,6 @@ async fn submit(target: &Target, args: SubmitArgs) -> Result<ExitCode, Failure> 
         }
         _ => return Err(Failure::usage("give either --payload JSON or --file PATH")),
     };
-    // Refused here rather than by the daemon after the upload: the request
-    // is the file plus each task's envelope.
-    if let Target::Remote(_) = target {
-        let size = serde_json::to_vec(&body).map_or(0, |bytes| bytes.len());
-        if size > crate::api::MAX_BODY_BYTES {
-            return Err(Failure::usage(format!(
-                "the batch makes a request of {size} bytes, over the {} a daemon takes; split it into several submits",
-                crate::api::MAX_BODY_BYTES
-            )));
-        }
-    }
     let receipts = match target.submit(&body).await {
         Ok(receipts) => receipts,
         Err(mut failure) => {
@@ -2206,52 +2195,41 @@ mod tests {
     #[tokio::test]
     async fn file_lines_are_bounded() {
         let text = "{\"n\": 1}\r\n[\"much too long\"]\n\n2\n";
-        let problem = read_tasks(
-            text.as_bytes(),
-            "t.jsonl",
-            "a",
-            Priority::Normal,
-            None,
-            10,
-            1000,
-        )
-        .await
-        .unwrap_err()
-        .message;
+        let problem = read_file("t.jsonl", text, 10, 1000).await.unwrap_err();
         assert!(
             problem.contains("t.jsonl has 1 bad line(s)")
                 && problem.contains("line 2: longer than 10 bytes"),
             "{problem}"
         );
-        let tasks = read_tasks(
-            "1\n\n2\n".as_bytes(),
-            "t",
+        assert_eq!(read_file("t", "1\n\n2\n", 10, 1000).await, Ok(2));
+    }
+
+    /// How many tasks [`read_tasks`] finds in `text` (named `name`), or
+    /// what it says is wrong.
+    async fn read_file(
+        name: &str,
+        text: &str,
+        max_line: usize,
+        max_total: usize,
+    ) -> Result<usize, String> {
+        read_tasks(
+            text.as_bytes(),
+            name,
             "a",
             Priority::Normal,
             None,
-            10,
-            1000,
+            max_line,
+            max_total,
         )
         .await
-        .unwrap();
-        assert_eq!(tasks.len(), 2);
+        .map(|tasks| tasks.len())
+        .map_err(|failure| failure.message)
     }
 
     #[tokio::test]
     async fn task_files_are_bounded_in_lines_bytes_and_problems() {
         let read = |text: String, max_total: usize| async move {
-            read_tasks(
-                text.as_bytes(),
-                "t",
-                "a",
-                Priority::Normal,
-                None,
-                100,
-                max_total,
-            )
-            .await
-            .map(|tasks| tasks.len())
-            .map_err(|failure| failure.message)
+            read_file("t", &text, 100, max_total).await
         };
         // Blank lines count: endless input ends.
         let blank = read("\n".repeat(MAX_FILE_LINES + 1), usize::MAX).await;

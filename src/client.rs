@@ -102,12 +102,7 @@ impl ApiClient {
     /// daemon serves plain HTTP; across machines, put TLS in front of it).
     pub fn sends_token_in_clear(&self) -> bool {
         let host = self.base.host_str().unwrap_or("localhost");
-        let loopback = host.eq_ignore_ascii_case("localhost")
-            || host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|address| address.is_loopback());
+        let loopback = crate::api::loopback_host(host);
         self.token.is_some() && self.base.scheme() == "http" && !loopback
     }
 
@@ -144,6 +139,17 @@ impl ApiClient {
         if let Some(body) = body {
             let bytes = serde_json::to_vec(body)
                 .map_err(|error| ClientError::Failed(format!("{path}: {error}")))?;
+            // Refused here rather than by the daemon after the upload.
+            if bytes.len() > crate::api::MAX_BODY_BYTES {
+                return Err(ClientError::Refused(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "the request is {} bytes, over the {} a daemon takes; split it (a batch: into several submits)",
+                        bytes.len(),
+                        crate::api::MAX_BODY_BYTES
+                    ),
+                ));
+            }
             request = request
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(bytes);

@@ -286,6 +286,7 @@ impl Daemon {
                 notifier: chaos_notifier,
                 metrics: metrics.clone(),
                 proxy: proxy.clone(),
+                refusals: crate::api::Refusals::default(),
             });
             tracing::info!(%address, "HTTP server listening: /health/live, /health/ready, /health/progress, /metrics, /api/v1");
             housekeeping.push(tokio::spawn(crate::health::serve(

@@ -939,6 +939,13 @@ mod tests {
             .collect()
     }
 
+    /// Task `t`'s journal with one slow change, by agent `a`.
+    async fn one_change(store: &Store, dir: &std::path::Path) -> Journal {
+        record(store, "t", "a", 1, slow_changes(&dir.join("log"), 1))
+            .await
+            .unwrap()
+    }
+
     /// Every agent's commands run in `dir`.
     fn spec(dir: &std::path::Path) -> impl Fn(&str) -> Option<SpawnSpec> + Send + Sync {
         let dir = dir.to_path_buf();
@@ -1059,15 +1066,7 @@ mod tests {
     async fn a_journal_deleted_during_a_rollback_is_not_written_back() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::embedded_in(dir.path());
-        let mut journal = record(
-            &store,
-            "t",
-            "a",
-            1,
-            slow_changes(&dir.path().join("log"), 1),
-        )
-        .await
-        .unwrap();
+        let mut journal = one_change(&store, dir.path()).await;
         // The task purged meanwhile, its journal with it.
         store.put_control(&key("t"), &Value::Null).await.unwrap();
         journal.changes[0].state = ChangeState::RolledBack;
@@ -1257,15 +1256,7 @@ mod tests {
     async fn a_rollback_taking_over_keeps_what_the_last_one_saved() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::embedded_in(dir.path());
-        let mut stale = record(
-            &store,
-            "t",
-            "a",
-            1,
-            slow_changes(&dir.path().join("log"), 1),
-        )
-        .await
-        .unwrap();
+        let mut stale = one_change(&store, dir.path()).await;
         // Another rollback undid the change meanwhile.
         let mut theirs = stale.clone();
         theirs.claimed_by = Some("theirs".into());

@@ -91,9 +91,11 @@ fn endless_input_files_are_refused_not_read() {
     }
 }
 
-/// A submit that fails where part of it may be stored says how to finish
-/// it without storing a task twice: for a batch, a copy of it with every
-/// task's id; for one task, the id it was given.
+/// Submits the batch in `file` to agent `worker` through the API at `api`.
+fn submit_file_to(fleet: &Fleet, api: &str, file: &str) -> std::process::Output {
+    fleet.cli(&["--api", api, "submit", "--agent", "worker", "--file", file])
+}
+
 /// A batch whose request would be over what a daemon takes is refused
 /// before it is sent, though the file itself is under that size.
 #[test]
@@ -103,15 +105,7 @@ fn a_batch_too_big_for_one_request_is_refused_before_it_is_sent() {
     let line = format!("{{\"text\": \"{}\"}}\n", "x".repeat(640));
     std::fs::write(&batch, line.repeat(100_000)).unwrap();
     assert!(std::fs::metadata(&batch).unwrap().len() < 64 << 20);
-    let refused = fleet.cli(&[
-        "--api",
-        "http://127.0.0.1:9",
-        "submit",
-        "--agent",
-        "worker",
-        "--file",
-        batch.to_str().unwrap(),
-    ]);
+    let refused = submit_file_to(&fleet, "http://127.0.0.1:9", batch.to_str().unwrap());
     assert_eq!(refused.status.code(), Some(2), "{refused:?}");
     assert!(
         stderr(&refused).contains("over the 67108864 a daemon takes"),
@@ -119,6 +113,9 @@ fn a_batch_too_big_for_one_request_is_refused_before_it_is_sent() {
     );
 }
 
+/// A submit that fails where part of it may be stored says how to finish
+/// it without storing a task twice: for a batch, a copy of it with every
+/// task's id; for one task, the id it was given.
 #[test]
 fn a_failed_submit_leaves_the_ids_to_submit_again_with() {
     let fleet = Fleet::new("[agents.worker]\ncommand = [\"true\"]\n");
@@ -131,15 +128,7 @@ fn a_failed_submit_leaves_the_ids_to_submit_again_with() {
     let batch = batch.to_str().unwrap();
     let saved = format!("{batch}.ids.jsonl");
     // No daemon there: nothing can have been stored, nothing to say.
-    let unreached = fleet.cli(&[
-        "--api",
-        "http://127.0.0.1:9",
-        "submit",
-        "--agent",
-        "worker",
-        "--file",
-        batch,
-    ]);
+    let unreached = submit_file_to(&fleet, "http://127.0.0.1:9", batch);
     assert_eq!(unreached.status.code(), Some(1), "{unreached:?}");
     assert!(!stderr(&unreached).contains("may have been stored"));
     assert!(!std::path::Path::new(&saved).exists());
@@ -154,9 +143,7 @@ fn a_failed_submit_leaves_the_ids_to_submit_again_with() {
             let _ = std::io::Read::read(&mut stream, &mut buffer);
         }
     });
-    let failed = fleet.cli(&[
-        "--api", &api, "submit", "--agent", "worker", "--file", batch,
-    ]);
+    let failed = submit_file_to(&fleet, &api, batch);
     assert_eq!(failed.status.code(), Some(1), "{failed:?}");
     let said = stderr(&failed);
     assert!(

@@ -1098,18 +1098,15 @@ pub fn valid_agent_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// Names `key` unless `value` is within `least` and `most` (durations as
-/// the config writes them).
+/// Names `key` unless `value` is within `least` and `most`.
 fn check_range(
     key: &str,
     value: HumanDuration,
-    least: &str,
-    most: &str,
+    least: HumanDuration,
+    most: HumanDuration,
     problem: &mut impl FnMut(String, String),
 ) {
-    let bound =
-        |text: &str| humantime::parse_duration(text).expect("the bounds are valid durations");
-    if value.get() < bound(least) || value.get() > bound(most) {
+    if value < least || value > most {
         problem(
             key.to_string(),
             format!("{value} is out of range; valid: {least} to {most}"),
@@ -1216,14 +1213,14 @@ impl Config {
             (
                 "daemon.status_interval",
                 self.daemon.status_interval,
-                "100ms",
-                "1m",
+                HumanDuration::millis(100),
+                HumanDuration::secs(60),
             ),
             (
                 "daemon.shutdown_grace",
                 self.daemon.shutdown_grace,
-                "0s",
-                "1h",
+                HumanDuration::secs(0),
+                HumanDuration::secs(3600),
             ),
         ] {
             check_range(key, value, least, most, &mut problem);
@@ -1629,22 +1626,27 @@ impl BrokerConfig {
             (
                 "broker.connect_timeout",
                 self.connect_timeout,
-                "100ms",
-                "5m",
+                HumanDuration::millis(100),
+                HumanDuration::secs(300),
             ),
             (
                 "broker.request_timeout",
                 self.request_timeout,
-                "100ms",
-                "5m",
+                HumanDuration::millis(100),
+                HumanDuration::secs(300),
             ),
             (
                 "broker.reconnect_max_delay",
                 self.reconnect_max_delay,
-                "10ms",
-                "5m",
+                HumanDuration::millis(10),
+                HumanDuration::secs(300),
             ),
-            ("broker.ping_interval", self.ping_interval, "1s", "10m"),
+            (
+                "broker.ping_interval",
+                self.ping_interval,
+                HumanDuration::secs(1),
+                HumanDuration::secs(600),
+            ),
         ] {
             check_range(key, value, least, most, problem);
         }
@@ -1925,8 +1927,8 @@ impl AgentConfig {
         check_range(
             &format!("{key}.timeouts.stop_grace"),
             timeouts.stop_grace,
-            "0s",
-            "10m",
+            HumanDuration::secs(0),
+            HumanDuration::secs(600),
             problem,
         );
         let restart = &self.restart;
