@@ -332,21 +332,34 @@ fn collect<T: DeserializeOwned>(
 
 /// serde's message, in the config's words where serde's name a Rust type.
 fn plain_message(key: &str, message: &str) -> String {
-    if message.starts_with("invalid value: integer `0`, expected a nonzero") {
-        let valid = if key.ends_with(".concurrency") {
-            format!("1 to {}", super::MAX_CONCURRENCY)
-        } else if key.ends_with(".max_deliver") {
-            format!("1 to {}", super::MAX_DELIVER)
-        } else {
-            "1 or more".to_string()
-        };
-        return format!("0 is out of range; valid: {valid}");
+    // An integer its setting's type cannot hold (negative, too big, or 0
+    // for a nonzero type) never reaches the validators, so the setting's
+    // range is named here.
+    if let Some((found, rust)) = message
+        .strip_prefix("invalid value: integer `")
+        .and_then(|rest| rest.split_once("`, expected "))
+    {
+        if let Some(valid) = integer_range(key).or_else(|| type_range(rust)) {
+            return format!("{found} is out of range; valid: {valid}");
+        }
+    }
+    if let Some(valid) = integer_range(key) {
+        for rust in ["u16", "u32", "u64", "usize", "i32", "a nonzero u32"] {
+            if let Some(found) = message.strip_suffix(&format!("expected {rust}")) {
+                return format!("{found}expected a whole number, {valid}");
+            }
+        }
     }
     // Rust's type names, in words.
     for (rust, words) in [
+        ("expected u16", "expected a whole number, 0 or more"),
         ("expected u32", "expected a whole number, 0 or more"),
         ("expected u64", "expected a whole number, 0 or more"),
         ("expected usize", "expected a whole number, 0 or more"),
+        (
+            "expected a nonzero u32",
+            "expected a whole number, 1 or more",
+        ),
         ("expected i32", "expected a whole number"),
         ("expected f64", "expected a number"),
         ("expected a boolean", "expected true or false"),
@@ -371,6 +384,94 @@ fn plain_message(key: &str, message: &str) -> String {
         return format!("{found}, expected a list [...]");
     }
     message.to_string()
+}
+
+/// The valid range of an integer setting, by its key, as its validator
+/// names it. Kept in step with the validators by the test
+/// `integer_ranges_are_the_validators_ranges`.
+fn integer_range(key: &str) -> Option<String> {
+    let shape = key_shape(key);
+    integer_ranges()
+        .into_iter()
+        .find(|(known, _)| *known == shape)
+        .map(|(_, valid)| valid)
+}
+
+/// Every integer setting's range, by key shape (see [`key_shape`]).
+fn integer_ranges() -> Vec<(&'static str, String)> {
+    use super::{MAX_CONCURRENCY, MAX_DELIVER, MAX_PREFETCH, MAX_REPLICAS};
+    vec![
+        ("agents.*.replicas.min", format!("1 to {MAX_REPLICAS}")),
+        (
+            "agents.*.replicas.max",
+            format!("replicas.min to {MAX_REPLICAS}"),
+        ),
+        ("agents.*.concurrency", format!("1 to {MAX_CONCURRENCY}")),
+        ("agents.*.prefetch", format!("0 to {MAX_PREFETCH}")),
+        ("agents.*.retry.max_deliver", format!("1 to {MAX_DELIVER}")),
+        ("agents.*.restart.max_restarts", "0 to 100000".into()),
+        ("agents.*.breaker.failure_threshold", "1 to 10000".into()),
+        ("agents.*.breaker.min_calls", "1 to 100000".into()),
+        ("agents.*.breaker.half_open_probes", "1 to 100".into()),
+        ("agents.*.fatal_exit_codes[]", "1 to 255".into()),
+        ("agents.*.validation.max_fix_rounds", "0 to 10".into()),
+        ("agents.*.readiness.checks[].expect", "100 to 599".into()),
+        ("agents.*.watchdog.queue_depth", "1 to 1000000".into()),
+        ("agents.*.watchdog.min_calls", "1 to 100000".into()),
+        ("watchdog.queue_depth", "1 to 1000000".into()),
+        ("watchdog.min_calls", "1 to 100000".into()),
+        ("delegation.max_fan_out", "1 to 1000".into()),
+        ("delegation.max_depth", "1 to 16".into()),
+        ("notify[].retries", "0 to 10".into()),
+        ("broker.replicas", "1, 3 or 5".into()),
+        ("degradation.*.triggers[].nodes", "2 to 5".into()),
+        (
+            "degradation.*.triggers[].at_least",
+            "1 to the number of agents".into(),
+        ),
+    ]
+}
+
+/// A key with its names and indexes left out: `agents.api.prefetch` is
+/// `agents.*.prefetch`, `notify[2].retries` is `notify[].retries`.
+fn key_shape(key: &str) -> String {
+    let mut shape = String::with_capacity(key.len());
+    let mut in_index = false;
+    for c in key.chars() {
+        match c {
+            '[' => {
+                in_index = true;
+                shape.push(c);
+            }
+            ']' => {
+                in_index = false;
+                shape.push(c);
+            }
+            _ if in_index => {}
+            _ => shape.push(c),
+        }
+    }
+    for named in ["agents.", "degradation."] {
+        if let Some(rest) = shape.strip_prefix(named) {
+            if let Some((_, after)) = rest.split_once('.') {
+                return format!("{named}*.{after}");
+            }
+        }
+    }
+    shape
+}
+
+/// The range of a Rust integer type, by serde's name for it.
+fn type_range(rust: &str) -> Option<String> {
+    Some(match rust {
+        "u16" => format!("0 to {}", u16::MAX),
+        "u32" => format!("0 to {}", u32::MAX),
+        "u64" => format!("0 to {}", i64::MAX),
+        "usize" => format!("0 to {}", i64::MAX.min(usize::MAX as i64)),
+        "i32" => format!("{} to {}", i32::MIN, i32::MAX),
+        "a nonzero u32" => format!("1 to {}", u32::MAX),
+        _ => return None,
+    })
 }
 
 /// Splits a serde path like `retry.backoff[1]` into segments.
@@ -1006,7 +1107,7 @@ checks = [
         let all: Vec<String> = found.iter().map(ToString::to_string).collect();
         for expected in [
             "agents.a.concurrency: 0 is out of range; valid: 1 to 256",
-            "agents.a.prefetch: invalid value: integer `-1`, expected a whole number, 0 or more",
+            "agents.a.prefetch: -1 is out of range; valid: 0 to 1024",
             "agents.a.breaker.failure_rate: invalid type: string \"0.5\", expected a number",
         ] {
             assert!(
@@ -1014,6 +1115,136 @@ checks = [
                 "{expected} missing from {all:#?}"
             );
         }
+    }
+
+    #[test]
+    fn integers_a_setting_cannot_hold_name_its_range() {
+        let found = problems(
+            "[delegation]\nmax_fan_out = 5000000000\n[agents.a]\ncommand = [\"a\"]\nconcurrency = \"4\"\nfatal_exit_codes = [3000000000]\nretry = { max_deliver = -2 }\n",
+        );
+        let all: Vec<String> = found.iter().map(ToString::to_string).collect();
+        for expected in [
+            "delegation.max_fan_out: 5000000000 is out of range; valid: 1 to 1000",
+            "agents.a.concurrency: invalid type: string \"4\", expected a whole number, 1 to 256",
+            "agents.a.fatal_exit_codes[0]: 3000000000 is out of range; valid: 1 to 255",
+            "agents.a.retry.max_deliver: -2 is out of range; valid: 1 to 1000",
+        ] {
+            assert!(
+                all.iter().any(|p| p.contains(expected)),
+                "{expected} missing from {all:#?}"
+            );
+        }
+        // A setting the table does not know gets its type's range.
+        assert_eq!(
+            plain_message("x.y", "invalid value: integer `-5`, expected u32"),
+            "-5 is out of range; valid: 0 to 4294967295"
+        );
+    }
+
+    /// Each range named for an integer its type cannot hold is the range
+    /// the setting's validator names for one it can.
+    #[test]
+    fn integer_ranges_are_the_validators_ranges() {
+        const AGENT: &str = "[agents.a]\ncommand = [\"a\"]\n";
+        const BIG: &str = "4000000000";
+        for (shape, valid) in integer_ranges() {
+            let (text, key) = match shape {
+                "agents.*.replicas.min" => (format!("{AGENT}replicas = {{ min = {BIG} }}"), shape),
+                "agents.*.replicas.max" => (
+                    format!("{AGENT}replicas = {{ min = 1, max = {BIG} }}"),
+                    shape,
+                ),
+                "agents.*.concurrency" | "agents.*.prefetch" => {
+                    let field = shape.rsplit('.').next().unwrap();
+                    (format!("{AGENT}{field} = {BIG}"), shape)
+                }
+                "agents.*.retry.max_deliver" => {
+                    (format!("{AGENT}retry = {{ max_deliver = {BIG} }}"), shape)
+                }
+                "agents.*.restart.max_restarts" => (
+                    format!("{AGENT}restart = {{ max_restarts = {BIG} }}"),
+                    shape,
+                ),
+                "agents.*.breaker.failure_threshold"
+                | "agents.*.breaker.min_calls"
+                | "agents.*.breaker.half_open_probes" => {
+                    let field = shape.rsplit('.').next().unwrap();
+                    (format!("{AGENT}breaker = {{ {field} = {BIG} }}"), shape)
+                }
+                "agents.*.fatal_exit_codes[]" => (
+                    format!("{AGENT}fatal_exit_codes = [2000000000]"),
+                    "agents.*.fatal_exit_codes",
+                ),
+                "agents.*.validation.max_fix_rounds" => (
+                    format!("{AGENT}validation = {{ max_fix_rounds = {BIG} }}"),
+                    shape,
+                ),
+                "agents.*.readiness.checks[].expect" => (
+                    format!(
+                        "{AGENT}readiness = {{ checks = [{{ http = \"http://127.0.0.1:1/\", expect = 65535 }}] }}"
+                    ),
+                    "agents.*.readiness.checks[0].expect",
+                ),
+                "agents.*.watchdog.queue_depth" | "agents.*.watchdog.min_calls" => {
+                    let field = shape.rsplit('.').next().unwrap();
+                    (format!("{AGENT}watchdog = {{ {field} = {BIG} }}"), shape)
+                }
+                "watchdog.queue_depth"
+                | "watchdog.min_calls"
+                | "delegation.max_fan_out"
+                | "delegation.max_depth" => {
+                    let (table, field) = shape.split_once('.').unwrap();
+                    (format!("{AGENT}[{table}]\n{field} = {BIG}"), shape)
+                }
+                "notify[].retries" => (
+                    format!("{AGENT}[[notify]]\nkind = \"log\"\nretries = {BIG}"),
+                    "notify[0].retries",
+                ),
+                "broker.replicas" => (
+                    format!("{AGENT}[broker]\nurl = \"nats://127.0.0.1:4222\"\nreplicas = {BIG}"),
+                    shape,
+                ),
+                "degradation.*.triggers[].nodes" => (
+                    format!(
+                        "{AGENT}[broker]\nurl = \"nats://127.0.0.1:4222\"\n[degradation]\nreduced = {{ triggers = [{{ when = \"broker_nodes_below\", nodes = {BIG} }}] }}"
+                    ),
+                    "degradation.reduced.triggers[0].nodes",
+                ),
+                // Its validator names the fleet's agent count.
+                "degradation.*.triggers[].at_least" => continue,
+                other => panic!("no example for {other}: add one to this test"),
+            };
+            let key = key.replace('*', "a");
+            let found = problems(&text);
+            let messages: Vec<String> = found
+                .iter()
+                .filter(|problem| problem.key == key)
+                .map(|problem| without_parentheses(&problem.message))
+                .collect();
+            assert!(
+                messages
+                    .iter()
+                    .any(|message| message.contains(&format!("valid: {valid}"))),
+                "{shape}: the table says {valid:?}, the validator {messages:?} ({found:#?})"
+            );
+        }
+    }
+
+    /// `text` without its ` (...)` asides.
+    fn without_parentheses(text: &str) -> String {
+        let mut out = String::new();
+        let mut rest = text;
+        while let Some(open) = rest.find(" (") {
+            out.push_str(&rest[..open]);
+            match rest[open..].find(')') {
+                Some(close) => rest = &rest[open + close + 1..],
+                None => {
+                    rest = "";
+                }
+            }
+        }
+        out.push_str(rest);
+        out
     }
 
     #[test]
