@@ -864,11 +864,13 @@ pub async fn cancel(store: &Store, id: &str, reason: &str) -> Result<Cancelled, 
             .queue()
             .get(id)
             .await?
-            .map_or(TaskState::DeadLettered, |task| task.state);
+            .ok_or_else(|| QueueError::NotFound { id: id.to_string() })?
+            .state;
         return Err(QueueError::WrongState {
             id: id.to_string(),
             state,
-            expected: TaskState::Queued,
+            expected: &[TaskState::Queued, TaskState::Running, TaskState::Escalated],
+            done: "cancelled",
         });
     }
     let children = crate::delegate::cancel_children(

@@ -482,7 +482,8 @@ fallback_policy = "escalate_to_human"
     let refused = fleet.cli(&["escalations", "resolve", "other-00000", "--retry"]);
     assert!(!refused.status.success());
     assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("is queued, not escalated"),
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("is queued; only a task that is escalated can be resolved"),
         "{refused:?}"
     );
     let ambiguous = fleet.cli(&["escalations", "resolve", &ids[0], "--retry", "--drop"]);

@@ -455,7 +455,8 @@ fn dlq_replay_and_purge_need_dead_letters() {
     let replay = fleet.cli(&["dlq", "replay", "q"]);
     assert_eq!(replay.status.code(), Some(2));
     assert!(
-        stderr(&replay).contains("is queued, not dead_lettered"),
+        stderr(&replay)
+            .contains("is queued; only a task that is dead_lettered can be replayed or purged"),
         "{}",
         stderr(&replay)
     );

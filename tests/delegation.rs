@@ -334,7 +334,9 @@ fn the_tree_is_shown(fleet: &Fleet) {
     let refused = fleet.cli(&["tasks", "cancel", "feature-1"]);
     assert_eq!(refused.status.code(), Some(2), "{refused:?}");
     assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("is completed"),
+        String::from_utf8_lossy(&refused.stderr).contains(
+            "is completed; only a task that is queued, running or escalated can be cancelled"
+        ),
         "{refused:?}"
     );
     let shown = fleet.cli(&["tasks", "show", "feature-1"]);

@@ -2575,7 +2575,8 @@ impl Inner {
                 return Err(QueueError::WrongState {
                     id: id.clone(),
                     state: record.task.state,
-                    expected: TaskState::DeadLettered,
+                    expected: &[TaskState::DeadLettered],
+                    done: "replayed or purged",
                 });
             }
             checked.push(id.clone());
@@ -3086,7 +3087,8 @@ impl TaskQueue for JetStreamQueue {
                 Err(QueueError::WrongState {
                     id: id.to_string(),
                     state: record.task.state,
-                    expected: TaskState::Escalated,
+                    expected: &[TaskState::Escalated],
+                    done: "resolved",
                 })
             }
         };

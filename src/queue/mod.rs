@@ -136,6 +136,18 @@ impl TaskState {
     }
 }
 
+/// `queued, running or escalated`.
+fn one_of(states: &[TaskState]) -> String {
+    match states {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [rest @ .., last] => {
+            let rest: Vec<&str> = rest.iter().map(|state| state.as_str()).collect();
+            format!("{} or {last}", rest.join(", "))
+        }
+    }
+}
+
 impl fmt::Display for TaskState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -608,14 +620,19 @@ pub enum QueueError {
         id: String,
     },
     /// The operation needs the task in another state.
-    #[error("task {id:?} is {state}, not {expected}")]
+    #[error(
+        "task {id:?} is {state}; only a task that is {} can be {done}",
+        one_of(expected)
+    )]
     WrongState {
         /// The id.
         id: String,
         /// Its state.
         state: TaskState,
-        /// The state the operation needs.
-        expected: TaskState,
+        /// The states the operation takes a task in.
+        expected: &'static [TaskState],
+        /// What the operation does, as in "can be replayed".
+        done: &'static str,
     },
     /// Bad input: nothing was applied.
     #[error("{0}")]

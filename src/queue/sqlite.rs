@@ -1653,7 +1653,8 @@ fn dead_letters(
                         return Err(QueueError::WrongState {
                             id: id.clone(),
                             state: state_of(state),
-                            expected: TaskState::DeadLettered,
+                            expected: &[TaskState::DeadLettered],
+                            done: "replayed or purged",
                         });
                     }
                 }
@@ -1943,7 +1944,8 @@ impl TaskQueue for SqliteQueue {
                     return Err(QueueError::WrongState {
                         id,
                         state: state_of(state),
-                        expected: TaskState::Escalated,
+                        expected: &[TaskState::Escalated],
+                        done: "resolved",
                     });
                 }
                 let now = context.now_sql();
