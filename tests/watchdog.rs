@@ -244,6 +244,51 @@ events = ["watchdog", "replica_lost"]
     daemon.stop().await;
 }
 
+/// A oneshot tool that shows progress by redrawing one line with `\r`
+/// ends no line for longer than `stuck_after`, yet the fleet watchdog sees
+/// it working and leaves it alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_that_ends_no_line_is_progress_for_the_watchdog() {
+    let fleet = Fleet::new(
+        r#"
+[watchdog]
+interval = "1s"
+
+[agents.spinner]
+mode = "oneshot"
+command = ["sh", "-c", "i=0; while [ $i -lt 45 ]; do printf '\r%s' $i >&2; i=$((i+1)); sleep 0.1; done; echo '{{\"spun\": true}}'"]
+timeouts = { progress_timeout = "10m" }
+watchdog = { stuck_after = "2s" }
+retry = { max_deliver = 1 }
+"#,
+    );
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    queue
+        .submit(numbered_tasks("spinner", 1, "spin").0)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(30), "the task to end", || async {
+        queue
+            .get("spin-00000")
+            .await
+            .unwrap()
+            .unwrap()
+            .state
+            .is_terminal()
+    })
+    .await;
+    let task = queue.get("spin-00000").await.unwrap().unwrap();
+    assert_eq!(task.state, TaskState::Completed, "{task:?}");
+    assert_eq!(task.history.len(), 1, "{task:?}");
+    assert!(
+        agent(&daemon, "spinner").status().watchdog.is_empty(),
+        "{:?}",
+        agent(&daemon, "spinner").status().watchdog
+    );
+    daemon.stop().await;
+}
+
 /// The events a `cat >> FILE` command sink wrote, once there are at least
 /// `least` of them.
 async fn sink_events(fleet: &Fleet, file: &str, least: usize) -> Vec<serde_json::Value> {

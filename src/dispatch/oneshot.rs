@@ -223,8 +223,9 @@ async fn run_task(
     };
     let max_result = agent.config.max_line_bytes.as_usize().max(1);
     // Bytes read from either pipe: output without a newline (a progress
-    // bar redrawn with `\r`) is progress too, looked at when the progress
-    // timeout comes.
+    // bar redrawn with `\r`) is progress too, looked at every
+    // OUTPUT_CHECK (so that the fleet watchdog sees it) and when the
+    // progress timeout comes.
     let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut out_lines = LineReader::new(BufReader::new(Counted::new(stdout, &bytes)), max_result);
     let mut err_lines = LineReader::new(
@@ -248,6 +249,8 @@ async fn run_task(
     // The exit, once seen, and until when the pipes are read after it: a
     // process it left behind (`helper &`) can hold them open for ever.
     let mut exited: Option<(Option<std::process::ExitStatus>, Instant)> = None;
+    let mut output_check = tokio::time::interval(OUTPUT_CHECK);
+    output_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let status = loop {
         if let Some((status, _)) = exited
             && !out_open
@@ -302,6 +305,17 @@ async fn run_task(
                 }
                 Ok(None) | Err(_) => err_open = false,
             },
+            _ = output_check.tick(), if exited.is_none() => {
+                let read = bytes.load(std::sync::atomic::Ordering::Relaxed);
+                if read != bytes_seen {
+                    // Output came that ended no line.
+                    bytes_seen = read;
+                    if !progressed(agent, index, &mut tracked).await {
+                        abandon(agent, &mut child, pgid, tracked).await;
+                        return None;
+                    }
+                }
+            }
             status = child.wait(), if exited.is_none() => {
                 exited = Some((status.ok(), Instant::now() + crate::command::DRAIN_AFTER_EXIT));
             }
@@ -380,6 +394,10 @@ async fn run_task(
     settle_exit(agent, name, tracked.lease, status, &output).await;
     None
 }
+
+/// How often output that ended no line is looked for, to count it as
+/// progress.
+const OUTPUT_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A pipe that counts the bytes read from it into a shared counter.
 struct Counted<R> {
