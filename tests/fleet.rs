@@ -944,6 +944,88 @@ retry = { backoff = ["10ms"] }
     );
 }
 
+/// Two tasks at once push this agent over its memory limit; one alone
+/// does not.
+const HOGS_WITH_TWO: &str = r#"
+import json, os, select, time
+print(json.dumps({"type": "ready"}), flush=True)
+buf, held, hog = b"", [], None
+while True:
+    ready, _, _ = select.select([0], [], [], 1.0)
+    if ready:
+        data = os.read(0, 65536)
+        if not data:
+            break
+        buf += data
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            message = json.loads(line)
+            if message.get("type") == "shutdown":
+                raise SystemExit(0)
+            if message.get("type") == "task":
+                held.append(message["id"])
+    if len(held) >= 2 and hog is None:
+        hog = bytearray(300 * 1024 * 1024)
+        for i in range(0, len(hog), 4096):
+            hog[i] = 1
+    if hog is not None:
+        for task in held:
+            print(json.dumps({"type": "progress", "id": task}), flush=True)
+        time.sleep(0.2)
+    elif held and not ready:
+        for task in held:
+            print(json.dumps({"type": "result", "id": task, "output": "alone"}), flush=True)
+        held = []
+"#;
+
+/// A replica over its memory limit with several tasks cannot tell which
+/// one did it: each is charged, as in a crash, so tasks that always do it
+/// together end in the dead-letter queue instead of coming back uncharged
+/// for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_kill_with_several_tasks_charges_each() {
+    let fleet = Fleet::new("");
+    std::fs::write(fleet.path("hogs.py"), HOGS_WITH_TWO).unwrap();
+    std::fs::write(
+        &fleet.config_path,
+        r#"
+[store]
+path = "fleet.db"
+[http]
+listen = "127.0.0.1:0"
+[agents.hogs]
+command = ["python3", "hogs.py"]
+concurrency = 2
+memory_limit = "100MiB"
+retry = { max_deliver = 2, backoff = ["10ms"] }
+restart = { initial_backoff = "10ms" }
+"#,
+    )
+    .unwrap();
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let (batch, ids) = numbered_tasks("hogs", 2, "hogs");
+    queue.submit(batch).await.unwrap();
+    wait_until(Duration::from_secs(60), "both tasks to end", || async {
+        finished(queue.as_ref()).await >= 2
+    })
+    .await;
+    daemon.stop().await;
+    let killed: Vec<_> = records(queue.as_ref(), &ids)
+        .await
+        .into_iter()
+        .filter(|task| {
+            task.history
+                .iter()
+                .any(|attempt| attempt.outcome == Some(AttemptOutcome::MemoryLimit))
+        })
+        .collect();
+    assert!(!killed.is_empty(), "no memory kill");
+    for task in &killed {
+        assert!(task.charged_attempts >= 1, "{task:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_duration_kills_an_agent_that_keeps_reporting_progress() {
     let agent = r#"

@@ -344,12 +344,22 @@ impl AgentRuntime {
 
     /// Tells the breaker and the metrics how the attempt `key` ended.
     pub(super) fn finish_call(&self, key: &LeaseKey, outcome: AttemptOutcome) {
-        self.finish_call_as(key, outcome, Verdict::of(outcome, &self.config.breaker));
+        self.finish(
+            key,
+            outcome,
+            Verdict::of(outcome, &self.config.breaker),
+            Fault::Agent,
+        );
     }
 
-    /// [`Self::finish_call`] with the breaker's verdict given.
-    pub(super) fn finish_call_as(&self, key: &LeaseKey, outcome: AttemptOutcome, verdict: Verdict) {
-        self.finish(key, outcome, verdict, false);
+    /// An attempt that failed with others in one crash or kill of their
+    /// replica, after the first: one exit is one failure, for the breaker
+    /// and the watchdog's error rate alike, however many tasks it held
+    /// (otherwise one crash of a replica with `concurrency = 8` would
+    /// count 8 and could trip the error-rate alarm on its own). The
+    /// metrics count the attempt.
+    pub(super) fn finish_crash_companion(&self, key: &LeaseKey, outcome: AttemptOutcome) {
+        self.finish(key, outcome, Verdict::Neutral, Fault::Counted);
     }
 
     /// An attempt that failed through the task's own fault (the agent said
@@ -357,14 +367,17 @@ impl AgentRuntime {
     /// breaker nor the watchdog's error rate hold it against the agent,
     /// and the metrics count it as `not_retryable`.
     pub(super) fn finish_task_fault(&self, key: &LeaseKey, outcome: AttemptOutcome) {
-        self.finish(key, outcome, Verdict::Neutral, true);
+        self.finish(key, outcome, Verdict::Neutral, Fault::Task);
     }
 
-    fn finish(&self, key: &LeaseKey, outcome: AttemptOutcome, verdict: Verdict, task_fault: bool) {
+    fn finish(&self, key: &LeaseKey, outcome: AttemptOutcome, verdict: Verdict, fault: Fault) {
         let Some(open) = self.calls.lock().expect("calls lock").open.remove(key) else {
             return;
         };
-        self.note_outcome(outcome, task_fault);
+        let task_fault = fault == Fault::Task;
+        if fault != Fault::Counted {
+            self.note_outcome(outcome, task_fault);
+        }
         let now = self.clock.steady_ms();
         let seconds = now.saturating_sub(open.at) as f64 / 1000.0;
         let status = if task_fault && outcome != AttemptOutcome::Rejected {
@@ -570,3 +583,14 @@ impl AgentRuntime {
 pub(super) const DIVERT_WAIT: Duration = Duration::from_secs(1);
 /// Most tasks leased at once to divert.
 pub(super) const DIVERT_BATCH: usize = 64;
+
+/// Whose fault a failed attempt was, for the watchdog's error rate.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// The agent's (or no failure).
+    Agent,
+    /// The task's own: not held against the agent.
+    Task,
+    /// Already counted with another attempt of the same crash.
+    Counted,
+}

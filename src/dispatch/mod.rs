@@ -1567,6 +1567,7 @@ fn renew_after(progress_timeout: Duration) -> Duration {
 }
 
 /// How an attempt failed.
+#[derive(Clone)]
 struct Failure {
     outcome: AttemptOutcome,
     detail: String,

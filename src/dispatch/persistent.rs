@@ -48,6 +48,22 @@ struct Replica<'a> {
 }
 
 /// Why a task could not be handed to the agent.
+/// Which of a killed replica's tasks failed.
+enum Blame {
+    /// This one; the others go back uncharged.
+    Task(String),
+    /// Every one, as when the replica crashes.
+    All,
+    /// None: they all go back uncharged.
+    Nobody,
+}
+
+impl Blame {
+    fn of(culprit: Option<String>) -> Self {
+        culprit.map_or(Self::Nobody, Self::Task)
+    }
+}
+
 enum StartFailure {
     /// The replica is broken: stop it, failing the culprit task if any.
     Broken(Option<String>, Failure),
@@ -419,7 +435,7 @@ impl Replica<'_> {
                     immediate: true,
                     ..Failure::new(AttemptOutcome::Crashed, reason)
                 };
-                return self.kill_for(None, failure, true).await;
+                return self.kill_for(Blame::Nobody, failure, true).await;
             }
             if retiring && draining.is_none() && self.in_flight.is_empty() {
                 self.shut_down().await;
@@ -513,7 +529,7 @@ impl Replica<'_> {
                         match self.start_task(handed.take()).await {
                             Ok(()) => {}
                             Err(StartFailure::Broken(culprit, failure)) => {
-                                return self.kill_for(culprit, failure, true).await;
+                                return self.kill_for(Blame::of(culprit), failure, true).await;
                             }
                             Err(StartFailure::Exited) => return self.crashed().await,
                         }
@@ -529,7 +545,7 @@ impl Replica<'_> {
                         .iter()
                         .find_map(|(id, tracked)| tracked.expired(self.agent, now).map(|failure| (id.clone(), failure)));
                     if let Some((id, failure)) = expired {
-                        return self.kill_for(Some(id), failure, false).await;
+                        return self.kill_for(Blame::Task(id), failure, false).await;
                     }
                 }
                 changed = gate.changed(), if !gate_closed => {
@@ -566,7 +582,7 @@ impl Replica<'_> {
                         // The fleet watchdog: no progress for too long.
                         let culprit = self.most_silent();
                         let failure = Failure::new(AttemptOutcome::ProgressTimeout, reason);
-                        return self.kill_for(culprit, failure, false).await;
+                        return self.kill_for(Blame::of(culprit), failure, false).await;
                     }
                     if retire && !retiring {
                         retiring = true;
@@ -581,17 +597,18 @@ impl Replica<'_> {
                 changed = memory.changed(), if !memory_closed => {
                     memory_closed = changed.is_err();
                     if let Some(failure) = over_memory(self.agent, &memory, self.pgid, self.index) {
-                        // With one task, that task; idle, the agent itself
-                        // leaks (a crash). With several, no one task can be
-                        // blamed: a crash too, and the tasks go back
-                        // uncharged.
-                        let culprit = if self.in_flight.len() == 1 {
-                            self.in_flight.keys().next().cloned()
-                        } else {
-                            None
+                        // With one task, that task. Idle, the agent itself
+                        // leaks: a crash. With several, no one task can be
+                        // blamed: a crash that charges every task it held,
+                        // as an exit does (uncharged, a task that needs
+                        // too much memory would come back for ever).
+                        let blame = match self.in_flight.len() {
+                            0 => Blame::Nobody,
+                            1 => Blame::of(self.in_flight.keys().next().cloned()),
+                            _ => Blame::All,
                         };
-                        let crash = culprit.is_none();
-                        return self.kill_for(culprit, failure, crash).await;
+                        let crash = !matches!(blame, Blame::Task(_));
+                        return self.kill_for(blame, failure, crash).await;
                     }
                 }
             }
@@ -909,11 +926,8 @@ impl Replica<'_> {
             // One exit is one failure for the breaker, however many tasks
             // the replica held.
             if n > 0 {
-                self.agent.finish_call_as(
-                    &tracked.lease.key,
-                    AttemptOutcome::Crashed,
-                    crate::breaker::Verdict::Neutral,
-                );
+                self.agent
+                    .finish_crash_companion(&tracked.lease.key, AttemptOutcome::Crashed);
             }
             let failure = Failure {
                 immediate: true,
@@ -926,11 +940,11 @@ impl Replica<'_> {
         Exit::Crashed(reason)
     }
 
-    /// Stops the process because of `failure` (of task `culprit`, if any);
-    /// the culprit is retried per policy, other tasks are released. `crash`
-    /// says whether the replica itself is broken (counted towards the
-    /// restart intensity) rather than killed for a task's behaviour.
-    async fn kill_for(mut self, culprit: Option<String>, failure: Failure, crash: bool) -> Exit {
+    /// Stops the process because of `failure`, failing the tasks `blame`
+    /// names (retried per policy) and releasing the others. `crash` says
+    /// whether the replica itself is broken (counted towards the restart
+    /// intensity) rather than killed for a task's behaviour.
+    async fn kill_for(mut self, blame: Blame, failure: Failure, crash: bool) -> Exit {
         let reason = format!("killed: {}: {}", failure.outcome.as_str(), failure.detail);
         tracing::warn!(agent = %self.agent.name, replica = self.index, %reason, "stopping replica");
         self.agent
@@ -942,13 +956,23 @@ impl Replica<'_> {
         self.drain_results().await;
         drop(renewing);
         self.gone();
-        let mut failure = Some(failure);
+        let mut charged = 0;
         for (id, tracked) in self.in_flight.drain() {
-            if Some(&id) == culprit.as_ref()
-                && let Some(failure) = failure.take()
-            {
+            let failed = match &blame {
+                Blame::Task(culprit) => *culprit == id,
+                Blame::All => true,
+                Blame::Nobody => false,
+            };
+            if failed {
+                // One kill is one failure for the breaker, however many
+                // tasks it charges.
+                if charged > 0 {
+                    self.agent
+                        .finish_crash_companion(&tracked.lease.key, failure.outcome);
+                }
+                charged += 1;
                 self.agent
-                    .fail_attempt(tracked.lease, failure, &self.name)
+                    .fail_attempt(tracked.lease, failure.clone(), &self.name)
                     .await;
             } else {
                 self.agent
