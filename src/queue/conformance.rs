@@ -213,6 +213,19 @@ pub async fn a_purged_id_submitted_again_is_a_new_task<Q: TaskQueue>(queue: &Q) 
         AckOutcome::Completed
     );
     new[0].settle();
+    // With the new task completed by its attempt 1, the old task's attempt
+    // 1 is still stale, not a repeat of the completing ack.
+    let late = queue
+        .ack(
+            &old[0].key,
+            &json!("old result"),
+            end(AttemptOutcome::Completed),
+        )
+        .await;
+    assert!(
+        matches!(late, Err(QueueError::StaleLease { .. })),
+        "{late:?}"
+    );
     let record = queue.get("life").await.unwrap().unwrap();
     assert_eq!(record.result, Some(json!("new result")));
 }

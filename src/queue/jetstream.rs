@@ -78,6 +78,15 @@ fn random_u64() -> u64 {
     uuid::Uuid::now_v7().as_u128() as u64
 }
 
+/// The end of a follow-up to a change already written: the change stands
+/// (it is answered as done, so that its caller goes on, e.g. to cancel a
+/// cancelled parent's children), and a failed follow-up is logged.
+fn followed_up(id: &str, what: &str, result: Result<(), QueueError>) {
+    if let Err(error) = result {
+        tracing::warn!(task = %id, %error, "the change is made, but could not {what}");
+    }
+}
+
 fn storage(what: &str, error: impl std::fmt::Display) -> QueueError {
     QueueError::Storage(format!("{what}: {error}"))
 }
@@ -1530,6 +1539,13 @@ impl Inner {
         let _ = tokio::time::timeout(self.request_timeout, publish).await;
     }
 
+    /// Acks the message a written hand-over replaced, if any.
+    async fn settle_replaced(&self, replaced: Option<String>) {
+        if let Some(old) = replaced {
+            self.settle_message(&old, Bytes::from_static(b"+ACK")).await;
+        }
+    }
+
     async fn settle_message(&self, reply: &str, verb: Bytes) {
         let publish = self.client.publish(reply.to_string(), verb);
         match tokio::time::timeout(self.request_timeout, publish).await {
@@ -2032,6 +2048,11 @@ impl Inner {
         };
         let sequence = message.info().ok().map(|info| info.stream_sequence);
         for _ in 0..CAS_TRIES {
+            // The message a hand-over to this agent replaces, acked only
+            // once the hand-over is written: the server acks by stream
+            // sequence, so an ack sent to it before would remove a
+            // redelivery of it that another daemon holds meanwhile.
+            let mut replaced: Option<String> = None;
             let now = self.now();
             // A message of a task older than the retention (and the
             // margin), with no record or one of a run that began that much
@@ -2114,10 +2135,7 @@ impl Inner {
                         record.end_attempt(attempt, &end, now);
                         record.task.charged_attempts =
                             record.task.charged_attempts.saturating_sub(1);
-                        // The old message is done with.
-                        if let Some(old) = record.reply.clone() {
-                            self.settle_message(&old, Bytes::from_static(b"+ACK")).await;
-                        }
+                        replaced = record.reply.clone();
                     }
                     TaskState::Queued => {}
                     // It ended, or another delivery holds it: moot.
@@ -2235,6 +2253,7 @@ impl Inner {
                 if self.write(&mut record, revision).await?.is_none() {
                     continue;
                 }
+                self.settle_replaced(replaced).await;
                 // Told before the copy, which may fail: the redelivery
                 // that retries the copy no longer knows why it died.
                 self.exhausted
@@ -2271,6 +2290,7 @@ impl Inner {
             let Some(revision) = self.write(&mut record, revision).await? else {
                 continue;
             };
+            self.settle_replaced(replaced).await;
             let key = LeaseKey {
                 task_id: record.task.id.clone(),
                 attempt: number,
@@ -2833,7 +2853,11 @@ impl TaskQueue for JetStreamQueue {
         let outcome = self
             .inner
             .update(&key.task_id, Some(key), |record| {
-                if record.task.state == TaskState::Completed && record.task.attempts == key.attempt
+                // Idempotent completion: a repeated ack of the completing
+                // delivery (of this life of the id) changes nothing.
+                if record.task.state == TaskState::Completed
+                    && record.task.attempts == key.attempt
+                    && record.life == key.life
                 {
                     return Ok(Change::Keep(AckOutcome::AlreadyCompleted));
                 }
@@ -3048,6 +3072,8 @@ impl TaskQueue for JetStreamQueue {
         let mut dead = None;
         let cancelled = inner
             .update(id, None, |record| {
+                // A try that lost a race decided nothing.
+                dead = None;
                 match record.task.state {
                     TaskState::Queued | TaskState::Escalated => {}
                     TaskState::Running => {
@@ -3064,9 +3090,14 @@ impl TaskQueue for JetStreamQueue {
             })
             .await?;
         // The task's message, if still in the stream, is terminated when a
-        // daemon next fetches it and finds it dead-lettered.
+        // daemon next fetches it and finds it dead-lettered (and that
+        // writes the copy again if this one fails).
         if let Some(record) = dead {
-            inner.send_dead_letter(&record).await?;
+            followed_up(
+                id,
+                "write the dead letter's copy",
+                inner.send_dead_letter(&record).await,
+            );
         }
         Ok(cancelled)
     }
@@ -3143,6 +3174,7 @@ impl TaskQueue for JetStreamQueue {
                 let mut dead = None;
                 inner
                     .update(id, None, |record| {
+                        dead = None;
                         escalated(record)?;
                         let reason = format!(
                             "dropped by a human after escalation: {}",
@@ -3155,7 +3187,11 @@ impl TaskQueue for JetStreamQueue {
                     })
                     .await?;
                 if let Some(record) = dead {
-                    inner.send_dead_letter(&record).await?;
+                    followed_up(
+                        id,
+                        "write the dead letter's copy",
+                        inner.send_dead_letter(&record).await,
+                    );
                 }
             }
         }
@@ -3355,7 +3391,11 @@ impl TaskQueue for JetStreamQueue {
             // An empty stream has no copy to delete (and a purge below
             // sequence 1 would delete every copy of the subject).
             if before > 1 {
-                self.inner.purge_dead_letter(&record, Some(before)).await?;
+                followed_up(
+                    &id,
+                    "delete the replayed dead letter's copy",
+                    self.inner.purge_dead_letter(&record, Some(before)).await,
+                );
             }
             self.inner.ring(&record.task.agent).await;
             count += 1;
@@ -3391,7 +3431,11 @@ impl TaskQueue for JetStreamQueue {
                     return Err(error);
                 }
             }
-            self.inner.purge_dead_letter(&record, None).await?;
+            followed_up(
+                &id,
+                "delete the dead letter's copy",
+                self.inner.purge_dead_letter(&record, None).await,
+            );
             self.inner.forget_controls(&record.task.id).await;
             count += 1;
         }
