@@ -39,8 +39,11 @@ pub fn delay(
             let exponent = i32::try_from(retry - 1).unwrap_or(i32::MAX).min(1024);
             let base = (initial * exponential.multiplier.powi(exponent)).min(max);
             let spread = base * exponential.jitter;
+            // Drawn within the cap rather than clamped to it: clamped, half
+            // the delays at the cap would all be exactly `max`, and tasks
+            // failing since one outage would retry in step.
             let jittered = if spread > 0.0 {
-                base + rng.random_range(-spread..=spread)
+                rng.random_range((base - spread).max(0.0)..=(base + spread).min(max))
             } else {
                 base
             };
@@ -92,6 +95,35 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn delays_at_the_cap_stay_spread() {
+        let backoff = Backoff::Exponential(ExponentialBackoff {
+            initial: HumanDuration::secs(1),
+            max: HumanDuration::secs(10),
+            multiplier: 2.0,
+            jitter: 0.2,
+        });
+        let mut rng = SmallRng::seed_from_u64(7);
+        let delays: Vec<Duration> = (0..1000)
+            .map(|_| delay(&backoff, 30, None, &mut rng))
+            .collect();
+        let at_max = delays
+            .iter()
+            .filter(|delay| **delay == Duration::from_secs(10))
+            .count();
+        assert!(at_max < 10, "{at_max} of 1000 delays exactly at the cap");
+        assert!(
+            delays
+                .iter()
+                .all(|delay| *delay >= Duration::from_secs(8) && *delay <= Duration::from_secs(10))
+        );
+        let below_nine = delays
+            .iter()
+            .filter(|delay| **delay < Duration::from_secs(9))
+            .count();
+        assert!((350..650).contains(&below_nine), "{below_nine}");
     }
 
     #[test]
