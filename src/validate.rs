@@ -51,6 +51,23 @@ pub enum Decision {
         /// What failed.
         report: String,
     },
+    /// A check could not be run (its program cannot be started, the
+    /// result file cannot be written): nothing is known of the result.
+    /// The attempt fails as an error, neither the agent's nor the
+    /// result's fault, and no check's `on_failure` is applied: a missing
+    /// program must not roll back good work or page a human.
+    CouldNotRun {
+        /// What could not be run, and why.
+        report: String,
+    },
+}
+
+/// How a check's run failed.
+enum Failed {
+    /// It ran and failed: the line that says how.
+    Check(String),
+    /// It could not be started.
+    Start(String),
 }
 
 /// The gates of `agent` that apply to tasks of `kind`.
@@ -76,7 +93,7 @@ pub async fn validate(agent: &AgentRuntime, lease: &Lease, output: Value, kind: 
     }
     let file = ResultFile::new();
     if let Err(error) = file.write(&output.to_string()) {
-        return Decision::Retry {
+        return Decision::CouldNotRun {
             report: format!(
                 "the result could not be written to {} for the checks: {error}",
                 file.0.display()
@@ -109,7 +126,12 @@ pub async fn validate(agent: &AgentRuntime, lease: &Lease, output: Value, kind: 
             .await
             {
                 Ok(()) => continue,
-                Err(line) => line,
+                Err(Failed::Check(line)) => line,
+                Err(Failed::Start(error)) => {
+                    return Decision::CouldNotRun {
+                        report: format!("check {:?} could not be run: {error}", gate.name),
+                    };
+                }
             };
             let report = format!("check {:?} failed: {line}", gate.name);
             tracing::info!(agent = %agent.name, task = %lease.key, check = %gate.name, required = gate.required, %line, "validation check failed");
@@ -136,12 +158,18 @@ pub async fn validate(agent: &AgentRuntime, lease: &Lease, output: Value, kind: 
                     }
                     round += 1;
                     let fix = gate.fix.as_ref().expect("validated: auto-fix has a fix");
-                    if let Err(line) =
-                        run(agent, lease, fix, gate, &file, &current, kind, round).await
-                    {
-                        return Decision::Retry {
-                            report: format!("{report}; its fix failed too: {line}"),
-                        };
+                    match run(agent, lease, fix, gate, &file, &current, kind, round).await {
+                        Ok(()) => {}
+                        Err(Failed::Check(line)) => {
+                            return Decision::Retry {
+                                report: format!("{report}; its fix failed too: {line}"),
+                            };
+                        }
+                        Err(Failed::Start(error)) => {
+                            return Decision::CouldNotRun {
+                                report: format!("{report}; its fix could not be run: {error}"),
+                            };
+                        }
                     }
                     tracing::info!(agent = %agent.name, task = %lease.key, check = %gate.name, round, "validation fix ran; checking again");
                     continue 'rounds;
@@ -156,7 +184,7 @@ pub async fn validate(agent: &AgentRuntime, lease: &Lease, output: Value, kind: 
 }
 
 /// Runs `argv` for `gate` with the result at hand: `Ok` on exit 0, else
-/// the line that says how it failed.
+/// how it failed.
 #[allow(clippy::too_many_arguments)]
 async fn run(
     agent: &AgentRuntime,
@@ -167,7 +195,7 @@ async fn run(
     output: &Value,
     kind: &str,
     round: u32,
-) -> Result<(), String> {
+) -> Result<(), Failed> {
     let mut spec = agent.check_spec();
     spec.argv = argv.to_vec();
     spec.env
@@ -189,8 +217,8 @@ async fn run(
     let limit = gate.timeout.get();
     match crate::command::run(spec, limit, REPORT_BYTES).await {
         Ok(ran) if ran.success() => Ok(()),
-        Ok(ran) => Err(ran.describe(&argv[0], limit)),
-        Err(error) => Err(error),
+        Ok(ran) => Err(Failed::Check(ran.describe(&argv[0], limit))),
+        Err(error) => Err(Failed::Start(error)),
     }
 }
 

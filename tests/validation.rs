@@ -409,6 +409,66 @@ async fn a_watch_rollback_cut_short_is_finished_by_the_next_daemon() {
     daemon.stop().await;
 }
 
+/// A gate whose program cannot be started says nothing of the result: the
+/// attempt fails as an error, and its `auto_rollback` does not undo the
+/// agent's work. One missing at startup keeps the fleet from starting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_that_cannot_run_rolls_nothing_back() {
+    let fleet = Fleet::new(
+        r#"
+[agents.deployer]
+command = ["python3", "agent.py"]
+retry = { max_deliver = 2, backoff = ["10ms"] }
+
+[agents.deployer.validation]
+checks = [ { name = "smoke", command = ["./smoke.sh"], on_failure = "auto_rollback" } ]
+"#,
+    );
+    std::fs::write(fleet.path("agent.py"), AGENT).unwrap();
+    let refused = flotilla::daemon::Daemon::start(fleet.config(), flotilla::clock::system())
+        .await
+        .err()
+        .expect("a missing gate program is refused at startup")
+        .to_string();
+    assert!(
+        refused.contains("agents.deployer.validation.checks[0].command[0]")
+            && refused.contains("smoke.sh"),
+        "{refused}"
+    );
+    let smoke = fleet.path("smoke.sh");
+    std::fs::write(&smoke, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&smoke, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let daemon = fleet.start().await;
+    // Gone after startup.
+    std::fs::remove_file(&smoke).unwrap();
+    let queue = daemon.queue().clone();
+    queue
+        .submit(vec![task(
+            "deploy",
+            "deployer",
+            json!({"create": "deployed.txt"}),
+        )])
+        .await
+        .unwrap();
+    wait_state(queue.as_ref(), "deploy", TaskState::DeadLettered).await;
+    let record = queue.get("deploy").await.unwrap().unwrap();
+    assert_eq!(record.history.len(), 2, "{record:?}");
+    for attempt in &record.history {
+        assert_eq!(attempt.outcome, Some(AttemptOutcome::Error), "{record:?}");
+        let detail = attempt.detail.as_deref().unwrap_or_default();
+        assert!(
+            detail.contains("validation could not run")
+                && detail.contains("check \"smoke\" could not be run"),
+            "{detail}"
+        );
+    }
+    assert!(
+        fleet.path("deployed.txt").exists(),
+        "the agent's work was rolled back"
+    );
+    daemon.stop().await;
+}
+
 /// A journal that an earlier gate's auto_rollback used (its reason kept)
 /// is no cut-short breach: a daemon that goes on with the accepted task's
 /// watch after a restart leaves the accepted changes alone.

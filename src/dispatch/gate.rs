@@ -352,14 +352,17 @@ impl AgentRuntime {
         );
     }
 
-    /// An attempt that failed with others in one crash or kill of their
-    /// replica, after the first: one exit is one failure, for the breaker
-    /// and the watchdog's error rate alike, however many tasks it held
-    /// (otherwise one crash of a replica with `concurrency = 8` would
-    /// count 8 and could trip the error-rate alarm on its own). The
-    /// metrics count the attempt.
-    pub(super) fn finish_crash_companion(&self, key: &LeaseKey, outcome: AttemptOutcome) {
-        self.finish(key, outcome, Verdict::Neutral, Fault::Counted);
+    /// An attempt that counts for neither the breaker nor the watchdog's
+    /// error rate; the metrics count it. Such are:
+    /// - a task that failed with others in one crash or kill of their
+    ///   replica, after the first: one exit is one failure however many
+    ///   tasks it held (otherwise one crash of a replica with
+    ///   `concurrency = 8` would count 8, and could trip the error-rate
+    ///   alarm on its own);
+    /// - a result whose validation gates could not be run: the daemon's
+    ///   trouble, not the agent's.
+    pub(super) fn finish_call_uncounted(&self, key: &LeaseKey, outcome: AttemptOutcome) {
+        self.finish(key, outcome, Verdict::Neutral, Fault::Uncounted);
     }
 
     /// An attempt that failed through the task's own fault (the agent said
@@ -375,7 +378,7 @@ impl AgentRuntime {
             return;
         };
         let task_fault = fault == Fault::Task;
-        if fault != Fault::Counted {
+        if fault != Fault::Uncounted {
             self.note_outcome(outcome, task_fault);
         }
         let now = self.clock.steady_ms();
@@ -591,6 +594,6 @@ enum Fault {
     Agent,
     /// The task's own: not held against the agent.
     Task,
-    /// Already counted with another attempt of the same crash.
-    Counted,
+    /// Not counted: see [`AgentRuntime::finish_call_uncounted`].
+    Uncounted,
 }

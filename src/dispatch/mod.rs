@@ -218,11 +218,26 @@ pub fn check_agent(name: &str, agent: &AgentConfig, config: &Config) -> Vec<Stri
             "agents.{name}.workdir: {} is not a directory",
             workdir.display()
         ));
-    } else if let Some(program) = agent.command.first()
-        && !program.contains(['{', '$'])
-        && let Some(problem) = missing_program(program, &workdir, &agent_path(agent))
-    {
-        problems.push(format!("agents.{name}.command[0]: {problem}"));
+    } else {
+        // The agent's program, and its validation gates' (a gate that
+        // cannot start fails every result it sees).
+        let mut programs = vec![("command[0]".to_string(), agent.command.first())];
+        for (index, gate) in agent.validation.checks.iter().enumerate() {
+            let key = format!("validation.checks[{index}]");
+            programs.push((format!("{key}.command[0]"), gate.command.first()));
+            if let Some(fix) = &gate.fix {
+                programs.push((format!("{key}.fix[0]"), fix.first()));
+            }
+        }
+        let path = agent_path(agent);
+        for (key, program) in programs {
+            if let Some(program) = program
+                && !program.contains(['{', '$'])
+                && let Some(problem) = missing_program(program, &workdir, &path)
+            {
+                problems.push(format!("agents.{name}.{key}: {problem}"));
+            }
+        }
     }
     problems
 }
@@ -1006,6 +1021,16 @@ impl AgentRuntime {
                 crate::validate::Decision::Escalate { to, report } => {
                     self.escalate_result(lease, to.as_deref(), &report, replica)
                         .await;
+                    return;
+                }
+                crate::validate::Decision::CouldNotRun { report } => {
+                    tracing::error!(agent = %self.name, task = %lease.key, %report, "validation could not run");
+                    self.finish_call_uncounted(&lease.key, AttemptOutcome::Error);
+                    let failure = Failure::new(
+                        AttemptOutcome::Error,
+                        format!("validation could not run: {report}"),
+                    );
+                    self.fail_attempt(lease, failure, replica).await;
                     return;
                 }
                 crate::validate::Decision::Rollback { report } => {

@@ -927,7 +927,7 @@ impl Replica<'_> {
             // the replica held.
             if n > 0 {
                 self.agent
-                    .finish_crash_companion(&tracked.lease.key, AttemptOutcome::Crashed);
+                    .finish_call_uncounted(&tracked.lease.key, AttemptOutcome::Crashed);
             }
             let failure = Failure {
                 immediate: true,
@@ -968,7 +968,7 @@ impl Replica<'_> {
                 // tasks it charges.
                 if charged > 0 {
                     self.agent
-                        .finish_crash_companion(&tracked.lease.key, failure.outcome);
+                        .finish_call_uncounted(&tracked.lease.key, failure.outcome);
                 }
                 charged += 1;
                 self.agent
