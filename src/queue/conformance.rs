@@ -85,6 +85,7 @@ where
     concurrent_leases_never_share(Arc::new(make().await)).await;
     counts_per_agent(&make().await).await;
     reroute_hands_a_task_to_another_agent(&make().await).await;
+    handovers_beyond_the_free_ones_are_charged(&make().await).await;
     escalations_wait_for_a_human(&make().await).await;
     validation_reports_reach_the_next_attempt(&make().await).await;
     cancel_ends_queued_and_running_tasks(&make().await).await;
@@ -393,6 +394,43 @@ pub async fn reroute_hands_a_task_to_another_agent<Q: TaskQueue>(queue: &Q) {
             .await,
         Err(QueueError::StaleLease { .. })
     ));
+}
+
+/// A task handed back and forth (a cycle of escalations and fallbacks)
+/// is charged for each hand-over beyond the free ones, so it ends.
+pub async fn handovers_beyond_the_free_ones_are_charged<Q: TaskQueue>(queue: &Q) {
+    queue
+        .submit(vec![task("bounce", Priority::Normal, json!({}))])
+        .await
+        .unwrap();
+    let agents = [AGENT, "fallback"];
+    let mut handovers: u32 = 0;
+    loop {
+        let mut asking = request(1);
+        asking.agent = agents[handovers as usize % 2].to_string();
+        let mut leases = queue.lease(&asking, Duration::from_secs(2)).await.unwrap();
+        if leases.is_empty() {
+            break;
+        }
+        queue
+            .reroute(
+                &leases[0].key,
+                agents[(handovers as usize + 1) % 2],
+                end(AttemptOutcome::Rerouted),
+            )
+            .await
+            .unwrap();
+        leases[0].settle();
+        handovers += 1;
+        let record = queue.get("bounce").await.unwrap().unwrap();
+        let charged = handovers.saturating_sub(super::FREE_HANDOVERS);
+        assert_eq!(record.charged_attempts, charged, "{record:?}");
+        assert!(handovers < 100, "never ends: {record:?}");
+    }
+    // request(1) allows 5 attempts: the 5th charged hand-over used them up.
+    let record = queue.get("bounce").await.unwrap().unwrap();
+    assert_eq!(record.state, TaskState::DeadLettered, "{record:?}");
+    assert_eq!(handovers, super::FREE_HANDOVERS + 5);
 }
 
 /// An escalated task is terminal until a human resolves it: retried,

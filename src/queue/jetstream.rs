@@ -376,6 +376,15 @@ struct Record {
     /// Random id of the write that produced this revision, to tell whether
     /// a write whose reply timed out was applied.
     write: u64,
+    /// Hand-overs to another agent in this life of the task (the history
+    /// keeps only the last attempts); see [`super::FREE_HANDOVERS`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    handovers: u32,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's signature
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 impl Record {
@@ -407,6 +416,7 @@ impl Record {
             reply: None,
             seq: None,
             write: 0,
+            handovers: 0,
         }
     }
 
@@ -432,6 +442,15 @@ impl Record {
     }
 
     /// Ends attempt `number` with `end`.
+    /// A hand-over to another agent (its attempt already ended
+    /// `rerouted`) is not charged, up to [`super::FREE_HANDOVERS`] of them.
+    fn refund_handover(&mut self) {
+        self.handovers = self.handovers.saturating_add(1);
+        if self.handovers <= super::FREE_HANDOVERS {
+            self.task.charged_attempts = self.task.charged_attempts.saturating_sub(1);
+        }
+    }
+
     fn end_attempt(&mut self, number: u32, end: &AttemptEnd, now: UnixMillis) {
         if let Some(attempt) = self.task.history.iter_mut().find(|a| a.number == number) {
             attempt.ended_ms = Some(now);
@@ -2133,8 +2152,7 @@ impl Inner {
                             ),
                         );
                         record.end_attempt(attempt, &end, now);
-                        record.task.charged_attempts =
-                            record.task.charged_attempts.saturating_sub(1);
+                        record.refund_handover();
                         replaced = record.reply.clone();
                     }
                     TaskState::Queued => {}
@@ -2167,6 +2185,7 @@ impl Inner {
                     record.task.created_ms = envelope.created_ms;
                     record.task.history.clear();
                     record.task.replays = 0;
+                    record.handovers = 0;
                 }
                 record.life = envelope.life;
                 record.generation = envelope.generation;
@@ -3030,7 +3049,7 @@ impl TaskQueue for JetStreamQueue {
                 let now = inner.now();
                 reply.clone_from(&record.reply);
                 record.end_attempt(key.attempt, &end, now);
-                record.task.charged_attempts = record.task.charged_attempts.saturating_sub(1);
+                record.refund_handover();
                 record.task.agent = agent.to_string();
                 // Another agent's checkpoint means nothing to this one.
                 record.task.checkpoint = None;

@@ -136,6 +136,13 @@ impl TaskState {
     }
 }
 
+/// Hand-overs of a task to another agent (a fallback, a gate's
+/// `escalate_to`) that are not charged against `max_deliver`. Beyond, each
+/// is charged: a cycle of escalations and fallbacks (A escalates to B,
+/// which falls back to A while unavailable) ends in the dead-letter queue
+/// instead of handing the task around for ever.
+pub const FREE_HANDOVERS: u32 = 16;
+
 /// `queued, running or escalated`.
 fn one_of(states: &[TaskState]) -> String {
     match states {
@@ -842,9 +849,11 @@ pub trait TaskQueue: Send + Sync + 'static {
     /// Dead-letters the task with `reason`.
     async fn term(&self, key: &LeaseKey, reason: &str, end: AttemptEnd) -> Result<(), QueueError>;
 
-    /// Hands the task to `agent` (its own agent is unavailable): queued
-    /// for `agent` at once, the attempt not charged, its checkpoint
-    /// dropped (another agent's checkpoint means nothing to `agent`).
+    /// Hands the task to `agent` (its own agent is unavailable, or a
+    /// gate escalated its result): queued for `agent` at once, the attempt
+    /// not charged (while the task has been handed over at most
+    /// [`FREE_HANDOVERS`] times), its checkpoint dropped (another agent's
+    /// checkpoint means nothing to `agent`).
     async fn reroute(&self, key: &LeaseKey, agent: &str, end: AttemptEnd)
     -> Result<(), QueueError>;
 

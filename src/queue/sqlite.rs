@@ -1866,11 +1866,15 @@ impl TaskQueue for SqliteQueue {
                     .conn
                     .prepare_cached(
                         "UPDATE tasks SET agent = ?2, state = 1, visible_at = ?3, lease_deadline = NULL,
-                         lease_owner = NULL, charged = charged - 1, checkpoint = NULL, updated_at = ?3
+                         lease_owner = NULL, checkpoint = NULL, updated_at = ?3,
+                         charged = charged - (
+                             SELECT COUNT(*) <= ?4 FROM attempts
+                             WHERE task_seq = ?1 AND outcome = 'rerouted'
+                         )
                          WHERE seq = ?1",
                     )
                     .map_err(storage)?
-                    .execute(params![seq, agent, now])
+                    .execute(params![seq, agent, now, super::FREE_HANDOVERS])
                     .map_err(storage)?;
                 context.woken.insert(agent);
                 Ok(())
