@@ -161,7 +161,14 @@ impl Health {
             let threshold = agent.config.timeouts.progress_timeout.as_millis() / 2;
             let status = agent.status();
             for replica in &status.replicas {
-                if replica.state != ReplicaState::Busy || replica.tasks.is_empty() {
+                // A oneshot task's process that exited leaves its slot busy
+                // while its result is validated (gates may take minutes):
+                // that is no silent process, as the fleet watchdog holds
+                // too.
+                if replica.state != ReplicaState::Busy
+                    || replica.tasks.is_empty()
+                    || replica.pid.is_none()
+                {
                     continue;
                 }
                 // Per task: a replica's other tasks neither hide nor

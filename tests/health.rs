@@ -91,6 +91,52 @@ breaker = {{ enabled = false }}
     daemon.stop().await;
 }
 
+/// A oneshot task whose process exited is validated with its slot still
+/// busy: a slow gate is no silent process for `/health/progress`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_gate_is_not_a_stuck_task() {
+    let fleet = Fleet::new(
+        r#"
+[agents.checked]
+mode = "oneshot"
+command = ["sh", "-c", "echo '{{\"ok\": true}}'"]
+timeouts = { progress_timeout = "1s" }
+
+[agents.checked.validation]
+checks = [ { name = "slow", command = ["sh", "-c", "touch gate.started; sleep 3"] } ]
+"#,
+    );
+    let daemon = fleet.start().await;
+    let address = daemon.http_address().expect("listening");
+    daemon
+        .queue()
+        .submit(numbered_tasks("checked", 1, "gated").0)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the gate to start", || async {
+        fleet.path("gate.started").exists()
+    })
+    .await;
+    // Past half the progress timeout, the gate still running.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, body) = get(address, "/health/progress").await;
+    assert_eq!(
+        (status, &body["status"]),
+        (200, &Value::from("ok")),
+        "{body}"
+    );
+    wait_until(Duration::from_secs(20), "the task to complete", || async {
+        daemon
+            .queue()
+            .get("gated-00000")
+            .await
+            .unwrap()
+            .is_some_and(|task| task.state == flotilla::queue::TaskState::Completed)
+    })
+    .await;
+    daemon.stop().await;
+}
+
 /// The system clock set forward while a task is silent: neither
 /// `/health/progress` nor the watchdog takes the step for silence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
