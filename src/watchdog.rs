@@ -63,6 +63,10 @@ pub struct AgentView {
     pub breaker_closed: bool,
     /// Whether it failed (restarted too often): it is not scaled.
     pub failed: bool,
+    /// Whether the fleet's degradation level holds back some of its
+    /// tasks by priority: then `queued` counts tasks no replica may take,
+    /// so it is not scaled up, and counts as idle once its replicas are.
+    pub shedding: bool,
     /// Its thresholds.
     pub thresholds: Thresholds,
 }
@@ -182,8 +186,14 @@ impl Watchdog {
             let limits = &agent.thresholds;
             let count = u32::try_from(agent.replicas.len()).unwrap_or(u32::MAX);
             // Scale up on a backlog that lasts, one replicas can take:
-            // not while the breaker holds the agent's tasks back.
-            if agent.queued > limits.queue_depth && !agent.failed && agent.breaker_closed {
+            // not while the breaker, or the degradation level, holds the
+            // agent's tasks back (more replicas would add load while the
+            // fleet sheds it).
+            if agent.queued > limits.queue_depth
+                && !agent.failed
+                && agent.breaker_closed
+                && !agent.shedding
+            {
                 let since = *memory.over_since.get_or_insert(now);
                 if now.saturating_sub(since) >= millis(limits.scale_up_after) && count < agent.max {
                     actions.push(Action::ScaleUp {
@@ -204,7 +214,8 @@ impl Watchdog {
                 memory.over_since = None;
             }
             // Scale down after an idle cool-down, an idle replica only.
-            let idle = agent.queued == 0 && agent.replicas.iter().all(|r| r.tasks.is_empty());
+            let idle = (agent.queued == 0 || agent.shedding)
+                && agent.replicas.iter().all(|r| r.tasks.is_empty());
             if idle && !agent.failed {
                 let since = *memory.idle_since.get_or_insert(now);
                 if now.saturating_sub(since) >= millis(limits.scale_down_after) && count > agent.min
@@ -360,6 +371,7 @@ fn view(
             .collect(),
         min: agent.config.replicas.min,
         max: agent.config.replicas.max(),
+        shedding: agent.lowest_priority() != crate::queue::Priority::Low,
         calls,
         failures,
         breaker_closed: status
@@ -491,6 +503,7 @@ mod tests {
             failures: 0,
             breaker_closed: true,
             failed: false,
+            shedding: false,
             thresholds: thresholds(),
         }
     }
@@ -522,6 +535,36 @@ mod tests {
         view.replicas.push(replica(2, Some("c"), Some(60 * SEC)));
         assert!(watchdog.tick(90 * SEC, &[view.clone()]).is_empty());
         assert!(watchdog.tick(200 * SEC, &[view.clone()]).is_empty());
+    }
+
+    /// Tasks the degradation level holds back are no backlog replicas
+    /// could take: no replica is added for them, and idle replicas go.
+    #[test]
+    fn a_backlog_held_back_by_the_level_neither_scales_up_nor_keeps_replicas() {
+        let mut watchdog = Watchdog::default();
+        let shedding = |replicas| AgentView {
+            shedding: true,
+            ..agent(50, replicas)
+        };
+        let busy = vec![replica(0, Some("a"), Some(0)), replica(1, None, None)];
+        for at in [0, 30, 60, 90] {
+            assert!(
+                watchdog
+                    .tick(at * SEC, &[shedding(busy.clone())])
+                    .is_empty(),
+                "{at} s"
+            );
+        }
+        let idle = vec![replica(0, None, None), replica(1, None, None)];
+        assert!(
+            watchdog
+                .tick(100 * SEC, &[shedding(idle.clone())])
+                .is_empty()
+        );
+        assert_eq!(
+            kinds(&watchdog.tick(400 * SEC, &[shedding(idle)])),
+            ["scale_down"]
+        );
     }
 
     #[test]

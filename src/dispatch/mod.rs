@@ -1926,7 +1926,7 @@ async fn leaser(
 
 impl AgentRuntime {
     /// The least urgent priority the degradation level lets through.
-    fn lowest_priority(&self) -> crate::queue::Priority {
+    pub(crate) fn lowest_priority(&self) -> crate::queue::Priority {
         self.availability.level().lowest_priority()
     }
 
