@@ -240,6 +240,10 @@ pub struct Degrader {
     reason: Option<String>,
     /// Since when the triggers have asked for less than the current level.
     calmer_since: Option<UnixMillis>,
+    /// The highest level the triggers asked for since `calmer_since`: the
+    /// level goes down to it, not below, so that each level's triggers
+    /// must have been clear for the dwell before it is left.
+    calm_ceiling: Level,
     /// Since when each agent has had no ready replica.
     unready_since: HashMap<String, UnixMillis>,
     unavailable: Vec<String>,
@@ -255,6 +259,7 @@ impl Degrader {
             since_ms: now,
             reason: None,
             calmer_since: None,
+            calm_ceiling: Level::Nominal,
             unready_since: HashMap::new(),
             unavailable: Vec::new(),
             forced: None,
@@ -325,19 +330,31 @@ impl Degrader {
             return None;
         }
         let dwell = self.config.min_dwell.as_millis();
+        if self.calmer_since.is_none() {
+            self.calm_ceiling = target;
+        }
         let calmer_since = *self.calmer_since.get_or_insert(now);
+        self.calm_ceiling = self.calm_ceiling.max(target);
         let held = now.saturating_sub(self.since_ms);
         if now.saturating_sub(calmer_since) < dwell || held < dwell {
             return None;
         }
         self.calmer_since = None;
-        let reason = why.unwrap_or_else(|| {
-            format!(
-                "no trigger held for {}",
-                humantime::format_duration(self.config.min_dwell.get())
+        let dwelt = humantime::format_duration(self.config.min_dwell.get());
+        let (level, reason) = if self.calm_ceiling > target {
+            // A level between asked for within the dwell: down to it
+            // first, and on from there after another dwell.
+            (
+                self.calm_ceiling,
+                format!("no trigger above {} held for {dwelt}", self.calm_ceiling),
             )
-        });
-        self.enter(target, now, reason)
+        } else {
+            (
+                target,
+                why.unwrap_or_else(|| format!("no trigger held for {dwelt}")),
+            )
+        };
+        self.enter(level, now, reason)
     }
 
     fn enter(&mut self, level: Level, now: UnixMillis, reason: String) -> Option<LevelChange> {
@@ -547,6 +564,45 @@ mod tests {
             .expect("down after 30 s calm");
         assert_eq!((down.from, down.to), (Level::Essential, Level::Nominal));
         assert_eq!(degrader.status().lower_at_ms, None);
+    }
+
+    /// From emergency, with the essential triggers clear only lately:
+    /// down to essential after the dwell, and on only once those have been
+    /// clear for the dwell too.
+    #[test]
+    fn each_level_left_is_clear_for_the_dwell() {
+        let mut degrader = Degrader::new(config(), 0);
+        let mut unreachable = fleet(false, true);
+        unreachable.broker_connected = Some(false);
+        // Two agents unavailable (frontend failed, backend unready): the
+        // essential trigger holds; the broker down: emergency.
+        unreachable.agents[0].ready = 0;
+        let mut essential = fleet(false, true);
+        essential.agents[0].ready = 0;
+        degrader.check(&essential, None, 0);
+        assert_eq!(
+            degrader.check(&unreachable, None, 11_000).map(|c| c.to),
+            Some(Level::Emergency)
+        );
+        // The broker is back; the agents are not, until 59 s.
+        assert!(degrader.check(&essential, None, 12_000).is_none());
+        assert!(degrader.check(&essential, None, 40_000).is_none());
+        assert!(degrader.check(&fleet(false, false), None, 41_500).is_none());
+        let down = degrader
+            .check(&fleet(false, false), None, 42_000)
+            .expect("down after 30 s without the broker trigger");
+        assert_eq!((down.from, down.to), (Level::Emergency, Level::Essential));
+        assert!(
+            down.reason.contains("no trigger above 2 (essential)"),
+            "{}",
+            down.reason
+        );
+        assert!(degrader.check(&fleet(false, false), None, 43_000).is_none());
+        assert!(degrader.check(&fleet(false, false), None, 72_999).is_none());
+        let down = degrader
+            .check(&fleet(false, false), None, 73_000)
+            .expect("on down after another dwell");
+        assert_eq!((down.from, down.to), (Level::Essential, Level::Nominal));
     }
 
     #[test]
