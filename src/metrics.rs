@@ -137,7 +137,7 @@ pub mod names {
     /// Redeliveries.
     pub const REDELIVERIES: (&str, &str) = (
         "flotilla_redeliveries",
-        "Tasks handed to a replica again after an earlier attempt (retries, redeliveries after a crash or a lost daemon)",
+        "Tasks handed to a replica again after an earlier attempt that ran (retries, redeliveries after a crash or a lost daemon)",
     );
     /// Escalations.
     pub const ESCALATIONS: (&str, &str) = (
@@ -469,10 +469,10 @@ impl Metrics {
         }
     }
 
-    /// A task of `kind` was handed to a replica of `agent`, for its
-    /// `attempt`th time.
-    pub fn received(&self, agent: &str, kind: &str, attempt: u32) {
-        if attempt > 1 {
+    /// A task of `kind` was handed to a replica of `agent`; `redelivered`
+    /// when an earlier attempt of it ran.
+    pub fn received(&self, agent: &str, kind: &str, redelivered: bool) {
+        if redelivered {
             inc(&self.redeliveries, agent);
         }
         self.received
@@ -763,7 +763,7 @@ mod tests {
     #[test]
     fn every_name_of_the_issue_is_exported() {
         let metrics = Metrics::new(true);
-        metrics.received("coder", "default", 2);
+        metrics.received("coder", "default", true);
         metrics.attempt_ended("coder", "default", "completed", 1.5);
         let mut status = AgentStatus::new("coder", crate::config::Mode::Persistent, 1);
         status.replicas[0].last_seen_ms = Some(1_000);

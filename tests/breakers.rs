@@ -167,6 +167,30 @@ mode = "oneshot"
             "{rerouted:?}"
         );
     }
+    // A hand-over is no redelivery: only the tasks that ran on the
+    // specialist before count as redelivered to the manager.
+    let ran_before = records(queue.as_ref(), &all)
+        .await
+        .iter()
+        .filter(|task| {
+            task.history
+                .iter()
+                .any(|attempt| attempt.outcome == Some(AttemptOutcome::Error))
+        })
+        .count();
+    assert!(ran_before >= 1 && ran_before < all.len(), "{ran_before}");
+    let metrics = reqwest::get(format!("http://{}/metrics", daemon.http_address().unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "flotilla_redeliveries_total{{agent=\"manager\"}} {ran_before}\n"
+        )),
+        "{metrics}"
+    );
     // While it stays broken, each recovery timeout lets exactly one probe
     // through, which fails and opens the breaker again; the tasks that
     // keep coming meanwhile go to the manager.

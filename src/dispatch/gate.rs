@@ -121,6 +121,10 @@ struct Open {
     call: Option<Call>,
     at: UnixMillis,
     kind: String,
+    /// Whether an earlier attempt of the task ran (one was charged): its
+    /// reaching a replica is a redelivery. Attempts handed back unstarted
+    /// (a lease held back, rerouted, or leased ahead and expired) are not.
+    redelivered: bool,
     /// Its result is being validated and stored ([`Settling`]): the
     /// attempt is not lost, however long its gates take.
     settling: bool,
@@ -286,6 +290,7 @@ impl AgentRuntime {
                 call,
                 at: now,
                 kind,
+                redelivered: lease.charged > 1,
                 settling: false,
                 sweep_from: now,
             },
@@ -323,11 +328,11 @@ impl AgentRuntime {
 
     /// The task of `key` reached a replica.
     pub(super) fn received(&self, key: &LeaseKey) {
-        let kind = match self.calls.lock().expect("calls lock").open.get(key) {
-            Some(open) => open.kind.clone(),
+        let (kind, redelivered) = match self.calls.lock().expect("calls lock").open.get(key) {
+            Some(open) => (open.kind.clone(), open.redelivered),
             None => return,
         };
-        self.metrics.received(&self.name, &kind, key.attempt);
+        self.metrics.received(&self.name, &kind, redelivered);
     }
 
     /// The task of `key` was admitted but never sent: forget it, as if it
