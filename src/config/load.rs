@@ -338,10 +338,9 @@ fn plain_message(key: &str, message: &str) -> String {
     if let Some((found, rust)) = message
         .strip_prefix("invalid value: integer `")
         .and_then(|rest| rest.split_once("`, expected "))
+        && let Some(valid) = integer_range(key).or_else(|| type_range(rust))
     {
-        if let Some(valid) = integer_range(key).or_else(|| type_range(rust)) {
-            return format!("{found} is out of range; valid: {valid}");
-        }
+        return format!("{found} is out of range; valid: {valid}");
     }
     if let Some(valid) = integer_range(key) {
         for rust in ["u16", "u32", "u64", "usize", "i32", "a nonzero u32"] {
@@ -452,10 +451,11 @@ fn key_shape(key: &str) -> String {
         }
     }
     for named in ["agents.", "degradation."] {
-        if let Some(rest) = shape.strip_prefix(named) {
-            if let Some((_, after)) = rest.split_once('.') {
-                return format!("{named}*.{after}");
-            }
+        if let Some((_, after)) = shape
+            .strip_prefix(named)
+            .and_then(|rest| rest.split_once('.'))
+        {
+            return format!("{named}*.{after}");
         }
     }
     shape
@@ -466,8 +466,8 @@ fn type_range(rust: &str) -> Option<String> {
     Some(match rust {
         "u16" => format!("0 to {}", u16::MAX),
         "u32" => format!("0 to {}", u32::MAX),
-        "u64" => format!("0 to {}", i64::MAX),
-        "usize" => format!("0 to {}", i64::MAX.min(usize::MAX as i64)),
+        // TOML's integers are 64-bit signed.
+        "u64" | "usize" => format!("0 to {}", i64::MAX),
         "i32" => format!("{} to {}", i32::MIN, i32::MAX),
         "a nonzero u32" => format!("1 to {}", u32::MAX),
         _ => return None,
