@@ -1446,14 +1446,18 @@ fn raise_open_file_limit(config: &Config) {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
+/// Resolves on SIGTERM, SIGINT or SIGHUP. A hang-up (the terminal or SSH
+/// session of a daemon run in the foreground closed) stops the daemon
+/// gracefully: its default action would kill it at once, like `kill -9`.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
     let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+    let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler installs");
     tokio::select! {
         _ = terminate.recv() => tracing::info!("SIGTERM received"),
         _ = interrupt.recv() => tracing::info!("SIGINT received"),
+        _ = hangup.recv() => tracing::info!("SIGHUP received"),
     }
 }
 

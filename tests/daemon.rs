@@ -390,13 +390,19 @@ breaker = {{ enabled = false }}
         || async { finished(&client).await == 1 },
     )
     .await;
-    signal(&daemon, nix::sys::signal::Signal::SIGTERM);
-    wait_exit(&mut daemon, Duration::from_secs(20));
+    // A hang-up (its terminal closed) stops it gracefully, as SIGTERM does.
+    signal(&daemon, nix::sys::signal::Signal::SIGHUP);
+    let status = wait_exit(&mut daemon, Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
     let text = std::fs::read_to_string(fleet.path("daemon.log")).unwrap();
     let lines: Vec<serde_json::Value> = text
         .lines()
         .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
         .collect();
+    assert!(
+        lines.iter().any(|line| line["message"] == "SIGHUP received"),
+        "{text}"
+    );
     let failed: Vec<&serde_json::Value> = lines
         .iter()
         .filter(|line| line["message"] == "attempt failed")
