@@ -400,7 +400,9 @@ breaker = {{ enabled = false }}
         .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
         .collect();
     assert!(
-        lines.iter().any(|line| line["message"] == "SIGHUP received"),
+        lines
+            .iter()
+            .any(|line| line["message"] == "SIGHUP received"),
         "{text}"
     );
     let failed: Vec<&serde_json::Value> = lines

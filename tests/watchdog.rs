@@ -289,6 +289,46 @@ retry = { max_deliver = 1 }
     daemon.stop().await;
 }
 
+/// A replica added while the readiness gate blocks the agent is shown
+/// not ready at once, not only after the next round of checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_added_behind_a_closed_gate_is_not_ready() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.gated]
+command = {}
+replicas = {{ min = 1, max = 2 }}
+readiness = {{ interval = "1h", checks = [{{ name = "model", command = ["false"] }}] }}
+"#,
+        example_agent(&["--work-ms", "1"]),
+    ));
+    let daemon = fleet.start().await;
+    let gated = daemon
+        .agents()
+        .iter()
+        .find(|agent| agent.name == "gated")
+        .expect("agent runs");
+    wait_until(Duration::from_secs(20), "the first round", || async {
+        gated.status().replicas[0].not_ready.is_some() && !gated.status().readiness.is_empty()
+    })
+    .await;
+    let added = gated.add_replica().expect("below replicas.max");
+    let status = gated.status();
+    let replica = status
+        .replicas
+        .iter()
+        .find(|replica| replica.index == added)
+        .unwrap();
+    assert!(
+        replica
+            .not_ready
+            .as_deref()
+            .is_some_and(|why| why.contains("model")),
+        "{replica:?}"
+    );
+    daemon.stop().await;
+}
+
 /// The events a `cat >> FILE` command sink wrote, once there are at least
 /// `least` of them.
 async fn sink_events(fleet: &Fleet, file: &str, least: usize) -> Vec<serde_json::Value> {

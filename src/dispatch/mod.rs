@@ -479,7 +479,11 @@ impl AgentRuntime {
             let index = (0..)
                 .find(|index| !status.replicas.iter().any(|r| r.index == *index))
                 .expect("a free index");
-            status.replicas.push(ReplicaStatus::new(index));
+            // Blocked from the start if the readiness gate blocks it: the
+            // next round of checks may be an interval away.
+            let mut replica = ReplicaStatus::new(index);
+            replica.not_ready = self.gate.borrow().blocks(index).map(str::to_string);
+            status.replicas.push(replica);
             status.replicas.sort_by_key(|replica| replica.index);
             index
         };
