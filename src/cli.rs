@@ -821,7 +821,14 @@ impl Target {
                     other => Failure::usage(other.to_string()),
                 })
             }
-            Self::Remote(client) => Ok(client.rollback(id).await?),
+            // Busy or replaced: a failure worth retrying (exit 1), as
+            // locally, not bad input.
+            Self::Remote(client) => client.rollback(id).await.map_err(|error| match error {
+                ClientError::Refused(reqwest::StatusCode::CONFLICT, message) => {
+                    Failure::failed(message)
+                }
+                other => other.into(),
+            }),
         }
     }
 

@@ -469,6 +469,62 @@ checks = [ { name = "smoke", command = ["./smoke.sh"], on_failure = "auto_rollba
     daemon.stop().await;
 }
 
+/// A rollback asked for while another runs is refused as busy with exit 1
+/// (worth retrying), through a daemon's API as locally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_rollback_exits_1_through_the_api_too() {
+    let fleet = Fleet::new(
+        r#"
+[agents.deployer]
+command = ["python3", "agent.py"]
+"#,
+    );
+    std::fs::write(fleet.path("agent.py"), AGENT).unwrap();
+    fleet.set_token("validation-token-3b9d");
+    let daemon = fleet.start().await;
+    let store = fleet.store().await;
+    store
+        .queue()
+        .submit(vec![task(
+            "release",
+            "deployer",
+            json!({"create": "deployed.txt", "slow_undo": 3}),
+        )])
+        .await
+        .unwrap();
+    wait_state(store.queue().as_ref(), "release", TaskState::Completed).await;
+    let first = {
+        let (store, config) = (store.clone(), fleet.config());
+        tokio::spawn(async move {
+            flotilla::rollback::roll_back_task(&store, &config, "release", "test", || {
+                flotilla::clock::system().now_ms()
+            })
+            .await
+        })
+    };
+    wait_until(Duration::from_secs(10), "the first undo", || async {
+        fleet.path("undo.log").exists()
+    })
+    .await;
+    let api = format!("http://{}", daemon.http_address().unwrap());
+    let token = fleet.path("api-token");
+    let token = token.to_str().unwrap();
+    for args in [
+        vec!["rollback", "release"],
+        vec!["--api", &api, "--token-file", token, "rollback", "release"],
+    ] {
+        let busy = fleet.cli(&args);
+        assert_eq!(busy.status.code(), Some(1), "{args:?}: {busy:?}");
+        assert!(
+            String::from_utf8_lossy(&busy.stderr).contains("already"),
+            "{args:?}: {busy:?}"
+        );
+    }
+    first.await.unwrap().unwrap();
+    assert!(!fleet.path("deployed.txt").exists());
+    daemon.stop().await;
+}
+
 /// A journal that an earlier gate's auto_rollback used (its reason kept)
 /// is no cut-short breach: a daemon that goes on with the accepted task's
 /// watch after a restart leaves the accepted changes alone.
