@@ -246,6 +246,40 @@ checks = [ { name = "health", command = ["sh", "-c", "if [ -e slow.flag ]; then 
     daemon.stop().await;
 }
 
+/// A watch samples within its window only: with `duration = "3s"` and
+/// `interval = "2s"`, the baseline and one sample, none at 4 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_takes_no_sample_after_its_window() {
+    let fleet = Fleet::new(
+        r#"
+[agents.deployer]
+command = ["python3", "agent.py"]
+
+[agents.deployer.watch]
+duration = "3s"
+interval = "2s"
+checks = [ { name = "health", command = ["sh", "-c", "echo sampled >> samples.log"] } ]
+"#,
+    );
+    std::fs::write(fleet.path("agent.py"), AGENT).unwrap();
+    let daemon = fleet.start().await;
+    let store = fleet.store().await;
+    accept_watched_release(&store).await;
+    wait_until(Duration::from_secs(20), "the watch to end", || async {
+        store
+            .get_control("watches.deployer")
+            .await
+            .is_ok_and(|list| list.is_none())
+    })
+    .await;
+    // Past where a sample after the window would have come.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let samples = std::fs::read_to_string(fleet.path("samples.log")).unwrap();
+    assert_eq!(samples.lines().count(), 2, "{samples}");
+    assert!(fleet.path("deployed.txt").exists());
+    daemon.stop().await;
+}
+
 /// A watch outlives its daemon: `kill -9` it while it watches an accepted
 /// task, start it again, and a breach still rolls the task back.
 /// A fleet of one watched agent, `deployer`, on `broker` if given.
