@@ -636,13 +636,21 @@ pub async fn roll_back(
     )
     .await;
     // Freed at once, not left to lapse; a failure to free it only delays
-    // the next rollback until the claim lapses.
+    // the next rollback until the claim lapses. A rollback the store kept
+    // from finishing leaves its claim lapsed instead: it reads as cut off,
+    // so that the next look (a new attempt of the task, a watch taken
+    // over) finishes it, rather than as ended.
+    let left = if matches!(result, Err(RollbackError::Store(_))) {
+        Claim {
+            until_ms: now(),
+            ..claim.clone()
+        }
+        .value()
+    } else {
+        Value::Null
+    };
     if let Err(error) = store
-        .compare_and_put_control(
-            &claim_key(&journal.task),
-            Some(&claim.value()),
-            &Value::Null,
-        )
+        .compare_and_put_control(&claim_key(&journal.task), Some(&claim.value()), &left)
         .await
     {
         tracing::warn!(task = %journal.task, %error, "could not free the rollback claim; it lapses by itself");

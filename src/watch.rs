@@ -233,7 +233,7 @@ async fn finish_breached(agent: &Arc<AgentRuntime>, watched: &Watched, because: 
     for _ in 0..JOURNAL_TRIES {
         match crate::rollback::load(agent.store(), &watched.task).await {
             Ok(Some(journal)) if !journal.is_rolled_back() => {
-                finish_cut_off(agent, watched, journal, because).await;
+                finish_cut_off(agent, watched, because).await;
                 return;
             }
             // Rolled back (or nothing declared): only the entry was left.
@@ -252,14 +252,11 @@ async fn finish_breached(agent: &Arc<AgentRuntime>, watched: &Watched, because: 
 
 /// Finishes the rollback of `watched`'s task that a breach began and its
 /// daemon did not live to end, tells humans, and ends the watch.
-async fn finish_cut_off(
-    agent: &Arc<AgentRuntime>,
-    watched: &Watched,
-    mut journal: crate::rollback::Journal,
-    because: &str,
-) {
+async fn finish_cut_off(agent: &Arc<AgentRuntime>, watched: &Watched, because: &str) {
     let task = &watched.task;
-    let undone = agent.run_rollback(&mut journal, because).await;
+    let Some(undone) = roll_back_breach(agent, task, because).await else {
+        return;
+    };
     tracing::error!(agent = %agent.name, %task, reason = %because, %undone, "finished a watch breach's rollback that was cut short");
     agent.notifier().send(
         Event::new(
@@ -276,6 +273,44 @@ async fn finish_cut_off(
         .details(serde_json::json!({"breach": because, "rollback": undone, "resumed": true})),
     );
     let _ = end_entry(agent, watched).await;
+}
+
+/// Rolls `task` back for a breach until that is done: a rollback another
+/// holds is waited for (its holder may be a daemon that died on another
+/// machine: its claim then lapses by itself), and one the store kept from
+/// finishing is tried again. Says what was done; `None` when the daemon
+/// stops first: the breach stays marked in the store, for the next daemon
+/// to finish.
+async fn roll_back_breach(agent: &Arc<AgentRuntime>, task: &str, because: &str) -> Option<String> {
+    let mut phase = agent.phase();
+    let mut tries = 0u32;
+    loop {
+        match crate::rollback::load(agent.store(), task).await {
+            Ok(Some(mut journal)) => {
+                let (undone, unfinished) = agent.try_rollback(&mut journal, because).await;
+                if !unfinished {
+                    return Some(undone);
+                }
+                if tries == 0 {
+                    tracing::warn!(agent = %agent.name, %task, %undone, "the rollback of a breached watch is not finished; looking again until it is");
+                } else {
+                    tracing::debug!(agent = %agent.name, %task, %undone, "the rollback of a breached watch is not finished yet");
+                }
+            }
+            Ok(None) => return Some("the task declared no changes to roll back".into()),
+            Err(error) => {
+                tracing::warn!(agent = %agent.name, %task, %error, "cannot read the journal of a breached watch; trying again");
+            }
+        }
+        tries += 1;
+        tokio::select! {
+            () = tokio::time::sleep(crate::dispatch::ROLLBACK_RECHECK) => {}
+            _ = phase.wait_for(|phase| phase.stopping()) => {
+                tracing::warn!(agent = %agent.name, %task, "the daemon stops before the rollback of a breached watch is finished; the next daemon finishes it");
+                return None;
+            }
+        }
+    }
 }
 
 /// Removes `watched` from the store's list of its agent's watches.
@@ -505,7 +540,10 @@ async fn watch(agent: &Arc<AgentRuntime>, watched: &Watched, client: Option<&req
                 if still_accepted(agent, watched).await {
                     let reason = format!("watch check {:?} breached: {breach}", check.name);
                     mark_breached(agent, watched, &reason).await;
-                    breached(agent, task, check, &breach).await;
+                    if !breached(agent, task, check, &breach).await {
+                        // Left marked in the store for the next daemon.
+                        return;
+                    }
                 } else {
                     tracing::info!(agent = %agent.name, %task, check = %check.name, %breach, "watch breached, but the task was run again since; the watch ends without a rollback");
                 }
@@ -706,12 +744,12 @@ async fn still_accepted(agent: &Arc<AgentRuntime>, watched: &Watched) -> bool {
     }
 }
 
-async fn breached(agent: &Arc<AgentRuntime>, task: &str, check: &WatchCheck, why: &str) {
+/// Rolls the breached task back and tells humans; false when the daemon
+/// stopped before the rollback was finished.
+async fn breached(agent: &Arc<AgentRuntime>, task: &str, check: &WatchCheck, why: &str) -> bool {
     let reason = format!("watch check {:?} breached: {why}", check.name);
-    let undone = match crate::rollback::load(agent.store(), task).await {
-        Ok(Some(mut journal)) => agent.run_rollback(&mut journal, &reason).await,
-        Ok(None) => "the task declared no changes to roll back".into(),
-        Err(error) => format!("its journal could not be read: {error}"),
+    let Some(undone) = roll_back_breach(agent, task, &reason).await else {
+        return false;
     };
     tracing::error!(agent = %agent.name, %task, %reason, %undone, "post-accept watch breached");
     agent.notifier().send(
@@ -725,6 +763,7 @@ async fn breached(agent: &Arc<AgentRuntime>, task: &str, check: &WatchCheck, why
         .task(task)
         .details(serde_json::json!({"check": check.name, "breach": why, "rollback": undone})),
     );
+    true
 }
 
 #[cfg(test)]

@@ -406,6 +406,19 @@ async fn a_dead_daemons_watch_is_taken_over_on_jetstream() {
 /// it): not left half done until another breach.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_rollback_cut_short_is_finished_by_the_next_daemon() {
+    watch_rollback_cut_short(false).await;
+}
+
+/// The same, with the dead daemon's claim looking live for a while (as one
+/// of another machine, or another pid namespace, does until it lapses):
+/// the next daemon waits for it to lapse and then finishes the rollback,
+/// rather than leaving it to a rollback that no longer runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_rollback_cut_short_under_a_live_looking_claim_is_finished_once_it_lapses() {
+    watch_rollback_cut_short(true).await;
+}
+
+async fn watch_rollback_cut_short(foreign_claim: bool) {
     let fleet = watched_fleet(None);
     let store = fleet.store().await;
     let mut first = fleet.spawn_daemon();
@@ -420,6 +433,16 @@ async fn a_watch_rollback_cut_short_is_finished_by_the_next_daemon() {
     signal(&first, nix::sys::signal::Signal::SIGKILL);
     wait_exit(&mut first, Duration::from_secs(10));
     std::fs::remove_file(fleet.path("broken.flag")).unwrap();
+    if foreign_claim {
+        let mut claim = store
+            .get_control("rollback.release")
+            .await
+            .unwrap()
+            .expect("the dead daemon's claim");
+        claim["holder"]["boot"] = json!("another-machine");
+        claim["until_ms"] = json!(flotilla::clock::system().now_ms() + 3_000);
+        store.put_control("rollback.release", &claim).await.unwrap();
+    }
     let daemon = fleet.start().await;
     wait_until(Duration::from_secs(30), "the rollback finished", || async {
         flotilla::rollback::load(&store, "release")

@@ -52,7 +52,7 @@ const PREFETCH_TTL: Duration = Duration::from_secs(2);
 /// Longest one rollback command may run.
 pub const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often a task waiting for an earlier attempt's rollback looks again.
-const ROLLBACK_RECHECK: Duration = Duration::from_secs(5);
+pub(crate) const ROLLBACK_RECHECK: Duration = Duration::from_secs(5);
 /// Most `rebalance` tasks one agent sends its manager in a minute.
 pub const MANAGER_TASKS_PER_MINUTE: usize = 10;
 
@@ -1296,6 +1296,16 @@ impl AgentRuntime {
         journal: &mut crate::rollback::Journal,
         because: &str,
     ) -> String {
+        self.try_rollback(journal, because).await.0
+    }
+
+    /// [`Self::run_rollback`], and whether the rollback is left unfinished:
+    /// another one holds the task, or the store failed.
+    pub(crate) async fn try_rollback(
+        &self,
+        journal: &mut crate::rollback::Journal,
+        because: &str,
+    ) -> (String, bool) {
         let fleet = self.fleet.clone();
         let spec_for = move |agent: &str| command_spec(&fleet, agent);
         let clock = self.clock.clone();
@@ -1309,15 +1319,25 @@ impl AgentRuntime {
         )
         .await;
         match result {
-            Err(error @ crate::rollback::RollbackError::Busy { .. }) => {
-                format!("the rollback was left to the one already running: {error}")
+            Err(error @ crate::rollback::RollbackError::Busy { .. }) => (
+                format!("the rollback was left to the one already running: {error}"),
+                true,
+            ),
+            Err(error @ crate::rollback::RollbackError::Store(_)) => {
+                (format!("the rollback could not be recorded: {error}"), true)
             }
-            Err(error) => format!("the rollback could not be recorded: {error}"),
-            Ok(()) if journal.failed().is_none() => journal.summary(),
-            Ok(()) => format!(
-                "the rollback failed, see `flotilla rollback {}`:\n{}",
-                journal.task,
-                crate::rollback::describe(journal)
+            Err(error) => (
+                format!("the rollback could not be recorded: {error}"),
+                false,
+            ),
+            Ok(()) if journal.failed().is_none() => (journal.summary(), false),
+            Ok(()) => (
+                format!(
+                    "the rollback failed, see `flotilla rollback {}`:\n{}",
+                    journal.task,
+                    crate::rollback::describe(journal)
+                ),
+                false,
             ),
         }
     }
