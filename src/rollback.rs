@@ -33,6 +33,13 @@ const MAX_ARGS: usize = 64;
 const MAX_TEXT: usize = 4096;
 /// Bytes of a rollback command's output kept in the journal.
 const OUTPUT_BYTES: usize = 1024;
+/// Characters of a rollback run's outcome (how it ended, with its output)
+/// kept in the journal.
+const OUTCOME_CHARS: usize = 1024;
+/// Room kept in a journal for the outcome of each change not rolled back
+/// yet, so that a rollback can always record its progress: the outcome in
+/// JSON (escapes may double it) and the fields written beside it.
+const OUTCOME_ROOM: usize = 2 * OUTCOME_CHARS * 2 + 128;
 
 /// Where the store keeps the journal of `task`.
 fn key(task: &str) -> String {
@@ -378,14 +385,35 @@ pub fn parse_changes(value: &Value) -> Result<Vec<Change>, String> {
 /// # Errors
 /// When the store refuses the write; [`QueueError::Invalid`] when the
 /// journal has no room for them all (it keeps ten attempts' worth of
-/// changes; those rolled back at its front make room when needed): the
-/// changes that fit are recorded then.
+/// changes, in at most what the store keeps in one setting, with room for
+/// each one's rollback outcome; those rolled back at its front make room
+/// when needed): the changes that fit are recorded then.
 pub async fn record(
     store: &Store,
     task: &str,
     agent: &str,
     attempt: u32,
     changes: Vec<Change>,
+) -> Result<Journal, QueueError> {
+    record_within(
+        store,
+        task,
+        agent,
+        attempt,
+        changes,
+        store.max_control_bytes(),
+    )
+    .await
+}
+
+/// [`record`], in a journal of at most `max_bytes`.
+async fn record_within(
+    store: &Store,
+    task: &str,
+    agent: &str,
+    attempt: u32,
+    changes: Vec<Change>,
+    max_bytes: usize,
 ) -> Result<Journal, QueueError> {
     // Appended to what earlier attempts declared: a change a rejected
     // attempt applied is still there to undo.
@@ -419,28 +447,10 @@ pub async fn record(
         journal.changes.drain(..drop);
         journal.dropped += drop;
         let room = MAX_JOURNAL.saturating_sub(journal.changes.len());
-        if changes.len() > room {
-            // Those that fit are kept (they were applied, and can still be
-            // undone), but the result cannot be accepted: an accepted
-            // task must be one whose every declared change can be undone.
-            let waiting = journal
-                .changes
-                .iter()
-                .filter(|entry| entry.state != ChangeState::RolledBack)
-                .count();
-            full = Some(format!(
-                "the task's rollback journal held {} changes from its earlier attempts ({waiting} not rolled back); {} of this attempt's {} did not fit its limit of {MAX_JOURNAL} (not recorded, so not undone by `flotilla rollback`: the first was {:?})",
-                journal.changes.len(),
-                changes.len() - room,
-                changes.len(),
-                changes[room].description,
-            ));
-        }
-        journal.agent = agent.to_string();
-        journal.attempt = attempt;
-        journal
-            .changes
-            .extend(changes.iter().take(room).map(|change| Entry {
+        let entries: Vec<Entry> = changes
+            .iter()
+            .take(room)
+            .map(|change| Entry {
                 change: change.clone(),
                 attempt,
                 agent: Some(agent.to_string()),
@@ -448,7 +458,47 @@ pub async fn record(
                 runs: 0,
                 outcome: None,
                 at_ms: None,
-            }));
+            })
+            .collect();
+        // In bytes too: each change with room for its rollback's outcome.
+        let waiting = journal
+            .changes
+            .iter()
+            .filter(|entry| entry.state != ChangeState::RolledBack)
+            .count();
+        let mut bytes = json_bytes(&journal) + waiting * OUTCOME_ROOM;
+        let fit = entries
+            .iter()
+            .take_while(|entry| {
+                bytes += json_bytes(entry) + 1 + OUTCOME_ROOM;
+                bytes <= max_bytes
+            })
+            .count();
+        if changes.len() > fit {
+            // Those that fit are kept (they were applied, and can still be
+            // undone), but the result cannot be accepted: an accepted
+            // task must be one whose every declared change can be undone.
+            let limit = if fit < room {
+                format!(
+                    "the {max_bytes} bytes the store keeps in one journal (on a broker, its max_payload; with room for each change's rollback outcome)"
+                )
+            } else {
+                format!("its limit of {MAX_JOURNAL} changes")
+            };
+            full = Some(format!(
+                "the task's rollback journal held {} changes from its earlier attempts ({waiting} not rolled back); {} of this attempt's {} did not fit {limit} (not recorded, so not undone by `flotilla rollback`: the first was {:?})",
+                journal.changes.len(),
+                changes.len() - fit,
+                changes.len(),
+                changes[fit].description,
+            ));
+            if fit == 0 {
+                return None;
+            }
+        }
+        journal.agent = agent.to_string();
+        journal.attempt = attempt;
+        journal.changes.extend(entries.into_iter().take(fit));
         Some(journal)
     })
     .await?;
@@ -456,6 +506,11 @@ pub async fn record(
         return Err(QueueError::Invalid(reason));
     }
     Ok(stored.expect("stored or recorded already"))
+}
+
+/// The length of `value` in JSON.
+fn json_bytes(value: &impl Serialize) -> usize {
+    serde_json::to_vec(value).map_or(0, |bytes| bytes.len())
 }
 
 /// How a rollback finds the process a change's command runs as: from the
@@ -766,6 +821,7 @@ async fn undo(
                 ),
             ),
         };
+        let outcome = crate::protocol::truncate(&outcome, OUTCOME_CHARS);
         entry.runs += 1;
         entry.outcome = Some(outcome.clone());
         entry.at_ms = Some(now());
@@ -968,6 +1024,44 @@ mod tests {
 
     fn now() -> UnixMillis {
         crate::clock::system().now_ms()
+    }
+
+    /// A journal is bounded in bytes as in changes (a broker keeps at most
+    /// its max_payload in one value), with room for each change's rollback
+    /// outcome: changes over it are refused, those that fit are kept.
+    #[tokio::test]
+    async fn a_journal_holds_no_more_bytes_than_the_store_keeps() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::embedded_in(dir.path());
+        let big = |n: usize| Change {
+            description: format!("change {n}"),
+            rollback: vec!["echo".into(), "x".repeat(3000)],
+        };
+        let refused = record_within(&store, "t", "a", 1, (0..8).map(big).collect(), 40_000)
+            .await
+            .unwrap_err();
+        let message = refused.to_string();
+        assert!(
+            matches!(refused, QueueError::Invalid(_))
+                && message.contains("3 of this attempt's 8 did not fit the 40000 bytes")
+                && message.contains("\"change 5\""),
+            "{message}"
+        );
+        let journal = load(&store, "t").await.unwrap().unwrap();
+        assert_eq!(journal.changes.len(), 5);
+        let stored = serde_json::to_vec(&journal).unwrap().len();
+        assert!(stored + 5 * OUTCOME_ROOM <= 40_000, "{stored}");
+        // No room left for even a small one: nothing more is recorded.
+        let small = Change {
+            description: "small".into(),
+            rollback: vec!["true".into()],
+        };
+        assert!(
+            record_within(&store, "t", "a", 2, vec![small], 40_000)
+                .await
+                .is_err()
+        );
+        assert_eq!(load(&store, "t").await.unwrap().unwrap().changes.len(), 5);
     }
 
     #[tokio::test]

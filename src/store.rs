@@ -20,6 +20,9 @@ pub enum Store {
     Broker(Arc<JetStreamQueue>),
 }
 
+/// The largest operator setting the embedded store keeps.
+pub const MAX_EMBEDDED_CONTROL_BYTES: usize = 16 * 1024 * 1024;
+
 /// This machine's name, as a daemon name (letters, digits, `-`, `_`).
 pub fn host_name() -> String {
     let raw = nix::unistd::gethostname()
@@ -294,6 +297,18 @@ impl Store {
                     .await
             }
             Self::Broker(queue) => queue.compare_and_put_control(key, expected, value).await,
+        }
+    }
+
+    /// The largest value one operator setting (a rollback journal, a
+    /// watch list) may take: on a broker, what its `max_payload` lets
+    /// through; on the embedded store, a bound of its own.
+    pub fn max_control_bytes(&self) -> usize {
+        /// Room for the message's headers on a broker.
+        const HEADERS: usize = 4096;
+        match self {
+            Self::Embedded(_) => MAX_EMBEDDED_CONTROL_BYTES,
+            Self::Broker(queue) => queue.max_message_bytes().saturating_sub(HEADERS),
         }
     }
 

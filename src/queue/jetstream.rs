@@ -1031,6 +1031,12 @@ impl JetStreamQueue {
         self.inner.fleet_ttl
     }
 
+    /// The largest message the connected server takes (its
+    /// `max_payload`).
+    pub fn max_message_bytes(&self) -> usize {
+        self.inner.client.server_info().max_payload
+    }
+
     /// The payload limit in force (the configured one, lowered to fit the
     /// broker).
     pub fn max_payload_bytes(&self) -> usize {
