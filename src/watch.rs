@@ -317,7 +317,7 @@ async fn roll_back_breach(agent: &Arc<AgentRuntime>, task: &str, because: &str) 
 async fn end_entry(agent: &Arc<AgentRuntime>, watched: &Watched) -> Result<bool, QueueError> {
     edit_list(agent.store(), &agent.name, |list| {
         let before = list.len();
-        list.retain(|entry| !(entry.task == watched.task && entry.daemon == watched.daemon));
+        list.retain(|entry| !watched.same(entry));
         list.len() != before
     })
     .await
@@ -328,10 +328,7 @@ async fn end_entry(agent: &Arc<AgentRuntime>, watched: &Watched) -> Result<bool,
 /// the same (only a daemon dying during it would then leave it unfinished).
 async fn mark_breached(agent: &Arc<AgentRuntime>, watched: &Watched, reason: &str) {
     let marked = edit_list(agent.store(), &agent.name, |list| {
-        let Some(entry) = list
-            .iter_mut()
-            .find(|entry| entry.task == watched.task && entry.daemon == watched.daemon)
-        else {
+        let Some(entry) = list.iter_mut().find(|entry| watched.same(entry)) else {
             return false;
         };
         entry.breached = Some(reason.to_string());
@@ -404,6 +401,17 @@ struct Watched {
 }
 
 impl Watched {
+    /// Whether `entry` is this watch's stored entry: the same daemon's
+    /// watch of the same acceptance. A newer acceptance of the task (its
+    /// id reused) on the same daemon is another watch, whose entry this
+    /// one must neither end nor mark.
+    fn same(&self, entry: &Watched) -> bool {
+        entry.task == self.task
+            && entry.daemon == self.daemon
+            && entry.attempt == self.attempt
+            && entry.created_ms == self.created_ms
+    }
+
     /// Whether `task` is still the acceptance this watch follows: the
     /// same life of the id, completed by the same attempt.
     fn accepted(&self, task: &crate::queue::TaskRecord) -> bool {
@@ -559,7 +567,7 @@ async fn watch(agent: &Arc<AgentRuntime>, watched: &Watched, client: Option<&req
     }
     match edit_list(agent.store(), &agent.name, |list| {
         let before = list.len();
-        list.retain(|entry| !(entry.task == watched.task && entry.daemon == watched.daemon));
+        list.retain(|entry| !watched.same(entry));
         list.len() != before
     })
     .await
@@ -890,6 +898,25 @@ mod tests {
             ..completed.clone()
         };
         assert!(!watched.accepted(&running));
+        // Its stored entry is its own, even with baselines filled in or a
+        // breach marked; a newer acceptance's entry on the same daemon is
+        // not (its end must not end that one).
+        let marked = Watched {
+            breached: Some("x".into()),
+            baseline: vec![("up".into(), Some(Sample::Pass))],
+            ..watched.clone()
+        };
+        assert!(watched.same(&marked));
+        let newer = Watched {
+            created_ms: Some(5_000),
+            until_ms: 20_000,
+            ..watched.clone()
+        };
+        assert!(!watched.same(&newer));
+        assert!(!watched.same(&Watched {
+            daemon: "e".into(),
+            ..watched.clone()
+        }));
         // An entry of an older version knows neither: any completion.
         let older = Watched {
             attempt: None,
