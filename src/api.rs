@@ -16,6 +16,7 @@
 //! | `GET /api/v1/escalations?agent=&limit=`, `GET /api/v1/escalations/{id}` | escalated tasks |
 //! | `POST /api/v1/escalations/{id}/resolve` | `{"retry": true}`, `{"complete": RESULT}` or `{"drop": true}` |
 //! | `PUT /api/v1/degrade`, `DELETE /api/v1/degrade` | force a level `{"level": 2, "for": "30m"}`, or clear it (answers `null`) |
+//! | `GET /api/v1/chaos` | which faults this daemon can inject: `{"enabled", "proxy", "agents"}` |
 //! | `POST /api/v1/chaos/kill`, `/pause`, `/partition`, `/latency` | inject faults (with `[chaos] enabled = true` only; the last two with `proxy = true`) |
 //! | `POST /api/v1/chaos/stop` | end pauses and the broker fault: all, or `{"pids": [...], "broker": true}` (allowed with chaos off) |
 //! | `GET /api/v1/chaos/last` | each scheduled experiment's last report |
@@ -196,6 +197,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/escalations/{id}/resolve", post(resolve))
         .route("/api/v1/degrade", put(force_level).delete(clear_level))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/chaos", get(chaos_info))
         .route("/api/v1/chaos/kill", post(chaos_kill))
         .route("/api/v1/chaos/pause", post(chaos_pause))
         .route("/api/v1/chaos/partition", post(chaos_partition))
@@ -905,6 +907,16 @@ async fn cancel_task(
         .reason
         .unwrap_or_else(|| "cancelled by an operator".into());
     Ok(Json(cancel(&api.store, &id, &reason).await?))
+}
+
+/// `GET /api/v1/chaos`: which faults this daemon can inject (an
+/// experiment asks before it submits its load).
+async fn chaos_info(State(api): State<Arc<Api>>) -> Answer<crate::chaos::Info> {
+    Ok(Json(crate::chaos::Info {
+        enabled: api.config.chaos.enabled,
+        proxy: api.proxy.is_some(),
+        agents: api.agents.iter().map(|agent| agent.name.clone()).collect(),
+    }))
 }
 
 async fn chaos_last(State(api): State<Arc<Api>>) -> Answer<Vec<crate::experiment::LastRun>> {

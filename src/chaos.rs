@@ -52,6 +52,41 @@ pub struct PauseRequest {
     pub duration: String,
 }
 
+/// `GET /api/v1/chaos`: which faults this daemon can inject.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Info {
+    /// Whether `[chaos] enabled` is set: no fault is injected without it.
+    pub enabled: bool,
+    /// Whether its broker connection runs through the fault proxy
+    /// (`[chaos] proxy`): `partition` and `latency` need it.
+    pub proxy: bool,
+    /// The agents running on this daemon: `kill` and `pause` name one.
+    pub agents: Vec<String>,
+}
+
+impl Info {
+    /// Why `action` (on `agent`) cannot be injected here, if it cannot.
+    pub fn refuses(&self, action: &str, agent: Option<&str>) -> Option<String> {
+        if !self.enabled {
+            return Some("chaos actions are off on this daemon ([chaos] enabled = false)".into());
+        }
+        match action {
+            "kill" | "pause" => {
+                let agent = agent.unwrap_or_default();
+                (!self.agents.iter().any(|name| name == agent)).then(|| {
+                    format!(
+                        "agent {agent:?} does not run on this daemon; its agents: {}",
+                        self.agents.join(", ")
+                    )
+                })
+            }
+            _ => (!self.proxy).then(|| {
+                "this daemon reaches its broker directly: set [chaos] proxy = true (with a [broker]) to cut or slow the connection".into()
+            }),
+        }
+    }
+}
+
 /// What a chaos action did.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Done {

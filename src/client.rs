@@ -337,6 +337,11 @@ impl ApiClient {
             .await
     }
 
+    /// Which faults the daemon can inject.
+    pub async fn chaos_info(&self) -> Result<crate::chaos::Info, ClientError> {
+        self.get("/api/v1/chaos", &[]).await
+    }
+
     /// Pauses replicas (chaos).
     pub async fn chaos_pause(
         &self,

@@ -331,16 +331,21 @@ impl Daemon {
         if let (Some(address), Ok(Some(token))) =
             (identity.http, config.http.token(&config.base_dir))
         {
+            let scheduler = crate::experiment::Scheduler {
+                address,
+                token,
+                daemon: identity.name.clone(),
+                agents: agents.iter().map(|agent| agent.name.clone()).collect(),
+                store: store.clone(),
+                metrics: metrics.clone(),
+                notifier: schedule_notifier.clone(),
+                clock: clock.clone(),
+            };
             for entry in &config.chaos.schedule {
                 housekeeping.push(tokio::spawn(crate::experiment::schedule(
                     entry.clone(),
                     config.resolve(&entry.experiment),
-                    address,
-                    token.clone(),
-                    store.clone(),
-                    metrics.clone(),
-                    schedule_notifier.clone(),
-                    clock.clone(),
+                    scheduler.clone(),
                     stop_rx.clone(),
                 )));
             }

@@ -304,6 +304,20 @@ impl Experiment {
 
 /// How long `step`'s fault lasts once injected: a pause, a partition or a
 /// latency lasts its `for`; a kill is over at once.
+impl Experiment {
+    /// The longest a run can take: its last fault's end, then `settle`,
+    /// with a margin for the looks and the daemon's answers.
+    fn longest(&self) -> Duration {
+        let faults = self
+            .method
+            .iter()
+            .map(|step| step.at.get() + lasts(step))
+            .max()
+            .unwrap_or_default();
+        faults + self.settle.get() + Duration::from_secs(300)
+    }
+}
+
 fn lasts(step: &Step) -> Duration {
     step.duration
         .as_deref()
@@ -452,6 +466,30 @@ pub async fn run(
             vec!["none: the steady state did not hold before the method".into()],
         ));
     }
+    // Every fault must be possible here before any load is submitted: a
+    // daemon with chaos off (a production fleet) or without the agent
+    // must not be given probe tasks for nothing.
+    let info = client.chaos_info().await.map_err(status)?;
+    let refused: Vec<String> = experiment
+        .method
+        .iter()
+        .filter_map(|step| {
+            info.refuses(&step.action, step.agent.as_deref())
+                .map(|why| format!("{}: {why}", step.action))
+        })
+        .collect();
+    if !refused.is_empty() {
+        let check = Check {
+            name: "every fault can be injected".into(),
+            ok: false,
+            detail: refused.join("; "),
+        };
+        return Ok(cut_short(
+            before,
+            vec![check],
+            vec!["none: the method cannot be carried out on this daemon, so nothing was injected and no load submitted".into()],
+        ));
+    }
     if let Some(load) = &experiment.load {
         let prefix = format!("chaos-{}-{now_ms}", experiment.name);
         let tasks: Vec<crate::api::TaskBody> = (0..load.tasks)
@@ -519,6 +557,12 @@ pub async fn run(
                 Err(error) => format!("stop failed: {}", status(error)),
             });
         }
+        if let Some(first) = probes.first() {
+            actions.push(format!(
+                "the {} probe task(s) submitted (ids from {first}) were left to run",
+                probes.len()
+            ));
+        }
         let check = Check {
             name: "every fault was injected".into(),
             ok: false,
@@ -532,13 +576,36 @@ pub async fn run(
     tokio::time::sleep_until(faults_over.into()).await;
     let deadline = Instant::now() + experiment.settle.get();
     let mut steady = 0;
+    // The last probe report read: a look whose read fails keeps it.
+    let mut last_load = None;
     let (after, load) = loop {
-        let report = client.status().await.map_err(status)?;
-        let mut after = hypothesis(&report, &experiment.hypothesis);
+        // A look the daemon cannot answer (its store or broker still
+        // recovering) is a failed look, not the end of the experiment.
+        let mut after = match client.status().await {
+            Ok(report) => hypothesis(&report, &experiment.hypothesis),
+            Err(error) => vec![Check {
+                name: "the daemon's status".into(),
+                ok: false,
+                detail: format!("unknown: {}", status(error)),
+            }],
+        };
         let load = if probes.is_empty() {
             None
         } else {
-            Some(follow(client, &probes).await.map_err(status)?)
+            match follow(client, &probes).await {
+                Ok(load) => {
+                    last_load = Some(load.clone());
+                    Some(load)
+                }
+                Err(error) => {
+                    after.push(Check {
+                        name: "the probe tasks could be read".into(),
+                        ok: false,
+                        detail: format!("unknown: {}", status(error)),
+                    });
+                    last_load.clone()
+                }
+            }
         };
         if let (Some(load), Some(limit)) = (&load, experiment.hypothesis.p99_latency_below) {
             after.push(Check {
@@ -699,6 +766,67 @@ fn last_key(experiment: &str) -> String {
     format!("chaos.last.{experiment}")
 }
 
+/// A scheduled run of an experiment in progress, kept in the store so
+/// that one daemon of a fleet runs it at a time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct RunLock {
+    /// The daemon running it.
+    daemon: String,
+    /// When the run is over at the latest (the lock of a daemon that died
+    /// mid-run lapses then).
+    until_ms: u64,
+}
+
+impl RunLock {
+    fn key(experiment: &str) -> String {
+        format!("chaos.running.{experiment}")
+    }
+
+    /// Takes the lock of `experiment`; the daemon holding it, if another
+    /// does.
+    async fn take(
+        &self,
+        store: &crate::store::Store,
+        experiment: &str,
+        now_ms: u64,
+    ) -> Result<Option<String>, crate::queue::QueueError> {
+        let key = Self::key(experiment);
+        let current = store.get_control(&key).await?;
+        if let Some(held) = current
+            .clone()
+            .and_then(|value| serde_json::from_value::<RunLock>(value).ok())
+            .filter(|held| held.until_ms > now_ms && held.daemon != self.daemon)
+        {
+            return Ok(Some(held.daemon));
+        }
+        let mine = serde_json::to_value(self).expect("a lock serializes");
+        if store
+            .compare_and_put_control(&key, current.as_ref(), &mine)
+            .await?
+        {
+            return Ok(None);
+        }
+        // Taken meanwhile.
+        let holder = store
+            .get_control(&key)
+            .await?
+            .and_then(|value| serde_json::from_value::<RunLock>(value).ok())
+            .map_or_else(|| "another daemon".into(), |held| held.daemon);
+        Ok(Some(holder))
+    }
+
+    /// Frees it (if it is still this one).
+    async fn release(&self, store: &crate::store::Store, experiment: &str) {
+        let mine = serde_json::to_value(self).expect("a lock serializes");
+        if let Err(error) = store
+            .compare_and_put_control(&Self::key(experiment), Some(&mine), &Value::Null)
+            .await
+        {
+            tracing::warn!(%experiment, %error, "could not free the experiment's run lock; it lapses by itself");
+        }
+    }
+}
+
 /// The report for humans.
 pub fn render(report: &Report) -> String {
     let mut text = format!(
@@ -723,22 +851,50 @@ pub fn render(report: &Report) -> String {
     text
 }
 
-/// Runs the experiment of `entry` every `entry.every` against this
-/// daemon's own API at `address`, until `stop` changes; keeps the last
+/// What a daemon's schedule of experiments runs with.
+#[derive(Clone)]
+pub struct Scheduler {
+    /// The daemon's own API.
+    pub address: std::net::SocketAddr,
+    /// Its token.
+    pub token: String,
+    /// Its name in the fleet.
+    pub daemon: String,
+    /// The agents it runs.
+    pub agents: Vec<String>,
+    /// The fleet's store.
+    pub store: crate::store::Store,
+    /// Its metrics.
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// Its notifications.
+    pub notifier: crate::notify::Notifier,
+    /// Its clock.
+    pub clock: crate::clock::SharedClock,
+}
+
+/// Runs the experiment of `entry` (file `path`) every `entry.every`
+/// against this daemon's own API, until `stop` changes; keeps the last
 /// report in the store (`chaos.last.NAME`), counts the verdicts and tells
-/// humans about failures.
-#[allow(clippy::too_many_arguments)]
+/// humans about failures. Of the daemons sharing a config, one runs each
+/// due run: a daemon that does not run every agent the method hurts
+/// leaves it to one that does, and a run lock in the store keeps the
+/// others from running it at the same time.
 pub async fn schedule(
     entry: crate::config::ScheduledExperiment,
     path: std::path::PathBuf,
-    address: std::net::SocketAddr,
-    token: String,
-    store: crate::store::Store,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
-    notifier: crate::notify::Notifier,
-    clock: crate::clock::SharedClock,
+    scheduler: Scheduler,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let Scheduler {
+        address,
+        token,
+        daemon,
+        agents,
+        store,
+        metrics,
+        notifier,
+        clock,
+    } = scheduler;
     loop {
         let wait = match entry.next_in(clock.now_ms()) {
             Ok(wait) => wait,
@@ -766,18 +922,52 @@ pub async fn schedule(
                 continue;
             }
         };
-        tracing::warn!(experiment = %experiment.name, "scheduled chaos experiment starting");
-        let report = tokio::select! {
-            _ = stop.changed() => return,
-            report = run(&client, &experiment, clock.now_ms()) => report,
+        if let Some(agent) = experiment
+            .method
+            .iter()
+            .find_map(|step| step.agent.as_ref().filter(|agent| !agents.contains(agent)))
+        {
+            tracing::debug!(experiment = %experiment.name, %agent, "scheduled chaos experiment hurts an agent this daemon does not run; left to a daemon that does");
+            continue;
+        }
+        let lock = RunLock {
+            daemon: daemon.clone(),
+            until_ms: clock.now_ms().saturating_add(millis(experiment.longest())),
         };
-        let report = match report {
-            Ok(report) => report,
-            Err(problem) => {
-                tracing::error!(experiment = %experiment.name, %problem, "scheduled chaos experiment could not run");
+        match lock.take(&store, &experiment.name, clock.now_ms()).await {
+            Ok(None) => {}
+            Ok(Some(holder)) => {
+                tracing::info!(experiment = %experiment.name, %holder, "scheduled chaos experiment already running on another daemon of the fleet; skipped here");
                 continue;
             }
+            Err(error) => {
+                tracing::warn!(experiment = %experiment.name, %error, "scheduled chaos experiment skipped: its run lock cannot be taken");
+                continue;
+            }
+        }
+        tracing::warn!(experiment = %experiment.name, "scheduled chaos experiment starting");
+        let (started_ms, started) = (clock.now_ms(), Instant::now());
+        let report = tokio::select! {
+            _ = stop.changed() => return,
+            report = run(&client, &experiment, started_ms) => report,
         };
+        lock.release(&store, &experiment.name).await;
+        // One that could not run is failed like any other: stored, counted
+        // and told, never left silent behind an older report.
+        let report = report.unwrap_or_else(|problem| Report {
+            name: experiment.name.clone(),
+            verdict: "failed".into(),
+            started_ms,
+            took_ms: millis(started.elapsed()),
+            before: Vec::new(),
+            after: vec![Check {
+                name: "the experiment could run".into(),
+                ok: false,
+                detail: problem,
+            }],
+            actions: Vec::new(),
+            load: None,
+        });
         // Stored first: whoever sees the count or the event can read it.
         if let Err(error) = store
             .put_control(
@@ -814,6 +1004,38 @@ mod tests {
     fn parse(text: &str) -> Result<Experiment, String> {
         let experiment: Experiment = toml::from_str(text).map_err(|error| error.to_string())?;
         experiment.check().map(|()| experiment)
+    }
+
+    /// One daemon of a fleet runs a scheduled experiment at a time; the
+    /// lock of one that died lapses.
+    #[tokio::test]
+    async fn a_run_lock_lets_one_daemon_run_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::embedded_in(dir.path());
+        let lock = |daemon: &str, until_ms| RunLock {
+            daemon: daemon.into(),
+            until_ms,
+        };
+        let a = lock("a", 1_000);
+        assert_eq!(a.take(&store, "x", 0).await.unwrap(), None);
+        assert_eq!(
+            lock("b", 1_000).take(&store, "x", 10).await.unwrap(),
+            Some("a".into())
+        );
+        // Another experiment is another lock.
+        assert_eq!(lock("b", 1_000).take(&store, "y", 10).await.unwrap(), None);
+        a.release(&store, "x").await;
+        let b = lock("b", 2_000);
+        assert_eq!(b.take(&store, "x", 20).await.unwrap(), None);
+        // b died mid-run: its lock lapses at its end.
+        assert_eq!(
+            lock("c", 3_000).take(&store, "x", 1_999).await.unwrap(),
+            Some("b".into())
+        );
+        assert_eq!(
+            lock("c", 3_000).take(&store, "x", 2_000).await.unwrap(),
+            None
+        );
     }
 
     /// A daemon cut off from its store reports no queue: the depth check

@@ -446,6 +446,11 @@ enabled = true
 [agents.worker]
 command = {}
 replicas = {{ min = 2 }}
+
+# Oneshot: no process runs while it has no task, so it has nothing to kill.
+[agents.idle]
+mode = "oneshot"
+command = ["true"]
 "#,
         example_agent(&["--work-ms", "1"]),
     ));
@@ -594,8 +599,8 @@ for = "1s"
         status["tasks"]["queued"] == 0
     })
     .await;
-    // A fault that could not be injected proves nothing: failed, though
-    // the fleet is healthy.
+    // A fault this daemon cannot inject proves nothing: failed, though
+    // the fleet is healthy, and found before its load is submitted.
     std::fs::write(
         fleet.path("no-fault.toml"),
         EXPERIMENT
@@ -612,9 +617,25 @@ for = "1s"
     let said = String::from_utf8_lossy(&empty.stdout);
     assert!(
         said.contains("experiment no-fault: FAILED")
-            && said.contains("after  FAIL every fault was injected: kill: ")
-            && said.contains("nobody"),
+            && said.contains(
+                "after  FAIL every fault can be injected: kill: agent \"nobody\" does not run on this daemon"
+            ),
         "{said}"
+    );
+    let probes = daemon
+        .queue()
+        .list(&flotilla::queue::ListFilter {
+            state: None,
+            agent: Some("worker".into()),
+            limit: 10_000,
+        })
+        .await
+        .unwrap();
+    assert!(
+        !probes
+            .iter()
+            .any(|task| task.id.starts_with("chaos-no-fault-")),
+        "probe tasks were submitted"
     );
     // One that fails on a later fault injects nothing more and ends the
     // faults already in force: an hour's pause is over at once.
@@ -636,7 +657,7 @@ for = "1h"
 [[method]]
 at = "200ms"
 action = "kill"
-agent = "nobody"
+agent = "idle"
 
 [[method]]
 at = "400ms"
@@ -693,7 +714,10 @@ async fn a_scheduled_experiment_runs_and_is_reported() {
         r#"
 [chaos]
 enabled = true
-schedule = [{{ experiment = "kill-one.toml", every = "10s" }}]
+schedule = [
+  {{ experiment = "kill-one.toml", every = "10s" }},
+  {{ experiment = "ghost-load.toml", every = "10s" }},
+]
 
 [agents.worker]
 command = {}
@@ -703,6 +727,15 @@ replicas = {{ min = 2 }}
     ));
     fleet.set_token(TOKEN);
     std::fs::write(fleet.path("kill-one.toml"), EXPERIMENT).unwrap();
+    // One whose load the daemon refuses (no such agent) cannot run: it is
+    // reported failed, not left silent.
+    std::fs::write(
+        fleet.path("ghost-load.toml"),
+        EXPERIMENT
+            .replace("kill-one", "ghost-load")
+            .replace("[load]\nagent = \"worker\"", "[load]\nagent = \"ghost\""),
+    )
+    .unwrap();
     let daemon = fleet.start().await;
     // The daemon runs the scheduled one on its own and counts it.
     let address = daemon.http_address().unwrap();
@@ -745,6 +778,30 @@ replicas = {{ min = 2 }}
     };
     assert_eq!(runs[0]["experiment"], "kill-one", "{runs}");
     assert_eq!(runs[0]["file"], "kill-one.toml", "{runs}");
+    let ghost = loop {
+        let runs = fleet.cli(&["chaos", "last", "--json"]);
+        let runs: Value = serde_json::from_slice(&runs.stdout).unwrap();
+        if !runs[1]["report"].is_null() {
+            break runs[1].clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ghost-load report: {runs}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(ghost["report"]["verdict"], "failed", "{ghost}");
+    assert_eq!(
+        ghost["report"]["after"][0]["name"], "the experiment could run",
+        "{ghost}"
+    );
+    assert!(
+        ghost["report"]["after"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("ghost"),
+        "{ghost}"
+    );
     assert_eq!(runs[0]["report"]["verdict"], "passed", "{runs}");
     assert_eq!(runs[0]["report"]["load"]["lost"], 0, "{runs}");
     let last = fleet.cli(&["chaos", "last"]);
