@@ -1039,6 +1039,22 @@ pub async fn dashboard() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("ui/index.html"))
 }
 
+/// Refuses faults while the daemon stops: a replica killed while it
+/// drains would have its task charged as crashed instead of released.
+fn not_stopping(api: &Api) -> Result<(), ApiError> {
+    if api
+        .agents
+        .first()
+        .is_some_and(|agent| agent.phase().borrow().stopping())
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "the daemon is stopping: no fault is injected while it drains",
+        ));
+    }
+    Ok(())
+}
+
 /// The runtime of `name` on this daemon, when chaos is allowed.
 fn chaos_target(api: &Api, name: &str) -> Result<Arc<crate::dispatch::AgentRuntime>, ApiError> {
     if !api.config.chaos.enabled {
@@ -1047,6 +1063,7 @@ fn chaos_target(api: &Api, name: &str) -> Result<Arc<crate::dispatch::AgentRunti
             "chaos actions are off on this daemon: set [chaos] enabled = true in its config (never on a fleet you cannot afford to hurt)",
         ));
     }
+    not_stopping(api)?;
     api.agents
         .iter()
         .find(|agent| agent.name == name)
@@ -1121,6 +1138,7 @@ fn fault_proxy(api: &Api) -> Result<Arc<crate::fault_proxy::FaultProxy>, ApiErro
             "chaos actions are off on this daemon: set [chaos] enabled = true in its config",
         ));
     }
+    not_stopping(api)?;
     api.proxy.clone().ok_or_else(|| {
         ApiError::new(
             StatusCode::CONFLICT,

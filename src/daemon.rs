@@ -340,6 +340,7 @@ impl Daemon {
                 metrics: metrics.clone(),
                 notifier: schedule_notifier.clone(),
                 clock: clock.clone(),
+                phase: shutdown_rx.clone(),
             };
             for entry in &config.chaos.schedule {
                 housekeeping.push(tokio::spawn(crate::experiment::schedule(

@@ -870,6 +870,9 @@ pub struct Scheduler {
     pub notifier: crate::notify::Notifier,
     /// Its clock.
     pub clock: crate::clock::SharedClock,
+    /// Its phase: no run starts once it stops, and a run its shutdown
+    /// cuts short is not reported.
+    pub phase: tokio::sync::watch::Receiver<crate::dispatch::Phase>,
 }
 
 /// Runs the experiment of `entry` (file `path`) every `entry.every`
@@ -894,6 +897,7 @@ pub async fn schedule(
         metrics,
         notifier,
         clock,
+        mut phase,
     } = scheduler;
     loop {
         let wait = match entry.next_in(clock.now_ms()) {
@@ -905,6 +909,7 @@ pub async fn schedule(
         };
         tokio::select! {
             _ = stop.changed() => return,
+            _ = phase.wait_for(|phase| phase.stopping()) => return,
             () = tokio::time::sleep(wait) => {}
         }
         // Read at each run: an edit applies to the next one.
@@ -952,6 +957,12 @@ pub async fn schedule(
             report = run(&client, &experiment, started_ms) => report,
         };
         lock.release(&store, &experiment.name).await;
+        if phase.borrow().stopping() {
+            // Its faults were refused or cut short by the drain: no
+            // verdict on the fleet.
+            tracing::info!(experiment = %experiment.name, "scheduled chaos experiment ended by the daemon's shutdown; not reported");
+            return;
+        }
         // One that could not run is failed like any other: stored, counted
         // and told, never left silent behind an older report.
         let report = report.unwrap_or_else(|problem| Report {

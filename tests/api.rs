@@ -815,6 +815,45 @@ replicas = {{ min = 2 }}
     daemon.stop().await;
 }
 
+/// While the daemon drains, no fault is injected: a replica killed then
+/// would have its task charged as crashed instead of released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_fault_is_injected_while_the_daemon_drains() {
+    let fleet = Fleet::new(&format!(
+        "[chaos]\nenabled = true\n\n[agents.worker]\ncommand = {}\n",
+        example_agent(&["--work-ms", "4000"])
+    ));
+    fleet.set_token(TOKEN);
+    let daemon = fleet.start().await;
+    let address = daemon.http_address().unwrap();
+    let queue = daemon.queue().clone();
+    queue
+        .submit(numbered_tasks("worker", 1, "long").0)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(10), "the task to run", || async {
+        queue.get("long-00000").await.unwrap().unwrap().state == flotilla::queue::TaskState::Running
+    })
+    .await;
+    let api = Client::new(address);
+    let (status, body) = api
+        .post(
+            "/api/v1/chaos/pause",
+            json!({"agent": "worker", "for": "1s"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let stopping = tokio::spawn(daemon.stop());
+    // Within the drain (shutdown_grace is 2 s; the task needs 4).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) = api
+        .post("/api/v1/chaos/kill", json!({"agent": "worker"}))
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(error_of(&body).contains("stopping"), "{body}");
+    stopping.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_is_refused_unless_enabled() {
     let fleet = Fleet::new(&format!(
