@@ -352,6 +352,52 @@ env = { DECLARED = "yes", PASSED = "${FLOTILLA_TEST_PASSED}" }
     }
 }
 
+/// A replica that takes longer than `restart.reset_after` to say `ready`
+/// and then crashes at once is crashing, not stable: its restart delay
+/// grows, measured from its `ready`, not from its start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_starter_that_crashes_at_once_backs_off() {
+    let fleet = Fleet::new(
+        r#"
+[agents.slow]
+command = ["sh", "-c", "sleep 1.2; echo '{{\"type\": \"ready\"}}'; sleep 0.05; exit 3"]
+restart = { initial_backoff = "200ms", max_backoff = "5s", reset_after = "1s" }
+"#,
+    );
+    let log = std::fs::File::create(fleet.path("daemon.log")).unwrap();
+    let mut daemon = die_with_parent(&mut std::process::Command::new(flotilla_bin()))
+        .args([
+            "-c",
+            fleet.config_path.to_str().unwrap(),
+            "--log-format",
+            "json",
+            "up",
+        ])
+        .env("FLOTILLA_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let delays = || {
+        std::fs::read_to_string(fleet.path("daemon.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|line| line["message"] == "replica exited; restarting")
+            .map(|line| line["delay"].as_str().unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+    };
+    wait_until(Duration::from_secs(20), "three restarts", || async {
+        delays().len() >= 3
+    })
+    .await;
+    signal(&daemon, nix::sys::signal::Signal::SIGTERM);
+    wait_exit(&mut daemon, Duration::from_secs(20));
+    let delays = delays();
+    assert_eq!(&delays[..3], ["200ms", "400ms", "800ms"], "{delays:?}");
+}
+
 /// `--log-format json`: one JSON object per line, and a failed attempt's
 /// line carries its task, agent and attempt from the attempt's span.
 /// (Here, not beside the in-process daemons of tests/health.rs: their

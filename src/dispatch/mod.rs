@@ -2070,9 +2070,18 @@ async fn run_replica(agent: Arc<AgentRuntime>, index: u32, mut shutdown: watch::
             break;
         }
         let started = Instant::now();
+        let mut ready_at = None;
         let exit = match agent.config.mode {
-            Mode::Persistent => persistent::run(&agent, index, &mut shutdown).await,
+            Mode::Persistent => persistent::run(&agent, index, &mut shutdown, &mut ready_at).await,
             Mode::Oneshot => oneshot::run(&agent, index, &mut shutdown).await,
+        };
+        // How long it ran well: a persistent replica from its `ready` (one
+        // that takes longer than restart.reset_after to load and then
+        // crashes at once is crashing, not stable), a oneshot slot from its
+        // start.
+        let ran_for = match agent.config.mode {
+            Mode::Persistent => ready_at.map_or(Duration::ZERO, |at| at.elapsed()),
+            Mode::Oneshot => started.elapsed(),
         };
         let (reason, crashed) = match exit {
             Exit::Shutdown => break,
@@ -2119,7 +2128,7 @@ async fn run_replica(agent: Arc<AgentRuntime>, index: u32, mut shutdown: watch::
         // is not crashing: it restarts at once and does not count towards
         // the restart intensity.
         let delay = if crashed {
-            let delay = streak.crashed(&agent.config.restart, started.elapsed());
+            let delay = streak.crashed(&agent.config.restart, ran_for);
             let verdict = agent
                 .intensity
                 .lock()

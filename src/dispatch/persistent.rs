@@ -134,11 +134,12 @@ fn line_bytes(line: &std::io::Result<Option<Line>>) -> usize {
 }
 
 /// Runs one process of replica `index` until it exits or the daemon shuts
-/// down.
+/// down; `ready_at` is set when it said `ready`.
 pub(super) async fn run(
     agent: &Arc<AgentRuntime>,
     index: u32,
     shutdown: &mut watch::Receiver<Phase>,
+    ready_at: &mut Option<Instant>,
 ) -> Exit {
     let spec = match agent.spawn_spec(index, None) {
         Ok(spec) => spec,
@@ -186,6 +187,7 @@ pub(super) async fn run(
         replica.stop().await;
         return reason;
     }
+    *ready_at = Some(Instant::now());
     agent.update_replica(index, |replica| replica.state = ReplicaState::Idle);
     replica.serve(shutdown).await
 }
