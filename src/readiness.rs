@@ -35,6 +35,11 @@ pub struct CheckStatus {
     pub detail: String,
     /// When it ran.
     pub checked_ms: UnixMillis,
+    /// A required check that failed, but fewer rounds in a row than
+    /// `failure_threshold` after it had passed: it stops no replica yet,
+    /// and the daemon still answers ready.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tolerated: bool,
 }
 
 /// What the agent's replicas may do now.
@@ -86,6 +91,9 @@ pub async fn run(agent: Arc<AgentRuntime>, mut shutdown: watch::Receiver<Phase>)
     let mut ticker = tokio::time::interval(config.interval.get());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing: BTreeMap<String, String> = BTreeMap::new();
+    // Each check's recent rounds: the agent's (`None`) or a replica's.
+    let mut streaks: BTreeMap<(String, Option<u32>), Streak> = BTreeMap::new();
+    let threshold = config.failure_threshold;
     loop {
         tokio::select! {
             changed = shutdown.changed() => {
@@ -132,35 +140,71 @@ pub async fn run(agent: Arc<AgentRuntime>, mut shutdown: watch::Receiver<Phase>)
             }
         };
         let now = agent.clock_now_ms();
+        let replicas: Vec<u32> = agent
+            .status()
+            .replicas
+            .iter()
+            .map(|replica| replica.index)
+            .collect();
         let mut statuses = Vec::with_capacity(round.len());
         let mut gate = Gate::default();
         for (check, outcome) in round {
             let name = check.display_name();
-            let (ok, detail) = match outcome {
-                Round::Agent(Ok(detail)) => (true, detail),
+            let mut streak = |replica: Option<u32>, ok: bool| {
+                streaks
+                    .entry((name.clone(), replica))
+                    .or_default()
+                    .record(ok, threshold)
+            };
+            let (ok, detail, held) = match outcome {
+                Round::Agent(Ok(detail)) => {
+                    streak(None, true);
+                    (true, detail, false)
+                }
                 Round::Agent(Err(detail)) => {
-                    if check.required && gate.agent.is_none() {
+                    let (stops, failures) = streak(None, false);
+                    if check.required && stops && gate.agent.is_none() {
                         gate.agent = Some(format!("readiness check {name:?} failed: {detail}"));
                     }
-                    (false, detail)
-                }
-                Round::Replicas(over) if over.is_empty() => {
-                    (true, format!("every replica below {}", pct_of(check)))
+                    (
+                        false,
+                        tolerated(check, stops, failures, threshold, detail),
+                        stops,
+                    )
                 }
                 Round::Replicas(over) => {
-                    let detail = over
-                        .iter()
-                        .map(|(index, what)| format!("replica {index}: {what}"))
-                        .collect::<Vec<_>>()
-                        .join("; ");
-                    if check.required {
-                        for (index, what) in over {
-                            gate.replicas.entry(index).or_insert_with(|| {
-                                format!("readiness check {name:?} failed: {what}")
-                            });
+                    for index in &replicas {
+                        if !over.iter().any(|(over, _)| over == index) {
+                            streak(Some(*index), true);
                         }
                     }
-                    (false, detail)
+                    if over.is_empty() {
+                        (
+                            true,
+                            format!("every replica below {}", pct_of(check)),
+                            false,
+                        )
+                    } else {
+                        let mut parts = Vec::with_capacity(over.len());
+                        let mut held = false;
+                        for (index, what) in over {
+                            let (stops, failures) = streak(Some(index), false);
+                            held |= stops;
+                            if check.required && stops {
+                                gate.replicas.entry(index).or_insert_with(|| {
+                                    format!("readiness check {name:?} failed: {what}")
+                                });
+                            }
+                            parts.push(tolerated(
+                                check,
+                                stops,
+                                failures,
+                                threshold,
+                                format!("replica {index}: {what}"),
+                            ));
+                        }
+                        (false, parts.join("; "), held)
+                    }
                 }
             };
             log_change(&agent.name, &name, ok, &detail, &mut failing);
@@ -170,9 +214,52 @@ pub async fn run(agent: Arc<AgentRuntime>, mut shutdown: watch::Receiver<Phase>)
                 required: check.required,
                 detail,
                 checked_ms: now,
+                tolerated: check.required && !ok && !held,
             });
         }
         agent.set_readiness(statuses, gate);
+    }
+}
+
+/// A check's rounds in a row, for the agent or one replica.
+#[derive(Debug, Default)]
+struct Streak {
+    /// Whether it has passed since the daemon started.
+    passed: bool,
+    /// Failed rounds in a row.
+    failures: u32,
+}
+
+impl Streak {
+    /// Records a round; whether the check now stops the replicas (it
+    /// never passed yet, or failed `threshold` rounds in a row), and the
+    /// failures in a row.
+    fn record(&mut self, ok: bool, threshold: u32) -> (bool, u32) {
+        if ok {
+            self.passed = true;
+            self.failures = 0;
+            return (false, 0);
+        }
+        self.failures = self.failures.saturating_add(1);
+        (!self.passed || self.failures >= threshold, self.failures)
+    }
+}
+
+/// `detail` of a failed check, saying when a required one does not stop
+/// the replicas yet.
+fn tolerated(
+    check: &CheckConfig,
+    stops: bool,
+    failures: u32,
+    threshold: u32,
+    detail: String,
+) -> String {
+    if check.required && !stops {
+        format!(
+            "{detail} (failed {failures} round(s) in a row; the replicas stop at failure_threshold = {threshold})"
+        )
+    } else {
+        detail
     }
 }
 

@@ -258,6 +258,67 @@ fn check<'a>(body: &'a Value, name: &str) -> Option<&'a Value> {
         .find(|check| check["name"] == name)
 }
 
+/// One failed round of a check that passed before does not stop the
+/// replicas; `failure_threshold` rounds in a row do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blip_under_the_failure_threshold_keeps_the_replicas_ready() {
+    let fleet = Fleet::new(&format!(
+        r#"
+[agents.gated]
+command = {agent}
+
+[agents.gated.readiness]
+interval = "1s"
+failure_threshold = 3
+checks = [ {{ name = "flag", command = ["sh", "-c", "test ! -e down.flag"] }} ]
+"#,
+        agent = example_agent(&["--work-ms", "1"]),
+    ));
+    let daemon = fleet.start().await;
+    let gated = daemon
+        .agents()
+        .iter()
+        .find(|agent| agent.name == "gated")
+        .unwrap()
+        .clone();
+    let ready = || gated.status().replicas[0].not_ready.is_none();
+    wait_until(Duration::from_secs(20), "ready", || async {
+        ready()
+            && gated
+                .status()
+                .readiness
+                .first()
+                .is_some_and(|check| check.ok)
+    })
+    .await;
+    std::fs::write(fleet.path("down.flag"), "").unwrap();
+    wait_until(Duration::from_secs(10), "a failed round", || async {
+        gated
+            .status()
+            .readiness
+            .first()
+            .is_some_and(|check| !check.ok)
+    })
+    .await;
+    let detail = gated.status().readiness[0].detail.clone();
+    assert!(
+        detail.contains("failed 1 round(s) in a row; the replicas stop at failure_threshold = 3"),
+        "{detail}"
+    );
+    assert!(ready(), "one failed round stopped the replicas");
+    let address = daemon.http_address().unwrap();
+    let (status, body) = get(address, "/health/ready").await;
+    assert_eq!(status, 200, "{body}");
+    // Down for good: stopped after the third round.
+    wait_until(Duration::from_secs(10), "not ready", || async { !ready() }).await;
+    assert_eq!(get(address, "/health/ready").await.0, 503);
+    let failed = gated.status().readiness[0].detail.clone();
+    assert!(!failed.contains("round(s) in a row"), "{failed}");
+    std::fs::remove_file(fleet.path("down.flag")).unwrap();
+    wait_until(Duration::from_secs(10), "ready again", || async { ready() }).await;
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_checks_gate_the_replicas_and_the_daemon() {
     let endpoint_status = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(200));

@@ -415,6 +415,7 @@ fn integer_ranges() -> Vec<(&'static str, String)> {
         ("agents.*.fatal_exit_codes[]", "1 to 255".into()),
         ("agents.*.validation.max_fix_rounds", "0 to 10".into()),
         ("agents.*.readiness.checks[].expect", "100 to 599".into()),
+        ("agents.*.readiness.failure_threshold", "1 to 100".into()),
         ("agents.*.watchdog.queue_depth", "1 to 1000000".into()),
         ("agents.*.watchdog.min_calls", "1 to 100000".into()),
         ("watchdog.queue_depth", "1 to 1000000".into()),
@@ -1177,6 +1178,10 @@ checks = [
                 ),
                 "agents.*.validation.max_fix_rounds" => (
                     format!("{AGENT}validation = {{ max_fix_rounds = {BIG} }}"),
+                    shape,
+                ),
+                "agents.*.readiness.failure_threshold" => (
+                    format!("{AGENT}readiness = {{ failure_threshold = {BIG} }}"),
                     shape,
                 ),
                 "agents.*.readiness.checks[].expect" => (

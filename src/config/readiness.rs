@@ -21,6 +21,11 @@ pub struct ReadinessConfig {
     /// The checks, up to 32; each names exactly one of `http`, `tcp`,
     /// `command`, `workspace_writable`, `memory_below_pct`.
     pub checks: Vec<CheckConfig>,
+    /// Rounds in a row a required check that passed before must fail
+    /// before it stops the replicas (1 to 100, default 3): one failed
+    /// probe (a pause, a blip) does not take an agent out. A check that
+    /// has not passed yet since the daemon started stops them at once.
+    pub failure_threshold: u32,
 }
 
 impl Default for ReadinessConfig {
@@ -29,6 +34,7 @@ impl Default for ReadinessConfig {
             interval: HumanDuration::secs(10),
             timeout: None,
             checks: Vec::new(),
+            failure_threshold: 3,
         }
     }
 }
@@ -181,6 +187,15 @@ impl ReadinessConfig {
             problem(
                 format!("{key}.checks"),
                 format!("{} checks; valid: at most 32", self.checks.len()),
+            );
+        }
+        if !(1..=100).contains(&self.failure_threshold) {
+            problem(
+                format!("{key}.failure_threshold"),
+                format!(
+                    "{} is out of range; valid: 1 to 100",
+                    self.failure_threshold
+                ),
             );
         }
         let mut names = std::collections::BTreeSet::new();
