@@ -863,6 +863,11 @@ async fn renew(
         .compare_and_put_control(&claim_key(task), Some(&claim.value()), &renewed.value())
         .await?
     {
+        // No claim at all: deleted with the task (purged, or its id given
+        // to a new task), not taken by another rollback.
+        if store.get_control(&claim_key(task)).await?.is_none() {
+            return Err(RollbackError::Replaced(task.to_string()));
+        }
         return Err(lapsed(task.to_string()));
     }
     *claim = renewed;
@@ -909,7 +914,7 @@ pub enum RollbackError {
     /// its id given to a new task): the rest of its changes were not
     /// undone.
     #[error(
-        "the rollback journal of task {0:?} was replaced while the rollback ran (the task purged and its id given to a new task); the changes not yet undone stay applied"
+        "the rollback journal of task {0:?} was deleted or replaced while the rollback ran (the task purged, or its id given to a new task); the changes not yet undone stay applied"
     )]
     Replaced(String),
     /// The store failed.
@@ -1062,6 +1067,42 @@ mod tests {
                 .is_err()
         );
         assert_eq!(load(&store, "t").await.unwrap().unwrap().changes.len(), 5);
+    }
+
+    /// A task purged while its rollback runs deletes its claim: the
+    /// rollback stops as replaced, not as taken over by another.
+    #[tokio::test]
+    async fn a_rollback_whose_claim_is_deleted_stops_as_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::embedded_in(dir.path());
+        let log = dir.path().join("undo.log");
+        let mut journal = record(&store, "t", "a", 1, slow_changes(&log, 3))
+            .await
+            .unwrap();
+        let running = {
+            let (store, path) = (store.clone(), dir.path().to_path_buf());
+            tokio::spawn(async move {
+                let spec = spec(&path);
+                roll_back(
+                    &store,
+                    &mut journal,
+                    "operator",
+                    &spec,
+                    Duration::from_secs(10),
+                    now,
+                )
+                .await
+            })
+        };
+        while !std::fs::read_to_string(&log).is_ok_and(|text| text.contains('2')) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        store
+            .put_control(&claim_key("t"), &Value::Null)
+            .await
+            .unwrap();
+        let stopped = running.await.unwrap().unwrap_err();
+        assert!(matches!(stopped, RollbackError::Replaced(_)), "{stopped}");
     }
 
     #[tokio::test]
