@@ -155,11 +155,21 @@ impl ApiClient {
                 .body(bytes);
         }
         let response = request.send().await.map_err(|error| {
-            let message = format!("{method} {url}: the daemon did not answer: {error}");
             if error.is_connect() {
-                ClientError::Unreached(message)
+                ClientError::Unreached(format!(
+                    "{method} {url}: the daemon did not answer: {error}"
+                ))
+            } else if error.is_timeout() && method != Method::GET {
+                // The call reached the daemon, which may still carry it
+                // out (a rollback's commands) or have done so.
+                ClientError::Failed(format!(
+                    "{method} {url}: no answer within {}; the daemon may still be carrying it out, or have done so: look before trying again (a rollback goes on by itself: `flotilla rollback ID` shows its journal)",
+                    humantime::format_duration(timeout)
+                ))
             } else {
-                ClientError::Failed(message)
+                ClientError::Failed(format!(
+                    "{method} {url}: the daemon did not answer: {error}"
+                ))
             }
         })?;
         let status = response.status();
@@ -463,6 +473,39 @@ fn encode(id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A call the daemon took but does not answer in time may have been
+    /// carried out: the error says to look before trying again.
+    #[tokio::test]
+    async fn a_call_unanswered_in_time_may_have_been_carried_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            drop(socket);
+        });
+        let client = ApiClient::new(&format!("http://{address}"), None).unwrap();
+        let error = client
+            .call_with::<serde_json::Value>(
+                Method::POST,
+                "/api/v1/tasks/t/rollback",
+                &[],
+                None::<&()>,
+                Duration::from_millis(300),
+            )
+            .await
+            .unwrap_err();
+        let ClientError::Failed(message) = error else {
+            panic!("{error:?}");
+        };
+        assert!(
+            message.contains("no answer within 300ms")
+                && message.contains("may still be carrying it out"),
+            "{message}"
+        );
+        held.abort();
+    }
 
     #[test]
     fn event_blocks_are_read_and_everything_else_is_skipped() {
