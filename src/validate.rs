@@ -127,6 +127,12 @@ pub async fn validate(agent: &AgentRuntime, lease: &Lease, output: Value, kind: 
             {
                 Ok(()) => continue,
                 Err(Failed::Check(line)) => line,
+                // An optional check is only reported, run or not.
+                Err(Failed::Start(error)) if !gate.required => {
+                    tracing::warn!(agent = %agent.name, task = %lease.key, check = %gate.name, %error, "optional validation check could not be run");
+                    notes.push(format!("check {:?} could not be run: {error}", gate.name));
+                    continue;
+                }
                 Err(Failed::Start(error)) => {
                     return Decision::CouldNotRun {
                         report: format!("check {:?} could not be run: {error}", gate.name),

@@ -478,7 +478,10 @@ command = ["python3", "agent.py"]
 retry = { max_deliver = 2, backoff = ["10ms"] }
 
 [agents.deployer.validation]
-checks = [ { name = "smoke", command = ["./smoke.sh"], on_failure = "auto_rollback" } ]
+checks = [
+  { name = "lint", command = ["./lint.sh"], required = false },
+  { name = "smoke", command = ["./smoke.sh"], on_failure = "auto_rollback" },
+]
 "#,
     );
     std::fs::write(fleet.path("agent.py"), AGENT).unwrap();
@@ -488,17 +491,35 @@ checks = [ { name = "smoke", command = ["./smoke.sh"], on_failure = "auto_rollba
         .expect("a missing gate program is refused at startup")
         .to_string();
     assert!(
-        refused.contains("agents.deployer.validation.checks[0].command[0]")
-            && refused.contains("smoke.sh"),
+        refused.contains("agents.deployer.validation.checks[1].command[0]")
+            && refused.contains("smoke.sh")
+            && refused.contains("agents.deployer.validation.checks[0].command[0]"),
         "{refused}"
     );
-    let smoke = fleet.path("smoke.sh");
-    std::fs::write(&smoke, "#!/bin/sh\nexit 0\n").unwrap();
-    std::fs::set_permissions(&smoke, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    for script in ["smoke.sh", "lint.sh"] {
+        let path = fleet.path(script);
+        std::fs::write(&path, "#!/bin/sh\nexit 0\n").unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    }
     let daemon = fleet.start().await;
-    // Gone after startup.
-    std::fs::remove_file(&smoke).unwrap();
     let queue = daemon.queue().clone();
+    // An optional check that cannot run is only reported: the result is
+    // accepted.
+    std::fs::remove_file(fleet.path("lint.sh")).unwrap();
+    queue
+        .submit(vec![task("linted", "deployer", json!({}))])
+        .await
+        .unwrap();
+    wait_state(queue.as_ref(), "linted", TaskState::Completed).await;
+    let linted = queue.get("linted").await.unwrap().unwrap();
+    let detail = linted.history[0].detail.as_deref().unwrap_or_default();
+    assert!(
+        detail.contains("check \"lint\" could not be run"),
+        "{linted:?}"
+    );
+    // A required one gone after startup.
+    std::fs::remove_file(fleet.path("smoke.sh")).unwrap();
     queue
         .submit(vec![task(
             "deploy",
