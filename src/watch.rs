@@ -489,15 +489,13 @@ async fn watch(agent: &Arc<AgentRuntime>, watched: &Watched, client: Option<&req
     // Pass/fail samples timed out in a row, by check.
     let mut timed_out: std::collections::HashMap<String, u32> = Default::default();
     'watching: while tokio::time::Instant::now() < until {
-        // Never past the window's end: a sample after it could roll back
-        // a task whose watch had ended.
+        // Every interval, and once more at the window's end, never after
+        // it: a sample after it could roll back a task whose watch had
+        // ended.
         let next = (tokio::time::Instant::now() + config.interval.get()).min(until);
         tokio::select! {
             () = tokio::time::sleep_until(next) => {}
             _ = phase.wait_for(|phase| phase.stopping()) => return,
-        }
-        if tokio::time::Instant::now() >= until {
-            break;
         }
         for check in &config.checks {
             let base = baselines

@@ -246,37 +246,67 @@ checks = [ { name = "health", command = ["sh", "-c", "if [ -e slow.flag ]; then 
     daemon.stop().await;
 }
 
-/// A watch samples within its window only: with `duration = "3s"` and
-/// `interval = "2s"`, the baseline and one sample, none at 4 s.
+/// A watch samples every interval and once more at its window's end, never
+/// after it: with `duration = "3s"` and `interval = "2s"`, the baseline
+/// and samples at 2 s and 3 s (none at 4 s); with `interval` equal to
+/// `duration`, the baseline and one sample at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_watch_takes_no_sample_after_its_window() {
-    let fleet = Fleet::new(
-        r#"
-[agents.deployer]
+async fn a_watch_samples_up_to_its_windows_end_and_not_after() {
+    let watch = |agent: &str, duration: &str, interval: &str| {
+        format!(
+            r#"
+[agents.{agent}]
 command = ["python3", "agent.py"]
 
-[agents.deployer.watch]
-duration = "3s"
-interval = "2s"
-checks = [ { name = "health", command = ["sh", "-c", "echo sampled >> samples.log"] } ]
-"#,
-    );
+[agents.{agent}.watch]
+duration = "{duration}"
+interval = "{interval}"
+checks = [ {{ name = "health", command = ["sh", "-c", "date +%s%N >> {agent}.log"] }} ]
+"#
+        )
+    };
+    let fleet = Fleet::new(&format!(
+        "{}{}",
+        watch("deployer", "3s", "2s"),
+        watch("edge", "2s", "2s")
+    ));
     std::fs::write(fleet.path("agent.py"), AGENT).unwrap();
     let daemon = fleet.start().await;
     let store = fleet.store().await;
-    accept_watched_release(&store).await;
-    wait_until(Duration::from_secs(20), "the watch to end", || async {
-        store
-            .get_control("watches.deployer")
-            .await
-            .is_ok_and(|list| list.is_none())
-    })
-    .await;
+    store
+        .queue()
+        .submit(vec![
+            task("release", "deployer", json!({})),
+            task("edge-release", "edge", json!({})),
+        ])
+        .await
+        .unwrap();
+    for agent in ["deployer", "edge"] {
+        wait_until(Duration::from_secs(20), "the watch to end", || async {
+            std::fs::read_to_string(fleet.path(&format!("{agent}.log")))
+                .is_ok_and(|log| !log.is_empty())
+                && store
+                    .get_control(&format!("watches.{agent}"))
+                    .await
+                    .is_ok_and(|list| list.is_none())
+        })
+        .await;
+    }
     // Past where a sample after the window would have come.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let samples = std::fs::read_to_string(fleet.path("samples.log")).unwrap();
-    assert_eq!(samples.lines().count(), 2, "{samples}");
-    assert!(fleet.path("deployed.txt").exists());
+    let times = |agent: &str| -> Vec<f64> {
+        std::fs::read_to_string(fleet.path(&format!("{agent}.log")))
+            .unwrap()
+            .lines()
+            .map(|line| line.parse::<f64>().unwrap() / 1e9)
+            .collect()
+    };
+    let deployer = times("deployer");
+    assert_eq!(deployer.len(), 3, "{deployer:?}");
+    let last = deployer[2] - deployer[0];
+    assert!((2.5..3.8).contains(&last), "last sample {last} s in");
+    let edge = times("edge");
+    assert_eq!(edge.len(), 2, "{edge:?}");
     daemon.stop().await;
 }
 
