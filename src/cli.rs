@@ -1965,7 +1965,11 @@ fn print_status(report: &StatusReport, now: UnixMillis) {
         for check in agent.readiness.iter().filter(|check| !check.ok) {
             println!(
                 "  {}readiness check {:?} failing: {}",
-                if check.required { "NOT READY: " } else { "" },
+                if check.required && !check.tolerated {
+                    "NOT READY: "
+                } else {
+                    ""
+                },
                 check.name,
                 check.detail
             );

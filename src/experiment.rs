@@ -302,8 +302,6 @@ impl Experiment {
     }
 }
 
-/// How long `step`'s fault lasts once injected: a pause, a partition or a
-/// latency lasts its `for`; a kill is over at once.
 impl Experiment {
     /// The longest a run can take: its last fault's end, then `settle`,
     /// with a margin for the looks and the daemon's answers.
@@ -318,6 +316,8 @@ impl Experiment {
     }
 }
 
+/// How long `step`'s fault lasts once injected: a pause, a partition or a
+/// latency lasts its `for`; a kill is over at once.
 fn lasts(step: &Step) -> Duration {
     step.duration
         .as_deref()
@@ -932,7 +932,7 @@ pub async fn schedule(
             .iter()
             .find_map(|step| step.agent.as_ref().filter(|agent| !agents.contains(agent)))
         {
-            tracing::debug!(experiment = %experiment.name, %agent, "scheduled chaos experiment hurts an agent this daemon does not run; left to a daemon that does");
+            tracing::info!(experiment = %experiment.name, %agent, "scheduled chaos experiment hurts an agent this daemon does not run; left to a daemon that runs every agent it hurts (if no daemon runs them all, it never runs: split its method)");
             continue;
         }
         let lock = RunLock {
@@ -953,7 +953,10 @@ pub async fn schedule(
         tracing::warn!(experiment = %experiment.name, "scheduled chaos experiment starting");
         let (started_ms, started) = (clock.now_ms(), Instant::now());
         let report = tokio::select! {
-            _ = stop.changed() => return,
+            _ = stop.changed() => {
+                lock.release(&store, &experiment.name).await;
+                return;
+            }
             report = run(&client, &experiment, started_ms) => report,
         };
         lock.release(&store, &experiment.name).await;

@@ -258,8 +258,8 @@ fn check<'a>(body: &'a Value, name: &str) -> Option<&'a Value> {
         .find(|check| check["name"] == name)
 }
 
-/// One failed round of a check that passed before does not stop the
-/// replicas; `failure_threshold` rounds in a row do.
+/// Failed rounds of a check that passed before do not stop the replicas
+/// until there are `failure_threshold` of them in a row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blip_under_the_failure_threshold_keeps_the_replicas_ready() {
     let fleet = Fleet::new(&format!(
@@ -269,7 +269,7 @@ command = {agent}
 
 [agents.gated.readiness]
 interval = "1s"
-failure_threshold = 3
+failure_threshold = 5
 checks = [ {{ name = "flag", command = ["sh", "-c", "test ! -e down.flag"] }} ]
 "#,
         agent = example_agent(&["--work-ms", "1"]),
@@ -302,14 +302,14 @@ checks = [ {{ name = "flag", command = ["sh", "-c", "test ! -e down.flag"] }} ]
     .await;
     let detail = gated.status().readiness[0].detail.clone();
     assert!(
-        detail.contains("failed 1 round(s) in a row; the replicas stop at failure_threshold = 3"),
+        detail.contains("round(s) in a row; the replicas stop at failure_threshold = 5"),
         "{detail}"
     );
-    assert!(ready(), "one failed round stopped the replicas");
+    assert!(ready(), "a failed round stopped the replicas");
     let address = daemon.http_address().unwrap();
     let (status, body) = get(address, "/health/ready").await;
     assert_eq!(status, 200, "{body}");
-    // Down for good: stopped after the third round.
+    // Down for good: stopped after the fifth round.
     wait_until(Duration::from_secs(10), "not ready", || async { !ready() }).await;
     assert_eq!(get(address, "/health/ready").await.0, 503);
     let failed = gated.status().readiness[0].detail.clone();

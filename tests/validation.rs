@@ -15,7 +15,9 @@ use support::*;
 
 /// A persistent agent: creates the file `payload.create` (declaring the
 /// change with its rollback), and answers `ok: true` from attempt
-/// `payload.ok_from` on, echoing the feedback it got.
+/// `payload.ok_from` on, echoing the feedback it got. `payload.slow_undo`
+/// adds that many changes whose rollback takes a second each;
+/// `payload.held_undo`, one whose rollback waits while `hold.flag` exists.
 const AGENT: &str = r#"
 import json, sys
 print(json.dumps({"type": "ready", "protocol": 1}), flush=True)
@@ -33,6 +35,8 @@ for line in sys.stdin:
         changes.append({"description": "created " + p["create"], "rollback": ["rm", "-f", p["create"]]})
     for n in range(p.get("slow_undo", 0)):
         changes.append({"description": "step %d" % n, "rollback": ["sh", "-c", "sleep 1; echo %d >> undo.log" % n]})
+    if p.get("held_undo"):
+        changes.append({"description": "held", "rollback": ["sh", "-c", "while [ -e hold.flag ]; do sleep 0.05; done; echo held >> undo.log"]})
     out = {"ok": m["attempt"] >= p.get("ok_from", 1), "attempt": m["attempt"], "feedback": m.get("feedback")}
     print(json.dumps({"type": "result", "id": m["id"], "output": out, "changes": changes}), flush=True)
 "#;
@@ -596,11 +600,13 @@ command = ["python3", "agent.py"]
         .submit(vec![task(
             "release",
             "deployer",
-            json!({"create": "deployed.txt", "slow_undo": 3}),
+            json!({"create": "deployed.txt", "held_undo": true}),
         )])
         .await
         .unwrap();
     wait_state(store.queue().as_ref(), "release", TaskState::Completed).await;
+    // The first rollback holds the task until the flag goes.
+    std::fs::write(fleet.path("hold.flag"), "").unwrap();
     let first = {
         let (store, config) = (store.clone(), fleet.config());
         tokio::spawn(async move {
@@ -610,9 +616,16 @@ command = ["python3", "agent.py"]
             .await
         })
     };
-    wait_until(Duration::from_secs(10), "the first undo", || async {
-        fleet.path("undo.log").exists()
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "the first rollback's claim",
+        || async {
+            store
+                .get_control("rollback.release")
+                .await
+                .is_ok_and(|claim| claim.is_some())
+        },
+    )
     .await;
     let api = format!("http://{}", daemon.http_address().unwrap());
     let token = fleet.path("api-token");
@@ -628,6 +641,7 @@ command = ["python3", "agent.py"]
             "{args:?}: {busy:?}"
         );
     }
+    std::fs::remove_file(fleet.path("hold.flag")).unwrap();
     first.await.unwrap().unwrap();
     assert!(!fleet.path("deployed.txt").exists());
     daemon.stop().await;

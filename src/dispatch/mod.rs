@@ -1170,10 +1170,12 @@ impl AgentRuntime {
                     }
                     Ok(crate::rollback::Running::CutOff { because }) => {
                         tracing::warn!(agent = %agent.name, %task, %because, "finishing a rollback of an earlier attempt that was cut off");
-                        let undone = match crate::rollback::load(&agent.store, &task).await {
+                        let (undone, unfinished) = match crate::rollback::load(&agent.store, &task)
+                            .await
+                        {
                             Ok(Some(mut journal)) => {
                                 agent
-                                    .run_rollback(
+                                    .try_rollback(
                                         &mut journal,
                                         &format!(
                                             "finishing a rollback that was cut off ({because})"
@@ -1181,18 +1183,31 @@ impl AgentRuntime {
                                     )
                                     .await
                             }
-                            Ok(None) => "no journal".into(),
-                            Err(error) => format!("its journal could not be read: {error}"),
+                            Ok(None) => ("no journal".into(), false),
+                            Err(error) => (format!("its journal could not be read: {error}"), true),
                         };
-                        tracing::warn!(agent = %agent.name, %task, %undone, "rollback of an earlier attempt finished");
-                        // Left by a rollback cut off after its last
-                        // command, the claim is removed; a live one (taken
-                        // meanwhile) is waited for.
-                        match crate::rollback::clear_cut_off(&agent.store, &task, now).await {
-                            Ok(_) => Duration::ZERO,
-                            Err(error) => {
-                                tracing::warn!(agent = %agent.name, %task, %error, "could not clear the claim of a rollback that was cut off; looking again");
-                                ROLLBACK_RECHECK
+                        if unfinished {
+                            // Taken by another rollback, or the store
+                            // failed: looked at again, its claim kept.
+                            tracing::warn!(agent = %agent.name, %task, %undone, "the rollback of an earlier attempt is not finished; looking again");
+                            ROLLBACK_RECHECK
+                        } else {
+                            tracing::warn!(agent = %agent.name, %task, %undone, "rollback of an earlier attempt finished");
+                            // Left by a rollback cut off after its last
+                            // command, the claim is removed; a live one
+                            // (taken meanwhile) is waited for.
+                            match crate::rollback::clear_cut_off(
+                                &agent.store,
+                                &task,
+                                agent.clock.now_ms(),
+                            )
+                            .await
+                            {
+                                Ok(_) => Duration::ZERO,
+                                Err(error) => {
+                                    tracing::warn!(agent = %agent.name, %task, %error, "could not clear the claim of a rollback that was cut off; looking again");
+                                    ROLLBACK_RECHECK
+                                }
                             }
                         }
                     }

@@ -47,7 +47,6 @@ struct Replica<'a> {
     broken: Option<String>,
 }
 
-/// Why a task could not be handed to the agent.
 /// Which of a killed replica's tasks failed.
 enum Blame {
     /// This one; the others go back uncharged.
@@ -64,6 +63,7 @@ impl Blame {
     }
 }
 
+/// Why a task could not be handed to the agent.
 enum StartFailure {
     /// The replica is broken: stop it, failing the culprit task if any.
     Broken(Option<String>, Failure),

@@ -441,7 +441,6 @@ impl Record {
         }
     }
 
-    /// Ends attempt `number` with `end`.
     /// A hand-over to another agent (its attempt already ended
     /// `rerouted`) is not charged, up to [`super::FREE_HANDOVERS`] of them.
     fn refund_handover(&mut self) {
@@ -451,6 +450,7 @@ impl Record {
         }
     }
 
+    /// Ends attempt `number` with `end`.
     fn end_attempt(&mut self, number: u32, end: &AttemptEnd, now: UnixMillis) {
         if let Some(attempt) = self.task.history.iter_mut().find(|a| a.number == number) {
             attempt.ended_ms = Some(now);
@@ -2349,6 +2349,23 @@ impl Inner {
 
     /// Writes the dead letter of `record` to the DLQ stream (idempotent per
     /// replay).
+    /// [`Self::send_dead_letter`], tried three times (the copy is
+    /// idempotent by its message id): for a dead letter whose message is
+    /// gone, which no later fetch would copy again.
+    async fn send_dead_letter_retried(&self, record: &Record) -> Result<(), QueueError> {
+        let mut tries = 0;
+        loop {
+            match self.send_dead_letter(record).await {
+                Err(error) if tries < 2 => {
+                    tries += 1;
+                    tracing::debug!(task = %record.task.id, %error, "writing the dead letter's copy again");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
     async fn send_dead_letter(&self, record: &Record) -> Result<(), QueueError> {
         let id = format!(
             "{}#dlq{}.{}",
@@ -3116,12 +3133,13 @@ impl TaskQueue for JetStreamQueue {
             .await?;
         // The task's message, if still in the stream, is terminated when a
         // daemon next fetches it and finds it dead-lettered (and that
-        // writes the copy again if this one fails).
+        // writes the copy again if this one fails; an escalated task has
+        // no message left, so its copy is tried a few times here).
         if let Some(record) = dead {
             followed_up(
                 id,
                 "write the dead letter's copy",
-                inner.send_dead_letter(&record).await,
+                inner.send_dead_letter_retried(&record).await,
             );
         }
         Ok(cancelled)
@@ -3215,7 +3233,7 @@ impl TaskQueue for JetStreamQueue {
                     followed_up(
                         id,
                         "write the dead letter's copy",
-                        inner.send_dead_letter(&record).await,
+                        inner.send_dead_letter_retried(&record).await,
                     );
                 }
             }
