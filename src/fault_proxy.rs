@@ -141,7 +141,18 @@ async fn clearance(fault: &mut watch::Receiver<Fault>) -> Duration {
 }
 
 async fn serve(listener: TcpListener, upstream: String, fault: watch::Receiver<Fault>) {
-    while let Ok((client, peer)) = listener.accept().await {
+    loop {
+        // An accept that fails (out of file descriptors, a connection
+        // reset before it was taken) ends no proxy: the daemon would never
+        // reach its broker again.
+        let (client, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "fault proxy: could not accept a connection; trying again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let upstream = upstream.clone();
         let fault = fault.clone();
         tokio::spawn(async move {
@@ -157,8 +168,21 @@ async fn connect(
     upstream: &str,
     mut fault: watch::Receiver<Fault>,
 ) -> std::io::Result<()> {
-    // A new connection waits out a partition too.
-    clearance(&mut fault).await;
+    // A new connection waits out a partition too, unless its client gives
+    // up first (it reconnects every few seconds: each attempt held would
+    // keep a file descriptor until the partition ends).
+    let mut probe = [0u8; 1];
+    tokio::select! {
+        _ = clearance(&mut fault) => {}
+        peeked = client.peek(&mut probe) => match peeked {
+            Ok(0) | Err(_) => return Ok(()),
+            // It wrote first (NATS clients wait for the server's INFO):
+            // held until the partition ends, as before.
+            Ok(_) => {
+                clearance(&mut fault).await;
+            }
+        },
+    }
     let server = TcpStream::connect(upstream).await?;
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
@@ -177,8 +201,16 @@ async fn pump(
 ) -> std::io::Result<()> {
     let mut buffer = vec![0u8; CHUNK];
     loop {
-        let read = from.read(&mut buffer).await?;
+        let read = match from.read(&mut buffer).await {
+            Ok(read) => read,
+            Err(error) => {
+                clearance(&mut fault).await;
+                return Err(error);
+            }
+        };
         if read == 0 {
+            // A close crosses no partition either.
+            clearance(&mut fault).await;
             return to.shutdown().await;
         }
         let delay = clearance(&mut fault).await;
@@ -186,5 +218,41 @@ async fn pump(
             tokio::time::sleep(delay).await;
         }
         to.write_all(&buffer[..read]).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client that connects during a partition and gives up before it
+    /// ends is let go: its connection is not carried to the broker once
+    /// the partition is over (a reconnecting client would otherwise leave
+    /// one held per attempt).
+    #[tokio::test]
+    async fn a_client_gone_during_a_partition_is_let_go() {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = upstream.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = upstream.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(socket);
+            }
+        });
+        let proxy = FaultProxy::start(&[format!("nats://{address}")])
+            .await
+            .unwrap();
+        let local = reqwest::Url::parse(&proxy.urls()[0]).unwrap();
+        let local = format!("127.0.0.1:{}", local.port().unwrap());
+        proxy.partition(Duration::from_millis(500));
+        drop(TcpStream::connect(&local).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // A client that stays is carried once the partition is over.
+        let _kept = TcpStream::connect(&local).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }
