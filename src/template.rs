@@ -60,6 +60,16 @@ pub enum TemplateError {
     /// `{payload.x}` names a field the payload does not have.
     #[error("the payload has no field {0}")]
     MissingField(String),
+    /// A payload value would become an option of the program.
+    #[error(
+        "argument {index} of the command, {value:?}, comes from the payload and starts with '-', so the program would read it as an option; put \"--\" before it in the command (to end the program's options), or give a value that does not start with '-'"
+    )]
+    OptionLike {
+        /// Its place in the command.
+        index: usize,
+        /// The value (cut to 80 characters).
+        value: String,
+    },
     /// A task placeholder outside oneshot mode.
     #[error("placeholder {0} is only available in oneshot mode")]
     NeedsTask(String),
@@ -128,6 +138,17 @@ impl Template {
             Piece::Env(name) => Some(name.as_str()),
             _ => None,
         })
+    }
+
+    /// Whether it begins with a payload placeholder: filled by the task,
+    /// its value could begin with `-`.
+    pub fn starts_with_payload(&self) -> bool {
+        matches!(self.pieces.first(), Some(Piece::Payload(_)))
+    }
+
+    /// Whether it is `text` and nothing else.
+    pub fn is_literal(&self, text: &str) -> bool {
+        matches!(&self.pieces[..], [Piece::Text(literal)] if literal == text)
     }
 
     /// Whether the template uses task placeholders.

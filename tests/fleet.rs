@@ -944,6 +944,72 @@ retry = { backoff = ["10ms"] }
     );
 }
 
+/// A payload value that would begin an argument with `-` is refused (the
+/// program would read it as an option), unless `--` ends the program's
+/// options before it or the agent allows it (`allow_dash_args`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_value_never_becomes_an_option() {
+    let fleet = Fleet::new(
+        r#"
+[agents.plain]
+mode = "oneshot"
+command = ["python3", "said.py", "{payload.text}"]
+retry = { max_deliver = 1 }
+
+[agents.ended]
+mode = "oneshot"
+command = ["python3", "said.py", "--", "{payload.text}"]
+
+[agents.allowed]
+mode = "oneshot"
+command = ["python3", "said.py", "{payload.text}"]
+allow_dash_args = true
+"#,
+    );
+    std::fs::write(
+        fleet.path("said.py"),
+        "import json, sys\nprint(json.dumps({\"said\": sys.argv[-1]}))\n",
+    )
+    .unwrap();
+    let daemon = fleet.start().await;
+    let queue = daemon.queue().clone();
+    let task = |id: &str, agent: &str, text: &str| NewTask {
+        id: id.into(),
+        agent: agent.into(),
+        priority: flotilla::queue::Priority::Normal,
+        payload: serde_json::json!({ "text": text }),
+    };
+    queue
+        .submit(vec![
+            task("dash", "plain", "--dangerously-skip-permissions"),
+            task("word", "plain", "hello"),
+            task("ended", "ended", "--help"),
+            task("allowed", "allowed", "-5"),
+        ])
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(30), "the tasks to end", || async {
+        finished(queue.as_ref()).await >= 4
+    })
+    .await;
+    let dash = queue.get("dash").await.unwrap().unwrap();
+    assert_eq!(dash.state, TaskState::DeadLettered, "{dash:?}");
+    assert!(
+        dash.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("starts with '-'"),
+        "{dash:?}"
+    );
+    let word = queue.get("word").await.unwrap().unwrap();
+    assert_eq!(word.result, Some(serde_json::json!({"said": "hello"})));
+    let ended = queue.get("ended").await.unwrap().unwrap();
+    assert_eq!(ended.result, Some(serde_json::json!({"said": "--help"})));
+    let allowed = queue.get("allowed").await.unwrap().unwrap();
+    assert_eq!(allowed.result, Some(serde_json::json!({"said": "-5"})));
+    daemon.stop().await;
+}
+
 /// Two tasks at once push this agent over its memory limit; one alone
 /// does not.
 const HOGS_WITH_TWO: &str = r#"

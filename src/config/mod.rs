@@ -366,6 +366,14 @@ pub struct AgentConfig {
     /// dead-lettered at once). Other non-zero codes are retried.
     #[serde(default)]
     pub fatal_exit_codes: Vec<i32>,
+    /// Oneshot only: let a payload value that begins an argument of the
+    /// command start with `-`. By default such a task is refused, since
+    /// the program would read the value as an option (a prompt of
+    /// `--dangerously-skip-permissions`); a `--` before the placeholder
+    /// in the command allows it too. Set it when the program reads no
+    /// options there (a script's positional arguments).
+    #[serde(default)]
+    pub allow_dash_args: bool,
     /// Most tasks leased ahead of idle replicas (0 to 1024, default 0: a
     /// task is leased only for an idle replica). With a value above 0 a
     /// busy agent takes tasks from the store in batches: the dispatcher

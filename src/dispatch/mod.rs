@@ -869,11 +869,22 @@ impl AgentRuntime {
         task: Option<&TaskContext<'_>>,
     ) -> Result<SpawnSpec, TemplateError> {
         let lookup = |var: &str| std::env::var(var).ok();
-        let argv = self
-            .argv
-            .iter()
-            .map(|arg| arg.render(&lookup, task))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut argv = Vec::with_capacity(self.argv.len());
+        // A payload value that begins an argument must not become an
+        // option of the program (`--dangerously-skip-permissions` as a
+        // prompt) unless `--` ended its options before it.
+        let mut options_ended = self.config.allow_dash_args;
+        for (place, arg) in self.argv.iter().enumerate() {
+            let value = arg.render(&lookup, task)?;
+            if place > 0 && !options_ended && arg.starts_with_payload() && value.starts_with('-') {
+                return Err(TemplateError::OptionLike {
+                    index: place,
+                    value: crate::protocol::truncate(&value, 80),
+                });
+            }
+            options_ended |= arg.is_literal("--");
+            argv.push(value);
+        }
         let mut env = self.base_env.clone();
         env.push(("FLOTILLA_REPLICA".into(), index.to_string()));
         for (var, value) in &self.env {
