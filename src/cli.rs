@@ -470,6 +470,7 @@ pub fn main() -> ExitCode {
     if !matches!(cli.command, Command::Up(_) | Command::Demo(_)) {
         restore_sigpipe();
     }
+    HANGUP_IGNORED.store(hangup_ignored(), std::sync::atomic::Ordering::Relaxed);
     // The demo draws a progress bar; its fleet's warnings would tear it.
     // async-nats narrates every connection at info; its warnings matter.
     init_logging(
@@ -497,6 +498,25 @@ pub fn main() -> ExitCode {
             ExitCode::from(failure.code)
         }
     }
+}
+
+/// Whether SIGHUP was ignored when flotilla started (`nohup flotilla up`):
+/// then a hang-up must not stop the daemon.
+static HANGUP_IGNORED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether SIGHUP is ignored now.
+#[allow(unsafe_code)]
+fn hangup_ignored() -> bool {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // SAFETY: called at start-up before any thread is spawned; SIG_IGN
+    // runs no handler code, and the previous action is put back at once.
+    let Ok(previous) = (unsafe { sigaction(Signal::SIGHUP, &ignore) }) else {
+        return false;
+    };
+    // SAFETY: as above; this restores what was there.
+    let _ = unsafe { sigaction(Signal::SIGHUP, &previous) };
+    matches!(previous.handler(), SigHandler::SigIgn)
 }
 
 /// Lets a command whose output is piped into `head` end quietly, like other
@@ -1456,15 +1476,23 @@ fn raise_open_file_limit(config: &Config) {
 /// Resolves on SIGTERM, SIGINT or SIGHUP. A hang-up (the terminal or SSH
 /// session of a daemon run in the foreground closed) stops the daemon
 /// gracefully: its default action would kill it at once, like `kill -9`.
+/// Started with SIGHUP ignored (`nohup`), it goes on ignoring it.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
     let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
-    let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler installs");
+    let mut hangup = (!HANGUP_IGNORED.load(std::sync::atomic::Ordering::Relaxed))
+        .then(|| signal(SignalKind::hangup()).expect("SIGHUP handler installs"));
+    let hung_up = async {
+        match hangup.as_mut() {
+            Some(hangup) => hangup.recv().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         _ = terminate.recv() => tracing::info!("SIGTERM received"),
         _ = interrupt.recv() => tracing::info!("SIGINT received"),
-        _ = hangup.recv() => tracing::info!("SIGHUP received"),
+        _ = hung_up => tracing::info!("SIGHUP received"),
     }
 }
 

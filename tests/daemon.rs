@@ -352,6 +352,40 @@ env = { DECLARED = "yes", PASSED = "${FLOTILLA_TEST_PASSED}" }
     }
 }
 
+/// Started with SIGHUP ignored (`nohup flotilla up &`), the daemon goes on
+/// ignoring it: a closed terminal does not stop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_nohup_a_hang_up_does_not_stop_the_daemon() {
+    let fleet = Fleet::new(&format!(
+        "[agents.worker]\ncommand = {}\n",
+        example_agent(&["--work-ms", "1"])
+    ));
+    let log = std::fs::File::create(fleet.path("daemon.log")).unwrap();
+    let mut daemon = die_with_parent(&mut std::process::Command::new("nohup"))
+        .arg(flotilla_bin())
+        .args(["-c", fleet.config_path.to_str().unwrap(), "up"])
+        .env("FLOTILLA_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the fleet to start", || async {
+        std::fs::read_to_string(fleet.path("daemon.log"))
+            .is_ok_and(|log| log.contains("fleet started"))
+    })
+    .await;
+    signal(&daemon, nix::sys::signal::Signal::SIGHUP);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        daemon.try_wait().unwrap().is_none(),
+        "stopped by SIGHUP under nohup"
+    );
+    signal(&daemon, nix::sys::signal::Signal::SIGTERM);
+    let status = wait_exit(&mut daemon, Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+}
+
 /// A replica that takes longer than `restart.reset_after` to say `ready`
 /// and then crashes at once is crashing, not stable: its restart delay
 /// grows, measured from its `ready`, not from its start.
