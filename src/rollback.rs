@@ -33,13 +33,18 @@ const MAX_ARGS: usize = 64;
 const MAX_TEXT: usize = 4096;
 /// Bytes of a rollback command's output kept in the journal.
 const OUTPUT_BYTES: usize = 1024;
-/// Characters of a rollback run's outcome (how it ended, with its output)
-/// kept in the journal.
-const OUTCOME_CHARS: usize = 1024;
+/// Bytes of a rollback run's outcome (how it ended, with its output)
+/// kept in the journal, as JSON (escapes counted).
+const OUTCOME_BYTES: usize = 2048;
 /// Room kept in a journal for the outcome of each change not rolled back
-/// yet, so that a rollback can always record its progress: the outcome in
-/// JSON (escapes may double it) and the fields written beside it.
-const OUTCOME_ROOM: usize = 2 * OUTCOME_CHARS * 2 + 128;
+/// yet, so that a rollback can always record its progress: the outcome
+/// and the fields written beside it.
+const OUTCOME_ROOM: usize = OUTCOME_BYTES + 128;
+/// Bytes of a rollback's reason kept in the journal, as JSON.
+const BECAUSE_BYTES: usize = 2048;
+/// Room kept in a journal for what a rollback writes besides outcomes:
+/// its reason and its claim's owner.
+const JOURNAL_ROOM: usize = BECAUSE_BYTES + 512;
 
 /// Where the store keeps the journal of `task`.
 fn key(task: &str) -> String {
@@ -460,13 +465,31 @@ async fn record_within(
                 at_ms: None,
             })
             .collect();
-        // In bytes too: each change with room for its rollback's outcome.
+        // In bytes too: each change with room for its rollback's outcome,
+        // and room for the rollback's reason. Changes rolled back at the
+        // front make room here as well.
         let waiting = journal
             .changes
             .iter()
             .filter(|entry| entry.state != ChangeState::RolledBack)
             .count();
-        let mut bytes = json_bytes(&journal) + waiting * OUTCOME_ROOM;
+        let mut bytes = json_bytes(&journal) + waiting * OUTCOME_ROOM + JOURNAL_ROOM;
+        let wanted: usize = entries
+            .iter()
+            .map(|entry| json_bytes(entry) + 1 + OUTCOME_ROOM)
+            .sum();
+        let mut more = 0;
+        while bytes + wanted > max_bytes
+            && journal
+                .changes
+                .get(more)
+                .is_some_and(|entry| entry.state == ChangeState::RolledBack)
+        {
+            bytes -= (json_bytes(&journal.changes[more]) + 1).min(bytes);
+            more += 1;
+        }
+        journal.changes.drain(..more);
+        journal.dropped += more;
         let fit = entries
             .iter()
             .take_while(|entry| {
@@ -511,6 +534,32 @@ async fn record_within(
 /// The length of `value` in JSON.
 fn json_bytes(value: &impl Serialize) -> usize {
     serde_json::to_vec(value).map_or(0, |bytes| bytes.len())
+}
+
+/// `text` cut so that it takes at most `max` bytes as a JSON string
+/// (escapes counted: a control character takes six), with `…` when cut.
+fn cut_json(text: &str, max: usize) -> String {
+    let escaped = |c: char| match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        c if u32::from(c) < 0x20 => 6,
+        c => c.len_utf8(),
+    };
+    // Room for the quotes and the mark.
+    let budget = max.saturating_sub(2 + '…'.len_utf8());
+    let mut used = 0;
+    let mut end = text.len();
+    for (index, c) in text.char_indices() {
+        used += escaped(c);
+        if used > budget {
+            end = index;
+            break;
+        }
+    }
+    if end == text.len() {
+        text.to_string()
+    } else {
+        format!("{}…", &text[..end])
+    }
 }
 
 /// How a rollback finds the process a change's command runs as: from the
@@ -774,7 +823,7 @@ async fn undo(
     if journal.is_rolled_back() {
         return Ok(());
     }
-    journal.rolled_back_because = Some(because.to_string());
+    journal.rolled_back_because = Some(cut_json(because, BECAUSE_BYTES));
     journal.claimed_by = Some(claim.owner.clone());
     // Still held (it may have lapsed while this one waited for the
     // store), so that the mark goes only to the claim's holder.
@@ -821,7 +870,7 @@ async fn undo(
                 ),
             ),
         };
-        let outcome = crate::protocol::truncate(&outcome, OUTCOME_CHARS);
+        let outcome = cut_json(&outcome, OUTCOME_BYTES);
         entry.runs += 1;
         entry.outcome = Some(outcome.clone());
         entry.at_ms = Some(now());
@@ -1033,7 +1082,9 @@ mod tests {
 
     /// A journal is bounded in bytes as in changes (a broker keeps at most
     /// its max_payload in one value), with room for each change's rollback
-    /// outcome: changes over it are refused, those that fit are kept.
+    /// outcome and the rollback's reason: changes over it are refused,
+    /// those that fit are kept, and changes rolled back at the front make
+    /// room.
     #[tokio::test]
     async fn a_journal_holds_no_more_bytes_than_the_store_keeps() {
         let dir = tempfile::tempdir().unwrap();
@@ -1042,67 +1093,57 @@ mod tests {
             description: format!("change {n}"),
             rollback: vec!["echo".into(), "x".repeat(3000)],
         };
-        let refused = record_within(&store, "t", "a", 1, (0..8).map(big).collect(), 40_000)
+        let limit = 32_000;
+        let refused = record_within(&store, "t", "a", 1, (0..8).map(big).collect(), limit)
             .await
             .unwrap_err();
         let message = refused.to_string();
         assert!(
             matches!(refused, QueueError::Invalid(_))
-                && message.contains("3 of this attempt's 8 did not fit the 40000 bytes")
+                && message.contains("3 of this attempt's 8 did not fit the 32000 bytes")
                 && message.contains("\"change 5\""),
             "{message}"
         );
-        let journal = load(&store, "t").await.unwrap().unwrap();
+        let mut journal = load(&store, "t").await.unwrap().unwrap();
         assert_eq!(journal.changes.len(), 5);
         let stored = serde_json::to_vec(&journal).unwrap().len();
-        assert!(stored + 5 * OUTCOME_ROOM <= 40_000, "{stored}");
-        // No room left for even a small one: nothing more is recorded.
-        let small = Change {
-            description: "small".into(),
-            rollback: vec!["true".into()],
-        };
         assert!(
-            record_within(&store, "t", "a", 2, vec![small], 40_000)
+            stored + 5 * OUTCOME_ROOM + JOURNAL_ROOM <= limit,
+            "{stored}"
+        );
+        // No room left for another: nothing more is recorded.
+        assert!(
+            record_within(&store, "t", "a", 2, vec![big(9)], limit)
                 .await
                 .is_err()
         );
         assert_eq!(load(&store, "t").await.unwrap().unwrap().changes.len(), 5);
-    }
-
-    /// A task purged while its rollback runs deletes its claim: the
-    /// rollback stops as replaced, not as taken over by another.
-    #[tokio::test]
-    async fn a_rollback_whose_claim_is_deleted_stops_as_replaced() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::embedded_in(dir.path());
-        let log = dir.path().join("undo.log");
-        let mut journal = record(&store, "t", "a", 1, slow_changes(&log, 3))
-            .await
-            .unwrap();
-        let running = {
-            let (store, path) = (store.clone(), dir.path().to_path_buf());
-            tokio::spawn(async move {
-                let spec = spec(&path);
-                roll_back(
-                    &store,
-                    &mut journal,
-                    "operator",
-                    &spec,
-                    Duration::from_secs(10),
-                    now,
-                )
-                .await
-            })
-        };
-        while !std::fs::read_to_string(&log).is_ok_and(|text| text.contains('2')) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        // Once rolled back, they make room for the next attempt's.
+        for entry in &mut journal.changes {
+            entry.state = ChangeState::RolledBack;
         }
         store
-            .put_control(&claim_key("t"), &Value::Null)
+            .put_control(&key("t"), &serde_json::to_value(&journal).unwrap())
             .await
             .unwrap();
-        let stopped = running.await.unwrap().unwrap_err();
-        assert!(matches!(stopped, RollbackError::Replaced(_)), "{stopped}");
+        let recorded = record_within(&store, "t", "a", 3, (10..15).map(big).collect(), limit)
+            .await
+            .unwrap();
+        assert_eq!(recorded.dropped, 5, "{recorded:?}");
+        assert_eq!(recorded.changes.len(), 5);
+        assert_eq!(recorded.changes[0].change.description, "change 10");
+    }
+
+    #[test]
+    fn cut_text_fits_its_json_bytes() {
+        let plain = "a".repeat(100);
+        assert_eq!(cut_json(&plain, 200), plain);
+        let escapes = "\u{1b}[31m".repeat(100);
+        let cut = cut_json(&escapes, 200);
+        assert!(serde_json::to_string(&cut).unwrap().len() <= 200, "{cut}");
+        assert!(cut.ends_with('…'));
+        let wide = "é".repeat(100);
+        assert!(serde_json::to_string(&cut_json(&wide, 51)).unwrap().len() <= 51);
     }
 
     #[tokio::test]
