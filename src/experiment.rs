@@ -927,6 +927,20 @@ pub async fn schedule(
                 continue;
             }
         };
+        // One run per period across the fleet: daemons sharing the config
+        // wake at their own times (`every` counts from each one's start),
+        // so a run another made within most of the period counts.
+        if let (Ok(period), Ok(Some(last))) = (
+            entry.period(clock.now_ms()),
+            store.get_control(&last_key(&experiment.name)).await,
+        ) && let Ok(last) = serde_json::from_value::<Report>(last)
+        {
+            let since = clock.now_ms().saturating_sub(last.started_ms);
+            if u128::from(since) < period.as_millis() * 9 / 10 {
+                tracing::info!(experiment = %experiment.name, since_ms = since, "scheduled chaos experiment ran within this period (on another daemon of the fleet); skipped here");
+                continue;
+            }
+        }
         if let Some(agent) = experiment
             .method
             .iter()

@@ -994,6 +994,15 @@ checks = [
             config.chaos.schedule[1].next_in(now),
             Ok(std::time::Duration::from_secs(3600))
         );
+        // The period between runs: a week for the cron, `every` otherwise.
+        assert_eq!(
+            config.chaos.schedule[0].period(now),
+            Ok(std::time::Duration::from_secs(7 * 86_400))
+        );
+        assert_eq!(
+            config.chaos.schedule[1].period(now),
+            Ok(std::time::Duration::from_secs(3600))
+        );
         let found = problems(
             "[chaos]\nenabled = true\nschedule = [{ experiment = \"a.toml\", cron = \"every monday\" }, { experiment = \"b.toml\" }]\n",
         );

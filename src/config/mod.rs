@@ -460,6 +460,22 @@ pub struct ScheduledExperiment {
 }
 
 impl ScheduledExperiment {
+    /// About how long between two runs from `now_ms` on: `every`, or the
+    /// gap between the cron's next two firings.
+    ///
+    /// # Errors
+    /// As [`Self::next_in`].
+    pub fn period(&self, now_ms: u64) -> Result<std::time::Duration, String> {
+        let first = self.next_in(now_ms)?;
+        if self.every.is_some() {
+            return Ok(first);
+        }
+        let after = now_ms
+            .saturating_add(u64::try_from(first.as_millis()).unwrap_or(u64::MAX / 2))
+            .saturating_add(1000);
+        Ok(self.next_in(after)? + std::time::Duration::from_secs(1))
+    }
+
     /// How long from `now_ms` until the next run.
     ///
     /// # Errors
