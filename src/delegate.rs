@@ -311,6 +311,30 @@ pub async fn send(
         }])
         .await
         .map_err(|error| format!("the child task was refused: {error}"))?;
+    if receipts.first().is_some_and(|receipt| receipt.duplicate) {
+        // The id was taken already. By this child, if the parent sent it
+        // before and crashed before linking it (same agent, no link, or
+        // a link to this parent); otherwise by an unrelated task someone
+        // submitted under that id, which must not be taken for the child
+        // (its result would answer the parent, and cancelling the parent
+        // would cancel it).
+        let record = store
+            .queue()
+            .get(&child)
+            .await
+            .map_err(|error| format!("the child task could not be checked: {error}"))?;
+        let link = load_link(store, &child)
+            .await
+            .map_err(|error| format!("the child task could not be checked: {error}"))?;
+        let ours = record.is_some_and(|record| record.agent == send.to)
+            && link.is_none_or(|link| link.parent == send.parent);
+        if !ours {
+            return Err(format!(
+                "task id {child:?} is taken by another task, not sent by {}: give this send another key",
+                send.parent
+            ));
+        }
+    }
     let link = Link {
         parent: send.parent.clone(),
         from: send.from.clone(),
@@ -803,6 +827,49 @@ mod tests {
 
     fn agents() -> Vec<String> {
         ["manager", "worker", "reviewer"].map(String::from).to_vec()
+    }
+
+    /// A child id already taken by an unrelated task (submitted by hand
+    /// as `parent/api`) is refused, not adopted; one the parent sent
+    /// before and did not link (a crash) is linked.
+    #[tokio::test]
+    async fn a_child_id_taken_by_another_task_is_refused() {
+        let (_dir, store) = with_root().await;
+        let limits = crate::config::DelegationConfig::default();
+        store
+            .queue()
+            .submit(vec![
+                NewTask {
+                    id: "parent/api".into(),
+                    agent: "reviewer".into(),
+                    priority: Priority::Normal,
+                    payload: serde_json::json!({"theirs": true}),
+                },
+                NewTask {
+                    id: "parent/unlinked".into(),
+                    agent: "worker".into(),
+                    priority: Priority::Normal,
+                    payload: serde_json::json!({}),
+                },
+            ])
+            .await
+            .unwrap();
+        let refused = try_send(&store, &limits, &send_to("worker", "api", true))
+            .await
+            .unwrap_err();
+        assert!(refused.contains("is taken by another task"), "{refused}");
+        assert_eq!(load_link(&store, "parent/api").await.unwrap(), None);
+        let sent = try_send(&store, &limits, &send_to("worker", "unlinked", false))
+            .await
+            .unwrap();
+        assert!(sent.existed);
+        assert_eq!(
+            load_link(&store, "parent/unlinked")
+                .await
+                .unwrap()
+                .map(|link| link.parent),
+            Some("parent".into())
+        );
     }
 
     /// A parent escalated to a human and dropped cancels the children it
