@@ -352,6 +352,32 @@ env = { DECLARED = "yes", PASSED = "${FLOTILLA_TEST_PASSED}" }
     }
 }
 
+/// `flotilla up` as a real process (run by `wrapper`, e.g. `nohup`, if
+/// given), logging at info to `daemon.log`, in JSON lines when `json`.
+fn up_logged(fleet: &Fleet, wrapper: Option<&str>, json: bool) -> std::process::Child {
+    let log = std::fs::File::create(fleet.path("daemon.log")).unwrap();
+    let mut command = match wrapper {
+        Some(wrapper) => {
+            let mut command = std::process::Command::new(wrapper);
+            command.arg(flotilla_bin());
+            command
+        }
+        None => std::process::Command::new(flotilla_bin()),
+    };
+    command.args(["-c", fleet.config_path.to_str().unwrap()]);
+    if json {
+        command.args(["--log-format", "json"]);
+    }
+    die_with_parent(&mut command)
+        .arg("up")
+        .env("FLOTILLA_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
 /// Started with SIGHUP ignored (`nohup flotilla up &`), the daemon goes on
 /// ignoring it: a closed terminal does not stop it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -360,16 +386,7 @@ async fn under_nohup_a_hang_up_does_not_stop_the_daemon() {
         "[agents.worker]\ncommand = {}\n",
         example_agent(&["--work-ms", "1"])
     ));
-    let log = std::fs::File::create(fleet.path("daemon.log")).unwrap();
-    let mut daemon = die_with_parent(&mut std::process::Command::new("nohup"))
-        .arg(flotilla_bin())
-        .args(["-c", fleet.config_path.to_str().unwrap(), "up"])
-        .env("FLOTILLA_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut daemon = up_logged(&fleet, Some("nohup"), false);
     wait_until(Duration::from_secs(20), "the fleet to start", || async {
         std::fs::read_to_string(fleet.path("daemon.log"))
             .is_ok_and(|log| log.contains("fleet started"))
@@ -398,21 +415,7 @@ command = ["sh", "-c", "sleep 1.2; echo '{{\"type\": \"ready\"}}'; sleep 0.05; e
 restart = { initial_backoff = "200ms", max_backoff = "5s", reset_after = "1s" }
 "#,
     );
-    let log = std::fs::File::create(fleet.path("daemon.log")).unwrap();
-    let mut daemon = die_with_parent(&mut std::process::Command::new(flotilla_bin()))
-        .args([
-            "-c",
-            fleet.config_path.to_str().unwrap(),
-            "--log-format",
-            "json",
-            "up",
-        ])
-        .env("FLOTILLA_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut daemon = up_logged(&fleet, None, true);
     let delays = || {
         std::fs::read_to_string(fleet.path("daemon.log"))
             .unwrap_or_default()
@@ -448,21 +451,7 @@ breaker = {{ enabled = false }}
         example_agent(&["--work-ms", "1", "--error-rate", "1.0"]),
     ));
     fleet.submit_numbered("flaky", 1, "followed");
-    let log = std::fs::File::create(fleet.path("daemon.log")).unwrap();
-    let mut daemon = die_with_parent(&mut std::process::Command::new(flotilla_bin()))
-        .args([
-            "-c",
-            fleet.config_path.to_str().unwrap(),
-            "--log-format",
-            "json",
-            "up",
-        ])
-        .env("FLOTILLA_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut daemon = up_logged(&fleet, None, true);
     let client = fleet.client();
     wait_until(
         Duration::from_secs(30),

@@ -1050,15 +1050,8 @@ while True:
 /// for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_kill_with_several_tasks_charges_each() {
-    let fleet = Fleet::new("");
-    std::fs::write(fleet.path("hogs.py"), HOGS_WITH_TWO).unwrap();
-    std::fs::write(
-        &fleet.config_path,
+    let fleet = Fleet::new(
         r#"
-[store]
-path = "fleet.db"
-[http]
-listen = "127.0.0.1:0"
 [agents.hogs]
 command = ["python3", "hogs.py"]
 concurrency = 2
@@ -1066,8 +1059,8 @@ memory_limit = "100MiB"
 retry = { max_deliver = 2, backoff = ["10ms"] }
 restart = { initial_backoff = "10ms" }
 "#,
-    )
-    .unwrap();
+    );
+    std::fs::write(fleet.path("hogs.py"), HOGS_WITH_TWO).unwrap();
     let daemon = fleet.start().await;
     let queue = daemon.queue().clone();
     let (batch, ids) = numbered_tasks("hogs", 2, "hogs");
