@@ -1146,6 +1146,42 @@ mod tests {
         assert!(serde_json::to_string(&cut_json(&wide, 51)).unwrap().len() <= 51);
     }
 
+    /// A task purged while its rollback runs deletes its claim: the
+    /// rollback stops as replaced, not as taken over by another.
+    #[tokio::test]
+    async fn a_rollback_whose_claim_is_deleted_stops_as_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::embedded_in(dir.path());
+        let log = dir.path().join("undo.log");
+        let mut journal = record(&store, "t", "a", 1, slow_changes(&log, 3))
+            .await
+            .unwrap();
+        let running = {
+            let (store, path) = (store.clone(), dir.path().to_path_buf());
+            tokio::spawn(async move {
+                let spec = spec(&path);
+                roll_back(
+                    &store,
+                    &mut journal,
+                    "operator",
+                    &spec,
+                    Duration::from_secs(10),
+                    now,
+                )
+                .await
+            })
+        };
+        while !std::fs::read_to_string(&log).is_ok_and(|text| text.contains('2')) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        store
+            .put_control(&claim_key("t"), &Value::Null)
+            .await
+            .unwrap();
+        let stopped = running.await.unwrap().unwrap_err();
+        assert!(matches!(stopped, RollbackError::Replaced(_)), "{stopped}");
+    }
+
     #[tokio::test]
     async fn two_rollbacks_of_one_task_run_each_command_once() {
         let dir = tempfile::tempdir().unwrap();
