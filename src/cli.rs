@@ -470,7 +470,9 @@ pub fn main() -> ExitCode {
     if !matches!(cli.command, Command::Up(_) | Command::Demo(_)) {
         restore_sigpipe();
     }
-    HANGUP_IGNORED.store(hangup_ignored(), std::sync::atomic::Ordering::Relaxed);
+    if matches!(cli.command, Command::Up(_)) {
+        HANGUP_IGNORED.store(hangup_ignored(), std::sync::atomic::Ordering::Relaxed);
+    }
     // The demo draws a progress bar; its fleet's warnings would tear it.
     // async-nats narrates every connection at info; its warnings matter.
     init_logging(

@@ -1080,6 +1080,23 @@ mod tests {
         crate::clock::system().now_ms()
     }
 
+    /// An operator's rollback of `journal`, each command allowed 10 s.
+    async fn by_operator(
+        store: &Store,
+        journal: &mut Journal,
+        spec_for: &SpecFor<'_>,
+    ) -> Result<(), RollbackError> {
+        roll_back(
+            store,
+            journal,
+            "operator",
+            spec_for,
+            Duration::from_secs(10),
+            now,
+        )
+        .await
+    }
+
     /// A journal is bounded in bytes as in changes (a broker keeps at most
     /// its max_payload in one value), with room for each change's rollback
     /// outcome and the rollback's reason: changes over it are refused,
@@ -1156,29 +1173,19 @@ mod tests {
         let mut journal = record(&store, "t", "a", 1, slow_changes(&log, 3))
             .await
             .unwrap();
-        let running = {
-            let (store, path) = (store.clone(), dir.path().to_path_buf());
-            tokio::spawn(async move {
-                let spec = spec(&path);
-                roll_back(
-                    &store,
-                    &mut journal,
-                    "operator",
-                    &spec,
-                    Duration::from_secs(10),
-                    now,
-                )
+        let spec = spec(dir.path());
+        let rollback = by_operator(&store, &mut journal, &spec);
+        let purge = async {
+            while !std::fs::read_to_string(&log).is_ok_and(|text| text.contains('2')) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            store
+                .put_control(&claim_key("t"), &Value::Null)
                 .await
-            })
+                .unwrap();
         };
-        while !std::fs::read_to_string(&log).is_ok_and(|text| text.contains('2')) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        store
-            .put_control(&claim_key("t"), &Value::Null)
-            .await
-            .unwrap();
-        let stopped = running.await.unwrap().unwrap_err();
+        let (stopped, ()) = tokio::join!(rollback, purge);
+        let stopped = stopped.unwrap_err();
         assert!(matches!(stopped, RollbackError::Replaced(_)), "{stopped}");
     }
 
@@ -1250,16 +1257,7 @@ mod tests {
                     workdir: dir.clone(),
                 })
         };
-        roll_back(
-            &store,
-            &mut journal,
-            "operator",
-            &spec_for,
-            Duration::from_secs(10),
-            now,
-        )
-        .await
-        .unwrap();
+        by_operator(&store, &mut journal, &spec_for).await.unwrap();
         assert!(journal.is_rolled_back(), "{journal:?}");
         assert!(a.join("undo-1").exists() && !b.join("undo-1").exists());
         assert!(b.join("undo-2").exists() && !a.join("undo-2").exists());
@@ -1267,16 +1265,7 @@ mod tests {
         let mut journal = record(&store, "u", "gone", 1, vec![touch("undo-3")])
             .await
             .unwrap();
-        roll_back(
-            &store,
-            &mut journal,
-            "operator",
-            &spec_for,
-            Duration::from_secs(10),
-            now,
-        )
-        .await
-        .unwrap();
+        by_operator(&store, &mut journal, &spec_for).await.unwrap();
         assert!(!journal.is_rolled_back());
         let outcome = journal.changes[0].outcome.as_deref().unwrap();
         assert!(outcome.contains("agent gone"), "{outcome}");
@@ -1319,14 +1308,7 @@ mod tests {
             .await
             .unwrap();
         let spec = spec(dir.path());
-        let rollback = roll_back(
-            &store,
-            &mut journal,
-            "operator",
-            &spec,
-            Duration::from_secs(10),
-            now,
-        );
+        let rollback = by_operator(&store, &mut journal, &spec);
         let later = async {
             // While the first undo command runs, a new attempt's result.
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1373,16 +1355,7 @@ mod tests {
         let changes = vec![change("first", "true"), change("second", "false")];
         let mut journal = record(&store, "t", "a", 1, changes).await.unwrap();
         let spec = spec(dir.path());
-        roll_back(
-            &store,
-            &mut journal,
-            "operator",
-            &spec,
-            Duration::from_secs(10),
-            now,
-        )
-        .await
-        .unwrap();
+        by_operator(&store, &mut journal, &spec).await.unwrap();
         let failed = journal.failed().expect("the second change failed");
         assert_eq!(failed.change.description, "second");
         assert_eq!(
@@ -1409,14 +1382,7 @@ mod tests {
         );
         let mut journal = record(&store, "t", "a", 1, changes).await.unwrap();
         let spec = spec(dir.path());
-        let rollback = roll_back(
-            &store,
-            &mut journal,
-            "operator",
-            &spec,
-            Duration::from_secs(10),
-            now,
-        );
+        let rollback = by_operator(&store, &mut journal, &spec);
         let newer = Claim {
             owner: "elsewhere pid 1 run newer".into(),
             because: "gate".into(),
@@ -1829,14 +1795,7 @@ mod tests {
             .unwrap();
         assert_eq!(journal.dropped, 0, "it fits");
         let spec = spec(dir.path());
-        let rollback = roll_back(
-            &store,
-            &mut journal,
-            "operator",
-            &spec,
-            Duration::from_secs(10),
-            now,
-        );
+        let rollback = by_operator(&store, &mut journal, &spec);
         let later = async {
             // While the first undo command runs (it logs, then sleeps):
             // two changes fit only by dropping two rolled back.

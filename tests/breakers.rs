@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use flotilla::breaker::BreakerState;
 use flotilla::degrade::Level;
-use flotilla::dispatch::AgentRuntime;
 use flotilla::queue::{AttemptOutcome, ListFilter, NewTask, Priority, TaskQueue, TaskState};
 use serde_json::{Value, json};
 use support::*;
@@ -34,14 +33,6 @@ fn set_broken(fleet: &Fleet, name: &str, broken: bool) {
     } else {
         std::fs::remove_file(path).unwrap();
     }
-}
-
-fn agent<'a>(daemon: &'a flotilla::daemon::Daemon, name: &str) -> &'a AgentRuntime {
-    daemon
-        .agents()
-        .iter()
-        .find(|agent| agent.name == name)
-        .expect("agent runs")
 }
 
 async fn state_of(queue: &dyn TaskQueue, id: &str) -> TaskState {
@@ -179,12 +170,7 @@ mode = "oneshot"
         })
         .count();
     assert!(ran_before >= 1 && ran_before < all.len(), "{ran_before}");
-    let metrics = reqwest::get(format!("http://{}/metrics", daemon.http_address().unwrap()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_of(&daemon).await;
     assert!(
         metrics.contains(&format!(
             "flotilla_redeliveries_total{{agent=\"manager\"}} {ran_before}\n"
@@ -476,12 +462,7 @@ fallback_policy = "escalate_to_human"
     )
     .await;
     assert_eq!(agent(&daemon, "deployer").status().diverted.escalated, 3);
-    let metrics = reqwest::get(format!("http://{}/metrics", daemon.http_address().unwrap()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_of(&daemon).await;
     assert!(
         metrics.contains("flotilla_escalations_total{agent=\"deployer\"} 3\n"),
         "{metrics}"

@@ -275,12 +275,7 @@ checks = [ {{ name = "flag", command = ["sh", "-c", "test ! -e down.flag"] }} ]
         agent = example_agent(&["--work-ms", "1"]),
     ));
     let daemon = fleet.start().await;
-    let gated = daemon
-        .agents()
-        .iter()
-        .find(|agent| agent.name == "gated")
-        .unwrap()
-        .clone();
+    let gated = agent(&daemon, "gated").clone();
     let ready = || gated.status().replicas[0].not_ready.is_none();
     wait_until(Duration::from_secs(20), "ready", || async {
         ready()

@@ -8,17 +8,8 @@ mod support;
 
 use std::time::Duration;
 
-use flotilla::dispatch::AgentRuntime;
 use flotilla::queue::{AttemptOutcome, ListFilter, TaskQueue, TaskState};
 use support::*;
-
-fn agent<'a>(daemon: &'a flotilla::daemon::Daemon, name: &str) -> &'a AgentRuntime {
-    daemon
-        .agents()
-        .iter()
-        .find(|agent| agent.name == name)
-        .expect("agent runs")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_scales_up_to_max_and_idleness_back_down() {
@@ -79,12 +70,7 @@ watchdog = {{ queue_depth = 5, scale_up_after = "1s", scale_down_after = "2s" }}
         "{:?}",
         status.watchdog
     );
-    let metrics = reqwest::get(format!("http://{}/metrics", daemon.http_address().unwrap()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_of(&daemon).await;
     assert!(
         metrics
             .contains("flotilla_watchdog_actions_total{agent=\"worker\",action=\"scale_up\"} 2\n"),
@@ -303,11 +289,7 @@ readiness = {{ interval = "1h", checks = [{{ name = "model", command = ["false"]
         example_agent(&["--work-ms", "1"]),
     ));
     let daemon = fleet.start().await;
-    let gated = daemon
-        .agents()
-        .iter()
-        .find(|agent| agent.name == "gated")
-        .expect("agent runs");
+    let gated = agent(&daemon, "gated");
     wait_until(Duration::from_secs(20), "the first round", || async {
         gated.status().replicas[0].not_ready.is_some() && !gated.status().readiness.is_empty()
     })
@@ -462,12 +444,7 @@ checks = [{ name = "never", command = ["false"] }]
 "#,
     );
     let daemon = fleet.start().await;
-    let gated = daemon
-        .agents()
-        .iter()
-        .find(|agent| agent.name == "gated")
-        .expect("agent runs")
-        .clone();
+    let gated = agent(&daemon, "gated").clone();
     let added = gated.add_replica().expect("room for a second slot");
     wait_until(
         Duration::from_secs(10),

@@ -190,17 +190,21 @@ pub async fn a_purged_id_submitted_again_is_a_new_task<Q: TaskQueue>(queue: &Q) 
         .unwrap();
     assert_eq!(new.len(), 1);
     assert_eq!((new[0].key.attempt, &new[0].payload), (1, &json!("new")));
-    let late = queue
-        .ack(
-            &old[0].key,
-            &json!("old result"),
-            end(AttemptOutcome::Completed),
-        )
-        .await;
-    assert!(
-        matches!(late, Err(QueueError::StaleLease { .. })),
-        "{late:?}"
-    );
+    let old_key = old[0].key.clone();
+    let late_ack_is_stale = || async {
+        let late = queue
+            .ack(
+                &old_key,
+                &json!("old result"),
+                end(AttemptOutcome::Completed),
+            )
+            .await;
+        assert!(
+            matches!(late, Err(QueueError::StaleLease { .. })),
+            "{late:?}"
+        );
+    };
+    late_ack_is_stale().await;
     old[0].settle();
     assert_eq!(
         queue
@@ -216,17 +220,7 @@ pub async fn a_purged_id_submitted_again_is_a_new_task<Q: TaskQueue>(queue: &Q) 
     new[0].settle();
     // With the new task completed by its attempt 1, the old task's attempt
     // 1 is still stale, not a repeat of the completing ack.
-    let late = queue
-        .ack(
-            &old[0].key,
-            &json!("old result"),
-            end(AttemptOutcome::Completed),
-        )
-        .await;
-    assert!(
-        matches!(late, Err(QueueError::StaleLease { .. })),
-        "{late:?}"
-    );
+    late_ack_is_stale().await;
     let record = queue.get("life").await.unwrap().unwrap();
     assert_eq!(record.result, Some(json!("new result")));
 }

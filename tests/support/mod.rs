@@ -274,6 +274,29 @@ pub fn numbered_tasks(agent: &str, count: usize, prefix: &str) -> (Vec<NewTask>,
     (tasks, ids)
 }
 
+/// The runtime of agent `name` in the in-process daemon.
+pub fn agent<'a>(
+    daemon: &'a flotilla::daemon::Daemon,
+    name: &str,
+) -> &'a std::sync::Arc<flotilla::dispatch::AgentRuntime> {
+    daemon
+        .agents()
+        .iter()
+        .find(|agent| agent.name == name)
+        .expect("agent runs")
+}
+
+/// What the in-process daemon's `/metrics` answers now.
+pub async fn metrics_of(daemon: &flotilla::daemon::Daemon) -> String {
+    let address = daemon.http_address().expect("the daemon listens");
+    reqwest::get(format!("http://{address}/metrics"))
+        .await
+        .expect("the daemon answers")
+        .text()
+        .await
+        .expect("a text body")
+}
+
 /// Number of tasks in a terminal state.
 pub async fn finished(queue: &dyn TaskQueue) -> u64 {
     queue
